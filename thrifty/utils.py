@@ -1,0 +1,121 @@
+"""Small shared helpers: seeding, atomic file writes, logging.
+
+Example:
+    >>> from thrifty.utils import seed_everything, atomic_write_text
+    >>> seed_everything(0)
+    >>> atomic_write_text("/tmp/thrifty_example.txt", "hello")
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Union
+
+import numpy as np
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = ["seed_everything", "atomic_save", "atomic_write_text", "atomic_write_bytes", "get_logger"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs.
+
+    Example:
+        >>> seed_everything(123)
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write via `write(fileobj)` to a temp file in the target folder, then os.replace.
+
+    The temp file lives in the same directory so os.replace is atomic (same filesystem);
+    on any failure the temp file is removed and an existing target is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """Atomically write `obj` to `path`.
+
+    `obj` may be bytes/bytearray (written as is), a callable taking a binary file object
+    (e.g. ``lambda f: np.save(f, arr)``), or anything else, which is saved with torch.save.
+
+    Example:
+        >>> atomic_save({"w": torch.zeros(2)}, "/tmp/thrifty_example.pt")
+        PosixPath('/tmp/thrifty_example.pt')
+    """
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        data = bytes(obj)
+        return _atomic_write(path, lambda f: f.write(data))
+    if callable(obj) and not isinstance(obj, torch.nn.Module):
+        return _atomic_write(path, obj)
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Atomically write raw bytes to `path`."""
+    return _atomic_write(path, lambda f: f.write(bytes(data)))
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Atomically write `text` to `path`.
+
+    Example:
+        >>> atomic_write_text("/tmp/thrifty_example.md", "# results\\n")
+        PosixPath('/tmp/thrifty_example.md')
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, got {type(text).__name__}")
+    data = text.encode(encoding)
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def get_logger(name: str = "thrifty", level: int | str | None = None) -> logging.Logger:
+    """Return a logger under the "thrifty" hierarchy with one stderr handler on the root "thrifty" logger.
+
+    Level defaults to $THRIFTY_LOG_LEVEL or INFO.
+
+    Example:
+        >>> log = get_logger("thrifty.data")
+        >>> log.debug("loaded")
+    """
+    if not name.startswith("thrifty"):
+        name = f"thrifty.{name}"
+    root = logging.getLogger("thrifty")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(os.environ.get("THRIFTY_LOG_LEVEL", "INFO").upper())
+        root.propagate = False
+    logger = logging.getLogger(name)
+    if level is not None:
+        logger.setLevel(level.upper() if isinstance(level, str) else level)
+    return logger
