@@ -1,0 +1,19 @@
+"""Config base and YAML, the handler registry, the module walker and filters."""
+from thrifty.core.apply import (
+    HANDLERS,
+    Filter,
+    apply,
+    handler_for,
+    iter_selected,
+    make_filter,
+    register_handler,
+    strip,
+    wrap_layers,
+)
+from thrifty.core.config import CONFIGS, Config, config_class, from_dict, from_yaml, register_config, to_dict, to_yaml
+
+__all__ = [
+    "HANDLERS", "Filter", "apply", "handler_for", "iter_selected", "make_filter", "register_handler", "strip",
+    "wrap_layers", "CONFIGS", "Config", "config_class", "from_dict", "from_yaml", "register_config", "to_dict",
+    "to_yaml",
+]

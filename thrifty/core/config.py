@@ -1,0 +1,139 @@
+"""Frozen config dataclasses that round-trip to YAML.
+
+Every technique is configured by a frozen dataclass deriving from :class:`Config`.
+Registering the class (``@register_config``) lets ``from_yaml`` rebuild it from the
+``kind`` key, so the CLI and Python share one description of a run.
+
+Example:
+    >>> from dataclasses import dataclass
+    >>> @register_config
+    ... @dataclass(frozen=True)
+    ... class Demo(Config):
+    ...     bits: int = 4
+    >>> from_yaml(to_yaml(Demo(bits=8))) == Demo(bits=8)
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from typing import Any, TypeVar
+
+import yaml
+
+__all__ = ["Config", "register_config", "config_class", "to_dict", "from_dict", "to_yaml", "from_yaml", "CONFIGS"]
+
+CONFIGS: dict[str, type["Config"]] = {}
+C = TypeVar("C", bound=type)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base of every thrifty config: frozen, versioned, YAML round-trippable."""
+
+    version: int = dataclasses.field(default=1, kw_only=True)
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some fields changed (configs are immutable)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_yaml(self) -> str:
+        return to_yaml(self)
+
+
+def register_config(cls: C) -> C:
+    """Class decorator: make ``cls`` rebuildable by name from YAML."""
+    if not (isinstance(cls, type) and issubclass(cls, Config) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"register_config expects a Config dataclass, got {cls!r}")
+    prev = CONFIGS.get(cls.__name__)
+    if prev is not None and prev.__module__ != cls.__module__:
+        raise ValueError(f"config name {cls.__name__!r} already registered by {prev.__module__}")
+    CONFIGS[cls.__name__] = cls
+    return cls
+
+
+def config_class(kind: str) -> type[Config]:
+    try:
+        return CONFIGS[kind]
+    except KeyError:
+        raise ValueError(f"unknown config kind {kind!r}; known: {sorted(CONFIGS)}") from None
+
+
+def _encode(v: Any) -> Any:
+    if isinstance(v, Config):
+        return to_dict(v)
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, (tuple, list)):
+        return [_encode(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _encode(x) for k, x in v.items()}
+    return v
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain-data dict with a ``kind`` key naming the config class."""
+    out: dict[str, Any] = {"kind": type(cfg).__name__}
+    for f in dataclasses.fields(cfg):
+        out[f.name] = _encode(getattr(cfg, f.name))
+    return out
+
+
+def _decode(tp: Any, v: Any, where: str) -> Any:
+    if v is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _decode(arg, v, where)
+            except (TypeError, ValueError):
+                continue
+        return v
+    if isinstance(v, dict) and "kind" in v:
+        return from_dict(v)
+    if origin is tuple or tp is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(v, (list, tuple)):
+            raise TypeError(f"{where}: expected a list, got {v!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_decode(args[0], x, where) for x in v)
+        if args and len(args) == len(v):
+            return tuple(_decode(a, x, where) for a, x in zip(args, v))
+        return tuple(v)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(v)
+    if tp is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    return v
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a config from :func:`to_dict` output; unknown keys are an error."""
+    if not isinstance(d, dict) or "kind" not in d:
+        raise ValueError(f"a config dict needs a 'kind' key, got {d!r}")
+    cls = config_class(d["kind"])
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = set(d) - names - {"kind"}
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}")
+    version = d.get("version", 1)
+    kwargs = {k: _decode(hints.get(k, Any), v, f"{cls.__name__}.{k}") for k, v in d.items() if k != "kind"}
+    current = next(f.default for f in dataclasses.fields(cls) if f.name == "version")
+    if not isinstance(version, int) or version > current:  # type: ignore[operator]
+        raise ValueError(f"{cls.__name__}: config version {version!r} is newer than this thrifty supports ({current})")
+    return cls(**kwargs)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_yaml(text: str) -> Config:
+    data = yaml.safe_load(text)
+    return from_dict(data)

@@ -1,0 +1,20 @@
+"""Wrapped GEMM layers (Linear, Conv2d) with weight / input / grad_output / accumulator slots."""
+from thrifty.nn.gemm import (
+    SLOT_NAMES,
+    Accumulator,
+    Chain,
+    GemmConv2d,
+    GemmLayer,
+    GemmLinear,
+    GemmOp,
+    GradTransform,
+    Slots,
+    gemm_layers,
+    is_gemm,
+    wrap,
+)
+
+__all__ = [
+    "SLOT_NAMES", "Accumulator", "Chain", "GemmConv2d", "GemmLayer", "GemmLinear", "GemmOp",
+    "GradTransform", "Slots", "gemm_layers", "is_gemm", "wrap",
+]
