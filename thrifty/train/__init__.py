@@ -1,0 +1,15 @@
+"""Training: the one loop (`fit`, `evaluate`), checkpoints, DDP, regimes, cached pretrained models.
+
+Example:
+    >>> from thrifty.train import TrainConfig
+    >>> TrainConfig(epochs=2, lr=0.05).lr
+    0.05
+"""
+from thrifty.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from thrifty.train.loop import History, StepState, TrainConfig, check_finite, evaluate, fit
+from thrifty.train.regime import Compose, Regime
+
+__all__ = [
+    "CheckpointError", "load_checkpoint", "save_checkpoint", "History", "StepState", "TrainConfig",
+    "check_finite", "evaluate", "fit", "Compose", "Regime",
+]

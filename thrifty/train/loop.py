@@ -1,0 +1,335 @@
+"""The one training loop: `fit`, `evaluate`, `TrainConfig`, `History`.
+
+Every regime (batch augmentation, mixed sizes, ...) plugs in through the small protocol in
+`thrifty.train.regime`; per-step callbacks get a `StepState`. Data order is DistributedSampler's
+permutation of each epoch, consumed as one endless stream, so a step may draw any number of samples
+(regimes that change the batch size) and resume / DDP stay exact.
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> x = torch.randn(64, 4); y = (x[:, 0] > 0).long()
+    >>> model = torch.nn.Linear(4, 2)
+    >>> hist = fit(model, TensorDataset(x, y), cfg=TrainConfig(epochs=3, batch_size=16), progress=False)
+    >>> evaluate(model, TensorDataset(x, y))["acc"] > 0.5
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+from tqdm.auto import tqdm
+
+from thrifty.core import Config, register_config, to_dict
+from thrifty.train import dist as _dist
+from thrifty.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+__all__ = ["TrainConfig", "History", "StepState", "fit", "evaluate", "check_finite", "CKPT_NAME"]
+
+CKPT_NAME = "last.safetensors"
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@register_config
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Recipe for `fit`. ``steps > 0`` overrides ``epochs``; one epoch = ceil(N / (batch_size * world)) steps.
+
+    ``batch_size`` is per process; ``warmup`` is in steps; ``eval_every`` in epochs (``eval_steps > 0``
+    evaluates every that many steps instead); ``ckpt_every`` in steps (0: at every evaluation).
+    """
+
+    epochs: float = 10
+    steps: int = 0
+    batch_size: int = 128
+    lr: float = 0.1
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup: int = 0
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    loss: Literal["ce"] = "ce"
+    grad_clip: float = 0.0
+    seed: int = 0
+    eval_every: int = 1
+    eval_steps: int = 0
+    ckpt_every: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs > 0 or self.steps > 0, "steps": self.steps >= 0, "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0, "optimizer": self.optimizer in ("sgd", "adamw"), "momentum": 0 <= self.momentum < 1,
+            "weight_decay": self.weight_decay >= 0, "schedule": self.schedule in ("cosine", "step", "constant"),
+            "warmup": self.warmup >= 0, "label_smoothing": 0 <= self.label_smoothing < 1, "loss": self.loss == "ce",
+            "eval_every": self.eval_every >= 0, "eval_steps": self.eval_steps >= 0,
+            "ckpt_every": self.ckpt_every >= 0, "num_workers": self.num_workers >= 0, "grad_clip": self.grad_clip >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}: invalid value {getattr(self, name)!r}")
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate used at ``step`` (0-based) of ``total``: warmup, then the schedule."""
+        if self.schedule == "cosine":
+            f = 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+        elif self.schedule == "step":
+            f = self.gamma ** sum(step >= m * total for m in self.milestones)
+        else:
+            f = 1.0
+        if self.warmup:
+            f *= min(1.0, (step + 1) / self.warmup)
+        return self.lr * f
+
+
+@dataclass
+class History:
+    """What `fit` returns: one record per evaluation plus the per-step training loss."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.records[-1] if self.records else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "History":
+        return cls(records=list(d.get("records", [])), losses=list(d.get("losses", [])), seconds=d.get("seconds", 0.0))
+
+
+@dataclass
+class StepState:
+    """Handed to per-step callbacks and ``regime.on_step_end`` after each optimizer step.
+
+    Set ``stop = True`` to end training after this step."""
+
+    step: int  # steps done so far (1-based after the first step)
+    total_steps: int
+    epoch: float
+    loss: float
+    lr: float
+    batch_size: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    history: History
+    stop: bool = False
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise ValueError naming the first parameter or buffer holding NaN/Inf."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{kind} {name!r} contains NaN or Inf values")
+
+
+def _check_dataset(ds: Any, what: str) -> None:
+    try:
+        n = len(ds)
+    except TypeError:
+        raise TypeError(f"{what} must be a sized Dataset (e.g. TensorDataset), got {type(ds).__name__}") from None
+    if n == 0:
+        raise ValueError(f"{what} is empty: nothing to train or evaluate on")
+
+
+def _collate(ds: Dataset, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(ds, TensorDataset):  # fast path: one gather per tensor instead of per-sample collate
+        i = torch.as_tensor(idx, dtype=torch.long)
+        return ds.tensors[0][i], ds.tensors[-1][i]
+    x, y = default_collate([ds[i] for i in idx])[:2]
+    return x, y
+
+
+def _index_batches(n: int, sizes: Callable[[int], int], start: int, total: int, seed: int,
+                   rank: int, world: int) -> Iterator[list[int]]:
+    """Index batches for steps start..total-1 from an endless stream of per-epoch DistributedSampler orders."""
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    per_rank = len(sampler)
+    pos = sum(sizes(t) for t in range(start))  # replay the cursor: exact resume without saving sampler state
+    epoch, off = divmod(pos, per_rank)
+    order: list[int] | None = None
+    for step in range(start, total):
+        need, batch = sizes(step), []
+        while need:
+            if order is None:
+                sampler.set_epoch(epoch)
+                order = list(iter(sampler))
+            take = min(need, per_rank - off)
+            batch += order[off:off + take]
+            need, off = need - take, off + take
+            if off == per_rank:
+                epoch, off, order = epoch + 1, 0, None
+        yield batch
+
+
+def _loader(ds: Dataset, batches: Iterator[list[int]], num_workers: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    if num_workers == 0:
+        return (_collate(ds, b) for b in batches)
+    return iter(DataLoader(ds, batch_sampler=batches, num_workers=num_workers))
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, size: int | None = None,
+             loss_fn: LossFn | None = None) -> dict[str, float]:
+    """Accuracy and mean loss of ``model`` on ``ds`` (eval mode; the model's train/eval mode is restored).
+
+    ``size`` resizes image batches (N, C, H, W) to size x size first (bilinear), for test-size sweeps.
+
+    Example:
+        >>> import torch; from torch.utils.data import TensorDataset
+        >>> r = evaluate(torch.nn.Linear(3, 2), TensorDataset(torch.randn(8, 3), torch.zeros(8).long()))
+        >>> sorted(r)
+        ['acc', 'loss', 'n']
+    """
+    _check_dataset(ds, "evaluation dataset")
+    loss_fn = loss_fn or F.cross_entropy
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        correct, loss_sum, n = 0, 0.0, len(ds)
+        for s in range(0, n, batch_size):
+            x, y = _collate(ds, list(range(s, min(s + batch_size, n))))
+            x, y = x.to(device), y.to(device)
+            if size is not None and x.dim() == 4 and tuple(x.shape[-2:]) != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            out = model(x)
+            loss_sum += float(loss_fn(out, y)) * len(y)
+            correct += int((out.argmax(1) == y).sum())
+        return {"acc": correct / n, "loss": loss_sum / n, "n": n}
+    finally:
+        model.train(was_training)
+
+
+def fit(model: nn.Module, train_ds: Dataset, test_ds: Dataset | None = None, cfg: TrainConfig = TrainConfig(), *,
+        regime: Any = None, callbacks: Sequence[Callable[[StepState], Any]] = (), ckpt_dir: str | Path | None = None,
+        resume: bool = False, progress: bool = True, loss_fn: LossFn | None = None) -> History:
+    """Train ``model`` in place on ``train_ds``; returns the `History`.
+
+    ``regime`` plugs in batch transforms and hooks (see `thrifty.train.regime`); ``callbacks`` are called
+    with a `StepState` after every step; ``ckpt_dir`` gets ``last.safetensors`` (rank 0 only);
+    ``resume=True`` continues from it exactly; ``loss_fn(logits, y)`` replaces the cross-entropy loss.
+    Under torchrun (WORLD_SIZE > 1) it runs DistributedDataParallel with ``batch_size`` per process.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    _check_dataset(train_ds, "train_ds")
+    if test_ds is not None:
+        _check_dataset(test_ds, "test_ds")
+    check_finite(model)
+    rank, world = _dist.setup()
+    ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir is not None else None
+    if resume and ckpt is None:
+        raise ValueError("resume=True needs ckpt_dir")
+    if regime is not None and hasattr(regime, "setup"):
+        regime.setup(model, train_ds, cfg)
+    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing))
+    n = len(train_ds)
+    base = min(cfg.batch_size, math.ceil(n / world))
+    spe = math.ceil(n / (base * world))  # steps per epoch
+    total = cfg.steps or max(1, round(cfg.epochs * spe))
+    opt = _optimizer(model, cfg)
+    hist, start = History(), 0
+    cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
+    if resume:
+        info = load_checkpoint(ckpt, model, opt)
+        saved = json.loads(info["extra"].get("cfg", "{}"))
+        diff = sorted(k for k in set(saved) | set(json.loads(cfg_json))
+                      if k not in ("eval_every", "eval_steps", "ckpt_every", "num_workers")
+                      and saved.get(k) != json.loads(cfg_json).get(k))
+        if diff:
+            raise CheckpointError(f"checkpoint {ckpt} was written with a different TrainConfig (fields {diff})")
+        start, hist = info["step"], History.from_dict(info["extra"].get("history", {}))
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+    sizes = (lambda t: regime.batch_size(t, base)) if hasattr(regime, "batch_size") else (lambda t: base)
+    batches = _loader(train_ds, _index_batches(n, sizes, start, total, cfg.seed, rank, world), cfg.num_workers)
+    device = next(model.parameters()).device
+    eval_period = cfg.eval_steps or (cfg.eval_every * spe if cfg.eval_every else 0)
+    ckpt_period = cfg.ckpt_every or eval_period or total
+    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, desc="train", unit="step", leave=False)
+    t0, run_loss, run_correct, run_n = time.perf_counter() - hist.seconds, 0.0, 0, 0
+    model.train()
+    for step in range(start, total):
+        torch.manual_seed(_step_seed(cfg.seed, step, rank))
+        x, y = next(batches)
+        x, y = x.to(device), y.to(device)
+        if regime is not None and hasattr(regime, "batch"):
+            x, y = regime.batch(x, y, step)
+        lr = cfg.lr_at(step, total)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        out = net(x)
+        loss = loss_fn(out, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {step} "
+                                     f"(epoch {step / spe:.2f}, lr {lr:g}); lower the learning rate?")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if regime is not None and hasattr(regime, "before_optimizer_step"):
+            regime.before_optimizer_step(model, step)
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        lv = loss.item()
+        hist.losses.append(lv)
+        run_loss, run_n = run_loss + lv * len(y), run_n + len(y)
+        run_correct += int((out.detach().argmax(1) == y).sum()) if out.dim() == 2 and y.dim() == 1 else 0
+        state = StepState(step + 1, total, (step + 1) / spe, lv, lr, len(y), model, opt, hist)
+        if regime is not None and hasattr(regime, "on_step_end"):
+            regime.on_step_end(state)
+        for cb in callbacks:
+            cb(state)
+        bar.update(1)
+        done = step + 1
+        if (eval_period and done % eval_period == 0) or done == total or state.stop:
+            rec = {"step": done, "epoch": round(done / spe, 4), "lr": lr, "train_loss": run_loss / max(run_n, 1),
+                   "train_acc": run_correct / max(run_n, 1), "seconds": round(time.perf_counter() - t0, 3)}
+            if test_ds is not None:
+                ev = evaluate(model, test_ds)
+                rec.update(test_acc=ev["acc"], test_loss=ev["loss"])
+            hist.records.append(rec)
+            run_loss, run_correct, run_n = 0.0, 0, 0
+            bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k in ("train_loss", "test_acc")})
+        hist.seconds = time.perf_counter() - t0
+        if ckpt is not None and rank == 0 and (done % ckpt_period == 0 or done == total or state.stop):
+            save_checkpoint(ckpt, model, opt, done, {"cfg": cfg_json, "history": hist.to_dict()})
+        if state.stop:
+            break
+    bar.close()
+    return hist
