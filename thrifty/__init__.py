@@ -1,0 +1,51 @@
+"""thrifty: efficient deep learning on any nn.Module.
+
+The front door. Submodules load lazily, so ``import thrifty`` stays cheap.
+
+Example:
+    >>> import thrifty as th
+    >>> model = th.models.create("mlp", in_features=64, num_classes=10)
+    >>> th.apply(model, th.sparse.NM(2, 4))            # doctest: +SKIP
+    >>> th.strip(model)                                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {
+    "core", "nn", "ops", "data", "models", "train", "quant", "sparse", "datafree", "merge", "bench", "utils",
+}
+# public name -> (module, attribute)
+_EXPORTS = {
+    "apply": ("thrifty.core", "apply"),
+    "strip": ("thrifty.core", "strip"),
+    "Config": ("thrifty.core", "Config"),
+    "to_yaml": ("thrifty.core", "to_yaml"),
+    "from_yaml": ("thrifty.core", "from_yaml"),
+    "wrap": ("thrifty.nn", "wrap"),
+    "quantize": ("thrifty.quant", "quantize"),
+    "PTQ": ("thrifty.quant", "PTQ"),
+    "sparsify": ("thrifty.sparse", "sparsify"),
+    "NM": ("thrifty.sparse", "NM"),
+    "fit": ("thrifty.train", "fit"),
+    "evaluate": ("thrifty.train", "evaluate"),
+    "synthesize": ("thrifty.datafree", "synthesize"),
+}
+
+__all__ = sorted(_SUBMODULES | set(_EXPORTS))
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"thrifty.{name}")
+    if name in _EXPORTS:
+        mod, attr = _EXPORTS[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'thrifty' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
