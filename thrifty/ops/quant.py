@@ -1,0 +1,378 @@
+"""Uniform quantization math: the project's only quantizer arithmetic (pure tensor functions).
+
+Conventions (hardware-compliant, as GEMMLOWP / ONNX ``QuantizeLinear``):
+
+* asymmetric: integer levels ``[0, 2^b - 1]``, ``scale = (max - min) / (2^b - 1)``, integer zero point
+  ``zp = round(-min / scale)``; the range is first widened to contain 0 so that 0 is exact.
+* symmetric: integer levels ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (narrow range, so ``q(-x) = -q(x)``), zero point 0,
+  ``scale = max|x| / (2^(b-1) - 1)``.  Codes fit in a signed b-bit integer.
+* ``q(x) = (clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale``.  Round-to-nearest is ``torch.round``
+  (ties to even, like ONNX Runtime); stochastic rounding is ``floor(t + u)``, ``u ~ U[0, 1)``, unbiased.
+* per-tensor: ``scale`` is a scalar; per-channel: a vector over dimension ``axis`` (any axis, negative ok).
+* A zero (or constant-zero-range) tensor gets ``scale = EPS`` so nothing divides by zero; NaN is an error.
+
+Gradients: :func:`fake_quantize` rounds with a straight-through estimator, so it is differentiable in ``x``
+(1 inside the clipping range, 0 outside: the "clipped STE") and in ``scale`` / ``zero_point`` (LSQ-style), which
+is what AdaQuant and learnable quantizers need.  :func:`fake_quantize_ste` passes the gradient of ``x`` through
+unchanged everywhere.
+
+Example:
+    >>> import torch
+    >>> x = torch.tensor([-1.0, 0.0, 0.3, 2.0])
+    >>> s, zp = qparams_from_range(x.min(), x.max(), bits=2)
+    >>> fake_quantize(x, s, zp, bits=2).tolist()
+    [-1.0, 0.0, 0.0, 2.0]
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from thrifty.ops import ste
+
+__all__ = [
+    "EPS", "Rounding", "check_bits", "qrange", "round_ste", "stochastic_round", "qparams_from_range",
+    "fake_quantize", "fake_quantize_ste", "fake_quantize_tensor", "QuantizedTensor", "quantize_int", "dequantize",
+    "minmax_range", "sample_minmax_range", "ema_range", "percentile_range", "mse_range", "estimate_range",
+    "quant_error",
+]
+
+EPS = 1e-8
+Rounding = Literal["nearest", "stochastic"]
+Estimator = Literal["minmax", "sample_minmax", "percentile", "mse"]
+
+
+# ----------------------------------------------------------------------------------------------- basics
+def check_bits(bits: int, name: str = "bits") -> int:
+    """Validate a bit-width (an int in 2..16) and return it; ValueError/TypeError otherwise."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{name} must be an int in 2..16, got {bits!r}")
+    if not 2 <= bits <= 16:
+        raise ValueError(f"{name} must be in 2..16, got {bits}")
+    return bits
+
+
+def qrange(bits: int, symmetric: bool = False) -> tuple[int, int]:
+    """Integer levels ``(qmin, qmax)``: ``(0, 2^b-1)`` asymmetric, ``(-(2^(b-1)-1), 2^(b-1)-1)`` symmetric."""
+    check_bits(bits)
+    if symmetric:
+        m = 2 ** (bits - 1) - 1
+        return -m, m
+    return 0, 2**bits - 1
+
+
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+
+
+def _check_nan(x: Tensor, what: str = "input") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_floating_point() and bool(torch.isnan(x).any()):
+        raise ValueError(f"cannot quantize: {what} contains NaN")
+
+
+def _norm_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} out of range for a tensor with {ndim} dims")
+    return axis % ndim
+
+
+def _bcast(p: Tensor | float, x: Tensor, axis: Optional[int]) -> Tensor:
+    """Shape a per-tensor scalar or per-channel vector ``p`` so it broadcasts against ``x``."""
+    p = torch.as_tensor(p, dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
+    if axis is None or p.dim() == 0 or p.dim() == x.dim():
+        return p
+    ax = _norm_axis(axis, x.dim())
+    if p.numel() != x.shape[ax]:
+        raise ValueError(f"per-channel parameter has {p.numel()} entries but axis {axis} of the input has "
+                         f"{x.shape[ax]}")
+    shape = [1] * x.dim()
+    shape[ax] = -1
+    return p.reshape(shape)
+
+
+def round_ste(t: Tensor) -> Tensor:
+    """Round to nearest (ties to even) with an identity gradient."""
+    return ste(t, torch.round(t))
+
+
+def stochastic_round(t: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``floor(t + u)``, ``u ~ U[0,1)``: rounds up with probability ``frac(t)``, so ``E[result] = t``."""
+    u = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+    return torch.floor(t + u)
+
+
+# ------------------------------------------------------------------------------------------- parameters
+def qparams_from_range(min_val: Tensor | float, max_val: Tensor | float, bits: int,
+                       symmetric: bool = False) -> tuple[Tensor, Tensor]:
+    """Scale and (integer-valued, float dtype) zero point for a range; elementwise over per-channel ranges.
+
+    The range is widened to include 0 (so 0 is exactly representable). Example:
+        >>> s, zp = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), bits=2)
+        >>> round(float(s), 4), float(zp)
+        (1.3333, 1.0)
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    lo = torch.as_tensor(min_val, dtype=torch.float32)
+    hi = torch.as_tensor(max_val, dtype=torch.float32)
+    if bool(torch.isnan(lo).any() | torch.isnan(hi).any()):
+        raise ValueError("cannot compute quantization parameters: range contains NaN")
+    if bool((lo > hi).any()):
+        raise ValueError("cannot compute quantization parameters: min_val > max_val")
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    if symmetric:
+        scale = torch.clamp(torch.maximum(-lo, hi) / qmax, min=EPS)
+        return scale, torch.zeros_like(scale)
+    scale = torch.clamp((hi - lo) / (qmax - qmin), min=EPS)
+    zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zp
+
+
+# ------------------------------------------------------------------------------------------ quantizers
+def fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | float | None, bits: int, *,
+                  symmetric: bool = False, axis: Optional[int] = None, rounding: Rounding = "nearest",
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+    """Quantize-dequantize ``x`` on the grid given by ``scale``/``zero_point`` (differentiable, STE rounding).
+
+    ``scale``/``zero_point`` are scalars (per-tensor) or vectors over dimension ``axis`` (per-channel); a
+    learnable (non-integer) zero point is rounded with an STE. Example:
+        >>> fake_quantize(torch.tensor([0.26, 0.9]), 0.5, 0, bits=4).tolist()
+        [0.5, 1.0]
+    """
+    _check_nan(x)
+    _check_rounding(rounding)
+    qmin, qmax = qrange(bits, symmetric)
+    s = _bcast(scale, x, axis)
+    if isinstance(scale, Tensor) and scale.requires_grad:
+        s = torch.clamp(s, min=EPS)  # learnable scales must stay positive
+    t = x / s
+    if rounding == "nearest":
+        t = round_ste(t)
+    else:
+        t = ste(t, stochastic_round(t.detach(), generator))
+    if symmetric or zero_point is None:
+        return torch.clamp(t, qmin, qmax) * s
+    z = round_ste(_bcast(zero_point, x, axis))
+    return (torch.clamp(t + z, qmin, qmax) - z) * s
+
+
+def fake_quantize_ste(x: Tensor, scale: Tensor | float, zero_point: Tensor | float | None, bits: int, *,
+                      symmetric: bool = False, axis: Optional[int] = None, rounding: Rounding = "nearest",
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+    """Like :func:`fake_quantize` but the gradient w.r.t. ``x`` is the identity everywhere (plain STE)."""
+    q = fake_quantize(x.detach(), _detach(scale), _detach(zero_point), bits, symmetric=symmetric, axis=axis,
+                      rounding=rounding, generator=generator)
+    return ste(x, q)
+
+
+def _detach(p):
+    return p.detach() if isinstance(p, Tensor) else p
+
+
+def fake_quantize_tensor(x: Tensor, bits: int, *, symmetric: bool = False, axis: Optional[int] = None,
+                         rounding: Rounding = "nearest", generator: Optional[torch.Generator] = None,
+                         estimator: Estimator = "minmax", straight_through: bool = True, **est_kw) -> Tensor:
+    """One call: estimate the range of ``x`` (per tensor or per channel), then fake-quantize it.
+
+    The range is computed without gradient; with ``straight_through`` the gradient w.r.t. ``x`` is the identity.
+    Example (8-bit stochastic rounding of a gradient):
+        >>> g = torch.Generator().manual_seed(0)
+        >>> fake_quantize_tensor(torch.randn(4, 3), 8, rounding="stochastic", generator=g).shape
+        torch.Size([4, 3])
+    """
+    with torch.no_grad():
+        lo, hi = estimate_range(x.detach(), estimator, bits=bits, symmetric=symmetric, axis=axis, **est_kw)
+        s, zp = qparams_from_range(lo, hi, bits, symmetric)
+        s, zp = s.to(x.device), zp.to(x.device)
+    f = fake_quantize_ste if straight_through else fake_quantize
+    return f(x, s, zp, bits, symmetric=symmetric, axis=axis, rounding=rounding, generator=generator)
+
+
+class QuantizedTensor(NamedTuple):
+    """Integer codes with the parameters that map them back: ``x ~ (codes - zero_point) * scale``."""
+
+    codes: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    bits: int
+    symmetric: bool
+    axis: Optional[int]
+
+    def dequantize(self) -> Tensor:
+        return dequantize(self.codes, self.scale, self.zero_point, self.axis)
+
+
+def _code_dtype(bits: int, symmetric: bool) -> torch.dtype:
+    if bits <= 8:
+        return torch.int8 if symmetric else torch.uint8
+    return torch.int16 if symmetric else torch.int32
+
+
+def quantize_int(x: Tensor, bits: int, *, symmetric: bool = False, axis: Optional[int] = None,
+                 scale: Optional[Tensor] = None, zero_point: Optional[Tensor] = None,
+                 rounding: Rounding = "nearest", generator: Optional[torch.Generator] = None,
+                 estimator: Estimator = "minmax", **est_kw) -> QuantizedTensor:
+    """Real integer quantization (e.g. for int8 ONNX export): codes (uint8/int8 for <= 8 bits), scale, zp.
+
+    Parameters are computed from ``x``'s range unless ``scale`` (and ``zero_point``) are given.
+    Example:
+        >>> q = quantize_int(torch.tensor([[-1.0, 0.5], [2.0, 4.0]]), 8, axis=0)
+        >>> q.codes.dtype, tuple(q.scale.shape)
+        (torch.uint8, (2,))
+    """
+    _check_nan(x)
+    _check_rounding(rounding)
+    qmin, qmax = qrange(bits, symmetric)
+    if scale is None:
+        lo, hi = estimate_range(x.detach(), estimator, bits=bits, symmetric=symmetric, axis=axis, **est_kw)
+        scale, zero_point = qparams_from_range(lo, hi, bits, symmetric)
+    scale = torch.as_tensor(scale, dtype=torch.float32).detach()
+    zero_point = torch.zeros_like(scale) if (symmetric or zero_point is None) else \
+        torch.round(torch.as_tensor(zero_point, dtype=torch.float32).detach())
+    with torch.no_grad():
+        t = x.detach().float() / _bcast(scale.to(x.device), x.float(), axis)
+        t = torch.round(t) if rounding == "nearest" else stochastic_round(t, generator)
+        codes = torch.clamp(t + _bcast(zero_point.to(x.device), x.float(), axis), qmin, qmax)
+    return QuantizedTensor(codes.to(_code_dtype(bits, symmetric)), scale, zero_point.to(torch.int32), bits,
+                           symmetric, axis)
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: Optional[int] = None) -> Tensor:
+    """``(codes - zero_point) * scale`` in float32, broadcasting per-channel parameters along ``axis``."""
+    c = codes.to(torch.float32)
+    return (c - _bcast(zero_point.float(), c, axis)) * _bcast(scale.float(), c, axis)
+
+
+def quant_error(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int, *, symmetric: bool = False,
+                axis: Optional[int] = None, p: float = 2.0) -> Tensor:
+    """Sum of ``|x - q(x)|^p`` per channel (a scalar when ``axis`` is None)."""
+    with torch.no_grad():
+        e = (x - fake_quantize(x, scale, zero_point, bits, symmetric=symmetric, axis=axis)).abs().pow(p)
+        if axis is None:
+            return e.sum()
+        return e.transpose(0, _norm_axis(axis, x.dim())).reshape(x.shape[axis], -1).sum(1)
+
+
+# ------------------------------------------------------------------------------------- range estimators
+def _per_channel(x: Tensor, axis: Optional[int]) -> Tensor:
+    """View as (channels, rest) (one row for per-tensor)."""
+    if axis is None:
+        return x.reshape(1, -1)
+    ax = _norm_axis(axis, x.dim())
+    return x.movedim(ax, 0).reshape(x.shape[ax], -1)
+
+
+def _finite(x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.numel() == 0:
+        raise ValueError("cannot estimate a quantization range from an empty tensor")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("cannot estimate a quantization range: input contains NaN or Inf")
+    return x.detach().float()
+
+
+def _out(lo: Tensor, hi: Tensor, axis: Optional[int]) -> tuple[Tensor, Tensor]:
+    return (lo[0], hi[0]) if axis is None else (lo, hi)
+
+
+def minmax_range(x: Tensor, axis: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Min and max of ``x`` (per channel along ``axis``; scalars when ``axis`` is None)."""
+    r = _per_channel(_finite(x), axis)
+    return _out(r.min(1).values, r.max(1).values, axis)
+
+
+def sample_minmax_range(x: Tensor, axis: Optional[int] = None, batch_axis: int = 0) -> tuple[Tensor, Tensor]:
+    """Mean over samples of the per-sample min and max (robust to one outlier sample); per channel if ``axis``.
+
+    Combine over batches with :func:`ema_range` for the running average of per-sample min/max.
+    """
+    x = _finite(x)
+    b = _norm_axis(batch_axis, x.dim())
+    if axis is not None and _norm_axis(axis, x.dim()) == b:
+        raise ValueError("axis and batch_axis must differ")
+    xs = x.movedim(b, 0)
+    n = xs.shape[0]
+    if axis is None:
+        flat = xs.reshape(n, 1, -1)
+    else:
+        ax = _norm_axis(axis, x.dim())
+        ax = ax + 1 if ax < b else ax  # position once the batch dim is in front
+        flat = xs.movedim(ax, 1).reshape(n, xs.shape[ax], -1)
+    lo, hi = flat.min(2).values.mean(0), flat.max(2).values.mean(0)
+    return _out(lo, hi, axis)
+
+
+def ema_range(old: Optional[tuple[Tensor, Tensor]], new: tuple[Tensor, Tensor],
+              momentum: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Exponential running average of ranges: ``old * (1 - momentum) + new * momentum`` (``new`` if no old)."""
+    if not 0.0 < momentum <= 1.0:
+        raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+    if old is None:
+        return new
+    return (old[0] * (1 - momentum) + new[0] * momentum, old[1] * (1 - momentum) + new[1] * momentum)
+
+
+def percentile_range(x: Tensor, q: float = 99.99, axis: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """The ``100-q`` and ``q`` percentiles (linear interpolation like numpy's default), per channel if ``axis``."""
+    if not 50.0 < q <= 100.0:
+        raise ValueError(f"percentile q must be in (50, 100], got {q}")
+    r = _per_channel(_finite(x), axis)
+    s = r.sort(dim=1).values
+    n = s.shape[1]
+
+    def at(p: float) -> Tensor:
+        pos = p / 100.0 * (n - 1)
+        i0 = int(math.floor(pos))
+        i1 = min(i0 + 1, n - 1)
+        w = pos - i0
+        return s[:, i0] * (1 - w) + s[:, i1] * w
+
+    return _out(at(100.0 - q), at(q), axis)
+
+
+def mse_range(x: Tensor, bits: int, symmetric: bool = False, axis: Optional[int] = None, grid: int = 100,
+              p: float = 2.0, min_shrink: float = 0.05) -> tuple[Tensor, Tensor]:
+    """Range minimising ``sum |x - q(x)|^p`` over shrunk min/max ranges ``alpha * [min, max]``, per channel.
+
+    A grid search over ``alpha`` in ``[min_shrink, 1]`` (``grid`` points, includes 1 so it never loses to min/max).
+    """
+    check_bits(bits)
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    r = _per_channel(_finite(x), axis)
+    lo, hi = r.min(1).values, r.max(1).values
+    best_err = torch.full_like(lo, float("inf"))
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for a in torch.linspace(1.0, min_shrink, grid).tolist():
+        s, zp = qparams_from_range(lo * a, hi * a, bits, symmetric)
+        qmin, qmax = qrange(bits, symmetric)
+        q = (torch.clamp(torch.round(r / s[:, None]) + zp[:, None], qmin, qmax) - zp[:, None]) * s[:, None]
+        err = (r - q).abs().pow(p).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo * a, best_lo)
+        best_hi = torch.where(better, hi * a, best_hi)
+    return _out(best_lo, best_hi, axis)
+
+
+def estimate_range(x: Tensor, estimator: Estimator = "minmax", *, bits: int = 8, symmetric: bool = False,
+                   axis: Optional[int] = None, **kw) -> tuple[Tensor, Tensor]:
+    """Dispatch to a range estimator by name: ``minmax``, ``sample_minmax``, ``percentile`` (``q=``), ``mse``."""
+    if estimator == "minmax":
+        return minmax_range(x, axis)
+    if estimator == "sample_minmax":
+        if x.dim() < 2:
+            return minmax_range(x, axis)
+        return sample_minmax_range(x, axis, **kw)
+    if estimator == "percentile":
+        return percentile_range(x, axis=axis, **kw)
+    if estimator == "mse":
+        return mse_range(x, bits, symmetric, axis, **kw)
+    raise ValueError(f"unknown range estimator {estimator!r}; use minmax, sample_minmax, percentile or mse")
