@@ -166,7 +166,7 @@ def mvue_probs(mag: Tensor, n: int, dim: int = -1) -> Tensor:
     for _ in range(n - 1 if n > 1 else 0):
         capped = capped | (c * mag >= 1)
         k = capped.sum(dim, keepdim=True).to(mag.dtype)
-        rest = total - (mag * capped).sum(dim, keepdim=True)
+        rest = torch.where(capped, torch.zeros_like(mag), mag).sum(dim, keepdim=True)  # not total - capped: cancels
         c = (budget - k).clamp_min(0) / rest
     p = torch.where(capped, torch.ones_like(mag), (c * mag).clamp(max=1.0))
     # blocks with at most n nonzeros are kept exactly (c * mag may round to 1 - eps there)
