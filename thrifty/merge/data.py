@@ -1,0 +1,107 @@
+"""Per-task unlabeled inputs for merging: validation, few-shot subsets and augmented copies.
+
+Example:
+    >>> import torch
+    >>> pool = augment([torch.randn(10, 64), torch.randn(10, 64)], copies=3, noise=0.05, mixup=0.3, shift=2)
+    >>> [len(x) for x in pool.x]
+    [40, 40]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+__all__ = ["TaskData", "task_inputs", "augment", "MIN_SAMPLES", "few_shot"]
+
+MIN_SAMPLES = 2
+
+
+@dataclass
+class TaskData:
+    """x[i]: the (possibly augmented) unlabeled inputs of task i."""
+
+    x: list[torch.Tensor]
+
+
+def _inputs_of(d: object, i: int) -> torch.Tensor:
+    if isinstance(d, torch.Tensor):
+        return d
+    if isinstance(d, TensorDataset):
+        return d.tensors[0]
+    if isinstance(d, Subset) and isinstance(d.dataset, TensorDataset):
+        return d.dataset.tensors[0][torch.as_tensor(d.indices, dtype=torch.long)]
+    if isinstance(d, Dataset):
+        return torch.stack([d[j][0] for j in range(len(d))])  # type: ignore[arg-type]
+    raise TypeError(f"data[{i}] must be a tensor or a dataset of (x, ...) samples, got {type(d).__name__}")
+
+
+@torch.no_grad()
+def task_inputs(models: Sequence[nn.Module], data: Sequence) -> list[torch.Tensor]:
+    """Validate ``data`` (one entry per model/task) and return float input tensors."""
+    if isinstance(data, (torch.Tensor, Dataset)) or not isinstance(data, (list, tuple)):
+        raise TypeError("data must be a list with one entry (tensor or dataset of inputs) per model, "
+                        f"got {type(data).__name__}")
+    if len(data) != len(models):
+        raise ValueError(f"data has {len(data)} entries but there are {len(models)} models; give one per task")
+    xs = []
+    for i, d in enumerate(data):
+        x = _inputs_of(d, i)
+        if not x.is_floating_point():
+            raise TypeError(f"data[{i}] inputs have dtype {x.dtype}; expected floating point")
+        if len(x) < MIN_SAMPLES:
+            raise ValueError(f"data[{i}] has {len(x)} sample(s); merging needs at least {MIN_SAMPLES} per task")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"data[{i}] contains NaN or inf")
+        if i and x.shape[1:] != xs[0].shape[1:]:
+            raise ValueError(f"data[{i}] samples have shape {tuple(x.shape[1:])}, data[0] {tuple(xs[0].shape[1:])}")
+        try:
+            models[i](x[:1].float())
+        except Exception as e:  # noqa: BLE001 -- re-raised with the task named
+            raise ValueError(f"models[{i}] cannot run on data[{i}] (sample shape {tuple(x.shape[1:])}): {e}") from e
+        xs.append(x.detach().float().clone())
+    return xs
+
+
+def _shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
+    """Random translation by up to max_shift pixels (zero fill), per sample."""
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    p = max_shift
+    padded = F.pad(x, (p, p, p, p))
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=g)
+    return torch.stack([padded[j, ..., dy[j]:dy[j] + h, dx[j]:dx[j] + w] for j in range(n)])
+
+
+@torch.no_grad()
+def augment(xs: Sequence[torch.Tensor], copies: int, noise: float = 0.05, mixup: float = 0.3, shift: int = 2,
+            seed: int = 0) -> TaskData:
+    """Originals plus ``copies`` augmented copies per task: random shifts (image inputs, N x C x H x W),
+    mixup with another sample of the same task (weight <= ``mixup``), Gaussian noise (``noise`` x std)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for x in xs:
+        parts = [x]
+        std = float(x.std()) if x.numel() > 1 else 1.0
+        for _ in range(copies):
+            y = _shift(x, shift, g) if (x.ndim == 4 and shift > 0) else x.clone()
+            if mixup > 0:
+                lam = torch.rand((len(x),) + (1,) * (x.ndim - 1), generator=g) * mixup
+                y = (1 - lam) * y + lam * y[torch.randperm(len(x), generator=g)]
+            if noise > 0:
+                y = y + noise * std * torch.randn(y.shape, generator=g)
+            parts.append(y)
+        out.append(torch.cat(parts))
+    return TaskData(out)
+
+
+def few_shot(ds: TensorDataset, n: int, seed: int = 0) -> TensorDataset:
+    """``n`` samples of ``ds`` chosen at random (deterministic in ``seed``)."""
+    if n > len(ds):
+        raise ValueError(f"asked for {n} samples but the dataset has only {len(ds)}")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return TensorDataset(*(t[idx] for t in ds.tensors))

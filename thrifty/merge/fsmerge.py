@@ -1,0 +1,237 @@
+"""FS-Merge: train a foldable SuperNet on a feature-reconstruction loss, then fold it into one zoo model.
+
+The SuperNet keeps every input model frozen and learns merge / unmerge maps around them (see
+thrifty.merge.maps and thrifty.merge.arch). Its forward pass runs the *composed* weights (sum_i M_i W_i U_i,
+mathematically the same as running the per-model branches; ``SuperNet.explicit`` does the latter and the
+tests check both agree), so the folded model computes exactly what was trained.
+
+Loss (no labels): on task-i samples, the SuperNet's features unmerged into model i's space (U_i z) against
+model i's own features, at every tap (MLP: each hidden layer; ViT: each block's residual output), plus
+model i's logits against the merged model's task-i logits (``logit_weight``); each term is divided by the
+target's mean square so layers weigh alike. ``mode="global"`` trains all maps end to end;
+``mode="local"`` trains one layer's maps at a time on that layer's tap, earlier layers frozen.
+
+Example:
+    >>> import torch
+    >>> from thrifty.models import create
+    >>> a, b = create("mlp", in_features=8, hidden=(16,), num_classes=3).eval(), create("mlp", in_features=8, hidden=(16,), num_classes=2).eval()
+    >>> merged = fs_merge([a, b], [torch.randn(20, 8), torch.randn(20, 8)], FSMerge(steps=5, progress=False))
+    >>> merged(torch.randn(4, 8)).shape, merged.task_slices
+    (torch.Size([4, 5]), [(0, 3), (3, 5)])
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from thrifty.core.config import Config, register_config
+from thrifty.merge.arch import Arch, arch_for, check_models, task_slices
+from thrifty.merge.maps import INITS, PARAMS, MergePoint
+from thrifty.merge.data import TaskData, augment, task_inputs
+
+__all__ = ["FSMerge", "SuperNet", "fs_merge", "train_supernet"]
+
+
+@register_config
+@dataclass(frozen=True)
+class FSMerge(Config):
+    """FS-Merge recipe. ``steps`` is the total for "global" and per stage (layer) for "local";
+    ``augment`` augmented copies per sample (shifts for images, mixup within a task, Gaussian noise);
+    ``width_mult`` scales the merged model's widths relative to the originals'."""
+
+    param: str = "diag_lowrank"
+    rank: int = 16
+    init: str = "first"
+    mode: str = "global"
+    width_mult: float = 1.0
+    steps: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    augment: int = 4
+    noise: float = 0.05
+    mixup: float = 0.3
+    shift: int = 2
+    logit_weight: float = 1.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {"param": self.param in PARAMS, "init": self.init in INITS, "mode": self.mode in ("local", "global"),
+                  "rank": self.rank >= 1, "width_mult": self.width_mult > 0, "steps": self.steps >= 0,
+                  "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "batch_size": self.batch_size >= 1,
+                  "augment": self.augment >= 0, "noise": self.noise >= 0, "mixup": 0 <= self.mixup <= 0.5,
+                  "shift": self.shift >= 0, "logit_weight": self.logit_weight >= 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"FSMerge.{name}: invalid value {getattr(self, name)!r}")
+
+
+class _Stop(Exception):
+    pass
+
+
+class SuperNet(nn.Module):
+    """Frozen input models + learned merge points; ``fold()`` returns a plain zoo model."""
+
+    def __init__(self, models: Sequence[nn.Module], cfg: FSMerge = FSMerge(), points: nn.ModuleDict | None = None) -> None:
+        super().__init__()
+        check_models(models, min_models=1)
+        self.arch: Arch = arch_for(models)
+        self.k = len(models)
+        self.slices = task_slices(models)
+        g = torch.Generator().manual_seed(cfg.seed)
+
+        def make(d: int, m: int, **kw) -> MergePoint:
+            return MergePoint(self.k, d, m, cfg.init, cfg.param, cfg.rank, generator=g, **kw)
+
+        self.points = points if points is not None else self.arch.points(cfg.width_mult, make)
+        self._template = [self.arch.template(self.points)]  # a list: not a submodule, never trained
+        for p in self._template[0].parameters():
+            p.requires_grad_(False)
+
+    def merged_state(self) -> dict[str, torch.Tensor]:
+        return self.arch.compose(self.points)
+
+    def forward(self, x: torch.Tensor, stop_at: int | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """-> (concatenated per-task logits, merged features at each tap). ``stop_at`` ends after that tap."""
+        tmpl = self._template[0]
+        feats: list[torch.Tensor] = []
+        names = [n for n, _ in self.arch.taps()]
+
+        def hook(_mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+            feats.append(self.arch.tap_fn(out))
+            if stop_at is not None and len(feats) > stop_at:
+                raise _Stop
+
+        mods = dict(tmpl.named_modules())
+        handles = [mods[n].register_forward_hook(hook) for n in names]
+        try:
+            logits = functional_call(tmpl, self.merged_state(), (x,))
+        except _Stop:
+            logits = None
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, feats
+
+    def unmerge(self, tap: int, z: torch.Tensor, i: int) -> torch.Tensor:
+        """Merged features at ``tap`` -> model i's space."""
+        return z @ self.points[self.arch.taps()[tap][1]].u(i).T
+
+    def explicit(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-model branches run separately (the SuperNet as defined); equals ``fold()(x)``."""
+        return self.arch.explicit(self.points, x)
+
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        """A plain zoo model of the merged width with the K task heads concatenated (``task_slices``)."""
+        model = self.arch.template(self.points)
+        model.load_state_dict({k: v.detach().clone().contiguous() for k, v in self.merged_state().items()})
+        model.task_slices = list(self.slices)
+        return model.eval()
+
+
+@torch.no_grad()
+def _teacher(arch: Arch, i: int, x: torch.Tensor, chunk: int = 256) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Model i's features at every tap (and its logits) on x."""
+    model = arch.models[i]
+    mods = dict(model.named_modules())
+    taps: list[list[torch.Tensor]] = [[] for _ in arch.taps()]
+    logits = []
+    for s in range(0, len(x), chunk):
+        got: list[torch.Tensor] = []
+        hs = [mods[n].register_forward_hook(lambda _m, _i, o: got.append(arch.tap_fn(o))) for n, _ in arch.taps()]
+        try:
+            logits.append(model(x[s:s + chunk]))
+        finally:
+            for h in hs:
+                h.remove()
+        for t, f in zip(taps, got):
+            t.append(f)
+    return [torch.cat(t) for t in taps], torch.cat(logits)
+
+
+def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge) -> list[float]:
+    """Fit the merge points of ``net`` on unlabeled per-task inputs; returns the loss per step."""
+    k = net.k
+    teach = [_teacher(net.arch, i, data.x[i]) for i in range(k)]
+    scale = [[float(t.pow(2).mean().clamp_min(1e-8)) for t in feats] + [float(lg.pow(2).mean().clamp_min(1e-8))]
+             for feats, lg in teach]
+    n_taps = len(net.arch.taps())
+    if cfg.mode == "global":
+        stages = [([*net.points.keys()], None)]
+    else:
+        stages = [(names, tap) for names, tap in net.arch.stages()]
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    per_task = max(1, cfg.batch_size // k)
+    history: list[float] = []
+    total = cfg.steps * len(stages)
+    bar = tqdm(total=total, desc=f"fs-merge ({cfg.mode})", disable=not cfg.progress or not sys.stderr.isatty(),
+               leave=False)
+    for p in net.points.parameters():
+        p.requires_grad_(False)
+    try:
+        for si, (names, tap) in enumerate(stages):
+            params = [p for n in names for p in net.points[n].parameters() if p.dtype.is_floating_point]
+            for p in params:
+                p.requires_grad_(True)
+            last = si == len(stages) - 1
+            use_taps = list(range(n_taps)) if tap is None else ([tap] if tap >= 0 else [])
+            use_logits = tap is None or tap == -1 or (last and tap == n_taps - 1)
+            stop = None if use_logits else max(use_taps)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            for step in range(cfg.steps):
+                lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1)))
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                idx = [torch.randint(len(data.x[i]), (min(per_task, len(data.x[i])),), generator=gen) for i in range(k)]
+                xb = torch.cat([data.x[i][ix] for i, ix in enumerate(idx)])
+                logits, feats = net(xb, stop_at=stop)
+                loss, s = 0.0, 0
+                for i, ix in enumerate(idx):
+                    rows = slice(s, s + len(ix))
+                    s += len(ix)
+                    for t in use_taps:
+                        loss = loss + F.mse_loss(net.unmerge(t, feats[t][rows], i), teach[i][0][t][ix]) / scale[i][t]
+                    if use_logits and cfg.logit_weight > 0:
+                        a, b = net.slices[i]
+                        loss = loss + cfg.logit_weight * F.mse_loss(logits[rows, a:b], teach[i][1][ix]) / scale[i][-1]
+                loss = loss / k
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                history.append(float(loss))
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(stage=si, loss=f"{float(loss):.4f}")
+            for p in params:
+                p.requires_grad_(False)
+    finally:
+        bar.close()
+    return history
+
+
+def fs_merge(models: Sequence[nn.Module], data: Sequence, cfg: FSMerge = FSMerge()) -> nn.Module:
+    """Merge K models (same zoo class, different tasks and inits) into one model of the zoo's class.
+
+    ``data[i]``: unlabeled inputs of task i (a tensor, or a dataset whose first tensor is x); a few
+    (16-100) per task suffice. Returns the folded model; its head concatenates the task heads and
+    ``model.task_slices[i]`` says which logits belong to task i. The input models are not modified.
+    """
+    if not isinstance(cfg, FSMerge):
+        raise TypeError(f"cfg must be an FSMerge config, got {type(cfg).__name__}")
+    check_models(models)
+    xs = task_inputs(models, data)
+    net = SuperNet(models, cfg)
+    pool = augment(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed)
+    train_supernet(net, pool, cfg)
+    return net.fold()
