@@ -159,16 +159,16 @@ def mvue_probs(mag: Tensor, n: int, dim: int = -1) -> Tensor:
         >>> mvue_probs(torch.tensor([6.0, 1.0, 1.0, 0.0]), 2)
         tensor([1.0000, 0.5000, 0.5000, 0.0000])
     """
-    total = mag.sum(dim, keepdim=True)
-    budget = torch.full_like(total, float(n))
+    # p_i = rem * |x_i| / rest (not c * |x_i|: c = rem / rest overflows when rest is subnormal)
+    rest = mag.sum(dim, keepdim=True)
+    rem = torch.full_like(rest, float(n))
     capped = torch.zeros_like(mag, dtype=torch.bool)
-    c = budget / total
     for _ in range(n - 1 if n > 1 else 0):
-        capped = capped | (c * mag >= 1)
-        k = capped.sum(dim, keepdim=True).to(mag.dtype)
-        rest = torch.where(capped, torch.zeros_like(mag), mag).sum(dim, keepdim=True)  # not total - capped: cancels
-        c = (budget - k).clamp_min(0) / rest
-    p = torch.where(capped, torch.ones_like(mag), (c * mag).clamp(max=1.0))
+        capped = capped | (rem * (mag / rest) >= 1)
+        rem = (n - capped.sum(dim, keepdim=True).to(mag.dtype)).clamp_min(0)
+        # the remainder summed directly, not total - capped: the subtraction cancels
+        rest = torch.where(capped, torch.zeros_like(mag), mag).sum(dim, keepdim=True)
+    p = torch.where(capped, torch.ones_like(mag), (rem * (mag / rest)).clamp(max=1.0))
     # blocks with at most n nonzeros are kept exactly (c * mag may round to 1 - eps there)
     few = (mag > 0).sum(dim, keepdim=True) <= n
     p = torch.where(few, torch.ones_like(p), p)
