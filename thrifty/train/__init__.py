@@ -13,3 +13,7 @@ __all__ = [
     "CheckpointError", "load_checkpoint", "save_checkpoint", "History", "StepState", "TrainConfig",
     "check_finite", "evaluate", "fit", "Compose", "Regime",
 ]
+from thrifty.train.io import load_model, model_kwargs_for, save_model  # noqa: E402
+from thrifty.train.pretrained import RECIPES, cache_dir, pretrained, recipe  # noqa: E402
+
+__all__ += ["load_model", "model_kwargs_for", "save_model", "RECIPES", "cache_dir", "pretrained", "recipe"]
