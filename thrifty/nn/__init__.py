@@ -13,8 +13,10 @@ from thrifty.nn.gemm import (
     is_gemm,
     wrap,
 )
+from thrifty.nn.rangebn import RangeBatchNorm1d, RangeBatchNorm2d, convert_to_range_bn
 
 __all__ = [
     "SLOT_NAMES", "Accumulator", "Chain", "GemmConv2d", "GemmLayer", "GemmLinear", "GemmOp",
     "GradTransform", "Slots", "gemm_layers", "is_gemm", "wrap",
+    "RangeBatchNorm1d", "RangeBatchNorm2d", "convert_to_range_bn",
 ]

@@ -1,0 +1,108 @@
+"""thrifty.nn.rangebn: gradients vs numerical, agreement with BN on Gaussian data, running stats, conversion."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from thrifty.nn import RangeBatchNorm1d, RangeBatchNorm2d, convert_to_range_bn
+from thrifty.nn.rangebn import expected_gaussian_range, range_constant
+
+
+@pytest.mark.parametrize("cls,shape", [(RangeBatchNorm2d, (6, 3, 3, 2)), (RangeBatchNorm1d, (10, 4)),
+                                       (RangeBatchNorm1d, (5, 2, 3))])
+@pytest.mark.parametrize("correction", ["gaussian", "paper"])
+def test_gradcheck_float64(cls, shape, correction):
+    torch.manual_seed(0)
+    bn = cls(shape[1], num_chunks=3, correction=correction).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: bn(t), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_matches_batchnorm_for_gaussian_activations_and_error_shrinks_with_n():
+    torch.manual_seed(0)
+    errs = []
+    for batch in (4, 64, 512):  # n = batch * 64 / 16 elements per chunk
+        x = torch.randn(batch, 4, 8, 8) * 3 + 1
+        a = nn.BatchNorm2d(4)(x)
+        b = RangeBatchNorm2d(4)(x)
+        errs.append(float((a - b).detach().norm() / a.detach().norm()))
+    assert errs[-1] < 0.04 and errs[-1] < errs[0]
+    x = torch.randn(512, 4, 8, 8)
+    paper = RangeBatchNorm2d(4, correction="paper")(x)
+    ratio = float(paper.std() / nn.BatchNorm2d(4)(x).std())
+    assert 0.4 < ratio < 0.7  # the closed form C(n) = 1/sqrt(2 ln n) measures ~2 sigma
+
+
+def test_expected_range_closed_form_and_monte_carlo():
+    assert expected_gaussian_range(2) == pytest.approx(2 / math.sqrt(math.pi), rel=1e-6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 50, generator=g)
+    assert expected_gaussian_range(50) == pytest.approx(float((x.amax(1) - x.amin(1)).mean()), rel=0.01)
+    assert range_constant(1000, "paper") == pytest.approx(1 / math.sqrt(2 * math.log(1000)))
+    with pytest.raises(ValueError):
+        range_constant(1)
+    with pytest.raises(ValueError, match="correction"):
+        RangeBatchNorm2d(3, correction="exact")  # type: ignore[arg-type]
+
+
+def test_running_stats_and_eval_mode():
+    torch.manual_seed(0)
+    bn = RangeBatchNorm2d(2, momentum=None)
+    xs = [torch.randn(16, 2, 4, 4) * 2 + 3 for _ in range(3)]
+    stats = [bn.batch_stats(x) for x in xs]
+    for x in xs:
+        bn(x)
+    assert torch.allclose(bn.running_mean, torch.stack([s[0] for s in stats]).mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_scale, torch.stack([s[1] for s in stats]).mean(0), atol=1e-5)
+    assert int(bn.num_batches_tracked) == 3
+    bn.eval()
+    x = torch.randn(3, 2, 4, 4)
+    want = (x - bn.running_mean.view(1, -1, 1, 1)) / (bn.running_scale.view(1, -1, 1, 1) + bn.eps)
+    assert torch.allclose(bn(x), want)
+    bn2 = RangeBatchNorm1d(3, momentum=0.5)
+    bn2(torch.ones(4, 3) * torch.arange(4.0)[:, None])
+    assert torch.allclose(bn2.running_mean, torch.full((3,), 0.75))
+
+
+def test_convert_preserves_eval_output_and_shares_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 8),
+                          nn.BatchNorm1d(8))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(16, 1, 8, 8))
+    model.eval()
+    x = torch.randn(5, 1, 8, 8)
+    before = model(x)
+    w = model[1].weight
+    convert_to_range_bn(model)
+    assert isinstance(model[1], RangeBatchNorm2d) and isinstance(model[5], RangeBatchNorm1d)
+    assert model[1].weight is w and not model[1].training
+    assert torch.allclose(model(x), before, atol=1e-5)
+    assert isinstance(convert_to_range_bn(nn.BatchNorm1d(3)), RangeBatchNorm1d)
+    with pytest.raises(TypeError):
+        convert_to_range_bn("model")  # type: ignore[arg-type]
+
+
+def test_bad_input_and_quantized_variant():
+    bn = RangeBatchNorm2d(3)
+    with pytest.raises(ValueError, match="4-D"):
+        bn(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="channels"):
+        bn(torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        RangeBatchNorm1d(3)(torch.randn(1, 3))
+    with pytest.raises(ValueError):
+        RangeBatchNorm1d(3, bits=1)
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 4, 4, requires_grad=True)
+    q = RangeBatchNorm2d(3, bits=8)(x)
+    assert float((q - RangeBatchNorm2d(3)(x)).abs().max()) < 0.05
+    q.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
