@@ -1,0 +1,64 @@
+"""The ``thrifty`` command line. Subcommands are discovered, not listed.
+
+Every module ``thrifty/cli/<cmd>.py`` (not starting with ``_``) that defines ``register(subparsers)`` is a
+subcommand: ``register`` adds its parser with ``subparsers.add_parser(...)``, its arguments, and
+``parser.set_defaults(func=run)`` where ``run(args) -> int | None``. Adding a command never edits this file.
+Every subcommand parser also gets ``--config file.yaml`` (defaults from YAML; explicit flags win).
+
+Example:
+    >>> main(["--help"])  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+from thrifty.cli import _common
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thrifty", description="Efficient deep learning toolkit (thrifty).")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        register = getattr(mod, "register", None)
+        if callable(register):
+            before = set(sub.choices)
+            register(sub)
+            for name in set(sub.choices) - before:
+                _common.add_config_option(sub.choices[name])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``thrifty`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        args = _common.apply_config_file(parser, args, argv)
+        rc = args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+        if args.debug:
+            raise
+        print(f"thrifty {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Training options that other packages contribute to ``thrifty train`` without editing cli/train.py.
+
+A package adds ``thrifty/<pkg>/train_options.py`` that calls :func:`register_training_option`; the module
+is found by :func:`discover_plugins` (any ``thrifty.<pkg>.train_options``). An option contributes:
+
+  - ``add_arguments(parser)``: its flags (e.g. ``--regime``, ``--grad-nm``);
+  - ``regime(args) -> Regime | None``: a regime for `fit` (several are chained with `Compose`);
+  - ``prepare(model, args) -> dict | None``: change the model before training (e.g. ``thrifty.apply``);
+    the returned dict is recorded under ``options.<name>`` in the saved model's YAML;
+  - ``finalize(model, args) -> None``: after training, before saving (e.g. ``thrifty.strip``).
+
+Example:
+    >>> opt = TrainingOption("example", add_arguments=lambda p: p.add_argument("--example-flag", type=int))
+    >>> _ = register_training_option(opt)
+    >>> "example" in {o.name for o in training_options(discover=False)}
+    True
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from thrifty.train.regime import Compose
+
+__all__ = ["TrainingOption", "register_training_option", "training_options", "discover_plugins",
+           "build_regime", "prepare_model", "finalize_model"]
+
+
+@dataclass(frozen=True)
+class TrainingOption:
+    name: str
+    add_arguments: Callable[[argparse.ArgumentParser], Any]
+    regime: Callable[[argparse.Namespace], Any] | None = None
+    prepare: Callable[[nn.Module, argparse.Namespace], dict | None] | None = None
+    finalize: Callable[[nn.Module, argparse.Namespace], None] | None = None
+
+
+_OPTIONS: dict[str, TrainingOption] = {}
+
+
+def register_training_option(option: TrainingOption) -> TrainingOption:
+    """Register (or re-register, e.g. on module reload) a training option by name."""
+    if not isinstance(option, TrainingOption):
+        raise TypeError(f"expected a TrainingOption, got {type(option).__name__}")
+    _OPTIONS[option.name] = option
+    return option
+
+
+def discover_plugins(basename: str) -> list[str]:
+    """Import every ``thrifty.<pkg>.<basename>`` module that exists; returns their names."""
+    import thrifty
+
+    found = []
+    for info in pkgutil.iter_modules(thrifty.__path__):
+        name = f"thrifty.{info.name}.{basename}"
+        if info.ispkg and importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+            found.append(name)
+    return found
+
+
+def training_options(discover: bool = True) -> list[TrainingOption]:
+    """All registered options (after importing the plugin modules), sorted by name."""
+    if discover:
+        discover_plugins("train_options")
+    return [_OPTIONS[k] for k in sorted(_OPTIONS)]
+
+
+def build_regime(args: argparse.Namespace) -> Any:
+    """The regime the options ask for (None, one regime, or a `Compose` of several)."""
+    regimes = [r for o in training_options(discover=False) if o.regime for r in [o.regime(args)] if r is not None]
+    if not regimes:
+        return None
+    return regimes[0] if len(regimes) == 1 else Compose(*regimes)
+
+
+def prepare_model(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """Run every option's ``prepare``; returns {option name: recorded metadata}."""
+    out = {}
+    for o in training_options(discover=False):
+        if o.prepare:
+            meta = o.prepare(model, args)
+            if meta:
+                out[o.name] = meta
+    return out
+
+
+def finalize_model(model: nn.Module, args: argparse.Namespace) -> None:
+    for o in training_options(discover=False):
+        if o.finalize:
+            o.finalize(model, args)
