@@ -14,6 +14,6 @@ __all__ = [
     "check_finite", "evaluate", "fit", "Compose", "Regime",
 ]
 from thrifty.train.io import load_model, model_kwargs_for, save_model  # noqa: E402
-from thrifty.train.pretrained import RECIPES, cache_dir, pretrained, recipe  # noqa: E402
+from thrifty.train.recipes import RECIPES, cache_dir, pretrained, recipe  # noqa: E402
 
 __all__ += ["load_model", "model_kwargs_for", "save_model", "RECIPES", "cache_dir", "pretrained", "recipe"]
