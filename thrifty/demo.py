@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.utils.data import TensorDataset
 
 __all__ = ["DemoContext", "demo_stage", "stages", "run_demo", "TARGET_ACC", "TARGET_SECONDS"]
 
@@ -147,8 +148,9 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, seed: int
     splits = load_dataset(DATASET, seed=0)
     extra_kw, cfg = recipe(MODEL, DATASET)
     cfg = dataclasses.replace(cfg, seed=seed, **({"epochs": epochs} if epochs else {}))
-    if quick:
+    if quick:  # smoke test: a few steps, a slice of the test set
         cfg = dataclasses.replace(cfg, steps=4, batch_size=32)
+        splits = dataclasses.replace(splits, test=TensorDataset(*(t[:128] for t in splits.test.tensors)))
     kwargs = model_kwargs_for(MODEL, splits.input_shape, splits.num_classes, **extra_kw)
     seed_everything(seed)
     model = create(MODEL, **kwargs)
