@@ -17,7 +17,7 @@ unstructured density, ties going to the larger M (more mask diversity, closer to
 Example:
     >>> import torch, torch.nn as nn
     >>> from torch.utils.data import TensorDataset
-    >>> torch.manual_seed(0)
+    >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     >>> calib = TensorDataset(torch.randn(128, 16), torch.zeros(128).long())
     >>> report = adaprune(model, calib, NM(2, 4), steps=50, progress=False)
