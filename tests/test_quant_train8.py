@@ -1,0 +1,131 @@
+"""thrifty.quant.train8: unbiased stochastic gradient rounding, bifurcation routing, Range BN swap, CLI recipe."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import thrifty.core as core
+from thrifty.ops.quant import qparams_from_range
+from thrifty.nn import RangeBatchNorm1d, RangeBatchNorm2d, gemm_layers, wrap
+from thrifty.quant.train8 import (ActQuant, GradQuant, Train8, convert_to_batchnorm, fake_quantize_minmax,
+                                  prepare_train8)
+
+
+def test_stochastic_rounding_is_unbiased_and_nearest_is_not():
+    torch.manual_seed(0)
+    dy = torch.randn(4, 50) * torch.tensor([[1.0], [1e-3], [10.0], [0.1]])
+    q = GradQuant(4, bifurcation=False)  # 4 bits: coarse grid so a bias would be visible
+    draws = 3000
+    acc = torch.zeros_like(dy)
+    for _ in range(draws):
+        acc += q(dy)[0]
+    mean = acc / draws
+    step, zp = qparams_from_range(dy.amin(1), dy.amax(1), 4)
+    step, zp = step[:, None], zp[:, None]
+    # the integer zero point can leave an extreme value just outside the grid (clipped): test inside the grid
+    inside = (dy >= -zp * step) & (dy <= (15 - zp) * step)
+    assert inside.float().mean() > 0.9
+    # |mean - dy| within 5 standard errors (the variance of one draw is at most step^2 / 4)
+    assert ((mean - dy).abs() <= 5 * step / 2 / draws**0.5 + 1e-7)[inside].all()
+    near = GradQuant(4, bifurcation=False, rounding="nearest")(dy)[0]
+    assert float(((near - dy).abs() / step).max()) > 0.3  # deterministic rounding keeps its error
+
+
+def test_per_sample_grid_and_bifurcation_precision():
+    torch.manual_seed(0)
+    dy = torch.randn(3, 1000) * torch.tensor([[1.0], [1e-4], [100.0]])
+    gx, gw = GradQuant(8, bifurcation=True, wgrad_bits=16)(dy)
+    for i in range(3):
+        assert gx[i].unique().numel() <= 256
+        rng = float(dy[i].max() - dy[i].min())
+        assert float((gw[i] - dy[i]).abs().max()) <= rng / 65535 / 2 * 1.01 + 1e-12
+        assert float((gx[i] - dy[i]).abs().max()) <= rng / 255 * 1.01
+    gx, gw = GradQuant(8, bifurcation=True, wgrad_bits=None)(dy)
+    assert gw is dy
+    gx, gw = GradQuant(8, bifurcation=False)(dy)
+    assert gw is gx
+
+
+def test_train8_routes_8bit_dy_to_input_grad_and_16bit_to_weight_grad():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5)
+    core.apply(lin_model := nn.Sequential(lin), Train8(grad_rounding="nearest"))
+    layer = lin_model[0]
+    x = torch.randn(4, 6, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn(4, 5)
+    y.backward(dy)
+    wq = layer.effective_weight()
+    xq = fake_quantize_minmax(x.detach(), 8, None, "nearest")
+    g8 = fake_quantize_minmax(dy, 8, 0, "nearest")
+    g16 = fake_quantize_minmax(dy, 16, 0, "nearest")
+    assert torch.allclose(x.grad, g8 @ wq, atol=1e-6)
+    assert torch.allclose(layer.weight.grad, g16.t() @ xq, atol=1e-5)
+    assert torch.allclose(layer.bias.grad, g16.sum(0), atol=1e-6)
+    assert wq.unique().numel() <= 256
+
+
+def test_act_quant_is_straight_through():
+    x = torch.randn(10, 3, requires_grad=True)
+    y = ActQuant(8)(x)
+    assert y.unique().numel() <= 256 and float((y - x).detach().abs().max()) <= float(x.max() - x.min()) / 255
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_prepare_train8_trains_a_small_convnet_and_converts_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    prepare_train8(model)
+    assert isinstance(model[1], RangeBatchNorm2d) and isinstance(model[6], RangeBatchNorm1d)
+    assert len(list(gemm_layers(model))) == 3
+    x = torch.randn(64, 1, 6, 6)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0]
+    model.eval()
+    before = model(x)
+    convert_to_batchnorm(model)
+    assert isinstance(model[1], nn.BatchNorm2d)
+    assert torch.allclose(model(x), before, atol=1e-4)
+
+
+def test_config_validation_and_yaml():
+    cfg = Train8(bifurcation=False, wgrad_bits=None)
+    assert core.from_yaml(core.to_yaml(cfg)) == cfg
+    with pytest.raises(ValueError):
+        Train8(bits=1)
+    with pytest.raises(ValueError):
+        Train8(wgrad_bits=32)
+    with pytest.raises(ValueError, match="grad_rounding"):
+        Train8(grad_rounding="up")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        prepare_train8(nn.Linear(2, 2), core.to_dict(cfg))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="NaN"):
+        fake_quantize_minmax(torch.tensor([1.0, float("nan")]), 8, None, "nearest")
+    layer = wrap(nn.Linear(2, 2))
+    with pytest.raises(TypeError):
+        layer.add("grad_output", ActQuant(8))
+
+
+def test_cli_recipe_train8(tmp_path):
+    from thrifty.cli import main
+    from thrifty.train import load_model
+
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "mlp", "--dataset", "digits", "--steps", "3", "--recipe", "train8",
+               "--out", str(out)])
+    assert rc == 0
+    model, meta = load_model(out / "model")
+    assert meta["options"]["quant-recipe"]["recipe"] == "train8"
+    assert not any(True for _ in gemm_layers(model))

@@ -1,0 +1,192 @@
+"""8-bit training (Banner et al., "Scalable methods for 8-bit training of neural networks").
+
+Every selected GEMM gets
+
+* ``weight`` and ``input`` slots: 8-bit GEMMLOWP-style quantizers (:class:`thrifty.quant.UniformQuantizer`,
+  per-tensor asymmetric min/max, dynamic range, straight-through gradient);
+* ``grad_output`` slot: :class:`GradQuant`, which quantizes the neural gradient dY with *stochastic rounding*
+  (unbiased: ``E[q(dy)] = dy``) and returns two streams: the 8-bit dY for the input-gradient GEMM
+  (dX = dY W) and, with *bifurcation*, a higher-precision (16-bit by default, or float32) dY for the
+  weight-gradient GEMM (dW = dY^T X). Without bifurcation both GEMMs use the 8-bit dY.
+
+Gradient ranges are per sample (the first dimension of dY), as in the authors' ``quantize_grad``.
+:func:`prepare_train8` also swaps every BatchNorm for :class:`thrifty.nn.RangeBatchNorm2d` / 1d.
+All quantizer arithmetic is :mod:`thrifty.ops.quant`.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> model = prepare_train8(nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)))
+    >>> model(torch.randn(4, 8)).sum().backward()
+    >>> type(model[1]).__name__
+    'RangeBatchNorm1d'
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from thrifty.core import Config, Filter, apply, register_config, register_handler
+from thrifty.nn.gemm import GradTransform
+from thrifty.nn.rangebn import _RangeBatchNorm, convert_to_range_bn
+from thrifty.ops import quant as Q
+from thrifty.quant.quantizer import UniformQuantizer
+
+__all__ = ["Train8", "GradQuant", "ActQuant", "fake_quantize_minmax", "prepare_train8", "convert_to_batchnorm"]
+
+
+@register_config
+@dataclass(frozen=True)
+class Train8(Config):
+    """8-bit training of weights (``bits``), activations (``act_bits``) and neural gradients (``grad_bits``).
+
+    ``bifurcation``: the weight-gradient GEMM gets dY at ``wgrad_bits`` (None: float32) instead of the 8-bit
+    one. ``grad_rounding``: ``"stochastic"`` (default) or ``"nearest"``. ``grad_per_sample``: one gradient range
+    per sample (else per tensor). ``range_bn``: :func:`prepare_train8` swaps BatchNorm for Range BN
+    (``range_bn_bits`` optionally quantizes Range BN too).
+    """
+
+    bits: int = 8
+    act_bits: Optional[int] = 8
+    grad_bits: int = 8
+    bifurcation: bool = True
+    wgrad_bits: Optional[int] = 16
+    grad_rounding: Literal["stochastic", "nearest"] = "stochastic"
+    grad_per_sample: bool = True
+    weight_per_channel: bool = False
+    range_bn: bool = True
+    range_bn_bits: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        Q.check_bits(self.bits, "Train8.bits")
+        Q.check_bits(self.grad_bits, "Train8.grad_bits")
+        for name in ("act_bits", "wgrad_bits", "range_bn_bits"):
+            if getattr(self, name) is not None:
+                Q.check_bits(getattr(self, name), f"Train8.{name}")
+        if self.grad_rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"Train8.grad_rounding must be 'stochastic' or 'nearest', got {self.grad_rounding!r}")
+
+
+class GradQuant(GradTransform):
+    """Quantize dY: ``(q_{grad_bits}(dy), q_{wgrad_bits}(dy) or dy)`` with bifurcation, else ``(q(dy), q(dy))``.
+
+    Example:
+        >>> gx, gw = GradQuant(8, wgrad_bits=None)(torch.randn(4, 3))
+        >>> (gx.shape, gw.shape)
+        (torch.Size([4, 3]), torch.Size([4, 3]))
+    """
+
+    def __init__(self, grad_bits: int = 8, bifurcation: bool = True, wgrad_bits: Optional[int] = 16,
+                 rounding: Q.Rounding = "stochastic", per_sample: bool = True) -> None:
+        super().__init__()
+        self.grad_bits = Q.check_bits(grad_bits, "grad_bits")
+        if wgrad_bits is not None:
+            Q.check_bits(wgrad_bits, "wgrad_bits")
+        self.bifurcation, self.wgrad_bits, self.rounding, self.per_sample = bifurcation, wgrad_bits, rounding, per_sample
+
+    def extra_repr(self) -> str:
+        w = (self.wgrad_bits or "fp32") if self.bifurcation else self.grad_bits
+        return f"dX gemm: {self.grad_bits}-bit, dW gemm: {w}-bit, {self.rounding}, per_sample={self.per_sample}"
+
+    def forward(self, dy: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        axis = 0 if (self.per_sample and dy.dim() > 1) else None
+        gx = fake_quantize_minmax(dy, self.grad_bits, axis, self.rounding)
+        if not self.bifurcation:
+            return gx, gx
+        if self.wgrad_bits is None:
+            return gx, dy
+        # 16-bit: stochastic rounding buys nothing measurable at 2^-16 of the range and costs a random draw
+        return gx, fake_quantize_minmax(dy, self.wgrad_bits, axis, "nearest")
+
+
+class ActQuant(nn.Module):
+    """Per-tensor (or per-channel) min/max fake quantizer with a straight-through gradient, for training.
+
+    The same math as :class:`thrifty.quant.UniformQuantizer` in dynamic mode, with the range taken in
+    one min and one max pass (8-bit training quantizes every activation at every step, so passes matter).
+    """
+
+    def __init__(self, bits: int = 8, axis: Optional[int] = None) -> None:
+        super().__init__()
+        self.bits, self.axis = Q.check_bits(bits), axis
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, axis={self.axis}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            q = fake_quantize_minmax(x.detach(), self.bits, self.axis, "nearest")
+        return x + (q - x).detach()
+
+
+def fake_quantize_minmax(x: Tensor, bits: int, axis: Optional[int], rounding: Q.Rounding) -> Tensor:
+    """Asymmetric min/max fake quantization (no gradient) with :mod:`thrifty.ops.quant` parameters and rounding.
+
+    Example:
+        >>> fake_quantize_minmax(torch.tensor([0.0, 0.3, 1.0]), 2, None, "nearest").tolist()
+        [0.0, 0.3333333432674408, 1.0]
+    """
+    with torch.no_grad():
+        if axis is None:
+            lo, hi = x.min(), x.max()
+        else:  # separate amin/amax: much faster than aminmax(dim=) on CPU
+            flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+            lo, hi = flat.amin(1), flat.amax(1)
+        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+            raise ValueError("8-bit training: a tensor to quantize contains NaN or Inf (training diverged?)")
+        s, zp = Q.qparams_from_range(lo, hi, bits)
+        return Q.fake_quantize(x, s.to(x.device), zp.to(x.device), bits, axis=axis, rounding=rounding)
+
+
+@register_handler(Train8)
+def _handle(layer: nn.Module, name: str, cfg: Train8) -> None:
+    layer.add("weight", UniformQuantizer(cfg.bits, per_channel=cfg.weight_per_channel, axis=0))
+    if cfg.act_bits is not None:
+        layer.add("input", ActQuant(cfg.act_bits))
+    layer.add("grad_output", GradQuant(cfg.grad_bits, cfg.bifurcation, cfg.wgrad_bits, cfg.grad_rounding,
+                                       cfg.grad_per_sample))
+
+
+def prepare_train8(model: nn.Module, cfg: Train8 = Train8(), filter: Filter = None) -> nn.Module:
+    """Swap BatchNorm for Range BN (if ``cfg.range_bn``) and fill the GEMM slots for 8-bit training (in place).
+
+    ``thrifty.apply(model, Train8())`` does the GEMM part only. Example: see the module docstring.
+    """
+    if not isinstance(cfg, Train8):
+        raise TypeError(f"cfg must be a Train8 config, got {type(cfg).__name__}")
+    if cfg.range_bn:
+        model = convert_to_range_bn(model, bits=cfg.range_bn_bits)
+    return apply(model, cfg, filter)
+
+
+def convert_to_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace every Range BN by an nn.BatchNorm with the same eval-mode output (for export / plain loading).
+
+    ``running_var = (running_scale + eps)^2 - eps``; the affine Parameters are shared. Example:
+        >>> from thrifty.nn import RangeBatchNorm2d
+        >>> type(convert_to_batchnorm(nn.Sequential(RangeBatchNorm2d(3)))[0]).__name__
+        'BatchNorm2d'
+    """
+    def convert(rb: _RangeBatchNorm) -> nn.Module:
+        cls = nn.BatchNorm2d if rb._dims == (4,) else nn.BatchNorm1d
+        bn = cls(rb.num_features, rb.eps, rb.momentum, rb.affine, rb.track_running_stats)
+        if rb.affine:
+            bn.weight, bn.bias = rb.weight, rb.bias
+        if rb.track_running_stats:
+            with torch.no_grad():
+                bn.running_mean.copy_(rb.running_mean)
+                bn.running_var.copy_((rb.running_scale + rb.eps) ** 2 - rb.eps)
+                bn.num_batches_tracked.copy_(rb.num_batches_tracked)
+        bn.train(rb.training)
+        return bn.to(rb.running_mean.device if rb.track_running_stats else None)
+
+    if isinstance(model, _RangeBatchNorm):
+        return convert(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, _RangeBatchNorm):
+                parent._modules[name] = convert(child)
+    return model
