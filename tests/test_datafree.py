@@ -1,0 +1,111 @@
+"""Data-free synthesis: BNS objective falls, statistics approach the stored ones, the model is untouched."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from thrifty.datafree import Synth, bn_similarity, bns_loss, gaussian_kl, synthesize
+from thrifty.datafree.synth import _bn_taps, _frozen_eval
+
+
+def _net():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+    # give the BN layers distinctive running statistics, as training would
+    net.train()
+    with torch.no_grad():
+        for _ in range(20):
+            net(torch.randn(32, 1, 8, 8) * 2.0 + 1.5)
+    return net.eval()
+
+
+def _bns_value(net, x):
+    with _frozen_eval(net), _bn_taps(net) as taps, torch.no_grad():
+        net(x)
+        return float(bns_loss(taps))
+
+
+def test_gaussian_kl_closed_form():
+    mu0, v0, mu1, v1 = torch.tensor(0.3), torch.tensor(2.0), torch.tensor(-1.0), torch.tensor(0.5)
+    ref = 0.5 * (torch.log(v1 / v0) + (v0 + (mu0 - mu1) ** 2) / v1 - 1)
+    assert torch.allclose(gaussian_kl(mu0, v0, mu1, v1, eps=0), ref)
+    assert float(gaussian_kl(mu0, v0, mu0, v0)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_bns_objective_decreases_and_stats_approach():
+    net = _net()
+    noise = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = _bns_value(net, noise)
+    ds = synthesize(net, 64, "bns", input_shape=(1, 8, 8), steps=60, batch_size=64, progress=False)
+    after = _bns_value(net, ds.tensors[0])
+    assert after < 0.2 * before
+    # the first BN input's batch mean moves towards the running mean
+    with torch.no_grad():
+        h0 = net[0](noise).mean((0, 2, 3))
+        h1 = net[0](ds.tensors[0]).mean((0, 2, 3))
+    rm = net[1].running_mean
+    assert (h1 - rm).abs().mean() < (h0 - rm).abs().mean()
+
+
+def test_model_untouched_and_mode_restored():
+    net = _net()
+    net.train()
+    net[0].weight.requires_grad_(False)
+    state = copy.deepcopy(net.state_dict())
+    synthesize(net, 10, "bns", input_shape=(1, 8, 8), steps=3, progress=False)
+    synthesize(net, 10, "inception", input_shape=(1, 8, 8), steps=3, progress=False)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert net.training and all(m.training for m in net.modules())
+    assert not net[0].weight.requires_grad and net[3].weight.requires_grad
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_deterministic_with_seed_and_label_kinds():
+    net = _net()
+    a = synthesize(net, 12, "bns", input_shape=(1, 8, 8), steps=5, progress=False, seed=3)
+    b = synthesize(net, 12, "bns", input_shape=(1, 8, 8), steps=5, progress=False, seed=3)
+    c = synthesize(net, 12, "bns", input_shape=(1, 8, 8), steps=5, progress=False, seed=4)
+    assert torch.equal(a.tensors[0], b.tensors[0]) and not torch.equal(a.tensors[0], c.tensors[0])
+    assert a.tensors[1].dtype == torch.long and a.tensors[1].shape == (12,)
+    soft = synthesize(net, 5, "gaussian", input_shape=(1, 8, 8), soft_labels=True, progress=False)
+    assert soft.tensors[1].shape == (5, 4) and torch.allclose(soft.tensors[1].sum(1), torch.ones(5))
+
+
+def test_inception_targets_classes():
+    net = _net()
+    ds = synthesize(net, 8, "inception", input_shape=(1, 8, 8), steps=80, lr=0.3, progress=False)
+    # each sample was pushed towards class i % 4
+    assert (ds.tensors[1] == torch.arange(8) % 4).float().mean() >= 0.75
+
+
+def test_similarity_ranks_matching_data_first():
+    net = _net()
+    matching = torch.randn(256, 1, 8, 8) * 2.0 + 1.5
+    foreign = torch.randn(256, 1, 8, 8) * 0.2 - 3.0
+    assert bn_similarity(net, matching) < bn_similarity(net, foreign)
+    per = bn_similarity(net, matching, per_layer=True)
+    assert set(per) == {"1", "4"}
+
+
+def test_bad_inputs():
+    net = _net()
+    with pytest.raises(ValueError, match="input_shape"):
+        synthesize(net, 4, "bns")
+    with pytest.raises(ValueError, match="positive integer"):
+        synthesize(net, 0, "bns", input_shape=(1, 8, 8))
+    no_bn = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with pytest.raises(ValueError, match="no BatchNorm.*gaussian"):
+        synthesize(no_bn, 4, "bns", input_shape=(64,))
+    assert len(synthesize(no_bn, 4, "gaussian", input_shape=(64,), progress=False)) == 4
+    with pytest.raises(ValueError, match="Synth.method"):
+        Synth(method="dream")
+    with pytest.raises(ValueError, match="empty"):
+        bn_similarity(net, torch.zeros(0, 1, 8, 8))
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        bn_similarity(no_bn, torch.zeros(2, 64))

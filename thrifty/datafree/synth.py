@@ -1,0 +1,273 @@
+"""Synthetic calibration samples from the model itself (The Knowledge Within, Haroush et al.).
+
+Three generators:
+
+* ``gaussian``: standard-normal inputs (thrifty's datasets are standardised, so
+  this is the naive "noise" baseline);
+* ``inception``: inputs optimised to maximise one class logit each, under a
+  total-variation smoothness prior;
+* ``bns``: inputs optimised so that, at the input of every BatchNorm layer, the
+  batch mean/variance match the stored running mean/variance (a Gaussian KL
+  summed over channels and layers), plus a small TV/L2 prior.
+
+The same BN statistic scores how well a data set matches a model
+(:func:`bn_similarity`): real training-like data scores low, foreign data high.
+
+Example:
+    >>> import thrifty as th                                     # doctest: +SKIP
+    >>> model = th.train.pretrained("resnet20", "digits32")      # doctest: +SKIP
+    >>> calib = synthesize(model, 128, input_shape=(1, 32, 32))   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from thrifty.core import Config, register_config
+
+__all__ = ["Synth", "synthesize", "bn_similarity", "bn_layers", "bns_loss", "gaussian_kl"]
+
+Method = Literal["bns", "gaussian", "inception"]
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@register_config
+@dataclass(frozen=True)
+class Synth(Config):
+    """How to synthesise calibration data.
+
+    ``steps`` Adam steps at learning rate ``lr`` on the inputs, in batches of
+    ``batch_size`` (BN statistics are matched per batch, so keep it >= 32).
+    """
+
+    method: Method = "bns"
+    steps: int = 150
+    lr: float = 0.2
+    batch_size: int = 128
+    tv_weight: float = 1e-4
+    l2_weight: float = 1e-5
+    seed: int = 0
+    soft_labels: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("bns", "gaussian", "inception"):
+            raise ValueError(f"Synth.method must be 'bns', 'gaussian' or 'inception', got {self.method!r}")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Synth.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.tv_weight < 0 or self.l2_weight < 0:
+            raise ValueError("Synth: lr must be > 0 and tv_weight, l2_weight >= 0")
+
+
+def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every BatchNorm1d/2d with running statistics, in module order."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, _BN) and m.running_mean is not None and m.running_var is not None]
+
+
+def gaussian_kl(mu0: Tensor, var0: Tensor, mu1: Tensor, var1: Tensor, eps: float = 1e-5) -> Tensor:
+    """KL(N(mu0, var0) || N(mu1, var1)) elementwise."""
+    var0, var1 = var0 + eps, var1 + eps
+    return 0.5 * (torch.log(var1 / var0) + (var0 + (mu0 - mu1) ** 2) / var1 - 1.0)
+
+
+def _channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    dims = [0] + list(range(2, x.dim()))
+    return x.mean(dims), x.var(dims, unbiased=False)
+
+
+@contextlib.contextmanager
+def _bn_taps(model: nn.Module) -> Iterator[list[tuple[Tensor, Tensor, nn.Module]]]:
+    """Collect (batch mean, batch var, bn) at every BN input during forward passes."""
+    found: list[tuple[Tensor, Tensor, nn.Module]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: found.append((*_channel_stats(inp[0]), mod)))
+             for _, m in bn_layers(model)]
+    try:
+        yield found
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BN uses, and never updates, its running statistics), no parameter grads; restored after."""
+    modes = {m: m.training for m in model.modules()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.eval()
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
+        for p, f in flags.items():
+            p.requires_grad_(f)
+
+
+def bns_loss(taps: list[tuple[Tensor, Tensor, nn.Module]]) -> Tensor:
+    """Sum over BN layers of the channel-mean KL(N(running) || N(batch))."""
+    total = torch.zeros(())
+    for mu, var, bn in taps:
+        total = total + gaussian_kl(bn.running_mean, bn.running_var, mu, var).mean()
+    return total
+
+
+def _tv(x: Tensor) -> Tensor:
+    if x.dim() == 4:
+        return (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
+    if x.dim() >= 2:
+        return (x[..., 1:] - x[..., :-1]).pow(2).mean()
+    return x.new_zeros(())
+
+
+def _input_shape(model: nn.Module, input_shape: Optional[tuple[int, ...]]) -> tuple[int, ...]:
+    shape = input_shape or getattr(model, "input_shape", None)
+    if shape is None:
+        raise ValueError(
+            "synthesize: the model's input shape is unknown; pass input_shape=(C, H, W) (e.g. (1, 32, 32)) "
+            "or (features,) without the batch dimension"
+        )
+    shape = tuple(int(s) for s in shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"synthesize: input_shape must be positive sizes without the batch dim, got {shape}")
+    return shape
+
+
+def synthesize(
+    model: nn.Module,
+    n: int,
+    method: Method = "bns",
+    *,
+    input_shape: Optional[tuple[int, ...]] = None,
+    cfg: Optional[Synth] = None,
+    progress: bool = True,
+    **overrides,
+) -> TensorDataset:
+    """Return ``TensorDataset(x, y)`` of ``n`` synthetic inputs for ``model``.
+
+    ``y`` holds the FP model's predicted class (or its softmax with
+    ``soft_labels=True``). The model's weights, buffers, mode and
+    ``requires_grad`` flags are left exactly as they were.
+
+    Example:
+        >>> ds = synthesize(model, 256, "bns", input_shape=(1, 32, 32), steps=100)  # doctest: +SKIP
+    """
+    if cfg is None:
+        cfg = Synth(method=method, **overrides)
+    elif overrides:
+        cfg = cfg.replace(**overrides)  # type: ignore[assignment]
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"synthesize: n must be a positive integer, got {n!r}")
+    if hasattr(model, "tokenize"):
+        raise ValueError(
+            f"synthesize: {type(model).__name__} takes token ids, not continuous inputs; BNS/inception "
+            "synthesis needs a differentiable input. Calibrate it on a few real sentences instead."
+        )
+    if cfg.method == "bns" and not bn_layers(model):
+        raise ValueError(
+            f"synthesize: {type(model).__name__} has no BatchNorm layer with running statistics, so BNS "
+            "has nothing to match; use method='gaussian' or method='inception'"
+        )
+    shape = _input_shape(model, input_shape)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    xs, ys = [], []
+    batches = [min(cfg.batch_size, n - i) for i in range(0, n, cfg.batch_size)]
+    with _frozen_eval(model):
+        bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.steps), disable=not progress,
+                   desc=f"synthesize[{cfg.method}]", leave=False)
+        for bi, b in enumerate(batches):
+            x = torch.randn((b, *shape), generator=gen)
+            if cfg.method != "gaussian":
+                targets = (torch.arange(b) + bi * cfg.batch_size) % _num_classes(model, x)
+                x = _optimise(model, x, targets, cfg, bar)
+            with torch.no_grad():
+                logits = model(x)
+            xs.append(x.detach())
+            ys.append(F.softmax(logits, -1) if cfg.soft_labels else logits.argmax(-1))
+        bar.close()
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x[:1]).shape[-1])
+
+
+def _optimise(model: nn.Module, x: Tensor, targets: Tensor, cfg: Synth, bar) -> Tensor:
+    x = x.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.lr)
+    for step in range(cfg.steps):
+        # cosine decay: large moves early, fine matching of the statistics late
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        with _bn_taps(model) as taps:
+            logits = model(x)
+        if cfg.method == "bns":
+            main = bns_loss(taps)
+        else:  # inception: push each input towards its own class
+            main = F.cross_entropy(logits, targets)
+        loss = main + cfg.tv_weight * _tv(x) * x[0].numel() + cfg.l2_weight * x.pow(2).sum(tuple(range(1, x.dim()))).mean()
+        (grad,) = torch.autograd.grad(loss, x)
+        x.grad = grad
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{main.item():.3f}")
+    return x.detach()
+
+
+@torch.no_grad()
+def bn_similarity(model: nn.Module, data: Dataset | Tensor, batch_size: int = 256,
+                  per_layer: bool = False) -> float | dict[str, float]:
+    """How far ``data`` is from what the model's BN layers expect (lower is more similar).
+
+    The statistic is the BNS objective computed over the whole data set: for
+    every BN layer, the channel-mean KL between the stored running Gaussian and
+    the Gaussian of the data's activations at that layer's input, summed over
+    layers (``per_layer=True`` returns the per-layer values).
+
+    Example:
+        >>> bn_similarity(model, real_test_set) < bn_similarity(model, noise)  # doctest: +SKIP
+        True
+    """
+    layers = bn_layers(model)
+    if not layers:
+        raise ValueError(f"bn_similarity: {type(model).__name__} has no BatchNorm layer with running statistics")
+    x_all = data if isinstance(data, Tensor) else data[:][0]
+    if len(x_all) == 0:
+        raise ValueError("bn_similarity: the data set is empty")
+    sums: dict[nn.Module, tuple[Tensor, Tensor, float]] = {}
+
+    def hook(mod, inp):
+        # running sums in float64: the data set's exact per-channel mean and variance
+        x = inp[0].double()
+        dims = [0] + list(range(2, x.dim()))
+        s1, s2, cnt = sums.get(mod, (0.0, 0.0, 0.0))
+        sums[mod] = (s1 + x.sum(dims), s2 + (x * x).sum(dims), cnt + x.numel() / x.shape[1])
+
+    with _frozen_eval(model):
+        hooks = [m.register_forward_pre_hook(hook) for _, m in layers]
+        try:
+            for i in range(0, len(x_all), batch_size):
+                model(x_all[i:i + batch_size])
+        finally:
+            for h in hooks:
+                h.remove()
+    out: dict[str, float] = {}
+    for name, bn in layers:
+        s1, s2, cnt = sums[bn]
+        mu = s1 / cnt
+        var = (s2 / cnt - mu * mu).clamp_min(0)
+        kl = gaussian_kl(bn.running_mean.double(), bn.running_var.double(), mu, var)
+        out[name] = float(kl.mean())
+    return out if per_layer else float(sum(out.values()))
