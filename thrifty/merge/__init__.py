@@ -15,12 +15,66 @@ Example:
     >>> m.task_slices
     [(0, 2), (2, 4)]
 """
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from thrifty.core.config import Config, register_config
+from dataclasses import dataclass
 from thrifty.merge.arch import check_models, task_slices
+from thrifty.merge.baselines import (
+    Average, Distill, Ensemble, PermuteAverage, average, concat_heads, distill, match_permutations,
+    permute_and_average,
+)
 from thrifty.merge.data import augment, few_shot, task_inputs
 from thrifty.merge.fsmerge import FSMerge, SuperNet, fs_merge, train_supernet
 from thrifty.merge.maps import LinearMap, MergePoint
 
 __all__ = [
     "FSMerge", "SuperNet", "fs_merge", "train_supernet", "LinearMap", "MergePoint", "check_models", "task_slices",
-    "augment", "few_shot", "task_inputs",
+    "augment", "few_shot", "task_inputs", "Average", "PermuteAverage", "Distill", "EnsembleCfg", "average",
+    "permute_and_average", "match_permutations", "distill", "Ensemble", "concat_heads", "merge", "MERGERS",
+    "evaluate_tasks",
 ]
+
+
+@register_config
+@dataclass(frozen=True)
+class EnsembleCfg(Config):
+    """Keep all models (the upper bound; K x the cost)."""
+
+
+MERGERS: dict[type, Callable[..., nn.Module]] = {
+    FSMerge: fs_merge, Average: average, PermuteAverage: permute_and_average, Distill: distill,
+    EnsembleCfg: lambda models, data=None, cfg=None: Ensemble(models),
+}
+
+
+def merge(models: Sequence[nn.Module], data: Sequence | None, cfg: Config) -> nn.Module:
+    """Dispatch on the config type: FSMerge, Average, PermuteAverage, Distill or EnsembleCfg."""
+    fn = MERGERS.get(type(cfg))
+    if fn is None:
+        raise TypeError(f"no merge method for config {type(cfg).__name__}; known: {[t.__name__ for t in MERGERS]}")
+    return fn(models, data, cfg)
+
+
+@torch.no_grad()
+def evaluate_tasks(model: nn.Module, test_sets: Sequence, slices: Sequence[tuple[int, int]] | None = None,
+                   batch_size: int = 512) -> list[float]:
+    """Per-task accuracy: task i's test set scored on its own logits ``slices[i]`` (default model.task_slices)."""
+    slices = slices if slices is not None else getattr(model, "task_slices", None)
+    if slices is None or len(slices) != len(test_sets):
+        raise ValueError(f"need one logit slice per test set; model.task_slices={slices}")
+    was = model.training
+    model.eval()
+    try:
+        accs = []
+        for (a, b), ds in zip(slices, test_sets):
+            x, y = ds.tensors[0], ds.tensors[-1]
+            correct = sum(int((model(x[s:s + batch_size])[:, a:b].argmax(1) == y[s:s + batch_size]).sum())
+                          for s in range(0, len(x), batch_size))
+            accs.append(correct / max(len(x), 1))
+        return accs
+    finally:
+        model.train(was)

@@ -9,7 +9,8 @@ Loss (no labels): on task-i samples, the SuperNet's features unmerged into model
 model i's own features, at every tap (MLP: each hidden layer; ViT: each block's residual output), plus
 model i's logits against the merged model's task-i logits (``logit_weight``); each term is divided by the
 target's mean square so layers weigh alike. ``mode="global"`` trains all maps end to end;
-``mode="local"`` trains one layer's maps at a time on that layer's tap, earlier layers frozen.
+``mode="local"`` trains one layer's maps at a time on that layer's tap, earlier layers frozen (ViT: the
+shared residual maps are trained with block 0 and then frozen; the last stage fits the head reads).
 
 Example:
     >>> import torch
@@ -43,7 +44,7 @@ __all__ = ["FSMerge", "SuperNet", "fs_merge", "train_supernet"]
 @register_config
 @dataclass(frozen=True)
 class FSMerge(Config):
-    """FS-Merge recipe. ``steps`` is the total for "global" and per stage (layer) for "local";
+    """FS-Merge recipe. ``steps`` is the total budget (split evenly over the layers for "local");
     ``augment`` augmented copies per sample (shifts for images, mixup within a task, Gaussian noise);
     ``width_mult`` scales the merged model's widths relative to the originals'."""
 
@@ -61,6 +62,7 @@ class FSMerge(Config):
     mixup: float = 0.3
     shift: int = 2
     logit_weight: float = 1.0
+    tol: float = 1e-10
     seed: int = 0
     progress: bool = True
 
@@ -69,7 +71,7 @@ class FSMerge(Config):
                   "rank": self.rank >= 1, "width_mult": self.width_mult > 0, "steps": self.steps >= 0,
                   "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "batch_size": self.batch_size >= 1,
                   "augment": self.augment >= 0, "noise": self.noise >= 0, "mixup": 0 <= self.mixup <= 0.5,
-                  "shift": self.shift >= 0, "logit_weight": self.logit_weight >= 0}
+                  "shift": self.shift >= 0, "logit_weight": self.logit_weight >= 0, "tol": self.tol >= 0}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"FSMerge.{name}: invalid value {getattr(self, name)!r}")
@@ -174,7 +176,8 @@ def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge) -> list[float]:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     per_task = max(1, cfg.batch_size // k)
     history: list[float] = []
-    total = cfg.steps * len(stages)
+    stage_steps = cfg.steps if cfg.mode == "global" else max(1, cfg.steps // len(stages))
+    total = stage_steps * len(stages)
     bar = tqdm(total=total, desc=f"fs-merge ({cfg.mode})", disable=not cfg.progress or not sys.stderr.isatty(),
                leave=False)
     for p in net.points.parameters():
@@ -189,8 +192,8 @@ def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge) -> list[float]:
             use_logits = tap is None or tap == -1 or (last and tap == n_taps - 1)
             stop = None if use_logits else max(use_taps)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            for step in range(cfg.steps):
-                lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1)))
+            for step in range(stage_steps):
+                lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / stage_steps))
                 for group in opt.param_groups:
                     group["lr"] = lr
                 idx = [torch.randint(len(data.x[i]), (min(per_task, len(data.x[i])),), generator=gen) for i in range(k)]
@@ -206,13 +209,14 @@ def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge) -> list[float]:
                         a, b = net.slices[i]
                         loss = loss + cfg.logit_weight * F.mse_loss(logits[rows, a:b], teach[i][1][ix]) / scale[i][-1]
                 loss = loss / k
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                history.append(float(loss))
+                if loss.item() >= cfg.tol:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                history.append(loss.item())
                 bar.update(1)
                 if step % 20 == 0:
-                    bar.set_postfix(stage=si, loss=f"{float(loss):.4f}")
+                    bar.set_postfix(stage=si, loss=f"{loss.item():.4f}")
             for p in params:
                 p.requires_grad_(False)
     finally:

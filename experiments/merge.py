@@ -1,0 +1,177 @@
+"""FS-Merge vs. baselines: merge models trained on different tasks from different random inits.
+
+Tasks are label splits of the bundled digits data (0-4 vs 5-9, labels renumbered per task; and a
+3-task split 0-2 / 3-5 / 6-9). Each original model is trained from its own random init on its own task
+with its own head. Merging methods see only a few unlabeled training inputs per task (16 or 100, plus 4
+augmented copies each). Per-task accuracy uses each task's own logits (task_slices).
+
+    python experiments/merge.py --quick    # CI-sized (MLP + small ViT, fewer steps)
+    python experiments/merge.py            # full: writes results/merge.json and results/merge.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from thrifty.data import load_dataset  # noqa: E402
+from thrifty.merge import (  # noqa: E402
+    Distill, Ensemble, FSMerge, PermuteAverage, average, distill, evaluate_tasks, few_shot, fs_merge,
+    permute_and_average,
+)
+from thrifty.models import create  # noqa: E402
+from thrifty.train import TrainConfig, fit, load_checkpoint, save_checkpoint  # noqa: E402
+from thrifty.train.checkpoint import CheckpointError  # noqa: E402
+from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+
+CACHE = ROOT / ".cache" / "thrifty" / "merge"
+SPLIT2 = [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]
+SPLIT3 = [(0, 1, 2), (3, 4, 5), (6, 7, 8, 9)]
+
+
+def arch_setup(arch: str, quick: bool) -> dict:
+    if arch == "mlp":
+        return dict(dataset="digits", model=dict(name="mlp", in_features=64, hidden=[128, 128]),
+                    train=TrainConfig(epochs=30, lr=0.05, batch_size=64), fs_steps=120 if quick else 300)
+    depth = 2 if quick else 3
+    return dict(dataset="digits32", model=dict(name="vit", img_size=32, patch_size=8, dim=64, depth=depth, heads=4),
+                train=TrainConfig(epochs=15 if quick else 40, lr=1e-3, optimizer="adamw", weight_decay=0.05,
+                                  batch_size=64, warmup=20),
+                fs_steps=60 if quick else 300)
+
+
+def task_sets(ds: TensorDataset, classes: tuple[int, ...]) -> TensorDataset:
+    x, y = ds.tensors
+    keep = torch.isin(y, torch.tensor(classes))
+    remap = torch.full((10,), -1, dtype=torch.long)
+    remap[list(classes)] = torch.arange(len(classes))
+    return TensorDataset(x[keep], remap[y[keep]])
+
+
+def originals(arch: str, setup: dict, splits: list, tasks: list, quick: bool) -> list[torch.nn.Module]:
+    models = []
+    for i, (classes, (tr, te)) in enumerate(zip(splits, tasks)):
+        kw = {k: v for k, v in setup["model"].items() if k != "name"}
+        seed = 1000 + 17 * i + len(splits)  # a different random init for every model
+        seed_everything(seed)
+        model = create(setup["model"]["name"], num_classes=len(classes), **kw)
+        tag = "".join(map(str, classes))
+        path = CACHE / f"{arch}_{tag}_{'quick' if quick else 'full'}_{seed}.safetensors"
+        try:
+            load_checkpoint(path, model)
+        except CheckpointError:
+            fit(model, tr, te, setup["train"].replace(seed=seed), progress=False)
+            save_checkpoint(path, model, None, step=0, extra={"classes": list(classes)})
+        models.append(model.eval())
+    return models
+
+
+def run(arch: str, splits: list, quick: bool, sizes: tuple[int, ...], methods: tuple[str, ...]) -> list[dict]:
+    setup = arch_setup(arch, quick)
+    data = load_dataset(setup["dataset"], seed=0)
+    tasks = [(task_sets(data.train, c), task_sets(data.test, c)) for c in splits]
+    tests = [te for _, te in tasks]
+    t0 = time.perf_counter()
+    models = originals(arch, setup, splits, tasks, quick)
+    orig = [evaluate_tasks(m, [te], [(0, m.head.out_features)])[0] for m, te in zip(models, tests)]
+    rows = [dict(arch=arch, k=len(splits), method="original (each its own model)", samples=None, acc=orig,
+                 seconds=round(time.perf_counter() - t0, 1))]
+
+    def record(name: str, n: int | None, fn) -> None:
+        before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+        t = time.perf_counter()
+        merged = fn()
+        secs = time.perf_counter() - t
+        for m, sd in zip(models, before):  # the inputs must come back untouched
+            assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items()), f"{name} modified an input model"
+        acc = evaluate_tasks(merged, tests)
+        rows.append(dict(arch=arch, k=len(splits), method=name, samples=n, acc=acc, seconds=round(secs, 1)))
+        print(f"  {arch} K={len(splits)} {name:<28} n={str(n):>4}  acc={[round(a, 3) for a in acc]}  "
+              f"rel={sum(a / o for a, o in zip(acc, orig)) / len(acc):.3f}  {secs:.1f}s", flush=True)
+
+    print(f"{arch} K={len(splits)} originals: {[round(a, 3) for a in orig]}", flush=True)
+    steps = setup["fs_steps"]
+    if "ensemble" in methods:
+        record("ensemble (upper bound)", None, lambda: Ensemble(models))
+    if "average" in methods:
+        record("weight averaging", None, lambda: average(models))
+    for n in sizes:
+        few = [few_shot(tr, n, seed=i) for i, (tr, _) in enumerate(tasks)]
+        if "perm" in methods:
+            if arch == "mlp":
+                record("permute+avg (weights)", n, lambda: permute_and_average(models, few, PermuteAverage("weight")))
+            record("permute+avg (activations)", n, lambda: permute_and_average(models, few, PermuteAverage()))
+        if "kd" in methods:
+            record("distillation (KD)", n, lambda: distill(models, few, Distill(steps=steps, lr=1e-3, progress=False)))
+        for mode in ("global", "local"):
+            if f"fs-{mode}" in methods:
+                cfg = FSMerge(mode=mode, steps=steps, lr=1e-2, rank=32, progress=False)
+                record(f"FS-Merge ({mode})", n, lambda cfg=cfg: fs_merge(models, few, cfg))
+        for param in ("diagonal", "lowrank", "full"):
+            if f"fs-{param}" in methods:
+                cfg = FSMerge(param=param, steps=steps, lr=1e-2, rank=32, progress=False)
+                record(f"FS-Merge (global, {param})", n, lambda cfg=cfg: fs_merge(models, few, cfg))
+        for wm in (0.5, 2.0):
+            if f"fs-width{wm}" in methods:
+                cfg = FSMerge(width_mult=wm, steps=steps, lr=1e-2, rank=32, progress=False)
+                record(f"FS-Merge (global, width x{wm})", n, lambda cfg=cfg: fs_merge(models, few, cfg))
+    for r in rows:
+        r["rel"] = [round(a / o, 4) for a, o in zip(r["acc"], orig)]
+        r["mean_rel"] = round(sum(r["rel"]) / len(r["rel"]), 4)
+        r["acc"] = [round(a, 4) for a in r["acc"]]
+    return rows
+
+
+def to_markdown(rows: list[dict], quick: bool) -> str:
+    out = [f"# Model merging (FS-Merge vs. baselines){' — quick mode' if quick else ''}", "",
+           "Digits label splits, each original trained from its own random init; merged models see only the "
+           "given number of unlabeled samples per task (+4 augmented copies). Accuracy is per task on its own "
+           "logits; rel = merged / original accuracy of that task, averaged over tasks.", ""]
+    for (arch, k) in dict.fromkeys((r["arch"], r["k"]) for r in rows):
+        sub = [r for r in rows if r["arch"] == arch and r["k"] == k]
+        out += [f"## {arch.upper()}, {k} tasks", "",
+                "| method | samples/task | " + " | ".join(f"task {i + 1} acc" for i in range(k)) +
+                " | mean rel | seconds |", "|---|---|" + "---|" * k + "---|---|"]
+        for r in sub:
+            out.append(f"| {r['method']} | {r['samples'] if r['samples'] is not None else '-'} | " +
+                       " | ".join(f"{a:.3f}" for a in r["acc"]) + f" | {r['mean_rel']:.3f} | {r['seconds']} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CI-sized run")
+    ap.add_argument("--out", default=str(ROOT / "results"), help="output folder")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # the machine is shared
+    t0 = time.perf_counter()
+    core = ("ensemble", "average", "perm", "kd", "fs-global", "fs-local")
+    rows = []
+    if args.quick:
+        rows += run("mlp", SPLIT2, True, (16, 100), core)
+        rows += run("vit", SPLIT2, True, (100,), ("ensemble", "average", "perm", "kd", "fs-global"))
+    else:
+        rows += run("mlp", SPLIT2, False, (16, 100),
+                    core + ("fs-diagonal", "fs-lowrank", "fs-full", "fs-width0.5", "fs-width2.0"))
+        rows += run("vit", SPLIT2, False, (16, 100), core)
+        rows += run("mlp", SPLIT3, False, (16, 100), ("ensemble", "average", "perm", "kd", "fs-global"))
+    total = time.perf_counter() - t0
+    name = "merge_quick" if args.quick else "merge"
+    out = Path(args.out)
+    atomic_write_text(out / f"{name}.json", json.dumps({"quick": args.quick, "seconds": round(total, 1),
+                                                          "torch_threads": 1, "rows": rows}, indent=1))
+    atomic_write_text(out / f"{name}.md", to_markdown(rows, args.quick) + f"\nTotal time: {total:.0f} s.\n")
+    print(f"wrote {out / name}.json/.md in {total:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""thrifty.merge: FS-Merge folding exactness, permutation matching, self-merge, baselines, bad input."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from thrifty.core import from_yaml, to_yaml
+from thrifty.merge import (
+    Average, Distill, Ensemble, FSMerge, PermuteAverage, SuperNet, augment, average, distill, evaluate_tasks,
+    fs_merge, match_permutations, merge, permute_and_average, train_supernet,
+)
+from thrifty.merge.arch import arch_for
+from thrifty.merge.baselines import _points_from_perms
+from thrifty.merge.matching import assign, correlation, head_aware_match, match_features, weight_matching
+from thrifty.models import create
+
+PARAMS = ("diagonal", "lowrank", "diag_lowrank", "full")
+
+
+def _mlp(seed: int, classes: int = 3, bn: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    m = create("mlp", in_features=8, hidden=(16, 12), num_classes=classes, batchnorm=bn)
+    if bn:
+        for l in (1, 2):
+            getattr(m, f"bn{l}").running_mean.normal_()
+            getattr(m, f"bn{l}").running_var.uniform_(0.5, 2.0)
+            getattr(m, f"bn{l}").weight.data.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def _vit(seed: int, classes: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    m = create("vit", img_size=8, patch_size=4, dim=16, depth=2, heads=2, num_classes=classes)
+    with torch.no_grad():  # move away from the zoo's tiny init so LayerNorm affines and biases matter
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return m.eval()
+
+
+def _x(kind: str, n: int = 6, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 8, generator=g) if kind == "mlp" else torch.randn(n, 1, 8, 8, generator=g)
+
+
+def _models(kind: str, k: int = 2) -> list[nn.Module]:
+    return [(_mlp if kind == "mlp" else _vit)(10 + i, classes=3 + i % 2) for i in range(k)]
+
+
+def _perturb(net: SuperNet, scale: float = 0.1) -> None:
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in net.points.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp_bn", "vit"])
+@pytest.mark.parametrize("param", PARAMS)
+def test_fold_matches_explicit_supernet(kind: str, param: str) -> None:
+    models = [_mlp(i, bn=True) for i in range(2)] if kind == "mlp_bn" else _models(kind.split("_")[0], k=3)
+    for wm in (1.0, 1.5, 0.5):
+        net = SuperNet(models, FSMerge(param=param, width_mult=wm, rank=4, init="average"))
+        _perturb(net)
+        folded = net.fold()
+        assert type(folded) is type(models[0])
+        x = _x(kind.split("_")[0])
+        ref = net.explicit(x)
+        assert torch.allclose(folded(x), ref, atol=1e-5, rtol=1e-5), (kind, param, wm)
+        assert torch.equal(net(x)[0], folded(x))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_trained_supernet_folds_exactly(kind: str, mode: str) -> None:
+    models = _models(kind)
+    cfg = FSMerge(mode=mode, steps=12, batch_size=8, lr=1e-2, progress=False)
+    net = SuperNet(models, cfg)
+    hist = train_supernet(net, augment([_x(kind, 8, 1), _x(kind, 8, 2)], 1), cfg)
+    assert len(hist) >= 6 and hist[-1] == hist[-1]
+    moved = any(float(p.detach().abs().sum()) > 0 for n, p in net.points.named_parameters() if n.endswith(".a"))
+    assert moved, "training did not move the low-rank factors"
+    x = _x(kind, 5, 3)
+    assert torch.allclose(net.fold()(x), net.explicit(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fs_merge_improves_over_init_on_reconstruction() -> None:
+    models = _models("mlp")
+    data = [_x("mlp", 32, 1), _x("mlp", 32, 2)]
+    cfg = FSMerge(steps=150, batch_size=32, lr=1e-2, progress=False)
+    net = SuperNet(models, cfg)
+    hist = train_supernet(net, augment(data, 0), cfg)
+    assert sum(hist[-10:]) / 10 < 0.5 * sum(hist[:10]) / 10
+
+
+def _permuted(model: nn.Module, seed: int) -> tuple[nn.Module, dict]:
+    """A function-equivalent copy of ``model`` with hidden units (and ViT heads / residual dims) shuffled."""
+    arch = arch_for([model])
+    g = torch.Generator().manual_seed(seed)
+    if arch.kind == "mlp":
+        perms = {f"h{l + 1}": [torch.randperm(d, generator=g)] for l, d in enumerate(arch.dims())}
+    else:
+        d, heads, hid, depth = arch.dims()
+        dh = d // heads
+        perms = {"res": [torch.randperm(d, generator=g)]}
+        for l in range(depth):
+            hp = torch.randperm(heads, generator=g)
+            perms[f"b{l}_qk"] = [torch.cat([hp[i] * dh + torch.randperm(dh, generator=g) for i in range(heads)])]
+            perms[f"b{l}_v"] = [torch.cat([hp[i] * dh + torch.randperm(dh, generator=g) for i in range(heads)])]
+            perms[f"b{l}_h"] = [torch.randperm(hid, generator=g)]
+    return SuperNet([model], points=_points_from_perms(arch, perms)).fold(), perms
+
+
+@pytest.mark.parametrize("kind,matching", [("mlp", "weight"), ("mlp", "activation"), ("vit", "activation")])
+def test_permutation_matching_recovers_known_permutation(kind: str, matching: str) -> None:
+    a = _models(kind, 1)[0]
+    b, perms = _permuted(a, seed=5)
+    x = _x(kind, 64, 4)
+    assert torch.allclose(a(x), b(x), atol=1e-5)
+    assert not torch.allclose(a.state_dict()["blocks.0.mlp.fc1.weight" if kind == "vit" else "fc1.weight"],
+                              b.state_dict()["blocks.0.mlp.fc1.weight" if kind == "vit" else "fc1.weight"])
+    got = match_permutations([a, b], x, matching)
+    for name, (p,) in perms.items():  # b's unit j is a's unit p[j]; got[j] is b's unit matched to a's j
+        assert torch.equal(p[got[name][1]], torch.arange(len(p))), name
+    merged = permute_and_average([a, b], [x[:32], x[32:]], PermuteAverage(matching=matching))
+    out = merged(x)
+    assert torch.allclose(out[:, :3], a(x), atol=1e-5) and torch.allclose(out[:, 3:], a(x), atol=1e-5)
+
+
+def test_matching_math() -> None:
+    assert assign(torch.tensor([[0.0, 1.0], [1.0, 0.0]])).tolist() == [1, 0]
+    a = torch.randn(50, 6)
+    assert torch.allclose(torch.diagonal(correlation(a, a)), torch.ones(6), atol=1e-5)
+    assert torch.equal(correlation(torch.ones(5, 2), a[:5, :2]), torch.zeros(2, 2))  # constant columns -> 0
+    perm = torch.tensor([2, 0, 1, 5, 3, 4])
+    assert torch.equal(match_features(a[:, perm], a)[torch.arange(6)], perm)
+    c = correlation(a[:, :4], a[:, [2, 3, 0, 1]])  # heads (of 2 dims) swapped
+    pqk, pv = head_aware_match(c, c, heads=2)
+    assert pqk.tolist() == [2, 3, 0, 1] and pv.tolist() == [2, 3, 0, 1]
+    w1, w2 = torch.randn(5, 3), torch.randn(4, 5)
+    p = torch.tensor([3, 1, 4, 0, 2])
+    got = weight_matching([w1, w2], [torch.zeros(5), torch.zeros(4)], [w1[p], w2[:, p]],
+                          [torch.zeros(5), torch.zeros(4)])
+    assert torch.equal(p[got[0]], torch.arange(5))
+    with pytest.raises(ValueError):
+        assign(torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+@pytest.mark.parametrize("init", ["first", "average"])
+def test_merging_a_model_with_itself_is_equivalent(kind: str, init: str) -> None:
+    a = _models(kind, 1)[0]
+    x = _x(kind, 16, 7)
+    cfg = FSMerge(init=init, steps=5, batch_size=8, progress=False)
+    merged = fs_merge([a, copy.deepcopy(a)], [x[:8], x[8:]], cfg)
+    out, ref = merged(x), a(x)
+    assert torch.allclose(out[:, :3], ref, atol=1e-3) and torch.allclose(out[:, 3:], ref, atol=1e-3)
+    fold0 = SuperNet([a, copy.deepcopy(a)], cfg).fold()  # untrained: exact
+    assert torch.allclose(fold0(x)[:, :3], ref, atol=1e-5)
+    avg = average([a, copy.deepcopy(a)])
+    assert torch.allclose(avg(x)[:, 3:], ref, atol=1e-5)
+
+
+def test_baselines_shapes_and_front_door() -> None:
+    models = _models("mlp", 3)
+    data = [_x("mlp", 10, i) for i in range(3)]
+    tests = [torch.utils.data.TensorDataset(_x("mlp", 7, 9), torch.randint(0, m.head.out_features, (7,)))
+             for m in models]
+    for cfg in (Average(), PermuteAverage(), PermuteAverage(matching="weight"), Distill(steps=3, progress=False),
+                FSMerge(steps=3, progress=False, width_mult=2.0)):
+        m = merge(models, data, cfg)
+        assert m(data[0]).shape == (10, 3 + 4 + 3)
+        assert len(evaluate_tasks(m, tests)) == 3
+    ens = Ensemble(models)
+    assert torch.allclose(ens(data[0])[:, 3:7], models[1](data[0]))
+    assert evaluate_tasks(ens, tests) == [evaluate_tasks(m, [t], [(0, m.head.out_features)])[0]
+                                          for m, t in zip(models, tests)]
+    assert from_yaml(to_yaml(FSMerge(param="full", mode="local"))) == FSMerge(param="full", mode="local")
+    student = distill(models[:2], data[:2], Distill(steps=2, init="random", progress=False))
+    assert student(data[0]).shape == (10, 7)
+
+
+def test_augment() -> None:
+    img = torch.randn(4, 1, 8, 8)
+    pool = augment([img, img[:2]], copies=3, noise=0.0, mixup=0.0, shift=1)
+    assert [tuple(p.shape) for p in pool.x] == [(16, 1, 8, 8), (8, 1, 8, 8)]
+    assert torch.equal(pool.x[0][:4], img)
+    assert augment([img], 0).x[0].shape == img.shape
+
+
+def test_bad_inputs_and_inputs_untouched() -> None:
+    a, b = _models("mlp")
+    data = [_x("mlp", 8, 1), _x("mlp", 8, 2)]
+    before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
+    cfg = FSMerge(steps=3, progress=False)
+    fs_merge([a, b], data, cfg)
+    permute_and_average([a, b], data)
+    distill([a, b], data, Distill(steps=2, progress=False))
+    for m, sd in zip((a, b), before):
+        assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+        assert all(p.requires_grad for p in m.parameters()) and not m.training
+    wide = create("mlp", in_features=8, hidden=(16, 13), num_classes=3).eval()
+    with pytest.raises(ValueError, match="fc2.weight"):
+        fs_merge([a, wide], data, cfg)
+    with pytest.raises(ValueError, match="MLP"):
+        fs_merge([a, _vit(0)], data, cfg)
+    with pytest.raises(ValueError, match="training mode"):
+        fs_merge([a, copy.deepcopy(b).train()], data, cfg)
+    with pytest.raises(ValueError, match="at least 2"):
+        fs_merge([a, b], [data[0], data[1][:1]], cfg)
+    with pytest.raises(ValueError, match="one per task"):
+        fs_merge([a, b], data[:1], cfg)
+    with pytest.raises(ValueError, match="cannot run"):
+        fs_merge([a, b], [torch.randn(4, 9), torch.randn(4, 9)], cfg)
+    with pytest.raises(ValueError, match="at least 2 models"):
+        fs_merge([a], data[:1], cfg)
+    with pytest.raises(TypeError):
+        fs_merge([a, nn.Linear(2, 2)], data, cfg)
+    with pytest.raises(ValueError, match="NaN"):
+        fs_merge([a, b], [data[0], torch.full((4, 8), float("nan"))], cfg)
+    with pytest.raises(ValueError, match="param"):
+        FSMerge(param="banana")
+    with pytest.raises(ValueError, match="MLP only"):
+        permute_and_average(_models("vit"), [_x("vit"), _x("vit")], PermuteAverage(matching="weight"))
+    from thrifty.nn import wrap
+    g = copy.deepcopy(b)
+    g.fc1 = wrap(g.fc1)
+    with pytest.raises(ValueError, match="strip"):
+        fs_merge([a, g], data, cfg)
+    for m, sd in zip((a, b), before):
+        assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
