@@ -238,6 +238,17 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         callbacks=[lambda s: grads.append([p.grad.clone() for p in s.model.parameters()]) if s.step == 1 else None])
     if rank == 0:
         torch.save({"state": model.state_dict(), "grads": grads[0]}, os.path.join(out, "ddp.pt"))
+    # batch augmentation under DDP: each process augments its own shard; weights stay in sync
+    from thrifty.train.regimes import BatchAugment
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 4))
+    imgs = TensorDataset(torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 4)
+    sizes = []
+    fit(conv, imgs, cfg=TrainConfig(steps=3, batch_size=4, lr=0.1), regime=BatchAugment(m=2), progress=False,
+        callbacks=[lambda s: sizes.append(s.batch_size)])
+    torch.save({"state": conv.state_dict(), "sizes": sizes}, os.path.join(out, f"aug{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -259,3 +270,8 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ddp["state"][k], v, rtol=1e-5, atol=1e-6)
     assert (tmp_path / CKPT_NAME).is_file()  # rank 0 wrote the checkpoint
+    a0, a1 = torch.load(tmp_path / "aug0.pt"), torch.load(tmp_path / "aug1.pt")
+    assert a0["sizes"] == [8, 8, 8]  # m * per-process batch
+    for k, v in a0["state"].items():
+        if "running" not in k:  # BN running stats are per process (DDP broadcasts rank 0's before forward)
+            torch.testing.assert_close(a1["state"][k], v)

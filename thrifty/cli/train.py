@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.data import load_dataset
     from thrifty.models import create
     from thrifty.train import dist, evaluate, fit, model_kwargs_for, recipe, save_model
-    from thrifty.train.options import build_regime, finalize_model, prepare_model
+    from thrifty.train.options import build_regime, finalize_model, prepare_model, training_options
     from thrifty.utils import atomic_write_text, seed_everything
 
     splits = load_dataset(args.dataset, seed=0)
@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
     rank, _ = dist.rank_world()
     if rank != 0:
         return 0
-    ev = evaluate(model, splits.test)
+    if any(o.finalize for o in training_options(discover=False)) or "test_acc" not in hist.final:
+        ev = evaluate(model, splits.test)  # finalize may have changed the model: measure what is saved
+    else:
+        ev = {"acc": hist.final["test_acc"], "loss": hist.final["test_loss"]}
     meta = {"model": args.model, "model_kwargs": kwargs, "dataset": str(args.dataset), "seed": args.seed,
             "train_config": to_dict(cfg), "test_acc": ev["acc"], "test_loss": ev["loss"],
             "train_seconds": round(hist.seconds, 2), "options": option_meta,

@@ -15,9 +15,10 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
+
+from thrifty.train.augment import resize
 
 __all__ = ["recalibrate_bn", "bn_layers"]
 
@@ -55,9 +56,7 @@ def recalibrate_bn(model: nn.Module, ds: Dataset, size: int | None = None, batch
             idx = order[(torch.arange(batch_size) + b * batch_size) % len(ds)]
             x, _ = _collate(ds, idx.tolist())
             x = x.to(device)
-            if size is not None and x.dim() == 4 and tuple(x.shape[-2:]) != (size, size):
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            model(x)
+            model(resize(x, size) if size is not None else x)
     finally:
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from thrifty.core import Config, register_config, to_dict
 from thrifty.train import dist as _dist
+from thrifty.train.augment import resize
 from thrifty.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "History", "StepState", "fit", "evaluate", "check_finite", "CKPT_NAME"]
@@ -208,6 +209,7 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, size: int 
     """Accuracy and mean loss of ``model`` on ``ds`` (eval mode; the model's train/eval mode is restored).
 
     ``size`` resizes image batches (N, C, H, W) to size x size first (bilinear), for test-size sweeps.
+    ``batch_size`` only chunks the work; results do not depend on it.
 
     Example:
         >>> import torch; from torch.utils.data import TensorDataset
@@ -225,8 +227,8 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, size: int 
         for s in range(0, n, batch_size):
             x, y = _collate(ds, list(range(s, min(s + batch_size, n))))
             x, y = x.to(device), y.to(device)
-            if size is not None and x.dim() == 4 and tuple(x.shape[-2:]) != (size, size):
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            if size is not None:
+                x = resize(x, size)
             out = model(x)
             loss_sum += float(loss_fn(out, y)) * len(y)
             correct += int((out.argmax(1) == y).sum())

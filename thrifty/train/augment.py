@@ -1,0 +1,115 @@
+"""Batched image augmentations in torch: every sample of an (N, C, H, W) batch gets its own random draw.
+
+Randomness comes from torch's global RNG (the training loop reseeds it per step and rank). The defaults
+suit the bundled digits (no horizontal flip: a flipped 2 or 7 is not a digit).
+
+Example:
+    >>> x = torch.randn(8, 1, 32, 32)
+    >>> augment(x, AugmentConfig(crop_padding=4, cutout=8)).shape
+    torch.Size([8, 1, 32, 32])
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from thrifty.core import Config, register_config
+
+__all__ = ["AugmentConfig", "augment", "random_crop", "hflip", "random_affine", "cutout", "resize"]
+
+
+@register_config
+@dataclass(frozen=True)
+class AugmentConfig(Config):
+    """Which augmentations `augment` applies, in this order: affine, crop, flip, cutout.
+
+    ``rotate`` in degrees, ``translate`` as a fraction of the size, ``scale`` a (min, max) range,
+    ``crop_padding`` pixels of replicate padding for a random crop, ``cutout`` the side of a zeroed square."""
+
+    crop_padding: int = 2
+    flip: bool = False
+    rotate: float = 10.0
+    translate: float = 0.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    cutout: int = 0
+
+    def __post_init__(self) -> None:
+        if self.crop_padding < 0 or self.cutout < 0 or self.rotate < 0 or not 0 <= self.translate < 1:
+            raise ValueError(f"AugmentConfig: invalid values {self}")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"AugmentConfig.scale must be (min, max) with 0 < min <= max, got {self.scale}")
+
+
+def _check(x: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"augmentations expect an image batch (N, C, H, W), got shape {tuple(x.shape)}")
+
+
+def random_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """Pad by ``padding`` (replicating the border) and crop back at a random offset per sample."""
+    _check(x)
+    if padding == 0:
+        return x
+    n, _, h, w = x.shape
+    xp = F.pad(x, (padding,) * 4, mode="replicate")
+    dy = torch.randint(0, 2 * padding + 1, (n,))
+    dx = torch.randint(0, 2 * padding + 1, (n,))
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (n, h, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (n, 1, w)
+    return xp[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def hflip(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
+    """Flip each sample left-right with probability ``p``."""
+    _check(x)
+    flip = torch.rand(x.shape[0]) < p
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def random_affine(x: torch.Tensor, degrees: float = 10.0, translate: float = 0.0,
+                  scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """Random rotation (+-degrees), translation (+-fraction) and zoom per sample (bilinear, border padding)."""
+    _check(x)
+    n = x.shape[0]
+    ang = (torch.rand(n) * 2 - 1) * math.radians(degrees)
+    s = scale[0] + torch.rand(n) * (scale[1] - scale[0])
+    t = (torch.rand(n, 2) * 2 - 1) * translate * 2  # affine_grid coordinates span [-1, 1]
+    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
+    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def cutout(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero one random ``size`` x ``size`` square per sample (the square may cross the border)."""
+    _check(x)
+    if size == 0:
+        return x
+    n, _, h, w = x.shape
+    cy, cx = torch.randint(0, h, (n,)), torch.randint(0, w, (n,))
+    ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]
+    my = ((ys - cy[:, None]).abs() <= size // 2)[:, :, None]
+    mx = ((xs - cx[:, None]).abs() <= size // 2)[:, None, :]
+    return x * ~(my & mx)[:, None]
+
+
+def augment(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
+    """Apply the augmentations of ``cfg`` to an image batch; each sample draws its own randomness."""
+    _check(x)
+    if cfg.rotate or cfg.translate or cfg.scale != (1.0, 1.0):
+        x = random_affine(x, cfg.rotate, cfg.translate, cfg.scale)
+    x = random_crop(x, cfg.crop_padding)
+    if cfg.flip:
+        x = hflip(x)
+    return cutout(x, cfg.cutout)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize an image batch to ``size`` x ``size`` (bilinear, antialiased when shrinking)."""
+    _check(x)
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
