@@ -129,10 +129,10 @@ def nm_mask(w: Tensor, n: int, m: int) -> Tensor:
     s = _scores(w)
     r, k = s.shape
     kp = _up(k, m)
-    blocks = _pad(s, r, kp).view(r, kp // m, m)
-    # stable descending sort = "earlier entry wins ties"; topk makes no such promise
-    idx = torch.sort(blocks, dim=-1, descending=True, stable=True).indices[..., :n]
-    keep = torch.zeros(blocks.shape, dtype=torch.bool, device=blocks.device).scatter_(-1, idx, True)
+    blocks = _pad(s.cpu(), r, kp).view(r, kp // m, m)
+    # descending, earlier entry wins ties (topk makes no such promise)
+    idx = _desc_order(blocks.reshape(-1, m))[:, :n].view(r, kp // m, n)
+    keep = torch.zeros(blocks.shape, dtype=torch.bool).scatter_(-1, idx, True)
     keep &= blocks > _PAD  # a padded slot is never "kept"
     return from_matrix(keep.view(r, kp)[:, :k], w.shape).to(w.device)
 
