@@ -106,3 +106,16 @@ def test_bad_input_and_quantized_variant():
     assert float((q - RangeBatchNorm2d(3)(x)).abs().max()) < 0.05
     q.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_chunks_are_batch_major_groups_in_both_code_paths():
+    torch.manual_seed(0)
+    bn = RangeBatchNorm2d(3, num_chunks=4)
+    for b in (8, 6):  # 8 % 4 == 0: sample-aligned fast path; 6: chunks split samples
+        x = torch.randn(b, 3, 2, 5)
+        mean, scale = bn.batch_stats(x)
+        flat = x.transpose(0, 1).reshape(3, -1)
+        n = flat.shape[1] // 4
+        blocks = flat[:, : 4 * n].reshape(3, 4, n)
+        want = (blocks.amax(-1) - blocks.amin(-1)).mean(-1) * range_constant(n)
+        assert torch.allclose(mean, flat.mean(1), atol=1e-6) and torch.allclose(scale, want, atol=1e-6)

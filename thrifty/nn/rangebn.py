@@ -125,17 +125,23 @@ class _RangeBatchNorm(nn.Module):
 
     def batch_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-channel mean and ``C(n) * mean chunk range`` of a batch (differentiable)."""
-        c = x.shape[1]
-        xc = x.transpose(0, 1).reshape(c, -1)  # (C, batch-major elements), so chunks are groups of samples
-        m = xc.shape[1]
+        b, c = x.shape[:2]
+        m = x.numel() // c
         if m < 2:
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel when training, "
                              f"got input shape {tuple(x.shape)}")
         k = min(self.num_chunks, m // 2)
         n = m // k
-        blocks = xc[:, : k * n].reshape(c, k, n)
-        rng = (blocks.amax(-1) - blocks.amin(-1)).mean(-1)
-        return xc.mean(1), rng * range_constant(n, self.correction)
+        if b % k == 0:  # chunks are whole groups of samples: reduce in place, no transposed copy
+            v = x.reshape(k, b // k, c, -1)
+            rng = (v.amax(dim=(1, 3)) - v.amin(dim=(1, 3))).mean(0)
+            mean = v.mean(dim=(0, 1, 3))
+        else:
+            xc = x.transpose(0, 1).reshape(c, -1)  # (C, batch-major elements): chunk i is the i-th n of them
+            blocks = xc[:, : k * n].reshape(c, k, n)
+            rng = (blocks.amax(-1) - blocks.amin(-1)).mean(-1)
+            mean = xc.mean(1)
+        return mean, rng * range_constant(n, self.correction)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
@@ -159,10 +165,14 @@ class _RangeBatchNorm(nn.Module):
 
             scale = fake_quantize_tensor(scale, self.bits)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        out = (x - mean.view(shape)) / (scale.view(shape) + self.eps)
+        # (x - mean) / (scale + eps) * weight + bias, folded to one multiply-add over x
+        a = 1.0 / (scale + self.eps)
         if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+            a = a * self.weight
+        shift = -mean * a
+        if self.affine:
+            shift = shift + self.bias
+        return x * a.view(shape) + shift.view(shape)
 
 
 class RangeBatchNorm1d(_RangeBatchNorm):
