@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import thrifty.ops.mvue as mvue_mod
 from thrifty.ops.mvue import mse_nm, mvue_nm, mvue_probs, nm_prune
 
 R = 100_000  # draws for the statistical tests
@@ -42,6 +43,8 @@ ADVERSARIAL = {
     "tie_pairs": [-2.0, 2.0, 1.0, -1.0],
     "negatives": [-1.0, -2.0, -3.0, -4.0],
     "tiny": [1e-30, 3e-30, 0.0, 2e-30],
+    "subnormal": [1e-44, 3e-44, 0.0, 2e-44],
+    "dominant_subnormal_rest": [1.0, 1e-44, 0.0, 3e-44],
 }
 
 
@@ -60,15 +63,20 @@ def test_pattern_at_most_n_per_block(n, m, method):
             assert torch.equal(y[kept], x[kept])
 
 
-@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 4), (3, 4)])
-def test_mvue_unbiased_within_3_standard_errors(n, m):
-    """All adversarial blocks side by side, 10^5 independent draws of each (fixed seed)."""
+@pytest.mark.parametrize("n,m,fast", [(1, 2, True), (2, 4, True), (1, 4, True), (3, 4, False), (2, 4, False),
+                                      (1, 2, False)])
+def test_mvue_unbiased_within_3_standard_errors(n, m, fast, monkeypatch):
+    """All adversarial blocks side by side, 10^5 independent draws of each (fixed seed); fast and general paths."""
+    monkeypatch.setattr(mvue_mod, "_FAST_PATHS", fast)
     x = torch.tensor(list(ADVERSARIAL.values())).reshape(1, -1).repeat(R, 1)
     y = mvue_nm(x, n, m, generator=_gen(n * 10 + m)).double()
     mean, target = y.mean(0), x[0].double()
     se = y.std(0) / R**0.5
-    det = se == 0  # deterministic entries (kept exactly or always zero) must be exact
-    assert torch.allclose(mean[det], target[det], rtol=1e-6, atol=0), (mean, target)
+    # deterministic entries (kept exactly or always zero) must be exact up to float32 resolution of their
+    # block: probabilities below 2^-24 of the block's mass cannot be drawn by a float32 uniform
+    scale = target.view(-1, m).abs().amax(1, keepdim=True).expand(-1, m).reshape(-1)
+    det = se == 0
+    assert ((mean - target).abs()[det] <= 1e-7 * scale[det]).all(), (mean, target)
     bad = ((mean - target).abs() > 3 * se) & ~det
     assert not bad.any(), [(list(ADVERSARIAL)[i // 4], float(mean[i]), float(target[i])) for i in bad.nonzero()[:, 0]]
     assert ((_blocks(y, m) != 0).sum(-1) <= n).all()

@@ -37,6 +37,9 @@ Defined behaviour at the edges (shared by both masks):
   most ``n`` nonzeros are returned exactly.
 * a block containing NaN or +-inf is returned unchanged, so overflow checks
   downstream (e.g. a loss scaler looking for inf/NaN gradients) still see it.
+* probabilities are resolved by float32 uniforms: an element holding less than
+  about 2^-24 of its block's mass can be dropped for good (bias below 1e-7 of
+  the block's largest magnitude).
 * float16 / bfloat16 inputs are computed in float32 and returned in the input
   dtype; MVUE values beyond the dtype's range saturate to its largest finite
   value (the only place the estimator is not exactly unbiased).
@@ -53,6 +56,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -64,6 +68,7 @@ Method = Literal["mse", "mvue"]
 Tail = Literal["pad", "dense", "error"]
 METHODS = ("mse", "mvue")
 _TAILS = ("pad", "dense", "error")
+_FAST_PATHS = True  # tests switch this off to check the general path on the same cases
 
 
 def _check(x: Tensor, n: int, m: int, dim: int, tail: str) -> int:
@@ -138,6 +143,10 @@ def mse_nm(x: Tensor, n: int, m: int, dim: int = -1, tail: Tail = "pad") -> Tens
     if x.numel() == 0:
         return x.clone()
     b, r = _blocks(x, m, d, tail)
+    if _FAST_PATHS and m <= 8:
+        fast = _mse_small(b, n)
+        if fast is not None:
+            return _to_dtype(_unblock(fast, x, d, r, tail, m), x.dtype)
     mag = b.abs()
     # rank by magnitude; a stable descending sort puts equal magnitudes in index order
     order = torch.sort(mag, dim=2, descending=True, stable=True).indices
@@ -198,9 +207,13 @@ def mvue_nm(
     if x.numel() == 0:
         return x.clone()
     b, r = _blocks(x, m, d, tail)
+    u = torch.rand((b.shape[0], b.shape[1], 1, b.shape[3]), generator=generator, device=b.device)
+    if _FAST_PATHS and (n == 1 or (n, m) == (2, 4)):
+        fast = (_mvue_1m if n == 1 else _mvue_24)(b, u[:, :, 0])
+        if fast is not None:
+            return _to_dtype(_unblock(fast, x, d, r, tail, m), x.dtype)
     mag = b.abs()
     p = mvue_probs(mag, n, dim=2)
-    u = torch.rand((b.shape[0], b.shape[1], 1, b.shape[3]), generator=generator, device=b.device)
     hi = torch.cumsum(p, dim=2)
     lo = hi - p
     # number of points u, u+1, ..., u+n-1 in [lo, hi): ceil(hi-u) - ceil(lo-u), both clamped to [0, n]
@@ -210,6 +223,99 @@ def mvue_nm(
     out = torch.where(keep, b / torch.where(keep, p, torch.ones_like(p)), torch.zeros_like(b))
     out = torch.where(mag.sum(2, keepdim=True).isfinite(), out, b)
     return _to_dtype(_unblock(out, x, d, r, tail, m), x.dtype)
+
+
+# Fast paths for the cases that matter in training (1:m and 2:4 MVUE, top-n of m <= 8 for MSE).
+# They work on the m slices b[:, :, k] of the block view, whose inner dim is contiguous, and use only
+# float arithmetic: on CPU, torch.where / masked_fill / bool tensors cost 10-30x an add, so masks are
+# 0/1 floats from heaviside() and selections are products. Same distribution as the general path;
+# they return None when a block holds NaN/inf (the general path passes such blocks through).
+def _hs(t: Tensor, at_zero: float) -> Tensor:
+    """Heaviside step as a float 0/1 via sign() (torch.heaviside is not vectorised on CPU)."""
+    if at_zero == 0.0:
+        return torch.sign(t).clamp_(min=0.0)  # 1 where t > 0
+    return torch.sign(t).add_(1.0).clamp_(max=1.0)  # 1 where t >= 0
+
+
+def _finite(t: Tensor) -> bool:
+    # one reduction instead of isfinite().all(): NaN/inf propagate into the sum; a sum that overflows
+    # merely sends the call to the (correct, slower) general path
+    return math.isfinite(float(t.sum()))
+
+
+def _systematic(a: list[Tensor], mags: list[Tensor], d: Tensor, n: float, u: Tensor,
+                spare: Optional[list[Tensor]] = None) -> Tensor:
+    """Keep element k with probability p_k = min(1, |x_k| / d) (sum_k p_k = n) at value x_k / p_k.
+
+    ``d`` is the block's 1/c; systematic sampling with the block's ``u``. Inside a backward pass
+    the cost is dominated by first-touch page faults of fresh allocations, not by arithmetic, so
+    everything runs in place in a few block-sized buffers (``spare`` ones are reused) and writes
+    into one preallocated output.
+    """
+    bufs = list(spare or [])
+    while len(bufs) < 4:
+        bufs.append(torch.empty_like(d))
+    p, cum, q, q_prev = bufs[:4]
+    out = torch.empty(a[0].shape[:2] + (len(a),) + a[0].shape[2:], dtype=a[0].dtype, device=a[0].device)
+    for k, (ak, mk) in enumerate(zip(a, mags)):
+        # 0/0 (zero block, or nothing left beside a kept element) -> p = 0
+        torch.div(mk, d, out=p).clamp_(max=1.0).nan_to_num_(0.0)
+        cum.copy_(p) if k == 0 else cum.add_(p)
+        # points u, u + 1, ... below the cumulative C_k, capped at n against rounding in C_k
+        torch.sub(cum, u, out=q).ceil_().clamp_(max=n)
+        keep = q if k == 0 else torch.sub(q, q_prev, out=q_prev).clamp_(max=1.0)
+        # x_k / p_k without dividing: |x_k| when kept surely (|x_k| >= d), else d (signed like x_k)
+        torch.maximum(mk, d, out=out.select(2, k)).copysign_(ak).mul_(keep)
+        q, q_prev = q_prev, q
+    return out
+
+
+def _mvue_1m(b: Tensor, u: Tensor) -> Optional[Tensor]:
+    """1:m: keep element k with probability |x_k|/S at value sign(x_k) S."""
+    a = list(b.unbind(2))
+    mags = list(b.abs().unbind(2))
+    total = mags[0].clone()
+    for t in mags[1:]:
+        total.add_(t)
+    if not _finite(total):
+        return None
+    return _systematic(a, mags, total, 1.0, u)
+
+
+def _mvue_24(b: Tensor, u: Tensor) -> Optional[Tensor]:
+    """2:4: p_k = 2|x_k|/S, or, when one element holds more than half of S, p = 1 for it and
+    |x_k| / (sum of the other three) for the rest (1:3 MVUE on the rest)."""
+    a = list(b.unbind(2))
+    mags = list(b.abs().unbind(2))
+    hi01, lo01 = torch.maximum(mags[0], mags[1]), torch.minimum(mags[0], mags[1])
+    hi23, lo23 = torch.maximum(mags[2], mags[3]), torch.minimum(mags[2], mags[3])
+    # rest = the three smaller ones summed directly (S - max cancels: few-nonzero blocks must come
+    # back exactly); buffers are recycled in place (see _systematic)
+    lo01.add_(lo23)
+    rest = torch.minimum(hi01, hi23, out=lo23).add_(lo01)
+    mx = torch.maximum(hi01, hi23, out=hi01)
+    half = torch.add(mx, rest, out=hi23).mul_(0.5)
+    if not _finite(half):
+        return None
+    dom = torch.sub(mx, rest, out=lo01).sign_().clamp_(min=0.0)  # 1 where max > S/2 (at most one such)
+    d = torch.lerp(half, rest, dom, out=half)  # lerp is exact at weights 0 and 1
+    return _systematic(a, mags, d, 2.0, u, spare=[dom, mx, rest])
+
+
+def _mse_small(b: Tensor, n: int) -> Optional[Tensor]:
+    """Top-n of m <= 8 by pairwise comparison; ties go to the lower index (as the stable sort)."""
+    a = b.unbind(2)
+    mags = [t.abs() for t in a]
+    if not _finite(sum(mags)):  # type: ignore[arg-type]
+        return None
+    m = len(a)
+    rank: list = [0.0] * m  # number of elements ranked before k
+    for j in range(m):
+        for k in range(j + 1, m):
+            j_first = _hs(mags[j] - mags[k], 1.0)  # |x_j| >= |x_k| and j < k: j ranks first
+            rank[k] = rank[k] + j_first
+            rank[j] = rank[j] + (1.0 - j_first)
+    return torch.stack([a[k] * _hs(n - 0.5 - rank[k], 0.0) for k in range(m)], 2)
 
 
 def nm_prune(

@@ -1,0 +1,137 @@
+"""Training-step time with N:M gradient pruning (MVUE 2:4 / 1:2 on all GEMMs) vs dense, side by side.
+
+Every variant is a deep copy of the same model; steps are interleaved (dense, mvue, dense, mvue, ...)
+so that load on a shared machine hits all variants alike, and the ratio of medians is reported.
+This measures the *simulation* cost on CPU (the masks are extra work here; the speed-up the paper
+targets needs sparse tensor cores).
+
+    python benchmarks/grad_sparsity.py            # full (about 2 minutes)
+    python benchmarks/grad_sparsity.py --quick    # a few steps
+Writes results/bench_grad_sparsity.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import thrifty  # noqa: E402
+from thrifty.data import load_dataset  # noqa: E402
+from thrifty.ops.mvue import mse_nm, mvue_nm  # noqa: E402
+from thrifty.sparse.actgrad import ActNM, GradNM  # noqa: E402
+from thrifty.train.io import model_kwargs_for  # noqa: E402
+from thrifty.utils import atomic_write_text  # noqa: E402
+
+VARIANTS = {
+    "dense": [],
+    "grad 2:4 MVUE (dX and dW)": [GradNM(2, 4, "mvue")],
+    "grad 1:2 MVUE (dX and dW)": [GradNM(1, 2, "mvue")],
+    "grad 2:4 MVUE (dW only)": [GradNM(2, 4, "mvue", gemms=("weight",))],
+    "act 2:4 MSE + grad 2:4 MVUE": [ActNM(2, 4), GradNM(2, 4, "mvue")],
+}
+
+
+def _setup(model_name: str, dataset: str, batch: int):
+    splits = load_dataset(dataset, seed=0)
+    torch.manual_seed(0)
+    base = thrifty.models.create(model_name, **model_kwargs_for(model_name, splits.input_shape, splits.num_classes))
+    x, y = splits.train.tensors[0][:batch], splits.train.tensors[1][:batch]
+    models = {}
+    for name, cfgs in VARIANTS.items():
+        m = copy.deepcopy(base)
+        for cfg in cfgs:
+            thrifty.apply(m, cfg)
+        models[name] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
+    return models, x, y
+
+
+def _step(model, opt, x, y) -> float:
+    t = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return time.perf_counter() - t
+
+
+def bench_model(model_name: str, dataset: str, batch: int, reps: int, warmup: int) -> dict:
+    models, x, y = _setup(model_name, dataset, batch)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(warmup + reps):
+        for name, (m, opt) in models.items():
+            dt = _step(m, opt, x, y)
+            if r >= warmup:
+                times[name].append(dt)
+    dense = statistics.median(times["dense"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"variant": name, "median_ms": 1000 * med, "min_ms": 1000 * min(ts),
+                     "ratio_vs_dense": med / dense, "reps": len(ts)})
+    return {"model": model_name, "dataset": dataset, "batch": batch, "rows": rows}
+
+
+def bench_ops(reps: int) -> list[dict]:
+    """The mask alone on a ResNet-20 stage-1 sized dY (64 x 16 x 32 x 32), per grouping dim."""
+    g = torch.randn(64, 16, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    ops = {"mvue 2:4": lambda d: mvue_nm(g, 2, 4, d, gen), "mvue 1:2": lambda d: mvue_nm(g, 1, 2, d, gen),
+           "mse 2:4": lambda d: mse_nm(g, 2, 4, d), "copy (reference)": lambda d: g.clone()}
+    rows = []
+    for name, f in ops.items():
+        for dim, label in ((1, "channels (dX)"), (0, "batch (dW)")):
+            f(dim)
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                f(dim)
+                ts.append(time.perf_counter() - t)
+            rows.append({"op": name, "dim": label, "median_ms": 1000 * statistics.median(ts)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    reps, warmup = (4, 1) if args.quick else (25, 3)
+    results = {
+        "quick": args.quick, "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(),
+        "models": [bench_model("resnet20", "digits32", 64, reps, warmup),
+                   bench_model("mlp", "mnist1d", 128, reps * 4, warmup)],
+        "ops": bench_ops(reps * 2),
+    }
+    lines = ["# Gradient N:M pruning: training-step time vs dense (CPU simulation)", "",
+             f"torch {torch.__version__}, {args.threads} thread(s), {'quick' if args.quick else 'full'} run; "
+             "interleaved steps, medians. Target: MVUE 2:4 on all GEMMs <= 1.5x dense.", ""]
+    for mres in results["models"]:
+        lines += [f"## {mres['model']} on {mres['dataset']} (batch {mres['batch']})", "",
+                  "| variant | median step (ms) | min (ms) | x dense |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['ratio_vs_dense']:.2f} |"
+                  for r in mres["rows"]]
+        lines.append("")
+    lines += ["## The mask alone (dY of 64 x 16 x 32 x 32 = 1M values)", "", "| op | grouping | median (ms) |",
+              "|---|---|---:|"]
+    lines += [f"| {r['op']} | {r['dim']} | {r['median_ms']:.2f} |" for r in results["ops"]]
+    out = Path(args.out)
+    atomic_write_text(out / "bench_grad_sparsity.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "bench_grad_sparsity.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return results
+
+
+if __name__ == "__main__":
+    main()
