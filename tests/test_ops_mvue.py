@@ -253,3 +253,18 @@ def test_the_unbiasedness_statistic_detects_the_biased_mse_mask():
     y = mse_nm(x, 2, 4).double()
     # MSE drops the two small entries every time: their mean is 0, far from the input
     assert (y.mean(0) - x[0].double()).abs().max() > 0.5
+
+
+def test_mse_mask_matches_mse_nm_and_edges():
+    from thrifty.ops.mvue import mse_mask
+
+    x = torch.randn(3, 10, 6)
+    for dim, tail in ((1, "pad"), (-1, "dense"), (0, "pad")):
+        mask = mse_mask(x, 2, 4, dim=dim, tail=tail)
+        assert torch.equal(x * mask, mse_nm(x, 2, 4, dim=dim, tail=tail))
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert mse_mask(x, 2, 4, dim=-1, tail="dense")[..., 4:].eq(1).all()
+    y = x.clone()
+    y[0, 0, 0] = float("nan")
+    assert mse_mask(y, 1, 4)[0, 0, :4].eq(1).all()
+    assert mse_mask(x.half(), 2, 4).dtype == torch.float16

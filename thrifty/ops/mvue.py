@@ -62,7 +62,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["mse_nm", "mvue_nm", "nm_prune", "mvue_probs", "Method", "Tail", "METHODS"]
+__all__ = ["mse_mask", "mse_nm", "mvue_nm", "nm_prune", "mvue_probs", "Method", "Tail", "METHODS"]
 
 Method = Literal["mse", "mvue"]
 Tail = Literal["pad", "dense", "error"]
@@ -129,6 +129,33 @@ def _to_dtype(out: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(out.isfinite(), out.clamp(-fin, fin), out).to(dtype)
 
 
+def mse_mask(x: Tensor, n: int, m: int, dim: int = -1, tail: Tail = "pad") -> Tensor:
+    """0/1 mask (dtype of ``x``) of the ``n`` largest magnitudes in every block of ``m`` along ``dim``.
+
+    Ties go to the lower index (as a stable sort), so the mask is deterministic. Blocks holding
+    NaN/inf, and a ``tail="dense"`` tail, are all ones. ``x * mse_mask(x, ...)`` is :func:`mse_nm`
+    and, as an autograd expression, masks the gradient the same way (used by activation N:M).
+
+    Example:
+        >>> mse_mask(torch.tensor([3.0, -1.0, 0.5, -4.0]), 1, 2)
+        tensor([1., 0., 0., 1.])
+    """
+    d = _check(x, n, m, dim, tail)
+    if x.numel() == 0:
+        return torch.ones_like(x)
+    x = x.detach()
+    b, r = _blocks(x, m, d, tail)
+    keep = _mse_small(b, n) if _FAST_PATHS and m <= 8 else None
+    if keep is None:
+        mag = b.abs()
+        # rank by magnitude; a stable descending sort puts equal magnitudes in index order
+        order = torch.sort(mag, dim=2, descending=True, stable=True).indices
+        keep = torch.zeros_like(mag).scatter_(2, order[:, :, :n], 1.0)
+        keep = torch.where(mag.sum(2, keepdim=True).isfinite(), keep, torch.ones_like(keep))
+    src = torch.ones_like(x) if r and tail == "dense" else x
+    return _unblock(keep, src, d, r, tail, m).to(x.dtype)
+
+
 def mse_nm(x: Tensor, n: int, m: int, dim: int = -1, tail: Tail = "pad") -> Tensor:
     """Keep the ``n`` largest-magnitude elements of every block of ``m`` along ``dim``.
 
@@ -139,21 +166,8 @@ def mse_nm(x: Tensor, n: int, m: int, dim: int = -1, tail: Tail = "pad") -> Tens
         >>> mse_nm(torch.tensor([3.0, -1.0, 0.5, -4.0]), 1, 2)
         tensor([ 3.,  0.,  0., -4.])
     """
-    d = _check(x, n, m, dim, tail)
-    if x.numel() == 0:
-        return x.clone()
-    b, r = _blocks(x, m, d, tail)
-    if _FAST_PATHS and m <= 8:
-        fast = _mse_small(b, n)
-        if fast is not None:
-            return _to_dtype(_unblock(fast, x, d, r, tail, m), x.dtype)
-    mag = b.abs()
-    # rank by magnitude; a stable descending sort puts equal magnitudes in index order
-    order = torch.sort(mag, dim=2, descending=True, stable=True).indices
-    keep = torch.zeros_like(mag, dtype=torch.bool).scatter_(2, order[:, :, :n], True)
-    out = torch.where(keep, b, torch.zeros_like(b))
-    out = torch.where(mag.sum(2, keepdim=True).isfinite(), out, b)
-    return _to_dtype(_unblock(out, x, d, r, tail, m), x.dtype)
+    mask = mse_mask(x, n, m, dim, tail)
+    return (x.detach() * mask).add_(0.0)  # + 0 turns the -0.0 of dropped negatives into 0.0
 
 
 def mvue_probs(mag: Tensor, n: int, dim: int = -1) -> Tensor:
@@ -303,19 +317,18 @@ def _mvue_24(b: Tensor, u: Tensor) -> Optional[Tensor]:
 
 
 def _mse_small(b: Tensor, n: int) -> Optional[Tensor]:
-    """Top-n of m <= 8 by pairwise comparison; ties go to the lower index (as the stable sort)."""
-    a = b.unbind(2)
-    mags = [t.abs() for t in a]
+    """0/1 keep mask of the top-n of m <= 8 by pairwise comparison; ties go to the lower index."""
+    mags = list(b.abs().unbind(2))
     if not _finite(sum(mags)):  # type: ignore[arg-type]
         return None
-    m = len(a)
-    rank: list = [0.0] * m  # number of elements ranked before k
+    m = len(mags)
+    rank: list = [None] * m  # number of elements ranked before k
     for j in range(m):
         for k in range(j + 1, m):
             j_first = _hs(mags[j] - mags[k], 1.0)  # |x_j| >= |x_k| and j < k: j ranks first
-            rank[k] = rank[k] + j_first
-            rank[j] = rank[j] + (1.0 - j_first)
-    return torch.stack([a[k] * _hs(n - 0.5 - rank[k], 0.0) for k in range(m)], 2)
+            rank[k] = j_first if rank[k] is None else rank[k].add_(j_first)
+            rank[j] = (1.0 - j_first) if rank[j] is None else rank[j].add_(1.0).sub_(j_first)
+    return torch.stack([_hs(n - 0.5 - rk, 0.0) for rk in rank], 2)
 
 
 def nm_prune(

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from thrifty.core import Config, register_config, register_handler
 from thrifty.nn.gemm import GemmConv2d, GradTransform
-from thrifty.ops.mvue import METHODS, mse_nm, nm_prune
+from thrifty.ops.mvue import METHODS, mse_mask, nm_prune
 
 __all__ = ["ActNM", "GradNM", "ActNMMask", "GradNMTransform", "parse_nm", "GEMMS"]
 
@@ -156,14 +156,12 @@ class ActNMMask(nn.Module):
         self.n, self.m, self.dim, self.tail, self.where = n, m, dim, tail, where
 
     def forward(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            try:
-                y = mse_nm(x, self.n, self.m, self.dim, self.tail)  # type: ignore[arg-type]
-            except ValueError as e:
-                raise ValueError(f"ActNM on layer {self.where!r}: {e}") from None
-            keep = (y != 0) | ~torch.isfinite(y)
-        # where() passes the gradient through the kept entries only: the derivative of masking
-        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        try:
+            mask = mse_mask(x.detach(), self.n, self.m, self.dim, self.tail)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ValueError(f"ActNM on layer {self.where!r}: {e}") from None
+        # a product with a constant 0/1 mask: the input gradient is masked alike (the exact derivative)
+        return x * mask
 
     def extra_repr(self) -> str:
         return f"{self.n}:{self.m}, dim={self.dim}, tail={self.tail!r}"
