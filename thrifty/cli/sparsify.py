@@ -1,0 +1,137 @@
+"""``thrifty sparsify``: make a trained model N:M sparse (optionally transposable, optionally with AdaPrune).
+
+``--model`` is a saved model (``<stem>.safetensors`` + ``<stem>.yaml``, e.g. from ``thrifty train``) or a
+registry name, in which case the cached pretrained baseline for ``--dataset`` is used. Masks are magnitude
+masks (exact or greedy for transposable ones); ``--adaprune`` fits every pruned layer to the dense layer's
+output on a small unlabelled calibration set; BatchNorm statistics are then re-estimated on that set
+(``--no-bn`` skips it); ``--finetune-epochs`` trains with the masks fixed.
+
+Writes to ``--out``: ``model.safetensors`` + ``model.yaml`` (dense layout with zeros, loadable by
+``thrifty eval``), ``model.nm.safetensors`` (compressed: kept values + bit-packed indices), ``report.json``
+and ``config.yaml``.
+
+Example:
+    thrifty sparsify --model resnet20 --dataset digits32 --nm 4:8 --transposable --adaprune --out runs/r20-t48
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from thrifty.cli import _common
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sparsify", help="N:M / transposable N:M weight sparsity (AdaPrune, compressed save)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="saved model stem/path, or a registry name (uses the pretrained one)")
+    p.add_argument("--dataset", default=None, help="dataset (default: the one recorded with the saved model)")
+    p.add_argument("--nm", default="2:4", help="pattern N:M, e.g. 2:4 or 4:8")
+    p.add_argument("--transposable", action="store_true", help="mask also N:M along the output dim (fast backward)")
+    p.add_argument("--method", choices=["exact", "approx"], default="exact",
+                   help="transposable mask solver: exact optimum or greedy 2-approximation")
+    p.add_argument("--filter", action="append", default=None, metavar="GLOB",
+                   help="only layers whose qualified name matches (repeatable); default: every Linear/Conv2d")
+    p.add_argument("--adaprune", action="store_true", help="per-layer reconstruction on calibration data")
+    p.add_argument("--adaprune-steps", type=int, default=200)
+    p.add_argument("--adaprune-lr", type=float, default=1e-3)
+    p.add_argument("--calib-per-class", type=int, default=10, help="calibration images per class (unlabelled use)")
+    p.add_argument("--no-bn", action="store_true", help="skip BatchNorm re-estimation")
+    p.add_argument("--finetune-epochs", type=float, default=0.0, help="fixed-mask fine-tuning epochs afterwards")
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default runs/<model>-nm<N>x<M>)")
+    p.set_defaults(func=run)
+
+
+def _load(args: argparse.Namespace):
+    from thrifty.train import load_model, pretrained
+    from thrifty.train.io import model_paths
+
+    wpath, ypath = model_paths(args.model)
+    if wpath.is_file() or ypath.is_file():
+        model, meta = load_model(args.model)
+        return model, meta, args.dataset or meta.get("dataset")
+    from thrifty.models import list_models
+
+    if args.model not in list_models():
+        raise FileNotFoundError(f"--model {args.model!r} is neither a saved model ({wpath}) nor a registry name "
+                                f"({', '.join(list_models())})")
+    if not args.dataset:
+        raise ValueError("--dataset is required with a registry model name (which pretrained baseline to use)")
+    model, meta = pretrained(args.model, args.dataset, seed=args.seed, return_meta=True,
+                             progress=_common.show_progress())
+    return model, meta, args.dataset
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from thrifty.core import strip, to_dict
+    from thrifty.data import calibration_subset, load_dataset
+    from thrifty.ops import nm as nmops
+    from thrifty.sparse import NM, adaprune, nm_masks, reestimate_bn, save_sparse, sparsify
+    from thrifty.sparse.weights import parse_nm_text
+    from thrifty.train import TrainConfig, evaluate, fit, save_model
+    from thrifty.utils import atomic_write_text, seed_everything
+
+    n, m = parse_nm_text(args.nm)
+    cfg = NM(n, m, transposable=args.transposable, method=args.method)
+    for name in ("adaprune_steps", "calib_per_class"):
+        if getattr(args, name) < (0 if name == "adaprune_steps" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.finetune_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    model, meta, dataset = _load(args)
+    if not dataset:
+        raise ValueError(f"{args.model}: no dataset recorded; pass --dataset")
+    splits = load_dataset(dataset, seed=0)
+    seed_everything(args.seed)
+    out = Path(args.out or f"runs/{Path(str(args.model)).name}-nm{n}x{m}{'t' if args.transposable else ''}")
+    dense_acc = evaluate(model, splits.test)["acc"]
+    calib = calibration_subset(splits.train, per_class=args.calib_per_class, seed=args.seed)
+    xcal = torch.stack([calib[i][0] for i in range(len(calib))])
+    flt = args.filter
+    report: dict = {"dense_acc": dense_acc, "pattern": cfg.label, "method": args.method, "dataset": dataset}
+    if args.adaprune:
+        with _common.step(f"AdaPrune {cfg.label} ({args.adaprune_steps} steps per layer, {len(calib)} images)"):
+            report["adaprune"] = adaprune(model, calib, cfg, steps=args.adaprune_steps, lr=args.adaprune_lr,
+                                          filter=flt, bn=not args.no_bn, progress=_common.show_progress(),
+                                          seed=args.seed)
+    else:
+        with _common.step(f"magnitude {cfg.label} masks"):
+            sparsify(model, cfg, flt)
+            if not args.no_bn:
+                reestimate_bn(model, xcal)
+    report["acc_after_masking"] = evaluate(model, splits.test)["acc"]
+    if args.finetune_epochs > 0:
+        tc = TrainConfig(epochs=args.finetune_epochs, batch_size=64, lr=args.finetune_lr, seed=args.seed)
+        fit(model, splits.train, None, tc, progress=_common.show_progress())
+        report["acc_after_finetune"] = evaluate(model, splits.test)["acc"]
+    layers = {}
+    for name, layer, mk in nm_masks(model):
+        w = layer.effective_weight()
+        ok = nmops.is_transposable(w, n, m) if cfg.transposable else nmops.is_nm(w, n, m)
+        if not ok:
+            raise AssertionError(f"internal error: layer {name!r} lost its {cfg.label} pattern")
+        layers[name] = round(float(w.ne(0).float().mean()), 4)
+    report["layer_density"] = layers
+    out.mkdir(parents=True, exist_ok=True)
+    report["storage"] = save_sparse(model, out / "model.nm.safetensors")
+    final_acc = report.get("acc_after_finetune", report["acc_after_masking"])
+    plain = strip(model)
+    save_meta = {k: v for k, v in meta.items() if k not in ("path",)}
+    save_meta.update({"dataset": dataset, "test_acc": final_acc,
+                      "sparsity": {"config": to_dict(cfg), "adaprune": bool(args.adaprune),
+                                   "finetune_epochs": args.finetune_epochs}})
+    save_model(plain, out / "model", save_meta)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    _common.write_resolved_config(out, args)
+    st = report["storage"]
+    print(f"{cfg.label} ({args.method}{', AdaPrune' if args.adaprune else ''}) on {len(layers)} layers: "
+          f"test acc {dense_acc:.4f} dense -> {report['acc_after_masking']:.4f}"
+          + (f" -> {report['acc_after_finetune']:.4f} after fine-tuning" if "acc_after_finetune" in report else "")
+          + f"; weights {st['dense_bytes']} B dense -> {st['stored_bytes']} B stored "
+          f"({st['stored_bytes'] / st['dense_bytes']:.3f}x) -> {out}")
+    return 0
