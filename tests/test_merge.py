@@ -20,6 +20,15 @@ from thrifty.models import create
 PARAMS = ("diagonal", "lowrank", "diag_lowrank", "full")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: extra intra-op threads only spin on a shared machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _mlp(seed: int, classes: int = 3, bn: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     m = create("mlp", in_features=8, hidden=(16, 12), num_classes=classes, batchnorm=bn)

@@ -15,14 +15,14 @@ Example:
     >>> m.task_slices
     [(0, 2), (2, 4)]
 """
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from thrifty.core.config import Config, register_config
-from dataclasses import dataclass
-from thrifty.merge.arch import check_models, task_slices
+from thrifty.merge.arch import check_models, task_slices, zoo_kwargs
 from thrifty.merge.baselines import (
     Average, Distill, Ensemble, PermuteAverage, average, concat_heads, distill, match_permutations,
     permute_and_average,
@@ -35,7 +35,7 @@ __all__ = [
     "FSMerge", "SuperNet", "fs_merge", "train_supernet", "LinearMap", "MergePoint", "check_models", "task_slices",
     "augment", "few_shot", "task_inputs", "Average", "PermuteAverage", "Distill", "EnsembleCfg", "average",
     "permute_and_average", "match_permutations", "distill", "Ensemble", "concat_heads", "merge", "MERGERS",
-    "evaluate_tasks",
+    "evaluate_tasks", "zoo_kwargs",
 ]
 
 

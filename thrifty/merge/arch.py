@@ -30,7 +30,7 @@ from thrifty.merge.maps import MergePoint
 from thrifty.models.mlp import MLP
 from thrifty.models.vit import ViT
 
-__all__ = ["Arch", "MLPArch", "ViTArch", "arch_for", "check_models", "head_sizes", "task_slices"]
+__all__ = ["Arch", "MLPArch", "ViTArch", "arch_for", "check_models", "head_sizes", "task_slices", "zoo_kwargs"]
 
 Points = nn.ModuleDict
 
@@ -351,6 +351,21 @@ class ViTArch(Arch):
         n = F.layer_norm(z, (m,), eps=self.models[0].norm.eps)[:, 0]
         return torch.cat([mod.head((n @ pts["final"].u(i).T) * mod.norm.weight + mod.norm.bias)
                           for i, mod in enumerate(self.models)], dim=1)
+
+
+def zoo_kwargs(model: nn.Module) -> dict:
+    """Keyword arguments rebuilding ``model`` with ``thrifty.models.create("mlp" | "vit", **kw)``."""
+    if isinstance(model, MLP):
+        hidden = [getattr(model, f"fc{l}").out_features for l in range(1, model.depth + 1)]
+        return dict(in_features=model.in_features, hidden=hidden, num_classes=model.head.out_features,
+                    batchnorm=model.batchnorm)
+    if isinstance(model, ViT):
+        blk = model.blocks[0]
+        dim = blk.attn.proj.out_features
+        return dict(img_size=model.grid * model.patch_size, in_chans=model.patch_embed.in_channels,
+                    num_classes=model.head.out_features, dim=dim, depth=len(model.blocks), heads=blk.attn.heads,
+                    patch_size=model.patch_size, mlp_ratio=(blk.mlp.fc1.out_features + 0.5) / dim)
+    raise TypeError(f"zoo_kwargs supports the zoo's MLP and ViT, got {type(model).__name__}")
 
 
 def arch_for(models: Sequence[nn.Module]) -> Arch:

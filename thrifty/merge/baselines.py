@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from thrifty.core.config import Config, register_config
 from thrifty.merge.arch import MLPArch, ViTArch, arch_for, check_models, task_slices
-from thrifty.merge.data import augment, task_inputs
+from thrifty.merge.data import augment, num_threads, task_inputs
 from thrifty.merge.fsmerge import SuperNet
 from thrifty.merge.maps import MergePoint
 from thrifty.merge.matching import correlation, head_aware_match, match_features, perm_matrix, weight_matching
@@ -69,6 +69,7 @@ class Distill(Config):
     noise: float = 0.05
     mixup: float = 0.3
     shift: int = 2
+    threads: int = 1
     seed: int = 0
     progress: bool = True
 
@@ -216,6 +217,11 @@ def permute_and_average(models: Sequence[nn.Module], data: Sequence | None = Non
 def distill(models: Sequence[nn.Module], data: Sequence, cfg: Distill = Distill()) -> nn.Module:
     """Distill the K models into one (same class and width) on unlabeled task data."""
     check_models(models)
+    with num_threads(cfg.threads):
+        return _distill(models, data, cfg)
+
+
+def _distill(models: Sequence[nn.Module], data: Sequence, cfg: Distill) -> nn.Module:
     xs = task_inputs(models, data)
     pool = augment(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed).x
     teachers = [copy.deepcopy(m).eval() for m in models]

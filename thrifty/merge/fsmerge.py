@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from thrifty.core.config import Config, register_config
 from thrifty.merge.arch import Arch, arch_for, check_models, task_slices
 from thrifty.merge.maps import INITS, PARAMS, MergePoint
-from thrifty.merge.data import TaskData, augment, task_inputs
+from thrifty.merge.data import TaskData, augment, num_threads, task_inputs
 
 __all__ = ["FSMerge", "SuperNet", "fs_merge", "train_supernet"]
 
@@ -63,6 +63,7 @@ class FSMerge(Config):
     shift: int = 2
     logit_weight: float = 1.0
     tol: float = 1e-10
+    threads: int = 1
     seed: int = 0
     progress: bool = True
 
@@ -234,8 +235,9 @@ def fs_merge(models: Sequence[nn.Module], data: Sequence, cfg: FSMerge = FSMerge
     if not isinstance(cfg, FSMerge):
         raise TypeError(f"cfg must be an FSMerge config, got {type(cfg).__name__}")
     check_models(models)
-    xs = task_inputs(models, data)
-    net = SuperNet(models, cfg)
-    pool = augment(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed)
-    train_supernet(net, pool, cfg)
-    return net.fold()
+    with num_threads(cfg.threads):
+        xs = task_inputs(models, data)
+        net = SuperNet(models, cfg)
+        pool = augment(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed)
+        train_supernet(net, pool, cfg)
+        return net.fold()

@@ -1,0 +1,134 @@
+"""``thrifty merge``: merge saved models (same architecture, different tasks / inits) into one model.
+
+Each model's task data is the dataset recorded in its yaml (or ``--data``, one per model; bundled names
+or .pt/.npz/folder paths), optionally restricted to some labels with ``--classes`` (one comma list per
+model, e.g. ``0,1,2,3,4 5,6,7,8,9``). Only ``--data-per-task`` unlabeled training inputs per task are
+used. Prints per-task test accuracy of the originals and of the merged model, and writes
+``<out>/model.safetensors`` + ``model.yaml`` (loadable by ``thrifty eval`` / ``load_model``; its head
+concatenates the task heads, ``task_slices`` in the yaml), ``merge.json`` and ``config.yaml``.
+
+Example:
+    thrifty merge --models runs/a/model runs/b/model --method fs-merge --data-per-task 100 --out runs/merged
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from thrifty.cli import _common
+
+METHODS = ("fs-merge", "average", "permute", "distill")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("merge", help="merge models trained on different tasks (FS-Merge and baselines)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="saved model stems or .safetensors paths (>= 2)")
+    p.add_argument("--method", choices=METHODS, default="fs-merge")
+    p.add_argument("--data", nargs="+", default=None, help="one dataset per model (default: each model's yaml)")
+    p.add_argument("--classes", nargs="+", default=None, help="one comma-separated label list per model")
+    p.add_argument("--data-per-task", type=int, default=100, help="unlabeled training inputs per task")
+    p.add_argument("--param", choices=["diagonal", "lowrank", "diag_lowrank", "full"], default="diag_lowrank")
+    p.add_argument("--init", choices=["first", "average"], default="first")
+    p.add_argument("--mode", choices=["global", "local"], default="global")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--width-mult", type=float, default=1.0, help="merged width / original width")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-2 (fs-merge), 1e-3 (distill)")
+    p.add_argument("--augment", type=int, default=4, help="augmented copies per sample")
+    p.add_argument("--matching", choices=["activation", "weight"], default="activation", help="for --method permute")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/merged", help="output folder")
+    p.set_defaults(func=run)
+
+
+def _task_splits(args: argparse.Namespace, metas: list[dict], models: list) -> list:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from thrifty.data import load_dataset
+
+    k = len(models)
+    names = args.data or [m.get("dataset") for m in metas]
+    if len(names) != k:
+        raise ValueError(f"--data needs one dataset per model ({k}), got {len(names)}")
+    if args.classes is not None and len(args.classes) != k:
+        raise ValueError(f"--classes needs one label list per model ({k}), got {len(args.classes)}")
+    tasks = []
+    for i, name in enumerate(names):
+        if not name:
+            raise ValueError(f"{args.models[i]}: no dataset recorded in its yaml; pass --data")
+        s = load_dataset(name, seed=0)
+        if args.classes is not None:
+            classes = _common.int_list(args.classes[i])
+            renumber = models[i].head.out_features == len(classes)
+
+            def pick(ds: TensorDataset, classes: list[int] = classes, renumber: bool = renumber) -> TensorDataset:
+                x, y = ds.tensors
+                keep = torch.isin(y, torch.tensor(classes))
+                if not keep.any():
+                    raise ValueError(f"dataset {name!r} has no samples with labels {classes}")
+                yk = y[keep]
+                if renumber:
+                    yk = torch.searchsorted(torch.tensor(sorted(classes)), yk)
+                return TensorDataset(x[keep], yk)
+
+            tasks.append((name, pick(s.train), pick(s.test)))
+        else:
+            tasks.append((name, s.train, s.test))
+    return tasks
+
+
+def run(args: argparse.Namespace) -> int:
+    from thrifty.core import to_dict
+    from thrifty.merge import Average, Distill, FSMerge, PermuteAverage, evaluate_tasks, few_shot, merge, zoo_kwargs
+    from thrifty.train import load_model, save_model
+
+    if len(args.models) < 2:
+        raise ValueError(f"--models needs at least 2 saved models, got {len(args.models)}")
+    if args.data_per_task < 2:
+        raise ValueError(f"--data-per-task must be >= 2, got {args.data_per_task}")
+    with _common.step(f"loading {len(args.models)} models"):
+        loaded = [load_model(p) for p in args.models]
+    models, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
+    tasks = _task_splits(args, metas, models)
+    for i, (name, tr, _) in enumerate(tasks):
+        if len(tr) < args.data_per_task:
+            raise ValueError(f"task {i} ({name}) has only {len(tr)} training samples; --data-per-task "
+                             f"{args.data_per_task} is too many")
+    few = [few_shot(tr, args.data_per_task, seed=args.seed + i) for i, (_, tr, _) in enumerate(tasks)]
+    tests = [te for _, _, te in tasks]
+    progress = _common.show_progress()
+    if args.method == "fs-merge":
+        cfg = FSMerge(param=args.param, init=args.init, mode=args.mode, rank=args.rank, width_mult=args.width_mult,
+                      steps=args.steps, lr=args.lr or 1e-2, augment=args.augment, seed=args.seed, progress=progress)
+    elif args.method == "distill":
+        cfg = Distill(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed, progress=progress)
+    elif args.method == "permute":
+        cfg = PermuteAverage(matching=args.matching)
+    else:
+        cfg = Average()
+    with _common.step(f"merging with {args.method}"):
+        merged = merge(models, few, cfg)
+    orig = [evaluate_tasks(m, [te], [(0, m.head.out_features)])[0] for m, te in zip(models, tests)]
+    acc = evaluate_tasks(merged, tests)
+    print(f"{'task':<6}{'data':<12}{'original':>10}{'merged':>10}{'relative':>10}")
+    for i, ((name, _, _), o, a) in enumerate(zip(tasks, orig, acc)):
+        print(f"{i:<6}{name:<12}{o:>10.4f}{a:>10.4f}{a / max(o, 1e-12):>10.3f}")
+    out = Path(args.out)
+    names = {name for name, _, _ in tasks}
+    meta = {"model": metas[0]["model"], "model_kwargs": zoo_kwargs(merged),
+            "dataset": tasks[0][0] if len(names) == 1 else None, "task_slices": [list(s) for s in merged.task_slices],
+            "tasks": [{"source": str(p), "dataset": n, "classes": (args.classes[i] if args.classes else None)}
+                      for i, (p, (n, _, _)) in enumerate(zip(args.models, tasks))],
+            "merge": to_dict(cfg), "per_task_acc": acc, "original_acc": orig}
+    save_model(merged, out / "model", meta)
+    from thrifty.utils import atomic_write_text
+
+    atomic_write_text(out / "merge.json", json.dumps({"method": args.method, "per_task_acc": acc,
+                                                       "original_acc": orig, "data_per_task": args.data_per_task,
+                                                       "config": to_dict(cfg)}, indent=1))
+    _common.write_resolved_config(out, args)
+    print(f"saved {out / 'model.safetensors'} (+ model.yaml)")
+    return 0
