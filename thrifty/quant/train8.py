@@ -117,9 +117,20 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}, axis={self.axis}"
 
     def forward(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            q = fake_quantize_minmax(x.detach(), self.bits, self.axis, "nearest")
-        return x + (q - x).detach()
+        q = fake_quantize_minmax(x.detach(), self.bits, self.axis, "nearest")
+        return _StraightThrough.apply(x, q) if x.requires_grad else q
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Value of ``q``, gradient of ``x`` (``x + (q - x).detach()`` without its two extra passes)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor) -> Tensor:  # type: ignore[override]
+        return q
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return g, None
 
 
 def fake_quantize_minmax(x: Tensor, bits: int, axis: Optional[int], rounding: Q.Rounding) -> Tensor:
