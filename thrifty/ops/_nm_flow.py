@@ -4,7 +4,8 @@ A tile's transposable mask is a max-weight N-regular subgraph of the complete bi
 rows x columns: min-cost flow with row nodes supplying N, column nodes demanding N, and row -> column arcs
 of capacity 1 and cost -score. The constraint matrix is totally unimodular, so the flow optimum is the
 integer optimum. All tiles of a chunk are disjoint components of one graph, built with numpy in one call,
-so no Python loop runs over tiles. OR-tools needs integer costs: scores are shifted (a constant shift
+so no Python loop runs over tiles; chunks of tiles are solved in ``torch.get_num_threads()`` processes
+(OR-tools holds the GIL). OR-tools needs integer costs: scores are shifted (a constant shift
 changes no optimum, every tile keeps exactly M*N entries) and quantised to 2^-30 of their range, far below
 float32 resolution of the kept sums.
 """
@@ -43,6 +44,20 @@ def solve_flow(s: Tensor, n: int) -> Tensor:
     lo, hi = float(sn.min()), float(sn.max())
     scale = (2.0**30) / (hi - lo) if hi > lo else 0.0
     out = np.empty(sn.shape, dtype=bool)
-    for i in range(0, t, _CHUNK):
-        out[i:i + _CHUNK] = _solve_graph(sn[i:i + _CHUNK], n, lo, scale)
+    starts = list(range(0, t, _CHUNK))
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers > 1:
+        # OR-tools holds the GIL while solving, so the torch thread budget is spent as processes instead;
+        # children only run numpy + OR-tools (no torch/OpenMP), which is what makes fork safe here
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            parts = ex.map(_solve_graph, [sn[i:i + _CHUNK] for i in starts], [n] * len(starts),
+                           [lo] * len(starts), [scale] * len(starts))
+            for i, part in zip(starts, parts):
+                out[i:i + _CHUNK] = part
+    else:
+        for i in starts:
+            out[i:i + _CHUNK] = _solve_graph(sn[i:i + _CHUNK], n, lo, scale)
     return torch.from_numpy(out)
