@@ -1,0 +1,247 @@
+"""PTQ pipeline: BN folding, AdaQuant vs RTN, ILP vs exhaustive search, BN/bias tuning, quantize(), bad input."""
+import copy
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from thrifty.core import apply, from_yaml, to_yaml
+from thrifty.nn import wrap
+from thrifty.ops import quant as Q
+from thrifty.quant import (PTQ, QuantConfig, UniformQuantizer, adaquant_layer, allocate_bits, exhaustive_allocation,
+                           fold_bn, quantize, reconstruction_error)
+from thrifty.quant.tuning import bn_tune, channel_stats
+
+
+class TinyNet(nn.Module):
+    """conv-BN-ReLU x2 (one conv without bias), pool, linear-BN1d, head: BN after both conv and linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 12)
+        self.bn3 = nn.BatchNorm1d(12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = x.mean((2, 3))
+        return self.head(torch.relu(self.bn3(self.fc(x))))
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    m = TinyNet()
+    with torch.no_grad():  # non-trivial BN statistics and affine parameters
+        for bn in (m.bn1, m.bn2, m.bn3):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return m.eval()
+
+
+def _data(n=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_bn_folding_is_exact_and_finds_pairs():
+    m = _tiny()
+    x, _ = _data()
+    ref = m(x)
+    pairs = fold_bn(m, x[:8])
+    assert pairs == [("conv1", "bn1"), ("conv2", "bn2"), ("fc", "bn3")]
+    assert isinstance(m.bn1, nn.Identity) and m.conv1.bias is not None
+    assert torch.allclose(m(x), ref, atol=1e-5)
+    assert fold_bn(m, x[:8]) == []  # nothing left to fold
+
+
+def test_bn_folding_refuses_when_conv_output_is_reused():
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # the conv output is used outside its BN
+
+    m = Reuse().eval()
+    with torch.no_grad():
+        m.bn.running_var.fill_(4.0)
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match="changed the model output"):
+        fold_bn(m, torch.randn(2, 1, 5, 5))
+    assert isinstance(m.bn, nn.BatchNorm2d) and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_adaquant_lowers_layer_reconstruction_error_vs_rtn():
+    torch.manual_seed(0)
+    fp = nn.Linear(32, 16)
+    # correlated inputs (as real activations are): RTN is then not output-optimal
+    x = torch.relu(torch.randn(512, 8) @ torch.randn(8, 32) + 0.5)
+    y = fp(x).detach()
+    layer = wrap(copy.deepcopy(fp))
+    layer.add("weight", UniformQuantizer(3, per_channel=True, learnable=True).init_from(layer.weight))
+    layer.add("input", UniformQuantizer(4, learnable=True).init_from(x))
+    rtn = reconstruction_error(layer, [x], [y])
+    before, after = adaquant_layer(layer, [x[:256], x[256:]], [y[:256], y[256:]], iters=300)
+    assert np.isclose(before, rtn, rtol=1e-6)
+    assert after < 0.7 * rtn
+    assert reconstruction_error(layer, [x], [y]) == pytest.approx(after, rel=1e-6)
+    # the result is still on the weight quantizer's grid
+    wq = layer.slots.weight
+    codes = layer.effective_weight() / wq.scale[:, None] + torch.round(wq.zero_point)[:, None]
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+
+
+def _random_instance(rng, n_layers, bits=(2, 4, 8)):
+    sens = {f"l{i}": {b: (0.0 if b == max(bits) else float(rng.uniform(0, 1) * (9 - b))) for b in bits}
+            for i in range(n_layers)}
+    size = {f"l{i}": int(rng.integers(10, 100)) for i in range(n_layers)}
+    cost = {n: {b: size[n] * b / 8 for b in bits} for n in sens}
+    return sens, cost
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.floats(0.0, 1.0))
+def test_ilp_matches_exhaustive_search(seed, n_layers, frac):
+    rng = np.random.default_rng(seed)
+    sens, cost = _random_instance(rng, n_layers)
+    lo = sum(min(c.values()) for c in cost.values())
+    hi = sum(max(c.values()) for c in cost.values())
+    budget = lo + frac * (hi - lo)
+    ilp, ex = allocate_bits(sens, cost, budget), exhaustive_allocation(sens, cost, budget)
+    assert ilp.predicted_increase == pytest.approx(ex.predicted_increase, abs=1e-9)
+    assert ilp.cost <= budget + 1e-9
+    assert sum(cost[n][b] for n, b in ilp.bits.items()) == pytest.approx(ilp.cost)
+
+
+def test_ilp_infeasible_budget_names_smallest_feasible():
+    sens, cost = _random_instance(np.random.default_rng(0), 3)
+    lo = sum(min(c.values()) for c in cost.values())
+    with pytest.raises(ValueError, match=f"smallest feasible budget is {lo:.6g}"):
+        allocate_bits(sens, cost, lo * 0.9)
+    assert allocate_bits(sens, cost, lo).cost == pytest.approx(lo)
+
+
+def test_bn_tune_matches_fp_statistics_and_stays_on_grid():
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    q = copy.deepcopy(fp)
+    layer = wrap(q[0])
+    q[0] = layer
+    layer.add("weight", UniformQuantizer(2, per_channel=True).init_from(layer.weight))
+    x = torch.randn(32, 3, 6, 6) + 1.0
+    from thrifty.quant.calib import as_batches
+    bn_tune(q, fp, ["0"], as_batches(x, 16), progress=False)
+    mq, vq = channel_stats(q(x), 1)
+    mf, vf = channel_stats(fp(x), 1)
+    assert torch.allclose(mq, mf, atol=1e-4) and torch.allclose(vq, vf, rtol=1e-3)
+    wq = layer.slots.weight
+    codes = layer.effective_weight() / wq.scale.reshape(-1, 1, 1, 1) + wq.zero_point.reshape(-1, 1, 1, 1)
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+
+
+@pytest.mark.parametrize("pipeline", ["rtn", "light", "adaquant", "advanced"])
+def test_quantize_pipelines_on_tiny_bn_net(pipeline):
+    m = _tiny()
+    x, y = _data(96)
+    before = copy.deepcopy(m.state_dict())
+    cfg = PTQ(w_bits=4, a_bits=4, pipeline=pipeline, adaquant_iters=60, bias_iters=30, batch_size=32)
+    res = quantize(m, cfg, torch.utils.data.TensorDataset(x, y), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # user model untouched
+    assert isinstance(m.bn1, nn.BatchNorm2d)
+    assert res.loss_kind == "kl" and res.folded == [("conv1", "bn1"), ("conv2", "bn2"), ("fc", "bn3")]
+    assert res.bits == {"conv1": (8, 8), "conv2": (4, 4), "fc": (4, 4), "head": (8, 8)}
+    assert 0 < res.size_fraction < 1 and res.bops_fraction is not None
+    losses = list(res.losses.values())
+    assert all(np.isfinite(losses)) and losses[-1] <= losses[0] + 1e-9
+    out = res.model(x)
+    assert out.shape == (96, 3) and torch.isfinite(out).all()
+    # the quantized layer's weights lie on their integer grids
+    w = res.model.conv2.effective_weight()
+    wq = res.model.conv2.slots.weight
+    codes = w / wq.scale.reshape(-1, 1, 1, 1) + torch.round(wq.zero_point).reshape(-1, 1, 1, 1)
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() > -0.5 and codes.max() < 15.5
+
+
+def test_quantize_bit_allocation_budget_and_prediction():
+    m = _tiny()
+    x, y = _data(64)
+    res = quantize(m, PTQ(pipeline="light", a_bits=8, budget=0.2, candidate_bits=(2, 4, 8)), (x, y), progress=False)
+    assert res.size_fraction <= 0.2 + 1e-9
+    assert set(res.sensitivity) == {"conv2", "fc"} and all(s[8] == 0.0 for s in res.sensitivity.values())
+    assert res.predicted_loss is not None and res.measured_loss is not None
+    with pytest.raises(ValueError, match="smallest feasible budget is 0.1"):
+        quantize(m, PTQ(pipeline="light", budget=0.05, candidate_bits=(2, 4, 8)), (x, y), progress=False)
+
+
+def test_bad_inputs_leave_model_unchanged():
+    m = _tiny()
+    state = copy.deepcopy(m.state_dict())
+    x, _ = _data(16)
+    with pytest.raises(ValueError, match="2..16"):
+        PTQ(w_bits=1)
+    with pytest.raises(ValueError, match="2..16"):
+        PTQ(a_bits=17)
+    with pytest.raises(ValueError, match="budget"):
+        PTQ(budget=1.5)
+    with pytest.raises(ValueError, match="empty"):
+        quantize(m, PTQ(), torch.empty(0, 1, 8, 8))
+    with pytest.raises(ValueError, match="does not fit the model"):
+        quantize(m, PTQ(), torch.randn(4, 3, 8, 8))
+    with pytest.raises(ValueError, match="inputs but .* labels"):
+        quantize(m, PTQ(), [(x, torch.zeros(3))])
+    with pytest.raises(TypeError, match="calibration data"):
+        quantize(m, PTQ(), "images")
+    with pytest.raises(ValueError, match="no quantizable"):
+        quantize(nn.Sequential(nn.ReLU()), PTQ(), torch.randn(4, 3))
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+
+
+def test_unquantizable_layers_are_warned():
+    class WithEmb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc1, self.fc2, self.fc3 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.unused = nn.Linear(8, 8)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            h = self.mha(h, h, h)[0]
+            return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(h))))).mean(1)
+
+    ids = torch.randint(0, 10, (8, 5))
+    with pytest.warns(UserWarning) as rec:
+        res = quantize(WithEmb(), PTQ(pipeline="rtn", w_bits=4), ids, progress=False)
+    msg = str(rec[0].message)
+    for name in ("emb (Embedding", "mha.out_proj", "unused (not executed"):
+        assert name in msg
+    assert set(res.bits) == {"fc1", "fc2", "fc3"}
+
+
+def test_quant_config_handler_and_yaml_round_trip():
+    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    x = torch.randn(8, 6)
+    ref = m(x)
+    apply(m, QuantConfig(w_bits=8, a_bits=8))
+    assert m[0].slots.weight.mode == "frozen" and m[0].slots.input.mode == "dynamic"
+    assert (m(x) - ref).abs().max() < 0.05
+    for cfg in (QuantConfig(w_bits=3, a_bits=None), PTQ(w_bits=2, budget=0.2, candidate_bits=(2, 8))):
+        assert from_yaml(to_yaml(cfg)) == cfg
+    with pytest.raises(ValueError):
+        QuantConfig(w_estimator="magic")

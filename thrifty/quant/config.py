@@ -1,0 +1,161 @@
+"""Frozen configs: ``QuantConfig`` (round-to-nearest slots, usable with ``thrifty.apply``) and ``PTQ`` (pipeline).
+
+Example:
+    >>> import torch.nn as nn
+    >>> from thrifty.core import apply
+    >>> m = apply(nn.Sequential(nn.Linear(4, 4)), QuantConfig(w_bits=4, a_bits=8))
+    >>> type(m[0].slots.weight).__name__, m[0].slots.weight.mode
+    ('UniformQuantizer', 'frozen')
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch.nn as nn
+
+from thrifty.core import Config, register_config, register_handler
+from thrifty.ops.quant import check_bits
+from thrifty.quant.quantizer import UniformQuantizer
+
+__all__ = ["QuantConfig", "PTQ", "weight_quantizer", "input_quantizer", "PIPELINES"]
+
+PIPELINES = ("rtn", "adaquant", "light", "advanced")
+_EST = ("minmax", "sample_minmax", "percentile", "mse")
+
+
+@register_config
+@dataclass(frozen=True)
+class QuantConfig(Config):
+    """Round-to-nearest fake quantization of one layer's weight (per output channel by default) and input.
+
+    ``a_bits=None`` leaves activations in floating point. Input quantizers start in ``dynamic`` mode (range of
+    each batch); :func:`thrifty.quant.calibrate_inputs` fixes them from calibration data.
+    """
+
+    w_bits: int = 8
+    a_bits: Optional[int] = 8
+    per_channel: bool = True
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    w_estimator: str = "mse"
+    a_estimator: str = "mse"
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        if self.a_bits is not None:
+            check_bits(self.a_bits, "a_bits")
+        for f in ("w_estimator", "a_estimator"):
+            if getattr(self, f) not in _EST:
+                raise ValueError(f"{f} must be one of {_EST}, got {getattr(self, f)!r}")
+
+
+def weight_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False) -> UniformQuantizer:
+    return UniformQuantizer(bits, symmetric=cfg.w_symmetric, per_channel=cfg.per_channel, axis=0,
+                            estimator=cfg.w_estimator, learnable=learnable)
+
+
+def input_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False) -> UniformQuantizer:
+    return UniformQuantizer(bits, symmetric=cfg.a_symmetric, per_channel=False, estimator=cfg.a_estimator,
+                            learnable=learnable)
+
+
+@register_handler(QuantConfig)
+def _quant_handler(layer: nn.Module, name: str, cfg: QuantConfig) -> None:
+    layer.slots.weight = weight_quantizer(cfg.w_bits, cfg).init_from(layer.weight)  # type: ignore[union-attr]
+    layer.slots.input = None if cfg.a_bits is None else input_quantizer(cfg.a_bits, cfg)  # type: ignore[union-attr]
+
+
+@register_config
+@dataclass(frozen=True)
+class PTQ(Config):
+    """Post-training quantization pipeline (Hubara et al.): one call, :func:`thrifty.quant.quantize`.
+
+    Pipelines: ``rtn`` (round to nearest), ``adaquant`` (AdaQuant only), ``light`` (BN tuning), ``advanced``
+    (AdaQuant + BN tuning + bias tuning); any of them runs the ILP bit allocation first when ``budget`` is set
+    (light = bit allocation + BN tuning, advanced = AdaQuant + bit allocation + BN tuning + bias tuning).
+
+    Bits: weights ``w_bits`` (or an ILP allocation over ``candidate_bits`` when ``budget`` is set), activations
+    ``a_bits`` (None = FP); the first and last GEMM layers (execution order) use ``first_last_bits`` for both
+    (None = leave them in FP). ``budget`` is a fraction of the FP32 size of the quantized layers
+    (``budget_kind="size"``) or of their FP32 x FP32 bit-operations (``"bops"``).
+
+    Example:
+        >>> PTQ(w_bits=4, a_bits=8, pipeline="advanced", budget=0.13).candidate_bits
+        (2, 3, 4, 8)
+    """
+
+    w_bits: int = 4
+    a_bits: Optional[int] = 8
+    pipeline: Literal["rtn", "adaquant", "light", "advanced"] = "advanced"
+    first_last_bits: Optional[int] = 8
+    per_channel: bool = True
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    w_estimator: str = "mse"
+    a_estimator: str = "mse"
+    # bit allocation
+    budget: Optional[float] = None
+    budget_kind: Literal["size", "bops"] = "size"
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
+    # AdaQuant
+    adaquant_mode: Literal["sequential", "parallel"] = "sequential"
+    adaquant_iters: int = 300
+    adaquant_batch: int = 32
+    lr_weight: float = 1e-3
+    lr_bias: float = 1e-3
+    lr_w_scale: float = 1e-2
+    lr_a_scale: float = 1e-2
+    # BN / bias tuning
+    bn_tune: Optional[bool] = None  # None: on for light/advanced
+    bias_tune: Optional[bool] = None  # None: on for advanced
+    bias_iters: int = 200
+    bias_lr: float = 1e-3
+    loss: Literal["auto", "kl", "mse"] = "auto"
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        for f in ("a_bits", "first_last_bits"):
+            if getattr(self, f) is not None:
+                check_bits(getattr(self, f), f)
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        if not self.candidate_bits or len(set(self.candidate_bits)) != len(self.candidate_bits):
+            raise ValueError(f"candidate_bits must be distinct bit-widths, got {self.candidate_bits!r}")
+        for b in self.candidate_bits:
+            check_bits(b, "candidate_bits")
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}")
+        if self.budget_kind not in ("size", "bops"):
+            raise ValueError(f"budget_kind must be 'size' or 'bops', got {self.budget_kind!r}")
+        if self.budget_kind == "bops" and self.budget is not None and self.a_bits is None:
+            raise ValueError("budget_kind='bops' needs quantized activations (a_bits)")
+        if self.adaquant_mode not in ("sequential", "parallel"):
+            raise ValueError(f"adaquant_mode must be 'sequential' or 'parallel', got {self.adaquant_mode!r}")
+        for f in ("adaquant_iters", "adaquant_batch", "bias_iters", "batch_size"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if f.endswith("iters") else 1):
+                raise ValueError(f"{f} must be a {'non-negative' if f.endswith('iters') else 'positive'} int, got {v!r}")
+        for f in ("w_estimator", "a_estimator"):
+            if getattr(self, f) not in _EST:
+                raise ValueError(f"{f} must be one of {_EST}, got {getattr(self, f)!r}")
+        if self.loss not in ("auto", "kl", "mse"):
+            raise ValueError(f"loss must be 'auto', 'kl' or 'mse', got {self.loss!r}")
+
+    @property
+    def uses_adaquant(self) -> bool:
+        return self.pipeline in ("adaquant", "advanced")
+
+    @property
+    def uses_bn_tune(self) -> bool:
+        return self.pipeline in ("light", "advanced") if self.bn_tune is None else self.bn_tune
+
+    @property
+    def uses_bias_tune(self) -> bool:
+        return self.pipeline == "advanced" if self.bias_tune is None else self.bias_tune
+
+    @property
+    def uses_bitalloc(self) -> bool:
+        return self.budget is not None

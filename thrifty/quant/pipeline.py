@@ -1,0 +1,322 @@
+"""``quantize(model, PTQ(...), calib_data) -> QuantResult``: the post-training quantization pipeline.
+
+Stages (each optional, chosen by the :class:`~thrifty.quant.config.PTQ` config):
+
+1. fold BatchNorms into the preceding conv/linear (exact), wrap every quantizable Linear/Conv2d;
+2. weight quantizers (per output channel) and input quantizers (per tensor) calibrated on the calibration data;
+3. bit allocation: per-layer sensitivities, then one exact ILP under a size / bit-operation budget;
+4. AdaQuant (sequential or parallel), 5. BN tuning, 6. bias tuning.
+
+The user's model is never modified: the pipeline works on a deep copy (returned as ``QuantResult.model``), so a
+bad input raises before anything is touched. Loss values are divergences from the FP model's outputs on the
+calibration data (KL for classifiers, i.e. when the data carries labels; MSE otherwise), so the FP model's
+loss is 0.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> res = quantize(model, PTQ(w_bits=4, a_bits=8, pipeline="rtn"), torch.randn(64, 8), progress=False)
+    >>> res.bits["2"]
+    (4, 8)
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from thrifty.core import Filter, make_filter, wrap_layers
+from thrifty.nn import is_gemm
+from thrifty.quant.adaquant import adaquant
+from thrifty.quant.bitalloc import allocate_bits, min_cost
+from thrifty.quant.calib import Batch, as_batches, execution_order, output_loss, run
+from thrifty.quant.config import PTQ, QuantConfig, input_quantizer, weight_quantizer
+from thrifty.quant.fold import fold_bn
+from thrifty.quant.quantizer import UniformQuantizer
+from thrifty.quant.tuning import bias_tune, bn_tune, calib_loss
+
+__all__ = ["QuantResult", "quantize", "calibrate_inputs", "layer_costs"]
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Identity)
+
+
+@dataclass
+class QuantResult:
+    """What :func:`quantize` returns. Losses are divergences from the FP model on the calibration data."""
+
+    model: nn.Module
+    config: PTQ
+    bits: dict[str, tuple[int, Optional[int]]]  # layer -> (weight bits, activation bits or None)
+    folded: list[tuple[str, str]]
+    skipped: dict[str, str]  # layer -> why it stays in floating point
+    size_fraction: float  # quantized layers' bytes / their FP32 bytes
+    model_size_fraction: float  # whole model (everything not quantized counted at 32 bit)
+    bops_fraction: Optional[float]
+    losses: dict[str, float] = field(default_factory=dict)  # after each stage
+    sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)
+    predicted_loss: Optional[float] = None
+    measured_loss: Optional[float] = None
+    adaquant_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    loss_kind: str = "mse"
+
+    @property
+    def final_loss(self) -> float:
+        return next(reversed(self.losses.values()))
+
+    def summary(self) -> str:
+        lines = [f"PTQ {self.config.pipeline}: {len(self.bits)} layers quantized, size {self.size_fraction:.3f} "
+                 f"of FP32 (whole model {self.model_size_fraction:.3f})"]
+        lines += [f"  {k}: {self.loss_kind} loss {v:.4g}" for k, v in self.losses.items()]
+        if self.predicted_loss is not None:
+            lines.append(f"  bit allocation: predicted loss {self.predicted_loss:.4g}, measured {self.measured_loss:.4g}")
+        lines.append(f"  time {sum(self.timings.values()):.1f}s " + str({k: round(v, 2) for k, v in self.timings.items()}))
+        return "\n".join(lines)
+
+
+def _candidates(model: nn.Module, filter: Filter) -> tuple[list[str], dict[str, str]]:
+    pred = make_filter(filter)
+    chosen: list[str] = []
+    skipped: dict[str, str] = {}
+    mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for name, m in model.named_modules():
+        if name == "":
+            continue
+        own = list(m.parameters(recurse=False))
+        if any(name.startswith(p + ".") or name == p for p in mha):
+            if own:
+                skipped[name] = f"{type(m).__name__} inside nn.MultiheadAttention (its GEMMs are functional)"
+            continue
+        gemmable = is_gemm(m) or type(m) in (nn.Linear, nn.Conv2d) or (
+            isinstance(m, (nn.Linear, nn.Conv2d)) and type(m).forward in (nn.Linear.forward, nn.Conv2d.forward))
+        if gemmable:
+            if pred(m, name):
+                if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+                    skipped[name] = f"Conv2d with padding_mode={m.padding_mode!r}"
+                else:
+                    chosen.append(name)
+        elif own and not isinstance(m, _NORMS):
+            skipped[name] = f"{type(m).__name__} is not a Linear/Conv2d GEMM"
+    return chosen, skipped
+
+
+@torch.no_grad()
+def calibrate_inputs(model: nn.Module, data: Any, batch_size: int = 32) -> nn.Module:
+    """Fix every input quantizer's range from calibration data (FP pass-through while observing)."""
+    batches = data if isinstance(data, list) and data and isinstance(data[0], Batch) else as_batches(data, batch_size)
+    qs = [m.slots.input for _, m in model.named_modules() if is_gemm(m) and isinstance(m.slots.input, UniformQuantizer)]
+    for q in qs:
+        q.calibrate()
+    for b in batches:
+        run(model, b)
+    for q in qs:
+        if q._n_obs:
+            q.freeze()
+        else:
+            q._calibrating = False  # not executed: stays dynamic
+    return model
+
+
+@torch.no_grad()
+def layer_costs(model: nn.Module, names: list[str], batch: Batch) -> tuple[dict[str, int], dict[str, int], dict[str, float]]:
+    """Per layer: weight elements, bias elements, multiply-accumulates per sample (measured on ``batch``)."""
+    macs: dict[str, float] = {}
+    hooks = []
+    for n in names:
+        m = model.get_submodule(n)
+
+        def hook(mod, _a, out, n=n):
+            fan_in = mod.weight[0].numel()
+            macs[n] = out.numel() / max(batch.size, 1) * fan_in
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        run(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    w = {n: model.get_submodule(n).weight.numel() for n in names}
+    b = {n: (model.get_submodule(n).bias.numel() if model.get_submodule(n).bias is not None else 0) for n in names}
+    return w, b, macs
+
+
+def _set_wbits(layer: nn.Module, bits: int, cfg: PTQ, learnable: bool) -> None:
+    layer.slots.weight = weight_quantizer(bits, cfg, learnable).init_from(layer.weight)
+
+
+def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter = None,
+             progress: Optional[bool] = None) -> QuantResult:
+    """Post-training quantization of a copy of ``model`` on ``calib_data``; see the module docstring.
+
+    Raises ValueError/TypeError (and leaves ``model`` untouched) for bad configs, empty or mismatched
+    calibration data, models with no quantizable layer, or a budget below the smallest feasible allocation.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
+    if isinstance(config, QuantConfig):
+        config = PTQ(w_bits=config.w_bits, a_bits=config.a_bits, pipeline="rtn", first_last_bits=config.w_bits,
+                     per_channel=config.per_channel, w_symmetric=config.w_symmetric, a_symmetric=config.a_symmetric,
+                     w_estimator=config.w_estimator, a_estimator=config.a_estimator)
+    if not isinstance(config, PTQ):
+        raise TypeError(f"quantize expects a PTQ config, got {type(config).__name__}")
+    cfg = config
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    batches = as_batches(calib_data, cfg.batch_size)
+    q = copy.deepcopy(model).eval()
+    try:
+        run(q, batches[0])
+    except Exception as e:
+        raise ValueError(f"calibration data does not fit the model: {type(e).__name__}: {e}") from e
+    torch.manual_seed(cfg.seed)
+
+    folded = fold_bn(q, batches[0])
+    fp = copy.deepcopy(q)
+    names, skipped = _candidates(q, filter)
+    if not names:
+        raise ValueError(f"quantize: the model has no quantizable nn.Linear/nn.Conv2d layer (filter={filter!r})")
+    wrap_layers(q, lambda m, n: n in set(names))
+    layers = {n: q.get_submodule(n) for n in names}
+    order = execution_order(q, layers, batches[0])
+    for n in names:
+        if n not in order:
+            skipped[n] = "not executed on the calibration data"
+    if not order:
+        raise ValueError("quantize: none of the quantizable layers runs on the calibration data")
+    fl = {order[0], order[-1]}
+    bits: dict[str, tuple[int, Optional[int]]] = {}
+    for n in order:
+        if n in fl:
+            if cfg.first_last_bits is None:
+                skipped[n] = "first/last layer kept in floating point (first_last_bits=None)"
+                continue
+            bits[n] = (cfg.first_last_bits, cfg.first_last_bits if cfg.a_bits is not None else None)
+        else:
+            bits[n] = (cfg.w_bits, cfg.a_bits)
+    if not bits:
+        raise ValueError("quantize: no layer left to quantize after the first/last layer policy")
+    qnames = [n for n in order if n in bits]
+    if skipped:
+        warnings.warn("thrifty.quantize: these layers stay in floating point: "
+                      + "; ".join(f"{n} ({why})" for n, why in skipped.items()), stacklevel=2)
+    wel, bel, macs = layer_costs(q, qnames, batches[0])
+    alloc_names = [n for n in qnames if n not in fl]
+    budget_bytes = None
+    if cfg.uses_bitalloc:
+        if not alloc_names:
+            raise ValueError("quantize: a budget was given but every quantized layer is a first/last layer")
+        cost, fixed, total = _alloc_costs(cfg, qnames, alloc_names, bits, wel, bel, macs)
+        lo = (min_cost(cost) + fixed) / total
+        if cfg.budget < lo - 1e-12:  # type: ignore[operator]
+            raise ValueError(f"quantize: budget {cfg.budget} ({cfg.budget_kind}) is infeasible; the smallest feasible "
+                             f"budget is {lo:.4f} (all allocatable layers at {min(cfg.candidate_bits)} bits, "
+                             f"first/last at {cfg.first_last_bits})")
+        budget_bytes = cfg.budget * total - fixed  # type: ignore[operator]
+
+    learn = cfg.uses_adaquant
+    for n in qnames:
+        wb, ab = bits[n]
+        _set_wbits(layers[n], wb, cfg, learn)
+        layers[n].slots.input = None if ab is None else input_quantizer(ab, cfg, learn)
+    calibrate_inputs(q, batches)
+    loss_kind = cfg.loss if cfg.loss != "auto" else ("kl" if all(b.labels is not None for b in batches) else "mse")
+    loss_fn = output_loss(loss_kind)
+    with torch.no_grad():
+        targets = [run(fp, b) for b in batches]
+    timings["prepare"] = time.perf_counter() - t0
+    res = QuantResult(q, cfg, bits, folded, skipped, 0.0, 0.0, None, loss_kind=loss_kind)
+    res.losses["rtn"] = calib_loss(q, batches, targets, loss_fn)
+
+    if budget_bytes is not None:
+        t = time.perf_counter()
+        res.sensitivity, base = _sensitivities(q, layers, alloc_names, bits, cfg, batches, targets, loss_fn,
+                                               learn, progress)
+        cost, _, _ = _alloc_costs(cfg, qnames, alloc_names, bits, wel, bel, macs)
+        alloc = allocate_bits(res.sensitivity, cost, budget_bytes, "bytes" if cfg.budget_kind == "size" else "BOPs")
+        for n, b in alloc.bits.items():
+            bits[n] = (b, bits[n][1])
+            _set_wbits(layers[n], b, cfg, learn)
+        res.predicted_loss = base + alloc.predicted_increase
+        res.measured_loss = calib_loss(q, batches, targets, loss_fn)
+        res.losses["bit allocation"] = res.measured_loss
+        timings["bit allocation"] = time.perf_counter() - t
+    if cfg.uses_adaquant:
+        t = time.perf_counter()
+        res.adaquant_errors = adaquant(q, fp, qnames, batches, mode=cfg.adaquant_mode, iters=cfg.adaquant_iters,
+                                       batch=cfg.adaquant_batch, lr_weight=cfg.lr_weight, lr_bias=cfg.lr_bias,
+                                       lr_w_scale=cfg.lr_w_scale, lr_a_scale=cfg.lr_a_scale, seed=cfg.seed,
+                                       progress=progress)
+        res.losses["adaquant"] = calib_loss(q, batches, targets, loss_fn)
+        timings["adaquant"] = time.perf_counter() - t
+    bn_names = [n for n in qnames if n in {a for a, _ in folded}]
+    if cfg.uses_bn_tune and bn_names:
+        t = time.perf_counter()
+        bn_tune(q, fp, bn_names, batches, progress=progress)
+        res.losses["bn tuning"] = calib_loss(q, batches, targets, loss_fn)
+        timings["bn tuning"] = time.perf_counter() - t
+    if cfg.uses_bias_tune:
+        t = time.perf_counter()
+        bias_tune(q, qnames, batches, targets, loss_fn, iters=cfg.bias_iters, lr=cfg.bias_lr, seed=cfg.seed,
+                  progress=progress)
+        res.losses["bias tuning"] = calib_loss(q, batches, targets, loss_fn)
+        timings["bias tuning"] = time.perf_counter() - t
+    for p in q.parameters():
+        p.requires_grad_(False)
+    res.size_fraction, res.model_size_fraction, res.bops_fraction = _fractions(q, qnames, bits, wel, bel, macs)
+    res.timings = timings
+    return res
+
+
+def _alloc_costs(cfg: PTQ, qnames: list[str], alloc: list[str], bits: dict, wel: dict, bel: dict,
+                 macs: dict) -> tuple[dict[str, dict[int, float]], float, float]:
+    """(per-layer cost of each candidate, fixed cost of the other quantized layers, FP32 total)."""
+    if cfg.budget_kind == "size":
+        per = lambda n, wb: (wel[n] * wb + bel[n] * 32) / 8  # noqa: E731
+        total = sum(per(n, 32) for n in qnames)
+    else:
+        per = lambda n, wb: macs[n] * wb * (bits[n][1] or 32)  # noqa: E731
+        total = sum(macs[n] * 32 * 32 for n in qnames)
+    cost = {n: {b: float(per(n, b)) for b in cfg.candidate_bits} for n in alloc}
+    fixed = float(sum(per(n, bits[n][0]) for n in qnames if n not in alloc))
+    return cost, fixed, float(total)
+
+
+def _sensitivities(q, layers, alloc, bits, cfg, batches, targets, loss_fn, learn, progress):
+    top = max(cfg.candidate_bits)
+    for n in alloc:
+        _set_wbits(layers[n], top, cfg, learn)
+    base = calib_loss(q, batches, targets, loss_fn)
+    sens: dict[str, dict[int, float]] = {}
+    for n in tqdm(alloc, desc="sensitivity", unit="layer", disable=None if progress is None else not progress):
+        sens[n] = {top: 0.0}
+        for b in cfg.candidate_bits:
+            if b == top:
+                continue
+            _set_wbits(layers[n], b, cfg, learn)
+            sens[n][b] = calib_loss(q, batches, targets, loss_fn) - base
+        _set_wbits(layers[n], top, cfg, learn)
+    return sens, base
+
+
+def _fractions(model: nn.Module, qnames: list[str], bits: dict, wel: dict, bel: dict, macs: dict):
+    qbytes = sum((wel[n] * bits[n][0] + bel[n] * 32) / 8 for n in qnames)
+    fp_bytes = sum((wel[n] + bel[n]) * 4 for n in qnames)
+    quant_params = {id(model.get_submodule(n).weight) for n in qnames}
+    quant_params |= {id(model.get_submodule(n).bias) for n in qnames if model.get_submodule(n).bias is not None}
+    other = sum(p.numel() * 4 for p in model.parameters() if id(p) not in quant_params and not _is_qparam(model, p))
+    bops = None
+    if all(bits[n][1] is not None for n in qnames):
+        bops = sum(macs[n] * bits[n][0] * bits[n][1] for n in qnames) / max(sum(macs[n] * 1024 for n in qnames), 1e-30)
+    return qbytes / fp_bytes, (qbytes + other) / (fp_bytes + other), bops
+
+
+def _is_qparam(model: nn.Module, p: torch.Tensor) -> bool:
+    for m in model.modules():
+        if isinstance(m, UniformQuantizer) and any(p is x for x in m.parameters()):
+            return True
+    return False
