@@ -12,14 +12,6 @@ from thrifty.ops.mvue import mse_nm, mvue_nm, mvue_probs, nm_prune
 
 R = 100_000  # draws for the statistical tests
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add synchronisation cost (and the suite runs under xdist)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 
 def _gen(seed=0):

@@ -12,14 +12,6 @@ from thrifty.nn import GradTransform, wrap
 from thrifty.ops.mvue import mse_nm, mvue_nm
 from thrifty.sparse.actgrad import ActNM, GradNM, GradNMTransform, _layer_seed, parse_nm
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add synchronisation cost (and the suite runs under xdist)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 
 def _linear_grads(layer, x, g):
