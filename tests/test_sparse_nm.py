@@ -173,6 +173,11 @@ def test_unsuitable_layers_skipped_or_named():
     assert type(model[0]) is nn.Linear  # unchanged on failure
     with pytest.raises(ValueError, match="layer '2'.*output dim"):
         sparsify(model, NM(4, 8, transposable=True), filter="2")
+    dw = nn.Sequential(nn.Conv2d(16, 16, 3, groups=4))  # 4 output channels per group
+    with pytest.raises(ValueError, match="grouped conv"):
+        sparsify(dw, NM(2, 8, transposable=True), filter="0")
+    sparsify(dw, NM(2, 4, transposable=True), filter="0")  # 4 per group: each group's dX GEMM is 2:4
+    assert (dw[0].effective_weight().ne(0).view(4, 4, 4, 3, 3).sum(1) <= 2).all()
 
 
 def test_nan_weight_error_names_layer_and_model_unchanged():

@@ -166,6 +166,10 @@ def can_take(layer: nn.Module, cfg: NM) -> Optional[str]:
         return f"its reduction dim ({red}) is shorter than M={cfg.m}"
     if cfg.transposable and w.shape[0] < cfg.m:
         return f"its output dim ({w.shape[0]}) is shorter than M={cfg.m} (transposable masks need both)"
+    groups = getattr(layer, "groups", 1)
+    if cfg.transposable and groups > 1 and (w.shape[0] // groups) % cfg.m:
+        return (f"it is a grouped conv with {w.shape[0] // groups} output channels per group, not a multiple of "
+                f"M={cfg.m} (the input-gradient GEMM of each group would not be N:M)")
     return None
 
 
