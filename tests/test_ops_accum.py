@@ -228,3 +228,17 @@ def test_high_precision_accumulator_is_close_to_matmul():
     y12 = accumulate(x, w, FloatFormat(4, 7), FloatFormat(4, 7), chunk=16)
     err = (y12 - x @ w.T).abs().mean() / (x @ w.T).abs().mean()
     assert 1e-4 < float(err) < 0.05
+
+
+def test_row_blocking_gives_identical_results(monkeypatch):
+    import thrifty.ops.accum as A
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(7, 20, generator=g), torch.randn(3, 20, generator=g)
+    f = FloatFormat(4, 3)
+    y, tr = accumulate(x, w, f, f, 6, trace=True)
+    y_fp32_prod = accumulate(x, w, f, None, 6)
+    monkeypatch.setattr(A, "_BLOCK", 9)  # 3 rows per block
+    y2, tr2 = accumulate(x, w, f, f, 6, trace=True)
+    assert torch.equal(y, y2) and torch.equal(tr.keep, tr2.keep)
+    assert torch.equal(accumulate(x, w, f, None, 6), y_fp32_prod)

@@ -260,6 +260,7 @@ class AccumTrace(NamedTuple):
 
 
 Outer = Union[FloatFormat, None, Literal["same"]]
+_BLOCK = 1 << 22  # elements per working buffer before accumulate() splits the rows
 
 
 def _check_operands(x: Tensor, w: Tensor, chunk: Optional[int]) -> tuple[int, int, int, int]:
@@ -291,10 +292,17 @@ def accumulate(x: Tensor, w: Tensor, acc: FloatFormat, prod: Optional[FloatForma
         torch.Size([2, 4])
     """
     N, O, K, c = _check_operands(x, w, chunk)
+    nc = max(1, -(-K // c))
+    rows = max(1, _BLOCK // max(1, O * nc))
+    if N > rows:  # bound the working set (~_BLOCK floats per buffer): rows are independent
+        parts = [accumulate(x[i:i + rows], w, acc, prod, chunk, outer, trace) for i in range(0, N, rows)]
+        if not trace:
+            return torch.cat(parts)  # type: ignore[arg-type]
+        return (torch.cat([p[0] for p in parts]),
+                AccumTrace(torch.cat([p[1].keep for p in parts], 2), c, K))  # type: ignore[index]
     out_fmt = acc if outer == "same" else outer
     x = x.detach().to(torch.float32)
     w = w.detach().to(torch.float32)
-    nc = max(1, -(-K // c))
     pad = nc * c - K
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
