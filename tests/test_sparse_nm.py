@@ -187,6 +187,12 @@ def test_nan_weight_error_names_layer_and_model_unchanged():
     with pytest.raises(ValueError, match="layer '2'.*NaN"):
         sparsify(model, NM(2, 4))
     assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    model = _mlp()
+    sparsify(model, NM(2, 4, recompute_every=1))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer '2'.*NaN"):  # during sparse training, too
+        model.train()(torch.randn(2, 16))
 
 
 def test_config_validation_and_yaml_roundtrip():

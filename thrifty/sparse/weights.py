@@ -105,9 +105,13 @@ class NMMask(nn.Module):
 
     def compute(self, w: Tensor) -> Tensor:
         c = self.cfg
-        if c.transposable:
-            return nmops.transposable_mask(w, c.n, c.m, c.method)
-        return nmops.nm_mask(w, c.n, c.m)
+        try:
+            if c.transposable:
+                return nmops.transposable_mask(w, c.n, c.m, c.method)
+            return nmops.nm_mask(w, c.n, c.m)
+        except (ValueError, TypeError) as e:  # e.g. weights turned NaN during training: say which layer
+            where = getattr(self, "layer_name", None)
+            raise type(e)(f"layer {where!r}: {e}" if where is not None else str(e)) from None
 
     @torch.no_grad()
     def refresh(self, w: Tensor) -> None:
@@ -184,6 +188,7 @@ def _nm_handler(layer: nn.Module, name: str, cfg: NM) -> None:
         mask = NMMask(cfg, w.detach())
     except (ValueError, TypeError) as e:
         raise type(e)(f"layer {name!r}: {e}") from None
+    mask.layer_name = name
     layer.add("weight", mask)
 
 
