@@ -41,12 +41,12 @@ def test_linear_grads_flow_only_through_chosen_gemms(gemms):
 def test_conv_grads_flow_only_through_chosen_gemms(gemms):
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 8, 3, padding=1)
-    x, g = torch.randn(2, 4, 8, 8), torch.randn(2, 8, 8, 8)
+    x, g = torch.randn(4, 4, 8, 8), torch.randn(4, 8, 8, 8)
     layer = thrifty.apply(nn.Sequential(copy.deepcopy(conv)), GradNM(2, 4, method="mse", gemms=gemms))[0]
     xr = x.clone().requires_grad_(True)
     (layer(xr) * g).sum().backward()
     gx = mse_nm(g, 2, 4, dim=1) if "input" in gemms else g  # out channels
-    gw = mse_nm(g, 2, 4, dim=-1) if "weight" in gemms else g  # consecutive pixels of a row
+    gw = mse_nm(g, 2, 4, dim=0) if "weight" in gemms else g  # 4 samples of the batch at one (channel, pixel)
     ref_dx = torch.nn.grad.conv2d_input(x.shape, conv.weight, gx, padding=1)
     ref_dw = torch.nn.grad.conv2d_weight(x, conv.weight.shape, gw, padding=1)
     assert torch.allclose(xr.grad, ref_dx, atol=1e-5)

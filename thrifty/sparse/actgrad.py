@@ -17,15 +17,16 @@ Two configs fill two slots of the wrapped GEMM layers (:mod:`thrifty.nn.gemm`):
   GEMM            reduction                        Linear default                Conv2d default
   ==============  ===============================  ============================  =====================
   dX = dY W       output features                  ``input_dim=-1`` (out feat.)  ``input_dim=1`` (out ch.)
-  dW = dY^T X     batch (x tokens / positions)     ``weight_dim=-2``             ``weight_dim=-1`` (W)
+  dW = dY^T X     batch (x tokens / positions)     ``weight_dim=0`` (batch)      ``weight_dim=0`` (batch)
   ==============  ===============================  ============================  =====================
 
-  For dW the default groups ``m`` consecutive entries of the flattened
-  reduction index: consecutive samples of a 2-D ``[batch, out]`` dY,
-  consecutive tokens of a ``[batch, tokens, out]`` dY, consecutive pixels of
-  one image row for a conv. When both GEMMs are pruned along the same dim one
-  draw serves both; otherwise each GEMM gets an independent draw. Every draw is
-  unbiased, so dX and dW stay unbiased estimates of the dense gradients.
+  For dW the default groups ``m`` consecutive samples of the batch at the same
+  feature / channel and position (the batch is part of dW's reduction for
+  every layer type, and blocks along dim 0 keep the innermost dims contiguous,
+  which is what makes the masks cheap). When both GEMMs are pruned along the
+  same dim one draw serves both; otherwise each GEMM gets an independent draw.
+  Every draw is unbiased, so dX and dW stay unbiased estimates of the dense
+  gradients. A batch that is not a multiple of ``m`` follows ``tail``.
 
 Randomness: each layer owns a ``torch.Generator`` seeded from ``cfg.seed`` and
 the layer's name, so runs repeat exactly (``seed=None`` uses torch's global RNG).
@@ -171,7 +172,7 @@ class GradNMTransform(GradTransform):
     """grad_output-slot module: N:M-prune dY for the chosen backward GEMMs."""
 
     def __init__(self, n: int, m: int, method: str = "mvue", gemms: tuple[str, ...] = GEMMS,
-                 input_dim: int = -1, weight_dim: int = -2, tail: str = "pad", seed: Optional[int] = 0,
+                 input_dim: int = -1, weight_dim: int = 0, tail: str = "pad", seed: Optional[int] = 0,
                  where: str = "") -> None:
         super().__init__()
         self.n, self.m, self.method, self.gemms = n, m, method, tuple(gemms)
@@ -224,7 +225,7 @@ def _act_handler(layer: nn.Module, name: str, cfg: ActNM) -> None:
 def _grad_handler(layer: nn.Module, name: str, cfg: GradNM) -> None:
     conv = isinstance(layer, GemmConv2d)
     in_dim = cfg.input_dim if cfg.input_dim is not None else (1 if conv else -1)
-    w_dim = cfg.weight_dim if cfg.weight_dim is not None else (-1 if conv else -2)
+    w_dim = cfg.weight_dim if cfg.weight_dim is not None else 0
     t = GradNMTransform(cfg.n, cfg.m, cfg.method, cfg.gemms, in_dim, w_dim, cfg.tail,
                         _layer_seed(cfg.seed, name), where=name)
     layer.add("grad_output", t)  # type: ignore[operator]
