@@ -1,0 +1,235 @@
+"""``thrifty.bench.run``: one model, one backend, any scenarios, in a subprocess with pinned threads.
+
+Example:
+    >>> import thrifty as th
+    >>> rep = th.bench.run("resnet20", scenarios="all", backend="onnxruntime", outdir="reports/bench")  # doctest: +SKIP
+    >>> rep["scenarios"]["Offline"]["value"]  # samples/s  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from thrifty.bench.harness import Samples
+from thrifty.bench.settings import SCENARIOS, BenchSettings
+from thrifty.utils import atomic_write_text, get_logger
+
+__all__ = ["Workload", "load_workload", "run", "tokenize_fixed"]
+
+log = get_logger("thrifty.bench")
+BACKENDS = ("torch", "onnxruntime")
+
+
+@dataclass
+class Workload:
+    """A model (or ONNX file) with its Query Sample Library contents and export metadata."""
+
+    name: str
+    model: Optional[nn.Module]
+    samples: Samples
+    input_names: list[str]
+    onnx_path: Optional[Path] = None
+
+
+def tokenize_fixed(model: nn.Module, texts: Sequence[str], seq_len: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """MiniLM inputs padded/truncated to exactly ``seq_len`` tokens (fixed-size samples for batching)."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise TypeError(f"{type(model).__name__} has no .tokenizer; pass tokenized data as Samples")
+    enc = tok(list(texts), padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def _as_samples(data: Any, name: str = "data") -> Samples:
+    if isinstance(data, Samples):
+        return data
+    if isinstance(data, torch.utils.data.TensorDataset):
+        ts = [t.numpy() for t in data.tensors]
+        return Samples(tuple(ts[:-1]), ts[-1], name) if len(ts) > 1 else Samples(tuple(ts), None, name)
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        return Samples((np.asarray(data),), None, name)
+    if isinstance(data, dict) and "inputs" in data:
+        ins = data["inputs"]
+        ins = tuple(np.asarray(a) for a in (ins if isinstance(ins, (tuple, list)) else (ins,)))
+        return Samples(ins, None if data.get("labels") is None else np.asarray(data["labels"]), name)
+    raise TypeError(f"data of type {type(data).__name__} is not supported: pass a dataset name, a "
+                    f"thrifty.bench.Samples, a TensorDataset (inputs..., labels), an array, or "
+                    f"{{'inputs': ..., 'labels': ...}}")
+
+
+def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *, seq_len: int = 128,
+                  max_samples: Optional[int] = None, seed: int = 0) -> Workload:
+    """Resolve a zoo name ("resnet20" -> pretrained on digits32, "minilm" -> text sentences at ``seq_len``),
+    a saved thrifty model, an .onnx file or an nn.Module, and its data (default: the model's bundled set)."""
+    from thrifty.data import load_dataset
+
+    onnx_path = None
+    if isinstance(model, (str, os.PathLike)):
+        s = str(model)
+        if s.endswith(".onnx"):
+            if not Path(s).is_file():
+                raise FileNotFoundError(f"ONNX model not found: {s}")
+            onnx_path, name, mod = Path(s), Path(s).stem, None
+        elif Path(s).exists() or Path(s + ".yaml").exists() or s.endswith((".safetensors", ".yaml")):
+            from thrifty.train import load_model
+
+            mod, meta = load_model(s)
+            name = Path(s).stem
+            data = data if data is not None else meta.get("dataset")
+        elif s == "minilm":
+            from thrifty.models import create
+
+            mod, name = create("minilm"), "minilm"
+        elif s == "resnet20":
+            from thrifty.train import pretrained
+
+            mod, name = pretrained("resnet20", "digits32", seed=seed), "resnet20"
+            data = data if data is not None else "digits32"
+        else:
+            from thrifty.models import create, list_models
+
+            if s not in list_models():
+                raise ValueError(f"model {s!r} is neither a file nor a registered model ({', '.join(list_models())})")
+            mod, name = create(s), s
+    elif isinstance(model, nn.Module):
+        mod, name = model, type(model).__name__.lower()
+    else:
+        raise TypeError(f"model must be a zoo name, a path or an nn.Module, got {type(model).__name__}")
+    if data is None and name == "minilm":
+        data = "text"
+    if data is None:
+        raise ValueError(f"no data for model {name!r}: pass data= (a dataset name, Samples or TensorDataset)")
+    if isinstance(data, str):
+        splits = load_dataset(data, seed=0)
+        if data == "text":
+            if mod is None or not hasattr(mod, "tokenizer"):
+                raise ValueError("the 'text' dataset needs a model with a tokenizer (MiniLM)")
+            ids, mask = tokenize_fixed(mod, splits.test_texts, seq_len)
+            samples = Samples((ids, mask), splits.test.tensors[1].numpy(), f"text@{seq_len}")
+        else:
+            samples = _as_samples(splits.test, data)
+    else:
+        samples = _as_samples(data)
+    if max_samples is not None and len(samples) > max_samples:
+        samples = Samples(samples.batch(range(max_samples)),
+                          None if samples.labels is None else samples.labels[:max_samples], samples.name)
+    names = ["input_ids", "attention_mask"] if len(samples.inputs) == 2 and samples.name.startswith("text") \
+        else [f"input_{i}" for i in range(len(samples.inputs))]
+    if mod is not None:
+        mod = mod.eval()
+    return Workload(name, mod, samples, names, onnx_path)
+
+
+def _reference(ref: Any, wl: Workload) -> Optional[np.ndarray]:
+    from thrifty.bench.backends import TorchBackend
+
+    if ref is None or (isinstance(ref, str) and ref == "none"):
+        return None
+    if isinstance(ref, np.ndarray):
+        return ref
+    if isinstance(ref, str) and ref == "auto":
+        ref = wl.model
+        if ref is None:
+            return None
+    if not isinstance(ref, nn.Module):
+        raise TypeError(f"reference must be 'auto', None, an array or an nn.Module, got {type(ref).__name__}")
+    be = TorchBackend(ref)
+    outs = [np.asarray(be(wl.samples.batch(range(i, min(i + 256, len(wl.samples)))))).reshape(-1 if False else
+            min(256, len(wl.samples) - i), -1) for i in range(0, len(wl.samples), 256)]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
+        scenarios: Union[str, Sequence[str]] = "Offline", backend: str = "torch",
+        settings: Optional[BenchSettings] = None, outdir: Union[str, os.PathLike] = "reports/bench",
+        accuracy: bool = True, reference: Any = "auto", isolate: bool = True, seq_len: int = 128,
+        max_samples: Optional[int] = None, variant: Optional[str] = None) -> dict[str, Any]:
+    """Benchmark ``model`` under LoadGen scenarios and return (and write ``outdir/result.json``) the results.
+
+    ``backend="onnxruntime"`` exports the model (int8 QDQ where it holds thrifty quantizers) and runs ONNX
+    Runtime; ``reference`` ("auto" = the given PyTorch model's own outputs, or a module/array) is what the
+    accuracy run compares LoadGen's logged responses to. ``isolate`` runs the benchmark in a subprocess with
+    OMP/MKL thread counts set before torch is imported (threaded SUTs need it).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    scen = list(SCENARIOS) if scenarios == "all" else [scenarios] if isinstance(scenarios, str) else list(scenarios)
+    settings = settings or BenchSettings()
+    wl = load_workload(model, data, seq_len=seq_len, max_samples=max_samples, seed=settings.seed)
+    psc = settings.performance_sample_count
+    if psc is not None and psc > len(wl.samples):
+        raise ValueError(f"performance_sample_count={psc} is larger than the dataset ({len(wl.samples)} samples)")
+    variant = variant or f"{wl.name}_{backend}"
+    out = Path(outdir) / variant
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    ref = _reference(reference, wl)
+    job: dict[str, Any] = {"backend": backend, "scenarios": scen, "settings": settings.to_yaml(),
+                           "accuracy": accuracy, "outdir": str(out.resolve()), "samples": str((out / "samples.npz").resolve())}
+    arrays = {f"input_{i}": a for i, a in enumerate(wl.samples.inputs)}
+    if wl.samples.labels is not None:
+        arrays["labels"] = wl.samples.labels
+    if ref is not None:
+        arrays["reference"] = ref
+    np.savez(out / "samples.npz", **arrays)
+    if backend == "onnxruntime":
+        from thrifty.bench.export import export_onnx
+
+        path = out / "model.onnx"
+        if wl.onnx_path is not None:
+            shutil.copyfile(wl.onnx_path, path)
+        else:
+            ex = tuple(torch.from_numpy(a[:2]) for a in wl.samples.inputs)
+            export_onnx(wl.model, ex, path, input_names=wl.input_names)
+        job["model"] = str(path.resolve())
+        artifact = path
+    else:
+        if wl.model is None:
+            raise ValueError("the torch backend needs a PyTorch model, not an .onnx file")
+        artifact = out / "model.pt"
+        torch.save(wl.model, artifact)
+        job["model"] = str(artifact.resolve())
+    atomic_write_text(out / "job.json", json.dumps(job, indent=1))
+    if isolate:
+        res = _run_subprocess(out, settings)
+    else:
+        from thrifty.bench.worker import execute
+
+        res = execute(job)
+    res.update(variant=variant, model=wl.name, backend=backend, artifact_bytes=artifact.stat().st_size,
+               dataset=wl.samples.name, isolated=isolate)
+    atomic_write_text(out / "result.json", json.dumps(res, indent=1, default=_jsonable))
+    return res
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _run_subprocess(out: Path, settings: BenchSettings) -> dict[str, Any]:
+    threads = str(settings.intra_threads())
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
+               PYTHONPATH=os.pathsep.join([p for p in sys.path if p] + [os.environ.get("PYTHONPATH", "")]))
+    # Run from the output folder: LoadGen and anything else reading the CWD see only our files.
+    p = subprocess.run([sys.executable, "-m", "thrifty.bench.worker", str(out / "job.json")], cwd=out, env=env,
+                       capture_output=True, text=True)
+    (out / "worker.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit code {p.returncode}"]
+        raise RuntimeError(f"benchmark subprocess failed: {tail[0]} (full log: {out / 'worker.log'})")
+    return json.loads((out / "worker_result.json").read_text())

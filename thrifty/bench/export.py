@@ -1,0 +1,296 @@
+"""ONNX export: float32, and int8 QuantizeLinear/DequantizeLinear graphs that reuse thrifty's own quantizers.
+
+For every Gemm layer whose weight slot ends in a frozen quantizer (``thrifty.quant.UniformQuantizer`` or anything
+with ``bits/symmetric/per_channel/axis/scale/zero_point``), the exported graph stores the quantizer's integer codes
+(int8 when symmetric, uint8 otherwise) with its per-channel scales/zero points behind a DequantizeLinear; the input
+quantizer becomes a per-tensor QuantizeLinear -> DequantizeLinear pair with the same scale/zero point. A
+BatchNormalization right after a quantized Conv is folded into that Conv's per-channel weight scales (codes keep
+their values, up to sign), so ONNX Runtime can fuse DQ -> Conv -> Q into QLinearConv. Nothing is re-quantized:
+the parameters are exactly the PTQ result's.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from thrifty.bench.export import export_onnx
+    >>> p = export_onnx(nn.Sequential(nn.Linear(4, 2)), (torch.randn(1, 4),), "/tmp/thrifty_doc.onnx")
+    >>> p.name
+    'thrifty_doc.onnx'
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from thrifty.utils import atomic_write_bytes
+
+__all__ = ["export_onnx", "LayerQuant", "quant_layers"]
+
+
+@dataclass
+class LayerQuant:
+    """The integer form of one quantized Gemm layer, read from its slot quantizers."""
+
+    name: str
+    weight: np.ndarray           # W_eff, float32, PyTorch layout (what strip() bakes in)
+    codes: np.ndarray            # integer codes, PyTorch layout
+    w_scale: np.ndarray          # (out,) per-channel or () per-tensor
+    w_zp: np.ndarray             # same shape as w_scale, integer
+    w_signed: bool
+    w_bits: int
+    x_qparams: Optional[tuple[float, int, int, int, bool]]  # (scale, zp, qmin, qmax, signed) or None
+
+
+def _is_quantizer(m: Any) -> bool:
+    return all(hasattr(m, a) for a in ("bits", "symmetric", "per_channel", "scale", "zero_point"))
+
+
+def _last_quantizer(slot: Optional[nn.Module]) -> tuple[Optional[nn.Module], int]:
+    """The slot's quantizer if it is the slot's last transform, and how many transforms the slot has."""
+    if slot is None:
+        return None, 0
+    mods = list(slot.children()) if isinstance(slot, nn.Sequential) else [slot]
+    last = mods[-1] if mods else None
+    return (last if _is_quantizer(last) else None), len(mods)
+
+
+def _qparams(q: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from thrifty.ops import quant as Q
+
+    if getattr(q, "mode", "frozen") != "frozen":  # dynamic quantizers: the same range they would use now
+        lo, hi = Q.estimate_range(t, getattr(q, "estimator", "minmax"), bits=q.bits, symmetric=q.symmetric,
+                                  axis=q.axis if q.per_channel else None, **getattr(q, "estimator_kw", {}))
+        return Q.qparams_from_range(lo, hi, q.bits, q.symmetric)
+    return q.scale.detach().float(), q.zero_point.detach().float()
+
+
+@torch.no_grad()
+def quant_layers(model: nn.Module) -> list[LayerQuant]:
+    """Integer codes/scales of every Gemm layer with a weight quantizer (ValueError for unexportable ones)."""
+    from thrifty.nn import gemm_layers
+    from thrifty.ops import quant as Q
+
+    out = []
+    for name, layer in gemm_layers(model):
+        wq, _ = _last_quantizer(getattr(layer.slots, "weight", None))
+        xq, nx = _last_quantizer(getattr(layer.slots, "input", None))
+        if wq is None:
+            if xq is not None:
+                raise ValueError(f"layer {name!r}: input is quantized but the weight is not; int8 export needs both")
+            continue
+        if nx > 1:
+            raise ValueError(f"layer {name!r}: the input slot has {nx} transforms; only a single quantizer "
+                             f"can be exported to ONNX")
+        if wq.bits > 8 or (xq is not None and xq.bits > 8):
+            raise ValueError(f"layer {name!r}: {max(wq.bits, getattr(xq, 'bits', 0))}-bit quantizers do not fit "
+                             f"int8/uint8 ONNX tensors")
+        if wq.per_channel and wq.axis != 0:
+            raise ValueError(f"layer {name!r}: per-channel weight quantization must be along the output axis 0")
+        w_eff = layer.effective_weight().detach().float()
+        s, zp = _qparams(wq, w_eff)
+        zp = torch.zeros_like(s) if wq.symmetric else torch.round(zp)
+        shape = [-1] + [1] * (w_eff.ndim - 1) if s.ndim else []
+        sb, zb = (s.reshape(shape), zp.reshape(shape)) if shape else (s, zp)
+        qmin, qmax = Q.qrange(wq.bits, wq.symmetric)
+        codes = torch.clamp(torch.round(w_eff / sb) + zb, qmin, qmax)
+        if not torch.allclose((codes - zb) * sb, w_eff, rtol=1e-4, atol=1e-6 * float(s.max())):
+            raise ValueError(f"layer {name!r}: the effective weight is not on its quantizer's grid (a transform "
+                             f"after the quantizer?); cannot export integer codes")
+        xqp = None
+        if xq is not None:
+            xs, xz = _qparams(xq, torch.zeros(1))
+            if xs.numel() != 1:
+                raise ValueError(f"layer {name!r}: per-channel activation quantization is not supported by the "
+                                 f"int8 export (needs per-tensor)")
+            xlo, xhi = Q.qrange(xq.bits, xq.symmetric)
+            xqp = (float(xs), 0 if xq.symmetric else int(round(float(xz))), xlo, xhi, bool(xq.symmetric))
+        out.append(LayerQuant(name, w_eff.numpy(), codes.numpy().astype(np.int64), s.numpy().astype(np.float32),
+                              zp.numpy().astype(np.int64), bool(wq.symmetric), int(wq.bits), xqp))
+    return out
+
+
+def _torch_export(model: nn.Module, example: tuple, input_names: Sequence[str], opset: int) -> bytes:
+    f = io.BytesIO()
+    dyn = {n: {0: "batch"} for n in input_names}
+    dyn["output"] = {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Legacy exporter: keeps module scopes and initializer names; PRESERVE keeps BatchNormalization
+        # separate so that its folding happens on the integer weights (below), not on float ones.
+        torch.onnx.export(model, example, f, dynamo=False, opset_version=opset, input_names=list(input_names),
+                          output_names=["output"], dynamic_axes=dyn, do_constant_folding=True,
+                          training=torch.onnx.TrainingMode.PRESERVE)
+    return f.getvalue()
+
+
+def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike,
+                input_names: Optional[Sequence[str]] = None, opset: int = 17) -> Path:
+    """Export ``model`` to ONNX at ``path`` (atomic); quantized Gemm layers become int8 QDQ (see module doc).
+
+    ``example_inputs``: a tuple of tensors with a batch dimension (it is made dynamic). The model is not modified.
+    """
+    from thrifty.core import strip
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx needs an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    names = list(input_names or [f"input_{i}" for i in range(len(example_inputs))])
+    if len(names) != len(example_inputs):
+        raise ValueError(f"{len(names)} input names for {len(example_inputs)} example inputs")
+    m = copy.deepcopy(model).eval()
+    layers = quant_layers(m)
+    m = strip(m)
+    try:
+        data = _torch_export(m, tuple(example_inputs), names, opset)
+    except Exception as e:
+        raise ValueError(f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
+    if layers:
+        import onnx
+
+        proto = onnx.load_from_string(data)
+        _insert_qdq(proto, layers)
+        onnx.checker.check_model(proto)
+        data = proto.SerializeToString()
+    return atomic_write_bytes(path, data)
+
+
+# ----------------------------------------------------------------------------------------- graph surgery
+def _insert_qdq(proto, layers: list[LayerQuant]) -> None:
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    arrays = {n: numpy_helper.to_array(i) for n, i in inits.items()}
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def const(name: str) -> Optional[np.ndarray]:
+        while name not in arrays and name in producers and producers[name].op_type == "Identity":
+            name = producers[name].input[0]
+        if name in arrays:
+            return arrays[name]
+        p = producers.get(name)
+        if p is not None and p.op_type == "Constant":
+            return numpy_helper.to_array(p.attribute[0].t)
+        return None
+
+    new_inits, new_nodes, removed = [], [], set()
+    for lq in layers:
+        found = _find_node(g.node, arrays, lq)
+        if found is None:  # not on the forward path (e.g. an unused pooler): nothing to deploy
+            continue
+        node, layout = found
+        tag = lq.name.replace(".", "_") or "root"
+        codes, scale, zp = lq.codes, lq.w_scale.copy(), lq.w_zp.copy()
+        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        bias = const(bias_name) if bias_name else None
+        if node.op_type == "Conv" and scale.ndim == 1:
+            bn = consumers.get(node.output[0], [])
+            if len(bn) == 1 and bn[0].op_type == "BatchNormalization" and len(bn[0].output) == 1:
+                bn = bn[0]
+                gamma, beta, mean, var = (const(x) for x in bn.input[1:5])
+                eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+                if all(v is not None for v in (gamma, beta, mean, var)):
+                    a = (gamma / np.sqrt(var + eps)).astype(np.float64)
+                    c = np.zeros_like(a) if bias is None else bias.astype(np.float64)
+                    bias = (a * c + beta - a * mean).astype(np.float32)
+                    flip = a < 0
+                    top = (1 << lq.w_bits) - 1 if not lq.w_signed else 0
+                    codes = codes.copy()
+                    codes[flip] = (-codes[flip]) if lq.w_signed else (top - codes[flip])
+                    zp = np.where(flip, (-zp) if lq.w_signed else (top - zp), zp)
+                    scale = (scale * np.abs(a)).astype(np.float32)
+                    node.output[0] = bn.output[0]  # the Conv now produces what the BN produced
+                    removed.add(id(bn))
+        qdtype = np.int8 if lq.w_signed else np.uint8
+        gcodes = codes.T if layout == "matmul" else codes
+        axis = 1 if layout == "matmul" else 0
+        wq_name, ws_name, wz_name, wdq = f"{tag}.wq", f"{tag}.w_scale", f"{tag}.w_zp", f"{tag}.w_dq"
+        new_inits += [numpy_helper.from_array(np.ascontiguousarray(gcodes).astype(qdtype), wq_name),
+                      numpy_helper.from_array(scale.astype(np.float32), ws_name),
+                      numpy_helper.from_array(zp.astype(qdtype), wz_name)]
+        kw = {"axis": axis} if scale.ndim == 1 else {}
+        new_nodes.append((node, helper.make_node("DequantizeLinear", [wq_name, ws_name, wz_name], [wdq],
+                                                 name=f"{tag}/w_DequantizeLinear", **kw)))
+        node.input[1] = wdq
+        if bias is not None:
+            b_name = f"{tag}.bias_folded"
+            new_inits.append(numpy_helper.from_array(bias.astype(np.float32), b_name))
+            if len(node.input) > 2:
+                node.input[2] = b_name
+            else:
+                node.input.append(b_name)
+        if lq.x_qparams is not None:
+            s, z, qmin, qmax, signed = lq.x_qparams
+            xdt = np.int8 if signed else np.uint8
+            src = node.input[0]
+            names = [f"{tag}.x_scale", f"{tag}.x_zp"]
+            new_inits += [numpy_helper.from_array(np.array(s, dtype=np.float32), names[0]),
+                          numpy_helper.from_array(np.array(z, dtype=xdt), names[1])]
+            info = np.iinfo(xdt)
+            if (qmin, qmax) != (info.min, info.max):  # narrower grid than the container: clip like thrifty does
+                lo, hi = f"{tag}.x_lo", f"{tag}.x_hi"
+                new_inits += [numpy_helper.from_array(np.array((qmin - z) * s, dtype=np.float32), lo),
+                              numpy_helper.from_array(np.array((qmax - z) * s, dtype=np.float32), hi)]
+                new_nodes.append((node, helper.make_node("Clip", [src, lo, hi], [f"{tag}.x_clip"],
+                                                         name=f"{tag}/x_Clip")))
+                src = f"{tag}.x_clip"
+            new_nodes.append((node, helper.make_node("QuantizeLinear", [src] + names, [f"{tag}.x_q"],
+                                                     name=f"{tag}/x_QuantizeLinear")))
+            new_nodes.append((node, helper.make_node("DequantizeLinear", [f"{tag}.x_q"] + names, [f"{tag}.x_dq"],
+                                                     name=f"{tag}/x_DequantizeLinear")))
+            node.input[0] = f"{tag}.x_dq"
+    # Rebuild the node list in topological order: inserted nodes go right before their consumer.
+    before: dict[int, list] = {}
+    for anchor, n in new_nodes:
+        before.setdefault(id(anchor), []).append(n)
+    nodes = []
+    for n in g.node:
+        if id(n) in removed:
+            continue
+        nodes.extend(before.get(id(n), []))
+        nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(new_inits)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used or i.name in {x.name for x in g.input}]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def _find_node(nodes, arrays: dict[str, np.ndarray], lq: LayerQuant):
+    """The Conv/Gemm/MatMul node computing layer ``lq`` (its weight initializer equals W_eff or W_eff^T), or
+    None when the layer is not in the graph (unused in forward)."""
+    w = lq.weight
+    hits = []
+    for n in nodes:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2 or n.input[1] not in arrays:
+            continue
+        a = arrays[n.input[1]]
+        if n.op_type == "Conv" and a.shape == w.shape and np.array_equal(a, w):
+            hits.append((n, "conv"))
+        elif n.op_type == "Gemm":
+            tb = next((att.i for att in n.attribute if att.name == "transB"), 0)
+            if tb and a.shape == w.shape and np.array_equal(a, w):
+                hits.append((n, "gemm"))
+            elif not tb and a.shape == w.T.shape and np.array_equal(a, w.T):
+                hits.append((n, "matmul"))
+        elif n.op_type == "MatMul" and a.shape == w.T.shape and np.array_equal(a, w.T):
+            hits.append((n, "matmul"))
+    if len(hits) > 1:  # identical weights: use the module scope in the node name to disambiguate
+        scoped = [h for h in hits if "/" + lq.name.replace(".", "/") + "/" in h[0].name
+                  or f"/{lq.name}/" in h[0].name]
+        hits = scoped or hits[:1]
+    return hits[0] if hits else None
