@@ -219,3 +219,27 @@ def test_bad_grouping_dim_names_the_layer():
     thrifty.apply(model, GradNM(2, 4, tail="error", gemms=("input",)))
     with pytest.raises(ValueError, match="not a multiple of m=4"):
         model(torch.randn(2, 4)).sum().backward()
+
+
+def test_composes_with_8bit_training_gradients():
+    """Train8 (8-bit W/A, stochastic 8-bit dY, bifurcated 16-bit dW stream) then GradNM in the same layers."""
+    from thrifty.quant.train8 import Train8
+
+    class Spy(GradTransform):  # Chain calls it once per stream once they differ: with dX's, then dW's
+        def forward(self, dy):
+            self.seen = getattr(self, "seen", []) + [dy]
+            return dy, dy
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    thrifty.apply(model, Train8())
+    thrifty.apply(model, GradNM(2, 4))
+    spies = [Spy(), Spy()]
+    for layer, spy in zip((model[0], model[2]), spies):
+        layer.add("grad_output", spy)
+        assert [type(m).__name__ for m in layer.slots.grad_output] == ["GradQuant", "GradNMTransform", "Spy"]
+    (model(torch.randn(8, 16)) * torch.randn(8, 8)).sum().backward()
+    gx, gw = spies[1].seen  # the two streams of the last layer after quantization and pruning
+    assert ((gx.view(8, 2, 4) != 0).sum(-1) <= 2).all()  # dX stream: 2:4 along output features
+    assert ((gw.view(2, 4, 8) != 0).sum(1) <= 2).all()  # dW stream: 2:4 along the batch
+    assert torch.isfinite(model[0].weight.grad).all() and model[0].weight.grad.abs().sum() > 0
