@@ -1,9 +1,10 @@
 """FS-Merge vs. baselines: merge models trained on different tasks from different random inits.
 
-Tasks are label splits of the bundled digits data (0-4 vs 5-9, labels renumbered per task; and a
-3-task split 0-2 / 3-5 / 6-9). Each original model is trained from its own random init on its own task
-with its own head. Merging methods see only a few unlabeled training inputs per task (16 or 100, plus 4
-augmented copies each). Per-task accuracy uses each task's own logits (task_slices).
+Tasks are label splits of bundled data (digits 0-4 vs 5-9, labels renumbered per task; a 3-task split
+0-2 / 3-5 / 6-9; and MNIST-1D 0-4 vs 5-9 as a harder MLP case). Each original model is trained from its
+own random init on its own task with its own head. Merging methods see only a few unlabeled training
+inputs per task (16 or 100) plus augmented copies (24 per sample at 16, 4 at 100; the same for KD).
+Per-task accuracy uses each task's own logits (task_slices).
 
     python experiments/merge.py --quick    # CI-sized (MLP + small ViT, fewer steps)
     python experiments/merge.py            # full: writes results/merge.json and results/merge.md
@@ -38,6 +39,10 @@ SPLIT3 = [(0, 1, 2), (3, 4, 5), (6, 7, 8, 9)]
 
 
 def arch_setup(arch: str, quick: bool) -> dict:
+    if arch == "mlp1d":
+        return dict(dataset="mnist1d", model=dict(name="mlp", in_features=40, hidden=[256, 256]),
+                    train=TrainConfig(epochs=60, lr=2e-3, optimizer="adamw", weight_decay=0.05, batch_size=128),
+                    fs_steps=300)
     if arch == "mlp":
         return dict(dataset="digits", model=dict(name="mlp", in_features=64, hidden=[128, 128]),
                     train=TrainConfig(epochs=30, lr=0.05, batch_size=64), fs_steps=120 if quick else 300)
@@ -105,23 +110,25 @@ def run(arch: str, splits: list, quick: bool, sizes: tuple[int, ...], methods: t
         record("weight averaging", None, lambda: average(models))
     for n in sizes:
         few = [few_shot(tr, n, seed=i) for i, (tr, _) in enumerate(tasks)]
+        aug = max(4, round(400 / n))  # augmented copies: about 400 inputs per task, same for KD and FS-Merge
         if "perm" in methods:
             if arch == "mlp":
                 record("permute+avg (weights)", n, lambda: permute_and_average(models, few, PermuteAverage("weight")))
             record("permute+avg (activations)", n, lambda: permute_and_average(models, few, PermuteAverage()))
         if "kd" in methods:
-            record("distillation (KD)", n, lambda: distill(models, few, Distill(steps=steps, lr=1e-3, progress=False)))
+            kd = Distill(steps=steps, lr=1e-3, augment=aug, progress=False)
+            record("distillation (KD)", n, lambda: distill(models, few, kd))
         for mode in ("global", "local"):
             if f"fs-{mode}" in methods:
-                cfg = FSMerge(mode=mode, steps=steps, lr=1e-2, rank=32, progress=False)
+                cfg = FSMerge(mode=mode, steps=steps, augment=aug, progress=False)
                 record(f"FS-Merge ({mode})", n, lambda cfg=cfg: fs_merge(models, few, cfg))
         for param in ("diagonal", "lowrank", "full"):
             if f"fs-{param}" in methods:
-                cfg = FSMerge(param=param, steps=steps, lr=1e-2, rank=32, progress=False)
+                cfg = FSMerge(param=param, steps=steps, augment=aug, progress=False)
                 record(f"FS-Merge (global, {param})", n, lambda cfg=cfg: fs_merge(models, few, cfg))
         for wm in (0.5, 2.0):
             if f"fs-width{wm}" in methods:
-                cfg = FSMerge(width_mult=wm, steps=steps, lr=1e-2, rank=32, progress=False)
+                cfg = FSMerge(width_mult=wm, steps=steps, augment=aug, progress=False)
                 record(f"FS-Merge (global, width x{wm})", n, lambda cfg=cfg: fs_merge(models, few, cfg))
     for r in rows:
         r["rel"] = [round(a / o, 4) for a, o in zip(r["acc"], orig)]
@@ -133,7 +140,8 @@ def run(arch: str, splits: list, quick: bool, sizes: tuple[int, ...], methods: t
 def to_markdown(rows: list[dict], quick: bool) -> str:
     out = [f"# Model merging (FS-Merge vs. baselines){' — quick mode' if quick else ''}", "",
            "Digits label splits, each original trained from its own random init; merged models see only the "
-           "given number of unlabeled samples per task (+4 augmented copies). Accuracy is per task on its own "
+           "given number of unlabeled samples per task (+24 augmented copies each at 16, +4 at 100; KD gets the "
+           "same). Accuracy is per task on its own "
            "logits; rel = merged / original accuracy of that task, averaged over tasks.", ""]
     for (arch, k) in dict.fromkeys((r["arch"], r["k"]) for r in rows):
         sub = [r for r in rows if r["arch"] == arch and r["k"] == k]
@@ -164,6 +172,7 @@ def main() -> None:
                     core + ("fs-diagonal", "fs-lowrank", "fs-full", "fs-width0.5", "fs-width2.0"))
         rows += run("vit", SPLIT2, False, (16, 100), core)
         rows += run("mlp", SPLIT3, False, (16, 100), ("ensemble", "average", "perm", "kd", "fs-global"))
+        rows += run("mlp1d", SPLIT2, False, (16, 100), core)
     total = time.perf_counter() - t0
     name = "merge_quick" if args.quick else "merge"
     out = Path(args.out)

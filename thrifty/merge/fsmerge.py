@@ -49,12 +49,12 @@ class FSMerge(Config):
     ``width_mult`` scales the merged model's widths relative to the originals'."""
 
     param: str = "diag_lowrank"
-    rank: int = 16
-    init: str = "first"
+    rank: int = 8
+    init: str = "average"
     mode: str = "global"
     width_mult: float = 1.0
     steps: int = 300
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     batch_size: int = 64
     augment: int = 4
