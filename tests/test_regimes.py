@@ -166,7 +166,7 @@ def test_cli_regime_and_eval_sizes(tmp_path, capsys):
 
     out = tmp_path / "r"
     assert main(["train", "--model", "resnet20", "--dataset", "digits32", "--steps", "2", "--batch-size", "8",
-                 "--regime", "batch-aug:2", "--out", str(out)]) == 0
+                 "--model-arg", "width=4", "--regime", "batch-aug:2", "--out", str(out)]) == 0
     assert main(["eval", str(out / "model"), "--sizes", "16,24", "--calibrate-bn", "--calib-batches", "2"]) == 0
     rows = json.loads((out / "eval" / "eval.json").read_text())["rows"]
     assert [r["size"] for r in rows] == [16, 24] and all(r["bn_calibrated"] for r in rows)

@@ -275,3 +275,22 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     for k, v in a0["state"].items():
         if "running" not in k:  # BN running stats are per process (DDP broadcasts rank 0's before forward)
             torch.testing.assert_close(a1["state"][k], v)
+
+
+def test_dataloader_workers_and_generic_datasets_match_fast_path():
+    class Pairs(torch.utils.data.Dataset):  # not a TensorDataset: goes through per-sample collate
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            return self.ds[i]
+
+    ds, cfg = _data(n=64), TrainConfig(steps=5, batch_size=16)
+    ref, generic, workers = _mlp(), _mlp(), _mlp()
+    fit(ref, ds, cfg=cfg, progress=False)
+    fit(generic, Pairs(ds), cfg=cfg, progress=False)
+    fit(workers, Pairs(ds), cfg=TrainConfig(steps=5, batch_size=16, num_workers=1), progress=False)
+    assert _same(ref, generic) and _same(ref, workers)

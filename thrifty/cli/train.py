@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20", help="registry name (thrifty.models.list_models())")
     p.add_argument("--dataset", default="digits32", help="digits | digits32 | mnist1d | a .pt/.npz/folder path")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", type=_model_arg,
+                   help="extra model keyword argument, YAML-parsed (repeatable), e.g. --model-arg width=8")
     p.add_argument("--epochs", type=float, default=None, help="epochs (default: the pretrained recipe's)")
     p.add_argument("--steps", type=int, default=None, help="total steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=None)
@@ -42,6 +44,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for opt in training_options():
         opt.add_arguments(p)
     p.set_defaults(func=run)
+
+
+def _model_arg(text: str | list | tuple) -> tuple[str, object]:
+    """``"width=8"`` -> ("width", 8) (values parsed as YAML); YAML config files may give [key, value] pairs."""
+    import yaml
+
+    if isinstance(text, (list, tuple)):
+        return str(text[0]), text[1]
+    key, sep, value = str(text).partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--model-arg expects KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quick and args.steps is None:
         cfg = dataclasses.replace(cfg, steps=5)
     out = Path(args.out or f"runs/{args.model}-{Path(str(args.dataset)).name}")
-    kwargs = model_kwargs_for(args.model, splits.input_shape, splits.num_classes, **extra_kw)
+    kwargs = model_kwargs_for(args.model, splits.input_shape, splits.num_classes,
+                              **{**extra_kw, **dict(_model_arg(a) for a in args.model_arg)})
     seed_everything(args.seed)
     model = create(args.model, **kwargs)
     option_meta = prepare_model(model, args)

@@ -33,7 +33,8 @@ def recalibrate_bn(model: nn.Module, ds: Dataset, size: int | None = None, batch
     """Re-estimate BN statistics of ``model`` (in place) on ``batches`` batches of ``ds`` at ``size``.
 
     Returns ``model``. A model without BatchNorm is returned unchanged."""
-    from thrifty.train.loop import _check_dataset, _collate
+    from thrifty.train.loop import _check_dataset
+    from thrifty.train.sampling import collate
 
     _check_dataset(ds, "BN calibration dataset")
     if batches < 1 or batch_size < 1:
@@ -54,7 +55,7 @@ def recalibrate_bn(model: nn.Module, ds: Dataset, size: int | None = None, batch
         order = torch.randperm(len(ds), generator=g)
         for b in range(batches):
             idx = order[(torch.arange(batch_size) + b * batch_size) % len(ds)]
-            x, _ = _collate(ds, idx.tolist())
+            x, _ = collate(ds, idx.tolist())
             x = x.to(device)
             model(resize(x, size) if size is not None else x)
     finally:

@@ -27,18 +27,19 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from thrifty.core import Config, register_config, to_dict
 from thrifty.train import dist as _dist
 from thrifty.train.augment import resize
 from thrifty.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from thrifty.train.sampling import collate, index_batches, loader
 
 __all__ = ["TrainConfig", "History", "StepState", "fit", "evaluate", "check_finite", "CKPT_NAME"]
 
 CKPT_NAME = "last.safetensors"
+_RESUME_FREE = {"eval_every", "eval_steps", "ckpt_every", "num_workers"}  # may change between runs on resume
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -153,42 +154,6 @@ def _check_dataset(ds: Any, what: str) -> None:
         raise ValueError(f"{what} is empty: nothing to train or evaluate on")
 
 
-def _collate(ds: Dataset, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(ds, TensorDataset):  # fast path: one gather per tensor instead of per-sample collate
-        i = torch.as_tensor(idx, dtype=torch.long)
-        return ds.tensors[0][i], ds.tensors[-1][i]
-    x, y = default_collate([ds[i] for i in idx])[:2]
-    return x, y
-
-
-def _index_batches(n: int, sizes: Callable[[int], int], start: int, total: int, seed: int,
-                   rank: int, world: int) -> Iterator[list[int]]:
-    """Index batches for steps start..total-1 from an endless stream of per-epoch DistributedSampler orders."""
-    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    per_rank = len(sampler)
-    pos = sum(sizes(t) for t in range(start))  # replay the cursor: exact resume without saving sampler state
-    epoch, off = divmod(pos, per_rank)
-    order: list[int] | None = None
-    for step in range(start, total):
-        need, batch = sizes(step), []
-        while need:
-            if order is None:
-                sampler.set_epoch(epoch)
-                order = list(iter(sampler))
-            take = min(need, per_rank - off)
-            batch += order[off:off + take]
-            need, off = need - take, off + take
-            if off == per_rank:
-                epoch, off, order = epoch + 1, 0, None
-        yield batch
-
-
-def _loader(ds: Dataset, batches: Iterator[list[int]], num_workers: int) -> Iterator[tuple[torch.Tensor, ...]]:
-    if num_workers == 0:
-        return (_collate(ds, b) for b in batches)
-    return iter(DataLoader(ds, batch_sampler=batches, num_workers=num_workers))
-
-
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -225,7 +190,7 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, size: int 
         device = next(model.parameters()).device
         correct, loss_sum, n = 0, 0.0, len(ds)
         for s in range(0, n, batch_size):
-            x, y = _collate(ds, list(range(s, min(s + batch_size, n))))
+            x, y = collate(ds, list(range(s, min(s + batch_size, n))))
             x, y = x.to(device), y.to(device)
             if size is not None:
                 x = resize(x, size)
@@ -266,13 +231,11 @@ def fit(model: nn.Module, train_ds: Dataset, test_ds: Dataset | None = None, cfg
     total = cfg.steps or max(1, round(cfg.epochs * spe))
     opt = _optimizer(model, cfg)
     hist, start = History(), 0
-    cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
+    cfg_dict = to_dict(cfg)
     if resume:
         info = load_checkpoint(ckpt, model, opt)
         saved = json.loads(info["extra"].get("cfg", "{}"))
-        diff = sorted(k for k in set(saved) | set(json.loads(cfg_json))
-                      if k not in ("eval_every", "eval_steps", "ckpt_every", "num_workers")
-                      and saved.get(k) != json.loads(cfg_json).get(k))
+        diff = sorted(k for k in set(saved) | set(cfg_dict) if k not in _RESUME_FREE and saved.get(k) != cfg_dict.get(k))
         if diff:
             raise CheckpointError(f"checkpoint {ckpt} was written with a different TrainConfig (fields {diff})")
         start, hist = info["step"], History.from_dict(info["extra"].get("history", {}))
@@ -280,7 +243,7 @@ def fit(model: nn.Module, train_ds: Dataset, test_ds: Dataset | None = None, cfg
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
     sizes = (lambda t: regime.batch_size(t, base)) if hasattr(regime, "batch_size") else (lambda t: base)
-    batches = _loader(train_ds, _index_batches(n, sizes, start, total, cfg.seed, rank, world), cfg.num_workers)
+    batches = loader(train_ds, index_batches(n, sizes, start, total, cfg.seed, rank, world), cfg.num_workers)
     device = next(model.parameters()).device
     eval_period = cfg.eval_steps or (cfg.eval_every * spe if cfg.eval_every else 0)
     ckpt_period = cfg.ckpt_every or eval_period or total
@@ -330,7 +293,7 @@ def fit(model: nn.Module, train_ds: Dataset, test_ds: Dataset | None = None, cfg
             bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k in ("train_loss", "test_acc")})
         hist.seconds = time.perf_counter() - t0
         if ckpt is not None and rank == 0 and (done % ckpt_period == 0 or done == total or state.stop):
-            save_checkpoint(ckpt, model, opt, done, {"cfg": cfg_json, "history": hist.to_dict()})
+            save_checkpoint(ckpt, model, opt, done, {"cfg": json.dumps(cfg_dict), "history": hist.to_dict()})
         if state.stop:
             break
     bar.close()

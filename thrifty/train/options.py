@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -58,8 +58,9 @@ def discover_plugins(basename: str) -> list[str]:
 
     found = []
     for info in pkgutil.iter_modules(thrifty.__path__):
-        name = f"thrifty.{info.name}.{basename}"
-        if info.ispkg and importlib.util.find_spec(name) is not None:
+        # look for the file first: find_spec would import every subpackage (some import heavy libraries)
+        if info.ispkg and any((Path(p) / info.name / f"{basename}.py").is_file() for p in thrifty.__path__):
+            name = f"thrifty.{info.name}.{basename}"
             importlib.import_module(name)
             found.append(name)
     return found
