@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from thrifty.data import load_dataset  # noqa: E402
 from thrifty.merge import (  # noqa: E402
     Distill, Ensemble, FSMerge, PermuteAverage, average, distill, evaluate_tasks, few_shot, fs_merge,
-    permute_and_average,
+    permute_and_average, zip_merge,
 )
 from thrifty.models import create  # noqa: E402
 from thrifty.train import TrainConfig, fit, load_checkpoint, save_checkpoint  # noqa: E402
@@ -115,6 +115,8 @@ def run(arch: str, splits: list, quick: bool, sizes: tuple[int, ...], methods: t
             if arch == "mlp":
                 record("permute+avg (weights)", n, lambda: permute_and_average(models, few, PermuteAverage("weight")))
             record("permute+avg (activations)", n, lambda: permute_and_average(models, few, PermuteAverage()))
+            if arch.startswith("mlp") and len(models) == 2:
+                record("ZipIt-style zip", n, lambda: zip_merge(models, few))
         if "kd" in methods:
             kd = Distill(steps=steps, lr=1e-3, augment=aug, progress=False)
             record("distillation (KD)", n, lambda: distill(models, few, kd))

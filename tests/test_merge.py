@@ -9,12 +9,14 @@ import torch.nn as nn
 
 from thrifty.core import from_yaml, to_yaml
 from thrifty.merge import (
-    Average, Distill, Ensemble, FSMerge, PermuteAverage, SuperNet, augment, average, distill, evaluate_tasks,
-    fs_merge, match_permutations, merge, permute_and_average, train_supernet,
+    Average, Distill, Ensemble, FSMerge, PermuteAverage, SuperNet, Zip, augment, average, distill, evaluate_tasks,
+    fs_merge, match_permutations, merge, permute_and_average, train_supernet, zip_merge,
 )
 from thrifty.merge.arch import arch_for
 from thrifty.merge.baselines import _points_from_perms
-from thrifty.merge.matching import assign, correlation, head_aware_match, match_features, weight_matching
+from thrifty.merge.matching import (
+    assign, correlation, head_aware_match, match_features, weight_matching, zip_pairs,
+)
 from thrifty.models import create
 
 PARAMS = ("diagonal", "lowrank", "diag_lowrank", "full")
@@ -154,6 +156,19 @@ def test_matching_math() -> None:
     assert torch.equal(p[got[0]], torch.arange(5))
     with pytest.raises(ValueError):
         assign(torch.ones(2, 3))
+    b = torch.randn(40, 3)
+    feats = torch.cat([b, b[:, [2, 0, 1]]], 1)  # model 2 = model 1 with units shuffled
+    assert zip_pairs(correlation(feats, feats)) == [(0, 4), (1, 5), (2, 3)]
+
+
+def test_zip_merge_of_a_model_with_a_permuted_copy_is_equivalent() -> None:
+    a = _models("mlp", 1)[0]
+    b, _ = _permuted(a, seed=3)
+    x = _x("mlp", 64, 2)
+    out = zip_merge([a, b], [x[:32], x[32:]], Zip())(x)
+    assert torch.allclose(out[:, :3], a(x), atol=1e-5) and torch.allclose(out[:, 3:], a(x), atol=1e-5)
+    with pytest.raises(ValueError, match="two MLPs"):
+        zip_merge(_models("mlp", 3), [x, x, x])
 
 
 @pytest.mark.parametrize("kind", ["mlp", "vit"])

@@ -26,7 +26,7 @@ def _save(tmp_path, name: str, seed: int, hidden=(32,), classes: int = 10) -> st
     return str(tmp_path / name)
 
 
-@pytest.mark.parametrize("method", ["fs-merge", "permute", "average", "distill"])
+@pytest.mark.parametrize("method", ["fs-merge", "permute", "zip", "average", "distill"])
 def test_merge_cli_saves_a_loadable_model(tmp_path, capsys, method: str) -> None:
     a, b = _save(tmp_path, "a", 0, classes=5), _save(tmp_path, "b", 1, classes=5)
     before = open(a + ".safetensors", "rb").read()

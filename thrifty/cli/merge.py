@@ -18,7 +18,7 @@ from pathlib import Path
 
 from thrifty.cli import _common
 
-METHODS = ("fs-merge", "average", "permute", "distill")
+METHODS = ("fs-merge", "average", "permute", "zip", "distill")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,7 +82,9 @@ def _task_splits(args: argparse.Namespace, metas: list[dict], models: list) -> l
 
 def run(args: argparse.Namespace) -> int:
     from thrifty.core import to_dict
-    from thrifty.merge import Average, Distill, FSMerge, PermuteAverage, evaluate_tasks, few_shot, merge, zoo_kwargs
+    from thrifty.merge import (
+        Average, Distill, FSMerge, PermuteAverage, Zip, evaluate_tasks, few_shot, merge, zoo_kwargs,
+    )
     from thrifty.train import load_model, save_model
 
     if len(args.models) < 2:
@@ -107,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = Distill(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed, progress=progress)
     elif args.method == "permute":
         cfg = PermuteAverage(matching=args.matching)
+    elif args.method == "zip":
+        cfg = Zip()
     else:
         cfg = Average()
     with _common.step(f"merging with {args.method}"):

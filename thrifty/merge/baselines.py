@@ -28,10 +28,12 @@ from thrifty.merge.arch import MLPArch, ViTArch, arch_for, check_models, task_sl
 from thrifty.merge.data import augment, num_threads, task_inputs
 from thrifty.merge.fsmerge import SuperNet
 from thrifty.merge.maps import MergePoint
-from thrifty.merge.matching import correlation, head_aware_match, match_features, perm_matrix, weight_matching
+from thrifty.merge.matching import (
+    correlation, head_aware_match, match_features, perm_matrix, weight_matching, zip_pairs,
+)
 
-__all__ = ["Average", "PermuteAverage", "Distill", "average", "permute_and_average", "match_permutations",
-           "distill", "Ensemble", "concat_heads"]
+__all__ = ["Average", "PermuteAverage", "Zip", "Distill", "average", "permute_and_average", "match_permutations",
+           "zip_merge", "distill", "Ensemble", "concat_heads"]
 
 
 @register_config
@@ -51,6 +53,13 @@ class PermuteAverage(Config):
     def __post_init__(self) -> None:
         if self.matching not in ("weight", "activation"):
             raise ValueError(f"PermuteAverage.matching must be 'weight' or 'activation', got {self.matching!r}")
+
+
+@register_config
+@dataclass(frozen=True)
+class Zip(Config):
+    """ZipIt-style merge of two MLPs: per hidden layer, greedily pair the most correlated units among both
+    models' units (within a model too); each merged unit averages its pair, unmerge copies it back."""
 
 
 @register_config
@@ -212,6 +221,27 @@ def permute_and_average(models: Sequence[nn.Module], data: Sequence | None = Non
     perms = match_permutations(models, x, cfg.matching, cfg.max_iter)
     arch = arch_for(models)
     return SuperNet(models, points=_points_from_perms(arch, perms)).fold()
+
+
+@torch.no_grad()
+def zip_merge(models: Sequence[nn.Module], data: Sequence, cfg: Zip = Zip()) -> nn.Module:
+    """ZipIt-style zipping (full, every layer; two MLPs) as a folded SuperNet with fixed maps."""
+    check_models(models)
+    if len(models) != 2 or not isinstance(arch_for(models), MLPArch):
+        raise ValueError("zip_merge supports exactly two MLPs; use fs_merge or permute_and_average otherwise")
+    arch = arch_for(models)
+    feats = _mlp_features(arch, torch.cat(task_inputs(models, data)))
+    pts = {}
+    for l, d in enumerate(arch.dims()):
+        both = torch.cat([feats[0][l], feats[1][l]], 1)
+        pairs = zip_pairs(correlation(both, both))
+        ms, us = [torch.zeros(d, d) for _ in range(2)], [torch.zeros(d, d) for _ in range(2)]
+        for j, pair in enumerate(pairs):
+            for f in pair:
+                ms[f // d][j, f % d] += 0.5
+                us[f // d][f % d, j] = 1.0
+        pts[f"h{l + 1}"] = MergePoint.fixed(ms, us)
+    return SuperNet(models, points=nn.ModuleDict(pts)).fold()
 
 
 def distill(models: Sequence[nn.Module], data: Sequence, cfg: Distill = Distill()) -> nn.Module:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["assign", "correlation", "match_features", "perm_matrix", "weight_matching", "head_aware_match"]
+__all__ = ["assign", "correlation", "match_features", "perm_matrix", "weight_matching", "head_aware_match",
+           "zip_pairs"]
 
 
 def assign(score: torch.Tensor) -> torch.Tensor:
@@ -104,3 +105,20 @@ def weight_matching(wa: Sequence[torch.Tensor], ba: Sequence[torch.Tensor], wb: 
         if not changed:
             break
     return perms
+
+
+def zip_pairs(corr: torch.Tensor) -> list[tuple[int, int]]:
+    """ZipIt-style greedy pairing of 2d features (two models' units, concatenated) into d pairs: repeatedly
+    take the most correlated remaining pair, within or across models. ``corr`` is the 2d x 2d correlation."""
+    n = corr.shape[0]
+    if corr.ndim != 2 or n != corr.shape[1] or n % 2:
+        raise ValueError(f"zip_pairs needs an even square correlation matrix, got {tuple(corr.shape)}")
+    c = corr.detach().double().clone()
+    c.fill_diagonal_(-float("inf"))
+    pairs = []
+    for _ in range(n // 2):
+        a, b = divmod(int(torch.argmax(c)), n)
+        pairs.append((min(a, b), max(a, b)))
+        c[[a, b], :] = -float("inf")
+        c[:, [a, b]] = -float("inf")
+    return sorted(pairs)
