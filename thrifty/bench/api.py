@@ -24,7 +24,7 @@ from thrifty.bench.harness import Samples
 from thrifty.bench.settings import SCENARIOS, BenchSettings
 from thrifty.utils import atomic_write_text, get_logger
 
-__all__ = ["Workload", "load_workload", "run", "tokenize_fixed"]
+__all__ = ["Workload", "load_workload", "run", "tokenize_fixed", "calibration_data", "ptq_int8"]
 
 log = get_logger("thrifty.bench")
 BACKENDS = ("torch", "onnxruntime")
@@ -68,9 +68,12 @@ def _as_samples(data: Any, name: str = "data") -> Samples:
 
 
 def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *, seq_len: int = 128,
-                  max_samples: Optional[int] = None, seed: int = 0) -> Workload:
+                  max_samples: Optional[int] = None, seed: int = 0, dynamic_length: bool = False) -> Workload:
     """Resolve a zoo name ("resnet20" -> pretrained on digits32, "minilm" -> text sentences at ``seq_len``),
-    a saved thrifty model, an .onnx file or an nn.Module, and its data (default: the model's bundled set)."""
+    a saved thrifty model, an .onnx file or an nn.Module, and its data (default: the model's bundled set).
+
+    ``dynamic_length``: text batches are padded only to their longest sentence (at most ``seq_len``) instead
+    of always ``seq_len`` tokens."""
     from thrifty.data import load_dataset
 
     onnx_path = None
@@ -115,19 +118,47 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
             if mod is None or not hasattr(mod, "tokenizer"):
                 raise ValueError("the 'text' dataset needs a model with a tokenizer (MiniLM)")
             ids, mask = tokenize_fixed(mod, splits.test_texts, seq_len)
-            samples = Samples((ids, mask), splits.test.tensors[1].numpy(), f"text@{seq_len}")
+            samples = Samples((ids, mask), splits.test.tensors[1].numpy(),
+                              f"text@{'dyn' if dynamic_length else ''}{seq_len}", 1 if dynamic_length else None)
         else:
             samples = _as_samples(splits.test, data)
     else:
         samples = _as_samples(data)
     if max_samples is not None and len(samples) > max_samples:
-        samples = Samples(samples.batch(range(max_samples)),
-                          None if samples.labels is None else samples.labels[:max_samples], samples.name)
+        samples = Samples(tuple(a[:max_samples] for a in samples.inputs),
+                          None if samples.labels is None else samples.labels[:max_samples], samples.name,
+                          samples.trim_mask)
     names = ["input_ids", "attention_mask"] if len(samples.inputs) == 2 and samples.name.startswith("text") \
         else [f"input_{i}" for i in range(len(samples.inputs))]
     if mod is not None:
         mod = mod.eval()
     return Workload(name, mod, samples, names, onnx_path)
+
+
+def calibration_data(wl: Workload, n: int = 128, seed: int = 0) -> Any:
+    """PTQ calibration inputs for a workload: the training split of its bundled dataset when known
+    (digits32 images, text sentences tokenized like the samples), else the first ``n`` samples."""
+    from thrifty.data import calibration_subset, load_dataset
+
+    if wl.samples.name.startswith("text") and wl.model is not None:
+        texts = load_dataset("text", seed=0).train_texts[:n]
+        seq = wl.samples.inputs[0].shape[1]
+        ids, mask = tokenize_fixed(wl.model, texts, seq)
+        return [{"input_ids": torch.from_numpy(ids[i:i + 32]), "attention_mask": torch.from_numpy(mask[i:i + 32])}
+                for i in range(0, len(ids), 32)]
+    if wl.samples.name in ("digits", "digits32", "mnist1d"):
+        sub = calibration_subset(load_dataset(wl.samples.name, seed=0).train, per_class=max(1, n // 10), seed=seed)
+        return torch.stack([sub[i][0] for i in range(len(sub))])
+    if len(wl.samples.inputs) != 1:
+        raise ValueError("pass calibration data explicitly for multi-input models")
+    return torch.from_numpy(wl.samples.inputs[0][:n])
+
+
+def ptq_int8(model: nn.Module, calib: Any, pipeline: str = "rtn", w_bits: int = 8, a_bits: int = 8, **kw: Any):
+    """thrifty.quant.quantize with 8-bit weights (per-channel) and activations: returns its QuantResult."""
+    from thrifty.quant import PTQ, quantize
+
+    return quantize(model, PTQ(w_bits=w_bits, a_bits=a_bits, pipeline=pipeline, **kw), calib, progress=False)
 
 
 def _reference(ref: Any, wl: Workload) -> Optional[np.ndarray]:
@@ -144,8 +175,9 @@ def _reference(ref: Any, wl: Workload) -> Optional[np.ndarray]:
     if not isinstance(ref, nn.Module):
         raise TypeError(f"reference must be 'auto', None, an array or an nn.Module, got {type(ref).__name__}")
     be = TorchBackend(ref)
-    outs = [np.asarray(be(wl.samples.batch(range(i, min(i + 256, len(wl.samples)))))).reshape(-1 if False else
-            min(256, len(wl.samples) - i), -1) for i in range(0, len(wl.samples), 256)]
+    n = len(wl.samples)
+    outs = [np.asarray(be(wl.samples.batch(range(i, min(i + 256, n))))).reshape(min(256, n - i), -1)
+            for i in range(0, n, 256)]
     return np.concatenate(outs).astype(np.float32)
 
 
@@ -153,7 +185,8 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         scenarios: Union[str, Sequence[str]] = "Offline", backend: str = "torch",
         settings: Optional[BenchSettings] = None, outdir: Union[str, os.PathLike] = "reports/bench",
         accuracy: bool = True, reference: Any = "auto", isolate: bool = True, seq_len: int = 128,
-        max_samples: Optional[int] = None, variant: Optional[str] = None) -> dict[str, Any]:
+        max_samples: Optional[int] = None, variant: Optional[str] = None,
+        dynamic_length: bool = False) -> dict[str, Any]:
     """Benchmark ``model`` under LoadGen scenarios and return (and write ``outdir/result.json``) the results.
 
     ``backend="onnxruntime"`` exports the model (int8 QDQ where it holds thrifty quantizers) and runs ONNX
@@ -165,7 +198,8 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     scen = list(SCENARIOS) if scenarios == "all" else [scenarios] if isinstance(scenarios, str) else list(scenarios)
     settings = settings or BenchSettings()
-    wl = load_workload(model, data, seq_len=seq_len, max_samples=max_samples, seed=settings.seed)
+    wl = load_workload(model, data, seq_len=seq_len, max_samples=max_samples, seed=settings.seed,
+                       dynamic_length=dynamic_length)
     psc = settings.performance_sample_count
     if psc is not None and psc > len(wl.samples):
         raise ValueError(f"performance_sample_count={psc} is larger than the dataset ({len(wl.samples)} samples)")
@@ -176,7 +210,8 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
     out.mkdir(parents=True)
     ref = _reference(reference, wl)
     job: dict[str, Any] = {"backend": backend, "scenarios": scen, "settings": settings.to_yaml(),
-                           "accuracy": accuracy, "outdir": str(out.resolve()), "samples": str((out / "samples.npz").resolve())}
+                           "accuracy": accuracy, "outdir": str(out.resolve()), "samples": str((out / "samples.npz").resolve()),
+                           "trim_mask": wl.samples.trim_mask, "dataset": wl.samples.name}
     arrays = {f"input_{i}": a for i, a in enumerate(wl.samples.inputs)}
     if wl.samples.labels is not None:
         arrays["labels"] = wl.samples.labels
@@ -190,7 +225,7 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         if wl.onnx_path is not None:
             shutil.copyfile(wl.onnx_path, path)
         else:
-            ex = tuple(torch.from_numpy(a[:2]) for a in wl.samples.inputs)
+            ex = tuple(torch.from_numpy(a) for a in wl.samples.batch([0, 1]))
             export_onnx(wl.model, ex, path, input_names=wl.input_names)
         job["model"] = str(path.resolve())
         artifact = path
@@ -209,6 +244,10 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         res = execute(job)
     res.update(variant=variant, model=wl.name, backend=backend, artifact_bytes=artifact.stat().st_size,
                dataset=wl.samples.name, isolated=isolate)
+    if ref is not None:  # the reference model's own metrics (e.g. the simulated-quantized accuracy)
+        from thrifty.bench.accuracy import score_outputs
+
+        res["reference_metrics"] = score_outputs({i: ref[i] for i in range(len(ref))}, wl.samples.labels)
     atomic_write_text(out / "result.json", json.dumps(res, indent=1, default=_jsonable))
     return res
 

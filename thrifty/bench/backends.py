@@ -74,6 +74,8 @@ def ort_session(model: str | os.PathLike | bytes, threads: Optional[int] = None,
     so.inter_op_num_threads = 1
     so.intra_op_num_threads = int(threads) if threads else 0
     so.log_severity_level = 3
+    # No busy-waiting worker threads: on a shared machine spinning steals the cores the SUT's workers need.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         so.optimized_model_filepath = str(optimized_path)
     src = model if isinstance(model, bytes) else str(model)

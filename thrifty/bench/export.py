@@ -118,7 +118,9 @@ def quant_layers(model: nn.Module) -> list[LayerQuant]:
 
 def _torch_export(model: nn.Module, example: tuple, input_names: Sequence[str], opset: int) -> bytes:
     f = io.BytesIO()
-    dyn = {n: {0: "batch"} for n in input_names}
+    # Batch is dynamic; so is the length of integer (token) inputs, for batches padded to their longest sample.
+    dyn = {n: ({0: "batch", 1: "seq"} if not t.is_floating_point() and t.ndim == 2 else {0: "batch"})
+           for n, t in zip(input_names, example)}
     dyn["output"] = {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

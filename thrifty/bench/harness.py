@@ -48,6 +48,7 @@ class Samples:
     inputs: tuple
     labels: Optional[np.ndarray] = None
     name: str = "samples"
+    trim_mask: Optional[int] = None  # index of an attention mask: batches drop trailing all-padding columns
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, np.ndarray):
@@ -69,7 +70,11 @@ class Samples:
 
     def batch(self, idx: Sequence[int]) -> tuple:
         ii = np.asarray(idx, dtype=np.int64)
-        return tuple(a[ii] for a in self.inputs)
+        out = tuple(a[ii] for a in self.inputs)
+        if self.trim_mask is not None:  # dynamic sequence length: pad only to the batch's longest sample
+            length = max(1, int(out[self.trim_mask].sum(1).max()))
+            out = tuple(a[:, :length] if a.ndim >= 2 else a for a in out)
+        return out
 
 
 def check_output(out: Any, batch: int, what: str = "model") -> np.ndarray:
@@ -231,7 +236,7 @@ def _test_settings(s: BenchSettings, calib: dict[str, float], target_qps: Option
     ts.single_stream_expected_latency_ns = max(1, int(0.5 * calib["single_min_s"] * 1e9 / hint_scale))
     ts.multi_stream_expected_latency_ns = max(1, int(0.5 * calib["multi_min_s"] * 1e9 / hint_scale))
     ts.multi_stream_samples_per_query = s.multistream_samples
-    ts.offline_expected_qps = float(1.5 * calib["throughput_peak"] * hint_scale)
+    ts.offline_expected_qps = float(1.5 * calib["throughput_peak"] * s.n_workers() * hint_scale)
     if s.scenario == "Server":
         if target_qps is None or s.server_latency_ms is None:
             raise ValueError("Server runs need a target QPS and server_latency_ms")
@@ -269,7 +274,7 @@ def run_loadgen(backend: Backend, data: Samples, settings: BenchSettings, outdir
         shutil.rmtree(outdir)
     outdir.mkdir(parents=True)
     ts = _test_settings(settings, calib, target_qps, hint_scale)
-    sut_impl = _SUT(backend, data, settings.max_batch, settings.workers)
+    sut_impl = _SUT(backend, data, settings.max_batch, settings.n_workers())
     sut = lg.ConstructSUT(sut_impl.issue, sut_impl.flush)
     qsl = lg.ConstructQSL(n, psc, lambda idx: None, lambda idx: None)  # samples live in memory already
     log_out = lg.LogOutputSettings()

@@ -55,10 +55,12 @@ class BenchSettings(Config):
         server_max_probes: at most this many LoadGen runs in one Server search.
         multistream_samples: samples per MultiStream query (MLPerf: 8).
         max_batch: dynamic batching limit of the SUT (Offline and Server merge queued samples up to it).
-        workers: SUT worker threads (each runs whole batches).
-        threads: intra-op threads per worker (None = cores // workers).
+        workers: SUT worker threads, each running whole batches (None = one per core).
+        threads: intra-op threads per worker. The default, one thread per worker and one worker per core, uses
+            every core without intra-op barriers, which stall badly when the machine is shared.
         max_run_s: a scenario whose estimated run time exceeds this raises unless allow_long.
         allow_long: permit runs longer than max_run_s (official durations take hours).
+        official_counts: min_query_count defaults to MLPerf's official count of each scenario.
         seed: LoadGen's qsl/sample/schedule RNG seeds.
     """
 
@@ -74,10 +76,11 @@ class BenchSettings(Config):
     server_max_probes: int = 8
     multistream_samples: int = 8
     max_batch: int = 64
-    workers: int = 1
-    threads: Optional[int] = None
+    workers: Optional[int] = None
+    threads: int = 1
     max_run_s: float = 600.0
     allow_long: bool = False
+    official_counts: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,11 +100,9 @@ class BenchSettings(Config):
             raise ValueError(f"server_target_qps must be > 0, got {self.server_target_qps}")
         if not 0 < self.server_search_tolerance < 1:
             raise ValueError(f"server_search_tolerance must be in (0, 1), got {self.server_search_tolerance}")
-        for name in ("server_max_probes", "multistream_samples", "max_batch", "workers"):
-            if int(getattr(self, name)) < 1:
+        for name in ("server_max_probes", "multistream_samples", "max_batch", "workers", "threads"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.max_batch < self.multistream_samples and self.scenario == "MultiStream":
             raise ValueError(f"max_batch ({self.max_batch}) must be >= multistream_samples "
                              f"({self.multistream_samples}) so one MultiStream query runs as one batch")
@@ -109,8 +110,7 @@ class BenchSettings(Config):
     @classmethod
     def official(cls, scenario: str, **kw) -> "BenchSettings":
         """MLPerf Inference's official run lengths (600 s, official query counts); implies allow_long."""
-        return cls(scenario=scenario, min_duration_s=600.0, min_query_count=OFFICIAL_MIN_QUERIES[scenario],
-                   allow_long=True, **kw)
+        return cls(scenario=scenario, min_duration_s=600.0, allow_long=True, official_counts=True, **kw)
 
     def for_scenario(self, scenario: str) -> "BenchSettings":
         return dataclasses.replace(self, scenario=scenario)
@@ -119,10 +119,13 @@ class BenchSettings(Config):
         """min_query_count, defaulting to the early-stopping minimum of the scenario."""
         if self.min_query_count is not None:
             return int(self.min_query_count)
-        return EARLY_STOP_MIN_QUERIES[self.scenario]
+        return (OFFICIAL_MIN_QUERIES if self.official_counts else EARLY_STOP_MIN_QUERIES)[self.scenario]
 
     def intra_threads(self) -> int:
-        return self.threads if self.threads is not None else max(1, default_threads() // self.workers)
+        return int(self.threads)
+
+    def n_workers(self) -> int:
+        return int(self.workers) if self.workers is not None else max(1, default_threads() // self.intra_threads())
 
     def estimate_seconds(self, query_seconds: float) -> float:
         """Expected wall time of one run given the time one query takes (from calibration)."""

@@ -38,13 +38,14 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         raise TypeError("job settings are not BenchSettings")
     z = np.load(job["samples"])
     inputs = tuple(z[k] for k in sorted((k for k in z.files if k.startswith("input_")), key=lambda k: int(k[6:])))
-    samples = Samples(inputs, z["labels"] if "labels" in z.files else None, Path(job["samples"]).parent.name)
+    samples = Samples(inputs, z["labels"] if "labels" in z.files else None, job.get("dataset", "samples"),
+                      job.get("trim_mask"))
     reference = z["reference"] if "reference" in z.files else None
     backend = _load_backend(job, settings.intra_threads())
     res = run_suite(backend, samples, settings, job["scenarios"], job["outdir"], accuracy=job["accuracy"],
                     reference=reference)
     res["threads"] = settings.intra_threads()
-    res["workers"] = settings.workers
+    res["workers"] = settings.n_workers()
     res["settings"] = json.loads(json.dumps({k: v for k, v in vars(settings).items()}, default=str))
     return res
 

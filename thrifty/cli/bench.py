@@ -1,0 +1,86 @@
+"""``thrifty bench``: MLPerf LoadGen scenarios for a model on PyTorch and/or ONNX Runtime, FP32 and int8.
+
+Writes a report folder (``--out``): results.json, report.md (tables), latency/throughput/accuracy plots, and
+per-variant LoadGen logs. ``--quantize`` adds an int8 variant made by thrifty's PTQ (8-bit per-channel weights,
+8-bit activations); on ``onnxruntime`` it runs as a real int8 QDQ graph.
+
+Example:
+    thrifty bench --model resnet20 --scenario all --backend torch,onnxruntime --quantize --out reports/bench
+    thrifty bench --model minilm --scenario Offline --backend onnxruntime --quantize --seq-len 128
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from thrifty.cli import _common
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="MLPerf LoadGen benchmark (SingleStream/MultiStream/Server/Offline)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="zoo name (resnet20, minilm, ...), saved model stem, or .onnx")
+    p.add_argument("--data", default=None, help="dataset name (default: the model's bundled data)")
+    p.add_argument("--scenario", default="all", help="all, or comma-separated SingleStream,MultiStream,Server,Offline")
+    p.add_argument("--backend", default="torch", help="torch, onnxruntime, or both comma-separated")
+    p.add_argument("--quantize", action="store_true", help="also benchmark an int8 PTQ variant")
+    p.add_argument("--ptq-pipeline", default="rtn", choices=["rtn", "adaquant", "light", "advanced"])
+    p.add_argument("--min-duration", type=float, default=2.0, help="LoadGen min_duration in seconds")
+    p.add_argument("--min-query-count", type=int, default=None)
+    p.add_argument("--official", action="store_true", help="official MLPerf durations (hours; implies --allow-long)")
+    p.add_argument("--allow-long", action="store_true", help="permit runs estimated longer than --max-run-s")
+    p.add_argument("--max-run-s", type=float, default=600.0)
+    p.add_argument("--server-latency-ms", type=float, default=None, help="Server p99 bound (default: automatic)")
+    p.add_argument("--server-qps", type=float, default=None, help="fixed Server QPS instead of the max-QPS search")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="SUT worker threads (default: cores / threads)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
+    p.add_argument("--seq-len", type=int, default=128, help="token length for text models")
+    p.add_argument("--max-samples", type=int, default=None, help="use only the first N dataset samples")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy-mode run")
+    p.add_argument("--out", default="reports/bench")
+    _common.add_config_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from thrifty.bench import BenchSettings, SCENARIOS
+    from thrifty.bench import run as bench_run
+    from thrifty.bench.api import calibration_data, load_workload, ptq_int8
+    from thrifty.bench.report import write_report
+
+    scen = list(SCENARIOS) if args.scenario == "all" else [s.strip() for s in args.scenario.split(",") if s.strip()]
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    kw = dict(server_latency_ms=args.server_latency_ms, server_target_qps=args.server_qps, max_batch=args.max_batch,
+              workers=args.workers, threads=args.threads, max_run_s=args.max_run_s, allow_long=args.allow_long)
+    settings = (BenchSettings.official(scen[0], **kw) if args.official else
+                BenchSettings(min_duration_s=args.min_duration, min_query_count=args.min_query_count, **kw))
+    out = Path(args.out)
+    _common.write_resolved_config(out, args)
+    wl = load_workload(args.model, args.data, seq_len=args.seq_len, max_samples=args.max_samples)
+    variants = [("fp32", wl.model if wl.model is not None else args.model, "auto")]
+    if args.quantize:
+        if wl.model is None:
+            raise ValueError("--quantize needs a PyTorch model, not an .onnx file")
+        with _common.step(f"PTQ int8 ({args.ptq_pipeline}) of {wl.name}"):
+            q = ptq_int8(wl.model, calibration_data(wl), pipeline=args.ptq_pipeline)
+        variants.append(("int8", q.model, "auto"))
+    results = []
+    for tag, model, ref in variants:
+        for be in backends:
+            name = f"{wl.name}_{tag}_{be}"
+            print(f"== {name}: {', '.join(scen)}")
+            r = bench_run(model, wl.samples, scenarios=scen, backend=be, settings=settings, outdir=out,
+                          accuracy=not args.no_accuracy, reference=ref, variant=name)
+            for sc, x in r["scenarios"].items():
+                print(f"  {sc:12s} {'VALID  ' if x['valid'] else 'INVALID'} {x.get('metric')}={x.get('value')}"
+                      + (f" max_qps={x.get('max_qps')} bound={x.get('latency_bound_ms')}ms" if sc == "Server" else "")
+                      + ("" if x["valid"] else "  <- " + "; ".join(x["reasons"])))
+            if r.get("accuracy"):
+                print(f"  accuracy     {json.dumps(r['accuracy']['metrics'])}")
+            results.append(r)
+    paths = write_report(results, out, title=f"thrifty bench: {wl.name}")
+    print(f"report: {paths['markdown']}")
+    return 0 if all(x["valid"] for r in results for x in r["scenarios"].values()) else 1
