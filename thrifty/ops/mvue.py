@@ -20,12 +20,22 @@ Blocks are ``m`` consecutive elements along one dimension ``dim``; at most
   - 2:4 with one ``|x_j| > S/2``: ``c |x_j|`` would exceed 1, so ``p_j = 1``
     (kept exactly) and the other three share the remaining budget of one
     element, ``p_i = |x_i| / (S - |x_j|)``: this is 1:3 MVUE on the rest.
+    Derivation: minimise ``sum x_i^2 / p_i`` subject to ``sum p_i = 2`` and
+    ``p_i <= 1``; the Lagrange condition gives ``p_i = |x_i| / sqrt(lambda)``
+    on the free entries, and the bound binds exactly for the one entry with
+    ``2 |x_j| / S > 1`` (two such entries cannot exist). The tests check the
+    KKT conditions and compare against random feasible ``p``.
+
+  Per-element variance is ``x_i^2 (1/p_i - 1)`` in every case.
 
   The same capping loop handles any n:m. The ``n``-subset is drawn by
   systematic sampling: one uniform ``u`` per block, element ``i`` is kept when
   some ``u + k`` (``k = 0..n-1``) falls in ``[C_{i-1}, C_i)`` of the cumulative
   probabilities ``C``. Because every ``p_i <= 1`` no element is hit twice and
-  ``P(keep i) = p_i`` exactly.
+  ``P(keep i) = p_i`` exactly (the joint law of the kept pair depends on the
+  order within the block; unbiasedness and per-element variance only need the
+  marginals). 1:m and 2:4 run on a fast path written for CPU memory traffic
+  (float 0/1 arithmetic, in-place buffers); other n:m use the general path.
 
 Defined behaviour at the edges (shared by both masks):
 
