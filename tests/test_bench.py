@@ -1,0 +1,231 @@
+"""thrifty.bench: LoadGen scenarios on a tiny model, log parsing, int8 ONNX export, accuracy checker, bad input."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from thrifty.bench import (BenchSettings, OrtBackend, Samples, TorchBackend, calibrate, check_accuracy, export_onnx,
+                           optimized_op_counts, parse_summary_text, quant_layers, run, run_loadgen, server_search)
+from thrifty.bench.report import write_report
+
+SERVER_INVALID = """================================================
+MLPerf Results Summary
+================================================
+SUT name : PySUT
+Scenario : Server
+Mode     : PerformanceOnly
+Completed samples per second    : 187.61
+Result is : INVALID
+  Performance constraints satisfied : NO
+  Min duration satisfied : Yes
+  Min queries satisfied : Yes
+  Early stopping satisfied: NO
+Recommendations:
+ * Reduce target QPS to improve latency.
+Early Stopping Result:
+ * Run unsuccessful.
+ * Processed 190 queries.
+ * Would need to run at least 269 more queries,
+ with the run being successful if every additional
+ query were under latency.
+
+================================================
+Additional Stats
+================================================
+Scheduled samples per second : 187.85
+Min latency (ns)                : 1140784
+Mean latency (ns)               : 1535318
+50.00 percentile latency (ns)   : 1218132
+99.00 percentile latency (ns)   : 64884001
+
+================================================
+Test Parameters Used
+================================================
+samples_per_query : 1
+target_qps : 200
+target_latency (ns): 50000000
+min_duration (ms): 1000
+min_query_count : 50
+"""
+
+
+def _tiny_data(n: int = 256, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 16, generator=g)
+    w = torch.randn(16, 4, generator=g)
+    return torch.utils.data.TensorDataset(x, (x @ w).argmax(1))
+
+
+def test_all_scenarios_tiny_model_subprocess(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    ds = _tiny_data()
+    s = BenchSettings(min_duration_s=0.3, server_latency_ms=200, server_max_probes=5)
+    t0 = time.perf_counter()
+    r = run(m, ds, scenarios="all", backend="torch", settings=s, outdir=tmp_path, variant="tiny")
+    assert time.perf_counter() - t0 < 40
+    sc = r["scenarios"]
+    assert set(sc) == {"SingleStream", "MultiStream", "Server", "Offline"}
+    for name, x in sc.items():
+        assert x["valid"], (name, x["reasons"])
+        assert x["reasons"] == []
+        assert (tmp_path / "tiny").joinpath(name if name != "Server" else "Server/final",
+                                            "mlperf_log_summary.txt").is_file()
+    assert sc["SingleStream"]["metric"] == "p90_latency_ms" and sc["MultiStream"]["metric"] == "p99_latency_ms"
+    assert sc["Offline"]["value"] > 0 and sc["Server"]["max_qps"] > 0
+    assert sc["Server"]["percentiles_ms"]["99.00"] <= 200
+    # accuracy mode: LoadGen's logged responses are the model's outputs for every sample
+    acc = r["accuracy"]["metrics"]
+    expect = float((m(ds.tensors[0]).argmax(1) == ds.tensors[1]).float().mean())
+    assert acc["n"] == 256 and acc["agreement"] == 1.0 and acc["top1"] == pytest.approx(expect)
+    assert json.loads((tmp_path / "tiny" / "result.json").read_text())["variant"] == "tiny"
+    files = write_report([r], tmp_path / "report")
+    assert "| tiny | torch | Offline | VALID |" in (tmp_path / "report" / "report.md").read_text()
+    assert len(files["plots"]) >= 2
+
+
+def test_parse_summary_invalid_reasons():
+    r = parse_summary_text(SERVER_INVALID)
+    assert r["valid"] is False and r["scenario"] == "Server"
+    assert r["metric"] == "samples_per_second" and r["value"] == pytest.approx(187.61)
+    assert r["constraints"] == {"performance_constraints": False, "min_duration": True, "min_queries": True,
+                                "early_stopping": False}
+    assert r["percentiles_ms"]["99.00"] == pytest.approx(64.884001)
+    assert r["params"]["target_latency (ns)"] == 50000000
+    text = " ".join(r["reasons"])
+    assert "exceeds the latency bound 50 ms" in text and "early-stopping" in text and "269 more" in text
+    assert "Reduce target QPS" in text
+    with pytest.raises(ValueError, match="not a LoadGen summary"):
+        parse_summary_text("hello : world\n")
+
+
+def _sleepy(ms: float):
+    def f(xs):
+        time.sleep(ms / 1e3)
+        return xs[0].sum(1, keepdims=True)
+    return f
+
+
+def test_invalid_run_explained_in_words(tmp_path):
+    data = Samples((np.random.rand(64, 4).astype(np.float32),))
+    s = BenchSettings(scenario="Server", min_duration_s=0.2, min_query_count=40, server_latency_ms=1.0)
+    be = _sleepy(4.0)
+    calib = calibrate(be, data, s, budget_s=0.1)
+    r = run_loadgen(be, data, s, tmp_path / "srv", calib, target_qps=200)
+    assert r["valid"] is False
+    assert any("exceeds the latency bound 1 ms" in x for x in r["reasons"])
+    # the search refuses a bound below the fastest single-sample latency
+    with pytest.raises(ValueError, match="below the model's fastest single-sample latency"):
+        server_search(be, data, s, tmp_path / "search", calib)
+
+
+def test_bad_inputs(tmp_path):
+    data = Samples((np.random.rand(32, 4).astype(np.float32),))
+    s = BenchSettings(scenario="Offline", min_duration_s=0.1)
+    with pytest.raises(TypeError, match="cannot be serialised"):
+        calibrate(lambda xs: {"logits": xs[0]}, data, s)
+    with pytest.raises(TypeError, match="cannot be serialised"):
+        calibrate(lambda xs: np.array(["a"] * len(xs[0])), data, s)
+    calib = calibrate(lambda xs: xs[0], data, s, budget_s=0.05)
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        run_loadgen(lambda xs: xs[0], data, BenchSettings(performance_sample_count=100), tmp_path / "a", calib)
+    with pytest.raises(ValueError, match="hours"):
+        run_loadgen(_sleepy(1), data, BenchSettings(scenario="SingleStream", min_duration_s=20000),
+                    tmp_path / "b", dict(calib, single_median_s=0.001))
+    # official lengths are allowed only explicitly, and the check names the scenario
+    with pytest.raises(ValueError, match="SingleStream would run for about"):
+        BenchSettings(scenario="SingleStream", min_query_count=10**7).check_duration(0.01)
+    assert BenchSettings.official("Server").queries_needed() == 270336
+    with pytest.raises(ValueError, match="scenario must be one of"):
+        BenchSettings(scenario="Batch")
+    with pytest.raises(ValueError, match="same leading"):
+        Samples((np.zeros((3, 2)), np.zeros((4, 2))))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        run(nn.Linear(16, 4), _tiny_data(8), backend="tensorrt", outdir=tmp_path)
+    with pytest.raises(TypeError, match="not supported"):
+        run(nn.Linear(16, 4), [1, 2, 3], outdir=tmp_path)
+
+
+def test_accuracy_checker(tmp_path):
+    outs = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0]]
+    log = [{"seq_id": i, "qsl_idx": i, "data": outs[i].tobytes().hex()} for i in range(5)]
+    (tmp_path / "mlperf_log_accuracy.json").write_text(json.dumps(log))
+    r = check_accuracy(tmp_path, labels=np.array([0, 1, 2, 0, 0]), reference=outs, n=5)
+    assert r["top1"] == pytest.approx(0.8) and r["agreement"] == 1.0 and r["cosine_min"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="4 of 5 samples"):
+        (tmp_path / "x").mkdir()
+        (tmp_path / "x" / "mlperf_log_accuracy.json").write_text(json.dumps(log[:4]))
+        check_accuracy(tmp_path / "x", n=5)
+    (tmp_path / "bad.json").write_text(json.dumps([{"qsl_idx": 0, "data": "abc"}]))
+    with pytest.raises(ValueError, match="malformed entry"):
+        check_accuracy(tmp_path / "bad.json")
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _quantize(m: nn.Module, x: torch.Tensor, symmetric: bool) -> nn.Module:
+    from thrifty.nn import gemm_layers, wrap
+    from thrifty.quant import UniformQuantizer
+
+    for name in ("conv", "conv2", "fc"):
+        setattr(m, name, wrap(getattr(m, name)))
+    for _, layer in gemm_layers(m):
+        layer.add("weight", UniformQuantizer(8, symmetric=symmetric, per_channel=True).init_from(layer.weight))
+        layer.add("input", UniformQuantizer(8).calibrate())
+    with torch.no_grad():
+        m(x)
+    for _, layer in gemm_layers(m):
+        layer.slots.input.freeze()
+    return m
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_onnx_int8_export_roundtrip(tmp_path, symmetric):
+    torch.manual_seed(0)
+    m = _ConvNet().eval()
+    with torch.no_grad():  # non-trivial BN, including negative scales (sign flip of the integer codes)
+        m.bn.weight.copy_(torch.tensor([1.5, -0.7, 0.9, 1.2, -1.1, 0.5, 2.0, 0.8]))
+        m.bn.running_mean.uniform_(-0.2, 0.2)
+        m.bn.running_var.uniform_(0.5, 1.5)
+    x = torch.rand(64, 1, 12, 12)
+    import copy
+
+    q = _quantize(copy.deepcopy(m), x[:32], symmetric)
+    path = export_onnx(q, (x[:2],), tmp_path / "q.onnx", input_names=["x"])
+    layers = {lq.name: lq for lq in quant_layers(q)}
+    assert set(layers) == {"conv", "conv2", "fc"}
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    fc_scale = q.fc.slots.weight.scale.detach().numpy()
+    np.testing.assert_array_equal(inits["fc.w_scale"], fc_scale)  # the PTQ quantizer's own parameters
+    assert inits["fc.wq"].dtype == (np.int8 if symmetric else np.uint8)
+    assert float(inits["conv2.x_scale"]) == pytest.approx(float(q.conv2.slots.input.scale))
+    sim = TorchBackend(q)((x.numpy(),))
+    ort = OrtBackend(path, threads=1)((x.numpy(),))
+    err = np.abs(ort - sim).max() / np.abs(sim).max()
+    assert err < 0.02, err  # same integer grids; only float rounding and rare tie flips differ
+    assert (ort.argmax(1) == sim.argmax(1)).mean() >= 0.95
+    ops = optimized_op_counts(path)
+    assert ops.get("QLinearConv", 0) + ops.get("ConvInteger", 0) >= 1, ops  # int8 kernels, not fp32 convs
+    fp = OrtBackend(export_onnx(m, (x[:2],), tmp_path / "fp.onnx"), threads=1)((x.numpy(),))
+    np.testing.assert_allclose(fp, TorchBackend(m)((x.numpy(),)), atol=1e-4)
+    assert not any(k in optimized_op_counts(tmp_path / "fp.onnx") for k in ("QLinearConv", "QuantizeLinear"))
