@@ -124,6 +124,9 @@ def run(arch: str, splits: list, quick: bool, sizes: tuple[int, ...], methods: t
             if f"fs-{mode}" in methods:
                 cfg = FSMerge(mode=mode, steps=steps, augment=aug, progress=False)
                 record(f"FS-Merge ({mode})", n, lambda cfg=cfg: fs_merge(models, few, cfg))
+        if "fs-permute" in methods:
+            cfg = FSMerge(init="permute", steps=steps, augment=aug, progress=False)
+            record("FS-Merge (global, permute init)", n, lambda cfg=cfg: fs_merge(models, few, cfg))
         for param in ("diagonal", "lowrank", "full"):
             if f"fs-{param}" in methods:
                 cfg = FSMerge(param=param, steps=steps, augment=aug, progress=False)
@@ -164,7 +167,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # the machine is shared
     t0 = time.perf_counter()
-    core = ("ensemble", "average", "perm", "kd", "fs-global", "fs-local")
+    core = ("ensemble", "average", "perm", "kd", "fs-global", "fs-local", "fs-permute")
     rows = []
     if args.quick:
         rows += run("mlp", SPLIT2, True, (16, 100), core)
@@ -173,7 +176,7 @@ def main() -> None:
         rows += run("mlp", SPLIT2, False, (16, 100),
                     core + ("fs-diagonal", "fs-lowrank", "fs-full", "fs-width0.5", "fs-width2.0"))
         rows += run("vit", SPLIT2, False, (16, 100), core)
-        rows += run("mlp", SPLIT3, False, (16, 100), ("ensemble", "average", "perm", "kd", "fs-global"))
+        rows += run("mlp", SPLIT3, False, (16, 100), ("ensemble", "average", "perm", "kd", "fs-global", "fs-permute"))
         rows += run("mlp1d", SPLIT2, False, (16, 100), core)
     total = time.perf_counter() - t0
     name = "merge_quick" if args.quick else "merge"

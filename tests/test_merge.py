@@ -161,6 +161,18 @@ def test_matching_math() -> None:
     assert zip_pairs(correlation(feats, feats)) == [(0, 4), (1, 5), (2, 3)]
 
 
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+def test_permute_init_merges_a_permuted_copy_exactly(kind: str) -> None:
+    a = _models(kind, 1)[0]
+    b, _ = _permuted(a, seed=4)
+    x = _x(kind, 64, 5)
+    merged = fs_merge([a, b], [x[:32], x[32:]], FSMerge(init="permute", steps=3, batch_size=8, progress=False))
+    out = merged(x)
+    assert torch.allclose(out[:, :3], a(x), atol=1e-4) and torch.allclose(out[:, 3:], a(x), atol=1e-4)
+    with pytest.raises(ValueError, match="permute"):
+        SuperNet([a, b], FSMerge(init="permute"))
+
+
 def test_zip_merge_of_a_model_with_a_permuted_copy_is_equivalent() -> None:
     a = _models("mlp", 1)[0]
     b, _ = _permuted(a, seed=3)

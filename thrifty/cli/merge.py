@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", nargs="+", default=None, help="one comma-separated label list per model")
     p.add_argument("--data-per-task", type=int, default=100, help="unlabeled training inputs per task")
     p.add_argument("--param", choices=["diagonal", "lowrank", "diag_lowrank", "full"], default="diag_lowrank")
-    p.add_argument("--init", choices=["first", "average"], default="average")
+    p.add_argument("--init", choices=["first", "average", "permute"], default="average")
     p.add_argument("--mode", choices=["global", "local"], default="global")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--width-mult", type=float, default=1.0, help="merged width / original width")

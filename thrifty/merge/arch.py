@@ -117,6 +117,8 @@ class Arch:
 
     # -- interface --------------------------------------------------------------------------
     def points(self, width_mult: float, make: Callable[..., MergePoint]) -> Points:
+        """``make(d, m, has_m=, has_u=, pattern=, key=)`` builds one point; ``key`` names its permutation group
+        (as in ``thrifty.merge.match_permutations``) for init="permute"."""
         raise NotImplementedError
 
     def compose(self, pts: Points) -> dict[str, torch.Tensor]:
@@ -164,7 +166,7 @@ class MLPArch(Arch):
         return [getattr(m, f"fc{l}").out_features for l in range(1, m.depth + 1)]
 
     def points(self, width_mult: float, make: Callable[..., MergePoint]) -> Points:
-        return nn.ModuleDict({f"h{l}": make(d, max(1, round(d * width_mult)))
+        return nn.ModuleDict({f"h{l}": make(d, max(1, round(d * width_mult)), key=f"h{l}")
                               for l, d in enumerate(self.dims(), start=1)})
 
     def compose(self, pts: Points) -> dict[str, torch.Tensor]:
@@ -239,15 +241,15 @@ class ViTArch(Arch):
         m = max(heads, round(d * width_mult / heads) * heads)
         f = int(m * (hid / d))
         hp = _head_pattern(m, d, heads)
-        pts: dict[str, MergePoint] = {"res": make(d, m)}
+        pts: dict[str, MergePoint] = {"res": make(d, m, key="res")}
         for l in range(depth):
-            pts[f"b{l}_a"] = make(d, m, has_m=False)
+            pts[f"b{l}_a"] = make(d, m, has_m=False, key="res")
             for n in "qkv":
-                pts[f"b{l}_{n}"] = make(d, m, has_u=False, pattern=hp)
-            pts[f"b{l}_o"] = make(d, m, has_m=False, pattern=hp)
-            pts[f"b{l}_n2"] = make(d, m, has_m=False)
-            pts[f"b{l}_h"] = make(hid, f)
-        pts["final"] = make(d, m, has_m=False)
+                pts[f"b{l}_{n}"] = make(d, m, has_u=False, pattern=hp, key=f"b{l}_{'v' if n == 'v' else 'qk'}")
+            pts[f"b{l}_o"] = make(d, m, has_m=False, pattern=hp, key=f"b{l}_v")
+            pts[f"b{l}_n2"] = make(d, m, has_m=False, key="res")
+            pts[f"b{l}_h"] = make(hid, f, key=f"b{l}_h")
+        pts["final"] = make(d, m, has_m=False, key="res")
         return nn.ModuleDict(pts)
 
     def compose(self, pts: Points) -> dict[str, torch.Tensor]:

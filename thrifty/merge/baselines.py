@@ -261,8 +261,8 @@ def _distill(models: Sequence[nn.Module], data: Sequence, cfg: Distill) -> nn.Mo
         student = concat_heads(copy.deepcopy(models[0]), models)
     else:
         torch.manual_seed(cfg.seed)
-        arch = arch_for(models)
-        student = SuperNet(models).arch.template(arch.points(1.0, lambda d, m, **kw: MergePoint(1, d, m, **kw)))
+        net = SuperNet(models)
+        student = net.arch.template(net.points)  # a freshly initialised zoo model of the same width
         student.task_slices = task_slices(models)
     slices = student.task_slices
     for p in student.parameters():

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from thrifty.core.config import Config, register_config
 from thrifty.merge.arch import Arch, arch_for, check_models, task_slices
-from thrifty.merge.maps import INITS, PARAMS, MergePoint
+from thrifty.merge.maps import INITS, PARAMS, MergePoint, rect_eye
+from thrifty.merge.matching import perm_matrix
 from thrifty.merge.data import TaskData, augment, num_threads, task_inputs
 
 __all__ = ["FSMerge", "SuperNet", "fs_merge", "train_supernet"]
@@ -44,7 +45,8 @@ __all__ = ["FSMerge", "SuperNet", "fs_merge", "train_supernet"]
 @register_config
 @dataclass(frozen=True)
 class FSMerge(Config):
-    """FS-Merge recipe. ``steps`` is the total budget (split evenly over the layers for "local");
+    """FS-Merge recipe. ``init``: "first" (model 1), "average" (weight averaging) or "permute" (activation
+    matching to model 1, then averaging). ``steps`` is the total budget (split evenly over the layers for "local");
     ``augment`` augmented copies per sample (shifts for images, mixup within a task, Gaussian noise);
     ``width_mult`` scales the merged model's widths relative to the originals'."""
 
@@ -85,16 +87,22 @@ class _Stop(Exception):
 class SuperNet(nn.Module):
     """Frozen input models + learned merge points; ``fold()`` returns a plain zoo model."""
 
-    def __init__(self, models: Sequence[nn.Module], cfg: FSMerge = FSMerge(), points: nn.ModuleDict | None = None) -> None:
+    def __init__(self, models: Sequence[nn.Module], cfg: FSMerge = FSMerge(), points: nn.ModuleDict | None = None,
+                 perms: dict[str, list[torch.Tensor]] | None = None) -> None:
         super().__init__()
         check_models(models, min_models=1)
         self.arch: Arch = arch_for(models)
         self.k = len(models)
         self.slices = task_slices(models)
         g = torch.Generator().manual_seed(cfg.seed)
+        if cfg.init == "permute" and points is None and perms is None:
+            raise ValueError('init="permute" needs the permutations (fs_merge computes them from the data)')
 
-        def make(d: int, m: int, **kw) -> MergePoint:
-            return MergePoint(self.k, d, m, cfg.init, cfg.param, cfg.rank, generator=g, **kw)
+        def make(d: int, m: int, key: str = "", pattern: torch.Tensor | None = None, **kw) -> MergePoint:
+            if cfg.init == "permute" and points is None:
+                base = rect_eye(m, d) if pattern is None else pattern
+                pattern = [base @ perm_matrix(p) for p in perms[key]]
+            return MergePoint(self.k, d, m, cfg.init, cfg.param, cfg.rank, generator=g, pattern=pattern, **kw)
 
         self.points = points if points is not None else self.arch.points(cfg.width_mult, make)
         self._template = [self.arch.template(self.points)]  # a list: not a submodule, never trained
@@ -237,7 +245,12 @@ def fs_merge(models: Sequence[nn.Module], data: Sequence, cfg: FSMerge = FSMerge
     check_models(models)
     with num_threads(cfg.threads):
         xs = task_inputs(models, data)
-        net = SuperNet(models, cfg)
+        perms = None
+        if cfg.init == "permute":
+            from thrifty.merge.baselines import match_permutations  # baselines builds on this module
+
+            perms = match_permutations(models, torch.cat(xs), "activation")
+        net = SuperNet(models, cfg, perms=perms)
         pool = augment(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed)
         train_supernet(net, pool, cfg)
         return net.fold()

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 __all__ = ["Param", "Init", "PARAMS", "INITS", "LinearMap", "MergePoint", "rect_eye"]
 
 Param = Literal["diagonal", "lowrank", "diag_lowrank", "full"]
-Init = Literal["first", "average"]
+Init = Literal["first", "average", "permute"]
 PARAMS = ("diagonal", "lowrank", "diag_lowrank", "full")
-INITS = ("first", "average")
+INITS = ("first", "average", "permute")
 
 
 def rect_eye(out: int, inp: int) -> torch.Tensor:
@@ -89,23 +89,25 @@ class MergePoint(nn.Module):
     """K merge maps (m x d each) and/or K unmerge maps (d x m each) at one place in the network.
 
     ``init="first"``: M_1 = E, M_{i>1} = 0 (the merged net starts as model 1); ``"average"``: M_i = E / K
-    (starts as weight averaging). Every U_i starts at E^T. ``pattern`` (m x d) replaces E, e.g. to keep
-    attention heads aligned when the merged head size differs.
+    (starts as weight averaging); ``"permute"``: like "average" with per-model patterns E P_i (the caller
+    passes them: permutation matching, then averaging). Every U_i starts at its pattern transposed.
+    ``pattern`` (m x d, or one per model) replaces E, e.g. to keep attention heads aligned.
     """
 
     def __init__(self, k: int, d: int, m: int, init: Init = "first", param: Param = "diag_lowrank", rank: int = 8,
                  has_m: bool = True, has_u: bool = True, generator: torch.Generator | None = None,
-                 pattern: torch.Tensor | None = None) -> None:
+                 pattern: torch.Tensor | Sequence[torch.Tensor] | None = None) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
         self.k, self.d, self.width = k, d, m
-        eye = rect_eye(m, d) if pattern is None else pattern
-        if tuple(eye.shape) != (m, d):
-            raise ValueError(f"pattern must be {m} x {d}, got {tuple(eye.shape)}")
-        scales = [1.0 / k] * k if init == "average" else [1.0] + [0.0] * (k - 1)
-        self.ms = nn.ModuleList(LinearMap(eye, s, param, rank, generator) for s in scales) if has_m else None
-        self.us = nn.ModuleList(LinearMap(eye.T, 1.0, param, rank, generator) for _ in range(k)) if has_u else None
+        pats = list(pattern) if isinstance(pattern, (list, tuple)) else [rect_eye(m, d) if pattern is None
+                                                                         else pattern] * k
+        if len(pats) != k or any(tuple(p.shape) != (m, d) for p in pats):
+            raise ValueError(f"need {k} pattern(s) of shape {m} x {d}, got {[tuple(p.shape) for p in pats]}")
+        scales = [1.0] + [0.0] * (k - 1) if init == "first" else [1.0 / k] * k
+        self.ms = nn.ModuleList(LinearMap(p, s, param, rank, generator) for p, s in zip(pats, scales)) if has_m else None
+        self.us = nn.ModuleList(LinearMap(p.T, 1.0, param, rank, generator) for p in pats) if has_u else None
 
     @classmethod
     def fixed(cls, ms: Sequence[torch.Tensor] | None, us: Sequence[torch.Tensor] | None) -> "MergePoint":
