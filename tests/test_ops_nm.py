@@ -154,6 +154,16 @@ def test_greedy_packed_matches_indexed_reference():
         assert torch.equal(nm._solve_greedy(s, n), nm._solve_greedy_indexed(s, n, 128))
 
 
+@pytest.mark.parametrize("length", [2, 4, 16, 64])
+def test_fast_orders_match_stable_sort(length):
+    f = _rand((500, length), length, ties=True).abs()
+    f[:7] = 0
+    f[7:9, : length // 2] = nm._PAD  # padded slots rank last
+    ref = torch.sort(f, dim=1, descending=True, stable=True).indices
+    assert torch.equal(nm._order(f), ref) and torch.equal(nm._desc_order(f), ref)
+    assert torch.equal(nm._desc_rank(f), torch.empty_like(ref).scatter_(1, ref, torch.arange(length).expand(500, -1)))
+
+
 def test_valid_tiles_are_exactly_the_brute_force_set():
     for n, m in [(1, 3), (2, 4), (2, 3)]:
         allm = np.array(list(itertools.product([0, 1], repeat=m * m))).reshape(-1, m, m)
