@@ -155,7 +155,7 @@ def test_accuracy_checker(tmp_path):
     outs = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0]]
     log = [{"seq_id": i, "qsl_idx": i, "data": outs[i].tobytes().hex()} for i in range(5)]
     (tmp_path / "mlperf_log_accuracy.json").write_text(json.dumps(log))
-    r = check_accuracy(tmp_path, labels=np.array([0, 1, 2, 0, 0]), reference=outs, n=5)
+    r = check_accuracy(tmp_path, labels=np.array([0, 1, 2, 3, 3]), reference=outs, n=5)
     assert r["top1"] == pytest.approx(0.8) and r["agreement"] == 1.0 and r["cosine_min"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="4 of 5 samples"):
         (tmp_path / "x").mkdir()
@@ -226,6 +226,11 @@ def test_onnx_int8_export_roundtrip(tmp_path, symmetric):
     assert (ort.argmax(1) == sim.argmax(1)).mean() >= 0.95
     ops = optimized_op_counts(path)
     assert ops.get("QLinearConv", 0) + ops.get("ConvInteger", 0) >= 1, ops  # int8 kernels, not fp32 convs
+    # every quantized Conv integer (ConvInteger where no quantizer follows): the same numbers
+    p2 = export_onnx(q, (x[:2],), tmp_path / "q2.onnx", input_names=["x"], all_integer=True)
+    ops2 = optimized_op_counts(p2)
+    assert ops2.get("ConvInteger", 0) >= 1 and not ops2.get("Conv", 0) and not ops2.get("FusedConv", 0), ops2
+    np.testing.assert_allclose(OrtBackend(p2, threads=1)((x.numpy(),)), ort, atol=1e-4 * np.abs(ort).max())
     fp = OrtBackend(export_onnx(m, (x[:2],), tmp_path / "fp.onnx"), threads=1)((x.numpy(),))
     np.testing.assert_allclose(fp, TorchBackend(m)((x.numpy(),)), atol=1e-4)
     assert not any(k in optimized_op_counts(tmp_path / "fp.onnx") for k in ("QLinearConv", "QuantizeLinear"))

@@ -23,7 +23,7 @@ def score_outputs(outputs: dict[int, np.ndarray], labels: Optional[np.ndarray] =
                   reference: Optional[np.ndarray] = None, n: Optional[int] = None) -> dict[str, Any]:
     """Metrics of per-sample outputs {index: vector}.
 
-    * ``top1``: argmax == label, when labels are given and outputs are class scores (dim > max label).
+    * ``top1``: argmax == label, when labels are given and outputs are class scores (one per class).
     * against ``reference`` (the FP model's outputs, row i for sample i): ``agreement`` (same argmax),
       ``cosine_mean``/``cosine_min`` and ``max_abs_diff``.
     ``n`` (dataset size) makes missing samples an error.
@@ -43,7 +43,9 @@ def score_outputs(outputs: dict[int, np.ndarray], labels: Optional[np.ndarray] =
         r["non_finite"] = int((~np.isfinite(out)).sum())
     if labels is not None:
         lab = np.asarray(labels)[idx]
-        if lab.ndim == 1 and np.issubdtype(lab.dtype, np.integer) and out.shape[1] > int(lab.max()):
+        # class scores only when there is one output per class (not e.g. a 384-d embedding)
+        if lab.ndim == 1 and np.issubdtype(lab.dtype, np.integer) and out.shape[1] in (int(lab.max()) + 1,
+                                                                                       len(np.unique(lab))):
             r["top1"] = float((out.argmax(1) == lab).mean())
     if reference is not None:
         ref = np.asarray(reference, dtype=np.float32).reshape(len(reference), -1)[idx]

@@ -1,0 +1,246 @@
+"""MLPerf LoadGen benchmark of resnet20 (digits32) and MiniLM (text): FP32 PyTorch vs int8 ONNX Runtime.
+
+Measured side by side in one run, each variant in its own subprocess with pinned threads (2 SUT workers x 1
+intra-op thread = the machine's 2 cores):
+
+A. Offline throughput + accuracy mode: resnet20 (batch 64) and MiniLM (sequence length 128, fixed), variants
+   FP32 PyTorch, FP32 ONNX Runtime, int8 ONNX Runtime (thrifty PTQ W8A8 RTN, exported as QDQ), plus for
+   resnet20 mixed precision (W4A8 PTQ, int8 containers) and 2:4 N:M weights (compressed size from
+   thrifty.sparse.save_sparse; run on dense kernels).
+B. All four scenarios (short default settings) for resnet20 and MiniLM (MiniLM batches padded to their
+   longest sentence, <= 128 tokens), PyTorch FP32 and int8 ONNX Runtime.
+C. The Server max-QPS search run a second time, to report reproducibility.
+
+    python experiments/bench.py --quick     # ~3 min: results/bench_quick.{json,md}
+    python experiments/bench.py             # ~10+ min: results/bench.{json,md} and results/bench_*.png
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from thrifty.bench import BenchSettings, Samples, optimized_op_counts, run  # noqa: E402
+from thrifty.bench.api import calibration_data, load_workload, ptq_int8  # noqa: E402
+from thrifty.bench.backends import INT8_KERNELS, TorchBackend  # noqa: E402
+from thrifty.bench.report import accuracy_table, markdown_table, plot_results  # noqa: E402
+from thrifty.utils import atomic_write_text  # noqa: E402
+
+BOUNDS_MS = {"resnet20": 15.0, "minilm": 130.0}  # MLPerf's Server bounds for ResNet-50 and BERT
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _cached_ptq(key: str, fn):
+    """PTQ is deterministic and slow on a shared machine: cache the quantized model under .cache/thrifty."""
+    path = ROOT / ".cache" / "thrifty" / "bench" / f"{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    model = fn().model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, path)
+    return model
+
+
+def _outputs(model, samples: Samples, bs: int = 64) -> np.ndarray:
+    be = TorchBackend(model)
+    n = len(samples)
+    return np.concatenate([np.asarray(be(samples.batch(range(i, min(i + bs, n))))).reshape(min(bs, n - i), -1)
+                           for i in range(0, n, bs)])
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def _summ(r: dict, part: str) -> dict:
+    keep = ("variant", "backend", "model", "dataset", "artifact_bytes", "calibration", "reference_metrics",
+            "size_bytes", "size_note", "accuracy_value", "latency_ms", "sim_metrics", "int8_ops", "threads", "workers")
+    out = {k: r[k] for k in keep if k in r}
+    out["part"] = part
+    out["scenarios"] = {}
+    for sc, x in r["scenarios"].items():
+        out["scenarios"][sc] = {k: x.get(k) for k in ("valid", "metric", "value", "reasons", "percentiles_ms",
+                                                       "max_qps", "latency_bound_ms", "probes", "search_bracket",
+                                                       "wall_s", "hint_scale", "logdir")}
+    if r.get("accuracy"):
+        out["accuracy"] = {"metrics": r["accuracy"]["metrics"], "valid": r["accuracy"]["valid"]}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    quick = args.quick
+    name = "bench_quick" if quick else "bench"
+    res_dir = ROOT / "results"
+    work = ROOT / "reports" / name
+    t_start = time.perf_counter()
+    base = BenchSettings(min_duration_s=1.0 if quick else 2.0, max_batch=64, server_max_probes=5 if quick else 7)
+    rows: list[dict] = []
+    meta: dict = {"python": platform.python_version(), "torch": torch.__version__, "quick": quick,
+                  "settings": {k: getattr(base, k) for k in ("min_duration_s", "max_batch", "threads")},
+                  "workers": base.n_workers()}
+    import onnxruntime
+    import mlperf_loadgen  # noqa: F401
+
+    meta["onnxruntime"] = onnxruntime.__version__
+
+    # ------------------------------------------------------------------------------------------- models
+    log("resnet20: pretrained FP32 + PTQ W8A8 (RTN, MSE ranges) + W4A8 + 2:4")
+    r20 = load_workload("resnet20")
+    calib = calibration_data(r20)
+    t0 = time.perf_counter()
+    q8 = _cached_ptq("resnet20_w8a8_rtn", lambda: ptq_int8(r20.model, calib))
+    meta["ptq_seconds_resnet20"] = round(time.perf_counter() - t0, 1)
+    q4 = _cached_ptq("resnet20_w4a8_rtn", lambda: ptq_int8(r20.model, calib, w_bits=4))
+    from thrifty.sparse import NM, save_sparse, sparsify
+
+    nm = sparsify(copy.deepcopy(r20.model), NM(2, 4))
+    nm_size = save_sparse(nm, work / "resnet20_2of4.safetensors")
+    log("MiniLM: pretrained + PTQ W8A8")
+    mini = load_workload("minilm", seq_len=128, max_samples=192 if quick else 384)
+    mini_dyn = load_workload("minilm", seq_len=128, max_samples=192 if quick else 384, dynamic_length=True)
+    t0 = time.perf_counter()
+    mq8 = _cached_ptq("minilm_w8a8_rtn", lambda: ptq_int8(mini.model, calibration_data(mini, n=64)))
+    meta["ptq_seconds_minilm"] = round(time.perf_counter() - t0, 1)
+    fp_emb = _outputs(mini.model, mini_dyn.samples)
+    sim_cos = _cos(_outputs(mq8.model, mini_dyn.samples), fp_emb)
+    meta["minilm_int8_simulated_cosine_to_fp"] = {"mean": float(sim_cos.mean()), "min": float(sim_cos.min())}
+    log(f"MiniLM int8 simulated cosine to FP32: mean {sim_cos.mean():.5f} min {sim_cos.min():.5f}")
+
+    # ---------------------------------------------------------------------- A. Offline side by side
+    offl = [("resnet20_fp32_torch", r20.model, "torch", r20.samples, "auto"),
+            ("resnet20_fp32_ort", r20.model, "onnxruntime", r20.samples, "auto"),
+            ("resnet20_int8_ort", q8.model, "onnxruntime", r20.samples, "auto"),
+            ("resnet20_w4a8_ort", q4.model, "onnxruntime", r20.samples, "auto"),
+            ("resnet20_2of4_torch", nm, "torch", r20.samples, "auto"),
+            ("minilm_fp32_torch", mini.model, "torch", mini.samples, fp_emb),
+            ("minilm_fp32_ort", mini.model, "onnxruntime", mini.samples, fp_emb),
+            ("minilm_int8_ort", mq8.model, "onnxruntime", mini.samples, fp_emb)]
+    for var, model, be, samples, ref in offl:
+        log(f"A. SingleStream + Offline {var}")
+        r = run(model, samples, scenarios=["SingleStream", "Offline"], backend=be, settings=base, outdir=work,
+                reference=ref, variant=var)
+        r["latency_ms"] = r["scenarios"]["SingleStream"]["value"]
+        if be == "onnxruntime":
+            ops = optimized_op_counts(work / var / "model.onnx")
+            r["int8_ops"] = {k: v for k, v in ops.items() if k in INT8_KERNELS}
+            r["int8_ops"]["float GEMM/Conv"] = sum(v for k, v in ops.items() if k in ("Conv", "FusedConv", "MatMul",
+                                                                                        "FusedMatMul", "Gemm"))
+        m = r["accuracy"]["metrics"]
+        r["accuracy_value"] = m.get("top1", m.get("cosine_mean"))
+        r["size_bytes"] = r["artifact_bytes"]
+        if var == "resnet20_2of4_torch":
+            r["size_bytes"] = nm_size["file_bytes"]
+            r["size_note"] = (f"2:4 compressed storage {nm_size['file_bytes']} B vs dense {nm_size['dense_bytes']} B; "
+                              f"executed with dense kernels")
+        rows.append(_summ(r, "A"))
+        log(f"   {r['scenarios']['Offline']['value']} samples/s, accuracy {json.dumps(m)}")
+
+    # ---------------------------------------------------------------------- B. four scenarios
+    four = [("resnet20_fp32_torch", r20.model, "torch", r20.samples, "resnet20"),
+            ("resnet20_int8_ort", q8.model, "onnxruntime", r20.samples, "resnet20"),
+            ("minilm_int8_ort_dyn", mq8.model, "onnxruntime", mini_dyn.samples, "minilm")]
+    if not quick:
+        four.insert(2, ("minilm_fp32_torch_dyn", mini.model, "torch", mini_dyn.samples, "minilm"))
+    for var, model, be, samples, fam in four:
+        log(f"B. all scenarios {var}")
+        s = base.replace(server_latency_ms=BOUNDS_MS[fam])
+        r = run(model, samples, scenarios="all", backend=be, settings=s, outdir=work / "scenarios", variant=var,
+                accuracy=False, reference=None)
+        rows.append(_summ(r, "B"))
+        for sc, x in r["scenarios"].items():
+            log(f"   {sc:12s} {'VALID' if x['valid'] else 'INVALID'} {x.get('metric')}={x.get('value')} "
+                f"{'max_qps=' + str(x.get('max_qps')) if sc == 'Server' else ''} {'; '.join(x['reasons'])}")
+
+    # ---------------------------------------------------------------------- C. Server reproducibility
+    for var, model, be, samples, fam in four:
+        if "int8" not in var:
+            continue
+        log(f"C. Server search again {var}")
+        s = base.replace(server_latency_ms=BOUNDS_MS[fam])
+        r = run(model, samples, scenarios=["Server"], backend=be, settings=s, outdir=work / "server_rerun",
+                variant=var, accuracy=False, reference=None)
+        rows.append(_summ(r, "C"))
+        log(f"   max_qps={r['scenarios']['Server'].get('max_qps')}")
+
+    meta["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    out = {"meta": meta, "nm_storage": nm_size, "rows": rows}
+    atomic_write_text(res_dir / f"{name}.json", json.dumps(out, indent=1, default=str))
+    a_rows = [r for r in rows if r["part"] == "A"]
+    plots = plot_results(a_rows, res_dir, prefix=f"{name}_")
+    atomic_write_text(res_dir / f"{name}.md", render(out, name) + "\n" + "\n".join(
+        f"![{Path(p).stem}]({Path(p).name})" for p in plots) + "\n")
+    log(f"wrote results/{name}.json, results/{name}.md in {meta['total_seconds']} s")
+    return 0
+
+
+def _row(rows: list[dict], part: str, var: str) -> dict:
+    return next((r for r in rows if r["part"] == part and r["variant"] == var), {})
+
+
+def render(out: dict, name: str) -> str:
+    rows, meta = out["rows"], out["meta"]
+    a = [r for r in rows if r["part"] == "A"]
+    lines = [f"# LoadGen benchmark ({'quick' if meta['quick'] else 'full'})", "",
+             f"2 cores, {meta['workers']} SUT workers x {meta['settings']['threads']} thread, min_duration "
+             f"{meta['settings']['min_duration_s']} s, Offline batch {meta['settings']['max_batch']}; torch "
+             f"{meta['torch']}, onnxruntime {meta['onnxruntime']}. Every number below is LoadGen's "
+             f"(mlperf_log_summary.txt) or computed from its accuracy log.", "",
+             "## A. Offline throughput and accuracy (side by side, one run)", "",
+             "| variant | Offline samples/s | x FP32 PyTorch | valid | accuracy (LoadGen accuracy log) | "
+             "reference model's own | size MB | integer kernels after ORT fusion |", "|---|---|---|---|---|---|---|---|"]
+    for r in a:
+        fam = r["variant"].split("_")[0]
+        base = _row(rows, "A", f"{fam}_fp32_torch")["scenarios"]["Offline"]["value"]
+        o = r["scenarios"]["Offline"]
+        m = r["accuracy"]["metrics"]
+        acc = f"top-1 {m['top1']:.4f}" if "top1" in m else f"cosine to FP32 {m['cosine_mean']:.5f} (min {m['cosine_min']:.4f})"
+        refm = r.get("reference_metrics", {})
+        ref = f"top-1 {refm['top1']:.4f} (simulated)" if "top1" in refm else "-"
+        ops = ", ".join(f"{k} {v}" for k, v in (r.get("int8_ops") or {}).items()) or "-"
+        lines.append(f"| {r['variant']} | {o['value']:.1f} | {o['value'] / base:.2f}x | "
+                     f"{'VALID' if o['valid'] else 'INVALID'} | {acc} | {ref} | {r['size_bytes'] / 1e6:.3f} | {ops} |")
+    sim = meta.get("minilm_int8_simulated_cosine_to_fp")
+    if sim:
+        lines += ["", f"MiniLM int8 simulated in PyTorch (fake quantization): cosine to FP32 mean {sim['mean']:.5f}, "
+                      f"min {sim['min']:.4f}."]
+    lines += ["", f"2:4 N:M resnet20: {out['nm_storage']['file_bytes']} B compressed (values + "
+                  f"{'/'.join(sorted(set(out['nm_storage']['layers'].values())))} indices) vs "
+                  f"{out['nm_storage']['dense_bytes']} B dense. No CPU kernel here (PyTorch or ONNX Runtime) "
+                  f"executes N:M sparsity; the model runs on dense kernels, so its speed is the dense model's "
+                  f"(see its Offline row), not a speedup.", "",
+              "## B. All four scenarios (short default run)", "", markdown_table([r for r in rows if r["part"] == "B"]),
+              "", "## C. Server max-QPS search, run twice", "",
+              "| variant | bound ms | run 1 max QPS | run 2 max QPS | difference |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["part"] != "C":
+            continue
+        r1 = _row(rows, "B", r["variant"])["scenarios"]["Server"]
+        q1, q2 = r1.get("max_qps"), r["scenarios"]["Server"].get("max_qps")
+        diff = f"{abs(q1 - q2) / max(q1, q2) * 100:.1f}%" if q1 and q2 else "-"
+        lines.append(f"| {r['variant']} | {r1.get('latency_bound_ms')} | {q1 and round(q1, 1)} | {q2 and round(q2, 1)} | {diff} |")
+    lines += ["", f"Total time {meta['total_seconds']} s (PTQ, or loading it from .cache: resnet20 "
+                  f"{meta['ptq_seconds_resnet20']} s, MiniLM {meta['ptq_seconds_minilm']} s)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

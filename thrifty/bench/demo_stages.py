@@ -1,0 +1,43 @@
+"""Demo stage (last): a short LoadGen benchmark of the demo model, FP32 PyTorch vs int8 ONNX Runtime."""
+from __future__ import annotations
+
+from thrifty.demo import DemoContext, demo_stage
+
+
+@demo_stage(order=90, name="bench")
+def bench_stage(ctx: DemoContext) -> dict:
+    from thrifty.bench import BenchSettings, Samples, run
+    from thrifty.bench.report import markdown_table, plot_results
+    from thrifty.data import calibration_subset
+    from thrifty.quant import PTQ, quantize
+
+    import torch
+
+    test = ctx.splits.test
+    x, y = test.tensors
+    samples = Samples((x.numpy(),), y.numpy(), "digits32")
+    sub = calibration_subset(ctx.splits.train, per_class=10, seed=ctx.seed)
+    calib = torch.stack([sub[i][0] for i in range(len(sub))])
+    q = quantize(ctx.model, PTQ(w_bits=8, a_bits=8, pipeline="rtn", w_estimator="minmax", a_estimator="minmax"),
+                 calib, progress=False).model
+    s = BenchSettings(min_duration_s=0.5 if ctx.quick else 1.0)
+    out = ctx.report_dir / "bench"
+    rows = []
+    for var, model, backend in (("fp32_torch", ctx.model, "torch"), ("int8_onnxruntime", q, "onnxruntime")):
+        rows.append(run(model, samples, scenarios=["SingleStream", "Offline"], backend=backend, settings=s,
+                        outdir=out, variant=var))
+    plots = plot_results(rows, out)
+    res: dict = {}
+    for r in rows:
+        m = r["accuracy"]["metrics"]
+        res[r["variant"]] = {"offline_samples_per_s": round(r["scenarios"]["Offline"]["value"], 1),
+                             "singlestream_p90_ms": round(r["scenarios"]["SingleStream"]["value"], 3),
+                             "valid": all(v["valid"] for v in r["scenarios"].values()),
+                             "top1_loadgen_accuracy_log": m.get("top1"), "bytes": r["artifact_bytes"]}
+    ratio = res["int8_onnxruntime"]["offline_samples_per_s"] / max(res["fp32_torch"]["offline_samples_per_s"], 1e-9)
+    md = (f"MLPerf LoadGen (short run, {s.min_duration_s} s per scenario): int8 ONNX Runtime Offline "
+          f"throughput {ratio:.2f}x FP32 PyTorch; top-1 from LoadGen's accuracy log: FP32 "
+          f"{res['fp32_torch']['top1_loadgen_accuracy_log']:.4f}, int8 "
+          f"{res['int8_onnxruntime']['top1_loadgen_accuracy_log']:.4f}.\n\n" + markdown_table(rows))
+    return {**res, "int8_vs_fp32_offline": round(ratio, 2), "markdown": md,
+            "files": [str(out / "fp32_torch"), str(out / "int8_onnxruntime")] + plots}
