@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from thrifty.data import load_dataset  # noqa: E402
 from thrifty.merge import (  # noqa: E402
-    Distill, Ensemble, FSMerge, PermuteAverage, average, distill, evaluate_tasks, few_shot, fs_merge,
+    DistillMerge, Ensemble, FSMerge, PermuteAverage, average, distill, evaluate_tasks, few_shot, fs_merge,
     permute_and_average, zip_merge,
 )
 from thrifty.models import create  # noqa: E402
@@ -118,7 +118,7 @@ def run(arch: str, splits: list, quick: bool, sizes: tuple[int, ...], methods: t
             if arch.startswith("mlp") and len(models) == 2:
                 record("ZipIt-style zip", n, lambda: zip_merge(models, few))
         if "kd" in methods:
-            kd = Distill(steps=steps, lr=1e-3, augment=aug, progress=False)
+            kd = DistillMerge(steps=steps, lr=1e-3, augment=aug, progress=False)
             record("distillation (KD)", n, lambda: distill(models, few, kd))
         for mode in ("global", "local"):
             if f"fs-{mode}" in methods:

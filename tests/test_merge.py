@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from thrifty.core import from_yaml, to_yaml
 from thrifty.merge import (
-    Average, Distill, Ensemble, FSMerge, PermuteAverage, SuperNet, Zip, augment, average, distill, evaluate_tasks,
-    fs_merge, match_permutations, merge, permute_and_average, train_supernet, zip_merge,
+    AverageMerge, DistillMerge, Ensemble, FSMerge, PermuteAverage, SuperNet, ZipMerge, augment, average, distill,
+    evaluate_tasks, fs_merge, match_permutations, merge, permute_and_average, train_supernet, zip_merge,
 )
 from thrifty.merge.arch import arch_for
 from thrifty.merge.baselines import _points_from_perms
@@ -177,7 +177,7 @@ def test_zip_merge_of_a_model_with_a_permuted_copy_is_equivalent() -> None:
     a = _models("mlp", 1)[0]
     b, _ = _permuted(a, seed=3)
     x = _x("mlp", 64, 2)
-    out = zip_merge([a, b], [x[:32], x[32:]], Zip())(x)
+    out = zip_merge([a, b], [x[:32], x[32:]], ZipMerge())(x)
     assert torch.allclose(out[:, :3], a(x), atol=1e-5) and torch.allclose(out[:, 3:], a(x), atol=1e-5)
     with pytest.raises(ValueError, match="two MLPs"):
         zip_merge(_models("mlp", 3), [x, x, x])
@@ -203,7 +203,8 @@ def test_baselines_shapes_and_front_door() -> None:
     data = [_x("mlp", 10, i) for i in range(3)]
     tests = [torch.utils.data.TensorDataset(_x("mlp", 7, 9), torch.randint(0, m.head.out_features, (7,)))
              for m in models]
-    for cfg in (Average(), PermuteAverage(), PermuteAverage(matching="weight"), Distill(steps=3, progress=False),
+    for cfg in (AverageMerge(), PermuteAverage(), PermuteAverage(matching="weight"),
+                DistillMerge(steps=3, progress=False),
                 FSMerge(steps=3, progress=False, width_mult=2.0)):
         m = merge(models, data, cfg)
         assert m(data[0]).shape == (10, 3 + 4 + 3)
@@ -213,7 +214,7 @@ def test_baselines_shapes_and_front_door() -> None:
     assert evaluate_tasks(ens, tests) == [evaluate_tasks(m, [t], [(0, m.head.out_features)])[0]
                                           for m, t in zip(models, tests)]
     assert from_yaml(to_yaml(FSMerge(param="full", mode="local"))) == FSMerge(param="full", mode="local")
-    student = distill(models[:2], data[:2], Distill(steps=2, init="random", progress=False))
+    student = distill(models[:2], data[:2], DistillMerge(steps=2, init="random", progress=False))
     assert student(data[0]).shape == (10, 7)
 
 
@@ -232,7 +233,7 @@ def test_bad_inputs_and_inputs_untouched() -> None:
     cfg = FSMerge(steps=3, progress=False)
     fs_merge([a, b], data, cfg)
     permute_and_average([a, b], data)
-    distill([a, b], data, Distill(steps=2, progress=False))
+    distill([a, b], data, DistillMerge(steps=2, progress=False))
     for m, sd in zip((a, b), before):
         assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
         assert all(p.requires_grad for p in m.parameters()) and not m.training

@@ -83,7 +83,7 @@ def _task_splits(args: argparse.Namespace, metas: list[dict], models: list) -> l
 def run(args: argparse.Namespace) -> int:
     from thrifty.core import to_dict
     from thrifty.merge import (
-        Average, Distill, FSMerge, PermuteAverage, Zip, evaluate_tasks, few_shot, merge, zoo_kwargs,
+        AverageMerge, DistillMerge, FSMerge, PermuteAverage, ZipMerge, evaluate_tasks, few_shot, merge, zoo_kwargs,
     )
     from thrifty.train import load_model, save_model
 
@@ -106,13 +106,14 @@ def run(args: argparse.Namespace) -> int:
         cfg = FSMerge(param=args.param, init=args.init, mode=args.mode, rank=args.rank, width_mult=args.width_mult,
                       steps=args.steps, lr=args.lr or 1e-2, augment=args.augment, seed=args.seed, progress=progress)
     elif args.method == "distill":
-        cfg = Distill(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed, progress=progress)
+        cfg = DistillMerge(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed,
+                           progress=progress)
     elif args.method == "permute":
         cfg = PermuteAverage(matching=args.matching)
     elif args.method == "zip":
-        cfg = Zip()
+        cfg = ZipMerge()
     else:
-        cfg = Average()
+        cfg = AverageMerge()
     with _common.step(f"merging with {args.method}"):
         merged = merge(models, few, cfg)
     orig = [evaluate_tasks(m, [te], [(0, m.head.out_features)])[0] for m, te in zip(models, tests)]

@@ -24,8 +24,8 @@ import torch.nn as nn
 from thrifty.core.config import Config, register_config
 from thrifty.merge.arch import check_models, task_slices, zoo_kwargs
 from thrifty.merge.baselines import (
-    Average, Distill, Ensemble, PermuteAverage, Zip, average, concat_heads, distill, match_permutations,
-    permute_and_average, zip_merge,
+    AverageMerge, DistillMerge, Ensemble, PermuteAverage, ZipMerge, average, concat_heads, distill,
+    match_permutations, permute_and_average, zip_merge,
 )
 from thrifty.merge.data import augment, few_shot, task_inputs
 from thrifty.merge.fsmerge import FSMerge, SuperNet, fs_merge, train_supernet
@@ -33,26 +33,28 @@ from thrifty.merge.maps import LinearMap, MergePoint
 
 __all__ = [
     "FSMerge", "SuperNet", "fs_merge", "train_supernet", "LinearMap", "MergePoint", "check_models", "task_slices",
-    "augment", "few_shot", "task_inputs", "Average", "PermuteAverage", "Distill", "EnsembleCfg", "average",
+    "augment", "few_shot", "task_inputs", "AverageMerge", "PermuteAverage", "DistillMerge", "EnsembleMerge",
+    "average",
     "permute_and_average", "match_permutations", "distill", "Ensemble", "concat_heads", "merge", "MERGERS",
-    "evaluate_tasks", "zoo_kwargs", "Zip", "zip_merge",
+    "evaluate_tasks", "zoo_kwargs", "ZipMerge", "zip_merge",
 ]
 
 
 @register_config
 @dataclass(frozen=True)
-class EnsembleCfg(Config):
+class EnsembleMerge(Config):
     """Keep all models (the upper bound; K x the cost)."""
 
 
 MERGERS: dict[type, Callable[..., nn.Module]] = {
-    FSMerge: fs_merge, Average: average, PermuteAverage: permute_and_average, Distill: distill, Zip: zip_merge,
-    EnsembleCfg: lambda models, data=None, cfg=None: Ensemble(models),
+    FSMerge: fs_merge, AverageMerge: average, PermuteAverage: permute_and_average, DistillMerge: distill,
+    ZipMerge: zip_merge,
+    EnsembleMerge: lambda models, data=None, cfg=None: Ensemble(models),
 }
 
 
 def merge(models: Sequence[nn.Module], data: Sequence | None, cfg: Config) -> nn.Module:
-    """Dispatch on the config type: FSMerge, Average, PermuteAverage, Zip, Distill or EnsembleCfg."""
+    """Dispatch on the config type: FSMerge, AverageMerge, PermuteAverage, ZipMerge, DistillMerge or EnsembleMerge."""
     fn = MERGERS.get(type(cfg))
     if fn is None:
         raise TypeError(f"no merge method for config {type(cfg).__name__}; known: {[t.__name__ for t in MERGERS]}")

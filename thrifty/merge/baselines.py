@@ -32,13 +32,13 @@ from thrifty.merge.matching import (
     correlation, head_aware_match, match_features, perm_matrix, weight_matching, zip_pairs,
 )
 
-__all__ = ["Average", "PermuteAverage", "Zip", "Distill", "average", "permute_and_average", "match_permutations",
-           "zip_merge", "distill", "Ensemble", "concat_heads"]
+__all__ = ["AverageMerge", "PermuteAverage", "ZipMerge", "DistillMerge", "average", "permute_and_average",
+           "match_permutations", "zip_merge", "distill", "Ensemble", "concat_heads"]
 
 
 @register_config
 @dataclass(frozen=True)
-class Average(Config):
+class AverageMerge(Config):
     """Plain weight averaging (task heads concatenated)."""
 
 
@@ -57,14 +57,14 @@ class PermuteAverage(Config):
 
 @register_config
 @dataclass(frozen=True)
-class Zip(Config):
+class ZipMerge(Config):
     """ZipIt-style merge of two MLPs: per hidden layer, greedily pair the most correlated units among both
     models' units (within a model too); each merged unit averages its pair, unmerge copies it back."""
 
 
 @register_config
 @dataclass(frozen=True)
-class Distill(Config):
+class DistillMerge(Config):
     """Knowledge distillation of K teachers into one student (init "first": model 0 + all heads) on the
     same unlabeled samples and augmentation as FS-Merge; KL at ``temperature`` on each task's logits."""
 
@@ -84,9 +84,9 @@ class Distill(Config):
 
     def __post_init__(self) -> None:
         if self.init not in ("first", "random"):
-            raise ValueError(f"Distill.init must be 'first' or 'random', got {self.init!r}")
+            raise ValueError(f"DistillMerge.init must be 'first' or 'random', got {self.init!r}")
         if self.steps < 0 or self.lr <= 0 or self.temperature <= 0 or self.batch_size < 1 or self.augment < 0:
-            raise ValueError(f"Distill: invalid settings {self}")
+            raise ValueError(f"DistillMerge: invalid settings {self}")
 
 
 def concat_heads(model: nn.Module, models: Sequence[nn.Module]) -> nn.Module:
@@ -102,7 +102,8 @@ def concat_heads(model: nn.Module, models: Sequence[nn.Module]) -> nn.Module:
 
 
 @torch.no_grad()
-def average(models: Sequence[nn.Module], data: Sequence | None = None, cfg: Average = Average()) -> nn.Module:
+def average(models: Sequence[nn.Module], data: Sequence | None = None,
+            cfg: AverageMerge = AverageMerge()) -> nn.Module:
     """Average every parameter and buffer except the heads (catastrophic for distinct inits)."""
     check_models(models)
     out = concat_heads(copy.deepcopy(models[0]), models)
@@ -224,7 +225,7 @@ def permute_and_average(models: Sequence[nn.Module], data: Sequence | None = Non
 
 
 @torch.no_grad()
-def zip_merge(models: Sequence[nn.Module], data: Sequence, cfg: Zip = Zip()) -> nn.Module:
+def zip_merge(models: Sequence[nn.Module], data: Sequence, cfg: ZipMerge = ZipMerge()) -> nn.Module:
     """ZipIt-style zipping (full, every layer; two MLPs) as a folded SuperNet with fixed maps."""
     check_models(models)
     if len(models) != 2 or not isinstance(arch_for(models), MLPArch):
@@ -244,14 +245,14 @@ def zip_merge(models: Sequence[nn.Module], data: Sequence, cfg: Zip = Zip()) -> 
     return SuperNet(models, points=nn.ModuleDict(pts)).fold()
 
 
-def distill(models: Sequence[nn.Module], data: Sequence, cfg: Distill = Distill()) -> nn.Module:
+def distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge = DistillMerge()) -> nn.Module:
     """Distill the K models into one (same class and width) on unlabeled task data."""
     check_models(models)
     with num_threads(cfg.threads):
         return _distill(models, data, cfg)
 
 
-def _distill(models: Sequence[nn.Module], data: Sequence, cfg: Distill) -> nn.Module:
+def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge) -> nn.Module:
     xs = task_inputs(models, data)
     pool = augment(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed).x
     teachers = [copy.deepcopy(m).eval() for m in models]
@@ -272,7 +273,8 @@ def _distill(models: Sequence[nn.Module], data: Sequence, cfg: Distill) -> nn.Mo
     per = max(1, cfg.batch_size // len(models))
     t = cfg.temperature
     student.train()
-    for step in tqdm(range(cfg.steps), desc="distill", disable=not cfg.progress or not sys.stderr.isatty(), leave=False):
+    quiet = not cfg.progress or not sys.stderr.isatty()
+    for step in tqdm(range(cfg.steps), desc="distill", disable=quiet, leave=False):
         for grp in opt.param_groups:
             grp["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1)))
         idx = [torch.randint(len(x), (min(per, len(x)),), generator=g) for x in pool]

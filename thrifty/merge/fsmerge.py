@@ -15,7 +15,8 @@ shared residual maps are trained with block 0 and then frozen; the last stage fi
 Example:
     >>> import torch
     >>> from thrifty.models import create
-    >>> a, b = create("mlp", in_features=8, hidden=(16,), num_classes=3).eval(), create("mlp", in_features=8, hidden=(16,), num_classes=2).eval()
+    >>> a = create("mlp", in_features=8, hidden=(16,), num_classes=3).eval()
+    >>> b = create("mlp", in_features=8, hidden=(16,), num_classes=2).eval()
     >>> merged = fs_merge([a, b], [torch.randn(20, 8), torch.randn(20, 8)], FSMerge(steps=5, progress=False))
     >>> merged(torch.randn(4, 8)).shape, merged.task_slices
     (torch.Size([4, 5]), [(0, 3), (3, 5)])

@@ -106,7 +106,8 @@ class MergePoint(nn.Module):
         if len(pats) != k or any(tuple(p.shape) != (m, d) for p in pats):
             raise ValueError(f"need {k} pattern(s) of shape {m} x {d}, got {[tuple(p.shape) for p in pats]}")
         scales = [1.0] + [0.0] * (k - 1) if init == "first" else [1.0 / k] * k
-        self.ms = nn.ModuleList(LinearMap(p, s, param, rank, generator) for p, s in zip(pats, scales)) if has_m else None
+        self.ms = (nn.ModuleList(LinearMap(p, s, param, rank, generator) for p, s in zip(pats, scales))
+                   if has_m else None)
         self.us = nn.ModuleList(LinearMap(p.T, 1.0, param, rank, generator) for p in pats) if has_u else None
 
     @classmethod
