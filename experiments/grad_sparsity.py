@@ -43,6 +43,7 @@ VARIANTS = {
     "grad 2:4 MSE, biased (dW)": [GradNM(2, 4, "mse", gemms=W)],
     "grad 1:2 MVUE (dX+dW)": [GradNM(1, 2, "mvue")],
     "grad 2:4 MVUE (dX+dW)": [GradNM(2, 4, "mvue")],
+    "grad 2:4 MSE, biased (dX+dW)": [GradNM(2, 4, "mse")],
     "T4:8 weights + grad 2:4 MVUE (dW)": [NM(4, 8, transposable=True, recompute_every=10), GradNM(2, 4, "mvue", gemms=W)],
 }
 
@@ -61,13 +62,22 @@ def build(variant: str, model_name: str, splits, seed: int, **model_kw) -> torch
     return model
 
 
-def run(model_name: str, dataset: str, cfg, seeds: list[int], variants: list[str], **model_kw) -> dict:
+def run(model_name: str, dataset: str, cfg, seeds: list[int], variants: list[str], prev: dict | None = None,
+        **model_kw) -> dict:
+    """Train every (variant, seed); runs found in ``prev`` (an earlier result, same schedule) are reused."""
     splits = load_dataset(dataset, seed=0)
     out = {"model": model_name, "dataset": dataset, "model_kwargs": model_kw, "train": dataclasses.asdict(cfg),
            "runs": {}}
-    for variant in variants:
-        per_seed = []
-        for seed in seeds:
+    if prev is not None and (prev["model"], prev["dataset"], prev["train"], prev.get("model_kwargs", {})) != \
+            (model_name, dataset, json.loads(json.dumps(out["train"])), model_kw):
+        raise SystemExit(f"--merge: {model_name}/{dataset} was run with another schedule; rerun without --merge")
+    old = prev["runs"] if prev else {}
+    for variant in VARIANTS:
+        done = {r["seed"]: r for r in old.get(variant, [])}
+        per_seed = [done[s] for s in sorted(done)]
+        for seed in seeds if variant in variants else []:
+            if seed in done:
+                continue
             model = build(variant, model_name, splits, seed, **model_kw)
             t0 = time.perf_counter()
             try:
@@ -80,11 +90,12 @@ def run(model_name: str, dataset: str, cfg, seeds: list[int], variants: list[str
             rec["test_acc"] = final.get("test_acc", float("nan"))
             rec["best_test_acc"] = max((r["test_acc"] for r in rec["records"]), default=float("nan"))
             rec["final_train_loss"] = final.get("train_loss", float("nan"))
-            per_seed.append(rec)
+            per_seed = sorted(per_seed + [rec], key=lambda r: r["seed"])
             print(f"{model_name}/{dataset} {variant:30s} seed {seed}: test acc {rec['test_acc']:.4f} "
                   f"(best {rec['best_test_acc']:.4f}) loss {rec['final_train_loss']:.4f} {rec['seconds']:.0f}s"
                   + (" DIVERGED" if rec["diverged"] else ""), flush=True)
-        out["runs"][variant] = per_seed
+        if per_seed:
+            out["runs"][variant] = per_seed
     return out
 
 
@@ -146,7 +157,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a few steps per variant (CI)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the (variant, seed) runs of the existing results JSON and train only the missing ones")
+    ap.add_argument("--resnet-seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0],
+                    help="seeds for the full resnet20 runs, e.g. 0,1")
     args = ap.parse_args(argv)
+    variants = list(VARIANTS) if args.variants is None else [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     torch.set_num_threads(args.threads)
     _, cfg_r = recipe("resnet20", "digits32")
     _, cfg_m = recipe("mlp", "mnist1d")
@@ -159,16 +180,20 @@ def main(argv: list[str] | None = None) -> dict:
         # 20 minutes on a shared 2-core machine; every variant gets exactly the same schedule
         cfg_r = dataclasses.replace(cfg_r, epochs=4)
         cfg_m = dataclasses.replace(cfg_m, epochs=30)
-        jobs = [("resnet20", "digits32", cfg_r, [0], {}), ("mlp", "mnist1d", cfg_m, [0, 1], {})]
+        jobs = [("resnet20", "digits32", cfg_r, args.resnet_seeds, {}), ("mlp", "mnist1d", cfg_m, [0, 1], {})]
     t0 = time.perf_counter()
-    results = [run(name, ds, cfg, seeds, list(VARIANTS), **kw) for name, ds, cfg, seeds, kw in jobs]
     suffix = "_quick" if args.quick else ""
     out = Path(args.out)
+    prev = [None] * len(jobs)
+    if args.merge and (out / f"grad_sparsity{suffix}.json").is_file():
+        prev = json.loads((out / f"grad_sparsity{suffix}.json").read_text())["results"]
+    results = [run(name, ds, cfg, seeds, variants, p, **kw) for (name, ds, cfg, seeds, kw), p in zip(jobs, prev)]
     lines = ["# N:M sparsity of activations and neural gradients (MSE vs MVUE)", "",
              f"`python experiments/grad_sparsity.py{' --quick' if args.quick else ''}` "
              f"({time.perf_counter() - t0:.0f} s, {args.threads} thread(s)). Same seeds, data order and steps "
              "for every variant; masks on every Linear/Conv2d; (dW): dY pruned for the weight-gradient GEMM "
-             "only (blocks along the batch), (dX+dW): for both backward GEMMs; accuracy in %.", ""]
+             "only (blocks along the batch), (dX+dW): for both backward GEMMs; accuracy in %."
+             + (" Runs accumulated over several invocations (`--merge`)." if args.merge else ""), ""]
     for res in results:
         lines += table(res)
     lines.append(f"![training curves](grad_sparsity{suffix}_curves.png)")
