@@ -193,6 +193,8 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, size: int 
             x, y = collate(ds, list(range(s, min(s + batch_size, n))))
             x, y = x.to(device), y.to(device)
             if size is not None:
+                if x.dim() != 4:
+                    raise ValueError(f"evaluate(size={size}) needs image inputs (N, C, H, W), got {tuple(x.shape)}")
                 x = resize(x, size)
             out = model(x)
             loss_sum += float(loss_fn(out, y)) * len(y)
