@@ -245,3 +245,31 @@ def test_quant_config_handler_and_yaml_round_trip():
         assert from_yaml(to_yaml(cfg)) == cfg
     with pytest.raises(ValueError):
         QuantConfig(w_estimator="magic")
+
+
+def test_save_load_round_trip(tmp_path):
+    from thrifty.quant import load_quantized, save_quantized
+
+    m = _tiny()
+    x, y = _data(48)
+    res = quantize(m, PTQ(w_bits=3, a_bits=4, pipeline="adaquant", adaquant_iters=10), (x, y), progress=False)
+    stem = tmp_path / "q"
+    save_quantized(res, stem, {"note": "tiny"})
+    assert (tmp_path / "q.safetensors").is_file() and (tmp_path / "q.yaml").is_file()
+    with pytest.raises(ValueError, match="pass the FP model"):
+        load_quantized(stem)
+    m2, meta = load_quantized(stem, model=m)
+    assert isinstance(m.bn1, nn.BatchNorm2d)  # the FP model passed in is not modified
+    assert torch.equal(m2(x), res.model(x))
+    assert meta["quantization"]["config"] == res.config and meta["note"] == "tiny"
+    assert m2.conv2.slots.weight.bits == 3 and m2.conv2.slots.input.mode == "frozen"
+    # a failed save leaves an existing file untouched; a corrupt file is a clear error
+    before = (tmp_path / "q.yaml").read_text()
+    with pytest.raises(ValueError, match="no quantized"):
+        save_quantized(_tiny(), stem)
+    assert (tmp_path / "q.yaml").read_text() == before
+    (tmp_path / "q.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_quantized(stem, model=m)
+    with pytest.raises(FileNotFoundError):
+        load_quantized(tmp_path / "missing", model=m)

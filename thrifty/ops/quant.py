@@ -338,16 +338,21 @@ def percentile_range(x: Tensor, q: float = 99.99, axis: Optional[int] = None) ->
 
 
 def mse_range(x: Tensor, bits: int, symmetric: bool = False, axis: Optional[int] = None, grid: int = 100,
-              p: float = 2.0, min_shrink: float = 0.05) -> tuple[Tensor, Tensor]:
+              p: float = 2.0, min_shrink: float = 0.05, max_samples: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Range minimising ``sum |x - q(x)|^p`` over shrunk min/max ranges ``alpha * [min, max]``, per channel.
 
     A grid search over ``alpha`` in ``[min_shrink, 1]`` (``grid`` points, includes 1 so it never loses to min/max).
+    ``max_samples`` evaluates the error on a fixed pseudo-random subset of that many elements per channel
+    (the min/max themselves always come from all elements): a large activation tensor costs no more than that.
     """
     check_bits(bits)
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
     r = _per_channel(_finite(x), axis)
     lo, hi = r.min(1).values, r.max(1).values
+    if max_samples is not None and r.shape[1] > max_samples:
+        idx = torch.randperm(r.shape[1], generator=torch.Generator().manual_seed(0))[:max_samples]
+        r = r[:, idx.to(r.device)]
     best_err = torch.full_like(lo, float("inf"))
     best_lo, best_hi = lo.clone(), hi.clone()
     for a in torch.linspace(1.0, min_shrink, grid).tolist():

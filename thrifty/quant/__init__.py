@@ -14,6 +14,7 @@ from thrifty.quant.bitalloc import Allocation, allocate_bits, exhaustive_allocat
 from thrifty.quant.calib import as_batches
 from thrifty.quant.config import PTQ, QuantConfig
 from thrifty.quant.fold import fold_bn
+from thrifty.quant.io import load_quantized, save_quantized
 from thrifty.quant.pipeline import QuantResult, calibrate_inputs, quantize
 from thrifty.quant.quantizer import UniformQuantizer
 from thrifty.quant.tuning import bias_tune, bn_tune
@@ -21,5 +22,5 @@ from thrifty.quant.tuning import bias_tune, bn_tune
 __all__ = [
     "UniformQuantizer", "QuantConfig", "PTQ", "QuantResult", "quantize", "calibrate_inputs", "fold_bn",
     "adaquant", "adaquant_layer", "reconstruction_error", "allocate_bits", "exhaustive_allocation", "Allocation",
-    "bn_tune", "bias_tune", "as_batches",
+    "bn_tune", "bias_tune", "as_batches", "save_quantized", "load_quantized",
 ]

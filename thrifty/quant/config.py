@@ -56,8 +56,10 @@ def weight_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = Fals
 
 
 def input_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False) -> UniformQuantizer:
+    # Activation tensors are large: the MSE range search evaluates its error on a 2^15-element subset.
+    kw = {"max_samples": 2**15} if cfg.a_estimator == "mse" else None
     return UniformQuantizer(bits, symmetric=cfg.a_symmetric, per_channel=False, estimator=cfg.a_estimator,
-                            learnable=learnable)
+                            learnable=learnable, estimator_kw=kw)
 
 
 @register_handler(QuantConfig)

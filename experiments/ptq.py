@@ -1,0 +1,245 @@
+"""Post-training quantization (Hubara et al.) at small scale: resnet20 on digits32 and all-MiniLM-L6-v2.
+
+resnet20 (FP32 baseline from thrifty.train.pretrained, calibration = 10 training images per class):
+  FP32 vs RTN (min/max ranges), RTN (MSE ranges), AdaQuant, light, advanced at W8A8, W4A8, W4A4 (plus the
+  harder W3A3 / W2A4 in the full run), first and last layer at 8 bit; then the ILP bit allocation (light and
+  advanced pipelines, candidate bits {2,3,4,8}, A8) for budgets 0.13..0.25 of the FP32 size of the
+  quantized layers -> accuracy vs size curve.
+all-MiniLM-L6-v2: W8A8 and W4A8 (RTN and advanced), fidelity on held-out real sentences: mean cosine
+  similarity to the FP32 embeddings and agreement of nearest-neighbour retrieval.
+
+Times are wall-clock and CPU seconds of this process (torch uses --threads threads); on a shared machine the
+CPU time is the better estimate of the time on an idle one.
+
+    python experiments/ptq.py --quick     # CI-sized
+    python experiments/ptq.py             # full: writes results/ptq.{json,md} and results/ptq_size.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from thrifty.data import calibration_subset, load_dataset  # noqa: E402
+from thrifty.quant import PTQ, quantize  # noqa: E402
+from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+
+
+def _acc(model, ds) -> float:
+    from thrifty.train import evaluate
+    return 100.0 * evaluate(model, ds)["acc"]
+
+
+def _timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def resnet_part(quick: bool, log) -> dict:
+    from thrifty.train import pretrained
+
+    fp = pretrained("resnet20", "digits32")
+    splits = load_dataset("digits32")
+    calib = calibration_subset(splits.train, per_class=10, seed=0)
+    test = splits.test
+    fp_acc = _acc(fp, test)
+    log(f"resnet20 FP32 test acc {fp_acc:.2f}% (test n={len(test)}, calibration n={len(calib)})")
+    iters = dict(adaquant_iters=100, bias_iters=50) if quick else {}
+    methods = {
+        "RTN (min/max)": dict(pipeline="rtn", w_estimator="minmax", a_estimator="minmax"),
+        "RTN (MSE)": dict(pipeline="rtn"),
+        "AdaQuant": dict(pipeline="adaquant", **iters),
+        "light": dict(pipeline="light"),
+        "advanced": dict(pipeline="advanced", **iters),
+    }
+    precisions = [(8, 8), (4, 8), (4, 4)] + ([] if quick else [(3, 3), (2, 4)])
+    rows = []
+    for wb, ab in precisions:
+        for mname, kw in methods.items():
+            res, wall, cpu = _timed(lambda: quantize(fp, PTQ(w_bits=wb, a_bits=ab, **kw), calib, progress=False))
+            acc = _acc(res.model, test)
+            rows.append(dict(precision=f"W{wb}A{ab}", method=mname, acc=acc, drop=fp_acc - acc,
+                             size=res.size_fraction, calib_loss=res.final_loss, wall_s=wall, cpu_s=cpu))
+            log(f"  W{wb}A{ab} {mname:14s} acc {acc:6.2f}% (drop {fp_acc - acc:+.2f})  size {res.size_fraction:.3f}"
+                f"  KL {res.final_loss:.4f}  {wall:.1f}s wall / {cpu:.1f}s cpu")
+    budgets = [0.13, 0.19, 0.25] if quick else [0.13, 0.15, 0.17, 0.19, 0.21, 0.23, 0.25]
+    curve = []
+    for pipe in ["light", "advanced"]:
+        for b in budgets:
+            cfg = PTQ(pipeline=pipe, a_bits=8, budget=b, candidate_bits=(2, 3, 4, 8), **(iters if pipe == "advanced" else {}))
+            res, wall, cpu = _timed(lambda: quantize(fp, cfg, calib, progress=False))
+            acc = _acc(res.model, test)
+            hist = {k: sum(1 for w, _ in res.bits.values() if w == k) for k in (2, 3, 4, 8)}
+            curve.append(dict(pipeline=pipe, budget=b, size=res.size_fraction, acc=acc, drop=fp_acc - acc,
+                              predicted_loss=res.predicted_loss, measured_loss=res.measured_loss,
+                              final_loss=res.final_loss, bits_hist=hist, wall_s=wall, cpu_s=cpu))
+            log(f"  budget {b:.2f} {pipe:8s} size {res.size_fraction:.3f} acc {acc:6.2f}%  bits {hist}  "
+                f"predicted KL {res.predicted_loss:.4f} measured {res.measured_loss:.4f} final {res.final_loss:.4f}"
+                f"  {wall:.1f}s / {cpu:.1f}s cpu")
+    return dict(fp_acc=fp_acc, n_test=len(test), n_calib=len(calib), rows=rows, curve=curve)
+
+
+@torch.no_grad()
+def _embed(model, batches):
+    return torch.cat([model(**b) for b in batches])
+
+
+def minilm_part(quick: bool, log) -> dict:
+    from thrifty.models import create
+
+    fp = create("minilm")
+    splits = load_dataset("text")
+    train_texts, test_texts = list(splits.train_texts), list(splits.test_texts)
+    labels = splits.train.tensors[1]
+    # x of the "text" dataset are indices into the split's sentences
+    idx = calibration_subset(splits.train, per_class=10, seed=0).tensors[0].tolist()
+    calib_texts = [train_texts[int(i)] for i in idx]
+    n_test = 128 if quick else len(test_texts)
+    test_texts = test_texts[:n_test]
+    tok = lambda texts: [fp.tokenize(texts[i:i + 32], max_length=128) for i in range(0, len(texts), 32)]  # noqa: E731
+    calib, test = tok(calib_texts), tok(test_texts)
+    ref = _embed(fp, test)
+    nn_fp = _nn(ref)
+    log(f"MiniLM: calibration {len(calib_texts)} sentences, held-out {len(test_texts)} sentences ({len(set(labels.tolist()))} topics)")
+    iters = dict(adaquant_iters=100, bias_iters=50) if quick else {}
+    rows = []
+    for wb, ab, pipe in [(8, 8, "rtn"), (8, 8, "advanced"), (4, 8, "rtn"), (4, 8, "advanced")]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # embeddings / LayerNorms stay FP32 (listed in the warning)
+            res, wall, cpu = _timed(lambda: quantize(fp, PTQ(w_bits=wb, a_bits=ab, pipeline=pipe,
+                                                             **(iters if pipe == "advanced" else {})), calib,
+                                                     progress=False))
+        emb = _embed(res.model, test)
+        cos = torch.nn.functional.cosine_similarity(emb, ref).float()
+        agree = float((_nn(emb) == nn_fp).float().mean())
+        rows.append(dict(precision=f"W{wb}A{ab}", method=pipe, mean_cos=float(cos.mean()), min_cos=float(cos.min()),
+                         nn_agreement=agree, n_layers=len(res.bits), size=res.size_fraction, wall_s=wall, cpu_s=cpu))
+        log(f"  W{wb}A{ab} {pipe:8s} mean cos {cos.mean():.4f} (min {cos.min():.4f})  NN agreement {agree:.3f}  "
+            f"{len(res.bits)} layers  {wall:.1f}s / {cpu:.1f}s cpu")
+    return dict(n_calib=len(calib_texts), n_test=len(test_texts), rows=rows)
+
+
+def _nn(emb: torch.Tensor) -> torch.Tensor:
+    sim = emb @ emb.T
+    sim.fill_diagonal_(-2.0)
+    return sim.argmax(1)
+
+
+def _markdown(r: dict, quick: bool) -> str:
+    rn, ml = r["resnet20"], r["minilm"]
+    out = [f"# PTQ results{' (quick)' if quick else ''}", "",
+           f"resnet20 on digits32: FP32 test accuracy **{rn['fp_acc']:.2f}%** (n={rn['n_test']}; one image = "
+           f"{100 / rn['n_test']:.2f} points); calibration {rn['n_calib']} training images (10 per class). "
+           "First and last layer at 8 bit; weights per output channel, activations per tensor, asymmetric.", "",
+           "| precision | method | test acc % | drop (points) | size vs FP32 | KL to FP32 (calib) | wall s | CPU s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for x in rn["rows"]:
+        out.append(f"| {x['precision']} | {x['method']} | {x['acc']:.2f} | {x['drop']:+.2f} | {x['size']:.3f} | "
+                   f"{x['calib_loss']:.4f} | {x['wall_s']:.1f} | {x['cpu_s']:.1f} |")
+    out += ["", "Bit allocation (ILP over {2,3,4,8}-bit weights, A8; budget = fraction of the FP32 bytes of the "
+            "quantized layers):", "",
+            "| pipeline | budget | size | test acc % | drop | layers at 2/3/4/8 bit | predicted KL | measured KL (RTN) | final KL | CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rn["curve"]:
+        h = x["bits_hist"]
+        out.append(f"| {x['pipeline']} | {x['budget']:.2f} | {x['size']:.3f} | {x['acc']:.2f} | {x['drop']:+.2f} | "
+                   f"{h[2]}/{h[3]}/{h[4]}/{h[8]} | {x['predicted_loss']:.4f} | {x['measured_loss']:.4f} | "
+                   f"{x['final_loss']:.4f} | {x['cpu_s']:.1f} |")
+    out += ["", f"all-MiniLM-L6-v2: fidelity on {ml['n_test']} held-out sentences (calibration {ml['n_calib']} "
+            "sentences); embeddings, LayerNorms and attention score/value products stay FP32.", "",
+            "| precision | method | mean cosine | min cosine | NN retrieval agreement | layers | CPU s |",
+            "|---|---|---|---|---|---|---|"]
+    for x in ml["rows"]:
+        out.append(f"| {x['precision']} | {x['method']} | {x['mean_cos']:.4f} | {x['min_cos']:.4f} | "
+                   f"{x['nn_agreement']:.3f} | {x['n_layers']} | {x['cpu_s']:.1f} |")
+    out += ["", "## Targets", ""] + [f"- {t}" for t in r["targets"]]
+    return "\n".join(out) + "\n"
+
+
+def _targets(r: dict) -> list[str]:
+    rn, ml = r["resnet20"], r["minilm"]
+    get = lambda p, m: next(x for x in rn["rows"] if x["precision"] == p and x["method"] == m)  # noqa: E731
+    mget = lambda p, m: next(x for x in ml["rows"] if x["precision"] == p and x["method"] == m)  # noqa: E731
+    a44, a88, r88 = get("W4A4", "advanced"), get("W8A8", "advanced"), get("W8A8", "RTN (MSE)")
+    m88, m48a, m48r = mget("W8A8", "rtn"), mget("W4A8", "advanced"), mget("W4A8", "rtn")
+    ok = lambda c: "MET" if c else "NOT MET"  # noqa: E731
+    return [
+        f"resnet20 W4A4 advanced within 1.5 points of FP32: drop {a44['drop']:+.2f} -> {ok(a44['drop'] <= 1.5)}",
+        f"resnet20 W8A8 within 0.3 points: RTN drop {r88['drop']:+.2f}, advanced {a88['drop']:+.2f} -> "
+        f"{ok(max(r88['drop'], a88['drop']) <= 0.3)}",
+        f"MiniLM W8A8 mean cosine >= 0.99: {m88['mean_cos']:.4f} -> {ok(m88['mean_cos'] >= 0.99)}",
+        f"MiniLM W4A8 advanced >= 0.97 and better than RTN: {m48a['mean_cos']:.4f} vs RTN {m48r['mean_cos']:.4f} -> "
+        f"{ok(m48a['mean_cos'] >= 0.97 and m48a['mean_cos'] > m48r['mean_cos'])}",
+        f"advanced pipeline on resnet20 (W4A4) < 2 min on 2 cores: {a44['wall_s']:.1f} s wall, {a44['cpu_s']:.1f} s "
+        f"CPU -> {ok(a44['cpu_s'] < 120)}",
+    ]
+
+
+def _plot(r: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rn = r["resnet20"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pipe, mk in (("light", "o-"), ("advanced", "s-")):
+        pts = sorted((x["size"], x["acc"]) for x in rn["curve"] if x["pipeline"] == pipe)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], mk, label=f"ILP allocation, {pipe}")
+    for prec, mk in (("W4A8", "^"), ("W4A4", "v"), ("W8A8", "D")):
+        x = next(x for x in rn["rows"] if x["precision"] == prec and x["method"] == "advanced")
+        ax.plot([x["size"]], [x["acc"]], mk, label=f"uniform {prec} advanced")
+    ax.axhline(rn["fp_acc"], color="k", ls="--", lw=1, label="FP32")
+    ax.set_xlabel("size of quantized layers / FP32")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("resnet20 / digits32 PTQ: accuracy vs size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--only", choices=["resnet20", "minilm"], default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seed_everything(0)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    r: dict = {"quick": args.quick, "threads": args.threads}
+    if args.only in (None, "resnet20"):
+        r["resnet20"] = resnet_part(args.quick, log)
+    if args.only in (None, "minilm"):
+        r["minilm"] = minilm_part(args.quick, log)
+    r["total_seconds"] = time.perf_counter() - t0
+    if args.only:
+        log(json.dumps(r, indent=1)[:2000])
+        return 0
+    r["targets"] = _targets(r)
+    out = Path(args.out)
+    stem = "ptq_quick" if args.quick else "ptq"
+    atomic_write_text(out / f"{stem}.json", json.dumps(r, indent=1))
+    atomic_write_text(out / f"{stem}.md", _markdown(r, args.quick))
+    _plot(r, out / f"{stem}_size.png")
+    log(_markdown(r, args.quick))
+    log(f"total {r['total_seconds']:.0f}s; wrote {out / (stem + '.json')}, .md, _size.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

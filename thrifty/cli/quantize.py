@@ -1,0 +1,108 @@
+"""``thrifty quantize``: post-training quantization (AdaQuant, ILP bit allocation, BN and bias tuning).
+
+``--model`` is a saved model (``<stem>.safetensors`` + ``<stem>.yaml``, e.g. from ``thrifty train``) or a
+registry name, in which case the cached pretrained baseline for ``--dataset`` is used. Calibration uses
+``--calib-per-class`` training samples per class. ``--budget`` (fraction of the FP32 size, or of the FP32
+bit-operations with ``--budget-kind bops``) turns on the integer-programming bit allocation over
+``--candidate-bits``.
+
+Writes to ``--out``: ``model.safetensors`` + ``model.yaml`` (quantized model with its quantizer parameters,
+reloadable with ``thrifty.quant.load_quantized``), ``report.json`` and ``config.yaml``.
+
+Example:
+    thrifty quantize --model resnet20 --dataset digits32 --bits 4 --budget 0.13 --pipeline advanced
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from thrifty.cli import _common
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("quantize", help="post-training quantization (AdaQuant, bit allocation, BN/bias tuning)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="saved model stem/path, or a registry name (uses the pretrained one)")
+    p.add_argument("--dataset", default=None, help="dataset (default: the one recorded with the saved model)")
+    p.add_argument("--bits", type=int, default=4, help="weight bits (2..16)")
+    p.add_argument("--a-bits", type=int, default=8, help="activation bits (2..16); 0 keeps activations in FP32")
+    p.add_argument("--first-last-bits", type=int, default=8, help="bits of the first and last layer; 0 = FP32")
+    p.add_argument("--pipeline", choices=["rtn", "adaquant", "light", "advanced"], default="advanced")
+    p.add_argument("--budget", type=float, default=None, help="bit allocation budget, fraction of FP32 (e.g. 0.13)")
+    p.add_argument("--budget-kind", choices=["size", "bops"], default="size")
+    p.add_argument("--candidate-bits", type=_common.int_list, default=[2, 3, 4, 8], help="e.g. 2,3,4,8")
+    p.add_argument("--adaquant-mode", choices=["sequential", "parallel"], default="sequential")
+    p.add_argument("--adaquant-iters", type=int, default=300)
+    p.add_argument("--bias-iters", type=int, default=200)
+    p.add_argument("--estimator", choices=["minmax", "sample_minmax", "percentile", "mse"], default="mse",
+                   help="range estimator for weights and activations")
+    p.add_argument("--calib-per-class", type=int, default=10)
+    p.add_argument("--filter", action="append", default=None, metavar="GLOB",
+                   help="only layers whose qualified name matches (repeatable); default: every Linear/Conv2d")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default runs/<model>-w<bits>a<a-bits>-<pipeline>)")
+    p.set_defaults(func=run)
+
+
+def _load(args: argparse.Namespace):
+    from thrifty.models import list_models
+    from thrifty.train import load_model, pretrained
+    from thrifty.train.io import model_paths
+
+    wpath, ypath = model_paths(args.model)
+    if wpath.is_file() or ypath.is_file():
+        model, meta = load_model(args.model)
+        return model, meta, args.dataset or meta.get("dataset")
+    if args.model not in list_models():
+        raise FileNotFoundError(f"--model {args.model!r} is neither a saved model ({wpath}) nor a registry name "
+                                f"({', '.join(list_models())})")
+    if not args.dataset:
+        raise ValueError("--dataset is required with a registry model name (which pretrained baseline to use)")
+    model, meta = pretrained(args.model, args.dataset, seed=args.seed, return_meta=True,
+                             progress=_common.show_progress())
+    return model, meta, args.dataset
+
+
+def run(args: argparse.Namespace) -> int:
+    from thrifty.data import calibration_subset, load_dataset
+    from thrifty.quant import PTQ, quantize, save_quantized
+    from thrifty.train import evaluate
+    from thrifty.utils import atomic_write_text, seed_everything
+
+    cfg = PTQ(w_bits=args.bits, a_bits=args.a_bits or None, first_last_bits=args.first_last_bits or None,
+              pipeline=args.pipeline, budget=args.budget, budget_kind=args.budget_kind,
+              candidate_bits=tuple(args.candidate_bits), adaquant_mode=args.adaquant_mode,
+              adaquant_iters=args.adaquant_iters, bias_iters=args.bias_iters, w_estimator=args.estimator,
+              a_estimator=args.estimator, seed=args.seed)  # validates everything before any work
+    if args.calib_per_class < 1:
+        raise ValueError(f"--calib-per-class must be positive, got {args.calib_per_class}")
+    model, meta, dataset = _load(args)
+    if not dataset:
+        raise ValueError(f"{args.model}: no dataset recorded; pass --dataset")
+    if dataset == "text":
+        raise ValueError("thrifty quantize evaluates classifiers; for MiniLM use thrifty.quant.quantize in Python "
+                         "(see experiments/ptq.py)")
+    splits = load_dataset(dataset, seed=0)
+    seed_everything(args.seed)
+    calib = calibration_subset(splits.train, per_class=args.calib_per_class, seed=args.seed)
+    fp_acc = evaluate(model, splits.test)["acc"]
+    with _common.step(f"PTQ {args.pipeline} W{args.bits}A{args.a_bits or 32} on {len(calib)} calibration samples"):
+        res = quantize(model, cfg, calib, filter=args.filter, progress=_common.show_progress())
+    acc = evaluate(res.model, splits.test)["acc"]
+    out = Path(args.out or f"runs/{Path(str(args.model)).name}-w{args.bits}a{args.a_bits}-{args.pipeline}"
+               + (f"-b{args.budget}" if args.budget else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    save_meta = {k: v for k, v in meta.items() if k not in ("path",)}
+    save_meta.update({"dataset": dataset, "test_acc": acc, "fp32_test_acc": fp_acc})
+    save_quantized(res, out / "model", save_meta)
+    report = {"fp32_test_acc": fp_acc, "test_acc": acc, "bits": res.bits, "size_fraction": res.size_fraction,
+              "model_size_fraction": res.model_size_fraction, "bops_fraction": res.bops_fraction,
+              "losses": res.losses, "loss_kind": res.loss_kind, "predicted_loss": res.predicted_loss,
+              "measured_loss": res.measured_loss, "skipped": res.skipped, "folded": res.folded,
+              "timings": res.timings}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    _common.write_resolved_config(out, args)
+    print(f"{res.summary()}\ntest acc {100 * fp_acc:.2f}% FP32 -> {100 * acc:.2f}% quantized; saved to {out}/")
+    return 0
