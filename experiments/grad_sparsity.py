@@ -99,6 +99,51 @@ def run(model_name: str, dataset: str, cfg, seeds: list[int], variants: list[str
     return out
 
 
+def grad_quality(model_name: str, dataset: str, draws: int, batch: int = 64, **model_kw) -> dict:
+    """How far the pruned-dY gradient of all weights is from the dense one, on one batch at initialisation.
+
+    ``rel_err``: mean over draws of ||g_hat - g|| / ||g||; ``bias``: ||mean(g_hat) - g|| / ||g||. For an
+    unbiased estimator the bias of the mean of K draws is only noise, about rel_err / sqrt(K)
+    (``bias_over_noise`` ~ 1); a biased one stays far above that.
+    """
+    splits = load_dataset(dataset, seed=0)
+    x, y = splits.train.tensors[0][:batch], splits.train.tensors[1][:batch]
+
+    def flat_grad(model: torch.nn.Module) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return torch.cat([p.grad.reshape(-1) for n, p in model.named_parameters() if n.endswith("weight")])
+
+    ref = flat_grad(build("dense", model_name, splits, 0, **model_kw))
+    rows = []
+    for variant, cfgs in VARIANTS.items():
+        if not cfgs or not all(isinstance(c, GradNM) for c in cfgs):
+            continue
+        model = build(variant, model_name, splits, 0, **model_kw)
+        gs = torch.stack([flat_grad(model) for _ in range(draws)])
+        err = (gs - ref).norm(dim=1) / ref.norm()
+        bias = float((gs.mean(0) - ref).norm() / ref.norm())
+        rows.append({"variant": variant, "rel_err": float(err.mean()), "bias": bias,
+                     "bias_over_noise": bias / float(err.mean() / draws**0.5),
+                     "cosine": float(torch.nn.functional.cosine_similarity(gs, ref[None]).mean())})
+        print(f"grad quality {model_name}: {variant:30s} rel err {rows[-1]['rel_err']:.3f} bias {bias:.3f} "
+              f"bias/noise {rows[-1]['bias_over_noise']:.2f}", flush=True)
+    return {"model": model_name, "dataset": dataset, "batch": batch, "draws": draws, "rows": rows}
+
+
+def quality_table(q: dict) -> list[str]:
+    lines = [f"### Gradient quality: {q['model']} on {q['dataset']}, one batch of {q['batch']} at initialisation, "
+             f"{q['draws']} draws", "",
+             "Relative error of the weight gradient vs the dense one; the bias of the mean of the draws compared "
+             "with the noise expected for an unbiased estimator (rel. error / sqrt(draws)): about 1 when unbiased, "
+             "sqrt(draws) for a deterministic biased mask (MSE).",
+             "", "| variant | rel. error per draw | bias of the mean | bias / expected noise | cosine to dense |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['rel_err']:.3f} | {r['bias']:.3f} | {r['bias_over_noise']:.2f} | "
+              f"{r['cosine']:.3f} |" for r in q["rows"]]
+    return lines + [""]
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -188,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge and (out / f"grad_sparsity{suffix}.json").is_file():
         prev = json.loads((out / f"grad_sparsity{suffix}.json").read_text())["results"]
     results = [run(name, ds, cfg, seeds, variants, p, **kw) for (name, ds, cfg, seeds, kw), p in zip(jobs, prev)]
+    quality = grad_quality("resnet20", "digits32", 4 if args.quick else 32, **jobs[0][4])
     lines = ["# N:M sparsity of activations and neural gradients (MSE vs MVUE)", "",
              f"`python experiments/grad_sparsity.py{' --quick' if args.quick else ''}` "
              f"({time.perf_counter() - t0:.0f} s, {args.threads} thread(s)). Same seeds, data order and steps "
@@ -196,8 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
              + (" Runs accumulated over several invocations (`--merge`)." if args.merge else ""), ""]
     for res in results:
         lines += table(res)
+    lines += quality_table(quality)
     lines.append(f"![training curves](grad_sparsity{suffix}_curves.png)")
-    atomic_write_text(out / f"grad_sparsity{suffix}.json", json.dumps({"quick": args.quick, "results": results}) + "\n")
+    atomic_write_text(out / f"grad_sparsity{suffix}.json",
+                      json.dumps({"quick": args.quick, "results": results, "grad_quality": quality}) + "\n")
     atomic_write_text(out / f"grad_sparsity{suffix}.md", "\n".join(lines) + "\n")
     plot(results, out / f"grad_sparsity{suffix}_curves.png")
     print("\n".join(lines))
