@@ -11,7 +11,6 @@ picture grid of BNS samples.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -93,11 +92,10 @@ def main() -> None:
     rows = []
     for label, wb, ab in settings:
         for src, x in sources.items():
-            q = copy.deepcopy(model)
             t0 = time.time()
-            th.quant.quantize(q, th.quant.PTQ(w_bits=wb, a_bits=ab, pipeline="advanced", seed=args.seed, **ptq_kw),
-                              x, progress=False)
-            acc = th.train.evaluate(q, splits.test)["acc"]
+            res = th.quant.quantize(model, th.quant.PTQ(w_bits=wb, a_bits=ab, pipeline="advanced", seed=args.seed,
+                                                        **ptq_kw), x, progress=False)
+            acc = th.train.evaluate(res.model, splits.test)["acc"]
             rows.append({"setting": label, "calibration": src, "acc": acc, "drop_vs_fp32": fp_acc - acc,
                          "seconds": time.time() - t0})
             print(f"{label:5s} {src:16s} acc={acc:.4f}")

@@ -16,9 +16,9 @@ def datafree_stage(ctx: DemoContext) -> dict:
     sim_real = bn_similarity(ctx.model, ctx.splits.test)
     sim_bns = bn_similarity(ctx.model, calib)
     iters = dict(adaquant_iters=10, bias_iters=5) if ctx.quick else dict(adaquant_iters=100, bias_iters=50)
-    quantize(ctx.model, PTQ(w_bits=4, a_bits=8, pipeline="advanced", seed=ctx.seed, **iters), calib.tensors[0],
-             progress=False)
-    acc = evaluate(ctx.model, ctx.splits.test)["acc"]
+    res = quantize(ctx.model, PTQ(w_bits=4, a_bits=8, pipeline="advanced", seed=ctx.seed, **iters),
+                   calib.tensors[0], progress=False)
+    acc = evaluate(res.model, ctx.splits.test)["acc"]
     fp = ctx.results["train"]["test_acc"]
     md = (f"W4A8 advanced PTQ calibrated on {n} BNS samples synthesised from the model alone: "
           f"test acc {100 * acc:.2f}% (FP32 {100 * fp:.2f}%). BN-statistics distance: real test set "
