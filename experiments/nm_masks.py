@@ -9,6 +9,8 @@
    (and in full mode transposable 2:4) trained from scratch with masks recomputed every k steps
    (straight-through gradients); from the dense model: magnitude pruning + BN re-estimation, AdaPrune
    (no training), AdaPrune + 1 epoch of fixed-mask fine-tuning.
+4. Unstructured -> N:M: global 50% magnitude pruning of the dense model, fine-tuned with the mask fixed,
+   then a per-layer N:M pattern chosen by `thrifty.sparse.nm_for_density`, magnitude vs AdaPrune.
 
 Usage:
     python experiments/nm_masks.py --quick   # ~2 min: 2-epoch sparse training, short AdaPrune
@@ -128,6 +130,56 @@ def from_dense(dense: torch.nn.Module, cfg: NM, splits, calib, steps: int, seed:
     return out
 
 
+class _FixedMask(torch.nn.Module):
+    """Unstructured fixed mask for the weight slot (the unstructured-sparse starting model)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def unstructured_to_nm(dense: torch.nn.Module, splits, calib, steps: int, epochs: float) -> dict:
+    """Global 50% magnitude pruning + fine-tuning, then per-layer N:M by the density rule (+ AdaPrune)."""
+    from thrifty.core import strip, wrap_layers
+    from thrifty.sparse import plan_from_unstructured
+    from thrifty.train import TrainConfig, evaluate, fit
+
+    model = copy.deepcopy(dense)
+    layers = wrap_layers(model)
+    allabs = torch.cat([layer.weight.detach().abs().flatten() for _, layer in layers])
+    thr = allabs.kthvalue(allabs.numel() // 2).values
+    for _, layer in layers:
+        layer.add("weight", _FixedMask(layer.weight.detach().abs() > thr))
+    fit(model, splits.train, None, TrainConfig(epochs=epochs, batch_size=64, lr=0.01, seed=0), progress=False)
+    model = strip(model)
+    unstructured = evaluate(model, splits.test)["acc"]
+    plan = plan_from_unstructured(model, ms=(4, 8))
+    density = {n: float(m.weight.ne(0).float().mean()) for n, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    xcal = torch.stack([calib[i][0] for i in range(len(calib))])
+    mag = copy.deepcopy(model)
+    for name, c in plan.items():
+        sparsify(mag, c, [name])
+    reestimate_bn(mag, xcal)
+    ada = copy.deepcopy(model)
+    adaprune(ada, calib, plan, steps=steps, lr=1e-3, batch_size=32, progress=False)
+    counts: dict[str, int] = {}
+    for c in plan.values():
+        counts[c.label] = counts.get(c.label, 0) + 1
+    total = sum(m.weight.numel() for n, m in model.named_modules() if n in density)
+    kept = sum(c.n / c.m * model.get_submodule(n).weight.numel() for n, c in plan.items())
+    kept += sum(model.get_submodule(n).weight.numel() for n in density if n not in plan)
+    return {"fine_tune_epochs": epochs, "unstructured_density": float(sum(
+        model.get_submodule(n).weight.ne(0).sum() for n in density) / total),
+        "layer_density_min": min(density.values()), "layer_density_max": max(density.values()),
+        "plan_patterns": counts, "dense_layers": len(density) - len(plan), "nm_density": kept / total,
+        "acc_unstructured": unstructured, "acc_nm_magnitude_bn": evaluate(mag, splits.test)["acc"],
+        "acc_nm_adaprune": evaluate(ada, splits.test)["acc"]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -182,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     for label, c in [("2:4", NM(2, 4)), ("transposable 4:8", NM(4, 8, transposable=True))]:
         res["adaprune"]["rows"][label] = from_dense(dense, c, splits, calib, steps, 0)
         print(f"adaprune {label}: {res['adaprune']['rows'][label]}", flush=True)
+    res["unstructured"] = unstructured_to_nm(dense, splits, calib, steps, 1.0 if args.quick else 2.0)
+    print(f"unstructured -> N:M: {res['unstructured']}", flush=True)
     res["seconds"] = time.perf_counter() - t_start
     write(res, Path(args.out))
     return res
@@ -225,6 +279,20 @@ def write(res: dict, stem: Path) -> None:
         md.append(f"| {label} | {100 * r['magnitude (no BN re-est.)']:.2f} | {100 * r['magnitude + BN re-est.']:.2f}"
                   f" | {100 * r['AdaPrune + BN re-est. (no training)']:.2f} | {100 * r['AdaPrune + 1 epoch']:.2f}"
                   f" | {r['adaprune_seconds']:.0f} |")
+    un = res.get("unstructured")
+    if un:
+        pats = ", ".join(f"{k} x{v}" for k, v in sorted(un["plan_patterns"].items()))
+        md += ["", "## Unstructured -> N:M (global 50% magnitude pruning, "
+               f"{un['fine_tune_epochs']:g} epoch(s) fine-tuned with the mask fixed)", "",
+               f"Per-layer unstructured density {un['layer_density_min']:.2f}..{un['layer_density_max']:.2f}; "
+               f"the rule (sparsest N:M with M in {{4, 8}} keeping at least the layer's density, ties to larger M) "
+               f"chose: {pats}; {un['dense_layers']} layer(s) left dense.", "",
+               "| model | weight density | test accuracy (%) |", "|---|---:|---:|",
+               f"| unstructured | {un['unstructured_density']:.3f} | {100 * un['acc_unstructured']:.2f} |",
+               f"| per-layer N:M, magnitude + BN re-est. | {un['nm_density']:.3f} | "
+               f"{100 * un['acc_nm_magnitude_bn']:.2f} |",
+               f"| per-layer N:M, AdaPrune + BN re-est. (no training) | {un['nm_density']:.3f} | "
+               f"{100 * un['acc_nm_adaprune']:.2f} |"]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
     try:
         import matplotlib
