@@ -268,6 +268,8 @@ def test_adaprune_reduces_error_and_reestimates_bn():
     for name, layer, mk in nm_masks(model):
         assert nmops.is_nm(layer.effective_weight(), 2, 4) and mk.cfg.recompute_every == 0
     assert F.mse_loss(model(x), ref) < F.mse_loss(magnitude(x), ref)
+    with pytest.raises(ValueError, match="remask_every"):
+        adaprune(copy.deepcopy(magnitude), x, NM(2, 4), remask_every=0, progress=False)
 
 
 def test_unstructured_to_nm_plan():

@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adaprune", action="store_true", help="per-layer reconstruction on calibration data")
     p.add_argument("--adaprune-steps", type=int, default=200)
     p.add_argument("--adaprune-lr", type=float, default=1e-3)
+    p.add_argument("--remask-every", type=int, default=1, help="AdaPrune re-masks every this many steps")
     p.add_argument("--calib-per-class", type=int, default=10, help="calibration images per class (unlabelled use)")
     p.add_argument("--no-bn", action="store_true", help="skip BatchNorm re-estimation")
     p.add_argument("--finetune-epochs", type=float, default=0.0, help="fixed-mask fine-tuning epochs afterwards")
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.adaprune:
         with _common.step(f"AdaPrune {cfg.label} ({args.adaprune_steps} steps per layer, {len(calib)} images)"):
             report["adaprune"] = adaprune(model, calib, cfg, steps=args.adaprune_steps, lr=args.adaprune_lr,
-                                          filter=flt, bn=not args.no_bn, progress=_common.show_progress(),
+                                          filter=flt, bn=not args.no_bn, remask_every=args.remask_every,
+                                          progress=_common.show_progress(),
                                           seed=args.seed)
     else:
         with _common.step(f"magnitude {cfg.label} masks"):

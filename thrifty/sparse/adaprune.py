@@ -38,7 +38,6 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from thrifty.core import Filter
-from thrifty.nn.gemm import gemm_layers
 from thrifty.sparse.weights import NM, nm_masks, sparsify
 
 __all__ = ["adaprune", "nm_for_density", "plan_from_unstructured", "reestimate_bn"]
@@ -137,15 +136,18 @@ def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int = 64) -> nn.Modul
 
 def adaprune(model: nn.Module, data: Union[Dataset, Tensor], plan: Plan = NM(2, 4), *, steps: int = 200,
              lr: float = 1e-3, batch_size: int = 32, num_samples: int | None = None, filter: Filter = None,
-             bn: bool = True, progress: bool = True, seed: int = 0) -> dict[str, dict[str, Any]]:
+             bn: bool = True, remask_every: int = 1, progress: bool = True,
+             seed: int = 0) -> dict[str, dict[str, Any]]:
     """Convert ``model`` to N:M in place with AdaPrune; returns per-layer reconstruction MSEs.
 
     ``plan``: one NM config for every layer passing ``filter``, or ``{layer_name: NM}`` (e.g. from
     :func:`plan_from_unstructured`). Masks end up fixed (``recompute_every=0``). ``data``: a dataset of
-    ``(x, y)`` (labels unused) or a tensor of inputs; ``num_samples`` caps it.
+    ``(x, y)`` (labels unused) or a tensor of inputs; ``num_samples`` caps it. ``remask_every``: re-mask
+    every that many steps (1 = every step; larger saves time with exact transposable masks of big layers).
     """
-    if steps < 0 or lr <= 0 or batch_size < 1:
-        raise ValueError(f"adaprune: need steps >= 0, lr > 0, batch_size >= 1; got {steps}, {lr}, {batch_size}")
+    if steps < 0 or lr <= 0 or batch_size < 1 or remask_every < 1:
+        raise ValueError(f"adaprune: need steps >= 0, lr > 0, batch_size >= 1, remask_every >= 1; got {steps}, "
+                         f"{lr}, {batch_size}, {remask_every}")
     x = _inputs(data, num_samples)
     try:
         dev = next(model.parameters()).device
@@ -162,7 +164,7 @@ def adaprune(model: nn.Module, data: Union[Dataset, Tensor], plan: Plan = NM(2, 
             raise ValueError("adaprune: empty per-layer plan")
         for name, cfg in plan.items():
             sparsify(model, replace(cfg, recompute_every=0, straight_through=False), [name])
-    dense_layers = dict(gemm_layers(dense)) | {n: m for n, m in dense.named_modules()}
+    dense_layers = dict(dense.named_modules())
     masked = [(n, layer, mk) for n, layer, mk in nm_masks(model)]
     gen = torch.Generator().manual_seed(seed)
     report: dict[str, dict[str, Any]] = {}
@@ -175,9 +177,10 @@ def adaprune(model: nn.Module, data: Union[Dataset, Tensor], plan: Plan = NM(2, 
             before = float(F.mse_loss(layer(inp), target))
         saved = [p.detach().clone() for p in params] + [mk.mask.clone()]
         opt = torch.optim.Adam(params, lr=lr)
-        for _ in range(steps):
+        for step in range(steps):
             idx = torch.randint(0, inp.shape[0], (min(batch_size, inp.shape[0]),), generator=gen).to(dev)
-            mk.refresh(layer.weight)  # re-mask from the current dense weights every step
+            if step % remask_every == 0:
+                mk.refresh(layer.weight)  # re-mask from the current dense weights
             loss = F.mse_loss(layer(inp[idx]), target[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
