@@ -108,10 +108,10 @@ def test_bad_input_and_quantized_variant():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_chunks_are_batch_major_groups_in_both_code_paths():
+def test_chunks_are_batch_major_groups():
     torch.manual_seed(0)
     bn = RangeBatchNorm2d(3, num_chunks=4)
-    for b in (8, 6):  # 8 % 4 == 0: sample-aligned fast path; 6: chunks split samples
+    for b in (8, 6):  # 8 % 4 == 0: chunks are sample groups; 6: chunks split samples
         x = torch.randn(b, 3, 2, 5)
         mean, scale = bn.batch_stats(x)
         flat = x.transpose(0, 1).reshape(3, -1)

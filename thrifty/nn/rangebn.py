@@ -125,22 +125,18 @@ class _RangeBatchNorm(nn.Module):
 
     def batch_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-channel mean and ``C(n) * mean chunk range`` of a batch (differentiable)."""
-        b, c = x.shape[:2]
+        c = x.shape[1]
         m = x.numel() // c
         if m < 2:
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel when training, "
                              f"got input shape {tuple(x.shape)}")
         k = min(self.num_chunks, m // 2)
         n = m // k
-        if b % k == 0:  # chunks are whole groups of samples: reduce in place, no transposed copy
-            v = x.reshape(k, b // k, c, -1)
-            rng = (v.amax(dim=(1, 3)) - v.amin(dim=(1, 3))).mean(0)
-            mean = v.mean(dim=(0, 1, 3))
-        else:
-            xc = x.transpose(0, 1).reshape(c, -1)  # (C, batch-major elements): chunk i is the i-th n of them
-            blocks = xc[:, : k * n].reshape(c, k, n)
-            rng = (blocks.amax(-1) - blocks.amin(-1)).mean(-1)
-            mean = xc.mean(1)
+        # (C, batch-major elements): chunk i is the i-th run of n elements, i.e. a group of samples. max/min
+        # with indices backpropagate by a scatter, ~3x cheaper than amax/amin's mask-based backward.
+        blocks = x.transpose(0, 1).reshape(c, -1)[:, : k * n].reshape(c, k, n)
+        rng = (blocks.max(-1)[0] - blocks.min(-1)[0]).mean(-1)
+        mean = x.mean(dim=[0] + list(range(2, x.dim())))
         return mean, rng * range_constant(n, self.correction)
 
     def forward(self, x: Tensor) -> Tensor:

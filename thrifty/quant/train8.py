@@ -93,13 +93,14 @@ class GradQuant(GradTransform):
 
     def forward(self, dy: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         axis = 0 if (self.per_sample and dy.dim() > 1) else None
-        gx = fake_quantize_minmax(dy, self.grad_bits, axis, self.rounding)
+        rng = minmax(dy, axis)  # shared by both streams
+        gx = fake_quantize_minmax(dy, self.grad_bits, axis, self.rounding, rng)
         if not self.bifurcation:
             return gx, gx
         if self.wgrad_bits is None:
             return gx, dy
         # 16-bit: stochastic rounding buys nothing measurable at 2^-16 of the range and costs a random draw
-        return gx, fake_quantize_minmax(dy, self.wgrad_bits, axis, "nearest")
+        return gx, fake_quantize_minmax(dy, self.wgrad_bits, axis, "nearest", rng)
 
 
 class ActQuant(nn.Module):
@@ -133,13 +134,8 @@ class _StraightThrough(torch.autograd.Function):
         return g, None
 
 
-def fake_quantize_minmax(x: Tensor, bits: int, axis: Optional[int], rounding: Q.Rounding) -> Tensor:
-    """Asymmetric min/max fake quantization (no gradient) with :mod:`thrifty.ops.quant` parameters and rounding.
-
-    Example:
-        >>> fake_quantize_minmax(torch.tensor([0.0, 0.3, 1.0]), 2, None, "nearest").tolist()
-        [0.0, 0.3333333432674408, 1.0]
-    """
+def minmax(x: Tensor, axis: Optional[int]) -> tuple[Tensor, Tensor]:
+    """Min and max of ``x`` (per index of ``axis``); ValueError if either is NaN/Inf."""
     with torch.no_grad():
         if axis is None:
             lo, hi = x.min(), x.max()
@@ -148,6 +144,19 @@ def fake_quantize_minmax(x: Tensor, bits: int, axis: Optional[int], rounding: Q.
             lo, hi = flat.amin(1), flat.amax(1)
         if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
             raise ValueError("8-bit training: a tensor to quantize contains NaN or Inf (training diverged?)")
+    return lo, hi
+
+
+def fake_quantize_minmax(x: Tensor, bits: int, axis: Optional[int], rounding: Q.Rounding,
+                         rng: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Asymmetric min/max fake quantization (no gradient) with :mod:`thrifty.ops.quant` parameters and rounding.
+
+    ``rng``: a precomputed :func:`minmax` of ``x``. Example:
+        >>> fake_quantize_minmax(torch.tensor([0.0, 0.3, 1.0]), 2, None, "nearest").tolist()
+        [0.0, 0.3333333432674408, 1.0]
+    """
+    lo, hi = minmax(x, axis) if rng is None else rng
+    with torch.no_grad():
         s, zp = Q.qparams_from_range(lo, hi, bits)
         return Q.fake_quantize(x, s.to(x.device), zp.to(x.device), bits, axis=axis, rounding=rounding)
 
