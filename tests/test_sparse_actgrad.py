@@ -74,18 +74,12 @@ def test_mvue_weight_gradient_is_unbiased_over_steps():
     lin = nn.Linear(6, 4)
     x, g = torch.randn(8, 6), torch.randn(8, 4)
     layer = thrifty.apply(nn.Sequential(copy.deepcopy(lin)), GradNM(1, 2))[0]
-    runs = 4000
-    acc_w, acc_w2 = torch.zeros_like(lin.weight, dtype=torch.float64), torch.zeros_like(lin.weight, dtype=torch.float64)
-    acc_x = torch.zeros_like(x, dtype=torch.float64)
-    for _ in range(runs):
-        dx, dw, _ = _linear_grads(layer, x, g)
-        acc_w += dw.double()
-        acc_w2 += dw.double() ** 2
-        acc_x += dx.double()
-    mean = acc_w / runs
-    se = ((acc_w2 / runs - mean**2).clamp_min(0) / runs).sqrt()
-    assert ((mean - (g.t() @ x).double()).abs() <= 4 * se + 1e-6).all()
-    assert torch.allclose(acc_x / runs, (g @ lin.weight).double(), atol=0.05)
+    runs = 1500
+    dxs, dws = zip(*[_linear_grads(layer, x, g)[:2] for _ in range(runs)])
+    for draws, dense in ((torch.stack(dws).double(), g.t() @ x), (torch.stack(dxs).double(), g @ lin.weight)):
+        se = draws.std(0) / runs**0.5
+        assert ((draws.mean(0) - dense.double()).abs() <= 4 * se + 1e-6).all()
+        assert (se > 0).any()  # the draws do vary
 
 
 def test_biased_mse_weight_gradient_is_not_dense():
@@ -175,14 +169,15 @@ def test_tiny_resnet_like_training_runs_and_is_reproducible():
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
         thrifty.apply(model, GradNM(2, 4))
         thrifty.apply(model, ActNM(2, 4), filter="2")
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, y = torch.randn(12, 1, 8, 8), torch.randint(0, 3, (12,))
         losses = []
-        for _ in range(5):
-            opt.zero_grad()
+        for _ in range(3):  # plain SGD by hand (torch.optim's first use imports torch._dynamo: seconds)
+            model.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
-            opt.step()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
             losses.append(loss.item())
         return losses
 
