@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 import warnings
@@ -155,12 +156,14 @@ def table(res: dict) -> list[str]:
     lines = [f"### {res['model']}{kw} on {res['dataset']} ({steps}, "
              f"batch {res['train']['batch_size']}, {res['train']['optimizer']}, seeds "
              f"{[r['seed'] for r in res['runs']['dense']]})", "",
-             "| variant | final test acc | best test acc | final train loss | vs dense (points) | time (s) |",
+             "| variant | final test acc (mean ± sd over seeds) | best test acc | final train loss | vs dense (points) | time (s) |",
              "|---|---:|---:|---:|---:|---:|"]
     for variant, runs in res["runs"].items():
-        acc = _mean([r["test_acc"] for r in runs])
+        accs = [r["test_acc"] for r in runs]
+        acc = _mean(accs)
+        sd = f" ± {100 * statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         note = " (diverged)" if any(r["diverged"] for r in runs) else ""
-        lines.append(f"| {variant}{note} | {100 * acc:.2f} | {100 * _mean([r['best_test_acc'] for r in runs]):.2f} "
+        lines.append(f"| {variant}{note} | {100 * acc:.2f}{sd} | {100 * _mean([r['best_test_acc'] for r in runs]):.2f} "
                      f"| {_mean([r['final_train_loss'] for r in runs]):.4f} | {100 * (acc - dense):+.2f} "
                      f"| {_mean([r['seconds'] for r in runs]):.0f} |")
     return lines + [""]
