@@ -130,8 +130,8 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
                           samples.trim_mask)
     names = ["input_ids", "attention_mask"] if len(samples.inputs) == 2 and samples.name.startswith("text") \
         else [f"input_{i}" for i in range(len(samples.inputs))]
-    if mod is not None:
-        mod = mod.eval()
+    if mod is not None and not isinstance(model, nn.Module):
+        mod = mod.eval()  # ours; a user's module is never modified (backends work on copies)
     return Workload(name, mod, samples, names, onnx_path)
 
 
@@ -174,7 +174,9 @@ def _reference(ref: Any, wl: Workload) -> Optional[np.ndarray]:
             return None
     if not isinstance(ref, nn.Module):
         raise TypeError(f"reference must be 'auto', None, an array or an nn.Module, got {type(ref).__name__}")
-    be = TorchBackend(ref)
+    import copy
+
+    be = TorchBackend(copy.deepcopy(ref))
     n = len(wl.samples)
     outs = [np.asarray(be(wl.samples.batch(range(i, min(i + 256, n))))).reshape(min(256, n - i), -1)
             for i in range(0, n, 256)]
@@ -236,6 +238,12 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         torch.save(wl.model, artifact)
         job["model"] = str(artifact.resolve())
     atomic_write_text(out / "job.json", json.dumps(job, indent=1))
+    note = None
+    if isolate and backend == "torch" and any(type(m).__module__ == "__main__" for m in wl.model.modules()):
+        # a class defined in a script cannot be unpickled by the subprocess
+        note = "ran in-process: the model's class is defined in __main__ (threads not pinned before torch import)"
+        log.warning("thrifty.bench.run: %s", note)
+        isolate = False
     if isolate:
         res = _run_subprocess(out, settings)
     else:
@@ -244,6 +252,8 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         res = execute(job)
     res.update(variant=variant, model=wl.name, backend=backend, artifact_bytes=artifact.stat().st_size,
                dataset=wl.samples.name, isolated=isolate)
+    if note:
+        res["isolation_note"] = note
     if ref is not None:  # the reference model's own metrics (e.g. the simulated-quantized accuracy)
         from thrifty.bench.accuracy import score_outputs
 
