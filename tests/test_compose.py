@@ -229,7 +229,7 @@ def test_sparse_training_mask_follows_the_quantized_weights():
 # ------------------------------------------------------------------------------------------------- (b)
 def _roundtrip(model: nn.Module, run, filter=None) -> None:
     model.eval()
-    apply(model, QuantConfig(w_bits=4, a_bits=None), filter)
+    apply(model, QuantConfig(w_bits=4, a_bits=None, w_estimator="minmax"), filter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                 # layers too small for 2:4 are skipped with a warning
         sparsify(model, NM(2, 4), filter)
@@ -276,7 +276,7 @@ def _sparse_bn_model() -> tuple[nn.Module, torch.Tensor]:
 def _ptq(model: nn.Module, x: torch.Tensor, pipeline: str) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = quantize(model, PTQ(w_bits=4, a_bits=8, pipeline=pipeline, adaquant_iters=100, bias_iters=10), x,
+        res = quantize(model, PTQ(w_bits=4, a_bits=8, pipeline=pipeline, adaquant_iters=40, bias_iters=5), x,
                        progress=False)
     return res.model
 
