@@ -118,7 +118,7 @@ def main() -> int:
     mini = load_workload("minilm", seq_len=128, max_samples=192 if quick else 384)
     mini_dyn = load_workload("minilm", seq_len=128, max_samples=192 if quick else 384, dynamic_length=True)
     t0 = time.perf_counter()
-    mq8 = _cached_ptq("minilm_w8a8_rtn", lambda: ptq_int8(mini.model, calibration_data(mini, n=64)))
+    mq8 = _cached_ptq("minilm_w8a8_rtn", lambda: ptq_int8(mini.model, calibration_data(mini)))
     meta["ptq_seconds_minilm"] = round(time.perf_counter() - t0, 1)
     fp_emb = _outputs(mini.model, mini_dyn.samples)
     sim_cos = _cos(_outputs(mq8.model, mini_dyn.samples), fp_emb)

@@ -235,3 +235,14 @@ def test_onnx_int8_export_roundtrip(tmp_path, symmetric):
     fp = OrtBackend(export_onnx(m, (x[:2],), tmp_path / "fp.onnx"), threads=1)((x.numpy(),))
     np.testing.assert_allclose(fp, TorchBackend(m)((x.numpy(),)), atol=1e-4)
     assert not any(k in optimized_op_counts(tmp_path / "fp.onnx") for k in ("QLinearConv", "QuantizeLinear"))
+
+
+def test_stray_audit_config_is_ignored(tmp_path, monkeypatch):
+    # LoadGen applies audit.config overrides from the path it is given (default: the CWD's audit.config)
+    (tmp_path / "audit.config").write_text("*.*.min_query_count = 777\n*.*.min_duration = 12345\n")
+    monkeypatch.chdir(tmp_path)
+    data = Samples((np.random.rand(64, 4).astype(np.float32),))
+    s = BenchSettings(scenario="SingleStream", min_duration_s=0.1)
+    be = lambda xs: xs[0] * 2  # noqa: E731
+    r = run_loadgen(be, data, s, tmp_path / "out", calibrate(be, data, s, budget_s=0.05))
+    assert r["valid"] and r["params"]["min_query_count"] == 64 and r["params"]["min_duration (ms)"] == 100

@@ -135,23 +135,24 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
     return Workload(name, mod, samples, names, onnx_path)
 
 
-def calibration_data(wl: Workload, n: int = 128, seed: int = 0) -> Any:
-    """PTQ calibration inputs for a workload: the training split of its bundled dataset when known
-    (digits32 images, text sentences tokenized like the samples), else the first ``n`` samples."""
+def calibration_data(wl: Workload, per_class: int = 10, seed: int = 0) -> Any:
+    """PTQ calibration inputs for a workload, chosen like experiments/ptq.py: ``calibration_subset(train,
+    per_class)`` of the bundled dataset (digits32 images; text sentences tokenized in batches of 32, padded to
+    the longest, at most the samples' length), else the first ``10 * per_class`` samples."""
     from thrifty.data import calibration_subset, load_dataset
 
     if wl.samples.name.startswith("text") and wl.model is not None:
-        texts = load_dataset("text", seed=0).train_texts[:n]
+        splits = load_dataset("text", seed=0)
+        idx = calibration_subset(splits.train, per_class=per_class, seed=seed).tensors[0].tolist()
+        texts = [splits.train_texts[int(i)] for i in idx]
         seq = wl.samples.inputs[0].shape[1]
-        ids, mask = tokenize_fixed(wl.model, texts, seq)
-        return [{"input_ids": torch.from_numpy(ids[i:i + 32]), "attention_mask": torch.from_numpy(mask[i:i + 32])}
-                for i in range(0, len(ids), 32)]
+        return [wl.model.tokenize(texts[i:i + 32], max_length=seq) for i in range(0, len(texts), 32)]
     if wl.samples.name in ("digits", "digits32", "mnist1d"):
-        sub = calibration_subset(load_dataset(wl.samples.name, seed=0).train, per_class=max(1, n // 10), seed=seed)
-        return torch.stack([sub[i][0] for i in range(len(sub))])
+        sub = calibration_subset(load_dataset(wl.samples.name, seed=0).train, per_class=per_class, seed=seed)
+        return sub.tensors[0]
     if len(wl.samples.inputs) != 1:
         raise ValueError("pass calibration data explicitly for multi-input models")
-    return torch.from_numpy(wl.samples.inputs[0][:n])
+    return torch.from_numpy(wl.samples.inputs[0][: 10 * per_class])
 
 
 def ptq_int8(model: nn.Module, calib: Any, pipeline: str = "rtn", w_bits: int = 8, a_bits: int = 8, **kw: Any):
