@@ -1,0 +1,301 @@
+"""Composition: 8-bit W/A/G + transposable 4:8 weights + MVUE 2:4 gradients (+ a 12-bit accumulator) in one model.
+
+Part 1 trains ResNet-20 (width 8) on digits32 from scratch, same seed and steps, under: FP32 dense; 8-bit
+W/A/G (Train8: stochastic-rounded gradients, 16-bit dW GEMM, Range BN); transposable 4:8 weights (sparse
+training, mask recomputed every 10 steps, straight-through); MVUE 2:4 gradients (both backward GEMMs); all three
+in the same layers. A 12-bit floating-point accumulator (1+4+7, chunks of 16, the accumulator study's 12-bit
+format) costs ~1000x a float32 GEMM on CPU, so it is not trained from scratch: it is added to the all-three
+model, evaluated as is, then fine-tuned briefly with all four slots active (thrifty.quant.accum's two-stage
+recipe: without underflow, then with it).
+
+Part 2 is the deployment chain on the pretrained FP32 model (thrifty.train.pretrained("resnet20", "digits32")):
+transposable 4:8 by AdaPrune, strip (zeros baked into the weights), then W8A8 and W4A8 advanced PTQ; accuracy and
+the bytes of the weights stored as N:M-compressed integer codes (thrifty.sparse.storage.compress on the codes).
+The model is stripped before PTQ because quantize() drops the N:M masks of a wrapped model (tests/test_compose.py).
+
+    python experiments/compose.py --quick     # CI-sized: results/compose_quick.{json,md,png}
+    python experiments/compose.py             # full:     results/compose.{json,md,png}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Subset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from thrifty.core import apply, strip  # noqa: E402
+from thrifty.data import calibration_subset, load_dataset  # noqa: E402
+from thrifty.models import create, model_size_bytes  # noqa: E402
+from thrifty.nn import gemm_layers  # noqa: E402
+from thrifty.ops import nm as nmops  # noqa: E402
+from thrifty.quant import PTQ, UniformQuantizer, quantize  # noqa: E402
+from thrifty.quant.accum import AccumConfig, finetune_accumulators  # noqa: E402
+from thrifty.quant.train8 import Train8, prepare_train8  # noqa: E402
+from thrifty.sparse import NM, GradNM, adaprune, save_sparse, sparsify  # noqa: E402
+from thrifty.sparse.storage import compress  # noqa: E402
+from thrifty.train import TrainConfig, evaluate, fit, pretrained  # noqa: E402
+from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+
+T48 = NM(4, 8, transposable=True, recompute_every=10)
+G24 = GradNM(2, 4, method="mvue")
+ACC12 = AccumConfig(exp_bits=4, man_bits=7, chunk=16)
+
+
+def _train8(m: nn.Module) -> nn.Module:
+    return prepare_train8(m, Train8())
+
+
+def _t48(m: nn.Module) -> nn.Module:
+    return sparsify(m, T48)
+
+
+def _g24(m: nn.Module) -> nn.Module:
+    return apply(m, G24)
+
+
+VARIANTS = {
+    "FP32 dense": [],
+    "8-bit W/A/G (Train8)": [_train8],
+    "transposable 4:8 weights": [_t48],
+    "MVUE 2:4 gradients": [_g24],
+    "all three (Train8 -> T4:8 -> MVUE 2:4)": [_train8, _t48, _g24],
+}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def nm_ok(model: nn.Module, n: int, m: int) -> bool:
+    return all(nmops.is_transposable(layer.effective_weight().ne(0), n, m) for _, layer in gemm_layers(model))
+
+
+def train_part(splits, a) -> dict:
+    cfg = TrainConfig(steps=a.steps, batch_size=32, lr=0.1, weight_decay=5e-4, seed=0)
+    rows, curves, models = [], {}, {}
+    for name, steps in VARIANTS.items():
+        seed_everything(0)
+        model = create("resnet20", in_chans=1, num_classes=splits.num_classes, width=a.width)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for s in steps:
+                model = s(model)
+        t0 = time.perf_counter()
+        hist = fit(model, splits.train, None, cfg, progress=False)
+        sec = time.perf_counter() - t0
+        acc = evaluate(model, splits.test)["acc"]
+        row = {"variant": name, "test_acc": acc, "final_loss": sum(hist.losses[-10:]) / len(hist.losses[-10:]),
+               "ms_per_step": 1000 * sec / a.steps, "n_test": len(splits.test)}
+        if name != "FP32 dense" and _t48 in steps:
+            row["weights_transposable_4_8"] = nm_ok(model, 4, 8)
+        rows.append(row)
+        curves[name] = hist.losses
+        models[name] = model
+        log(f"  {name}: test acc {100 * acc:.2f}%  ({row['ms_per_step']:.0f} ms/step)")
+    return {"config": {"steps": a.steps, "batch_size": 32, "lr": 0.1, "width": a.width, "seed": 0},
+            "rows": rows, "curves": curves}, models["all three (Train8 -> T4:8 -> MVUE 2:4)"]
+
+
+def accum_part(model: nn.Module, splits, a) -> dict:
+    """The all-three model + a 12-bit accumulator: as is, then a short two-stage fine-tune with all four slots."""
+    test = Subset(splits.test, range(min(a.acc_test, len(splits.test))))
+    m = copy.deepcopy(model)
+    apply(m, ACC12)
+    t0 = time.perf_counter()
+    naive = evaluate(m, test, batch_size=64)["acc"]
+    eval_s = time.perf_counter() - t0
+    ref = evaluate(model, test)["acc"]
+    t0 = time.perf_counter()
+    ft = finetune_accumulators(m, ACC12, splits.train, test, TrainConfig(steps=a.acc_steps, batch_size=32, lr=0.01,
+                               weight_decay=5e-4, seed=1), progress=False)
+    sec = time.perf_counter() - t0
+    row = {"variant": "all three + 12-bit accumulator (1+4+7, chunk 16)", "n_test": len(test),
+           "without_accumulator": ref, "naive": naive, "finetuned": ft["test_acc"], "finetune_steps": a.acc_steps,
+           "eval_seconds": eval_s, "finetune_seconds": sec,
+           "weights_transposable_4_8": nm_ok(m, 4, 8)}
+    log(f"  +12-bit accumulator on {len(test)} test images: without {100 * ref:.2f}%, naive {100 * naive:.2f}%, "
+        f"fine-tuned {a.acc_steps} steps {100 * ft['test_acc']:.2f}%")
+    return row
+
+
+def _qbytes(layer: nn.Module, nm: tuple[int, int] | None) -> tuple[int, bool]:
+    """Bytes of one quantized layer's weights as integer codes (N:M-compressed if ``nm``), + qparams + bias."""
+    q = layer.slots.weight
+    assert isinstance(q, UniformQuantizer) and q.mode == "frozen"
+    w = layer.effective_weight()
+    shape = [-1] + [1] * (w.dim() - 1)
+    scale = q.scale.detach().reshape(shape) if q.per_channel else q.scale.detach()
+    ints = torch.round(w / scale)  # (code - zero point); exactly 0 where the weight was pruned
+    per_ch = w.shape[0] if q.per_channel else 1
+    qparams = per_ch * (4 + math.ceil(q.bits / 8))  # float32 scale + integer zero point per channel
+    bias = layer.bias.numel() * 4 if layer.bias is not None else 0
+    if nm is None:
+        return math.ceil(w.numel() * q.bits / 8) + qparams + bias, True
+    try:
+        c = compress(ints, *nm)
+    except ValueError:
+        return math.ceil(w.numel() * q.bits / 8) + qparams + bias, False  # not N:M: stored dense
+    return math.ceil(c["values"].numel() * q.bits / 8) + c["indices"].numel() + qparams + bias, True
+
+
+def model_bytes(qmodel: nn.Module, nm: tuple[int, int] | None) -> tuple[int, bool]:
+    total, ok, seen = 0, True, set()
+    for _, layer in gemm_layers(qmodel):
+        if isinstance(layer.slots.weight, UniformQuantizer):
+            b, good = _qbytes(layer, nm)
+            total += b
+            ok &= good
+            seen |= {id(layer.weight), id(layer.bias)}
+    for mod in qmodel.modules():  # everything else (BN folded away, FP layers) at float32
+        for p in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+            if id(p) not in seen and not isinstance(mod, UniformQuantizer) and p.is_floating_point():
+                seen.add(id(p))
+                total += p.numel() * 4
+    return total, ok
+
+
+def deploy_part(splits, a, out_dir: Path) -> dict:
+    fp, meta = pretrained("resnet20", "digits32", return_meta=True, progress=False)
+    fp.eval()
+    calib = calibration_subset(splits.train, per_class=10 if not a.quick else 3, seed=0)
+    fp_bytes = model_size_bytes(fp)
+    rows = [{"model": "FP32 dense (pretrained)", "test_acc": evaluate(fp, splits.test)["acc"], "bytes": fp_bytes,
+             "nm_ok": None, "seconds": 0.0}]
+    t0 = time.perf_counter()
+    sp = copy.deepcopy(fp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adaprune(sp, calib, NM(4, 8, transposable=True), steps=a.adaprune_steps, progress=False)
+    ap_s = time.perf_counter() - t0
+    info = save_sparse(sp, out_dir / "compose_t48.nm.safetensors")  # real file: FP32 values + packed indices
+    (out_dir / "compose_t48.nm.safetensors").unlink()
+    rows.append({"model": "T4:8 AdaPrune, FP32 values (save_sparse file)", "test_acc": evaluate(sp, splits.test)["acc"],
+                 "bytes": info["file_bytes"], "nm_ok": nm_ok(sp, 4, 8), "seconds": ap_s})
+    plain = strip(copy.deepcopy(sp))
+    iters = dict(adaquant_iters=a.adaquant_iters, bias_iters=a.bias_iters)
+    for wb in (8, 4):
+        for src, label, nm in ((plain, f"T4:8 AdaPrune -> W{wb}A8 PTQ advanced", (4, 8)),
+                               (fp, f"dense -> W{wb}A8 PTQ advanced (reference)", None)):
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = quantize(src, PTQ(w_bits=wb, a_bits=8, pipeline="advanced", **iters), calib, progress=False)
+            sec = time.perf_counter() - t0
+            nbytes, ok = model_bytes(res.model, nm)
+            rows.append({"model": label, "test_acc": evaluate(res.model, splits.test)["acc"], "bytes": nbytes,
+                         "nm_ok": nm_ok(res.model, 4, 8) if nm else None, "seconds": sec})
+            if nm and not ok:
+                rows[-1]["model"] += " (N:M lost: stored dense)"
+            log(f"  {rows[-1]['model']}: {100 * rows[-1]['test_acc']:.2f}%, {nbytes} bytes ({sec:.0f} s)")
+    for r in rows:
+        r["size_vs_fp32"] = r["bytes"] / fp_bytes
+    return {"fp32_cache": meta.get("path"), "calib": len(calib), "adaprune_steps": a.adaprune_steps, **iters,
+            "rows": rows}
+
+
+def markdown(res: dict, cmd: str) -> str:
+    tr, acc, dp = res["train"], res["accum"], res["deploy"]
+    c = tr["config"]
+    n = tr["rows"][0]["n_test"]
+    L = [f"# Composition: Train8 + transposable 4:8 + MVUE 2:4 (+ 12-bit accumulator)", "",
+         f"Mode: {res['mode']}. Command: `{cmd}`. Total {res['seconds']:.0f} s on {res['threads']} thread(s) "
+         f"of a shared, loaded 2-core CPU (ms/step: not a speed comparison).", "",
+         f"## ResNet-20 (width {c['width']}) on digits32 from scratch: {c['steps']} steps, batch {c['batch_size']}, "
+         f"SGD lr {c['lr']} cosine, seed {c['seed']}", "",
+         f"Test set: {n} images (one image = {100 / n:.2f} points); one seed, so differences of a few images are noise.",
+         "", "| variant | test acc. (%) | train loss (last 10 steps) | ms / step |", "|---|---:|---:|---:|"]
+    for r in tr["rows"]:
+        L.append(f"| {r['variant']} | {100 * r['test_acc']:.2f} | {r['final_loss']:.3f} | {r['ms_per_step']:.0f} |")
+    L += ["", f"12-bit accumulator (1+4+7 bits, products in the same format, chunks of 16): too slow to train from "
+          f"scratch on CPU (simulated accumulation), so it is added to the all-three model above and evaluated on the "
+          f"first {acc['n_test']} test images, then fine-tuned {acc['finetune_steps']} steps (batch 32) with all four "
+          f"slots active (two-stage recipe: no underflow, then underflow).", "",
+          "| all three model | test acc. (%) |", "|---|---:|",
+          f"| without accumulator | {100 * acc['without_accumulator']:.2f} |",
+          f"| + 12-bit accumulator, as is | {100 * acc['naive']:.2f} |",
+          f"| + 12-bit accumulator, fine-tuned {acc['finetune_steps']} steps | {100 * acc['finetuned']:.2f} |", "",
+          f"Weights still transposable 4:8 in every layer after the fine-tune: {acc['weights_transposable_4_8']}.", "",
+          f"## Deployment chain on the pretrained FP32 model: AdaPrune (transposable 4:8, {dp['adaprune_steps']} steps "
+          f"per layer) -> strip -> advanced PTQ ({dp['adaquant_iters']} AdaQuant / {dp['bias_iters']} bias iterations, "
+          f"first/last layer 8 bit), {dp['calib']} calibration images", "",
+          "Bytes: N:M layers store kept integer codes at the weight bit-width plus 3-bit packed in-block indices "
+          "(thrifty.sparse.storage.compress on the codes), per-channel float32 scale + integer zero point, float32 "
+          "biases; everything else float32. The FP32 rows are the parameter + buffer bytes / the real save_sparse file.",
+          "", "| model | test acc. (%) | bytes | size vs FP32 | effective weights transposable 4:8 | seconds |",
+          "|---|---:|---:|---:|---|---:|"]
+    for r in dp["rows"]:
+        ok = "-" if r["nm_ok"] is None else ("yes" if r["nm_ok"] else "NO")
+        L.append(f"| {r['model']} | {100 * r['test_acc']:.2f} | {r['bytes']:,} | {r['size_vs_fp32']:.3f} | {ok} | "
+                 f"{r['seconds']:.0f} |")
+    return "\n".join(L) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    for name, losses in res["train"]["curves"].items():
+        k = max(1, len(losses) // 20)
+        sm = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        ax1.plot(sm, label=name)
+    ax1.set(xlabel="step", ylabel="train loss (running mean)", title="ResNet-20 digits32 from scratch")
+    ax1.legend(fontsize=7)
+    rows = res["deploy"]["rows"]
+    ax2.scatter([r["size_vs_fp32"] for r in rows], [100 * r["test_acc"] for r in rows])
+    for r in rows:
+        ax2.annotate(r["model"].replace(" PTQ advanced", ""), (r["size_vs_fp32"], 100 * r["test_acc"]), fontsize=6)
+    ax2.set(xlabel="bytes / FP32 bytes", ylabel="test acc. (%)", title="deployment chain (pretrained model)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI-sized run (writes results/compose_quick.*)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy machine)")
+    p.add_argument("--out", type=Path, default=ROOT / "results")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    full = dict(steps=100, width=8, acc_test=200, acc_steps=6, adaprune_steps=40, adaquant_iters=50, bias_iters=25)
+    quick = dict(steps=6, width=8, acc_test=32, acc_steps=1, adaprune_steps=3, adaquant_iters=3, bias_iters=2)
+    for k, v in (quick if a.quick else full).items():
+        setattr(a, k, v)
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    splits = load_dataset("digits32", seed=0)
+    log("part 1: training from scratch")
+    train, all3 = train_part(splits, a)
+    log("part 1b: 12-bit accumulator on the all-three model")
+    accum = accum_part(all3, splits, a)
+    log("part 2: deployment chain on the pretrained model")
+    deploy = deploy_part(splits, a, a.out)
+    res = {"mode": "quick" if a.quick else "full", "threads": a.threads, "train": train, "accum": accum,
+           "deploy": deploy, "seconds": time.perf_counter() - t0}
+    stem = a.out / ("compose_quick" if a.quick else "compose")
+    cmd = "python experiments/compose.py" + (" --quick" if a.quick else "")
+    md = markdown(res, cmd)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(res, indent=1, default=str))
+    atomic_write_text(stem.with_suffix(".md"), md)
+    plot(res, stem.with_name(stem.name + ".png"))
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()
