@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    ap.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    ap.add_argument("--parts", default="ab", help="a = batch augmentation, b = mixed size (b needs a's m=1 model)")
+    ap.add_argument("--tag", default="", help="suffix for the results files, e.g. _steps60")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     q = args.quick
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         splits = dataclasses.replace(splits, test=TensorDataset(*(t[:160] for t in splits.test.tensors)))
     # full: 150 steps at batch 32 (about 4 epochs; lr scaled linearly from the recipe's 0.1 at batch 64) keeps
     # m=8 affordable on a shared 2-core machine
-    steps = 20 if q else 150
+    steps = args.steps or (20 if q else 150)
     cfg = TrainConfig(**{**{k: v for k, v in to_dict(base_cfg).items() if k != "kind"},
                          "steps": steps, "batch_size": 16 if q else 32, "lr": 0.05, "eval_steps": 10})
     ms = [1, 2] if q else [1, 2, 4, 8]
@@ -115,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             ba_rows.append({"seed": seed, "run": name, "final_acc": r["final_acc"],
                             "steps_to_baseline": steps_to_reach(r["curve"], base_final), "total_steps": steps,
                             "train_seconds": r["train_seconds"]})
+        if "b" not in args.parts:
+            runs[str(seed)] = log
+            continue
         print(f"[regimes] part B: mixed size, seed {seed}", file=sys.stderr)
         mixed = {"fixed-32": models[1]}
         for mode in ("B+", "D+"):
@@ -128,12 +134,13 @@ def main(argv: list[str] | None = None) -> int:
                                 "mflops": flops_per_image(model, s) / 1e6})
         runs[str(seed)] = log
 
-    res = {"mode": "quick" if q else "full", "command": "python experiments/regimes.py" + (" --quick" if q else ""),
+    cmd = " ".join(["python", "experiments/regimes.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    res = {"mode": "quick" if q else "full", "command": cmd,
            "seeds": args.seeds, "train_config": to_dict(cfg), "batch_augment": ba_rows, "mixed_size": ms_rows,
            "runs": runs, "test_images": len(splits.test), "threads": torch.get_num_threads(),
            "seconds": round(time.perf_counter() - t_start, 1)}
     out = Path(args.out)
-    stem = "regimes_quick" if q else "regimes"
+    stem = ("regimes_quick" if q else "regimes") + args.tag
     atomic_write_text(out / f"{stem}.json", json.dumps(res, indent=1))
     atomic_write_text(out / f"{stem}.md", markdown(res, stem))
     plots(res, out, stem)
@@ -165,7 +172,10 @@ def markdown(res: dict, stem: str) -> str:
         frac = _mean([s / r["total_steps"] if s is not None else None for s, r in zip(st, rows)])
         L.append(f"| {name} | {100 * acc:.2f} | {st_txt} | {'-' if frac is None else f'{frac:.2f}'} | "
                  f"{_mean([r['train_seconds'] for r in rows]):.0f} |")
-    L += ["", "Steps are measured on an evaluation grid of every 10 steps.", "", "## Mixed size (Mix & Match)", "",
+    L += ["", "Steps are measured on an evaluation grid of every 10 steps.", ""]
+    if not res["mixed_size"]:
+        return "\n".join(L + [f"![batch augmentation]({stem}_batch_aug.png)", ""])
+    L += ["## Mixed size (Mix & Match)", "",
           "Test accuracy (%) at each test size; `+BN` = BN statistics recalibrated at that size "
           "(cumulative average over training batches).", ""]
     models = list(dict.fromkeys(r["model"] for r in res["mixed_size"]))
@@ -211,8 +221,10 @@ def plots(res: dict, out: Path, stem: str) -> None:
     fig.savefig(out / f"{stem}_batch_aug.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     rows = [r for r in res["mixed_size"] if str(r["seed"]) == seed]
+    if not rows:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     for m in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == m]
         for key, ls in (("acc", "--"), ("acc_bn_calibrated", "-")):
