@@ -34,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-kind", choices=["size", "bops"], default="size")
     p.add_argument("--candidate-bits", type=_common.int_list, default=[2, 3, 4, 8], help="e.g. 2,3,4,8")
     p.add_argument("--adaquant-mode", choices=["sequential", "parallel"], default="sequential")
-    p.add_argument("--adaquant-iters", type=int, default=300)
-    p.add_argument("--bias-iters", type=int, default=200)
+    p.add_argument("--adaquant-iters", type=int, default=200)
+    p.add_argument("--bias-iters", type=int, default=100)
     p.add_argument("--estimator", choices=["minmax", "sample_minmax", "percentile", "mse"], default="mse",
                    help="range estimator for weights and activations")
     p.add_argument("--calib-per-class", type=int, default=10)

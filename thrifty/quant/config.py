@@ -102,7 +102,7 @@ class PTQ(Config):
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
     # AdaQuant
     adaquant_mode: Literal["sequential", "parallel"] = "sequential"
-    adaquant_iters: int = 300
+    adaquant_iters: int = 200
     adaquant_batch: int = 32
     lr_weight: float = 1e-3
     lr_bias: float = 1e-3
@@ -111,7 +111,7 @@ class PTQ(Config):
     # BN / bias tuning
     bn_tune: Optional[bool] = None  # None: on for light/advanced
     bias_tune: Optional[bool] = None  # None: on for advanced
-    bias_iters: int = 200
+    bias_iters: int = 100
     bias_lr: float = 1e-3
     loss: Literal["auto", "kl", "mse"] = "auto"
     batch_size: int = 32
