@@ -121,3 +121,17 @@ def test_wrap_layers_in_place_shares_weights():
     w = m[0].weight
     wrap_layers(m)
     assert isinstance(m[0], GemmLinear) and m[0].weight is w
+
+
+def test_apply_on_a_bare_layer_wraps_it_in_place_and_strip_returns_plain():
+    lin = nn.Linear(4, 3)
+    w = lin.weight
+    out = apply(lin, _RoundCfg(scale=2.0))
+    assert out is lin and isinstance(lin, GemmLinear) and lin.weight is w
+    x = torch.randn(2, 4)
+    plain = strip(lin)
+    assert type(plain) is nn.Linear and torch.allclose(plain(x), lin(x))
+    bare = nn.Conv2d(2, 2, 3)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        apply(bare, _RoundCfg(scale=-1.0))
+    assert type(bare) is nn.Conv2d and not hasattr(bare, "slots")

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from thrifty.core.config import Config
-from thrifty.nn.gemm import SLOT_NAMES, Chain, GemmConv2d, GemmLinear, is_gemm, wrap
+from thrifty.nn.gemm import SLOT_NAMES, Chain, GemmConv2d, GemmLinear, Slots, is_gemm, wrap
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
            "HANDLERS"]
@@ -82,7 +82,17 @@ def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.M
     )
     chosen: list[tuple[str, nn.Module]] = []
     for name, m in list(model.named_modules()):
-        if name == "" or not pred(m, name):
+        if name == "":
+            if type(m) in (nn.Linear, nn.Conv2d) and pred(m, name):
+                # a bare layer passed as the model: change its class in place (the caller holds the reference)
+                _check_root(m)
+                m.__class__ = GemmLinear if type(m) is nn.Linear else GemmConv2d
+                m.slots = Slots()
+                chosen.append((name, m))
+            elif is_gemm(m) and pred(m, name):
+                chosen.append((name, m))
+            continue
+        if not pred(m, name):
             continue
         if not _gemmable(m):
             if explicit and len(list(m.children())) == 0:
@@ -128,7 +138,11 @@ def apply(model: nn.Module, config: Config, filter: Filter = None) -> nn.Module:
     return model
 
 
-def _snapshot(model: nn.Module) -> tuple[list, list]:
+def _check_root(m: nn.Module) -> None:
+    wrap(m)  # raises TypeError for what a Gemm layer cannot represent (e.g. reflect padding)
+
+
+def _snapshot(model: nn.Module) -> tuple[list, list, type]:
     tree = [(parent, cname, child) for parent in model.modules() for cname, child in parent._modules.items()]
     slots = []
     for m in model.modules():
@@ -136,11 +150,14 @@ def _snapshot(model: nn.Module) -> tuple[list, list]:
             for s in SLOT_NAMES:
                 obj = getattr(m.slots, s)
                 slots.append((m, s, obj, list(obj) if isinstance(obj, Chain) else None))
-    return tree, slots
+    return tree, slots, type(model)
 
 
-def _restore(model: nn.Module, snap: tuple[list, list]) -> None:
-    tree, slots = snap
+def _restore(model: nn.Module, snap: tuple[list, list, type]) -> None:
+    tree, slots, cls = snap
+    if type(model) is not cls:  # a bare root layer was wrapped in place: undo it
+        model.__class__ = cls
+        del model.slots
     for parent, cname, child in tree:
         parent._modules[cname] = child
     for layer, s, obj, members in slots:
