@@ -51,7 +51,7 @@ def test_on_grid_error_bound_and_idempotent(vals, bits, symmetric):
     assert float(zp) == round(float(zp)) and qmin <= float(zp) <= qmax
 
 
-@SETTINGS
+@settings(max_examples=25, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 4), st.integers(1, 3), st.integers(0, 2), st.integers(2, 8),
        st.booleans(), st.sampled_from(["minmax", "percentile", "mse"]), st.integers(0, 10_000))
 def test_per_channel_equals_per_tensor_per_channel(a, b, c, axis, bits, symmetric, est, seed):
@@ -131,8 +131,7 @@ def test_stochastic_rounding_unbiased_and_seeded():
     x = torch.tensor([0.1, 0.37, -0.62, 0.5, 0.999, -0.25])
     s = torch.tensor(0.25)
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([Q.fake_quantize(x, s, None, 8, symmetric=True, rounding="stochastic", generator=g)
-                         for _ in range(20000)])
+    draws = Q.fake_quantize(x.expand(20000, -1), s, None, 8, symmetric=True, rounding="stochastic", generator=g)
     # each draw is one of the two neighbouring grid points
     lo, hi = torch.floor(x / s) * s, torch.ceil(x / s) * s
     assert torch.all((draws == lo) | (draws == hi))

@@ -96,7 +96,7 @@ def test_adaquant_lowers_layer_reconstruction_error_vs_rtn():
     layer.add("weight", UniformQuantizer(3, per_channel=True, learnable=True).init_from(layer.weight))
     layer.add("input", UniformQuantizer(4, learnable=True).init_from(x))
     rtn = reconstruction_error(layer, [x], [y])
-    before, after = adaquant_layer(layer, [x[:256], x[256:]], [y[:256], y[256:]], iters=300)
+    before, after = adaquant_layer(layer, [x[:256], x[256:]], [y[:256], y[256:]], iters=150)
     assert np.isclose(before, rtn, rtol=1e-6)
     assert after < 0.7 * rtn
     assert reconstruction_error(layer, [x], [y]) == pytest.approx(after, rel=1e-6)
@@ -159,7 +159,7 @@ def test_quantize_pipelines_on_tiny_bn_net(pipeline):
     m = _tiny()
     x, y = _data(96)
     before = copy.deepcopy(m.state_dict())
-    cfg = PTQ(w_bits=4, a_bits=4, pipeline=pipeline, adaquant_iters=60, bias_iters=30, batch_size=32)
+    cfg = PTQ(w_bits=4, a_bits=4, pipeline=pipeline, adaquant_iters=30, bias_iters=20, batch_size=32)
     res = quantize(m, cfg, torch.utils.data.TensorDataset(x, y), progress=False)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # user model untouched
     assert isinstance(m.bn1, nn.BatchNorm2d)

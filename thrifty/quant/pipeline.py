@@ -21,11 +21,12 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -65,6 +66,7 @@ class QuantResult:
     adaquant_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     loss_kind: str = "mse"
+    reverted: list[str] = field(default_factory=list)  # stages undone because they raised the calibration loss
 
     @property
     def final_loss(self) -> float:
@@ -247,17 +249,17 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         timings["bit allocation"] = time.perf_counter() - t
     if cfg.uses_adaquant:
         t = time.perf_counter()
-        res.adaquant_errors = adaquant(q, fp, qnames, batches, mode=cfg.adaquant_mode, iters=cfg.adaquant_iters,
-                                       batch=cfg.adaquant_batch, lr_weight=cfg.lr_weight, lr_bias=cfg.lr_bias,
-                                       lr_w_scale=cfg.lr_w_scale, lr_a_scale=cfg.lr_a_scale, seed=cfg.seed,
-                                       progress=progress)
-        res.losses["adaquant"] = calib_loss(q, batches, targets, loss_fn)
+        with _keep_if_better(q, res, "adaquant", lambda: calib_loss(q, batches, targets, loss_fn)):
+            res.adaquant_errors = adaquant(q, fp, qnames, batches, mode=cfg.adaquant_mode, iters=cfg.adaquant_iters,
+                                           batch=cfg.adaquant_batch, lr_weight=cfg.lr_weight, lr_bias=cfg.lr_bias,
+                                           lr_w_scale=cfg.lr_w_scale, lr_a_scale=cfg.lr_a_scale, seed=cfg.seed,
+                                           progress=progress)
         timings["adaquant"] = time.perf_counter() - t
     bn_names = [n for n in qnames if n in {a for a, _ in folded}]
     if cfg.uses_bn_tune and bn_names:
         t = time.perf_counter()
-        bn_tune(q, fp, bn_names, batches, progress=progress)
-        res.losses["bn tuning"] = calib_loss(q, batches, targets, loss_fn)
+        with _keep_if_better(q, res, "bn tuning", lambda: calib_loss(q, batches, targets, loss_fn)):
+            bn_tune(q, fp, bn_names, batches, progress=progress)
         timings["bn tuning"] = time.perf_counter() - t
     if cfg.uses_bias_tune:
         t = time.perf_counter()
@@ -270,6 +272,25 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     res.size_fraction, res.model_size_fraction, res.bops_fraction = _fractions(q, qnames, bits, wel, bel, macs)
     res.timings = timings
     return res
+
+
+@contextlib.contextmanager
+def _keep_if_better(model: nn.Module, res: QuantResult, stage: str, loss: Callable[[], float]) -> Iterator[None]:
+    """Run a stage; keep its result only if the calibration loss did not increase (else restore the model).
+
+    Layer-wise objectives (AdaQuant, BN statistics) do not guarantee a lower end-to-end loss; the guard makes
+    every stage monotone on the calibration data. ``res.losses[stage]`` records the kept loss and
+    ``res.reverted`` the stages that were undone.
+    """
+    before = next(reversed(res.losses.values()))
+    saved = copy.deepcopy(model.state_dict())
+    yield
+    after = loss()
+    if not after <= before:
+        model.load_state_dict(saved)
+        res.reverted.append(stage)
+        after = before
+    res.losses[stage] = after
 
 
 def _alloc_costs(cfg: PTQ, qnames: list[str], alloc: list[str], bits: dict, wel: dict, bel: dict,
