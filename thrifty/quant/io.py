@@ -87,6 +87,7 @@ def save_quantized(result: Union[QuantResult, nn.Module], path: Union[str, os.Pa
     wpath, ypath = model_paths(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write_bytes(wpath, st_save(tensors, metadata={"format": FORMAT}))
+    meta.pop("format", None)  # e.g. the FP model's own format tag
     doc = {"format": FORMAT, **_plain(meta), "quantization": _plain(quant)}
     atomic_write_text(ypath, yaml.safe_dump(doc, sort_keys=False))
     return wpath
