@@ -98,7 +98,8 @@ def _forward_by_hand(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return _acc_gemm(h, wl) + lin.bias.detach()
 
 
-def _grad_streams_by_hand(dy: torch.Tensor, rng: torch.Tensor, seed: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _grad_streams_by_hand(dy: torch.Tensor, rng: torch.Tensor, seed: int,
+                          in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Train8's bifurcated dY (8-bit stochastic / 16-bit nearest, per sample) then MVUE 2:4 on each stream.
 
     The grad_output chain threads both streams through every member, so GradNM draws for (dX, dW) on the
