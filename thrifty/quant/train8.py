@@ -35,7 +35,7 @@ from thrifty.nn.rangebn import _RangeBatchNorm, convert_to_range_bn
 from thrifty.ops import quant as Q
 from thrifty.quant.quantizer import UniformQuantizer
 
-__all__ = ["Train8", "GradQuant", "ActQuant", "fake_quantize_minmax", "prepare_train8", "convert_to_batchnorm"]
+__all__ = ["Train8", "GradQuant", "ActQuant", "minmax", "fake_quantize_minmax", "prepare_train8", "convert_to_batchnorm"]
 
 
 @register_config
