@@ -102,16 +102,14 @@ def _grad_streams_by_hand(dy: torch.Tensor, rng: torch.Tensor, seed: int,
                           in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Train8's bifurcated dY (8-bit stochastic / 16-bit nearest, per sample) then MVUE 2:4 on each stream.
 
-    The grad_output chain threads both streams through every member, so GradNM draws for (dX, dW) on the
-    8-bit stream, keeps the dX one, then draws for (dX, dW) on the 16-bit stream and keeps the dW one.
+    Once Train8 has split dY into two streams, the chain hands GradNM the pair (GradTransform.pair), so it
+    draws once on the 8-bit stream for dX, then once on the 16-bit stream for dW: no discarded draws.
     """
     torch.set_rng_state(rng)
     gx = _q_minmax(dy, 8, axis=0, rounding="stochastic")
     gw = _q_minmax(dy, 16, axis=0)
     gen = torch.Generator().manual_seed(seed)
     dx_stream = nm_prune(gx, 2, 4, "mvue", in_dim, gen)
-    nm_prune(gx, 2, 4, "mvue", 0, gen)
-    nm_prune(gw, 2, 4, "mvue", in_dim, gen)
     dw_stream = nm_prune(gw, 2, 4, "mvue", 0, gen)
     return dx_stream, dw_stream
 

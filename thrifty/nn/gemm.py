@@ -81,6 +81,16 @@ class GradTransform(nn.Module):
     def forward(self, dy: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def pair(self, dy_x: Tensor, dy_w: Tensor) -> tuple[Tensor, Tensor]:
+        """Transform two streams that an earlier transform already split (used by :class:`Chain`).
+
+        The default runs ``forward`` on each stream and keeps its own side; override it to skip the
+        half that is thrown away.
+        """
+        if dy_x is dy_w:
+            return self(dy_x)
+        return self(dy_x)[0], self(dy_w)[1]
+
 
 class Accumulator(nn.Module):
     """How products are summed inside the GEMM.
@@ -112,10 +122,7 @@ class Chain(nn.Sequential):
         if len(self) and isinstance(self[0], GradTransform):
             gx = gw = t
             for m in self:
-                if gx is gw:
-                    gx, gw = m(gx)
-                else:
-                    gx, gw = m(gx)[0], m(gw)[1]
+                gx, gw = m.pair(gx, gw)
             return gx, gw
         for m in self:
             t = m(t)

@@ -205,6 +205,15 @@ class GradNMTransform(GradTransform):
         gw = self._prune(dy, self.weight_dim) if do_w else dy
         return gx, gw
 
+    def pair(self, dy_x: Tensor, dy_w: Tensor) -> tuple[Tensor, Tensor]:
+        if dy_x is dy_w:
+            return self(dy_x)
+        # streams already split upstream (e.g. 8-bit dX / 16-bit dW): prune each only for its own GEMM
+        self.calls += 1
+        gx = self._prune(dy_x, self.input_dim) if "input" in self.gemms else dy_x
+        gw = self._prune(dy_w, self.weight_dim) if "weight" in self.gemms else dy_w
+        return gx, gw
+
     def extra_repr(self) -> str:
         return (f"{self.n}:{self.m}, method={self.method!r}, gemms={self.gemms}, input_dim={self.input_dim}, "
                 f"weight_dim={self.weight_dim}, tail={self.tail!r}, seed={self.seed}")
