@@ -13,9 +13,11 @@ CPU time is the better estimate of the time on an idle one.
 
     python experiments/ptq.py --quick     # CI-sized
     python experiments/ptq.py             # full: writes results/ptq.{json,md} and results/ptq_size.png
-    # or, in parallel on 2 cores:
-    python experiments/ptq.py --only resnet20 --threads 1 & python experiments/ptq.py --only minilm --threads 1
-    python experiments/ptq.py --merge
+    # or in parallel processes (what produced results/ptq.*):
+    python experiments/ptq.py --only resnet20 --threads 1 --precisions 8x8,4x8 --no-curve --tag a &
+    python experiments/ptq.py --only resnet20 --threads 1 --precisions 4x4,3x3 --no-curve --tag b &
+    python experiments/ptq.py --only resnet20 --threads 1 --precisions "" --tag c &
+    python experiments/ptq.py --only minilm --threads 1; wait; python experiments/ptq.py --merge
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def _timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def resnet_part(quick: bool, log) -> dict:
+def resnet_part(quick: bool, log, precisions=None, curve: bool = True) -> dict:
     from thrifty.train import pretrained
 
     fp = pretrained("resnet20", "digits32")
@@ -65,7 +67,8 @@ def resnet_part(quick: bool, log) -> dict:
         "light": dict(pipeline="light"),
         "advanced": dict(pipeline="advanced", **iters),
     }
-    precisions = [(8, 8), (4, 8), (4, 4)] + ([] if quick else [(3, 3)])
+    if precisions is None:
+        precisions = [(8, 8), (4, 8), (4, 4)] + ([] if quick else [(3, 3)])
     rows = []
     for wb, ab in precisions:
         for mname, kw in methods.items():
@@ -75,7 +78,7 @@ def resnet_part(quick: bool, log) -> dict:
                              size=res.size_fraction, calib_loss=res.final_loss, wall_s=wall, cpu_s=cpu))
             log(f"  W{wb}A{ab} {mname:14s} acc {acc:6.2f}% (drop {fp_acc - acc:+.2f})  size {res.size_fraction:.3f}"
                 f"  KL {res.final_loss:.4f}  {wall:.1f}s wall / {cpu:.1f}s cpu")
-    budgets = [0.13, 0.19, 0.25] if quick else [0.13, 0.16, 0.19, 0.22, 0.25]
+    budgets = ([0.13, 0.19, 0.25] if quick else [0.13, 0.17, 0.21, 0.25]) if curve else []
     curve = []
     for pipe in ["light", "advanced"]:
         for b in budgets:
@@ -219,7 +222,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--only", choices=["resnet20", "minilm"], default=None, help="run one part (saved for --merge)")
-    ap.add_argument("--merge", action="store_true", help="combine the parts saved by two --only runs")
+    ap.add_argument("--merge", action="store_true", help="combine the parts saved by --only runs")
+    ap.add_argument("--precisions", default=None, help="resnet20 rows, e.g. 8x8,4x8 (W x A); default all")
+    ap.add_argument("--no-curve", action="store_true", help="skip the resnet20 bit-allocation curve")
+    ap.add_argument("--tag", default="", help="suffix of the part file (several resnet20 processes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(0)
@@ -228,11 +234,19 @@ def main(argv=None) -> int:
     out = Path(args.out)
     stem = "ptq_quick" if args.quick else "ptq"
     r: dict = {"quick": args.quick, "threads": args.threads}
-    parts = {"resnet20": resnet_part, "minilm": minilm_part}
+    prec = None if args.precisions is None else [tuple(int(b) for b in p.split("x")) for p in args.precisions.split(",") if p]
+    parts = {"resnet20": lambda q, lg: resnet_part(q, lg, prec, not args.no_curve), "minilm": minilm_part}
     for name, fn in parts.items():
-        part = out / f".{stem}_{name}.json"  # --only runs the parts in two processes; --merge combines them
+        # --only runs parts in separate processes (files .ptq_<part>[_<tag>].json); --merge combines them
+        part = out / f".{stem}_{name}{'_' + args.tag if args.tag else ''}.json"
         if args.merge:
-            r[name] = json.loads(part.read_text())
+            pieces = [json.loads(f.read_text()) for f in sorted(out.glob(f".{stem}_{name}*.json"))]
+            if not pieces:
+                raise FileNotFoundError(f"no saved part .{stem}_{name}*.json in {out}")
+            r[name] = pieces[0]
+            for extra in pieces[1:]:
+                r[name]["rows"] += extra["rows"]
+                r[name].setdefault("curve", []).extend(extra.get("curve", []))
         elif args.only in (None, name):
             r[name] = fn(args.quick, log)
             if args.only:
