@@ -225,7 +225,8 @@ def markdown(res: dict, cmd: str) -> str:
          f"of a shared, loaded 2-core CPU (ms/step: not a speed comparison).", "",
          f"## ResNet-20 (width {c['width']}) on digits32 from scratch: {c['steps']} steps, batch {c['batch_size']}, "
          f"SGD lr {c['lr']} cosine, seed {c['seed']}", "",
-         f"Test set: {n} images (one image = {100 / n:.2f} points); one seed, so differences of a few images are noise.",
+         f"Test set: {n} images (one image = {100 / n:.2f} points); one seed, so differences of a few images "
+         "are noise.",
          "", "| variant | test acc. (%) | train loss (last 10 steps) | ms / step |", "|---|---:|---:|---:|"]
     for r in tr["rows"]:
         L.append(f"| {r['variant']} | {100 * r['test_acc']:.2f} | {r['final_loss']:.3f} | {r['ms_per_step']:.0f} |")
@@ -245,7 +246,8 @@ def markdown(res: dict, cmd: str) -> str:
           f"first/last layer 8 bit), {dp['calib']} calibration images", "",
           "Bytes: N:M layers store kept integer codes at the weight bit-width plus 3-bit packed in-block indices "
           "(thrifty.sparse.storage.compress on the codes), per-channel float32 scale + integer zero point, float32 "
-          "biases; everything else float32. The FP32 rows are the parameter + buffer bytes / the real save_sparse file.",
+          "biases; everything else float32. The FP32 rows are the parameter + buffer bytes / the real save_sparse "
+          "file.",
           "", "| model | test acc. (%) | bytes | size vs FP32 | effective weights transposable 4:8 | seconds |",
           "|---|---:|---:|---:|---|---:|"]
     for r in dp["rows"]:
@@ -269,8 +271,9 @@ def plot(res: dict, path: Path) -> None:
     ax1.legend(fontsize=7)
     rows = res["deploy"]["rows"]
     ax2.scatter([r["size_vs_fp32"] for r in rows], [100 * r["test_acc"] for r in rows])
-    for r in rows:
-        ax2.annotate(r["model"].replace(" PTQ advanced", ""), (r["size_vs_fp32"], 100 * r["test_acc"]), fontsize=6)
+    for i, r in enumerate(rows):  # staggered labels: several points share an accuracy
+        ax2.annotate(r["model"].replace(" PTQ advanced", ""), (r["size_vs_fp32"], 100 * r["test_acc"]), fontsize=6,
+                     xytext=(4, 10 * (i % 3) - 10), textcoords="offset points")
     ax2.set(xlabel="bytes / FP32 bytes", ylabel="test acc. (%)", title="deployment chain (pretrained model)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -284,7 +287,15 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="CI-sized run (writes results/compose_quick.*)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy machine)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json only")
     a = p.parse_args(argv)
+    stem = a.out / ("compose_quick" if a.quick else "compose")
+    cmd = "python experiments/compose.py" + (" --quick" if a.quick else "")
+    if a.replot:
+        res = json.loads(stem.with_suffix(".json").read_text())
+        atomic_write_text(stem.with_suffix(".md"), markdown(res, cmd))
+        plot(res, stem.with_name(stem.name + ".png"))
+        return res
     torch.set_num_threads(a.threads)
     full = dict(steps=100, width=8, acc_test=200, acc_steps=6, adaprune_steps=40, adaquant_iters=50, bias_iters=25)
     quick = dict(steps=6, width=8, acc_test=32, acc_steps=1, adaprune_steps=3, adaquant_iters=3, bias_iters=2)
@@ -302,8 +313,6 @@ def main(argv=None) -> dict:
     res = {"mode": "quick" if a.quick else "full", "threads": a.threads, "train": train, "accum": accum,
            "deploy": deploy, "seconds": time.perf_counter() - t0,
            "cpu_seconds": time.process_time() - c0}
-    stem = a.out / ("compose_quick" if a.quick else "compose")
-    cmd = "python experiments/compose.py" + (" --quick" if a.quick else "")
     md = markdown(res, cmd)
     atomic_write_text(stem.with_suffix(".json"), json.dumps(res, indent=1, default=str))
     atomic_write_text(stem.with_suffix(".md"), md)
