@@ -216,7 +216,7 @@ def deploy_part(splits, a, out_dir: Path) -> dict:
 
 
 def markdown(res: dict, cmd: str) -> str:
-    tr, acc, dp = res["train"], res["accum"], res["deploy"]
+    tr, acc, dp = res["train"], res.get("accum"), res.get("deploy")
     c = tr["config"]
     n = tr["rows"][0]["n_test"]
     L = [f"# Composition: Train8 + transposable 4:8 + MVUE 2:4 (+ 12-bit accumulator)", "",
@@ -230,6 +230,8 @@ def markdown(res: dict, cmd: str) -> str:
          "", "| variant | test acc. (%) | train loss (last 10 steps) | ms / step |", "|---|---:|---:|---:|"]
     for r in tr["rows"]:
         L.append(f"| {r['variant']} | {100 * r['test_acc']:.2f} | {r['final_loss']:.3f} | {r['ms_per_step']:.0f} |")
+    if acc is None or dp is None:  # --steps: the training part only
+        return "\n".join(L) + "\n"
     L += ["", f"12-bit accumulator (1+4+7 bits, products in the same format, chunks of 16): too slow to train from "
           f"scratch on CPU (simulated accumulation), so it is added to the all-three model above and evaluated on the "
           f"first {acc['n_test']} test images, then fine-tuned {acc['finetune_steps']} steps (batch 32) with all four "
@@ -262,19 +264,23 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    two = "deploy" in res
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(12 if two else 6, 4))
+    ax1, ax2 = (axes if two else (axes, None))
     for name, losses in res["train"]["curves"].items():
         k = max(1, len(losses) // 20)
         sm = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
         ax1.plot(sm, label=name)
     ax1.set(xlabel="step", ylabel="train loss (running mean)", title="ResNet-20 digits32 from scratch")
     ax1.legend(fontsize=7)
-    rows = res["deploy"]["rows"]
-    ax2.scatter([r["size_vs_fp32"] for r in rows], [100 * r["test_acc"] for r in rows])
+    rows = res["deploy"]["rows"] if two else []
+    if two:
+        ax2.scatter([r["size_vs_fp32"] for r in rows], [100 * r["test_acc"] for r in rows])
     for i, r in enumerate(rows):  # staggered labels: several points share an accuracy
         ax2.annotate(r["model"].replace(" PTQ advanced", ""), (r["size_vs_fp32"], 100 * r["test_acc"]), fontsize=6,
                      xytext=(4, 10 * (i % 3) - 10), textcoords="offset points")
-    ax2.set(xlabel="bytes / FP32 bytes", ylabel="test acc. (%)", title="deployment chain (pretrained model)")
+    if two:
+        ax2.set(xlabel="bytes / FP32 bytes", ylabel="test acc. (%)", title="deployment chain (pretrained model)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -288,9 +294,11 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy machine)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json only")
+    p.add_argument("--steps", type=int, default=0,
+                   help="only the from-scratch training part, with this many steps (writes results/compose_steps<N>.*)")
     a = p.parse_args(argv)
-    stem = a.out / ("compose_quick" if a.quick else "compose")
-    cmd = "python experiments/compose.py" + (" --quick" if a.quick else "")
+    stem = a.out / ("compose_quick" if a.quick else f"compose_steps{a.steps}" if a.steps else "compose")
+    cmd = "python experiments/compose.py" + (" --quick" if a.quick else "") + (f" --steps {a.steps}" if a.steps else "")
     if a.replot:
         res = json.loads(stem.with_suffix(".json").read_text())
         atomic_write_text(stem.with_suffix(".md"), markdown(res, cmd))
@@ -299,20 +307,23 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     full = dict(steps=100, width=8, acc_test=200, acc_steps=6, adaprune_steps=40, adaquant_iters=50, bias_iters=25)
     quick = dict(steps=6, width=8, acc_test=32, acc_steps=1, adaprune_steps=3, adaquant_iters=3, bias_iters=2)
+    only_train = a.steps > 0
     for k, v in (quick if a.quick else full).items():
-        setattr(a, k, v)
+        if not (k == "steps" and only_train):
+            setattr(a, k, v)
     a.out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
     splits = load_dataset("digits32", seed=0)
     log("part 1: training from scratch")
     train, all3 = train_part(splits, a)
-    log("part 1b: 12-bit accumulator on the all-three model")
-    accum = accum_part(all3, splits, a)
-    log("part 2: deployment chain on the pretrained model")
-    deploy = deploy_part(splits, a, a.out)
-    res = {"mode": "quick" if a.quick else "full", "threads": a.threads, "train": train, "accum": accum,
-           "deploy": deploy, "seconds": time.perf_counter() - t0,
-           "cpu_seconds": time.process_time() - c0}
+    res = {"mode": ("quick" if a.quick else "full") + (f", training part only ({a.steps} steps)" if only_train else ""),
+           "threads": a.threads, "train": train}
+    if not only_train:
+        log("part 1b: 12-bit accumulator on the all-three model")
+        res["accum"] = accum_part(all3, splits, a)
+        log("part 2: deployment chain on the pretrained model")
+        res["deploy"] = deploy_part(splits, a, a.out)
+    res.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
     md = markdown(res, cmd)
     atomic_write_text(stem.with_suffix(".json"), json.dumps(res, indent=1, default=str))
     atomic_write_text(stem.with_suffix(".md"), md)
