@@ -7,8 +7,8 @@ A. Offline throughput + accuracy mode: resnet20 (batch 64) and MiniLM (sequence 
    FP32 PyTorch, FP32 ONNX Runtime, int8 ONNX Runtime (thrifty PTQ W8A8 RTN, exported as QDQ), plus for
    resnet20 mixed precision (W4A8 PTQ, int8 containers) and 2:4 N:M weights (compressed size from
    thrifty.sparse.save_sparse; run on dense kernels).
-B. All four scenarios (short default settings) for resnet20 and MiniLM (MiniLM batches padded to their
-   longest sentence, <= 128 tokens), PyTorch FP32 and int8 ONNX Runtime.
+B. All four scenarios (short default settings): resnet20 FP32 PyTorch and int8 ONNX Runtime, MiniLM int8 ONNX
+   Runtime (batches padded to their longest sentence, <= 128 tokens). Server bounds: see BOUNDS_MS.
 C. The Server max-QPS search run a second time, to report reproducibility.
 
     python experiments/bench.py --quick     # ~3 min: results/bench_quick.{json,md}
@@ -37,7 +37,10 @@ from thrifty.bench.backends import INT8_KERNELS, TorchBackend  # noqa: E402
 from thrifty.bench.report import markdown_table, plot_results  # noqa: E402
 from thrifty.utils import atomic_write_text  # noqa: E402
 
-BOUNDS_MS = {"resnet20": 15.0, "minilm": 130.0}  # MLPerf's Server bounds for ResNet-50 and BERT
+# Server p99 bounds. MLPerf's 15 ms (ResNet-50) / 130 ms (BERT) are for datacenter hardware; here FP32 PyTorch
+# alone takes ~20-50 ms per resnet20 sample on the shared 2-core machine, so the bounds are set where every
+# variant can meet them and the search measures throughput under a latency limit.
+BOUNDS_MS = {"resnet20": 100.0, "minilm": 300.0}
 
 
 def log(msg: str) -> None:
@@ -157,19 +160,19 @@ def main() -> int:
                               f"executed with dense kernels")
         rows.append(_summ(r, "A"))
         log(f"   {r['scenarios']['Offline']['value']} samples/s, accuracy {json.dumps(m)}")
+        _partial(res_dir, name, meta, nm_size, rows)
 
     # ---------------------------------------------------------------------- B. four scenarios
     four = [("resnet20_fp32_torch", r20.model, "torch", r20.samples, "resnet20"),
             ("resnet20_int8_ort", q8, "onnxruntime", r20.samples, "resnet20"),
             ("minilm_int8_ort_dyn", mq8, "onnxruntime", mini_dyn.samples, "minilm")]
-    if not quick:
-        four.insert(2, ("minilm_fp32_torch_dyn", mini.model, "torch", mini_dyn.samples, "minilm"))
     for var, model, be, samples, fam in four:
         log(f"B. all scenarios {var}")
         s = base.replace(server_latency_ms=BOUNDS_MS[fam])
         r = run(model, samples, scenarios="all", backend=be, settings=s, outdir=work / "scenarios", variant=var,
                 accuracy=False, reference=None)
         rows.append(_summ(r, "B"))
+        _partial(res_dir, name, meta, nm_size, rows)
         for sc, x in r["scenarios"].items():
             log(f"   {sc:12s} {'VALID' if x['valid'] else 'INVALID'} {x.get('metric')}={x.get('value')} "
                 f"{'max_qps=' + str(x.get('max_qps')) if sc == 'Server' else ''} {'; '.join(x['reasons'])}")
@@ -191,6 +194,12 @@ def main() -> int:
     _write(out, res_dir, name)
     log(f"wrote results/{name}.json, results/{name}.md in {meta['total_seconds']} s")
     return 0
+
+
+def _partial(res_dir: Path, name: str, meta: dict, nm_size: dict, rows: list) -> None:
+    """Save what is measured so far (a crash late in a long run keeps the earlier parts)."""
+    atomic_write_text(res_dir / f"{name}.partial.json", json.dumps({"meta": meta, "nm_storage": nm_size,
+                                                                     "rows": rows}, indent=1, default=str))
 
 
 def _write(out: dict, res_dir: Path, name: str) -> None:

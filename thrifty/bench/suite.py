@@ -62,7 +62,13 @@ def server_search(backend: Backend, data: Samples, settings: BenchSettings, outd
         settings = dataclasses.replace(settings, max_duration_s=max(3 * settings.min_duration_s,
                                                                     settings.min_duration_s + 5.0))
     q = 0.7 * peak
+    r: dict[str, Any] = {}
     for _ in range(settings.server_max_probes):
+        if settings.estimate_seconds(1.0 / q) > settings.max_run_s and not settings.allow_long:
+            probes.append({"target_qps": q, "valid": None, "reasons": [
+                f"not run: a probe at {q:.3g} QPS needs {settings.queries_needed()} queries, longer than "
+                f"max_run_s={settings.max_run_s:g} s"]})
+            break
         r = run_loadgen(backend, data, settings, outdir / "probes" / f"qps_{q:.6g}", calib, target_qps=q)
         probes.append({"target_qps": q, "valid": r["valid"], "p99_ms": r["percentiles_ms"].get("99.00"),
                        "achieved_qps": r.get("value"), "reasons": r["reasons"]})
@@ -83,10 +89,11 @@ def server_search(backend: Backend, data: Samples, settings: BenchSettings, outd
         if q < 1e-3:
             break
     if best is None:
-        res = dict(r)
-        res.update(valid=False, max_qps=None, probes=probes,
-                   reasons=[f"no probed arrival rate (lowest {min(p['target_qps'] for p in probes):.3g} QPS) met the "
-                            f"{bound:g} ms 99th-percentile bound"] + r["reasons"])
+        res = dict(r) if r else {"percentiles_ms": {}, "constraints": {}, "scenario": "Server"}
+        tried = [p["target_qps"] for p in probes if p["valid"] is not None]
+        res.update(valid=False, max_qps=None, probes=probes, latency_bound_ms=bound,
+                   reasons=[f"no probed arrival rate (lowest {min(tried, default=q):.3g} QPS) met the {bound:g} ms "
+                            f"99th-percentile bound"] + r.get("reasons", []) + probes[-1]["reasons"][:1])
         return res
     final = outdir / "final"
     if final.exists():
