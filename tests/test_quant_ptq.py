@@ -186,6 +186,10 @@ def test_quantize_bit_allocation_budget_and_prediction():
     assert res.predicted_loss is not None and res.measured_loss is not None
     with pytest.raises(ValueError, match="smallest feasible budget is 0.1"):
         quantize(m, PTQ(pipeline="light", budget=0.05, candidate_bits=(2, 4, 8)), (x, y), progress=False)
+    # bit-operations budget (fraction of FP32 x FP32 BOPs): W8A8 everywhere would be 1/16
+    res = quantize(m, PTQ(pipeline="rtn", a_bits=8, budget=0.05, budget_kind="bops", candidate_bits=(2, 4, 8)),
+                   (x, y), progress=False)
+    assert res.bops_fraction <= 0.05 + 1e-9 and any(w < 8 for w, _ in res.bits.values())
 
 
 def test_bad_inputs_leave_model_unchanged():
