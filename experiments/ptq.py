@@ -17,6 +17,7 @@ CPU time is the better estimate of the time on an idle one.
     python experiments/ptq.py --only resnet20 --threads 1 --precisions 8x8,4x8 --no-curve --tag a &
     python experiments/ptq.py --only resnet20 --threads 1 --precisions 4x4,3x3 --no-curve --tag b &
     python experiments/ptq.py --only resnet20 --threads 1 --precisions "" --tag c &
+    python experiments/ptq.py --only resnet20 --threads 1 --precisions "" --budgets 0.07,0.1 --tag d &
     python experiments/ptq.py --only minilm --threads 1; wait; python experiments/ptq.py --merge
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def resnet_part(quick: bool, log, precisions=None, curve: bool = True) -> dict:
+def resnet_part(quick: bool, log, precisions=None, curve: bool = True, budgets=None) -> dict:
     from thrifty.train import pretrained
 
     fp = pretrained("resnet20", "digits32")
@@ -78,7 +79,9 @@ def resnet_part(quick: bool, log, precisions=None, curve: bool = True) -> dict:
                              size=res.size_fraction, calib_loss=res.final_loss, wall_s=wall, cpu_s=cpu))
             log(f"  W{wb}A{ab} {mname:14s} acc {acc:6.2f}% (drop {fp_acc - acc:+.2f})  size {res.size_fraction:.3f}"
                 f"  KL {res.final_loss:.4f}  {wall:.1f}s wall / {cpu:.1f}s cpu")
-    budgets = ([0.13, 0.19, 0.25] if quick else [0.13, 0.17, 0.21, 0.25]) if curve else []
+    if budgets is None:
+        budgets = [0.13, 0.19, 0.25] if quick else [0.13, 0.17, 0.21, 0.25]
+    budgets = budgets if curve else []
     curve = []
     for pipe in ["light", "advanced"]:
         for b in budgets:
@@ -225,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="store_true", help="combine the parts saved by --only runs")
     ap.add_argument("--precisions", default=None, help="resnet20 rows, e.g. 8x8,4x8 (W x A); default all")
     ap.add_argument("--no-curve", action="store_true", help="skip the resnet20 bit-allocation curve")
+    ap.add_argument("--budgets", default=None, help="bit-allocation budgets, e.g. 0.13,0.25 (default 0.13..0.25)")
     ap.add_argument("--tag", default="", help="suffix of the part file (several resnet20 processes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -235,7 +239,8 @@ def main(argv=None) -> int:
     stem = "ptq_quick" if args.quick else "ptq"
     r: dict = {"quick": args.quick, "threads": args.threads}
     prec = None if args.precisions is None else [tuple(int(b) for b in p.split("x")) for p in args.precisions.split(",") if p]
-    parts = {"resnet20": lambda q, lg: resnet_part(q, lg, prec, not args.no_curve), "minilm": minilm_part}
+    budgets = None if args.budgets is None else [float(b) for b in args.budgets.split(",") if b]
+    parts = {"resnet20": lambda q, lg: resnet_part(q, lg, prec, not args.no_curve, budgets), "minilm": minilm_part}
     for name, fn in parts.items():
         # --only runs parts in separate processes (files .ptq_<part>[_<tag>].json); --merge combines them
         part = out / f".{stem}_{name}{'_' + args.tag if args.tag else ''}.json"
