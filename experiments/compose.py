@@ -305,7 +305,7 @@ def main(argv=None) -> dict:
         plot(res, stem.with_name(stem.name + ".png"))
         return res
     torch.set_num_threads(a.threads)
-    full = dict(steps=100, width=8, acc_test=200, acc_steps=6, adaprune_steps=40, adaquant_iters=50, bias_iters=25)
+    full = dict(steps=300, width=8, acc_test=200, acc_steps=6, adaprune_steps=40, adaquant_iters=50, bias_iters=25)
     quick = dict(steps=6, width=8, acc_test=32, acc_steps=1, adaprune_steps=3, adaquant_iters=3, bias_iters=2)
     only_train = a.steps > 0
     for k, v in (quick if a.quick else full).items():
