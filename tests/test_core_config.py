@@ -135,3 +135,13 @@ def test_apply_on_a_bare_layer_wraps_it_in_place_and_strip_returns_plain():
     with pytest.raises(ValueError, match="scale must be positive"):
         apply(bare, _RoundCfg(scale=-1.0))
     assert type(bare) is nn.Conv2d and not hasattr(bare, "slots")
+
+
+def test_from_yaml_finds_thrifty_configs_without_prior_imports():
+    import subprocess
+    import sys
+
+    code = ("from thrifty.core import from_yaml; "
+            "print(type(from_yaml('kind: GradNM\\nn: 1\\nm: 2\\n')).__name__, from_yaml('kind: Train8\\n').bits)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["GradNM", "8"]

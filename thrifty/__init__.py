@@ -33,6 +33,10 @@ _EXPORTS = {
     "fit": ("thrifty.train", "fit"),
     "evaluate": ("thrifty.train", "evaluate"),
     "synthesize": ("thrifty.datafree", "synthesize"),
+    "Train8": ("thrifty.quant.train8", "Train8"),
+    "AccumConfig": ("thrifty.quant.accum", "AccumConfig"),
+    "ActNM": ("thrifty.sparse", "ActNM"),
+    "GradNM": ("thrifty.sparse", "GradNM"),
 }
 
 __all__ = sorted(_SUBMODULES | set(_EXPORTS))

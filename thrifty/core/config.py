@@ -54,7 +54,23 @@ def register_config(cls: C) -> C:
     return cls
 
 
+# Modules that define thrifty's own configs: imported on demand so that from_yaml works without the
+# caller having imported the right subpackage first.
+_CONFIG_MODULES = (
+    "thrifty.quant", "thrifty.quant.train8", "thrifty.quant.accum", "thrifty.sparse", "thrifty.datafree",
+    "thrifty.merge", "thrifty.train", "thrifty.bench.settings",
+)
+
+
 def config_class(kind: str) -> type[Config]:
+    if kind not in CONFIGS:
+        import importlib
+
+        for mod in _CONFIG_MODULES:
+            try:
+                importlib.import_module(mod)
+            except ImportError:  # an optional part missing must not hide the clear error below
+                continue
     try:
         return CONFIGS[kind]
     except KeyError:
