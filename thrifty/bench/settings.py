@@ -52,7 +52,8 @@ class BenchSettings(Config):
         server_latency_ms: Server latency bound at the 99th percentile (None = automatic, see bench.run).
         server_target_qps: a fixed Server QPS; None searches for the highest QPS meeting the bound.
         server_search_tolerance: the search stops when (lowest failing)/(highest passing) - 1 <= this.
-        server_max_probes: at most this many LoadGen runs in one Server search.
+        server_max_probes: at most this many rates probed in one Server search.
+        server_confirm_invalid: re-run an INVALID probe once; the rate fails only if both runs are INVALID.
         multistream_samples: samples per MultiStream query (MLPerf: 8).
         max_batch: dynamic batching limit of the SUT (Offline and Server merge queued samples up to it).
         workers: SUT worker threads, each running whole batches (None = one per core).
@@ -74,6 +75,7 @@ class BenchSettings(Config):
     server_target_qps: Optional[float] = None
     server_search_tolerance: float = 0.05
     server_max_probes: int = 8
+    server_confirm_invalid: bool = True
     multistream_samples: int = 8
     max_batch: int = 64
     workers: Optional[int] = None

@@ -70,6 +70,12 @@ def server_search(backend: Backend, data: Samples, settings: BenchSettings, outd
                 f"max_run_s={settings.max_run_s:g} s"]})
             break
         r = run_loadgen(backend, data, settings, outdir / "probes" / f"qps_{q:.6g}", calib, target_qps=q)
+        if not r["valid"] and settings.server_confirm_invalid:
+            # one scheduler hiccup on a shared machine can push a p99 over the bound: a rate fails only if a
+            # second run fails too (the reported maximum always has a VALID LoadGen log behind it)
+            probes.append({"target_qps": q, "valid": False, "p99_ms": r["percentiles_ms"].get("99.00"),
+                           "achieved_qps": r.get("value"), "reasons": r["reasons"], "rerun": True})
+            r = run_loadgen(backend, data, settings, outdir / "probes" / f"qps_{q:.6g}_again", calib, target_qps=q)
         probes.append({"target_qps": q, "valid": r["valid"], "p99_ms": r["percentiles_ms"].get("99.00"),
                        "achieved_qps": r.get("value"), "reasons": r["reasons"]})
         log.info("Server probe %.4g QPS: %s (p99 %.3g ms, bound %g ms)", q, "VALID" if r["valid"] else "INVALID",
