@@ -120,16 +120,20 @@ def plot_results(results: Sequence[dict[str, Any]], outdir: str | Path, prefix: 
         size = r.get("size_bytes", r.get("artifact_bytes"))
         if acc is not None and size:
             pts.append((r["variant"], size / 1e6, acc, lat))
-    if pts:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    if pts:  # one panel per model (the part of the variant name before "_"): metrics differ across models
+        fams = sorted({p[0].split("_")[0] for p in pts})
+        fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 3.8), squeeze=False)
         lats = [p[3] for p in pts if p[3]]
-        sc = ax.scatter([p[1] for p in pts], [p[2] for p in pts], c=[p[3] or 0 for p in pts], cmap="viridis",
-                        s=60, vmin=min(lats) if lats else 0, vmax=max(lats) if lats else 1)
-        for v, x, y, _ in pts:
-            ax.annotate(v, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        fig.colorbar(sc, ax=ax, label="latency (ms)")
-        ax.set_xlabel("model size (MB)")
-        ax.set_ylabel("accuracy")
+        for ax, fam in zip(axes[0], fams):
+            fp = [p for p in pts if p[0].split("_")[0] == fam]
+            sc = ax.scatter([p[1] for p in fp], [p[2] for p in fp], c=[p[3] or 0 for p in fp], cmap="viridis",
+                            s=60, vmin=min(lats) if lats else 0, vmax=max(lats) if lats else 1)
+            for v, x, y, _ in fp:
+                ax.annotate(v[len(fam) + 1:] or v, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_title(fam)
+            ax.set_xlabel("model size (MB)")
+            ax.set_ylabel("accuracy (top-1, or cosine to FP32)")
+            fig.colorbar(sc, ax=ax, label="SingleStream p90 latency (ms)")
         fig.tight_layout()
         path = outdir / f"{prefix}accuracy_size_latency.png"
         fig.savefig(path, dpi=110)
