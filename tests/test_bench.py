@@ -78,7 +78,8 @@ def test_all_scenarios_tiny_model_subprocess(tmp_path):
         assert (tmp_path / "tiny").joinpath(name if name != "Server" else "Server/final",
                                             "mlperf_log_summary.txt").is_file()
     assert sc["SingleStream"]["metric"] == "p90_latency_ms" and sc["MultiStream"]["metric"] == "p99_latency_ms"
-    assert sc["Offline"]["value"] > 0 and sc["Server"]["max_qps"] > 0 and 1 <= len(sc["Server"]["probes"]) <= 3
+    assert sc["Offline"]["value"] > 0 and sc["Server"]["max_qps"] > 0
+    assert 1 <= len([p for p in sc["Server"]["probes"] if not p.get("rerun")]) <= 3  # re-runs of INVALID rates aside
     assert sc["Server"]["percentiles_ms"]["99.00"] <= 200
     # accuracy mode: LoadGen's logged responses are the model's outputs for every sample
     acc = r["accuracy"]["metrics"]
