@@ -173,12 +173,14 @@ def _markdown(r: dict, quick: bool) -> str:
         out.append(f"| {x['precision']} | {x['method']} | {x['mean_cos']:.4f} | {x['min_cos']:.4f} | "
                    f"{x['nn_agreement']:.3f} | {x['n_layers']} | {x['cpu_s']:.1f} |")
     out += ["", "## Targets", ""] + [f"- {t}" for t in r["targets"]]
-    out += ["", "Timing note: CPU s is this process's CPU time with 1 torch thread. The runs shared the 2-core machine "
-            "with other jobs (load average 7-15), so wall-clock times are inflated several-fold; CPU time is the "
-            "estimate for an idle machine. The full resnet20 advanced pipeline (fold, calibration, AdaQuant 200 steps "
-            "per layer, BN tuning, bias tuning 100 steps) uses 42-45 CPU s; with bit allocation (sensitivities) "
-            "43-54 CPU s. Bit allocation: 'measured KL (RTN)' is the loss of the chosen allocation before AdaQuant/"
-            "tuning, to check the additivity assumption behind 'predicted KL' (it breaks down at 2 bits)."]
+    adv = [x["cpu_s"] for x in rn["rows"] if x["method"] == "advanced"]
+    adv_b = [x["cpu_s"] for x in rn["curve"] if x["pipeline"] == "advanced"]
+    rng = lambda v: f"{min(v):.0f}-{max(v):.0f}" if v else "n/a"  # noqa: E731
+    out += ["", "Timing note: CPU s is this process's CPU time with 1 torch thread. The runs may share the 2-core "
+            "machine with other jobs, which inflates wall-clock time; CPU time is the estimate for an idle machine. "
+            f"The resnet20 advanced pipeline (fold, calibration, AdaQuant, BN tuning, bias tuning) used {rng(adv)} "
+            f"CPU s here, {rng(adv_b)} CPU s with bit allocation (sensitivities). 'measured KL (RTN)' is the loss of "
+            "the chosen allocation before AdaQuant/tuning, to check the additivity assumption behind 'predicted KL'."]
     return "\n".join(out) + "\n"
 
 
