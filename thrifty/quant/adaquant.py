@@ -15,7 +15,8 @@ Example (one layer):
     >>> from thrifty.quant import UniformQuantizer
     >>> fp = nn.Linear(16, 8); layer = wrap(nn.Linear(16, 8)); _ = layer.load_state_dict(fp.state_dict())
     >>> _ = layer.add("weight", UniformQuantizer(3, per_channel=True, learnable=True).init_from(layer.weight))
-    >>> x = torch.randn(256, 16); y = fp(x).detach()
+    >>> _ = torch.manual_seed(0); x = torch.relu(torch.randn(256, 4) @ torch.randn(4, 16) + 0.5)  # correlated
+    >>> y = fp(x).detach()
     >>> before, after = adaquant_layer(layer, [x], [y], iters=100)
     >>> after < before
     True
