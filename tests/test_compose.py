@@ -298,10 +298,6 @@ def test_sparsify_strip_then_ptq_keeps_nm(pipeline):
     _assert_transposable_4_8(q)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG thrifty/quant/pipeline.py _set_wbits (line ~149): `layer.slots.weight = weight_quantizer(...)` replaces "
-    "the whole weight slot, silently dropping the NMMask of a sparsified (not stripped) model, and initialises "
-    "the quantizer from the dense latent weight: the quantized copy's effective weights are dense"))
 @pytest.mark.parametrize("pipeline", ["rtn", "advanced"])
 def test_ptq_of_a_sparsified_model_keeps_its_masks(pipeline):
     m, x = _sparse_bn_model()
@@ -309,10 +305,6 @@ def test_ptq_of_a_sparsified_model_keeps_its_masks(pipeline):
     _assert_transposable_4_8(q)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG thrifty/quant/config.py _quant_handler (line ~67): `layer.slots.weight = weight_quantizer(...)` assigns "
-    "instead of layer.add(...), so apply(model, QuantConfig(...)) after sparsify() drops the N:M mask (and the "
-    "quantizer is initialised from the dense latent weight)"))
 def test_quantconfig_after_nm_keeps_the_mask():
     torch.manual_seed(0)
     m = sparsify(nn.Sequential(nn.Linear(32, 16)), NM(2, 4))

@@ -15,6 +15,7 @@ from typing import Literal, Optional
 import torch.nn as nn
 
 from thrifty.core import Config, register_config, register_handler
+from thrifty.nn import Chain
 from thrifty.ops.quant import check_bits
 from thrifty.quant.quantizer import UniformQuantizer
 
@@ -64,7 +65,13 @@ def input_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False
 
 @register_handler(QuantConfig)
 def _quant_handler(layer: nn.Module, name: str, cfg: QuantConfig) -> None:
-    layer.slots.weight = weight_quantizer(cfg.w_bits, cfg).init_from(layer.weight)  # type: ignore[union-attr]
+    # Quantize first, then whatever else the slot holds (an N:M mask keeps its zeros: 0 is on every grid);
+    # an existing quantizer is replaced, not stacked.
+    wq = weight_quantizer(cfg.w_bits, cfg).init_from(layer.effective_weight())  # type: ignore[union-attr,operator]
+    cur = layer.slots.weight  # type: ignore[union-attr]
+    rest = [t for t in (cur if isinstance(cur, Chain) else [cur] if cur is not None else [])
+            if not isinstance(t, UniformQuantizer)]
+    layer.slots.weight = Chain(wq, *rest) if rest else wq  # type: ignore[union-attr]
     layer.slots.input = None if cfg.a_bits is None else input_quantizer(cfg.a_bits, cfg)  # type: ignore[union-attr]
 
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from thrifty.core import Filter, make_filter, wrap_layers
-from thrifty.nn import is_gemm
+from thrifty.nn import Chain, gemm_layers, is_gemm
 from thrifty.quant.adaquant import adaquant
 from thrifty.quant.bitalloc import allocate_bits, min_cost
 from thrifty.quant.calib import Batch, as_batches, execution_order, output_loss, run
@@ -147,6 +147,34 @@ def layer_costs(model: nn.Module, names: list[str], batch: Batch) -> tuple[dict[
     return w, b, macs
 
 
+def _bake_weight_transforms(q: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Fold transforms already in weight slots (e.g. N:M masks) into the copy's weights.
+
+    Returns (weight, keep-mask) pairs for transforms that carry a ``mask`` buffer, so the pruned
+    positions can be forced back to zero after stages that move latent weights (AdaQuant). Zero is on
+    every quantization grid (integer zero point), so the quantized model keeps the sparsity pattern.
+    """
+    kept = []
+    for _, layer in gemm_layers(q):
+        t = layer.slots.weight
+        if t is None:
+            continue
+        masks = [m.mask for m in (t if isinstance(t, Chain) else [t]) if isinstance(getattr(m, "mask", None), torch.Tensor)]
+        with torch.no_grad():
+            layer.weight.copy_(layer.effective_weight())
+        layer.slots.weight = None
+        if masks:
+            keep = torch.stack([mk.to(torch.bool) for mk in masks]).all(0)
+            kept.append((layer.weight, keep))
+    return kept
+
+
+def _reapply_masks(kept: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for w, keep in kept:
+            w.mul_(keep.reshape(w.shape).to(w.dtype))
+
+
 def _set_wbits(layer: nn.Module, bits: int, cfg: PTQ, learnable: bool) -> None:
     layer.slots.weight = weight_quantizer(bits, cfg, learnable).init_from(layer.weight)
 
@@ -171,6 +199,7 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     timings: dict[str, float] = {}
     batches = as_batches(calib_data, cfg.batch_size)
     q = copy.deepcopy(model).eval()
+    kept = _bake_weight_transforms(q)
     try:
         run(q, batches[0])
     except Exception as e:
@@ -254,6 +283,7 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
                                            batch=cfg.adaquant_batch, lr_weight=cfg.lr_weight, lr_bias=cfg.lr_bias,
                                            lr_w_scale=cfg.lr_w_scale, lr_a_scale=cfg.lr_a_scale, seed=cfg.seed,
                                            progress=progress)
+            _reapply_masks(kept)
         timings["adaquant"] = time.perf_counter() - t
     bn_names = [n for n in qnames if n in {a for a, _ in folded}]
     if cfg.uses_bn_tune and bn_names:
@@ -269,6 +299,7 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         timings["bias tuning"] = time.perf_counter() - t
     for p in q.parameters():
         p.requires_grad_(False)
+    _reapply_masks(kept)  # no-op unless a later stage moved a pruned weight
     res.size_fraction, res.model_size_fraction, res.bops_fraction = _fractions(q, qnames, bits, wel, bel, macs)
     res.timings = timings
     return res
