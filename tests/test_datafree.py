@@ -109,3 +109,25 @@ def test_bad_inputs():
         bn_similarity(net, torch.zeros(0, 1, 8, 8))
     with pytest.raises(ValueError, match="no BatchNorm"):
         bn_similarity(no_bn, torch.zeros(2, 64))
+
+
+def test_cli_quantize_data_free(tmp_path, capsys):
+    from thrifty.cli import main
+    from thrifty.models import create
+    from thrifty.train import save_model
+
+    torch.manual_seed(0)
+    m = create("resnet20", in_chans=1, num_classes=10, width=4)
+    meta = {"model": "resnet20", "model_kwargs": {"in_chans": 1, "num_classes": 10, "width": 4}, "dataset": "digits32"}
+    save_model(m, tmp_path / "fp", meta)
+    out = tmp_path / "q"
+    rc = main(["quantize", "--model", str(tmp_path / "fp"), "--bits", "4", "--pipeline", "rtn", "--calib-per-class", "2",
+               "--data-free", "bns", "--synth-steps", "3", "--out", str(out)])
+    assert rc == 0 and "quantized" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file()
+    # the model without BN is refused with the fallback named
+    mlp = create("mlp", in_features=64, num_classes=10)
+    save_model(mlp, tmp_path / "mlp", {"model": "mlp", "model_kwargs": {"in_features": 64, "num_classes": 10},
+                                       "dataset": "digits"})
+    assert main(["quantize", "--model", str(tmp_path / "mlp"), "--data-free", "bns", "--out", str(out)]) != 0
+    assert "gaussian" in capsys.readouterr().err

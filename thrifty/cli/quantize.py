@@ -9,8 +9,12 @@ bit-operations with ``--budget-kind bops``) turns on the integer-programming bit
 Writes to ``--out``: ``model.safetensors`` + ``model.yaml`` (quantized model with its quantizer parameters,
 reloadable with ``thrifty.quant.load_quantized``), ``report.json`` and ``config.yaml``.
 
+``--data-free bns`` calibrates (ranges, AdaQuant, BN and bias tuning) on samples synthesised from the model's
+own BatchNorm statistics: no real training data is read.
+
 Example:
     thrifty quantize --model resnet20 --dataset digits32 --bits 4 --budget 0.13 --pipeline advanced
+    thrifty quantize --model resnet20 --dataset digits32 --bits 4 --data-free bns
 """
 from __future__ import annotations
 
@@ -39,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--estimator", choices=["minmax", "sample_minmax", "percentile", "mse"], default="mse",
                    help="range estimator for weights and activations")
     p.add_argument("--calib-per-class", type=int, default=10)
+    p.add_argument("--data-free", choices=["bns", "gaussian", "inception"], default=None,
+                   help="calibrate on samples synthesised from the model itself instead of real data "
+                        "(same count as --calib-per-class x classes)")
+    p.add_argument("--synth-steps", type=int, default=200, help="optimisation steps for --data-free bns/inception")
     p.add_argument("--filter", action="append", default=None, metavar="GLOB",
                    help="only layers whose qualified name matches (repeatable); default: every Linear/Conv2d")
     p.add_argument("--seed", type=int, default=0)
@@ -87,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
     splits = load_dataset(dataset, seed=0)
     seed_everything(args.seed)
     calib = calibration_subset(splits.train, per_class=args.calib_per_class, seed=args.seed)
+    if args.data_free:
+        from thrifty.datafree import synthesize
+
+        with _common.step(f"synthesising {len(calib)} {args.data_free} samples (no real data)"):
+            calib = synthesize(model, len(calib), args.data_free, input_shape=splits.input_shape,
+                               steps=args.synth_steps, seed=args.seed, progress=_common.show_progress())
     fp_acc = evaluate(model, splits.test)["acc"]
     with _common.step(f"PTQ {args.pipeline} W{args.bits}A{args.a_bits or 32} on {len(calib)} calibration samples"):
         res = quantize(model, cfg, calib, filter=args.filter, progress=_common.show_progress())
