@@ -27,7 +27,7 @@ def _body(name: str) -> str:
         return f"_results/{name}.md not produced yet: run the experiment named above._\n"
     text = path.read_text()
     # demote headings so they nest under the README's section; fix relative image links
-    text = re.sub(r"^(#+) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", text, flags=re.M)
+    text = re.sub(r"^(#+) ", lambda m: "#" * min(len(m.group(1)) + 3, 6) + " ", text, flags=re.M)
     text = re.sub(r"\]\((?!https?:|/|results/)([^)]+\.(?:png|svg|jpg))\)", r"](results/\1)", text)
     return text.rstrip() + "\n"
 
