@@ -136,3 +136,26 @@ def int_list(text: str | list | tuple) -> list[int]:
         return [int(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def load_model_arg(args: argparse.Namespace) -> tuple:
+    """``--model``: a saved model (stem or path) or a registry name (its cached pretrained baseline on ``--dataset``).
+
+    Returns ``(model, meta, dataset)``; errors name the argument.
+    """
+    from thrifty.models import list_models
+    from thrifty.train import load_model, pretrained
+    from thrifty.train.io import model_paths
+
+    wpath, ypath = model_paths(args.model)
+    if wpath.is_file() or ypath.is_file():
+        model, meta = load_model(args.model)
+        return model, meta, args.dataset or meta.get("dataset")
+    if args.model not in list_models():
+        raise FileNotFoundError(f"--model {args.model!r} is neither a saved model ({wpath}) nor a registry name "
+                                f"({', '.join(list_models())})")
+    if not args.dataset:
+        raise ValueError("--dataset is required with a registry model name (which pretrained baseline to use)")
+    model, meta = pretrained(args.model, args.dataset, seed=args.seed, return_meta=True,
+                             progress=show_progress())
+    return model, meta, args.dataset

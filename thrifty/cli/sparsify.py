@@ -46,26 +46,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load(args: argparse.Namespace):
-    from thrifty.train import load_model, pretrained
-    from thrifty.train.io import model_paths
-
-    wpath, ypath = model_paths(args.model)
-    if wpath.is_file() or ypath.is_file():
-        model, meta = load_model(args.model)
-        return model, meta, args.dataset or meta.get("dataset")
-    from thrifty.models import list_models
-
-    if args.model not in list_models():
-        raise FileNotFoundError(f"--model {args.model!r} is neither a saved model ({wpath}) nor a registry name "
-                                f"({', '.join(list_models())})")
-    if not args.dataset:
-        raise ValueError("--dataset is required with a registry model name (which pretrained baseline to use)")
-    model, meta = pretrained(args.model, args.dataset, seed=args.seed, return_meta=True,
-                             progress=_common.show_progress())
-    return model, meta, args.dataset
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -84,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
-    model, meta, dataset = _load(args)
+    model, meta, dataset = _common.load_model_arg(args)
     if not dataset:
         raise ValueError(f"{args.model}: no dataset recorded; pass --dataset")
     splits = load_dataset(dataset, seed=0)
