@@ -247,3 +247,14 @@ def test_stray_audit_config_is_ignored(tmp_path, monkeypatch):
     be = lambda xs: xs[0] * 2  # noqa: E731
     r = run_loadgen(be, data, s, tmp_path / "out", calibrate(be, data, s, budget_s=0.05))
     assert r["valid"] and r["params"]["min_query_count"] == 64 and r["params"]["min_duration (ms)"] == 100
+
+
+def test_relative_outdir_works_in_the_subprocess(tmp_path, monkeypatch):
+    # the worker runs with cwd set to the run folder, so a relative outdir must be resolved first
+    monkeypatch.chdir(tmp_path)
+    m = nn.Sequential(nn.Linear(16, 4))
+    s = BenchSettings(min_duration_s=0.1)
+    r = run(m, _tiny_data(64), scenarios="SingleStream", backend="torch", settings=s, outdir="rel/bench",
+            variant="v", accuracy=False)
+    assert r["scenarios"]["SingleStream"]["valid"]
+    assert (tmp_path / "rel" / "bench" / "v" / "result.json").is_file()

@@ -207,7 +207,7 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
     if psc is not None and psc > len(wl.samples):
         raise ValueError(f"performance_sample_count={psc} is larger than the dataset ({len(wl.samples)} samples)")
     variant = variant or f"{wl.name}_{backend}"
-    out = Path(outdir) / variant
+    out = (Path(outdir) / variant).resolve()  # the worker runs with cwd=out: relative paths would break
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
