@@ -121,7 +121,7 @@ def _summary(results: dict) -> str:
             lines.append(f"**failed**: `{res['error']}`")
             continue
         if res.get("markdown"):
-            lines.append(res["markdown"])
+            lines += [res["markdown"], ""]
         scalars = {k: v for k, v in res.items() if k not in ("markdown", "files") and not isinstance(v, (dict, list))}
         if scalars:
             lines += ["| key | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in scalars.items()]
