@@ -113,25 +113,9 @@ def _capture(model: nn.Module, layer: nn.Module, x: Tensor, batch: int, want: st
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int = 64) -> nn.Module:
     """Reset BatchNorm running statistics and re-estimate them (cumulative average) on inputs ``x``."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return model
-    modes = {m: m.training for m in model.modules()}
-    momenta = [b.momentum for b in bns]
-    try:
-        model.eval()
-        for b in bns:
-            b.reset_running_stats()
-            b.momentum = None
-            b.train()
-        for i in range(0, x.shape[0], batch_size):
-            model(x[i:i + batch_size])
-    finally:
-        for b, mo in zip(bns, momenta):
-            b.momentum = mo
-        for m, t in modes.items():
-            m.train(t)
-    return model
+    from thrifty.train.bn import reestimate_bn as _reestimate
+
+    return _reestimate(model, (x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)))
 
 
 def adaprune(model: nn.Module, data: Union[Dataset, Tensor], plan: Plan = NM(2, 4), *, steps: int = 200,

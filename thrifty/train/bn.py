@@ -14,17 +14,48 @@ Example:
 """
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from thrifty.train.augment import resize
 
-__all__ = ["recalibrate_bn", "bn_layers"]
+__all__ = ["recalibrate_bn", "reestimate_bn", "bn_layers"]
 
 
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Reset BN running statistics and re-estimate them as a cumulative average over ``batches``.
+
+    Only BatchNorm layers run in train mode; every other module stays in eval mode. Modes and momenta
+    are restored afterwards. The shared mechanism behind BN recalibration (Mix & Match) and the BN
+    re-estimation step of AdaPrune.
+    """
+    bns = [m for m in bn_layers(model) if m.track_running_stats]
+    if not bns:
+        return model
+    modes = {m: m.training for m in model.modules()}
+    momenta = [bn.momentum for bn in bns]
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average over the calibration batches
+            bn.train()
+        for x in batches:
+            model(x)
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        for m, mode in modes.items():
+            m.train(mode)
+    return model
 
 
 @torch.no_grad()
@@ -39,28 +70,16 @@ def recalibrate_bn(model: nn.Module, ds: Dataset, size: int | None = None, batch
     _check_dataset(ds, "BN calibration dataset")
     if batches < 1 or batch_size < 1:
         raise ValueError(f"recalibrate_bn: batches and batch_size must be >= 1, got {batches}, {batch_size}")
-    bns = bn_layers(model)
-    if not bns:
+    if not bn_layers(model):
         return model
-    modes = {m: m.training for m in model.modules()}
-    momenta = [bn.momentum for bn in bns]
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    try:
-        model.eval()
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative moving average over the calibration batches
-            bn.train()
-        order = torch.randperm(len(ds), generator=g)
+    order = torch.randperm(len(ds), generator=g)
+
+    def stream() -> Iterator[torch.Tensor]:
         for b in range(batches):
             idx = order[(torch.arange(batch_size) + b * batch_size) % len(ds)]
-            x, _ = collate(ds, idx.tolist())
-            x = x.to(device)
-            model(resize(x, size) if size is not None else x)
-    finally:
-        for bn, mom in zip(bns, momenta):
-            bn.momentum = mom
-        for m, mode in modes.items():
-            m.train(mode)
-    return model
+            x = collate(ds, idx.tolist())[0].to(device)
+            yield resize(x, size) if size is not None else x
+
+    return reestimate_bn(model, stream())
