@@ -69,6 +69,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -78,7 +79,63 @@ Method = Literal["mse", "mvue"]
 Tail = Literal["pad", "dense", "error"]
 METHODS = ("mse", "mvue")
 _TAILS = ("pad", "dense", "error")
+_NO_U = np.empty(0, dtype=np.float32)
 _FAST_PATHS = True  # tests switch this off to check the general path on the same cases
+# Compiled single-pass kernels (numba, thrifty.ops._mvue_kernel) for CPU tensors and the cases below;
+# tests switch this off to run the torch reference paths. They draw one seed from the generator and
+# hash it with each block's index instead of one torch.rand value per block.
+_KERNEL = True
+_KERNEL_MVUE = ((1, 2), (1, 3), (1, 4), (2, 4))
+_KERNEL_MAX_M = 4
+_kmod = None
+
+
+def _kernels():
+    """The numba kernel module, imported (and compiled or loaded from numba's cache) on first use."""
+    global _kmod, _KERNEL
+    if _kmod is None:
+        try:
+            from thrifty.ops import _mvue_kernel
+        except ImportError:  # pragma: no cover - numba is a dependency; fall back to torch without it
+            _KERNEL = False
+            return None
+        _kmod = _mvue_kernel
+    return _kmod
+
+
+def _use_kernel(x: Tensor, n: int, m: int, method: str) -> bool:
+    if not _KERNEL or x.device.type != "cpu":
+        return False
+    ok = (n, m) in _KERNEL_MVUE if method == "mvue" else m <= _KERNEL_MAX_M
+    return ok and _kernels() is not None
+
+
+def _kernel_call(x: Tensor, n: int, m: int, dim: int, tail: str, kind: str,
+                 u: Optional[Tensor] = None, seed: int = 0) -> Tensor:
+    """Run a compiled kernel on ``x`` grouped along ``dim`` (already normalised).
+
+    ``kind``: "mvue" (values, dtype of ``x``), "mse" (kept values, float32), "mask" (0/1, float32).
+    ``u`` (one float32 uniform per block, the torch path's layout) replaces the hashed uniforms.
+    """
+    shape = x.shape
+    length = shape[dim]
+    if length % m and tail == "error":
+        raise ValueError(f"size {length} along dim {dim} is not a multiple of m={m} (tail='error')")
+    pre = math.prod(shape[:dim])
+    post = math.prod(shape[dim + 1:])
+    xf = x.detach().float().contiguous()  # no copy for a contiguous float32 tensor
+    out = torch.empty_like(xf)
+    k = _kernels()
+    xv, ov = xf.view(-1).numpy(), out.view(-1).numpy()
+    uv = _NO_U if u is None else u.detach().float().contiguous().view(-1).numpy()
+    mode = {"mvue": k.MVUE, "mse": k.MSE_VALUES, "mask": k.MSE_MASK}[kind]
+    k.nm_kernel(xv, ov, pre, length, post, n, m, tail == "dense", mode, uv, seed)
+    return _to_dtype(out, x.dtype) if kind == "mvue" else out
+
+
+def _draw_seed(generator: Optional[torch.Generator]) -> int:
+    """One draw from ``generator`` (torch's global RNG when None) seeds the kernel's hashed uniforms."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
 def _check(x: Tensor, n: int, m: int, dim: int, tail: str) -> int:
@@ -154,6 +211,8 @@ def mse_mask(x: Tensor, n: int, m: int, dim: int = -1, tail: Tail = "pad") -> Te
     if x.numel() == 0:
         return torch.ones_like(x)
     x = x.detach()
+    if _use_kernel(x, n, m, "mse"):
+        return _kernel_call(x, n, m, d, tail, "mask").to(x.dtype)
     b, r = _blocks(x, m, d, tail)
     keep = _mse_small(b, n) if _FAST_PATHS and m <= 8 else None
     if keep is None:
@@ -176,6 +235,9 @@ def mse_nm(x: Tensor, n: int, m: int, dim: int = -1, tail: Tail = "pad") -> Tens
         >>> mse_nm(torch.tensor([3.0, -1.0, 0.5, -4.0]), 1, 2)
         tensor([ 3.,  0.,  0., -4.])
     """
+    d = _check(x, n, m, dim, tail)
+    if x.dtype == torch.float32 and x.numel() and _use_kernel(x, n, m, "mse"):
+        return _kernel_call(x, n, m, d, tail, "mse")  # one pass, no mask tensor
     mask = mse_mask(x, n, m, dim, tail)
     return (x.detach() * mask).add_(0.0)  # + 0 turns the -0.0 of dropped negatives into 0.0
 
@@ -230,6 +292,8 @@ def mvue_nm(
     d = _check(x, n, m, dim, tail)
     if x.numel() == 0:
         return x.clone()
+    if _use_kernel(x, n, m, "mvue"):
+        return _kernel_call(x, n, m, d, tail, "mvue", seed=_draw_seed(generator))
     b, r = _blocks(x, m, d, tail)
     u = torch.rand((b.shape[0], b.shape[1], 1, b.shape[3]), generator=generator, device=b.device)
     if _FAST_PATHS and (n == 1 or (n, m) == (2, 4)):
