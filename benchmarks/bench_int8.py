@@ -1,9 +1,11 @@
-"""Offline throughput, FP32 PyTorch vs FP32 / int8 ONNX Runtime, interleaved over several rounds.
+"""Offline throughput, FP32 PyTorch vs FP32 / int8 ONNX Runtime, interleaved over several rounds, plus accuracy.
 
 The machine is shared, so one measurement per variant is noisy; this alternates the variants (LoadGen Offline,
-each in its own subprocess, 2 workers x 1 thread) ``--rounds`` times and reports per-round ratios and their
-median. Models: resnet20 (digits32, batch 64) and MiniLM (sequence length 128, batch 64), int8 = the cached
-PTQ W8A8 models of experiments/bench.py (run that first).
+each in its own subprocess, 2 workers x 1 thread) ``--rounds`` times and reports per-round ratios, their minimum
+and median. Models: resnet20 (digits32, batch 64) and MiniLM (sequence length 128, batch 64), int8 = the cached
+PTQ W8A8 models of experiments/bench.py (run that first), exported once with ``export_onnx(calib=<the PTQ
+calibration set>)``. Accuracy of the exported int8 graph (ONNX Runtime) is measured in the same run next to the
+simulated (fake-quantized PyTorch) model and compared with results/ptq.json.
 
     python benchmarks/bench_int8.py --rounds 3     # writes results/bench_int8.{json,md}
 """
@@ -17,14 +19,61 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from thrifty.bench import BenchSettings, run  # noqa: E402
-from thrifty.bench.api import load_workload  # noqa: E402
+from thrifty.bench import BenchSettings, OrtBackend, TorchBackend, optimized_op_counts, run  # noqa: E402
+from thrifty.bench.api import calibration_data, load_workload  # noqa: E402
+from thrifty.bench.backends import INT8_KERNELS  # noqa: E402
+from thrifty.bench.export import export_onnx  # noqa: E402
 from thrifty.utils import atomic_write_text  # noqa: E402
+
+FLOAT_KERNELS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
+
+
+def _outputs(be, samples, bs: int = 64) -> np.ndarray:
+    n = len(samples)
+    return np.concatenate([np.asarray(be(samples.batch(range(i, min(i + bs, n))))).reshape(min(bs, n - i), -1)
+                           for i in range(0, n, bs)])
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def _accuracy(fam: str, wl, q, int8_path: Path) -> dict:
+    """Exported int8 (ONNX Runtime) vs simulated int8 (PyTorch fake quantization) vs FP32, on the same samples."""
+    fp = _outputs(TorchBackend(wl.model), wl.samples)
+    sim = _outputs(TorchBackend(q), wl.samples)
+    ort = _outputs(OrtBackend(int8_path, threads=2), wl.samples)
+    if fam == "resnet20":
+        y = wl.samples.labels
+        top1 = lambda o: float((o.argmax(1) == y).mean() * 100)  # noqa: E731
+        return {"metric": "top-1 %", "n": len(y), "fp32": top1(fp), "int8_simulated": top1(sim),
+                "int8_onnxruntime": top1(ort), "argmax_agreement_ort_vs_sim": float((ort.argmax(1) == sim.argmax(1)).mean())}
+    c_sim, c_ort = _cos(sim, fp), _cos(ort, fp)
+    return {"metric": "cosine to FP32 (mean)", "n": len(fp), "fp32": 1.0, "int8_simulated": float(c_sim.mean()),
+            "int8_onnxruntime": float(c_ort.mean()), "min_cos_simulated": float(c_sim.min()),
+            "min_cos_onnxruntime": float(c_ort.min()), "cos_ort_vs_sim": float(_cos(ort, sim).mean())}
+
+
+def _ptq_reference() -> dict:
+    """The PTQ experiment's W8A8 RTN (MSE) numbers (results/ptq.json), if it has been run."""
+    p = ROOT / "results" / "ptq.json"
+    if not p.is_file():
+        return {}
+    d = json.loads(p.read_text())
+    out = {}
+    r = next((r for r in d.get("resnet20", {}).get("rows", []) if r["precision"] == "W8A8" and "MSE" in r["method"]), None)
+    if r:
+        out["resnet20"] = {"value": r["acc"], "what": f"top-1 % (n={d['resnet20']['n_test']})"}
+    r = next((r for r in d.get("minilm", {}).get("rows", []) if r["precision"] == "W8A8"), None)
+    if r:
+        out["minilm"] = {"value": r["mean_cos"], "what": f"mean cosine to FP32 (n={d['minilm']['n_test']})"}
+    return out
 
 
 def main() -> int:
@@ -33,21 +82,34 @@ def main() -> int:
     ap.add_argument("--min-duration", type=float, default=2.0)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
     cache = ROOT / ".cache" / "thrifty" / "bench"
+    work = ROOT / "reports" / "bench_int8"
+    work.mkdir(parents=True, exist_ok=True)
     r20 = load_workload("resnet20")
     mini = load_workload("minilm", seq_len=128, max_samples=256)
     models = {"resnet20": (r20, torch.load(cache / "resnet20_w8a8_rtn.pt", weights_only=False)),
               "minilm": (mini, torch.load(cache / "minilm_w8a8_rtn.pt", weights_only=False))}
     s = BenchSettings(min_duration_s=args.min_duration, max_batch=64)
-    out: dict = {"rounds": args.rounds, "workers": s.n_workers(), "threads": s.threads, "results": {}}
-    t0 = time.perf_counter()
+    out: dict = {"rounds": args.rounds, "workers": s.n_workers(), "threads": s.threads, "results": {},
+                 "ptq_experiment": _ptq_reference()}
     for fam, (wl, q) in models.items():
+        ex = tuple(torch.from_numpy(a) for a in wl.samples.batch([0, 1]))
+        paths = {"fp32": export_onnx(wl.model, ex, work / f"{fam}_fp32.onnx", input_names=wl.input_names),
+                 "int8": export_onnx(q, ex, work / f"{fam}_int8.onnx", input_names=wl.input_names,
+                                     calib=calibration_data(wl))}
+        ops = optimized_op_counts(paths["int8"])
+        kern = {k: v for k, v in ops.items() if k in INT8_KERNELS}
+        kern["float Conv/MatMul/Gemm"] = sum(v for k, v in ops.items() if k in FLOAT_KERNELS)
+        acc = _accuracy(fam, wl, q, paths["int8"])
+        print(f"[{time.strftime('%H:%M:%S')}] {fam}: int8 kernels {kern}; accuracy {acc}", flush=True)
         rows: dict[str, list[float]] = {"fp32_torch": [], "fp32_ort": [], "int8_ort": []}
         for k in range(args.rounds):
-            for var, model, be in (("fp32_torch", wl.model, "torch"), ("fp32_ort", wl.model, "onnxruntime"),
-                                   ("int8_ort", q, "onnxruntime")):
+            for var, model, be in (("fp32_torch", wl.model, "torch"), ("fp32_ort", str(paths["fp32"]), "onnxruntime"),
+                                   ("int8_ort", str(paths["int8"]), "onnxruntime")):
                 r = run(model, wl.samples, scenarios=["Offline"], backend=be, settings=s, accuracy=False,
-                        reference=None, outdir=ROOT / "reports" / "bench_int8", variant=f"{fam}_{var}")
+                        reference=None, outdir=work, variant=f"{fam}_{var}")
                 o = r["scenarios"]["Offline"]
                 rows[var].append(o["value"] if o["valid"] else float("nan"))
                 print(f"[{time.strftime('%H:%M:%S')}] {fam} round {k} {var}: {o['value']:.1f} samples/s "
@@ -55,26 +117,49 @@ def main() -> int:
         ratio = [i / f for i, f in zip(rows["int8_ort"], rows["fp32_torch"])]
         ratio_ort = [i / f for i, f in zip(rows["int8_ort"], rows["fp32_ort"])]
         out["results"][fam] = {"samples_per_s": rows, "int8_ort_over_fp32_torch": ratio,
-                               "int8_ort_over_fp32_ort": ratio_ort,
+                               "int8_ort_over_fp32_ort": ratio_ort, "int8_kernels": kern, "accuracy": acc,
                                "median_int8_ort_over_fp32_torch": statistics.median(ratio),
+                               "min_int8_ort_over_fp32_torch": min(ratio),
                                "median_int8_ort_over_fp32_ort": statistics.median(ratio_ort)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    md = [f"# int8 ONNX Runtime vs FP32, Offline (LoadGen), {args.rounds} interleaved rounds", "",
-          f"{out['workers']} SUT workers x {out['threads']} thread, batch 64, min_duration {args.min_duration} s; "
-          f"resnet20 on digits32, MiniLM at sequence length 128. Shared 2-core machine: rounds differ.", "",
+    md = render(out, args.min_duration)
+    atomic_write_text(ROOT / "results" / "bench_int8.json", json.dumps(out, indent=1))
+    atomic_write_text(ROOT / "results" / "bench_int8.md", md)
+    print(md)
+    return 0
+
+
+def render(out: dict, min_duration: float) -> str:
+    f = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+    md = [f"# int8 ONNX Runtime vs FP32, Offline (LoadGen), {out['rounds']} interleaved rounds", "",
+          f"{out['workers']} SUT workers x {out['threads']} thread, batch 64, min_duration {min_duration} s; "
+          f"resnet20 on digits32, MiniLM at sequence length 128. int8 = thrifty PTQ W8A8 (RTN, MSE ranges) exported "
+          f"by `export_onnx(..., calib=<PTQ calibration set>)`: weights stored as int8 (u8s8 kernels), residual "
+          f"Adds integer. Shared 2-core machine: rounds differ.", "",
           "| model | FP32 PyTorch samples/s | FP32 ORT samples/s | int8 ORT samples/s | int8 ORT / FP32 PyTorch "
-          "(median) | int8 ORT / FP32 ORT (median) |", "|---|---|---|---|---|---|"]
+          "(min, median) | int8 ORT / FP32 ORT (median) |", "|---|---|---|---|---|---|"]
     for fam, r in out["results"].items():
-        f = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
         md.append(f"| {fam} | {f(r['samples_per_s']['fp32_torch'])} | {f(r['samples_per_s']['fp32_ort'])} | "
                   f"{f(r['samples_per_s']['int8_ort'])} | {f(r['int8_ort_over_fp32_torch'])} "
-                  f"(**{r['median_int8_ort_over_fp32_torch']:.2f}x**) | {f(r['int8_ort_over_fp32_ort'])} "
+                  f"(min **{r['min_int8_ort_over_fp32_torch']:.2f}x**, median "
+                  f"**{r['median_int8_ort_over_fp32_torch']:.2f}x**) | {f(r['int8_ort_over_fp32_ort'])} "
                   f"(**{r['median_int8_ort_over_fp32_ort']:.2f}x**) |")
+    md += ["", "Accuracy of the same int8 model, measured in this run (exported graph in ONNX Runtime vs the "
+               "simulated fake-quantized PyTorch model), and the PTQ experiment's number (results/ptq.json):", "",
+           "| model | metric | n | FP32 | int8 simulated | int8 ONNX Runtime (exported) | PTQ experiment W8A8 | "
+           "kernels ONNX Runtime runs (int8 graph) |", "|---|---|---|---|---|---|---|---|"]
+    for fam, r in out["results"].items():
+        a, p = r["accuracy"], out.get("ptq_experiment", {}).get(fam)
+        fmt = (lambda v: f"{v:.2f}") if fam == "resnet20" else (lambda v: f"{v:.5f}")
+        ptq = f"{fmt(p['value'])} ({p['what']})" if p else "-"
+        extra = ""
+        if "min_cos_onnxruntime" in a:
+            extra = f" (min {a['min_cos_simulated']:.4f} / {a['min_cos_onnxruntime']:.4f})"
+        ks = ", ".join(f"{k} {v}" for k, v in r["int8_kernels"].items())
+        md.append(f"| {fam} | {a['metric']} | {a['n']} | {fmt(a['fp32'])} | {fmt(a['int8_simulated'])} | "
+                  f"{fmt(a['int8_onnxruntime'])}{extra} | {ptq} | {ks} |")
     md += ["", f"Total {out['seconds']} s."]
-    atomic_write_text(ROOT / "results" / "bench_int8.json", json.dumps(out, indent=1))
-    atomic_write_text(ROOT / "results" / "bench_int8.md", "\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

@@ -162,6 +162,20 @@ def ptq_int8(model: nn.Module, calib: Any, pipeline: str = "rtn", w_bits: int = 
     return quantize(model, PTQ(w_bits=w_bits, a_bits=a_bits, pipeline=pipeline, **kw), calib, progress=False)
 
 
+def _auto_calib(calib: Any, wl: Workload) -> Any:
+    if not (isinstance(calib, str) and calib == "auto"):
+        return calib
+    from thrifty.bench.export import _activation_spec
+
+    if wl.model is None or _activation_spec(wl.model) is None:
+        return None  # nothing quantized: nothing to calibrate
+    if wl.samples.name in ("digits", "digits32", "mnist1d") or wl.samples.name.startswith("text"):
+        return calibration_data(wl)
+    log.info("thrifty.bench.run: no bundled calibration set for %r; pass calib= to make residual Adds integer "
+             "(exporting the simulated PTQ graph as is)", wl.samples.name)
+    return None
+
+
 def _reference(ref: Any, wl: Workload) -> Optional[np.ndarray]:
     from thrifty.bench.backends import TorchBackend
 
@@ -189,13 +203,15 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         settings: Optional[BenchSettings] = None, outdir: Union[str, os.PathLike] = "reports/bench",
         accuracy: bool = True, reference: Any = "auto", isolate: bool = True, seq_len: int = 128,
         max_samples: Optional[int] = None, variant: Optional[str] = None,
-        dynamic_length: bool = False) -> dict[str, Any]:
+        dynamic_length: bool = False, calib: Any = "auto") -> dict[str, Any]:
     """Benchmark ``model`` under LoadGen scenarios and return (and write ``outdir/result.json``) the results.
 
     ``backend="onnxruntime"`` exports the model (int8 QDQ where it holds thrifty quantizers) and runs ONNX
     Runtime; ``reference`` ("auto" = the given PyTorch model's own outputs, or a module/array) is what the
     accuracy run compares LoadGen's logged responses to. ``isolate`` runs the benchmark in a subprocess with
-    OMP/MKL thread counts set before torch is imported (threaded SUTs need it).
+    OMP/MKL thread counts set before torch is imported (threaded SUTs need it). ``calib``: calibration data for
+    the output quantizers an integer residual graph needs (see ``export_onnx``); "auto" = the bundled dataset's
+    PTQ calibration subset (:func:`calibration_data`), None = export exactly the simulated PTQ graph.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -229,7 +245,7 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
             shutil.copyfile(wl.onnx_path, path)
         else:
             ex = tuple(torch.from_numpy(a) for a in wl.samples.batch([0, 1]))
-            export_onnx(wl.model, ex, path, input_names=wl.input_names)
+            export_onnx(wl.model, ex, path, input_names=wl.input_names, calib=_auto_calib(calib, wl))
         job["model"] = str(path.resolve())
         artifact = path
     else:
@@ -253,6 +269,12 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         res = execute(job)
     res.update(variant=variant, model=wl.name, backend=backend, artifact_bytes=artifact.stat().st_size,
                dataset=wl.samples.name, isolated=isolate)
+    if backend == "onnxruntime":
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(artifact), load_external_data=False).metadata_props}
+        if "thrifty.int8" in meta:
+            res["int8_export"] = json.loads(meta["thrifty.int8"])
     if note:
         res["isolation_note"] = note
     if ref is not None:  # the reference model's own metrics (e.g. the simulated-quantized accuracy)

@@ -25,7 +25,7 @@ def bench_stage(ctx: DemoContext) -> dict:
     rows = []
     for var, model, backend in (("fp32_torch", ctx.model, "torch"), ("int8_onnxruntime", q, "onnxruntime")):
         rows.append(run(model, samples, scenarios=["SingleStream", "Offline"], backend=backend, settings=s,
-                        outdir=out, variant=var))
+                        outdir=out, variant=var, calib=calib))
     plots = plot_results(rows, out)
     res: dict = {}
     for r in rows:

@@ -1,0 +1,100 @@
+"""Integer residual graphs: every quantized Conv of a ResNet becomes QLinearConv and every residual Add
+QLinearAdd, with the new output quantizers calibrated like thrifty's PTQ calibrates activations."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from thrifty.bench import OrtBackend, TorchBackend, export_onnx, optimized_op_counts
+from thrifty.bench.int8_graph import residual_points
+from thrifty.core import apply
+from thrifty.models import create
+from thrifty.quant import QuantConfig, UniformQuantizer, calibrate_inputs
+
+
+@pytest.fixture(scope="module")
+def tiny_resnet():
+    torch.manual_seed(0)
+    m = create("resnet20", in_chans=1, num_classes=10, width=4).eval()
+    with torch.no_grad():  # non-trivial BN statistics (random init has mean 0, var 1)
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.3, 0.3)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    calib = torch.rand(32, 1, 8, 8)
+    q = apply(__import__("copy").deepcopy(m), QuantConfig(w_bits=8, a_bits=8, w_estimator="minmax",
+                                                          a_estimator="minmax"))
+    calibrate_inputs(q, calib)
+    return m, q, calib
+
+
+def _ort(path, x, level: str = "all") -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level == "all"
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input_0": x})[0]
+
+
+def test_resnet_becomes_integer_end_to_end(tmp_path, tiny_resnet):
+    m, q, calib = tiny_resnet
+    x = torch.rand(16, 1, 8, 8)
+    plain = export_onnx(q, (x[:2],), tmp_path / "plain.onnx")
+    path = export_onnx(q, (x[:2],), tmp_path / "int8.onnx", calib=calib)
+    ops = optimized_op_counts(path)
+    # 19 convs, 9 residual Adds: all integer; no float Conv left (only the tiny Gemm head and the mean pool)
+    assert ops.get("QLinearConv") == 19 and ops.get("QLinearAdd") == 9, ops
+    assert not ops.get("Conv") and not ops.get("FusedConv"), ops
+    plain_ops = optimized_op_counts(plain)
+    assert plain_ops.get("QLinearConv", 0) < 19 and not plain_ops.get("QLinearAdd"), plain_ops
+    meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["thrifty.int8"])
+    assert meta["residual_adds"] == 9 and meta["shared"] == 9 and len(meta["new_quantizers"]) == 10
+    # integer kernels compute what the QDQ graph says (the same graph without any ORT fusion)
+    xn = x.numpy()
+    fused, ref = _ort(path, xn), _ort(path, xn, level="none")
+    err = np.abs(fused - ref) / np.abs(ref).max()  # rare 1-LSB rounding flips propagate through 19 layers
+    assert err.max() <= 0.05 and err.mean() <= 0.005, (err.max(), err.mean())
+    # and stays close to the simulated PTQ model (the new quantizers add 8-bit rounding of the residual sums)
+    sim = TorchBackend(q)((xn,))
+    assert np.abs(fused - sim).max() <= 0.1 * np.abs(sim).max()
+    np.testing.assert_allclose(OrtBackend(plain, threads=1)((xn,)), sim, atol=0.02 * np.abs(sim).max())
+
+
+def test_new_quantizers_are_calibrated_like_ptq(tmp_path, tiny_resnet):
+    _, q, calib = tiny_resnet
+    path = export_onnx(q, (calib[:2],), tmp_path / "int8.onnx", calib=calib)
+    newq = json.loads(onnx.load(str(path)).metadata_props[0].value)["new_quantizers"]
+    # the Conv+BN outputs feeding residual Adds: observe the same tensors in the simulated model
+    names = {k: k.split("/")[2] + "." + k.split("/")[3] for k in newq if "/bn2/" in k}
+    assert len(names) == 9, list(newq)
+    mods = dict(q.named_modules())
+    got = {}
+    hooks = [mods[f"{mod}"].register_forward_hook(
+        lambda _m, _a, o, k=k: got.setdefault(k, UniformQuantizer(8, estimator="minmax").calibrate()).observe(o))
+        for k, mod in ((k, v.replace(".bn2", "") + ".bn2") for k, v in names.items())]
+    with torch.no_grad():
+        for i in range(0, len(calib), 32):  # the PTQ's calibration batches (as_batches: 32)
+            q(calib[i:i + 32])
+    for h in hooks:
+        h.remove()
+    for k, uq in got.items():
+        uq.freeze()
+        assert newq[k]["scale"] == pytest.approx(float(uq.scale), rel=1e-4)
+        assert newq[k]["zero_point"] == int(uq.zero_point)
+
+
+def test_fp_model_and_mlp_are_untouched(tmp_path, tiny_resnet):
+    m, _, calib = tiny_resnet
+    p = export_onnx(m, (calib[:2],), tmp_path / "fp.onnx", calib=calib)  # nothing quantized: no residual pass
+    g = onnx.load(str(p)).graph
+    assert not any(n.op_type == "QuantizeLinear" for n in g.node)
+    adds, points = residual_points(g)
+    assert adds == [] and points == []
