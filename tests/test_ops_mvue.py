@@ -55,11 +55,14 @@ def test_pattern_at_most_n_per_block(n, m, method):
             assert torch.equal(y[kept], x[kept])
 
 
-@pytest.mark.parametrize("n,m,fast", [(1, 2, True), (2, 4, True), (1, 4, True), (3, 4, False), (2, 4, False),
-                                      (1, 2, False)])
-def test_mvue_unbiased_within_3_standard_errors(n, m, fast, monkeypatch):
-    """All adversarial blocks side by side, 10^5 independent draws of each (fixed seed); fast and general paths."""
-    monkeypatch.setattr(mvue_mod, "_FAST_PATHS", fast)
+@pytest.mark.parametrize("n,m,path", [(1, 2, "kernel"), (2, 4, "kernel"), (1, 4, "kernel"), (1, 2, "fast"),
+                                      (2, 4, "fast"), (1, 4, "fast"), (3, 4, "general"), (2, 4, "general"),
+                                      (1, 2, "general")])
+def test_mvue_unbiased_within_3_standard_errors(n, m, path, monkeypatch):
+    """All adversarial blocks side by side, 10^5 independent draws of each (fixed seed): the compiled
+    kernel, the torch fast paths and the torch general path."""
+    monkeypatch.setattr(mvue_mod, "_KERNEL", path == "kernel")
+    monkeypatch.setattr(mvue_mod, "_FAST_PATHS", path != "general")
     x = torch.tensor(list(ADVERSARIAL.values())).reshape(1, -1).repeat(R, 1)
     y = mvue_nm(x, n, m, generator=_gen(n * 10 + m)).double()
     mean, target = y.mean(0), x[0].double()

@@ -108,7 +108,9 @@ def _mvue_block(a0, a1, a2, a3, n, u):
     half = (mx + rest) * _HALF
     d24 = rest if mx > rest else half  # one element above S/2: keep it, 1:3 MVUE on the rest
     d = tot if n == 1 else d24
-    ok = np.isfinite(tot) if n == 1 else np.isfinite(half)
+    # tot, not half: NaN propagates through + but not through max/min (the torch path's check is
+    # per block on the sum of magnitudes)
+    ok = np.isfinite(tot)
     nf = np.float32(n)
     o0, cum, q = _keep_value(a0, m0, d, _F0, _F0, nf, u)  # the first is kept when its q (0 or 1) is > 0
     o1, cum, q = _keep_value(a1, m1, d, cum, q, nf, u)
@@ -229,7 +231,7 @@ def nm_kernel(x, out, pre, length, post, n, m, dense_tail, mode, u, seed):
                 _row4(x[base:e1], x[e1:e2], x[e2:e3], x[e3:e4], out[base:e1], out[e1:e2], out[e2:e3],
                       out[e3:e4], mode, n, useed, bidx)
                 continue
-            if fast and cnt == 2 and post >= _ROW_MIN:
+            if fast and cnt == 2 and m == 2 and post >= _ROW_MIN:  # (not a 2-element tail of a 4-block)
                 e1, e2 = base + post, base + 2 * post
                 _row2(x[base:e1], x[e1:e2], out[base:e1], out[e1:e2], mode, n, useed, bidx)
                 continue
