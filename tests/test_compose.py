@@ -106,8 +106,9 @@ def _grad_streams_by_hand(dy: torch.Tensor, rng: torch.Tensor, seed: int,
     draws once on the 8-bit stream for dX, then once on the 16-bit stream for dW: no discarded draws.
     """
     torch.set_rng_state(rng)
-    gx = _q_minmax(dy, 8, axis=0, rounding="stochastic")
-    gw = _q_minmax(dy, 16, axis=0)
+    # Train8 draws its stochastic-rounding key from the global RNG (counter-based uniforms, one read of dY)
+    gx, gw = Q.fake_quantize_minmax(dy, 8, axis=0, rounding="stochastic", also_bits=16)
+    torch.testing.assert_close(gw, _q_minmax(dy, 16, axis=0), rtol=0, atol=0)
     gen = torch.Generator().manual_seed(seed)
     dx_stream = nm_prune(gx, 2, 4, "mvue", in_dim, gen)
     dw_stream = nm_prune(gw, 2, 4, "mvue", 0, gen)
@@ -122,7 +123,7 @@ def test_four_slots_in_one_linear_and_one_conv_forward_and_backward_match_pure_o
     assert isinstance(conv, GemmConv2d) and isinstance(lin, GemmLinear)
     for layer in (conv, lin):
         kinds = [type(t).__name__ for t in layer.slots.weight]
-        assert kinds == ["UniformQuantizer", "NMMask"]
+        assert kinds == ["ActQuant", "NMMask"]
         assert [type(t) for t in layer.slots.grad_output] == [GradQuant, GradNMTransform]
         assert layer.slots.input is not None and layer.slots.accumulator is not None
         layer.add("grad_output", _Record())

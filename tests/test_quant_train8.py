@@ -58,9 +58,9 @@ def test_train8_routes_8bit_dy_to_input_grad_and_16bit_to_weight_grad():
     dy = torch.randn(4, 5)
     y.backward(dy)
     wq = layer.effective_weight()
-    xq = fake_quantize_minmax(x.detach(), 8, None, "nearest")
-    g8 = fake_quantize_minmax(dy, 8, 0, "nearest")
-    g16 = fake_quantize_minmax(dy, 16, 0, "nearest")
+    xq = fake_quantize_minmax(x.detach(), 8)
+    g8 = fake_quantize_minmax(dy, 8, axis=0)
+    g16 = fake_quantize_minmax(dy, 16, axis=0)
     assert torch.allclose(x.grad, g8 @ wq, atol=1e-6)
     assert torch.allclose(layer.weight.grad, g16.t() @ xq, atol=1e-5)
     assert torch.allclose(layer.bias.grad, g16.sum(0), atol=1e-6)
@@ -112,7 +112,7 @@ def test_config_validation_and_yaml():
     with pytest.raises(TypeError):
         prepare_train8(nn.Linear(2, 2), core.to_dict(cfg))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="NaN"):
-        fake_quantize_minmax(torch.tensor([1.0, float("nan")]), 8, None, "nearest")
+        fake_quantize_minmax(torch.tensor([1.0, float("nan")]), 8)
     layer = wrap(nn.Linear(2, 2))
     with pytest.raises(TypeError):
         layer.add("grad_output", ActQuant(8))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Literal, NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,7 +36,8 @@ from thrifty.ops import ste
 
 __all__ = [
     "EPS", "Rounding", "check_bits", "qrange", "round_ste", "stochastic_round", "qparams_from_range",
-    "fake_quantize", "fake_quantize_ste", "fake_quantize_tensor", "QuantizedTensor", "quantize_int", "dequantize",
+    "fake_quantize", "fake_quantize_ste", "fake_quantize_tensor", "fake_quantize_minmax", "QuantizedTensor",
+    "quantize_int", "dequantize",
     "minmax_range", "sample_minmax_range", "ema_range", "percentile_range", "mse_range", "estimate_range",
     "quant_error",
 ]
@@ -192,6 +194,83 @@ def fake_quantize_tensor(x: Tensor, bits: int, *, symmetric: bool = False, axis:
         s, zp = s.to(x.device), zp.to(x.device)
     f = fake_quantize_ste if straight_through else fake_quantize
     return f(x, s, zp, bits, symmetric=symmetric, axis=axis, rounding=rounding, generator=generator)
+
+
+def fake_quantize_minmax(x: Tensor, bits: int, *, axis: Optional[int] = None, rounding: Rounding = "nearest",
+                         generator: Optional[torch.Generator] = None,
+                         also_bits: Optional[int] = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Asymmetric min/max fake quantization in one pass (no gradient): the fast path of dynamic quantization.
+
+    Per tensor, or per index of ``axis`` (e.g. per sample of a gradient). ``rounding="nearest"`` gives exactly
+    ``fake_quantize(x, *qparams_from_range(min, max, bits), bits, axis=axis)``. ``rounding="stochastic"``
+    draws its uniforms from a counter-based hash keyed by one draw of ``generator`` (or torch's global RNG),
+    not from ``torch.rand``: unbiased and reproducible, but not the same draws as :func:`fake_quantize`.
+    ``also_bits`` also returns the nearest-rounded ``also_bits`` quantization on the same range, computed from
+    the same read of ``x`` (8-bit training's bifurcation). On CPU float32 with ``axis`` None or 0 this runs
+    numba kernels (single-threaded); elsewhere the equivalent torch ops (:mod:`thrifty.ops._qkernels`).
+    NaN/Inf inputs raise ValueError. Example:
+        >>> fake_quantize_minmax(torch.tensor([0.0, 0.3, 1.0]), 2).tolist()
+        [0.0, 0.3333333432674408, 1.0]
+    """
+    from thrifty.ops import _qkernels as K
+
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"fake_quantize_minmax expects a floating-point torch.Tensor, got {type(x).__name__}")
+    check_bits(bits)
+    if also_bits is not None:
+        check_bits(also_bits, "also_bits")
+    _check_rounding(rounding)
+    if x.numel() == 0:
+        raise ValueError("cannot estimate a quantization range from an empty tensor")
+    with torch.no_grad():
+        x = x.detach()
+        ax = None if axis is None else _norm_axis(axis, x.dim())
+        rows = x.reshape(1, -1) if ax is None else x.movedim(ax, 0).reshape(x.shape[ax], -1)
+        lo, hi = rows.amin(1), rows.amax(1)  # NaN propagates into the range: no separate isnan pass
+        key = int(torch.randint(0, 2**32, (1,), generator=generator)) if rounding == "stochastic" else 0
+        qmax, qmax2 = 2**bits - 1, (2**also_bits - 1 if also_bits is not None else 0)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and (ax is None or ax == 0):
+            rows = rows.contiguous()
+            out = torch.empty_like(rows)
+            out2 = torch.empty_like(rows) if also_bits is not None else rows.new_empty((0, 0))
+            nearest, stochastic = K.kernels()
+            a, l, h, o = rows.numpy(), lo.numpy(), hi.numpy(), out.numpy()
+            if rounding == "stochastic":
+                ok = stochastic(a, l, h, np.float32(qmax), key, o, np.float32(qmax2), out2.numpy())
+            else:
+                ok = nearest(a, l, h, np.float32(qmax), o)
+                if ok and also_bits is not None:
+                    nearest(a, l, h, np.float32(qmax2), out2.numpy())
+            if not ok:
+                raise ValueError("cannot quantize: input contains NaN or Inf")
+        else:
+            out, out2 = _fake_quantize_minmax_torch(rows, lo, hi, bits, rounding, key, also_bits)
+
+        def back(t: Tensor) -> Tensor:
+            t = t.reshape(x.shape if ax is None else x.movedim(ax, 0).shape)
+            return t if ax is None else t.movedim(0, ax)
+
+        return back(out) if also_bits is None else (back(out), back(out2))
+
+
+def _fake_quantize_minmax_torch(rows: Tensor, lo: Tensor, hi: Tensor, bits: int, rounding: Rounding, key: int,
+                                also_bits: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
+    """Reference of the kernels on (rows, n) ``rows``: the same values from torch ops (any device/dtype)."""
+    from thrifty.ops import _qkernels as K
+
+    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+        raise ValueError("cannot quantize: input contains NaN or Inf")
+    s, zp = qparams_from_range(lo, hi, bits)
+    s, zp = s.to(rows.device, rows.dtype)[:, None], zp.to(rows.device, rows.dtype)[:, None]
+    t = rows / s
+    if rounding == "nearest":
+        t = torch.round(t)
+    else:
+        t = torch.floor(t + K.hash_uniform(rows.numel(), key, rows.device).reshape(rows.shape).to(rows.dtype))
+    out = (torch.clamp(t + zp, 0, 2**bits - 1) - zp) * s
+    if also_bits is None:
+        return out, None
+    return out, _fake_quantize_minmax_torch(rows, lo, hi, also_bits, "nearest", 0, None)[0]
 
 
 class QuantizedTensor(NamedTuple):

@@ -2,8 +2,8 @@
 
 Every selected GEMM gets
 
-* ``weight`` and ``input`` slots: 8-bit GEMMLOWP-style quantizers (:class:`thrifty.quant.UniformQuantizer`,
-  per-tensor asymmetric min/max, dynamic range, straight-through gradient);
+* ``weight`` and ``input`` slots: 8-bit GEMMLOWP-style quantizers (:class:`ActQuant`: per-tensor asymmetric
+  min/max, dynamic range, straight-through gradient; the values of :class:`thrifty.quant.UniformQuantizer`);
 * ``grad_output`` slot: :class:`GradQuant`, which quantizes the neural gradient dY with *stochastic rounding*
   (unbiased: ``E[q(dy)] = dy``) and returns two streams: the 8-bit dY for the input-gradient GEMM
   (dX = dY W) and, with *bifurcation*, a higher-precision (16-bit by default, or float32) dY for the
@@ -33,9 +33,9 @@ from thrifty.core import Config, Filter, apply, register_config, register_handle
 from thrifty.nn.gemm import GradTransform
 from thrifty.nn.rangebn import _RangeBatchNorm, convert_to_range_bn
 from thrifty.ops import quant as Q
-from thrifty.quant.quantizer import UniformQuantizer
+from thrifty.ops.quant import fake_quantize_minmax
 
-__all__ = ["Train8", "GradQuant", "ActQuant", "minmax", "fake_quantize_minmax", "prepare_train8", "convert_to_batchnorm"]
+__all__ = ["Train8", "GradQuant", "ActQuant", "fake_quantize_minmax", "prepare_train8", "convert_to_batchnorm"]
 
 
 @register_config
@@ -73,7 +73,9 @@ class Train8(Config):
 class GradQuant(GradTransform):
     """Quantize dY: ``(q_{grad_bits}(dy), q_{wgrad_bits}(dy) or dy)`` with bifurcation, else ``(q(dy), q(dy))``.
 
-    Example:
+    Both streams come from one range computation and one read of dY (:func:`thrifty.ops.quant.fake_quantize_minmax`
+    with ``also_bits``); the 16-bit stream rounds to nearest (stochastic rounding buys nothing measurable at
+    2^-16 of the range). Example:
         >>> gx, gw = GradQuant(8, wgrad_bits=None)(torch.randn(4, 3))
         >>> (gx.shape, gw.shape)
         (torch.Size([4, 3]), torch.Size([4, 3]))
@@ -85,6 +87,7 @@ class GradQuant(GradTransform):
         self.grad_bits = Q.check_bits(grad_bits, "grad_bits")
         if wgrad_bits is not None:
             Q.check_bits(wgrad_bits, "wgrad_bits")
+        Q._check_rounding(rounding)
         self.bifurcation, self.wgrad_bits, self.rounding, self.per_sample = bifurcation, wgrad_bits, rounding, per_sample
 
     def extra_repr(self) -> str:
@@ -93,21 +96,25 @@ class GradQuant(GradTransform):
 
     def forward(self, dy: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         axis = 0 if (self.per_sample and dy.dim() > 1) else None
-        rng = minmax(dy, axis)  # shared by both streams
-        gx = fake_quantize_minmax(dy, self.grad_bits, axis, self.rounding, rng)
+        also = self.wgrad_bits if self.bifurcation else None
+        try:
+            q = fake_quantize_minmax(dy, self.grad_bits, axis=axis, rounding=self.rounding, also_bits=also)
+        except ValueError as e:
+            raise ValueError(f"8-bit training: the gradient to quantize contains NaN or Inf (training diverged?): "
+                             f"{e}") from None
         if not self.bifurcation:
-            return gx, gx
+            return q, q  # type: ignore[return-value]
         if self.wgrad_bits is None:
-            return gx, dy
-        # 16-bit: stochastic rounding buys nothing measurable at 2^-16 of the range and costs a random draw
-        return gx, fake_quantize_minmax(dy, self.wgrad_bits, axis, "nearest", rng)
+            return q, dy  # type: ignore[return-value]
+        return q  # type: ignore[return-value]
 
 
 class ActQuant(nn.Module):
-    """Per-tensor (or per-channel) min/max fake quantizer with a straight-through gradient, for training.
+    """Per-tensor (or per-channel along ``axis``) min/max fake quantizer with a straight-through gradient.
 
-    The same math as :class:`thrifty.quant.UniformQuantizer` in dynamic mode, with the range taken in
-    one min and one max pass (8-bit training quantizes every activation at every step, so passes matter).
+    The same values as :class:`thrifty.quant.UniformQuantizer` in dynamic min/max mode (asymmetric, nearest)
+    through the one-pass :func:`thrifty.ops.quant.fake_quantize_minmax`: 8-bit training quantizes every weight
+    and activation at every step, so passes matter. Used for the weight and input slots.
     """
 
     def __init__(self, bits: int = 8, axis: Optional[int] = None) -> None:
@@ -118,8 +125,12 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}, axis={self.axis}"
 
     def forward(self, x: Tensor) -> Tensor:
-        q = fake_quantize_minmax(x.detach(), self.bits, self.axis, "nearest")
-        return _StraightThrough.apply(x, q) if x.requires_grad else q
+        try:
+            q = fake_quantize_minmax(x, self.bits, axis=self.axis)
+        except ValueError as e:
+            raise ValueError(f"8-bit training: a tensor to quantize contains NaN or Inf (training diverged?): "
+                             f"{e}") from None
+        return _StraightThrough.apply(x, q) if x.requires_grad else q  # type: ignore[return-value]
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -134,36 +145,9 @@ class _StraightThrough(torch.autograd.Function):
         return g, None
 
 
-def minmax(x: Tensor, axis: Optional[int]) -> tuple[Tensor, Tensor]:
-    """Min and max of ``x`` (per index of ``axis``); ValueError if either is NaN/Inf."""
-    with torch.no_grad():
-        if axis is None:
-            lo, hi = x.min(), x.max()
-        else:  # separate amin/amax: much faster than aminmax(dim=) on CPU
-            flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
-            lo, hi = flat.amin(1), flat.amax(1)
-        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
-            raise ValueError("8-bit training: a tensor to quantize contains NaN or Inf (training diverged?)")
-    return lo, hi
-
-
-def fake_quantize_minmax(x: Tensor, bits: int, axis: Optional[int], rounding: Q.Rounding,
-                         rng: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
-    """Asymmetric min/max fake quantization (no gradient) with :mod:`thrifty.ops.quant` parameters and rounding.
-
-    ``rng``: a precomputed :func:`minmax` of ``x``. Example:
-        >>> fake_quantize_minmax(torch.tensor([0.0, 0.3, 1.0]), 2, None, "nearest").tolist()
-        [0.0, 0.3333333432674408, 1.0]
-    """
-    lo, hi = minmax(x, axis) if rng is None else rng
-    with torch.no_grad():
-        s, zp = Q.qparams_from_range(lo, hi, bits)
-        return Q.fake_quantize(x, s.to(x.device), zp.to(x.device), bits, axis=axis, rounding=rounding)
-
-
 @register_handler(Train8)
 def _handle(layer: nn.Module, name: str, cfg: Train8) -> None:
-    layer.add("weight", UniformQuantizer(cfg.bits, per_channel=cfg.weight_per_channel, axis=0))
+    layer.add("weight", ActQuant(cfg.bits, axis=0 if cfg.weight_per_channel else None))
     if cfg.act_bits is not None:
         layer.add("input", ActQuant(cfg.act_bits))
     layer.add("grad_output", GradQuant(cfg.grad_bits, cfg.bifurcation, cfg.wgrad_bits, cfg.grad_rounding,

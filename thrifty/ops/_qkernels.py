@@ -1,0 +1,139 @@
+"""One-pass min/max fake quantization kernels (numba) and their pure-torch reference.
+
+Used by :func:`thrifty.ops.quant.fake_quantize_minmax`. Input: a float32 matrix ``x`` of shape (rows, n) (one row
+per tensor or per channel/sample) and the row ranges ``lo``/``hi``. Each kernel validates the ranges, computes the
+asymmetric parameters exactly as :func:`thrifty.ops.quant.qparams_from_range` does (same float32 operations in the
+same order) and writes ``(clamp(round(x / s) + zp, 0, qmax) - zp) * s`` in one pass over ``x``. Every step is a
+correctly rounded IEEE float32 operation (no fast-math, no contraction to FMA), so the values are bit-identical to
+the torch ops; tests check it.
+
+Stochastic rounding draws ``u`` from a counter-based hash instead of a stored random tensor:
+``u_i = (h(i * 0x9E3779B9 + key) >> 8) * 2^-24`` with ``h`` Wellons' "lowbias32" 32-bit integer hash and ``i`` the
+element's flat index, so ``u`` takes the same 2^24 values as ``torch.rand`` does for float32. ``key`` is one 32-bit
+draw from the torch generator per call, which keeps results reproducible under ``torch.manual_seed``.
+:func:`hash_uniform` is the torch reference of the draws.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+from torch import Tensor
+
+_M32 = 0xFFFFFFFF
+_WEYL, _H1, _H2 = 0x9E3779B9, 0x21F0AAAD, 0x735A2D97
+EPS32 = np.float32(1e-8)  # thrifty.ops.quant.EPS as float32 (torch.clamp casts the scalar the same way)
+
+
+# ------------------------------------------------------------------------------------------ torch reference
+def _mulmod32(a: Tensor, c: int) -> Tensor:
+    """``a * c mod 2^32`` for int64 ``a`` in [0, 2^32) without int64 overflow (two 16-bit halves of ``c``)."""
+    return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def hash_uniform(n: int, key: int, device=None) -> Tensor:
+    """The ``n`` uniform draws in [0, 1) (float32, multiples of 2^-24) the stochastic kernels use for ``key``.
+
+    Example:
+        >>> u = hash_uniform(1000, key=7)
+        >>> bool((u >= 0).all() and (u < 1).all()), round(float(u.mean()), 1)
+        (True, 0.5)
+    """
+    h = (_mulmod32(torch.arange(n, dtype=torch.int64, device=device) & _M32, _WEYL) + key) & _M32
+    h = h ^ (h >> 16)
+    h = _mulmod32(h, _H1)
+    h = h ^ (h >> 15)
+    h = _mulmod32(h, _H2)
+    h = h ^ (h >> 15)
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+# -------------------------------------------------------------------------------------------- numba kernels
+@njit(cache=True, inline="always")
+def qparams(lo, hi, qmax):
+    # qparams_from_range: lo <= 0 <= hi, scale = max((hi - lo) / qmax, EPS), zp = clamp(rint(0 - lo / s))
+    if lo > 0:
+        lo = np.float32(0.0)
+    if hi < 0:
+        hi = np.float32(0.0)
+    s = (hi - lo) / qmax
+    if s < EPS32:
+        s = EPS32
+    z = np.rint(np.float32(0.0) - lo / s)
+    if z < 0:
+        z = np.float32(0.0)
+    if z > qmax:
+        z = qmax
+    return s, z
+
+
+@njit(cache=True)
+def ranges_ok(lo, hi):
+    for r in range(lo.shape[0]):
+        if not (np.isfinite(lo[r]) and np.isfinite(hi[r])):
+            return False
+    return True
+
+
+@njit(cache=True)
+def nearest(x, lo, hi, qmax, out):
+    if not ranges_ok(lo, hi):
+        return False
+    rows, n = x.shape
+    for r in range(rows):
+        s, z = qparams(lo[r], hi[r], qmax)
+        for i in range(n):
+            t = np.rint(x[r, i] / s) + z
+            if t < 0:
+                t = np.float32(0.0)
+            if t > qmax:
+                t = qmax
+            out[r, i] = (t - z) * s
+    return True
+
+
+@njit(cache=True, inline="always")
+def uniform(i, key):
+    h = (np.uint64(i) * np.uint64(_WEYL) + key) & np.uint64(_M32)
+    h ^= h >> np.uint64(16)
+    h = (h * np.uint64(_H1)) & np.uint64(_M32)
+    h ^= h >> np.uint64(15)
+    h = (h * np.uint64(_H2)) & np.uint64(_M32)
+    h ^= h >> np.uint64(15)
+    return np.float32(h >> np.uint64(8)) * np.float32(2.0**-24)
+
+
+@njit(cache=True)
+def stochastic(x, lo, hi, qmax, key, out, qmax2, out2):
+    # out: stochastic rounding to [0, qmax]; out2 (if it has rows): nearest rounding to [0, qmax2] on the
+    # grid of the same range (bifurcation: the 8-bit and the 16-bit gradient from one read of dY)
+    if not ranges_ok(lo, hi):
+        return False
+    rows, n = x.shape
+    two = out2.shape[0] == rows
+    k = np.uint64(key)
+    for r in range(rows):
+        s, z = qparams(lo[r], hi[r], qmax)
+        base = r * n
+        for i in range(n):
+            t = np.floor(x[r, i] / s + uniform(base + i, k)) + z
+            if t < 0:
+                t = np.float32(0.0)
+            if t > qmax:
+                t = qmax
+            out[r, i] = (t - z) * s
+        if two:
+            s2, z2 = qparams(lo[r], hi[r], qmax2)
+            for i in range(n):
+                t = np.rint(x[r, i] / s2) + z2
+                if t < 0:
+                    t = np.float32(0.0)
+                if t > qmax2:
+                    t = qmax2
+                out2[r, i] = (t - z2) * s2
+    return True
+
+
+def kernels():
+    """``(nearest, stochastic)``: the compiled kernels (numba compiles, or loads its cache, on first call)."""
+    return nearest, stochastic
