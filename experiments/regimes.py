@@ -1,17 +1,19 @@
-"""Training regimes on resnet20 / digits32: batch augmentation and mixed-size training (Mix & Match).
+"""Training regimes: batch augmentation (part a) and mixed-size training, Mix & Match (part b).
 
-Part A (batch augmentation): the baseline (standard augmentation, m=1) vs BatchAugment m=2,4,8 with the
-same learning-rate schedule and the same number of steps; reports final accuracy and the first evaluated
-step at which each run reaches the baseline's final test accuracy. A no-augmentation run is listed too.
-Part B (mixed size): the m=1 model trained at 32x32 ("fixed") vs MixedSize B+ and D+ models (default
-schedule 16/24/32/48 with p .2/.3/.3/.2, same steps), evaluated at test sizes 16..48 with and without BN
-recalibration, with forward FLOPs per image at each size.
+Part a (batch augmentation, experiments/regimes_batch_aug.py): resnet20/digits32 and mlp/mnist1d, m=1 (the
+baseline, same augmentation) vs m=2,4,8 with the same lr schedule and number of steps, 3 seeds, curves averaged
+over seeds; steps each run needs to reach the baseline's final accuracy (see that file for the protocol).
+Part b (mixed size, resnet20/digits32): a model trained at 32x32 ("fixed-32", plain augmentation, 150 steps of
+batch 32) vs MixedSize B+ and D+ models (default schedule 16/24/32/48 with p .2/.3/.3/.2, same steps),
+evaluated at test sizes 16..48 with and without BN recalibration, with forward FLOPs per image at each size.
 
-    python experiments/regimes.py --quick    # CI-sized, about a minute: results/regimes_quick.{json,md}
-    python experiments/regimes.py            # full (~15 CPU-minutes): results/regimes.{json,md} + plots
+    python experiments/regimes.py --quick          # CI-sized, about a minute: results/regimes_quick.{json,md}
+    python experiments/regimes.py                  # full (~20 CPU-minutes): results/regimes.{json,md} + plots
+    python experiments/regimes.py --parts a        # rerun one part; the other part's section is kept from the
+                                                   # existing results/regimes.json (its own command is recorded)
 
-Small data: 1258 training and 539 test images (one test image = 0.19 points), one seed by default
-(--seeds 0 1 for more); read differences of a few tenths of a point as noise.
+Small data: digits32 has 1258 training and 539 test images (one test image = 0.19 points); read
+differences of a few tenths of a point as noise.
 """
 from __future__ import annotations
 
@@ -32,7 +34,11 @@ from thrifty.data import load_dataset
 from thrifty.models import create
 from thrifty.train import (BatchAugment, MixedSize, TrainConfig, evaluate, fit, model_kwargs_for, recalibrate_bn,
                            recipe)
+
 from thrifty.utils import atomic_write_text, seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import regimes_batch_aug as ba  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,56 +79,25 @@ def train_one(name: str, regime, splits, kwargs, cfg, seed: int, log: dict) -> n
     return model
 
 
-def steps_to_reach(curve: list, target: float) -> int | None:
-    return next((s for s, a in curve if a >= target - 1e-12), None)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--out", default=str(ROOT / "results"))
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
-    ap.add_argument("--steps", type=int, default=None, help="override the number of training steps")
-    ap.add_argument("--parts", default="ab", help="a = batch augmentation, b = mixed size (b needs a's m=1 model)")
-    ap.add_argument("--tag", default="", help="suffix for the results files, e.g. _steps60")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    q = args.quick
-    t_start = time.perf_counter()
+def part_b(q: bool, seeds: list[int], steps: int | None) -> dict:
+    """Mixed size: fixed-32 (plain augmentation) vs B+ and D+, test sizes 16..48, with/without BN recalibration."""
     splits = load_dataset("digits32", seed=0)
     extra, base_cfg = recipe("resnet20", "digits32")
     kwargs = model_kwargs_for("resnet20", splits.input_shape, splits.num_classes, **extra)
     if q:  # CI-sized smoke run: few steps, small batches, a slice of the test set
         splits = dataclasses.replace(splits, test=TensorDataset(*(t[:160] for t in splits.test.tensors)))
-    # full: 150 steps at batch 32 (about 4 epochs; lr scaled linearly from the recipe's 0.1 at batch 64) keeps
-    # m=8 affordable on a shared 2-core machine
-    steps = args.steps or (20 if q else 150)
+    # 150 steps at batch 32 (about 4 epochs; lr scaled linearly from the recipe's 0.1 at batch 64)
+    steps = steps or (20 if q else 150)
     cfg = TrainConfig(**{**{k: v for k, v in to_dict(base_cfg).items() if k != "kind"},
                          "steps": steps, "batch_size": 16 if q else 32, "lr": 0.05, "eval_steps": 10})
-    ms = [1, 2] if q else [1, 2, 4, 8]
     sizes = [16, 24, 32] if q else [16, 20, 24, 28, 32, 40, 48]
     calib = 3 if q else 20
-
-    runs: dict[str, dict] = {}
-    ba_rows, ms_rows = [], []
-    for seed in args.seeds:
-        cfg_s = TrainConfig(**{**{k: v for k, v in to_dict(cfg).items() if k != "kind"}, "seed": seed})
+    rows, runs = [], {}
+    for seed in seeds:
+        print(f"[regimes] part b: mixed size, seed {seed}", file=sys.stderr)
+        cfg_s = dataclasses.replace(cfg, seed=seed)
         log: dict[str, dict] = {}
-        print(f"[regimes] part A: batch augmentation, {steps} steps, seed {seed}", file=sys.stderr)
-        if not q:
-            train_one("no-aug", None, splits, kwargs, cfg_s, seed, log)
-        models = {m: train_one(f"m={m}", BatchAugment(m=m), splits, kwargs, cfg_s, seed, log) for m in ms}
-        base_final = log["m=1"]["final_acc"]
-        for name, r in log.items():
-            ba_rows.append({"seed": seed, "run": name, "final_acc": r["final_acc"],
-                            "steps_to_baseline": steps_to_reach(r["curve"], base_final), "total_steps": steps,
-                            "train_seconds": r["train_seconds"]})
-        if "b" not in args.parts:
-            runs[str(seed)] = log
-            continue
-        print(f"[regimes] part B: mixed size, seed {seed}", file=sys.stderr)
-        mixed = {"fixed-32": models[1]}
+        mixed = {"fixed-32": train_one("fixed-32", BatchAugment(m=1), splits, kwargs, cfg_s, seed, log)}
         for mode in ("B+", "D+"):
             mixed[mode] = train_one(mode, MixedSize(mode=mode, seed=seed), splits, kwargs, cfg_s, seed, log)
         for name, model in mixed.items():
@@ -130,22 +105,63 @@ def main(argv: list[str] | None = None) -> int:
                 plain = evaluate(model, splits.test, size=s)["acc"]
                 cal = evaluate(recalibrate_bn(copy.deepcopy(model), splits.train, size=s, batches=calib), splits.test,
                                size=s)["acc"]
-                ms_rows.append({"seed": seed, "model": name, "size": s, "acc": plain, "acc_bn_calibrated": cal,
-                                "mflops": flops_per_image(model, s) / 1e6})
+                rows.append({"seed": seed, "model": name, "size": s, "acc": plain, "acc_bn_calibrated": cal,
+                             "mflops": flops_per_image(model, s) / 1e6})
         runs[str(seed)] = log
+    return {"seeds": seeds, "train_config": to_dict(cfg), "rows": rows, "runs": runs, "test_images": len(splits.test)}
 
-    cmd = " ".join(["python", "experiments/regimes.py"] + (sys.argv[1:] if argv is None else list(argv)))
-    res = {"mode": "quick" if q else "full", "command": cmd,
-           "seeds": args.seeds, "train_config": to_dict(cfg), "batch_augment": ba_rows, "mixed_size": ms_rows,
-           "runs": runs, "test_images": len(splits.test), "threads": torch.get_num_threads(),
-           "seconds": round(time.perf_counter() - t_start, 1)}
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="part a: default 0 1 2 (0 with --quick); part b: default 0")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    ap.add_argument("--steps", type=int, default=None, help="part b: override the number of training steps")
+    ap.add_argument("--parts", default="ab", help="a = batch augmentation, b = mixed size")
+    ap.add_argument("--tag", default="", help="suffix for the results files, e.g. _steps60")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    q = args.quick
     out = Path(args.out)
     stem = ("regimes_quick" if q else "regimes") + args.tag
+    cmd = " ".join(["python", "experiments/regimes.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    old_path = out / f"{stem}.json"
+    res = json.loads(old_path.read_text()) if old_path.exists() else {}
+    res = _drop_legacy(res)
+    res.update({"mode": "quick" if q else "full", "threads": torch.get_num_threads()})
+    parts_done = {k for k, c in (("batch_augment", "a"), ("mixed_size", "b")) if c in args.parts}
+    if "a" in args.parts:
+        t0 = time.perf_counter()
+        seeds = args.seeds or ([0] if q else [0, 1, 2])
+        results = []
+        for task in ba.tasks(q):
+            print(f"[regimes] part a: batch augmentation, {task.name}, seeds {seeds}", file=sys.stderr)
+            r = ba.run_task(task, seeds, progress=sys.stderr.isatty())
+            r["summary"] = ba.summarize(r)
+            results.append(r)
+        res["batch_augment"] = {"command": cmd, "seconds": round(time.perf_counter() - t0, 1), "tasks": results}
+    if "b" in args.parts:
+        t0 = time.perf_counter()
+        res["mixed_size"] = {"command": cmd, **part_b(q, args.seeds or [0], args.steps),
+                             "seconds": round(time.perf_counter() - t0, 1)}
+    # re-read before writing: `--parts a` and `--parts b` may run at the same time as separate processes
+    latest = _drop_legacy(json.loads(old_path.read_text())) if old_path.exists() else {}
+    res = {**latest, **res, **{k: latest[k] for k in ("batch_augment", "mixed_size")
+                               if k in latest and k not in parts_done}}
     atomic_write_text(out / f"{stem}.json", json.dumps(res, indent=1))
     atomic_write_text(out / f"{stem}.md", markdown(res, stem))
     plots(res, out, stem)
     print(markdown(res, stem))
     return 0
+
+
+def _drop_legacy(res: dict) -> dict:
+    """Keep only this layout's keys; files from the older single-seed layout (one top-level run log, a list of
+    batch-augmentation rows) are not comparable, so their parts are dropped rather than mixed in."""
+    res = {k: v for k, v in res.items() if k in ("mode", "threads", "batch_augment", "mixed_size")}
+    return {k: v for k, v in res.items() if k in ("mode", "threads") or isinstance(v, dict)}
 
 
 def _mean(xs):
@@ -154,50 +170,41 @@ def _mean(xs):
 
 
 def markdown(res: dict, stem: str) -> str:
-    seeds = res["seeds"]
-    L = [f"# Training regimes on resnet20 / digits32 ({res['mode']}, seeds {seeds})", "",
-         f"`{res['command']}` - {res['seconds']:.0f} s on {res['threads']} threads. Same schedule and number of "
-         f"steps ({res['train_config']['steps']}, batch {res['train_config']['batch_size']} per step before "
-         f"duplication) for every run; {res.get('test_images', 539)} test images, so one image = "
-         f"{100 / res.get('test_images', 539):.2f} points.", "",
-         "## Batch augmentation", "",
-         "| run | final test acc (%) | steps to reach the m=1 final acc | fraction of steps | train s |",
-         "|---|---|---|---|---|"]
-    runs = sorted({r["run"] for r in res["batch_augment"]}, key=lambda n: (n != "no-aug", len(n), n))
-    for name in runs:
-        rows = [r for r in res["batch_augment"] if r["run"] == name]
-        acc = _mean([r["final_acc"] for r in rows])
-        st = [r["steps_to_baseline"] for r in rows]
-        st_txt = "/".join("never" if s is None else str(s) for s in st)
-        frac = _mean([s / r["total_steps"] if s is not None else None for s, r in zip(st, rows)])
-        L.append(f"| {name} | {100 * acc:.2f} | {st_txt} | {'-' if frac is None else f'{frac:.2f}'} | "
-                 f"{_mean([r['train_seconds'] for r in rows]):.0f} |")
-    L += ["", "Steps are measured on an evaluation grid of every 10 steps.", ""]
-    if not res["mixed_size"]:
-        return "\n".join(L + [f"![batch augmentation]({stem}_batch_aug.png)", ""])
+    L = [f"# Training regimes ({res['mode']})", ""]
+    a, b = res.get("batch_augment"), res.get("mixed_size")
+    if a and isinstance(a, dict):
+        L += [f"`{a['command']}` (part a) - {a['seconds']:.0f} s on {res['threads']} thread(s).", ""]
+        L += ba.markdown(a["tasks"])
+        L += [f"![batch augmentation]({stem}_batch_aug.png)", ""]
+    if not b or not isinstance(b, dict) or not b.get("rows"):
+        return "\n".join(L)
+    tc = b["train_config"]
     L += ["## Mixed size (Mix & Match)", "",
-          "Test accuracy (%) at each test size; `+BN` = BN statistics recalibrated at that size "
-          "(cumulative average over training batches).", ""]
-    models = list(dict.fromkeys(r["model"] for r in res["mixed_size"]))
-    sizes = sorted({r["size"] for r in res["mixed_size"]})
+          f"`{b['command']}` (part b) - {b['seconds']:.0f} s; resnet20 / digits32, seeds {b['seeds']}, "
+          f"{tc['steps']} steps of batch {tc['batch_size']} (before B+/D+ rescaling), lr {tc['lr']} "
+          f"{tc['schedule']}; {b['test_images']} test images. Test accuracy (%) at each test size; `+BN` = BN "
+          "statistics recalibrated at that size (cumulative average over training batches).", ""]
+    ms = b["rows"]
+    models = list(dict.fromkeys(r["model"] for r in ms))
+    sizes = sorted({r["size"] for r in ms})
     L.append("| size | MFLOPs/img | " + " | ".join(f"{m} | {m} +BN" for m in models) + " |")
     L.append("|---|---|" + "---|---|" * len(models))
     for s in sizes:
         cells = []
         for m in models:
-            rows = [r for r in res["mixed_size"] if r["model"] == m and r["size"] == s]
+            rows = [r for r in ms if r["model"] == m and r["size"] == s]
             cells += [f"{100 * _mean([r['acc'] for r in rows]):.2f}",
                       f"{100 * _mean([r['acc_bn_calibrated'] for r in rows]):.2f}"]
-        mf = next(r["mflops"] for r in res["mixed_size"] if r["size"] == s)
+        mf = next(r["mflops"] for r in ms if r["size"] == s)
         L.append(f"| {s} | {mf:.1f} | " + " | ".join(cells) + " |")
     L += ["", "Drop from size 32 to size 24 (points, best of plain/+BN at each size):", ""]
     for m in models:
         def best(s):
-            rows = [r for r in res["mixed_size"] if r["model"] == m and r["size"] == s]
+            rows = [r for r in ms if r["model"] == m and r["size"] == s]
             return 100 * max(_mean([r["acc"] for r in rows]), _mean([r["acc_bn_calibrated"] for r in rows]))
         if 24 in sizes and 32 in sizes:
             L.append(f"- {m}: {best(32):.2f} -> {best(24):.2f} ({best(24) - best(32):+.2f})")
-    L += ["", f"![batch augmentation]({stem}_batch_aug.png) ![mixed size]({stem}_mixed_size.png)", ""]
+    L += ["", f"![mixed size]({stem}_mixed_size.png)", ""]
     return "\n".join(L)
 
 
@@ -207,21 +214,13 @@ def plots(res: dict, out: Path, stem: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seed = str(res["seeds"][0])
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, r in res["runs"][seed].items():
-        if name.startswith("m=") or name == "no-aug":
-            ax.plot([s for s, _ in r["curve"]], [100 * a for _, a in r["curve"]], marker=".", label=name)
-    base = res["runs"][seed]["m=1"]["final_acc"]
-    ax.axhline(100 * base, color="gray", ls=":", label="m=1 final")
-    ax.set(xlabel="step", ylabel="test accuracy (%)", ylim=(max(0, 100 * base - 15), 100.5),
-           title=f"batch augmentation (seed {seed})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / f"{stem}_batch_aug.png", dpi=110)
-    plt.close(fig)
-
-    rows = [r for r in res["mixed_size"] if str(r["seed"]) == seed]
+    if isinstance(res.get("batch_augment"), dict):
+        ba.plot(res["batch_augment"]["tasks"], out / f"{stem}_batch_aug.png")
+    b = res.get("mixed_size")
+    if not b or not isinstance(b, dict) or not b.get("rows"):
+        return
+    seed = b["seeds"][0]
+    rows = [r for r in b["rows"] if r["seed"] == seed]
     if not rows:
         return
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))

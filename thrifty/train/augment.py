@@ -1,12 +1,17 @@
-"""Batched image augmentations in torch: every sample of an (N, C, H, W) batch gets its own random draw.
+"""Batched augmentations in torch: every sample of a batch gets its own random draw.
 
-Randomness comes from torch's global RNG (the training loop reseeds it per step and rank). The defaults
-suit the bundled digits (no horizontal flip: a flipped 2 or 7 is not a digit).
+Images (N, C, H, W): `augment` with an `AugmentConfig` (affine, random crop, flip, cutout). 1-D signals
+(N, L) or (N, C, L), e.g. MNIST-1D: `augment_signal` with a `SignalAugmentConfig` (circular shift, amplitude
+scale, linear shear, noise, cutout of a segment), mirroring the transformations MNIST-1D is generated with.
+Randomness comes from torch's global RNG (the training loop reseeds it per step and rank). The image
+defaults suit the bundled digits (no horizontal flip: a flipped 2 or 7 is not a digit).
 
 Example:
     >>> x = torch.randn(8, 1, 32, 32)
     >>> augment(x, AugmentConfig(crop_padding=4, cutout=8)).shape
     torch.Size([8, 1, 32, 32])
+    >>> augment_signal(torch.randn(8, 40), SignalAugmentConfig(shift=4, cutout=6)).shape
+    torch.Size([8, 40])
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ import torch.nn.functional as F
 
 from thrifty.core import Config, register_config
 
-__all__ = ["AugmentConfig", "augment", "random_crop", "hflip", "random_affine", "cutout", "resize"]
+__all__ = ["AugmentConfig", "augment", "random_crop", "hflip", "random_affine", "cutout", "resize",
+           "SignalAugmentConfig", "augment_signal"]
 
 
 @register_config
@@ -83,17 +89,21 @@ def random_affine(x: torch.Tensor, degrees: float = 10.0, translate: float = 0.0
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def _window(n: int, length: int, size: int) -> torch.Tensor:
+    """(n, length) bool masks of one ``size``-long window per row, centred anywhere (it may cross the ends)."""
+    start = torch.randint(0, length, (n,)) - size // 2
+    pos = torch.arange(length)[None, :] - start[:, None]
+    return (pos >= 0) & (pos < size)
+
+
 def cutout(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero one random ``size`` x ``size`` square per sample (the square may cross the border)."""
+    """Zero one random ``size`` x ``size`` square per sample (centred anywhere, so it may cross the border)."""
     _check(x)
     if size == 0:
         return x
     n, _, h, w = x.shape
-    cy, cx = torch.randint(0, h, (n,)), torch.randint(0, w, (n,))
-    ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]
-    my = ((ys - cy[:, None]).abs() <= size // 2)[:, :, None]
-    mx = ((xs - cx[:, None]).abs() <= size // 2)[:, None, :]
-    return x * ~(my & mx)[:, None]
+    m = _window(n, h, size)[:, :, None] & _window(n, w, size)[:, None, :]
+    return x * ~m[:, None]
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
@@ -113,3 +123,48 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if tuple(x.shape[-2:]) == (size, size):
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+@register_config
+@dataclass(frozen=True)
+class SignalAugmentConfig(Config):
+    """What `augment_signal` applies to 1-D signals, in this order: shift, scale, shear, noise, cutout.
+
+    ``shift``: circular shift by up to +-shift samples (MNIST-1D's generator translates circularly);
+    ``scale``: amplitude factor range; ``shear``: add a ramp ``c * linspace(-0.5, 0.5)`` with c uniform in
+    +-shear; ``noise``: std of added Gaussian noise; ``cutout``: length of one zeroed segment."""
+
+    shift: int = 4
+    scale: tuple[float, float] = (0.9, 1.1)
+    shear: float = 0.0
+    noise: float = 0.0
+    cutout: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shift < 0 or self.shear < 0 or self.noise < 0 or self.cutout < 0:
+            raise ValueError(f"SignalAugmentConfig: invalid values {self}")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"SignalAugmentConfig.scale must be (min, max) with 0 < min <= max, got {self.scale}")
+
+
+def augment_signal(x: torch.Tensor, cfg: SignalAugmentConfig = SignalAugmentConfig()) -> torch.Tensor:
+    """Augment a batch of 1-D signals (N, L) or (N, C, L); each sample draws its own randomness."""
+    if x.dim() not in (2, 3):
+        raise ValueError(f"augment_signal expects signals (N, L) or (N, C, L), got shape {tuple(x.shape)}")
+    flat = x.dim() == 2
+    x = x[:, None] if flat else x
+    n, _, length = x.shape
+    if cfg.shift:
+        k = torch.randint(-cfg.shift, cfg.shift + 1, (n,))
+        idx = (torch.arange(length)[None, :] - k[:, None]) % length  # out[i] = x[i - k]: roll right by k
+        x = torch.gather(x, 2, idx[:, None, :].expand_as(x))
+    if cfg.scale != (1.0, 1.0):
+        x = x * (cfg.scale[0] + torch.rand(n) * (cfg.scale[1] - cfg.scale[0])).to(x.dtype)[:, None, None]
+    if cfg.shear:
+        c = ((torch.rand(n) * 2 - 1) * cfg.shear).to(x.dtype)
+        x = x + c[:, None, None] * torch.linspace(-0.5, 0.5, length, dtype=x.dtype)
+    if cfg.noise:
+        x = x + cfg.noise * torch.randn(x.shape, dtype=x.dtype)
+    if cfg.cutout:
+        x = x * ~_window(n, length, cfg.cutout)[:, None, :]
+    return x[:, 0] if flat else x

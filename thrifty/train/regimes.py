@@ -1,7 +1,8 @@
 """Training regimes for the one loop: batch augmentation and mixed-size training (Mix & Match).
 
 - ``BatchAugment(m)``: each batch of B samples becomes m differently augmented copies (m*B samples), same
-  learning rate and number of steps (Hoffer et al., "Augment your batch"). Under DDP each process
+  learning rate and number of steps (Hoffer et al., "Augment your batch"); images or 1-D signals. Under DDP
+  each process
   augments its own shard, so the global batch is m * B * world.
 - ``MixedSize(schedule, mode)``: every step trains at one image size drawn from the schedule; work per step
   stays about constant through a larger batch for small images (``"B+"``) or more augmented duplicates of
@@ -19,13 +20,14 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, Union
 
 import torch
 
-from thrifty.train.augment import AugmentConfig, augment, resize
+from thrifty.train.augment import AugmentConfig, SignalAugmentConfig, augment, augment_signal, resize
 from thrifty.train.regime import Regime
 
 __all__ = ["BatchAugment", "MixedSize", "SizeSchedule", "default_schedule"]
@@ -36,25 +38,55 @@ def _check_augment(x: torch.Tensor, who: str) -> None:
         raise ValueError(f"{who} needs image batches (N, C, H, W); got inputs of shape {tuple(x.shape)}")
 
 
+AnyAugmentConfig = Union[AugmentConfig, SignalAugmentConfig]
+
+
 class BatchAugment(Regime):
     """m differently augmented copies of every sample per batch; ``m=1`` is plain augmentation.
 
+    Works on images (N, C, H, W) with an `AugmentConfig` and on 1-D signals (N, L) / (N, C, L) with a
+    `SignalAugmentConfig`; ``augment_cfg=None`` picks the default config for whatever the data is.
+    The learning rate and the number of steps are the loop's, unchanged: only the batch grows to m*B.
+
     ``grad_norm_adapt=True`` multiplies the gradient by sqrt(m) before the optimizer step: averaging over m
     correlated copies shrinks the gradient's noise part, and this keeps the step size of the m=1 run
-    (square-root scaling for an m-times larger batch). Off by default (the paper's main setting)."""
+    (square-root scaling for an m-times larger batch). Off by default (the paper's main setting).
 
-    def __init__(self, m: int = 4, augment_cfg: AugmentConfig = AugmentConfig(), grad_norm_adapt: bool = False):
+    Example:
+        >>> x, y = torch.randn(3, 40), torch.tensor([0, 1, 2])
+        >>> xa, ya = BatchAugment(m=2).batch(x, y, step=0)
+        >>> xa.shape, ya.tolist()
+        (torch.Size([6, 40]), [0, 1, 2, 0, 1, 2])
+    """
+
+    def __init__(self, m: int = 4, augment_cfg: AnyAugmentConfig | None = None, grad_norm_adapt: bool = False):
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"BatchAugment: m must be an integer >= 1, got {m!r}")
+        if augment_cfg is not None and not isinstance(augment_cfg, (AugmentConfig, SignalAugmentConfig)):
+            raise TypeError(f"BatchAugment: augment_cfg must be an AugmentConfig or SignalAugmentConfig, "
+                            f"got {type(augment_cfg).__name__}")
         self.m, self.augment_cfg, self.grad_norm_adapt = m, augment_cfg, grad_norm_adapt
 
+    def _cfg_for(self, x: torch.Tensor) -> AnyAugmentConfig:
+        cfg = self.augment_cfg
+        if cfg is None:
+            cfg = AugmentConfig() if x.dim() == 4 else SignalAugmentConfig()
+        if isinstance(cfg, AugmentConfig):
+            _check_augment(x, "BatchAugment with an AugmentConfig")
+        elif x.dim() not in (2, 3):
+            raise ValueError(f"BatchAugment with a SignalAugmentConfig needs signal batches (N, L) or (N, C, L); "
+                             f"got inputs of shape {tuple(x.shape)}")
+        return cfg
+
     def setup(self, model: Any, train_ds: Any, cfg: Any) -> None:
-        _check_augment(train_ds[0][0].unsqueeze(0), "BatchAugment")
+        self._cfg_for(train_ds[0][0].unsqueeze(0))
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_augment(x, "BatchAugment")
+        cfg = self._cfg_for(x)
         # copy k of sample i sits at k * B + i: labels repeat batch-wise, matching x.repeat
-        return augment(x.repeat(self.m, 1, 1, 1), self.augment_cfg), y.repeat(self.m)
+        xs = x.repeat(self.m, *([1] * (x.dim() - 1)))
+        xs = augment(xs, cfg) if isinstance(cfg, AugmentConfig) else augment_signal(xs, cfg)
+        return xs, y.repeat(self.m)
 
     def before_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
         if self.grad_norm_adapt and self.m > 1:
@@ -63,7 +95,9 @@ class BatchAugment(Regime):
                     p.grad.mul_(math.sqrt(self.m))
 
     def describe(self) -> dict[str, Any]:
-        return {"regime": "BatchAugment", "m": self.m, "grad_norm_adapt": self.grad_norm_adapt}
+        aug = None if self.augment_cfg is None else {"kind": type(self.augment_cfg).__name__,
+                                                      **dataclasses.asdict(self.augment_cfg)}
+        return {"regime": "BatchAugment", "m": self.m, "grad_norm_adapt": self.grad_norm_adapt, "augment": aug}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,226 @@
+"""Batch augmentation (Hoffer et al., "Augment your batch"): part A of experiments/regimes.py.
+
+Claim tested: with m augmented copies of every sample per batch, the same learning rate schedule and the same
+number of steps, a model reaches the m=1 baseline's final accuracy in fewer steps (target: m=4 in <= 0.6x).
+
+Protocol (fixed before any m > 1 run; the budgets were chosen from m=1 pilot curves only, so that the baseline
+is still far from the task's ceiling at its last step):
+- Every run of a task shares the model, data, optimizer, lr schedule (cosine to 0 at the last step), number of
+  steps, batch of B distinct samples per step (the same samples at every step for every m: the data order is
+  a function of the seed only) and augmentation; only m changes. m=1 with the same augmentation is the
+  baseline; "no-aug" (no augmentation) is listed for reference.
+- Seeds 0, 1, 2 (initialisation, data order, augmentation draws); test accuracy on the whole test set every
+  1% of the budget; curves are averaged over seeds.
+- Baseline final accuracy = seed-mean m=1 accuracy at the last step. Steps to reach it = first evaluated
+  step where a run's seed-mean curve is >= it (fraction = that step / total steps). As a check against
+  last-point noise the same is reported with the mean of the baseline's last 3 evaluations as the target,
+  and per seed (each seed's run against that seed's own baseline).
+
+Tasks: resnet20 on digits32 (1258 train / 539 test images; 100 steps of batch 32, about 2.5 epochs, with
+crop+rotate+scale+cutout) and an MLP on MNIST-1D (4000 / 1000 signals, 2000 steps of batch 64 with circular
+shift + amplitude scaling), where m=4 with the optional sqrt(m) gradient-norm adaptation is also run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from thrifty.core import to_dict
+from thrifty.data import load_dataset
+from thrifty.models import create
+from thrifty.train import TrainConfig, fit, model_kwargs_for
+from thrifty.train.augment import AugmentConfig, SignalAugmentConfig
+from thrifty.train.regimes import BatchAugment
+from thrifty.utils import seed_everything
+
+LAST_K = 3  # evaluations averaged for the alternative "final accuracy" target
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    dataset: str
+    model: str
+    model_kwargs: dict
+    train: TrainConfig
+    augment: Any
+    ms: tuple[int, ...] = (1, 2, 4, 8)
+    extra: tuple[str, ...] = ("no-aug",)  # also "m=4+gna": m=4 with sqrt(m) gradient-norm adaptation
+    test_limit: int | None = None
+    notes: dict = field(default_factory=dict)
+
+
+def tasks(quick: bool) -> list[Task]:
+    sgd = dict(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine")
+    if quick:  # CI-sized: a few steps, m in {1, 2}, one seed; checks the plumbing, shows nothing
+        return [Task("resnet20 / digits32", "digits32", "resnet20", {},
+                     TrainConfig(steps=20, batch_size=16, lr=0.05, eval_steps=5, **sgd),
+                     AugmentConfig(crop_padding=4, rotate=10.0, scale=(0.9, 1.1), cutout=8), (1, 2), (),
+                     test_limit=160),
+                Task("mlp / mnist1d", "mnist1d", "mlp", {"hidden": (256, 256)},
+                     TrainConfig(steps=100, batch_size=64, lr=0.05, eval_steps=10, **sgd),
+                     SignalAugmentConfig(shift=4, scale=(0.8, 1.2)), (1, 2), ("m=2+gna",))]
+    return [Task("resnet20 / digits32", "digits32", "resnet20", {},
+                 TrainConfig(steps=100, batch_size=32, lr=0.05, eval_steps=5, **sgd),
+                 AugmentConfig(crop_padding=4, rotate=10.0, scale=(0.9, 1.1), cutout=8)),
+            Task("mlp / mnist1d", "mnist1d", "mlp", {"hidden": (256, 256)},
+                 TrainConfig(steps=2000, batch_size=64, lr=0.05, eval_steps=20, **sgd),
+                 SignalAugmentConfig(shift=4, scale=(0.8, 1.2)), extra=("no-aug", "m=4+gna"))]
+
+
+def _regime(run: str, task: Task):
+    if run == "no-aug":
+        return None
+    m, _, gna = run[2:].partition("+")
+    return BatchAugment(m=int(m), augment_cfg=task.augment, grad_norm_adapt=gna == "gna")
+
+
+def run_task(task: Task, seeds: list[int], progress: bool = False) -> dict:
+    """Train every run of ``task`` for every seed; returns raw curves (step, test acc) and times."""
+    splits = load_dataset(task.dataset, seed=0)
+    test = splits.test
+    if task.test_limit:
+        test = TensorDataset(*(t[:task.test_limit] for t in test.tensors))
+    kwargs = model_kwargs_for(task.model, splits.input_shape, splits.num_classes, **task.model_kwargs)
+    runs = ["no-aug"] * ("no-aug" in task.extra) + [f"m={m}" for m in task.ms] + [e for e in task.extra
+                                                                                  if e != "no-aug"]
+    raw: dict[str, dict[str, Any]] = {r: {} for r in runs}
+    for seed in seeds:
+        cfg = dataclasses.replace(task.train, seed=seed)
+        for run in runs:
+            seed_everything(seed)
+            model = create(task.model, **kwargs)
+            t0 = time.perf_counter()
+            hist = fit(model, splits.train, test, cfg, regime=_regime(run, task), progress=progress)
+            secs = time.perf_counter() - t0
+            raw[run][str(seed)] = {"curve": [[r["step"], r["test_acc"]] for r in hist.records],
+                                   "seconds": round(secs, 1)}
+            print(f"  [{task.name}] {run:>8s} seed {seed}: final {100 * hist.final['test_acc']:.2f}% ({secs:.0f} s)",
+                  file=sys.stderr, flush=True)
+    return {"task": task.name, "dataset": task.dataset, "model": task.model, "model_kwargs": kwargs,
+            "train_config": to_dict(task.train), "augment": {"kind": type(task.augment).__name__,
+                                                            **dataclasses.asdict(task.augment)},
+            "seeds": seeds, "test_images": len(test), "raw": raw}
+
+
+def first_reach(curve: list, target: float) -> int | None:
+    return next((s for s, a in curve if a >= target - 1e-12), None)
+
+
+def _std(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def summarize(res: dict) -> dict:
+    """Seed-mean curves, the baseline's final accuracy and the steps each run needs to reach it."""
+    seeds = [str(s) for s in res["seeds"]]
+    total = res["train_config"]["steps"]
+    mean_curve = {}
+    for run, per in res["raw"].items():
+        steps = [s for s, _ in per[seeds[0]]["curve"]]
+        mean_curve[run] = [[s, statistics.fmean(per[k]["curve"][i][1] for k in seeds)] for i, s in enumerate(steps)]
+    base = mean_curve["m=1"]
+    target = base[-1][1]
+    target_k = statistics.fmean(a for _, a in base[-LAST_K:])
+    noaug = mean_curve["no-aug"][-1][1] if "no-aug" in mean_curve else None
+    rows = []
+    for run, per in res["raw"].items():
+        finals = [per[k]["curve"][-1][1] for k in seeds]
+        diffs = [per[k]["curve"][-1][1] - res["raw"]["m=1"][k]["curve"][-1][1] for k in seeds]
+        st, st_k = first_reach(mean_curve[run], target), first_reach(mean_curve[run], target_k)
+        per_seed = [first_reach(per[k]["curve"], res["raw"]["m=1"][k]["curve"][-1][1]) for k in seeds]
+        rows.append({"run": run, "final_mean": statistics.fmean(finals), "final_std": _std(finals),
+                     "diff_vs_m1_mean": statistics.fmean(diffs), "diff_vs_m1_std": _std(diffs),
+                     "steps_to_baseline": st, "fraction": None if st is None else st / total,
+                     "steps_to_baseline_last3": st_k, "fraction_last3": None if st_k is None else st_k / total,
+                     "steps_to_baseline_per_seed": per_seed,
+                     "steps_to_noaug_final": None if noaug is None else first_reach(mean_curve[run], noaug),
+                     "seconds_mean": statistics.fmean(per[k]["seconds"] for k in seeds)})
+    return {"baseline_final": target, "baseline_final_last3": target_k, "noaug_final": noaug,
+            "mean_curves": mean_curve, "rows": rows, "total_steps": total}
+
+
+def _f(x: float | None, nd: int = 2) -> str:
+    return "never" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(results: list[dict], target_fraction: float = 0.6) -> list[str]:
+    L = ["## Batch augmentation", "",
+         "Same model, data order, lr schedule (cosine to 0 at the last step), number of steps and B distinct "
+         "samples per step for every run; only the number m of differently augmented copies per sample changes "
+         "(batch m*B). m=1 (same augmentation) is the baseline. Curves are averaged over seeds; the baseline's "
+         "final accuracy is its seed-mean at the last step, and a run's steps-to-reach is the first evaluated "
+         f"step where its seed-mean curve is >= that (`last {LAST_K}`: target = mean of the baseline's last "
+         f"{LAST_K} evaluations; `per seed`: each seed against its own baseline). Accuracies: mean +- std over "
+         "seeds; `vs m=1`: paired difference per seed.", ""]
+    for res in results:
+        s = res["summary"]
+        tc, aug = res["train_config"], res["augment"]
+        aug_txt = ", ".join(f"{k}={v}" for k, v in aug.items() if k not in ("kind", "version"))
+        grid = res["raw"]["m=1"][str(res["seeds"][0])]["curve"]
+        step = grid[1][0] - grid[0][0] if len(grid) > 1 else grid[0][0]
+        L += [f"### {res['task']}", "",
+              f"{tc['steps']} steps of batch {tc['batch_size']} (x m), {tc['optimizer']} lr {tc['lr']} "
+              f"{tc['schedule']}, weight decay {tc['weight_decay']}; augmentation {aug['kind']}({aug_txt}); "
+              f"seeds {res['seeds']}; {res['test_images']} test samples (one = {100 / res['test_images']:.2f} "
+              f"points); evaluated every {step} steps. Baseline (m=1) final accuracy "
+              f"{100 * s['baseline_final']:.2f}% (mean of last {LAST_K} evaluations: "
+              f"{100 * s['baseline_final_last3']:.2f}%).", "",
+              "| run | final acc (%) | vs m=1 (points) | steps to m=1 final | fraction | last 3: steps / fraction "
+              "| per seed | train s / run |",
+              "|---|---|---|---|---|---|---|---|"]
+        for r in s["rows"]:
+            per = "/".join("never" if x is None else str(x) for x in r["steps_to_baseline_per_seed"])
+            L.append(f"| {r['run']} | {100 * r['final_mean']:.2f} +- {100 * r['final_std']:.2f} | "
+                     f"{100 * r['diff_vs_m1_mean']:+.2f} +- {100 * r['diff_vs_m1_std']:.2f} | "
+                     f"{_f(r['steps_to_baseline'], 0)} | {_f(r['fraction'])} | "
+                     f"{_f(r['steps_to_baseline_last3'], 0)} / {_f(r['fraction_last3'])} | {per} | "
+                     f"{r['seconds_mean']:.0f} |")
+        if s.get("noaug_final") is not None:
+            reach = ", ".join(f"{r['run']} {_f(r['steps_to_noaug_final'], 0)}" for r in s["rows"]
+                              if r["run"] != "no-aug")
+            L += ["", f"Without augmentation the same budget gives {100 * s['noaug_final']:.2f}% "
+                      f"({'above' if s['noaug_final'] > s['baseline_final'] else 'below'} the augmented m=1 "
+                      f"baseline); steps for the seed-mean curves to reach it: {reach}."]
+        m4 = next((r for r in s["rows"] if r["run"] == "m=4"), None)
+        if m4 is not None:
+            met = m4["fraction"] is not None and m4["fraction"] <= target_fraction
+            L += ["", f"Target (m=4 reaches the baseline's final accuracy in <= {target_fraction}x the steps): "
+                      f"{_f(m4['fraction'])}x -> **{'met' if met else 'not met'}**."]
+        L.append("")
+    return L
+
+
+def plot(results: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        s, seeds = res["summary"], [str(k) for k in res["seeds"]]
+        for run, curve in s["mean_curves"].items():
+            xs = [p[0] for p in curve]
+            ys = [100 * p[1] for p in curve]
+            line, = ax.plot(xs, ys, label=run, lw=1.4, ls=":" if run == "no-aug" else "-")
+            if len(seeds) > 1:
+                sd = [100 * _std([res["raw"][run][k]["curve"][i][1] for k in seeds]) for i in range(len(xs))]
+                ax.fill_between(xs, [y - d for y, d in zip(ys, sd)], [y + d for y, d in zip(ys, sd)],
+                                color=line.get_color(), alpha=0.12, lw=0)
+        b = 100 * s["baseline_final"]
+        ax.axhline(b, color="gray", ls="--", lw=1, label=f"m=1 final {b:.1f}%")
+        ax.axvline(0.6 * s["total_steps"], color="k", lw=0.8, alpha=0.4, label="0.6x steps")
+        ax.set(xlabel="step", ylabel="test accuracy (%)", ylim=(max(0, b - 25), min(100.5, b + 8)),
+               title=f"{res['task']} (mean of {len(seeds)} seeds, +-1 std)")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
