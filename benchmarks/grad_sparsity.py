@@ -3,7 +3,8 @@
 Every variant is a deep copy of the same model; steps are interleaved (dense, mvue, dense, mvue, ...)
 so that load on a shared machine hits all variants alike, and the ratio of medians is reported.
 This measures the *simulation* cost on CPU (the masks are extra work here; the speed-up the paper
-targets needs sparse tensor cores).
+targets needs sparse tensor cores). On CPU the masks run as compiled single-pass kernels
+(thrifty/ops/_mvue_kernel.py); the table of the mask alone also times the torch reference path.
 
     python benchmarks/grad_sparsity.py            # full (about 2 minutes)
     python benchmarks/grad_sparsity.py --quick    # a few steps
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import thrifty  # noqa: E402
 from thrifty.data import load_dataset  # noqa: E402
+import thrifty.ops.mvue as mvue_mod  # noqa: E402
 from thrifty.ops.mvue import mse_nm, mvue_nm  # noqa: E402
 from thrifty.sparse.actgrad import ActNM, GradNM  # noqa: E402
 from thrifty.train.io import model_kwargs_for  # noqa: E402
@@ -81,22 +83,40 @@ def bench_model(model_name: str, dataset: str, batch: int, reps: int, warmup: in
     return {"model": model_name, "dataset": dataset, "batch": batch, "rows": rows}
 
 
+def _torch_path(f):
+    """Run ``f`` on the pure-torch reference path of thrifty.ops.mvue (compiled kernels off)."""
+    def g(d):
+        old, mvue_mod._KERNEL = mvue_mod._KERNEL, False
+        try:
+            return f(d)
+        finally:
+            mvue_mod._KERNEL = old
+    return g
+
+
 def bench_ops(reps: int) -> list[dict]:
-    """The mask alone on a ResNet-20 stage-1 sized dY (64 x 16 x 32 x 32), per grouping dim."""
+    """The mask alone on a ResNet-20 stage-1 sized dY (64 x 16 x 32 x 32), per grouping dim: the compiled
+    kernel (the default on CPU) and the torch reference path, interleaved."""
     g = torch.randn(64, 16, 32, 32)
     gen = torch.Generator().manual_seed(0)
-    ops = {"mvue 2:4": lambda d: mvue_nm(g, 2, 4, d, gen), "mvue 1:2": lambda d: mvue_nm(g, 1, 2, d, gen),
-           "mse 2:4": lambda d: mse_nm(g, 2, 4, d), "copy (reference)": lambda d: g.clone()}
+    base = {"mvue 2:4": lambda d: mvue_nm(g, 2, 4, d, gen), "mvue 1:2": lambda d: mvue_nm(g, 1, 2, d, gen),
+            "mse 2:4": lambda d: mse_nm(g, 2, 4, d)}
+    ops = {}
+    for name, f in base.items():
+        ops[name] = f
+        ops[name + " (torch reference path)"] = _torch_path(f)
+    ops["copy (reference)"] = lambda d: g.clone()
     rows = []
-    for name, f in ops.items():
-        for dim, label in ((1, "channels (dX)"), (0, "batch (dW)")):
+    for dim, label in ((1, "channels (dX)"), (0, "batch (dW)")):
+        ts: dict[str, list[float]] = {k: [] for k in ops}
+        for f in ops.values():
             f(dim)
-            ts = []
-            for _ in range(reps):
+        for _ in range(reps):
+            for name, f in ops.items():
                 t = time.perf_counter()
                 f(dim)
-                ts.append(time.perf_counter() - t)
-            rows.append({"op": name, "dim": label, "median_ms": 1000 * statistics.median(ts)})
+                ts[name].append(time.perf_counter() - t)
+        rows += [{"op": name, "dim": label, "median_ms": 1000 * statistics.median(v)} for name, v in ts.items()]
     return rows
 
 

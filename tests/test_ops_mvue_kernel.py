@@ -170,3 +170,7 @@ def test_tail_error_and_empty_with_the_kernel():
     with pytest.raises(ValueError, match="not a multiple of m=4"):
         mv.mse_nm(torch.randn(3, 7), 2, 4, tail="error")
     assert mv.mvue_nm(torch.randn(0, 4), 2, 4).shape == (0, 4)
+
+
+def test_kernel_mode_table_matches_the_kernel_module():
+    assert mv._KERNEL_MODES == {"mvue": K.MVUE, "mse": K.MSE_VALUES, "mask": K.MSE_MASK}

@@ -87,6 +87,7 @@ _FAST_PATHS = True  # tests switch this off to check the general path on the sam
 _KERNEL = True
 _KERNEL_MVUE = ((1, 2), (1, 3), (1, 4), (2, 4))
 _KERNEL_MAX_M = 4
+_KERNEL_MODES = {"mvue": 0, "mse": 1, "mask": 2}  # _mvue_kernel.MVUE, MSE_VALUES, MSE_MASK
 _kmod = None
 
 
@@ -123,13 +124,14 @@ def _kernel_call(x: Tensor, n: int, m: int, dim: int, tail: str, kind: str,
         raise ValueError(f"size {length} along dim {dim} is not a multiple of m={m} (tail='error')")
     pre = math.prod(shape[:dim])
     post = math.prod(shape[dim + 1:])
-    xf = x.detach().float().contiguous()  # no copy for a contiguous float32 tensor
+    xf = x.detach()
+    if xf.dtype != torch.float32 or not xf.is_contiguous():  # (kernels on tiny tensors: skip no-op calls)
+        xf = xf.float().contiguous()
     out = torch.empty_like(xf)
     k = _kernels()
-    xv, ov = xf.view(-1).numpy(), out.view(-1).numpy()
     uv = _NO_U if u is None else u.detach().float().contiguous().view(-1).numpy()
-    mode = {"mvue": k.MVUE, "mse": k.MSE_VALUES, "mask": k.MSE_MASK}[kind]
-    k.nm_kernel(xv, ov, pre, length, post, n, m, tail == "dense", mode, uv, seed)
+    k.nm_kernel(xf.view(-1).numpy(), out.view(-1).numpy(), pre, length, post, n, m, tail == "dense",
+                _KERNEL_MODES[kind], uv, seed)
     return _to_dtype(out, x.dtype) if kind == "mvue" else out
 
 
