@@ -1,6 +1,7 @@
 """thrifty.nn.rangebn: gradients vs numerical, agreement with BN on Gaussian data, running stats, conversion."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -120,3 +121,93 @@ def test_chunks_are_batch_major_groups():
         blocks = flat[:, : 4 * n].reshape(3, 4, n)
         want = (blocks.amax(-1) - blocks.amin(-1)).mean(-1) * range_constant(n)
         assert torch.allclose(mean, flat.mean(1), atol=1e-6) and torch.allclose(scale, want, atol=1e-6)
+
+
+# ------------------------------------------------------------------- the fused CPU path vs the autograd reference
+def _pair(bn: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(bn, a copy forced onto the reference path: batch_stats + broadcast ops differentiated by autograd)."""
+    ref = copy.deepcopy(bn)
+    ref._fast_layout = lambda x: None
+    return bn, ref
+
+
+FAST_CASES = [(RangeBatchNorm2d, (64, 16, 8, 8), 16), (RangeBatchNorm2d, (6, 3, 3, 2), 3),
+              (RangeBatchNorm2d, (9, 4, 1, 1), 4), (RangeBatchNorm1d, (10, 4), 3), (RangeBatchNorm1d, (64, 10), 16),
+              (RangeBatchNorm1d, (8, 3, 5), 4)]
+
+
+@pytest.mark.parametrize("cls,shape,chunks", FAST_CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_fused_path_same_forward_and_running_stats_gradients_within_rounding(cls, shape, chunks, affine):
+    torch.manual_seed(0)
+    bn, ref = _pair(cls(shape[1], num_chunks=chunks, affine=affine, momentum=None))
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+        bn, ref = _pair(bn)
+    assert bn._fast_layout(torch.zeros(shape)) is not None  # these shapes take the fused path
+    for _ in range(2):
+        x = (torch.randn(shape) * 2 + 0.5).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = bn(x), ref(x2)
+        torch.testing.assert_close(y, y2, rtol=0, atol=0)  # forward: the same float32 ops
+        g = torch.randn(shape)
+        y.backward(g)
+        y2.backward(g)
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_scale, ref.running_scale, rtol=0, atol=0)
+    if affine:
+        torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,shape", [(RangeBatchNorm2d, (6, 3, 3, 2)), (RangeBatchNorm1d, (12, 4)),
+                                       (RangeBatchNorm1d, (9, 2, 3))])  # 9 samples, 4 chunks: a leftover sample
+def test_fused_path_gradcheck_float64(cls, shape):
+    torch.manual_seed(1)
+    bn = cls(shape[1], num_chunks=4 if shape[0] == 9 else 3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert bn._fast_layout(x) is not None
+    assert torch.autograd.gradcheck(lambda t: bn(t), (x,), eps=1e-6, atol=1e-5)
+    w, b = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t, w, b: torch.func.functional_call(bn, {"weight": w, "bias": b}, (t,)),
+                                    (x, w, b), eps=1e-6, atol=1e-5)
+
+
+def test_fused_path_shares_a_tied_max_evenly_like_amax():
+    # integer-valued inputs tie at the chunk max/min: each tied element gets an equal share of the range gradient
+    torch.manual_seed(0)
+    x = torch.randint(-3, 4, (8, 2, 3, 3)).double().requires_grad_()
+    bn = RangeBatchNorm2d(2, num_chunks=4).double()
+    g = torch.randn(x.shape, dtype=torch.float64)
+    bn(x).backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    flat = x2.transpose(0, 1).reshape(2, 4, -1)
+    mean = x2.mean((0, 2, 3))
+    scale = (flat.amax(-1) - flat.amin(-1)).mean(-1) * range_constant(flat.shape[-1])
+    y = (x2 - mean.view(1, -1, 1, 1)) / (scale.view(1, -1, 1, 1) + bn.eps)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_fused_path_layout_conditions_and_non_contiguous_input():
+    bn = RangeBatchNorm2d(3, num_chunks=16)
+    assert bn._fast_layout(torch.zeros(64, 3, 4, 4)) == (16, 16, 4)
+    assert bn._fast_layout(torch.zeros(10, 3, 4, 4)) is None  # 160 // 16 = 10 elements: chunks split samples
+    assert bn._fast_layout(torch.zeros(64, 3, 4, 4, dtype=torch.float16)) is None
+    assert RangeBatchNorm2d(3, bits=8)._fast_layout(torch.zeros(64, 3, 4, 4)) is None
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
+    bn, ref = _pair(RangeBatchNorm2d(3, num_chunks=8))
+    x2 = x.detach().contiguous().requires_grad_()  # the fused path reads a contiguous copy
+    y, y2 = bn(x), ref(x2)
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    y.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no graph: the fused forward alone
+        torch.testing.assert_close(bn(x), y, rtol=0, atol=0)

@@ -139,6 +139,27 @@ class _RangeBatchNorm(nn.Module):
         mean = x.mean(dim=[0] + list(range(2, x.dim())))
         return mean, rng * range_constant(n, self.correction)
 
+    def _fast_layout(self, x: Tensor) -> Optional[tuple[int, int, int]]:
+        """``(P, chunks, samples per chunk)`` when the fused path applies (CPU float, chunks of whole samples)."""
+        if self.bits is not None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return None
+        p = x[0, 0].numel()
+        m = x.shape[0] * p
+        if m < 2:
+            return None
+        k = min(self.num_chunks, m // 2)
+        n = m // k
+        return (p, k, n // p) if n % p == 0 else None
+
+    def _fast_stats(self, x: Tensor, p: int, k: int, q: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`batch_stats` (same values) when chunk i is samples [i q, (i + 1) q): amax/amin over a view
+        instead of a transposed copy. Also returns the (C, k) chunk maxima and minima for the backward."""
+        c = x.shape[1]
+        v = x.reshape(x.shape[0], c, p)[: k * q].reshape(k, q, c, p)
+        mx, mn = v.amax((1, 3)).t().contiguous(), v.amin((1, 3)).t().contiguous()
+        mean = x.mean(dim=[0] + list(range(2, x.dim())))
+        return mean, (mx - mn).mean(-1) * range_constant(q * p, self.correction), mx, mn
+
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
         if self.bits is not None:
@@ -146,16 +167,25 @@ class _RangeBatchNorm(nn.Module):
 
             x = fake_quantize_tensor(x, self.bits)
         use_batch = self.training or not self.track_running_stats
-        if use_batch:
+        layout = self._fast_layout(x) if use_batch else None
+        if layout is not None:
+            x = x.contiguous()
+            with torch.no_grad():
+                mean, scale, mx, mn = self._fast_stats(x, *layout)
+            y = _RangeBNFunction.apply(x, self.weight, self.bias, mean, scale, mx, mn, self.eps,
+                                       range_constant(layout[2] * layout[0], self.correction), layout)
+        elif use_batch:
             mean, scale = self.batch_stats(x)
-            if self.training and self.track_running_stats:
-                with torch.no_grad():
-                    self.num_batches_tracked += 1
-                    mom = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                    self.running_mean.mul_(1 - mom).add_(mean.detach(), alpha=mom)
-                    self.running_scale.mul_(1 - mom).add_(scale.detach(), alpha=mom)
         else:
             mean, scale = self.running_mean, self.running_scale
+        if use_batch and self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                mom = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - mom).add_(mean.detach(), alpha=mom)
+                self.running_scale.mul_(1 - mom).add_(scale.detach(), alpha=mom)
+        if layout is not None:
+            return y
         if self.bits is not None:
             from thrifty.ops.quant import fake_quantize_tensor
 
@@ -169,6 +199,60 @@ class _RangeBatchNorm(nn.Module):
         if self.affine:
             shift = shift + self.bias
         return x * a.view(shape) + shift.view(shape)
+
+
+class _RangeBNFunction(torch.autograd.Function):
+    """``y = x * a + shift`` with ``a = weight / (scale + eps)``, ``shift = bias - mean * a`` from the batch stats,
+    differentiated through ``mean`` and the chunk ranges analytically: two passes over (dY, X) in backward
+    (:mod:`thrifty.ops._rangebn_kernels`) instead of autograd's graph of broadcasts, scatters and transposes.
+    The gradient of a chunk's max (min) is shared evenly by the elements equal to it, as ``amax`` does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, scale, mx, mn, eps, cn, layout):  # type: ignore[override]
+        from thrifty.ops import _rangebn_kernels as K
+
+        p, k, q = layout
+        a = 1.0 / (scale + eps)  # the same small ops, in the same order, as the reference forward
+        if weight is not None:
+            a = a * weight
+        shift = -mean * a
+        if bias is not None:
+            shift = shift + bias
+        x3 = x.reshape(x.shape[0], x.shape[1], p)
+        y = torch.empty_like(x3)
+        K.affine(x3.numpy(), a.detach().numpy(), shift.detach().numpy(), y.numpy())
+        ctx.save_for_backward(x, weight, mean, scale, mx, mn, a)
+        ctx.eps, ctx.cn, ctx.layout = eps, cn, layout
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        from thrifty.ops import _rangebn_kernels as K
+
+        x, weight, mean, scale, mx, mn, a = ctx.saved_tensors
+        p, k, q = ctx.layout
+        n = x.shape[0]
+        x3, g3 = x.reshape(n, x.shape[1], p), g.contiguous().reshape(n, x.shape[1], p)
+        chunk = torch.arange(n) // q
+        chunk[k * q:] = -1
+        xa, ga, mxa, mna, ch = x3.numpy(), g3.numpy(), mx.numpy(), mn.numpy(), chunk.numpy()
+        sg, sgx, cmx, cmn = (torch.from_numpy(t) for t in K.reduce(xa, ga, mean.detach().numpy(), ch, mxa, mna))
+        inv = 1.0 / (scale.double() + ctx.eps)
+        grad_inv = sgx * weight.double() if weight is not None else sgx
+        d_rng = -grad_inv * inv * inv * ctx.cn / k  # d loss / d (max - min) of each chunk
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dt = x.dtype
+            d_mean = -a.double() * sg / (n * p)
+            dmx = (d_rng[:, None] / cmx.clamp(min=1)).to(dt)
+            dmn = (-d_rng[:, None] / cmn.clamp(min=1)).to(dt)
+            out = torch.empty_like(x3)
+            K.grad_input(xa, ga, ch, a.detach().numpy(), d_mean.to(dt).numpy(), mxa, mna, dmx.numpy(), dmn.numpy(),
+                         out.numpy())
+            dx = out.reshape(x.shape)
+        dw = (sgx * inv).to(x.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = sg.to(x.dtype) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 class RangeBatchNorm1d(_RangeBatchNorm):
