@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     ap.add_argument("--steps", type=int, default=None, help="part b: override the number of training steps")
-    ap.add_argument("--parts", default="ab", help="a = batch augmentation, b = mixed size")
+    ap.add_argument("--parts", default="abc", help="a = batch augmentation curves, b = mixed size, c = batch "
+                    "augmentation on compressed schedules; 'none' only re-renders the .md and plots from the .json")
     ap.add_argument("--tag", default="", help="suffix for the results files, e.g. _steps60")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     res = json.loads(old_path.read_text()) if old_path.exists() else {}
     res = _drop_legacy(res)
     res.update({"mode": "quick" if q else "full", "threads": torch.get_num_threads()})
-    parts_done = {k for k, c in (("batch_augment", "a"), ("mixed_size", "b")) if c in args.parts}
+    keys = (("batch_augment", "a"), ("mixed_size", "b"), ("batch_augment_budget", "c"))
+    parts_done = {k for k, c in keys if c in args.parts}
     if "a" in args.parts:
         t0 = time.perf_counter()
         seeds = args.seeds or ([0] if q else [0, 1, 2])
@@ -142,14 +144,22 @@ def main(argv: list[str] | None = None) -> int:
             r["summary"] = ba.summarize(r)
             results.append(r)
         res["batch_augment"] = {"command": cmd, "seconds": round(time.perf_counter() - t0, 1), "tasks": results}
+    if "c" in args.parts:
+        t0 = time.perf_counter()
+        seeds = args.seeds or ([0] if q else [0, 1, 2])
+        budget = []
+        for task in ba.tasks(q):
+            print(f"[regimes] part c: compressed schedules, {task.name}, seeds {seeds}", file=sys.stderr)
+            budget.append(ba.run_budgets(task, seeds))
+        res["batch_augment_budget"] = {"command": cmd, "seconds": round(time.perf_counter() - t0, 1),
+                                       "tasks": budget}
     if "b" in args.parts:
         t0 = time.perf_counter()
         res["mixed_size"] = {"command": cmd, **part_b(q, args.seeds or [0], args.steps),
                              "seconds": round(time.perf_counter() - t0, 1)}
     # re-read before writing: `--parts a` and `--parts b` may run at the same time as separate processes
     latest = _drop_legacy(json.loads(old_path.read_text())) if old_path.exists() else {}
-    res = {**latest, **res, **{k: latest[k] for k in ("batch_augment", "mixed_size")
-                               if k in latest and k not in parts_done}}
+    res = {**latest, **res, **{k: latest[k] for k, _ in keys if k in latest and k not in parts_done}}
     atomic_write_text(out / f"{stem}.json", json.dumps(res, indent=1))
     atomic_write_text(out / f"{stem}.md", markdown(res, stem))
     plots(res, out, stem)
@@ -160,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 def _drop_legacy(res: dict) -> dict:
     """Keep only this layout's keys; files from the older single-seed layout (one top-level run log, a list of
     batch-augmentation rows) are not comparable, so their parts are dropped rather than mixed in."""
-    res = {k: v for k, v in res.items() if k in ("mode", "threads", "batch_augment", "mixed_size")}
+    res = {k: v for k, v in res.items()
+           if k in ("mode", "threads", "batch_augment", "mixed_size", "batch_augment_budget")}
     return {k: v for k, v in res.items() if k in ("mode", "threads") or isinstance(v, dict)}
 
 
@@ -175,6 +186,9 @@ def markdown(res: dict, stem: str) -> str:
     if a and isinstance(a, dict):
         L += [f"`{a['command']}` (part a) - {a['seconds']:.0f} s on {res['threads']} thread(s).", ""]
         L += ba.markdown(a["tasks"])
+        c = res.get("batch_augment_budget")
+        if c and isinstance(c, dict):
+            L += [f"`{c['command']}` (part c) - {c['seconds']:.0f} s.", ""] + ba.budget_markdown(c["tasks"], a["tasks"])
         L += [f"![batch augmentation]({stem}_batch_aug.png)", ""]
     if not b or not isinstance(b, dict) or not b.get("rows"):
         return "\n".join(L)

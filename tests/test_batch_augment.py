@@ -2,6 +2,7 @@
 steps unchanged, gradient-norm adaptation), and the experiment's steps-to-reach bookkeeping."""
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -129,3 +130,13 @@ def test_experiment_steps_to_reach_uses_seed_mean_curves():
     assert m4["diff_vs_m1_mean"] == pytest.approx(0.075)
     assert ba.first_reach(curve(0.1, 0.2), 0.5) is None
     assert next(r for r in s["rows"] if r["run"] == "m=1")["fraction"] == 0.75  # its mean curve plateaus at 30
+
+
+def test_cli_batch_aug_on_signals(tmp_path):
+    from thrifty.cli import main
+
+    out = tmp_path / "r"
+    assert main(["train", "--model", "mlp", "--dataset", "mnist1d", "--steps", "2", "--batch-size", "8",
+                 "--regime", "batch-aug:2", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").exists()
+    assert json.loads((out / "history.json").read_text())["records"][-1]["step"] == 2
