@@ -33,11 +33,14 @@ def bench_stage(ctx: DemoContext) -> dict:
         res[r["variant"]] = {"offline_samples_per_s": round(r["scenarios"]["Offline"]["value"], 1),
                              "singlestream_p90_ms": round(r["scenarios"]["SingleStream"]["value"], 3),
                              "valid": all(v["valid"] for v in r["scenarios"].values()),
-                             "top1_loadgen_accuracy_log": m.get("top1"), "bytes": r["artifact_bytes"]}
+                             "top1_loadgen_accuracy_log": m.get("top1"), "bytes": r["artifact_bytes"],
+                             # the same model in PyTorch (for int8: the simulated PTQ model the export started from)
+                             "top1_pytorch_model": r.get("reference_metrics", {}).get("top1")}
     ratio = res["int8_onnxruntime"]["offline_samples_per_s"] / max(res["fp32_torch"]["offline_samples_per_s"], 1e-9)
     md = (f"MLPerf LoadGen (short run, {s.min_duration_s} s per scenario): int8 ONNX Runtime Offline "
           f"throughput {ratio:.2f}x FP32 PyTorch; top-1 from LoadGen's accuracy log: FP32 "
           f"{res['fp32_torch']['top1_loadgen_accuracy_log']:.4f}, int8 "
-          f"{res['int8_onnxruntime']['top1_loadgen_accuracy_log']:.4f}.\n\n" + markdown_table(rows))
+          f"{res['int8_onnxruntime']['top1_loadgen_accuracy_log']:.4f} (simulated int8 in PyTorch "
+          f"{res['int8_onnxruntime']['top1_pytorch_model'] or float('nan'):.4f}).\n\n" + markdown_table(rows))
     return {**res, "int8_vs_fp32_offline": round(ratio, 2), "markdown": md,
             "files": [str(out / "fp32_torch"), str(out / "int8_onnxruntime")] + plots}

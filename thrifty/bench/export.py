@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from thrifty.utils import atomic_write_bytes
 
-__all__ = ["export_onnx", "LayerQuant", "quant_layers"]
+__all__ = ["export_onnx", "LayerQuant", "quant_layers", "cpu_has_vnni"]
 
 
 @dataclass
@@ -137,7 +137,7 @@ def _torch_export(model: nn.Module, example: tuple, input_names: Sequence[str], 
 
 def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike,
                 input_names: Optional[Sequence[str]] = None, opset: int = 17, calib: Any = None,
-                signed_weights: bool = True) -> Path:
+                signed_weights: Optional[bool] = None) -> Path:
     """Export ``model`` to ONNX at ``path`` (atomic); quantized Gemm layers become int8 QDQ (see module doc).
 
     ``example_inputs``: a tuple of tensors with a batch dimension (it is made dynamic). The model is not modified.
@@ -146,8 +146,10 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     the few output quantizers this needs are calibrated like the PTQ's activation quantizers); without it
     those Convs run in float on dequantized tensors (exactly the simulated PTQ model).
     ``signed_weights``: store asymmetric (unsigned) weight codes as int8 shifted by ``2^(b-1)``, zero points
-    shifted alike: the same dequantized weights, but ONNX Runtime then runs its u8s8 kernels (VNNI), which
-    measured ~1.5x faster than u8u8 here. What was added is recorded in the model's ``thrifty.int8`` metadata.
+    shifted alike: the same dequantized weights, but ONNX Runtime then runs its u8s8 kernels, ~1.5x faster than
+    u8u8 on an AVX-512 VNNI CPU. None = only when this CPU has VNNI (without it, ONNX Runtime's u8s8 kernels use
+    VPMADDUBSW, whose 16-bit pair sums can saturate). What was added is recorded in the ``thrifty.int8``
+    metadata of the model.
     """
     from thrifty.core import strip
 
@@ -158,6 +160,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     names = list(input_names or [f"input_{i}" for i in range(len(example_inputs))])
     if len(names) != len(example_inputs):
         raise ValueError(f"{len(names)} input names for {len(example_inputs)} example inputs")
+    if signed_weights is None:
+        signed_weights = cpu_has_vnni()
     m = copy.deepcopy(model).eval()
     layers = quant_layers(m)
     spec = _activation_spec(m)
@@ -184,6 +188,15 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
 
 
 # ----------------------------------------------------------------------------------------- graph surgery
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has AVX-512 VNNI or AVX-VNNI (ONNX Runtime's exact, fast u8s8 int8 GEMM)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni"))
+
+
 def _activation_spec(model: nn.Module) -> Optional[dict[str, Any]]:
     """The most common activation-quantizer spec (estimator, symmetry) at 8 bits, for new output quantizers."""
     from collections import Counter
