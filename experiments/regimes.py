@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="abc", help="a = batch augmentation curves, b = mixed size, c = batch "
                     "augmentation on compressed schedules; 'none' only re-renders the .md and plots from the .json")
     ap.add_argument("--tag", default="", help="suffix for the results files, e.g. _steps60")
+    ap.add_argument("--tasks", nargs="+", default=None,
+                    help="parts a/c: only the tasks whose name contains one of these (e.g. digits32 mnist1d)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     q = args.quick
@@ -132,39 +134,48 @@ def main(argv: list[str] | None = None) -> int:
     res = json.loads(old_path.read_text()) if old_path.exists() else {}
     res = _drop_legacy(res)
     res.update({"mode": "quick" if q else "full", "threads": torch.get_num_threads()})
-    keys = (("batch_augment", "a"), ("mixed_size", "b"), ("batch_augment_budget", "c"))
-    parts_done = {k for k, c in keys if c in args.parts}
+    seeds_ac = args.seeds or ([0] if q else [0, 1, 2])
+    todo = [t for t in ba.tasks(q) if not args.tasks or any(k in t.name for k in args.tasks)]
     if "a" in args.parts:
-        t0 = time.perf_counter()
-        seeds = args.seeds or ([0] if q else [0, 1, 2])
-        results = []
-        for task in ba.tasks(q):
-            print(f"[regimes] part a: batch augmentation, {task.name}, seeds {seeds}", file=sys.stderr)
-            r = ba.run_task(task, seeds, progress=sys.stderr.isatty())
-            r["summary"] = ba.summarize(r)
-            results.append(r)
-        res["batch_augment"] = {"command": cmd, "seconds": round(time.perf_counter() - t0, 1), "tasks": results}
+        for task in todo:
+            print(f"[regimes] part a: batch augmentation, {task.name}, seeds {seeds_ac}", file=sys.stderr)
+            t0 = time.perf_counter()
+            r = ba.run_task(task, seeds_ac, progress=sys.stderr.isatty())
+            r.update(summary=ba.summarize(r), command=cmd, seconds=round(time.perf_counter() - t0, 1))
+            res = _save(old_path, res, "batch_augment", r)
     if "c" in args.parts:
-        t0 = time.perf_counter()
-        seeds = args.seeds or ([0] if q else [0, 1, 2])
-        budget = []
-        for task in ba.tasks(q):
-            print(f"[regimes] part c: compressed schedules, {task.name}, seeds {seeds}", file=sys.stderr)
-            budget.append(ba.run_budgets(task, seeds))
-        res["batch_augment_budget"] = {"command": cmd, "seconds": round(time.perf_counter() - t0, 1),
-                                       "tasks": budget}
+        for task in todo:
+            print(f"[regimes] part c: compressed schedules, {task.name}, seeds {seeds_ac}", file=sys.stderr)
+            t0 = time.perf_counter()
+            r = ba.run_budgets(task, seeds_ac)
+            r.update(command=cmd, seconds=round(time.perf_counter() - t0, 1))
+            res = _save(old_path, res, "batch_augment_budget", r)
     if "b" in args.parts:
         t0 = time.perf_counter()
-        res["mixed_size"] = {"command": cmd, **part_b(q, args.seeds or [0], args.steps),
-                             "seconds": round(time.perf_counter() - t0, 1)}
-    # re-read before writing: `--parts a` and `--parts b` may run at the same time as separate processes
-    latest = _drop_legacy(json.loads(old_path.read_text())) if old_path.exists() else {}
-    res = {**latest, **res, **{k: latest[k] for k, _ in keys if k in latest and k not in parts_done}}
-    atomic_write_text(out / f"{stem}.json", json.dumps(res, indent=1))
+        entry = {"command": cmd, **part_b(q, args.seeds or [0], args.steps),
+                 "seconds": round(time.perf_counter() - t0, 1)}
+        res = _save(old_path, res, "mixed_size", entry)
+    res = _save(old_path, res, None, None)
     atomic_write_text(out / f"{stem}.md", markdown(res, stem))
     plots(res, out, stem)
     print(markdown(res, stem))
     return 0
+
+
+def _save(path: Path, res: dict, key: str | None, entry: dict | None) -> dict:
+    """Write ``entry`` under ``key`` into the results json, re-reading it first: parts and tasks may run as
+    separate processes at the same time. Task-based parts (a, c) are merged task by task."""
+    latest = _drop_legacy(json.loads(path.read_text())) if path.exists() else {}
+    merged = {**latest, "mode": res["mode"], "threads": res["threads"]}
+    if key == "mixed_size":
+        merged[key] = entry
+    elif key is not None:
+        old = [t for t in latest.get(key, {}).get("tasks", []) if t.get("task") != entry["task"]]
+        order = [t.name for t in ba.tasks(res["mode"] == "quick")]
+        tasks = sorted(old + [entry], key=lambda t: order.index(t["task"]) if t["task"] in order else len(order))
+        merged[key] = {"tasks": tasks}
+    atomic_write_text(path, json.dumps(merged, indent=1))
+    return merged
 
 
 def _drop_legacy(res: dict) -> dict:
@@ -184,11 +195,10 @@ def markdown(res: dict, stem: str) -> str:
     L = [f"# Training regimes ({res['mode']})", ""]
     a, b = res.get("batch_augment"), res.get("mixed_size")
     if a and isinstance(a, dict):
-        L += [f"`{a['command']}` (part a) - {a['seconds']:.0f} s on {res['threads']} thread(s).", ""]
         L += ba.markdown(a["tasks"])
         c = res.get("batch_augment_budget")
         if c and isinstance(c, dict):
-            L += [f"`{c['command']}` (part c) - {c['seconds']:.0f} s.", ""] + ba.budget_markdown(c["tasks"], a["tasks"])
+            L += ba.budget_markdown(c["tasks"], a["tasks"])
         L += [f"![batch augmentation]({stem}_batch_aug.png)", ""]
     if not b or not isinstance(b, dict) or not b.get("rows"):
         return "\n".join(L)
