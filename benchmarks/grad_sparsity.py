@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -58,28 +59,32 @@ def _setup(model_name: str, dataset: str, batch: int):
     return models, x, y
 
 
-def _step(model, opt, x, y) -> float:
-    t = time.perf_counter()
+def _step(model, opt, x, y) -> tuple[float, float]:
+    """Wall and CPU (this thread's) seconds of one training step."""
+    t, c = time.perf_counter(), time.thread_time()
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     opt.step()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.thread_time() - c
 
 
 def bench_model(model_name: str, dataset: str, batch: int, reps: int, warmup: int) -> dict:
     models, x, y = _setup(model_name, dataset, batch)
     times: dict[str, list[float]] = {k: [] for k in models}
+    cpu: dict[str, list[float]] = {k: [] for k in models}
     for r in range(warmup + reps):
         for name, (m, opt) in models.items():
-            dt = _step(m, opt, x, y)
+            dt, dc = _step(m, opt, x, y)
             if r >= warmup:
                 times[name].append(dt)
-    dense = statistics.median(times["dense"])
+                cpu[name].append(dc)
+    dense, dense_cpu = statistics.median(times["dense"]), statistics.median(cpu["dense"])
     rows = []
     for name, ts in times.items():
-        med = statistics.median(ts)
+        med, med_cpu = statistics.median(ts), statistics.median(cpu[name])
         rows.append({"variant": name, "median_ms": 1000 * med, "min_ms": 1000 * min(ts),
-                     "ratio_vs_dense": med / dense, "reps": len(ts)})
+                     "ratio_vs_dense": med / dense, "cpu_median_ms": 1000 * med_cpu,
+                     "cpu_ratio_vs_dense": med_cpu / dense_cpu, "reps": len(ts)})
     return {"model": model_name, "dataset": dataset, "batch": batch, "rows": rows}
 
 
@@ -128,21 +133,27 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps, warmup = (4, 1) if args.quick else (25, 3)
+    load0 = os.getloadavg()[0]
     results = {
         "quick": args.quick, "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(),
         "models": [bench_model("resnet20", "digits32", 64, reps, warmup),
                    bench_model("mlp", "mnist1d", 128, reps * 4, warmup)],
         "ops": bench_ops(reps * 2),
+        "loadavg_1min": [load0, os.getloadavg()[0]],
     }
     lines = ["# Gradient N:M pruning: training-step time vs dense (CPU simulation)", "",
              f"torch {torch.__version__}, {args.threads} thread(s), {'quick' if args.quick else 'full'} run; "
              "interleaved steps, medians. Target: MVUE 2:4 on all GEMMs <= 1.5x dense. On a loaded machine "
-             "steps of about 1 ms (the MLP) are dominated by scheduler preemption: compare their mins.", ""]
+             "steps of about 1 ms (the MLP) are dominated by scheduler preemption: compare their mins. "
+             "The CPU columns count this thread's CPU time only (robust to preemption, not to cache "
+             f"sharing). 1-minute load average {results['loadavg_1min'][0]:.1f} at the start, "
+             f"{results['loadavg_1min'][1]:.1f} at the end (2 cores).", ""]
     for mres in results["models"]:
         lines += [f"## {mres['model']} on {mres['dataset']} (batch {mres['batch']})", "",
-                  "| variant | median step (ms) | min (ms) | x dense |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['ratio_vs_dense']:.2f} |"
-                  for r in mres["rows"]]
+                  "| variant | median step (ms) | min (ms) | x dense | CPU median (ms) | CPU x dense |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['ratio_vs_dense']:.2f} "
+                  f"| {r['cpu_median_ms']:.1f} | {r['cpu_ratio_vs_dense']:.2f} |" for r in mres["rows"]]
         lines.append("")
     lines += ["## The mask alone (dY of 64 x 16 x 32 x 32 = 1M values)", "", "| op | grouping | median (ms) |",
               "|---|---|---:|"]

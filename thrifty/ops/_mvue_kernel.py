@@ -57,11 +57,13 @@ _ROW_MIN = 16  # shortest row of blocks worth a vectorised slice loop
 # error_model="numpy": x / 0 gives inf / NaN as in torch instead of raising; no fastmath (bit exactness).
 # THRIFTY_NUMBA_NOCACHE=1 compiles afresh (e.g. to inspect the generated code).
 _JIT = dict(cache=not os.environ.get("THRIFTY_NUMBA_NOCACHE"), nogil=True, error_model="numpy")
-# helpers are inlined by numba itself so that LLVM sees one straight-line loop body
+# The MVUE block is inlined by numba itself (LLVM alone leaves it a call, and the loops then do not
+# vectorise); everything else is left to LLVM's inliner: numba-level inlining of every helper made the
+# first compile take ~20 s of CPU instead of ~5 s.
 _INLINE = dict(_JIT, inline="always")
 
 
-@njit(**_INLINE)
+@njit(**_JIT)
 def hash_uniform(seed, idx):
     """Uniform in [0, 1) on the 2^-24 grid from (seed, counter): SplitMix64 of seed + (idx + 1) * gamma."""
     z = seed + (idx + np.uint64(1)) * _GAMMA
@@ -120,7 +122,7 @@ def _mvue_block(a0, a1, a2, a3, n, u):
     return (o0 if ok else a0), (o1 if ok else a1), (o2 if ok else a2), (o3 if ok else a3)
 
 
-@njit(**_INLINE)
+@njit(**_JIT)
 def _mse_out(a, rank, n, ok, values):
     keep = rank < n or not ok  # NaN / inf / overflow: keep the whole block
     if values:
@@ -128,7 +130,7 @@ def _mse_out(a, rank, n, ok, values):
     return _F1 if keep else _F0
 
 
-@njit(**_INLINE)
+@njit(**_JIT)
 def _mse_block(a0, a1, a2, a3, n, values):
     """Top-n of up to four values by pairwise comparison; ties go to the lower index.
 
@@ -147,14 +149,14 @@ def _mse_block(a0, a1, a2, a3, n, values):
             _mse_out(a2, r2, n, ok, values), _mse_out(a3, r3, n, ok, values))
 
 
-@njit(**_INLINE)
+@njit(**_JIT)
 def _block(mode, a0, a1, a2, a3, n, u):
     if mode == MVUE:
         return _mvue_block(a0, a1, a2, a3, n, u)
     return _mse_block(a0, a1, a2, a3, n, mode == MSE_VALUES)
 
 
-@njit(**_INLINE)
+@njit(**_JIT)
 def _row4(x0, x1, x2, x3, o0, o1, o2, o3, mode, n, seed, b0):
     """Full 4-blocks of one (p, g) row, one per q (slices: LLVM vectorises along q)."""
     if mode == MVUE:
@@ -166,7 +168,7 @@ def _row4(x0, x1, x2, x3, o0, o1, o2, o3, mode, n, seed, b0):
             o0[q], o1[q], o2[q], o3[q] = _mse_block(x0[q], x1[q], x2[q], x3[q], n, mode == MSE_VALUES)
 
 
-@njit(**_INLINE)
+@njit(**_JIT)
 def _row2(x0, x1, o0, o1, mode, n, seed, b0):
     """Full 2-blocks of one (p, g) row, one per q."""
     if mode == MVUE:
@@ -178,7 +180,7 @@ def _row2(x0, x1, o0, o1, mode, n, seed, b0):
             o0[q], o1[q], _, _ = _mse_block(x0[q], x1[q], _F0, _F0, n, mode == MSE_VALUES)
 
 
-@njit(**_INLINE)
+@njit(**_JIT)
 def _seq(xs, os_, m, mode, n, seed, b0):
     """Consecutive full blocks along the last dim (post == 1): block b is xs[m*b : m*b + m]."""
     nb = xs.shape[0] // m
