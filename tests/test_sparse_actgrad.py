@@ -108,6 +108,29 @@ def test_act_nm_forward_and_masked_input_grad():
     assert torch.allclose(conv(xc), F.conv2d(mse_nm(xc, 1, 2, dim=1), conv.weight, conv.bias), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_act_nm_input_grad_is_the_masked_gradient_exactly(dtype):
+    """ActNM's autograd Function: forward = mse_nm, backward = g * mse_mask(x) bit for bit, with the
+    zeros, ties and NaN blocks of the mask; first-order only (clear error on double backward)."""
+    from thrifty.ops.mvue import mse_mask
+    from thrifty.sparse.actgrad import ActNMMask
+
+    x = torch.tensor([[0.0, 0.0, 0.0, 1.0, 2.0, -2.0, 2.0, 0.5, float("nan"), 1.0, 0.0, 3.0, 1.0, 4.0]]).to(dtype)
+    x = x.repeat(3, 1).requires_grad_(True)
+    g = torch.randn(3, 14).to(dtype)
+    for dim, tail in ((-1, "pad"), (-1, "dense"), (0, "pad")):
+        x.grad = None
+        y = ActNMMask(2, 4, dim, tail)(x)
+        assert y.dtype == dtype
+        assert torch.equal(y.nan_to_num(), mse_nm(x.detach(), 2, 4, dim, tail).nan_to_num())
+        y.backward(g)
+        assert torch.equal(x.grad, g * mse_mask(x.detach(), 2, 4, dim, tail))
+    y = ActNMMask(2, 4, -1)(x)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
 class _FixedMask(nn.Module):
     """A weight transform: multiply by a fixed mask (stands in for a transposable N:M weight mask)."""
 
