@@ -137,13 +137,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize("acc,prod,chunk,outer", CASES, ids=lambda v: str(v))
-def test_vectorised_equals_sequential_reference_bit_for_bit(acc, prod, chunk, outer):
+def test_vectorised_equals_sequential_reference_bit_for_bit(acc, prod, chunk, outer, backend):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 37, generator=g) * 3
     w = torch.randn(5, 37, generator=g) * 0.5
     x[0, 3] = 0.0
-    y = accumulate(x, w, acc, prod, chunk, outer)
+    y = accumulate(x, w, acc, prod, chunk, outer, backend=backend)
     r = accumulate_reference(x, w, acc, prod, chunk, outer)
     assert torch.equal(y.isnan(), r.isnan())
     assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(r))
@@ -236,9 +237,9 @@ def test_row_blocking_gives_identical_results(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(7, 20, generator=g), torch.randn(3, 20, generator=g)
     f = FloatFormat(4, 3)
-    y, tr = accumulate(x, w, f, f, 6, trace=True)
-    y_fp32_prod = accumulate(x, w, f, None, 6)
-    monkeypatch.setattr(A, "_BLOCK", 9)  # 3 rows per block
-    y2, tr2 = accumulate(x, w, f, f, 6, trace=True)
+    y, tr = accumulate(x, w, f, f, 6, trace=True, backend="torch")
+    y_fp32_prod = accumulate(x, w, f, None, 6, backend="torch")
+    monkeypatch.setattr(A, "_BLOCK", 9)  # 3 rows per block (the torch path's working-set bound)
+    y2, tr2 = accumulate(x, w, f, f, 6, trace=True, backend="torch")
     assert torch.equal(y, y2) and torch.equal(tr.keep, tr2.keep)
-    assert torch.equal(accumulate(x, w, f, None, 6), y_fp32_prod)
+    assert torch.equal(accumulate(x, w, f, None, 6, backend="torch"), y_fp32_prod)

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["FloatFormat", "bias_for_chunk", "round_to_format", "round_scalar", "accumulate", "accumulate_reference",
-           "AccumTrace", "representable_values", "FP32"]
+           "AccumTrace", "trace_grads", "representable_values", "FP32"]
 
 Overflow = Literal["saturate", "inf"]
 _EXP_MASK = 0x7F800000
@@ -260,6 +260,7 @@ class AccumTrace(NamedTuple):
 
 
 Outer = Union[FloatFormat, None, Literal["same"]]
+Backend = Literal["auto", "numba", "torch"]
 _BLOCK = 1 << 22  # elements per working buffer before accumulate() splits the rows
 
 
@@ -277,9 +278,9 @@ def _check_operands(x: Tensor, w: Tensor, chunk: Optional[int]) -> tuple[int, in
 
 
 def accumulate(x: Tensor, w: Tensor, acc: FloatFormat, prod: Optional[FloatFormat] = None,
-               chunk: Optional[int] = 16, outer: Outer = "same", trace: bool = False
+               chunk: Optional[int] = 16, outer: Outer = "same", trace: bool = False, backend: Backend = "auto"
                ) -> Union[Tensor, tuple[Tensor, AccumTrace]]:
-    """``x @ w.T`` (shapes (N, K), (O, K) -> (N, O)) with simulated low-bit accumulation (vectorised).
+    """``x @ w.T`` (shapes (N, K), (O, K) -> (N, O)) with simulated low-bit accumulation.
 
     Args:
         acc: accumulator format (partial sums rounded after every addition).
@@ -287,15 +288,23 @@ def accumulate(x: Tensor, w: Tensor, acc: FloatFormat, prod: Optional[FloatForma
         chunk: terms per chunk (None: one chunk of all K terms); the last chunk may be partial.
         outer: format of the accumulation across chunks: ``"same"`` as ``acc``, None for float32, or a format.
         trace: also return an :class:`AccumTrace` marking the lost products.
+        backend: ``"numba"`` (compiled CPU kernel, :mod:`thrifty.ops._accum_kernel`), ``"torch"`` (vectorised
+            tensor ops; any device) or ``"auto"`` (numba for CPU tensors). Both give identical bits.
     Equals :func:`accumulate_reference` bit for bit. Example:
         >>> accumulate(torch.ones(2, 3), torch.ones(4, 3), FloatFormat(4, 3)).shape
         torch.Size([2, 4])
     """
     N, O, K, c = _check_operands(x, w, chunk)
+    if backend not in ("auto", "numba", "torch"):
+        raise ValueError(f"accumulate: backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    if backend == "numba" or (backend == "auto" and x.device.type == "cpu" and w.device.type == "cpu"):
+        if x.device.type != "cpu" or w.device.type != "cpu":
+            raise ValueError("accumulate: backend='numba' needs CPU tensors")
+        return _accumulate_numba(x, w, acc, prod, c, acc if outer == "same" else outer, trace)
     nc = max(1, -(-K // c))
     rows = max(1, _BLOCK // max(1, O * nc))
     if N > rows:  # bound the working set (~_BLOCK floats per buffer): rows are independent
-        parts = [accumulate(x[i:i + rows], w, acc, prod, chunk, outer, trace) for i in range(0, N, rows)]
+        parts = [accumulate(x[i:i + rows], w, acc, prod, chunk, outer, trace, "torch") for i in range(0, N, rows)]
         if not trace:
             return torch.cat(parts)  # type: ignore[arg-type]
         return (torch.cat([p[0] for p in parts]),
@@ -346,6 +355,103 @@ def accumulate(x: Tensor, w: Tensor, acc: FloatFormat, prod: Optional[FloatForma
     if out_fmt is not None:
         keep &= ~(T.abs() >= out_fmt.max)  # saturated or infinite outputs pass no gradient (like a clamp)
     return T, AccumTrace(keep, c, K)
+
+
+def _kernel_params(fmt: FloatFormat, generic: bool) -> tuple:
+    """The kernel's format tuple: ``(lo, hi, shift, max)`` or, ``generic``, ``+ (lim, ov, mn)``."""
+    lo, hi, shift = _consts(fmt)
+    head = (np.int32(lo), np.int32(hi), np.int32(shift), np.float32(fmt.max))
+    if not generic:
+        return head
+    sat = fmt.overflow == "saturate"
+    mn = fmt.min_normal if (not fmt.subnormals and fmt.underflow) else 0.0
+    return head + (np.float32(fmt.max if sat else np.inf), np.float32(fmt.max if sat else np.inf), np.float32(mn))
+
+
+def _accumulate_numba(x: Tensor, w: Tensor, acc: FloatFormat, prod: Optional[FloatFormat], c: int,
+                      out_fmt: Optional[FloatFormat], trace: bool) -> Union[Tensor, tuple[Tensor, AccumTrace]]:
+    import numba
+
+    from thrifty.ops import _accum_kernel as kern
+
+    torch_threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
+    xs = x.detach().to(torch.float32).contiguous().numpy()
+    wt = w.detach().to(torch.float32).t().contiguous().numpy()  # (K, O): the kernel's inner loop runs over O
+    N, K = xs.shape
+    O = wt.shape[1]
+    y = np.empty((N, O), dtype=np.float32)
+    fmts = [f for f in (acc, prod, out_fmt) if f is not None]
+    generic = any(f.overflow != "saturate" or (not f.subnormals and f.underflow) for f in fmts)
+    pa = _kernel_params(acc, generic)
+    # an absent product/outer format reuses acc's tuple (unused), so it adds no compiled specialisation
+    args = (xs, wt, c, pa, pa if prod is None else _kernel_params(prod, generic),
+            pa if out_fmt is None else _kernel_params(out_fmt, generic), prod is not None, out_fmt is not None, y)
+    keep = np.empty((c, max(1, -(-K // c)), N, O), dtype=np.bool_) if trace else None
+    try:
+        if keep is None:
+            kern.accum_rows(*args)
+        else:
+            kern.accum_rows_trace(*args, keep)
+    finally:
+        _restore_threads(torch_threads)
+    return torch.from_numpy(y) if keep is None else (torch.from_numpy(y), AccumTrace(torch.from_numpy(keep), c, K))
+
+
+def trace_grads(tr: AccumTrace, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor,
+                needs: tuple[bool, bool] = (True, True), backend: Backend = "auto"
+                ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Masked gradients of ``y = x @ w.T`` through a trace: lost terms pass no gradient.
+
+    ``dx[n,k] = sum_o keep[n,o,k] dy_x[n,o] w[o,k]`` and ``dw[o,k] = sum_n keep[n,o,k] dy_w[n,o] x[n,k]`` (float32;
+    the summation order is unspecified). ``backend`` as in :func:`accumulate` (``"torch"``: batched matmuls).
+    Example:
+        >>> x, w = torch.ones(2, 3), torch.ones(4, 3)
+        >>> y, tr = accumulate(x, w, FloatFormat(4, 3), trace=True)
+        >>> trace_grads(tr, x, w, torch.ones(2, 4), torch.ones(2, 4))[0].tolist()
+        [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
+    """
+    c, K = tr.chunk, tr.K
+    _, nc, N, O = tr.keep.shape
+    if x.shape != (N, K) or w.shape != (O, K) or dy_x.shape != (N, O) or dy_w.shape != (N, O):
+        raise ValueError(f"trace_grads: shapes x {tuple(x.shape)}, w {tuple(w.shape)}, dy {tuple(dy_x.shape)} do not "
+                         f"match the trace (N={N}, O={O}, K={K})")
+    x, w, dy_x, dy_w = (t.detach().to(torch.float32) for t in (x, w, dy_x, dy_w))
+    if backend not in ("auto", "numba", "torch"):
+        raise ValueError(f"trace_grads: backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    if backend != "torch" and all(t.device.type == "cpu" for t in (tr.keep, x, w, dy_x, dy_w)):
+        import numba
+
+        from thrifty.ops import _accum_kernel as kern
+
+        threads = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        dx = np.zeros((N, K), np.float32)
+        dwt = np.zeros((K, O), np.float32)
+        try:
+            kern.masked_grads(tr.keep.contiguous().numpy(), x.contiguous().numpy(), w.t().contiguous().numpy(),
+                              dy_x.contiguous().numpy(), dy_w.contiguous().numpy(), bool(needs[0]), bool(needs[1]),
+                              dx, dwt)
+        finally:
+            _restore_threads(threads)
+        return (torch.from_numpy(dx) if needs[0] else None), (torch.from_numpy(dwt).t().contiguous() if needs[1] else None)
+    pad = nc * c - K
+    gx = gw = None
+    if needs[0]:
+        wt = torch.nn.functional.pad(w, (0, pad)).reshape(O, nc, c).permute(2, 1, 0).reshape(c * nc, O, 1)
+        a = (tr.keep * dy_x).reshape(c * nc, N, O)
+        gx = torch.bmm(a, wt).reshape(c, nc, N).permute(2, 1, 0).reshape(N, nc * c)[:, :K]
+    if needs[1]:
+        xt = torch.nn.functional.pad(x, (0, pad)).reshape(N, nc, c).permute(2, 1, 0).reshape(c * nc, N, 1)
+        a = (tr.keep * dy_w).reshape(c * nc, N, O).transpose(1, 2)
+        gw = torch.bmm(a, xt).reshape(c, nc, O).permute(2, 1, 0).reshape(O, nc * c)[:, :K]
+    return gx, gw
+
+
+def _restore_threads(n: int) -> None:
+    """numba's OpenMP threading layer sets the process-wide OpenMP thread count torch also reads: put it back."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def accumulate_reference(x: Tensor, w: Tensor, acc: FloatFormat, prod: Optional[FloatFormat] = None,

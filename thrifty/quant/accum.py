@@ -38,7 +38,7 @@ from torch import Tensor
 
 from thrifty.core import Config, Filter, apply, register_config, register_handler
 from thrifty.nn.gemm import Accumulator, GemmOp, _pad, gemm_layers
-from thrifty.ops.accum import AccumTrace, FloatFormat, accumulate, bias_for_chunk
+from thrifty.ops.accum import AccumTrace, FloatFormat, accumulate, bias_for_chunk, trace_grads
 
 __all__ = ["AccumConfig", "LowBitAccumulator", "accumulator_from_config", "set_underflow", "finetune_accumulators"]
 
@@ -200,22 +200,8 @@ def _unfold(op: GemmOp, x: Tensor, w: Tensor) -> tuple[Tensor, tuple[int, int, i
 
 def _masked_grads(tr: AccumTrace, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor,
                   needs: tuple[bool, bool]) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """dx = sum_o keep * dy_x * w and dw = sum_n keep * dy_w * x, over the trace's (chunk, n_chunks) layout."""
-    c, K = tr.chunk, tr.K
-    _, nc, N, O = tr.keep.shape
-    pad = nc * c - K
-    dx = dw = None
-    if needs[0]:
-        wt = F.pad(w, (0, pad)).reshape(O, nc, c).permute(2, 1, 0).reshape(c * nc, O, 1)
-        a = (tr.keep * dy_x).reshape(c * nc, N, O)
-        dxt = torch.bmm(a, wt).reshape(c, nc, N)
-        dx = dxt.permute(2, 1, 0).reshape(N, nc * c)[:, :K]
-    if needs[1]:
-        xt = F.pad(x, (0, pad)).reshape(N, nc, c).permute(2, 1, 0).reshape(c * nc, N, 1)
-        a = (tr.keep * dy_w).reshape(c * nc, N, O).transpose(1, 2)
-        dwt = torch.bmm(a, xt).reshape(c, nc, O)
-        dw = dwt.permute(2, 1, 0).reshape(O, nc * c)[:, :K]
-    return dx, dw
+    """dx = sum_o keep * dy_x * w and dw = sum_n keep * dy_w * x (:func:`thrifty.ops.accum.trace_grads`)."""
+    return trace_grads(tr, x, w, dy_x, dy_w, needs)
 
 
 def _conv_grads(op: GemmOp, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor, traces: list[AccumTrace],
