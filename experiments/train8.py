@@ -159,7 +159,9 @@ def main(argv=None) -> int:
                          "train_loss": sum(r["final_train_loss"] for r in rs) / len(rs),
                          "ms_per_step": sum(r["ms_per_step"] for r in rs) / len(rs)}
     steps = len(runs[0]["losses"])
-    res = {"mode": "quick" if q else "full", "command": "python experiments/train8.py" + (" --quick" if q else ""),
+    cmd = "python experiments/train8.py" + (" --quick" if q else "") + (
+        " --seeds " + " ".join(map(str, seeds)) if args.seeds else "")
+    res = {"mode": "quick" if q else "full", "command": cmd,
            "seeds": seeds, "steps": steps, "train": {k: v for k, v in dataclasses.asdict(cfg).items()
                                                       if k in ("epochs", "steps", "batch_size", "lr", "optimizer")},
            "summary": summary, "rangebn": rb, "runs": runs, "threads": args.threads,

@@ -21,6 +21,13 @@ Eval mode uses running ``mean`` and ``scale`` (exponential averages with ``momen
 :func:`convert_to_range_bn` swaps every BatchNorm1d/2d of a model (a trained BN's running statistics carry
 over: its eval output is unchanged).
 
+Speed: on CPU (float32/64, no ``bits``, chunks made of whole samples, e.g. batch 64 with 16 chunks) training mode
+takes a fused path: chunk max/min by ``amax``/``amin`` over a view, the normalisation in one pass and an analytic
+backward in two passes (:mod:`thrifty.ops._rangebn_kernels`). Its forward and running statistics are
+bit-identical to the reference (:meth:`batch_stats` + broadcast ops differentiated by autograd, used otherwise);
+its gradients agree within float rounding, except that a chunk max (min) reached by several elements shares its
+gradient evenly among them instead of giving it to one.
+
 Example:
     >>> import torch
     >>> bn = RangeBatchNorm2d(3)
