@@ -1,12 +1,13 @@
 """Data-free synthesis: BNS objective falls, statistics approach the stored ones, the model is untouched."""
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn as nn
 
 from thrifty.datafree import Synth, bn_similarity, bns_loss, gaussian_kl, synthesize
-from thrifty.datafree.synth import _bn_taps, _frozen_eval
+from thrifty.datafree.synth import _bn_taps, _frozen_eval, _lr_factor, _NormalisedTaps
 
 
 def _net():
@@ -50,6 +51,51 @@ def test_bns_objective_decreases_and_stats_approach():
         h1 = net[0](ds.tensors[0]).mean((0, 2, 3))
     rm = net[1].running_mean
     assert (h1 - rm).abs().mean() < (h0 - rm).abs().mean()
+
+
+def test_normalised_taps_equal_reference_loss_and_gradient():
+    net = _net()
+    bn1d = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6))
+    bn1d.train()
+    with torch.no_grad():
+        for _ in range(5):
+            bn1d(torch.randn(30, 5) * 3 + 1)
+    for model, x in ((net, torch.randn(16, 1, 8, 8) * 1.5 + 0.5), (bn1d.eval(), torch.randn(9, 5))):
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        with _frozen_eval(model):
+            with _bn_taps(model) as taps:
+                model(x1)
+            ref = bns_loss(taps)
+            fast = _NormalisedTaps(model)
+            model(x2)
+            val = fast.pop()
+            fast.close()
+        assert float(val.detach()) == pytest.approx(float(ref.detach()), rel=1e-4)
+        (g1,) = torch.autograd.grad(ref, x1)
+        (g2,) = torch.autograd.grad(val, x2)
+        assert torch.allclose(g1, g2, rtol=1e-3, atol=1e-6)
+    assert all(not m._forward_pre_hooks for m in net.modules())  # hooks removed
+
+
+def test_schedule_upsample_and_early_stop():
+    cfg = Synth(steps=10, warmup=0.2)
+    f = [_lr_factor(s, cfg) for s in range(10)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[1:], f[2:])) and f[-1] < 0.05
+    net = _net()
+    up = synthesize(net, 16, "bns", input_shape=(1, 8, 8), steps=5, upsample=4, progress=False)
+    x = up.tensors[0]
+    assert x.shape == (16, 1, 8, 8)
+    # optimised on a 2x2 grid and upsampled bilinearly: far smoother than full-resolution noise
+    tv = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
+    assert tv(x) < 0.5 * tv(torch.randn(16, 1, 8, 8))
+    with pytest.raises(ValueError, match="image inputs"):
+        synthesize(net, 4, "bns", input_shape=(64,), upsample=2, progress=False)
+    # a plateau threshold close to 1 stops a batch as soon as the window allows: same result as fewer steps
+    a = synthesize(net, 16, "bns", input_shape=(1, 8, 8), steps=50, plateau=0.99, progress=False)
+    full = synthesize(net, 16, "bns", input_shape=(1, 8, 8), steps=50, progress=False)
+    assert not torch.equal(a.tensors[0], full.tensors[0])
+    assert _bns_value(net, full.tensors[0]) < _bns_value(net, a.tensors[0])
 
 
 def test_model_untouched_and_mode_restored():
@@ -105,6 +151,10 @@ def test_bad_inputs():
     assert len(synthesize(no_bn, 4, "gaussian", input_shape=(64,), progress=False)) == 4
     with pytest.raises(ValueError, match="Synth.method"):
         Synth(method="dream")
+    with pytest.raises(ValueError, match="upsample"):
+        Synth(upsample=0)
+    with pytest.raises(ValueError, match="warmup"):
+        Synth(warmup=1.0)
     with pytest.raises(ValueError, match="empty"):
         bn_similarity(net, torch.zeros(0, 1, 8, 8))
     with pytest.raises(ValueError, match="no BatchNorm"):
@@ -122,9 +172,11 @@ def test_cli_quantize_data_free(tmp_path, capsys):
     save_model(m, tmp_path / "fp", meta)
     out = tmp_path / "q"
     rc = main(["quantize", "--model", str(tmp_path / "fp"), "--bits", "4", "--pipeline", "rtn", "--calib-per-class", "2",
-               "--data-free", "bns", "--synth-steps", "3", "--out", str(out)])
+               "--data-free", "bns", "--synth-steps", "3", "--distill-steps", "2", "--out", str(out)])
     assert rc == 0 and "quantized" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["distill"]["steps"] == 2 and report["distill"]["kl_after"] <= report["distill"]["kl_before"]
     # the model without BN is refused with the fallback named
     mlp = create("mlp", in_features=64, num_classes=10)
     save_model(mlp, tmp_path / "mlp", {"model": "mlp", "model_kwargs": {"in_features": 64, "num_classes": 10},

@@ -10,11 +10,12 @@ Writes to ``--out``: ``model.safetensors`` + ``model.yaml`` (quantized model wit
 reloadable with ``thrifty.quant.load_quantized``), ``report.json`` and ``config.yaml``.
 
 ``--data-free bns`` calibrates (ranges, AdaQuant, BN and bias tuning) on samples synthesised from the model's
-own BatchNorm statistics: no real training data is read.
+own BatchNorm statistics: no real training data is read. ``--distill-steps N`` then fine-tunes the quantized
+model to the FP model's soft outputs on the same samples (distillation, still no labels).
 
 Example:
     thrifty quantize --model resnet20 --dataset digits32 --bits 4 --budget 0.13 --pipeline advanced
-    thrifty quantize --model resnet20 --dataset digits32 --bits 4 --data-free bns
+    thrifty quantize --model resnet20 --dataset digits32 --bits 4 --data-free bns --distill-steps 100
 """
 from __future__ import annotations
 
@@ -46,7 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-free", choices=["bns", "gaussian", "inception"], default=None,
                    help="calibrate on samples synthesised from the model itself instead of real data "
                         "(same count as --calib-per-class x classes)")
-    p.add_argument("--synth-steps", type=int, default=200, help="optimisation steps for --data-free bns/inception")
+    p.add_argument("--synth-steps", type=int, default=None,
+                   help="optimisation steps for --data-free bns/inception (default: thrifty.datafree.Synth's)")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="after PTQ, fine-tune the quantized model this many steps to match the FP model's logits "
+                        "on the calibration samples (KL; synthetic ones with --data-free)")
     p.add_argument("--filter", action="append", default=None, metavar="GLOB",
                    help="only layers whose qualified name matches (repeatable); default: every Linear/Conv2d")
     p.add_argument("--seed", type=int, default=0)
@@ -67,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
               a_estimator=args.estimator, seed=args.seed)  # validates everything before any work
     if args.calib_per_class < 1:
         raise ValueError(f"--calib-per-class must be positive, got {args.calib_per_class}")
+    if args.distill_steps < 0 or (args.synth_steps is not None and args.synth_steps < 1):
+        raise ValueError("--distill-steps must be >= 0 and --synth-steps >= 1")
     model, meta, dataset = _common.load_model_arg(args)
     if not dataset:
         raise ValueError(f"{args.model}: no dataset recorded; pass --dataset")
@@ -80,11 +87,22 @@ def run(args: argparse.Namespace) -> int:
         from thrifty.datafree import synthesize
 
         with _common.step(f"synthesising {len(calib)} {args.data_free} samples (no real data)"):
-            calib = synthesize(model, len(calib), args.data_free, input_shape=splits.input_shape,
-                               steps=args.synth_steps, seed=args.seed, progress=_common.show_progress())
+            steps = {} if args.synth_steps is None else {"steps": args.synth_steps}
+            calib = synthesize(model, len(calib), args.data_free, input_shape=splits.input_shape, seed=args.seed,
+                               progress=_common.show_progress(), **steps)
     fp_acc = evaluate(model, splits.test)["acc"]
     with _common.step(f"PTQ {args.pipeline} W{args.bits}A{args.a_bits or 32} on {len(calib)} calibration samples"):
         res = quantize(model, cfg, calib, filter=args.filter, progress=_common.show_progress())
+    if args.distill_steps:
+        from thrifty.datafree import distill
+
+        with _common.step(f"distilling from the FP model ({args.distill_steps} steps on the calibration samples)"):
+            kd = distill(res.model, model, calib, steps=args.distill_steps, seed=args.seed,
+                         progress=_common.show_progress())
+        if res.loss_kind == "kl":  # the same KL(FP || quantized) as the other stages' losses
+            res.losses["distill"] = kd["kl_after"]
+    else:
+        kd = None
     acc = evaluate(res.model, splits.test)["acc"]
     out = Path(args.out or f"runs/{Path(str(args.model)).name}-w{args.bits}a{args.a_bits}-{args.pipeline}"
                + (f"-b{args.budget}" if args.budget else ""))
@@ -96,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
               "model_size_fraction": res.model_size_fraction, "bops_fraction": res.bops_fraction,
               "losses": res.losses, "loss_kind": res.loss_kind, "predicted_loss": res.predicted_loss,
               "measured_loss": res.measured_loss, "skipped": res.skipped, "folded": res.folded,
-              "timings": res.timings}
+              "timings": res.timings, "distill": kd}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     _common.write_resolved_config(out, args)
     print(f"{res.summary()}\ntest acc {100 * fp_acc:.2f}% FP32 -> {100 * acc:.2f}% quantized; saved to {out}/")

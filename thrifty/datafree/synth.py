@@ -45,14 +45,24 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 class Synth(Config):
     """How to synthesise calibration data.
 
-    ``steps`` Adam steps at learning rate ``lr`` on the inputs, in batches of
-    ``batch_size`` (BN statistics are matched per batch, so keep it >= 32).
+    At most ``steps`` Adam steps on the inputs, in batches of ``batch_size``
+    (BN statistics are matched per batch, so keep it >= 32). The learning rate
+    warms up linearly over the first ``warmup`` fraction of the steps to
+    ``lr``, then follows a cosine to zero. ``plateau`` > 0 stops a batch early
+    once the BNS loss has improved by less than that fraction over the last
+    ``steps // 5`` steps (after the warmup). ``upsample`` > 1 (images only)
+    optimises the inputs at 1/``upsample`` of their height and width and feeds
+    the model their bilinear upsampling: a smoothness prior that also shrinks
+    the search space (natural images, and thrifty's upscaled digits, are smooth).
     """
 
     method: Method = "bns"
     steps: int = 150
     lr: float = 0.2
     batch_size: int = 128
+    warmup: float = 0.0
+    plateau: float = 0.0
+    upsample: int = 1
     tv_weight: float = 1e-4
     l2_weight: float = 1e-5
     seed: int = 0
@@ -66,6 +76,10 @@ class Synth(Config):
                 raise ValueError(f"Synth.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.tv_weight < 0 or self.l2_weight < 0:
             raise ValueError("Synth: lr must be > 0 and tv_weight, l2_weight >= 0")
+        if self.upsample < 1:
+            raise ValueError(f"Synth.upsample must be >= 1, got {self.upsample}")
+        if not 0 <= self.warmup < 1 or not 0 <= self.plateau < 1:
+            raise ValueError(f"Synth: warmup and plateau must be in [0, 1), got {self.warmup}, {self.plateau}")
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -121,6 +135,51 @@ def bns_loss(taps: list[tuple[Tensor, Tensor, nn.Module]]) -> Tensor:
     for mu, var, bn in taps:
         total = total + gaussian_kl(bn.running_mean, bn.running_var, mu, var).mean()
     return total
+
+
+class _NormalisedTaps:
+    """BNS loss of a forward pass, accumulated by pre-hooks registered once per synthesis.
+
+    Same value as :func:`bns_loss` on :func:`_bn_taps`, computed in each BN's
+    normalised units: with ``s0 = running_var + eps``, ``d = x - running_mean``,
+    ``mu_z = mean(d) / sqrt(s0)`` and ``v = (mean(d^2) - mean(d)^2) / s0 + eps / s0``,
+    ``KL = (log v + (1 + mu_z^2) / v - 1) / 2``. Per BN input that is one
+    subtraction, one square and two cheap reductions over the contiguous spatial
+    axis; ``Tensor.var`` over (N, H, W) of an NCHW tensor is a strided reduction
+    that cost more than the convolutions. Centring on the running mean keeps
+    the one-pass variance free of cancellation near the optimum.
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 1e-5) -> None:
+        self.total: Optional[Tensor] = None
+        self.hooks = []
+        for _, bn in bn_layers(model):
+            s0 = bn.running_var.detach().float() + eps
+            self.hooks.append(bn.register_forward_pre_hook(
+                self._hook(bn.running_mean.detach().float(), 1.0 / s0, eps / s0)))
+
+    def _hook(self, rm: Tensor, inv: Tensor, ratio: Tensor):
+        def hook(mod: nn.Module, inp: tuple[Tensor, ...]) -> None:
+            x = inp[0]
+            d = x - rm.view(-1, *([1] * (x.dim() - 2)))
+            if x.dim() > 2:  # reduce the contiguous trailing axes first, then the batch
+                m, q = d.flatten(2).mean(2).mean(0), d.square().flatten(2).mean(2).mean(0)
+            else:
+                m, q = d.mean(0), d.square().mean(0)
+            v = (q - m * m) * inv + ratio
+            kl = 0.5 * (torch.log(v) + (1.0 + m * m * inv) / v - 1.0).mean()
+            self.total = kl if self.total is None else self.total + kl
+        return hook
+
+    def pop(self) -> Tensor:
+        total, self.total = self.total, None
+        if total is None:
+            raise RuntimeError("no BatchNorm layer ran in the forward pass")
+        return total
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
 
 
 def _tv(x: Tensor) -> Tensor:
@@ -187,10 +246,12 @@ def synthesize(
         bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.steps), disable=not progress,
                    desc=f"synthesize[{cfg.method}]", leave=False)
         for bi, b in enumerate(batches):
-            x = torch.randn((b, *shape), generator=gen)
-            if cfg.method != "gaussian":
-                targets = (torch.arange(b) + bi * cfg.batch_size) % _num_classes(model, x)
-                x = _optimise(model, x, targets, cfg, bar)
+            if cfg.method == "gaussian":
+                x = torch.randn((b, *shape), generator=gen)
+            else:
+                z = torch.randn((b, *_low_shape(shape, cfg.upsample)), generator=gen)
+                targets = (torch.arange(b) + bi * cfg.batch_size) % _num_classes(model, _up(z, shape))
+                x = _up(_optimise(model, z, shape, targets, cfg, bar), shape)
             with torch.no_grad():
                 logits = model(x)
             xs.append(x.detach())
@@ -204,26 +265,60 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
         return int(model(x[:1]).shape[-1])
 
 
-def _optimise(model: nn.Module, x: Tensor, targets: Tensor, cfg: Synth, bar) -> Tensor:
-    x = x.clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=cfg.lr)
-    for step in range(cfg.steps):
-        # cosine decay: large moves early, fine matching of the statistics late
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        with _bn_taps(model) as taps:
+def _lr_factor(step: int, cfg: Synth) -> float:
+    """Linear warmup, then cosine to zero: large moves early, fine matching of the statistics late."""
+    w = int(cfg.warmup * cfg.steps)
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, cfg.steps - w)))
+
+
+def _low_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
+    if factor == 1:
+        return shape
+    if len(shape) != 3:
+        raise ValueError(f"Synth.upsample > 1 needs image inputs (C, H, W), got input_shape {shape}")
+    return (shape[0], max(1, -(-shape[1] // factor)), max(1, -(-shape[2] // factor)))
+
+
+def _up(z: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if tuple(z.shape[1:]) == shape:
+        return z
+    return F.interpolate(z, size=shape[1:], mode="bilinear", align_corners=False)
+
+
+def _optimise(model: nn.Module, z: Tensor, shape: tuple[int, ...], targets: Tensor, cfg: Synth, bar) -> Tensor:
+    """Optimise the (possibly low-resolution) inputs ``z``; the model sees ``_up(z, shape)``."""
+    z = z.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=cfg.lr)
+    taps = _NormalisedTaps(model) if cfg.method == "bns" else None
+    window = max(2, cfg.steps // 5)
+    history: list[float] = []
+    prior_scale = cfg.tv_weight * math.prod(shape)
+    try:
+        for step in range(cfg.steps):
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _lr_factor(step, cfg)
+            x = _up(z, shape)
             logits = model(x)
-        if cfg.method == "bns":
-            main = bns_loss(taps)
-        else:  # inception: push each input towards its own class
-            main = F.cross_entropy(logits, targets)
-        loss = main + cfg.tv_weight * _tv(x) * x[0].numel() + cfg.l2_weight * x.pow(2).sum(tuple(range(1, x.dim()))).mean()
-        (grad,) = torch.autograd.grad(loss, x)
-        x.grad = grad
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{main.item():.3f}")
-    return x.detach()
+            # inception: push each input towards its own class
+            main = taps.pop() if taps is not None else F.cross_entropy(logits, targets)
+            loss = main + prior_scale * _tv(x) + cfg.l2_weight * x.pow(2).flatten(1).sum(1).mean()
+            (z.grad,) = torch.autograd.grad(loss, z)
+            opt.step()
+            bar.update(1)
+            if cfg.plateau > 0 or step % 10 == 0:
+                history.append(float(main.detach()))
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{history[-1]:.3f}")
+            if (cfg.plateau > 0 and step >= int(cfg.warmup * cfg.steps) + window
+                    and history[-1] > (1 - cfg.plateau) * history[-1 - window]):
+                bar.update(cfg.steps - step - 1)
+                break
+    finally:
+        if taps is not None:
+            taps.close()
+    return z.detach()
 
 
 @torch.no_grad()

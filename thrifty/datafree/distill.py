@@ -1,0 +1,124 @@
+"""Distillation fine-tuning of a quantized model from its FP teacher, on any inputs (e.g. BNS samples).
+
+After post-training quantization the quantized copy can be fine-tuned end to end to reproduce the FP
+model's soft outputs: the loss is KL(softmax(teacher / T) || softmax(student / T)) on the given inputs, so
+no label and no real data is needed (The Knowledge Within uses it with its BNS samples). Every floating
+point Parameter of the student is trained (weights behind their straight-through quantizers, biases,
+learnable quantizer scales); exactly-zero weights stay zero, so N:M / pruned masks survive. The student is
+restored when the fine-tuning does not lower the KL on the data, and its mode and ``requires_grad`` flags
+are restored either way. The teacher is never modified.
+
+Example:
+    >>> res = thrifty.quant.quantize(fp, PTQ(w_bits=4, a_bits=8), calib)             # doctest: +SKIP
+    >>> distill(res.model, fp, calib, steps=100)                                       # doctest: +SKIP
+    {'kl_before': 0.031, 'kl_after': 0.012, 'kept': True, 'steps': 100}
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+__all__ = ["distill"]
+
+
+def _inputs(data: Dataset | Tensor) -> Tensor:
+    x = data if isinstance(data, Tensor) else data[:][0]
+    if not isinstance(x, Tensor) or x.dim() == 0 or len(x) == 0:
+        raise ValueError("distill: the data set is empty (need at least one input)")
+    return x
+
+
+def _kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
+    s, t = s.reshape(-1, s.shape[-1]) / temperature, t.reshape(-1, t.shape[-1]) / temperature
+    return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean") * temperature ** 2
+
+
+@torch.no_grad()
+def _mean_kl(student: nn.Module, x: Tensor, targets: Tensor, batch_size: int, temperature: float) -> float:
+    tot = 0.0
+    for i in range(0, len(x), batch_size):
+        tot += float(_kl(student(x[i:i + batch_size]), targets[i:i + batch_size], temperature)) * len(x[i:i + batch_size])
+    return tot / len(x)
+
+
+def distill(student: nn.Module, teacher: nn.Module, data: Dataset | Tensor, *, steps: int = 100, lr: float = 1e-4,
+            batch_size: int = 64, temperature: float = 1.0, seed: int = 0,
+            progress: Optional[bool] = None) -> dict[str, Any]:
+    """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``data``; see the module docstring.
+
+    Returns ``{"kl_before", "kl_after", "kept", "steps"}`` (mean KL over ``data``; ``kept`` is False when the
+    fine-tuned weights were discarded because they did not lower it).
+    """
+    if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
+        raise TypeError("distill: student and teacher must be nn.Modules")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"distill: steps must be a non-negative integer, got {steps!r}")
+    if lr <= 0 or batch_size < 1 or temperature <= 0:
+        raise ValueError(f"distill: lr, batch_size and temperature must be positive, got {lr}, {batch_size}, "
+                         f"{temperature}")
+    x = _inputs(data)
+    t_mode = {m: m.training for m in teacher.modules()}
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            targets = torch.cat([teacher(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    finally:
+        for m, t in t_mode.items():
+            m.training = t
+    s_mode = {m: m.training for m in student.modules()}
+    student.eval()  # BN (if any is left) keeps its running statistics; no dropout
+    params = [p for p in student.parameters() if p.is_floating_point()]
+    flags = {p: p.requires_grad for p in student.parameters()}
+    try:
+        before = _mean_kl(student, x, targets, batch_size, temperature)
+        if steps == 0 or not params:
+            return {"kl_before": before, "kl_after": before, "kept": True, "steps": 0}
+        saved = copy.deepcopy(student.state_dict())
+        # pruned (exactly zero) weights stay pruned: re-zeroed after every step
+        keep = _zero_masks(student)
+        for p in student.parameters():
+            p.requires_grad_(p.is_floating_point())
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.enable_grad():
+            for _ in tqdm(range(steps), desc="distill", unit="step", leave=False,
+                          disable=None if progress is None else not progress):
+                idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
+                loss = _kl(student(x[idx]), targets[idx], temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    for p, m in keep:
+                        p.mul_(m)
+        for p in params:
+            p.grad = None
+        after = _mean_kl(student, x, targets, batch_size, temperature)
+        kept = after < before
+        if not kept:
+            student.load_state_dict(saved)
+            after = before
+        return {"kl_before": before, "kl_after": after, "kept": kept, "steps": steps}
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        for m, t in s_mode.items():
+            m.training = t
+
+
+def _zero_masks(model: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
+    """(weight, nonzero mask) for every matrix/conv weight that holds exact zeros (pruned entries)."""
+    out = []
+    for name, p in model.named_parameters():
+        if name.endswith("weight") and p.dim() > 1 and bool(p.eq(0).any()):
+            out.append((p, p.ne(0).to(p.dtype)))
+    return out
