@@ -71,7 +71,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _summ(r: dict, part: str) -> dict:
     keep = ("variant", "backend", "model", "dataset", "artifact_bytes", "calibration", "reference_metrics",
-            "size_bytes", "size_note", "accuracy_value", "latency_ms", "sim_metrics", "int8_ops", "threads", "workers")
+            "size_bytes", "size_note", "accuracy_value", "latency_ms", "sim_metrics", "int8_ops", "threads", "workers",
+            "int8_export")
     out = {k: r[k] for k in keep if k in r}
     out["part"] = part
     out["scenarios"] = {}
@@ -234,6 +235,14 @@ def render(out: dict, name: str) -> str:
         ops = ", ".join(f"{k} {v}" for k, v in (r.get("int8_ops") or {}).items()) or "-"
         lines.append(f"| {r['variant']} | {o['value']:.1f} | {o['value'] / base:.2f}x | "
                      f"{'VALID' if o['valid'] else 'INVALID'} | {acc} | {ref} | {r['size_bytes'] / 1e6:.3f} | {ops} |")
+    for r in a:  # what the int8 export added to the simulated PTQ model (thrifty.bench.int8_graph)
+        ex = r.get("int8_export")
+        if ex and ex.get("residual_adds"):
+            lines += ["", f"{r['variant']}: {ex['residual_adds']} residual Adds exported as integer: "
+                          f"{len(ex['new_quantizers'])} output quantizers added (calibrated on the PTQ calibration "
+                          f"set like its activation quantizers), {ex['shared']} shortcut inputs reuse the next Conv's "
+                          f"input quantizer; the simulated PyTorch model has neither. Weights stored "
+                          f"{'signed (u8s8 kernels)' if ex.get('signed_weights') else 'unsigned'}."]
     sim = meta.get("minilm_int8_simulated_cosine_to_fp")
     if sim:
         lines += ["", f"MiniLM int8 simulated in PyTorch (fake quantization): cosine to FP32 mean {sim['mean']:.5f}, "
