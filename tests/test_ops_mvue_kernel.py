@@ -175,20 +175,3 @@ def test_tail_error_and_empty_with_the_kernel():
 def test_kernel_mode_table_matches_the_kernel_module():
     assert mv._KERNEL_MODES == {"mvue": K.MVUE, "mse": K.MSE_VALUES, "mask": K.MSE_MASK}
 
-
-@pytest.mark.parametrize("n,m", [(2, 4), (1, 2), (1, 4), (3, 4), (2, 8)])
-def test_mse_apply_equals_values_times_mask(n, m, monkeypatch):
-    for i, shape in enumerate(SHAPES):
-        x = _tensor(shape, 30 + i)
-        x.view(-1)[-1] = float("nan")
-        v = torch.randn(*shape, generator=torch.Generator().manual_seed(i))
-        for dim in range(x.dim()):
-            for tail in ("pad", "dense"):
-                got = mv.mse_apply(x, v, n, m, dim, tail)
-                with monkeypatch.context() as mp:
-                    mp.setattr(mv, "_KERNEL", False)
-                    ref = mv.mse_apply(x, v, n, m, dim, tail)
-                assert torch.equal(got, ref) and torch.equal(got, v * mv.mse_mask(x, n, m, dim, tail))
-    assert mv.mse_apply(x.half(), v, 2, 4).dtype == torch.float32  # x only ranks; values keep their dtype
-    with pytest.raises(ValueError, match="values must be a tensor of x's shape"):
-        mv.mse_apply(x, v[:1], 2, 4)

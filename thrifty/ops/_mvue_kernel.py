@@ -29,7 +29,7 @@ Example:
     >>> import numpy as np
     >>> x = np.array([1.0, -3.0, 0.5, 2.0], dtype=np.float32)
     >>> out = np.empty_like(x)
-    >>> nm_kernel(x, x, out, 1, 4, 1, 2, 4, False, MSE_VALUES, np.empty(0, np.float32), 0)
+    >>> nm_kernel(x, out, 1, 4, 1, 2, 4, False, MSE_VALUES, np.empty(0, np.float32), 0)
     >>> out.tolist()
     [0.0, -3.0, 0.0, 2.0]
 """
@@ -123,17 +123,16 @@ def _mvue_block(a0, a1, a2, a3, n, u):
 
 
 @njit(**_JIT)
-def _mse_out(v, rank, n, ok, values):
+def _mse_out(a, rank, n, ok, values):
     keep = rank < n or not ok  # NaN / inf / overflow: keep the whole block
     if values:
-        return v + _F0 if keep else _F0  # + 0 turns a kept -0.0 into 0.0, as x * mask + 0 does
+        return a + _F0 if keep else _F0  # + 0 turns a kept -0.0 into 0.0, as x * mask + 0 does
     return _F1 if keep else _F0
 
 
 @njit(**_JIT)
-def _mse_block(a0, a1, a2, a3, v0, v1, v2, v3, n, values):
-    """Top-n of up to four values a_k by pairwise comparison (ties go to the lower index); returns
-    the v_k kept (``values``; v = a for the pruned tensor, v = a gradient to mask it alike) or 0/1.
+def _mse_block(a0, a1, a2, a3, n, values):
+    """Top-n of up to four values by pairwise comparison; ties go to the lower index.
 
     j ranks before k (j < k) when |x_j| >= |x_k|. Absent slots (index >= cnt) hold 0 at the highest
     indices, so every present element ranks before them and they never change a present rank.
@@ -146,12 +145,19 @@ def _mse_block(a0, a1, a2, a3, v0, v1, v2, v3, n, values):
     r1 = c01 + 2 - c12 - c13
     r2 = c02 + c12 + 1 - c23
     r3 = c03 + c13 + c23
-    return (_mse_out(v0, r0, n, ok, values), _mse_out(v1, r1, n, ok, values),
-            _mse_out(v2, r2, n, ok, values), _mse_out(v3, r3, n, ok, values))
+    return (_mse_out(a0, r0, n, ok, values), _mse_out(a1, r1, n, ok, values),
+            _mse_out(a2, r2, n, ok, values), _mse_out(a3, r3, n, ok, values))
 
 
 @njit(**_JIT)
-def _row4(x0, x1, x2, x3, y0, y1, y2, y3, o0, o1, o2, o3, mode, n, seed, b0):
+def _block(mode, a0, a1, a2, a3, n, u):
+    if mode == MVUE:
+        return _mvue_block(a0, a1, a2, a3, n, u)
+    return _mse_block(a0, a1, a2, a3, n, mode == MSE_VALUES)
+
+
+@njit(**_JIT)
+def _row4(x0, x1, x2, x3, o0, o1, o2, o3, mode, n, seed, b0):
     """Full 4-blocks of one (p, g) row, one per q (slices: LLVM vectorises along q)."""
     if mode == MVUE:
         for q in range(x0.shape[0]):
@@ -159,12 +165,11 @@ def _row4(x0, x1, x2, x3, y0, y1, y2, y3, o0, o1, o2, o3, mode, n, seed, b0):
             o0[q], o1[q], o2[q], o3[q] = _mvue_block(x0[q], x1[q], x2[q], x3[q], n, uu)
     else:
         for q in range(x0.shape[0]):
-            o0[q], o1[q], o2[q], o3[q] = _mse_block(x0[q], x1[q], x2[q], x3[q], y0[q], y1[q], y2[q], y3[q], n,
-                                                    mode == MSE_VALUES)
+            o0[q], o1[q], o2[q], o3[q] = _mse_block(x0[q], x1[q], x2[q], x3[q], n, mode == MSE_VALUES)
 
 
 @njit(**_JIT)
-def _row2(x0, x1, y0, y1, o0, o1, mode, n, seed, b0):
+def _row2(x0, x1, o0, o1, mode, n, seed, b0):
     """Full 2-blocks of one (p, g) row, one per q."""
     if mode == MVUE:
         for q in range(x0.shape[0]):
@@ -172,11 +177,11 @@ def _row2(x0, x1, y0, y1, o0, o1, mode, n, seed, b0):
             o0[q], o1[q], _, _ = _mvue_block(x0[q], x1[q], _F0, _F0, 1, uu)
     else:
         for q in range(x0.shape[0]):
-            o0[q], o1[q], _, _ = _mse_block(x0[q], x1[q], _F0, _F0, y0[q], y1[q], _F0, _F0, n, mode == MSE_VALUES)
+            o0[q], o1[q], _, _ = _mse_block(x0[q], x1[q], _F0, _F0, n, mode == MSE_VALUES)
 
 
 @njit(**_JIT)
-def _seq(xs, ys, os_, m, mode, n, seed, b0):
+def _seq(xs, os_, m, mode, n, seed, b0):
     """Consecutive full blocks along the last dim (post == 1): block b is xs[m*b : m*b + m]."""
     nb = xs.shape[0] // m
     if m == 4 and mode == MVUE:
@@ -187,26 +192,22 @@ def _seq(xs, ys, os_, m, mode, n, seed, b0):
     elif m == 4:
         for b in range(nb):
             os_[4 * b], os_[4 * b + 1], os_[4 * b + 2], os_[4 * b + 3] = _mse_block(
-                xs[4 * b], xs[4 * b + 1], xs[4 * b + 2], xs[4 * b + 3], ys[4 * b], ys[4 * b + 1], ys[4 * b + 2],
-                ys[4 * b + 3], n, mode == MSE_VALUES)
+                xs[4 * b], xs[4 * b + 1], xs[4 * b + 2], xs[4 * b + 3], n, mode == MSE_VALUES)
     elif mode == MVUE:
         for b in range(nb):
             uu = hash_uniform(seed, np.uint64(b0 + b))
             os_[2 * b], os_[2 * b + 1], _, _ = _mvue_block(xs[2 * b], xs[2 * b + 1], _F0, _F0, 1, uu)
     else:
         for b in range(nb):
-            os_[2 * b], os_[2 * b + 1], _, _ = _mse_block(xs[2 * b], xs[2 * b + 1], _F0, _F0, ys[2 * b],
-                                                          ys[2 * b + 1], _F0, _F0, n, mode == MSE_VALUES)
+            os_[2 * b], os_[2 * b + 1], _, _ = _mse_block(xs[2 * b], xs[2 * b + 1], _F0, _F0, n, mode == MSE_VALUES)
 
 
 @njit(**_JIT)
-def nm_kernel(x, y, out, pre, length, post, n, m, dense_tail, mode, u, seed):
+def nm_kernel(x, out, pre, length, post, n, m, dense_tail, mode, u, seed):
     """N:M of ``x`` (1-D contiguous float32 view of (pre, length, post)) into ``out``.
 
-    ``mode``: MVUE, MSE_VALUES or MSE_MASK. ``y`` (same layout as ``x``): where MSE_VALUES takes
-    the kept values from; ``x`` itself for pruning, a gradient to mask it like ``x`` (the
-    backward of activation N:M). ``u``: float32 uniforms, one per block in the torch path's
-    order, or an empty array to draw them from ``hash_uniform(seed, block)`` (MVUE only).
+    ``mode``: MVUE, MSE_VALUES or MSE_MASK. ``u``: float32 uniforms, one per block in the torch
+    path's order, or an empty array to draw them from ``hash_uniform(seed, block)`` (MVUE only).
     """
     full = length // m
     r = length - full * m
@@ -215,14 +216,13 @@ def nm_kernel(x, y, out, pre, length, post, n, m, dense_tail, mode, u, seed):
     useed = np.uint64(seed)
     fast = not use_u and (m == 2 or m == 4)
     if fast and post == 1 and r == 0:  # every block is consecutive: one sequence over the whole tensor
-        _seq(x, y, out, m, mode, n, useed, 0)
+        _seq(x, out, m, mode, n, useed, 0)
         return
     for p in range(pre):
         row = p * length * post
         g0 = 0
         if fast and post == 1 and full > 0:  # the row's full blocks as one sequence
-            e = row + full * m
-            _seq(x[row:e], y[row:e], out[row:e], m, mode, n, useed, p * nblk)
+            _seq(x[row:row + full * m], out[row:row + full * m], m, mode, n, useed, p * nblk)
             g0 = full
         for g in range(g0, nblk):
             cnt = m if g < full else r
@@ -230,17 +230,12 @@ def nm_kernel(x, y, out, pre, length, post, n, m, dense_tail, mode, u, seed):
             bidx = (p * nblk + g) * post
             if fast and cnt == 4 and post >= _ROW_MIN:
                 e1, e2, e3, e4 = base + post, base + 2 * post, base + 3 * post, base + 4 * post
-                x0, x1, x2, x3 = x[base:e1], x[e1:e2], x[e2:e3], x[e3:e4]
-                if mode == MVUE:  # (y unused)
-                    y0, y1, y2, y3 = x0, x1, x2, x3
-                else:
-                    y0, y1, y2, y3 = y[base:e1], y[e1:e2], y[e2:e3], y[e3:e4]
-                _row4(x0, x1, x2, x3, y0, y1, y2, y3, out[base:e1], out[e1:e2], out[e2:e3], out[e3:e4],
-                      mode, n, useed, bidx)
+                _row4(x[base:e1], x[e1:e2], x[e2:e3], x[e3:e4], out[base:e1], out[e1:e2], out[e2:e3],
+                      out[e3:e4], mode, n, useed, bidx)
                 continue
             if fast and cnt == 2 and m == 2 and post >= _ROW_MIN:  # (not a 2-element tail of a 4-block)
                 e1, e2 = base + post, base + 2 * post
-                _row2(x[base:e1], x[e1:e2], y[base:e1], y[e1:e2], out[base:e1], out[e1:e2], mode, n, useed, bidx)
+                _row2(x[base:e1], x[e1:e2], out[base:e1], out[e1:e2], mode, n, useed, bidx)
                 continue
             for q in range(post):  # scalar: explicit uniforms, 1:3, short rows, the padded tail block
                 i = base + q
@@ -248,15 +243,10 @@ def nm_kernel(x, y, out, pre, length, post, n, m, dense_tail, mode, u, seed):
                 a1 = x[i + post] if cnt > 1 else _F0
                 a2 = x[i + 2 * post] if cnt > 2 else _F0
                 a3 = x[i + 3 * post] if cnt > 3 else _F0
+                uu = _F0
                 if mode == MVUE:
                     uu = u[bidx + q] if use_u else hash_uniform(useed, np.uint64(bidx + q))
-                    o0, o1, o2, o3 = _mvue_block(a0, a1, a2, a3, n, uu)
-                else:
-                    v0 = y[i]
-                    v1 = y[i + post] if cnt > 1 else _F0
-                    v2 = y[i + 2 * post] if cnt > 2 else _F0
-                    v3 = y[i + 3 * post] if cnt > 3 else _F0
-                    o0, o1, o2, o3 = _mse_block(a0, a1, a2, a3, v0, v1, v2, v3, n, mode == MSE_VALUES)
+                o0, o1, o2, o3 = _block(mode, a0, a1, a2, a3, n, uu)
                 out[i] = o0
                 if cnt > 1:
                     out[i + post] = o1
@@ -266,4 +256,4 @@ def nm_kernel(x, y, out, pre, length, post, n, m, dense_tail, mode, u, seed):
                     out[i + 3 * post] = o3
         if dense_tail and r > 0:
             for j in range(row + full * m * post, row + length * post):
-                out[j] = y[j] if mode != MSE_MASK else _F1  # (MVUE: y is x)
+                out[j] = x[j] if mode != MSE_MASK else _F1

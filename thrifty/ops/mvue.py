@@ -85,7 +85,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["mse_mask", "mse_nm", "mse_apply", "mvue_nm", "nm_prune", "mvue_probs", "Method", "Tail", "METHODS"]
+__all__ = ["mse_mask", "mse_nm", "mvue_nm", "nm_prune", "mvue_probs", "Method", "Tail", "METHODS"]
 
 Method = Literal["mse", "mvue"]
 Tail = Literal["pad", "dense", "error"]
@@ -124,13 +124,11 @@ def _use_kernel(x: Tensor, n: int, m: int, method: str) -> bool:
 
 
 def _kernel_call(x: Tensor, n: int, m: int, dim: int, tail: str, kind: str,
-                 u: Optional[Tensor] = None, seed: int = 0, values: Optional[Tensor] = None) -> Tensor:
+                 u: Optional[Tensor] = None, seed: int = 0) -> Tensor:
     """Run a compiled kernel on ``x`` grouped along ``dim`` (already normalised).
 
     ``kind``: "mvue" (values, dtype of ``x``), "mse" (kept values, float32), "mask" (0/1, float32).
     ``u`` (one float32 uniform per block, the torch path's layout) replaces the hashed uniforms.
-    ``values`` (shape of ``x``, "mse" only): take the kept entries from this tensor instead of ``x``
-    (``values * mse_mask(x)`` in one pass: the backward of activation N:M).
     """
     shape = x.shape
     length = shape[dim]
@@ -144,14 +142,7 @@ def _kernel_call(x: Tensor, n: int, m: int, dim: int, tail: str, kind: str,
     out = torch.empty_like(xf)
     k = _kernels()
     uv = _NO_U if u is None else u.detach().float().contiguous().view(-1).numpy()
-    xv = xf.view(-1).numpy()
-    if values is None:
-        yv = xv
-    else:
-        if values.shape != x.shape:
-            raise ValueError(f"values of shape {tuple(values.shape)} do not match x of shape {tuple(x.shape)}")
-        yv = values.detach().float().contiguous().view(-1).numpy()
-    k.nm_kernel(xv, yv, out.view(-1).numpy(), pre, length, post, n, m, tail == "dense",
+    k.nm_kernel(xf.view(-1).numpy(), out.view(-1).numpy(), pre, length, post, n, m, tail == "dense",
                 _KERNEL_MODES[kind], uv, seed)
     return _to_dtype(out, x.dtype) if kind == "mvue" else out
 
@@ -263,25 +254,6 @@ def mse_nm(x: Tensor, n: int, m: int, dim: int = -1, tail: Tail = "pad") -> Tens
         return _kernel_call(x, n, m, d, tail, "mse")  # one pass, no mask tensor
     mask = mse_mask(x, n, m, dim, tail)
     return (x.detach() * mask).add_(0.0)  # + 0 turns the -0.0 of dropped negatives into 0.0
-
-
-def mse_apply(x: Tensor, values: Tensor, n: int, m: int, dim: int = -1, tail: Tail = "pad") -> Tensor:
-    """``values * mse_mask(x, n, m, dim, tail)``: mask ``values`` (shaped like ``x``) where ``x`` is pruned.
-
-    The backward of activation N:M (the input gradient is masked like the input). On CPU with
-    float32 ``values`` it is one kernel pass, without a mask tensor. Dropped entries are 0.0.
-
-    Example:
-        >>> mse_apply(torch.tensor([3.0, -1.0, 0.5, -4.0]), torch.tensor([1.0, 2.0, 3.0, 4.0]), 1, 2)
-        tensor([1., 0., 0., 4.])
-    """
-    d = _check(x, n, m, dim, tail)
-    if not isinstance(values, Tensor) or values.shape != x.shape:
-        got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise ValueError(f"values must be a tensor of x's shape {tuple(x.shape)}, got {got}")
-    if values.dtype == torch.float32 and x.numel() and _use_kernel(x, n, m, "mse"):
-        return _kernel_call(x, n, m, d, tail, "mse", values=values)
-    return values * mse_mask(x, n, m, dim, tail)
 
 
 def mvue_probs(mag: Tensor, n: int, dim: int = -1) -> Tensor:
