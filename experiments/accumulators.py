@@ -4,11 +4,13 @@ Claim (Blumenfeld, Hubara, Soudry): with a short fine-tuning (first without unde
 floating-point accumulators lose no significant accuracy; used naively they degrade; below 12 bits fine-grained
 gradient approximations beat the plain straight-through estimator.
 
-Models: the MLP on MNIST-1D (thrifty.train.pretrained) and ResNet-20 on the 8x8 digits images (trained here:
-the accumulator simulation costs ~1000x a float32 GEMM on CPU, so 32x32 inputs would take hours). Every
+Models: the MLP on MNIST-1D (thrifty.train.pretrained) and ResNet-20 on the 8x8 digits images (trained here in
+seconds; 32x32 inputs would not change the accumulation length K, which is set by channels x kernel size). Every
 Linear/Conv2d accumulates in the format (products rounded to the same format, chunks of 16, IEEE-style bias,
-subnormals, saturation). Also: all-MiniLM-L6-v2 sentence embeddings with a 12-bit accumulator in every Linear
-(attention score products stay float32), no fine-tuning: cosine similarity to the float32 embeddings.
+subnormals, saturation); the simulation runs in the compiled kernel of thrifty.ops.accum. Ablation: the same
+without chunking (chunk = K, one sequential sum per output), where swamping grows with K. Also: all-MiniLM-L6-v2
+sentence embeddings with a 12-bit accumulator in every Linear (attention score products stay float32), no
+fine-tuning: cosine similarity to the float32 embeddings.
 
     python experiments/accumulators.py --quick     # CI-sized, about a minute
     python experiments/accumulators.py             # full: results/accumulators.{json,md,_acc.png}
@@ -64,21 +66,22 @@ def mlp_mnist1d(seed: int, quick: bool):
     return model.eval(), s.train, s.test
 
 
-def run_model(name, model, train, test, bits_list, ft_steps, opt, lr, log):
+def run_model(name, model, train, test, bits_list, ft_steps, opt, lr, log, chunk=16):
+    """Rows for one model; ``chunk=None`` is the ablation without chunking (one sequential sum of K terms)."""
     rows = []
     fp32 = evaluate(model, test)["acc"]
-    log(f"{name}: fp32 acc {fp32:.4f}")
+    log(f"{name}, chunk {chunk or 'K'}: fp32 acc {fp32:.4f}")
     for bits in bits_list:
         e, m = FORMATS[bits]
-        row = {"model": name, "bits": bits, "format": f"e{e}m{m}", "fp32": fp32}
+        row = {"model": name, "bits": bits, "format": f"e{e}m{m}", "fp32": fp32, "chunk": chunk}
         t0 = time.perf_counter()
-        naive = apply(copy.deepcopy(model), AccumConfig(e, m, chunk=16))
+        naive = apply(copy.deepcopy(model), AccumConfig(e, m, chunk=chunk))
         row["naive"] = evaluate(naive, test)["acc"]
         for mode in ("ste", "fine"):
             tuned = copy.deepcopy(model)
             tc = TrainConfig(steps=ft_steps, batch_size=64, lr=lr, optimizer=opt, momentum=0.9, weight_decay=0.0,
                              schedule="cosine", seed=1)
-            out = finetune_accumulators(tuned, AccumConfig(e, m, chunk=16, backward=mode), train, test, tc)
+            out = finetune_accumulators(tuned, AccumConfig(e, m, chunk=chunk, backward=mode), train, test, tc)
             row[f"ft_{mode}"] = out["test_acc"]
         row["seconds"] = round(time.perf_counter() - t0, 1)
         log(f"  {bits:2d}-bit e{e}m{m}: naive {row['naive']:.4f}  ft-STE {row['ft_ste']:.4f}  "
@@ -87,14 +90,14 @@ def run_model(name, model, train, test, bits_list, ft_steps, opt, lr, log):
     return rows
 
 
-def minilm_fidelity(n_sent: int, bits: int, log):
+def minilm_fidelity(n_sent: int, bits: int, log, chunk=16):
     from thrifty.data.text import load_texts
 
     model = create("minilm")
     texts = load_texts(n_sent, seed=0)
     ref = model.encode(texts, batch_size=32, max_length=64)
     e, m = FORMATS[bits]
-    apply(model, AccumConfig(e, m, chunk=16))
+    apply(model, AccumConfig(e, m, chunk=chunk))
     t0 = time.perf_counter()
     low = model.encode(texts, batch_size=32, max_length=64)
     cos = (ref * low).sum(1)
@@ -102,11 +105,11 @@ def minilm_fidelity(n_sent: int, bits: int, log):
     eye = torch.eye(len(texts), dtype=torch.bool)
     nn_ref = sim_ref.masked_fill(eye, -2).argmax(1)
     nn_low = sim_low.masked_fill(eye, -2).argmax(1)
-    out = {"bits": bits, "format": f"e{e}m{m}", "sentences": len(texts), "mean_cos": float(cos.mean()),
+    out = {"bits": bits, "format": f"e{e}m{m}", "chunk": chunk, "sentences": len(texts), "mean_cos": float(cos.mean()),
            "min_cos": float(cos.min()), "nn_agreement": float((nn_ref == nn_low).float().mean()),
            "pairwise_sim_max_abs_err": float((sim_ref - sim_low).abs().max()),
            "seconds": round(time.perf_counter() - t0, 1)}
-    log(f"MiniLM {bits}-bit accumulator: mean cos {out['mean_cos']:.5f}, min cos {out['min_cos']:.5f}, "
+    log(f"MiniLM {bits}-bit accumulator, chunk {chunk or 'K'}: mean cos {out['mean_cos']:.5f}, min cos {out['min_cos']:.5f}, "
         f"nearest-neighbour agreement {out['nn_agreement']:.3f}")
     return out
 
@@ -117,17 +120,22 @@ def to_markdown(res: dict) -> str:
              f"{res['ft_steps']} (half without underflow, half with; MLP AdamW lr 2e-4, ResNet SGD lr 0.01). Command: `{res['command']}`.", "",
              "| model | acc. bits | format | FP32 | naive | fine-tuned (STE) | fine-tuned (fine-grained) |",
              "|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['model']} | {r['bits']} | {r['format']} | {100 * r['fp32']:.2f} | {100 * r['naive']:.2f} | "
-                     f"{100 * r['ft_ste']:.2f} | {100 * r['ft_fine']:.2f} |")
-    mm = res.get("minilm")
-    if mm:
+    table = lambda r: (f"| {r['model']} | {r['bits']} | {r['format']} | {100 * r['fp32']:.2f} | "  # noqa: E731
+                       f"{100 * r['naive']:.2f} | {100 * r['ft_ste']:.2f} | {100 * r['ft_fine']:.2f} |")
+    lines += [table(r) for r in res["rows"] if r.get("chunk", 16) is not None]
+    abl = [r for r in res["rows"] if r.get("chunk", 16) is None]
+    if abl:
+        lines += ["", "Ablation without chunking (chunk = K: each output is one sequential sum of all K products, K up "
+                  "to 576 here), same fine-tuning:", "", lines[4], lines[5]] + [table(r) for r in abl]
+    mms = [mm for mm in (res.get("minilm"), res.get("minilm_nochunk")) if mm]
+    if mms:
+        mm = mms[0]
         lines += ["", "all-MiniLM-L6-v2, every Linear with a "
                   f"{mm['bits']}-bit ({mm['format']}) accumulator, no fine-tuning, {mm['sentences']} sentences:", "",
-                  "| mean cosine to FP32 | min cosine | nearest-neighbour agreement | max abs error of pairwise sims |",
-                  "|---|---|---|---|",
-                  f"| {mm['mean_cos']:.5f} | {mm['min_cos']:.5f} | {mm['nn_agreement']:.3f} | "
-                  f"{mm['pairwise_sim_max_abs_err']:.4f} |"]
+                  "| chunk | mean cosine to FP32 | min cosine | nearest-neighbour agreement | "
+                  "max abs error of pairwise sims |", "|---|---|---|---|---|"]
+        lines += [f"| {mm.get('chunk', 16) or 'K (none)'} | {mm['mean_cos']:.5f} | {mm['min_cos']:.5f} | "
+                  f"{mm['nn_agreement']:.3f} | {mm['pairwise_sim_max_abs_err']:.4f} |" for mm in mms]
     lines += ["", f"Total time {res['seconds']} s (CPU, {res['threads']} thread(s))."]
     return "\n".join(lines) + "\n"
 
@@ -141,11 +149,17 @@ def plot(res: dict, path: Path) -> None:
     models = sorted({r["model"] for r in res["rows"]})
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
     for ax, name in zip(axes[0], models):
-        rows = sorted((r for r in res["rows"] if r["model"] == name), key=lambda r: r["bits"])
-        b = [r["bits"] for r in rows]
-        for key, label in (("naive", "naive"), ("ft_ste", "fine-tuned, STE"), ("ft_fine", "fine-tuned, fine-grained")):
-            ax.plot(b, [100 * r[key] for r in rows], marker="o", label=label)
-        ax.axhline(100 * rows[0]["fp32"], color="k", ls="--", lw=1, label="FP32")
+        for chunk, ls in ((16, "-"), (None, ":")):
+            rows = sorted((r for r in res["rows"] if r["model"] == name and r.get("chunk", 16) == chunk),
+                          key=lambda r: r["bits"])
+            if not rows:
+                continue
+            b = [r["bits"] for r in rows]
+            for i, (key, label) in enumerate((("naive", "naive"), ("ft_ste", "fine-tuned, STE"),
+                                              ("ft_fine", "fine-tuned, fine-grained"))):
+                ax.plot(b, [100 * r[key] for r in rows], marker="o", ls=ls, color=f"C{i}",
+                        label=f"{label}, chunk {chunk or 'K'}")
+        ax.axhline(100 * rows[0]["fp32"], color="k", ls="--", lw=1, label="FP32")  # noqa: B023
         ax.set_title(name)
         ax.set_xlabel("accumulator bits")
         ax.set_ylabel("test accuracy (%)")
@@ -169,16 +183,21 @@ def main(argv=None) -> int:
     q = args.quick
     bits_list = [12, 6] if q else [16, 12, 10, 8, 7, 6]
     rows = []
+    abl_bits = [8] if q else [12, 10, 8, 7]
     model, tr, te = mlp_mnist1d(args.seed, q)
-    rows += run_model("MLP / MNIST-1D", model, tr, subset(te, 256 if q else None), bits_list, FT["mlp"][q],
-                      "adamw", 2e-4, log)
+    te = subset(te, 256 if q else None)
+    rows += run_model("MLP / MNIST-1D", model, tr, te, bits_list, FT["mlp"][q], "adamw", 2e-4, log)
+    rows += run_model("MLP / MNIST-1D", model, tr, te, abl_bits, FT["mlp"][q], "adamw", 2e-4, log, chunk=None)
     model, tr, te = digits8x8(args.seed, q)
-    rows += run_model("ResNet-20 / digits 8x8", model, tr, subset(te, 128 if q else None), bits_list,
-                      FT["resnet"][q], "sgd", 0.01, log)
+    te = subset(te, 128 if q else None)
+    rows += run_model("ResNet-20 / digits 8x8", model, tr, te, bits_list, FT["resnet"][q], "sgd", 0.01, log)
+    rows += run_model("ResNet-20 / digits 8x8", model, tr, te, abl_bits, FT["resnet"][q], "sgd", 0.01, log,
+                      chunk=None)
     mini = minilm_fidelity(8 if q else 64, 12, log)
+    mini_nc = minilm_fidelity(8 if q else 64, 12, log, chunk=None)
     res = {"mode": "quick" if q else "full", "command": "python experiments/accumulators.py" + (" --quick" if q else ""),
            "ft_steps": {"MLP / MNIST-1D": FT["mlp"][q], "ResNet-20 / digits 8x8": FT["resnet"][q]},
-           "rows": rows, "minilm": mini, "threads": args.threads, "formats": FORMATS,
+           "rows": rows, "minilm": mini, "minilm_nochunk": mini_nc, "threads": args.threads, "formats": FORMATS,
            "seconds": round(time.perf_counter() - t0, 1)}
     name = "accumulators_quick" if q else "accumulators"
     atomic_write_text(out / f"{name}.json", json.dumps(res, indent=1))

@@ -36,8 +36,10 @@ Exactness: the simulation uses float32 adds/multiplies before each rounding. Whe
 product formats satisfy ``m_acc + m_prod <= 18`` every float32 sum of two in-format operands is close enough
 to the exact sum that the rounded result equals the rounding of the exact sum (a gap large enough for float32
 to round means the smaller operand is below a quarter of the accumulator's ulp); ``tests/test_ops_accum.py``
-checks this against exact rational arithmetic. The vectorised :func:`accumulate` equals the sequential
-:func:`accumulate_reference` bit for bit for every format.
+checks this against exact rational arithmetic. :func:`accumulate` equals the sequential
+:func:`accumulate_reference` bit for bit for every format, with either backend: a compiled numba kernel for CPU
+tensors (:mod:`thrifty.ops._accum_kernel`, ~18 SIMD ops per product, a few times a float32 GEMM) or the
+vectorised torch path (any device; ~20 memory-bound tensor passes per product, hundreds of times a GEMM).
 
 Example:
     >>> import torch
@@ -50,6 +52,7 @@ Example:
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -259,6 +262,9 @@ class AccumTrace(NamedTuple):
     K: int
 
 
+# numba is a dependency (imported lazily: it is slow to import); without it "auto" falls back to the torch path
+_HAS_NUMBA = importlib.util.find_spec("numba") is not None
+
 Outer = Union[FloatFormat, None, Literal["same"]]
 Backend = Literal["auto", "numba", "torch"]
 _BLOCK = 1 << 22  # elements per working buffer before accumulate() splits the rows
@@ -297,7 +303,7 @@ def accumulate(x: Tensor, w: Tensor, acc: FloatFormat, prod: Optional[FloatForma
     N, O, K, c = _check_operands(x, w, chunk)
     if backend not in ("auto", "numba", "torch"):
         raise ValueError(f"accumulate: backend must be 'auto', 'numba' or 'torch', got {backend!r}")
-    if backend == "numba" or (backend == "auto" and x.device.type == "cpu" and w.device.type == "cpu"):
+    if backend == "numba" or (backend == "auto" and x.device.type == "cpu" and w.device.type == "cpu" and _HAS_NUMBA):
         if x.device.type != "cpu" or w.device.type != "cpu":
             raise ValueError("accumulate: backend='numba' needs CPU tensors")
         return _accumulate_numba(x, w, acc, prod, c, acc if outer == "same" else outer, trace)
@@ -419,7 +425,8 @@ def trace_grads(tr: AccumTrace, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor
     x, w, dy_x, dy_w = (t.detach().to(torch.float32) for t in (x, w, dy_x, dy_w))
     if backend not in ("auto", "numba", "torch"):
         raise ValueError(f"trace_grads: backend must be 'auto', 'numba' or 'torch', got {backend!r}")
-    if backend != "torch" and all(t.device.type == "cpu" for t in (tr.keep, x, w, dy_x, dy_w)):
+    if backend == "numba" or (backend == "auto" and _HAS_NUMBA and
+                               all(t.device.type == "cpu" for t in (tr.keep, x, w, dy_x, dy_w))):
         import numba
 
         from thrifty.ops import _accum_kernel as kern
