@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="abc", help="a = batch augmentation curves, b = mixed size, c = batch "
                     "augmentation on compressed schedules; 'none' only re-renders the .md and plots from the .json")
     ap.add_argument("--tag", default="", help="suffix for the results files, e.g. _steps60")
+    ap.add_argument("--merge-seeds", action="store_true",
+                    help="part a: pool these seeds with the stored ones of the same task and protocol (one process "
+                         "per seed); otherwise the task's stored results are replaced")
+    ap.add_argument("--runs", nargs="+", default=None,
+                    help="part a: only these runs (e.g. m=1+gna4), to pool with stored ones via --merge-seeds")
     ap.add_argument("--tasks", nargs="+", default=None,
                     help="parts a/c: only the tasks whose name contains one of these (e.g. digits32 mnist1d)")
     args = ap.parse_args(argv)
@@ -140,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         for task in todo:
             print(f"[regimes] part a: batch augmentation, {task.name}, seeds {seeds_ac}", file=sys.stderr)
             t0 = time.perf_counter()
-            r = ba.run_task(task, seeds_ac, progress=sys.stderr.isatty())
-            r.update(summary=ba.summarize(r), command=cmd, seconds=round(time.perf_counter() - t0, 1))
+            r = ba.run_task(task, seeds_ac, progress=sys.stderr.isatty(), only=args.runs)
+            r.update(summary=ba.summarize(r) if "m=1" in r["raw"] else None, command=cmd,
+                     seconds=round(time.perf_counter() - t0, 1), merge_seeds=args.merge_seeds)
             res = _save(old_path, res, "batch_augment", r)
     if "c" in args.parts:
         for task in todo:
@@ -170,6 +176,19 @@ def _save(path: Path, res: dict, key: str | None, entry: dict | None) -> dict:
     if key == "mixed_size":
         merged[key] = entry
     elif key is not None:
+        prev = next((t for t in latest.get(key, {}).get("tasks", []) if t.get("task") == entry["task"]), None)
+        if key == "batch_augment" and prev is not None and entry.get("merge_seeds") and all(
+                prev.get(k) == json.loads(json.dumps(entry[k]))
+                for k in ("train_config", "augment", "test_images", "model_kwargs")):
+            # same protocol run for other seeds (e.g. one process per seed): pool the seeds
+            runs = list(dict.fromkeys([*prev["raw"], *entry["raw"]]))
+            raw = {run: {**prev["raw"].get(run, {}), **entry["raw"].get(run, {})} for run in runs}
+            every = set.intersection(*(set(per) for per in raw.values()))  # seeds that every run has
+            seeds = sorted(int(k) for k in every)
+            cmds = [c for c in (prev.get("command", ""), entry["command"]) if c]
+            entry = {**entry, "raw": raw, "seeds": seeds, "command": " + ".join(dict.fromkeys(cmds)),
+                     "seconds": prev.get("seconds", 0) + entry["seconds"]}
+            entry["summary"] = ba.summarize(entry) if "m=1" in raw and seeds else None
         old = [t for t in latest.get(key, {}).get("tasks", []) if t.get("task") != entry["task"]]
         order = [t.name for t in ba.tasks(res["mode"] == "quick")]
         tasks = sorted(old + [entry], key=lambda t: order.index(t["task"]) if t["task"] in order else len(order))

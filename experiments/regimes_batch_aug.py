@@ -83,14 +83,31 @@ def tasks(quick: bool) -> list[Task]:
                  SignalAugmentConfig(shift=4, scale=(0.8, 1.2)), extra=("no-aug", "m=4+gna"))]
 
 
+class _ScaledGrad(BatchAugment):
+    """m copies, gradients scaled by ``scale`` before the step: "m=1+gna4" applies m=4's sqrt(4) scaling to an
+    m=1 run, the control that separates gna's larger effective step from the extra copies."""
+
+    def __init__(self, m: int, augment_cfg: Any, scale: float):
+        super().__init__(m=m, augment_cfg=augment_cfg)
+        self.scale = scale
+
+    def before_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(self.scale)
+
+
 def _regime(run: str, task: Task):
+    """"no-aug" | "m=K" | "m=K+gna" (sqrt(K) gradient-norm adaptation) | "m=K+gnaJ" (K copies, sqrt(J) scaling)."""
     if run == "no-aug":
         return None
     m, _, gna = run[2:].partition("+")
+    if gna not in ("", "gna") and gna.startswith("gna"):
+        return _ScaledGrad(int(m), task.augment, float(gna[3:]) ** 0.5)
     return BatchAugment(m=int(m), augment_cfg=task.augment, grad_norm_adapt=gna == "gna")
 
 
-def run_task(task: Task, seeds: list[int], progress: bool = False) -> dict:
+def run_task(task: Task, seeds: list[int], progress: bool = False, only: list[str] | None = None) -> dict:
     """Train every run of ``task`` for every seed; returns raw curves (step, test acc) and times."""
     splits = load_dataset(task.dataset, seed=0)
     test = splits.test
@@ -99,6 +116,7 @@ def run_task(task: Task, seeds: list[int], progress: bool = False) -> dict:
     kwargs = model_kwargs_for(task.model, splits.input_shape, splits.num_classes, **task.model_kwargs)
     runs = ["no-aug"] * ("no-aug" in task.extra) + [f"m={m}" for m in task.ms] + [e for e in task.extra
                                                                                   if e != "no-aug"]
+    runs = only or runs  # a subset (or extra controls such as "m=1+gna4") to pool with stored runs
     raw: dict[str, dict[str, Any]] = {r: {} for r in runs}
     for seed in seeds:
         cfg = dataclasses.replace(task.train, seed=seed)
@@ -168,7 +186,7 @@ def markdown(results: list[dict], target_fraction: float = 0.6) -> list[str]:
          f"step where its seed-mean curve is >= that (`last {LAST_K}`: target = mean of the baseline's last "
          f"{LAST_K} evaluations; `per seed`: each seed against its own baseline). Accuracies: mean +- std over "
          "seeds; `vs m=1`: paired difference per seed.", ""]
-    for res in results:
+    for res in (r for r in results if r.get("summary")):
         s = res["summary"]
         tc, aug = res["train_config"], res["augment"]
         aug_txt = ", ".join(f"{k}={v}" for k, v in aug.items() if k not in ("kind", "version"))
@@ -213,6 +231,9 @@ def plot(results: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if r.get("summary")]
+    if not results:
+        return
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
     for ax, res in zip(axes[0], results):
         s, seeds = res["summary"], [str(k) for k in res["seeds"]]
