@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -55,19 +56,25 @@ def measure(threads: int, args) -> list[dict]:
     dy = torch.randn(n, k)
     cs = cases(x, w, b, dy, args.chunk)
     times: dict[str, list[float]] = {c: [] for c in cs}
+    cpu: dict[str, list[float]] = {c: [] for c in cs}
     for _, fn in cs.values():
         fn()  # warm-up (and numba compile or cache load)
     for _ in range(args.repeats):  # interleaved, so load changes hit every case alike
         for c, (_, fn) in cs.items():
-            t = time.perf_counter()
+            t, tc = time.perf_counter(), time.thread_time()
             fn()
             times[c].append(time.perf_counter() - t)
+            cpu[c].append(time.thread_time() - tc)
     rows = []
     for c, (base, _) in cs.items():
         med, ref = statistics.median(times[c]), statistics.median(times[base or c])
-        rows.append({"case": c, "threads": threads, "median_ms": 1e3 * med, "min_ms": 1e3 * min(times[c]),
-                     "baseline": base or c, "ratio_vs_fp32": med / ref,
-                     "min_ratio_vs_fp32": min(times[c]) / min(times[base or c])})
+        row = {"case": c, "threads": threads, "median_ms": 1e3 * med, "min_ms": 1e3 * min(times[c]),
+               "baseline": base or c, "ratio_vs_fp32": med / ref,
+               "min_ratio_vs_fp32": min(times[c]) / min(times[base or c])}
+        if threads == 1:  # all work runs on the calling thread: its CPU time ignores time spent preempted
+            row["cpu_ms"] = 1e3 * statistics.median(cpu[c])
+            row["cpu_ratio_vs_fp32"] = statistics.median(cpu[c]) / statistics.median(cpu[base or c])
+        rows.append(row)
     for r in rows:  # kernel speed-up over the torch path, same thread count
         if r["case"].endswith("[numba]"):
             twin = next(q for q in rows if q["case"] == r["case"].replace("[numba]", "[torch]"))
@@ -85,24 +92,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "results"))
     args = p.parse_args(argv)
     n, k = args.batch, args.features
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = [r for t in args.threads for r in measure(t, args)]
     cmd = "python benchmarks/accumulators.py" + (f" --threads {' '.join(map(str, args.threads))}"
                                                  if args.threads != [1, 2] else "")
     res = {"shape": {"batch": n, "in": k, "out": k, "chunk": args.chunk}, "threads": args.threads,
-           "repeats": args.repeats, "torch": torch.__version__, "rows": rows, "command": cmd}
+           "repeats": args.repeats, "torch": torch.__version__, "rows": rows, "command": cmd,
+           "loadavg": round(load, 2)}
     out = Path(args.out)
     atomic_write_text(out / "bench_accumulators.json", json.dumps(res, indent=1))
     md = ["# Simulated accumulator cost", "",
           f"Linear {n}x{k} -> {k}, chunk {args.chunk}, 12-bit e4m7 accumulator, median (and min) of {args.repeats} "
           f"interleaved runs per thread count. `[numba]`: the compiled kernel (the default on CPU); `[torch]`: the "
           f"vectorised tensor-op path it replaces (identical bits). Ratios are to float32 at the same thread count "
-          f"(forward cases to `{BASE}`, backward cases to `{BASE_BWD}`). Command: `{cmd}`.", "",
-          "| threads | case | median ms | min ms | x float32 (median) | x float32 (min) | kernel speed-up |",
-          "|---|---|---|---|---|---|---|"]
+          f"(forward cases to `{BASE}`, backward cases to `{BASE_BWD}`). CPU ms (1 thread only): median CPU time of "
+          f"the calling thread, which excludes time the process spent preempted on a shared machine. Load average "
+          f"at the start: {res['loadavg']}. Command: `{cmd}`.", "",
+          "| threads | case | median ms | min ms | CPU ms | x float32 (median) | x float32 (min) | x float32 (CPU) "
+          "| kernel speed-up |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sp = f"{r['speedup_vs_torch_path']:.0f}x" if "speedup_vs_torch_path" in r else ""
-        md.append(f"| {r['threads']} | {r['case']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
-                  f"{r['ratio_vs_fp32']:.1f} | {r['min_ratio_vs_fp32']:.1f} | {sp} |")
+        c_ms, c_x = (f"{r['cpu_ms']:.2f}", f"{r['cpu_ratio_vs_fp32']:.1f}") if "cpu_ms" in r else ("", "")
+        md.append(f"| {r['threads']} | {r['case']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {c_ms} | "
+                  f"{r['ratio_vs_fp32']:.1f} | {r['min_ratio_vs_fp32']:.1f} | {c_x} | {sp} |")
     md += ["", "The kernel keeps each output row's partial sums in a length-O buffer and, per term k, does one SIMD "
            "pass over the outputs: multiply, round to the product format, add, round to the accumulator format "
            "(each rounding ~8 vector integer/float ops on the float32 bits), so it is compute bound at roughly "
