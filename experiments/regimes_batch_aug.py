@@ -199,9 +199,9 @@ def markdown(results: list[dict], target_fraction: float = 0.6) -> list[str]:
               f"points); evaluated every {step} steps. Baseline (m=1) final accuracy "
               f"{100 * s['baseline_final']:.2f}% (mean of last {LAST_K} evaluations: "
               f"{100 * s['baseline_final_last3']:.2f}%). `{res.get('command', '')}`: "
-              f"{res.get('seconds', 0):.0f} s on 1 thread.", "",
+              f"{res.get('seconds', 0):.0f} s wall-clock on 1 thread (a shared machine: includes waiting).", "",
               "| run | final acc (%) | vs m=1 (points) | steps to m=1 final | fraction | last 3: steps / fraction "
-              "| per seed | train s / run |",
+              "| per seed | wall s / run |",
               "|---|---|---|---|---|---|---|---|"]
         for r in s["rows"]:
             per = "/".join("never" if x is None else str(x) for x in r["steps_to_baseline_per_seed"])
@@ -248,7 +248,8 @@ def plot(results: list[dict], path) -> None:
         b = 100 * s["baseline_final"]
         ax.axhline(b, color="gray", ls="--", lw=1, label=f"m=1 final {b:.1f}%")
         ax.axvline(0.6 * s["total_steps"], color="k", lw=0.8, alpha=0.4, label="0.6x steps")
-        ax.set(xlabel="step", ylabel="test accuracy (%)", ylim=(max(0, b - 25), min(100.5, b + 8)),
+        top = max(100 * a for c in s["mean_curves"].values() for _, a in c)
+        ax.set(xlabel="step", ylabel="test accuracy (%)", ylim=(max(0, b - 25), min(100.5, top + 2)),
                title=f"{res['task']} (mean of {len(seeds)} seeds, +-1 std)")
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
