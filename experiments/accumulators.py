@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from thrifty.core import apply  # noqa: E402
 from thrifty.data import load_dataset  # noqa: E402
+from thrifty.ops.accum import FloatFormat, accumulate  # noqa: E402
 from thrifty.models import create  # noqa: E402
 from thrifty.quant.accum import AccumConfig, finetune_accumulators  # noqa: E402
 from thrifty.train import TrainConfig, evaluate, fit, pretrained  # noqa: E402
@@ -90,6 +91,30 @@ def run_model(name, model, train, test, bits_list, ft_steps, opt, lr, log, chunk
     return rows
 
 
+def error_vs_k(ks, bits_list, log):
+    """Relative error of one accumulated dot-product layer vs the float64 product, by accumulation length K.
+
+    x = ReLU(gaussian) (64 x K), w gaussian / sqrt(K) (64 x K): the output scale stays fixed as K grows, each
+    product shrinks like 1/sqrt(K); chunk 16 vs no chunking.
+    """
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for k in ks:
+        x = torch.randn(64, k, generator=g).clamp_min(0)
+        w = torch.randn(64, k, generator=g) / k**0.5
+        exact = x.double() @ w.double().T
+        for bits in bits_list:
+            e, m = FORMATS[bits]
+            f = FloatFormat(e, m)
+            for chunk in (16, None):
+                y = accumulate(x, w, f, f, chunk).double()
+                out.append({"K": k, "bits": bits, "format": f"e{e}m{m}", "chunk": chunk,
+                            "rel_err": float((y - exact).norm() / exact.norm())})
+    log("relative error vs K: " + ", ".join(f"K={r['K']} {r['bits']}b chunk {r['chunk'] or 'K'}: {r['rel_err']:.4f}"
+                                            for r in out))
+    return out
+
+
 def minilm_fidelity(n_sent: int, bits: int, log, chunk=16):
     from thrifty.data.text import load_texts
 
@@ -136,6 +161,16 @@ def to_markdown(res: dict) -> str:
                   "max abs error of pairwise sims |", "|---|---|---|---|---|"]
         lines += [f"| {mm.get('chunk', 16) or 'K (none)'} | {mm['mean_cos']:.5f} | {mm['min_cos']:.5f} | "
                   f"{mm['nn_agreement']:.3f} | {mm['pairwise_sim_max_abs_err']:.4f} |" for mm in mms]
+    ek = res.get("error_vs_k")
+    if ek:
+        ks = sorted({r["K"] for r in ek})
+        keys = sorted({(r["bits"], r["format"], r["chunk"] or 0) for r in ek}, key=lambda t: (-t[0], -t[2]))
+        lines += ["", "Relative error (||y - y_fp64|| / ||y_fp64||) of one simulated layer, x = ReLU(gaussian), "
+                  "w = gaussian / sqrt(K), products in the accumulator format, by accumulation length K:", "",
+                  "| format | chunk | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+        for b, fmt, c in keys:
+            vals = {r["K"]: r["rel_err"] for r in ek if r["bits"] == b and (r["chunk"] or 0) == c}
+            lines.append(f"| {b}-bit {fmt} | {c or 'K (none)'} | " + " | ".join(f"{vals[k]:.4f}" for k in ks) + " |")
     lines += ["", f"Total time {res['seconds']} s (CPU, {res['threads']} thread(s))."]
     return "\n".join(lines) + "\n"
 
@@ -193,11 +228,12 @@ def main(argv=None) -> int:
     rows += run_model("ResNet-20 / digits 8x8", model, tr, te, bits_list, FT["resnet"][q], "sgd", 0.01, log)
     rows += run_model("ResNet-20 / digits 8x8", model, tr, te, abl_bits, FT["resnet"][q], "sgd", 0.01, log,
                       chunk=None)
+    err_k = error_vs_k([16, 144, 576] if q else [16, 64, 144, 576, 2304, 9216], [16, 12, 8], log)
     mini = minilm_fidelity(8 if q else 64, 12, log)
     mini_nc = minilm_fidelity(8 if q else 64, 12, log, chunk=None)
     res = {"mode": "quick" if q else "full", "command": "python experiments/accumulators.py" + (" --quick" if q else ""),
            "ft_steps": {"MLP / MNIST-1D": FT["mlp"][q], "ResNet-20 / digits 8x8": FT["resnet"][q]},
-           "rows": rows, "minilm": mini, "minilm_nochunk": mini_nc, "threads": args.threads, "formats": FORMATS,
+           "rows": rows, "minilm": mini, "minilm_nochunk": mini_nc, "error_vs_k": err_k, "threads": args.threads, "formats": FORMATS,
            "seconds": round(time.perf_counter() - t0, 1)}
     name = "accumulators_quick" if q else "accumulators"
     atomic_write_text(out / f"{name}.json", json.dumps(res, indent=1))
