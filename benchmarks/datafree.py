@@ -1,50 +1,97 @@
 """Time BNS synthesis of 256 samples for resnet20 (target: under 60 s on 2 cores), next to one training epoch.
 
-    python benchmarks/datafree.py [--steps 200]
+With the library defaults (thrifty.datafree.Synth), at batch 256 and 128, plus the BN distance of the samples
+(the quality the speed must not cost). Also, side by side in this process, one optimisation step with the
+BN-statistic taps of the first version (forward pre-hooks collecting ``Tensor.mean``/``Tensor.var`` per BN
+input, re-registered every step) against the normalised one-pass taps now used.
+
+    flock /tmp/thrifty-bench.lock .venv/bin/python benchmarks/datafree.py [--steps N]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 import thrifty as th
-from thrifty.datafree import bn_similarity, synthesize
+from thrifty.datafree import Synth, bn_similarity, synthesize
+from thrifty.datafree.synth import _bn_taps, _frozen_eval, _NormalisedTaps, bns_loss
 from thrifty.utils import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
+def step_seconds(model: torch.nn.Module, batch: int, rounds: int = 3, steps: int = 4) -> dict[str, float]:
+    """Median seconds of one BNS forward+backward to the inputs: first-version taps vs normalised taps."""
+    x = torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def old() -> None:
+        xi = x.clone().requires_grad_(True)
+        with _bn_taps(model) as taps:
+            model(xi)
+        torch.autograd.grad(bns_loss(taps), xi)
+
+    fast = _NormalisedTaps(model)
+
+    def new() -> None:
+        xi = x.clone().requires_grad_(True)
+        model(xi)
+        torch.autograd.grad(fast.pop(), xi)
+
+    times: dict[str, list[float]] = {"first version": [], "normalised": []}
+    with _frozen_eval(model):
+        old(), new()  # warm up
+        for _ in range(rounds):  # interleaved, so both see the same machine
+            for name, f in (("first version", old), ("normalised", new)):
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    f()
+                times[name].append((time.perf_counter() - t0) / steps)
+    fast.close()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=None, help="default: Synth().steps")
     ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the target is for 2 cores)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = Synth() if args.steps is None else Synth(steps=args.steps)
     splits = th.data.load_dataset("digits32")
     model = th.train.pretrained("resnet20", "digits32")
+    model.eval()
     rows = []
-    for batch in (128, 256):
+    for batch in (256, 128):
         t0 = time.perf_counter()
-        ds = synthesize(model, args.n, "bns", input_shape=splits.input_shape, steps=args.steps, batch_size=batch,
+        ds = synthesize(model, args.n, cfg=cfg.replace(batch_size=batch), input_shape=splits.input_shape,
                         progress=False)
         rows.append({"batch_size": batch, "seconds": time.perf_counter() - t0,
                      "bn_distance": bn_similarity(model, ds)})
+    per_step = step_seconds(model, 256)
     # reference on the same machine in the same run: one epoch of resnet20 training on digits32
     m = th.models.create("resnet20", in_chans=1, num_classes=10)
     t0 = time.perf_counter()
     th.train.fit(m, splits.train, None, th.train.TrainConfig(epochs=1, batch_size=64), progress=False)
     epoch = time.perf_counter() - t0
-    out = {"n": args.n, "steps": args.steps, "threads": torch.get_num_threads(), "rows": rows,
-           "train_epoch_seconds": epoch}
+    out = {"n": args.n, "config": {k: v for k, v in vars(cfg).items()}, "threads": torch.get_num_threads(),
+           "rows": rows, "step_seconds_batch256": per_step, "train_epoch_seconds": epoch}
     md = ["# BNS synthesis speed (resnet20, digits32 statistics)", "",
-          f"{args.n} samples, {args.steps} Adam steps, {torch.get_num_threads()} threads; target < 60 s.", "",
+          f"{args.n} samples, at most {cfg.steps} Adam steps (lr {cfg.lr}, warmup {cfg.warmup}, cosine), inputs "
+          f"optimised at 1/{cfg.upsample} resolution, {torch.get_num_threads()} threads; target < 60 s.", "",
           "| batch size | seconds | x one training epoch | BN distance of the samples |", "|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['batch_size']} | {r['seconds']:.1f} | {r['seconds'] / epoch:.1f} | {r['bn_distance']:.3f} |")
-    md += ["", f"One training epoch of resnet20 on digits32 (1258 images, batch 64) in the same run: {epoch:.1f} s.", ""]
+    old, new = per_step["first version"], per_step["normalised"]
+    md += ["", f"One BNS step at batch 256 (forward + backward to the inputs), side by side: first-version taps "
+           f"(`Tensor.var` per BN input) {1000 * old:.0f} ms, normalised one-pass taps {1000 * new:.0f} ms "
+           f"({old / new:.2f}x).", "",
+           f"One training epoch of resnet20 on digits32 (1258 images, batch 64) in the same run: {epoch:.1f} s.", ""]
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / "bench_datafree.json", json.dumps(out, indent=2))
     atomic_write_text(RESULTS / "bench_datafree.md", "\n".join(md))

@@ -42,7 +42,8 @@ def test_bns_objective_decreases_and_stats_approach():
     net = _net()
     noise = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     before = _bns_value(net, noise)
-    ds = synthesize(net, 64, "bns", input_shape=(1, 8, 8), steps=60, batch_size=64, progress=False)
+    ds = synthesize(net, 64, "bns", input_shape=(1, 8, 8), steps=60, batch_size=64, upsample=1,
+                    progress=False)
     after = _bns_value(net, ds.tensors[0])
     assert after < 0.2 * before
     # the first BN input's batch mean moves towards the running mean
@@ -89,8 +90,8 @@ def test_schedule_upsample_and_early_stop():
     # optimised on a 2x2 grid and upsampled bilinearly: far smoother than full-resolution noise
     tv = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
     assert tv(x) < 0.5 * tv(torch.randn(16, 1, 8, 8))
-    with pytest.raises(ValueError, match="image inputs"):
-        synthesize(net, 4, "bns", input_shape=(64,), upsample=2, progress=False)
+    flat = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).eval()
+    assert synthesize(flat, 4, "bns", input_shape=(6,), steps=2, upsample=2, progress=False).tensors[0].shape == (4, 6)
     # a plateau threshold close to 1 stops a batch as soon as the window allows: same result as fewer steps
     a = synthesize(net, 16, "bns", input_shape=(1, 8, 8), steps=50, plateau=0.99, progress=False)
     full = synthesize(net, 16, "bns", input_shape=(1, 8, 8), steps=50, progress=False)
@@ -125,7 +126,7 @@ def test_deterministic_with_seed_and_label_kinds():
 
 def test_inception_targets_classes():
     net = _net()
-    ds = synthesize(net, 8, "inception", input_shape=(1, 8, 8), steps=80, lr=0.3, progress=False)
+    ds = synthesize(net, 8, "inception", input_shape=(1, 8, 8), steps=80, lr=0.3, upsample=1, progress=False)
     # each sample was pushed towards class i % 4
     assert (ds.tensors[1] == torch.arange(8) % 4).float().mean() >= 0.75
 
