@@ -1,16 +1,19 @@
-"""Training regimes: batch augmentation (part a) and mixed-size training, Mix & Match (part b).
+"""Training regimes: batch augmentation (parts a, c) and mixed-size training, Mix & Match (part b).
 
 Part a (batch augmentation, experiments/regimes_batch_aug.py): resnet20/digits32 and mlp/mnist1d, m=1 (the
 baseline, same augmentation) vs m=2,4,8 with the same lr schedule and number of steps, 3 seeds, curves averaged
 over seeds; steps each run needs to reach the baseline's final accuracy (see that file for the protocol).
+Part c: m=1 and m=4 with the whole schedule compressed into 0.4x / 0.6x of the steps.
 Part b (mixed size, resnet20/digits32): a model trained at 32x32 ("fixed-32", plain augmentation, 150 steps of
 batch 32) vs MixedSize B+ and D+ models (default schedule 16/24/32/48 with p .2/.3/.3/.2, same steps),
 evaluated at test sizes 16..48 with and without BN recalibration, with forward FLOPs per image at each size.
 
     python experiments/regimes.py --quick          # CI-sized, about a minute: results/regimes_quick.{json,md}
-    python experiments/regimes.py                  # full (~20 CPU-minutes): results/regimes.{json,md} + plots
-    python experiments/regimes.py --parts a        # rerun one part; the other part's section is kept from the
-                                                   # existing results/regimes.json (its own command is recorded)
+    python experiments/regimes.py                  # full (~25 CPU-minutes on a quiet machine): results/regimes.*
+    python experiments/regimes.py --parts a --tasks digits32 --seeds 1 --merge-seeds
+                                                   # one part / task / seed per process (parallel runs); results
+                                                   # are merged into results/regimes.json, other parts are kept
+    python experiments/regimes.py --parts none     # re-render results/regimes.md and the plots from the json
 
 Small data: digits32 has 1258 training and 539 test images (one test image = 0.19 points); read
 differences of a few tenths of a point as noise.
