@@ -111,7 +111,7 @@ def test_threads_give_identical_bits_and_torch_thread_count_is_kept():
         for n in (1, 2):
             torch.set_num_threads(n)
             outs.append(accumulate(x, w, f, f, 16, trace=True, backend="numba"))
-            assert torch.get_num_threads() == n  # numba's OpenMP layer would otherwise change it
+            assert torch.get_num_threads() == n  # the kernel threads do not touch torch's OpenMP settings
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1].keep, outs[1][1].keep)
     finally:
         torch.set_num_threads(old)

@@ -18,17 +18,19 @@ overflow/flush choices as runtime values. So each kernel has two compiled specia
 The kernels use ``fastmath=False`` (no reassociation, no fused multiply-add), so every float32 operation is
 the one the reference performs.
 
-Rows ``n`` are independent and run on ``numba.get_num_threads()`` threads (``prange``); the caller sets that
-from ``torch.get_num_threads()``.
+Rows ``n`` are independent: :func:`run_split` runs row ranges on ``torch.get_num_threads()`` threads (the
+kernels release the GIL).
 """
 from __future__ import annotations
 
 import numpy as np
+from concurrent.futures import ThreadPoolExecutor
+
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["accum_rows", "accum_rows_trace", "masked_grads"]
+__all__ = ["accum_rows", "accum_rows_trace", "masked_grads", "run_split"]
 
 
 @intrinsic
@@ -150,26 +152,25 @@ def _row_trace(n, x, wt, chunk, pa, pp, po, has_prod, has_outer, y, keep):  # pr
                     kr[o] = kr[o] & ~g[o]
 
 
-@njit(cache=True, fastmath=False, parallel=True)
-def accum_rows(x, wt, chunk, pa, pp, po, has_prod, has_outer, y):  # pragma: no cover - compiled
-    """``y[n, o]`` = chunked low-bit accumulation of ``x[n, :] * wt[:, o]`` (rows in parallel)."""
-    for n in prange(x.shape[0]):
+@njit(cache=True, fastmath=False, nogil=True)
+def accum_rows(x, wt, chunk, pa, pp, po, has_prod, has_outer, y, n0, n1):  # pragma: no cover - compiled
+    """``y[n, o]`` for rows ``n0 <= n < n1``: chunked low-bit accumulation of ``x[n, :] * wt[:, o]``."""
+    for n in range(n0, n1):
         _row(n, x, wt, chunk, pa, pp, po, has_prod, has_outer, y)
 
 
-@njit(cache=True, fastmath=False, parallel=True)
-def accum_rows_trace(x, wt, chunk, pa, pp, po, has_prod, has_outer, y, keep):  # pragma: no cover - compiled
+@njit(cache=True, fastmath=False, nogil=True)
+def accum_rows_trace(x, wt, chunk, pa, pp, po, has_prod, has_outer, y, keep, n0, n1):  # pragma: no cover
     """:func:`accum_rows` that also fills ``keep[j, i, n, o]`` (term ``k = i*chunk + j``) as AccumTrace does."""
-    for n in prange(x.shape[0]):
+    for n in range(n0, n1):
         _row_trace(n, x, wt, chunk, pa, pp, po, has_prod, has_outer, y, keep)
 
 
-@njit(cache=True, fastmath={"reassoc", "nsz", "arcp", "contract"}, parallel=True)
-def masked_grads(keep, x, wt, dyx, dyw, need_dx, need_dw, dx, dwt):  # pragma: no cover - compiled
-    """``dx[n,k] = sum_o keep*dyx[n,o]*w[o,k]``, ``dwt[k,o] = sum_n keep*dyw[n,o]*x[n,k]`` (float32 sums)."""
+@njit(cache=True, fastmath={"reassoc", "nsz", "arcp", "contract"}, nogil=True)
+def masked_grads(keep, x, wt, dyx, dyw, need_dx, need_dw, dx, dwt, k0, k1):  # pragma: no cover - compiled
+    """For ``k0 <= k < k1``: ``dx[n,k] = sum_o keep*dyx[n,o]*w[o,k]``, ``dwt[k,o] = sum_n keep*dyw[n,o]*x[n,k]``."""
     c, nc, N, O = keep.shape
-    K = x.shape[1]
-    for k in prange(K):
+    for k in range(k0, k1):
         i, j = k // c, k % c
         if need_dx:
             for n in range(N):
@@ -186,3 +187,26 @@ def masked_grads(keep, x, wt, dyx, dyw, need_dx, need_dw, dx, dwt):  # pragma: n
                 xv = x[n, k]
                 for o in range(O):
                     dr[o] += dyw[n, o] * xv if kr[o] else np.float32(0)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def run_split(fn, total: int, threads: int, *args) -> None:
+    """Call ``fn(*args, a, b)`` on ranges ``[a, b)`` splitting ``range(total)`` over ``threads`` threads.
+
+    The kernels release the GIL (``nogil``), so a plain thread pool runs them in parallel; unlike numba's
+    ``parallel=True`` this does not touch the process-wide OpenMP settings torch uses, and compiles faster.
+    """
+    threads = max(1, min(threads, total))
+    if threads == 1:
+        fn(*args, 0, total)
+        return
+    pool = _POOLS.get(threads)
+    if pool is None:
+        pool = _POOLS[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="thrifty-accum")
+    bounds = [total * i // threads for i in range(threads + 1)]
+    futures = [pool.submit(fn, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    fn(*args, bounds[0], bounds[1])  # the calling thread takes the first part
+    for f in futures:
+        f.result()

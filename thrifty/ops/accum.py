@@ -376,12 +376,8 @@ def _kernel_params(fmt: FloatFormat, generic: bool) -> tuple:
 
 def _accumulate_numba(x: Tensor, w: Tensor, acc: FloatFormat, prod: Optional[FloatFormat], c: int,
                       out_fmt: Optional[FloatFormat], trace: bool) -> Union[Tensor, tuple[Tensor, AccumTrace]]:
-    import numba
-
     from thrifty.ops import _accum_kernel as kern
 
-    torch_threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
     xs = x.detach().to(torch.float32).contiguous().numpy()
     wt = w.detach().to(torch.float32).t().contiguous().numpy()  # (K, O): the kernel's inner loop runs over O
     N, K = xs.shape
@@ -393,15 +389,13 @@ def _accumulate_numba(x: Tensor, w: Tensor, acc: FloatFormat, prod: Optional[Flo
     # an absent product/outer format reuses acc's tuple (unused), so it adds no compiled specialisation
     args = (xs, wt, c, pa, pa if prod is None else _kernel_params(prod, generic),
             pa if out_fmt is None else _kernel_params(out_fmt, generic), prod is not None, out_fmt is not None, y)
-    keep = np.empty((c, max(1, -(-K // c)), N, O), dtype=np.bool_) if trace else None
-    try:
-        if keep is None:
-            kern.accum_rows(*args)
-        else:
-            kern.accum_rows_trace(*args, keep)
-    finally:
-        _restore_threads(torch_threads)
-    return torch.from_numpy(y) if keep is None else (torch.from_numpy(y), AccumTrace(torch.from_numpy(keep), c, K))
+    threads = torch.get_num_threads()
+    if not trace:
+        kern.run_split(kern.accum_rows, N, threads, *args)
+        return torch.from_numpy(y)
+    keep = np.empty((c, max(1, -(-K // c)), N, O), dtype=np.bool_)
+    kern.run_split(kern.accum_rows_trace, N, threads, *args, keep)
+    return torch.from_numpy(y), AccumTrace(torch.from_numpy(keep), c, K)
 
 
 def trace_grads(tr: AccumTrace, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor,
@@ -427,20 +421,13 @@ def trace_grads(tr: AccumTrace, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor
         raise ValueError(f"trace_grads: backend must be 'auto', 'numba' or 'torch', got {backend!r}")
     if backend == "numba" or (backend == "auto" and _HAS_NUMBA and
                                all(t.device.type == "cpu" for t in (tr.keep, x, w, dy_x, dy_w))):
-        import numba
-
         from thrifty.ops import _accum_kernel as kern
 
-        threads = torch.get_num_threads()
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         dx = np.zeros((N, K), np.float32)
         dwt = np.zeros((K, O), np.float32)
-        try:
-            kern.masked_grads(tr.keep.contiguous().numpy(), x.contiguous().numpy(), w.t().contiguous().numpy(),
-                              dy_x.contiguous().numpy(), dy_w.contiguous().numpy(), bool(needs[0]), bool(needs[1]),
-                              dx, dwt)
-        finally:
-            _restore_threads(threads)
+        kern.run_split(kern.masked_grads, K, torch.get_num_threads(), tr.keep.contiguous().numpy(),
+                       x.contiguous().numpy(), w.t().contiguous().numpy(), dy_x.contiguous().numpy(),
+                       dy_w.contiguous().numpy(), bool(needs[0]), bool(needs[1]), dx, dwt)
         return (torch.from_numpy(dx) if needs[0] else None), (torch.from_numpy(dwt).t().contiguous() if needs[1] else None)
     pad = nc * c - K
     gx = gw = None
@@ -453,12 +440,6 @@ def trace_grads(tr: AccumTrace, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor
         a = (tr.keep * dy_w).reshape(c * nc, N, O).transpose(1, 2)
         gw = torch.bmm(a, xt).reshape(c, nc, O).permute(2, 1, 0).reshape(O, nc * c)[:, :K]
     return gx, gw
-
-
-def _restore_threads(n: int) -> None:
-    """numba's OpenMP threading layer sets the process-wide OpenMP thread count torch also reads: put it back."""
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
 
 
 def accumulate_reference(x: Tensor, w: Tensor, acc: FloatFormat, prod: Optional[FloatFormat] = None,
