@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: Synth().steps")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the target is for 2 cores)")
+    ap.add_argument("--batches", default="256,128", help="synthesis batch sizes to time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = Synth() if args.steps is None else Synth(steps=args.steps)
@@ -67,14 +68,15 @@ def main() -> None:
     model = th.train.pretrained("resnet20", "digits32")
     model.eval()
     rows = []
-    for batch in (256, 128):
-        t0 = time.perf_counter()
+    for batch in (int(b) for b in args.batches.split(",")):
+        t0, c0 = time.perf_counter(), time.process_time()
         ds = synthesize(model, args.n, cfg=cfg.replace(batch_size=batch), input_shape=splits.input_shape,
                         progress=False)
-        rows.append({"batch_size": batch, "seconds": time.perf_counter() - t0,
+        rows.append({"batch_size": batch, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                      "bn_distance": bn_similarity(model, ds)})
-    per_step = step_seconds(model, 256)
+    per_step = step_seconds(model, 256, steps=2)
     # reference on the same machine in the same run: one epoch of resnet20 training on digits32
+    torch.manual_seed(0)
     m = th.models.create("resnet20", in_chans=1, num_classes=10)
     t0 = time.perf_counter()
     th.train.fit(m, splits.train, None, th.train.TrainConfig(epochs=1, batch_size=64), progress=False)
@@ -84,9 +86,11 @@ def main() -> None:
     md = ["# BNS synthesis speed (resnet20, digits32 statistics)", "",
           f"{args.n} samples, at most {cfg.steps} Adam steps (lr {cfg.lr}, warmup {cfg.warmup}, cosine), inputs "
           f"optimised at 1/{cfg.upsample} resolution, {torch.get_num_threads()} threads; target < 60 s.", "",
-          "| batch size | seconds | x one training epoch | BN distance of the samples |", "|---|---|---|---|"]
+          "| batch size | seconds | CPU seconds (all threads) | x one training epoch | BN distance of the samples |",
+          "|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['batch_size']} | {r['seconds']:.1f} | {r['seconds'] / epoch:.1f} | {r['bn_distance']:.3f} |")
+        md.append(f"| {r['batch_size']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['seconds'] / epoch:.1f} | "
+                  f"{r['bn_distance']:.3f} |")
     old, new = per_step["first version"], per_step["normalised"]
     md += ["", f"One BNS step at batch 256 (forward + backward to the inputs), side by side: first-version taps "
            f"(`Tensor.var` per BN input) {1000 * old:.0f} ms, normalised one-pass taps {1000 * new:.0f} ms "

@@ -157,10 +157,10 @@ def to_markdown(out: dict) -> str:
     for k, v in out["bn_similarity"].items():
         lines.append(f"| {k} | {v:.3f} |")
     syn = out["synthesis"]
-    lines += ["", f"Synthesis: at most {syn['steps']} Adam steps, lr {syn['lr']}, warmup {syn['warmup']}, cosine decay, "
-              f"inputs optimised at 1/{syn['upsample']} resolution; {out['calibration_samples']} samples in one batch. "
-              f"BNS + distill: the BNS-calibrated model fine-tuned {out['distill_steps']} steps (lr {out['distill_lr']}) "
-              "on the same samples to match the FP model's logits (KL).", "",
+    lines += ["", f"Synthesis: at most {syn['steps']} Adam steps, lr {syn['lr']}, warmup {syn['warmup']}, cosine "
+              f"decay, inputs optimised at 1/{syn['upsample']} resolution; {out['calibration_samples']} samples in one "
+              f"batch. BNS + distill: the BNS-calibrated model fine-tuned {out['distill_steps']} steps "
+              f"(lr {out['distill_lr']}) on the same samples to match the FP model's logits (KL).", "",
               f"BNS synthesis of 256 samples: {out['bns_256_seconds']:.1f} s in this run ({out['threads']} thread(s), "
               "shared machine; the "
               "quiet-machine number is in the speed benchmark). Whole run: "

@@ -44,7 +44,8 @@ def _kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
 def _mean_kl(student: nn.Module, x: Tensor, targets: Tensor, batch_size: int, temperature: float) -> float:
     tot = 0.0
     for i in range(0, len(x), batch_size):
-        tot += float(_kl(student(x[i:i + batch_size]), targets[i:i + batch_size], temperature)) * len(x[i:i + batch_size])
+        xb, tb = x[i:i + batch_size], targets[i:i + batch_size]
+        tot += float(_kl(student(xb), tb, temperature)) * len(xb)
     return tot / len(x)
 
 
