@@ -132,3 +132,19 @@ def test_trace_grads_kernel_matches_batched_matmul_path():
     assert trace_grads(tr, x, w, dyx, dyw, (False, True))[0] is None
     with pytest.raises(ValueError, match="trace"):
         trace_grads(tr, x[:, :5], w, dyx, dyw)
+
+
+def test_kernel_threads_work_in_a_forked_child():
+    import multiprocessing as mp
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, w = torch.randn(8, 20), torch.randn(6, 20)
+        f = FloatFormat(4, 7)
+        want = accumulate(x, w, f, f, 4, backend="numba")  # starts the parent's thread pool
+        with mp.get_context("fork").Pool(1) as pool:  # the child must not wait on the parent's (absent) threads
+            got = pool.apply_async(accumulate, (x, w, f, f, 4), {"backend": "numba"}).get(timeout=120)
+        assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(old)

@@ -24,6 +24,7 @@ kernels release the GIL).
 from __future__ import annotations
 
 import numpy as np
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 from llvmlite import ir
@@ -189,7 +190,7 @@ def masked_grads(keep, x, wt, dyx, dyw, need_dx, need_dw, dx, dwt, k0, k1):  # p
                     dr[o] += dyw[n, o] * xv if kr[o] else np.float32(0)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def run_split(fn, total: int, threads: int, *args) -> None:
@@ -202,9 +203,10 @@ def run_split(fn, total: int, threads: int, *args) -> None:
     if threads == 1:
         fn(*args, 0, total)
         return
-    pool = _POOLS.get(threads)
+    key = (os.getpid(), threads)  # a forked child has the pool object but not its threads: make a new one
+    pool = _POOLS.get(key)
     if pool is None:
-        pool = _POOLS[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="thrifty-accum")
+        pool = _POOLS[key] = ThreadPoolExecutor(threads - 1, thread_name_prefix="thrifty-accum")
     bounds = [total * i // threads for i in range(threads + 1)]
     futures = [pool.submit(fn, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
     fn(*args, bounds[0], bounds[1])  # the calling thread takes the first part
