@@ -199,7 +199,8 @@ def markdown(results: list[dict], target_fraction: float = 0.6) -> list[str]:
               f"points); evaluated every {step} steps. Baseline (m=1) final accuracy "
               f"{100 * s['baseline_final']:.2f}% (mean of last {LAST_K} evaluations: "
               f"{100 * s['baseline_final_last3']:.2f}%). `{res.get('command', '')}`: "
-              f"{res.get('seconds', 0):.0f} s wall-clock on 1 thread (a shared machine: includes waiting).", "",
+              f"{res.get('seconds', 0):.0f} s wall-clock, summed over the processes listed (1 thread each, on a "
+              "shared machine: includes waiting).", "",
               "| run | final acc (%) | vs m=1 (points) | steps to m=1 final | fraction | last 3: steps / fraction "
               "| per seed | wall s / run |",
               "|---|---|---|---|---|---|---|---|"]
