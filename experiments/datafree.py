@@ -60,11 +60,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI-sized run (fewer steps and settings)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--render", action="store_true", help="only rewrite results/datafree.md from results/datafree.json")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: two spinning threads on a shared 2-core box run 10x slower)")
     ap.add_argument("--distill-steps", type=int, default=100, help="distillation steps after BNS calibration")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     args = ap.parse_args()
+    if args.render:
+        atomic_write_text(RESULTS / "datafree.md", to_markdown(json.loads((RESULTS / "datafree.json").read_text())))
+        return
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -152,15 +156,19 @@ def to_markdown(out: dict) -> str:
     ]
     for r in out["ptq"]:
         lines.append(f"| {r['setting']} | {r['calibration']} | {r['acc']:.4f} | {100 * r['drop_vs_fp32']:+.2f} |")
-    lines += ["", "BN-statistics distance to the model (sum over BN layers of the channel-mean KL; lower = more alike):",
-              "", "| data | distance |", "|---|---|"]
+    lines += ["", "BN-statistics distance to the model (sum over BN layers of the channel-mean KL; lower = more "
+              "alike):", "", "| data | distance |", "|---|---|"]
     for k, v in out["bn_similarity"].items():
         lines.append(f"| {k} | {v:.3f} |")
+    kd = [f"{r['setting']} KL {r['distill']['kl_before']:.4f} -> {r['distill']['kl_after']:.4f}"
+          + ("" if r["distill"]["kept"] else " (no improvement, fine-tuned weights discarded)")
+          for r in out["ptq"] if r.get("distill")]
     syn = out["synthesis"]
     lines += ["", f"Synthesis: at most {syn['steps']} Adam steps, lr {syn['lr']}, warmup {syn['warmup']}, cosine "
               f"decay, inputs optimised at 1/{syn['upsample']} resolution; {out['calibration_samples']} samples in one "
               f"batch. BNS + distill: the BNS-calibrated model fine-tuned {out['distill_steps']} steps "
-              f"(lr {out['distill_lr']}) on the same samples to match the FP model's logits (KL).", "",
+              f"(lr {out['distill_lr']}) on the same samples to match the FP model's logits (KL on those samples: "
+              + "; ".join(kd) + ").", "",
               f"BNS synthesis of 256 samples: {out['bns_256_seconds']:.1f} s in this run ({out['threads']} thread(s), "
               "shared machine; the "
               "quiet-machine number is in the speed benchmark). Whole run: "
