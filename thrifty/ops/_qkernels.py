@@ -75,6 +75,16 @@ def ranges_ok(lo, hi):
     return True
 
 
+@njit(cache=True, inline="always")
+def dequant(t, z, s, qmax):
+    # t = unclamped code (already shifted by the zero point z): clamp to [0, qmax], back to the float grid
+    if t < 0:
+        t = np.float32(0.0)
+    if t > qmax:
+        t = qmax
+    return (t - z) * s
+
+
 @njit(cache=True)
 def nearest(x, lo, hi, qmax, out):
     if not ranges_ok(lo, hi):
@@ -84,11 +94,7 @@ def nearest(x, lo, hi, qmax, out):
         s, z = qparams(lo[r], hi[r], qmax)
         for i in range(n):
             t = np.rint(x[r, i] / s) + z
-            if t < 0:
-                t = np.float32(0.0)
-            if t > qmax:
-                t = qmax
-            out[r, i] = (t - z) * s
+            out[r, i] = dequant(t, z, s, qmax)
     return True
 
 
@@ -117,20 +123,12 @@ def stochastic(x, lo, hi, qmax, key, out, qmax2, out2):
         base = r * n
         for i in range(n):
             t = np.floor(x[r, i] / s + uniform(base + i, k)) + z
-            if t < 0:
-                t = np.float32(0.0)
-            if t > qmax:
-                t = qmax
-            out[r, i] = (t - z) * s
+            out[r, i] = dequant(t, z, s, qmax)
         if two:
             s2, z2 = qparams(lo[r], hi[r], qmax2)
             for i in range(n):
                 t = np.rint(x[r, i] / s2) + z2
-                if t < 0:
-                    t = np.float32(0.0)
-                if t > qmax2:
-                    t = qmax2
-                out2[r, i] = (t - z2) * s2
+                out2[r, i] = dequant(t, z2, s2, qmax2)
     return True
 
 
