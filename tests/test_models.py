@@ -12,6 +12,7 @@ from thrifty.models import minilm as minilm_mod
 
 # cheap constructor args and a matching input per model
 CASES = {
+    "cnn1d": (dict(channels=(8, 16), num_classes=7), lambda: torch.randn(3, 40)),
     "mlp": (dict(in_features=64, num_classes=7), lambda: torch.randn(3, 64)),
     "resnet20": (dict(in_chans=1, num_classes=7), lambda: torch.randn(2, 1, 16, 16)),
     "vit": (dict(num_classes=7, dim=32, depth=2, heads=4), lambda: torch.randn(2, 1, 32, 32)),
@@ -82,6 +83,21 @@ def test_mlp_named_layers_and_batchnorm():
     assert m(torch.randn(4, 1, 40)).shape == (4, 3)  # input is flattened
     with pytest.raises(ValueError, match="40 input features"):
         m(torch.randn(4, 41))
+
+
+def test_cnn1d_inputs_and_layers():
+    torch.manual_seed(0)
+    m = create("cnn1d", num_classes=3)
+    assert [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv1d)] == ["conv1", "conv2", "conv3"]
+    x = torch.randn(4, 40)
+    m.eval()
+    assert torch.equal(m(x), m(x.unsqueeze(1)))  # (N, L) is one channel
+    assert m(torch.randn(2, 1, 57)).shape == (2, 3)  # any length (global average pool)
+    assert create("cnn1d", in_chans=2, batchnorm=False)(torch.randn(2, 2, 40)).shape == (2, 10)
+    with pytest.raises(ValueError, match="CNN1d expects"):
+        m(torch.randn(2, 3, 40))
+    with pytest.raises(ValueError, match="odd"):
+        create("cnn1d", kernel_size=4)
 
 
 def test_resnet20_structure():
