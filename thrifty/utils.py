@@ -3,7 +3,7 @@
 Example:
     >>> from thrifty.utils import seed_everything, atomic_write_text
     >>> seed_everything(0)
-    >>> atomic_write_text("/tmp/thrifty_example.txt", "hello")
+    >>> _ = atomic_write_text("/tmp/thrifty_example.txt", "hello")
 """
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import logging
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Callable, Iterator, Union
 
 import numpy as np
 import torch
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["seed_everything", "atomic_save", "atomic_write_text", "atomic_write_bytes", "get_logger"]
+__all__ = ["seed_everything", "atomic_save", "atomic_write_text", "atomic_write_bytes", "get_logger", "removing_hooks"]
 
 
 def seed_everything(seed: int) -> None:
@@ -119,3 +120,22 @@ def get_logger(name: str = "thrifty", level: int | str | None = None) -> logging
     if level is not None:
         logger.setLevel(level.upper() if isinstance(level, str) else level)
     return logger
+
+
+@contextmanager
+def removing_hooks(handles: list | None = None) -> Iterator[list]:
+    """Yield a list for hook handles and remove every handle in it on exit, errors included.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> with removing_hooks() as hooks:
+        ...     hooks.append(m.register_forward_hook(lambda *a: None))
+        >>> len(m._forward_hooks)
+        0
+    """
+    handles = [] if handles is None else handles
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()

@@ -21,6 +21,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from thrifty.utils import removing_hooks
+
 __all__ = ["Batch", "as_batches", "run", "model_output", "capture", "execution_order", "output_loss"]
 
 
@@ -140,9 +142,7 @@ def capture(model: nn.Module, layer: nn.Module, batches: list[Batch], *, inputs:
         if stop:
             raise _Stop
 
-    h1 = layer.register_forward_pre_hook(pre)
-    h2 = layer.register_forward_hook(post)
-    try:
+    with removing_hooks([layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]):
         for b in batches:
             n = len(xs) + len(ys)
             try:
@@ -151,9 +151,6 @@ def capture(model: nn.Module, layer: nn.Module, batches: list[Batch], *, inputs:
                 pass
             if len(xs) + len(ys) == n:
                 raise RuntimeError("capture: the layer was not executed on a calibration batch")
-    finally:
-        h1.remove()
-        h2.remove()
     return xs, ys
 
 
@@ -161,17 +158,13 @@ def capture(model: nn.Module, layer: nn.Module, batches: list[Batch], *, inputs:
 def execution_order(model: nn.Module, layers: dict[str, nn.Module], batch: Batch) -> list[str]:
     """Names of ``layers`` in the order of their first call on ``batch`` (uncalled ones are omitted)."""
     order: list[str] = []
-    hooks = []
-    for name, m in layers.items():
-        def hook(_m, _a, _o, name=name):
-            if name not in order:
-                order.append(name)
-        hooks.append(m.register_forward_hook(hook))
-    try:
+    with removing_hooks() as hooks:
+        for name, m in layers.items():
+            def hook(_m, _a, _o, name=name):
+                if name not in order:
+                    order.append(name)
+            hooks.append(m.register_forward_hook(hook))
         run(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
     return order
 
 

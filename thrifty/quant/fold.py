@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from thrifty.quant.calib import Batch, as_batches, run
+from thrifty.utils import removing_hooks
 
 __all__ = ["fold_bn", "fold_pairs", "find_bn_pairs"]
 
@@ -42,26 +43,24 @@ def find_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
     b = batch if isinstance(batch, Batch) else as_batches(batch)[0]
     outs: dict[int, str] = {}
     bn_in: dict[str, int] = {}
-    hooks = []
     keep: list[Tensor] = []  # keep every output alive so that ids are never reused within the pass
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            def hook(_m, _a, o, name=name):
-                keep.append(o)
-                outs.setdefault(id(o), name)
-            hooks.append(m.register_forward_hook(hook))
-        elif isinstance(m, _BN) and m.track_running_stats and m.running_mean is not None:
-            def pre(_m, a, name=name):
-                bn_in.setdefault(name, id(a[0]))
-            hooks.append(m.register_forward_pre_hook(pre))
     was = model.training
-    model.eval()
-    try:
-        run(model, b)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    with removing_hooks() as hooks:
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                def hook(_m, _a, o, name=name):
+                    keep.append(o)
+                    outs.setdefault(id(o), name)
+                hooks.append(m.register_forward_hook(hook))
+            elif isinstance(m, _BN) and m.track_running_stats and m.running_mean is not None:
+                def pre(_m, a, name=name):
+                    bn_in.setdefault(name, id(a[0]))
+                hooks.append(m.register_forward_pre_hook(pre))
+        model.eval()
+        try:
+            run(model, b)
+        finally:
+            model.train(was)
     pairs = []
     for bn, oid in bn_in.items():
         if oid in outs:

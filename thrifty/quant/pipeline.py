@@ -41,6 +41,7 @@ from thrifty.quant.config import PTQ, QuantConfig, input_quantizer, weight_quant
 from thrifty.quant.fold import fold_bn
 from thrifty.quant.quantizer import UniformQuantizer
 from thrifty.quant.tuning import bias_tune, bn_tune, calib_loss
+from thrifty.utils import removing_hooks
 
 __all__ = ["QuantResult", "quantize", "calibrate_inputs", "layer_costs"]
 
@@ -129,19 +130,13 @@ def calibrate_inputs(model: nn.Module, data: Any, batch_size: int = 32) -> nn.Mo
 def layer_costs(model: nn.Module, names: list[str], batch: Batch) -> tuple[dict[str, int], dict[str, int], dict[str, float]]:
     """Per layer: weight elements, bias elements, multiply-accumulates per sample (measured on ``batch``)."""
     macs: dict[str, float] = {}
-    hooks = []
-    for n in names:
-        m = model.get_submodule(n)
-
-        def hook(mod, _a, out, n=n):
-            fan_in = mod.weight[0].numel()
-            macs[n] = out.numel() / max(batch.size, 1) * fan_in
-        hooks.append(m.register_forward_hook(hook))
-    try:
+    with removing_hooks() as hooks:
+        for n in names:
+            def hook(mod, _a, out, n=n):
+                fan_in = mod.weight[0].numel()
+                macs[n] = out.numel() / max(batch.size, 1) * fan_in
+            hooks.append(model.get_submodule(n).register_forward_hook(hook))
         run(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
     w = {n: model.get_submodule(n).weight.numel() for n in names}
     b = {n: (model.get_submodule(n).bias.numel() if model.get_submodule(n).bias is not None else 0) for n in names}
     return w, b, macs
