@@ -20,10 +20,11 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from thrifty.quant.calib import output_loss
 
 __all__ = ["distill"]
 
@@ -35,9 +36,11 @@ def _inputs(data: Dataset | Tensor) -> Tensor:
     return x
 
 
+_KL = output_loss("kl")  # KL(softmax(teacher) || softmax(student)), the PTQ pipeline's output loss
+
+
 def _kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
-    s, t = s.reshape(-1, s.shape[-1]) / temperature, t.reshape(-1, t.shape[-1]) / temperature
-    return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean") * temperature ** 2
+    return _KL(s / temperature, t / temperature) * temperature ** 2
 
 
 @torch.no_grad()

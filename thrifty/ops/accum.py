@@ -267,6 +267,16 @@ _HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 Outer = Union[FloatFormat, None, Literal["same"]]
 Backend = Literal["auto", "numba", "torch"]
+
+
+def _use_kernel(backend: str, what: str, *tensors: Tensor) -> bool:
+    """Whether ``backend`` picks the compiled kernel for ``tensors`` ("auto": numba for CPU tensors)."""
+    if backend not in ("auto", "numba", "torch"):
+        raise ValueError(f"{what}: backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    if backend == "numba" and not on_cpu:
+        raise ValueError(f"{what}: backend='numba' needs CPU tensors")
+    return backend == "numba" or (backend == "auto" and on_cpu and _HAS_NUMBA)
 _BLOCK = 1 << 22  # elements per working buffer before accumulate() splits the rows
 
 
@@ -301,11 +311,7 @@ def accumulate(x: Tensor, w: Tensor, acc: FloatFormat, prod: Optional[FloatForma
         torch.Size([2, 4])
     """
     N, O, K, c = _check_operands(x, w, chunk)
-    if backend not in ("auto", "numba", "torch"):
-        raise ValueError(f"accumulate: backend must be 'auto', 'numba' or 'torch', got {backend!r}")
-    if backend == "numba" or (backend == "auto" and x.device.type == "cpu" and w.device.type == "cpu" and _HAS_NUMBA):
-        if x.device.type != "cpu" or w.device.type != "cpu":
-            raise ValueError("accumulate: backend='numba' needs CPU tensors")
+    if _use_kernel(backend, "accumulate", x, w):
         return _accumulate_numba(x, w, acc, prod, c, acc if outer == "same" else outer, trace)
     nc = max(1, -(-K // c))
     rows = max(1, _BLOCK // max(1, O * nc))
@@ -417,10 +423,7 @@ def trace_grads(tr: AccumTrace, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor
         raise ValueError(f"trace_grads: shapes x {tuple(x.shape)}, w {tuple(w.shape)}, dy {tuple(dy_x.shape)} do not "
                          f"match the trace (N={N}, O={O}, K={K})")
     x, w, dy_x, dy_w = (t.detach().to(torch.float32) for t in (x, w, dy_x, dy_w))
-    if backend not in ("auto", "numba", "torch"):
-        raise ValueError(f"trace_grads: backend must be 'auto', 'numba' or 'torch', got {backend!r}")
-    if backend == "numba" or (backend == "auto" and _HAS_NUMBA and
-                               all(t.device.type == "cpu" for t in (tr.keep, x, w, dy_x, dy_w))):
+    if _use_kernel(backend, "trace_grads", tr.keep, x, w, dy_x, dy_w):
         from thrifty.ops import _accum_kernel as kern
 
         dx = np.zeros((N, K), np.float32)

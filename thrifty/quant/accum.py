@@ -178,7 +178,7 @@ class LowBitAccumulator(Accumulator):
             if traces is None:  # evicted (or forward ran in eval mode): recompute the trace
                 traces = self._gemm(op, x, w, True)[1]
             if op.kind == "linear":
-                dx, dw = _masked_grads(traces[0], x.reshape(-1, x.shape[-1]).float(), w.float(),
+                dx, dw = trace_grads(traces[0], x.reshape(-1, x.shape[-1]).float(), w.float(),
                                        dy_x.reshape(-1, w.shape[0]).float(), dy_w.reshape(-1, w.shape[0]).float(),
                                        needs)
                 return (dx.reshape(x.shape).to(x.dtype) if dx is not None else None,
@@ -200,12 +200,6 @@ def _unfold(op: GemmOp, x: Tensor, w: Tensor) -> tuple[Tensor, tuple[int, int, i
     return cols.transpose(1, 2).reshape(B * L, K), (B, L, Ho, Wo)
 
 
-def _masked_grads(tr: AccumTrace, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor,
-                  needs: tuple[bool, bool]) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """dx = sum_o keep * dy_x * w and dw = sum_n keep * dy_w * x (:func:`thrifty.ops.accum.trace_grads`)."""
-    return trace_grads(tr, x, w, dy_x, dy_w, needs)
-
-
 def _conv_grads(op: GemmOp, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor, traces: list[AccumTrace],
                 needs: tuple[bool, bool]) -> tuple[Optional[Tensor], Optional[Tensor]]:
     cols, (B, L, Ho, Wo) = _unfold(op, x, w)
@@ -216,7 +210,7 @@ def _conv_grads(op: GemmOp, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor, tr
     dcols, dws = [], []
     for gi in range(g):
         sl = slice(gi * og, (gi + 1) * og)
-        dxg, dwg = _masked_grads(traces[gi], cols[:, gi * kg:(gi + 1) * kg], w[sl].reshape(og, kg).float(),
+        dxg, dwg = trace_grads(traces[gi], cols[:, gi * kg:(gi + 1) * kg], w[sl].reshape(og, kg).float(),
                                  gx[:, sl], gw[:, sl], needs)
         dcols.append(dxg)
         dws.append(dwg)
