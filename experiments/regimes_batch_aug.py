@@ -100,27 +100,13 @@ def tasks(quick: bool) -> list[Task]:
                  SignalAugmentConfig(shift=4, scale=(0.8, 1.2)), extra=("no-aug", "m=4+gna"))]
 
 
-class _ScaledGrad(BatchAugment):
-    """m copies, gradients scaled by ``scale`` before the step: "m=1+gna4" applies m=4's sqrt(4) scaling to an
-    m=1 run, the control that separates gna's larger effective step from the extra copies."""
-
-    def __init__(self, m: int, augment_cfg: Any, scale: float):
-        super().__init__(m=m, augment_cfg=augment_cfg)
-        self.scale = scale
-
-    def before_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(self.scale)
-
-
 def _regime(run: str, task: Task):
     """"no-aug" | "m=K" | "m=K+gna" (sqrt(K) gradient-norm adaptation) | "m=K+gnaJ" (K copies, sqrt(J) scaling)."""
     if run == "no-aug":
         return None
     m, _, gna = run[2:].partition("+")
     if gna not in ("", "gna") and gna.startswith("gna"):
-        return _ScaledGrad(int(m), task.augment, float(gna[3:]) ** 0.5)
+        return BatchAugment(m=int(m), augment_cfg=task.augment, grad_norm_adapt=True, adapt_as=int(gna[3:]))
     return BatchAugment(m=int(m), augment_cfg=task.augment, grad_norm_adapt=gna == "gna")
 
 

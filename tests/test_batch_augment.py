@@ -115,6 +115,21 @@ def test_grad_norm_adaptation_scales_gradients_by_sqrt_m():
     assert math.isclose(BatchAugment(m=9, grad_norm_adapt=True).m ** 0.5, 3.0)
 
 
+def test_adapt_as_gives_the_control_run_its_scaling_without_copies():
+    model = nn.Linear(4, 2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    control = BatchAugment(m=1, grad_norm_adapt=True, adapt_as=4)
+    control.before_optimizer_step(model, 0)
+    assert all(torch.equal(p.grad, torch.full_like(p, 2.0)) for p in model.parameters())
+    x, y = torch.randn(3, 40), torch.tensor([0, 1, 2])
+    assert control.batch(x, y, step=0)[0].shape == (3, 40)  # still one copy per sample
+    assert control.describe()["adapt_as"] == 4
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="adapt_as"):
+            BatchAugment(m=1, adapt_as=bad)
+
+
 def test_experiment_steps_to_reach_uses_seed_mean_curves():
     curve = lambda *accs: [[10 * (i + 1), a] for i, a in enumerate(accs)]  # noqa: E731
     raw = {"m=1": {"0": {"curve": curve(0.5, 0.7, 0.8, 0.9), "seconds": 1.0},

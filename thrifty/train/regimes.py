@@ -51,6 +51,8 @@ class BatchAugment(Regime):
     ``grad_norm_adapt=True`` multiplies the gradient by sqrt(m) before the optimizer step: averaging over m
     correlated copies shrinks the gradient's noise part, and this keeps the step size of the m=1 run
     (square-root scaling for an m-times larger batch). Off by default (the paper's main setting).
+    ``adapt_as=J`` scales by sqrt(J) instead of sqrt(m): ``BatchAugment(1, grad_norm_adapt=True, adapt_as=4)`` is
+    the control run with m=4's larger step but without its copies.
 
     Example:
         >>> x, y = torch.randn(3, 40), torch.tensor([0, 1, 2])
@@ -59,13 +61,16 @@ class BatchAugment(Regime):
         (torch.Size([6, 40]), [0, 1, 2, 0, 1, 2])
     """
 
-    def __init__(self, m: int = 4, augment_cfg: AnyAugmentConfig | None = None, grad_norm_adapt: bool = False):
+    def __init__(self, m: int = 4, augment_cfg: AnyAugmentConfig | None = None, grad_norm_adapt: bool = False,
+                 adapt_as: int | None = None):
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"BatchAugment: m must be an integer >= 1, got {m!r}")
+        if adapt_as is not None and (isinstance(adapt_as, bool) or not isinstance(adapt_as, int) or adapt_as < 1):
+            raise ValueError(f"BatchAugment: adapt_as must be an integer >= 1 or None, got {adapt_as!r}")
         if augment_cfg is not None and not isinstance(augment_cfg, (AugmentConfig, SignalAugmentConfig)):
             raise TypeError(f"BatchAugment: augment_cfg must be an AugmentConfig or SignalAugmentConfig, "
                             f"got {type(augment_cfg).__name__}")
-        self.m, self.augment_cfg, self.grad_norm_adapt = m, augment_cfg, grad_norm_adapt
+        self.m, self.augment_cfg, self.grad_norm_adapt, self.adapt_as = m, augment_cfg, grad_norm_adapt, adapt_as
 
     def _cfg_for(self, x: torch.Tensor) -> AnyAugmentConfig:
         cfg = self.augment_cfg
@@ -89,15 +94,17 @@ class BatchAugment(Regime):
         return xs, y.repeat(self.m)
 
     def before_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
-        if self.grad_norm_adapt and self.m > 1:
+        k = self.m if self.adapt_as is None else self.adapt_as
+        if self.grad_norm_adapt and k > 1:
             for p in model.parameters():
                 if p.grad is not None:
-                    p.grad.mul_(math.sqrt(self.m))
+                    p.grad.mul_(math.sqrt(k))
 
     def describe(self) -> dict[str, Any]:
         aug = None if self.augment_cfg is None else {"kind": type(self.augment_cfg).__name__,
                                                       **dataclasses.asdict(self.augment_cfg)}
-        return {"regime": "BatchAugment", "m": self.m, "grad_norm_adapt": self.grad_norm_adapt, "augment": aug}
+        return {"regime": "BatchAugment", "m": self.m, "grad_norm_adapt": self.grad_norm_adapt,
+                "adapt_as": self.adapt_as, "augment": aug}
 
 
 @dataclass(frozen=True)
