@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import regimes_batch_aug as ba  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+BA_KEYS = ("batch_augment", "batch_augment_step")  # part a under the cosine protocol / the paper's step schedule
 
 
 def flops_per_image(model: nn.Module, size: int, in_chans: int = 1) -> int:
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                          "per seed); otherwise the task's stored results are replaced")
     ap.add_argument("--runs", nargs="+", default=None,
                     help="part a: only these runs (e.g. m=1+gna4), to pool with stored ones via --merge-seeds")
+    ap.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
+                    help="part a: the lr schedule of every run; 'step' = the paper's (x0.1 at 50%% and 75%% of the "
+                         "steps), stored apart from the cosine protocol (key batch_augment_step)")
     ap.add_argument("--tasks", nargs="+", default=None,
                     help="parts a/c: only the tasks whose name contains one of these (e.g. digits32 mnist1d)")
     args = ap.parse_args(argv)
@@ -144,14 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     res.update({"mode": "quick" if q else "full", "threads": torch.get_num_threads()})
     seeds_ac = args.seeds or ([0] if q else [0, 1, 2])
     todo = [t for t in ba.tasks(q) if not args.tasks or any(k in t.name for k in args.tasks)]
+    key_a = "batch_augment" if args.schedule == "cosine" else "batch_augment_step"
     if "a" in args.parts:
         for task in todo:
+            task = ba.with_schedule(task, args.schedule)
             print(f"[regimes] part a: batch augmentation, {task.name}, seeds {seeds_ac}", file=sys.stderr)
             t0 = time.perf_counter()
             r = ba.run_task(task, seeds_ac, progress=sys.stderr.isatty(), only=args.runs)
             r.update(summary=ba.summarize(r) if "m=1" in r["raw"] else None, command=cmd,
                      seconds=round(time.perf_counter() - t0, 1), merge_seeds=args.merge_seeds)
-            res = _save(old_path, res, "batch_augment", r)
+            res = _save(old_path, res, key_a, r)
     if "c" in args.parts:
         for task in todo:
             print(f"[regimes] part c: compressed schedules, {task.name}, seeds {seeds_ac}", file=sys.stderr)
@@ -180,7 +186,7 @@ def _save(path: Path, res: dict, key: str | None, entry: dict | None) -> dict:
         merged[key] = entry
     elif key is not None:
         prev = next((t for t in latest.get(key, {}).get("tasks", []) if t.get("task") == entry["task"]), None)
-        if key == "batch_augment" and prev is not None and entry.get("merge_seeds") and all(
+        if key in BA_KEYS and prev is not None and entry.get("merge_seeds") and all(
                 prev.get(k) == json.loads(json.dumps(entry[k]))
                 for k in ("train_config", "augment", "test_images", "model_kwargs")):
             # same protocol run for other seeds (e.g. one process per seed): pool the seeds
@@ -204,7 +210,7 @@ def _drop_legacy(res: dict) -> dict:
     """Keep only this layout's keys; files from the older single-seed layout (one top-level run log, a list of
     batch-augmentation rows) are not comparable, so their parts are dropped rather than mixed in."""
     res = {k: v for k, v in res.items()
-           if k in ("mode", "threads", "batch_augment", "mixed_size", "batch_augment_budget")}
+           if k in ("mode", "threads", *BA_KEYS, "mixed_size", "batch_augment_budget")}
     return {k: v for k, v in res.items() if k in ("mode", "threads") or isinstance(v, dict)}
 
 
@@ -216,12 +222,16 @@ def _mean(xs):
 def markdown(res: dict, stem: str) -> str:
     L = [f"# Training regimes ({res['mode']})", ""]
     a, b = res.get("batch_augment"), res.get("mixed_size")
-    if a and isinstance(a, dict):
+    if a and isinstance(a, dict) and any(t.get("summary") for t in a["tasks"]):
         L += ba.markdown(a["tasks"])
         c = res.get("batch_augment_budget")
         if c and isinstance(c, dict):
             L += ba.budget_markdown(c["tasks"], a["tasks"])
         L += [f"![batch augmentation]({stem}_batch_aug.png)", ""]
+    a_step = res.get("batch_augment_step")
+    if a_step and isinstance(a_step, dict) and any(t.get("summary") for t in a_step["tasks"]):
+        L += ba.markdown(a_step["tasks"], schedule="step")
+        L += [f"![batch augmentation, step schedule]({stem}_batch_aug_step.png)", ""]
     if not b or not isinstance(b, dict) or not b.get("rows"):
         return "\n".join(L)
     tc = b["train_config"]
@@ -262,6 +272,8 @@ def plots(res: dict, out: Path, stem: str) -> None:
 
     if isinstance(res.get("batch_augment"), dict):
         ba.plot(res["batch_augment"]["tasks"], out / f"{stem}_batch_aug.png")
+    if isinstance(res.get("batch_augment_step"), dict):
+        ba.plot(res["batch_augment_step"]["tasks"], out / f"{stem}_batch_aug_step.png")
     b = res.get("mixed_size")
     if not b or not isinstance(b, dict) or not b.get("rows"):
         return

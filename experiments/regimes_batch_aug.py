@@ -38,6 +38,16 @@ every 10% of the budget; final test accuracy %, m=1 / no-aug):
 The CNN saturates near 98.7% by 500 steps. Rule fixed before any m > 1 run: the largest budget whose m=1 final
 is still >= 2 points below that ceiling, with the lr giving the higher m=1 final there: 200 steps (3.2
 epochs), lr 0.1 (m=1 95.7%). As on digits32, no-aug is above m=1 at every pilot budget for this model.
+
+Protocol B, the paper's step schedule (`--schedule step`; written down and committed in session 3 before any
+run under it, after the cosine protocol above had missed the target on all three tasks): identical to the
+cosine protocol - same tasks, budgets, peak lr, augmentation, seeds 0, 1, 2, evaluation grid, runs (no-aug,
+m=1, 2, 4, 8, and on the MNIST-1D tasks m=4+gna with its m=1+gna4 control) and the same reach rule - except
+the lr schedule: the peak lr held constant, x0.1 at 50% and again at 75% of the steps, the shape of the
+paper's CIFAR/ImageNet regimes. Why: under cosine-to-0 every run gains most of its accuracy in the last part
+of the schedule, which pins "first step at the baseline's final accuracy" near the end for every m; the
+paper's steps-to-accuracy curves come from step schedules. Nothing else was changed or tuned, and the cosine
+results stay in the report beside these (results key batch_augment_step).
 """
 from __future__ import annotations
 
@@ -98,6 +108,14 @@ def tasks(quick: bool) -> list[Task]:
             Task("cnn1d / mnist1d", "mnist1d", "cnn1d", {},
                  TrainConfig(steps=200, batch_size=64, lr=0.1, eval_steps=2, **sgd),
                  SignalAugmentConfig(shift=4, scale=(0.8, 1.2)), extra=("no-aug", "m=4+gna"))]
+
+
+def with_schedule(task: Task, schedule: str) -> Task:
+    """``task`` with its lr schedule replaced: "cosine" (protocol A) or "step" (x0.1 at 50% and 75%, protocol B)."""
+    if schedule == task.train.schedule:
+        return task
+    train = dataclasses.replace(task.train, schedule=schedule, milestones=(0.5, 0.75), gamma=0.1)
+    return dataclasses.replace(task, train=train)
 
 
 def _regime(run: str, task: Task):
@@ -180,9 +198,13 @@ def _f(x: float | None, nd: int = 2) -> str:
     return "never" if x is None else f"{x:.{nd}f}"
 
 
-def markdown(results: list[dict], target_fraction: float = 0.6) -> list[str]:
-    L = ["## Batch augmentation", "",
-         "Same model, data order, lr schedule (cosine to 0 at the last step), number of steps and B distinct "
+def markdown(results: list[dict], target_fraction: float = 0.6, schedule: str = "cosine") -> list[str]:
+    sched = ("cosine to 0 at the last step" if schedule == "cosine" else
+             "the paper's step schedule: peak lr, x0.1 at 50% and at 75% of the steps")
+    head = ("## Batch augmentation" if schedule == "cosine" else
+            "## Batch augmentation, the paper's step schedule (protocol B)")
+    L = [head, "",
+         f"Same model, data order, lr schedule ({sched}), number of steps and B distinct "
          "samples per step for every run; only the number m of differently augmented copies per sample changes "
          "(batch m*B). m=1 (same augmentation) is the baseline. Curves are averaged over seeds; the baseline's "
          "final accuracy is its seed-mean at the last step, and a run's steps-to-reach is the first evaluated "
