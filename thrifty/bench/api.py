@@ -135,6 +135,14 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
     return Workload(name, mod, samples, names, onnx_path)
 
 
+_BUNDLED_IMAGES = ("digits", "digits32", "mnist1d")
+
+
+def _bundled(name: str) -> bool:
+    """Whether the samples come from a bundled dataset whose training split can supply calibration data."""
+    return name in _BUNDLED_IMAGES or name.startswith("text")
+
+
 def calibration_data(wl: Workload, per_class: int = 10, seed: int = 0) -> Any:
     """PTQ calibration inputs for a workload, chosen like experiments/ptq.py: ``calibration_subset(train,
     per_class)`` of the bundled dataset (digits32 images; text sentences tokenized in batches of 32, padded to
@@ -147,7 +155,7 @@ def calibration_data(wl: Workload, per_class: int = 10, seed: int = 0) -> Any:
         texts = [splits.train_texts[int(i)] for i in idx]
         seq = wl.samples.inputs[0].shape[1]
         return [wl.model.tokenize(texts[i:i + 32], max_length=seq) for i in range(0, len(texts), 32)]
-    if wl.samples.name in ("digits", "digits32", "mnist1d"):
+    if wl.samples.name in _BUNDLED_IMAGES:
         sub = calibration_subset(load_dataset(wl.samples.name, seed=0).train, per_class=per_class, seed=seed)
         return sub.tensors[0]
     if len(wl.samples.inputs) != 1:
@@ -169,7 +177,7 @@ def _auto_calib(calib: Any, wl: Workload) -> Any:
 
     if wl.model is None or _activation_spec(wl.model) is None:
         return None  # nothing quantized: nothing to calibrate
-    if wl.samples.name in ("digits", "digits32", "mnist1d") or wl.samples.name.startswith("text"):
+    if _bundled(wl.samples.name):
         return calibration_data(wl)
     log.info("thrifty.bench.run: no bundled calibration set for %r; pass calib= to make residual Adds integer "
              "(exporting the simulated PTQ graph as is)", wl.samples.name)

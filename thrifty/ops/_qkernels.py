@@ -86,15 +86,24 @@ def dequant(t, z, s, qmax):
 
 
 @njit(cache=True)
-def nearest(x, lo, hi, qmax, out):
+def nearest(x, lo, hi, qmax, out, qmax2, out2):
+    # out: nearest rounding to [0, qmax]; out2 (if it has rows): the same to [0, qmax2] on the same range,
+    # written in the same loop so that x is read once
     if not ranges_ok(lo, hi):
         return False
     rows, n = x.shape
+    two = out2.shape[0] == rows
     for r in range(rows):
         s, z = qparams(lo[r], hi[r], qmax)
-        for i in range(n):
-            t = np.rint(x[r, i] / s) + z
-            out[r, i] = dequant(t, z, s, qmax)
+        if two:
+            s2, z2 = qparams(lo[r], hi[r], qmax2)
+            for i in range(n):
+                v = x[r, i]
+                out[r, i] = dequant(np.rint(v / s) + z, z, s, qmax)
+                out2[r, i] = dequant(np.rint(v / s2) + z2, z2, s2, qmax2)
+        else:
+            for i in range(n):
+                out[r, i] = dequant(np.rint(x[r, i] / s) + z, z, s, qmax)
     return True
 
 
@@ -121,14 +130,15 @@ def stochastic(x, lo, hi, qmax, key, out, qmax2, out2):
     for r in range(rows):
         s, z = qparams(lo[r], hi[r], qmax)
         base = r * n
-        for i in range(n):
-            t = np.floor(x[r, i] / s + uniform(base + i, k)) + z
-            out[r, i] = dequant(t, z, s, qmax)
         if two:
             s2, z2 = qparams(lo[r], hi[r], qmax2)
             for i in range(n):
-                t = np.rint(x[r, i] / s2) + z2
-                out2[r, i] = dequant(t, z2, s2, qmax2)
+                v = x[r, i]
+                out[r, i] = dequant(np.floor(v / s + uniform(base + i, k)) + z, z, s, qmax)
+                out2[r, i] = dequant(np.rint(v / s2) + z2, z2, s2, qmax2)
+        else:
+            for i in range(n):
+                out[r, i] = dequant(np.floor(x[r, i] / s + uniform(base + i, k)) + z, z, s, qmax)
     return True
 
 

@@ -238,9 +238,7 @@ def fake_quantize_minmax(x: Tensor, bits: int, *, axis: Optional[int] = None, ro
             if rounding == "stochastic":
                 ok = stochastic(a, l, h, np.float32(qmax), key, o, np.float32(qmax2), out2.numpy())
             else:
-                ok = nearest(a, l, h, np.float32(qmax), o)
-                if ok and also_bits is not None:
-                    nearest(a, l, h, np.float32(qmax2), out2.numpy())
+                ok = nearest(a, l, h, np.float32(qmax), o, np.float32(qmax2), out2.numpy())
             if not ok:
                 raise ValueError("cannot quantize: input contains NaN or Inf")
         else:
