@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="part a: default 0 1 2 (0 with --quick); part b: default 0")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
-    ap.add_argument("--steps", type=int, default=None, help="part b: override the number of training steps")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="override the number of training steps (part b; part a: pilots, evaluated every 1%%)")
     ap.add_argument("--parts", default="abc", help="a = batch augmentation curves, b = mixed size, c = batch "
                     "augmentation on compressed schedules; 'none' only re-renders the .md and plots from the .json")
     ap.add_argument("--tag", default="", help="suffix for the results files, e.g. _steps60")
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     if "a" in args.parts:
         for task in todo:
             task = ba.with_schedule(task, args.schedule)
+            if args.steps:  # pilots: same task on another budget (write them to another --out)
+                task = dataclasses.replace(task, train=dataclasses.replace(
+                    task.train, steps=args.steps, eval_steps=max(1, args.steps // 100)))
             print(f"[regimes] part a: batch augmentation, {task.name}, seeds {seeds_ac}", file=sys.stderr)
             t0 = time.perf_counter()
             r = ba.run_task(task, seeds_ac, progress=sys.stderr.isatty(), only=args.runs)

@@ -48,6 +48,14 @@ paper's CIFAR/ImageNet regimes. Why: under cosine-to-0 every run gains most of i
 of the schedule, which pins "first step at the baseline's final accuracy" near the end for every m; the
 paper's steps-to-accuracy curves come from step schedules. Nothing else was changed or tuned, and the cosine
 results stay in the report beside these (results key batch_augment_step).
+
+Protocol B, digits32 long budget (written down and committed before its pilots): at 100 steps augmentation itself
+costs accuracy on digits32 (no-aug above m=1 under both schedules), which is not the regime the paper studies.
+Pilots: seed 0, step schedule, m=1 and no-aug only, 400 and 800 steps, otherwise the digits32 task (`--steps N
+--runs no-aug m=1 --out <elsewhere>`). Rule: the smallest pilot budget whose m=1 final is >= its no-aug final
+becomes the task "resnet20 / digits32 long" (same lr, batch and augmentation; evaluated every 1% of the steps),
+run with the same runs and seeds 0, 1, 2 under the step schedule; if neither budget qualifies, there is no long
+digits32 task and the report says so.
 """
 from __future__ import annotations
 
