@@ -58,7 +58,7 @@ def test_pattern_at_most_n_per_block(n, m, method):
 @pytest.mark.parametrize("n,m,path", [(1, 2, "kernel"), (2, 4, "kernel"), (1, 4, "kernel"), (1, 2, "fast"),
                                       (2, 4, "fast"), (1, 4, "fast"), (3, 4, "general"), (2, 4, "general"),
                                       (1, 2, "general")])
-def test_mvue_unbiased_within_3_standard_errors(n, m, path, monkeypatch):
+def test_mvue_unbiased_within_4p5_standard_errors(n, m, path, monkeypatch):
     """All adversarial blocks side by side, 10^5 independent draws of each (fixed seed): the compiled
     kernel, the torch fast paths and the torch general path."""
     monkeypatch.setattr(mvue_mod, "_KERNEL", path == "kernel")
@@ -72,7 +72,10 @@ def test_mvue_unbiased_within_3_standard_errors(n, m, path, monkeypatch):
     scale = target.view(-1, m).abs().amax(1, keepdim=True).expand(-1, m).reshape(-1)
     det = se == 0
     assert ((mean - target).abs()[det] <= 1e-7 * scale[det]).all(), (mean, target)
-    bad = ((mean - target).abs() > 3 * se) & ~det
+    # 4.5 standard errors: about 250 random entries over the nine cases, so a 3-SE bound fails about half of
+    # all fresh random streams (it did when the uniforms changed); 4.5 keeps false alarms below 0.2 % overall
+    # (Bonferroni); an entry's SE is 0.1-1 % of its value at 10^5 draws, so biases of a few % still fail
+    bad = ((mean - target).abs() > 4.5 * se) & ~det
     assert not bad.any(), [(list(ADVERSARIAL)[i // 4], float(mean[i]), float(target[i])) for i in bad.nonzero()[:, 0]]
     assert ((_blocks(y, m) != 0).sum(-1) <= n).all()
     assert torch.isfinite(y).all()

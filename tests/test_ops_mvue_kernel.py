@@ -1,9 +1,10 @@
 """The compiled N:M kernels (thrifty.ops._mvue_kernel) against the torch reference paths of thrifty.ops.mvue.
 
-Given the same uniform per block the kernel must return the torch fast path's values bit for bit; the
-vectorised loops must equal the kernel's scalar loop fed the hashed uniforms; the MSE kernel must equal
-the torch top-n exactly; the hashed uniforms must be uniform; and the kernel's pattern frequencies must
-match the torch path's.
+Given the same uniform per block the kernel must return the torch fast path's values bit for bit; both
+paths draw the same hashed uniforms (thrifty.ops._qkernels' lowbias32 hash and its torch twin), so
+mvue_nm returns the same tensor with and without the kernel for the same generator; the vectorised loops
+must equal the kernel's scalar loop fed the hashed uniforms; the MSE kernel must equal the torch top-n
+exactly; and the kernel's pattern frequencies must match the torch path's.
 """
 import math
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 import thrifty.ops.mvue as mv
 from thrifty.ops import _mvue_kernel as K
+from thrifty.ops import _qkernels as Q
 
 SPECIAL = [10.0, 1.0, -2.0, 0.5, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, -2.0, 2.0, 1.0, -1.0,
            0.0, 3.0, 0.0, -1.0, 1e-44, 3e-44, 0.0, 2e-44, 1.0, 1e-44, 0.0, 3e-44, 0.1, -50.0, 0.2, 0.3,
@@ -41,6 +43,13 @@ def _geometry(x, dim, m, tail):
         math.prod(x.shape[:d]), blocks, 1, math.prod(x.shape[d + 1:]))
 
 
+def _torch_uniforms(x, dim, m, tail, seed):
+    """The uniforms mvue_nm draws for Generator().manual_seed(seed): the hash of one 32-bit key per block."""
+    count, ushape = _geometry(x, dim, m, tail)
+    key = int(torch.randint(0, 2**32, (1,), generator=torch.Generator().manual_seed(seed)))
+    return Q.hash_uniform(count, key).view(ushape)
+
+
 def _torch_mvue(x, n, m, dim, tail, seed, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(mv, "_KERNEL", False)
@@ -54,10 +63,44 @@ def test_kernel_equals_torch_path_given_the_same_uniforms(n, m, tail, monkeypatc
         x = _tensor(shape, i)
         for dim in range(x.dim()):
             ref = _torch_mvue(x, n, m, dim, tail, 7, monkeypatch)
-            _, ushape = _geometry(x, dim, m, tail)
-            u = torch.rand(ushape, generator=torch.Generator().manual_seed(7))  # the torch path's own draw
+            u = _torch_uniforms(x, dim, m, tail, 7)  # the torch path's own draw, fed to the scalar loop
             got = mv._kernel_call(x, n, m, dim % x.dim(), tail, "mvue", u=u)
             assert torch.equal(got, ref), (shape, dim)
+            # any uniforms, not only hashed ones: the torch fast path fed the same u gives the same values
+            b, r = mv._blocks(x, m, dim % x.dim(), tail)
+            u = torch.rand(u.shape, generator=torch.Generator().manual_seed(i))
+            fast = (mv._mvue_1m if n == 1 else mv._mvue_24)(b, u[:, :, 0])
+            if fast is not None:  # (None: NaN/inf blocks, which the general path handles)
+                want = mv._unblock(fast, x, dim % x.dim(), r, tail, m)
+                assert torch.equal(mv._kernel_call(x, n, m, dim % x.dim(), tail, "mvue", u=u), want)
+
+
+@pytest.mark.parametrize("n,m", CASES)
+def test_kernel_and_torch_path_return_the_same_tensor_for_the_same_generator(n, m, monkeypatch):
+    """mvue_nm end to end, hashed uniforms on both sides: every grouping dim, both tails, odd sizes,
+    float16 and non-contiguous inputs, the global RNG; the generators end in the same state."""
+    shapes = SHAPES + [(3, 64), (4, 12, 1), (2, 8, 17), (1, 4, 40, 3)]
+    for i, shape in enumerate(shapes):
+        x = _tensor(shape, 30 + i)
+        x[~x.isfinite()] = 1.0
+        xs = [x, x.half(), x.transpose(0, -1)] if i % 3 == 0 else [x]
+        for xx in xs:
+            for dim in range(xx.dim()):
+                for tail in ("pad", "dense"):
+                    g_kernel, g_torch = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
+                    got = mv.mvue_nm(xx, n, m, dim, g_kernel, tail)
+                    with monkeypatch.context() as mp:
+                        mp.setattr(mv, "_KERNEL", False)
+                        ref = mv.mvue_nm(xx, n, m, dim, g_torch, tail)
+                    assert got.dtype == ref.dtype and torch.equal(got, ref), (shape, xx.dtype, dim, tail)
+                    assert torch.equal(torch.rand(3, generator=g_kernel), torch.rand(3, generator=g_torch))
+    x = torch.randn(16, 24, 8)
+    torch.manual_seed(5)
+    got = mv.mvue_nm(x, n, m, 1)
+    torch.manual_seed(5)
+    with monkeypatch.context() as mp:
+        mp.setattr(mv, "_KERNEL", False)
+        assert torch.equal(mv.mvue_nm(x, n, m, 1), got)
 
 
 @pytest.mark.parametrize("n,m", CASES)
@@ -68,8 +111,8 @@ def test_vectorised_loops_equal_the_scalar_loop(n, m, tail):
         x = _tensor(shape, 10 + i)
         for dim in range(x.dim()):
             count, _ = _geometry(x, dim, m, tail)
-            fast = mv._kernel_call(x, n, m, dim % x.dim(), tail, "mvue", seed=99)
-            slow = mv._kernel_call(x, n, m, dim % x.dim(), tail, "mvue", u=torch.from_numpy(K.hash_uniforms(99, count)))
+            fast = mv._kernel_call(x, n, m, dim % x.dim(), tail, "mvue", key=99)
+            slow = mv._kernel_call(x, n, m, dim % x.dim(), tail, "mvue", u=Q.hash_uniform(count, 99))
             assert torch.equal(fast, slow), (shape, dim)
 
 
@@ -88,9 +131,9 @@ def test_kernel_equals_torch_property(shape, dim, nm, tail, seed):
         ref_mse, ref_mask = mv.mse_nm(x, n, m, dim, tail), mv.mse_mask(x, n, m, dim, tail)
     finally:
         mv._KERNEL = old
-    _, ushape = _geometry(x, dim, m, tail)
-    u = torch.rand(ushape, generator=torch.Generator().manual_seed(seed))
+    u = _torch_uniforms(x, dim, m, tail, seed)
     assert torch.equal(mv._kernel_call(x, n, m, dim, tail, "mvue", u=u), ref)
+    assert torch.equal(mv.mvue_nm(x, n, m, dim, torch.Generator().manual_seed(seed), tail), ref)
     assert torch.equal(mv.mse_nm(x, n, m, dim, tail), ref_mse)
     assert torch.equal(mv.mse_mask(x, n, m, dim, tail), ref_mask)
 
@@ -122,16 +165,28 @@ def test_nonfinite_and_overflowing_blocks_pass_through():
         assert int((y[:, 8:] != 0).sum()) <= n
 
 
-def test_hashed_uniforms_are_uniform_and_seeded():
-    u = K.hash_uniforms(12345, 200_000).astype(np.float64)
-    assert u.min() >= 0.0 and u.max() < 1.0
-    assert np.all(u * 2**24 == np.floor(u * 2**24))  # the 2^-24 grid of torch's float32 rand
-    counts = np.histogram(u, bins=64, range=(0, 1))[0]
-    chi2 = float(((counts - len(u) / 64) ** 2 / (len(u) / 64)).sum())
-    assert chi2 < 120  # 63 degrees of freedom: p ~ 1e-5
-    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.01  # consecutive blocks are not correlated
-    assert np.array_equal(K.hash_uniforms(12345, 100), K.hash_uniforms(12345, 100))
-    assert not np.array_equal(K.hash_uniforms(12345, 100), K.hash_uniforms(12346, 100))
+def test_kernel_hash_is_the_quant_hash_and_its_counter_wraps_at_2_32():
+    """The numba uniform() the kernel inlines equals its torch twin (uniformity is tested in
+    test_ops_quant_minmax); counters are taken mod 2^32, which is why mvue_nm caps the blocks per call."""
+    key = np.uint64(0xDEADBEEF)
+    ref = Q.hash_uniform(5000, int(key))
+    assert [Q.uniform(i, key) for i in range(0, 5000, 7)] == ref[::7].tolist()
+    assert [Q.uniform(2**32 + i, key) for i in range(5)] == ref[:5].tolist()
+
+
+def test_more_than_2_32_blocks_raise_before_drawing(monkeypatch):
+    monkeypatch.setattr(mv, "_MAX_BLOCKS", 12)  # (2^32 real blocks would take 32 GiB)
+    x = torch.randn(3, 16)
+    for kernel in (True, False):
+        monkeypatch.setattr(mv, "_KERNEL", kernel)
+        assert mv.mvue_nm(x, 2, 4).shape == x.shape  # 12 blocks: fine
+        assert mv.mvue_nm(torch.randn(3, 7), 2, 4, tail="dense").shape == (3, 7)  # 3 blocks
+        g = torch.Generator().manual_seed(0)
+        with pytest.raises(ValueError, match="at most 2\\^32 blocks"):
+            mv.mvue_nm(x, 1, 2, generator=g)  # 24 blocks
+        with pytest.raises(ValueError, match="at most 2\\^32 blocks"):
+            mv.mvue_nm(torch.randn(3, 17), 2, 4, generator=g)  # 15 with the padded tail
+        assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
 
 
 def test_pattern_frequencies_match_the_torch_path(monkeypatch):

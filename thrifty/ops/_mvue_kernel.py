@@ -12,10 +12,14 @@ holds the elements ``(p, g*m + k, q)``, ``k < m``. Blocks are numbered like the 
 ``u`` of shape ``(pre, G, 1, post)`` (``G = ceil(length/m)`` with ``tail="pad"``, ``length // m``
 with ``tail="dense"``).
 
-Randomness: ``u`` for block ``b`` is a counter-based hash (SplitMix64's finaliser) of ``seed`` and
-``b``, with 24 random bits like torch's float32 ``rand``. The result depends only on ``seed`` (one
-draw from the caller's torch generator) and the block's position, not on threads or call order.
-Passing an explicit ``u`` array instead is how the tests compare against the torch path.
+Randomness: ``u`` for block ``b`` is ``thrifty.ops._qkernels.uniform(b, key)``, the counter-based
+32-bit hash (Wellons' lowbias32, 24 random bits like torch's float32 ``rand``) that stochastic rounding
+uses too, and ``_qkernels.hash_uniform(blocks, key)`` is its torch twin: the torch path of ``mvue_nm``
+draws its uniforms from the twin with the same ``key`` (one 32-bit draw from the caller's generator)
+and the same block numbering, so both paths return the same tensor. The result depends only on
+``key`` and the block's position, not on threads or call order. Block counters are taken mod 2^32, so
+``mvue_nm`` refuses tensors of more than 2^32 blocks (the uniforms would repeat). Passing an explicit
+``u`` array instead is how the tests feed the kernel the torch path's uniforms.
 
 Loops: rows of ``post >= 16`` full blocks run as slices with a nonnegative index (LLVM vectorises
 them across ``q``, the contiguous direction), ``post == 1`` (blocks along the last dim) as one
@@ -40,18 +44,17 @@ import os
 import numpy as np
 from numba import njit
 
-__all__ = ["nm_kernel", "hash_uniform", "hash_uniforms", "MVUE", "MSE_VALUES", "MSE_MASK"]
+# the one hash of the library (numba inlines it here). numba's cache does not track this import: after
+# changing uniform(), run once with THRIFTY_NUMBA_NOCACHE=1 or delete the __pycache__ *.nbi/*.nbc files
+from thrifty.ops._qkernels import uniform
+
+__all__ = ["nm_kernel", "MVUE", "MSE_VALUES", "MSE_MASK"]
 
 MVUE, MSE_VALUES, MSE_MASK = 0, 1, 2  # kernel modes
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 _HALF = np.float32(0.5)
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31, _S40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
-_TWO_M24 = np.float32(2.0**-24)
 _ROW_MIN = 16  # shortest row of blocks worth a vectorised slice loop
 
 # error_model="numpy": x / 0 gives inf / NaN as in torch instead of raising; no fastmath (bit exactness).
@@ -61,26 +64,6 @@ _JIT = dict(cache=not os.environ.get("THRIFTY_NUMBA_NOCACHE"), nogil=True, error
 # vectorise); everything else is left to LLVM's inliner: numba-level inlining of every helper made the
 # first compile take ~20 s of CPU instead of ~5 s.
 _INLINE = dict(_JIT, inline="always")
-
-
-@njit(**_JIT)
-def hash_uniform(seed, idx):
-    """Uniform in [0, 1) on the 2^-24 grid from (seed, counter): SplitMix64 of seed + (idx + 1) * gamma."""
-    z = seed + (idx + np.uint64(1)) * _GAMMA
-    z = (z ^ (z >> _S30)) * _M1
-    z = (z ^ (z >> _S27)) * _M2
-    z = z ^ (z >> _S31)
-    return np.float32(z >> _S40) * _TWO_M24
-
-
-@njit(**_JIT)
-def hash_uniforms(seed, count):
-    """The uniforms the kernels draw for blocks ``0 .. count - 1`` (tests feed them back as ``u``)."""
-    u = np.empty(count, dtype=np.float32)
-    s = np.uint64(seed)
-    for b in range(count):
-        u[b] = hash_uniform(s, np.uint64(b))
-    return u
 
 
 @njit(**_INLINE)
@@ -157,11 +140,11 @@ def _block(mode, a0, a1, a2, a3, n, u):
 
 
 @njit(**_JIT)
-def _row4(x0, x1, x2, x3, o0, o1, o2, o3, mode, n, seed, b0):
+def _row4(x0, x1, x2, x3, o0, o1, o2, o3, mode, n, key, b0):
     """Full 4-blocks of one (p, g) row, one per q (slices: LLVM vectorises along q)."""
     if mode == MVUE:
         for q in range(x0.shape[0]):
-            uu = hash_uniform(seed, np.uint64(b0 + q))
+            uu = uniform(b0 + q, key)
             o0[q], o1[q], o2[q], o3[q] = _mvue_block(x0[q], x1[q], x2[q], x3[q], n, uu)
     else:
         for q in range(x0.shape[0]):
@@ -169,11 +152,11 @@ def _row4(x0, x1, x2, x3, o0, o1, o2, o3, mode, n, seed, b0):
 
 
 @njit(**_JIT)
-def _row2(x0, x1, o0, o1, mode, n, seed, b0):
+def _row2(x0, x1, o0, o1, mode, n, key, b0):
     """Full 2-blocks of one (p, g) row, one per q."""
     if mode == MVUE:
         for q in range(x0.shape[0]):
-            uu = hash_uniform(seed, np.uint64(b0 + q))
+            uu = uniform(b0 + q, key)
             o0[q], o1[q], _, _ = _mvue_block(x0[q], x1[q], _F0, _F0, 1, uu)
     else:
         for q in range(x0.shape[0]):
@@ -181,12 +164,12 @@ def _row2(x0, x1, o0, o1, mode, n, seed, b0):
 
 
 @njit(**_JIT)
-def _seq(xs, os_, m, mode, n, seed, b0):
+def _seq(xs, os_, m, mode, n, key, b0):
     """Consecutive full blocks along the last dim (post == 1): block b is xs[m*b : m*b + m]."""
     nb = xs.shape[0] // m
     if m == 4 and mode == MVUE:
         for b in range(nb):
-            uu = hash_uniform(seed, np.uint64(b0 + b))
+            uu = uniform(b0 + b, key)
             os_[4 * b], os_[4 * b + 1], os_[4 * b + 2], os_[4 * b + 3] = _mvue_block(
                 xs[4 * b], xs[4 * b + 1], xs[4 * b + 2], xs[4 * b + 3], n, uu)
     elif m == 4:
@@ -195,7 +178,7 @@ def _seq(xs, os_, m, mode, n, seed, b0):
                 xs[4 * b], xs[4 * b + 1], xs[4 * b + 2], xs[4 * b + 3], n, mode == MSE_VALUES)
     elif mode == MVUE:
         for b in range(nb):
-            uu = hash_uniform(seed, np.uint64(b0 + b))
+            uu = uniform(b0 + b, key)
             os_[2 * b], os_[2 * b + 1], _, _ = _mvue_block(xs[2 * b], xs[2 * b + 1], _F0, _F0, 1, uu)
     else:
         for b in range(nb):
@@ -203,26 +186,27 @@ def _seq(xs, os_, m, mode, n, seed, b0):
 
 
 @njit(**_JIT)
-def nm_kernel(x, out, pre, length, post, n, m, dense_tail, mode, u, seed):
+def nm_kernel(x, out, pre, length, post, n, m, dense_tail, mode, u, key):
     """N:M of ``x`` (1-D contiguous float32 view of (pre, length, post)) into ``out``.
 
     ``mode``: MVUE, MSE_VALUES or MSE_MASK. ``u``: float32 uniforms, one per block in the torch
-    path's order, or an empty array to draw them from ``hash_uniform(seed, block)`` (MVUE only).
+    path's order, or an empty array to draw them from ``uniform(block, key)`` (MVUE only; ``key``
+    a 32-bit integer, block numbers below 2^32).
     """
     full = length // m
     r = length - full * m
     nblk = full + 1 if (r > 0 and not dense_tail) else full
     use_u = u.shape[0] > 0
-    useed = np.uint64(seed)
+    ukey = np.uint64(key)  # uint64: numba would turn uint64 + int64 into a float
     fast = not use_u and (m == 2 or m == 4)
     if fast and post == 1 and r == 0:  # every block is consecutive: one sequence over the whole tensor
-        _seq(x, out, m, mode, n, useed, 0)
+        _seq(x, out, m, mode, n, ukey, 0)
         return
     for p in range(pre):
         row = p * length * post
         g0 = 0
         if fast and post == 1 and full > 0:  # the row's full blocks as one sequence
-            _seq(x[row:row + full * m], out[row:row + full * m], m, mode, n, useed, p * nblk)
+            _seq(x[row:row + full * m], out[row:row + full * m], m, mode, n, ukey, p * nblk)
             g0 = full
         for g in range(g0, nblk):
             cnt = m if g < full else r
@@ -231,11 +215,11 @@ def nm_kernel(x, out, pre, length, post, n, m, dense_tail, mode, u, seed):
             if fast and cnt == 4 and post >= _ROW_MIN:
                 e1, e2, e3, e4 = base + post, base + 2 * post, base + 3 * post, base + 4 * post
                 _row4(x[base:e1], x[e1:e2], x[e2:e3], x[e3:e4], out[base:e1], out[e1:e2], out[e2:e3],
-                      out[e3:e4], mode, n, useed, bidx)
+                      out[e3:e4], mode, n, ukey, bidx)
                 continue
             if fast and cnt == 2 and m == 2 and post >= _ROW_MIN:  # (not a 2-element tail of a 4-block)
                 e1, e2 = base + post, base + 2 * post
-                _row2(x[base:e1], x[e1:e2], out[base:e1], out[e1:e2], mode, n, useed, bidx)
+                _row2(x[base:e1], x[e1:e2], out[base:e1], out[e1:e2], mode, n, ukey, bidx)
                 continue
             for q in range(post):  # scalar: explicit uniforms, 1:3, short rows, the padded tail block
                 i = base + q
@@ -245,7 +229,7 @@ def nm_kernel(x, out, pre, length, post, n, m, dense_tail, mode, u, seed):
                 a3 = x[i + 3 * post] if cnt > 3 else _F0
                 uu = _F0
                 if mode == MVUE:
-                    uu = u[bidx + q] if use_u else hash_uniform(useed, np.uint64(bidx + q))
+                    uu = u[bidx + q] if use_u else uniform(bidx + q, ukey)
                 o0, o1, o2, o3 = _block(mode, a0, a1, a2, a3, n, uu)
                 out[i] = o0
                 if cnt > 1:

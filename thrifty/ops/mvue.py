@@ -41,13 +41,20 @@ Compiled kernels: on CPU, MVUE 1:2, 1:3, 1:4, 2:4 and MSE top-n of m <= 4 run
 as single-pass numba kernels (:mod:`thrifty.ops._mvue_kernel`, about 10x
 faster than the torch paths on 1M values: one read and one write, no padded or
 permuted copies). They perform the torch fast path's float32 operations in the
-same order, so given the same uniform per block their output is bit-identical
-(the MSE kernel is always bit-identical). The uniforms differ: instead of one
-``torch.rand`` value per block, the kernel draws one 62-bit seed from
-``generator`` and hashes it with each block's index (SplitMix64, 24-bit
-uniforms like ``torch.rand``), so a run is reproducible from the generator's
-seed but draws differently from the torch path. Other devices and cases use
-the torch paths (``_KERNEL = False`` forces them, e.g. for tests).
+same order (the MSE kernel is always bit-identical). Both MVUE paths draw the
+same uniforms: one 32-bit ``key`` from ``generator`` per call (as stochastic
+rounding in :func:`thrifty.ops.quant.fake_quantize_minmax` does), and block
+``b`` (numbered in the order of the ``(pre, blocks, 1, post)`` layout: the
+dimensions before ``dim``, the blocks, the dimensions after it) gets the
+counter-based hash ``u_b`` of :mod:`thrifty.ops._qkernels` (24-bit uniforms
+like ``torch.rand``; the kernel hashes in numba, the torch path with its torch
+twin ``hash_uniform``). So for the same generator state the kernel and the
+torch fast path return identical tensors, on any device; the general path
+(other n:m, or blocks with NaN/inf) uses the same uniforms but other float
+operations, so it agrees in distribution, not always to the last bit. The
+counter has 32 bits: a tensor of more than 2^32 blocks raises ValueError
+rather than reuse uniforms. Other devices and cases use the torch paths
+(``_KERNEL = False`` forces them, e.g. for tests).
 
 Defined behaviour at the edges (shared by both masks):
 
@@ -94,12 +101,12 @@ _TAILS = ("pad", "dense", "error")
 _NO_U = np.empty(0, dtype=np.float32)
 _FAST_PATHS = True  # tests switch this off to check the general path on the same cases
 # Compiled single-pass kernels (numba, thrifty.ops._mvue_kernel) for CPU tensors and the cases below;
-# tests switch this off to run the torch reference paths. They draw one seed from the generator and
-# hash it with each block's index instead of one torch.rand value per block.
+# tests switch this off to run the torch reference paths (same hashed uniforms, same results).
 _KERNEL = True
 _KERNEL_MVUE = ((1, 2), (1, 3), (1, 4), (2, 4))
 _KERNEL_MAX_M = 4
 _KERNEL_MODES = {"mvue": 0, "mse": 1, "mask": 2}  # _mvue_kernel.MVUE, MSE_VALUES, MSE_MASK
+_MAX_BLOCKS = 2**32  # the hash's counter is 32 bits: more blocks would reuse uniforms
 _kmod = None
 
 
@@ -124,11 +131,11 @@ def _use_kernel(x: Tensor, n: int, m: int, method: str) -> bool:
 
 
 def _kernel_call(x: Tensor, n: int, m: int, dim: int, tail: str, kind: str,
-                 u: Optional[Tensor] = None, seed: int = 0) -> Tensor:
+                 u: Optional[Tensor] = None, key: int = 0) -> Tensor:
     """Run a compiled kernel on ``x`` grouped along ``dim`` (already normalised).
 
     ``kind``: "mvue" (values, dtype of ``x``), "mse" (kept values, float32), "mask" (0/1, float32).
-    ``u`` (one float32 uniform per block, the torch path's layout) replaces the hashed uniforms.
+    ``u`` (one float32 uniform per block, the torch path's layout) replaces the hashed uniforms of ``key``.
     """
     shape = x.shape
     length = shape[dim]
@@ -143,13 +150,26 @@ def _kernel_call(x: Tensor, n: int, m: int, dim: int, tail: str, kind: str,
     k = _kernels()
     uv = _NO_U if u is None else u.detach().float().contiguous().view(-1).numpy()
     k.nm_kernel(xf.view(-1).numpy(), out.view(-1).numpy(), pre, length, post, n, m, tail == "dense",
-                _KERNEL_MODES[kind], uv, seed)
+                _KERNEL_MODES[kind], uv, key)
     return _to_dtype(out, x.dtype) if kind == "mvue" else out
 
 
-def _draw_seed(generator: Optional[torch.Generator]) -> int:
-    """One draw from ``generator`` (torch's global RNG when None) seeds the kernel's hashed uniforms."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator))
+def _draw_key(generator: Optional[torch.Generator], device: torch.device) -> int:
+    """One 32-bit draw from ``generator`` (torch's global RNG of ``device`` when None) keys the block hash."""
+    dev = generator.device if generator is not None else device
+    return int(torch.randint(0, 2**32, (1,), generator=generator, device=dev))
+
+
+def _uniform_shape(shape: torch.Size, m: int, dim: int, tail: str) -> tuple[int, int, int, int]:
+    """(pre, G, 1, post): one uniform per block; block b (flat index in this shape) gets the hash's b-th."""
+    if shape[dim] % m and tail == "error":
+        raise ValueError(f"size {shape[dim]} along dim {dim} is not a multiple of m={m} (tail='error')")
+    pre, post = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
+    g = -(-shape[dim] // m) if tail == "pad" else shape[dim] // m
+    if pre * g * post > _MAX_BLOCKS:
+        raise ValueError(f"mvue_nm: {pre * g * post} blocks of {m} along dim {dim} of a tensor of shape "
+                         f"{tuple(shape)}; the hashed uniforms number at most 2^32 blocks per call (split it)")
+    return pre, g, 1, post
 
 
 def _check(x: Tensor, n: int, m: int, dim: int, tail: str) -> int:
@@ -306,10 +326,14 @@ def mvue_nm(
     d = _check(x, n, m, dim, tail)
     if x.numel() == 0:
         return x.clone()
+    ushape = _uniform_shape(x.shape, m, d, tail)  # (raises before the generator is drawn from)
+    key = _draw_key(generator, x.device)
     if _use_kernel(x, n, m, "mvue"):
-        return _kernel_call(x, n, m, d, tail, "mvue", seed=_draw_seed(generator))
+        return _kernel_call(x, n, m, d, tail, "mvue", key=key)
+    from thrifty.ops._qkernels import hash_uniform  # (imports numba; the same hash as the kernel's)
+
     b, r = _blocks(x, m, d, tail)
-    u = torch.rand((b.shape[0], b.shape[1], 1, b.shape[3]), generator=generator, device=b.device)
+    u = hash_uniform(math.prod(ushape), key, b.device).view(ushape)
     if _FAST_PATHS and (n == 1 or (n, m) == (2, 4)):
         fast = (_mvue_1m if n == 1 else _mvue_24)(b, u[:, :, 0])
         if fast is not None:
