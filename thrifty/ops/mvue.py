@@ -48,8 +48,8 @@ rounding in :func:`thrifty.ops.quant.fake_quantize_minmax` does), and block
 dimensions before ``dim``, the blocks, the dimensions after it) gets the
 counter-based hash ``u_b`` of :mod:`thrifty.ops._qkernels` (24-bit uniforms
 like ``torch.rand``; the kernel hashes in numba, the torch path with its torch
-twin ``hash_uniform``). So for the same generator state the kernel and the
-torch fast path return identical tensors, on any device; the general path
+twin ``hash_uniform``, on any device). So for the same generator state the
+kernel and the torch fast path return identical tensors; the general path
 (other n:m, or blocks with NaN/inf) uses the same uniforms but other float
 operations, so it agrees in distribution, not always to the last bit. The
 counter has 32 bits: a tensor of more than 2^32 blocks raises ValueError
