@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [t for t in ba.tasks(q) if not args.tasks or any(k in t.name for k in args.tasks)]
     key_a = "batch_augment" if args.schedule == "cosine" else "batch_augment_step"
     if "a" in args.parts:
-        for task in todo:
+        for task in (t for t in todo if args.schedule in t.schedules):
             task = ba.with_schedule(task, args.schedule)
             if args.steps:  # pilots: same task on another budget (write them to another --out)
                 task = dataclasses.replace(task, train=dataclasses.replace(
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                      seconds=round(time.perf_counter() - t0, 1), merge_seeds=args.merge_seeds)
             res = _save(old_path, res, key_a, r)
     if "c" in args.parts:
-        for task in todo:
+        for task in (t for t in todo if "cosine" in t.schedules):
             print(f"[regimes] part c: compressed schedules, {task.name}, seeds {seeds_ac}", file=sys.stderr)
             t0 = time.perf_counter()
             r = ba.run_budgets(task, seeds_ac)
