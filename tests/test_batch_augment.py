@@ -155,3 +155,18 @@ def test_cli_batch_aug_on_signals(tmp_path):
                  "--regime", "batch-aug:2", "--out", str(out)]) == 0
     assert (out / "model.safetensors").exists()
     assert json.loads((out / "history.json").read_text())["records"][-1]["step"] == 2
+
+
+def test_protocol_b_changes_only_the_lr_schedule():
+    for task in ba.tasks(quick=False):
+        b = ba.with_schedule(task, "step")
+        assert b.train.schedule == "step" and b.train.milestones == (0.5, 0.75) and b.train.gamma == 0.1
+        same = {k: v for k, v in vars(b.train).items() if k not in ("schedule", "milestones", "gamma")}
+        assert same == {k: v for k, v in vars(task.train).items() if k in same}
+        assert (b.augment, b.ms, b.extra, b.model, b.dataset) == (task.augment, task.ms, task.extra, task.model,
+                                                                   task.dataset)
+        n = b.train.steps
+        lrs = [b.train.lr_at(s, n) for s in (0, n // 2 - 1, n // 2, 3 * n // 4 - 1, 3 * n // 4, n - 1)]
+        assert lrs == pytest.approx([task.train.lr] * 2 + [task.train.lr / 10] * 2 + [task.train.lr / 100] * 2)
+    long = [t for t in ba.tasks(quick=False) if "long" in t.name]
+    assert long and all(t.schedules == ("step",) for t in long)  # chosen for protocol B only
