@@ -26,26 +26,41 @@ EPS32 = np.float32(1e-8)  # thrifty.ops.quant.EPS as float32 (torch.clamp casts 
 
 
 # ------------------------------------------------------------------------------------------ torch reference
-def _mulmod32(a: Tensor, c: int) -> Tensor:
-    """``a * c mod 2^32`` for int64 ``a`` in [0, 2^32) without int64 overflow (two 16-bit halves of ``c``)."""
-    return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & _M32
+# Why int64 and these forms: torch has no unsigned 32-bit arithmetic (uint32 lacks add and shifts), and signed
+# overflow inside torch's C++ kernels is undefined behaviour (it wraps in practice, but nothing documents it), so
+# every step here stays exact in int64: values are kept in [0, 2^32) and multiplied only by constants below
+# 2^31 (products < 2^63). _H1 and _H2 are below 2^31 already; i * _WEYL = -(i * _NWEYL) mod 2^32, so the
+# Weyl sequence is an arange with step -_NWEYL. Work is done in place on chunks that stay in cache.
+_NWEYL = (1 << 32) - _WEYL  # 0x61C88647 < 2^31
+_CHUNK_CPU, _CHUNK_OTHER = 1 << 17, 1 << 22  # int64 temporaries: 2 MiB / 64 MiB per chunk
 
 
-def hash_uniform(n: int, key: int, device=None) -> Tensor:
+def hash_uniform(n: int, key: int, device=None, start: int = 0) -> Tensor:
     """The ``n`` uniform draws in [0, 1) (float32, multiples of 2^-24) the stochastic kernels use for ``key``.
+
+    Draw ``j`` is the numba ``uniform(start + j, key)`` bit for bit, on any device; the counter is taken mod
+    2^32 like the kernels' (so ``start`` lets one check the wraparound without 2^32 draws).
 
     Example:
         >>> u = hash_uniform(1000, key=7)
         >>> bool((u >= 0).all() and (u < 1).all()), round(float(u.mean()), 1)
         (True, 0.5)
     """
-    h = (_mulmod32(torch.arange(n, dtype=torch.int64, device=device) & _M32, _WEYL) + key) & _M32
-    h = h ^ (h >> 16)
-    h = _mulmod32(h, _H1)
-    h = h ^ (h >> 15)
-    h = _mulmod32(h, _H2)
-    h = h ^ (h >> 15)
-    return (h >> 8).to(torch.float32) * 2.0**-24
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    chunk = min(n, _CHUNK_CPU if out.device.type == "cpu" else _CHUNK_OTHER)
+    h = torch.empty(chunk, dtype=torch.int64, device=out.device)
+    tmp = torch.empty_like(h)
+    for s in range(0, n, max(chunk, 1)):
+        k = min(chunk, n - s)
+        hk, tk = h[:k], tmp[:k]
+        a = (key - (start + s) * _NWEYL) & _M32  # (i * _WEYL + key) mod 2^32 at i = start + s
+        # |values| < 2^49 here: exact in the double arithmetic arange uses for its length
+        torch.arange(a, a - k * _NWEYL, -_NWEYL, out=hk).bitwise_and_(_M32)
+        hk.bitwise_xor_(torch.bitwise_right_shift(hk, 16, out=tk)).mul_(_H1).bitwise_and_(_M32)
+        hk.bitwise_xor_(torch.bitwise_right_shift(hk, 15, out=tk)).mul_(_H2).bitwise_and_(_M32)
+        hk.bitwise_xor_(torch.bitwise_right_shift(hk, 15, out=tk)).bitwise_right_shift_(8)
+        torch.mul(hk, 2.0**-24, out=out[s:s + k])  # < 2^24: exact in float32
+    return out
 
 
 # -------------------------------------------------------------------------------------------- numba kernels

@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 EPS = 1e-8
+_MAX_HASHED = 2**32  # stochastic rounding hashes the flat element index mod 2^32: more would reuse draws
 Rounding = Literal["nearest", "stochastic"]
 Estimator = Literal["minmax", "sample_minmax", "percentile", "mse"]
 
@@ -208,7 +209,8 @@ def fake_quantize_minmax(x: Tensor, bits: int, *, axis: Optional[int] = None, ro
     ``also_bits`` also returns the nearest-rounded ``also_bits`` quantization on the same range, computed from
     the same read of ``x`` (8-bit training's bifurcation). On CPU float32 with ``axis`` None or 0 this runs
     numba kernels (single-threaded); elsewhere the equivalent torch ops (:mod:`thrifty.ops._qkernels`).
-    NaN/Inf inputs raise ValueError. Example:
+    NaN/Inf inputs raise ValueError, and so does stochastic rounding of more than 2^32 elements (the hash's
+    counter is the element index, 32 bits: split larger tensors). Example:
         >>> fake_quantize_minmax(torch.tensor([0.0, 0.3, 1.0]), 2).tolist()
         [0.0, 0.3333333432674408, 1.0]
     """
@@ -222,6 +224,10 @@ def fake_quantize_minmax(x: Tensor, bits: int, *, axis: Optional[int] = None, ro
     _check_rounding(rounding)
     if x.numel() == 0:
         raise ValueError("cannot estimate a quantization range from an empty tensor")
+    if rounding == "stochastic" and x.numel() > _MAX_HASHED:  # (before the generator is drawn from)
+        raise ValueError(f"fake_quantize_minmax: stochastic rounding of a tensor of {x.numel()} elements (shape "
+                         f"{tuple(x.shape)}); the hashed uniforms cover at most {_MAX_HASHED} elements per call "
+                         f"(the counter is 32 bits), split the tensor")
     with torch.no_grad():
         x = x.detach()
         ax = None if axis is None else _norm_axis(axis, x.dim())
