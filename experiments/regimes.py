@@ -13,6 +13,9 @@ evaluated at test sizes 16..48 with and without BN recalibration, with forward F
     python experiments/regimes.py --parts a --tasks digits32 --seeds 1 --merge-seeds
                                                    # one part / task / seed per process (parallel runs); results
                                                    # are merged into results/regimes.json, other parts are kept
+    python experiments/regimes.py --parts a --schedule step
+                                                   # protocol B: part a under the paper's step schedule (x0.1 at
+                                                   # 50% and 75%), plus the long digits32 task (~70 CPU-minutes)
     python experiments/regimes.py --parts none     # re-render results/regimes.md and the plots from the json
 
 Small data: digits32 has 1258 training and 539 test images (one test image = 0.19 points); read
