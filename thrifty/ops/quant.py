@@ -261,7 +261,9 @@ def fake_quantize_minmax(x: Tensor, bits: int, *, axis: Optional[int] = None, ro
 
 def _fake_quantize_minmax_torch(rows: Tensor, lo: Tensor, hi: Tensor, bits: int, rounding: Rounding, key: int,
                                 also_bits: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
-    """Reference of the kernels on (rows, n) ``rows``: the same values from torch ops (any device/dtype)."""
+    """Reference of the kernels on (rows, n) ``rows`` from torch ops (any device/dtype): the same values on CPU
+    float32 (tested bit for bit) and the same uniforms everywhere; on CUDA the scale can differ in its last bit
+    (seen on an H200 with the same key), so codes near a rounding boundary may differ by one step."""
     from thrifty.ops import _qkernels as K
 
     if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
