@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="part a: the lr schedule of every run; 'step' = the paper's (x0.1 at 50%% and 75%% of the "
                          "steps), stored apart from the cosine protocol (key batch_augment_step)")
     ap.add_argument("--tasks", nargs="+", default=None,
-                    help="parts a/c: only the tasks whose name contains one of these (e.g. digits32 mnist1d)")
+                    help="parts a/c: only the tasks whose name contains one of these (e.g. digits32 mnist1d); a "
+                         "full task name ('resnet20 / digits32') selects that task only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     q = args.quick
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     res = _drop_legacy(res)
     res.update({"mode": "quick" if q else "full", "threads": torch.get_num_threads()})
     seeds_ac = args.seeds or ([0] if q else [0, 1, 2])
-    todo = [t for t in ba.tasks(q) if not args.tasks or any(k in t.name for k in args.tasks)]
+    todo = [t for t in ba.tasks(q) if not args.tasks or any(_matches(k, t.name, q) for k in args.tasks)]
     key_a = "batch_augment" if args.schedule == "cosine" else "batch_augment_step"
     if "a" in args.parts:
         for task in (t for t in todo if args.schedule in t.schedules):
@@ -182,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     plots(res, out, stem)
     print(markdown(res, stem))
     return 0
+
+
+def _matches(key: str, name: str, quick: bool) -> bool:
+    """--tasks: a task's full name selects that task only; any other text selects every task containing it."""
+    names = [t.name for t in ba.tasks(quick)]
+    return key == name if key in names else key in name
 
 
 def _save(path: Path, res: dict, key: str | None, entry: dict | None) -> dict:
