@@ -281,8 +281,12 @@ def plot(results: list[dict], path) -> None:
     results = [r for r in results if r.get("summary")]
     if not results:
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
-    for ax, res in zip(axes[0], results):
+    cols = min(2, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.set_visible(False)
+    for ax, res in zip(axes.flat, results):
         s, seeds = res["summary"], [str(k) for k in res["seeds"]]
         for run, curve in s["mean_curves"].items():
             xs = [p[0] for p in curve]
