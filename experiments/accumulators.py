@@ -57,19 +57,21 @@ FORMATS = {16: (5, 10), 14: (5, 8), 12: (4, 7), 10: (4, 5), 8: (4, 3), 7: (4, 2)
 
 
 FT = {"mlp": {True: 10, False: 120}, "resnet": {True: 4, False: 20}}  # fine-tuning steps {quick: n, full: n}
+WIDE = {True: 8, False: 128}  # part "wide": ResNet-20 width {quick, full}; 128 gives K = 9 x 512 = 4608
+PARTS = ("main", "wide")
 
 
 def subset(ds: TensorDataset, n: int | None) -> TensorDataset:
     return ds if n is None or n >= len(ds) else TensorDataset(*(t[:n] for t in ds.tensors))
 
 
-def digits8x8(seed: int, quick: bool):
-    """ResNet-20 trained from scratch on the 8x8 digits images (seconds)."""
+def digits8x8(seed: int, quick: bool, width: int = 16):
+    """ResNet-20 trained from scratch on the 8x8 digits images (seconds; width 128: about a minute)."""
     s = load_dataset("digits", seed=0)
     tr = TensorDataset(s.train.tensors[0].reshape(-1, 1, 8, 8), s.train.tensors[1])
     te = TensorDataset(s.test.tensors[0].reshape(-1, 1, 8, 8), s.test.tensors[1])
     seed_everything(seed)
-    model = create("resnet20", in_chans=1, num_classes=s.num_classes)
+    model = create("resnet20", in_chans=1, num_classes=s.num_classes, width=width)
     fit(model, tr, None, TrainConfig(epochs=3 if quick else 15, batch_size=64, lr=0.1, weight_decay=5e-4, seed=seed),
         progress=False)
     return model.eval(), tr, te
@@ -81,8 +83,10 @@ def mlp_mnist1d(seed: int, quick: bool):
     return model.eval(), s.train, s.test
 
 
-def run_model(name, model, train, test, bits_list, ft_steps, opt, lr, log, chunk=16):
-    """Rows for one model; ``chunk=None`` is the ablation without chunking (one sequential sum of K terms)."""
+def run_model(name, model, train, test, bits_list, ft_steps, opt, lr, log, chunk=16, tune_bits=None):
+    """Rows for one model; ``chunk=None`` is the ablation without chunking (one sequential sum of K terms).
+
+    ``tune_bits``: the bit widths that are also fine-tuned (None: all); the others get only the naive row."""
     rows = []
     fp32 = evaluate(model, test)["acc"]
     log(f"{name}, chunk {chunk or 'K'}: fp32 acc {fp32:.4f}")
@@ -92,17 +96,49 @@ def run_model(name, model, train, test, bits_list, ft_steps, opt, lr, log, chunk
         t0 = time.perf_counter()
         naive = apply(copy.deepcopy(model), AccumConfig(e, m, chunk=chunk))
         row["naive"] = evaluate(naive, test)["acc"]
-        for mode in ("ste", "fine"):
+        for mode in ("ste", "fine") if tune_bits is None or bits in tune_bits else ():
             tuned = copy.deepcopy(model)
             tc = TrainConfig(steps=ft_steps, batch_size=64, lr=lr, optimizer=opt, momentum=0.9, weight_decay=0.0,
                              schedule="cosine", seed=1)
             out = finetune_accumulators(tuned, AccumConfig(e, m, chunk=chunk, backward=mode), train, test, tc)
             row[f"ft_{mode}"] = out["test_acc"]
         row["seconds"] = round(time.perf_counter() - t0, 1)
-        log(f"  {bits:2d}-bit e{e}m{m}: naive {row['naive']:.4f}  ft-STE {row['ft_ste']:.4f}  "
-            f"ft-fine {row['ft_fine']:.4f}  ({row['seconds']} s)")
+        log(f"  {bits:2d}-bit e{e}m{m}: naive {row['naive']:.4f}  ft-STE {_pct(row.get('ft_ste'), 1, 4)}  "
+            f"ft-fine {_pct(row.get('ft_fine'), 1, 4)}  ({row['seconds']} s)")
         rows.append(row)
     return rows
+
+
+def _pct(v, scale=100, digits=2) -> str:
+    return "-" if v is None else f"{scale * v:.{digits}f}"
+
+
+def wide_part(seed: int, quick: bool, log) -> dict:
+    """Part "wide" (protocol in the module docstring): ResNet-20 of width WIDE[quick] on the 8x8 digits."""
+    t0 = time.perf_counter()
+    width = WIDE[quick]
+    name = f"ResNet-20 width {width} / digits 8x8"
+    model, tr, te = digits8x8(seed, quick, width)
+    te = subset(te, 128 if quick else None)
+    log(f"{name}: trained in {time.perf_counter() - t0:.1f} s")
+    rows = run_model(name, model, tr, te, [16, 12], FT["resnet"][quick], "sgd", 0.01, log, tune_bits={12})
+    rows += run_model(name, model, tr, te, [12], FT["resnet"][quick], "sgd", 0.01, log, chunk=None)
+    return {"model": name, "width": width, "max_K": 9 * 4 * width, "ft_steps": FT["resnet"][quick], "rows": rows,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def merge_results(old: dict, new: dict, parts) -> dict:
+    """The results json after running ``parts``: the keys those parts write come from ``new``, all others from
+    ``old`` (so ``--parts wide`` adds the wide section without touching the rows of the main part)."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown part(s) {sorted(unknown)}; choose from {PARTS}")
+    keys = set()
+    for part in parts:
+        keys |= {"wide"} if part == "wide" else set(new) - {"wide"}
+    merged = {k: new[k] if k in keys and k in new else v for k, v in old.items()}  # keeps the file's key order
+    merged.update((k, v) for k, v in new.items() if k in keys and k not in merged)
+    return merged
 
 
 def error_vs_k(ks, bits_list, log):
@@ -160,12 +196,22 @@ def to_markdown(res: dict) -> str:
              "| model | acc. bits | format | FP32 | naive | fine-tuned (STE) | fine-tuned (fine-grained) |",
              "|---|---|---|---|---|---|---|"]
     table = lambda r: (f"| {r['model']} | {r['bits']} | {r['format']} | {100 * r['fp32']:.2f} | "  # noqa: E731
-                       f"{100 * r['naive']:.2f} | {100 * r['ft_ste']:.2f} | {100 * r['ft_fine']:.2f} |")
+                       f"{100 * r['naive']:.2f} | {_pct(r.get('ft_ste'))} | {_pct(r.get('ft_fine'))} |")
     lines += [table(r) for r in res["rows"] if r.get("chunk", 16) is not None]
     abl = [r for r in res["rows"] if r.get("chunk", 16) is None]
     if abl:
         lines += ["", "Ablation without chunking (chunk = K: each output is one sequential sum of all K products, K up "
                   "to 576 here), same fine-tuning:", "", lines[4], lines[5]] + [table(r) for r in abl]
+    wide = res.get("wide")
+    if wide:
+        lines += ["", f"Wide ResNet-20 (width {wide['width']}: K up to {wide['max_K']}; the full run's width 128 gives "
+                  f"K = 4608, like the 3x3x512 convolutions of ImageNet ResNets), trained like the width-16 model; "
+                  f"{wide['ft_steps']} fine-tuning steps as above (16 bits: naive only, a sanity row). "
+                  f"Command: `{wide['command']}`, {wide['seconds']} s ({wide['threads']} thread(s)):", "",
+                  "| model | chunk | acc. bits | format | FP32 | naive | fine-tuned (STE) "
+                  "| fine-tuned (fine-grained) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['chunk'] or 'K (none)'} | " + table(r).split(" | ", 1)[1] for r in wide["rows"]]
     mms = [mm for mm in (res.get("minilm"), res.get("minilm_nochunk")) if mm]
     if mms:
         mm = mms[0]
@@ -195,20 +241,22 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({r["model"] for r in res["rows"]})
+    all_rows = res.get("rows", []) + res.get("wide", {}).get("rows", [])
+    models = sorted({r["model"] for r in all_rows}, key=lambda n: (n.startswith("ResNet-20 width"), n))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
     for ax, name in zip(axes[0], models):
         for chunk, ls in ((16, "-"), (None, ":")):
-            rows = sorted((r for r in res["rows"] if r["model"] == name and r.get("chunk", 16) == chunk),
+            rows = sorted((r for r in all_rows if r["model"] == name and r.get("chunk", 16) == chunk),
                           key=lambda r: r["bits"])
             if not rows:
                 continue
-            b = [r["bits"] for r in rows]
             for i, (key, label) in enumerate((("naive", "naive"), ("ft_ste", "fine-tuned, STE"),
                                               ("ft_fine", "fine-tuned, fine-grained"))):
-                ax.plot(b, [100 * r[key] for r in rows], marker="o", ls=ls, color=f"C{i}",
-                        label=f"{label}, chunk {chunk or 'K'}")
-        ax.axhline(100 * rows[0]["fp32"], color="k", ls="--", lw=1, label="FP32")  # noqa: B023
+                pts = [(r["bits"], 100 * r[key]) for r in rows if r.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ls=ls, color=f"C{i}", label=f"{label}, chunk {chunk or 'K'}")
+            fp32 = rows[0]["fp32"]
+        ax.axhline(100 * fp32, color="k", ls="--", lw=1, label="FP32")
         ax.set_title(name)
         ax.set_xlabel("accumulator bits")
         ax.set_ylabel("test accuracy (%)")
@@ -224,11 +272,41 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help="comma-separated parts to run (main: MLP, ResNet-20, MiniLM, error vs K; wide: the wide "
+                        "ResNet-20); the other parts' results are kept from the existing json")
     args = p.parse_args(argv)
+    parts = [x for x in args.parts.split(",") if x]
+    merge_results({}, {}, parts)  # validates the part names before any work
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    t0 = time.perf_counter()
     log = lambda s: print(s, flush=True)  # noqa: E731
+    q = args.quick
+    cmd = "python experiments/accumulators.py" + (" --quick" if q else "")
+    res: dict = {"mode": "quick" if q else "full"}
+    if "main" in parts:
+        res.update(main_part(args, log, cmd))
+    if "wide" in parts:
+        wcmd = cmd + ("" if args.parts == ",".join(PARTS) else f" --parts {args.parts}") + \
+            (f" --threads {args.threads}" if args.threads != 1 else "")
+        res["wide"] = {**wide_part(args.seed, q, log), "command": wcmd, "threads": args.threads}
+    name = "accumulators_quick" if q else "accumulators"
+    path = out / f"{name}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if old.get("mode", res["mode"]) != res["mode"]:
+        raise ValueError(f"{path} holds a {old['mode']} run; refusing to merge a {res['mode']} run into it")
+    res = merge_results(old, res, parts)
+    atomic_write_text(path, json.dumps(res, indent=1))
+    if "rows" in res:  # the markdown and plot need the main part (run now or earlier)
+        atomic_write_text(out / f"{name}.md", to_markdown(res))
+        plot(res, out / f"{name}_acc.png")
+        print(to_markdown(res))
+    return 0
+
+
+def main_part(args, log, cmd: str) -> dict:
+    """MLP / MNIST-1D and ResNet-20 / digits rows (chunk 16 and chunk K), error vs K, MiniLM fidelity."""
+    t0 = time.perf_counter()
     q = args.quick
     bits_list = [12, 6] if q else [16, 12, 10, 8, 7, 6]
     rows = []
@@ -245,16 +323,9 @@ def main(argv=None) -> int:
     err_k = error_vs_k([16, 144, 576] if q else [16, 64, 144, 576, 2304, 9216], [16, 12, 8], log)
     mini = minilm_fidelity(8 if q else 64, 12, log)
     mini_nc = minilm_fidelity(8 if q else 64, 12, log, chunk=None)
-    res = {"mode": "quick" if q else "full", "command": "python experiments/accumulators.py" + (" --quick" if q else ""),
-           "ft_steps": {"MLP / MNIST-1D": FT["mlp"][q], "ResNet-20 / digits 8x8": FT["resnet"][q]},
-           "rows": rows, "minilm": mini, "minilm_nochunk": mini_nc, "error_vs_k": err_k, "threads": args.threads, "formats": FORMATS,
-           "seconds": round(time.perf_counter() - t0, 1)}
-    name = "accumulators_quick" if q else "accumulators"
-    atomic_write_text(out / f"{name}.json", json.dumps(res, indent=1))
-    atomic_write_text(out / f"{name}.md", to_markdown(res))
-    plot(res, out / f"{name}_acc.png")
-    print(to_markdown(res))
-    return 0
+    return {"command": cmd, "ft_steps": {"MLP / MNIST-1D": FT["mlp"][q], "ResNet-20 / digits 8x8": FT["resnet"][q]},
+            "rows": rows, "minilm": mini, "minilm_nochunk": mini_nc, "error_vs_k": err_k, "threads": args.threads,
+            "formats": FORMATS, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 if __name__ == "__main__":
