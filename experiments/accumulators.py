@@ -204,8 +204,9 @@ def to_markdown(res: dict) -> str:
                   "to 576 here), same fine-tuning:", "", lines[4], lines[5]] + [table(r) for r in abl]
     wide = res.get("wide")
     if wide:
-        lines += ["", f"Wide ResNet-20 (width {wide['width']}: K up to {wide['max_K']}; the full run's width 128 gives "
-                  f"K = 4608, like the 3x3x512 convolutions of ImageNet ResNets), trained like the width-16 model; "
+        note = "" if wide["max_K"] == 4608 else "; the full run's width 128 gives K = 4608"
+        lines += ["", f"Wide ResNet-20 (width {wide['width']}: K up to {wide['max_K']}{note}, like the 3x3x512 "
+                  "convolutions of ImageNet ResNets), trained like the width-16 model; "
                   f"{wide['ft_steps']} fine-tuning steps as above (16 bits: naive only, a sanity row). "
                   f"Command: `{wide['command']}`, {wide['seconds']} s ({wide['threads']} thread(s)):", "",
                   "| model | chunk | acc. bits | format | FP32 | naive | fine-tuned (STE) "
