@@ -24,6 +24,11 @@ A timing run (2 threads: one epoch 5 s, 2 fine-grained steps 20 s, peak 11 GB fo
 showed the full step counts fit, so nothing is shortened. Whatever comes out is reported. The part runs alone
 (``--parts wide``) and is merged into the existing results json without rerunning the other rows; quick mode
 uses width 8.
+Extension (written down and committed after the 12-bit result - lossless naive with chunk 16, one test image lost
+without chunking - and before running it): the same wide model also at 10 bits (e4m5) and 8 bits (e4m3), chunk 16
+and chunk = K, naive and after the same STE / fine-grained fine-tuning, to see at which width the long
+reduction starts to cost accuracy. The model is retrained with the same seed (the 16/12-bit rows must come out
+identical, a determinism check). Reported whichever way it goes.
 
     python experiments/accumulators.py --quick     # CI-sized, about a minute
     python experiments/accumulators.py             # full: results/accumulators.{json,md,_acc.png}
@@ -59,6 +64,7 @@ FORMATS = {16: (5, 10), 14: (5, 8), 12: (4, 7), 10: (4, 5), 8: (4, 3), 7: (4, 2)
 FT = {"mlp": {True: 10, False: 120}, "resnet": {True: 4, False: 20}}  # fine-tuning steps {quick: n, full: n}
 WIDE = {True: 8, False: 128}  # part "wide": ResNet-20 width {quick, full}; 128 gives K = 9 x 512 = 4608
 PARTS = ("main", "wide")
+WIDE_BITS = (12, 10, 8)  # part "wide": accumulator widths run naive and fine-tuned, chunk 16 and chunk K
 
 
 def subset(ds: TensorDataset, n: int | None) -> TensorDataset:
@@ -121,8 +127,9 @@ def wide_part(seed: int, quick: bool, log) -> dict:
     model, tr, te = digits8x8(seed, quick, width)
     te = subset(te, 128 if quick else None)
     log(f"{name}: trained in {time.perf_counter() - t0:.1f} s")
-    rows = run_model(name, model, tr, te, [16, 12], FT["resnet"][quick], "sgd", 0.01, log, tune_bits={12})
-    rows += run_model(name, model, tr, te, [12], FT["resnet"][quick], "sgd", 0.01, log, chunk=None)
+    rows = run_model(name, model, tr, te, [16, *WIDE_BITS], FT["resnet"][quick], "sgd", 0.01, log,
+                     tune_bits=set(WIDE_BITS))
+    rows += run_model(name, model, tr, te, list(WIDE_BITS), FT["resnet"][quick], "sgd", 0.01, log, chunk=None)
     return {"model": name, "width": width, "max_K": 9 * 4 * width, "ft_steps": FT["resnet"][quick], "rows": rows,
             "seconds": round(time.perf_counter() - t0, 1)}
 
