@@ -28,7 +28,9 @@ Extension (written down and committed after the 12-bit result - lossless naive w
 without chunking - and before running it): the same wide model also at 10 bits (e4m5) and 8 bits (e4m3), chunk 16
 and chunk = K, naive and after the same STE / fine-grained fine-tuning, to see at which width the long
 reduction starts to cost accuracy. The model is retrained with the same seed (the 16/12-bit rows must come out
-identical, a determinism check). Reported whichever way it goes.
+identical, a determinism check). Reported whichever way it goes. (First full run: 8 bits without chunking made
+the fine-tuning loss NaN at step 2 and the script stopped; a fine-tuning that diverges is now recorded as
+"diverged" in its cell, and the part was rerun unchanged otherwise.)
 
     python experiments/accumulators.py --quick     # CI-sized, about a minute
     python experiments/accumulators.py             # full: results/accumulators.{json,md,_acc.png}
@@ -106,17 +108,25 @@ def run_model(name, model, train, test, bits_list, ft_steps, opt, lr, log, chunk
             tuned = copy.deepcopy(model)
             tc = TrainConfig(steps=ft_steps, batch_size=64, lr=lr, optimizer=opt, momentum=0.9, weight_decay=0.0,
                              schedule="cosine", seed=1)
-            out = finetune_accumulators(tuned, AccumConfig(e, m, chunk=chunk, backward=mode), train, test, tc)
-            row[f"ft_{mode}"] = out["test_acc"]
+            try:
+                out = finetune_accumulators(tuned, AccumConfig(e, m, chunk=chunk, backward=mode), train, test, tc)
+                row[f"ft_{mode}"] = out["test_acc"]
+            except FloatingPointError as err:  # e.g. overflow to inf -> NaN loss: a result, not a crash
+                row[f"ft_{mode}"], row[f"ft_{mode}_diverged"] = None, str(err)
         row["seconds"] = round(time.perf_counter() - t0, 1)
-        log(f"  {bits:2d}-bit e{e}m{m}: naive {row['naive']:.4f}  ft-STE {_pct(row.get('ft_ste'), 1, 4)}  "
-            f"ft-fine {_pct(row.get('ft_fine'), 1, 4)}  ({row['seconds']} s)")
+        log(f"  {bits:2d}-bit e{e}m{m}: naive {row['naive']:.4f}  ft-STE {_ft(row, 'ste')}  "
+            f"ft-fine {_ft(row, 'fine')}  ({row['seconds']} s)")
         rows.append(row)
     return rows
 
 
 def _pct(v, scale=100, digits=2) -> str:
     return "-" if v is None else f"{scale * v:.{digits}f}"
+
+
+def _ft(r: dict, mode: str) -> str:
+    """A fine-tuned cell: accuracy, "diverged" (fine-tuning hit a NaN loss) or "-" (not run)."""
+    return "diverged" if r.get(f"ft_{mode}_diverged") else _pct(r.get(f"ft_{mode}"))
 
 
 def wide_part(seed: int, quick: bool, log) -> dict:
@@ -203,7 +213,7 @@ def to_markdown(res: dict) -> str:
              "| model | acc. bits | format | FP32 | naive | fine-tuned (STE) | fine-tuned (fine-grained) |",
              "|---|---|---|---|---|---|---|"]
     table = lambda r: (f"| {r['model']} | {r['bits']} | {r['format']} | {100 * r['fp32']:.2f} | "  # noqa: E731
-                       f"{100 * r['naive']:.2f} | {_pct(r.get('ft_ste'))} | {_pct(r.get('ft_fine'))} |")
+                       f"{100 * r['naive']:.2f} | {_ft(r, 'ste')} | {_ft(r, 'fine')} |")
     lines += [table(r) for r in res["rows"] if r.get("chunk", 16) is not None]
     abl = [r for r in res["rows"] if r.get("chunk", 16) is None]
     if abl:

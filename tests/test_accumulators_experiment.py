@@ -33,3 +33,9 @@ def test_merge_into_empty_file_and_both_parts():
 def test_unknown_part_is_refused():
     with pytest.raises(ValueError, match="unknown part"):
         acc.merge_results({}, {}, ["wide", "narrow"])
+
+
+def test_fine_tuned_cell_says_diverged_not_run_or_accuracy():
+    assert acc._ft({"ft_ste": None, "ft_ste_diverged": "training diverged: loss is nan"}, "ste") == "diverged"
+    assert acc._ft({"bits": 16}, "ste") == "-"
+    assert acc._ft({"ft_fine": 0.9388}, "fine") == "93.88"
