@@ -15,6 +15,8 @@ draw from the torch generator per call, which keeps results reproducible under `
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from numba import njit
@@ -61,6 +63,13 @@ def hash_uniform(n: int, key: int, device=None, start: int = 0) -> Tensor:
         hk.bitwise_xor_(torch.bitwise_right_shift(hk, 15, out=tk)).bitwise_right_shift_(8)
         torch.mul(hk, 2.0**-24, out=out[s:s + k])  # < 2^24: exact in float32
     return out
+
+
+def draw_key(generator: Optional[torch.Generator], device) -> int:
+    """The hash's 32-bit ``key`` for one call: one draw from ``generator`` (on its own device), or from torch's
+    global RNG of ``device`` when None, so ``torch.manual_seed`` makes every hashed draw reproducible."""
+    dev = generator.device if generator is not None else device
+    return int(torch.randint(0, 2**32, (1,), generator=generator, device=dev))
 
 
 # -------------------------------------------------------------------------------------------- numba kernels

@@ -154,12 +154,6 @@ def _kernel_call(x: Tensor, n: int, m: int, dim: int, tail: str, kind: str,
     return _to_dtype(out, x.dtype) if kind == "mvue" else out
 
 
-def _draw_key(generator: Optional[torch.Generator], device: torch.device) -> int:
-    """One 32-bit draw from ``generator`` (torch's global RNG of ``device`` when None) keys the block hash."""
-    dev = generator.device if generator is not None else device
-    return int(torch.randint(0, 2**32, (1,), generator=generator, device=dev))
-
-
 def _uniform_shape(shape: torch.Size, m: int, dim: int, tail: str) -> tuple[int, int, int, int]:
     """(pre, G, 1, post): one uniform per block; block b (flat index in this shape) gets the hash's b-th."""
     if shape[dim] % m and tail == "error":
@@ -327,10 +321,11 @@ def mvue_nm(
     if x.numel() == 0:
         return x.clone()
     ushape = _uniform_shape(x.shape, m, d, tail)  # (raises before the generator is drawn from)
-    key = _draw_key(generator, x.device)
+    from thrifty.ops._qkernels import draw_key, hash_uniform  # (imports numba; the same hash as the kernel's)
+
+    key = draw_key(generator, x.device)
     if _use_kernel(x, n, m, "mvue"):
         return _kernel_call(x, n, m, d, tail, "mvue", key=key)
-    from thrifty.ops._qkernels import hash_uniform  # (imports numba; the same hash as the kernel's)
 
     b, r = _blocks(x, m, d, tail)
     u = hash_uniform(math.prod(ushape), key, b.device).view(ushape)

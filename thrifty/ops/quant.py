@@ -233,9 +233,7 @@ def fake_quantize_minmax(x: Tensor, bits: int, *, axis: Optional[int] = None, ro
         ax = None if axis is None else _norm_axis(axis, x.dim())
         rows = x.reshape(1, -1) if ax is None else x.movedim(ax, 0).reshape(x.shape[ax], -1)
         lo, hi = rows.amin(1), rows.amax(1)  # NaN propagates into the range: no separate isnan pass
-        # (on the generator's own device: torch.randint refuses a CUDA generator for a CPU draw)
-        key = int(torch.randint(0, 2**32, (1,), generator=generator, device=generator.device if generator is not None
-                                else "cpu")) if rounding == "stochastic" else 0
+        key = K.draw_key(generator, x.device) if rounding == "stochastic" else 0
         qmax, qmax2 = 2**bits - 1, (2**also_bits - 1 if also_bits is not None else 0)
         if x.device.type == "cpu" and x.dtype == torch.float32 and (ax is None or ax == 0):
             rows = rows.contiguous()
