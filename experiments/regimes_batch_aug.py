@@ -149,13 +149,18 @@ def _regime(run: str, task: Task):
     return BatchAugment(m=int(m), augment_cfg=task.augment, grad_norm_adapt=gna == "gna")
 
 
-def run_task(task: Task, seeds: list[int], progress: bool = False, only: list[str] | None = None) -> dict:
-    """Train every run of ``task`` for every seed; returns raw curves (step, test acc) and times."""
+def _setup(task: Task):
+    """(dataset splits, test set (cut to ``test_limit``), model kwargs) shared by every run of ``task``."""
     splits = load_dataset(task.dataset, seed=0)
     test = splits.test
     if task.test_limit:
         test = TensorDataset(*(t[:task.test_limit] for t in test.tensors))
-    kwargs = model_kwargs_for(task.model, splits.input_shape, splits.num_classes, **task.model_kwargs)
+    return splits, test, model_kwargs_for(task.model, splits.input_shape, splits.num_classes, **task.model_kwargs)
+
+
+def run_task(task: Task, seeds: list[int], progress: bool = False, only: list[str] | None = None) -> dict:
+    """Train every run of ``task`` for every seed; returns raw curves (step, test acc) and times."""
+    splits, test, kwargs = _setup(task)
     runs = ["no-aug"] * ("no-aug" in task.extra) + [f"m={m}" for m in task.ms] + [e for e in task.extra
                                                                                   if e != "no-aug"]
     runs = only or runs  # a subset (or extra controls such as "m=1+gna4") to pool with stored runs
@@ -318,11 +323,7 @@ def run_budgets(task: Task, seeds: list[int], fractions=BUDGET_FRACTIONS, ms=BUD
     The curve protocol asks when a run *passes* the baseline's final accuracy while its own lr is still high;
     this asks the accelerator question directly: trained for only 0.6x the steps (schedule ending there),
     does m=4 match the full-length m=1 baseline? m=1 on the short budget is the control."""
-    splits = load_dataset(task.dataset, seed=0)
-    test = splits.test
-    if task.test_limit:
-        test = TensorDataset(*(t[:task.test_limit] for t in test.tensors))
-    kwargs = model_kwargs_for(task.model, splits.input_shape, splits.num_classes, **task.model_kwargs)
+    splits, test, kwargs = _setup(task)
     rows = []
     for frac in fractions:
         steps = max(1, round(frac * task.train.steps))
