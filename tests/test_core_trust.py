@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from thrifty.core import (CONFIGS, Config, apply, from_dict, from_yaml, iter_selected, layer_status, register_config,
-                          strip, to_dict, to_yaml, uncalled_layers, wrap_layers)
+                          register_handler, strip, to_dict, to_yaml, uncalled_layers, wrap_layers)
 from thrifty.core.config import _CONFIG_MODULES
 from thrifty.models import create
 from thrifty.nn import GemmLinear, gemm_like, is_gemm, why_not_wrappable, wrap
@@ -208,7 +208,8 @@ def test_strip_refuses_two_layers_transforming_one_weight_differently():
     a, b = nn.Linear(8, 8), nn.Linear(8, 8)
     b.weight = a.weight
     m = nn.Sequential(a, b)
-    apply(m, NM(2, 4), filter="0")
+    with pytest.warns(UserWarning, match="'0' shares its weight Parameter with '1.weight'"):
+        apply(m, NM(2, 4), filter="0")
     with pytest.warns(UserWarning, match="shares its weight"):
         apply(m, NM(1, 4), filter="1")
     with pytest.raises(ValueError, match=r"layers '0' and '1' share one weight Parameter"):
@@ -407,3 +408,30 @@ def test_every_registered_config_round_trips_with_its_version():
     for p in sorted(root.glob("*.json")):
         walk(json.loads(p.read_text()))
     assert found > 0
+
+
+@register_config
+@dataclass(frozen=True)
+class _FailOn(Config):
+    name: str = ""
+
+
+@register_handler(_FailOn)
+def _fail_on(layer, name, cfg):
+    if name == cfg.name:
+        raise ValueError(f"layer {name!r}: refused")
+
+
+def test_failed_apply_leaves_an_encoder_exactly_as_it_was():
+    enc, x = _encoder(), torch.randn(4, 6, 16)
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[1, 4:] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: nested tensors are a prototype; thrifty: attention stays FP
+        with torch.no_grad():
+            before = enc(x, src_key_padding_mask=mask)
+        with pytest.raises(ValueError, match="refused"):
+            apply(enc, _FailOn("layers.1.linear2"))
+        assert not any(is_gemm(m) or m._forward_pre_hooks for m in enc.modules()) and enc.use_nested_tensor
+        with torch.no_grad():
+            assert torch.equal(enc(x, src_key_padding_mask=mask), before)  # the fused path is back, bit for bit

@@ -222,19 +222,21 @@ def _untied_views(model: nn.Module) -> list[str]:
     return lines
 
 
-def _snapshot(model: nn.Module) -> tuple[list, list, type]:
+def _snapshot(model: nn.Module) -> tuple[list, list, type, list]:
     tree = [(parent, cname, child) for parent in model.modules() for cname, child in parent._modules.items()]
+    # keep_module_path's hooks land in dicts a wrapped layer shares with the original: undo them too.
+    paths = [(m, set(m._forward_pre_hooks), getattr(m, "use_nested_tensor", None)) for m in model.modules()]
     slots = []
     for m in model.modules():
         if is_gemm(m):
             for s in SLOT_NAMES:
                 obj = getattr(m.slots, s)
                 slots.append((m, s, obj, list(obj) if isinstance(obj, Chain) else None))
-    return tree, slots, type(model)
+    return tree, slots, type(model), paths
 
 
-def _restore(model: nn.Module, snap: tuple[list, list, type]) -> None:
-    tree, slots, cls = snap
+def _restore(model: nn.Module, snap: tuple[list, list, type, list]) -> None:
+    tree, slots, cls, paths = snap
     if type(model) is not cls:  # a bare root layer was wrapped in place: undo it
         model.__class__ = cls
         del model.slots
@@ -246,6 +248,11 @@ def _restore(model: nn.Module, snap: tuple[list, list, type]) -> None:
             obj._modules.clear()
             for i, mm in enumerate(members):
                 obj.add_module(str(i), mm)
+    for m, hooks, nested in paths:
+        for k in [k for k in m._forward_pre_hooks if k not in hooks]:
+            del m._forward_pre_hooks[k]
+        if nested is not None:
+            m.use_nested_tensor = nested
 
 
 def strip(model: nn.Module, tied: str = "keep") -> nn.Module:
