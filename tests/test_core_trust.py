@@ -435,3 +435,25 @@ def test_failed_apply_leaves_an_encoder_exactly_as_it_was():
         assert not any(is_gemm(m) or m._forward_pre_hooks for m in enc.modules()) and enc.use_nested_tensor
         with torch.no_grad():
             assert torch.equal(enc(x, src_key_padding_mask=mask), before)  # the fused path is back, bit for bit
+
+
+def test_quantize_warns_about_a_tied_head_and_strip_keeps_the_tie():
+    torch.manual_seed(0)
+
+    class LM(_TiedLM):
+        def __init__(self):
+            super().__init__()
+            self.mid = nn.Linear(8, 8)
+
+        def forward(self, t):
+            return self.head(torch.relu(self.mid(self.emb(t))))
+
+    lm = LM()
+    with pytest.warns(UserWarning) as rec:
+        res = quantize(lm, PTQ(w_bits=4, a_bits=8, pipeline="rtn"), torch.randint(0, 10, (16, 5)), progress=False)
+    assert any("quantize: layer 'head' shares its weight Parameter with 'emb.weight'" in str(w.message) for w in rec)
+    assert lm.head.weight is lm.emb.weight and not is_gemm(lm.head)  # the user's model is untouched
+    baked = res.model.head.effective_weight()
+    assert not torch.equal(baked, lm.emb.weight)
+    q = strip(res.model)
+    assert q.head.weight is q.emb.weight and torch.equal(q.emb.weight, baked)

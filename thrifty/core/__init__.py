@@ -9,6 +9,7 @@ from thrifty.core.apply import (
     make_filter,
     register_handler,
     strip,
+    untied_views,
     wrap_layers,
 )
 from thrifty.core.select import keep_module_path, layer_status, outermost, uncalled_layers
@@ -16,7 +17,7 @@ from thrifty.core.config import CONFIGS, Config, config_class, from_dict, from_y
 
 __all__ = [
     "HANDLERS", "Filter", "apply", "check_layers_run", "handler_for", "keep_module_path", "layer_status",
-    "outermost", "uncalled_layers", "iter_selected", "make_filter", "register_handler", "strip",
+    "outermost", "uncalled_layers", "iter_selected", "make_filter", "register_handler", "strip", "untied_views",
     "wrap_layers", "CONFIGS", "Config", "config_class", "from_dict", "from_yaml", "register_config", "to_dict",
     "to_yaml",
 ]

@@ -25,7 +25,7 @@ from thrifty.core.select import keep_module_path, layer_status, outermost, uncal
 from thrifty.nn.gemm import SLOT_NAMES, Chain, GemmConv2d, GemmLinear, Slots, is_gemm, wrap
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
-           "check_layers_run", "HANDLERS"]
+           "check_layers_run", "untied_views", "HANDLERS"]
 
 Filter = Union[None, str, Sequence[str], Callable[[nn.Module, str], bool]]
 Handler = Callable[[nn.Module, str, Config], None]
@@ -179,10 +179,9 @@ def apply(model: nn.Module, config: Config, filter: Filter = None, *, probe: Any
     except Exception:
         _restore(model, snapshot)
         raise
-    ties = _untied_views(model)
+    ties = untied_views(model)
     if ties:
-        warnings.warn("; ".join(ties) + ". strip() keeps each tie and writes the transformed weight into the shared "
-                      "Parameter (strip(model, tied='untie') gives the wrapped layer its own copy instead)", stacklevel=2)
+        warnings.warn(ties, stacklevel=2)
     return model
 
 
@@ -205,12 +204,15 @@ def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
     return out
 
 
-def _untied_views(model: nn.Module) -> list[str]:
-    """One line per wrapped weight that another module reads without the wrapped layer's transform."""
+def untied_views(model: nn.Module) -> Optional[str]:
+    """A warning naming each transformed weight another module reads untransformed, or None.
+
+    Example: an embedding tied to an N:M-masked LM head reads the dense weight until :func:`strip`.
+    """
     lines = []
     for key, hs in _holders(model).items():
         gemms = {id(m): (n, m) for n, m, a in hs if is_gemm(m) and a == "weight" and m.slots.weight is not None}
-        if not gemms:
+        if not gemms or len({id(m) for _, m, _ in hs}) < 2:
             continue
         n0, m0 = next(iter(gemms.values()))
         eff = m0.effective_weight()
@@ -219,7 +221,10 @@ def _untied_views(model: nn.Module) -> list[str]:
         if others:
             lines.append(f"layer {n0!r} shares its weight Parameter with {', '.join(map(repr, others))}, "
                          "which read it without the layer's weight transform")
-    return lines
+    if not lines:
+        return None
+    return ("; ".join(lines) + ". strip() keeps each tie and writes the transformed weight into the shared Parameter "
+            "(strip(model, tied='untie') gives the wrapped layer its own copy instead)")
 
 
 def _snapshot(model: nn.Module) -> tuple[list, list, type, list]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from thrifty.core import Filter, layer_status, make_filter, uncalled_layers, wrap_layers
+from thrifty.core import Filter, layer_status, make_filter, uncalled_layers, untied_views, wrap_layers
 from thrifty.nn import Chain, gemm_layers, is_gemm
 from thrifty.quant.adaquant import adaquant
 from thrifty.quant.bitalloc import allocate_bits, min_cost
@@ -250,6 +250,9 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         wb, ab = bits[n]
         _set_wbits(layers[n], wb, cfg, learn)
         layers[n].slots.input = None if ab is None else input_quantizer(ab, cfg, learn)
+    ties = untied_views(q)
+    if ties:
+        warnings.warn(f"thrifty.quantize: {ties}", stacklevel=2)
     calibrate_inputs(q, batches)
     loss_kind = cfg.loss if cfg.loss != "auto" else ("kl" if all(b.labels is not None for b in batches) else "mse")
     loss_fn = output_loss(loss_kind)
