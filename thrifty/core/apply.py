@@ -25,7 +25,7 @@ from thrifty.core.select import keep_module_path, layer_status, outermost, uncal
 from thrifty.nn.gemm import SLOT_NAMES, Chain, GemmConv2d, GemmLinear, Slots, is_gemm, wrap
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
-           "check_layers_run", "untied_views", "HANDLERS"]
+           "check_layers_run", "untied_views", "explicit_names", "HANDLERS"]
 
 Filter = Union[None, str, Sequence[str], Callable[[nn.Module, str], bool]]
 Handler = Callable[[nn.Module, str, Config], None]
@@ -68,8 +68,12 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _explicit(filter: Filter) -> list[str]:
-    """The names of a filter that names layers exactly (no wildcard); [] for other filters."""
+def explicit_names(filter: Filter) -> list[str]:
+    """The names of a filter that names layers exactly (no wildcard); [] for other filters.
+
+    Named layers that cannot take a method are an error; layers matched by a wildcard or predicate are
+    skipped with a warning.
+    """
     pats = [filter] if isinstance(filter, str) else filter if isinstance(filter, (list, tuple)) else None
     if pats and all(isinstance(p, str) and not any(c in p for c in "*?[") for p in pats):
         return list(pats)
@@ -108,7 +112,7 @@ def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.M
     ...) get a warning naming each; a filter that names one exactly raises TypeError with the reason.
     """
     chosen, refused = _select(model, filter)
-    explicit = _explicit(filter)
+    explicit = explicit_names(filter)
     got = {n for ns, _ in chosen for n in ns}
     if explicit:
         named = {p: refused[p] for p in explicit if p in refused}

@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from thrifty.core import Config, Filter, apply, iter_selected, make_filter, register_config, register_handler
+from thrifty.core import (Config, Filter, apply, explicit_names, iter_selected, make_filter, register_config,
+                          register_handler)
 from thrifty.nn.gemm import Chain, gemm_layers
 from thrifty.ops import nm as nmops
 
@@ -192,11 +193,6 @@ def _nm_handler(layer: nn.Module, name: str, cfg: NM) -> None:
     layer.add("weight", mask)
 
 
-def _explicit(filter: Filter) -> bool:
-    pats = [filter] if isinstance(filter, str) else filter if isinstance(filter, (list, tuple)) else None
-    return pats is not None and all(isinstance(p, str) and not any(c in p for c in "*?[") for p in pats)
-
-
 def sparsify(model: nn.Module, cfg: NM = NM(), filter: Filter = None) -> nn.Module:
     """Apply N:M weight sparsity (``cfg``) to the Linear / Conv2d layers of ``model`` that pass ``filter``.
 
@@ -219,7 +215,7 @@ def sparsify(model: nn.Module, cfg: NM = NM(), filter: Filter = None) -> nn.Modu
         if why:
             skipped[name] = why
     if skipped:
-        if _explicit(filter):
+        if explicit_names(filter):
             raise ValueError("; ".join(f"layer {n!r} cannot take {cfg.label} sparsity: {w}" for n, w in skipped.items()))
         warnings.warn("sparsify: skipping " + "; ".join(f"{n!r} ({w})" for n, w in skipped.items()), stacklevel=2)
         base = make_filter(filter)
