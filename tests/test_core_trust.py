@@ -253,12 +253,24 @@ class Conv1D(nn.Module):  # the shape of transformers' GPT-2 Conv1D
         return x @ self.weight + self.bias
 
 
+class _Sym(nn.Module):
+    def forward(self, w):
+        return w.triu() + w.triu(1).T
+
+
+def _parametrized() -> nn.Linear:
+    lin = nn.Linear(4, 4)
+    torch.nn.utils.parametrize.register_parametrization(lin, "weight", _Sym())
+    return lin
+
+
 _KINDS = [
     (nn.Linear(4, 4), True), (MyLinear(4, 4), True), (nn.Conv2d(4, 4, 3), True),
     (nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4), True),
     (OwnForward(4, 4), False), (OwnConv(4, 4, 3), False), (nn.Conv2d(4, 4, 3, padding_mode="reflect"), False),
     (nn.Conv2d(4, 4, 2, padding="same"), False), (nn.LazyLinear(4), False), (nn.Conv1d(4, 4, 3), False),
     (nn.ConvTranspose2d(4, 4, 3), False), (nn.Bilinear(4, 4, 4), False), (Conv1D(4, 4), False),
+    (_parametrized(), False),
 ]
 
 

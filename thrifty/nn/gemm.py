@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 __all__ = [
     "GemmOp",
@@ -318,7 +319,7 @@ def why_not_wrappable(m: nn.Module) -> Optional[str]:
 
     The one rule every entry point (apply, quantize, sparsify, adaprune, wrap) uses: nn.Linear and
     nn.Conv2d, including subclasses that keep their GEMM (they do not override ``forward`` or
-    ``_conv_forward``), with initialised parameters and, for Conv2d, zero padding. It looks at the
+    ``_conv_forward``), with initialised, unparametrized weights and, for Conv2d, zero padding. It looks at the
     module alone; :func:`thrifty.core.layer_status` adds what depends on the parent (a Linear inside
     nn.MultiheadAttention is never called).
 
@@ -341,6 +342,9 @@ def why_not_wrappable(m: nn.Module) -> Optional[str]:
     if changed:
         return (f"{type(m).__name__} overrides {'/'.join(changed)}() of nn.{base.__name__}, so which GEMM it computes "
                 "is unknown")
+    if parametrize.is_parametrized(m):
+        # its weight is a property of a generated subclass; a Gemm layer would lose it
+        return f"{type(m).__name__} has parametrizations (torch.nn.utils.parametrize); remove them before wrapping"
     if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
         return f"{type(m).__name__} is not initialised yet: run one forward pass before wrapping it"
     if base is nn.Conv2d:
