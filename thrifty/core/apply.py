@@ -195,7 +195,8 @@ def check_layers_run(model: nn.Module, probe: Any) -> None:
     skipped = uncalled_layers(model, lambda: model(*args))
     if skipped:
         raise ValueError(f"the model's forward reads the weights of the wrapped layers {skipped} without calling "
-                         "them (a fused path?), so thrifty's transforms would have no effect there")
+                         "them (a fused path?), so thrifty's transforms would have no effect there; leave them out "
+                         "with filter=")
 
 
 def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:

@@ -39,8 +39,9 @@ _MHA = ("nn.MultiheadAttention computes its input/output projections functionall
 def layer_status(model: nn.Module) -> Iterator[tuple[str, nn.Module, Optional[str]]]:
     """Yield ``(name, module, why_not)`` for every wrappable or GEMM-like module, under every name it has.
 
-    ``why_not`` is None for a layer that can be wrapped and that the model's forward will call, else
-    the reason it cannot. A module reachable under two names is yielded twice (same object).
+    ``why_not`` is None for a layer thrifty can wrap, else the reason it cannot (the layer itself, see
+    :func:`thrifty.nn.why_not_wrappable`, or a parent that never calls it). A module reachable under
+    two names is yielded twice (same object).
     """
     mha: list[str] = []
     for name, m in model.named_modules(remove_duplicate=False):
@@ -59,7 +60,10 @@ def layer_status(model: nn.Module) -> Iterator[tuple[str, nn.Module, Optional[st
 
 def outermost(reasons: dict[str, str]) -> dict[str, str]:
     """Drop the entries inside another entry (``a.out_proj`` when ``a`` is there): one line per layer."""
-    return {n: w for n, w in reasons.items() if not any(n.startswith(p + ".") or p == "" != n for p in reasons)}
+    def inside(n: str, p: str) -> bool:
+        return n != p and (p == "" or n.startswith(p + "."))
+
+    return {n: w for n, w in reasons.items() if not any(inside(n, p) for p in reasons)}
 
 
 _UNSET = object()
@@ -75,7 +79,9 @@ def keep_module_path(model: nn.Module) -> None:
 
     nn.TransformerEncoderLayer skips its fused kernel when any submodule has a forward hook, so each
     wrapped layer inside one gets a no-op pre-hook (``strip`` drops it with the wrapper); an
-    nn.TransformerEncoder whose layers hold wrapped layers stops converting to nested tensors.
+    nn.TransformerEncoder whose layers hold wrapped layers stops converting to nested tensors (for
+    good: with a padding mask its output at padded positions is then computed, not zero, in eval as
+    in training).
     """
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoderLayer):

@@ -209,7 +209,8 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     bypassed = [n for n in uncalled_layers(q, lambda: run(q, batches[0])) if n in order]
     if bypassed:  # the hooks of execution_order saw them run, a plain forward does not: a fused path reads the weights
         raise ValueError(f"quantize: the model's forward bypasses the wrapped layers {bypassed} (it uses their "
-                         "weights without calling them), so quantizing them would have no effect")
+                         "weights without calling them), so quantizing them would have no effect; leave them out with "
+                         "filter=")
     for n in names:
         if n not in order:
             skipped[n] = "not executed on the calibration data"
