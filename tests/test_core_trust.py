@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -469,3 +471,74 @@ def test_quantize_warns_about_a_tied_head_and_strip_keeps_the_tie():
     assert not torch.equal(baked, lm.emb.weight)
     q = strip(res.model)
     assert q.head.weight is q.emb.weight and torch.equal(q.emb.weight, baked)
+
+
+# ------------------------------------------------------------------ random trees: the walker's invariants
+
+_PARTS = ("linear", "subclass", "own_forward", "relu", "shared", "nested", "conv1d_branch")
+
+
+def _tree(kinds: list[str]) -> nn.Module:
+    shared = nn.Linear(8, 8)
+    parts = []
+    for k in kinds:
+        if k == "linear":
+            parts.append(nn.Linear(8, 8))
+        elif k == "subclass":
+            parts.append(MyLinear(8, 8))
+        elif k == "own_forward":
+            parts.append(OwnForward(8, 8))
+        elif k == "relu":
+            parts.append(nn.ReLU())
+        elif k == "shared":
+            parts.append(shared)
+        elif k == "nested":
+            parts.append(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), shared))
+        else:
+            parts.append(_Conv1dBranch())
+    return nn.Sequential(*parts)
+
+
+class _Conv1dBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 1)
+
+    def forward(self, x):
+        return self.conv(x.unsqueeze(1)).squeeze(1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.sampled_from(_PARTS), min_size=1, max_size=6))
+def test_apply_then_strip_on_random_trees(kinds):
+    torch.manual_seed(0)
+    model, x = _tree(kinds), torch.randn(3, 8)
+    before = {n: (m, why_not_wrappable(m)) for n, m in model.named_modules(remove_duplicate=False)}
+    with torch.no_grad():
+        ref = model(x)
+    wrappable = [n for n, (m, why) in before.items() if n and why is None and isinstance(m, nn.Linear)]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        if not wrappable:
+            with pytest.raises(ValueError, match="no nn.Linear/nn.Conv2d layer"):
+                apply(model, GradNM(2, 4))
+            assert all(model.get_submodule(n) is m for n, (m, _) in before.items())
+            return
+        apply(model, GradNM(2, 4), probe=x)
+    refused = [n for n, (m, why) in before.items() if why is not None and gemm_like(m)]
+    text = " ".join(str(w.message) for w in rec)
+    assert all(f"'{n}'" in text for n in refused) and (refused or not rec)
+    after = dict(model.named_modules(remove_duplicate=False))
+    for n, (m, why) in before.items():
+        assert is_gemm(after[n]) == (n in wrappable), n
+        if n not in wrappable and n:
+            assert after[n] is m, n
+    same = {}
+    for n, (m, _) in before.items():  # one module under several names is still one module
+        assert same.setdefault(id(m), after[n]) is after[n]
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)  # GradNM leaves the forward bit-identical
+    plain = strip(model)
+    assert not any(is_gemm(m) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.equal(plain(x), ref)
