@@ -445,3 +445,18 @@ def test_apply_then_strip_on_random_trees(kinds):
     assert not any(is_gemm(m) for m in plain.modules())
     with torch.no_grad():
         assert torch.equal(plain(x), ref)
+
+
+def test_strip_keeps_the_users_hooks_and_drops_thriftys():
+    enc, x = _encoder(1), torch.randn(2, 3, 16)
+    seen = []
+    handle = enc.layers[0].linear1.register_forward_hook(lambda mod, i, o: seen.append(type(mod).__name__))
+    with pytest.warns(UserWarning, match="self_attn"):
+        apply(enc, NM(2, 4))
+    plain = strip(enc)
+    assert not plain.layers[0].linear2._forward_pre_hooks  # thrifty's no-op hook went with the wrapper
+    plain(x)
+    assert seen == ["Linear"]
+    handle.remove()
+    plain(x)
+    assert seen == ["Linear"] and not plain.layers[0].linear1._forward_hooks

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from thrifty.core.config import Config
-from thrifty.core.select import keep_module_path, layer_status, outermost, uncalled_layers
+from thrifty.core.select import drop_module_path_hooks, keep_module_path, layer_status, outermost, uncalled_layers
 from thrifty.nn.gemm import SLOT_NAMES, Chain, GemmConv2d, GemmLinear, Slots, is_gemm, wrap
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
@@ -269,7 +269,8 @@ def strip(model: nn.Module, tied: str = "keep") -> nn.Module:
     """Replace every Gemm layer by a plain nn.Linear / nn.Conv2d with the weight transform baked in.
 
     Input, gradient and accumulator transforms have no plain-layer equivalent and are dropped. A layer
-    reachable under several names is replaced at each name by one plain layer.
+    reachable under several names is replaced at each name by one plain layer; hooks registered on a
+    layer stay on its plain replacement.
 
     ``tied`` says what happens to a weight Parameter that other modules hold too (an embedding tied to
     the LM head): ``"keep"`` (default) writes the transformed weight into that Parameter in place, so
@@ -320,11 +321,21 @@ def strip(model: nn.Module, tied: str = "keep") -> nn.Module:
             if m.bias is not None:
                 plain.bias = m.bias
         plain.train(m.training)
+        _move_hooks(m, plain)
         for name in names[k]:
             if name == "":
                 return plain
             _set_child(model, name, plain)
     return model
+
+
+def _move_hooks(layer: nn.Module, plain: nn.Module) -> None:
+    # The user's hooks (shared with the layer wrap() replaced) go on with the plain layer; the same dicts,
+    # so their handles still remove them. thrifty's own no-op pre-hook goes.
+    for k, v in vars(layer).items():
+        if "hook" in k:
+            plain.__dict__[k] = v
+    drop_module_path_hooks(plain)
 
 
 def iter_selected(model: nn.Module, filter: Filter = None) -> Iterable[tuple[str, nn.Module]]:

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from thrifty.nn.gemm import gemm_like, is_gemm, why_not_wrappable
 
-__all__ = ["layer_status", "outermost", "keep_module_path", "uncalled_layers"]
+__all__ = ["layer_status", "outermost", "keep_module_path", "drop_module_path_hooks", "uncalled_layers"]
 
 _IN_MHA = ("nn.MultiheadAttention computes this projection from its weight directly "
            "(F.multi_head_attention_forward), so a wrapped layer would never run")
@@ -90,6 +90,12 @@ def keep_module_path(model: nn.Module) -> None:
                     sub.register_forward_pre_hook(_module_path_only)
         elif isinstance(m, nn.TransformerEncoder) and any(is_gemm(s) for s in m.layers.modules()):
             m.use_nested_tensor = False
+
+
+def drop_module_path_hooks(m: nn.Module) -> None:
+    """Remove :func:`keep_module_path`'s pre-hook from ``m`` (a layer that is no longer wrapped)."""
+    for k in [k for k, f in m._forward_pre_hooks.items() if f is _module_path_only]:
+        del m._forward_pre_hooks[k]
 
 
 class _Watch:
