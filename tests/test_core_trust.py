@@ -112,6 +112,9 @@ def test_apply_probe_names_a_bypassed_layer_and_restores_the_model():
     with pytest.raises(ValueError, match=r"reads the weights of the wrapped layers \['body.fc'\] without calling"):
         apply(m, NM(2, 4), probe=x)
     assert type(m.body.fc) is nn.Linear and type(m.head) is nn.Linear and m.training
+    with pytest.raises(ValueError, match=r"\['body.fc'\]"):
+        sparsify(m, NM(2, 4), probe=x)
+    assert type(m.body.fc) is nn.Linear
     apply(m, NM(2, 4), filter=["head", "aux"], probe=x)  # aux neither runs nor is read in eval: fine
     assert is_gemm(m.head) and is_gemm(m.aux) and m.training
     assert "forward" not in m.head.__dict__ and "forward" not in m.__dict__
