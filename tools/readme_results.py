@@ -39,13 +39,13 @@ def slug(heading: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")
 
 
-def _select(text: str, section: str, source: Path) -> str:
+def _select(text: str, section: str, where: str) -> str:
     # the title and intro before the first "## " heading, then the matching "## " sections
     parts = re.split(r"(?m)^(?=## )", text)
     chosen = [p for p in parts[1:] if slug(p.splitlines()[0][3:]).startswith(section)]
     if not chosen:
         names = ", ".join(slug(p.splitlines()[0][3:]) for p in parts[1:])
-        raise ValueError(f"{source}: no '## ' section matches '#{section}' (sections: {names})")
+        raise ValueError(f"{where}: no '## ' section matches '#{section}' (sections: {names})")
     return parts[0] + "".join(chosen)
 
 
@@ -64,7 +64,7 @@ def body(root: Path, key: str, page: Path, level: int) -> str:
         return f"_results/{name}.md not produced yet: run the experiment named above._\n"
     text = source.read_text()
     if section:
-        text = _select(text, section, source.relative_to(root))
+        text = _select(text, section, f"{page.relative_to(root)}, block '{key}' of {source.relative_to(root)}")
     text = HEADING.sub(lambda m: "#" * min(len(m.group(1)) + level, 6) + " ", text)
     results = Path(os.path.relpath(root / "results", page.parent)).as_posix()
     text = re.sub(r"\]\((?!https?:|/)([^)]+\.(?:png|svg|jpg))\)", rf"]({results}/\1)", text)
