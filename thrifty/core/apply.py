@@ -119,8 +119,11 @@ def apply(model: nn.Module, config: Config, filter: Filter = None) -> nn.Module:
     If the handler fails on some layer the model is restored to its previous state.
 
     Example:
-        >>> import thrifty  # doctest: +SKIP
-        >>> thrifty.apply(model, thrifty.NM(2, 4), filter="layer*")  # doctest: +SKIP
+        >>> import torch.nn as nn, thrifty
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> _ = thrifty.apply(model, thrifty.NM(2, 4), filter="2")     # only the layer named "2"
+        >>> type(model[0]).__name__, type(model[2]).__name__
+        ('Linear', 'GemmLinear')
     """
     handler = handler_for(config)
     if not isinstance(model, nn.Module):
