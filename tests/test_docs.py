@@ -1,6 +1,8 @@
 """The documentation holds: results blocks match results/*.md, links resolve, the README quickstart runs."""
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
 import re
 from pathlib import Path
@@ -47,6 +49,45 @@ def test_readme_is_a_front_page():
     for name in METHODS:
         assert (ROOT / "docs" / "methods" / f"{name}.md").is_file()
         assert f"(docs/methods/{name}.md)" in text, name
+
+
+def _attribute_chain(node: ast.Attribute) -> list[str] | None:
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    return [node.id, *reversed(names)] if isinstance(node, ast.Name) else None
+
+
+def test_names_in_doc_examples_exist():
+    # the examples on the method pages are not run (they train real models), but every thrifty name they use must
+    # exist: a renamed config or function breaks this test instead of silently breaking the docs
+    missing = []
+    for page in _doc_pages():
+        for code in re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M):
+            tree = ast.parse(code, str(page))
+            aliases = {"th": "thrifty", "thrifty": "thrifty"}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "thrifty":
+                    mod = importlib.import_module(node.module)
+                    missing += [f"{page.name}: {node.module}.{a.name}" for a in node.names if not hasattr(mod, a.name)]
+                elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                    chain = _attribute_chain(node)
+                    if chain and chain[0] in aliases:
+                        obj = importlib.import_module(aliases[chain[0]])
+                        for i, attr in enumerate(chain[1:], 1):
+                            if isinstance(obj, type(importlib)) and not hasattr(obj, attr):
+                                try:  # a submodule the package does not import eagerly
+                                    obj = importlib.import_module(f"{obj.__name__}.{attr}")
+                                    continue
+                                except ImportError:
+                                    missing.append(f"{page.name}: {'.'.join(chain[:i + 1])}")
+                                    break
+                            if not hasattr(obj, attr):
+                                missing.append(f"{page.name}: {'.'.join(chain[:i + 1])}")
+                                break
+                            obj = getattr(obj, attr)
+    assert missing == [], missing
 
 
 def test_readme_quickstart_runs(capsys):
