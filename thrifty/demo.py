@@ -14,7 +14,12 @@ Stages run in ``order``; each returns a JSON-able dict that lands in results.jso
 (a ``"markdown"`` entry is inserted verbatim; ``"files"`` lists files it wrote into ``ctx.report_dir``).
 
 Example:
-    >>> results = run_demo("reports/demo")  # doctest: +SKIP  (about a minute on 2 cores)
+    >>> import tempfile
+    >>> results = run_demo(tempfile.mkdtemp(), quick=True, only=["evaluate"], progress=False)  # 4 training steps
+    >>> sorted(results["stages"]), results["failed_stages"]
+    (['evaluate'], [])
+
+    ``run_demo("reports/demo")`` is the full run (a few minutes on 2 cores).
 """
 from __future__ import annotations
 

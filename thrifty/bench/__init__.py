@@ -1,7 +1,7 @@
 """MLPerf-style inference benchmarking with the official LoadGen, and real int8 deployment on CPU.
 
-    >>> import thrifty as th
-    >>> rep = th.bench.run("resnet20", scenarios="all", backend="onnxruntime")  # doctest: +SKIP
+``thrifty.bench.run("resnet20", scenarios="all", backend="onnxruntime")`` benchmarks the pretrained
+resnet20 under all four scenarios (a runnable example on a small model: :mod:`thrifty.bench.api`).
 
 Pieces: :class:`BenchSettings` (short laptop defaults, ``BenchSettings.official``), the harness (QSL over
 in-memory samples, a threaded SUT with dynamic batching), the four scenarios and accuracy mode

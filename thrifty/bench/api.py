@@ -1,9 +1,16 @@
 """``thrifty.bench.run``: one model, one backend, any scenarios, in a subprocess with pinned threads.
 
+``run("resnet20", scenarios="all", backend="onnxruntime", outdir="reports/bench")`` benchmarks the pretrained
+resnet20; any ``nn.Module`` with a dataset works the same way.
+
 Example:
+    >>> import tempfile, torch, torch.nn as nn
     >>> import thrifty as th
-    >>> rep = th.bench.run("resnet20", scenarios="all", backend="onnxruntime", outdir="reports/bench")  # doctest: +SKIP
-    >>> rep["scenarios"]["Offline"]["value"]  # samples/s  # doctest: +SKIP
+    >>> data = torch.utils.data.TensorDataset(torch.rand(64, 16), torch.zeros(64, dtype=torch.long))
+    >>> rep = th.bench.run(nn.Linear(16, 4), data, scenarios="Offline", backend="torch",
+    ...                    settings=th.bench.BenchSettings(min_duration_s=0.1), outdir=tempfile.mkdtemp())
+    >>> rep["scenarios"]["Offline"]["valid"], rep["scenarios"]["Offline"]["value"] > 0   # value: samples/s
+    (True, True)
 """
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ Example:
     >>> data = Samples((np.random.rand(64, 4).astype("float32"),), labels=np.zeros(64, dtype=np.int64))
     >>> backend = lambda xs: xs[0] * 2
     >>> s = BenchSettings(scenario="SingleStream", min_duration_s=0.2)
-    >>> r = run_loadgen(backend, data, s, "/tmp/thrifty_doctest_lg", calibrate(backend, data, s))  # doctest: +SKIP
-    >>> r["valid"]  # doctest: +SKIP
+    >>> import tempfile
+    >>> r = run_loadgen(backend, data, s, tempfile.mkdtemp(), calibrate(backend, data, s))
+    >>> r["valid"]
     True
 """
 from __future__ import annotations

@@ -4,9 +4,12 @@ Example:
     >>> import numpy as np
     >>> from thrifty.bench.harness import Samples
     >>> from thrifty.bench.settings import BenchSettings
+    >>> import tempfile
     >>> data = Samples((np.random.rand(256, 4).astype("float32"),))
     >>> res = run_suite(lambda xs: xs[0] * 2, data, BenchSettings(min_duration_s=0.2), ["Offline"],
-    ...                 "/tmp/thrifty_doctest_suite")  # doctest: +SKIP
+    ...                 tempfile.mkdtemp())
+    >>> res["scenarios"]["Offline"]["valid"]
+    True
 """
 from __future__ import annotations
 

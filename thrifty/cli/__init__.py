@@ -5,8 +5,10 @@ subcommand: ``register`` adds its parser with ``subparsers.add_parser(...)``, it
 ``parser.set_defaults(func=run)`` where ``run(args) -> int | None``. Adding a command never edits this file.
 Every subcommand parser also gets ``--config file.yaml`` (defaults from YAML; explicit flags win).
 
-Example:
-    >>> main(["--help"])  # doctest: +SKIP
+Example (``main(["demo", "--quick"])`` runs what ``thrifty demo --quick`` runs):
+    >>> args = build_parser().parse_args(["demo", "--quick"])
+    >>> args.command, args.quick
+    ('demo', True)
 """
 from __future__ import annotations
 

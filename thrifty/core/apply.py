@@ -165,8 +165,12 @@ def apply(model: nn.Module, config: Config, filter: Filter = None, *, probe: Any
     apply warns that until :func:`strip` only the wrapped layer sees the transformed weight.
 
     Example:
-        >>> import thrifty  # doctest: +SKIP
-        >>> thrifty.apply(model, thrifty.NM(2, 4), filter="layer*", probe=torch.randn(1, 3, 32, 32))  # doctest: +SKIP
+        >>> import torch.nn as nn, thrifty
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> _ = thrifty.apply(model, thrifty.NM(2, 4), filter="2")     # only the layer named "2"
+        >>> type(model[0]).__name__, type(model[2]).__name__
+        ('Linear', 'GemmLinear')
+        >>> _ = thrifty.apply(model, thrifty.NM(2, 4), filter="0", probe=torch.randn(2, 8))  # checks no bypass
     """
     handler = handler_for(config)
     if not isinstance(model, nn.Module):

@@ -9,9 +9,14 @@ restored when the fine-tuning does not lower the KL on the data, and its mode an
 are restored either way. The teacher is never modified.
 
 Example:
-    >>> res = thrifty.quant.quantize(fp, PTQ(w_bits=4, a_bits=8), calib)             # doctest: +SKIP
-    >>> distill(res.model, fp, calib, steps=100)                                       # doctest: +SKIP
-    {'kl_before': 0.031, 'kl_after': 0.012, 'kept': True, 'steps': 100}
+    >>> import torch, torch.nn as nn, thrifty
+    >>> _ = torch.manual_seed(0)
+    >>> fp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> calib = torch.randn(64, 8)              # first/last layer at 8 bits, the middle one at 2
+    >>> res = thrifty.quant.quantize(fp, thrifty.PTQ(w_bits=2, a_bits=8, pipeline="rtn"), calib, progress=False)
+    >>> r = distill(res.model, fp, calib, steps=20, lr=1e-3, progress=False)
+    >>> r["kept"], r["kl_after"] < r["kl_before"], r["steps"]
+    (True, True, 20)
 """
 from __future__ import annotations
 

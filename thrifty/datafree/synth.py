@@ -13,10 +13,12 @@ Three generators:
 The same BN statistic scores how well a data set matches a model
 (:func:`bn_similarity`): real training-like data scores low, foreign data high.
 
-Example:
-    >>> import thrifty as th                                     # doctest: +SKIP
-    >>> model = th.train.pretrained("resnet20", "digits32")      # doctest: +SKIP
-    >>> calib = synthesize(model, 128, input_shape=(1, 32, 32))   # doctest: +SKIP
+Example (an untrained ResNet-20; in practice a trained one, e.g. ``thrifty.train.pretrained``):
+    >>> import thrifty as th
+    >>> model = th.models.create("resnet20", width=4)
+    >>> calib = synthesize(model, 8, "bns", input_shape=(1, 32, 32), steps=3, progress=False)
+    >>> len(calib), tuple(calib.tensors[0].shape[1:])
+    (8, (1, 32, 32))
 """
 from __future__ import annotations
 
@@ -222,7 +224,11 @@ def synthesize(
     ``requires_grad`` flags are left exactly as they were.
 
     Example:
-        >>> ds = synthesize(model, 256, "bns", input_shape=(1, 32, 32), steps=100)  # doctest: +SKIP
+        >>> import torch.nn as nn
+        >>> model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> ds = synthesize(model, 32, "bns", input_shape=(6,), steps=20, progress=False)
+        >>> ds.tensors[0].shape, ds.tensors[1].shape
+        (torch.Size([32, 6]), torch.Size([32]))
     """
     if cfg is None:
         cfg = Synth(method=method, **overrides)
@@ -332,7 +338,11 @@ def bn_similarity(model: nn.Module, data: Dataset | Tensor, batch_size: int = 25
     layers (``per_layer=True`` returns the per-layer values).
 
     Example:
-        >>> bn_similarity(model, real_test_set) < bn_similarity(model, noise)  # doctest: +SKIP
+        >>> import torch, torch.nn as nn
+        >>> bn = nn.BatchNorm1d(4).eval()        # stored statistics: mean 0, variance 1
+        >>> model = nn.Sequential(bn, nn.Linear(4, 2))
+        >>> _ = torch.manual_seed(0)
+        >>> bn_similarity(model, torch.randn(512, 4)) < bn_similarity(model, 3 + torch.randn(512, 4))
         True
     """
     layers = bn_layers(model)
