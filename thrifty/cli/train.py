@@ -110,7 +110,10 @@ def run(args: argparse.Namespace) -> int:
     kwargs = model_kwargs_for(args.model, splits.input_shape, splits.num_classes,
                               **{**extra_kw, **dict(_model_arg(a) for a in args.model_arg)})
     seed_everything(args.seed)
-    model = create(args.model, **kwargs)
+    try:
+        model = create(args.model, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"--model {args.model} with keyword arguments {kwargs} (--model-arg): {e}") from None
     _common.check_model_data(model, splits, args.model, str(args.dataset), shape_hint=lambda: (
         f"; bundled datasets that fit --model {args.model}: {', '.join(_fitting_datasets(args.model)) or 'none'}"))
     option_meta = prepare_model(model, args)

@@ -169,6 +169,15 @@ def _check_labels(out: torch.Tensor, y: torch.Tensor, what: str) -> None:
                              f"{out.shape[1]} outputs (labels must be in 0..{out.shape[1] - 1})")
 
 
+def _forward(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    """The first batch's forward: a shape error there means the data does not fit the model; say so."""
+    try:
+        return model(x)
+    except RuntimeError as e:
+        raise ValueError(f"the model cannot take the {what} inputs of shape {tuple(x.shape[1:])} "
+                         f"(one sample): {str(e).splitlines()[0]}") from e
+
+
 def _check_dataset(ds: Any, what: str) -> None:
     try:
         n = len(ds)
@@ -223,7 +232,7 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, size: int 
                 if x.dim() != 4:
                     raise ValueError(f"evaluate(size={size}) needs image inputs (N, C, H, W), got {tuple(x.shape)}")
                 x = resize(x, size)
-            out = model(x)
+            out = _forward(model, x, "evaluation dataset") if s == 0 else model(x)
             _check_labels(out, y, "evaluation dataset")
             loss_sum += float(loss_fn(out, y)) * len(y)
             correct += int((out.argmax(1) == y).sum())
@@ -317,7 +326,7 @@ def fit(model: nn.Module, train_ds: Dataset, test_ds: Dataset | None = None, cfg
             lr = cfg.lr_at(step, total)
             for g in opt.param_groups:
                 g["lr"] = lr
-            out = net(x)
+            out = _forward(net, x, "train_ds") if step == start else net(x)
             _check_labels(out, y, "train_ds")
             loss = loss_fn(out, y)
             if not torch.isfinite(loss):

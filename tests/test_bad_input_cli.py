@@ -1,0 +1,209 @@
+"""The bad-input contract through the CLI (docs/bad-input.md): exit code 2 (argparse errors included), one
+``thrifty <cmd>: error: ...`` line naming the argument, file, key or layer, no traceback, and the user's
+files byte-identical afterwards. Most cases call ``main(argv)`` in-process (fast); a few run real processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from thrifty.cli import main
+from thrifty.models import create
+from thrifty.train import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _snapshot(*roots: Path) -> dict[str, bytes]:
+    """Every file under ``roots`` -> its bytes (to prove nothing was touched)."""
+    files = {}
+    for r in roots:
+        for p in ([r] if r.is_file() else sorted(r.rglob("*"))):
+            if p.is_file():
+                files[str(p)] = p.read_bytes()
+    return files
+
+
+def _mlp(tmp_path: Path, name: str = "m", nan: bool = False) -> Path:
+    model = create("mlp", in_features=64, num_classes=10)
+    if nan:
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if n.endswith("weight"))[0, 0] = float("nan")
+    stem = tmp_path / name / "model"
+    save_model(model, stem, {"model": "mlp", "model_kwargs": {"in_features": 64, "num_classes": 10},
+                             "dataset": "digits"})
+    return stem
+
+
+def _data(tmp_path: Path, name: str, x: torch.Tensor, y: torch.Tensor) -> Path:
+    p = tmp_path / name
+    torch.save({"x": x, "y": y}, p)
+    return p
+
+
+def _fails(argv: list[str], capsys, *needles: str, files: tuple[Path, ...] = ()) -> str:
+    """Run the CLI, expect exit code 2 with one error line holding every needle; files untouched."""
+    before = _snapshot(*files)
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse: usage + "error: argument --x: ..."
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+    assert _snapshot(*files) == before
+    return err
+
+
+def test_eval_labels_beyond_the_model_outputs(tmp_path, capsys):
+    stem = _mlp(tmp_path)
+    data = _data(tmp_path, "lab12.pt", torch.randn(40, 64), torch.arange(40) % 12)
+    _fails(["eval", str(stem), "--dataset", str(data), "--out", str(tmp_path / "ev")], capsys,
+           str(data), "labels up to 11", "10 outputs", files=(stem.parent, data))
+    assert not (tmp_path / "ev").exists()
+
+
+def test_eval_wrong_channel_count_names_model_and_dataset(tmp_path, capsys):
+    model = create("resnet20", num_classes=10, in_chans=1)
+    stem = tmp_path / "r" / "model"
+    save_model(model, stem, {"model": "resnet20", "model_kwargs": {"num_classes": 10, "in_chans": 1}})
+    data = _data(tmp_path, "rgb.pt", torch.randn(20, 3, 8, 8), torch.arange(20) % 10)
+    _fails(["eval", str(stem), "--dataset", str(data)], capsys, "cannot take", str(data), "(3, 8, 8)",
+           files=(stem.parent, data))
+
+
+def test_nan_weights_are_named_in_eval_and_quantize(tmp_path, capsys):
+    stem = _mlp(tmp_path, nan=True)
+    _fails(["eval", str(stem)], capsys, "parameter", "weight", "NaN", files=(stem.parent,))
+    _fails(["quantize", "--model", str(stem), "--pipeline", "rtn", "--out", str(tmp_path / "q")], capsys,
+           "parameter", "NaN", files=(stem.parent,))
+    assert not (tmp_path / "q").exists()
+
+
+def test_nan_inputs_in_train_are_named_not_blamed_on_the_learning_rate(tmp_path, capsys):
+    x = torch.randn(40, 64)
+    x[7, 3] = float("nan")
+    data = _data(tmp_path, "nan.pt", x, torch.arange(40) % 10)
+    err = _fails(["train", "--model", "mlp", "--dataset", str(data), "--steps", "2", "--out", str(tmp_path / "t")],
+                 capsys, str(data), "NaN or Inf", files=(data,))
+    assert "learning rate" not in err
+
+
+def test_model_that_cannot_take_the_dataset_names_the_ones_that_fit(tmp_path, capsys):
+    _fails(["train", "--model", "resnet20", "--dataset", "digits", "--out", str(tmp_path / "t")], capsys,
+           "resnet20", "--dataset digits", "fit --model resnet20: digits32")
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "m", "--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["bench", "--model", "m", "--scenario", "Foo"], "--scenario: unknown scenario(s) ['Foo']"),
+    (["bench", "--model", "m", "--backend", "tensorrt"], "--backend: unknown backend(s) ['tensorrt']"),
+    (["bench", "--model", "m", "--max-samples", "-1"], "--max-samples: must be >= 1, got -1"),
+    (["train", "--steps", "-3"], "--steps: must be >= 1"),
+    (["quantize", "--model", "m", "--calib-per-class", "0"], "--calib-per-class: must be >= 1"),
+])
+def test_counts_and_choices_are_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    _fails(argv, capsys, needle)
+    assert list(tmp_path.iterdir()) == []  # no output folder, no config.yaml
+
+
+@pytest.mark.parametrize("text, needles", [
+    ('lr: "fast"\n', ["'lr'", "c.yaml", "'fast'"]),
+    ("batch_size: [1, 2]\n", ["'batch_size'", "c.yaml", "single value"]),
+    ('quick: "no"\n', ["'quick'", "c.yaml", "true or false"]),
+    ("steps: 2.5\n", ["'steps'", "c.yaml"]),
+    ("steps: 0\n", ["'steps'", "must be >= 1"]),
+    ("optimizer: lion\n", ["'optimizer'", "sgd, adamw"]),
+    ("batch_size: true\n", ["'batch_size'", "c.yaml"]),
+    ("!!python/object/apply:os.system ['touch pwned']\n", ["c.yaml", "not valid YAML"]),
+    ("model: !!python/object/apply:os.system ['touch pwned']\n", ["c.yaml", "not valid YAML"]),
+])
+def test_yaml_config_values_are_checked_like_flags(tmp_path, capsys, monkeypatch, text, needles):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    _fails(["train", "--config", str(cfg), "--out", str(tmp_path / "t")], capsys, *needles, files=(cfg,))
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "t").exists()
+
+
+def test_yaml_config_good_values_still_work(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: mlp\ndataset: digits\nsteps: 2\nbatch-size: 16\nlr: 1e-3\nquick: false\n"
+                   "model_arg: [[hidden, [16]]]\n")
+    out = tmp_path / "t"
+    assert main(["train", "--config", str(cfg), "--out", str(out)]) == 0
+    res = yaml.safe_load((out / "config.yaml").read_text())
+    assert res["lr"] == 1e-3 and res["steps"] == 2 and res["quick"] is False
+
+
+def test_merge_classes_outside_the_dataset(tmp_path, capsys):
+    a, b = _mlp(tmp_path, "a"), _mlp(tmp_path, "b")
+    _fails(["merge", "--models", str(a), str(b), "--classes", "0,1", "99", "--out", str(tmp_path / "mg")], capsys,
+           "--classes '99'", "0..9", "[99]", files=(a.parent, b.parent))
+    assert not (tmp_path / "mg").exists()
+
+
+@pytest.mark.parametrize("cmd", [
+    ["train", "--model", "mlp", "--dataset", "digits", "--steps", "1"],
+    ["demo", "--quick"],
+    ["quantize", "--model", "MODEL", "--pipeline", "rtn"],
+    ["sparsify", "--model", "MODEL"],
+    ["bench", "--model", "MODEL"],
+    ["merge", "--models", "MODEL", "MODEL"],
+])
+def test_an_existing_output_folder_is_never_overwritten_silently(tmp_path, capsys, cmd):
+    stem = _mlp(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the user's earlier result")
+    (out / "config.yaml").write_text("lr: 0.5\n")
+    argv = [str(stem) if a == "MODEL" else a for a in cmd] + ["--out", str(out)]
+    _fails(argv, capsys, f"--out {out} already exists", "--overwrite", files=(out, stem.parent))
+
+
+def test_train_overwrite_and_resume_hint(tmp_path, capsys):
+    out = tmp_path / "t"
+    argv = ["train", "--model", "mlp", "--dataset", "digits", "--steps", "2", "--batch-size", "16", "--out", str(out)]
+    assert main(argv) == 0
+    _fails(argv, capsys, "--resume", "--overwrite", files=(out,))
+    assert main(argv + ["--overwrite"]) == 0
+    assert main(argv + ["--resume"]) == 0
+
+
+def test_failing_bench_leaves_the_report_folder_config_alone(tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "config.yaml").write_text("model: resnet20\nscenario: all\n")
+    (out / "results.json").write_text("{}")
+    _fails(["bench", "--model", str(tmp_path / "missing"), "--out", str(out), "--overwrite"], capsys,
+           "missing", files=(out,))
+
+
+def _run(args: list[str], extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
+    return subprocess.run([sys.executable, "-m", "thrifty.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_real_process_error_line(tmp_path):
+    r = _run(["eval", str(tmp_path / "nothing")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("thrifty eval: error: saved model file not found")
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("THRIFTY_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        main(["eval", str(tmp_path / "nothing")])
+    monkeypatch.delenv("THRIFTY_DEBUG")
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        main(["--debug", "eval", str(tmp_path / "nothing")])
