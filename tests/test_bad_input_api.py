@@ -211,6 +211,11 @@ def test_config_ranges_are_checked_at_construction():
         calibration_subset(TensorDataset(torch.zeros(4, 2), torch.zeros(4).long()), per_class=-1)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         evaluate(nn.Linear(2, 2), TensorDataset(torch.zeros(4, 2), torch.zeros(4).long()), batch_size=0)
+    from thrifty.bench import load_workload
+
+    for v in (0, -1):
+        with pytest.raises(ValueError, match=f"max_samples must be a positive integer or None, got {v}"):
+            load_workload(nn.Linear(2, 2), max_samples=v)
 
 
 def test_nm_on_a_layer_shorter_than_m_names_the_layer_and_keeps_the_model():

@@ -179,6 +179,80 @@ def test_train_overwrite_and_resume_hint(tmp_path, capsys):
     assert main(argv + ["--resume"]) == 0
 
 
+def test_train_resume_with_a_broken_checkpoint_and_conflicting_flags(tmp_path, capsys):
+    out = tmp_path / "t"
+    argv = ["train", "--model", "mlp", "--dataset", "digits", "--steps", "2", "--batch-size", "16", "--out", str(out)]
+    assert main(argv) == 0
+    ck = out / "ckpt" / "last.safetensors"
+    ck.write_bytes(ck.read_bytes()[:200])
+    _fails(argv + ["--resume"], capsys, "corrupt or unreadable checkpoint", str(ck), files=(out,))
+    _fails(argv + ["--resume", "--overwrite"], capsys, "--resume", "--overwrite", files=(out,))
+
+
+def test_train_resume_cleans_the_temp_file_of_a_killed_checkpoint_write(tmp_path):
+    out = tmp_path / "t"
+    argv = ["train", "--model", "mlp", "--dataset", "digits", "--steps", "2", "--batch-size", "16", "--out", str(out)]
+    assert main(argv) == 0
+    stale = out / "ckpt" / ".last.safetensors.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert main(argv + ["--resume"]) == 0
+    assert not stale.exists() and sorted(p.name for p in (out / "ckpt").iterdir()) == ["last.safetensors"]
+
+
+def test_cli_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from thrifty.train import loop
+    from thrifty.train.checkpoint import read_checkpoint
+
+    def argv(out: Path) -> list[str]:
+        return ["train", "--model", "mlp", "--dataset", "digits", "--steps", "8", "--batch-size", "16", "--lr",
+                "0.05", "--out", str(out)]
+
+    assert main(argv(tmp_path / "ref")) == 0
+    real, calls = loop._check_labels, [0]
+
+    def ctrl_c_in_step_3(out, y, what):  # a real SIGINT, delivered while step 3 runs
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(out, y, what)
+
+    monkeypatch.setattr(loop, "_check_labels", ctrl_c_in_step_3)
+    out = tmp_path / "run"
+    assert main(argv(out)) == 130
+    err = capsys.readouterr().err
+    assert "thrifty train: interrupted" in err and "after step 3 of 8; checkpoint saved" in err
+    assert read_checkpoint(out / "ckpt" / "last.safetensors")[1]["step"] == "3"
+    monkeypatch.setattr(loop, "_check_labels", real)
+    assert main(argv(out) + ["--resume"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+
+
+def test_files_layers_and_ranges_through_the_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stem = _mlp(tmp_path)
+    ypath = stem.with_suffix(".yaml")
+    text = ypath.read_text()
+    ypath.write_text("- not\n- a model\n")
+    _fails(["eval", str(stem)], capsys, "model.yaml is not thrifty model metadata", files=(stem.parent,))
+    ypath.write_text(text.replace("num_classes: 10", "num_classes: 7"))
+    _fails(["eval", str(stem)], capsys, "model.safetensors do not fit model 'mlp'", files=(stem.parent,))
+    ypath.write_text(text)
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    _fails(["train", "--model", "mlp", "--dataset", str(tmp_path / "imgs"), "--out", "t"], capsys,
+           "imgs: no images")
+    _fails(["quantize", "--model", str(stem), "--bits", "1", "--out", "q"], capsys, "w_bits must be in 2..16")
+    _fails(["sparsify", "--model", str(stem), "--nm", "3:2", "--out", "s"], capsys, "3:2")
+    small = tmp_path / "small" / "model"
+    save_model(create("mlp", in_features=3, hidden=[8], num_classes=2), small,
+               {"model": "mlp", "model_kwargs": {"in_features": 3, "hidden": [8], "num_classes": 2}})
+    data = _data(tmp_path, "three.pt", torch.randn(40, 3), torch.arange(40) % 2)
+    _fails(["sparsify", "--model", str(small), "--dataset", str(data), "--nm", "2:4", "--filter", "fc1", "--out",
+            "s"], capsys, "layer 'fc1' cannot take 2:4 sparsity", "reduction dim (3)", files=(small.parent, data))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "m", "small", "three.pt"]
+
+
 def test_failing_bench_leaves_the_report_folder_config_alone(tmp_path, capsys):
     out = tmp_path / "report"
     out.mkdir()

@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.utils import atomic_write_text, seed_everything
 
     out = Path(args.out or f"runs/{args.model}-{Path(str(args.dataset)).name}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if not args.resume:
         _common.check_out_dir(out, args.overwrite, hint=" (or --resume to continue its training)")
     splits = load_dataset(args.dataset, seed=0)
