@@ -44,6 +44,17 @@ def test_synthesize_refuses_a_method_that_conflicts_with_cfg():
 
 # ---- files: missing, truncated, corrupt, not a model; writes are atomic and keep the user's umask
 
+def test_other_arguments_that_would_be_silently_ignored():
+    from thrifty.data import load_dataset
+    from thrifty.sparse import NM
+
+    with pytest.raises(ValueError, match="method='approx' applies to transposable masks only"):
+        NM(2, 4, method="approx")
+    assert NM(2, 4, transposable=True, method="approx").method == "approx"
+    with pytest.raises(ValueError, match="root='/data' applies to user datasets only; 'digits' is bundled"):
+        load_dataset("digits", root="/data")
+
+
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 

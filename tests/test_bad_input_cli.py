@@ -145,6 +145,21 @@ def test_yaml_config_good_values_still_work(tmp_path):
     assert res["lr"] == 1e-3 and res["steps"] == 2 and res["quick"] is False
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["train", "--model", "mlp", "--dataset", "digits", "--quick", "--steps", "9"], ["--quick", "--steps 9"]),
+    (["eval", "MODEL", "--calibrate-bn"], ["--calibrate-bn", "--sizes"]),
+    (["quantize", "--model", "MODEL", "--synth-steps", "5"], ["--synth-steps", "--data-free"]),
+    (["quantize", "--model", "MODEL", "--data-free", "gaussian", "--synth-steps", "5"], ["--synth-steps"]),
+    (["quantize", "--model", "MODEL", "--budget-kind", "bops"], ["--budget-kind bops needs --budget"]),
+    (["sparsify", "--model", "MODEL", "--method", "approx"], ["--method approx", "--transposable"]),
+])
+def test_conflicting_or_ignored_flags_are_refused(tmp_path, capsys, monkeypatch, argv, needles):
+    monkeypatch.chdir(tmp_path)
+    stem = _mlp(tmp_path)
+    _fails([str(stem) if a == "MODEL" else a for a in argv], capsys, *needles, files=(stem.parent,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_merge_classes_outside_the_dataset(tmp_path, capsys):
     a, b = _mlp(tmp_path, "a"), _mlp(tmp_path, "b")
     _fails(["merge", "--models", str(a), str(b), "--classes", "0,1", "99", "--out", str(tmp_path / "mg")], capsys,

@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give the saved model path (positional or --model-path)")
     if args.sizes and min(args.sizes) < 1:
         raise ValueError(f"--sizes must be positive, got {args.sizes}")
+    if args.calibrate_bn and not args.sizes:
+        raise ValueError("--calibrate-bn recalibrates BN at each of --sizes; give --sizes (it would do nothing)")
     model, meta = load_model(path)
     dataset = args.dataset or meta.get("dataset")
     if not dataset:

@@ -71,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
               candidate_bits=tuple(args.candidate_bits), adaquant_mode=args.adaquant_mode,
               adaquant_iters=args.adaquant_iters, bias_iters=args.bias_iters, w_estimator=args.estimator,
               a_estimator=args.estimator, seed=args.seed)  # validates everything before any work
-    if args.calib_per_class < 1:
-        raise ValueError(f"--calib-per-class must be positive, got {args.calib_per_class}")
-    if args.distill_steps < 0 or (args.synth_steps is not None and args.synth_steps < 1):
-        raise ValueError("--distill-steps must be >= 0 and --synth-steps >= 1")
+    if args.synth_steps is not None and args.data_free not in ("bns", "inception"):
+        raise ValueError(f"--synth-steps applies to --data-free bns or inception only (got --data-free "
+                         f"{args.data_free}); it would be ignored")
+    if args.budget is None and args.budget_kind != "size":
+        raise ValueError(f"--budget-kind {args.budget_kind} needs --budget (it would be ignored)")
     out = _common.check_out_dir(args.out or f"runs/{Path(str(args.model)).name}-w{args.bits}a{args.a_bits}-"
                                 f"{args.pipeline}" + (f"-b{args.budget}" if args.budget else ""), args.overwrite)
     model, meta, dataset = _common.load_model_arg(args)

@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.utils import atomic_write_text, seed_everything
 
     n, m = parse_nm_text(args.nm)
+    if args.method == "approx" and not args.transposable:
+        raise ValueError("--method approx chooses the transposable mask solver; it needs --transposable "
+                         "(a plain N:M mask is always exact)")
     cfg = NM(n, m, transposable=args.transposable, method=args.method)
     for name in ("adaprune_steps", "calib_per_class"):
         if getattr(args, name) < (0 if name == "adaprune_steps" else 1):

@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.utils import atomic_write_text, seed_everything
 
     out = Path(args.out or f"runs/{args.model}-{Path(str(args.dataset)).name}")
+    if args.quick and args.steps is not None:
+        raise ValueError(f"--quick (5 steps) and --steps {args.steps} contradict each other: give one of them")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if not args.resume:
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
               "warmup": args.warmup, "label_smoothing": args.label_smoothing}
     cfg = dataclasses.replace(cfg, seed=args.seed, num_workers=args.workers,
                               **{k: v for k, v in fields.items() if v is not None})
-    if args.quick and args.steps is None:
+    if args.quick:
         cfg = dataclasses.replace(cfg, steps=5)
     kwargs = model_kwargs_for(args.model, splits.input_shape, splits.num_classes,
                               **{**extra_kw, **dict(_model_arg(a) for a in args.model_arg)})
