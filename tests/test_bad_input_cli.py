@@ -124,6 +124,7 @@ def test_counts_and_choices_are_refused_before_any_work(tmp_path, capsys, monkey
     ("steps: 0\n", ["'steps'", "must be >= 1"]),
     ("optimizer: lion\n", ["'optimizer'", "sgd, adamw"]),
     ("batch_size: true\n", ["'batch_size'", "c.yaml"]),
+    ("overwrite: true\n", ["'overwrite'", "c.yaml", "on the command line"]),
     ("!!python/object/apply:os.system ['touch pwned']\n", ["c.yaml", "not valid YAML"]),
     ("model: !!python/object/apply:os.system ['touch pwned']\n", ["c.yaml", "not valid YAML"]),
 ])
@@ -142,7 +143,7 @@ def test_yaml_config_good_values_still_work(tmp_path):
     out = tmp_path / "t"
     assert main(["train", "--config", str(cfg), "--out", str(out)]) == 0
     res = yaml.safe_load((out / "config.yaml").read_text())
-    assert res["lr"] == 1e-3 and res["steps"] == 2 and res["quick"] is False
+    assert res["lr"] == 1e-3 and res["steps"] == 2 and res["quick"] is False and "overwrite" not in res
 
 
 @pytest.mark.parametrize("argv, needles", [

@@ -30,7 +30,9 @@ __all__ = ["add_config_option", "apply_config_file", "resolved", "write_resolved
            "check_model_data", "INTERNAL_KEYS"]
 
 # argparse destinations that are plumbing, not configuration
-INTERNAL_KEYS = {"func", "command", "config", "debug", "_parser"}
+INTERNAL_KEYS = {"func", "command", "config", "debug", "_parser", "overwrite"}
+# permission to replace files: only an explicit flag gives it, never a config file (nor a repeated run's config)
+_FLAG_ONLY = {"overwrite"}
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +66,9 @@ def load_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser, c
     out: dict[str, Any] = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
+        if dest in _FLAG_ONLY:
+            raise ValueError(f"key {key!r} in config file {p}: give --{dest} on the command line, not in a config "
+                             "file")
         if dest in INTERNAL_KEYS:
             continue
         if dest not in actions:
