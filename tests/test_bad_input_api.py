@@ -255,13 +255,22 @@ def make(ckpt_every):
     return model, ds, TrainConfig(steps=12, batch_size=16, lr=0.05, eval_every=0, ckpt_every=ckpt_every)
 """
 
-_KILL = _SETUP + """
-import os, signal, sys
+# one process (one interpreter start): first Ctrl-C at step 5 in ckpt dir argv[1], then a SIGKILL half-way
+# through the 4th checkpoint write in argv[2]
+_CHILD = _SETUP + """
+import os, signal, sys, traceback
 import thrifty.train.checkpoint as ck
 from thrifty.utils import _atomic_write
 
+model, ds, cfg = make(0)  # no periodic checkpoint: only the interrupt writes one
+try:
+    fit(model, ds, None, cfg, ckpt_dir=sys.argv[1], progress=False,
+        callbacks=[lambda s: os.kill(os.getpid(), signal.SIGINT) if s.step == 5 else None])
+except KeyboardInterrupt:
+    traceback.print_exc()
+
 calls = [0]
-def dying_write(path, data):  # the 4th checkpoint write dies half-way through, by SIGKILL
+def dying_write(path, data):
     calls[0] += 1
     if calls[0] == 4:
         def half(f):
@@ -271,21 +280,8 @@ def dying_write(path, data):  # the 4th checkpoint write dies half-way through, 
 
 ck.atomic_write_bytes = dying_write
 model, ds, cfg = make(1)
-fit(model, ds, None, cfg, ckpt_dir=sys.argv[1], progress=False)
+fit(model, ds, None, cfg, ckpt_dir=sys.argv[2], progress=False)
 """
-
-_INT = _SETUP + """
-import os, signal, sys
-model, ds, cfg = make(0)  # no periodic checkpoint: only the interrupt writes one
-fit(model, ds, None, cfg, ckpt_dir=sys.argv[1], progress=False,
-    callbacks=[lambda s: os.kill(os.getpid(), signal.SIGINT) if s.step == 5 else None])
-"""
-
-
-def _child(code: str, ckdir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", code, str(ckdir)], capture_output=True, text=True, env=env,
-                          timeout=180)
 
 
 def _reference(ckpt_every: int) -> dict[str, torch.Tensor]:
@@ -304,22 +300,24 @@ def _resume(ckdir: Path, ckpt_every: int) -> dict[str, torch.Tensor]:
     return _state(model)
 
 
-def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(tmp_path):
-    ck = tmp_path / "ckpt"
-    r = _child(_KILL, ck)
+def _step(ckpt: Path) -> int:
+    return load_checkpoint(ckpt, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)))["step"]
+
+
+def test_sigint_and_sigkill_during_training_in_a_real_process(tmp_path):
+    interrupted, killed = tmp_path / "int", tmp_path / "kill"
+    threads = str(torch.get_num_threads())  # as this process, which computes the references
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads}
+    code = f"import torch; torch.set_num_threads({threads})\n" + _CHILD
+    r = subprocess.run([sys.executable, "-c", code, str(interrupted), str(killed)], capture_output=True, text=True,
+                       env=env, timeout=180)
     assert r.returncode == -9, r.stderr
-    stale = list(ck.glob(".last.safetensors.*.tmp"))
-    assert len(stale) == 1  # the half-written temp file; the checkpoint itself was never touched
-    info = load_checkpoint(ck / "last.safetensors", nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)))
-    assert info["step"] == 3
-    assert _same(_resume(ck, 1), _reference(1))
-    assert not stale[0].exists() and sorted(p.name for p in ck.iterdir()) == ["last.safetensors"]
-
-
-def test_sigint_saves_the_progress_made_and_resume_is_exact(tmp_path):
-    ck = tmp_path / "ckpt"
-    r = _child(_INT, ck)
-    assert r.returncode != 0 and "KeyboardInterrupt: interrupted after step 5 of 12; checkpoint saved" in r.stderr
-    info = load_checkpoint(ck / "last.safetensors", nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)))
-    assert info["step"] == 5
-    assert _same(_resume(ck, 0), _reference(0))
+    # SIGINT: the step in progress finished, its checkpoint was saved, and resume gives the uninterrupted weights
+    assert "KeyboardInterrupt: interrupted after step 5 of 12; checkpoint saved" in r.stderr
+    assert _step(interrupted / "last.safetensors") == 5
+    assert _same(_resume(interrupted, 0), _reference(0))
+    # SIGKILL during a checkpoint write: the previous checkpoint is intact, the temp file is cleaned on resume
+    stale = list(killed.glob(".last.safetensors.*.tmp"))
+    assert len(stale) == 1 and _step(killed / "last.safetensors") == 3
+    assert _same(_resume(killed, 1), _reference(1))
+    assert sorted(p.name for p in killed.iterdir()) == ["last.safetensors"]
