@@ -173,6 +173,8 @@ def _forward(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
     """The first batch's forward: a shape error there means the data does not fit the model; say so."""
     try:
         return model(x)
+    except torch.cuda.OutOfMemoryError:
+        raise
     except RuntimeError as e:
         raise ValueError(f"the model cannot take the {what} inputs of shape {tuple(x.shape[1:])} "
                          f"(one sample): {str(e).splitlines()[0]}") from e
