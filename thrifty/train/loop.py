@@ -150,7 +150,14 @@ def check_finite(model: nn.Module) -> None:
 
 def check_finite_data(ds: Any, what: str) -> None:
     """Raise ValueError naming ``what`` and the first sample whose inputs hold NaN/Inf (TensorDatasets;
-    other datasets are checked batch by batch while training)."""
+    for other datasets a non-finite loss says whether its batch held NaN/Inf inputs).
+
+    Example:
+        >>> check_finite_data(TensorDataset(torch.tensor([[0.0], [float("nan")]]), torch.zeros(2)), "my data")
+        Traceback (most recent call last):
+        ...
+        ValueError: my data: inputs hold NaN or Inf (1 of 2 samples, the first at index 1); clean or drop them before training or evaluating
+    """
     if isinstance(ds, TensorDataset) and ds.tensors and ds.tensors[0].is_floating_point():
         x = ds.tensors[0]
         bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1) if len(x) else torch.zeros(0, dtype=torch.bool)
