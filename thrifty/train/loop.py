@@ -153,10 +153,11 @@ def check_finite_data(ds: Any, what: str) -> None:
     for other datasets a non-finite loss says whether its batch held NaN/Inf inputs).
 
     Example:
-        >>> check_finite_data(TensorDataset(torch.tensor([[0.0], [float("nan")]]), torch.zeros(2)), "my data")
+        >>> x = torch.tensor([[0.0], [float("nan")]])
+        >>> check_finite_data(TensorDataset(x, torch.zeros(2)), "my data")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: my data: inputs hold NaN or Inf (1 of 2 samples, the first at index 1); clean or drop them before training or evaluating
+        ValueError: my data: inputs hold NaN or Inf (1 of 2 samples, the first at index 1); ...
     """
     if isinstance(ds, TensorDataset) and ds.tensors and ds.tensors[0].is_floating_point():
         x = ds.tensors[0]
