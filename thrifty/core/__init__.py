@@ -3,17 +3,22 @@ from thrifty.core.apply import (
     HANDLERS,
     Filter,
     apply,
+    check_layers_run,
+    explicit_names,
     handler_for,
     iter_selected,
     make_filter,
     register_handler,
     strip,
+    untied_views,
     wrap_layers,
 )
+from thrifty.core.select import keep_module_path, layer_status, outermost, uncalled_layers
 from thrifty.core.config import CONFIGS, Config, config_class, from_dict, from_yaml, register_config, to_dict, to_yaml
 
 __all__ = [
-    "HANDLERS", "Filter", "apply", "handler_for", "iter_selected", "make_filter", "register_handler", "strip",
+    "HANDLERS", "Filter", "apply", "check_layers_run", "explicit_names", "handler_for", "keep_module_path", "layer_status",
+    "outermost", "uncalled_layers", "iter_selected", "make_filter", "register_handler", "strip", "untied_views",
     "wrap_layers", "CONFIGS", "Config", "config_class", "from_dict", "from_yaml", "register_config", "to_dict",
     "to_yaml",
 ]

@@ -14,16 +14,18 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Iterable, Sequence, Union
+import warnings
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from thrifty.core.config import Config
+from thrifty.core.select import drop_module_path_hooks, keep_module_path, layer_status, outermost, uncalled_layers
 from thrifty.nn.gemm import SLOT_NAMES, Chain, GemmConv2d, GemmLinear, Slots, is_gemm, wrap
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
-           "HANDLERS"]
+           "check_layers_run", "untied_views", "explicit_names", "HANDLERS"]
 
 Filter = Union[None, str, Sequence[str], Callable[[nn.Module, str], bool]]
 Handler = Callable[[nn.Module, str, Config], None]
@@ -48,10 +50,6 @@ def handler_for(cfg: Config) -> Handler:
                     f"{sorted(t.__name__ for t in HANDLERS)}")
 
 
-def _gemmable(m: nn.Module) -> bool:
-    return is_gemm(m) or type(m) in (nn.Linear, nn.Conv2d)
-
-
 def make_filter(filter: Filter) -> Callable[[nn.Module, str], bool]:
     """Normalise a filter: None (all GEMMs), glob pattern(s) on qualified names, or a predicate."""
     if filter is None:
@@ -70,57 +68,105 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def explicit_names(filter: Filter) -> list[str]:
+    """The names of a filter that names layers exactly (no wildcard); [] for other filters.
+
+    Named layers that cannot take a method are an error; layers matched by a wildcard or predicate are
+    skipped with a warning.
+    """
+    pats = [filter] if isinstance(filter, str) else filter if isinstance(filter, (list, tuple)) else None
+    if pats and all(isinstance(p, str) and not any(c in p for c in "*?[") for p in pats):
+        return list(pats)
+    return []
+
+
+def _select(model: nn.Module, filter: Filter) -> tuple[list[tuple[list[str], nn.Module]], dict[str, str]]:
+    """Layers passing ``filter``: ([(all names, module)] for wrappable ones, {name: why} for the others).
+
+    A module reachable under several names is one layer: selected when any of its names passes.
+    """
+    pred = make_filter(filter)
+    names: dict[int, list[str]] = {}
+    status: dict[int, tuple[nn.Module, Optional[str]]] = {}
+    for name, m, why in layer_status(model):
+        names.setdefault(id(m), []).append(name)
+        status[id(m)] = (m, why)
+    chosen, refused = [], {}
+    for key, ns in names.items():
+        m, why = status[key]
+        hit = [n for n in ns if pred(m, n)]
+        if not hit:
+            continue
+        if why is None:
+            chosen.append((ns, m))
+        else:
+            refused[hit[0]] = why
+    return chosen, refused
+
+
 def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.Module]]:
     """Replace selected nn.Linear / nn.Conv2d by Gemm layers (in place); return them.
 
-    A filter given as explicit names that match a module thrifty cannot wrap
-    raises TypeError naming it; a predicate or a wildcard simply skips it.
+    A layer reachable under several names is wrapped once and the wrapped layer put at every name.
+    GEMM-like layers that pass the filter but cannot be wrapped (nn.Conv1d, nn.MultiheadAttention,
+    ...) get a warning naming each; a filter that names one exactly raises TypeError with the reason.
     """
-    pred = make_filter(filter)
-    explicit = isinstance(filter, str) and not any(c in filter for c in "*?[") or (
-        isinstance(filter, (list, tuple)) and all(isinstance(p, str) and not any(c in p for c in "*?[") for p in filter)
-    )
-    chosen: list[tuple[str, nn.Module]] = []
-    for name, m in list(model.named_modules()):
-        if name == "":
-            if type(m) in (nn.Linear, nn.Conv2d) and pred(m, name):
-                # a bare layer passed as the model: change its class in place (the caller holds the reference)
-                _check_root(m)
-                m.__class__ = GemmLinear if type(m) is nn.Linear else GemmConv2d
-                m.slots = Slots()
-                chosen.append((name, m))
-            elif is_gemm(m) and pred(m, name):
-                chosen.append((name, m))
-            continue
-        if not pred(m, name):
-            continue
-        if not _gemmable(m):
-            if explicit and len(list(m.children())) == 0:
-                raise TypeError(
-                    f"layer {name!r} is {type(m).__name__}; thrifty's GEMM slots support nn.Linear and nn.Conv2d"
-                )
-            continue
-        new = wrap(m, name)
-        if new is not m:
-            _set_child(model, name, new)
-        chosen.append((name, new))
+    chosen, refused = _select(model, filter)
+    explicit = explicit_names(filter)
+    got = {n for ns, _ in chosen for n in ns}
     if explicit:
-        names = {n for n, _ in chosen}
-        pats = [filter] if isinstance(filter, str) else list(filter)  # type: ignore[arg-type]
-        missing = [p for p in pats if p not in names and not any(n.startswith(p + ".") for n in names)]
+        named = {p: refused[p] for p in explicit if p in refused}
+        leaves = [p for p in explicit if p not in refused and p not in got and _is_other_leaf(model, p)]
+        if named or leaves:
+            raise TypeError("; ".join([f"layer {n!r} cannot be wrapped: {w}" for n, w in named.items()] + [
+                f"layer {n!r} is {type(model.get_submodule(n)).__name__}; thrifty's GEMM slots support nn.Linear "
+                f"and nn.Conv2d" for n in leaves]))
+    if refused:
+        warnings.warn("thrifty: these GEMM layers cannot be wrapped and stay as they are: "
+                      + "; ".join(f"{n!r} ({w})" for n, w in outermost(refused).items()), stacklevel=3)
+    out: list[tuple[str, nn.Module]] = []
+    for ns, m in chosen:
+        if ns[0] == "":
+            if not is_gemm(m):  # a bare layer passed as the model: change its class in place (the caller holds it)
+                m.__class__ = GemmLinear if isinstance(m, nn.Linear) else GemmConv2d
+                m.slots = Slots()
+            out.append(("", m))
+            continue
+        new = wrap(m, ns[0])
+        if new is not m:
+            for n in ns:
+                _set_child(model, n, new)
+        out.append((ns[0], new))
+    keep_module_path(model)
+    if explicit:
+        missing = [p for p in explicit if p not in got and not any(n.startswith(p + ".") for n in got)]
         if missing:
             raise ValueError(f"filter names no GEMM layer for {missing}")
-    return chosen
+    return out
 
 
-def apply(model: nn.Module, config: Config, filter: Filter = None) -> nn.Module:
+def _is_other_leaf(model: nn.Module, name: str) -> bool:
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return len(m._modules) == 0 and not is_gemm(m)
+
+
+def apply(model: nn.Module, config: Config, filter: Filter = None, *, probe: Any = None) -> nn.Module:
     """Fill slots of every selected GEMM layer of ``model`` according to ``config`` (in place).
 
-    If the handler fails on some layer the model is restored to its previous state.
+    If anything fails the model is restored to its previous state. ``probe`` (an example input, or a
+    tuple of positional inputs) makes apply run the model once on it (eval mode, no gradients, before
+    any slot is filled) and raise ValueError naming every wrapped layer whose weight the forward reads
+    without calling the layer (e.g. ``F.linear(x, self.fc.weight)`` instead of ``self.fc(x)``).
+
+    A weight Parameter tied to another module (an embedding tied to the LM head) stays one Parameter;
+    apply warns that until :func:`strip` only the wrapped layer sees the transformed weight.
 
     Example:
         >>> import thrifty  # doctest: +SKIP
-        >>> thrifty.apply(model, thrifty.NM(2, 4), filter="layer*")  # doctest: +SKIP
+        >>> thrifty.apply(model, thrifty.NM(2, 4), filter="layer*", probe=torch.randn(1, 3, 32, 32))  # doctest: +SKIP
     """
     handler = handler_for(config)
     if not isinstance(model, nn.Module):
@@ -130,31 +176,77 @@ def apply(model: nn.Module, config: Config, filter: Filter = None) -> nn.Module:
         layers = wrap_layers(model, filter)
         if not layers:
             raise ValueError(f"{type(config).__name__}: no nn.Linear/nn.Conv2d layer in the model passes the filter")
+        if probe is not None:
+            check_layers_run(model, probe)
         for name, layer in layers:
             handler(layer, name, config)
     except Exception:
         _restore(model, snapshot)
         raise
+    ties = untied_views(model)
+    if ties:
+        warnings.warn(ties, stacklevel=2)
     return model
 
 
-def _check_root(m: nn.Module) -> None:
-    wrap(m)  # raises TypeError for what a Gemm layer cannot represent (e.g. reflect padding)
+def check_layers_run(model: nn.Module, probe: Any) -> None:
+    """Run ``model`` on ``probe`` and raise ValueError naming each wrapped layer its forward bypasses."""
+    args = probe if isinstance(probe, tuple) else (probe,)
+    skipped = uncalled_layers(model, lambda: model(*args))
+    if skipped:
+        raise ValueError(f"the model's forward reads the weights of the wrapped layers {skipped} without calling "
+                         "them (a fused path?), so thrifty's transforms would have no effect there; leave them out "
+                         "with filter=")
 
 
-def _snapshot(model: nn.Module) -> tuple[list, list, type]:
+def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(Parameter) -> [(module name, module, attribute)] for every module holding it."""
+    out: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((name, m, attr))
+    return out
+
+
+def untied_views(model: nn.Module) -> Optional[str]:
+    """A warning naming each transformed weight another module reads untransformed, or None.
+
+    Example: an embedding tied to an N:M-masked LM head reads the dense weight until :func:`strip`.
+    """
+    lines = []
+    for key, hs in _holders(model).items():
+        gemms = {id(m): (n, m) for n, m, a in hs if is_gemm(m) and a == "weight" and m.slots.weight is not None}
+        if not gemms or len({id(m) for _, m, _ in hs}) < 2:
+            continue
+        n0, m0 = next(iter(gemms.values()))
+        eff = m0.effective_weight()
+        others = [f"{n}.{a}" if n else a for n, m, a in hs if id(m) != id(m0) and not (
+            is_gemm(m) and a == "weight" and torch.equal(m.effective_weight(), eff))]
+        if others:
+            lines.append(f"layer {n0!r} shares its weight Parameter with {', '.join(map(repr, others))}, "
+                         "which read it without the layer's weight transform")
+    if not lines:
+        return None
+    return ("; ".join(lines) + ". strip() keeps each tie and writes the transformed weight into the shared Parameter "
+            "(strip(model, tied='untie') gives the wrapped layer its own copy instead)")
+
+
+def _snapshot(model: nn.Module) -> tuple[list, list, type, list]:
     tree = [(parent, cname, child) for parent in model.modules() for cname, child in parent._modules.items()]
+    # keep_module_path's hooks land in dicts a wrapped layer shares with the original: undo them too.
+    paths = [(m, set(m._forward_pre_hooks), getattr(m, "use_nested_tensor", None)) for m in model.modules()]
     slots = []
     for m in model.modules():
         if is_gemm(m):
             for s in SLOT_NAMES:
                 obj = getattr(m.slots, s)
                 slots.append((m, s, obj, list(obj) if isinstance(obj, Chain) else None))
-    return tree, slots, type(model)
+    return tree, slots, type(model), paths
 
 
-def _restore(model: nn.Module, snap: tuple[list, list, type]) -> None:
-    tree, slots, cls = snap
+def _restore(model: nn.Module, snap: tuple[list, list, type, list]) -> None:
+    tree, slots, cls, paths = snap
     if type(model) is not cls:  # a bare root layer was wrapped in place: undo it
         model.__class__ = cls
         del model.slots
@@ -166,17 +258,53 @@ def _restore(model: nn.Module, snap: tuple[list, list, type]) -> None:
             obj._modules.clear()
             for i, mm in enumerate(members):
                 obj.add_module(str(i), mm)
+    for m, hooks, nested in paths:
+        for k in [k for k in m._forward_pre_hooks if k not in hooks]:
+            del m._forward_pre_hooks[k]
+        if nested is not None:
+            m.use_nested_tensor = nested
 
 
-def strip(model: nn.Module) -> nn.Module:
+def strip(model: nn.Module, tied: str = "keep") -> nn.Module:
     """Replace every Gemm layer by a plain nn.Linear / nn.Conv2d with the weight transform baked in.
 
-    Input, gradient and accumulator transforms have no plain-layer equivalent and are dropped.
+    Input, gradient and accumulator transforms have no plain-layer equivalent and are dropped. A layer
+    reachable under several names is replaced at each name by one plain layer; hooks registered on a
+    layer stay on its plain replacement.
+
+    ``tied`` says what happens to a weight Parameter that other modules hold too (an embedding tied to
+    the LM head): ``"keep"`` (default) writes the transformed weight into that Parameter in place, so
+    every holder sees the pruned / quantized values and the tie survives (ValueError if two wrapped
+    holders transform it differently); ``"untie"`` gives the plain layer its own Parameter and leaves the
+    other holders as they were. A weight no other module holds always gets a new Parameter.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from thrifty.nn import wrap
+        >>> type(strip(wrap(nn.Linear(2, 2)))).__name__
+        'Linear'
     """
-    for name, m in list(model.named_modules()):
-        if not is_gemm(m):
-            continue
-        w = m.effective_weight()
+    if tied not in ("keep", "untie"):
+        raise ValueError(f"strip: tied must be 'keep' or 'untie', got {tied!r}")
+    holders = _holders(model)
+    names: dict[int, list[str]] = {}
+    layers: dict[int, nn.Module] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if is_gemm(m):
+            names.setdefault(id(m), []).append(name)
+            layers[id(m)] = m
+    baked = {k: m.effective_weight() for k, m in layers.items()}
+    shared: dict[int, tuple[str, torch.Tensor]] = {}  # id(weight) -> (first layer, its baked weight)
+    if tied == "keep":
+        for k, m in layers.items():
+            if len({id(h) for _, h, _ in holders[id(m.weight)]}) < 2:
+                continue
+            first = shared.setdefault(id(m.weight), (names[k][0], baked[k]))
+            if not torch.equal(first[1], baked[k]):
+                raise ValueError(f"strip: layers {first[0]!r} and {names[k][0]!r} share one weight Parameter but "
+                                 "transform it differently; strip(model, tied='untie') gives each its own copy")
+    for k, m in layers.items():
+        w = baked[k]
         if isinstance(m, GemmLinear):
             plain: nn.Module = nn.Linear(m.in_features, m.out_features, m.bias is not None)
         else:
@@ -185,18 +313,32 @@ def strip(model: nn.Module) -> nn.Module:
                               m.dilation, m.groups, m.bias is not None, m.padding_mode)
         plain = plain.to(device=w.device, dtype=m.weight.dtype)
         with torch.no_grad():
-            plain.weight.copy_(w)
+            if id(m.weight) in shared:
+                m.weight.copy_(w)
+                plain.weight = m.weight
+            else:
+                plain.weight.copy_(w)
             if m.bias is not None:
-                plain.bias.copy_(m.bias)
+                plain.bias = m.bias
         plain.train(m.training)
-        if name == "":
-            return plain
-        _set_child(model, name, plain)
+        _move_hooks(m, plain)
+        for name in names[k]:
+            if name == "":
+                return plain
+            _set_child(model, name, plain)
     return model
 
 
+def _move_hooks(layer: nn.Module, plain: nn.Module) -> None:
+    # The user's hooks (shared with the layer wrap() replaced) go on with the plain layer; the same dicts,
+    # so their handles still remove them. thrifty's own no-op pre-hook goes.
+    for k, v in vars(layer).items():
+        if "hook" in k:
+            plain.__dict__[k] = v
+    drop_module_path_hooks(plain)
+
+
 def iter_selected(model: nn.Module, filter: Filter = None) -> Iterable[tuple[str, nn.Module]]:
-    pred = make_filter(filter)
-    for name, m in model.named_modules():
-        if _gemmable(m) and pred(m, name):
-            yield name, m
+    """``(name, layer)`` for each wrappable layer passing ``filter``, once per layer (first name)."""
+    for ns, m in _select(model, filter)[0]:
+        yield ns[0], m

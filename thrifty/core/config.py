@@ -4,6 +4,10 @@ Every technique is configured by a frozen dataclass deriving from :class:`Config
 Registering the class (``@register_config``) lets ``from_yaml`` rebuild it from the
 ``kind`` key, so the CLI and Python share one description of a run.
 
+The format version belongs to the class (``version: ClassVar[int]``), not to an instance: YAML
+records it, and reading a file written at an older version goes through the class's
+:meth:`Config.upgrade`.
+
 Example:
     >>> from dataclasses import dataclass
     >>> @register_config
@@ -19,7 +23,7 @@ import dataclasses
 import enum
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -31,9 +35,34 @@ C = TypeVar("C", bound=type)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Base of every thrifty config: frozen, versioned, YAML round-trippable."""
+    """Base of every thrifty config: frozen, versioned, YAML round-trippable.
 
-    version: int = dataclasses.field(default=1, kw_only=True)
+    A subclass that changes its fields in a way old files cannot express bumps ``version`` (a class
+    attribute, ``version: ClassVar[int] = 2``) and overrides :meth:`upgrade`.
+    """
+
+    version: ClassVar[int] = 1
+
+    @classmethod
+    def upgrade(cls, d: dict[str, Any], from_version: int) -> dict[str, Any]:
+        """Turn the fields ``d`` of a ``from_version`` file (older than ``cls.version``) into current fields.
+
+        The default knows no older version: a class that bumps ``version`` overrides this.
+
+        Example:
+            >>> @register_config
+            ... @dataclasses.dataclass(frozen=True)
+            ... class Rate(Config):
+            ...     version: ClassVar[int] = 2
+            ...     rate: float = 0.1  # version 1 stored a percentage under "percent"
+            ...     @classmethod
+            ...     def upgrade(cls, d, from_version):
+            ...         return {"rate": d.pop("percent") / 100, **d}
+            >>> from_dict({"kind": "Rate", "version": 1, "percent": 25})
+            Rate(rate=0.25)
+        """
+        raise ValueError(f"{cls.__name__}: config version {from_version} is older than this thrifty's "
+                         f"({cls.version}) and {cls.__name__} defines no upgrade from it")
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (configs are immutable)."""
@@ -47,6 +76,9 @@ def register_config(cls: C) -> C:
     """Class decorator: make ``cls`` rebuildable by name from YAML."""
     if not (isinstance(cls, type) and issubclass(cls, Config) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"register_config expects a Config dataclass, got {cls!r}")
+    if any(f.name == "version" for f in dataclasses.fields(cls)):
+        raise TypeError(f"{cls.__name__}: 'version' is a class attribute of configs, not a field; "
+                        "write `version: ClassVar[int] = N`")
     prev = CONFIGS.get(cls.__name__)
     if prev is not None and prev.__module__ != cls.__module__:
         raise ValueError(f"config name {cls.__name__!r} already registered by {prev.__module__}")
@@ -91,7 +123,7 @@ def _encode(v: Any) -> Any:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain-data dict with a ``kind`` key naming the config class."""
-    out: dict[str, Any] = {"kind": type(cfg).__name__}
+    out: dict[str, Any] = {"kind": type(cfg).__name__, "version": type(cfg).version}
     for f in dataclasses.fields(cfg):
         out[f.name] = _encode(getattr(cfg, f.name))
     return out
@@ -129,20 +161,31 @@ def _decode(tp: Any, v: Any, where: str) -> Any:
 
 
 def from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a config from :func:`to_dict` output; unknown keys are an error."""
+    """Rebuild a config from :func:`to_dict` output; unknown keys are an error.
+
+    A missing ``version`` means the current one; an older one goes through ``cls.upgrade``; a newer one
+    is refused.
+    """
     if not isinstance(d, dict) or "kind" not in d:
         raise ValueError(f"a config dict needs a 'kind' key, got {d!r}")
     cls = config_class(d["kind"])
+    version = d.get("version", cls.version)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{cls.__name__}: config version must be a positive integer, got {version!r}")
+    if version > cls.version:
+        raise ValueError(f"{cls.__name__}: config version {version} is newer than this thrifty supports "
+                         f"({cls.version}); upgrade thrifty to read it")
+    body = {k: v for k, v in d.items() if k not in ("kind", "version")}
+    if version < cls.version:
+        body = cls.upgrade(body, version)
+        if not isinstance(body, dict):
+            raise TypeError(f"{cls.__name__}.upgrade must return a dict, got {type(body).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = set(d) - names - {"kind"}
+    unknown = set(body) - names
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}")
-    version = d.get("version", 1)
-    kwargs = {k: _decode(hints.get(k, Any), v, f"{cls.__name__}.{k}") for k, v in d.items() if k != "kind"}
-    current = next(f.default for f in dataclasses.fields(cls) if f.name == "version")
-    if not isinstance(version, int) or version > current:  # type: ignore[operator]
-        raise ValueError(f"{cls.__name__}: config version {version!r} is newer than this thrifty supports ({current})")
+    kwargs = {k: _decode(hints.get(k, Any), v, f"{cls.__name__}.{k}") for k, v in body.items()}
     return cls(**kwargs)
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 __all__ = [
     "GemmOp",
@@ -44,6 +45,8 @@ __all__ = [
     "GemmConv2d",
     "GemmLayer",
     "wrap",
+    "why_not_wrappable",
+    "gemm_like",
     "is_gemm",
     "gemm_layers",
     "SLOT_NAMES",
@@ -208,11 +211,18 @@ def _pad(op: GemmOp, w: Tensor) -> tuple[int, int]:
     return tuple(op.padding)  # type: ignore[return-value]
 
 
-def _check_conv(m: nn.Conv2d, where: str) -> None:
+def _conv_problem(m: nn.Conv2d) -> Optional[str]:
     if m.padding_mode != "zeros":
-        raise TypeError(f"cannot wrap Conv2d{where} with padding_mode={m.padding_mode!r}; only 'zeros'")
+        return f"Conv2d with padding_mode={m.padding_mode!r} (only 'zeros' is a plain GEMM)"
     if m.padding == "same" and any((d * (k - 1)) % 2 for d, k in zip(m.dilation, m.kernel_size)):
-        raise TypeError(f"cannot wrap Conv2d{where}: padding='same' with an even effective kernel is asymmetric")
+        return "Conv2d with padding='same' and an even effective kernel (asymmetric padding)"
+    return None
+
+
+def _check_conv(m: nn.Conv2d, where: str) -> None:
+    why = _conv_problem(m)
+    if why:
+        raise TypeError(f"cannot wrap Conv2d{where}: {why}")
 
 
 def _gemm_forward(layer: "GemmLayer", x: Tensor, op: GemmOp) -> Tensor:
@@ -304,23 +314,72 @@ def is_gemm(m: nn.Module) -> bool:
     return isinstance(m, GemmLayer)
 
 
+def why_not_wrappable(m: nn.Module) -> Optional[str]:
+    """Why :func:`wrap` cannot turn ``m`` into a Gemm layer, or None when it can.
+
+    The one rule every entry point (apply, quantize, sparsify, adaprune, wrap) uses: nn.Linear and
+    nn.Conv2d, including subclasses that keep their GEMM (they do not override ``forward`` or
+    ``_conv_forward``), with initialised, unparametrized weights and, for Conv2d, zero padding. It looks at the
+    module alone; :func:`thrifty.core.layer_status` adds what depends on the parent (a Linear inside
+    nn.MultiheadAttention is never called).
+
+    Example:
+        >>> why_not_wrappable(nn.Linear(2, 2)) is None
+        True
+        >>> why_not_wrappable(nn.Conv1d(2, 2, 3))
+        'Conv1d is not supported: GEMM slots support nn.Linear and nn.Conv2d'
+    """
+    if is_gemm(m):
+        return None
+    if isinstance(m, nn.Linear):
+        base: type[nn.Module] = nn.Linear
+        own = ("forward",)
+    elif isinstance(m, nn.Conv2d):
+        base, own = nn.Conv2d, ("forward", "_conv_forward")
+    else:
+        return f"{type(m).__name__} is not supported: GEMM slots support nn.Linear and nn.Conv2d"
+    changed = [f for f in own if getattr(type(m), f) is not getattr(base, f)]
+    if changed:
+        return (f"{type(m).__name__} overrides {'/'.join(changed)}() of nn.{base.__name__}, so which GEMM it computes "
+                "is unknown")
+    if parametrize.is_parametrized(m):
+        # its weight is a property of a generated subclass; a Gemm layer would lose it
+        return f"{type(m).__name__} has parametrizations (torch.nn.utils.parametrize); remove them before wrapping"
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+        return f"{type(m).__name__} is not initialised yet: run one forward pass before wrapping it"
+    if base is nn.Conv2d:
+        return _conv_problem(m)  # type: ignore[arg-type]
+    return None
+
+
+# Class names of GEMM layers from other libraries that thrifty recognises without importing them.
+_FOREIGN_GEMMS = ("Conv1D",)  # transformers' GPT-2 Conv1D (a Linear with a transposed weight)
+
+
+def gemm_like(m: nn.Module) -> bool:
+    """Whether ``m`` computes a GEMM (a matrix product with its own weight), wrappable or not.
+
+    Used to name the layers a method cannot reach instead of skipping them silently.
+    """
+    return isinstance(m, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.MultiheadAttention)) or (
+        type(m).__name__ in _FOREIGN_GEMMS and isinstance(getattr(m, "weight", None), torch.Tensor))
+
+
 def wrap(m: nn.Module, name: str = "") -> nn.Module:
     """Return a Gemm layer that shares ``m``'s Parameters (``m`` itself if already wrapped).
 
-    Raises TypeError naming the layer for anything other than nn.Linear / nn.Conv2d.
+    Raises TypeError naming the layer and the reason for anything :func:`why_not_wrappable` refuses.
+    A subclass of nn.Linear / nn.Conv2d becomes a GemmLinear / GemmConv2d (``strip`` returns the plain
+    torch class).
     """
     if is_gemm(m):
         return m
     where = f" (layer {name!r})" if name else ""
-    if type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward):
-        new = GemmLinear.__new__(GemmLinear)
-    elif type(m) is nn.Conv2d or (isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward):
-        _check_conv(m, where)
-        new = GemmConv2d.__new__(GemmConv2d)
-    else:
-        raise TypeError(
-            f"cannot wrap {type(m).__name__}{where}: thrifty's GEMM slots support nn.Linear and nn.Conv2d"
-        )
+    why = why_not_wrappable(m)
+    if why is not None:
+        raise TypeError(f"cannot wrap {type(m).__name__}{where}: {why}")
+    cls = GemmLinear if isinstance(m, nn.Linear) else GemmConv2d
+    new = cls.__new__(cls)
     # Share parameters, buffers, hooks and attributes: a wrap is a change of class, not a copy.
     new.__dict__.update(m.__dict__)
     for d in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):

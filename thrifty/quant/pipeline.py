@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from thrifty.core import Filter, make_filter, wrap_layers
+from thrifty.core import Filter, layer_status, make_filter, uncalled_layers, untied_views, wrap_layers
 from thrifty.nn import Chain, gemm_layers, is_gemm
 from thrifty.quant.adaquant import adaquant
 from thrifty.quant.bitalloc import allocate_bits, min_cost
@@ -84,27 +84,24 @@ class QuantResult:
 
 
 def _candidates(model: nn.Module, filter: Filter) -> tuple[list[str], dict[str, str]]:
+    # The one wrappability rule (thrifty.core.layer_status); a layer under two names is one layer.
     pred = make_filter(filter)
     chosen: list[str] = []
     skipped: dict[str, str] = {}
-    mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    seen: set[int] = set()
+    status = list(layer_status(model))
+    for name, m, why in status:
+        if name == "" or id(m) in seen:
+            continue
+        seen.add(id(m))
+        if why is not None:
+            skipped[name] = why
+        elif pred(m, name):
+            chosen.append(name)
+    covered = {n for n, _, _ in status}
     for name, m in model.named_modules():
-        if name == "":
-            continue
-        own = list(m.parameters(recurse=False))
-        if any(name.startswith(p + ".") or name == p for p in mha):
-            if own:
-                skipped[name] = f"{type(m).__name__} inside nn.MultiheadAttention (its GEMMs are functional)"
-            continue
-        gemmable = is_gemm(m) or type(m) in (nn.Linear, nn.Conv2d) or (
-            isinstance(m, (nn.Linear, nn.Conv2d)) and type(m).forward in (nn.Linear.forward, nn.Conv2d.forward))
-        if gemmable:
-            if pred(m, name):
-                if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-                    skipped[name] = f"Conv2d with padding_mode={m.padding_mode!r}"
-                else:
-                    chosen.append(name)
-        elif own and not isinstance(m, _NORMS):
+        if name and name not in covered and list(m.parameters(recurse=False)) and not isinstance(m, _NORMS) \
+                and not any(name.startswith(c + ".") for c in covered):
             skipped[name] = f"{type(m).__name__} is not a Linear/Conv2d GEMM"
     return chosen, skipped
 
@@ -209,6 +206,11 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     wrap_layers(q, lambda m, n: n in set(names))
     layers = {n: q.get_submodule(n) for n in names}
     order = execution_order(q, layers, batches[0])
+    bypassed = [n for n in uncalled_layers(q, lambda: run(q, batches[0])) if n in order]
+    if bypassed:  # the hooks of execution_order saw them run, a plain forward does not: a fused path reads the weights
+        raise ValueError(f"quantize: the model's forward bypasses the wrapped layers {bypassed} (it uses their "
+                         "weights without calling them), so quantizing them would have no effect; leave them out with "
+                         "filter=")
     for n in names:
         if n not in order:
             skipped[n] = "not executed on the calibration data"
@@ -249,6 +251,9 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         wb, ab = bits[n]
         _set_wbits(layers[n], wb, cfg, learn)
         layers[n].slots.input = None if ab is None else input_quantizer(ab, cfg, learn)
+    ties = untied_views(q)
+    if ties:
+        warnings.warn(f"thrifty.quantize: {ties}", stacklevel=2)
     calibrate_inputs(q, batches)
     loss_kind = cfg.loss if cfg.loss != "auto" else ("kl" if all(b.labels is not None for b in batches) else "mse")
     loss_fn = output_loss(loss_kind)

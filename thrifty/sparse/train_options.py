@@ -15,7 +15,7 @@ Example:
     >>> import argparse
     >>> p = argparse.ArgumentParser(); _add(p)
     >>> grad_config(p.parse_args(["--grad-nm", "1:2"]))
-    GradNM(version=1, n=1, m=2, method='mvue', gemms=('input', 'weight'), input_dim=None, weight_dim=None, tail='pad', seed=0)
+    GradNM(n=1, m=2, method='mvue', gemms=('input', 'weight'), input_dim=None, weight_dim=None, tail='pad', seed=0)
 """
 from __future__ import annotations
 

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from thrifty.core import Config, Filter, apply, iter_selected, make_filter, register_config, register_handler
+from thrifty.core import (Config, Filter, apply, explicit_names, iter_selected, make_filter, register_config,
+                          register_handler)
 from thrifty.nn.gemm import Chain, gemm_layers
 from thrifty.ops import nm as nmops
 
@@ -196,16 +197,12 @@ def _nm_handler(layer: nn.Module, name: str, cfg: NM) -> None:
     layer.add("weight", mask)
 
 
-def _explicit(filter: Filter) -> bool:
-    pats = [filter] if isinstance(filter, str) else filter if isinstance(filter, (list, tuple)) else None
-    return pats is not None and all(isinstance(p, str) and not any(c in p for c in "*?[") for p in pats)
-
-
-def sparsify(model: nn.Module, cfg: NM = NM(), filter: Filter = None) -> nn.Module:
+def sparsify(model: nn.Module, cfg: NM = NM(), filter: Filter = None, *, probe: Any = None) -> nn.Module:
     """Apply N:M weight sparsity (``cfg``) to the Linear / Conv2d layers of ``model`` that pass ``filter``.
 
     In place; returns ``model``. Unsuitable layers are skipped with a warning (or raise, when named
-    explicitly). On error the model is left unchanged.
+    explicitly). On error the model is left unchanged. ``probe``: an example input, checked as in
+    :func:`thrifty.apply` (no wrapped layer may have its weight read without being called).
 
     Example:
         >>> m = nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
@@ -223,12 +220,12 @@ def sparsify(model: nn.Module, cfg: NM = NM(), filter: Filter = None) -> nn.Modu
         if why:
             skipped[name] = why
     if skipped:
-        if _explicit(filter):
+        if explicit_names(filter):
             raise ValueError("; ".join(f"layer {n!r} cannot take {cfg.label} sparsity: {w}" for n, w in skipped.items()))
         warnings.warn("sparsify: skipping " + "; ".join(f"{n!r} ({w})" for n, w in skipped.items()), stacklevel=2)
         base = make_filter(filter)
         filter = lambda mod, n: base(mod, n) and n not in skipped  # noqa: E731
-    return apply(model, cfg, filter)
+    return apply(model, cfg, filter, probe=probe)
 
 
 def nm_masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, NMMask]]:
