@@ -240,6 +240,20 @@ def test_nm_on_a_layer_shorter_than_m_names_the_layer_and_keeps_the_model():
     assert isinstance(model[0], nn.Linear) and _same(_state(model), before)
 
 
+def test_unsupported_layers_are_named_never_skipped_silently():
+    import thrifty as th
+    from thrifty.sparse import GradNM
+
+    model = create("cnn1d")
+    with pytest.warns(UserWarning, match="cannot be wrapped.*'conv1'.*'conv2'.*'conv3'"):
+        th.apply(model, GradNM(2, 4))
+    other = create("cnn1d")
+    before = _state(other)
+    with pytest.raises(TypeError, match="layer 'conv1' cannot be wrapped: Conv1d is not supported"):
+        th.apply(other, GradNM(2, 4), filter="conv1")
+    assert isinstance(other.conv1, nn.Conv1d) and _same(_state(other), before)
+
+
 # ---- SIGKILL / SIGINT during training: a real process, the previous checkpoint stays loadable, resume is exact
 
 _SETUP = """

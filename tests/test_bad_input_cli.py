@@ -269,6 +269,18 @@ def test_files_layers_and_ranges_through_the_cli(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "m", "small", "three.pt"]
 
 
+def test_unsupported_layers_are_named_through_the_cli(tmp_path, capsys):
+    with pytest.warns(UserWarning, match="cannot be wrapped.*'conv1'"):
+        assert main(["train", "--model", "cnn1d", "--dataset", "digits", "--steps", "1", "--batch-size", "8",
+                     "--grad-nm", "2:4", "--out", str(tmp_path / "t")]) == 0
+    stem = tmp_path / "c" / "model"
+    save_model(create("cnn1d", num_classes=10), stem, {"model": "cnn1d", "model_kwargs": {"num_classes": 10},
+                                                       "dataset": "digits"})
+    _fails(["sparsify", "--model", str(stem), "--filter", "conv1", "--out", str(tmp_path / "s")], capsys,
+           "layer 'conv1' cannot", "Conv1d", files=(stem.parent,))
+    assert not (tmp_path / "s").exists()
+
+
 def test_failing_bench_leaves_the_report_folder_config_alone(tmp_path, capsys):
     out = tmp_path / "report"
     out.mkdir()
