@@ -182,5 +182,5 @@ def test_cli_quantize_data_free(tmp_path, capsys):
     mlp = create("mlp", in_features=64, num_classes=10)
     save_model(mlp, tmp_path / "mlp", {"model": "mlp", "model_kwargs": {"in_features": 64, "num_classes": 10},
                                        "dataset": "digits"})
-    assert main(["quantize", "--model", str(tmp_path / "mlp"), "--data-free", "bns", "--out", str(out)]) != 0
+    assert main(["quantize", "--model", str(tmp_path / "mlp"), "--data-free", "bns", "--out", str(tmp_path / "q2")]) != 0
     assert "gaussian" in capsys.readouterr().err

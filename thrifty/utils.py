@@ -7,6 +7,7 @@ Example:
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import random
@@ -20,7 +21,8 @@ import torch
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["seed_everything", "atomic_save", "atomic_write_text", "atomic_write_bytes", "get_logger", "removing_hooks"]
+__all__ = ["seed_everything", "atomic_save", "atomic_write_text", "atomic_write_bytes", "remove_stale_temp_files",
+           "get_logger", "removing_hooks"]
 
 
 def seed_everything(seed: int) -> None:
@@ -51,6 +53,8 @@ def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            # mkstemp creates 0600; the result gets the mode open() would give it under the user's umask
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -60,6 +64,43 @@ def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask must set it to read it,
+    which would briefly affect files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def remove_stale_temp_files(path: PathLike) -> list[Path]:
+    """Delete the temp files that interrupted atomic writes of ``path`` left next to it; returns them.
+
+    A write killed by SIGKILL or a power loss leaves ``.<name>.<random>.tmp`` (the target itself is
+    untouched). Call it only when no other process is writing ``path``.
+
+    Example:
+        >>> remove_stale_temp_files("/tmp/thrifty_example.txt")
+        []
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for p in stale:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+    return stale
 
 
 def atomic_save(obj: Any, path: PathLike) -> Path:

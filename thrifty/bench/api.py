@@ -83,6 +83,10 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
     of always ``seq_len`` tokens."""
     from thrifty.data import load_dataset
 
+    for name, v in (("max_samples", max_samples), ("seq_len", seq_len)):
+        # a negative max_samples would slice off the end (-1: all but one sample), silently
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"load_workload: {name} must be a positive integer or None, got {v!r}")
     onnx_path = None
     if isinstance(model, (str, os.PathLike)):
         s = str(model)

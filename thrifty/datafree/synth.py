@@ -210,7 +210,7 @@ def _input_shape(model: nn.Module, input_shape: Optional[tuple[int, ...]]) -> tu
 def synthesize(
     model: nn.Module,
     n: int,
-    method: Method = "bns",
+    method: Optional[Method] = None,
     *,
     input_shape: Optional[tuple[int, ...]] = None,
     cfg: Optional[Synth] = None,
@@ -221,7 +221,9 @@ def synthesize(
 
     ``y`` holds the FP model's predicted class (or its softmax with
     ``soft_labels=True``). The model's weights, buffers, mode and
-    ``requires_grad`` flags are left exactly as they were.
+    ``requires_grad`` flags are left exactly as they were. Give the method
+    either as ``method`` or inside ``cfg``: a ``method`` that differs from
+    ``cfg.method`` is a ValueError, never silently ignored.
 
     Example:
         >>> import torch.nn as nn
@@ -231,10 +233,17 @@ def synthesize(
         (torch.Size([32, 6]), torch.Size([32]))
     """
     if cfg is None:
-        cfg = Synth(method=method, **overrides)
-    elif overrides:
-        cfg = cfg.replace(**overrides)  # type: ignore[assignment]
-    if not isinstance(n, int) or n < 1:
+        cfg = Synth(method=method or "bns", **overrides)
+    else:
+        if not isinstance(cfg, Synth):
+            raise TypeError(f"synthesize: cfg must be a Synth, got {type(cfg).__name__}")
+        # an argument that disagrees with cfg would otherwise be silently ignored
+        if method is not None and method != cfg.method:
+            raise ValueError(f"synthesize: method={method!r} conflicts with cfg.method={cfg.method!r}; "
+                             "give the method once (in cfg, or as the argument without cfg)")
+        if overrides:
+            cfg = cfg.replace(**overrides)  # type: ignore[assignment]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"synthesize: n must be a positive integer, got {n!r}")
     if hasattr(model, "tokenize"):
         raise ValueError(
