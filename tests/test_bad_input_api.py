@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -124,8 +123,10 @@ def test_config_yaml_unknown_keys_wrong_types_and_python_tags(tmp_path, monkeypa
         from_yaml("kind: NM\nn: 2\nm: 4\nfoo: 1\n")
     with pytest.raises(TypeError, match="n must be an int, got str"):
         from_yaml("kind: NM\nn: two\nm: 4\n")
-    with pytest.raises(yaml.YAMLError, match="python/object/apply"):  # safe_load: constructed, never executed
-        from_yaml("!!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: not valid thrifty YAML.*python/object/apply"):  # never executed
+        from_yaml("!!python/object/apply:os.system ['touch pwned']\n", source="c.yaml")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        from_yaml("- 1\n- 2\n")
     assert not Path("pwned").exists()
 
 

@@ -193,6 +193,15 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def from_yaml(text: str) -> Config:
-    data = yaml.safe_load(text)
+def from_yaml(text: str, source: str = "<string>") -> Config:
+    """Rebuild a config from YAML text; ``source`` (a file name) is named in every error.
+
+    YAML is read with ``yaml.safe_load`` only: a ``!!python/...`` tag is refused, never constructed.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source}: not valid thrifty YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping with a 'kind' key, got {type(data).__name__}")
     return from_dict(data)
