@@ -30,7 +30,7 @@ def _kl(student, teacher, x):
 @pytest.fixture(scope="module")
 def setup():
     teacher = _teacher()
-    data = synthesize(teacher, 64, "bns", input_shape=(1, 8, 8), steps=20, batch_size=64, progress=False)
+    data = synthesize(teacher, n=64, method="bns", input_shape=(1, 8, 8), steps=20, batch_size=64, progress=False)
     res = quantize(teacher, PTQ(w_bits=2, a_bits=4, pipeline="rtn", first_last_bits=2), data.tensors[0],
                    progress=False)
     return teacher, data, res.model

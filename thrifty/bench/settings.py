@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from thrifty.core import Config, register_config
+from thrifty.core import Config, register_config, register_pipeline
 
 __all__ = ["BenchSettings", "SCENARIOS", "EARLY_STOP_MIN_QUERIES", "OFFICIAL_MIN_QUERIES", "default_threads"]
 
@@ -151,3 +151,6 @@ def _human(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.1f} minutes"
     return f"{seconds:.1f} s"
+
+
+register_pipeline(BenchSettings, "configures a benchmark run", "thrifty.bench.run(model, data, settings=cfg)")

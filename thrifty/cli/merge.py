@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = AverageMerge()
     with _common.step(f"merging with {args.method}"):
-        merged = merge(models, few, cfg)
+        merged = merge(models, cfg, few)
     orig = [evaluate_tasks(m, [te], [(0, m.head.out_features)])[0] for m, te in zip(models, tests)]
     acc = evaluate_tasks(merged, tests)
     print(f"{'task':<6}{'data':<12}{'original':>10}{'merged':>10}{'relative':>10}")

@@ -27,7 +27,9 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-__all__ = ["Config", "register_config", "config_class", "to_dict", "from_dict", "to_yaml", "from_yaml", "CONFIGS"]
+__all__ = ["Config", "register_config", "config_class", "to_dict", "from_dict", "to_yaml", "from_yaml", "CONFIGS",
+           "import_config_modules", "config_first",
+           "old_order_warning"]
 
 CONFIGS: dict[str, type["Config"]] = {}
 C = TypeVar("C", bound=type)
@@ -94,15 +96,21 @@ _CONFIG_MODULES = (
 )
 
 
-def config_class(kind: str) -> type[Config]:
-    if kind not in CONFIGS:
-        import importlib
+def import_config_modules() -> None:
+    """Import every module that registers thrifty's own configs (and their handlers and pipelines)."""
+    import importlib
 
-        for mod in _CONFIG_MODULES:
-            try:
-                importlib.import_module(mod)
-            except ImportError:  # an optional part missing must not hide the clear error below
-                continue
+    for mod in _CONFIG_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ImportError:  # an optional part missing must not hide the clear error that follows
+            continue
+
+
+def config_class(kind: str) -> type[Config]:
+    """The registered config class named ``kind`` (ValueError listing every known one)."""
+    if kind not in CONFIGS:
+        import_config_modules()
     try:
         return CONFIGS[kind]
     except KeyError:
@@ -187,6 +195,43 @@ def from_dict(d: dict[str, Any]) -> Config:
         raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}")
     kwargs = {k: _decode(hints.get(k, Any), v, f"{cls.__name__}.{k}") for k, v in body.items()}
     return cls(**kwargs)
+
+
+def old_order_warning(fn: str, call: str = "", stacklevel: int = 3) -> None:
+    """DeprecationWarning for a call in the order used before the config came first after the model(s)."""
+    import warnings
+
+    warnings.warn(f"{fn}: the config now comes right after the model(s): {call or fn + '(model, cfg, ...)'}; "
+                  "the old order (and cfg=) still works in this release", DeprecationWarning, stacklevel=stacklevel)
+
+
+def config_first(fn: str, config: Any, rest: Any, cfg: Any = None, *, default: Any = None,
+                 accepts: tuple[type, ...] = (Config,), call: str = "") -> tuple[Any, Any]:
+    """``(config, rest)`` of a call written config-first, ``fn(model, config, rest)``.
+
+    The older order ``fn(model, rest, config)`` or ``fn(model, rest, cfg=config)`` still works for one
+    release, with a DeprecationWarning; ``default`` fills a missing config; anything else is a TypeError.
+
+    Example:
+        >>> config_first("merge", Config(), [1, 2])
+        (Config(), [1, 2])
+    """
+    old_positional = config is not None and not isinstance(config, accepts)
+    legacy = False
+    if cfg is not None:
+        if config is not None and not old_positional:
+            raise TypeError(f"{fn}: config given twice (positionally and as cfg=)")
+        config, rest, legacy = cfg, (config if old_positional else rest), True
+    elif old_positional and (rest is None or isinstance(rest, accepts)):
+        config, rest, legacy = rest, config, True
+    if config is None:
+        config = default
+    if not isinstance(config, accepts):
+        raise TypeError(f"{fn}: expected a {' or '.join(t.__name__ for t in accepts)} config, got "
+                        f"{type(config).__name__}")
+    if legacy:
+        old_order_warning(fn, call, stacklevel=4)
+    return config, rest
 
 
 def to_yaml(cfg: Config) -> str:

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from thrifty.core import Config, register_config
+from thrifty.core import Config, config_first, old_order_warning, register_config, register_pipeline
 
 __all__ = ["Synth", "synthesize", "bn_similarity", "bn_layers", "bns_loss", "gaussian_kl"]
 
@@ -82,6 +82,10 @@ class Synth(Config):
             raise ValueError(f"Synth.upsample must be >= 1, got {self.upsample}")
         if not 0 <= self.warmup < 1 or not 0 <= self.plateau < 1:
             raise ValueError(f"Synth: warmup and plateau must be in [0, 1), got {self.warmup}, {self.plateau}")
+
+
+register_pipeline(Synth, "makes a data set from a model, it does not change the model",
+                  "thrifty.datafree.synthesize(model, cfg, n)")
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -207,26 +211,35 @@ def _input_shape(model: nn.Module, input_shape: Optional[tuple[int, ...]]) -> tu
 
 def synthesize(
     model: nn.Module,
-    n: int,
-    method: Method = "bns",
+    config: Optional[Synth] = None,
+    n: Optional[int] = None,
     *,
     input_shape: Optional[tuple[int, ...]] = None,
     cfg: Optional[Synth] = None,
     progress: bool = True,
     **overrides,
 ) -> TensorDataset:
-    """Return ``TensorDataset(x, y)`` of ``n`` synthetic inputs for ``model``.
+    """Return ``TensorDataset(x, y)`` of ``n`` synthetic inputs for ``model``, made as ``config`` says.
 
     ``y`` holds the FP model's predicted class (or its softmax with
     ``soft_labels=True``). The model's weights, buffers, mode and
-    ``requires_grad`` flags are left exactly as they were.
+    ``requires_grad`` flags are left exactly as they were. Keyword
+    ``overrides`` replace fields of ``config`` (default ``Synth()``). The
+    older order ``synthesize(model, n, method, cfg=...)`` still works for one
+    release, with a DeprecationWarning.
 
     Example:
-        >>> ds = synthesize(model, 256, "bns", input_shape=(1, 32, 32), steps=100)  # doctest: +SKIP
+        >>> ds = synthesize(model, Synth(steps=100), 256, input_shape=(1, 32, 32))  # doctest: +SKIP
     """
-    if cfg is None:
-        cfg = Synth(method=method, **overrides)
-    elif overrides:
+    if isinstance(config, int) and not isinstance(config, bool):  # old order: (n, method, cfg=)
+        old_order_warning("synthesize", "synthesize(model, cfg, n)")
+        config, n, method = cfg, config, n
+        cfg = None
+        if method is not None:
+            overrides.setdefault("method", method)
+    cfg, _ = config_first("synthesize", config, None, cfg, default=Synth(), accepts=(Synth,),
+                          call="synthesize(model, cfg, n)")
+    if overrides:
         cfg = cfg.replace(**overrides)  # type: ignore[assignment]
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"synthesize: n must be a positive integer, got {n!r}")

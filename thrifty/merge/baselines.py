@@ -23,7 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from thrifty.core.config import Config, register_config
+import warnings
+
+from thrifty.core.config import Config, config_first, register_config
 from thrifty.merge.arch import MLPArch, ViTArch, arch_for, check_models, task_slices
 from thrifty.merge.data import augment, num_threads, task_inputs
 from thrifty.merge.fsmerge import SuperNet
@@ -33,7 +35,7 @@ from thrifty.merge.matching import (
 )
 
 __all__ = ["AverageMerge", "PermuteAverage", "ZipMerge", "DistillMerge", "average", "permute_and_average",
-           "match_permutations", "zip_merge", "distill", "Ensemble", "concat_heads"]
+           "match_permutations", "zip_merge", "distill_merge", "distill", "Ensemble", "concat_heads"]
 
 
 @register_config
@@ -102,9 +104,11 @@ def concat_heads(model: nn.Module, models: Sequence[nn.Module]) -> nn.Module:
 
 
 @torch.no_grad()
-def average(models: Sequence[nn.Module], data: Sequence | None = None,
-            cfg: AverageMerge = AverageMerge()) -> nn.Module:
-    """Average every parameter and buffer except the heads (catastrophic for distinct inits)."""
+def average(models: Sequence[nn.Module], config: AverageMerge | None = None, data: Sequence | None = None, *,
+            cfg: AverageMerge | None = None) -> nn.Module:
+    """Average every parameter and buffer except the heads (catastrophic for distinct inits); ``data`` is unused."""
+    config_first("average", config, data, cfg, default=AverageMerge(), accepts=(AverageMerge,),
+                 call="average(models, cfg, data)")
     check_models(models)
     out = concat_heads(copy.deepcopy(models[0]), models)
     sds = [m.state_dict() for m in models]
@@ -205,14 +209,16 @@ def _points_from_perms(arch, perms: dict[str, list[torch.Tensor]]) -> nn.ModuleD
 
 
 @torch.no_grad()
-def permute_and_average(models: Sequence[nn.Module], data: Sequence | None = None,
-                        cfg: PermuteAverage = PermuteAverage()) -> nn.Module:
+def permute_and_average(models: Sequence[nn.Module], config: PermuteAverage | None = None,
+                        data: Sequence | None = None, *, cfg: PermuteAverage | None = None) -> nn.Module:
     """Permute each model's units into model 0's order (Hungarian assignment), then average.
 
     Expressed as a SuperNet with fixed maps M_i = P_i / K, U_i = P_i^T and folded, so LayerNorm affines
     are folded into the following Linear per model before averaging. ``data`` (per-task inputs, pooled)
     is needed for activation matching.
     """
+    cfg, data = config_first("permute_and_average", config, data, cfg, default=PermuteAverage(),
+                             accepts=(PermuteAverage,), call="permute_and_average(models, cfg, data)")
     check_models(models)
     x = None
     if cfg.matching == "activation":
@@ -225,8 +231,13 @@ def permute_and_average(models: Sequence[nn.Module], data: Sequence | None = Non
 
 
 @torch.no_grad()
-def zip_merge(models: Sequence[nn.Module], data: Sequence, cfg: ZipMerge = ZipMerge()) -> nn.Module:
+def zip_merge(models: Sequence[nn.Module], config: ZipMerge | None = None, data: Sequence | None = None, *,
+              cfg: ZipMerge | None = None) -> nn.Module:
     """ZipIt-style zipping (full, every layer; two MLPs) as a folded SuperNet with fixed maps."""
+    _, data = config_first("zip_merge", config, data, cfg, default=ZipMerge(), accepts=(ZipMerge,),
+                           call="zip_merge(models, cfg, data)")
+    if data is None:
+        raise TypeError("zip_merge needs data: a few unlabeled inputs per task")
     check_models(models)
     if len(models) != 2 or not isinstance(arch_for(models), MLPArch):
         raise ValueError("zip_merge supports exactly two MLPs; use fs_merge or permute_and_average otherwise")
@@ -245,11 +256,23 @@ def zip_merge(models: Sequence[nn.Module], data: Sequence, cfg: ZipMerge = ZipMe
     return SuperNet(models, points=nn.ModuleDict(pts)).fold()
 
 
-def distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge = DistillMerge()) -> nn.Module:
+def distill_merge(models: Sequence[nn.Module], config: DistillMerge | None = None, data: Sequence | None = None, *,
+                  cfg: DistillMerge | None = None) -> nn.Module:
     """Distill the K models into one (same class and width) on unlabeled task data."""
+    cfg, data = config_first("distill_merge", config, data, cfg, default=DistillMerge(), accepts=(DistillMerge,),
+                             call="distill_merge(models, cfg, data)")
+    if data is None:
+        raise TypeError("distill_merge needs data: a few unlabeled inputs per task")
     check_models(models)
     with num_threads(cfg.threads):
         return _distill(models, data, cfg)
+
+
+def distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge = DistillMerge()) -> nn.Module:
+    """Deprecated name of :func:`distill_merge` (``thrifty.datafree.distill`` is the other ``distill``)."""
+    warnings.warn("thrifty.merge.distill is now distill_merge(models, cfg, data); the old name goes in the next "
+                  "release", DeprecationWarning, stacklevel=2)
+    return distill_merge(models, cfg, data)
 
 
 def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge) -> nn.Module:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from thrifty.core.config import Config, register_config
+from thrifty.core.config import Config, config_first, register_config
 from thrifty.merge.arch import Arch, arch_for, check_models, task_slices
 from thrifty.merge.maps import INITS, PARAMS, MergePoint, rect_eye
 from thrifty.merge.matching import perm_matrix
@@ -234,15 +234,18 @@ def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge) -> list[float]:
     return history
 
 
-def fs_merge(models: Sequence[nn.Module], data: Sequence, cfg: FSMerge = FSMerge()) -> nn.Module:
+def fs_merge(models: Sequence[nn.Module], config: FSMerge | None = None, data: Sequence | None = None, *,
+             cfg: FSMerge | None = None) -> nn.Module:
     """Merge K models (same zoo class, different tasks and inits) into one model of the zoo's class.
 
     ``data[i]``: unlabeled inputs of task i (a tensor, or a dataset whose first tensor is x); a few
     (16-100) per task suffice. Returns the folded model; its head concatenates the task heads and
     ``model.task_slices[i]`` says which logits belong to task i. The input models are not modified.
     """
-    if not isinstance(cfg, FSMerge):
-        raise TypeError(f"cfg must be an FSMerge config, got {type(cfg).__name__}")
+    cfg, data = config_first("fs_merge", config, data, cfg, default=FSMerge(), accepts=(FSMerge,),
+                             call="fs_merge(models, cfg, data)")
+    if data is None:
+        raise TypeError("fs_merge needs data: a few unlabeled inputs per task")
     check_models(models)
     with num_threads(cfg.threads):
         xs = task_inputs(models, data)

@@ -20,7 +20,7 @@ Example:
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     >>> calib = TensorDataset(torch.randn(128, 16), torch.zeros(128).long())
-    >>> report = adaprune(model, calib, NM(2, 4), steps=50, progress=False)
+    >>> report = adaprune(model, NM(2, 4), calib, steps=50, progress=False)
     >>> all(r["mse_after"] <= r["mse_before"] for r in report.values())
     True
 """
@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from thrifty.core import Filter
+from thrifty.core import Filter, config_first
 from thrifty.sparse.weights import NM, nm_masks, sparsify
 
 __all__ = ["adaprune", "nm_for_density", "plan_from_unstructured", "reestimate_bn"]
@@ -118,17 +118,23 @@ def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int = 64) -> nn.Modul
     return _reestimate(model, (x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)))
 
 
-def adaprune(model: nn.Module, data: Union[Dataset, Tensor], plan: Plan = NM(2, 4), *, steps: int = 200,
-             lr: float = 1e-3, batch_size: int = 32, num_samples: int | None = None, filter: Filter = None,
-             bn: bool = True, remask_every: int = 1, progress: bool = True,
-             seed: int = 0) -> dict[str, dict[str, Any]]:
+def adaprune(model: nn.Module, config: Plan | None = None, data: Union[Dataset, Tensor, None] = None, *,
+             plan: Plan | None = None, steps: int = 200, lr: float = 1e-3, batch_size: int = 32,
+             num_samples: int | None = None, filter: Filter = None, bn: bool = True, remask_every: int = 1,
+             progress: bool = True, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Convert ``model`` to N:M in place with AdaPrune; returns per-layer reconstruction MSEs.
 
     ``plan``: one NM config for every layer passing ``filter``, or ``{layer_name: NM}`` (e.g. from
     :func:`plan_from_unstructured`). Masks end up fixed (``recompute_every=0``). ``data``: a dataset of
     ``(x, y)`` (labels unused) or a tensor of inputs; ``num_samples`` caps it. ``remask_every``: re-mask
     every that many steps (1 = every step; larger saves time with exact transposable masks of big layers).
+    ``plan`` defaults to ``NM(2, 4)``; the older order ``adaprune(model, data, plan)`` (or ``plan=``) still
+    works for one release, with a DeprecationWarning.
     """
+    plan, data = config_first("adaprune", config, data, plan, default=NM(2, 4), accepts=(NM, Mapping),
+                              call="adaprune(model, plan, data)")
+    if data is None:
+        raise TypeError("adaprune needs data: adaprune(model, plan, data)")
     if steps < 0 or lr <= 0 or batch_size < 1 or remask_every < 1:
         raise ValueError(f"adaprune: need steps >= 0, lr > 0, batch_size >= 1, remask_every >= 1; got {steps}, "
                          f"{lr}, {batch_size}, {remask_every}")

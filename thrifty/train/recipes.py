@@ -104,7 +104,7 @@ def _train_and_save(stem: Path, model_name: str, kwargs: dict, dataset_name: str
     if show:
         print(f"[thrifty] training {model_name} on {dataset_name} (seed {seed}) once; cached at {stem}",
               file=sys.stderr)
-    fit(model, splits.train, None, cfg, progress=show)
+    fit(model, cfg, splits.train, progress=show)
     seconds = time.perf_counter() - t0
     ev = evaluate(model, splits.test)
     meta = {"model": model_name, "model_kwargs": kwargs, "dataset": dataset_name, "seed": seed,
