@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from thrifty.data import load_dataset  # noqa: E402
 from thrifty.merge import (  # noqa: E402
-    DistillMerge, Ensemble, FSMerge, PermuteAverage, average, distill_merge, evaluate_tasks, few_shot, fs_merge,
+    DistillMerge, Ensemble, FSMerge, PermuteMerge, average, distill_merge, evaluate_tasks, few_shot, fs_merge,
     permute_and_average, zip_merge,
 )
 from thrifty.models import create  # noqa: E402
@@ -113,8 +113,8 @@ def run(arch: str, splits: list, quick: bool, sizes: tuple[int, ...], methods: t
         aug = max(4, round(400 / n))  # augmented copies: about 400 inputs per task, same for KD and FS-Merge
         if "perm" in methods:
             if arch == "mlp":
-                record("permute+avg (weights)", n, lambda: permute_and_average(models, PermuteAverage("weight"), few))
-            record("permute+avg (activations)", n, lambda: permute_and_average(models, PermuteAverage(), few))
+                record("permute+avg (weights)", n, lambda: permute_and_average(models, PermuteMerge("weight"), few))
+            record("permute+avg (activations)", n, lambda: permute_and_average(models, PermuteMerge(), few))
             if arch.startswith("mlp") and len(models) == 2:
                 record("ZipIt-style zip", n, lambda: zip_merge(models, data=few))
         if "kd" in methods:

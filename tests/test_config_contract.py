@@ -64,11 +64,11 @@ RUNNERS = {
                                                  TensorDataset(_x(), torch.randint(0, 4, (32,))), progress=False),
     "AugmentConfig": lambda cfg, tmp: th.train.augment(torch.randn(2, 1, 8, 8), cfg),
     "SignalAugmentConfig": lambda cfg, tmp: th.train.augment_signal(torch.randn(2, 1, 16), cfg),
-    "BenchSettings": lambda cfg, tmp: _bench(cfg, tmp),
+    "BenchConfig": lambda cfg, tmp: _bench(cfg, tmp),
     "FSMerge": lambda cfg, tmp: _merge(cfg.replace(steps=2, progress=False)),
     "DistillMerge": lambda cfg, tmp: _merge(cfg.replace(steps=2, progress=False)),
     "AverageMerge": lambda cfg, tmp: _merge(cfg),
-    "PermuteAverage": lambda cfg, tmp: _merge(cfg),
+    "PermuteMerge": lambda cfg, tmp: _merge(cfg),
     "ZipMerge": lambda cfg, tmp: _merge(cfg),
     "EnsembleMerge": lambda cfg, tmp: _merge(cfg),
 }
@@ -144,9 +144,9 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
 
 def test_merge_old_order_warns_and_matches():
     models, data = [_zoo(1), _zoo(2)], [_x(16, 1), _x(16, 2)]
-    new = th.merge.merge(models, th.merge.PermuteAverage(), data)
+    new = th.merge.merge(models, th.merge.PermuteMerge(), data)
     with pytest.warns(DeprecationWarning, match=r"merge\(models, cfg, data\)"):
-        old = th.merge.merge(models, data, th.merge.PermuteAverage())
+        old = th.merge.merge(models, data, th.merge.PermuteMerge())
     assert _same(new, old)
     with pytest.warns(DeprecationWarning):
         kw = th.merge.fs_merge(models, data, cfg=th.merge.FSMerge(steps=1, progress=False))

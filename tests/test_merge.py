@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from thrifty.core import from_yaml, to_yaml
 from thrifty.merge import (
-    AverageMerge, DistillMerge, Ensemble, FSMerge, PermuteAverage, SuperNet, ZipMerge, augment, average, distill_merge,
+    AverageMerge, DistillMerge, Ensemble, FSMerge, PermuteMerge, SuperNet, ZipMerge, augment_tasks, average, distill_merge,
     evaluate_tasks, fs_merge, match_permutations, merge, permute_and_average, train_supernet, zip_merge,
 )
 from thrifty.merge.arch import arch_for
@@ -88,7 +88,7 @@ def test_trained_supernet_folds_exactly(kind: str, mode: str) -> None:
     models = _models(kind)
     cfg = FSMerge(mode=mode, steps=12, batch_size=8, lr=1e-2, progress=False)
     net = SuperNet(models, cfg)
-    hist = train_supernet(net, augment([_x(kind, 8, 1), _x(kind, 8, 2)], 1), cfg)
+    hist = train_supernet(net, augment_tasks([_x(kind, 8, 1), _x(kind, 8, 2)], 1), cfg)
     assert len(hist) >= 6 and hist[-1] == hist[-1]
     moved = any(float(p.detach().abs().sum()) > 0 for n, p in net.points.named_parameters() if n.endswith(".a"))
     assert moved, "training did not move the low-rank factors"
@@ -101,7 +101,7 @@ def test_fs_merge_improves_over_init_on_reconstruction() -> None:
     data = [_x("mlp", 32, 1), _x("mlp", 32, 2)]
     cfg = FSMerge(steps=150, batch_size=32, lr=1e-2, progress=False)
     net = SuperNet(models, cfg)
-    hist = train_supernet(net, augment(data, 0), cfg)
+    hist = train_supernet(net, augment_tasks(data, 0), cfg)
     assert sum(hist[-10:]) / 10 < 0.5 * sum(hist[:10]) / 10
 
 
@@ -134,7 +134,7 @@ def test_permutation_matching_recovers_known_permutation(kind: str, matching: st
     got = match_permutations([a, b], x, matching)
     for name, (p,) in perms.items():  # b's unit j is a's unit p[j]; got[j] is b's unit matched to a's j
         assert torch.equal(p[got[name][1]], torch.arange(len(p))), name
-    merged = permute_and_average([a, b], PermuteAverage(matching=matching), [x[:32], x[32:]])
+    merged = permute_and_average([a, b], PermuteMerge(matching=matching), [x[:32], x[32:]])
     out = merged(x)
     assert torch.allclose(out[:, :3], a(x), atol=1e-5) and torch.allclose(out[:, 3:], a(x), atol=1e-5)
 
@@ -203,7 +203,7 @@ def test_baselines_shapes_and_front_door() -> None:
     data = [_x("mlp", 10, i) for i in range(3)]
     tests = [torch.utils.data.TensorDataset(_x("mlp", 7, 9), torch.randint(0, m.head.out_features, (7,)))
              for m in models]
-    for cfg in (AverageMerge(), PermuteAverage(), PermuteAverage(matching="weight"),
+    for cfg in (AverageMerge(), PermuteMerge(), PermuteMerge(matching="weight"),
                 DistillMerge(steps=3, progress=False),
                 FSMerge(steps=3, progress=False, width_mult=2.0)):
         m = merge(models, cfg, data)
@@ -220,10 +220,10 @@ def test_baselines_shapes_and_front_door() -> None:
 
 def test_augment() -> None:
     img = torch.randn(4, 1, 8, 8)
-    pool = augment([img, img[:2]], copies=3, noise=0.0, mixup=0.0, shift=1)
+    pool = augment_tasks([img, img[:2]], copies=3, noise=0.0, mixup=0.0, shift=1)
     assert [tuple(p.shape) for p in pool.x] == [(16, 1, 8, 8), (8, 1, 8, 8)]
     assert torch.equal(pool.x[0][:4], img)
-    assert augment([img], 0).x[0].shape == img.shape
+    assert augment_tasks([img], 0).x[0].shape == img.shape
 
 
 def test_bad_inputs_and_inputs_untouched() -> None:
@@ -259,7 +259,7 @@ def test_bad_inputs_and_inputs_untouched() -> None:
     with pytest.raises(ValueError, match="param"):
         FSMerge(param="banana")
     with pytest.raises(ValueError, match="MLP only"):
-        permute_and_average(_models("vit"), PermuteAverage(matching="weight"), [_x("vit"), _x("vit")])
+        permute_and_average(_models("vit"), PermuteMerge(matching="weight"), [_x("vit"), _x("vit")])
     from thrifty.nn import wrap
     g = copy.deepcopy(b)
     g.fc1 = wrap(g.fc1)

@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from thrifty.bench import BenchSettings, SCENARIOS
+    from thrifty.bench import BenchConfig, SCENARIOS
     from thrifty.bench import run as bench_run
     from thrifty.bench.api import calibration_data, load_workload, ptq_int8
     from thrifty.bench.report import write_report
@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     kw = dict(server_latency_ms=args.server_latency_ms, server_target_qps=args.server_qps, max_batch=args.max_batch,
               workers=args.workers, threads=args.threads, max_run_s=args.max_run_s, allow_long=args.allow_long)
-    settings = (BenchSettings.official(scen[0], **kw) if args.official else
-                BenchSettings(min_duration_s=args.min_duration, min_query_count=args.min_query_count, **kw))
+    settings = (BenchConfig.official(scen[0], **kw) if args.official else
+                BenchConfig(min_duration_s=args.min_duration, min_query_count=args.min_query_count, **kw))
     out = Path(args.out)
     _common.write_resolved_config(out, args)
     wl = load_workload(args.model, args.data, seq_len=args.seq_len, max_samples=args.max_samples)

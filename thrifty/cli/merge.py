@@ -83,7 +83,7 @@ def _task_splits(args: argparse.Namespace, metas: list[dict], models: list) -> l
 def run(args: argparse.Namespace) -> int:
     from thrifty.core import to_dict
     from thrifty.merge import (
-        AverageMerge, DistillMerge, FSMerge, PermuteAverage, ZipMerge, evaluate_tasks, few_shot, merge, zoo_kwargs,
+        AverageMerge, DistillMerge, FSMerge, PermuteMerge, ZipMerge, evaluate_tasks, few_shot, merge, zoo_kwargs,
     )
     from thrifty.train import load_model, save_model
 
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = DistillMerge(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed,
                            progress=progress)
     elif args.method == "permute":
-        cfg = PermuteAverage(matching=args.matching)
+        cfg = PermuteMerge(matching=args.matching)
     elif args.method == "zip":
         cfg = ZipMerge()
     else:

@@ -18,7 +18,7 @@ from thrifty.core.apply import (
 )
 from thrifty.core.select import keep_module_path, layer_status, outermost, uncalled_layers
 from thrifty.core.config import (
-    CONFIGS, Config, config_class, config_first, from_dict, from_yaml, import_config_modules, old_order_warning,
+    CONFIG_ALIASES, CONFIGS, Config, config_class, deprecated_alias, config_first, from_dict, from_yaml, import_config_modules, old_order_warning,
     register_config, to_dict, to_yaml,
 )
 
@@ -27,5 +27,5 @@ __all__ = [
     "outermost", "uncalled_layers", "iter_selected", "make_filter", "register_handler", "strip", "untied_views",
     "wrap_layers", "CONFIGS", "Config", "config_class", "from_dict", "from_yaml", "register_config", "to_dict",
     "to_yaml", "PIPELINES", "register_pipeline", "register_prepare", "import_config_modules",
-    "config_first", "old_order_warning",
+    "config_first", "old_order_warning", "CONFIG_ALIASES", "deprecated_alias",
 ]

@@ -29,9 +29,11 @@ import yaml
 
 __all__ = ["Config", "register_config", "config_class", "to_dict", "from_dict", "to_yaml", "from_yaml", "CONFIGS",
            "import_config_modules", "config_first",
-           "old_order_warning"]
+           "old_order_warning", "deprecated_alias", "CONFIG_ALIASES"]
 
 CONFIGS: dict[str, type["Config"]] = {}
+# renamed config -> its current name: old YAML files still load (with a DeprecationWarning) for one release
+CONFIG_ALIASES: dict[str, str] = {}
 C = TypeVar("C", bound=type)
 
 
@@ -96,6 +98,26 @@ _CONFIG_MODULES = (
 )
 
 
+def deprecated_alias(module: str, aliases: dict[str, tuple[str, Any]]) -> Any:
+    """A module ``__getattr__`` serving renamed public names for one release, with a DeprecationWarning.
+
+    ``aliases``: old name -> (new name, object). Example (in a module)::
+
+        __getattr__ = deprecated_alias(__name__, {"PermuteAverage": ("PermuteMerge", PermuteMerge)})
+    """
+    def __getattr__(name: str) -> Any:
+        if name in aliases:
+            import warnings
+
+            new, obj = aliases[name]
+            warnings.warn(f"{module}.{name} is now {new}; the old name goes in the next release", DeprecationWarning,
+                          stacklevel=2)
+            return obj
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 def import_config_modules() -> None:
     """Import every module that registers thrifty's own configs (and their handlers and pipelines)."""
     import importlib
@@ -111,6 +133,12 @@ def config_class(kind: str) -> type[Config]:
     """The registered config class named ``kind`` (ValueError listing every known one)."""
     if kind not in CONFIGS:
         import_config_modules()
+    if kind in CONFIG_ALIASES and kind not in CONFIGS:
+        import warnings
+
+        warnings.warn(f"config kind {kind!r} is now {CONFIG_ALIASES[kind]!r}; the old name goes in the next release",
+                      DeprecationWarning, stacklevel=3)
+        kind = CONFIG_ALIASES[kind]
     try:
         return CONFIGS[kind]
     except KeyError:

@@ -22,21 +22,21 @@ import torch
 import torch.nn as nn
 
 from thrifty.core.apply import register_pipeline
-from thrifty.core.config import Config, config_first, register_config
+from thrifty.core.config import CONFIG_ALIASES, Config, config_first, deprecated_alias, register_config
 from thrifty.merge.arch import check_models, task_slices, zoo_kwargs
 from thrifty.merge.baselines import (
-    AverageMerge, DistillMerge, Ensemble, PermuteAverage, ZipMerge, average, concat_heads, distill, distill_merge,
+    AverageMerge, DistillMerge, Ensemble, PermuteMerge, ZipMerge, _distill_alias, average, concat_heads, distill_merge,
     match_permutations, permute_and_average, zip_merge,
 )
-from thrifty.merge.data import augment, few_shot, task_inputs
+from thrifty.merge.data import augment_tasks, few_shot, task_inputs
 from thrifty.merge.fsmerge import FSMerge, SuperNet, fs_merge, train_supernet
 from thrifty.merge.maps import LinearMap, MergePoint
 
 __all__ = [
     "FSMerge", "SuperNet", "fs_merge", "train_supernet", "LinearMap", "MergePoint", "check_models", "task_slices",
-    "augment", "few_shot", "task_inputs", "AverageMerge", "PermuteAverage", "DistillMerge", "EnsembleMerge",
+    "augment_tasks", "few_shot", "task_inputs", "AverageMerge", "PermuteMerge", "DistillMerge", "EnsembleMerge",
     "average",
-    "permute_and_average", "match_permutations", "distill_merge", "distill", "Ensemble", "concat_heads", "merge",
+    "permute_and_average", "match_permutations", "distill_merge", "Ensemble", "concat_heads", "merge",
     "MERGERS",
     "evaluate_tasks", "zoo_kwargs", "ZipMerge", "zip_merge",
 ]
@@ -49,7 +49,7 @@ class EnsembleMerge(Config):
 
 
 MERGERS: dict[type, Callable[..., nn.Module]] = {
-    FSMerge: fs_merge, AverageMerge: average, PermuteAverage: permute_and_average, DistillMerge: distill_merge,
+    FSMerge: fs_merge, AverageMerge: average, PermuteMerge: permute_and_average, DistillMerge: distill_merge,
     ZipMerge: zip_merge,
     EnsembleMerge: lambda models, cfg=None, data=None: Ensemble(models),
 }
@@ -59,7 +59,7 @@ for _t in MERGERS:
 
 def merge(models: Sequence[nn.Module], config: Config | None = None, data: Sequence | None = None, *,
           cfg: Config | None = None) -> nn.Module:
-    """Dispatch on the config type: FSMerge, AverageMerge, PermuteAverage, ZipMerge, DistillMerge or EnsembleMerge.
+    """Dispatch on the config type: FSMerge, AverageMerge, PermuteMerge, ZipMerge, DistillMerge or EnsembleMerge.
 
     ``merge(models, cfg, data)``: ``data[i]`` holds unlabeled inputs of task i (AverageMerge and EnsembleMerge
     ignore it). The old order ``merge(models, data, cfg)`` works for one release with a DeprecationWarning.
@@ -69,6 +69,13 @@ def merge(models: Sequence[nn.Module], config: Config | None = None, data: Seque
     if fn is None:
         raise TypeError(f"no merge method for config {type(config).__name__}; known: {[t.__name__ for t in MERGERS]}")
     return fn(models, config, data)
+
+
+# Renamed for the naming rule (docs/naming.md); the old names work for one release.
+CONFIG_ALIASES["PermuteAverage"] = "PermuteMerge"
+__getattr__ = deprecated_alias(__name__, {"PermuteAverage": ("PermuteMerge", PermuteMerge),
+                                          "distill": ("distill_merge", _distill_alias),
+                                          "augment": ("augment_tasks", augment_tasks)})
 
 
 @torch.no_grad()

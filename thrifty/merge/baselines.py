@@ -23,19 +23,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import warnings
-
 from thrifty.core.config import Config, config_first, register_config
 from thrifty.merge.arch import MLPArch, ViTArch, arch_for, check_models, task_slices
-from thrifty.merge.data import augment, num_threads, task_inputs
+from thrifty.merge.data import augment_tasks, num_threads, task_inputs
 from thrifty.merge.fsmerge import SuperNet
 from thrifty.merge.maps import MergePoint
 from thrifty.merge.matching import (
     correlation, head_aware_match, match_features, perm_matrix, weight_matching, zip_pairs,
 )
 
-__all__ = ["AverageMerge", "PermuteAverage", "ZipMerge", "DistillMerge", "average", "permute_and_average",
-           "match_permutations", "zip_merge", "distill_merge", "distill", "Ensemble", "concat_heads"]
+__all__ = ["AverageMerge", "PermuteMerge", "ZipMerge", "DistillMerge", "average", "permute_and_average",
+           "match_permutations", "zip_merge", "distill_merge", "Ensemble", "concat_heads"]
 
 
 @register_config
@@ -46,7 +44,7 @@ class AverageMerge(Config):
 
 @register_config
 @dataclass(frozen=True)
-class PermuteAverage(Config):
+class PermuteMerge(Config):
     """Align every model's hidden units to model 0's ("weight" or "activation" matching), then average."""
 
     matching: str = "activation"
@@ -54,7 +52,7 @@ class PermuteAverage(Config):
 
     def __post_init__(self) -> None:
         if self.matching not in ("weight", "activation"):
-            raise ValueError(f"PermuteAverage.matching must be 'weight' or 'activation', got {self.matching!r}")
+            raise ValueError(f"PermuteMerge.matching must be 'weight' or 'activation', got {self.matching!r}")
 
 
 @register_config
@@ -209,16 +207,16 @@ def _points_from_perms(arch, perms: dict[str, list[torch.Tensor]]) -> nn.ModuleD
 
 
 @torch.no_grad()
-def permute_and_average(models: Sequence[nn.Module], config: PermuteAverage | None = None,
-                        data: Sequence | None = None, *, cfg: PermuteAverage | None = None) -> nn.Module:
+def permute_and_average(models: Sequence[nn.Module], config: PermuteMerge | None = None,
+                        data: Sequence | None = None, *, cfg: PermuteMerge | None = None) -> nn.Module:
     """Permute each model's units into model 0's order (Hungarian assignment), then average.
 
     Expressed as a SuperNet with fixed maps M_i = P_i / K, U_i = P_i^T and folded, so LayerNorm affines
     are folded into the following Linear per model before averaging. ``data`` (per-task inputs, pooled)
     is needed for activation matching.
     """
-    cfg, data = config_first("permute_and_average", config, data, cfg, default=PermuteAverage(),
-                             accepts=(PermuteAverage,), call="permute_and_average(models, cfg, data)")
+    cfg, data = config_first("permute_and_average", config, data, cfg, default=PermuteMerge(),
+                             accepts=(PermuteMerge,), call="permute_and_average(models, cfg, data)")
     check_models(models)
     x = None
     if cfg.matching == "activation":
@@ -268,16 +266,14 @@ def distill_merge(models: Sequence[nn.Module], config: DistillMerge | None = Non
         return _distill(models, data, cfg)
 
 
-def distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge = DistillMerge()) -> nn.Module:
-    """Deprecated name of :func:`distill_merge` (``thrifty.datafree.distill`` is the other ``distill``)."""
-    warnings.warn("thrifty.merge.distill is now distill_merge(models, cfg, data); the old name goes in the next "
-                  "release", DeprecationWarning, stacklevel=2)
+def _distill_alias(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge = DistillMerge()) -> nn.Module:
+    """``thrifty.merge.distill`` of the previous release (old argument order): now :func:`distill_merge`."""
     return distill_merge(models, cfg, data)
 
 
 def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge) -> nn.Module:
     xs = task_inputs(models, data)
-    pool = augment(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed).x
+    pool = augment_tasks(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed).x
     teachers = [copy.deepcopy(m).eval() for m in models]
     with torch.no_grad():
         targets = [torch.cat([teachers[i](x[s:s + 256]) for s in range(0, len(x), 256)]) for i, x in enumerate(pool)]

@@ -38,7 +38,7 @@ from thrifty.core.config import Config, config_first, register_config
 from thrifty.merge.arch import Arch, arch_for, check_models, task_slices
 from thrifty.merge.maps import INITS, PARAMS, MergePoint, rect_eye
 from thrifty.merge.matching import perm_matrix
-from thrifty.merge.data import TaskData, augment, num_threads, task_inputs
+from thrifty.merge.data import TaskData, augment_tasks, num_threads, task_inputs
 
 __all__ = ["FSMerge", "SuperNet", "fs_merge", "train_supernet"]
 
@@ -255,6 +255,6 @@ def fs_merge(models: Sequence[nn.Module], config: FSMerge | None = None, data: S
 
             perms = match_permutations(models, torch.cat(xs), "activation")
         net = SuperNet(models, cfg, perms=perms)
-        pool = augment(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed)
+        pool = augment_tasks(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed)
         train_supernet(net, pool, cfg)
         return net.fold()
