@@ -118,22 +118,22 @@ def run(arch: str, splits: list, quick: bool, sizes: tuple[int, ...], methods: t
             if arch.startswith("mlp") and len(models) == 2:
                 record("ZipIt-style zip", n, lambda: zip_merge(models, data=few))
         if "kd" in methods:
-            kd = DistillMerge(steps=steps, lr=1e-3, augment=aug, progress=False)
+            kd = DistillMerge(steps=steps, lr=1e-3, augment=aug)
             record("distillation (KD)", n, lambda: distill_merge(models, kd, few))
         for mode in ("global", "local"):
             if f"fs-{mode}" in methods:
-                cfg = FSMerge(mode=mode, steps=steps, augment=aug, progress=False)
+                cfg = FSMerge(mode=mode, steps=steps, augment=aug)
                 record(f"FS-Merge ({mode})", n, lambda cfg=cfg: fs_merge(models, cfg, few))
         if "fs-permute" in methods:
-            cfg = FSMerge(init="permute", steps=steps, augment=aug, progress=False)
+            cfg = FSMerge(init="permute", steps=steps, augment=aug)
             record("FS-Merge (global, permute init)", n, lambda cfg=cfg: fs_merge(models, cfg, few))
         for param in ("diagonal", "lowrank", "full"):
             if f"fs-{param}" in methods:
-                cfg = FSMerge(param=param, steps=steps, augment=aug, progress=False)
+                cfg = FSMerge(param=param, steps=steps, augment=aug)
                 record(f"FS-Merge (global, {param})", n, lambda cfg=cfg: fs_merge(models, cfg, few))
         for wm in (0.5, 2.0):
             if f"fs-width{wm}" in methods:
-                cfg = FSMerge(width_mult=wm, steps=steps, augment=aug, progress=False)
+                cfg = FSMerge(width_mult=wm, steps=steps, augment=aug)
                 record(f"FS-Merge (global, width x{wm})", n, lambda cfg=cfg: fs_merge(models, cfg, few))
     for r in rows:
         r["rel"] = [round(a / o, 4) for a, o in zip(r["acc"], orig)]

@@ -20,14 +20,6 @@ KINDS = sorted(k for k, c in CONFIGS.items()
                if c.__module__.startswith("thrifty.") and c.__module__ != "thrifty.core.config")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).eval()
@@ -65,8 +57,8 @@ RUNNERS = {
     "AugmentConfig": lambda cfg, tmp: th.train.augment(torch.randn(2, 1, 8, 8), cfg),
     "SignalAugmentConfig": lambda cfg, tmp: th.train.augment_signal(torch.randn(2, 1, 16), cfg),
     "BenchConfig": lambda cfg, tmp: _bench(cfg, tmp),
-    "FSMerge": lambda cfg, tmp: _merge(cfg.replace(steps=2, progress=False)),
-    "DistillMerge": lambda cfg, tmp: _merge(cfg.replace(steps=2, progress=False)),
+    "FSMerge": lambda cfg, tmp: _merge(cfg.replace(steps=2)),
+    "DistillMerge": lambda cfg, tmp: _merge(cfg.replace(steps=2)),
     "AverageMerge": lambda cfg, tmp: _merge(cfg),
     "PermuteMerge": lambda cfg, tmp: _merge(cfg),
     "ZipMerge": lambda cfg, tmp: _merge(cfg),
@@ -149,15 +141,15 @@ def test_merge_old_order_warns_and_matches():
         old = th.merge.merge(models, data, th.merge.PermuteMerge())
     assert _same(new, old)
     with pytest.warns(DeprecationWarning):
-        kw = th.merge.fs_merge(models, data, cfg=th.merge.FSMerge(steps=1, progress=False))
-    assert _same(kw, th.merge.fs_merge(models, th.merge.FSMerge(steps=1, progress=False), data))
+        kw = th.merge.fs_merge(models, data, cfg=th.merge.FSMerge(steps=1))
+    assert _same(kw, th.merge.fs_merge(models, th.merge.FSMerge(steps=1), data))
     with pytest.raises(TypeError, match="expected a Config"):
         th.merge.merge(models, data, data)
 
 
 def test_distill_renamed_with_alias():
     models, data = [_zoo(1), _zoo(2)], [_x(16, 1), _x(16, 2)]
-    cfg = th.merge.DistillMerge(steps=1, progress=False)
+    cfg = th.merge.DistillMerge(steps=1)
     with pytest.warns(DeprecationWarning, match="distill_merge"):
         old = th.merge.distill(models, data, cfg)
     assert _same(old, th.merge.distill_merge(models, cfg, data))

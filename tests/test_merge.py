@@ -86,7 +86,7 @@ def test_fold_matches_explicit_supernet(kind: str, param: str) -> None:
 @pytest.mark.parametrize("mode", ["global", "local"])
 def test_trained_supernet_folds_exactly(kind: str, mode: str) -> None:
     models = _models(kind)
-    cfg = FSMerge(mode=mode, steps=12, batch_size=8, lr=1e-2, progress=False)
+    cfg = FSMerge(mode=mode, steps=12, batch_size=8, lr=1e-2)
     net = SuperNet(models, cfg)
     hist = train_supernet(net, augment_tasks([_x(kind, 8, 1), _x(kind, 8, 2)], 1), cfg)
     assert len(hist) >= 6 and hist[-1] == hist[-1]
@@ -99,7 +99,7 @@ def test_trained_supernet_folds_exactly(kind: str, mode: str) -> None:
 def test_fs_merge_improves_over_init_on_reconstruction() -> None:
     models = _models("mlp")
     data = [_x("mlp", 32, 1), _x("mlp", 32, 2)]
-    cfg = FSMerge(steps=150, batch_size=32, lr=1e-2, progress=False)
+    cfg = FSMerge(steps=150, batch_size=32, lr=1e-2)
     net = SuperNet(models, cfg)
     hist = train_supernet(net, augment_tasks(data, 0), cfg)
     assert sum(hist[-10:]) / 10 < 0.5 * sum(hist[:10]) / 10
@@ -166,7 +166,7 @@ def test_permute_init_merges_a_permuted_copy_exactly(kind: str) -> None:
     a = _models(kind, 1)[0]
     b, _ = _permuted(a, seed=4)
     x = _x(kind, 64, 5)
-    merged = fs_merge([a, b], FSMerge(init="permute", steps=3, batch_size=8, progress=False), [x[:32], x[32:]])
+    merged = fs_merge([a, b], FSMerge(init="permute", steps=3, batch_size=8), [x[:32], x[32:]])
     out = merged(x)
     assert torch.allclose(out[:, :3], a(x), atol=1e-4) and torch.allclose(out[:, 3:], a(x), atol=1e-4)
     with pytest.raises(ValueError, match="permute"):
@@ -188,7 +188,7 @@ def test_zip_merge_of_a_model_with_a_permuted_copy_is_equivalent() -> None:
 def test_merging_a_model_with_itself_is_equivalent(kind: str, init: str) -> None:
     a = _models(kind, 1)[0]
     x = _x(kind, 16, 7)
-    cfg = FSMerge(init=init, steps=5, batch_size=8, progress=False)
+    cfg = FSMerge(init=init, steps=5, batch_size=8)
     merged = fs_merge([a, copy.deepcopy(a)], cfg, [x[:8], x[8:]])
     out, ref = merged(x), a(x)
     assert torch.allclose(out[:, :3], ref, atol=1e-3) and torch.allclose(out[:, 3:], ref, atol=1e-3)
@@ -204,8 +204,8 @@ def test_baselines_shapes_and_front_door() -> None:
     tests = [torch.utils.data.TensorDataset(_x("mlp", 7, 9), torch.randint(0, m.head.out_features, (7,)))
              for m in models]
     for cfg in (AverageMerge(), PermuteMerge(), PermuteMerge(matching="weight"),
-                DistillMerge(steps=3, progress=False),
-                FSMerge(steps=3, progress=False, width_mult=2.0)):
+                DistillMerge(steps=3),
+                FSMerge(steps=3, width_mult=2.0)):
         m = merge(models, cfg, data)
         assert m(data[0]).shape == (10, 3 + 4 + 3)
         assert len(evaluate_tasks(m, tests)) == 3
@@ -214,7 +214,7 @@ def test_baselines_shapes_and_front_door() -> None:
     assert evaluate_tasks(ens, tests) == [evaluate_tasks(m, [t], [(0, m.head.out_features)])[0]
                                           for m, t in zip(models, tests)]
     assert from_yaml(to_yaml(FSMerge(param="full", mode="local"))) == FSMerge(param="full", mode="local")
-    student = distill_merge(models[:2], DistillMerge(steps=2, init="random", progress=False), data[:2])
+    student = distill_merge(models[:2], DistillMerge(steps=2, init="random"), data[:2])
     assert student(data[0]).shape == (10, 7)
 
 
@@ -230,10 +230,10 @@ def test_bad_inputs_and_inputs_untouched() -> None:
     a, b = _models("mlp")
     data = [_x("mlp", 8, 1), _x("mlp", 8, 2)]
     before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
-    cfg = FSMerge(steps=3, progress=False)
+    cfg = FSMerge(steps=3)
     fs_merge([a, b], cfg, data)
     permute_and_average([a, b], data=data)
-    distill_merge([a, b], DistillMerge(steps=2, progress=False), data)
+    distill_merge([a, b], DistillMerge(steps=2), data)
     for m, sd in zip((a, b), before):
         assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
         assert all(p.requires_grad for p in m.parameters()) and not m.training

@@ -104,10 +104,9 @@ def run(args: argparse.Namespace) -> int:
     progress = _common.show_progress()
     if args.method == "fs-merge":
         cfg = FSMerge(param=args.param, init=args.init, mode=args.mode, rank=args.rank, width_mult=args.width_mult,
-                      steps=args.steps, lr=args.lr or 1e-2, augment=args.augment, seed=args.seed, progress=progress)
+                      steps=args.steps, lr=args.lr or 1e-2, augment=args.augment, seed=args.seed)
     elif args.method == "distill":
-        cfg = DistillMerge(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed,
-                           progress=progress)
+        cfg = DistillMerge(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed)
     elif args.method == "permute":
         cfg = PermuteMerge(matching=args.matching)
     elif args.method == "zip":
@@ -115,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = AverageMerge()
     with _common.step(f"merging with {args.method}"):
-        merged = merge(models, cfg, few)
+        merged = merge(models, cfg, few, progress=progress)
     orig = [evaluate_tasks(m, [te], [(0, m.head.out_features)])[0] for m, te in zip(models, tests)]
     acc = evaluate_tasks(merged, tests)
     print(f"{'task':<6}{'data':<12}{'original':>10}{'merged':>10}{'relative':>10}")

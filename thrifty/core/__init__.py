@@ -16,6 +16,7 @@ from thrifty.core.apply import (
     untied_views,
     wrap_layers,
 )
+from thrifty.core.revert import Outcome, keep_if_better
 from thrifty.core.select import keep_module_path, layer_status, outermost, uncalled_layers
 from thrifty.core.config import (
     CONFIG_ALIASES, CONFIGS, Config, config_class, deprecated_alias, config_first, from_dict, from_yaml, import_config_modules, old_order_warning,
@@ -27,5 +28,5 @@ __all__ = [
     "outermost", "uncalled_layers", "iter_selected", "make_filter", "register_handler", "strip", "untied_views",
     "wrap_layers", "CONFIGS", "Config", "config_class", "from_dict", "from_yaml", "register_config", "to_dict",
     "to_yaml", "PIPELINES", "register_pipeline", "register_prepare", "import_config_modules",
-    "config_first", "old_order_warning", "CONFIG_ALIASES", "deprecated_alias",
+    "config_first", "old_order_warning", "CONFIG_ALIASES", "deprecated_alias", "Outcome", "keep_if_better",
 ]

@@ -23,13 +23,14 @@ import dataclasses
 import enum
 import types
 import typing
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Optional, TypeVar
 
 import yaml
 
 __all__ = ["Config", "register_config", "config_class", "to_dict", "from_dict", "to_yaml", "from_yaml", "CONFIGS",
            "import_config_modules", "config_first",
-           "old_order_warning", "deprecated_alias", "CONFIG_ALIASES"]
+           "old_order_warning", "deprecated_alias", "CONFIG_ALIASES", "dropped_progress", "progress_of",
+           "upgrade_drop_progress"]
 
 CONFIGS: dict[str, type["Config"]] = {}
 # renamed config -> its current name: old YAML files still load (with a DeprecationWarning) for one release
@@ -223,6 +224,33 @@ def from_dict(d: dict[str, Any]) -> Config:
         raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}")
     kwargs = {k: _decode(hints.get(k, Any), v, f"{cls.__name__}.{k}") for k, v in body.items()}
     return cls(**kwargs)
+
+
+def dropped_progress(cfg: Config, progress: Optional[bool]) -> None:
+    """``__post_init__`` part of a config that had a ``progress`` field (now an InitVar): warn, keep the value.
+
+    Progress is not part of a run's description (:func:`thrifty.utils.show_progress` decides); the value
+    given still reaches the pipeline through :func:`progress_of` for one release.
+    """
+    if progress is not None:
+        import warnings
+
+        warnings.warn(f"{type(cfg).__name__}(progress=...) is deprecated: progress bars follow the terminal and "
+                      "THRIFTY_PROGRESS, or the pipeline's progress= argument", DeprecationWarning, stacklevel=4)
+        object.__setattr__(cfg, "_progress", bool(progress))
+
+
+def progress_of(cfg: Config, progress: Optional[bool]) -> Optional[bool]:
+    """The pipeline's ``progress`` argument, else what a deprecated ``progress=`` config argument said."""
+    return progress if progress is not None else getattr(cfg, "_progress", None)
+
+
+def upgrade_drop_progress(cls: type, d: dict[str, Any], from_version: int) -> dict[str, Any]:
+    """``upgrade`` of a config whose version 1 stored ``progress`` (not a field since version 2).
+
+    In the class body: ``version: ClassVar[int] = 2`` and ``upgrade = classmethod(upgrade_drop_progress)``.
+    """
+    return {k: v for k, v in d.items() if k != "progress"} if from_version < 2 else d
 
 
 def old_order_warning(fn: str, call: str = "", stacklevel: int = 3) -> None:

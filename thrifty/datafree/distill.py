@@ -15,7 +15,7 @@ Example:
 """
 from __future__ import annotations
 
-import copy
+import functools
 from typing import Any, Optional
 
 import torch
@@ -24,7 +24,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from thrifty.core.revert import keep_if_better
 from thrifty.quant.calib import output_loss
+from thrifty.utils import show_progress
 
 __all__ = ["distill"]
 
@@ -84,7 +86,6 @@ def distill(student: nn.Module, teacher: nn.Module, data: Dataset | Tensor, *, s
         before = _mean_kl(student, x, targets, batch_size, temperature)
         if steps == 0 or not params:
             return {"kl_before": before, "kl_after": before, "kept": True, "steps": 0}
-        saved = copy.deepcopy(student.state_dict())
         # pruned (exactly zero) weights stay pruned: re-zeroed after every step
         keep = _zero_masks(student)
         for p in student.parameters():
@@ -92,9 +93,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Dataset | Tensor, *, s
         opt = torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         gen = torch.Generator().manual_seed(seed)
-        with torch.enable_grad():
+        kl = functools.partial(_mean_kl, student, x, targets, batch_size, temperature)
+        with keep_if_better(student, kl, before, strict=True) as out, torch.enable_grad():
             for _ in tqdm(range(steps), desc="distill", unit="step", leave=False,
-                          disable=None if progress is None else not progress):
+                          disable=not show_progress(progress)):
                 idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
                 loss = _kl(student(x[idx]), targets[idx], temperature)
                 opt.zero_grad(set_to_none=True)
@@ -104,14 +106,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: Dataset | Tensor, *, s
                 with torch.no_grad():
                     for p, m in keep:
                         p.mul_(m)
-        for p in params:
-            p.grad = None
-        after = _mean_kl(student, x, targets, batch_size, temperature)
-        kept = after < before
-        if not kept:
-            student.load_state_dict(saved)
-            after = before
-        return {"kl_before": before, "kl_after": after, "kept": kept, "steps": steps}
+            for p in params:
+                p.grad = None
+        return {"kl_before": before, "kl_after": out.after, "kept": out.kept, "steps": steps}
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from thrifty.core import Config, config_first, old_order_warning, register_config, register_pipeline
+from thrifty.utils import show_progress
 
 __all__ = ["Synth", "synthesize", "bn_similarity", "bn_layers", "bns_loss", "gaussian_kl"]
 
@@ -216,7 +217,7 @@ def synthesize(
     *,
     input_shape: Optional[tuple[int, ...]] = None,
     cfg: Optional[Synth] = None,
-    progress: bool = True,
+    progress: Optional[bool] = None,
     **overrides,
 ) -> TensorDataset:
     """Return ``TensorDataset(x, y)`` of ``n`` synthetic inputs for ``model``, made as ``config`` says.
@@ -258,7 +259,7 @@ def synthesize(
     xs, ys = [], []
     batches = [min(cfg.batch_size, n - i) for i in range(0, n, cfg.batch_size)]
     with _frozen_eval(model):
-        bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.steps), disable=not progress,
+        bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.steps), disable=not show_progress(progress),
                    desc=f"synthesize[{cfg.method}]", leave=False)
         for bi, b in enumerate(batches):
             if cfg.method == "gaussian":

@@ -11,7 +11,7 @@ Example:
     >>> from thrifty.merge import fs_merge, FSMerge
     >>> a = create("mlp", in_features=8, hidden=(16,), num_classes=2).eval()
     >>> b = create("mlp", in_features=8, hidden=(16,), num_classes=2).eval()
-    >>> m = fs_merge([a, b], FSMerge(steps=5, progress=False), [torch.randn(16, 8), torch.randn(16, 8)])
+    >>> m = fs_merge([a, b], FSMerge(steps=5), [torch.randn(16, 8), torch.randn(16, 8)], progress=False)
     >>> m.task_slices
     [(0, 2), (2, 4)]
 """
@@ -58,7 +58,7 @@ for _t in MERGERS:
 
 
 def merge(models: Sequence[nn.Module], config: Config | None = None, data: Sequence | None = None, *,
-          cfg: Config | None = None) -> nn.Module:
+          cfg: Config | None = None, progress: bool | None = None) -> nn.Module:
     """Dispatch on the config type: FSMerge, AverageMerge, PermuteMerge, ZipMerge, DistillMerge or EnsembleMerge.
 
     ``merge(models, cfg, data)``: ``data[i]`` holds unlabeled inputs of task i (AverageMerge and EnsembleMerge
@@ -68,7 +68,8 @@ def merge(models: Sequence[nn.Module], config: Config | None = None, data: Seque
     fn = MERGERS.get(type(config))
     if fn is None:
         raise TypeError(f"no merge method for config {type(config).__name__}; known: {[t.__name__ for t in MERGERS]}")
-    return fn(models, config, data)
+    # only the trained merges draw progress bars
+    return fn(models, config, data, progress=progress) if fn in (fs_merge, distill_merge) else fn(models, config, data)
 
 
 # Renamed for the naming rule (docs/naming.md); the old names work for one release.

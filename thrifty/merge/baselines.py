@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import InitVar, dataclass
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from thrifty.core.config import Config, config_first, register_config
+from thrifty.core.config import (
+    Config, config_first, dropped_progress, progress_of, register_config, upgrade_drop_progress,
+)
+from thrifty.utils import show_progress
 from thrifty.merge.arch import MLPArch, ViTArch, arch_for, check_models, task_slices
 from thrifty.merge.data import augment_tasks, num_threads, task_inputs
 from thrifty.merge.fsmerge import SuperNet
@@ -80,9 +82,14 @@ class DistillMerge(Config):
     shift: int = 2
     threads: int = 1
     seed: int = 0
-    progress: bool = True
+    # version 1 held ``progress``; bars follow thrifty.utils.show_progress now
+    progress: InitVar[Optional[bool]] = None
 
-    def __post_init__(self) -> None:
+    version: ClassVar[int] = 2
+    upgrade = classmethod(upgrade_drop_progress)
+
+    def __post_init__(self, progress: Optional[bool]) -> None:
+        dropped_progress(self, progress)
         if self.init not in ("first", "random"):
             raise ValueError(f"DistillMerge.init must be 'first' or 'random', got {self.init!r}")
         if self.steps < 0 or self.lr <= 0 or self.temperature <= 0 or self.batch_size < 1 or self.augment < 0:
@@ -255,7 +262,7 @@ def zip_merge(models: Sequence[nn.Module], config: ZipMerge | None = None, data:
 
 
 def distill_merge(models: Sequence[nn.Module], config: DistillMerge | None = None, data: Sequence | None = None, *,
-                  cfg: DistillMerge | None = None) -> nn.Module:
+                  cfg: DistillMerge | None = None, progress: bool | None = None) -> nn.Module:
     """Distill the K models into one (same class and width) on unlabeled task data."""
     cfg, data = config_first("distill_merge", config, data, cfg, default=DistillMerge(), accepts=(DistillMerge,),
                              call="distill_merge(models, cfg, data)")
@@ -263,7 +270,7 @@ def distill_merge(models: Sequence[nn.Module], config: DistillMerge | None = Non
         raise TypeError("distill_merge needs data: a few unlabeled inputs per task")
     check_models(models)
     with num_threads(cfg.threads):
-        return _distill(models, data, cfg)
+        return _distill(models, data, cfg, show_progress(progress_of(cfg, progress)))
 
 
 def _distill_alias(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge = DistillMerge()) -> nn.Module:
@@ -271,7 +278,7 @@ def _distill_alias(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerg
     return distill_merge(models, cfg, data)
 
 
-def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge) -> nn.Module:
+def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge, progress: bool) -> nn.Module:
     xs = task_inputs(models, data)
     pool = augment_tasks(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed).x
     teachers = [copy.deepcopy(m).eval() for m in models]
@@ -292,8 +299,7 @@ def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge) -> 
     per = max(1, cfg.batch_size // len(models))
     t = cfg.temperature
     student.train()
-    quiet = not cfg.progress or not sys.stderr.isatty()
-    for step in tqdm(range(cfg.steps), desc="distill", disable=quiet, leave=False):
+    for step in tqdm(range(cfg.steps), desc="distill", disable=not progress, leave=False):
         for grp in opt.param_groups:
             grp["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1)))
         idx = [torch.randint(len(x), (min(per, len(x)),), generator=g) for x in pool]

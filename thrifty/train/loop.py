@@ -35,6 +35,7 @@ from thrifty.train import dist as _dist
 from thrifty.train.augment import resize
 from thrifty.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from thrifty.train.sampling import collate, index_batches, loader
+from thrifty.utils import show_progress
 
 __all__ = ["TrainConfig", "History", "StepState", "fit", "evaluate", "check_finite", "CKPT_NAME"]
 
@@ -210,7 +211,7 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, size: int 
 def fit(model: nn.Module, config: TrainConfig | None = None, train_ds: Dataset | None = None,
         test_ds: Dataset | None = None, *, cfg: TrainConfig | None = None, regime: Any = None,
         callbacks: Sequence[Callable[[StepState], Any]] = (), ckpt_dir: str | Path | None = None,
-        resume: bool = False, progress: bool = True, loss_fn: LossFn | None = None) -> History:
+        resume: bool = False, progress: bool | None = None, loss_fn: LossFn | None = None) -> History:
     """Train ``model`` in place on ``train_ds``; returns the `History`.
 
     ``regime`` plugs in batch transforms and hooks (see `thrifty.train.regime`); ``callbacks`` are called
@@ -260,7 +261,7 @@ def fit(model: nn.Module, config: TrainConfig | None = None, train_ds: Dataset |
     device = next(model.parameters()).device
     eval_period = cfg.eval_steps or (cfg.eval_every * spe if cfg.eval_every else 0)
     ckpt_period = cfg.ckpt_every or eval_period or total
-    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, desc="train", unit="step", leave=False)
+    bar = tqdm(total=total, initial=start, disable=not show_progress(progress) or rank != 0, desc="train", unit="step", leave=False)
     t0, run_loss, run_correct, run_n = time.perf_counter() - hist.seconds, 0.0, 0, 0
     model.train()
     for step in range(start, total):
