@@ -19,9 +19,10 @@ from thrifty.core.apply import (
 from thrifty.core.revert import Outcome, keep_if_better
 from thrifty.core.select import keep_module_path, layer_status, outermost, uncalled_layers
 from thrifty.core.config import (
-    CONFIG_ALIASES, CONFIGS, Config, config_class, deprecated_alias, config_first, from_dict, from_yaml, import_config_modules, old_order_warning,
-    register_config, to_dict, to_yaml,
+    CONFIG_ALIASES, CONFIGS, Config, config_class, from_dict, from_yaml, import_config_modules, register_config, to_dict,
+    to_yaml,
 )
+from thrifty.core.compat import config_first, deprecated_alias, old_order_warning
 
 __all__ = [
     "HANDLERS", "Filter", "apply", "check_layers_run", "explicit_names", "handler_for", "keep_module_path", "layer_status",

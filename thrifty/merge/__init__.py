@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from thrifty.core.apply import register_pipeline
-from thrifty.core.config import CONFIG_ALIASES, Config, config_first, deprecated_alias, register_config
+from thrifty.core.compat import config_first, deprecated_alias
+from thrifty.core.config import CONFIG_ALIASES, Config, register_config
 from thrifty.merge.arch import check_models, task_slices, zoo_kwargs
 from thrifty.merge.baselines import (
     AverageMerge, DistillMerge, Ensemble, PermuteMerge, ZipMerge, _distill_alias, average, concat_heads, distill_merge,

@@ -22,9 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from thrifty.core.config import (
-    Config, config_first, dropped_progress, progress_of, register_config, upgrade_drop_progress,
-)
+from thrifty.core.compat import config_first, dropped_progress, progress_of, upgrade_drop_progress
+from thrifty.core.config import Config, register_config
 from thrifty.utils import show_progress
 from thrifty.merge.arch import MLPArch, ViTArch, arch_for, check_models, task_slices
 from thrifty.merge.data import augment_tasks, num_threads, task_inputs

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from thrifty.core.config import (
-    Config, config_first, dropped_progress, progress_of, register_config, upgrade_drop_progress,
-)
+from thrifty.core.compat import config_first, dropped_progress, progress_of, upgrade_drop_progress
+from thrifty.core.config import Config, register_config
 from thrifty.merge.arch import Arch, arch_for, check_models, task_slices
 from thrifty.merge.maps import INITS, PARAMS, MergePoint, rect_eye
 from thrifty.merge.matching import perm_matrix
