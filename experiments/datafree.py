@@ -115,7 +115,7 @@ def main() -> None:
             if src == "bns" and distill_steps:
                 # (e) the quantized copy fine-tuned to the FP model's logits on the same BNS samples
                 t0 = time.time()
-                kd = distill(res.model, model, x, steps=distill_steps, lr=args.distill_lr, seed=args.seed,
+                kd = distill(res.model, model, data=x, steps=distill_steps, lr=args.distill_lr, seed=args.seed,
                              progress=False)
                 acc = th.train.evaluate(res.model, splits.test)["acc"]
                 rows.append({"setting": label, "calibration": "bns + distill", "acc": acc,

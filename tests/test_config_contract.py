@@ -54,6 +54,7 @@ RUNNERS = {
                                                      progress=False),
     "TrainConfig": lambda cfg, tmp: th.train.fit(_net().train(), cfg.replace(steps=2, batch_size=8),
                                                  TensorDataset(_x(), torch.randint(0, 4, (32,))), progress=False),
+    "Distill": lambda cfg, tmp: th.datafree.distill(_net(1), _net(), cfg.replace(steps=2), _x(), progress=False),
     "AugmentConfig": lambda cfg, tmp: th.train.augment(torch.randn(2, 1, 8, 8), cfg),
     "SignalAugmentConfig": lambda cfg, tmp: th.train.augment_signal(torch.randn(2, 1, 16), cfg),
     "BenchConfig": lambda cfg, tmp: _bench(cfg, tmp),
@@ -180,3 +181,11 @@ def test_synthesize_and_adaprune_old_order_warn():
     with pytest.warns(DeprecationWarning, match=r"adaprune\(model, plan, data\)"):
         rb = th.sparse.adaprune(b, _x(), th.NM(2, 4), steps=2, progress=False)
     assert ra == rb and _same(a, b)
+
+
+def test_distill_old_order_warns_and_matches():
+    a, b, teacher = _net(1), _net(1), _net()
+    new = th.datafree.distill(a, teacher, th.datafree.Distill(steps=3, lr=1e-2), _x(), progress=False)
+    with pytest.warns(DeprecationWarning, match=r"distill\(student, teacher, cfg, data\)"):
+        old = th.datafree.distill(b, teacher, _x(), steps=3, lr=1e-2, progress=False)
+    assert new == old and _same(a, b)

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         from thrifty.datafree import distill
 
         with _common.step(f"distilling from the FP model ({args.distill_steps} steps on the calibration samples)"):
-            kd = distill(res.model, model, calib, steps=args.distill_steps, seed=args.seed,
+            kd = distill(res.model, model, data=calib, steps=args.distill_steps, seed=args.seed,
                          progress=_common.show_progress())
         if res.loss_kind == "kl":  # the same KL(FP || quantized) as the other stages' losses
             res.losses["distill"] = kd["kl_after"]

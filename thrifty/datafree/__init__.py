@@ -3,9 +3,9 @@
 Example:
     >>> from thrifty.datafree import synthesize, bn_similarity   # doctest: +SKIP
     >>> calib = synthesize(model, 256, "bns", input_shape=(1, 32, 32))  # doctest: +SKIP
-    >>> distill(quantized, model, calib, steps=100)                      # doctest: +SKIP
+    >>> distill(quantized, model, Distill(steps=100), calib)             # doctest: +SKIP
 """
-from thrifty.datafree.distill import distill
+from thrifty.datafree.distill import Distill, distill
 from thrifty.datafree.synth import Synth, bn_layers, bn_similarity, bns_loss, gaussian_kl, synthesize
 
-__all__ = ["Synth", "synthesize", "bn_similarity", "bn_layers", "bns_loss", "gaussian_kl", "distill"]
+__all__ = ["Synth", "Distill", "synthesize", "bn_similarity", "bn_layers", "bns_loss", "gaussian_kl", "distill"]

@@ -10,12 +10,13 @@ are restored either way. The teacher is never modified.
 
 Example:
     >>> res = thrifty.quant.quantize(fp, PTQ(w_bits=4, a_bits=8), calib)             # doctest: +SKIP
-    >>> distill(res.model, fp, calib, steps=100)                                       # doctest: +SKIP
+    >>> distill(res.model, fp, Distill(steps=100), calib)                              # doctest: +SKIP
     {'kl_before': 0.031, 'kl_after': 0.012, 'kept': True, 'steps': 100}
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -24,11 +25,41 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from thrifty.core import Config, register_config, register_pipeline
+from thrifty.core.compat import config_first
 from thrifty.core.revert import keep_if_better
 from thrifty.quant.calib import output_loss
 from thrifty.utils import show_progress
 
-__all__ = ["distill"]
+__all__ = ["Distill", "distill"]
+
+
+@register_config
+@dataclass(frozen=True)
+class Distill(Config):
+    """KL fine-tuning of a student to its teacher: ``steps`` Adam steps at ``lr`` (cosine to zero) on batches of
+    ``batch_size``, logits softened by ``temperature``; ``seed`` draws the batches.
+
+    Example:
+        >>> Distill(steps=50).lr
+        0.0001
+    """
+
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 64
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise ValueError(f"Distill.steps must be a non-negative integer, got {self.steps!r}")
+        if self.lr <= 0 or self.batch_size < 1 or self.temperature <= 0:
+            raise ValueError(f"Distill: lr, batch_size and temperature must be positive, got {self.lr}, "
+                             f"{self.batch_size}, {self.temperature}")
+
+
+register_pipeline(Distill, "needs a teacher and data", "thrifty.datafree.distill(student, teacher, cfg, data)")
 
 
 def _inputs(data: Dataset | Tensor) -> Tensor:
@@ -54,21 +85,24 @@ def _mean_kl(student: nn.Module, x: Tensor, targets: Tensor, batch_size: int, te
     return tot / len(x)
 
 
-def distill(student: nn.Module, teacher: nn.Module, data: Dataset | Tensor, *, steps: int = 100, lr: float = 1e-4,
-            batch_size: int = 64, temperature: float = 1.0, seed: int = 0,
-            progress: Optional[bool] = None) -> dict[str, Any]:
+def distill(student: nn.Module, teacher: nn.Module, config: Optional[Distill] = None,
+            data: Dataset | Tensor | None = None, *, progress: Optional[bool] = None, **overrides: Any) -> dict[str, Any]:
     """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``data``; see the module docstring.
 
+    ``config`` defaults to ``Distill()``; keyword ``overrides`` replace its fields (``steps=50``). The older
+    order ``distill(student, teacher, data, steps=...)`` still works for one release, with a DeprecationWarning.
     Returns ``{"kl_before", "kl_after", "kept", "steps"}`` (mean KL over ``data``; ``kept`` is False when the
     fine-tuned weights were discarded because they did not lower it).
     """
     if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
         raise TypeError("distill: student and teacher must be nn.Modules")
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"distill: steps must be a non-negative integer, got {steps!r}")
-    if lr <= 0 or batch_size < 1 or temperature <= 0:
-        raise ValueError(f"distill: lr, batch_size and temperature must be positive, got {lr}, {batch_size}, "
-                         f"{temperature}")
+    cfg, data = config_first("distill", config, data, default=Distill(), accepts=(Distill,),
+                             call="distill(student, teacher, cfg, data)")
+    if overrides:
+        cfg = cfg.replace(**overrides)  # type: ignore[assignment]
+    if data is None:
+        raise TypeError("distill needs data: distill(student, teacher, cfg, data)")
+    steps, lr, batch_size, temperature, seed = cfg.steps, cfg.lr, cfg.batch_size, cfg.temperature, cfg.seed
     x = _inputs(data)
     t_mode = {m: m.training for m in teacher.modules()}
     teacher.eval()
