@@ -19,8 +19,8 @@ from thrifty.core.apply import (
 from thrifty.core.revert import Outcome, keep_if_better
 from thrifty.core.select import keep_module_path, layer_status, outermost, uncalled_layers
 from thrifty.core.config import (
-    CONFIG_ALIASES, CONFIGS, Config, config_class, from_dict, from_yaml, import_config_modules, register_config, to_dict,
-    to_yaml,
+    CONFIG_ALIASES, CONFIGS, Config, config_class, from_dict, from_yaml, import_config_modules, register_config,
+    to_dict, to_yaml,
 )
 from thrifty.core.compat import config_first, deprecated_alias, old_order_warning
 

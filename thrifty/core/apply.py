@@ -30,7 +30,7 @@ from thrifty.nn.gemm import SLOT_NAMES, Chain, GemmConv2d, GemmLinear, Slots, is
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
            "check_layers_run", "untied_views", "explicit_names", "HANDLERS", "register_prepare", "register_pipeline",
-           "PIPELINES"]
+           "PIPELINES", "PREPARE"]
 
 Filter = Union[None, str, Sequence[str], Callable[[nn.Module, str], bool]]
 Handler = Callable[[nn.Module, str, Config], None]
@@ -69,7 +69,8 @@ def register_pipeline(cfg_type: type[Config], needs: str, call: str) -> None:
     """Record that ``cfg_type`` is applied by a whole-model pipeline, not by :func:`apply`.
 
     ``needs`` says what apply lacks, ``call`` the documented entry point; both go into apply's TypeError:
-        >>> register_pipeline(Config, "needs nothing", "thrifty.core.apply(model, cfg)")  # doctest: +SKIP
+        >>> register_pipeline(PTQ, "needs calibration data",
+        ...                   "thrifty.quant.quantize(model, cfg, data)")  # doctest: +SKIP
     """
     PIPELINES[cfg_type] = (needs, call)
 

@@ -86,7 +86,8 @@ def _mean_kl(student: nn.Module, x: Tensor, targets: Tensor, batch_size: int, te
 
 
 def distill(student: nn.Module, teacher: nn.Module, config: Optional[Distill] = None,
-            data: Dataset | Tensor | None = None, *, progress: Optional[bool] = None, **overrides: Any) -> dict[str, Any]:
+            data: Dataset | Tensor | None = None, *, progress: Optional[bool] = None,
+            **overrides: Any) -> dict[str, Any]:
     """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``data``; see the module docstring.
 
     ``config`` defaults to ``Distill()``; keyword ``overrides`` replace its fields (``steps=50``). The older

@@ -259,7 +259,8 @@ def synthesize(
     xs, ys = [], []
     batches = [min(cfg.batch_size, n - i) for i in range(0, n, cfg.batch_size)]
     with _frozen_eval(model):
-        bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.steps), disable=not show_progress(progress),
+        bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.steps),
+                   disable=not show_progress(progress),
                    desc=f"synthesize[{cfg.method}]", leave=False)
         for bi, b in enumerate(batches):
             if cfg.method == "gaussian":
