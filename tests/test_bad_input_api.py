@@ -28,6 +28,7 @@ def _bn_net() -> nn.Module:
                          nn.Linear(4 * 8 * 8, 3)).eval()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the old argument order is what conflicts
 def test_synthesize_refuses_a_method_that_conflicts_with_cfg():
     net = _bn_net()
     with pytest.raises(ValueError, match=r"method='gaussian' conflicts with cfg.method='bns'"):
@@ -157,7 +158,7 @@ def test_outputs_get_the_users_umask_not_0600(tmp_path, umask):
 
 def test_empty_dataset_and_empty_image_folder(tmp_path):
     with pytest.raises(ValueError, match="train_ds is empty"):
-        fit(nn.Linear(3, 2), TensorDataset(torch.zeros(0, 3), torch.zeros(0).long()), cfg=TrainConfig(steps=1),
+        fit(nn.Linear(3, 2), TrainConfig(steps=1), TensorDataset(torch.zeros(0, 3), torch.zeros(0).long()),
             progress=False)
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     with pytest.raises(ValueError, match="imgs: no images"):
@@ -175,7 +176,7 @@ def test_labels_out_of_range_are_named_not_an_index_error():
     with pytest.raises(ValueError, match="evaluation dataset has label 4, but the model has 4 outputs"):
         evaluate(model, ds)
     with pytest.raises(ValueError, match="train_ds has label 4, but the model has 4 outputs"):
-        fit(model, ds, cfg=TrainConfig(steps=2, batch_size=8), progress=False)
+        fit(model, TrainConfig(steps=2, batch_size=8), ds, progress=False)
     assert _same(_state(model), before)
 
 
@@ -185,7 +186,7 @@ def test_inputs_of_the_wrong_shape_are_named():
     with pytest.raises(ValueError, match=r"cannot take the evaluation dataset inputs of shape \(4,\)"):
         evaluate(model, ds)
     with pytest.raises(ValueError, match=r"cannot take the train_ds inputs of shape \(4,\)"):
-        fit(model, ds, cfg=TrainConfig(steps=1), progress=False)
+        fit(model, TrainConfig(steps=1), ds, progress=False)
 
 
 def test_nan_inf_inputs_and_weights_are_named():
@@ -194,13 +195,13 @@ def test_nan_inf_inputs_and_weights_are_named():
     ds = TensorDataset(x, torch.zeros(10).long())
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="train_ds: inputs hold NaN or Inf .*first at index 6"):
-        fit(model, ds, cfg=TrainConfig(steps=1), progress=False)
+        fit(model, TrainConfig(steps=1), ds, progress=False)
     with pytest.raises(ValueError, match="evaluation dataset: inputs hold NaN or Inf"):
         evaluate(model, ds)
     with torch.no_grad():
         model.bias[1] = float("nan")
     with pytest.raises(ValueError, match="parameter 'bias' contains NaN"):
-        fit(model, TensorDataset(torch.randn(4, 3), torch.zeros(4).long()), cfg=TrainConfig(steps=1), progress=False)
+        fit(model, TrainConfig(steps=1), TensorDataset(torch.randn(4, 3), torch.zeros(4).long()), progress=False)
 
 
 # ---- configs: bits out of range, N > M, shapes not divisible by M, negative counts
@@ -279,7 +280,7 @@ from thrifty.utils import _atomic_write
 
 model, ds, cfg = make(0)  # no periodic checkpoint: only the interrupt writes one
 try:
-    fit(model, ds, None, cfg, ckpt_dir=sys.argv[1], progress=False,
+    fit(model, cfg, ds, None, ckpt_dir=sys.argv[1], progress=False,
         callbacks=[lambda s: os.kill(os.getpid(), signal.SIGINT) if s.step == 5 else None])
 except KeyboardInterrupt:
     traceback.print_exc()
@@ -295,7 +296,7 @@ def dying_write(path, data):
 
 ck.atomic_write_bytes = dying_write
 model, ds, cfg = make(1)
-fit(model, ds, None, cfg, ckpt_dir=sys.argv[2], progress=False)
+fit(model, cfg, ds, None, ckpt_dir=sys.argv[2], progress=False)
 """
 
 
@@ -303,7 +304,7 @@ def _reference(ckpt_every: int) -> dict[str, torch.Tensor]:
     ns: dict = {}
     exec(_SETUP, ns)
     model, ds, cfg = ns["make"](ckpt_every)
-    fit(model, ds, None, cfg, progress=False)
+    fit(model, cfg, ds, None, progress=False)
     return _state(model)
 
 
@@ -311,7 +312,7 @@ def _resume(ckdir: Path, ckpt_every: int) -> dict[str, torch.Tensor]:
     ns: dict = {}
     exec(_SETUP, ns)
     model, ds, cfg = ns["make"](ckpt_every)
-    fit(model, ds, None, cfg, ckpt_dir=ckdir, resume=True, progress=False)
+    fit(model, cfg, ds, None, ckpt_dir=ckdir, resume=True, progress=False)
     return _state(model)
 
 

@@ -34,8 +34,9 @@ _EXPORTS = {
     "fit": ("thrifty.train", "fit"),
     "evaluate": ("thrifty.train", "evaluate"),
     "synthesize": ("thrifty.datafree", "synthesize"),
-    "Train8": ("thrifty.quant.train8", "Train8"),
-    "AccumConfig": ("thrifty.quant.accum", "AccumConfig"),
+    "Train8": ("thrifty.quant", "Train8"),
+    "AccumConfig": ("thrifty.quant", "AccumConfig"),
+    "QuantConfig": ("thrifty.quant", "QuantConfig"),
     "ActNM": ("thrifty.sparse", "ActNM"),
     "GradNM": ("thrifty.sparse", "GradNM"),
 }

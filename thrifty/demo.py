@@ -161,7 +161,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, seed: int
     model = create(MODEL, **kwargs)
     print(f"[demo] training {MODEL} on {DATASET} ({len(splits.train)} train / {len(splits.test)} test images)",
           file=sys.stderr, flush=True)
-    hist = fit(model, splits.train, splits.test, cfg, progress=progress)
+    hist = fit(model, cfg, splits.train, splits.test, progress=progress)
     model.eval()
     results: dict[str, Any] = {
         "train": {"model": MODEL, "model_kwargs": kwargs, "dataset": DATASET, "test_acc": hist.final["test_acc"],

@@ -22,7 +22,7 @@ import torch
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["seed_everything", "atomic_save", "atomic_write_text", "atomic_write_bytes", "remove_stale_temp_files",
-           "get_logger", "removing_hooks"]
+           "get_logger", "removing_hooks", "plain_data", "show_progress"]
 
 
 def seed_everything(seed: int) -> None:
@@ -180,3 +180,47 @@ def removing_hooks(handles: list | None = None) -> Iterator[list]:
     finally:
         for h in handles:
             h.remove()
+
+
+def plain_data(v: Any) -> Any:
+    """YAML-safe plain data: str keys, lists for tuples, Python scalars for numpy/torch ones, str for the rest.
+
+    Example:
+        >>> plain_data({1: (np.float32(0.5), Path("a"))})
+        {'1': [0.5, 'a']}
+    """
+    if isinstance(v, dict):
+        return {str(k): plain_data(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain_data(x) for x in v]
+    if v is None:
+        return None
+    for t in (bool, str, int, float):  # subclasses (numpy.float64, torch.__version__) are not safe_dump-able
+        if isinstance(v, t):
+            return t(v)
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    item = getattr(v, "item", None)
+    if callable(item):
+        try:
+            return plain_data(item())
+        except (ValueError, RuntimeError, TypeError):  # a tensor / array of several elements
+            pass
+    return str(v)
+
+
+def show_progress(progress: bool | None = None) -> bool:
+    """Whether to draw progress bars: ``progress`` if given, else ``THRIFTY_PROGRESS`` (1/0), else a TTY on stderr.
+
+    The one policy for every bar in thrifty; configs never hold it. Example:
+        >>> show_progress(False)
+        False
+    """
+    if progress is not None:
+        return bool(progress)
+    env = os.environ.get("THRIFTY_PROGRESS")
+    if env is not None:
+        return env.strip().lower() not in ("0", "", "false", "no", "off")
+    import sys
+
+    return sys.stderr.isatty()

@@ -8,7 +8,7 @@ Example:
     >>> import thrifty as th
     >>> data = torch.utils.data.TensorDataset(torch.rand(64, 16), torch.zeros(64, dtype=torch.long))
     >>> rep = th.bench.run(nn.Linear(16, 4), data, scenarios="Offline", backend="torch",
-    ...                    settings=th.bench.BenchSettings(min_duration_s=0.1), outdir=tempfile.mkdtemp())
+    ...                    settings=th.bench.BenchConfig(min_duration_s=0.1), outdir=tempfile.mkdtemp())
     >>> rep["scenarios"]["Offline"]["valid"], rep["scenarios"]["Offline"]["value"] > 0   # value: samples/s
     (True, True)
 """
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from thrifty.bench.harness import Samples
-from thrifty.bench.settings import SCENARIOS, BenchSettings
+from thrifty.bench.settings import SCENARIOS, BenchConfig
 from thrifty.utils import atomic_write_text, get_logger
 
 __all__ = ["Workload", "load_workload", "run", "tokenize_fixed", "calibration_data", "ptq_int8"]
@@ -219,7 +219,7 @@ def _reference(ref: Any, wl: Workload) -> Optional[np.ndarray]:
 
 def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         scenarios: Union[str, Sequence[str]] = "Offline", backend: str = "torch",
-        settings: Optional[BenchSettings] = None, outdir: Union[str, os.PathLike] = "reports/bench",
+        settings: Optional[BenchConfig] = None, outdir: Union[str, os.PathLike] = "reports/bench",
         accuracy: bool = True, reference: Any = "auto", isolate: bool = True, seq_len: int = 128,
         max_samples: Optional[int] = None, variant: Optional[str] = None,
         dynamic_length: bool = False, calib: Any = "auto") -> dict[str, Any]:
@@ -235,7 +235,7 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     scen = list(SCENARIOS) if scenarios == "all" else [scenarios] if isinstance(scenarios, str) else list(scenarios)
-    settings = settings or BenchSettings()
+    settings = settings or BenchConfig()
     wl = load_workload(model, data, seq_len=seq_len, max_samples=max_samples, seed=settings.seed,
                        dynamic_length=dynamic_length)
     psc = settings.performance_sample_count
@@ -312,7 +312,7 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
-def _run_subprocess(out: Path, settings: BenchSettings) -> dict[str, Any]:
+def _run_subprocess(out: Path, settings: BenchConfig) -> dict[str, Any]:
     threads = str(settings.intra_threads())
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
                PYTHONPATH=os.pathsep.join([p for p in sys.path if p] + [os.environ.get("PYTHONPATH", "")]))

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Iterator
 import yaml
 from tqdm.auto import tqdm
 
-from thrifty.utils import atomic_write_text
+from thrifty import utils
+from thrifty.utils import atomic_write_text, plain_data
 
 __all__ = ["add_config_option", "apply_config_file", "resolved", "write_resolved_config", "show_progress",
            "progress", "step", "int_list", "positive_int", "nonneg_int", "add_overwrite_option", "check_out_dir",
@@ -126,19 +127,7 @@ def apply_config_file(root: argparse.ArgumentParser, args: argparse.Namespace, a
 def resolved(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
     """The configuration part of parsed arguments, as plain YAML-able data."""
     d = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return {k: _plain(v) for k, v in d.items() if k not in INTERNAL_KEYS and not k.startswith("_")}
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    return str(v)
+    return {k: plain_data(v) for k, v in d.items() if k not in INTERNAL_KEYS and not k.startswith("_")}
 
 
 def write_resolved_config(outdir: str | os.PathLike, config: argparse.Namespace | dict[str, Any],
@@ -148,11 +137,8 @@ def write_resolved_config(outdir: str | os.PathLike, config: argparse.Namespace 
 
 
 def show_progress() -> bool:
-    """Progress bars on a terminal; ``THRIFTY_PROGRESS=1`` forces them on, ``=0`` off."""
-    env = os.environ.get("THRIFTY_PROGRESS")
-    if env is not None:
-        return env not in ("0", "", "false", "no")
-    return sys.stderr.isatty()
+    """Progress bars on a terminal; ``THRIFTY_PROGRESS=1`` forces them on, ``=0`` off (see thrifty.utils)."""
+    return utils.show_progress()
 
 
 def progress(iterable: Iterable[Any], desc: str, total: int | None = None, **kw: Any) -> Iterator[Any]:

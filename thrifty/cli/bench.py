@@ -74,7 +74,7 @@ _scenarios.accepts_list = _backends.accepts_list = True  # type: ignore[attr-def
 
 
 def run(args: argparse.Namespace) -> int:
-    from thrifty.bench import BenchSettings
+    from thrifty.bench import BenchConfig
     from thrifty.bench import run as bench_run
     from thrifty.bench.api import calibration_data, load_workload, ptq_int8
     from thrifty.bench.report import write_report
@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
     out = _common.check_out_dir(args.out, args.overwrite)
     kw = dict(server_latency_ms=args.server_latency_ms, server_target_qps=args.server_qps, max_batch=args.max_batch,
               workers=args.workers, threads=args.threads, max_run_s=args.max_run_s, allow_long=args.allow_long)
-    settings = (BenchSettings.official(scen[0], **kw) if args.official else
-                BenchSettings(min_duration_s=args.min_duration, min_query_count=args.min_query_count, **kw))
+    settings = (BenchConfig.official(scen[0], **kw) if args.official else
+                BenchConfig(min_duration_s=args.min_duration, min_query_count=args.min_query_count, **kw))
     wl = load_workload(args.model, args.data, seq_len=args.seq_len, max_samples=args.max_samples)
     variants = [("fp32", wl.model if wl.model is not None else args.model, "auto")]
     if args.quantize:

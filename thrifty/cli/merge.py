@@ -91,7 +91,7 @@ def _task_splits(args: argparse.Namespace, metas: list[dict], models: list) -> l
 def run(args: argparse.Namespace) -> int:
     from thrifty.core import to_dict
     from thrifty.merge import (
-        AverageMerge, DistillMerge, FSMerge, PermuteAverage, ZipMerge, evaluate_tasks, few_shot, merge, zoo_kwargs,
+        AverageMerge, DistillMerge, FSMerge, PermuteMerge, ZipMerge, evaluate_tasks, few_shot, merge, zoo_kwargs,
     )
     from thrifty.train import load_model, save_model
 
@@ -113,18 +113,17 @@ def run(args: argparse.Namespace) -> int:
     progress = _common.show_progress()
     if args.method == "fs-merge":
         cfg = FSMerge(param=args.param, init=args.init, mode=args.mode, rank=args.rank, width_mult=args.width_mult,
-                      steps=args.steps, lr=args.lr or 1e-2, augment=args.augment, seed=args.seed, progress=progress)
+                      steps=args.steps, lr=args.lr or 1e-2, augment=args.augment, seed=args.seed)
     elif args.method == "distill":
-        cfg = DistillMerge(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed,
-                           progress=progress)
+        cfg = DistillMerge(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed)
     elif args.method == "permute":
-        cfg = PermuteAverage(matching=args.matching)
+        cfg = PermuteMerge(matching=args.matching)
     elif args.method == "zip":
         cfg = ZipMerge()
     else:
         cfg = AverageMerge()
     with _common.step(f"merging with {args.method}"):
-        merged = merge(models, few, cfg)
+        merged = merge(models, cfg, few, progress=progress)
     orig = [evaluate_tasks(m, [te], [(0, m.head.out_features)])[0] for m, te in zip(models, tests)]
     acc = evaluate_tasks(merged, tests)
     print(f"{'task':<6}{'data':<12}{'original':>10}{'merged':>10}{'relative':>10}")

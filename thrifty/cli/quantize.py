@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
         with _common.step(f"synthesising {len(calib)} {args.data_free} samples (no real data)"):
             steps = {} if args.synth_steps is None else {"steps": args.synth_steps}
-            calib = synthesize(model, len(calib), args.data_free, input_shape=splits.input_shape, seed=args.seed,
-                               progress=_common.show_progress(), **steps)
+            calib = synthesize(model, n=len(calib), method=args.data_free, input_shape=splits.input_shape,
+                               seed=args.seed, progress=_common.show_progress(), **steps)
     fp_acc = evaluate(model, splits.test)["acc"]
     with _common.step(f"PTQ {args.pipeline} W{args.bits}A{args.a_bits or 32} on {len(calib)} calibration samples"):
         res = quantize(model, cfg, calib, filter=args.filter, progress=_common.show_progress())
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         from thrifty.datafree import distill
 
         with _common.step(f"distilling from the FP model ({args.distill_steps} steps on the calibration samples)"):
-            kd = distill(res.model, model, calib, steps=args.distill_steps, seed=args.seed,
+            kd = distill(res.model, model, data=calib, steps=args.distill_steps, seed=args.seed,
                          progress=_common.show_progress())
         if res.loss_kind == "kl":  # the same KL(FP || quantized) as the other stages' losses
             res.losses["distill"] = kd["kl_after"]

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict = {"dense_acc": dense_acc, "pattern": cfg.label, "method": args.method, "dataset": dataset}
     if args.adaprune:
         with _common.step(f"AdaPrune {cfg.label} ({args.adaprune_steps} steps per layer, {len(calib)} images)"):
-            report["adaprune"] = adaprune(model, calib, cfg, steps=args.adaprune_steps, lr=args.adaprune_lr,
+            report["adaprune"] = adaprune(model, cfg, calib, steps=args.adaprune_steps, lr=args.adaprune_lr,
                                           filter=flt, bn=not args.no_bn, remask_every=args.remask_every,
                                           progress=_common.show_progress(),
                                           seed=args.seed)
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     report["acc_after_masking"] = evaluate(model, splits.test)["acc"]
     if args.finetune_epochs > 0:
         tc = TrainConfig(epochs=args.finetune_epochs, batch_size=64, lr=args.finetune_lr, seed=args.seed)
-        fit(model, splits.train, None, tc, progress=_common.show_progress())
+        fit(model, tc, splits.train, progress=_common.show_progress())
         report["acc_after_finetune"] = evaluate(model, splits.test)["acc"]
     layers = {}
     for name, layer, mk in nm_masks(model):

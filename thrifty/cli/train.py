@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     option_meta = prepare_model(model, args)
     regime = build_regime(args)  # validates regime arguments against the model before training starts
     show = _common.show_progress()
-    hist = fit(model, splits.train, splits.test, cfg, regime=regime, ckpt_dir=out / "ckpt", resume=args.resume,
+    hist = fit(model, cfg, splits.train, splits.test, regime=regime, ckpt_dir=out / "ckpt", resume=args.resume,
                progress=show)
     finalize_model(model, args)
     rank, _ = dist.rank_world()

@@ -3,14 +3,14 @@
 Example (a small untrained CNN; the same calls work on a trained model):
     >>> import torch.nn as nn, thrifty
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
-    >>> calib = synthesize(model, 16, "bns", input_shape=(1, 8, 8), steps=5, progress=False)
+    >>> calib = synthesize(model, Synth(method="bns", steps=5), 16, input_shape=(1, 8, 8), progress=False)
     >>> calib.tensors[0].shape
     torch.Size([16, 1, 8, 8])
     >>> quantized = thrifty.quant.quantize(model.eval(), thrifty.PTQ(pipeline="rtn"), calib, progress=False).model
-    >>> sorted(distill(quantized, model, calib, steps=5))
+    >>> sorted(distill(quantized, model, Distill(steps=5), calib, progress=False))
     ['kept', 'kl_after', 'kl_before', 'steps']
 """
-from thrifty.datafree.distill import distill
+from thrifty.datafree.distill import Distill, distill
 from thrifty.datafree.synth import Synth, bn_layers, bn_similarity, bns_loss, gaussian_kl, synthesize
 
-__all__ = ["Synth", "synthesize", "bn_similarity", "bn_layers", "bns_loss", "gaussian_kl", "distill"]
+__all__ = ["Synth", "Distill", "synthesize", "bn_similarity", "bn_layers", "bns_loss", "gaussian_kl", "distill"]

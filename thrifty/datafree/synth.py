@@ -16,7 +16,7 @@ The same BN statistic scores how well a data set matches a model
 Example (an untrained ResNet-20; in practice a trained one, e.g. ``thrifty.train.pretrained``):
     >>> import thrifty as th
     >>> model = th.models.create("resnet20", width=4)
-    >>> calib = synthesize(model, 8, "bns", input_shape=(1, 32, 32), steps=3, progress=False)
+    >>> calib = synthesize(model, Synth(method="bns", steps=3), 8, input_shape=(1, 32, 32), progress=False)
     >>> len(calib), tuple(calib.tensors[0].shape[1:])
     (8, (1, 32, 32))
 """
@@ -34,7 +34,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from thrifty.core import Config, register_config
+from thrifty.core import Config, config_first, old_order_warning, register_config, register_pipeline
+from thrifty.utils import show_progress
 
 __all__ = ["Synth", "synthesize", "bn_similarity", "bn_layers", "bns_loss", "gaussian_kl"]
 
@@ -84,6 +85,10 @@ class Synth(Config):
             raise ValueError(f"Synth.upsample must be >= 1, got {self.upsample}")
         if not 0 <= self.warmup < 1 or not 0 <= self.plateau < 1:
             raise ValueError(f"Synth: warmup and plateau must be in [0, 1), got {self.warmup}, {self.plateau}")
+
+
+register_pipeline(Synth, "makes a data set from a model, it does not change the model",
+                  "thrifty.datafree.synthesize(model, cfg, n)")
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -209,40 +214,50 @@ def _input_shape(model: nn.Module, input_shape: Optional[tuple[int, ...]]) -> tu
 
 def synthesize(
     model: nn.Module,
-    n: int,
-    method: Optional[Method] = None,
+    config: Optional[Synth] = None,
+    n: Optional[int] = None,
     *,
     input_shape: Optional[tuple[int, ...]] = None,
     cfg: Optional[Synth] = None,
-    progress: bool = True,
+    progress: Optional[bool] = None,
     **overrides,
 ) -> TensorDataset:
-    """Return ``TensorDataset(x, y)`` of ``n`` synthetic inputs for ``model``.
+    """Return ``TensorDataset(x, y)`` of ``n`` synthetic inputs for ``model``, made as ``config`` says.
 
     ``y`` holds the FP model's predicted class (or its softmax with
     ``soft_labels=True``). The model's weights, buffers, mode and
-    ``requires_grad`` flags are left exactly as they were. Give the method
-    either as ``method`` or inside ``cfg``: a ``method`` that differs from
-    ``cfg.method`` is a ValueError, never silently ignored.
+    ``requires_grad`` flags are left exactly as they were. Keyword
+    ``overrides`` replace fields of ``config`` (default ``Synth()``). The
+    older order ``synthesize(model, n, method, cfg=...)`` still works for one
+    release, with a DeprecationWarning.
+
+    A ``method`` given in the old order that differs from ``cfg.method`` is a ValueError, never silently
+    ignored.
 
     Example:
         >>> import torch.nn as nn
         >>> model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-        >>> ds = synthesize(model, 32, "bns", input_shape=(6,), steps=20, progress=False)
+        >>> ds = synthesize(model, Synth(method="bns", steps=20), 32, input_shape=(6,), progress=False)
         >>> ds.tensors[0].shape, ds.tensors[1].shape
         (torch.Size([32, 6]), torch.Size([32]))
     """
-    if cfg is None:
-        cfg = Synth(method=method or "bns", **overrides)
-    else:
-        if not isinstance(cfg, Synth):
-            raise TypeError(f"synthesize: cfg must be a Synth, got {type(cfg).__name__}")
-        # an argument that disagrees with cfg would otherwise be silently ignored
-        if method is not None and method != cfg.method:
-            raise ValueError(f"synthesize: method={method!r} conflicts with cfg.method={cfg.method!r}; "
-                             "give the method once (in cfg, or as the argument without cfg)")
-        if overrides:
-            cfg = cfg.replace(**overrides)  # type: ignore[assignment]
+    if isinstance(config, int):  # old order: (n, method, cfg=); a bool n is refused below
+        old_order_warning("synthesize", "synthesize(model, cfg, n)")
+        config, n, method = cfg, config, n
+        cfg = None
+        if method is not None:
+            if isinstance(config, Synth) and method != config.method:
+                # an argument that disagrees with cfg would otherwise be silently ignored
+                raise ValueError(f"synthesize: method={method!r} conflicts with cfg.method={config.method!r}; "
+                                 "give the method once (in cfg, or as the argument without cfg)")
+            overrides.setdefault("method", method)
+    given = cfg if cfg is not None else config
+    if given is not None and not isinstance(given, Synth):
+        raise TypeError(f"synthesize: cfg must be a Synth, got {type(given).__name__}")
+    cfg, _ = config_first("synthesize", config, None, cfg, default=Synth(), accepts=(Synth,),
+                          call="synthesize(model, cfg, n)")
+    if overrides:
+        cfg = cfg.replace(**overrides)  # type: ignore[assignment]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"synthesize: n must be a positive integer, got {n!r}")
     if hasattr(model, "tokenize"):
@@ -260,7 +275,8 @@ def synthesize(
     xs, ys = [], []
     batches = [min(cfg.batch_size, n - i) for i in range(0, n, cfg.batch_size)]
     with _frozen_eval(model):
-        bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.steps), disable=not progress,
+        bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.steps),
+                   disable=not show_progress(progress),
                    desc=f"synthesize[{cfg.method}]", leave=False)
         for bi, b in enumerate(batches):
             if cfg.method == "gaussian":

@@ -278,11 +278,11 @@ def finetune_accumulators(model: nn.Module, cfg: AccumConfig, train_ds: Any, tes
     out: dict[str, Any] = {"steps": [s1, total - s1]}
     if s1:
         set_underflow(model, False)
-        out["stage1"] = fit(model, train_ds, None, dataclasses.replace(train_cfg, steps=s1), progress=progress).final
+        out["stage1"] = fit(model, dataclasses.replace(train_cfg, steps=s1), train_ds, progress=progress).final
     set_underflow(model, cfg.underflow)
     if total - s1:
         cfg2 = dataclasses.replace(train_cfg, steps=total - s1, seed=train_cfg.seed + 1)
-        out["stage2"] = fit(model, train_ds, None, cfg2, progress=progress).final
+        out["stage2"] = fit(model, cfg2, train_ds, progress=progress).final
     if test_ds is not None:
         out["test_acc"] = evaluate(model, test_ds)["acc"]
     return out

@@ -10,7 +10,7 @@ Example:
     >>> from torch.utils.data import TensorDataset
     >>> x = torch.randn(64, 4); y = (x[:, 0] > 0).long()
     >>> model = torch.nn.Linear(4, 2)
-    >>> hist = fit(model, TensorDataset(x, y), cfg=TrainConfig(epochs=3, batch_size=16), progress=False)
+    >>> hist = fit(model, TrainConfig(epochs=3, batch_size=16), TensorDataset(x, y), progress=False)
     >>> evaluate(model, TensorDataset(x, y))["acc"] > 0.5
     True
 """
@@ -32,12 +32,12 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from thrifty.core import Config, register_config, to_dict
+from thrifty.core import Config, config_first, old_order_warning, register_config, register_pipeline, to_dict
 from thrifty.train import dist as _dist
 from thrifty.train.augment import resize
 from thrifty.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from thrifty.train.sampling import collate, index_batches, loader
-from thrifty.utils import remove_stale_temp_files
+from thrifty.utils import remove_stale_temp_files, show_progress
 
 __all__ = ["TrainConfig", "History", "StepState", "fit", "evaluate", "check_finite", "check_finite_data", "CKPT_NAME"]
 
@@ -100,6 +100,9 @@ class TrainConfig(Config):
         if self.warmup:
             f *= min(1.0, (step + 1) / self.warmup)
         return self.lr * f
+
+
+register_pipeline(TrainConfig, "needs a training set", "thrifty.train.fit(model, cfg, train_ds)")
 
 
 @dataclass
@@ -276,18 +279,26 @@ class _GracefulInterrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def fit(model: nn.Module, train_ds: Dataset, test_ds: Dataset | None = None, cfg: TrainConfig = TrainConfig(), *,
-        regime: Any = None, callbacks: Sequence[Callable[[StepState], Any]] = (), ckpt_dir: str | Path | None = None,
-        resume: bool = False, progress: bool = True, loss_fn: LossFn | None = None) -> History:
+def fit(model: nn.Module, config: TrainConfig | None = None, train_ds: Dataset | None = None,
+        test_ds: Dataset | None = None, *, cfg: TrainConfig | None = None, regime: Any = None,
+        callbacks: Sequence[Callable[[StepState], Any]] = (), ckpt_dir: str | Path | None = None,
+        resume: bool = False, progress: bool | None = None, loss_fn: LossFn | None = None) -> History:
     """Train ``model`` in place on ``train_ds``; returns the `History`.
 
     ``regime`` plugs in batch transforms and hooks (see `thrifty.train.regime`); ``callbacks`` are called
     with a `StepState` after every step; ``ckpt_dir`` gets ``last.safetensors`` (rank 0 only);
     ``resume=True`` continues from it exactly; ``loss_fn(logits, y)`` replaces the cross-entropy loss.
     Under torchrun (WORLD_SIZE > 1) it runs DistributedDataParallel with ``batch_size`` per process.
+    ``config`` defaults to ``TrainConfig()``; the older order ``fit(model, train_ds, test_ds, cfg)`` (or
+    ``cfg=``) still works for one release, with a DeprecationWarning.
     """
-    if not isinstance(cfg, TrainConfig):
-        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    call = "fit(model, cfg, train_ds, test_ds)"
+    if config is not None and not isinstance(config, (TrainConfig, Config)):  # old order: (train_ds, test_ds, cfg)
+        old_order_warning("fit", call)
+        config, train_ds, test_ds, cfg = (cfg if cfg is not None else test_ds), config, train_ds, None
+    cfg, _ = config_first("fit", config, None, cfg, default=TrainConfig(), accepts=(TrainConfig,), call=call)
+    if train_ds is None:
+        raise TypeError("fit needs train_ds: fit(model, cfg, train_ds)")
     _check_dataset(train_ds, "train_ds")
     if test_ds is not None:
         _check_dataset(test_ds, "test_ds")
@@ -323,7 +334,7 @@ def fit(model: nn.Module, train_ds: Dataset, test_ds: Dataset | None = None, cfg
     device = next(model.parameters()).device
     eval_period = cfg.eval_steps or (cfg.eval_every * spe if cfg.eval_every else 0)
     ckpt_period = cfg.ckpt_every or eval_period or total
-    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, desc="train", unit="step", leave=False)
+    bar = tqdm(total=total, initial=start, disable=not show_progress(progress) or rank != 0, desc="train", unit="step", leave=False)
     t0, run_loss, run_correct, run_n = time.perf_counter() - hist.seconds, 0.0, 0, 0
     model.train()
     with _GracefulInterrupt(ckpt is not None and rank == 0 and world == 1) as interrupt:

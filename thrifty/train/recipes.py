@@ -32,7 +32,7 @@ import torch
 from thrifty.core import to_dict
 from thrifty.train.io import load_model, model_kwargs_for, model_paths, save_model
 from thrifty.train.loop import TrainConfig, evaluate, fit
-from thrifty.utils import seed_everything
+from thrifty.utils import seed_everything, show_progress
 
 __all__ = ["RECIPES", "recipe", "pretrained", "cache_dir"]
 
@@ -103,11 +103,11 @@ def _train_and_save(stem: Path, model_name: str, kwargs: dict, dataset_name: str
     seed_everything(seed)
     model = create(model_name, **kwargs)
     t0 = time.perf_counter()
-    show = sys.stderr.isatty() if progress is None else progress
+    show = show_progress(progress)
     if show:
         print(f"[thrifty] training {model_name} on {dataset_name} (seed {seed}) once; cached at {stem}",
               file=sys.stderr)
-    fit(model, splits.train, None, cfg, progress=show)
+    fit(model, cfg, splits.train, progress=show)
     seconds = time.perf_counter() - t0
     ev = evaluate(model, splits.test)
     meta = {"model": model_name, "model_kwargs": kwargs, "dataset": dataset_name, "seed": seed,
