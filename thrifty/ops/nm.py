@@ -25,7 +25,10 @@ on a power-of-two scale of the tile's own maximum (:func:`thrifty.ops._nm_flow.i
 for enumeration, 39 for 8 x 8 flow tiles), so a tile's mask never depends on what other tiles hold. When
 a tile's nonzero scores lie within ``2^(B-24)`` of its maximum (float32 weights; ``2^(B-53)`` for float64)
 the integer costs are exact and so is the optimum; otherwise the kept sum is at most ``N M 2^(1-B)`` of the
-tile's maximum below the optimum (below half a float32 ulp of the kept sum for every M <= 32).
+tile's maximum below the optimum (below half a float32 ulp of the kept sum for every M <= 32). Enumeration
+first takes the float matmul's argmax where a rounding-error bound certifies it (then it is the exact
+optimum), and solves only the remaining (tied or nearly tied) tiles on the integers; the result is the
+same on every CPU.
 
 Example:
     >>> import torch
@@ -82,8 +85,15 @@ def check_weight(w: Tensor, what: str = "weight") -> None:
     if w.dim() < 2:
         raise ValueError(f"{what}: N:M masks act on GEMM weights with >= 2 dims, got shape {tuple(w.shape)} "
                          "(1-D parameters such as biases and norms are not sparsified)")
-    if w.numel() and not bool(torch.isfinite(w).all()):
+    if w.numel() and not _all_finite(w):
         raise ValueError(f"{what} of shape {tuple(w.shape)}: contains {_nonfinite(w)}; cannot rank magnitudes")
+
+
+def _all_finite(t: Tensor) -> bool:
+    # one reduction: NaN and inf make the sum non-finite; a finite sum proves every entry finite, and only
+    # a sum that overflowed needs the elementwise check
+    t = t.detach()
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _nonfinite(t: Tensor) -> str:
@@ -235,26 +245,6 @@ def valid_tiles(n: int, m: int) -> Tensor:
     return torch.from_numpy(_valid_tiles_np(m, n).copy())
 
 
-def _solve_enumerate(s: Tensor, n: int, chunk: int = 1 << 15) -> Tensor:
-    """Best valid tile by one matmul per chunk, on the per-tile integer scores the flow solver uses.
-
-    Integers below ``2^52 / M^2`` held in float64 sum exactly in any order, so the pattern sums (and the
-    argmax, first maximum on ties) are the same on every CPU and BLAS kernel, and a tile's result does
-    not depend on the other tiles; float32 sums would round differently per kernel and per row block.
-    """
-    from thrifty.ops._nm_flow import integer_scores
-
-    m = s.shape[-1]
-    pats = valid_tiles(n, m).reshape(-1, m * m)
-    pf = pats.double().t().contiguous()
-    q = integer_scores(s.double().numpy(), 52 - (m * m).bit_length())
-    flat = torch.from_numpy(q).reshape(-1, m * m)
-    best = torch.empty(flat.shape[0], dtype=torch.long)
-    for i in range(0, flat.shape[0], chunk):  # chunks bound the [tiles, B] score matrix, not a per-tile loop
-        best[i:i + chunk] = (flat[i:i + chunk] @ pf).argmax(1)
-    return pats[best].view(-1, m, m)
-
-
 _RANK_MAX = 8  # rows up to this long are ranked by counting (L passes), longer ones by one integer sort
 
 
@@ -401,12 +391,18 @@ def solve_tiles(scores: Tensor, n: int, solver: TileSolver = "flow") -> Tensor:
     if not scores.is_floating_point():
         raise TypeError(f"solve_tiles: scores must be floating point, got {scores.dtype}")
     s = scores.detach().to(_score_dtype(scores.dtype)).cpu().contiguous()
-    if s.numel() and not bool(torch.isfinite(s).all()):
+    if s.numel() and not _all_finite(s):
         raise ValueError(f"solve_tiles: scores contain {_nonfinite(s)}; the masks rank finite magnitudes")
+    return _solve(s, n, solver)
+
+
+def _solve(s: Tensor, n: int, solver: str) -> Tensor:
     if s.shape[0] == 0:
         return torch.zeros(s.shape, dtype=torch.bool)
     if solver == "enumerate":
-        return _solve_enumerate(s, n)
+        from thrifty.ops._nm_flow import solve_enumerate
+
+        return solve_enumerate(valid_tiles(n, s.shape[-1]), s, n)
     if solver == "greedy":
         return _solve_greedy(s, n)
     if solver == "flow":
@@ -436,7 +432,7 @@ def transposable_mask(w: Tensor, n: int, m: int, method: Method = "exact") -> Te
         solver: TileSolver = "greedy"
     else:
         solver = "enumerate" if count_transposable(m, n) <= ENUMERATE_MAX else "flow"
-    keep = solve_tiles(tiles, n, solver)
+    keep = _solve(tiles.contiguous(), n, solver)  # (w is checked: its scores are finite)
     keep &= tiles > _PAD
     return from_matrix(_untile(keep, m, dims), w.shape).to(w.device)
 
