@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from thrifty.nn import RangeBatchNorm1d, RangeBatchNorm2d, convert_to_range_bn
 from thrifty.nn.rangebn import expected_gaussian_range, range_constant
+from tolerance import assert_within, bn_eval_bound, matmul_bound, unit_roundoff
 
 
 @pytest.mark.parametrize("cls,shape", [(RangeBatchNorm2d, (6, 3, 3, 2)), (RangeBatchNorm1d, (10, 4)),
@@ -81,12 +82,33 @@ def test_convert_preserves_eval_output_and_shares_parameters():
         model(torch.randn(16, 1, 8, 8))
     model.eval()
     x = torch.randn(5, 1, 8, 8)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [model[i].register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach()))
+             for i in (1, 5)]
     before = model(x)
+    for h in hooks:
+        h.remove()
+    bns = {i: model[i] for i in (1, 5)}
     w = model[1].weight
     convert_to_range_bn(model)
     assert isinstance(model[1], RangeBatchNorm2d) and isinstance(model[5], RangeBatchNorm1d)
     assert model[1].weight is w and not model[1].training
-    assert torch.allclose(model(x), before, atol=1e-5)
+    with torch.no_grad():
+        for i, bn in bns.items():  # the same affine map, computed in another order
+            assert_within(model[i](seen[i]), bn(seen[i]),
+                          bn_eval_bound(seen[i], bn.weight, bn.bias, bn.running_mean, (bn.running_var + bn.eps) ** 0.5),
+                          f"layer {i}")
+    # end to end the layer-1 differences pass through ReLU (1-Lipschitz) and the Linear (|W| times them, plus
+    # the Linear's own rounding on each side), then layer 5 scales them by |weight / (scale + eps)|
+    d1 = bn_eval_bound(seen[1], w, model[1].bias, model[1].running_mean, model[1].running_scale + model[1].eps)
+    lin = model[4]
+    with torch.no_grad():
+        h = model[3](model[2](model[1](seen[1])))
+    d4 = d1.flatten(1) @ lin.weight.detach().double().abs().t() + matmul_bound(h, lin.weight.t(), extra=1)
+    a5 = (model[5].weight / (model[5].running_scale + model[5].eps)).detach().double().abs()
+    tol = d4 * a5 + bn_eval_bound(seen[5], model[5].weight, model[5].bias, model[5].running_mean,
+                                  model[5].running_scale + model[5].eps)
+    assert_within(model(x), before, tol, "output")
     assert isinstance(convert_to_range_bn(nn.BatchNorm1d(3)), RangeBatchNorm1d)
     with pytest.raises(TypeError):
         convert_to_range_bn("model")  # type: ignore[arg-type]
@@ -211,3 +233,22 @@ def test_fused_path_layout_conditions_and_non_contiguous_input():
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # no graph: the fused forward alone
         torch.testing.assert_close(bn(x), y, rtol=0, atol=0)
+
+
+def test_conversions_keep_the_models_dtype():
+    """Regression: both conversions built float32 buffers, so a float64 model's statistics were rounded to float32
+    (and convert_to_batchnorm's BatchNorm then refused the float64 input)."""
+    from thrifty.quant.train8 import convert_to_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    model(torch.randn(8, 3, dtype=torch.float64))
+    model.eval()
+    var = model[1].running_var.clone()
+    convert_to_range_bn(model)
+    assert model[1].running_scale.dtype == torch.float64 and model[1].weight.dtype == torch.float64
+    convert_to_batchnorm(model)
+    assert model[1].running_var.dtype == torch.float64
+    # sqrt(var + eps) - eps and back: a few float64 roundings of var + eps, nothing of float32's
+    assert_within(model[1].running_var, var, 8 * unit_roundoff(torch.float64) * (var + model[1].eps), "running_var")
+    model(torch.randn(2, 3, dtype=torch.float64))
