@@ -177,7 +177,11 @@ def test_cli_quantize_data_free(tmp_path, capsys):
     assert rc == 0 and "quantized" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file()
     report = json.loads((out / "report.json").read_text())
-    assert report["distill"]["steps"] == 2 and report["distill"]["kl_after"] <= report["distill"]["kl_before"]
+    # distill reverts itself when it does not help, so kl_after <= kl_before always holds; what the report must
+    # say is which of the two happened (tests/test_datafree_distill.py tests the improvement and the revert)
+    d = report["distill"]
+    assert d["steps"] == 2 and isinstance(d["kept"], bool)
+    assert d["kl_after"] < d["kl_before"] if d["kept"] else d["kl_after"] == d["kl_before"]
     # the model without BN is refused with the fallback named
     mlp = create("mlp", in_features=64, num_classes=10)
     save_model(mlp, tmp_path / "mlp", {"model": "mlp", "model_kwargs": {"in_features": 64, "num_classes": 10},

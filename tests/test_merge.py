@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_trained_supernet_folds_exactly(kind: str, mode: str) -> None:
     cfg = FSMerge(mode=mode, steps=12, batch_size=8, lr=1e-2, progress=False)
     net = SuperNet(models, cfg)
     hist = train_supernet(net, augment([_x(kind, 8, 1), _x(kind, 8, 2)], 1), cfg)
-    assert len(hist) >= 6 and hist[-1] == hist[-1]
+    assert len(hist) >= 6 and all(math.isfinite(h) for h in hist)
     moved = any(float(p.detach().abs().sum()) > 0 for n, p in net.points.named_parameters() if n.endswith(".a"))
     assert moved, "training did not move the low-rank factors"
     x = _x(kind, 5, 3)
