@@ -77,19 +77,20 @@ def bn_eval_bound(x: Tensor, weight, bias, mean: Tensor, denom: Tensor, rounding
     return roundings * unit_roundoff(x.dtype) * mag
 
 
-def forward_bound(model: nn.Module, out: Tensor) -> Tensor:
+def forward_bound(model: nn.Module, out: Tensor, prob: bool = False) -> Tensor:
     """Bound on the difference of two float evaluations of one network function (e.g. folded vs explicit form).
 
     Each GEMM layer rounds its outputs within ``gamma(K)`` of its magnitude (``K`` its fan-in), each other leaf
     module (norm, activation, softmax, pooling) within a few (8) roundings; along the chain the relative errors
     add up, relative to the output's scale, provided no stage amplifies relative errors: true of the small
     normalised test networks this is used on (weights ~ 1/sqrt(K), LayerNorm/BatchNorm, residual sums of like
-    magnitude). Two evaluations: twice that.
+    magnitude). Two evaluations: twice that. ``prob``: :func:`gamma_prob` instead of the worst case (deep
+    networks, where the worst case is far too pessimistic).
     """
     gemms = (nn.Linear, nn.Conv1d, nn.Conv2d)
     leaves = [m for m in model.modules() if not list(m.children())]
     n = sum(m.weight[0].numel() if isinstance(m, gemms) else 8 for m in leaves)
-    return 2 * gamma(n, out.dtype) * out.detach().abs().max().double()
+    return 2 * (gamma_prob if prob else gamma)(n, out.dtype) * out.detach().abs().max().double()
 
 
 def assert_within(actual: Tensor, expected: Tensor, bound, what: str = "values") -> None:
