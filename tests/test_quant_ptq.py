@@ -229,7 +229,11 @@ def test_quantize_pipelines_on_tiny_bn_net(pipeline):
     assert res.bits == {"conv1": (8, 8), "conv2": (4, 4), "fc": (4, 4), "head": (8, 8)}
     assert 0 < res.size_fraction < 1 and res.bops_fraction is not None
     losses = list(res.losses.values())
-    assert all(np.isfinite(losses)) and losses[-1] <= losses[0] + 1e-9
+    assert all(np.isfinite(losses))
+    # a stage that does not lower the loss undoes itself, which must be recorded (a final loss <= the first
+    # holds by construction and would say nothing)
+    for (_, prev), (stage, cur) in zip(res.losses.items(), list(res.losses.items())[1:]):
+        assert cur < prev or (cur == prev and stage in res.reverted), (stage, prev, cur, res.reverted)
     out = res.model(x)
     assert out.shape == (96, 3) and torch.isfinite(out).all()
     # the quantized layer's weights lie on their integer grids
