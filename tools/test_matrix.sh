@@ -24,7 +24,7 @@ for cap in $CAPS; do
     ATEN_CPU_CAPABILITY="$cap" THRIFTY_TEST_THREADS="$t" OMP_NUM_THREADS="$t" MKL_NUM_THREADS="$t" \
       "$PY" -m pytest -q -p no:cacheprovider -m "$MARK" "$@" >"$log" 2>&1
     rc=$?
-    summary="$(grep -E '^(=+ )?[0-9]+ (passed|failed)|no tests ran|error' "$log" | tail -1 | tr -d '=' | xargs)"
+    summary="$(grep -E '[0-9]+ (passed|failed|deselected|errors?)|no tests ran' "$log" | tail -1 | tr -d '=' | xargs)"
     case $rc in
       0) status=pass ;;
       5) status="FAIL (no tests collected)"; fail=1 ;;
