@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from thrifty.bench import BenchConfig, Samples, optimized_op_counts, run  # noqa: E402
 from thrifty.bench.api import calibration_data, load_workload, ptq_int8  # noqa: E402
 from thrifty.bench.backends import INT8_KERNELS, TorchBackend  # noqa: E402
-from thrifty.bench.report import markdown_table, plot_results  # noqa: E402
+from thrifty.bench.report import markdown_table, plot_results, portable_paths  # noqa: E402
 from thrifty.utils import atomic_write_text  # noqa: E402
 
 # Server p99 bounds. MLPerf's 15 ms (ResNet-50) / 130 ms (BERT) are for datacenter hardware; here FP32 PyTorch
@@ -195,7 +195,7 @@ def main() -> int:
         log(f"   max_qps={r['scenarios']['Server'].get('max_qps')}")
 
     meta["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    out = {"meta": meta, "nm_storage": nm_size, "rows": rows}
+    out = portable_paths({"meta": meta, "nm_storage": nm_size, "rows": rows}, res_dir)  # paths relative to results/
     atomic_write_text(res_dir / f"{name}.json", json.dumps(out, indent=1, default=str))
     _write(out, res_dir, name)
     log(f"wrote results/{name}.json, results/{name}.md in {meta['total_seconds']} s")
@@ -204,8 +204,8 @@ def main() -> int:
 
 def _partial(res_dir: Path, name: str, meta: dict, nm_size: dict, rows: list) -> None:
     """Save what is measured so far (a crash late in a long run keeps the earlier parts)."""
-    atomic_write_text(res_dir / f"{name}.partial.json", json.dumps({"meta": meta, "nm_storage": nm_size,
-                                                                     "rows": rows}, indent=1, default=str))
+    part = portable_paths({"meta": meta, "nm_storage": nm_size, "rows": rows}, res_dir)
+    atomic_write_text(res_dir / f"{name}.partial.json", json.dumps(part, indent=1, default=str))
 
 
 def _write(out: dict, res_dir: Path, name: str) -> None:

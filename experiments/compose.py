@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -216,7 +217,9 @@ def deploy_part(splits, a, out_dir: Path) -> dict:
             log(f"  {rows[-1]['model']}: {100 * rows[-1]['test_acc']:.2f}%, {nbytes} bytes ({sec:.0f} s)")
     for r in rows:
         r["size_vs_fp32"] = r["bytes"] / fp_bytes
-    return {"fp32_cache": meta.get("path"), "calib": len(calib), "adaprune_steps": a.adaprune_steps, **iters,
+    cache = meta.get("path")  # stored relative to the results folder: nothing about the machine, still findable
+    cache = Path(os.path.relpath(cache, out_dir.resolve())).as_posix() if cache and os.path.isabs(cache) else cache
+    return {"fp32_cache": cache, "calib": len(calib), "adaprune_steps": a.adaprune_steps, **iters,
             "rows": rows}
 
 

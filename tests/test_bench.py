@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch.nn as nn
 from thrifty.bench import (BenchConfig, OrtBackend, Samples, TorchBackend, calibrate, check_accuracy, export_onnx,
                            optimized_op_counts, parse_summary_text, quant_layers, run, run_loadgen, server_search)
 from thrifty.bench.report import write_report
+from tolerance import assert_within, forward_bound
 
 SERVER_INVALID = """================================================
 MLPerf Results Summary
@@ -80,15 +82,45 @@ def test_all_scenarios_tiny_model_subprocess(tmp_path):
     assert sc["SingleStream"]["metric"] == "p90_latency_ms" and sc["MultiStream"]["metric"] == "p99_latency_ms"
     assert sc["Offline"]["value"] > 0 and sc["Server"]["max_qps"] > 0
     assert 1 <= len([p for p in sc["Server"]["probes"] if not p.get("rerun")]) <= 3  # re-runs of INVALID rates aside
-    assert sc["Server"]["percentiles_ms"]["99.00"] <= 200
+    # the reported maximum is the highest probed rate whose LoadGen run was VALID (its latency is LoadGen's call,
+    # with early stopping, not something to assert against the clock of a loaded machine)
+    srv = sc["Server"]
+    assert srv["latency_bound_ms"] == 200 and "99.00" in srv["percentiles_ms"]
+    assert srv["max_qps"] == max(p["target_qps"] for p in srv["probes"] if p["valid"])
     # accuracy mode: LoadGen's logged responses are the model's outputs for every sample
     acc = r["accuracy"]["metrics"]
     expect = float((m(ds.tensors[0]).argmax(1) == ds.tensors[1]).float().mean())
     assert acc["n"] == 256 and acc["agreement"] == 1.0 and acc["top1"] == pytest.approx(expect)
-    assert json.loads((tmp_path / "tiny" / "result.json").read_text())["variant"] == "tiny"
+    written = json.loads((tmp_path / "tiny" / "result.json").read_text())
+    assert written["variant"] == "tiny"
+    # written results hold no absolute path (portable, nothing about the machine); log folders relative to the file
+    assert not _absolute_strings(written, str(tmp_path))
+    assert written["scenarios"]["Server"]["logdir"] == "Server/final"
+    assert (tmp_path / "tiny" / written["scenarios"]["Offline"]["logdir"] / "mlperf_log_summary.txt").is_file()
     files = write_report([r], tmp_path / "report")
+    assert not _absolute_strings(json.loads((tmp_path / "report" / "results.json").read_text()), str(tmp_path))
     assert "| tiny | torch | Offline | VALID |" in (tmp_path / "report" / "report.md").read_text()
     assert len(files["plots"]) >= 2
+
+
+def _absolute_strings(obj, root: str) -> list[str]:
+    """Strings in ``obj`` that are absolute paths or mention ``root`` (the folder the run wrote into)."""
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _absolute_strings(v, root)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _absolute_strings(v, root)]
+    return [obj] if isinstance(obj, str) and (os.path.isabs(obj) or root in obj) else []
+
+
+def test_portable_paths_rewrites_only_absolute_paths_under_path_keys(tmp_path):
+    from thrifty.bench.report import portable_paths
+
+    res = {"logdir": str(tmp_path / "m" / "Offline"), "path": "rel/x.onnx", "note": "/not/a/path/key",
+           "rows": [{"path": str(tmp_path.parent / "w.safetensors"), "n": 3}], "t": ("a",)}
+    out = portable_paths(res, tmp_path)
+    assert out == {"logdir": "m/Offline", "path": "rel/x.onnx", "note": "/not/a/path/key",
+                   "rows": [{"path": "../w.safetensors", "n": 3}], "t": ["a"]}
+    assert res["logdir"] == str(tmp_path / "m" / "Offline")  # a copy: the caller's dict is unchanged
 
 
 def test_parse_summary_invalid_reasons():
@@ -240,7 +272,8 @@ def test_onnx_int8_export_roundtrip(tmp_path, symmetric):
     if cpu_has_vnni():  # (without VNNI, ONNX Runtime's u8s8 kernels may saturate 16-bit pair sums)
         np.testing.assert_allclose(OrtBackend(p2, threads=1)((x.numpy(),)), ort, atol=1e-5 * np.abs(ort).max())
     fp = OrtBackend(export_onnx(m, (x[:2],), tmp_path / "fp.onnx"), threads=1)((x.numpy(),))
-    np.testing.assert_allclose(fp, TorchBackend(m)((x.numpy(),)), atol=1e-4)
+    ref = TorchBackend(m)((x.numpy(),))  # the same network in another runtime: its roundings, bounded
+    assert_within(torch.as_tensor(fp), torch.as_tensor(ref), forward_bound(m, torch.as_tensor(ref)), "ORT FP32")
     assert not any(k in optimized_op_counts(tmp_path / "fp.onnx") for k in ("QLinearConv", "QuantizeLinear"))
 
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from thrifty.datafree import Synth, bn_similarity, bns_loss, gaussian_kl, synthesize
 from thrifty.datafree.synth import _bn_taps, _frozen_eval, _lr_factor, _NormalisedTaps
+from tolerance import gamma_prob, unit_roundoff
 
 
 def _net():
@@ -34,8 +35,8 @@ def _bns_value(net, x):
 def test_gaussian_kl_closed_form():
     mu0, v0, mu1, v1 = torch.tensor(0.3), torch.tensor(2.0), torch.tensor(-1.0), torch.tensor(0.5)
     ref = 0.5 * (torch.log(v1 / v0) + (v0 + (mu0 - mu1) ** 2) / v1 - 1)
-    assert torch.allclose(gaussian_kl(mu0, v0, mu1, v1, eps=0), ref)
-    assert float(gaussian_kl(mu0, v0, mu0, v0)) == pytest.approx(0.0, abs=1e-7)
+    assert torch.equal(gaussian_kl(mu0, v0, mu1, v1, eps=0), ref)  # the same float ops in the same order
+    assert float(gaussian_kl(mu0, v0, mu0, v0)) == 0.0  # log(1) = 0, (v + 0) / v = 1: exact
 
 
 def test_bns_objective_decreases_and_stats_approach():
@@ -54,6 +55,30 @@ def test_bns_objective_decreases_and_stats_approach():
     assert (h1 - rm).abs().mean() < (h0 - rm).abs().mean()
 
 
+def _bns_bound(taps, sizes, eps: float = 1e-5) -> float:
+    """Bound on the difference of the two float32 evaluations of the BNS loss (reference vs normalised taps).
+
+    Per channel KL = (log v + (1 + mu_z^2) / v - 1) / 2 with v = batch var / s0 (+ eps / s0), s0 = running var +
+    eps, mu_z^2 = (batch mean - running mean)^2 / s0. Over n elements the one-pass moments of d = x - running
+    mean (q = mean d^2) and the reference's two-pass variance and mean of x round within gamma(n) of q and of
+    mean |x|; that moves v by <= 4 gamma q / s0 and mu_z^2 by <= 2 |mean d| gamma (sqrt q + mean|x|) / s0 (+ a few
+    u), and KL by |dKL/dv| and 1 / (2v) times those; the final log, divisions and sums add 8 u of the terms.
+    """
+    u, total = unit_roundoff(), 0.0
+    for mean, var, bn in taps:
+        mean, var = mean.detach().double(), var.detach().double()
+        s0 = bn.running_var.double() + eps
+        dm = mean - bn.running_mean.double()
+        q, v, mz2 = var + dm * dm, (var + eps) / s0, dm * dm / s0
+        g = gamma_prob(sizes[bn] + 4)
+        dv = 4 * g * q / s0 + 4 * u * v
+        dmz2 = 2 * dm.abs() * g * (q.sqrt() + mean.abs() + bn.running_mean.double().abs()) / s0 + 4 * u * mz2
+        dk = 0.5 * (1 / v - (1 + mz2) / v**2).abs() * dv + 0.5 * dmz2 / v
+        dk = dk + 8 * u * 0.5 * (v.log().abs() + (1 + mz2) / v + 1)
+        total += float(dk.mean())
+    return total
+
+
 def test_normalised_taps_equal_reference_loss_and_gradient():
     net = _net()
     bn1d = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6))
@@ -64,14 +89,19 @@ def test_normalised_taps_equal_reference_loss_and_gradient():
     for model, x in ((net, torch.randn(16, 1, 8, 8) * 1.5 + 0.5), (bn1d.eval(), torch.randn(9, 5))):
         x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         with _frozen_eval(model):
+            sizes = {}
+            hooks = [bn.register_forward_pre_hook(lambda m, a: sizes.__setitem__(m, a[0].numel() // a[0].shape[1]))
+                     for bn in model.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)]
             with _bn_taps(model) as taps:
                 model(x1)
+            for h in hooks:
+                h.remove()
             ref = bns_loss(taps)
             fast = _NormalisedTaps(model)
             model(x2)
             val = fast.pop()
             fast.close()
-        assert float(val.detach()) == pytest.approx(float(ref.detach()), rel=1e-4)
+        assert float(val.detach()) == pytest.approx(float(ref.detach()), rel=0, abs=_bns_bound(taps, sizes))
         (g1,) = torch.autograd.grad(ref, x1)
         (g2,) = torch.autograd.grad(val, x2)
         assert torch.allclose(g1, g2, rtol=1e-3, atol=1e-6)
@@ -178,7 +208,11 @@ def test_cli_quantize_data_free(tmp_path, capsys):
     assert rc == 0 and "quantized" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file()
     report = json.loads((out / "report.json").read_text())
-    assert report["distill"]["steps"] == 2 and report["distill"]["kl_after"] <= report["distill"]["kl_before"]
+    # distill reverts itself when it does not help, so kl_after <= kl_before always holds; what the report must
+    # say is which of the two happened (tests/test_datafree_distill.py tests the improvement and the revert)
+    d = report["distill"]
+    assert d["steps"] == 2 and isinstance(d["kept"], bool)
+    assert d["kl_after"] < d["kl_before"] if d["kept"] else d["kl_after"] == d["kl_before"]
     # the model without BN is refused with the fallback named
     mlp = create("mlp", in_features=64, num_classes=10)
     save_model(mlp, tmp_path / "mlp", {"model": "mlp", "model_kwargs": {"in_features": 64, "num_classes": 10},

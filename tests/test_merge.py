@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from thrifty.merge.matching import (
     assign, correlation, head_aware_match, match_features, weight_matching, zip_pairs,
 )
 from thrifty.models import create
+from tolerance import assert_within, forward_bound, gamma
 
 PARAMS = ("diagonal", "lowrank", "diag_lowrank", "full")
 
@@ -78,7 +80,7 @@ def test_fold_matches_explicit_supernet(kind: str, param: str) -> None:
         assert type(folded) is type(models[0])
         x = _x(kind.split("_")[0])
         ref = net.explicit(x)
-        assert torch.allclose(folded(x), ref, atol=1e-5, rtol=1e-5), (kind, param, wm)
+        assert_within(folded(x), ref, forward_bound(folded, ref), f"{kind} {param} {wm}")
         assert torch.equal(net(x)[0], folded(x))
 
 
@@ -89,11 +91,12 @@ def test_trained_supernet_folds_exactly(kind: str, mode: str) -> None:
     cfg = FSMerge(mode=mode, steps=12, batch_size=8, lr=1e-2)
     net = SuperNet(models, cfg)
     hist = train_supernet(net, augment_tasks([_x(kind, 8, 1), _x(kind, 8, 2)], 1), cfg)
-    assert len(hist) >= 6 and hist[-1] == hist[-1]
+    assert len(hist) >= 6 and all(math.isfinite(h) for h in hist)
     moved = any(float(p.detach().abs().sum()) > 0 for n, p in net.points.named_parameters() if n.endswith(".a"))
     assert moved, "training did not move the low-rank factors"
     x = _x(kind, 5, 3)
-    assert torch.allclose(net.fold()(x), net.explicit(x), atol=1e-5, rtol=1e-5)
+    ref = net.explicit(x)
+    assert_within(net.fold()(x), ref, forward_bound(models[0], ref), "folded")
 
 
 def test_fs_merge_improves_over_init_on_reconstruction() -> None:
@@ -128,21 +131,23 @@ def test_permutation_matching_recovers_known_permutation(kind: str, matching: st
     a = _models(kind, 1)[0]
     b, perms = _permuted(a, seed=5)
     x = _x(kind, 64, 4)
-    assert torch.allclose(a(x), b(x), atol=1e-5)
+    assert_within(a(x), b(x), forward_bound(a, a(x)), "permuted copy")  # the same sums, reordered
     assert not torch.allclose(a.state_dict()["blocks.0.mlp.fc1.weight" if kind == "vit" else "fc1.weight"],
                               b.state_dict()["blocks.0.mlp.fc1.weight" if kind == "vit" else "fc1.weight"])
     got = match_permutations([a, b], x, matching)
     for name, (p,) in perms.items():  # b's unit j is a's unit p[j]; got[j] is b's unit matched to a's j
         assert torch.equal(p[got[name][1]], torch.arange(len(p))), name
     merged = permute_and_average([a, b], PermuteMerge(matching=matching), [x[:32], x[32:]])
-    out = merged(x)
-    assert torch.allclose(out[:, :3], a(x), atol=1e-5) and torch.allclose(out[:, 3:], a(x), atol=1e-5)
+    out, ref = merged(x), a(x)
+    for part in (out[:, :3], out[:, 3:]):
+        assert_within(part, ref, forward_bound(a, ref), "merged with its permuted copy")
 
 
 def test_matching_math() -> None:
     assert assign(torch.tensor([[0.0, 1.0], [1.0, 0.0]])).tolist() == [1, 0]
     a = torch.randn(50, 6)
-    assert torch.allclose(torch.diagonal(correlation(a, a)), torch.ones(6), atol=1e-5)
+    # cov / (std std) of one column with itself: sums of 50 squares and a few operations
+    assert_within(torch.diagonal(correlation(a, a)), torch.ones(6), 4 * gamma(50 + 8), "self-correlation")
     assert torch.equal(correlation(torch.ones(5, 2), a[:5, :2]), torch.zeros(2, 2))  # constant columns -> 0
     perm = torch.tensor([2, 0, 1, 5, 3, 4])
     assert torch.equal(match_features(a[:, perm], a)[torch.arange(6)], perm)
@@ -177,8 +182,9 @@ def test_zip_merge_of_a_model_with_a_permuted_copy_is_equivalent() -> None:
     a = _models("mlp", 1)[0]
     b, _ = _permuted(a, seed=3)
     x = _x("mlp", 64, 2)
-    out = zip_merge([a, b], ZipMerge(), [x[:32], x[32:]])(x)
-    assert torch.allclose(out[:, :3], a(x), atol=1e-5) and torch.allclose(out[:, 3:], a(x), atol=1e-5)
+    out, ref = zip_merge([a, b], ZipMerge(), [x[:32], x[32:]])(x), a(x)
+    for part in (out[:, :3], out[:, 3:]):
+        assert_within(part, ref, forward_bound(a, ref), "zip-merged with its permuted copy")
     with pytest.raises(ValueError, match="two MLPs"):
         zip_merge(_models("mlp", 3), data=[x, x, x])
 
@@ -193,9 +199,9 @@ def test_merging_a_model_with_itself_is_equivalent(kind: str, init: str) -> None
     out, ref = merged(x), a(x)
     assert torch.allclose(out[:, :3], ref, atol=1e-3) and torch.allclose(out[:, 3:], ref, atol=1e-3)
     fold0 = SuperNet([a, copy.deepcopy(a)], cfg).fold()  # untrained: exact
-    assert torch.allclose(fold0(x)[:, :3], ref, atol=1e-5)
+    assert_within(fold0(x)[:, :3], ref, forward_bound(a, ref), "untrained fold")
     avg = average([a, copy.deepcopy(a)])
-    assert torch.allclose(avg(x)[:, 3:], ref, atol=1e-5)
+    assert_within(avg(x)[:, 3:], ref, forward_bound(a, ref), "average of two copies")
 
 
 def test_baselines_shapes_and_front_door() -> None:
@@ -210,7 +216,7 @@ def test_baselines_shapes_and_front_door() -> None:
         assert m(data[0]).shape == (10, 3 + 4 + 3)
         assert len(evaluate_tasks(m, tests)) == 3
     ens = Ensemble(models)
-    assert torch.allclose(ens(data[0])[:, 3:7], models[1](data[0]))
+    assert torch.equal(ens(data[0])[:, 3:7], models[1](data[0]))  # the ensemble runs the model itself
     assert evaluate_tasks(ens, tests) == [evaluate_tasks(m, [t], [(0, m.head.out_features)])[0]
                                           for m, t in zip(models, tests)]
     assert from_yaml(to_yaml(FSMerge(param="full", mode="local"))) == FSMerge(param="full", mode="local")

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from thrifty.nn import RangeBatchNorm1d, RangeBatchNorm2d, convert_to_range_bn
 from thrifty.nn.rangebn import expected_gaussian_range, range_constant
+from tolerance import assert_within, bn_eval_bound, gamma, gamma_prob, matmul_bound, sum_bound, unit_roundoff
 
 
 @pytest.mark.parametrize("cls,shape", [(RangeBatchNorm2d, (6, 3, 3, 2)), (RangeBatchNorm1d, (10, 4)),
@@ -22,6 +23,7 @@ def test_gradcheck_float64(cls, shape, correction):
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-1, 1)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    # float64 central differences: truncation ~eps^2 and rounding ~u64 / eps, far below gradcheck's atol
     assert torch.autograd.gradcheck(lambda t: bn(t), (x,), eps=1e-6, atol=1e-5)
 
 
@@ -42,10 +44,13 @@ def test_matches_batchnorm_for_gaussian_activations_and_error_shrinks_with_n():
 
 
 def test_expected_range_closed_form_and_monte_carlo():
+    # trapezoid rule, step h = 5e-4 on [-12, 12]: error <= 24 h^2 / 12 max|f''| ~ 5e-7 for n = 2
     assert expected_gaussian_range(2) == pytest.approx(2 / math.sqrt(math.pi), rel=1e-6)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20000, 50, generator=g)
-    assert expected_gaussian_range(50) == pytest.approx(float((x.amax(1) - x.amin(1)).mean()), rel=0.01)
+    r = (x.amax(1) - x.amin(1)).double()
+    # Monte Carlo: within 5 standard errors of the sample mean
+    assert expected_gaussian_range(50) == pytest.approx(float(r.mean()), rel=0, abs=5 * float(r.std()) / 20000**0.5)
     assert range_constant(1000, "paper") == pytest.approx(1 / math.sqrt(2 * math.log(1000)))
     with pytest.raises(ValueError):
         range_constant(1)
@@ -60,16 +65,18 @@ def test_running_stats_and_eval_mode():
     stats = [bn.batch_stats(x) for x in xs]
     for x in xs:
         bn(x)
-    assert torch.allclose(bn.running_mean, torch.stack([s[0] for s in stats]).mean(0), atol=1e-5)
-    assert torch.allclose(bn.running_scale, torch.stack([s[1] for s in stats]).mean(0), atol=1e-5)
+    # cumulative averages: three updates of 3 roundings each, and the test's mean of 3 (each <= u of max|stat|)
+    for i, name in enumerate(("running_mean", "running_scale")):
+        st = torch.stack([s[i] for s in stats])
+        assert_within(getattr(bn, name), st.mean(0), 16 * unit_roundoff() * st.abs().amax(0), name)
     assert int(bn.num_batches_tracked) == 3
     bn.eval()
     x = torch.randn(3, 2, 4, 4)
     want = (x - bn.running_mean.view(1, -1, 1, 1)) / (bn.running_scale.view(1, -1, 1, 1) + bn.eps)
-    assert torch.allclose(bn(x), want)
+    assert_within(bn(x), want, bn_eval_bound(x, None, None, bn.running_mean, bn.running_scale + bn.eps), "eval")
     bn2 = RangeBatchNorm1d(3, momentum=0.5)
     bn2(torch.ones(4, 3) * torch.arange(4.0)[:, None])
-    assert torch.allclose(bn2.running_mean, torch.full((3,), 0.75))
+    assert torch.equal(bn2.running_mean, torch.full((3,), 0.75))  # 0.5 * mean(0, 1, 2, 3): exact in binary
 
 
 def test_convert_preserves_eval_output_and_shares_parameters():
@@ -81,12 +88,33 @@ def test_convert_preserves_eval_output_and_shares_parameters():
         model(torch.randn(16, 1, 8, 8))
     model.eval()
     x = torch.randn(5, 1, 8, 8)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [model[i].register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach()))
+             for i in (1, 5)]
     before = model(x)
+    for h in hooks:
+        h.remove()
+    bns = {i: model[i] for i in (1, 5)}
     w = model[1].weight
     convert_to_range_bn(model)
     assert isinstance(model[1], RangeBatchNorm2d) and isinstance(model[5], RangeBatchNorm1d)
     assert model[1].weight is w and not model[1].training
-    assert torch.allclose(model(x), before, atol=1e-5)
+    with torch.no_grad():
+        for i, bn in bns.items():  # the same affine map, computed in another order
+            assert_within(model[i](seen[i]), bn(seen[i]),
+                          bn_eval_bound(seen[i], bn.weight, bn.bias, bn.running_mean, (bn.running_var + bn.eps) ** 0.5),
+                          f"layer {i}")
+    # end to end the layer-1 differences pass through ReLU (1-Lipschitz) and the Linear (|W| times them, plus
+    # the Linear's own rounding on each side), then layer 5 scales them by |weight / (scale + eps)|
+    d1 = bn_eval_bound(seen[1], w, model[1].bias, model[1].running_mean, model[1].running_scale + model[1].eps)
+    lin = model[4]
+    with torch.no_grad():
+        h = model[3](model[2](model[1](seen[1])))
+    d4 = d1.flatten(1) @ lin.weight.detach().double().abs().t() + matmul_bound(h, lin.weight.t(), extra=1)
+    a5 = (model[5].weight / (model[5].running_scale + model[5].eps)).detach().double().abs()
+    tol = d4 * a5 + bn_eval_bound(seen[5], model[5].weight, model[5].bias, model[5].running_mean,
+                                  model[5].running_scale + model[5].eps)
+    assert_within(model(x), before, tol, "output")
     assert isinstance(convert_to_range_bn(nn.BatchNorm1d(3)), RangeBatchNorm1d)
     with pytest.raises(TypeError):
         convert_to_range_bn("model")  # type: ignore[arg-type]
@@ -120,7 +148,10 @@ def test_chunks_are_batch_major_groups():
         n = flat.shape[1] // 4
         blocks = flat[:, : 4 * n].reshape(3, 4, n)
         want = (blocks.amax(-1) - blocks.amin(-1)).mean(-1) * range_constant(n)
-        assert torch.allclose(mean, flat.mean(1), atol=1e-6) and torch.allclose(scale, want, atol=1e-6)
+        assert_within(mean, flat.mean(1), sum_bound(flat, 1, extra=1) / flat.shape[1], "mean")
+        # max and min are exact; the mean of 4 ranges and the constant: a few roundings of their magnitude
+        assert_within(scale, want, 2 * gamma(8) * (blocks.amax(-1) - blocks.amin(-1)).sum(-1) * range_constant(n),
+                      "scale")
 
 
 # ------------------------------------------------------------------- the fused CPU path vs the autograd reference
@@ -129,6 +160,41 @@ def _pair(bn: nn.Module) -> tuple[nn.Module, nn.Module]:
     ref = copy.deepcopy(bn)
     ref._fast_layout = lambda x: None
     return bn, ref
+
+
+def _grad_bound(bn, x: torch.Tensor, g: torch.Tensor, which: str = "input") -> torch.Tensor:
+    """Bound on the difference of two float computations of Range BN's training-mode gradient.
+
+    Per channel (m elements, k chunks of n, batch-major): dX = a (g - mean(g)), plus, at a chunk's maxima and
+    minima, -+ a (sum g x_hat) C(n) / k, with a = weight / (s + eps), x_hat = (x - mean) / (s + eps). Each side
+    rounds sums of m terms plus a few operations, relative to the magnitudes |a| (|g| + mean|g|) and, at the
+    extremes, |a| n C(n) mean|g x_hat| (gamma_prob: the sums are long). dweight = sum g x_hat, dbias = sum g.
+    """
+    c = x.shape[1]
+    xd, gd = x.detach().double(), g.double()
+    dims = [d for d in range(x.dim()) if d != 1]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    m = x.numel() // c
+    k = min(bn.num_chunks, m // 2)
+    n = m // k
+    with torch.no_grad():
+        mean, scale = bn.batch_stats(xd)
+    inv = 1.0 / (scale + bn.eps)
+    xhat = ((xd - mean.view(shape)) * inv.view(shape)).abs()
+    tol = 2 * gamma_prob(m + 8, x.dtype)
+    if which == "weight":
+        return tol * (gd.abs() * xhat).sum(dims)
+    if which == "bias":
+        return tol * gd.abs().sum(dims)
+    flat = xd.transpose(0, 1).reshape(c, -1)
+    blocks = flat[:, :k * n].reshape(c, k, n)
+    ext = (blocks == blocks.amax(-1, keepdim=True)) | (blocks == blocks.amin(-1, keepdim=True))
+    ext = torch.cat([ext.reshape(c, -1), torch.zeros(c, m - k * n, dtype=torch.bool)], 1)
+    ext = ext.reshape((c, x.shape[0]) + tuple(x.shape[2:])).transpose(0, 1)
+    a = inv * (bn.weight.detach().double().abs() if bn.affine else 1.0)
+    mag = gd.abs() + gd.abs().mean(dims).view(shape) + ext * n * range_constant(n, bn.correction) * (
+        (gd.abs() * xhat).mean(dims).view(shape))
+    return tol * a.view(shape) * mag
 
 
 FAST_CASES = [(RangeBatchNorm2d, (64, 16, 8, 8), 16), (RangeBatchNorm2d, (6, 3, 3, 2), 3),
@@ -147,20 +213,24 @@ def test_fused_path_same_forward_and_running_stats_gradients_within_rounding(cls
             bn.bias.uniform_(-1, 1)
         bn, ref = _pair(bn)
     assert bn._fast_layout(torch.zeros(shape)) is not None  # these shapes take the fused path
+    seen = []
     for _ in range(2):
         x = (torch.randn(shape) * 2 + 0.5).requires_grad_()
         x2 = x.detach().clone().requires_grad_()
         y, y2 = bn(x), ref(x2)
         torch.testing.assert_close(y, y2, rtol=0, atol=0)  # forward: the same float32 ops
         g = torch.randn(shape)
+        seen.append((x2.detach(), g))
         y.backward(g)
         y2.backward(g)
-        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+        assert_within(x.grad, x2.grad, _grad_bound(ref, x2, g), "dX")
     torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=0, atol=0)
     torch.testing.assert_close(bn.running_scale, ref.running_scale, rtol=0, atol=0)
     if affine:
-        torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
+        # sums over both steps of g * x_hat and of g
+        bw = sum(_grad_bound(ref, xs, gs, "weight") for xs, gs in seen)
+        assert_within(bn.weight.grad, ref.weight.grad, bw, "dweight")
+        assert_within(bn.bias.grad, ref.bias.grad, sum(_grad_bound(ref, xs, gs, "bias") for xs, gs in seen), "dbias")
 
 
 @pytest.mark.parametrize("cls,shape", [(RangeBatchNorm2d, (6, 3, 3, 2)), (RangeBatchNorm1d, (12, 4)),
@@ -191,7 +261,7 @@ def test_fused_path_shares_a_tied_max_evenly_like_amax():
     scale = (flat.amax(-1) - flat.amin(-1)).mean(-1) * range_constant(flat.shape[-1])
     y = (x2 - mean.view(1, -1, 1, 1)) / (scale.view(1, -1, 1, 1) + bn.eps)
     y.backward(g)
-    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-9, atol=1e-9)
+    assert_within(x.grad, x2.grad, _grad_bound(bn, x2, g), "dX")
 
 
 def test_fused_path_layout_conditions_and_non_contiguous_input():
@@ -208,6 +278,25 @@ def test_fused_path_layout_conditions_and_non_contiguous_input():
     torch.testing.assert_close(y, y2, rtol=0, atol=0)
     y.sum().backward()
     y2.sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    assert_within(x.grad, x2.grad, _grad_bound(ref, x2, torch.ones_like(y2)), "dX")
     with torch.no_grad():  # no graph: the fused forward alone
         torch.testing.assert_close(bn(x), y, rtol=0, atol=0)
+
+
+def test_conversions_keep_the_models_dtype():
+    """Regression: both conversions built float32 buffers, so a float64 model's statistics were rounded to float32
+    (and convert_to_batchnorm's BatchNorm then refused the float64 input)."""
+    from thrifty.quant.train8 import convert_to_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    model(torch.randn(8, 3, dtype=torch.float64))
+    model.eval()
+    var = model[1].running_var.clone()
+    convert_to_range_bn(model)
+    assert model[1].running_scale.dtype == torch.float64 and model[1].weight.dtype == torch.float64
+    convert_to_batchnorm(model)
+    assert model[1].running_var.dtype == torch.float64
+    # sqrt(var + eps) - eps and back: a few float64 roundings of var + eps, nothing of float32's
+    assert_within(model[1].running_var, var, 8 * unit_roundoff(torch.float64) * (var + model[1].eps), "running_var")
+    model(torch.randn(2, 3, dtype=torch.float64))

@@ -14,6 +14,7 @@ from thrifty.nn import Accumulator
 from thrifty.ops import nm as nmops
 from thrifty.sparse import (NM, adaprune, density, load_sparse, nm_for_density, nm_masks, plan_from_unstructured,
                             refresh_masks, save_sparse, sparsify)
+from tolerance import assert_within, gamma, matmul_bound
 
 
 class Recorder(Accumulator):
@@ -42,11 +43,12 @@ def test_sparsify_linear_and_conv_patterns_and_strip():
         w = layer.effective_weight()
         assert nmops.is_nm(w, 2, 4)
         assert torch.equal(w != 0, mk.mask & (layer.weight != 0))
-    assert all(abs(d - 0.5) < 1e-6 for d in density(model).values())
+    assert all(d == 0.5 for d in density(model).values())  # kept / total of a 2:4 mask: exactly one half
     assert torch.equal(model[0].bias, bias0)
     y = model(x)
     plain = strip(copy.deepcopy(model))
-    assert type(plain[0]) is nn.Conv2d and torch.allclose(plain(x), y, atol=1e-6)
+    assert type(plain[0]) is nn.Conv2d
+    assert torch.equal(plain(x), y)  # the stripped conv holds the masked weight: the same conv on the same tensors
 
 
 @pytest.mark.parametrize("method", ["exact", "approx"])
@@ -62,7 +64,7 @@ def test_transposable_linear_backward_uses_masked_wt(method):
     wm = model[2].effective_weight()
     assert torch.equal(rec.w_backward, wm)  # the dX GEMM runs on the masked weight ...
     assert nmops.is_nm(rec.w_backward.t(), 4, 8)  # ... which is 4:8 along its reduction (out features)
-    assert torch.allclose(h.grad, dy @ wm, atol=1e-6)
+    assert_within(h.grad, dy @ wm, matmul_bound(dy, wm), "dX")
 
 
 def test_plain_nm_backward_is_not_transposable_but_transposable_is():
@@ -86,7 +88,8 @@ def test_transposable_conv_backward_gemm_is_nm():
     # dX = conv_transpose(dY, W): reduction over (out, kh, kw); blocks of 4 output channels at fixed (c, kh, kw)
     assert (wm.ne(0).view(4, 4, 8, 3, 3).sum(1) <= 2).all()
     ref = torch.nn.grad.conv2d_input(x.shape, wm, dy, padding=1)
-    assert torch.allclose(x.grad, ref, atol=1e-5)
+    assert_within(x.grad, ref, 2 * gamma(16 * 9 + 2) * torch.nn.grad.conv2d_input(x.shape, wm.abs(), dy.abs(),
+                                                                                   padding=1), "dX")
 
 
 def test_fixed_mask_vs_straight_through_gradients():
@@ -262,7 +265,8 @@ def test_adaprune_reduces_error_and_reestimates_bn():
     rm_before = model[1].running_mean.clone()
     report = adaprune(model, NM(2, 4), TensorDataset(x, torch.zeros(64).long()), steps=60, lr=1e-3, progress=False)
     assert set(report) == {"0", "3", "5"}
-    assert all(r["mse_after"] <= r["mse_before"] for r in report.values())
+    # (mse_after <= mse_before holds by construction: a layer that got worse is restored) AdaPrune must really
+    # improve on magnitude pruning somewhere
     assert any(r["mse_after"] < 0.95 * r["mse_before"] for r in report.values())
     assert not torch.equal(rm_before, model[1].running_mean)
     for name, layer, mk in nm_masks(model):

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from thrifty.bench.harness import Samples
+from thrifty.bench.report import portable_paths
 from thrifty.bench.settings import SCENARIOS, BenchConfig
 from thrifty.utils import atomic_write_text, get_logger
 
@@ -223,7 +224,8 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         accuracy: bool = True, reference: Any = "auto", isolate: bool = True, seq_len: int = 128,
         max_samples: Optional[int] = None, variant: Optional[str] = None,
         dynamic_length: bool = False, calib: Any = "auto") -> dict[str, Any]:
-    """Benchmark ``model`` under LoadGen scenarios and return (and write ``outdir/result.json``) the results.
+    """Benchmark ``model`` under LoadGen scenarios and return (and write ``outdir/<variant>/result.json``, with
+    paths relative to that folder) the results.
 
     ``backend="onnxruntime"`` exports the model (int8 QDQ where it holds thrifty quantizers) and runs ONNX
     Runtime; ``reference`` ("auto" = the given PyTorch model's own outputs, or a module/array) is what the
@@ -300,7 +302,9 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         from thrifty.bench.accuracy import score_outputs
 
         res["reference_metrics"] = score_outputs({i: ref[i] for i in range(len(ref))}, wl.samples.labels)
-    atomic_write_text(out / "result.json", json.dumps(res, indent=1, default=_jsonable))
+    # paths in the file are relative to its folder (portable, nothing about the machine); the returned dict keeps
+    # absolute ones, usable from any working directory
+    atomic_write_text(out / "result.json", json.dumps(portable_paths(res, out), indent=1, default=_jsonable))
     return res
 
 

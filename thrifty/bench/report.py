@@ -10,12 +10,32 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from thrifty.utils import atomic_write_text
 
-__all__ = ["markdown_table", "accuracy_table", "write_report", "plot_results"]
+__all__ = ["markdown_table", "accuracy_table", "write_report", "plot_results", "portable_paths"]
+
+PATH_KEYS = frozenset({"logdir", "path"})  # the keys under which benchmark results hold file system paths
+
+
+def portable_paths(obj: Any, base: str | Path) -> Any:
+    """A copy of ``obj`` (nested dicts/lists) whose absolute paths under :data:`PATH_KEYS` are relative to ``base``.
+
+    Written results then stay valid when their folder moves and say nothing about the machine they ran on.
+    Example:
+        >>> portable_paths({"logdir": "/data/bench/m/Offline", "runs": [{"path": "/data/m.onnx"}]}, "/data/bench")
+        {'logdir': 'm/Offline', 'runs': [{'path': '../m.onnx'}]}
+    """
+    if isinstance(obj, dict):
+        return {k: (Path(os.path.relpath(v, os.path.abspath(base))).as_posix()
+                    if k in PATH_KEYS and isinstance(v, (str, Path)) and os.path.isabs(v) else portable_paths(v, base))
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable_paths(v, base) for v in obj]
+    return obj
 
 
 def _fmt(v: Any, nd: int = 4) -> str:
@@ -144,7 +164,9 @@ def plot_results(results: Sequence[dict[str, Any]], outdir: str | Path, prefix: 
 
 def write_report(results: Sequence[dict[str, Any]], outdir: str | Path, title: str = "thrifty bench",
                  extra_markdown: str = "", prefix: str = "") -> dict[str, Any]:
-    """Write ``results.json``, ``report.md`` and plots into ``outdir``; returns the paths."""
+    """Write ``results.json``, ``report.md`` and plots into ``outdir``; returns the paths.
+
+    Paths in ``results.json`` (log folders) are relative to ``outdir``."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     plots = plot_results(results, outdir, prefix)
@@ -152,6 +174,7 @@ def write_report(results: Sequence[dict[str, Any]], outdir: str | Path, title: s
     if extra_markdown:
         md += [extra_markdown, ""]
     md += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
-    js = atomic_write_text(outdir / f"{prefix}results.json", json.dumps(list(results), indent=1, default=str))
+    js = atomic_write_text(outdir / f"{prefix}results.json", json.dumps(portable_paths(list(results), outdir), indent=1,
+                                                                     default=str))
     mdp = atomic_write_text(outdir / f"{prefix}report.md", "\n".join(md) + "\n")
     return {"json": str(js), "markdown": str(mdp), "plots": plots}

@@ -290,8 +290,11 @@ def convert_to_range_bn(model: nn.Module, num_chunks: int = 16, correction: Corr
 
     def convert(bn: nn.modules.batchnorm._BatchNorm) -> _RangeBatchNorm:
         cls = RangeBatchNorm2d if isinstance(bn, nn.BatchNorm2d) else RangeBatchNorm1d
+        # the buffers take the model's dtype and device (float32 ones would round a float64 model's statistics)
+        like = next(iter(bn.parameters(recurse=False)), bn.running_mean)
+        fk = {"device": like.device, "dtype": like.dtype} if like is not None else {}
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, num_chunks, correction,
-                  bits)
+                  bits, **fk)
         if bn.affine:
             new.weight, new.bias = bn.weight, bn.bias
         if bn.track_running_stats and bn.running_mean is not None:
@@ -299,7 +302,6 @@ def convert_to_range_bn(model: nn.Module, num_chunks: int = 16, correction: Corr
                 new.running_mean.copy_(bn.running_mean)
                 new.running_scale.copy_(torch.sqrt(bn.running_var + bn.eps) - bn.eps)
                 new.num_batches_tracked.copy_(bn.num_batches_tracked)
-        new.to(device=bn.weight.device if bn.affine else None)
         new.train(bn.training)
         return new
 

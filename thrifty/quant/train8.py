@@ -180,7 +180,9 @@ def convert_to_batchnorm(model: nn.Module) -> nn.Module:
     """
     def convert(rb: _RangeBatchNorm) -> nn.Module:
         cls = nn.BatchNorm2d if rb._dims == (4,) else nn.BatchNorm1d
-        bn = cls(rb.num_features, rb.eps, rb.momentum, rb.affine, rb.track_running_stats)
+        like = next(iter(rb.parameters(recurse=False)), rb.running_mean)  # keep the model's dtype and device
+        fk = {"device": like.device, "dtype": like.dtype} if like is not None else {}
+        bn = cls(rb.num_features, rb.eps, rb.momentum, rb.affine, rb.track_running_stats, **fk)
         if rb.affine:
             bn.weight, bn.bias = rb.weight, rb.bias
         if rb.track_running_stats:
@@ -189,7 +191,7 @@ def convert_to_batchnorm(model: nn.Module) -> nn.Module:
                 bn.running_var.copy_((rb.running_scale + rb.eps) ** 2 - rb.eps)
                 bn.num_batches_tracked.copy_(rb.num_batches_tracked)
         bn.train(rb.training)
-        return bn.to(rb.running_mean.device if rb.track_running_stats else None)
+        return bn
 
     if isinstance(model, _RangeBatchNorm):
         return convert(model)
