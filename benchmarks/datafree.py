@@ -5,7 +5,7 @@ With the library defaults (thrifty.datafree.Synth), at batch 256 and 128, plus t
 BN-statistic taps of the first version (forward pre-hooks collecting ``Tensor.mean``/``Tensor.var`` per BN
 input, re-registered every step) against the normalised one-pass taps now used.
 
-    flock /tmp/thrifty-bench.lock .venv/bin/python benchmarks/datafree.py [--steps N]
+    .venv/bin/python benchmarks/datafree.py [--steps N]      # on a quiet machine
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ becomes the task "resnet20 / digits32 long" (same lr, batch and augmentation; ev
 run with the same runs and seeds 0, 1, 2 under the step schedule; if neither budget qualifies, there is no long
 digits32 task and the report says so.
 Pilot result (`python experiments/regimes.py --parts a --schedule step --tasks digits32 --steps 400 --runs no-aug
-m=1 --seeds 0 --out /tmp/pilot400`): 400 steps, no-aug 99.07%, m=1 99.07% -> 400 steps qualifies (800 was not
+m=1 --seeds 0 --out <scratch folder>`): 400 steps, no-aug 99.07%, m=1 99.07% -> 400 steps qualifies (800 was not
 needed). Caveat written down with it: at 99.07% (5 of 539 test images wrong, one image = 0.19 points) the
 baseline is near the task's ceiling, so steps-to-reach on this task is decided by a few test images.
 Seeds 3 and 4 for every protocol-B task (decided and committed after the 3-seed results, because the long
