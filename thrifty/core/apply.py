@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from thrifty.core.config import Config
 from thrifty.core.select import drop_module_path_hooks, keep_module_path, layer_status, outermost, uncalled_layers
-from thrifty.nn.gemm import SLOT_NAMES, Chain, GemmConv2d, GemmLinear, Slots, is_gemm, wrap
+from thrifty.nn.gemm import SLOT_NAMES, Chain, SlotRefused, is_gemm, wrap, wrap_in_place
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
            "check_layers_run", "untied_views", "explicit_names", "HANDLERS"]
@@ -88,7 +88,7 @@ def _select(model: nn.Module, filter: Filter) -> tuple[list[tuple[list[str], nn.
     pred = make_filter(filter)
     names: dict[int, list[str]] = {}
     status: dict[int, tuple[nn.Module, Optional[str]]] = {}
-    for name, m, why in layer_status(model):
+    for name, m, why in layer_status(model, explicit_names(filter)):
         names.setdefault(id(m), []).append(name)
         status[id(m)] = (m, why)
     chosen, refused = [], {}
@@ -127,9 +127,7 @@ def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.M
     out: list[tuple[str, nn.Module]] = []
     for ns, m in chosen:
         if ns[0] == "":
-            if not is_gemm(m):  # a bare layer passed as the model: change its class in place (the caller holds it)
-                m.__class__ = GemmLinear if isinstance(m, nn.Linear) else GemmConv2d
-                m.slots = Slots()
+            wrap_in_place(m)  # a bare layer passed as the model: change its class in place (the caller holds it)
             out.append(("", m))
             continue
         new = wrap(m, ns[0])
@@ -179,7 +177,10 @@ def apply(model: nn.Module, config: Config, filter: Filter = None, *, probe: Any
         if probe is not None:
             check_layers_run(model, probe)
         for name, layer in layers:
-            handler(layer, name, config)
+            try:
+                handler(layer, name, config)
+            except SlotRefused as e:
+                raise SlotRefused(f"{type(config).__name__} on layer {name!r}: {e}") from None
     except Exception:
         _restore(model, snapshot)
         raise
@@ -250,6 +251,7 @@ def _restore(model: nn.Module, snap: tuple[list, list, type, list]) -> None:
     if type(model) is not cls:  # a bare root layer was wrapped in place: undo it
         model.__class__ = cls
         del model.slots
+        model.__dict__.pop("_thrifty_cls", None)
     for parent, cname, child in tree:
         parent._modules[cname] = child
     for layer, s, obj, members in slots:
@@ -305,13 +307,7 @@ def strip(model: nn.Module, tied: str = "keep") -> nn.Module:
                                  "transform it differently; strip(model, tied='untie') gives each its own copy")
     for k, m in layers.items():
         w = baked[k]
-        if isinstance(m, GemmLinear):
-            plain: nn.Module = nn.Linear(m.in_features, m.out_features, m.bias is not None)
-        else:
-            assert isinstance(m, GemmConv2d)
-            plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,  # type: ignore[arg-type]
-                              m.dilation, m.groups, m.bias is not None, m.padding_mode)
-        plain = plain.to(device=w.device, dtype=m.weight.dtype)
+        plain = m.plain_like().to(device=w.device, dtype=m.weight.dtype)
         with torch.no_grad():
             if id(m.weight) in shared:
                 m.weight.copy_(w)

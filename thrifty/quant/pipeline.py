@@ -168,7 +168,7 @@ def _reapply_masks(kept: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
 
 
 def _set_wbits(layer: nn.Module, bits: int, cfg: PTQ, learnable: bool) -> None:
-    layer.slots.weight = weight_quantizer(bits, cfg, learnable).init_from(layer.weight)
+    layer.slots.weight = weight_quantizer(bits, cfg, learnable, layer).init_from(layer.weight)
 
 
 def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter = None,
