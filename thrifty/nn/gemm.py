@@ -31,7 +31,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -211,25 +211,26 @@ _NO_ACC = ("a transposed convolution scatters its products over overlapping outp
            "accumulation order to emulate (leave the layer out with filter=)")
 
 
+def _transpose_op(m: nn.Module, output_padding: Sequence[int]) -> GemmOp:
+    return GemmOp(f"conv_transpose{len(m.kernel_size)}d", tuple(m.stride), tuple(m.padding), tuple(m.dilation),
+                  m.groups, tuple(output_padding))
+
+
 class GemmConvTranspose1d(nn.ConvTranspose1d):
     """nn.ConvTranspose1d with operand slots (no accumulator slot); exact when all slots are empty."""
 
     NO_SLOTS = {"accumulator": _NO_ACC}
     __init__ = _init
 
-    def _op(self, output_padding: tuple[int, ...]) -> GemmOp:
-        return GemmOp(f"conv_transpose{len(self.kernel_size)}d", tuple(self.stride), tuple(self.padding),
-                      tuple(self.dilation), self.groups, tuple(output_padding))
-
     @property
     def op(self) -> GemmOp:
-        return self._op(self.output_padding)
+        return _transpose_op(self, self.output_padding)
 
     def forward(self, x: Tensor, output_size: Optional[list[int]] = None) -> Tensor:
         _check_slots(self)
         n = len(self.kernel_size)  # as nn.ConvTranspose*d.forward: output_size picks the output padding
         out_pad = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, n, self.dilation)
-        return _gemm_forward(self, x, self._op(out_pad))
+        return _gemm_forward(self, x, _transpose_op(self, out_pad))
 
     add = _add
     effective_weight = _effective_weight
@@ -245,7 +246,6 @@ class GemmConvTranspose2d(nn.ConvTranspose2d):
 
     NO_SLOTS = {"accumulator": _NO_ACC}
     __init__ = _init
-    _op = GemmConvTranspose1d._op
     op = GemmConvTranspose1d.op
     forward = GemmConvTranspose1d.forward  # type: ignore[assignment]
     add = _add
@@ -263,6 +263,7 @@ class GemmEmbedding(nn.Embedding):
                 "grad_output": _LOOKUP + " (its backward is a scatter-add, no GEMM to act in)",
                 "accumulator": _LOOKUP + " (each output is one table entry: nothing is summed)"}
     __init__ = _init
+    bias = None  # a lookup has none (strip and the slot code read layer.bias)
 
     @property
     def op(self) -> GemmOp:

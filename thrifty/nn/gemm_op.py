@@ -297,7 +297,9 @@ class GemmFunction(torch.autograd.Function):
         if not op.spatial:
             if custom is None:
                 wt = w.t() if op.kind == "linear_t" else w  # as [out, in]
-                if need_x:
+                if need_x and op.kind == "linear_t":  # as addmm's backward: on the 2-D view
+                    dx = dy_x.reshape(-1, wt.shape[0]).mm(wt).view(x.shape)
+                elif need_x:
                     dx = dy_x.matmul(wt)
                 if need_w:
                     dy2, x2 = dy_w.reshape(-1, dy_w.shape[-1]), x.reshape(-1, x.shape[-1])
