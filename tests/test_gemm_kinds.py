@@ -342,3 +342,15 @@ def test_transformers_gpt2_and_whisper_encoder_get_every_gemm_quantized():
         with torch.no_grad():
             ref, out = model(**batch)[0], res.model(**batch)[0]
         assert float((out - ref).norm() / ref.norm()) <= _w8a8_bound(n)
+
+
+def test_save_sparse_round_trips_transposed_layouts(tmp_path):
+    from thrifty.sparse.storage import load_sparse, save_sparse
+
+    model = nn.Sequential(_gpt2_conv1d(8, 16), nn.ConvTranspose1d(16, 8, 3, groups=2))
+    th.sparsify(model, NM(2, 4))
+    info = save_sparse(model, tmp_path / "m.nm.safetensors")  # before: "not 2:4 sparse" (blocks on the wrong dim)
+    assert info["stored_bytes"] < info["dense_bytes"]
+    plain = strip(copy.deepcopy(model))
+    sd = load_sparse(tmp_path / "m.nm.safetensors")
+    assert all(torch.equal(sd[k], v) for k, v in plain.state_dict().items())
