@@ -105,10 +105,10 @@ def _select(model: nn.Module, filter: Filter) -> tuple[list[tuple[list[str], nn.
 
 
 def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.Module]]:
-    """Replace selected nn.Linear / nn.Conv2d by Gemm layers (in place); return them.
+    """Replace the selected wrappable layers (Linear, convs, GPT-2 Conv1D, ...) by Gemm layers (in place).
 
     A layer reachable under several names is wrapped once and the wrapped layer put at every name.
-    GEMM-like layers that pass the filter but cannot be wrapped (nn.Conv1d, nn.MultiheadAttention,
+    GEMM-like layers that pass the filter but cannot be wrapped (nn.Conv3d, nn.MultiheadAttention,
     ...) get a warning naming each; a filter that names one exactly raises TypeError with the reason.
     """
     chosen, refused = _select(model, filter)
@@ -268,7 +268,8 @@ def _restore(model: nn.Module, snap: tuple[list, list, type, list]) -> None:
 
 
 def strip(model: nn.Module, tied: str = "keep") -> nn.Module:
-    """Replace every Gemm layer by a plain nn.Linear / nn.Conv2d with the weight transform baked in.
+    """Replace every Gemm layer by its plain layer (nn.Linear, nn.Conv1d, GPT-2's Conv1D, ...) with the weight
+    transform baked in.
 
     Input, gradient and accumulator transforms have no plain-layer equivalent and are dropped. A layer
     reachable under several names is replaced at each name by one plain layer; hooks registered on a

@@ -2,7 +2,7 @@
 
 Three things decide whether a wrapped layer changes what a model computes:
 
-* the layer itself (:func:`thrifty.nn.why_not_wrappable`: nn.Linear / nn.Conv2d that keep their GEMM);
+* the layer itself (:func:`thrifty.nn.why_not_wrappable`: nn.Linear, convs, GPT-2 Conv1D, ... that keep their GEMM);
 * its parent: nn.MultiheadAttention computes its projections from the weights directly
   (``F.multi_head_attention_forward`` reads ``out_proj.weight``), so a wrapped ``out_proj`` would never run;
 * fused inference paths: nn.TransformerEncoderLayer in eval/no-grad calls one fused kernel with the
@@ -14,7 +14,7 @@ Anything else that reads a wrapped layer's weight instead of calling it is caugh
 
 Example:
     >>> import torch.nn as nn
-    >>> m = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1))
+    >>> m = nn.Sequential(nn.Linear(4, 4), nn.Conv3d(4, 4, 1))
     >>> [(n, why is None) for n, _, why in layer_status(m)]
     [('0', True), ('1', False)]
 """
