@@ -16,29 +16,16 @@ from hypothesis import strategies as st
 import thrifty as th
 from thrifty.core import apply, strip
 from thrifty.models import create
-from thrifty.nn import GemmOp, GradTransform, SlotRefused, gemm_like, is_gemm, why_not_wrappable, wrap
-from thrifty.ops import nm as nmops
+from thrifty.nn import GemmOp, SlotRefused, gemm_like, is_gemm, why_not_wrappable, wrap
 from thrifty.quant.accum import AccumConfig
 from thrifty.quant.config import QuantConfig
 from thrifty.quant.train8 import Train8
 from thrifty.sparse import NM
 from thrifty.sparse.actgrad import ActNM, GradNM
 
+from test_core_gemm import Copies, Identity2  # GradTransforms that force the custom autograd path
+
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
-
-
-class Identity2(GradTransform):
-    """Forces the custom autograd Function path while changing nothing."""
-
-    def forward(self, dy):
-        return dy, dy
-
-
-class Copies(GradTransform):
-    """Two distinct tensors: the separate dX / dW backward calls."""
-
-    def forward(self, dy):
-        return dy.clone(), dy.clone()
 
 
 def _gpt2_conv1d(nf, nx):
