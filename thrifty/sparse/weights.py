@@ -110,9 +110,10 @@ class NMMask(nn.Module):
     def compute(self, w: Tensor) -> Tensor:
         c = self.cfg
         try:
-            g = self.op.gemm_weight(w)
+            op = self.__dict__.get("op") or GemmOp("linear")  # (a mask pickled before layouts existed: [out, ...])
+            g = op.gemm_weight(w)
             mask = nmops.transposable_mask(g, c.n, c.m, c.method) if c.transposable else nmops.nm_mask(g, c.n, c.m)
-            return self.op.from_gemm_weight(mask, w.shape)
+            return op.from_gemm_weight(mask, w.shape)
         except (ValueError, TypeError) as e:  # e.g. weights turned NaN during training: say which layer
             where = getattr(self, "layer_name", None)
             raise type(e)(f"layer {where!r}: {e}" if where is not None else str(e)) from None
