@@ -341,3 +341,11 @@ def test_save_sparse_round_trips_transposed_layouts(tmp_path):
     plain = strip(copy.deepcopy(model))
     sd = load_sparse(tmp_path / "m.nm.safetensors")
     assert all(torch.equal(sd[k], v) for k, v in plain.state_dict().items())
+
+
+def test_a_named_layer_thrifty_cannot_wrap_gets_the_reason():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Embedding(8, 4, max_norm=1.0))
+    with pytest.raises(TypeError, match=r"layer '1' cannot be wrapped: LayerNorm is not supported: GEMM slots support"):
+        apply(model, GradNM(2, 4), filter=["0", "1"])
+    with pytest.raises(TypeError, match=r"layer '2' cannot be wrapped: Embedding with max_norm"):
+        apply(model, QuantConfig(w_bits=8, a_bits=None), filter=["0", "2"])

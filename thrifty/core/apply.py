@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from thrifty.core.config import Config
 from thrifty.core.select import drop_module_path_hooks, keep_module_path, layer_status, outermost, uncalled_layers
-from thrifty.nn.gemm import SLOT_NAMES, Chain, SlotRefused, is_gemm, wrap, wrap_in_place
+from thrifty.nn.gemm import SLOT_NAMES, Chain, SlotRefused, is_gemm, why_not_wrappable, wrap, wrap_in_place
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
            "check_layers_run", "untied_views", "explicit_names", "HANDLERS"]
@@ -119,8 +119,7 @@ def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.M
         leaves = [p for p in explicit if p not in refused and p not in got and _is_other_leaf(model, p)]
         if named or leaves:
             raise TypeError("; ".join([f"layer {n!r} cannot be wrapped: {w}" for n, w in named.items()] + [
-                f"layer {n!r} is {type(model.get_submodule(n)).__name__}; thrifty's GEMM slots support nn.Linear "
-                f"and nn.Conv2d" for n in leaves]))
+                f"layer {n!r} cannot be wrapped: {why_not_wrappable(model.get_submodule(n))}" for n in leaves]))
     if refused:
         warnings.warn("thrifty: these GEMM layers cannot be wrapped and stay as they are: "
                       + "; ".join(f"{n!r} ({w})" for n, w in outermost(refused).items()), stacklevel=3)
