@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/thrifty demo
+	$(VENV)/bin/thrifty demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile

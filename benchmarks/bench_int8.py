@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from thrifty.bench import BenchSettings, OrtBackend, TorchBackend, optimized_op_counts, run  # noqa: E402
+from thrifty.bench import BenchConfig, OrtBackend, TorchBackend, optimized_op_counts, run  # noqa: E402
 from thrifty.bench.api import calibration_data, load_workload  # noqa: E402
 from thrifty.bench.backends import INT8_KERNELS  # noqa: E402
 from thrifty.bench.export import export_onnx  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> int:
     mini = load_workload("minilm", seq_len=128, max_samples=256)
     models = {"resnet20": (r20, torch.load(cache / "resnet20_w8a8_rtn.pt", weights_only=False)),
               "minilm": (mini, torch.load(cache / "minilm_w8a8_rtn.pt", weights_only=False))}
-    s = BenchSettings(min_duration_s=args.min_duration, max_batch=64)
+    s = BenchConfig(min_duration_s=args.min_duration, max_batch=64)
     out: dict = {"rounds": args.rounds, "workers": s.n_workers(), "threads": s.threads, "results": {},
                  "ptq_experiment": _ptq_reference()}
     for fam, (wl, q) in models.items():

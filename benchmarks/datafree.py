@@ -76,7 +76,7 @@ def main() -> None:
     rows = []
     for label, c in runs:
         t0, c0 = time.perf_counter(), time.process_time()
-        ds = synthesize(model, args.n, cfg=c, input_shape=splits.input_shape, progress=False)
+        ds = synthesize(model, c, args.n, input_shape=splits.input_shape, progress=False)
         rows.append({"settings": label, "batch_size": c.batch_size, "steps": c.steps,
                      "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                      "bn_distance": bn_similarity(model, ds)})
@@ -85,7 +85,7 @@ def main() -> None:
     torch.manual_seed(0)
     m = th.models.create("resnet20", in_chans=1, num_classes=10)
     t0 = time.perf_counter()
-    th.train.fit(m, splits.train, None, th.train.TrainConfig(epochs=1, batch_size=64), progress=False)
+    th.train.fit(m, th.train.TrainConfig(epochs=1, batch_size=64), splits.train, progress=False)
     epoch = time.perf_counter() - t0
     out = {"n": args.n, "config": {k: v for k, v in vars(cfg).items()}, "threads": torch.get_num_threads(),
            "rows": rows, "step_seconds_batch256": per_step, "train_epoch_seconds": epoch}

@@ -80,7 +80,7 @@ def digits8x8(seed: int, quick: bool, width: int = 16):
     te = TensorDataset(s.test.tensors[0].reshape(-1, 1, 8, 8), s.test.tensors[1])
     seed_everything(seed)
     model = create("resnet20", in_chans=1, num_classes=s.num_classes, width=width)
-    fit(model, tr, None, TrainConfig(epochs=3 if quick else 15, batch_size=64, lr=0.1, weight_decay=5e-4, seed=seed),
+    fit(model, TrainConfig(epochs=3 if quick else 15, batch_size=64, lr=0.1, weight_decay=5e-4, seed=seed), tr,
         progress=False)
     return model.eval(), tr, te
 

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from thrifty.bench import BenchSettings, Samples, optimized_op_counts, run  # noqa: E402
+from thrifty.bench import BenchConfig, Samples, optimized_op_counts, run  # noqa: E402
 from thrifty.bench.api import calibration_data, load_workload, ptq_int8  # noqa: E402
 from thrifty.bench.backends import INT8_KERNELS, TorchBackend  # noqa: E402
 from thrifty.bench.report import markdown_table, plot_results  # noqa: E402
@@ -100,7 +100,7 @@ def main() -> int:
         return 0
     work = ROOT / "reports" / name
     t_start = time.perf_counter()
-    base = BenchSettings(min_duration_s=1.0 if quick else 2.0, max_batch=64, server_max_probes=5 if quick else 7)
+    base = BenchConfig(min_duration_s=1.0 if quick else 2.0, max_batch=64, server_max_probes=5 if quick else 7)
     rows: list[dict] = []
     meta: dict = {"python": platform.python_version(), "torch": torch.__version__, "quick": quick,
                   "settings": {k: getattr(base, k) for k in ("min_duration_s", "max_batch", "threads")},

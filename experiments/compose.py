@@ -97,7 +97,7 @@ def train_part(splits, a) -> dict:
             for s in steps:
                 model = s(model)
         t0 = time.perf_counter()
-        hist = fit(model, splits.train, None, cfg, progress=False)
+        hist = fit(model, cfg, splits.train, progress=False)
         sec = time.perf_counter() - t0
         acc = evaluate(model, splits.test)["acc"]
         row = {"variant": name, "test_acc": acc, "final_loss": sum(hist.losses[-10:]) / len(hist.losses[-10:]),
@@ -129,8 +129,8 @@ def accum_part(model: nn.Module, splits, a) -> dict:
     ctrl = copy.deepcopy(model)
     for steps, seed in zip(ft["steps"], (1, 2)):  # the recipe's two stages: same steps, schedules and seeds
         if steps:
-            fit(ctrl, splits.train, None, TrainConfig(steps=steps, batch_size=32, lr=0.01, weight_decay=5e-4,
-                                                      seed=seed), progress=False)
+            fit(ctrl, TrainConfig(steps=steps, batch_size=32, lr=0.01, weight_decay=5e-4, seed=seed), splits.train,
+                progress=False)
     ctrl_acc = evaluate(ctrl, test)["acc"]
     row = {"variant": "all three + 12-bit accumulator (1+4+7, chunk 16)", "n_test": len(test),
            "without_accumulator": ref, "naive": naive, "finetuned": ft["test_acc"], "finetune_steps": a.acc_steps,
@@ -190,7 +190,7 @@ def deploy_part(splits, a, out_dir: Path) -> dict:
     sp = copy.deepcopy(fp)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adaprune(sp, calib, NM(4, 8, transposable=True), steps=a.adaprune_steps, progress=False)
+        adaprune(sp, NM(4, 8, transposable=True), calib, steps=a.adaprune_steps, progress=False)
     ap_s = time.perf_counter() - t0
     info = save_sparse(sp, out_dir / "compose_t48.nm.safetensors")  # real file: FP32 values + packed indices
     (out_dir / "compose_t48.nm.safetensors").unlink()

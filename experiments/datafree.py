@@ -88,7 +88,7 @@ def main() -> None:
     synth_seconds: dict[str, float] = {}
     for method in ("gaussian", "inception", "bns"):
         t0 = time.time()
-        ds = synthesize(model, n, method, input_shape=shape, steps=steps, seed=args.seed, batch_size=n)
+        ds = synthesize(model, n=n, method=method, input_shape=shape, steps=steps, seed=args.seed, batch_size=n)
         synth_seconds[method] = time.time() - t0
         sources[method] = ds.tensors[0]
         if method == "bns":
@@ -97,7 +97,7 @@ def main() -> None:
     # target: 256 BNS samples in under 60 s on 2 cores (measured, reported, not asserted; the quiet-machine
     # number is benchmarks/datafree.py's, this one shares the machine with whatever else runs)
     t0 = time.time()
-    ds256 = synthesize(model, 256, "bns", input_shape=shape, steps=steps, seed=args.seed + 1, progress=False)
+    ds256 = synthesize(model, n=256, method="bns", input_shape=shape, steps=steps, seed=args.seed + 1, progress=False)
     bns256 = time.time() - t0
 
     settings = [("W4A8", 4, 8)] if args.quick else [("W4A8", 4, 8), ("W4A4", 4, 4)]
@@ -115,7 +115,7 @@ def main() -> None:
             if src == "bns" and distill_steps:
                 # (e) the quantized copy fine-tuned to the FP model's logits on the same BNS samples
                 t0 = time.time()
-                kd = distill(res.model, model, x, steps=distill_steps, lr=args.distill_lr, seed=args.seed,
+                kd = distill(res.model, model, data=x, steps=distill_steps, lr=args.distill_lr, seed=args.seed,
                              progress=False)
                 acc = th.train.evaluate(res.model, splits.test)["acc"]
                 rows.append({"setting": label, "calibration": "bns + distill", "acc": acc,

@@ -82,7 +82,7 @@ def run(model_name: str, dataset: str, cfg, seeds: list[int], variants: list[str
             model = build(variant, model_name, splits, seed, **model_kw)
             t0 = time.perf_counter()
             try:
-                hist = fit(model, splits.train, splits.test, dataclasses.replace(cfg, seed=seed), progress=False)
+                hist = fit(model, dataclasses.replace(cfg, seed=seed), splits.train, splits.test, progress=False)
                 rec = {"seed": seed, "diverged": None, "losses": hist.losses, "records": hist.records}
             except FloatingPointError as e:  # fit stops on a non-finite loss
                 rec = {"seed": seed, "diverged": str(e), "losses": [], "records": []}

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from thrifty.data import load_dataset  # noqa: E402
 from thrifty.merge import (  # noqa: E402
-    DistillMerge, Ensemble, FSMerge, PermuteAverage, average, distill, evaluate_tasks, few_shot, fs_merge,
+    DistillMerge, Ensemble, FSMerge, PermuteMerge, average, distill_merge, evaluate_tasks, few_shot, fs_merge,
     permute_and_average, zip_merge,
 )
 from thrifty.models import create  # noqa: E402
@@ -73,7 +73,7 @@ def originals(arch: str, setup: dict, splits: list, tasks: list, quick: bool) ->
         try:
             load_checkpoint(path, model)
         except CheckpointError:
-            fit(model, tr, te, setup["train"].replace(seed=seed), progress=False)
+            fit(model, setup["train"].replace(seed=seed), tr, te, progress=False)
             save_checkpoint(path, model, None, step=0, extra={"classes": list(classes)})
         models.append(model.eval())
     return models
@@ -113,28 +113,28 @@ def run(arch: str, splits: list, quick: bool, sizes: tuple[int, ...], methods: t
         aug = max(4, round(400 / n))  # augmented copies: about 400 inputs per task, same for KD and FS-Merge
         if "perm" in methods:
             if arch == "mlp":
-                record("permute+avg (weights)", n, lambda: permute_and_average(models, few, PermuteAverage("weight")))
-            record("permute+avg (activations)", n, lambda: permute_and_average(models, few, PermuteAverage()))
+                record("permute+avg (weights)", n, lambda: permute_and_average(models, PermuteMerge("weight"), few))
+            record("permute+avg (activations)", n, lambda: permute_and_average(models, PermuteMerge(), few))
             if arch.startswith("mlp") and len(models) == 2:
-                record("ZipIt-style zip", n, lambda: zip_merge(models, few))
+                record("ZipIt-style zip", n, lambda: zip_merge(models, data=few))
         if "kd" in methods:
-            kd = DistillMerge(steps=steps, lr=1e-3, augment=aug, progress=False)
-            record("distillation (KD)", n, lambda: distill(models, few, kd))
+            kd = DistillMerge(steps=steps, lr=1e-3, augment=aug)
+            record("distillation (KD)", n, lambda: distill_merge(models, kd, few))
         for mode in ("global", "local"):
             if f"fs-{mode}" in methods:
-                cfg = FSMerge(mode=mode, steps=steps, augment=aug, progress=False)
-                record(f"FS-Merge ({mode})", n, lambda cfg=cfg: fs_merge(models, few, cfg))
+                cfg = FSMerge(mode=mode, steps=steps, augment=aug)
+                record(f"FS-Merge ({mode})", n, lambda cfg=cfg: fs_merge(models, cfg, few))
         if "fs-permute" in methods:
-            cfg = FSMerge(init="permute", steps=steps, augment=aug, progress=False)
-            record("FS-Merge (global, permute init)", n, lambda cfg=cfg: fs_merge(models, few, cfg))
+            cfg = FSMerge(init="permute", steps=steps, augment=aug)
+            record("FS-Merge (global, permute init)", n, lambda cfg=cfg: fs_merge(models, cfg, few))
         for param in ("diagonal", "lowrank", "full"):
             if f"fs-{param}" in methods:
-                cfg = FSMerge(param=param, steps=steps, augment=aug, progress=False)
-                record(f"FS-Merge (global, {param})", n, lambda cfg=cfg: fs_merge(models, few, cfg))
+                cfg = FSMerge(param=param, steps=steps, augment=aug)
+                record(f"FS-Merge (global, {param})", n, lambda cfg=cfg: fs_merge(models, cfg, few))
         for wm in (0.5, 2.0):
             if f"fs-width{wm}" in methods:
-                cfg = FSMerge(width_mult=wm, steps=steps, augment=aug, progress=False)
-                record(f"FS-Merge (global, width x{wm})", n, lambda cfg=cfg: fs_merge(models, few, cfg))
+                cfg = FSMerge(width_mult=wm, steps=steps, augment=aug)
+                record(f"FS-Merge (global, width x{wm})", n, lambda cfg=cfg: fs_merge(models, cfg, few))
     for r in rows:
         r["rel"] = [round(a / o, 4) for a, o in zip(r["acc"], orig)]
         r["mean_rel"] = round(sum(r["rel"]) / len(r["rel"]), 4)

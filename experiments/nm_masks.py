@@ -94,7 +94,7 @@ def train_sparse(cfg_nm: NM | None, splits, train_cfg, seed: int) -> tuple[float
     if cfg_nm is not None:
         sparsify(model, cfg_nm)
     t0 = time.perf_counter()
-    fit(model, splits.train, None, dataclasses.replace(train_cfg, seed=seed), progress=False)
+    fit(model, dataclasses.replace(train_cfg, seed=seed), splits.train, progress=False)
     check_patterns(model, cfg_nm)
     return evaluate(model, splits.test)["acc"], time.perf_counter() - t0
 
@@ -119,11 +119,11 @@ def from_dense(dense: torch.nn.Module, cfg: NM, splits, calib, steps: int, seed:
     out["magnitude + BN re-est."] = evaluate(mag, splits.test)["acc"]
     ada = copy.deepcopy(dense)
     t0 = time.perf_counter()
-    report = adaprune(ada, calib, cfg, steps=steps, lr=1e-3, batch_size=32, progress=False, seed=seed)
+    report = adaprune(ada, cfg, calib, steps=steps, lr=1e-3, batch_size=32, progress=False, seed=seed)
     out["adaprune_seconds"] = time.perf_counter() - t0
     out["AdaPrune + BN re-est. (no training)"] = evaluate(ada, splits.test)["acc"]
     out["adaprune_mean_rel_mse"] = statistics.mean(r["rel_mse_after"] for r in report.values())
-    fit(ada, splits.train, None, TrainConfig(epochs=1, batch_size=64, lr=0.01, weight_decay=5e-4, seed=seed),
+    fit(ada, TrainConfig(epochs=1, batch_size=64, lr=0.01, weight_decay=5e-4, seed=seed), splits.train,
         progress=False)
     check_patterns(ada, cfg)
     out["AdaPrune + 1 epoch"] = evaluate(ada, splits.test)["acc"]
@@ -153,7 +153,7 @@ def unstructured_to_nm(dense: torch.nn.Module, splits, calib, steps: int, epochs
     thr = allabs.kthvalue(allabs.numel() // 2).values
     for _, layer in layers:
         layer.add("weight", _FixedMask(layer.weight.detach().abs() > thr))
-    fit(model, splits.train, None, TrainConfig(epochs=epochs, batch_size=64, lr=0.01, seed=0), progress=False)
+    fit(model, TrainConfig(epochs=epochs, batch_size=64, lr=0.01, seed=0), splits.train, progress=False)
     model = strip(model)
     unstructured = evaluate(model, splits.test)["acc"]
     plan = plan_from_unstructured(model, ms=(4, 8))
@@ -165,7 +165,7 @@ def unstructured_to_nm(dense: torch.nn.Module, splits, calib, steps: int, epochs
         sparsify(mag, c, [name])
     reestimate_bn(mag, xcal)
     ada = copy.deepcopy(model)
-    adaprune(ada, calib, plan, steps=steps, lr=1e-3, batch_size=32, progress=False)
+    adaprune(ada, plan, calib, steps=steps, lr=1e-3, batch_size=32, progress=False)
     counts: dict[str, int] = {}
     for c in plan.values():
         counts[c.label] = counts.get(c.label, 0) + 1

@@ -76,7 +76,7 @@ def train_one(name: str, regime, splits, kwargs, cfg, seed: int, log: dict) -> n
     seed_everything(seed)
     model = create("resnet20", **kwargs)
     t0 = time.perf_counter()
-    hist = fit(model, splits.train, splits.test, cfg, regime=regime, progress=sys.stderr.isatty())
+    hist = fit(model, cfg, splits.train, splits.test, regime=regime, progress=sys.stderr.isatty())
     secs = time.perf_counter() - t0
     curve = [(r["step"], r["test_acc"]) for r in hist.records]
     log[name] = {"seed": seed, "final_acc": hist.final["test_acc"], "curve": curve, "train_seconds": round(secs, 1),

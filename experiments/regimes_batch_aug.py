@@ -171,7 +171,7 @@ def run_task(task: Task, seeds: list[int], progress: bool = False, only: list[st
             seed_everything(seed)
             model = create(task.model, **kwargs)
             t0 = time.perf_counter()
-            hist = fit(model, splits.train, test, cfg, regime=_regime(run, task), progress=progress)
+            hist = fit(model, cfg, splits.train, test, regime=_regime(run, task), progress=progress)
             secs = time.perf_counter() - t0
             raw[run][str(seed)] = {"curve": [[r["step"], r["test_acc"]] for r in hist.records],
                                    "seconds": round(secs, 1)}
@@ -333,7 +333,7 @@ def run_budgets(task: Task, seeds: list[int], fractions=BUDGET_FRACTIONS, ms=BUD
                 cfg = dataclasses.replace(task.train, seed=seed, steps=steps, eval_steps=steps)
                 seed_everything(seed)
                 model = create(task.model, **kwargs)
-                hist = fit(model, splits.train, test, cfg, regime=_regime(f"m={m}", task), progress=False)
+                hist = fit(model, cfg, splits.train, test, regime=_regime(f"m={m}", task), progress=False)
                 finals[str(seed)] = hist.final["test_acc"]
             accs = list(finals.values())
             rows.append({"run": f"m={m}", "fraction": frac, "steps": steps, "finals": finals,

@@ -64,7 +64,7 @@ def train_variant(name, seed, cfg, splits, log):
     seed_everything(seed)
     model = create("resnet20", in_chans=1, num_classes=splits.num_classes)
     model = VARIANTS[name](model)
-    hist = fit(model, splits.train, None, dataclasses.replace(cfg, seed=seed), progress=False)
+    hist = fit(model, dataclasses.replace(cfg, seed=seed), splits.train, progress=False)
     acc = evaluate(model, splits.test)["acc"]
     steps = len(hist.losses)
     log(f"  seed {seed} {name}: test acc {acc:.4f}, {hist.seconds / steps * 1000:.0f} ms/step")

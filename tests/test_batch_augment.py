@@ -96,7 +96,7 @@ def test_batch_augment_keeps_lr_and_steps_and_grows_batch():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(40, 16), nn.ReLU(), nn.Linear(16, 3))
         log = []
-        fit(model, ds, cfg=cfg, regime=BatchAugment(m=m), progress=False,
+        fit(model, cfg, ds, regime=BatchAugment(m=m), progress=False,
             callbacks=[lambda s: log.append((s.step, s.lr, s.batch_size))])
         seen[m] = log
     assert [s for s, _, _ in seen[3]] == list(range(1, 7))  # same number of steps

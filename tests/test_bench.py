@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from thrifty.bench import (BenchSettings, OrtBackend, Samples, TorchBackend, calibrate, check_accuracy, export_onnx,
+from thrifty.bench import (BenchConfig, OrtBackend, Samples, TorchBackend, calibrate, check_accuracy, export_onnx,
                            optimized_op_counts, parse_summary_text, quant_layers, run, run_loadgen, server_search)
 from thrifty.bench.report import write_report
 
@@ -65,7 +65,7 @@ def test_all_scenarios_tiny_model_subprocess(tmp_path):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     ds = _tiny_data()
-    s = BenchSettings(min_duration_s=0.2, server_latency_ms=200, server_max_probes=3)
+    s = BenchConfig(min_duration_s=0.2, server_latency_ms=200, server_max_probes=3)
     m.train()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     r = run(m, ds, scenarios="all", backend="torch", settings=s, outdir=tmp_path, variant="tiny")
@@ -115,7 +115,7 @@ def _sleepy(ms: float):
 
 def test_invalid_run_explained_in_words(tmp_path):
     data = Samples((np.random.rand(64, 4).astype(np.float32),))
-    s = BenchSettings(scenario="Server", min_duration_s=0.2, min_query_count=40, server_latency_ms=1.0)
+    s = BenchConfig(scenario="Server", min_duration_s=0.2, min_query_count=40, server_latency_ms=1.0)
     be = _sleepy(4.0)
     calib = calibrate(be, data, s, budget_s=0.1)
     r = run_loadgen(be, data, s, tmp_path / "srv", calib, target_qps=200)
@@ -128,23 +128,23 @@ def test_invalid_run_explained_in_words(tmp_path):
 
 def test_bad_inputs(tmp_path):
     data = Samples((np.random.rand(32, 4).astype(np.float32),))
-    s = BenchSettings(scenario="Offline", min_duration_s=0.1)
+    s = BenchConfig(scenario="Offline", min_duration_s=0.1)
     with pytest.raises(TypeError, match="cannot be serialised"):
         calibrate(lambda xs: {"logits": xs[0]}, data, s)
     with pytest.raises(TypeError, match="cannot be serialised"):
         calibrate(lambda xs: np.array(["a"] * len(xs[0])), data, s)
     calib = calibrate(lambda xs: xs[0], data, s, budget_s=0.05)
     with pytest.raises(ValueError, match="larger than the dataset"):
-        run_loadgen(lambda xs: xs[0], data, BenchSettings(performance_sample_count=100), tmp_path / "a", calib)
+        run_loadgen(lambda xs: xs[0], data, BenchConfig(performance_sample_count=100), tmp_path / "a", calib)
     with pytest.raises(ValueError, match="hours"):
-        run_loadgen(_sleepy(1), data, BenchSettings(scenario="SingleStream", min_duration_s=20000),
+        run_loadgen(_sleepy(1), data, BenchConfig(scenario="SingleStream", min_duration_s=20000),
                     tmp_path / "b", dict(calib, single_median_s=0.001))
     # official lengths are allowed only explicitly, and the check names the scenario
     with pytest.raises(ValueError, match="SingleStream would run for about"):
-        BenchSettings(scenario="SingleStream", min_query_count=10**7).check_duration(0.01)
-    assert BenchSettings.official("Server").queries_needed() == 270336
+        BenchConfig(scenario="SingleStream", min_query_count=10**7).check_duration(0.01)
+    assert BenchConfig.official("Server").queries_needed() == 270336
     with pytest.raises(ValueError, match="scenario must be one of"):
-        BenchSettings(scenario="Batch")
+        BenchConfig(scenario="Batch")
     with pytest.raises(ValueError, match="same leading"):
         Samples((np.zeros((3, 2)), np.zeros((4, 2))))
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -249,7 +249,7 @@ def test_stray_audit_config_is_ignored(tmp_path, monkeypatch):
     (tmp_path / "audit.config").write_text("*.*.min_query_count = 777\n*.*.min_duration = 12345\n")
     monkeypatch.chdir(tmp_path)
     data = Samples((np.random.rand(64, 4).astype(np.float32),))
-    s = BenchSettings(scenario="SingleStream", min_duration_s=0.1)
+    s = BenchConfig(scenario="SingleStream", min_duration_s=0.1)
     be = lambda xs: xs[0] * 2  # noqa: E731
     r = run_loadgen(be, data, s, tmp_path / "out", calibrate(be, data, s, budget_s=0.05))
     assert r["valid"] and r["params"]["min_query_count"] == 64 and r["params"]["min_duration (ms)"] == 100
@@ -259,7 +259,7 @@ def test_relative_outdir_works_in_the_subprocess(tmp_path, monkeypatch):
     # the worker runs with cwd set to the run folder, so a relative outdir must be resolved first
     monkeypatch.chdir(tmp_path)
     m = nn.Sequential(nn.Linear(16, 4))
-    s = BenchSettings(min_duration_s=0.1)
+    s = BenchConfig(min_duration_s=0.1)
     r = run(m, _tiny_data(64), scenarios="SingleStream", backend="torch", settings=s, outdir="rel/bench",
             variant="v", accuracy=False)
     assert r["scenarios"]["SingleStream"]["valid"]

@@ -42,7 +42,7 @@ def test_bns_objective_decreases_and_stats_approach():
     net = _net()
     noise = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     before = _bns_value(net, noise)
-    ds = synthesize(net, 64, "bns", input_shape=(1, 8, 8), steps=60, batch_size=64, upsample=1,
+    ds = synthesize(net, n=64, method="bns", input_shape=(1, 8, 8), steps=60, batch_size=64, upsample=1,
                     progress=False)
     after = _bns_value(net, ds.tensors[0])
     assert after < 0.2 * before
@@ -84,17 +84,18 @@ def test_schedule_upsample_and_early_stop():
     assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[1:], f[2:])) and f[-1] < 0.05
     net = _net()
-    up = synthesize(net, 16, "bns", input_shape=(1, 8, 8), steps=5, upsample=4, progress=False)
+    up = synthesize(net, n=16, method="bns", input_shape=(1, 8, 8), steps=5, upsample=4, progress=False)
     x = up.tensors[0]
     assert x.shape == (16, 1, 8, 8)
     # optimised on a 2x2 grid and upsampled bilinearly: far smoother than full-resolution noise
     tv = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
     assert tv(x) < 0.5 * tv(torch.randn(16, 1, 8, 8))
     flat = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).eval()
-    assert synthesize(flat, 4, "bns", input_shape=(6,), steps=2, upsample=2, progress=False).tensors[0].shape == (4, 6)
+    ds = synthesize(flat, Synth(steps=2, upsample=2), 4, input_shape=(6,), progress=False)
+    assert ds.tensors[0].shape == (4, 6)
     # a plateau threshold close to 1 stops a batch as soon as the window allows: same result as fewer steps
-    a = synthesize(net, 16, "bns", input_shape=(1, 8, 8), steps=50, plateau=0.99, progress=False)
-    full = synthesize(net, 16, "bns", input_shape=(1, 8, 8), steps=50, progress=False)
+    a = synthesize(net, n=16, method="bns", input_shape=(1, 8, 8), steps=50, plateau=0.99, progress=False)
+    full = synthesize(net, n=16, method="bns", input_shape=(1, 8, 8), steps=50, progress=False)
     assert not torch.equal(a.tensors[0], full.tensors[0])
     assert _bns_value(net, full.tensors[0]) < _bns_value(net, a.tensors[0])
 
@@ -104,8 +105,8 @@ def test_model_untouched_and_mode_restored():
     net.train()
     net[0].weight.requires_grad_(False)
     state = copy.deepcopy(net.state_dict())
-    synthesize(net, 10, "bns", input_shape=(1, 8, 8), steps=3, progress=False)
-    synthesize(net, 10, "inception", input_shape=(1, 8, 8), steps=3, progress=False)
+    synthesize(net, n=10, method="bns", input_shape=(1, 8, 8), steps=3, progress=False)
+    synthesize(net, n=10, method="inception", input_shape=(1, 8, 8), steps=3, progress=False)
     for k, v in net.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert net.training and all(m.training for m in net.modules())
@@ -115,18 +116,18 @@ def test_model_untouched_and_mode_restored():
 
 def test_deterministic_with_seed_and_label_kinds():
     net = _net()
-    a = synthesize(net, 12, "bns", input_shape=(1, 8, 8), steps=5, progress=False, seed=3)
-    b = synthesize(net, 12, "bns", input_shape=(1, 8, 8), steps=5, progress=False, seed=3)
-    c = synthesize(net, 12, "bns", input_shape=(1, 8, 8), steps=5, progress=False, seed=4)
+    a = synthesize(net, n=12, method="bns", input_shape=(1, 8, 8), steps=5, progress=False, seed=3)
+    b = synthesize(net, n=12, method="bns", input_shape=(1, 8, 8), steps=5, progress=False, seed=3)
+    c = synthesize(net, n=12, method="bns", input_shape=(1, 8, 8), steps=5, progress=False, seed=4)
     assert torch.equal(a.tensors[0], b.tensors[0]) and not torch.equal(a.tensors[0], c.tensors[0])
     assert a.tensors[1].dtype == torch.long and a.tensors[1].shape == (12,)
-    soft = synthesize(net, 5, "gaussian", input_shape=(1, 8, 8), soft_labels=True, progress=False)
+    soft = synthesize(net, n=5, method="gaussian", input_shape=(1, 8, 8), soft_labels=True, progress=False)
     assert soft.tensors[1].shape == (5, 4) and torch.allclose(soft.tensors[1].sum(1), torch.ones(5))
 
 
 def test_inception_targets_classes():
     net = _net()
-    ds = synthesize(net, 8, "inception", input_shape=(1, 8, 8), steps=80, lr=0.3, upsample=1, progress=False)
+    ds = synthesize(net, n=8, method="inception", input_shape=(1, 8, 8), steps=80, lr=0.3, upsample=1, progress=False)
     # each sample was pushed towards class i % 4
     assert (ds.tensors[1] == torch.arange(8) % 4).float().mean() >= 0.75
 
@@ -143,13 +144,13 @@ def test_similarity_ranks_matching_data_first():
 def test_bad_inputs():
     net = _net()
     with pytest.raises(ValueError, match="input_shape"):
-        synthesize(net, 4, "bns")
+        synthesize(net, n=4, method="bns")
     with pytest.raises(ValueError, match="positive integer"):
-        synthesize(net, 0, "bns", input_shape=(1, 8, 8))
+        synthesize(net, n=0, method="bns", input_shape=(1, 8, 8))
     no_bn = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     with pytest.raises(ValueError, match="no BatchNorm.*gaussian"):
-        synthesize(no_bn, 4, "bns", input_shape=(64,))
-    assert len(synthesize(no_bn, 4, "gaussian", input_shape=(64,), progress=False)) == 4
+        synthesize(no_bn, n=4, method="bns", input_shape=(64,))
+    assert len(synthesize(no_bn, n=4, method="gaussian", input_shape=(64,), progress=False)) == 4
     with pytest.raises(ValueError, match="Synth.method"):
         Synth(method="dream")
     with pytest.raises(ValueError, match="upsample"):
@@ -182,5 +183,5 @@ def test_cli_quantize_data_free(tmp_path, capsys):
     mlp = create("mlp", in_features=64, num_classes=10)
     save_model(mlp, tmp_path / "mlp", {"model": "mlp", "model_kwargs": {"in_features": 64, "num_classes": 10},
                                        "dataset": "digits"})
-    assert main(["quantize", "--model", str(tmp_path / "mlp"), "--data-free", "bns", "--out", str(out)]) != 0
+    assert main(["quantize", "--model", str(tmp_path / "mlp"), "--data-free", "bns", "--out", str(tmp_path / "q2")]) != 0
     assert "gaussian" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def _kl(student, teacher, x):
 @pytest.fixture(scope="module")
 def setup():
     teacher = _teacher()
-    data = synthesize(teacher, 64, "bns", input_shape=(1, 8, 8), steps=20, batch_size=64, progress=False)
+    data = synthesize(teacher, n=64, method="bns", input_shape=(1, 8, 8), steps=20, batch_size=64, progress=False)
     res = quantize(teacher, PTQ(w_bits=2, a_bits=4, pipeline="rtn", first_last_bits=2), data.tensors[0],
                    progress=False)
     return teacher, data, res.model
@@ -44,7 +44,7 @@ def test_distill_lowers_kl_and_leaves_teacher_alone(setup):
     x = data.tensors[0]
     before = _kl(student, teacher.eval(), x)
     teacher.train()
-    out = distill(student, teacher, data, steps=60, lr=3e-3, batch_size=32, progress=False)
+    out = distill(student, teacher, data=data, steps=60, lr=3e-3, batch_size=32, progress=False)
     assert teacher.training and all(m.training for m in teacher.modules())  # mode restored
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, t_state[k]), k
@@ -62,12 +62,12 @@ def test_distill_keeps_pruned_weights_zero_and_reverts_when_worse(setup):
     with torch.no_grad():
         conv.weight[:, ::2] = 0.0
     zero = conv.weight.eq(0).clone()
-    distill(student, teacher, data.tensors[0], steps=20, lr=3e-3, progress=False)
+    distill(student, teacher, data=data.tensors[0], steps=20, lr=3e-3, progress=False)
     assert bool(conv.weight[zero].eq(0).all())
     # an absurd learning rate makes things worse: the student comes back unchanged
     student2 = copy.deepcopy(q)
     state = copy.deepcopy(student2.state_dict())
-    out = distill(student2, teacher, data, steps=5, lr=50.0, progress=False)
+    out = distill(student2, teacher, data=data, steps=5, lr=50.0, progress=False)
     assert not out["kept"] and out["kl_after"] == out["kl_before"]
     for k, v in student2.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -76,11 +76,11 @@ def test_distill_keeps_pruned_weights_zero_and_reverts_when_worse(setup):
 def test_distill_bad_input(setup):
     teacher, data, q = setup
     with pytest.raises(ValueError, match="empty"):
-        distill(q, teacher, torch.zeros(0, 1, 8, 8))
+        distill(q, teacher, data=torch.zeros(0, 1, 8, 8))
     with pytest.raises(ValueError, match="steps"):
-        distill(q, teacher, data, steps=-1)
+        distill(q, teacher, data=data, steps=-1)
     with pytest.raises(ValueError, match="positive"):
-        distill(q, teacher, data, lr=0.0)
+        distill(q, teacher, data=data, lr=0.0)
     with pytest.raises(TypeError, match="nn.Module"):
-        distill(q, "teacher", data)
-    assert distill(q, teacher, data, steps=0)["steps"] == 0
+        distill(q, "teacher", data=data)
+    assert distill(q, teacher, data=data, steps=0)["steps"] == 0

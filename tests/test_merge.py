@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from thrifty.core import from_yaml, to_yaml
 from thrifty.merge import (
-    AverageMerge, DistillMerge, Ensemble, FSMerge, PermuteAverage, SuperNet, ZipMerge, augment, average, distill,
+    AverageMerge, DistillMerge, Ensemble, FSMerge, PermuteMerge, SuperNet, ZipMerge, augment_tasks, average, distill_merge,
     evaluate_tasks, fs_merge, match_permutations, merge, permute_and_average, train_supernet, zip_merge,
 )
 from thrifty.merge.arch import arch_for
@@ -86,9 +86,9 @@ def test_fold_matches_explicit_supernet(kind: str, param: str) -> None:
 @pytest.mark.parametrize("mode", ["global", "local"])
 def test_trained_supernet_folds_exactly(kind: str, mode: str) -> None:
     models = _models(kind)
-    cfg = FSMerge(mode=mode, steps=12, batch_size=8, lr=1e-2, progress=False)
+    cfg = FSMerge(mode=mode, steps=12, batch_size=8, lr=1e-2)
     net = SuperNet(models, cfg)
-    hist = train_supernet(net, augment([_x(kind, 8, 1), _x(kind, 8, 2)], 1), cfg)
+    hist = train_supernet(net, augment_tasks([_x(kind, 8, 1), _x(kind, 8, 2)], 1), cfg)
     assert len(hist) >= 6 and hist[-1] == hist[-1]
     moved = any(float(p.detach().abs().sum()) > 0 for n, p in net.points.named_parameters() if n.endswith(".a"))
     assert moved, "training did not move the low-rank factors"
@@ -99,9 +99,9 @@ def test_trained_supernet_folds_exactly(kind: str, mode: str) -> None:
 def test_fs_merge_improves_over_init_on_reconstruction() -> None:
     models = _models("mlp")
     data = [_x("mlp", 32, 1), _x("mlp", 32, 2)]
-    cfg = FSMerge(steps=150, batch_size=32, lr=1e-2, progress=False)
+    cfg = FSMerge(steps=150, batch_size=32, lr=1e-2)
     net = SuperNet(models, cfg)
-    hist = train_supernet(net, augment(data, 0), cfg)
+    hist = train_supernet(net, augment_tasks(data, 0), cfg)
     assert sum(hist[-10:]) / 10 < 0.5 * sum(hist[:10]) / 10
 
 
@@ -134,7 +134,7 @@ def test_permutation_matching_recovers_known_permutation(kind: str, matching: st
     got = match_permutations([a, b], x, matching)
     for name, (p,) in perms.items():  # b's unit j is a's unit p[j]; got[j] is b's unit matched to a's j
         assert torch.equal(p[got[name][1]], torch.arange(len(p))), name
-    merged = permute_and_average([a, b], [x[:32], x[32:]], PermuteAverage(matching=matching))
+    merged = permute_and_average([a, b], PermuteMerge(matching=matching), [x[:32], x[32:]])
     out = merged(x)
     assert torch.allclose(out[:, :3], a(x), atol=1e-5) and torch.allclose(out[:, 3:], a(x), atol=1e-5)
 
@@ -166,7 +166,7 @@ def test_permute_init_merges_a_permuted_copy_exactly(kind: str) -> None:
     a = _models(kind, 1)[0]
     b, _ = _permuted(a, seed=4)
     x = _x(kind, 64, 5)
-    merged = fs_merge([a, b], [x[:32], x[32:]], FSMerge(init="permute", steps=3, batch_size=8, progress=False))
+    merged = fs_merge([a, b], FSMerge(init="permute", steps=3, batch_size=8), [x[:32], x[32:]])
     out = merged(x)
     assert torch.allclose(out[:, :3], a(x), atol=1e-4) and torch.allclose(out[:, 3:], a(x), atol=1e-4)
     with pytest.raises(ValueError, match="permute"):
@@ -177,10 +177,10 @@ def test_zip_merge_of_a_model_with_a_permuted_copy_is_equivalent() -> None:
     a = _models("mlp", 1)[0]
     b, _ = _permuted(a, seed=3)
     x = _x("mlp", 64, 2)
-    out = zip_merge([a, b], [x[:32], x[32:]], ZipMerge())(x)
+    out = zip_merge([a, b], ZipMerge(), [x[:32], x[32:]])(x)
     assert torch.allclose(out[:, :3], a(x), atol=1e-5) and torch.allclose(out[:, 3:], a(x), atol=1e-5)
     with pytest.raises(ValueError, match="two MLPs"):
-        zip_merge(_models("mlp", 3), [x, x, x])
+        zip_merge(_models("mlp", 3), data=[x, x, x])
 
 
 @pytest.mark.parametrize("kind", ["mlp", "vit"])
@@ -188,8 +188,8 @@ def test_zip_merge_of_a_model_with_a_permuted_copy_is_equivalent() -> None:
 def test_merging_a_model_with_itself_is_equivalent(kind: str, init: str) -> None:
     a = _models(kind, 1)[0]
     x = _x(kind, 16, 7)
-    cfg = FSMerge(init=init, steps=5, batch_size=8, progress=False)
-    merged = fs_merge([a, copy.deepcopy(a)], [x[:8], x[8:]], cfg)
+    cfg = FSMerge(init=init, steps=5, batch_size=8)
+    merged = fs_merge([a, copy.deepcopy(a)], cfg, [x[:8], x[8:]])
     out, ref = merged(x), a(x)
     assert torch.allclose(out[:, :3], ref, atol=1e-3) and torch.allclose(out[:, 3:], ref, atol=1e-3)
     fold0 = SuperNet([a, copy.deepcopy(a)], cfg).fold()  # untrained: exact
@@ -203,10 +203,10 @@ def test_baselines_shapes_and_front_door() -> None:
     data = [_x("mlp", 10, i) for i in range(3)]
     tests = [torch.utils.data.TensorDataset(_x("mlp", 7, 9), torch.randint(0, m.head.out_features, (7,)))
              for m in models]
-    for cfg in (AverageMerge(), PermuteAverage(), PermuteAverage(matching="weight"),
-                DistillMerge(steps=3, progress=False),
-                FSMerge(steps=3, progress=False, width_mult=2.0)):
-        m = merge(models, data, cfg)
+    for cfg in (AverageMerge(), PermuteMerge(), PermuteMerge(matching="weight"),
+                DistillMerge(steps=3),
+                FSMerge(steps=3, width_mult=2.0)):
+        m = merge(models, cfg, data)
         assert m(data[0]).shape == (10, 3 + 4 + 3)
         assert len(evaluate_tasks(m, tests)) == 3
     ens = Ensemble(models)
@@ -214,56 +214,56 @@ def test_baselines_shapes_and_front_door() -> None:
     assert evaluate_tasks(ens, tests) == [evaluate_tasks(m, [t], [(0, m.head.out_features)])[0]
                                           for m, t in zip(models, tests)]
     assert from_yaml(to_yaml(FSMerge(param="full", mode="local"))) == FSMerge(param="full", mode="local")
-    student = distill(models[:2], data[:2], DistillMerge(steps=2, init="random", progress=False))
+    student = distill_merge(models[:2], DistillMerge(steps=2, init="random"), data[:2])
     assert student(data[0]).shape == (10, 7)
 
 
 def test_augment() -> None:
     img = torch.randn(4, 1, 8, 8)
-    pool = augment([img, img[:2]], copies=3, noise=0.0, mixup=0.0, shift=1)
+    pool = augment_tasks([img, img[:2]], copies=3, noise=0.0, mixup=0.0, shift=1)
     assert [tuple(p.shape) for p in pool.x] == [(16, 1, 8, 8), (8, 1, 8, 8)]
     assert torch.equal(pool.x[0][:4], img)
-    assert augment([img], 0).x[0].shape == img.shape
+    assert augment_tasks([img], 0).x[0].shape == img.shape
 
 
 def test_bad_inputs_and_inputs_untouched() -> None:
     a, b = _models("mlp")
     data = [_x("mlp", 8, 1), _x("mlp", 8, 2)]
     before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
-    cfg = FSMerge(steps=3, progress=False)
-    fs_merge([a, b], data, cfg)
-    permute_and_average([a, b], data)
-    distill([a, b], data, DistillMerge(steps=2, progress=False))
+    cfg = FSMerge(steps=3)
+    fs_merge([a, b], cfg, data)
+    permute_and_average([a, b], data=data)
+    distill_merge([a, b], DistillMerge(steps=2), data)
     for m, sd in zip((a, b), before):
         assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
         assert all(p.requires_grad for p in m.parameters()) and not m.training
     wide = create("mlp", in_features=8, hidden=(16, 13), num_classes=3).eval()
     with pytest.raises(ValueError, match="fc2.weight"):
-        fs_merge([a, wide], data, cfg)
+        fs_merge([a, wide], cfg, data)
     with pytest.raises(ValueError, match="MLP"):
-        fs_merge([a, _vit(0)], data, cfg)
+        fs_merge([a, _vit(0)], cfg, data)
     with pytest.raises(ValueError, match="training mode"):
-        fs_merge([a, copy.deepcopy(b).train()], data, cfg)
+        fs_merge([a, copy.deepcopy(b).train()], cfg, data)
     with pytest.raises(ValueError, match="at least 2"):
-        fs_merge([a, b], [data[0], data[1][:1]], cfg)
+        fs_merge([a, b], cfg, [data[0], data[1][:1]])
     with pytest.raises(ValueError, match="one per task"):
-        fs_merge([a, b], data[:1], cfg)
+        fs_merge([a, b], cfg, data[:1])
     with pytest.raises(ValueError, match="cannot run"):
-        fs_merge([a, b], [torch.randn(4, 9), torch.randn(4, 9)], cfg)
+        fs_merge([a, b], cfg, [torch.randn(4, 9), torch.randn(4, 9)])
     with pytest.raises(ValueError, match="at least 2 models"):
-        fs_merge([a], data[:1], cfg)
+        fs_merge([a], cfg, data[:1])
     with pytest.raises(TypeError):
-        fs_merge([a, nn.Linear(2, 2)], data, cfg)
+        fs_merge([a, nn.Linear(2, 2)], cfg, data)
     with pytest.raises(ValueError, match="NaN"):
-        fs_merge([a, b], [data[0], torch.full((4, 8), float("nan"))], cfg)
+        fs_merge([a, b], cfg, [data[0], torch.full((4, 8), float("nan"))])
     with pytest.raises(ValueError, match="param"):
         FSMerge(param="banana")
     with pytest.raises(ValueError, match="MLP only"):
-        permute_and_average(_models("vit"), [_x("vit"), _x("vit")], PermuteAverage(matching="weight"))
+        permute_and_average(_models("vit"), PermuteMerge(matching="weight"), [_x("vit"), _x("vit")])
     from thrifty.nn import wrap
     g = copy.deepcopy(b)
     g.fc1 = wrap(g.fc1)
     with pytest.raises(ValueError, match="strip"):
-        fs_merge([a, g], data, cfg)
+        fs_merge([a, g], cfg, data)
     for m, sd in zip((a, b), before):
         assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())

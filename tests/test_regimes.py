@@ -119,7 +119,7 @@ def test_mixed_size_bad_input_before_training():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 4))  # only takes 32x32
     steps = []
     with pytest.raises(ValueError, match="input size 16x16"):
-        fit(mlp, _images(), cfg=TrainConfig(steps=3, batch_size=4), regime=MixedSize(mode="D+"),
+        fit(mlp, TrainConfig(steps=3, batch_size=4), _images(), regime=MixedSize(mode="D+"),
             callbacks=[steps.append], progress=False)
     assert steps == []  # nothing was trained
 
@@ -129,21 +129,21 @@ def test_mixed_size_in_fit_and_resume(tmp_path):
     cfg = TrainConfig(steps=8, batch_size=8, lr=0.05)
     reg = MixedSize(mode="B+", seed=3)
     model = _ConvNet()
-    fit(model, ds, cfg=cfg, regime=reg, progress=False)
+    fit(model, cfg, ds, regime=reg, progress=False)
     assert [s[0] for s in model.seen] == [reg.batch_size(t, 8) for t in range(8)]
     assert [s[-1] for s in model.seen] == [reg.size_at(t) for t in range(8)]
     part = _ConvNet()
-    fit(part, ds, cfg=cfg, regime=reg, ckpt_dir=tmp_path, progress=False,
+    fit(part, cfg, ds, regime=reg, ckpt_dir=tmp_path, progress=False,
         callbacks=[lambda s: setattr(s, "stop", s.step == 5)])
     resumed = _ConvNet()
-    fit(resumed, ds, cfg=cfg, regime=reg, ckpt_dir=tmp_path, resume=True, progress=False)
+    fit(resumed, cfg, ds, regime=reg, ckpt_dir=tmp_path, resume=True, progress=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
 
 
 def test_recalibrate_bn_changes_only_bn_buffers():
     model = _ConvNet()
-    fit(model, _images(n=32), cfg=TrainConfig(steps=3, batch_size=8), progress=False)
+    fit(model, TrainConfig(steps=3, batch_size=8), _images(n=32), progress=False)
     model.eval()
     before = copy.deepcopy(model.state_dict())
     recalibrate_bn(model, _images(n=32, seed=1), size=20, batches=4, batch_size=8)  # 4 x 8 covers all 32 once

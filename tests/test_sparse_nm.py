@@ -136,7 +136,7 @@ def test_sparse_training_with_fit_keeps_pattern():
     with pytest.warns(UserWarning, match="skipping '2'"):  # 2 outputs < M: cannot be transposable 1:4
         sparsify(model, NM(1, 4, transposable=True, method="approx", recompute_every=4))
     first = next(nm_masks(model))[2].mask.clone()
-    hist = fit(model, TensorDataset(x, y), TensorDataset(x, y), TrainConfig(epochs=6, batch_size=32, lr=0.1),
+    hist = fit(model, TrainConfig(epochs=6, batch_size=32, lr=0.1), TensorDataset(x, y), TensorDataset(x, y),
                progress=False)
     assert hist.final["test_acc"] > 0.8
     for _, layer, mk in nm_masks(model):
@@ -260,7 +260,7 @@ def test_adaprune_reduces_error_and_reestimates_bn():
     sparsify(magnitude, NM(2, 4))
     reestimate_bn(magnitude, x)  # the baseline gets the same BN re-estimation: only the weights differ
     rm_before = model[1].running_mean.clone()
-    report = adaprune(model, TensorDataset(x, torch.zeros(64).long()), NM(2, 4), steps=60, lr=1e-3, progress=False)
+    report = adaprune(model, NM(2, 4), TensorDataset(x, torch.zeros(64).long()), steps=60, lr=1e-3, progress=False)
     assert set(report) == {"0", "3", "5"}
     assert all(r["mse_after"] <= r["mse_before"] for r in report.values())
     assert any(r["mse_after"] < 0.95 * r["mse_before"] for r in report.values())
@@ -269,7 +269,7 @@ def test_adaprune_reduces_error_and_reestimates_bn():
         assert nmops.is_nm(layer.effective_weight(), 2, 4) and mk.cfg.recompute_every == 0
     assert F.mse_loss(model(x), ref) < F.mse_loss(magnitude(x), ref)
     with pytest.raises(ValueError, match="remask_every"):
-        adaprune(copy.deepcopy(magnitude), x, NM(2, 4), remask_every=0, progress=False)
+        adaprune(copy.deepcopy(magnitude), NM(2, 4), x, remask_every=0, progress=False)
 
 
 def test_unstructured_to_nm_plan():

@@ -37,7 +37,7 @@ def test_fit_improves_accuracy():
     ds = _data()
     model = _mlp()
     before = evaluate(model, ds)["acc"]
-    hist = fit(model, ds, ds, TrainConfig(epochs=8, batch_size=32, lr=0.1), progress=False)
+    hist = fit(model, TrainConfig(epochs=8, batch_size=32, lr=0.1), ds, ds, progress=False)
     assert hist.final["test_acc"] > max(0.85, before + 0.3)
     assert len(hist.losses) == 8 * 8 and len(hist.records) == 8
     assert hist.losses[-1] < hist.losses[0]
@@ -48,17 +48,17 @@ def test_resume_is_exact(tmp_path, optimizer):
     ds = _data()
     cfg = TrainConfig(epochs=4, batch_size=48, lr=0.05, optimizer=optimizer, ckpt_every=5)  # 6 steps/epoch
     ref = _mlp(bn=True)
-    fit(ref, ds, ds, cfg, progress=False)
+    fit(ref, cfg, ds, ds, progress=False)
 
     stop_at = 13  # mid-epoch, off the checkpoint grid: the checkpoint at step 13 comes from `stop`
     part = _mlp(bn=True)
-    fit(part, ds, ds, cfg, ckpt_dir=tmp_path, progress=False,
+    fit(part, cfg, ds, ds, ckpt_dir=tmp_path, progress=False,
         callbacks=[lambda s: setattr(s, "stop", s.step == stop_at)])
     assert load_checkpoint(tmp_path / CKPT_NAME, _mlp(bn=True))["step"] == stop_at
     assert not _same(part, ref)
 
     resumed = _mlp(seed=99, bn=True)  # different init: everything must come from the checkpoint
-    hist = fit(resumed, ds, ds, cfg, ckpt_dir=tmp_path, resume=True, progress=False)
+    hist = fit(resumed, cfg, ds, ds, ckpt_dir=tmp_path, resume=True, progress=False)
     assert _same(resumed, ref)
     assert len(hist.losses) == 24 and hist.final["step"] == 24
 
@@ -66,10 +66,10 @@ def test_resume_is_exact(tmp_path, optimizer):
 def test_resume_errors(tmp_path):
     ds = _data()
     with pytest.raises(CheckpointError, match=str(tmp_path / CKPT_NAME)):
-        fit(_mlp(), ds, cfg=TrainConfig(steps=2), ckpt_dir=tmp_path, resume=True, progress=False)
-    fit(_mlp(), ds, cfg=TrainConfig(steps=2, batch_size=16), ckpt_dir=tmp_path, progress=False)
+        fit(_mlp(), TrainConfig(steps=2), ds, ckpt_dir=tmp_path, resume=True, progress=False)
+    fit(_mlp(), TrainConfig(steps=2, batch_size=16), ds, ckpt_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="different TrainConfig.*lr"):
-        fit(_mlp(), ds, cfg=TrainConfig(steps=2, batch_size=16, lr=0.3), ckpt_dir=tmp_path, resume=True,
+        fit(_mlp(), TrainConfig(steps=2, batch_size=16, lr=0.3), ds, ckpt_dir=tmp_path, resume=True,
             progress=False)
 
 
@@ -114,7 +114,7 @@ def test_nan_errors():
     with torch.no_grad():
         model[3].bias[1] = float("nan")
     with pytest.raises(ValueError, match=r"parameter .3\.bias."):
-        fit(model, ds, cfg=TrainConfig(steps=2), progress=False)
+        fit(model, TrainConfig(steps=2), ds, progress=False)
 
     calls = []
 
@@ -124,13 +124,13 @@ def test_nan_errors():
         return loss * float("nan") if len(calls) == 3 else loss
 
     with pytest.raises(FloatingPointError, match="at step 2"):
-        fit(_mlp(), ds, cfg=TrainConfig(steps=5, batch_size=16), loss_fn=loss_fn, progress=False)
+        fit(_mlp(), TrainConfig(steps=5, batch_size=16), ds, loss_fn=loss_fn, progress=False)
 
 
 def test_empty_dataset_and_bad_config():
     empty = TensorDataset(torch.zeros(0, 8), torch.zeros(0).long())
     with pytest.raises(ValueError, match="train_ds is empty"):
-        fit(_mlp(), empty, progress=False)
+        fit(_mlp(), None, empty, progress=False)
     with pytest.raises(ValueError, match="empty"):
         evaluate(_mlp(), empty)
     with pytest.raises(ValueError, match="TrainConfig.batch_size"):
@@ -187,7 +187,7 @@ class _Recorder(Regime):
 
 def test_regime_hooks_and_callbacks():
     reg, seen = _Recorder(), []
-    fit(_mlp(), _data(), cfg=TrainConfig(steps=6, batch_size=32), regime=reg, progress=False,
+    fit(_mlp(), TrainConfig(steps=6, batch_size=32), _data(), regime=reg, progress=False,
         callbacks=[lambda s: seen.append((s.step, s.epoch, s.lr > 0, s.optimizer is not None))])
     assert reg.calls == {"setup": 1, "batch": 6, "before": 6, "end": 6}
     assert reg.sizes == [32, 16, 32, 16, 32, 16]
@@ -234,7 +234,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     model = _mlp(dropout=0.0)  # dropout masks are per-process random streams, so leave them out here
     grads = []
     cfg = TrainConfig(steps=4, batch_size=16, lr=0.1)
-    fit(model, _data(), cfg=cfg, progress=False, ckpt_dir=out,
+    fit(model, cfg, _data(), progress=False, ckpt_dir=out,
         callbacks=[lambda s: grads.append([p.grad.clone() for p in s.model.parameters()]) if s.step == 1 else None])
     if rank == 0:
         torch.save({"state": model.state_dict(), "grads": grads[0]}, os.path.join(out, "ddp.pt"))
@@ -246,7 +246,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
                          nn.Flatten(), nn.Linear(4, 4))
     imgs = TensorDataset(torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 4)
     sizes = []
-    fit(conv, imgs, cfg=TrainConfig(steps=3, batch_size=4, lr=0.1), regime=BatchAugment(m=2), progress=False,
+    fit(conv, TrainConfig(steps=3, batch_size=4, lr=0.1), imgs, regime=BatchAugment(m=2), progress=False,
         callbacks=[lambda s: sizes.append(s.batch_size)])
     torch.save({"state": conv.state_dict(), "sizes": sizes}, os.path.join(out, f"aug{rank}.pt"))
     dist.barrier()
@@ -263,7 +263,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     ddp = torch.load(tmp_path / "ddp.pt")
 
     model, grads = _mlp(dropout=0.0), []
-    fit(model, _data(), cfg=TrainConfig(steps=4, batch_size=32, lr=0.1), progress=False,
+    fit(model, TrainConfig(steps=4, batch_size=32, lr=0.1), _data(), progress=False,
         callbacks=[lambda s: grads.append([p.grad.clone() for p in s.model.parameters()]) if s.step == 1 else None])
     for g_ddp, g in zip(ddp["grads"], grads[0]):
         torch.testing.assert_close(g_ddp, g, rtol=1e-5, atol=1e-6)
@@ -290,7 +290,7 @@ def test_dataloader_workers_and_generic_datasets_match_fast_path():
 
     ds, cfg = _data(n=64), TrainConfig(steps=5, batch_size=16)
     ref, generic, workers = _mlp(), _mlp(), _mlp()
-    fit(ref, ds, cfg=cfg, progress=False)
-    fit(generic, Pairs(ds), cfg=cfg, progress=False)
-    fit(workers, Pairs(ds), cfg=TrainConfig(steps=5, batch_size=16, num_workers=1), progress=False)
+    fit(ref, cfg, ds, progress=False)
+    fit(generic, cfg, Pairs(ds), progress=False)
+    fit(workers, TrainConfig(steps=5, batch_size=16, num_workers=1), Pairs(ds), progress=False)
     assert _same(ref, generic) and _same(ref, workers)

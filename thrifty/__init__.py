@@ -5,8 +5,9 @@ The front door. Submodules load lazily, so ``import thrifty`` stays cheap.
 Example:
     >>> import thrifty as th
     >>> model = th.models.create("mlp", in_features=64, num_classes=10)
-    >>> th.apply(model, th.sparse.NM(2, 4))            # doctest: +SKIP
-    >>> th.strip(model)                                 # doctest: +SKIP
+    >>> _ = th.apply(model, th.NM(2, 4))                # 2:4 weights in every Linear, in place
+    >>> type(model.fc1).__name__, type(th.strip(model).fc1).__name__
+    ('GemmLinear', 'Linear')
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ _EXPORTS = {
     "fit": ("thrifty.train", "fit"),
     "evaluate": ("thrifty.train", "evaluate"),
     "synthesize": ("thrifty.datafree", "synthesize"),
-    "Train8": ("thrifty.quant.train8", "Train8"),
-    "AccumConfig": ("thrifty.quant.accum", "AccumConfig"),
+    "Train8": ("thrifty.quant", "Train8"),
+    "AccumConfig": ("thrifty.quant", "AccumConfig"),
+    "QuantConfig": ("thrifty.quant", "QuantConfig"),
     "ActNM": ("thrifty.sparse", "ActNM"),
     "GradNM": ("thrifty.sparse", "GradNM"),
 }

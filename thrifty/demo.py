@@ -14,7 +14,12 @@ Stages run in ``order``; each returns a JSON-able dict that lands in results.jso
 (a ``"markdown"`` entry is inserted verbatim; ``"files"`` lists files it wrote into ``ctx.report_dir``).
 
 Example:
-    >>> results = run_demo("reports/demo")  # doctest: +SKIP  (about a minute on 2 cores)
+    >>> import tempfile
+    >>> results = run_demo(tempfile.mkdtemp(), quick=True, only=["evaluate"], progress=False)  # 4 training steps
+    >>> sorted(results["stages"]), results["failed_stages"]
+    (['evaluate'], [])
+
+    ``run_demo("reports/demo")`` is the full run (a few minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -156,7 +161,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, seed: int
     model = create(MODEL, **kwargs)
     print(f"[demo] training {MODEL} on {DATASET} ({len(splits.train)} train / {len(splits.test)} test images)",
           file=sys.stderr, flush=True)
-    hist = fit(model, splits.train, splits.test, cfg, progress=progress)
+    hist = fit(model, cfg, splits.train, splits.test, progress=progress)
     model.eval()
     results: dict[str, Any] = {
         "train": {"model": MODEL, "model_kwargs": kwargs, "dataset": DATASET, "test_acc": hist.final["test_acc"],

@@ -7,6 +7,7 @@ Example:
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import random
@@ -20,7 +21,8 @@ import torch
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["seed_everything", "atomic_save", "atomic_write_text", "atomic_write_bytes", "get_logger", "removing_hooks"]
+__all__ = ["seed_everything", "atomic_save", "atomic_write_text", "atomic_write_bytes", "remove_stale_temp_files",
+           "get_logger", "removing_hooks", "plain_data", "show_progress"]
 
 
 def seed_everything(seed: int) -> None:
@@ -51,6 +53,8 @@ def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            # mkstemp creates 0600; the result gets the mode open() would give it under the user's umask
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -60,6 +64,43 @@ def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask must set it to read it,
+    which would briefly affect files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def remove_stale_temp_files(path: PathLike) -> list[Path]:
+    """Delete the temp files that interrupted atomic writes of ``path`` left next to it; returns them.
+
+    A write killed by SIGKILL or a power loss leaves ``.<name>.<random>.tmp`` (the target itself is
+    untouched). Call it only when no other process is writing ``path``.
+
+    Example:
+        >>> remove_stale_temp_files("/tmp/thrifty_example.txt")
+        []
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for p in stale:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+    return stale
 
 
 def atomic_save(obj: Any, path: PathLike) -> Path:
@@ -139,3 +180,47 @@ def removing_hooks(handles: list | None = None) -> Iterator[list]:
     finally:
         for h in handles:
             h.remove()
+
+
+def plain_data(v: Any) -> Any:
+    """YAML-safe plain data: str keys, lists for tuples, Python scalars for numpy/torch ones, str for the rest.
+
+    Example:
+        >>> plain_data({1: (np.float32(0.5), Path("a"))})
+        {'1': [0.5, 'a']}
+    """
+    if isinstance(v, dict):
+        return {str(k): plain_data(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain_data(x) for x in v]
+    if v is None:
+        return None
+    for t in (bool, str, int, float):  # subclasses (numpy.float64, torch.__version__) are not safe_dump-able
+        if isinstance(v, t):
+            return t(v)
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    item = getattr(v, "item", None)
+    if callable(item):
+        try:
+            return plain_data(item())
+        except (ValueError, RuntimeError, TypeError):  # a tensor / array of several elements
+            pass
+    return str(v)
+
+
+def show_progress(progress: bool | None = None) -> bool:
+    """Whether to draw progress bars: ``progress`` if given, else ``THRIFTY_PROGRESS`` (1/0), else a TTY on stderr.
+
+    The one policy for every bar in thrifty; configs never hold it. Example:
+        >>> show_progress(False)
+        False
+    """
+    if progress is not None:
+        return bool(progress)
+    env = os.environ.get("THRIFTY_PROGRESS")
+    if env is not None:
+        return env.strip().lower() not in ("0", "", "false", "no", "off")
+    import sys
+
+    return sys.stderr.isatty()

@@ -1,9 +1,9 @@
 """MLPerf-style inference benchmarking with the official LoadGen, and real int8 deployment on CPU.
 
-    >>> import thrifty as th
-    >>> rep = th.bench.run("resnet20", scenarios="all", backend="onnxruntime")  # doctest: +SKIP
+``thrifty.bench.run("resnet20", scenarios="all", backend="onnxruntime")`` benchmarks the pretrained
+resnet20 under all four scenarios (a runnable example on a small model: :mod:`thrifty.bench.api`).
 
-Pieces: :class:`BenchSettings` (short laptop defaults, ``BenchSettings.official``), the harness (QSL over
+Pieces: :class:`BenchConfig` (short laptop defaults, ``BenchConfig.official``), the harness (QSL over
 in-memory samples, a threaded SUT with dynamic batching), the four scenarios and accuracy mode
 (:func:`run_suite`, :func:`server_search`), log parsing (:func:`parse_summary`, :func:`check_accuracy`),
 backends (:class:`TorchBackend`, :class:`OrtBackend`), the int8 QDQ exporter (:func:`export_onnx`) and reports.
@@ -14,12 +14,15 @@ from thrifty.bench.backends import INT8_KERNELS, OrtBackend, TorchBackend, optim
 from thrifty.bench.export import export_onnx, quant_layers
 from thrifty.bench.harness import Samples, calibrate, run_loadgen
 from thrifty.bench.logs import parse_detail, parse_summary, parse_summary_text, read_accuracy_log
-from thrifty.bench.settings import SCENARIOS, BenchSettings
+from thrifty.bench.settings import SCENARIOS, BenchConfig
 from thrifty.bench.suite import auto_latency_bound_ms, run_suite, server_search
+from thrifty.core import deprecated_alias
 
 __all__ = [
-    "run", "BenchSettings", "SCENARIOS", "Samples", "Workload", "load_workload", "tokenize_fixed",
+    "run", "BenchConfig", "SCENARIOS", "Samples", "Workload", "load_workload", "tokenize_fixed",
     "run_suite", "run_loadgen", "server_search", "calibrate", "auto_latency_bound_ms",
     "parse_summary", "parse_summary_text", "parse_detail", "read_accuracy_log", "check_accuracy", "score_outputs",
     "TorchBackend", "OrtBackend", "optimized_op_counts", "INT8_KERNELS", "export_onnx", "quant_layers",
 ]
+
+__getattr__ = deprecated_alias(__name__, {"BenchSettings": ("BenchConfig", BenchConfig)})

@@ -1,9 +1,16 @@
 """``thrifty.bench.run``: one model, one backend, any scenarios, in a subprocess with pinned threads.
 
+``run("resnet20", scenarios="all", backend="onnxruntime", outdir="reports/bench")`` benchmarks the pretrained
+resnet20; any ``nn.Module`` with a dataset works the same way.
+
 Example:
+    >>> import tempfile, torch, torch.nn as nn
     >>> import thrifty as th
-    >>> rep = th.bench.run("resnet20", scenarios="all", backend="onnxruntime", outdir="reports/bench")  # doctest: +SKIP
-    >>> rep["scenarios"]["Offline"]["value"]  # samples/s  # doctest: +SKIP
+    >>> data = torch.utils.data.TensorDataset(torch.rand(64, 16), torch.zeros(64, dtype=torch.long))
+    >>> rep = th.bench.run(nn.Linear(16, 4), data, scenarios="Offline", backend="torch",
+    ...                    settings=th.bench.BenchConfig(min_duration_s=0.1), outdir=tempfile.mkdtemp())
+    >>> rep["scenarios"]["Offline"]["valid"], rep["scenarios"]["Offline"]["value"] > 0   # value: samples/s
+    (True, True)
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from thrifty.bench.harness import Samples
-from thrifty.bench.settings import SCENARIOS, BenchSettings
+from thrifty.bench.settings import SCENARIOS, BenchConfig
 from thrifty.utils import atomic_write_text, get_logger
 
 __all__ = ["Workload", "load_workload", "run", "tokenize_fixed", "calibration_data", "ptq_int8"]
@@ -76,6 +83,10 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
     of always ``seq_len`` tokens."""
     from thrifty.data import load_dataset
 
+    for name, v in (("max_samples", max_samples), ("seq_len", seq_len)):
+        # a negative max_samples would slice off the end (-1: all but one sample), silently
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"load_workload: {name} must be a positive integer or None, got {v!r}")
     onnx_path = None
     if isinstance(model, (str, os.PathLike)):
         s = str(model)
@@ -208,7 +219,7 @@ def _reference(ref: Any, wl: Workload) -> Optional[np.ndarray]:
 
 def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
         scenarios: Union[str, Sequence[str]] = "Offline", backend: str = "torch",
-        settings: Optional[BenchSettings] = None, outdir: Union[str, os.PathLike] = "reports/bench",
+        settings: Optional[BenchConfig] = None, outdir: Union[str, os.PathLike] = "reports/bench",
         accuracy: bool = True, reference: Any = "auto", isolate: bool = True, seq_len: int = 128,
         max_samples: Optional[int] = None, variant: Optional[str] = None,
         dynamic_length: bool = False, calib: Any = "auto") -> dict[str, Any]:
@@ -224,7 +235,7 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     scen = list(SCENARIOS) if scenarios == "all" else [scenarios] if isinstance(scenarios, str) else list(scenarios)
-    settings = settings or BenchSettings()
+    settings = settings or BenchConfig()
     wl = load_workload(model, data, seq_len=seq_len, max_samples=max_samples, seed=settings.seed,
                        dynamic_length=dynamic_length)
     psc = settings.performance_sample_count
@@ -301,7 +312,7 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
-def _run_subprocess(out: Path, settings: BenchSettings) -> dict[str, Any]:
+def _run_subprocess(out: Path, settings: BenchConfig) -> dict[str, Any]:
     threads = str(settings.intra_threads())
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
                PYTHONPATH=os.pathsep.join([p for p in sys.path if p] + [os.environ.get("PYTHONPATH", "")]))

@@ -6,7 +6,7 @@ from thrifty.demo import DemoContext, demo_stage
 
 @demo_stage(order=90, name="bench")
 def bench_stage(ctx: DemoContext) -> dict:
-    from thrifty.bench import BenchSettings, Samples, run
+    from thrifty.bench import BenchConfig, Samples, run
     from thrifty.bench.report import markdown_table, plot_results
     from thrifty.data import calibration_subset
     from thrifty.quant import PTQ, quantize
@@ -20,7 +20,7 @@ def bench_stage(ctx: DemoContext) -> dict:
     calib = torch.stack([sub[i][0] for i in range(len(sub))])
     q = quantize(ctx.model, PTQ(w_bits=8, a_bits=8, pipeline="rtn", w_estimator="minmax", a_estimator="minmax"),
                  calib, progress=False).model
-    s = BenchSettings(min_duration_s=0.5 if ctx.quick else 1.0)
+    s = BenchConfig(min_duration_s=0.5 if ctx.quick else 1.0)
     out = ctx.report_dir / "bench"
     rows = []
     for var, model, backend in (("fp32_torch", ctx.model, "torch"), ("int8_onnxruntime", q, "onnxruntime")):

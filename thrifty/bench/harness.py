@@ -8,12 +8,13 @@ Runtime ones. Responses are the float32 bytes of each sample's output, so accura
 Example:
     >>> import numpy as np
     >>> from thrifty.bench.harness import Samples, run_loadgen, calibrate
-    >>> from thrifty.bench.settings import BenchSettings
+    >>> from thrifty.bench.settings import BenchConfig
     >>> data = Samples((np.random.rand(64, 4).astype("float32"),), labels=np.zeros(64, dtype=np.int64))
     >>> backend = lambda xs: xs[0] * 2
-    >>> s = BenchSettings(scenario="SingleStream", min_duration_s=0.2)
-    >>> r = run_loadgen(backend, data, s, "/tmp/thrifty_doctest_lg", calibrate(backend, data, s))  # doctest: +SKIP
-    >>> r["valid"]  # doctest: +SKIP
+    >>> s = BenchConfig(scenario="SingleStream", min_duration_s=0.2)
+    >>> import tempfile
+    >>> r = run_loadgen(backend, data, s, tempfile.mkdtemp(), calibrate(backend, data, s))
+    >>> r["valid"]
     True
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from thrifty.bench.logs import parse_detail, parse_summary
-from thrifty.bench.settings import BenchSettings
+from thrifty.bench.settings import BenchConfig
 
 __all__ = ["Samples", "Backend", "calibrate", "check_output", "run_loadgen"]
 
@@ -99,7 +100,7 @@ def _time(fn: Callable[[], Any], reps: int) -> list[float]:
     return out
 
 
-def calibrate(backend: Backend, data: Samples, settings: BenchSettings, budget_s: float = 1.5) -> dict[str, float]:
+def calibrate(backend: Backend, data: Samples, settings: BenchConfig, budget_s: float = 1.5) -> dict[str, float]:
     """Quick timing of batch 1, MultiStream-sized and max_batch batches, to set LoadGen's hints.
 
     Also validates the output (serialisable, batch-leading) before LoadGen starts. Runs in a separate thread
@@ -121,7 +122,7 @@ def calibrate(backend: Backend, data: Samples, settings: BenchSettings, budget_s
     return box["res"]
 
 
-def _calibrate(backend: Backend, data: Samples, settings: BenchSettings, budget_s: float) -> dict[str, float]:
+def _calibrate(backend: Backend, data: Samples, settings: BenchConfig, budget_s: float) -> dict[str, float]:
     n = len(data)
     sizes = {"single": 1, "multi": settings.multistream_samples, "batch": min(settings.max_batch, n)}
     res: dict[str, float] = {"output_dim": 0.0}
@@ -221,7 +222,7 @@ class _SUT:
             t.join()
 
 
-def _test_settings(s: BenchSettings, calib: dict[str, float], target_qps: Optional[float], hint_scale: float):
+def _test_settings(s: BenchConfig, calib: dict[str, float], target_qps: Optional[float], hint_scale: float):
     import mlperf_loadgen as lg
 
     ts = lg.TestSettings()
@@ -245,7 +246,7 @@ def _test_settings(s: BenchSettings, calib: dict[str, float], target_qps: Option
     return ts
 
 
-def run_loadgen(backend: Backend, data: Samples, settings: BenchSettings, outdir: str | Path,
+def run_loadgen(backend: Backend, data: Samples, settings: BenchConfig, outdir: str | Path,
                 calib: dict[str, float], target_qps: Optional[float] = None,
                 hint_scale: float = 1.0) -> dict[str, Any]:
     """One LoadGen test (scenario and mode from ``settings``) in ``outdir``; returns the parsed result.
@@ -306,5 +307,5 @@ def run_loadgen(backend: Backend, data: Samples, settings: BenchSettings, outdir
     return res
 
 
-def settings_dict(s: BenchSettings) -> dict[str, Any]:
+def settings_dict(s: BenchConfig) -> dict[str, Any]:
     return {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}

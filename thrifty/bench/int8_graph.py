@@ -19,11 +19,15 @@ freezes. Nothing else changes: weights and existing activation quantizers keep t
 
 Used by ``export_onnx(..., calib=...)``; what it added is in the model's ``thrifty.int8`` metadata.
 
-Example (``q``: a PTQ-quantized resnet20, ``calib``: its calibration images):
-    >>> import json, onnx  # doctest: +SKIP
-    >>> p = export_onnx(q, (calib[:2],), "r20_int8.onnx", calib=calib)  # doctest: +SKIP
-    >>> info = json.loads(onnx.load(p).metadata_props[0].value)  # doctest: +SKIP
-    >>> info["residual_adds"], len(info["new_quantizers"]), info["shared"]  # doctest: +SKIP
+Example (an 8-bit resnet20, narrow and on 8x8 inputs to stay small):
+    >>> import json, tempfile, onnx, torch, thrifty as th
+    >>> from thrifty.bench import export_onnx
+    >>> q = th.apply(th.models.create("resnet20", width=4).eval(), th.quant.QuantConfig(w_bits=8, a_bits=8))
+    >>> calib = torch.rand(32, 1, 8, 8)
+    >>> _ = th.quant.calibrate_inputs(q, calib)
+    >>> p = export_onnx(q, (calib[:2],), tempfile.mkdtemp() + "/r20_int8.onnx", calib=calib)
+    >>> info = json.loads({m.key: m.value for m in onnx.load(str(p)).metadata_props}["thrifty.int8"])
+    >>> info["residual_adds"], len(info["new_quantizers"]), info["shared"]
     (9, 10, 9)
 """
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Benchmark settings: one frozen config, short laptop defaults, official MLPerf durations on request.
 
 Example:
-    >>> from thrifty.bench.settings import BenchSettings
-    >>> s = BenchSettings(scenario="Server", server_latency_ms=50)
+    >>> from thrifty.bench.settings import BenchConfig
+    >>> s = BenchConfig(scenario="Server", server_latency_ms=50)
     >>> s.queries_needed()
     500
-    >>> BenchSettings.official("Offline").min_duration_s
+    >>> BenchConfig.official("Offline").min_duration_s
     600.0
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from thrifty.core import Config, register_config
+from thrifty.core import CONFIG_ALIASES, Config, deprecated_alias, register_config, register_pipeline
 
-__all__ = ["BenchSettings", "SCENARIOS", "EARLY_STOP_MIN_QUERIES", "OFFICIAL_MIN_QUERIES", "default_threads"]
+__all__ = ["BenchConfig", "SCENARIOS", "EARLY_STOP_MIN_QUERIES", "OFFICIAL_MIN_QUERIES", "default_threads"]
 
 SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline")
 
@@ -39,7 +39,7 @@ def default_threads() -> int:
 
 @register_config
 @dataclass(frozen=True)
-class BenchSettings(Config):
+class BenchConfig(Config):
     """How one LoadGen scenario is run.
 
     Args:
@@ -110,11 +110,11 @@ class BenchSettings(Config):
                              f"({self.multistream_samples}) so one MultiStream query runs as one batch")
 
     @classmethod
-    def official(cls, scenario: str, **kw) -> "BenchSettings":
+    def official(cls, scenario: str, **kw) -> "BenchConfig":
         """MLPerf Inference's official run lengths (600 s, official query counts); implies allow_long."""
         return cls(scenario=scenario, min_duration_s=600.0, allow_long=True, official_counts=True, **kw)
 
-    def for_scenario(self, scenario: str) -> "BenchSettings":
+    def for_scenario(self, scenario: str) -> "BenchConfig":
         return dataclasses.replace(self, scenario=scenario)
 
     def queries_needed(self) -> int:
@@ -151,3 +151,9 @@ def _human(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.1f} minutes"
     return f"{seconds:.1f} s"
+
+
+register_pipeline(BenchConfig, "configures a benchmark run", "thrifty.bench.run(model, data, settings=cfg)")
+# Renamed for the naming rule (docs/naming.md); the old name works for one release.
+CONFIG_ALIASES["BenchSettings"] = "BenchConfig"
+__getattr__ = deprecated_alias(__name__, {"BenchSettings": ("BenchConfig", BenchConfig)})

@@ -3,10 +3,13 @@
 Example:
     >>> import numpy as np
     >>> from thrifty.bench.harness import Samples
-    >>> from thrifty.bench.settings import BenchSettings
+    >>> from thrifty.bench.settings import BenchConfig
+    >>> import tempfile
     >>> data = Samples((np.random.rand(256, 4).astype("float32"),))
-    >>> res = run_suite(lambda xs: xs[0] * 2, data, BenchSettings(min_duration_s=0.2), ["Offline"],
-    ...                 "/tmp/thrifty_doctest_suite")  # doctest: +SKIP
+    >>> res = run_suite(lambda xs: xs[0] * 2, data, BenchConfig(min_duration_s=0.2), ["Offline"],
+    ...                 tempfile.mkdtemp())
+    >>> res["scenarios"]["Offline"]["valid"]
+    True
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import numpy as np
 
 from thrifty.bench.accuracy import check_accuracy
 from thrifty.bench.harness import Backend, Samples, calibrate, run_loadgen
-from thrifty.bench.settings import SCENARIOS, BenchSettings
+from thrifty.bench.settings import SCENARIOS, BenchConfig
 from thrifty.utils import get_logger
 
 __all__ = ["run_suite", "server_search", "auto_latency_bound_ms"]
@@ -35,7 +38,7 @@ def auto_latency_bound_ms(calib: dict[str, float]) -> float:
     return float(next(m * exp for m in (1, 2, 5, 10) if m * exp >= raw))
 
 
-def server_search(backend: Backend, data: Samples, settings: BenchSettings, outdir: str | Path,
+def server_search(backend: Backend, data: Samples, settings: BenchConfig, outdir: str | Path,
                   calib: dict[str, float], sustained_qps: Optional[float] = None) -> dict[str, Any]:
     """Highest Server QPS whose LoadGen run is VALID (99th-percentile latency under the bound).
 
@@ -111,7 +114,7 @@ def server_search(backend: Backend, data: Samples, settings: BenchSettings, outd
     return res
 
 
-def run_with_hint_retry(backend: Backend, data: Samples, settings: BenchSettings, outdir: Path,
+def run_with_hint_retry(backend: Backend, data: Samples, settings: BenchConfig, outdir: Path,
                         calib: dict[str, float], target_qps: Optional[float] = None, retries: int = 2) -> dict[str, Any]:
     """run_loadgen, re-run up to ``retries`` times with 4x bolder hints when the only failure is a run shorter
     than min_duration (the hints come from a quick calibration and can be off; they are not results)."""
@@ -131,14 +134,14 @@ def run_with_hint_retry(backend: Backend, data: Samples, settings: BenchSettings
     return r
 
 
-def _scenario_settings(settings: BenchSettings, scenario: str, calib: dict[str, float]) -> BenchSettings:
+def _scenario_settings(settings: BenchConfig, scenario: str, calib: dict[str, float]) -> BenchConfig:
     s = settings.for_scenario(scenario)
     if scenario == "Server" and s.server_latency_ms is None:
         s = dataclasses.replace(s, server_latency_ms=auto_latency_bound_ms(calib))
     return s
 
 
-def run_suite(backend: Backend, data: Samples, settings: BenchSettings, scenarios: Sequence[str],
+def run_suite(backend: Backend, data: Samples, settings: BenchConfig, scenarios: Sequence[str],
               outdir: str | Path, *, accuracy: bool = True, reference: Optional[np.ndarray] = None,
               accuracy_scenario: str = "Offline") -> dict[str, Any]:
     """Calibrate once, run each scenario (Server: the max-QPS search unless a target QPS is fixed), then an

@@ -29,13 +29,13 @@ def _load_backend(job: dict[str, Any], threads: int):
 def execute(job: dict[str, Any]) -> dict[str, Any]:
     """Run a job written by thrifty.bench.run (in this process)."""
     from thrifty.bench.harness import Samples
-    from thrifty.bench.settings import BenchSettings
+    from thrifty.bench.settings import BenchConfig
     from thrifty.bench.suite import run_suite
     from thrifty.core import from_yaml
 
     settings = from_yaml(job["settings"])
-    if not isinstance(settings, BenchSettings):
-        raise TypeError("job settings are not BenchSettings")
+    if not isinstance(settings, BenchConfig):
+        raise TypeError("job settings are not BenchConfig")
     z = np.load(job["samples"])
     inputs = tuple(z[k] for k in sorted((k for k in z.files if k.startswith("input_")), key=lambda k: int(k[6:])))
     samples = Samples(inputs, z["labels"] if "labels" in z.files else None, job.get("dataset", "samples"),

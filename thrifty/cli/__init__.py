@@ -5,13 +5,20 @@ subcommand: ``register`` adds its parser with ``subparsers.add_parser(...)``, it
 ``parser.set_defaults(func=run)`` where ``run(args) -> int | None``. Adding a command never edits this file.
 Every subcommand parser also gets ``--config file.yaml`` (defaults from YAML; explicit flags win).
 
-Example:
-    >>> main(["--help"])  # doctest: +SKIP
+Bad input (thrifty's ValueError/TypeError, a missing file) ends as one line
+``thrifty <cmd>: error: ...`` with exit code 2; ``--debug`` or ``THRIFTY_DEBUG=1`` shows the traceback.
+Ctrl-C exits with 130 (``train`` first saves a checkpoint of the steps done).
+
+Example (``main(["demo", "--quick"])`` runs what ``thrifty demo --quick`` runs):
+    >>> args = build_parser().parse_args(["demo", "--quick"])
+    >>> args.command, args.quick
+    ('demo', True)
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from typing import Sequence
@@ -20,10 +27,14 @@ from thrifty.cli import _common
 
 __all__ = ["main", "build_parser"]
 
+# errors that describe the user's input or files; anything else is a bug and keeps its traceback
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                FloatingPointError)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thrifty", description="Efficient deep learning toolkit (thrifty).")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (or THRIFTY_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
@@ -49,13 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _common.apply_config_file(parser, args, argv)
         rc = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
-        if args.debug:
+    except _USER_ERRORS as e:
+        if args.debug or os.environ.get("THRIFTY_DEBUG", "") not in ("", "0"):
             raise
         print(f"thrifty {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"thrifty {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     return int(rc or 0)
 

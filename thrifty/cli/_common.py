@@ -18,18 +18,22 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 from tqdm.auto import tqdm
 
-from thrifty.utils import atomic_write_text
+from thrifty import utils
+from thrifty.utils import atomic_write_text, plain_data
 
 __all__ = ["add_config_option", "apply_config_file", "resolved", "write_resolved_config", "show_progress",
-           "progress", "step", "int_list", "INTERNAL_KEYS"]
+           "progress", "step", "int_list", "positive_int", "nonneg_int", "add_overwrite_option", "check_out_dir",
+           "check_model_data", "INTERNAL_KEYS"]
 
 # argparse destinations that are plumbing, not configuration
-INTERNAL_KEYS = {"func", "command", "config", "debug", "_parser"}
+INTERNAL_KEYS = {"func", "command", "config", "debug", "_parser", "overwrite"}
+# permission to replace files: only an explicit flag gives it, never a config file (nor a repeated run's config)
+_FLAG_ONLY = {"overwrite"}
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -58,17 +62,57 @@ def load_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser, c
         raise ValueError(f"config file {p} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {p} must hold a mapping of option names to values, got {type(data).__name__}")
-    dests = {a.dest for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)} - INTERNAL_KEYS
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)
+               and a.dest not in INTERNAL_KEYS}
     out: dict[str, Any] = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
+        if dest in _FLAG_ONLY:
+            raise ValueError(f"key {key!r} in config file {p}: give --{dest} on the command line, not in a config "
+                             "file")
         if dest in INTERNAL_KEYS:
             continue
-        if dest not in dests:
+        if dest not in actions:
             raise ValueError(f"unknown key {key!r} in config file {p} for `thrifty {command}`; "
-                             f"known keys: {', '.join(sorted(dests))}")
-        out[dest] = value
+                             f"known keys: {', '.join(sorted(actions))}")
+        out[dest] = _coerce(actions[dest], value, f"key {key!r} in config file {p}")
     return out
+
+
+def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
+    """Check and convert one YAML value as the command line would; errors name ``where`` (file and key).
+
+    argparse converts only string defaults and never checks them against ``choices``, so YAML values
+    would otherwise bypass every check a flag gets (``quick: "no"`` would be truthy)."""
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
+    if many:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce_one(action, v, where) for v in items]
+    return _coerce_one(action, value, where)
+
+
+def _coerce_one(action: argparse.Action, value: Any, where: str) -> Any:
+    takes_list = getattr(action.type, "accepts_list", False)  # e.g. int_list: a YAML list is one value
+    if isinstance(value, (list, dict)) and not (takes_list and isinstance(value, list)):
+        raise ValueError(f"{where} must be a single value, got {type(value).__name__} {value!r}")
+    if isinstance(value, bool) and action.type is not None:
+        raise ValueError(f"{where} must be {getattr(action.type, '__name__', 'a value')}, got {value!r}")
+    if action.type is not None:
+        try:
+            # through str, as on the command line: int(2.5) would silently truncate, int("2.5") refuses
+            value = action.type(value if isinstance(value, (str, list)) else str(value))
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            raise ValueError(f"{where}: invalid {getattr(action.type, '__name__', 'value')} value {value!r} "
+                             f"({e})") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{where} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
 
 
 def apply_config_file(root: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
@@ -83,19 +127,7 @@ def apply_config_file(root: argparse.ArgumentParser, args: argparse.Namespace, a
 def resolved(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
     """The configuration part of parsed arguments, as plain YAML-able data."""
     d = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return {k: _plain(v) for k, v in d.items() if k not in INTERNAL_KEYS and not k.startswith("_")}
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    return str(v)
+    return {k: plain_data(v) for k, v in d.items() if k not in INTERNAL_KEYS and not k.startswith("_")}
 
 
 def write_resolved_config(outdir: str | os.PathLike, config: argparse.Namespace | dict[str, Any],
@@ -105,11 +137,8 @@ def write_resolved_config(outdir: str | os.PathLike, config: argparse.Namespace 
 
 
 def show_progress() -> bool:
-    """Progress bars on a terminal; ``THRIFTY_PROGRESS=1`` forces them on, ``=0`` off."""
-    env = os.environ.get("THRIFTY_PROGRESS")
-    if env is not None:
-        return env not in ("0", "", "false", "no")
-    return sys.stderr.isatty()
+    """Progress bars on a terminal; ``THRIFTY_PROGRESS=1`` forces them on, ``=0`` off (see thrifty.utils)."""
+    return utils.show_progress()
 
 
 def progress(iterable: Iterable[Any], desc: str, total: int | None = None, **kw: Any) -> Iterator[Any]:
@@ -128,6 +157,78 @@ def step(message: str, quiet: bool = False) -> Iterator[None]:
         print(f"  done ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _bounded_int(text, 1)
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, low: int) -> int:
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+    return v
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: allow writing into an existing non-empty ``--out`` folder."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs in an existing non-empty --out folder (refused otherwise)")
+
+
+def check_out_dir(out: str | os.PathLike, overwrite: bool, hint: str = "") -> Path:
+    """Refuse, before any work, to write into an existing non-empty folder unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out} already exists and is not empty; pass --overwrite to replace its "
+                         f"outputs{hint} or choose another --out")
+    return out
+
+
+def check_model_data(model: Any, splits: Any, model_name: str, dataset: str, option: str = "--dataset",
+                     shape_hint: Callable[[], str] | None = None) -> None:
+    """A clear error, before any work, when the model cannot take the dataset: NaN/Inf weights, an input
+    shape it refuses, or labels beyond its outputs (these would otherwise surface deep inside as
+    IndexError/RuntimeError, or as a NaN loss with exit code 0)."""
+    import torch
+
+    from thrifty.train.loop import check_finite, check_finite_data
+
+    try:
+        check_finite(model)
+    except ValueError as e:
+        raise ValueError(f"model {model_name}: {e}") from None
+    if splits.train_texts is not None:  # inputs are indices into texts, fed to the model by its tokenizer
+        return
+    check_finite_data(splits.train, f"{option} {dataset} (train split)")
+    check_finite_data(splits.test, f"{option} {dataset} (test split)")
+    x = splits.test.tensors[0][:2]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, IndexError) as e:
+        hint = shape_hint() if shape_hint is not None else ""
+        raise ValueError(f"model {model_name} cannot take {option} {dataset} (input shape "
+                         f"{tuple(x.shape[1:])}): {str(e).splitlines()[0]}{hint}") from None
+    finally:
+        model.train(was)
+    top = int(max(int(splits.train.tensors[-1].max()), int(splits.test.tensors[-1].max())))
+    if out.dim() == 2 and top >= out.shape[1]:
+        raise ValueError(f"{option} {dataset} has labels up to {top}, but model {model_name} has "
+                         f"{out.shape[1]} outputs (labels must be < num_classes)")
+
+
 def int_list(text: str | list | tuple) -> list[int]:
     """Parse ``"16,24,32"`` (or a YAML list) into [16, 24, 32]."""
     if isinstance(text, (list, tuple)):
@@ -136,6 +237,9 @@ def int_list(text: str | list | tuple) -> list[int]:
         return [int(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+int_list.accepts_list = True  # type: ignore[attr-defined]
 
 
 def load_model_arg(args: argparse.Namespace) -> tuple:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 from thrifty.cli import _common
 
@@ -23,42 +22,69 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="zoo name (resnet20, minilm, ...), saved model stem, or .onnx")
     p.add_argument("--data", default=None, help="dataset name (default: the model's bundled data)")
-    p.add_argument("--scenario", default="all", help="all, or comma-separated SingleStream,MultiStream,Server,Offline")
-    p.add_argument("--backend", default="torch", help="torch, onnxruntime, or both comma-separated")
+    p.add_argument("--scenario", default="all", type=_scenarios,
+                   help="all, or comma-separated SingleStream,MultiStream,Server,Offline")
+    p.add_argument("--backend", default="torch", type=_backends, help="torch, onnxruntime, or both comma-separated")
     p.add_argument("--quantize", action="store_true", help="also benchmark an int8 PTQ variant")
     p.add_argument("--ptq-pipeline", default="rtn", choices=["rtn", "adaquant", "light", "advanced"])
     p.add_argument("--min-duration", type=float, default=2.0, help="LoadGen min_duration in seconds")
-    p.add_argument("--min-query-count", type=int, default=None)
+    p.add_argument("--min-query-count", type=_common.positive_int, default=None)
     p.add_argument("--official", action="store_true", help="official MLPerf durations (hours; implies --allow-long)")
     p.add_argument("--allow-long", action="store_true", help="permit runs estimated longer than --max-run-s")
     p.add_argument("--max-run-s", type=float, default=600.0)
     p.add_argument("--server-latency-ms", type=float, default=None, help="Server p99 bound (default: automatic)")
     p.add_argument("--server-qps", type=float, default=None, help="fixed Server QPS instead of the max-QPS search")
-    p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="SUT worker threads (default: cores / threads)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
-    p.add_argument("--seq-len", type=int, default=128, help="token length for text models")
-    p.add_argument("--max-samples", type=int, default=None, help="use only the first N dataset samples")
+    p.add_argument("--max-batch", type=_common.positive_int, default=64)
+    p.add_argument("--workers", type=_common.positive_int, default=None,
+                   help="SUT worker threads (default: cores / threads)")
+    p.add_argument("--threads", type=_common.positive_int, default=1, help="intra-op threads per worker")
+    p.add_argument("--seq-len", type=_common.positive_int, default=128, help="token length for text models")
+    p.add_argument("--max-samples", type=_common.positive_int, default=None,
+                   help="use only the first N dataset samples")
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy-mode run")
     p.add_argument("--out", default="reports/bench")
+    _common.add_overwrite_option(p)
     _common.add_config_option(p)
     p.set_defaults(func=run)
 
 
+def _choices_list(text: str | list, known: tuple[str, ...], what: str, all_ok: bool) -> list[str]:
+    items = list(text) if isinstance(text, (list, tuple)) else [t.strip() for t in str(text).split(",") if t.strip()]
+    if all_ok and items == ["all"]:
+        return list(known)
+    bad = [t for t in items if t not in known]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown {what} {bad or items}; choose from {', '.join(known)}"
+                                         + (" or all" if all_ok else ""))
+    return items
+
+
+def _scenarios(text: str | list) -> list[str]:
+    """argparse type of --scenario (a YAML config may give a list)."""
+    from thrifty.bench.settings import SCENARIOS
+
+    return _choices_list(text, SCENARIOS, "scenario(s)", True)
+
+
+def _backends(text: str | list) -> list[str]:
+    return _choices_list(text, ("torch", "onnxruntime"), "backend(s)", False)
+
+
+_scenarios.accepts_list = _backends.accepts_list = True  # type: ignore[attr-defined]
+
+
 def run(args: argparse.Namespace) -> int:
-    from thrifty.bench import BenchSettings, SCENARIOS
+    from thrifty.bench import BenchConfig
     from thrifty.bench import run as bench_run
     from thrifty.bench.api import calibration_data, load_workload, ptq_int8
     from thrifty.bench.report import write_report
 
-    scen = list(SCENARIOS) if args.scenario == "all" else [s.strip() for s in args.scenario.split(",") if s.strip()]
-    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    scen, backends = list(args.scenario), list(args.backend)
+    out = _common.check_out_dir(args.out, args.overwrite)
     kw = dict(server_latency_ms=args.server_latency_ms, server_target_qps=args.server_qps, max_batch=args.max_batch,
               workers=args.workers, threads=args.threads, max_run_s=args.max_run_s, allow_long=args.allow_long)
-    settings = (BenchSettings.official(scen[0], **kw) if args.official else
-                BenchSettings(min_duration_s=args.min_duration, min_query_count=args.min_query_count, **kw))
-    out = Path(args.out)
-    _common.write_resolved_config(out, args)
+    settings = (BenchConfig.official(scen[0], **kw) if args.official else
+                BenchConfig(min_duration_s=args.min_duration, min_query_count=args.min_query_count, **kw))
     wl = load_workload(args.model, args.data, seq_len=args.seq_len, max_samples=args.max_samples)
     variants = [("fp32", wl.model if wl.model is not None else args.model, "auto")]
     if args.quantize:
@@ -82,5 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  accuracy     {json.dumps(r['accuracy']['metrics'])}")
             results.append(r)
     paths = write_report(results, out, title=f"thrifty bench: {wl.name}")
+    # last, so a failed run never leaves a config.yaml that does not match results.json
+    _common.write_resolved_config(out, args)
     print(f"report: {paths['markdown']}")
     return 0 if all(x["valid"] for r in results for x in r["scenarios"].values()) else 1

@@ -24,12 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--only", type=lambda s: [t for t in s.split(",") if t], default=None,
                    help="comma-separated stage names to run (default: all)")
     p.add_argument("--quick", action="store_true", help="smoke test: a few training steps")
+    _common.add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from thrifty.demo import TARGET_ACC, run_demo
 
+    _common.check_out_dir(args.out, args.overwrite)
     res = run_demo(args.out, quick=args.quick, seed=args.seed, epochs=args.epochs, only=args.only,
                    progress=_common.show_progress(), config=_common.resolved(args))
     acc = res["train"]["test_acc"]

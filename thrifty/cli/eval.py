@@ -24,10 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-path", dest="model_path_opt", default=None, help="same as the positional argument")
     p.add_argument("--dataset", default=None, help="override the dataset recorded in the model's yaml")
     p.add_argument("--split", choices=["test", "train"], default="test")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=_common.positive_int, default=512)
     p.add_argument("--sizes", type=_common.int_list, default=None, help="comma-separated input sizes, e.g. 16,24,32")
     p.add_argument("--calibrate-bn", action="store_true", help="recalibrate BN statistics at each size first")
-    p.add_argument("--calib-batches", type=int, default=50, help="training batches used for BN recalibration")
+    p.add_argument("--calib-batches", type=_common.positive_int, default=50,
+                   help="training batches used for BN recalibration")
     p.add_argument("--out", default=None, help="output folder (default: <model folder>/eval)")
     p.set_defaults(func=run)
 
@@ -40,11 +41,16 @@ def run(args: argparse.Namespace) -> int:
     path = args.model_path or args.model_path_opt
     if not path:
         raise ValueError("give the saved model path (positional or --model-path)")
+    if args.sizes and min(args.sizes) < 1:
+        raise ValueError(f"--sizes must be positive, got {args.sizes}")
+    if args.calibrate_bn and not args.sizes:
+        raise ValueError("--calibrate-bn recalibrates BN at each of --sizes; give --sizes (it would do nothing)")
     model, meta = load_model(path)
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
         raise ValueError(f"{path}: no dataset recorded in the model yaml; pass --dataset")
     splits = load_dataset(dataset, seed=0)
+    _common.check_model_data(model, splits, str(path), dataset)
     ds = splits.test if args.split == "test" else splits.train
     rows = []
     for size in _common.progress(args.sizes or [None], desc="sizes"):

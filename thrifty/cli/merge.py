@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from thrifty.cli import _common
 
@@ -28,18 +27,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=METHODS, default="fs-merge")
     p.add_argument("--data", nargs="+", default=None, help="one dataset per model (default: each model's yaml)")
     p.add_argument("--classes", nargs="+", default=None, help="one comma-separated label list per model")
-    p.add_argument("--data-per-task", type=int, default=100, help="unlabeled training inputs per task")
+    p.add_argument("--data-per-task", type=_common.positive_int, default=100, help="unlabeled training inputs per task")
     p.add_argument("--param", choices=["diagonal", "lowrank", "diag_lowrank", "full"], default="diag_lowrank")
     p.add_argument("--init", choices=["first", "average", "permute"], default="average")
     p.add_argument("--mode", choices=["global", "local"], default="global")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=_common.positive_int, default=8)
     p.add_argument("--width-mult", type=float, default=1.0, help="merged width / original width")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=_common.nonneg_int, default=300)
     p.add_argument("--lr", type=float, default=None, help="default 1e-2 (fs-merge), 1e-3 (distill)")
-    p.add_argument("--augment", type=int, default=4, help="augmented copies per sample")
+    p.add_argument("--augment", type=_common.nonneg_int, default=4, help="augmented copies per sample")
     p.add_argument("--matching", choices=["activation", "weight"], default="activation", help="for --method permute")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/merged", help="output folder")
+    _common.add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -62,7 +62,15 @@ def _task_splits(args: argparse.Namespace, metas: list[dict], models: list) -> l
         s = load_dataset(name, seed=0)
         if args.classes is not None:
             classes = _common.int_list(args.classes[i])
+            outside = sorted({c for c in classes if not 0 <= c < s.num_classes})
+            if outside or not classes or len(set(classes)) != len(classes):
+                raise ValueError(f"--classes {args.classes[i]!r} (model {i}): labels must be distinct and in "
+                                 f"0..{s.num_classes - 1} of dataset {name!r}" + (f"; not there: {outside}"
+                                                                                  if outside else ""))
             renumber = models[i].head.out_features == len(classes)
+            if not renumber and max(classes) >= models[i].head.out_features:
+                raise ValueError(f"--classes {args.classes[i]!r}: model {args.models[i]} has "
+                                 f"{models[i].head.out_features} outputs, fewer than label {max(classes)} needs")
 
             def pick(ds: TensorDataset, classes: list[int] = classes, renumber: bool = renumber) -> TensorDataset:
                 x, y = ds.tensors
@@ -83,7 +91,7 @@ def _task_splits(args: argparse.Namespace, metas: list[dict], models: list) -> l
 def run(args: argparse.Namespace) -> int:
     from thrifty.core import to_dict
     from thrifty.merge import (
-        AverageMerge, DistillMerge, FSMerge, PermuteAverage, ZipMerge, evaluate_tasks, few_shot, merge, zoo_kwargs,
+        AverageMerge, DistillMerge, FSMerge, PermuteMerge, ZipMerge, evaluate_tasks, few_shot, merge, zoo_kwargs,
     )
     from thrifty.train import load_model, save_model
 
@@ -91,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--models needs at least 2 saved models, got {len(args.models)}")
     if args.data_per_task < 2:
         raise ValueError(f"--data-per-task must be >= 2, got {args.data_per_task}")
+    out = _common.check_out_dir(args.out, args.overwrite)
     with _common.step(f"loading {len(args.models)} models"):
         loaded = [load_model(p) for p in args.models]
     models, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
@@ -104,24 +113,22 @@ def run(args: argparse.Namespace) -> int:
     progress = _common.show_progress()
     if args.method == "fs-merge":
         cfg = FSMerge(param=args.param, init=args.init, mode=args.mode, rank=args.rank, width_mult=args.width_mult,
-                      steps=args.steps, lr=args.lr or 1e-2, augment=args.augment, seed=args.seed, progress=progress)
+                      steps=args.steps, lr=args.lr or 1e-2, augment=args.augment, seed=args.seed)
     elif args.method == "distill":
-        cfg = DistillMerge(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed,
-                           progress=progress)
+        cfg = DistillMerge(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed)
     elif args.method == "permute":
-        cfg = PermuteAverage(matching=args.matching)
+        cfg = PermuteMerge(matching=args.matching)
     elif args.method == "zip":
         cfg = ZipMerge()
     else:
         cfg = AverageMerge()
     with _common.step(f"merging with {args.method}"):
-        merged = merge(models, few, cfg)
+        merged = merge(models, cfg, few, progress=progress)
     orig = [evaluate_tasks(m, [te], [(0, m.head.out_features)])[0] for m, te in zip(models, tests)]
     acc = evaluate_tasks(merged, tests)
     print(f"{'task':<6}{'data':<12}{'original':>10}{'merged':>10}{'relative':>10}")
     for i, ((name, _, _), o, a) in enumerate(zip(tasks, orig, acc)):
         print(f"{i:<6}{name:<12}{o:>10.4f}{a:>10.4f}{a / max(o, 1e-12):>10.3f}")
-    out = Path(args.out)
     names = {name for name, _, _ in tasks}
     meta = {"model": metas[0]["model"], "model_kwargs": zoo_kwargs(merged),
             "dataset": tasks[0][0] if len(names) == 1 else None, "task_slices": [list(s) for s in merged.task_slices],

@@ -39,23 +39,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-kind", choices=["size", "bops"], default="size")
     p.add_argument("--candidate-bits", type=_common.int_list, default=[2, 3, 4, 8], help="e.g. 2,3,4,8")
     p.add_argument("--adaquant-mode", choices=["sequential", "parallel"], default="sequential")
-    p.add_argument("--adaquant-iters", type=int, default=200)
-    p.add_argument("--bias-iters", type=int, default=100)
+    p.add_argument("--adaquant-iters", type=_common.nonneg_int, default=200)
+    p.add_argument("--bias-iters", type=_common.nonneg_int, default=100)
     p.add_argument("--estimator", choices=["minmax", "sample_minmax", "percentile", "mse"], default="mse",
                    help="range estimator for weights and activations")
-    p.add_argument("--calib-per-class", type=int, default=10)
+    p.add_argument("--calib-per-class", type=_common.positive_int, default=10)
     p.add_argument("--data-free", choices=["bns", "gaussian", "inception"], default=None,
                    help="calibrate on samples synthesised from the model itself instead of real data "
                         "(same count as --calib-per-class x classes)")
-    p.add_argument("--synth-steps", type=int, default=None,
+    p.add_argument("--synth-steps", type=_common.positive_int, default=None,
                    help="optimisation steps for --data-free bns/inception (default: thrifty.datafree.Synth's)")
-    p.add_argument("--distill-steps", type=int, default=0,
+    p.add_argument("--distill-steps", type=_common.nonneg_int, default=0,
                    help="after PTQ, fine-tune the quantized model this many steps to match the FP model's logits "
                         "on the calibration samples (KL; synthetic ones with --data-free)")
     p.add_argument("--filter", action="append", default=None, metavar="GLOB",
                    help="only layers whose qualified name matches (repeatable); default: every Linear/Conv2d")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<model>-w<bits>a<a-bits>-<pipeline>)")
+    _common.add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -70,10 +71,13 @@ def run(args: argparse.Namespace) -> int:
               candidate_bits=tuple(args.candidate_bits), adaquant_mode=args.adaquant_mode,
               adaquant_iters=args.adaquant_iters, bias_iters=args.bias_iters, w_estimator=args.estimator,
               a_estimator=args.estimator, seed=args.seed)  # validates everything before any work
-    if args.calib_per_class < 1:
-        raise ValueError(f"--calib-per-class must be positive, got {args.calib_per_class}")
-    if args.distill_steps < 0 or (args.synth_steps is not None and args.synth_steps < 1):
-        raise ValueError("--distill-steps must be >= 0 and --synth-steps >= 1")
+    if args.synth_steps is not None and args.data_free not in ("bns", "inception"):
+        raise ValueError(f"--synth-steps applies to --data-free bns or inception only (got --data-free "
+                         f"{args.data_free}); it would be ignored")
+    if args.budget is None and args.budget_kind != "size":
+        raise ValueError(f"--budget-kind {args.budget_kind} needs --budget (it would be ignored)")
+    out = _common.check_out_dir(args.out or f"runs/{Path(str(args.model)).name}-w{args.bits}a{args.a_bits}-"
+                                f"{args.pipeline}" + (f"-b{args.budget}" if args.budget else ""), args.overwrite)
     model, meta, dataset = _common.load_model_arg(args)
     if not dataset:
         raise ValueError(f"{args.model}: no dataset recorded; pass --dataset")
@@ -81,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("thrifty quantize evaluates classifiers; for MiniLM use thrifty.quant.quantize in Python "
                          "(see experiments/ptq.py)")
     splits = load_dataset(dataset, seed=0)
+    _common.check_model_data(model, splits, str(args.model), dataset)
     seed_everything(args.seed)
     calib = calibration_subset(splits.train, per_class=args.calib_per_class, seed=args.seed)
     if args.data_free:
@@ -88,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
         with _common.step(f"synthesising {len(calib)} {args.data_free} samples (no real data)"):
             steps = {} if args.synth_steps is None else {"steps": args.synth_steps}
-            calib = synthesize(model, len(calib), args.data_free, input_shape=splits.input_shape, seed=args.seed,
-                               progress=_common.show_progress(), **steps)
+            calib = synthesize(model, n=len(calib), method=args.data_free, input_shape=splits.input_shape,
+                               seed=args.seed, progress=_common.show_progress(), **steps)
     fp_acc = evaluate(model, splits.test)["acc"]
     with _common.step(f"PTQ {args.pipeline} W{args.bits}A{args.a_bits or 32} on {len(calib)} calibration samples"):
         res = quantize(model, cfg, calib, filter=args.filter, progress=_common.show_progress())
@@ -97,15 +102,13 @@ def run(args: argparse.Namespace) -> int:
         from thrifty.datafree import distill
 
         with _common.step(f"distilling from the FP model ({args.distill_steps} steps on the calibration samples)"):
-            kd = distill(res.model, model, calib, steps=args.distill_steps, seed=args.seed,
+            kd = distill(res.model, model, data=calib, steps=args.distill_steps, seed=args.seed,
                          progress=_common.show_progress())
         if res.loss_kind == "kl":  # the same KL(FP || quantized) as the other stages' losses
             res.losses["distill"] = kd["kl_after"]
     else:
         kd = None
     acc = evaluate(res.model, splits.test)["acc"]
-    out = Path(args.out or f"runs/{Path(str(args.model)).name}-w{args.bits}a{args.a_bits}-{args.pipeline}"
-               + (f"-b{args.budget}" if args.budget else ""))
     out.mkdir(parents=True, exist_ok=True)
     save_meta = {k: v for k, v in meta.items() if k not in ("path",)}
     save_meta.update({"dataset": dataset, "test_acc": acc, "fp32_test_acc": fp_acc})

@@ -34,15 +34,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--filter", action="append", default=None, metavar="GLOB",
                    help="only layers whose qualified name matches (repeatable); default: every Linear/Conv2d")
     p.add_argument("--adaprune", action="store_true", help="per-layer reconstruction on calibration data")
-    p.add_argument("--adaprune-steps", type=int, default=200)
+    p.add_argument("--adaprune-steps", type=_common.nonneg_int, default=200)
     p.add_argument("--adaprune-lr", type=float, default=1e-3)
-    p.add_argument("--remask-every", type=int, default=1, help="AdaPrune re-masks every this many steps")
-    p.add_argument("--calib-per-class", type=int, default=10, help="calibration images per class (unlabelled use)")
+    p.add_argument("--remask-every", type=_common.positive_int, default=1,
+                   help="AdaPrune re-masks every this many steps")
+    p.add_argument("--calib-per-class", type=_common.positive_int, default=10,
+                   help="calibration images per class (unlabelled use)")
     p.add_argument("--no-bn", action="store_true", help="skip BatchNorm re-estimation")
     p.add_argument("--finetune-epochs", type=float, default=0.0, help="fixed-mask fine-tuning epochs afterwards")
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<model>-nm<N>x<M>)")
+    _common.add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -58,18 +61,23 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.utils import atomic_write_text, seed_everything
 
     n, m = parse_nm_text(args.nm)
+    if args.method == "approx" and not args.transposable:
+        raise ValueError("--method approx chooses the transposable mask solver; it needs --transposable "
+                         "(a plain N:M mask is always exact)")
     cfg = NM(n, m, transposable=args.transposable, method=args.method)
     for name in ("adaprune_steps", "calib_per_class"):
         if getattr(args, name) < (0 if name == "adaprune_steps" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    out = _common.check_out_dir(
+        args.out or f"runs/{Path(str(args.model)).name}-nm{n}x{m}{'t' if args.transposable else ''}", args.overwrite)
     model, meta, dataset = _common.load_model_arg(args)
     if not dataset:
         raise ValueError(f"{args.model}: no dataset recorded; pass --dataset")
     splits = load_dataset(dataset, seed=0)
+    _common.check_model_data(model, splits, str(args.model), dataset)
     seed_everything(args.seed)
-    out = Path(args.out or f"runs/{Path(str(args.model)).name}-nm{n}x{m}{'t' if args.transposable else ''}")
     dense_acc = evaluate(model, splits.test)["acc"]
     calib = calibration_subset(splits.train, per_class=args.calib_per_class, seed=args.seed)
     xcal = torch.stack([calib[i][0] for i in range(len(calib))])
@@ -77,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict = {"dense_acc": dense_acc, "pattern": cfg.label, "method": args.method, "dataset": dataset}
     if args.adaprune:
         with _common.step(f"AdaPrune {cfg.label} ({args.adaprune_steps} steps per layer, {len(calib)} images)"):
-            report["adaprune"] = adaprune(model, calib, cfg, steps=args.adaprune_steps, lr=args.adaprune_lr,
+            report["adaprune"] = adaprune(model, cfg, calib, steps=args.adaprune_steps, lr=args.adaprune_lr,
                                           filter=flt, bn=not args.no_bn, remask_every=args.remask_every,
                                           progress=_common.show_progress(),
                                           seed=args.seed)
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     report["acc_after_masking"] = evaluate(model, splits.test)["acc"]
     if args.finetune_epochs > 0:
         tc = TrainConfig(epochs=args.finetune_epochs, batch_size=64, lr=args.finetune_lr, seed=args.seed)
-        fit(model, splits.train, None, tc, progress=_common.show_progress())
+        fit(model, tc, splits.train, progress=_common.show_progress())
         report["acc_after_finetune"] = evaluate(model, splits.test)["acc"]
     layers = {}
     for name, layer, mk in nm_masks(model):

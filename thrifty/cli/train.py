@@ -24,22 +24,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a model (one loop; checkpoints; resume; DDP under torchrun)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20", help="registry name (thrifty.models.list_models())")
-    p.add_argument("--dataset", default="digits32", help="digits | digits32 | mnist1d | a .pt/.npz/folder path")
+    p.add_argument("--dataset", default="digits32",
+                   help="digits (64 features), digits32 (1x32x32 images), mnist1d (40-long signals), or a "
+                        ".pt/.npz/folder path; the image models (resnet20, vit) take digits32 only. A model that "
+                        "cannot take the dataset is refused before training, naming the datasets that fit it")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", type=_model_arg,
                    help="extra model keyword argument, YAML-parsed (repeatable), e.g. --model-arg width=8")
     p.add_argument("--epochs", type=float, default=None, help="epochs (default: the pretrained recipe's)")
-    p.add_argument("--steps", type=int, default=None, help="total steps (overrides --epochs)")
+    p.add_argument("--steps", type=_common.positive_int, default=None, help="total steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="per process")
+    p.add_argument("--batch-size", type=_common.positive_int, default=None, help="per process")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default=None)
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps")
+    p.add_argument("--warmup", type=_common.nonneg_int, default=None, help="warmup steps")
     p.add_argument("--label-smoothing", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=_common.nonneg_int, default=0, help="DataLoader worker processes")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue exactly from <out>/ckpt/last.safetensors")
+    _common.add_overwrite_option(p)
     p.add_argument("--quick", action="store_true", help="smoke test: 5 steps")
     for opt in training_options():
         opt.add_arguments(p)
@@ -58,6 +62,31 @@ def _model_arg(text: str | list | tuple) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(value)
 
 
+_model_arg.accepts_list = True  # type: ignore[attr-defined]
+
+# one sample's shape and the class count of each bundled classification dataset (without loading it)
+_BUNDLED_SHAPES = {"digits": ((64,), 10), "digits32": ((1, 32, 32), 10), "mnist1d": ((40,), 10)}
+
+
+def _fitting_datasets(model_name: str) -> list[str]:
+    """Bundled datasets whose input shape ``model_name`` takes (a forward pass on zeros)."""
+    import torch
+
+    from thrifty.models import create
+    from thrifty.train import model_kwargs_for
+
+    fits = []
+    for name, (shape, classes) in _BUNDLED_SHAPES.items():
+        try:
+            m = create(model_name, **model_kwargs_for(model_name, shape, classes)).eval()
+            with torch.no_grad():
+                m(torch.zeros(2, *shape))
+        except Exception:  # any failure means "does not fit"; the reason was reported for the asked dataset
+            continue
+        fits.append(name)
+    return fits
+
+
 def run(args: argparse.Namespace) -> int:
     from thrifty.core import to_dict
     from thrifty.data import load_dataset
@@ -66,6 +95,13 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.train.options import build_regime, finalize_model, prepare_model, training_options
     from thrifty.utils import atomic_write_text, seed_everything
 
+    out = Path(args.out or f"runs/{args.model}-{Path(str(args.dataset)).name}")
+    if args.quick and args.steps is not None:
+        raise ValueError(f"--quick (5 steps) and --steps {args.steps} contradict each other: give one of them")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if not args.resume:
+        _common.check_out_dir(out, args.overwrite, hint=" (or --resume to continue its training)")
     splits = load_dataset(args.dataset, seed=0)
     extra_kw, cfg = recipe(args.model, args.dataset)
     fields = {"epochs": args.epochs, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
@@ -73,17 +109,21 @@ def run(args: argparse.Namespace) -> int:
               "warmup": args.warmup, "label_smoothing": args.label_smoothing}
     cfg = dataclasses.replace(cfg, seed=args.seed, num_workers=args.workers,
                               **{k: v for k, v in fields.items() if v is not None})
-    if args.quick and args.steps is None:
+    if args.quick:
         cfg = dataclasses.replace(cfg, steps=5)
-    out = Path(args.out or f"runs/{args.model}-{Path(str(args.dataset)).name}")
     kwargs = model_kwargs_for(args.model, splits.input_shape, splits.num_classes,
                               **{**extra_kw, **dict(_model_arg(a) for a in args.model_arg)})
     seed_everything(args.seed)
-    model = create(args.model, **kwargs)
+    try:
+        model = create(args.model, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"--model {args.model} with keyword arguments {kwargs} (--model-arg): {e}") from None
+    _common.check_model_data(model, splits, args.model, str(args.dataset), shape_hint=lambda: (
+        f"; bundled datasets that fit --model {args.model}: {', '.join(_fitting_datasets(args.model)) or 'none'}"))
     option_meta = prepare_model(model, args)
     regime = build_regime(args)  # validates regime arguments against the model before training starts
     show = _common.show_progress()
-    hist = fit(model, splits.train, splits.test, cfg, regime=regime, ckpt_dir=out / "ckpt", resume=args.resume,
+    hist = fit(model, cfg, splits.train, splits.test, regime=regime, ckpt_dir=out / "ckpt", resume=args.resume,
                progress=show)
     finalize_model(model, args)
     rank, _ = dist.rank_world()

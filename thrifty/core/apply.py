@@ -3,6 +3,10 @@
 A *handler* is registered per config type: ``handler(layer, name, cfg)`` puts
 transforms into the Gemm layer's slots. ``apply`` walks any nn.Module, wraps
 the Linear / Conv2d layers that pass the filter and calls the handler on each.
+A config may also register a *prepare* step, ``prepare(model, cfg) -> model``, that
+swaps non-GEMM modules first (Train8: BatchNorm -> Range BN). A config that needs
+more than a model (calibration data, several models, a training set) registers the
+one pipeline that applies it, and ``apply`` names that pipeline in its TypeError.
 
 Example:
     >>> import torch.nn as nn
@@ -20,16 +24,21 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from thrifty.core.config import Config
+from thrifty.core.config import Config, import_config_modules
 from thrifty.core.select import drop_module_path_hooks, keep_module_path, layer_status, outermost, uncalled_layers
 from thrifty.nn.gemm import SLOT_NAMES, Chain, SlotRefused, is_gemm, why_not_wrappable, wrap, wrap_in_place
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
-           "check_layers_run", "untied_views", "explicit_names", "HANDLERS"]
+           "check_layers_run", "untied_views", "explicit_names", "HANDLERS", "register_prepare", "register_pipeline",
+           "PIPELINES", "PREPARE"]
 
 Filter = Union[None, str, Sequence[str], Callable[[nn.Module, str], bool]]
 Handler = Callable[[nn.Module, str, Config], None]
+Prepare = Callable[[nn.Module, Config], nn.Module]
 HANDLERS: dict[type, Handler] = {}
+PREPARE: dict[type, Prepare] = {}
+# config type -> (what it needs beyond a model, the documented call that applies it)
+PIPELINES: dict[type, tuple[str, str]] = {}
 
 
 def register_handler(cfg_type: type[Config]) -> Callable[[Handler], Handler]:
@@ -42,12 +51,52 @@ def register_handler(cfg_type: type[Config]) -> Callable[[Handler], Handler]:
     return deco
 
 
+def register_prepare(cfg_type: type[Config]) -> Callable[[Prepare], Prepare]:
+    """Decorator: ``prepare(model, cfg) -> model`` runs in :func:`apply` before any layer is wrapped.
+
+    For whole-model changes a config implies beyond the GEMM slots (swapping BatchNorm for Range BN); the
+    returned module replaces ``model`` (it differs only when the model itself is swapped).
+    """
+
+    def deco(fn: Prepare) -> Prepare:
+        PREPARE[cfg_type] = fn
+        return fn
+
+    return deco
+
+
+def register_pipeline(cfg_type: type[Config], needs: str, call: str) -> None:
+    """Record that ``cfg_type`` is applied by a whole-model pipeline, not by :func:`apply`.
+
+    ``needs`` says what apply lacks, ``call`` the documented entry point; both go into apply's TypeError:
+        >>> register_pipeline(PTQ, "needs calibration data",
+        ...                   "thrifty.quant.quantize(model, cfg, data)")  # doctest: +SKIP
+    """
+    PIPELINES[cfg_type] = (needs, call)
+
+
+def _lookup(table: dict[type, Any], cfg: Config) -> Any:
+    return next((table[t] for t in type(cfg).__mro__ if t in table), None)
+
+
 def handler_for(cfg: Config) -> Handler:
-    for t in type(cfg).__mro__:
-        if t in HANDLERS:
-            return HANDLERS[t]
-    raise TypeError(f"no handler registered for config type {type(cfg).__name__}; known: "
-                    f"{sorted(t.__name__ for t in HANDLERS)}")
+    """The slot handler of ``cfg``'s type; TypeError naming the pipeline to call for whole-model configs."""
+    if not isinstance(cfg, Config):
+        raise TypeError(f"expected a thrifty Config, got {type(cfg).__name__}")
+    fn = _lookup(HANDLERS, cfg)
+    if fn is not None:
+        return fn
+    import_config_modules()  # so the "known" list and the pipeline names do not depend on earlier imports
+    fn = _lookup(HANDLERS, cfg)
+    if fn is not None:
+        return fn
+    pipe = _lookup(PIPELINES, cfg)
+    name = type(cfg).__name__
+    if pipe is not None:
+        raise TypeError(f"{name} {pipe[0]}: use {pipe[1]} (thrifty.apply only fills the GEMM slots of one model)")
+    pipes = sorted(f"{t.__name__} -> {c}" for t, (_, c) in PIPELINES.items())
+    raise TypeError(f"no handler registered for config type {name}; apply knows "
+                    f"{sorted(t.__name__ for t in HANDLERS)}; whole-model pipelines: {', '.join(pipes)}")
 
 
 def make_filter(filter: Filter) -> Callable[[nn.Module, str], bool]:
@@ -151,7 +200,11 @@ def _is_other_leaf(model: nn.Module, name: str) -> bool:
 
 
 def apply(model: nn.Module, config: Config, filter: Filter = None, *, probe: Any = None) -> nn.Module:
-    """Fill slots of every selected GEMM layer of ``model`` according to ``config`` (in place).
+    """Fill slots of every selected GEMM layer of ``model`` according to ``config`` (in place); returns the model.
+
+    A config's registered prepare step runs first (``Train8(range_bn=True)`` swaps every BatchNorm for Range
+    BN). A config that needs more than the model (PTQ's calibration data, a merge's several models) raises
+    TypeError naming its pipeline (``thrifty.quant.quantize(model, cfg, data)``, ...).
 
     If anything fails the model is restored to its previous state. ``probe`` (an example input, or a
     tuple of positional inputs) makes apply run the model once on it (eval mode, no gradients, before
@@ -162,14 +215,21 @@ def apply(model: nn.Module, config: Config, filter: Filter = None, *, probe: Any
     apply warns that until :func:`strip` only the wrapped layer sees the transformed weight.
 
     Example:
-        >>> import thrifty  # doctest: +SKIP
-        >>> thrifty.apply(model, thrifty.NM(2, 4), filter="layer*", probe=torch.randn(1, 3, 32, 32))  # doctest: +SKIP
+        >>> import torch.nn as nn, thrifty
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> _ = thrifty.apply(model, thrifty.NM(2, 4), filter="2")     # only the layer named "2"
+        >>> type(model[0]).__name__, type(model[2]).__name__
+        ('Linear', 'GemmLinear')
+        >>> _ = thrifty.apply(model, thrifty.NM(2, 4), filter="0", probe=torch.randn(2, 8))  # checks no bypass
     """
     handler = handler_for(config)
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply expects an nn.Module, got {type(model).__name__}")
-    snapshot = _snapshot(model)
+    prepare = _lookup(PREPARE, config)
+    root, snapshot = model, _snapshot(model)
     try:
+        if prepare is not None:
+            model = prepare(model, config)
         layers = wrap_layers(model, filter)
         if not layers:
             raise ValueError(f"{type(config).__name__}: no nn.Linear/nn.Conv2d layer in the model passes the filter")
@@ -181,7 +241,7 @@ def apply(model: nn.Module, config: Config, filter: Filter = None, *, probe: Any
             except SlotRefused as e:
                 raise SlotRefused(f"{type(config).__name__} on layer {name!r}: {e}") from None
     except Exception:
-        _restore(model, snapshot)
+        _restore(root, snapshot)
         raise
     ties = untied_views(model)
     if ties:

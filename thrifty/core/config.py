@@ -27,9 +27,12 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-__all__ = ["Config", "register_config", "config_class", "to_dict", "from_dict", "to_yaml", "from_yaml", "CONFIGS"]
+__all__ = ["Config", "register_config", "config_class", "to_dict", "from_dict", "to_yaml", "from_yaml", "CONFIGS",
+           "import_config_modules", "CONFIG_ALIASES"]
 
 CONFIGS: dict[str, type["Config"]] = {}
+# renamed config -> its current name: old YAML files still load (with a DeprecationWarning) for one release
+CONFIG_ALIASES: dict[str, str] = {}
 C = TypeVar("C", bound=type)
 
 
@@ -94,15 +97,27 @@ _CONFIG_MODULES = (
 )
 
 
-def config_class(kind: str) -> type[Config]:
-    if kind not in CONFIGS:
-        import importlib
+def import_config_modules() -> None:
+    """Import every module that registers thrifty's own configs (and their handlers and pipelines)."""
+    import importlib
 
-        for mod in _CONFIG_MODULES:
-            try:
-                importlib.import_module(mod)
-            except ImportError:  # an optional part missing must not hide the clear error below
-                continue
+    for mod in _CONFIG_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ImportError:  # an optional part missing must not hide the clear error that follows
+            continue
+
+
+def config_class(kind: str) -> type[Config]:
+    """The registered config class named ``kind`` (ValueError listing every known one)."""
+    if kind not in CONFIGS:
+        import_config_modules()
+    if kind in CONFIG_ALIASES and kind not in CONFIGS:
+        import warnings
+
+        warnings.warn(f"config kind {kind!r} is now {CONFIG_ALIASES[kind]!r}; the old name goes in the next release",
+                      DeprecationWarning, stacklevel=3)
+        kind = CONFIG_ALIASES[kind]
     try:
         return CONFIGS[kind]
     except KeyError:
@@ -193,6 +208,15 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def from_yaml(text: str) -> Config:
-    data = yaml.safe_load(text)
+def from_yaml(text: str, source: str = "<string>") -> Config:
+    """Rebuild a config from YAML text; ``source`` (a file name) is named in every error.
+
+    YAML is read with ``yaml.safe_load`` only: a ``!!python/...`` tag is refused, never constructed.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source}: not valid thrifty YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping with a 'kind' key, got {type(data).__name__}")
     return from_dict(data)

@@ -86,6 +86,9 @@ def load_dataset(name: str, seed: int = 0, root: str | None = None) -> Splits:
     """
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a str, got {type(name).__name__}")
+    if root is not None and name in DATASETS:
+        raise ValueError(f"load_dataset: root={str(root)!r} applies to user datasets only; {name!r} is bundled "
+                         "(it would be ignored)")
     if name in ("digits", "digits32"):
         imgs, y = _digits_raw()
         xtr, ytr, xte, yte = _splits(name, imgs, y, seed)

@@ -132,7 +132,16 @@ def load_image_folder(path: PathLike, size: int | tuple[int, int], seed: int = 0
     Standardised with one scalar mean/std from the train split. The split is stratified and seeded.
 
     Example:
-        >>> s = load_image_folder("my_images/", size=32)  # doctest: +SKIP
+        >>> import tempfile, numpy as np
+        >>> from PIL import Image
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for label in ("cat", "dog"):
+        ...     (root / label).mkdir()
+        ...     for i in range(5):
+        ...         Image.fromarray(np.full((12, 12), 40 * i, np.uint8)).save(root / label / f"{i}.png")
+        >>> s = load_image_folder(root, size=8)
+        >>> s.input_shape, s.num_classes, len(s.train) + len(s.test)
+        ((1, 8, 8), 2, 10)
     """
     from PIL import Image
 

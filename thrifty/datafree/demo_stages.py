@@ -11,7 +11,7 @@ def datafree_stage(ctx: DemoContext) -> dict:
     from thrifty.train import evaluate
 
     n, steps = (20, 5) if ctx.quick else (100, 60)
-    calib = synthesize(ctx.model, n, "bns", input_shape=ctx.splits.input_shape, steps=steps, seed=ctx.seed,
+    calib = synthesize(ctx.model, n=n, method="bns", input_shape=ctx.splits.input_shape, steps=steps, seed=ctx.seed,
                        batch_size=n, progress=False)
     sim_real = bn_similarity(ctx.model, ctx.splits.test)
     sim_bns = bn_similarity(ctx.model, calib)

@@ -9,13 +9,19 @@ restored when the fine-tuning does not lower the KL on the data, and its mode an
 are restored either way. The teacher is never modified.
 
 Example:
-    >>> res = thrifty.quant.quantize(fp, PTQ(w_bits=4, a_bits=8), calib)             # doctest: +SKIP
-    >>> distill(res.model, fp, calib, steps=100)                                       # doctest: +SKIP
-    {'kl_before': 0.031, 'kl_after': 0.012, 'kept': True, 'steps': 100}
+    >>> import torch, torch.nn as nn, thrifty
+    >>> _ = torch.manual_seed(0)
+    >>> fp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> calib = torch.randn(64, 8)              # first/last layer at 8 bits, the middle one at 2
+    >>> res = thrifty.quant.quantize(fp, thrifty.PTQ(w_bits=2, a_bits=8, pipeline="rtn"), calib, progress=False)
+    >>> r = distill(res.model, fp, Distill(steps=20, lr=1e-3), calib, progress=False)
+    >>> r["kept"], r["kl_after"] < r["kl_before"], r["steps"]
+    (True, True, 20)
 """
 from __future__ import annotations
 
-import copy
+import functools
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -24,9 +30,41 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from thrifty.core import Config, register_config, register_pipeline
+from thrifty.core.compat import config_first
+from thrifty.core.revert import keep_if_better
 from thrifty.quant.calib import output_loss
+from thrifty.utils import show_progress
 
-__all__ = ["distill"]
+__all__ = ["Distill", "distill"]
+
+
+@register_config
+@dataclass(frozen=True)
+class Distill(Config):
+    """KL fine-tuning of a student to its teacher: ``steps`` Adam steps at ``lr`` (cosine to zero) on batches of
+    ``batch_size``, logits softened by ``temperature``; ``seed`` draws the batches.
+
+    Example:
+        >>> Distill(steps=50).lr
+        0.0001
+    """
+
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 64
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise ValueError(f"Distill.steps must be a non-negative integer, got {self.steps!r}")
+        if self.lr <= 0 or self.batch_size < 1 or self.temperature <= 0:
+            raise ValueError(f"Distill: lr, batch_size and temperature must be positive, got {self.lr}, "
+                             f"{self.batch_size}, {self.temperature}")
+
+
+register_pipeline(Distill, "needs a teacher and data", "thrifty.datafree.distill(student, teacher, cfg, data)")
 
 
 def _inputs(data: Dataset | Tensor) -> Tensor:
@@ -52,21 +90,25 @@ def _mean_kl(student: nn.Module, x: Tensor, targets: Tensor, batch_size: int, te
     return tot / len(x)
 
 
-def distill(student: nn.Module, teacher: nn.Module, data: Dataset | Tensor, *, steps: int = 100, lr: float = 1e-4,
-            batch_size: int = 64, temperature: float = 1.0, seed: int = 0,
-            progress: Optional[bool] = None) -> dict[str, Any]:
+def distill(student: nn.Module, teacher: nn.Module, config: Optional[Distill] = None,
+            data: Dataset | Tensor | None = None, *, progress: Optional[bool] = None,
+            **overrides: Any) -> dict[str, Any]:
     """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``data``; see the module docstring.
 
+    ``config`` defaults to ``Distill()``; keyword ``overrides`` replace its fields (``steps=50``). The older
+    order ``distill(student, teacher, data, steps=...)`` still works for one release, with a DeprecationWarning.
     Returns ``{"kl_before", "kl_after", "kept", "steps"}`` (mean KL over ``data``; ``kept`` is False when the
     fine-tuned weights were discarded because they did not lower it).
     """
     if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
         raise TypeError("distill: student and teacher must be nn.Modules")
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"distill: steps must be a non-negative integer, got {steps!r}")
-    if lr <= 0 or batch_size < 1 or temperature <= 0:
-        raise ValueError(f"distill: lr, batch_size and temperature must be positive, got {lr}, {batch_size}, "
-                         f"{temperature}")
+    cfg, data = config_first("distill", config, data, default=Distill(), accepts=(Distill,),
+                             call="distill(student, teacher, cfg, data)")
+    if overrides:
+        cfg = cfg.replace(**overrides)  # type: ignore[assignment]
+    if data is None:
+        raise TypeError("distill needs data: distill(student, teacher, cfg, data)")
+    steps, lr, batch_size, temperature, seed = cfg.steps, cfg.lr, cfg.batch_size, cfg.temperature, cfg.seed
     x = _inputs(data)
     t_mode = {m: m.training for m in teacher.modules()}
     teacher.eval()
@@ -84,7 +126,6 @@ def distill(student: nn.Module, teacher: nn.Module, data: Dataset | Tensor, *, s
         before = _mean_kl(student, x, targets, batch_size, temperature)
         if steps == 0 or not params:
             return {"kl_before": before, "kl_after": before, "kept": True, "steps": 0}
-        saved = copy.deepcopy(student.state_dict())
         # pruned (exactly zero) weights stay pruned: re-zeroed after every step
         keep = _zero_masks(student)
         for p in student.parameters():
@@ -92,9 +133,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Dataset | Tensor, *, s
         opt = torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         gen = torch.Generator().manual_seed(seed)
-        with torch.enable_grad():
+        kl = functools.partial(_mean_kl, student, x, targets, batch_size, temperature)
+        with keep_if_better(student, kl, before, strict=True) as out, torch.enable_grad():
             for _ in tqdm(range(steps), desc="distill", unit="step", leave=False,
-                          disable=None if progress is None else not progress):
+                          disable=not show_progress(progress)):
                 idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
                 loss = _kl(student(x[idx]), targets[idx], temperature)
                 opt.zero_grad(set_to_none=True)
@@ -104,14 +146,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: Dataset | Tensor, *, s
                 with torch.no_grad():
                     for p, m in keep:
                         p.mul_(m)
-        for p in params:
-            p.grad = None
-        after = _mean_kl(student, x, targets, batch_size, temperature)
-        kept = after < before
-        if not kept:
-            student.load_state_dict(saved)
-            after = before
-        return {"kl_before": before, "kl_after": after, "kept": kept, "steps": steps}
+            for p in params:
+                p.grad = None
+        return {"kl_before": before, "kl_after": out.after, "kept": out.kept, "steps": steps}
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)

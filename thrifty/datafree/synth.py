@@ -13,10 +13,12 @@ Three generators:
 The same BN statistic scores how well a data set matches a model
 (:func:`bn_similarity`): real training-like data scores low, foreign data high.
 
-Example:
-    >>> import thrifty as th                                     # doctest: +SKIP
-    >>> model = th.train.pretrained("resnet20", "digits32")      # doctest: +SKIP
-    >>> calib = synthesize(model, 128, input_shape=(1, 32, 32))   # doctest: +SKIP
+Example (an untrained ResNet-20; in practice a trained one, e.g. ``thrifty.train.pretrained``):
+    >>> import thrifty as th
+    >>> model = th.models.create("resnet20", width=4)
+    >>> calib = synthesize(model, Synth(method="bns", steps=3), 8, input_shape=(1, 32, 32), progress=False)
+    >>> len(calib), tuple(calib.tensors[0].shape[1:])
+    (8, (1, 32, 32))
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from thrifty.core import Config, register_config
+from thrifty.core import Config, config_first, old_order_warning, register_config, register_pipeline
+from thrifty.utils import show_progress
 
 __all__ = ["Synth", "synthesize", "bn_similarity", "bn_layers", "bns_loss", "gaussian_kl"]
 
@@ -82,6 +85,10 @@ class Synth(Config):
             raise ValueError(f"Synth.upsample must be >= 1, got {self.upsample}")
         if not 0 <= self.warmup < 1 or not 0 <= self.plateau < 1:
             raise ValueError(f"Synth: warmup and plateau must be in [0, 1), got {self.warmup}, {self.plateau}")
+
+
+register_pipeline(Synth, "makes a data set from a model, it does not change the model",
+                  "thrifty.datafree.synthesize(model, cfg, n)")
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -207,28 +214,51 @@ def _input_shape(model: nn.Module, input_shape: Optional[tuple[int, ...]]) -> tu
 
 def synthesize(
     model: nn.Module,
-    n: int,
-    method: Method = "bns",
+    config: Optional[Synth] = None,
+    n: Optional[int] = None,
     *,
     input_shape: Optional[tuple[int, ...]] = None,
     cfg: Optional[Synth] = None,
-    progress: bool = True,
+    progress: Optional[bool] = None,
     **overrides,
 ) -> TensorDataset:
-    """Return ``TensorDataset(x, y)`` of ``n`` synthetic inputs for ``model``.
+    """Return ``TensorDataset(x, y)`` of ``n`` synthetic inputs for ``model``, made as ``config`` says.
 
     ``y`` holds the FP model's predicted class (or its softmax with
     ``soft_labels=True``). The model's weights, buffers, mode and
-    ``requires_grad`` flags are left exactly as they were.
+    ``requires_grad`` flags are left exactly as they were. Keyword
+    ``overrides`` replace fields of ``config`` (default ``Synth()``). The
+    older order ``synthesize(model, n, method, cfg=...)`` still works for one
+    release, with a DeprecationWarning.
+
+    A ``method`` given in the old order that differs from ``cfg.method`` is a ValueError, never silently
+    ignored.
 
     Example:
-        >>> ds = synthesize(model, 256, "bns", input_shape=(1, 32, 32), steps=100)  # doctest: +SKIP
+        >>> import torch.nn as nn
+        >>> model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> ds = synthesize(model, Synth(method="bns", steps=20), 32, input_shape=(6,), progress=False)
+        >>> ds.tensors[0].shape, ds.tensors[1].shape
+        (torch.Size([32, 6]), torch.Size([32]))
     """
-    if cfg is None:
-        cfg = Synth(method=method, **overrides)
-    elif overrides:
+    if isinstance(config, int):  # old order: (n, method, cfg=); a bool n is refused below
+        old_order_warning("synthesize", "synthesize(model, cfg, n)")
+        config, n, method = cfg, config, n
+        cfg = None
+        if method is not None:
+            if isinstance(config, Synth) and method != config.method:
+                # an argument that disagrees with cfg would otherwise be silently ignored
+                raise ValueError(f"synthesize: method={method!r} conflicts with cfg.method={config.method!r}; "
+                                 "give the method once (in cfg, or as the argument without cfg)")
+            overrides.setdefault("method", method)
+    given = cfg if cfg is not None else config
+    if given is not None and not isinstance(given, Synth):
+        raise TypeError(f"synthesize: cfg must be a Synth, got {type(given).__name__}")
+    cfg, _ = config_first("synthesize", config, None, cfg, default=Synth(), accepts=(Synth,),
+                          call="synthesize(model, cfg, n)")
+    if overrides:
         cfg = cfg.replace(**overrides)  # type: ignore[assignment]
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"synthesize: n must be a positive integer, got {n!r}")
     if hasattr(model, "tokenize"):
         raise ValueError(
@@ -245,7 +275,8 @@ def synthesize(
     xs, ys = [], []
     batches = [min(cfg.batch_size, n - i) for i in range(0, n, cfg.batch_size)]
     with _frozen_eval(model):
-        bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.steps), disable=not progress,
+        bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.steps),
+                   disable=not show_progress(progress),
                    desc=f"synthesize[{cfg.method}]", leave=False)
         for bi, b in enumerate(batches):
             if cfg.method == "gaussian":
@@ -332,7 +363,11 @@ def bn_similarity(model: nn.Module, data: Dataset | Tensor, batch_size: int = 25
     layers (``per_layer=True`` returns the per-layer values).
 
     Example:
-        >>> bn_similarity(model, real_test_set) < bn_similarity(model, noise)  # doctest: +SKIP
+        >>> import torch, torch.nn as nn
+        >>> bn = nn.BatchNorm1d(4).eval()        # stored statistics: mean 0, variance 1
+        >>> model = nn.Sequential(bn, nn.Linear(4, 2))
+        >>> _ = torch.manual_seed(0)
+        >>> bn_similarity(model, torch.randn(512, 4)) < bn_similarity(model, 3 + torch.randn(512, 4))
         True
     """
     layers = bn_layers(model)

@@ -14,26 +14,27 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import InitVar, dataclass
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from thrifty.core.compat import config_first, dropped_progress, progress_of, upgrade_drop_progress
 from thrifty.core.config import Config, register_config
+from thrifty.utils import show_progress
 from thrifty.merge.arch import MLPArch, ViTArch, arch_for, check_models, task_slices
-from thrifty.merge.data import augment, num_threads, task_inputs
+from thrifty.merge.data import augment_tasks, num_threads, task_inputs
 from thrifty.merge.fsmerge import SuperNet
 from thrifty.merge.maps import MergePoint
 from thrifty.merge.matching import (
     correlation, head_aware_match, match_features, perm_matrix, weight_matching, zip_pairs,
 )
 
-__all__ = ["AverageMerge", "PermuteAverage", "ZipMerge", "DistillMerge", "average", "permute_and_average",
-           "match_permutations", "zip_merge", "distill", "Ensemble", "concat_heads"]
+__all__ = ["AverageMerge", "PermuteMerge", "ZipMerge", "DistillMerge", "average", "permute_and_average",
+           "match_permutations", "zip_merge", "distill_merge", "Ensemble", "concat_heads"]
 
 
 @register_config
@@ -44,7 +45,7 @@ class AverageMerge(Config):
 
 @register_config
 @dataclass(frozen=True)
-class PermuteAverage(Config):
+class PermuteMerge(Config):
     """Align every model's hidden units to model 0's ("weight" or "activation" matching), then average."""
 
     matching: str = "activation"
@@ -52,7 +53,7 @@ class PermuteAverage(Config):
 
     def __post_init__(self) -> None:
         if self.matching not in ("weight", "activation"):
-            raise ValueError(f"PermuteAverage.matching must be 'weight' or 'activation', got {self.matching!r}")
+            raise ValueError(f"PermuteMerge.matching must be 'weight' or 'activation', got {self.matching!r}")
 
 
 @register_config
@@ -80,9 +81,14 @@ class DistillMerge(Config):
     shift: int = 2
     threads: int = 1
     seed: int = 0
-    progress: bool = True
+    # version 1 held ``progress``; bars follow thrifty.utils.show_progress now
+    progress: InitVar[Optional[bool]] = None
 
-    def __post_init__(self) -> None:
+    version: ClassVar[int] = 2
+    upgrade = classmethod(upgrade_drop_progress)
+
+    def __post_init__(self, progress: Optional[bool]) -> None:
+        dropped_progress(self, progress)
         if self.init not in ("first", "random"):
             raise ValueError(f"DistillMerge.init must be 'first' or 'random', got {self.init!r}")
         if self.steps < 0 or self.lr <= 0 or self.temperature <= 0 or self.batch_size < 1 or self.augment < 0:
@@ -102,9 +108,11 @@ def concat_heads(model: nn.Module, models: Sequence[nn.Module]) -> nn.Module:
 
 
 @torch.no_grad()
-def average(models: Sequence[nn.Module], data: Sequence | None = None,
-            cfg: AverageMerge = AverageMerge()) -> nn.Module:
-    """Average every parameter and buffer except the heads (catastrophic for distinct inits)."""
+def average(models: Sequence[nn.Module], config: AverageMerge | None = None, data: Sequence | None = None, *,
+            cfg: AverageMerge | None = None) -> nn.Module:
+    """Average every parameter and buffer except the heads (catastrophic for distinct inits); ``data`` is unused."""
+    config_first("average", config, data, cfg, default=AverageMerge(), accepts=(AverageMerge,),
+                 call="average(models, cfg, data)")
     check_models(models)
     out = concat_heads(copy.deepcopy(models[0]), models)
     sds = [m.state_dict() for m in models]
@@ -205,14 +213,16 @@ def _points_from_perms(arch, perms: dict[str, list[torch.Tensor]]) -> nn.ModuleD
 
 
 @torch.no_grad()
-def permute_and_average(models: Sequence[nn.Module], data: Sequence | None = None,
-                        cfg: PermuteAverage = PermuteAverage()) -> nn.Module:
+def permute_and_average(models: Sequence[nn.Module], config: PermuteMerge | None = None,
+                        data: Sequence | None = None, *, cfg: PermuteMerge | None = None) -> nn.Module:
     """Permute each model's units into model 0's order (Hungarian assignment), then average.
 
     Expressed as a SuperNet with fixed maps M_i = P_i / K, U_i = P_i^T and folded, so LayerNorm affines
     are folded into the following Linear per model before averaging. ``data`` (per-task inputs, pooled)
     is needed for activation matching.
     """
+    cfg, data = config_first("permute_and_average", config, data, cfg, default=PermuteMerge(),
+                             accepts=(PermuteMerge,), call="permute_and_average(models, cfg, data)")
     check_models(models)
     x = None
     if cfg.matching == "activation":
@@ -225,8 +235,13 @@ def permute_and_average(models: Sequence[nn.Module], data: Sequence | None = Non
 
 
 @torch.no_grad()
-def zip_merge(models: Sequence[nn.Module], data: Sequence, cfg: ZipMerge = ZipMerge()) -> nn.Module:
+def zip_merge(models: Sequence[nn.Module], config: ZipMerge | None = None, data: Sequence | None = None, *,
+              cfg: ZipMerge | None = None) -> nn.Module:
     """ZipIt-style zipping (full, every layer; two MLPs) as a folded SuperNet with fixed maps."""
+    _, data = config_first("zip_merge", config, data, cfg, default=ZipMerge(), accepts=(ZipMerge,),
+                           call="zip_merge(models, cfg, data)")
+    if data is None:
+        raise TypeError("zip_merge needs data: a few unlabeled inputs per task")
     check_models(models)
     if len(models) != 2 or not isinstance(arch_for(models), MLPArch):
         raise ValueError("zip_merge supports exactly two MLPs; use fs_merge or permute_and_average otherwise")
@@ -245,16 +260,26 @@ def zip_merge(models: Sequence[nn.Module], data: Sequence, cfg: ZipMerge = ZipMe
     return SuperNet(models, points=nn.ModuleDict(pts)).fold()
 
 
-def distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge = DistillMerge()) -> nn.Module:
+def distill_merge(models: Sequence[nn.Module], config: DistillMerge | None = None, data: Sequence | None = None, *,
+                  cfg: DistillMerge | None = None, progress: bool | None = None) -> nn.Module:
     """Distill the K models into one (same class and width) on unlabeled task data."""
+    cfg, data = config_first("distill_merge", config, data, cfg, default=DistillMerge(), accepts=(DistillMerge,),
+                             call="distill_merge(models, cfg, data)")
+    if data is None:
+        raise TypeError("distill_merge needs data: a few unlabeled inputs per task")
     check_models(models)
     with num_threads(cfg.threads):
-        return _distill(models, data, cfg)
+        return _distill(models, data, cfg, show_progress(progress_of(cfg, progress)))
 
 
-def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge) -> nn.Module:
+def _distill_alias(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge = DistillMerge()) -> nn.Module:
+    """``thrifty.merge.distill`` of the previous release (old argument order): now :func:`distill_merge`."""
+    return distill_merge(models, cfg, data)
+
+
+def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge, progress: bool) -> nn.Module:
     xs = task_inputs(models, data)
-    pool = augment(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed).x
+    pool = augment_tasks(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed).x
     teachers = [copy.deepcopy(m).eval() for m in models]
     with torch.no_grad():
         targets = [torch.cat([teachers[i](x[s:s + 256]) for s in range(0, len(x), 256)]) for i, x in enumerate(pool)]
@@ -273,8 +298,7 @@ def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge) -> 
     per = max(1, cfg.batch_size // len(models))
     t = cfg.temperature
     student.train()
-    quiet = not cfg.progress or not sys.stderr.isatty()
-    for step in tqdm(range(cfg.steps), desc="distill", disable=quiet, leave=False):
+    for step in tqdm(range(cfg.steps), desc="distill", disable=not progress, leave=False):
         for grp in opt.param_groups:
             grp["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1)))
         idx = [torch.randint(len(x), (min(per, len(x)),), generator=g) for x in pool]

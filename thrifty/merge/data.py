@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch
-    >>> pool = augment([torch.randn(10, 64), torch.randn(10, 64)], copies=3, noise=0.05, mixup=0.3, shift=2)
+    >>> pool = augment_tasks([torch.randn(10, 64), torch.randn(10, 64)], copies=3, noise=0.05, mixup=0.3, shift=2)
     >>> [len(x) for x in pool.x]
     [40, 40]
 """
@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["TaskData", "task_inputs", "augment", "MIN_SAMPLES", "few_shot", "num_threads"]
+__all__ = ["TaskData", "task_inputs", "augment_tasks", "MIN_SAMPLES", "few_shot", "num_threads"]
 
 MIN_SAMPLES = 2
 
@@ -79,7 +79,7 @@ def _shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def augment(xs: Sequence[torch.Tensor], copies: int, noise: float = 0.05, mixup: float = 0.3, shift: int = 2,
+def augment_tasks(xs: Sequence[torch.Tensor], copies: int, noise: float = 0.05, mixup: float = 0.3, shift: int = 2,
             seed: int = 0) -> TaskData:
     """Originals plus ``copies`` augmented copies per task: random shifts (image inputs, N x C x H x W),
     mixup with another sample of the same task (weight <= ``mixup``), Gaussian noise (``noise`` x std)."""

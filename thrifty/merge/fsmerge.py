@@ -17,16 +17,15 @@ Example:
     >>> from thrifty.models import create
     >>> a = create("mlp", in_features=8, hidden=(16,), num_classes=3).eval()
     >>> b = create("mlp", in_features=8, hidden=(16,), num_classes=2).eval()
-    >>> merged = fs_merge([a, b], [torch.randn(20, 8), torch.randn(20, 8)], FSMerge(steps=5, progress=False))
+    >>> merged = fs_merge([a, b], FSMerge(steps=5), [torch.randn(20, 8), torch.randn(20, 8)], progress=False)
     >>> merged(torch.randn(4, 8)).shape, merged.task_slices
     (torch.Size([4, 5]), [(0, 3), (3, 5)])
 """
 from __future__ import annotations
 
 import math
-import sys
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import InitVar, dataclass
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,11 +33,13 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from thrifty.core.compat import config_first, dropped_progress, progress_of, upgrade_drop_progress
 from thrifty.core.config import Config, register_config
 from thrifty.merge.arch import Arch, arch_for, check_models, task_slices
 from thrifty.merge.maps import INITS, PARAMS, MergePoint, rect_eye
 from thrifty.merge.matching import perm_matrix
-from thrifty.merge.data import TaskData, augment, num_threads, task_inputs
+from thrifty.utils import show_progress
+from thrifty.merge.data import TaskData, augment_tasks, num_threads, task_inputs
 
 __all__ = ["FSMerge", "SuperNet", "fs_merge", "train_supernet"]
 
@@ -68,9 +69,14 @@ class FSMerge(Config):
     tol: float = 1e-10
     threads: int = 1
     seed: int = 0
-    progress: bool = True
+    # version 1 held ``progress``; bars follow thrifty.utils.show_progress now
+    progress: InitVar[Optional[bool]] = None
 
-    def __post_init__(self) -> None:
+    version: ClassVar[int] = 2
+    upgrade = classmethod(upgrade_drop_progress)
+
+    def __post_init__(self, progress: Optional[bool]) -> None:
+        dropped_progress(self, progress)
         checks = {"param": self.param in PARAMS, "init": self.init in INITS, "mode": self.mode in ("local", "global"),
                   "rank": self.rank >= 1, "width_mult": self.width_mult > 0, "steps": self.steps >= 0,
                   "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "batch_size": self.batch_size >= 1,
@@ -172,8 +178,10 @@ def _teacher(arch: Arch, i: int, x: torch.Tensor, chunk: int = 256) -> tuple[lis
     return [torch.cat(t) for t in taps], torch.cat(logits)
 
 
-def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge) -> list[float]:
-    """Fit the merge points of ``net`` on unlabeled per-task inputs; returns the loss per step."""
+def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge, *, progress: bool | None = None) -> list[float]:
+    """Fit the merge points of ``net`` on unlabeled per-task inputs; returns the loss per step.
+
+    ``progress`` None: :func:`thrifty.utils.show_progress` decides (a terminal, or THRIFTY_PROGRESS)."""
     k = net.k
     teach = [_teacher(net.arch, i, data.x[i]) for i in range(k)]
     scale = [[float(t.pow(2).mean().clamp_min(1e-8)) for t in feats] + [float(lg.pow(2).mean().clamp_min(1e-8))]
@@ -188,7 +196,7 @@ def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge) -> list[float]:
     history: list[float] = []
     stage_steps = cfg.steps if cfg.mode == "global" else max(1, cfg.steps // len(stages))
     total = stage_steps * len(stages)
-    bar = tqdm(total=total, desc=f"fs-merge ({cfg.mode})", disable=not cfg.progress or not sys.stderr.isatty(),
+    bar = tqdm(total=total, desc=f"fs-merge ({cfg.mode})", disable=not show_progress(progress_of(cfg, progress)),
                leave=False)
     for p in net.points.parameters():
         p.requires_grad_(False)
@@ -234,15 +242,18 @@ def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge) -> list[float]:
     return history
 
 
-def fs_merge(models: Sequence[nn.Module], data: Sequence, cfg: FSMerge = FSMerge()) -> nn.Module:
+def fs_merge(models: Sequence[nn.Module], config: FSMerge | None = None, data: Sequence | None = None, *,
+             cfg: FSMerge | None = None, progress: bool | None = None) -> nn.Module:
     """Merge K models (same zoo class, different tasks and inits) into one model of the zoo's class.
 
     ``data[i]``: unlabeled inputs of task i (a tensor, or a dataset whose first tensor is x); a few
     (16-100) per task suffice. Returns the folded model; its head concatenates the task heads and
     ``model.task_slices[i]`` says which logits belong to task i. The input models are not modified.
     """
-    if not isinstance(cfg, FSMerge):
-        raise TypeError(f"cfg must be an FSMerge config, got {type(cfg).__name__}")
+    cfg, data = config_first("fs_merge", config, data, cfg, default=FSMerge(), accepts=(FSMerge,),
+                             call="fs_merge(models, cfg, data)")
+    if data is None:
+        raise TypeError("fs_merge needs data: a few unlabeled inputs per task")
     check_models(models)
     with num_threads(cfg.threads):
         xs = task_inputs(models, data)
@@ -252,6 +263,6 @@ def fs_merge(models: Sequence[nn.Module], data: Sequence, cfg: FSMerge = FSMerge
 
             perms = match_permutations(models, torch.cat(xs), "activation")
         net = SuperNet(models, cfg, perms=perms)
-        pool = augment(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed)
-        train_supernet(net, pool, cfg)
+        pool = augment_tasks(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed)
+        train_supernet(net, pool, cfg, progress=progress)
         return net.fold()

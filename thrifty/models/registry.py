@@ -15,11 +15,13 @@ F = TypeVar("F", bound=Callable[..., nn.Module])
 def register_model(name: str) -> Callable[[F], F]:
     """Decorator registering a factory ``fn(**kw) -> nn.Module`` under ``name``.
 
-    Example (registration is global, hence skipped as a doctest):
-        >>> @register_model("tiny")  # doctest: +SKIP
-        ... def tiny(num_classes: int = 2) -> nn.Module:
-        ...     return nn.Linear(4, num_classes)
-        >>> create("tiny", num_classes=3).out_features  # doctest: +SKIP
+    Example (registration is global: ``patch.dict`` removes "tiny" again afterwards):
+        >>> from unittest import mock
+        >>> with mock.patch.dict(_REGISTRY):
+        ...     @register_model("tiny")
+        ...     def tiny(num_classes: int = 2) -> nn.Module:
+        ...         return nn.Linear(4, num_classes)
+        ...     create("tiny", num_classes=3).out_features
         3
     """
     if not isinstance(name, str) or not name:

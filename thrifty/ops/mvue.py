@@ -51,7 +51,9 @@ like ``torch.rand``; the kernel hashes in numba, the torch path with its torch
 twin ``hash_uniform``, on any device). So for the same generator state the
 kernel and the torch fast path return identical tensors; the general path
 (other n:m, or blocks with NaN/inf) uses the same uniforms but other float
-operations, so it agrees in distribution, not always to the last bit. The
+operations, so it agrees in distribution, not always to the last bit. For
+float16/bfloat16 outputs both paths apply the same stochastic rounding (numba
+kernel or its torch twin, identical results). The
 counter has 32 bits: a tensor of more than 2^32 blocks raises ValueError
 rather than reuse uniforms. Other devices and cases use the torch paths
 (``_KERNEL = False`` forces them, e.g. for tests).
@@ -69,9 +71,18 @@ Defined behaviour at the edges (shared by both masks):
 * probabilities are resolved by float32 uniforms: an element holding less than
   about 2^-24 of its block's mass can be dropped for good (bias below 1e-7 of
   the block's largest magnitude).
-* float16 / bfloat16 inputs are computed in float32 and returned in the input
-  dtype; MVUE values beyond the dtype's range saturate to its largest finite
-  value (the only place the estimator is not exactly unbiased).
+* float64 inputs are computed in float64 (torch path; the kernels are float32).
+  float16 / bfloat16 inputs are computed in float32 and returned in the input
+  dtype. Rounding a kept value ``x_i / p_i`` to nearest would bias it by up to
+  half an ulp (fp16 block [5, -0.001] at 1:2: 2e-4 of the block's L1 norm), so
+  MVUE rounds it *stochastically* (:mod:`thrifty.ops._sround`, hash uniforms of
+  a second 32-bit key drawn from ``generator``, independent of the keep
+  decisions): exactly unbiased, except for values beyond the dtype's range,
+  which saturate to its largest finite value, and float16's subnormal range
+  (below 2^-14), where the rounding's bias is below 2^-48 in absolute value.
+* what remains in any dtype is the rounding of the computed ``x_i / p_i``
+  itself (a few ulp of the block's L1 norm in the compute dtype: 2^-22 of it in
+  float32) and the 2^-24 resolution of the uniforms (above).
 
 Example:
     >>> import torch
@@ -124,7 +135,8 @@ def _kernels():
 
 
 def _use_kernel(x: Tensor, n: int, m: int, method: str) -> bool:
-    if not _KERNEL or x.device.type != "cpu":
+    # float64 stays on the torch path in float64: the kernels compute in float32
+    if not _KERNEL or x.device.type != "cpu" or x.dtype == torch.float64:
         return False
     ok = (n, m) in _KERNEL_MVUE if method == "mvue" else m <= _KERNEL_MAX_M
     return ok and _kernels() is not None
@@ -134,7 +146,7 @@ def _kernel_call(x: Tensor, n: int, m: int, dim: int, tail: str, kind: str,
                  u: Optional[Tensor] = None, key: int = 0) -> Tensor:
     """Run a compiled kernel on ``x`` grouped along ``dim`` (already normalised).
 
-    ``kind``: "mvue" (values, dtype of ``x``), "mse" (kept values, float32), "mask" (0/1, float32).
+    ``kind``: "mvue" (values), "mse" (kept values), "mask" (0/1); all float32 (``x``: float32/16, bfloat16).
     ``u`` (one float32 uniform per block, the torch path's layout) replaces the hashed uniforms of ``key``.
     """
     shape = x.shape
@@ -151,7 +163,7 @@ def _kernel_call(x: Tensor, n: int, m: int, dim: int, tail: str, kind: str,
     uv = _NO_U if u is None else u.detach().float().contiguous().view(-1).numpy()
     k.nm_kernel(xf.view(-1).numpy(), out.view(-1).numpy(), pre, length, post, n, m, tail == "dense",
                 _KERNEL_MODES[kind], uv, key)
-    return _to_dtype(out, x.dtype) if kind == "mvue" else out
+    return out
 
 
 def _uniform_shape(shape: torch.Size, m: int, dim: int, tail: str) -> tuple[int, int, int, int]:
@@ -186,14 +198,15 @@ def _check(x: Tensor, n: int, m: int, dim: int, tail: str) -> int:
 
 
 def _blocks(x: Tensor, m: int, dim: int, tail: str) -> tuple[Tensor, int]:
-    """View ``x`` (float32) as (pre, G, m, post) blocks; return it and the padded length's excess."""
+    """View ``x`` as (pre, G, m, post) blocks (float32; float64 stays float64); return it and the padded
+    length's excess."""
     shape = x.shape
     length = shape[dim]
     pre = 1
     for s in shape[:dim]:
         pre *= s
     post = x.numel() // max(pre * length, 1) if length else 0
-    x3 = x.reshape(pre, length, post).float()
+    x3 = x.reshape(pre, length, post).to(_compute_dtype(x.dtype))
     r = length % m
     if r and tail == "error":
         raise ValueError(f"size {length} along dim {dim} is not a multiple of m={m} (tail='error')")
@@ -216,12 +229,19 @@ def _unblock(out: Tensor, x: Tensor, dim: int, r: int, tail: str, m: int) -> Ten
     return out.reshape(shape)
 
 
-def _to_dtype(out: Tensor, dtype: torch.dtype) -> Tensor:
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _to_dtype(out: Tensor, dtype: torch.dtype, key: int) -> Tensor:
+    """The float32 MVUE values in the input's ``dtype``: saturated to its finite range, then (16-bit
+    dtypes) stochastically rounded with the hash uniforms of ``key``, so the rounding adds no bias."""
     if out.dtype == dtype:
         return out
-    fin = torch.finfo(dtype).max
-    # saturate instead of overflowing to inf; NaN/inf passed-through blocks keep their values
-    return torch.where(out.isfinite(), out.clamp(-fin, fin), out).to(dtype)
+    from thrifty.ops._sround import sround
+
+    # saturates instead of overflowing to inf; NaN/inf passed-through blocks keep their values
+    return sround(out, dtype, key, kernel=_KERNEL, inplace=True)
 
 
 def mse_mask(x: Tensor, n: int, m: int, dim: int = -1, tail: Tail = "pad") -> Tensor:
@@ -324,15 +344,17 @@ def mvue_nm(
     from thrifty.ops._qkernels import draw_key, hash_uniform  # (imports numba; the same hash as the kernel's)
 
     key = draw_key(generator, x.device)
+    # 16-bit outputs: a second key for the stochastic rounding of the kept values (independent of the keeps)
+    rkey = draw_key(generator, x.device) if x.dtype in (torch.float16, torch.bfloat16) else 0
     if _use_kernel(x, n, m, "mvue"):
-        return _kernel_call(x, n, m, d, tail, "mvue", key=key)
+        return _to_dtype(_kernel_call(x, n, m, d, tail, "mvue", key=key), x.dtype, rkey)
 
     b, r = _blocks(x, m, d, tail)
     u = hash_uniform(math.prod(ushape), key, b.device).view(ushape)
     if _FAST_PATHS and (n == 1 or (n, m) == (2, 4)):
         fast = (_mvue_1m if n == 1 else _mvue_24)(b, u[:, :, 0])
         if fast is not None:
-            return _to_dtype(_unblock(fast, x, d, r, tail, m), x.dtype)
+            return _to_dtype(_unblock(fast, x, d, r, tail, m), x.dtype, rkey)
     mag = b.abs()
     p = mvue_probs(mag, n, dim=2)
     hi = torch.cumsum(p, dim=2)
@@ -343,7 +365,7 @@ def mvue_nm(
     keep = (hits > 0) & (p > 0)
     out = torch.where(keep, b / torch.where(keep, p, torch.ones_like(p)), torch.zeros_like(b))
     out = torch.where(mag.sum(2, keepdim=True).isfinite(), out, b)
-    return _to_dtype(_unblock(out, x, d, r, tail, m), x.dtype)
+    return _to_dtype(_unblock(out, x, d, r, tail, m), x.dtype, rkey)
 
 
 # Fast paths for the cases that matter in training (1:m and 2:4 MVUE, top-n of m <= 8 for MSE).

@@ -20,6 +20,16 @@ per tile (enumeration of all valid tiles when there are few, e.g. the 90 of 2:4,
 min-cost flow, OR-tools' SimpleMinCostFlow on one graph holding a chunk of tiles);
 the 2-approximation is greedy b-matching (keeps >= 1/2 of the optimum).
 
+What "exact" guarantees. Both exact solvers maximise over the tile's scores rounded to integers of B bits
+on a power-of-two scale of the tile's own maximum (:func:`thrifty.ops._nm_flow.integer_scores`; B = 47
+for enumeration, 39 for 8 x 8 flow tiles), so a tile's mask never depends on what other tiles hold. When
+a tile's nonzero scores lie within ``2^(B-24)`` of its maximum (float32 weights; ``2^(B-53)`` for float64)
+the integer costs are exact and so is the optimum; otherwise the kept sum is at most ``N M 2^(1-B)`` of the
+tile's maximum below the optimum (below half a float32 ulp of the kept sum for every M <= 32). Enumeration
+first takes the float matmul's argmax where a rounding-error bound certifies it (then it is the exact
+optimum), and solves only the remaining (tied or nearly tied) tiles on the integers; the result is the
+same on every CPU.
+
 Example:
     >>> import torch
     >>> w = torch.randn(16, 32)
@@ -75,8 +85,22 @@ def check_weight(w: Tensor, what: str = "weight") -> None:
     if w.dim() < 2:
         raise ValueError(f"{what}: N:M masks act on GEMM weights with >= 2 dims, got shape {tuple(w.shape)} "
                          "(1-D parameters such as biases and norms are not sparsified)")
-    if w.numel() and not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{what}: contains NaN or Inf; cannot rank magnitudes")
+    if w.numel() and not _all_finite(w):
+        raise ValueError(f"{what} of shape {tuple(w.shape)}: contains {_nonfinite(w)}; cannot rank magnitudes")
+
+
+def _all_finite(t: Tensor) -> bool:
+    # one reduction: NaN and inf make the sum non-finite; a finite sum proves every entry finite, and only
+    # a sum that overflowed needs the elementwise check
+    t = t.detach()
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _nonfinite(t: Tensor) -> str:
+    """'NaN or Inf (3 entries, first at index (0, 2))': what is wrong with ``t`` and where."""
+    bad = ~torch.isfinite(t)
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    return f"NaN or Inf ({int(bad.sum())} entries, first at index {first})"
 
 
 # ------------------------------------------------------------------------------------------ views
@@ -98,7 +122,13 @@ def from_matrix(mat: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
 
 
 def _scores(w: Tensor) -> Tensor:
-    return as_matrix(w.detach()).abs().float()
+    # float64 weights keep float64 scores: float32 would turn |w| > 3.4e38 into inf and flush a tile of
+    # tiny weights to ties at zero, making that tile's mask depend on nothing
+    return as_matrix(w.detach()).abs().to(_score_dtype(w.dtype))
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _pad(mat: Tensor, rows: int, cols: int) -> Tensor:
@@ -215,17 +245,6 @@ def valid_tiles(n: int, m: int) -> Tensor:
     return torch.from_numpy(_valid_tiles_np(m, n).copy())
 
 
-def _solve_enumerate(s: Tensor, n: int, chunk: int = 1 << 15) -> Tensor:
-    m = s.shape[-1]
-    pats = valid_tiles(n, m).reshape(-1, m * m)
-    pf = pats.float().t().contiguous()
-    flat = s.reshape(-1, m * m)
-    best = torch.empty(flat.shape[0], dtype=torch.long)
-    for i in range(0, flat.shape[0], chunk):  # chunks bound the [tiles, B] score matrix, not a per-tile loop
-        best[i:i + chunk] = (flat[i:i + chunk] @ pf).argmax(1)
-    return pats[best].view(-1, m, m)
-
-
 _RANK_MAX = 8  # rows up to this long are ranked by counting (L passes), longer ones by one integer sort
 
 
@@ -254,7 +273,10 @@ def _desc_order(flat: Tensor) -> Tensor:
     Why not ``torch.sort``: for many short rows it is ~50x slower than numpy's SIMD sort of int64. The key
     packs the float's bit pattern (monotone for the nonnegative scores; the one negative pad value sorts
     below them all) above the reversed position, so keys are unique and one integer sort gives the order.
+    float64 scores leave no spare bits in an int64 key and take the stable torch sort.
     """
+    if flat.dtype != torch.float32:
+        return torch.sort(flat, dim=1, descending=True, stable=True).indices
     length = flat.shape[1]
     sh = max(1, (length - 1).bit_length())
     pos = np.arange(length, dtype=np.int64)
@@ -359,16 +381,28 @@ def solve_tiles(scores: Tensor, n: int, solver: TileSolver = "flow") -> Tensor:
     ``"enumerate"``: best of all valid tiles (one matmul against the pattern matrix; exact);
     ``"flow"``: exact max-weight N-regular bipartite subgraph (OR-tools min-cost flow, all tiles in one graph);
     ``"greedy"``: greedy b-matching, the 2-approximation (rows/columns keep <= N; almost always exactly N).
+    Each tile is solved on its own (see the module doc for what "exact" guarantees); NaN/Inf scores raise
+    ValueError. Negative scores mark padded slots: they rank below every nonnegative score.
     """
     if scores.dim() != 3 or scores.shape[1] != scores.shape[2]:
         raise ValueError(f"solve_tiles expects [T, M, M] scores, got shape {tuple(scores.shape)}")
     m = scores.shape[-1]
     check_nm(n, m)
-    s = scores.detach().float().cpu().contiguous()
+    if not scores.is_floating_point():
+        raise TypeError(f"solve_tiles: scores must be floating point, got {scores.dtype}")
+    s = scores.detach().to(_score_dtype(scores.dtype)).cpu().contiguous()
+    if s.numel() and not _all_finite(s):
+        raise ValueError(f"solve_tiles: scores contain {_nonfinite(s)}; the masks rank finite magnitudes")
+    return _solve(s, n, solver)
+
+
+def _solve(s: Tensor, n: int, solver: str) -> Tensor:
     if s.shape[0] == 0:
         return torch.zeros(s.shape, dtype=torch.bool)
     if solver == "enumerate":
-        return _solve_enumerate(s, n)
+        from thrifty.ops._nm_flow import solve_enumerate
+
+        return solve_enumerate(valid_tiles(n, s.shape[-1]), s, n)
     if solver == "greedy":
         return _solve_greedy(s, n)
     if solver == "flow":
@@ -398,7 +432,7 @@ def transposable_mask(w: Tensor, n: int, m: int, method: Method = "exact") -> Te
         solver: TileSolver = "greedy"
     else:
         solver = "enumerate" if count_transposable(m, n) <= ENUMERATE_MAX else "flow"
-    keep = solve_tiles(tiles, n, solver)
+    keep = _solve(tiles.contiguous(), n, solver)  # (w is checked: its scores are finite)
     keep &= tiles > _PAD
     return from_matrix(_untile(keep, m, dims), w.shape).to(w.device)
 

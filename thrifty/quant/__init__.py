@@ -18,9 +18,12 @@ from thrifty.quant.io import load_quantized, save_quantized
 from thrifty.quant.pipeline import QuantResult, calibrate_inputs, quantize
 from thrifty.quant.quantizer import UniformQuantizer
 from thrifty.quant.tuning import bias_tune, bn_tune
+from thrifty.quant.accum import AccumConfig
+from thrifty.quant.train8 import Train8, prepare_train8
 
 __all__ = [
     "UniformQuantizer", "QuantConfig", "PTQ", "QuantResult", "quantize", "calibrate_inputs", "fold_bn",
     "adaquant", "adaquant_layer", "reconstruction_error", "allocate_bits", "exhaustive_allocation", "Allocation",
-    "bn_tune", "bias_tune", "as_batches", "save_quantized", "load_quantized",
+    "bn_tune", "bias_tune", "as_batches", "save_quantized", "load_quantized", "Train8", "prepare_train8",
+    "AccumConfig",
 ]

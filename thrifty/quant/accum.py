@@ -255,7 +255,14 @@ def finetune_accumulators(model: nn.Module, cfg: AccumConfig, train_ds: Any, tes
     ``train_cfg`` is a :class:`thrifty.train.TrainConfig` for the whole fine-tuning (its steps/epochs are split
     ``stage1_fraction`` : rest). Returns per-stage histories and the final test accuracy (if ``test_ds``).
     Example:
-        >>> finetune_accumulators(model, AccumConfig(4, 7), splits.train, splits.test)  # doctest: +SKIP
+        >>> import torch, torch.nn as nn
+        >>> from torch.utils.data import TensorDataset
+        >>> from thrifty.train import TrainConfig
+        >>> model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> ds = TensorDataset(torch.randn(64, 16), torch.randint(0, 2, (64,)))
+        >>> r = finetune_accumulators(model, AccumConfig(4, 7), ds, ds, TrainConfig(steps=4, batch_size=16))
+        >>> r["steps"], 0 <= r["test_acc"] <= 1
+        ([2, 2], True)
     """
     from thrifty.train import TrainConfig, evaluate, fit
 
@@ -271,11 +278,11 @@ def finetune_accumulators(model: nn.Module, cfg: AccumConfig, train_ds: Any, tes
     out: dict[str, Any] = {"steps": [s1, total - s1]}
     if s1:
         set_underflow(model, False)
-        out["stage1"] = fit(model, train_ds, None, dataclasses.replace(train_cfg, steps=s1), progress=progress).final
+        out["stage1"] = fit(model, dataclasses.replace(train_cfg, steps=s1), train_ds, progress=progress).final
     set_underflow(model, cfg.underflow)
     if total - s1:
         cfg2 = dataclasses.replace(train_cfg, steps=total - s1, seed=train_cfg.seed + 1)
-        out["stage2"] = fit(model, train_ds, None, cfg2, progress=progress).final
+        out["stage2"] = fit(model, cfg2, train_ds, progress=progress).final
     if test_ds is not None:
         out["test_acc"] = evaluate(model, test_ds)["acc"]
     return out

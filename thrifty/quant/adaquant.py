@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from thrifty.quant.calib import Batch, capture
+from thrifty.utils import show_progress
 
 __all__ = ["adaquant_layer", "adaquant", "reconstruction_error"]
 
@@ -118,7 +119,7 @@ def adaquant(qmodel: nn.Module, fpmodel: nn.Module, names: list[str], batches: l
     if mode not in ("sequential", "parallel"):
         raise ValueError(f"AdaQuant mode must be 'sequential' or 'parallel', got {mode!r}")
     out: dict[str, tuple[float, float]] = {}
-    bar = tqdm(names, desc="AdaQuant", unit="layer", disable=None if progress is None else not progress)
+    bar = tqdm(names, desc="AdaQuant", unit="layer", disable=not show_progress(progress))
     for i, name in enumerate(bar):
         layer, fp_layer = qmodel.get_submodule(name), fpmodel.get_submodule(name)
         xs_fp, ys = capture(fpmodel, fp_layer, batches, inputs=True, outputs=True)

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 import torch.nn as nn
 
-from thrifty.core import Config, register_config, register_handler
+from thrifty.core import Config, register_config, register_handler, register_pipeline
 from thrifty.nn import Chain, SlotRefused
 from thrifty.ops.quant import check_bits
 from thrifty.quant.quantizer import UniformQuantizer
@@ -176,3 +176,6 @@ class PTQ(Config):
     @property
     def uses_bitalloc(self) -> bool:
         return self.budget is not None
+
+
+register_pipeline(PTQ, "needs calibration data", "thrifty.quant.quantize(model, cfg, data)")

@@ -35,7 +35,8 @@ from thrifty.nn import is_gemm
 from thrifty.quant.fold import fold_pairs
 from thrifty.quant.pipeline import QuantResult
 from thrifty.quant.quantizer import UniformQuantizer
-from thrifty.train.io import _plain, model_paths
+from thrifty.train.io import model_paths
+from thrifty.utils import plain_data
 from thrifty.utils import atomic_write_bytes, atomic_write_text
 
 __all__ = ["save_quantized", "load_quantized", "FORMAT"]
@@ -88,7 +89,7 @@ def save_quantized(result: Union[QuantResult, nn.Module], path: Union[str, os.Pa
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write_bytes(wpath, st_save(tensors, metadata={"format": FORMAT}))
     meta.pop("format", None)  # e.g. the FP model's own format tag
-    doc = {"format": FORMAT, **_plain(meta), "quantization": _plain(quant)}
+    doc = {"format": FORMAT, **plain_data(meta), "quantization": plain_data(quant)}
     atomic_write_text(ypath, yaml.safe_dump(doc, sort_keys=False))
     return wpath
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from thrifty.core import Config, Filter, apply, register_config, register_handler
+from thrifty.core import Config, Filter, apply, register_config, register_handler, register_prepare
 from thrifty.nn.gemm import GradTransform
 from thrifty.nn.rangebn import _RangeBatchNorm, convert_to_range_bn
 from thrifty.ops import quant as Q
@@ -45,7 +45,7 @@ class Train8(Config):
 
     ``bifurcation``: the weight-gradient GEMM gets dY at ``wgrad_bits`` (None: float32) instead of the 8-bit
     one. ``grad_rounding``: ``"stochastic"`` (default) or ``"nearest"``. ``grad_per_sample``: one gradient range
-    per sample (else per tensor). ``range_bn``: :func:`prepare_train8` swaps BatchNorm for Range BN
+    per sample (else per tensor). ``range_bn``: ``apply`` (and :func:`prepare_train8`) swaps BatchNorm for Range BN
     (``range_bn_bits`` optionally quantizes Range BN too).
     """
 
@@ -154,15 +154,19 @@ def _handle(layer: nn.Module, name: str, cfg: Train8) -> None:
                                        cfg.grad_per_sample))
 
 
+@register_prepare(Train8)
+def _swap_batchnorm(model: nn.Module, cfg: Train8) -> nn.Module:
+    # Range BN is part of the method, not of a GEMM slot: apply runs this before wrapping any layer.
+    return convert_to_range_bn(model, bits=cfg.range_bn_bits) if cfg.range_bn else model
+
+
 def prepare_train8(model: nn.Module, cfg: Train8 = Train8(), filter: Filter = None) -> nn.Module:
     """Swap BatchNorm for Range BN (if ``cfg.range_bn``) and fill the GEMM slots for 8-bit training (in place).
 
-    ``thrifty.apply(model, Train8())`` does the GEMM part only. Example: see the module docstring.
+    The same as ``thrifty.apply(model, cfg, filter)``. Example: see the module docstring.
     """
     if not isinstance(cfg, Train8):
         raise TypeError(f"cfg must be a Train8 config, got {type(cfg).__name__}")
-    if cfg.range_bn:
-        model = convert_to_range_bn(model, bits=cfg.range_bn_bits)
     return apply(model, cfg, filter)
 
 

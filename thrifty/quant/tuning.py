@@ -25,8 +25,10 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from thrifty.core.revert import keep_if_better
 from thrifty.quant.calib import Batch, capture, run
 from thrifty.quant.quantizer import UniformQuantizer
+from thrifty.utils import show_progress
 
 __all__ = ["channel_stats", "bn_tune", "bias_tune", "calib_loss"]
 
@@ -47,7 +49,7 @@ def bn_tune(qmodel: nn.Module, fpmodel: nn.Module, names: list[str], batches: li
     near-dead channels.
     """
     out: dict[str, float] = {}
-    for name in tqdm(names, desc="BN tuning", unit="layer", disable=None if progress is None else not progress):
+    for name in tqdm(names, desc="BN tuning", unit="layer", disable=not show_progress(progress)):
         layer, fp_layer = qmodel.get_submodule(name), fpmodel.get_submodule(name)
         cdim = layer.op.channel_dim if hasattr(layer, "op") else 1 if isinstance(layer, nn.Conv2d) else -1
         _, yq = capture(qmodel, layer, batches, inputs=False, outputs=True)
@@ -103,7 +105,6 @@ def bias_tune(qmodel: nn.Module, names: list[str], batches: list[Batch], targets
     before = calib_loss(qmodel, batches, targets, loss_fn)
     if not biases or iters == 0:
         return before, before
-    saved = [b.detach().clone() for b in biases]
     flags = {p: p.requires_grad for p in qmodel.parameters()}
     for p in qmodel.parameters():
         p.requires_grad_(False)
@@ -111,22 +112,17 @@ def bias_tune(qmodel: nn.Module, names: list[str], batches: list[Batch], targets
         b.requires_grad_(True)
     opt = torch.optim.Adam(biases, lr=lr)
     g = torch.Generator().manual_seed(seed)
-    try:
-        with torch.enable_grad():
-            for _ in tqdm(range(iters), desc="bias tuning", unit="step",
-                          disable=None if progress is None else not progress):
-                i = int(torch.randint(len(batches), (1,), generator=g))
-                loss = loss_fn(run(qmodel, batches[i]), targets[i])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-    after = calib_loss(qmodel, batches, targets, loss_fn)
-    if not after < before:
-        with torch.no_grad():
-            for b, s in zip(biases, saved):
-                b.copy_(s)
-        after = before
-    return before, after
+    with keep_if_better(biases, lambda: calib_loss(qmodel, batches, targets, loss_fn), before, strict=True) as out:
+        try:
+            with torch.enable_grad():
+                for _ in tqdm(range(iters), desc="bias tuning", unit="step",
+                              disable=not show_progress(progress)):
+                    i = int(torch.randint(len(batches), (1,), generator=g))
+                    loss = loss_fn(run(qmodel, batches[i]), targets[i])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        finally:
+            for p, f in flags.items():
+                p.requires_grad_(f)
+    return before, out.after

@@ -20,7 +20,7 @@ Example:
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     >>> calib = TensorDataset(torch.randn(128, 16), torch.zeros(128).long())
-    >>> report = adaprune(model, calib, NM(2, 4), steps=50, progress=False)
+    >>> report = adaprune(model, NM(2, 4), calib, steps=50, progress=False)
     >>> all(r["mse_after"] <= r["mse_before"] for r in report.values())
     True
 """
@@ -37,8 +37,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from thrifty.core import Filter
+from thrifty.core import Filter, config_first
+from thrifty.core.revert import keep_if_better
 from thrifty.sparse.weights import NM, nm_masks, sparsify
+from thrifty.utils import show_progress
 
 __all__ = ["adaprune", "nm_for_density", "plan_from_unstructured", "reestimate_bn"]
 
@@ -118,17 +120,23 @@ def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int = 64) -> nn.Modul
     return _reestimate(model, (x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)))
 
 
-def adaprune(model: nn.Module, data: Union[Dataset, Tensor], plan: Plan = NM(2, 4), *, steps: int = 200,
-             lr: float = 1e-3, batch_size: int = 32, num_samples: int | None = None, filter: Filter = None,
-             bn: bool = True, remask_every: int = 1, progress: bool = True,
-             seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Convert ``model`` to N:M in place with AdaPrune; returns per-layer reconstruction MSEs.
+def adaprune(model: nn.Module, config: Plan | None = None, data: Union[Dataset, Tensor, None] = None, *,
+             plan: Plan | None = None, steps: int = 200, lr: float = 1e-3, batch_size: int = 32,
+             num_samples: int | None = None, filter: Filter = None, bn: bool = True, remask_every: int = 1,
+             progress: bool | None = None, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Convert ``model`` to N:M in place with AdaPrune; returns per-layer reconstruction MSEs (and "reverted").
 
     ``plan``: one NM config for every layer passing ``filter``, or ``{layer_name: NM}`` (e.g. from
     :func:`plan_from_unstructured`). Masks end up fixed (``recompute_every=0``). ``data``: a dataset of
     ``(x, y)`` (labels unused) or a tensor of inputs; ``num_samples`` caps it. ``remask_every``: re-mask
     every that many steps (1 = every step; larger saves time with exact transposable masks of big layers).
+    ``plan`` defaults to ``NM(2, 4)``; the older order ``adaprune(model, data, plan)`` (or ``plan=``) still
+    works for one release, with a DeprecationWarning.
     """
+    plan, data = config_first("adaprune", config, data, plan, default=NM(2, 4), accepts=(NM, Mapping),
+                              call="adaprune(model, plan, data)")
+    if data is None:
+        raise TypeError("adaprune needs data: adaprune(model, plan, data)")
     if steps < 0 or lr <= 0 or batch_size < 1 or remask_every < 1:
         raise ValueError(f"adaprune: need steps >= 0, lr > 0, batch_size >= 1, remask_every >= 1; got {steps}, "
                          f"{lr}, {batch_size}, {remask_every}")
@@ -152,37 +160,33 @@ def adaprune(model: nn.Module, data: Union[Dataset, Tensor], plan: Plan = NM(2, 
     masked = [(n, layer, mk) for n, layer, mk in nm_masks(model)]
     gen = torch.Generator().manual_seed(seed)
     report: dict[str, dict[str, Any]] = {}
-    bar = tqdm(masked, desc="adaprune", disable=not progress, leave=False)
+    bar = tqdm(masked, desc="adaprune", disable=not show_progress(progress), leave=False)
     for name, layer, mk in bar:
         target = _capture(dense, dense_layers[name], x, 256, "output")
         inp = _capture(model, layer, x, 256, "input")
         params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-        with torch.no_grad():
-            before = float(F.mse_loss(layer(inp), target))
-        saved = [p.detach().clone() for p in params] + [mk.mask.clone()]
+
+        @torch.no_grad()
+        def mse() -> float:
+            return float(F.mse_loss(layer(inp), target))
+
         opt = torch.optim.Adam(params, lr=lr)
-        for step in range(steps):
-            idx = torch.randint(0, inp.shape[0], (min(batch_size, inp.shape[0]),), generator=gen).to(dev)
-            if step % remask_every == 0:
-                mk.refresh(layer.weight)  # re-mask from the current dense weights
-            loss = F.mse_loss(layer(inp[idx]), target[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        mk.refresh(layer.weight)
-        with torch.no_grad():
-            after = float(F.mse_loss(layer(inp), target))
-        if after > before:  # never make a layer worse than plain magnitude pruning
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-                mk.mask.copy_(saved[-1])
-            after = before
+        # never make a layer worse than plain magnitude pruning
+        with keep_if_better(params + [mk.mask], mse) as out:
+            for step in range(steps):
+                idx = torch.randint(0, inp.shape[0], (min(batch_size, inp.shape[0]),), generator=gen).to(dev)
+                if step % remask_every == 0:
+                    mk.refresh(layer.weight)  # re-mask from the current dense weights
+                loss = F.mse_loss(layer(inp[idx]), target[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            mk.refresh(layer.weight)
         for p in params:
             p.grad = None
-        report[name] = {"pattern": mk.cfg.label, "mse_before": before, "mse_after": after,
-                        "rel_mse_after": after / max(float(target.pow(2).mean()), 1e-30)}
-        bar.set_postfix(layer=name, mse=f"{after:.3g}")
+        report[name] = {"pattern": mk.cfg.label, "mse_before": out.before, "mse_after": out.after,
+                        "rel_mse_after": out.after / max(float(target.pow(2).mean()), 1e-30), "reverted": not out.kept}
+        bar.set_postfix(layer=name, mse=f"{out.after:.3g}")
     if bn:
         reestimate_bn(model, x)
     model.train(was_training)

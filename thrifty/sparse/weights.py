@@ -73,6 +73,10 @@ class NM(Config):
             raise ValueError(f"NM.recompute_every must be an int >= 0, got {self.recompute_every!r}")
         if not isinstance(self.transposable, bool):
             raise TypeError(f"NM.transposable must be a bool, got {self.transposable!r}")
+        if self.method == "approx" and not self.transposable:
+            # a plain N:M mask is always the exact top-N per block; "approx" would be silently ignored
+            raise ValueError("NM.method='approx' applies to transposable masks only; set transposable=True "
+                             "or leave method='exact'")
 
     @property
     def ste(self) -> bool:

@@ -15,10 +15,10 @@ __all__ = [
 ]
 from thrifty.train.io import load_model, model_kwargs_for, save_model  # noqa: E402
 from thrifty.train.recipes import RECIPES, cache_dir, pretrained, recipe  # noqa: E402
-from thrifty.train.augment import AugmentConfig, augment, resize  # noqa: E402
+from thrifty.train.augment import AugmentConfig, SignalAugmentConfig, augment, augment_signal, resize  # noqa: E402
 from thrifty.train.bn import recalibrate_bn  # noqa: E402
 from thrifty.train.regimes import BatchAugment, MixedSize, SizeSchedule, default_schedule  # noqa: E402
 
 __all__ += ["load_model", "model_kwargs_for", "save_model", "RECIPES", "cache_dir", "pretrained", "recipe",
-            "AugmentConfig", "augment", "resize", "recalibrate_bn", "BatchAugment", "MixedSize", "SizeSchedule",
+            "AugmentConfig", "SignalAugmentConfig", "augment", "augment_signal", "resize", "recalibrate_bn", "BatchAugment", "MixedSize", "SizeSchedule",
             "default_schedule"]

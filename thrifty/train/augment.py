@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from thrifty.core import Config, register_config
+from thrifty.core import Config, register_config, register_pipeline
 
 __all__ = ["AugmentConfig", "augment", "random_crop", "hflip", "random_affine", "cutout", "resize",
            "SignalAugmentConfig", "augment_signal"]
@@ -145,6 +145,12 @@ class SignalAugmentConfig(Config):
             raise ValueError(f"SignalAugmentConfig: invalid values {self}")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"SignalAugmentConfig.scale must be (min, max) with 0 < min <= max, got {self.scale}")
+
+
+register_pipeline(AugmentConfig, "transforms a batch of images, not a model",
+                  "thrifty.train.augment(x, cfg) (or fit's regime=BatchAugment(augment_cfg=cfg))")
+register_pipeline(SignalAugmentConfig, "transforms a batch of signals, not a model",
+                  "thrifty.train.augment_signal(x, cfg) (or fit's regime=BatchAugment(augment_cfg=cfg))")
 
 
 def augment_signal(x: torch.Tensor, cfg: SignalAugmentConfig = SignalAugmentConfig()) -> torch.Tensor:

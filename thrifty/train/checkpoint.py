@@ -13,7 +13,8 @@ Example:
     >>> import torch, tempfile, os
     >>> m = torch.nn.Linear(2, 2); opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     >>> p = os.path.join(tempfile.mkdtemp(), "last.safetensors")
-    >>> save_checkpoint(p, m, opt, step=3, extra={"note": "hi"})
+    >>> save_checkpoint(p, m, opt, step=3, extra={"note": "hi"}).name
+    'last.safetensors'
     >>> load_checkpoint(p, m, opt)["step"]
     3
 """

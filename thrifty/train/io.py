@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from thrifty.utils import atomic_write_bytes, atomic_write_text
+from thrifty.utils import atomic_write_bytes, atomic_write_text, plain_data
 
 __all__ = ["save_model", "load_model", "model_paths", "model_kwargs_for", "FORMAT"]
 
@@ -42,19 +42,6 @@ def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".yaml")
 
 
-def _plain(v: Any) -> Any:
-    """YAML-safe plain data (tuples -> lists, numpy/torch scalars -> Python)."""
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, str):
-        return str(v)  # str subclasses (torch.__version__) are not safe_dump-able
-    if hasattr(v, "item") and callable(v.item):
-        return v.item()
-    return v
-
-
 def save_model(model: torch.nn.Module, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Atomically write ``<stem>.safetensors`` + ``<stem>.yaml``; ``meta`` needs "model" and "model_kwargs".
 
@@ -64,7 +51,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, meta: dict[str, 
     wpath, ypath = model_paths(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write_bytes(wpath, st_save(tensors, metadata={"format": FORMAT, "model": str(meta["model"])}))
-    atomic_write_text(ypath, yaml.safe_dump({"format": FORMAT, **_plain(meta)}, sort_keys=False))
+    atomic_write_text(ypath, yaml.safe_dump({"format": FORMAT, **plain_data(meta)}, sort_keys=False))
     return wpath
 
 

@@ -10,7 +10,7 @@ Example:
     >>> from torch.utils.data import TensorDataset
     >>> x = torch.randn(64, 4); y = (x[:, 0] > 0).long()
     >>> model = torch.nn.Linear(4, 2)
-    >>> hist = fit(model, TensorDataset(x, y), cfg=TrainConfig(epochs=3, batch_size=16), progress=False)
+    >>> hist = fit(model, TrainConfig(epochs=3, batch_size=16), TensorDataset(x, y), progress=False)
     >>> evaluate(model, TensorDataset(x, y))["acc"] > 0.5
     True
 """
@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +29,17 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from thrifty.core import Config, register_config, to_dict
+from thrifty.core import Config, config_first, old_order_warning, register_config, register_pipeline, to_dict
 from thrifty.train import dist as _dist
 from thrifty.train.augment import resize
 from thrifty.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from thrifty.train.sampling import collate, index_batches, loader
+from thrifty.utils import remove_stale_temp_files, show_progress
 
-__all__ = ["TrainConfig", "History", "StepState", "fit", "evaluate", "check_finite", "CKPT_NAME"]
+__all__ = ["TrainConfig", "History", "StepState", "fit", "evaluate", "check_finite", "check_finite_data", "CKPT_NAME"]
 
 CKPT_NAME = "last.safetensors"
 _RESUME_FREE = {"eval_every", "eval_steps", "ckpt_every", "num_workers"}  # may change between runs on resume
@@ -99,6 +102,9 @@ class TrainConfig(Config):
         return self.lr * f
 
 
+register_pipeline(TrainConfig, "needs a training set", "thrifty.train.fit(model, cfg, train_ds)")
+
+
 @dataclass
 class History:
     """What `fit` returns: one record per evaluation plus the per-step training loss."""
@@ -145,6 +151,46 @@ def check_finite(model: nn.Module) -> None:
                 raise ValueError(f"{kind} {name!r} contains NaN or Inf values")
 
 
+def check_finite_data(ds: Any, what: str) -> None:
+    """Raise ValueError naming ``what`` and the first sample whose inputs hold NaN/Inf (TensorDatasets;
+    for other datasets a non-finite loss says whether its batch held NaN/Inf inputs).
+
+    Example:
+        >>> x = torch.tensor([[0.0], [float("nan")]])
+        >>> check_finite_data(TensorDataset(x, torch.zeros(2)), "my data")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: my data: inputs hold NaN or Inf (1 of 2 samples, the first at index 1); ...
+    """
+    if isinstance(ds, TensorDataset) and ds.tensors and ds.tensors[0].is_floating_point():
+        x = ds.tensors[0]
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1) if len(x) else torch.zeros(0, dtype=torch.bool)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{what}: inputs hold NaN or Inf ({int(bad.sum())} of {len(x)} samples, the first "
+                             f"at index {i}); clean or drop them before training or evaluating")
+
+
+def _check_labels(out: torch.Tensor, y: torch.Tensor, what: str) -> None:
+    # cross_entropy's own error is "IndexError: Target 10 is out of bounds", naming neither side
+    if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point() and len(y):
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= out.shape[1]:
+            raise ValueError(f"{what} has label {hi if hi >= out.shape[1] else lo}, but the model has "
+                             f"{out.shape[1]} outputs (labels must be in 0..{out.shape[1] - 1})")
+
+
+def _forward(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    """The first batch's forward: a shape error there means the data does not fit the model; say so."""
+    try:
+        return model(x)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        raise ValueError(f"the model cannot take the {what} inputs of shape {tuple(x.shape[1:])} "
+                         f"(one sample): {str(e).splitlines()[0]}") from e
+
+
 def _check_dataset(ds: Any, what: str) -> None:
     try:
         n = len(ds)
@@ -152,6 +198,7 @@ def _check_dataset(ds: Any, what: str) -> None:
         raise TypeError(f"{what} must be a sized Dataset (e.g. TensorDataset), got {type(ds).__name__}") from None
     if n == 0:
         raise ValueError(f"{what} is empty: nothing to train or evaluate on")
+    check_finite_data(ds, what)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -183,6 +230,8 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, size: int 
         ['acc', 'loss', 'n']
     """
     _check_dataset(ds, "evaluation dataset")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be a positive integer, got {batch_size!r}")
     loss_fn = loss_fn or F.cross_entropy
     was_training = model.training
     model.eval()
@@ -196,7 +245,8 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, size: int 
                 if x.dim() != 4:
                     raise ValueError(f"evaluate(size={size}) needs image inputs (N, C, H, W), got {tuple(x.shape)}")
                 x = resize(x, size)
-            out = model(x)
+            out = _forward(model, x, "evaluation dataset") if s == 0 else model(x)
+            _check_labels(out, y, "evaluation dataset")
             loss_sum += float(loss_fn(out, y)) * len(y)
             correct += int((out.argmax(1) == y).sum())
         return {"acc": correct / n, "loss": loss_sum / n, "n": n}
@@ -204,18 +254,51 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, size: int 
         model.train(was_training)
 
 
-def fit(model: nn.Module, train_ds: Dataset, test_ds: Dataset | None = None, cfg: TrainConfig = TrainConfig(), *,
-        regime: Any = None, callbacks: Sequence[Callable[[StepState], Any]] = (), ckpt_dir: str | Path | None = None,
-        resume: bool = False, progress: bool = True, loss_fn: LossFn | None = None) -> History:
+class _GracefulInterrupt:
+    """While active, the first Ctrl-C (SIGINT) only sets ``hit``: the loop finishes the step, saves a
+    checkpoint of the progress made and raises KeyboardInterrupt, so ``resume`` continues exactly. A second
+    Ctrl-C interrupts at once. Only in the main thread, only over Python's default handler, and not under
+    DDP (ranks could stop at different steps and hang in a collective)."""
+
+    def __init__(self, active: bool):
+        self.active, self.hit, self._old = active, False, None
+
+    def __enter__(self) -> "_GracefulInterrupt":
+        if (self.active and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def fit(model: nn.Module, config: TrainConfig | None = None, train_ds: Dataset | None = None,
+        test_ds: Dataset | None = None, *, cfg: TrainConfig | None = None, regime: Any = None,
+        callbacks: Sequence[Callable[[StepState], Any]] = (), ckpt_dir: str | Path | None = None,
+        resume: bool = False, progress: bool | None = None, loss_fn: LossFn | None = None) -> History:
     """Train ``model`` in place on ``train_ds``; returns the `History`.
 
     ``regime`` plugs in batch transforms and hooks (see `thrifty.train.regime`); ``callbacks`` are called
     with a `StepState` after every step; ``ckpt_dir`` gets ``last.safetensors`` (rank 0 only);
     ``resume=True`` continues from it exactly; ``loss_fn(logits, y)`` replaces the cross-entropy loss.
     Under torchrun (WORLD_SIZE > 1) it runs DistributedDataParallel with ``batch_size`` per process.
+    ``config`` defaults to ``TrainConfig()``; the older order ``fit(model, train_ds, test_ds, cfg)`` (or
+    ``cfg=``) still works for one release, with a DeprecationWarning.
     """
-    if not isinstance(cfg, TrainConfig):
-        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    call = "fit(model, cfg, train_ds, test_ds)"
+    if config is not None and not isinstance(config, (TrainConfig, Config)):  # old order: (train_ds, test_ds, cfg)
+        old_order_warning("fit", call)
+        config, train_ds, test_ds, cfg = (cfg if cfg is not None else test_ds), config, train_ds, None
+    cfg, _ = config_first("fit", config, None, cfg, default=TrainConfig(), accepts=(TrainConfig,), call=call)
+    if train_ds is None:
+        raise TypeError("fit needs train_ds: fit(model, cfg, train_ds)")
     _check_dataset(train_ds, "train_ds")
     if test_ds is not None:
         _check_dataset(test_ds, "test_ds")
@@ -224,6 +307,8 @@ def fit(model: nn.Module, train_ds: Dataset, test_ds: Dataset | None = None, cfg
     ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir is not None else None
     if resume and ckpt is None:
         raise ValueError("resume=True needs ckpt_dir")
+    if ckpt is not None and rank == 0:
+        remove_stale_temp_files(ckpt)  # left by a write that was killed (SIGKILL, power loss)
     if regime is not None and hasattr(regime, "setup"):
         regime.setup(model, train_ds, cfg)
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing))
@@ -249,54 +334,64 @@ def fit(model: nn.Module, train_ds: Dataset, test_ds: Dataset | None = None, cfg
     device = next(model.parameters()).device
     eval_period = cfg.eval_steps or (cfg.eval_every * spe if cfg.eval_every else 0)
     ckpt_period = cfg.ckpt_every or eval_period or total
-    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, desc="train", unit="step", leave=False)
+    bar = tqdm(total=total, initial=start, disable=not show_progress(progress) or rank != 0, desc="train", unit="step", leave=False)
     t0, run_loss, run_correct, run_n = time.perf_counter() - hist.seconds, 0.0, 0, 0
     model.train()
-    for step in range(start, total):
-        torch.manual_seed(_step_seed(cfg.seed, step, rank))
-        x, y = next(batches)
-        x, y = x.to(device), y.to(device)
-        if regime is not None and hasattr(regime, "batch"):
-            x, y = regime.batch(x, y, step)
-        lr = cfg.lr_at(step, total)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        out = net(x)
-        loss = loss_fn(out, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {step} "
-                                     f"(epoch {step / spe:.2f}, lr {lr:g}); lower the learning rate?")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if regime is not None and hasattr(regime, "before_optimizer_step"):
-            regime.before_optimizer_step(model, step)
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        lv = loss.item()
-        hist.losses.append(lv)
-        run_loss, run_n = run_loss + lv * len(y), run_n + len(y)
-        run_correct += int((out.detach().argmax(1) == y).sum()) if out.dim() == 2 and y.dim() == 1 else 0
-        state = StepState(step + 1, total, (step + 1) / spe, lv, lr, len(y), model, opt, hist)
-        if regime is not None and hasattr(regime, "on_step_end"):
-            regime.on_step_end(state)
-        for cb in callbacks:
-            cb(state)
-        bar.update(1)
-        done = step + 1
-        if (eval_period and done % eval_period == 0) or done == total or state.stop:
-            rec = {"step": done, "epoch": round(done / spe, 4), "lr": lr, "train_loss": run_loss / max(run_n, 1),
-                   "train_acc": run_correct / max(run_n, 1), "seconds": round(time.perf_counter() - t0, 3)}
-            if test_ds is not None:
-                ev = evaluate(model, test_ds)
-                rec.update(test_acc=ev["acc"], test_loss=ev["loss"])
-            hist.records.append(rec)
-            run_loss, run_correct, run_n = 0.0, 0, 0
-            bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k in ("train_loss", "test_acc")})
-        hist.seconds = time.perf_counter() - t0
-        if ckpt is not None and rank == 0 and (done % ckpt_period == 0 or done == total or state.stop):
-            save_checkpoint(ckpt, model, opt, done, {"cfg": json.dumps(cfg_dict), "history": hist.to_dict()})
-        if state.stop:
-            break
+    with _GracefulInterrupt(ckpt is not None and rank == 0 and world == 1) as interrupt:
+        for step in range(start, total):
+            torch.manual_seed(_step_seed(cfg.seed, step, rank))
+            x, y = next(batches)
+            x, y = x.to(device), y.to(device)
+            if regime is not None and hasattr(regime, "batch"):
+                x, y = regime.batch(x, y, step)
+            lr = cfg.lr_at(step, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            out = _forward(net, x, "train_ds") if step == start else net(x)
+            _check_labels(out, y, "train_ds")
+            loss = loss_fn(out, y)
+            if not torch.isfinite(loss):
+                if x.is_floating_point() and not torch.isfinite(x).all():  # a regime or dataset made them
+                    raise ValueError(f"training inputs hold NaN or Inf at step {step}: the loss is not a sign of "
+                                     "divergence; clean the data")
+                raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {step} "
+                                         f"(epoch {step / spe:.2f}, lr {lr:g}); lower the learning rate?")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if regime is not None and hasattr(regime, "before_optimizer_step"):
+                regime.before_optimizer_step(model, step)
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            lv = loss.item()
+            hist.losses.append(lv)
+            run_loss, run_n = run_loss + lv * len(y), run_n + len(y)
+            run_correct += int((out.detach().argmax(1) == y).sum()) if out.dim() == 2 and y.dim() == 1 else 0
+            state = StepState(step + 1, total, (step + 1) / spe, lv, lr, len(y), model, opt, hist)
+            if regime is not None and hasattr(regime, "on_step_end"):
+                regime.on_step_end(state)
+            for cb in callbacks:
+                cb(state)
+            bar.update(1)
+            done = step + 1
+            if (eval_period and done % eval_period == 0) or done == total or state.stop:
+                rec = {"step": done, "epoch": round(done / spe, 4), "lr": lr, "train_loss": run_loss / max(run_n, 1),
+                       "train_acc": run_correct / max(run_n, 1), "seconds": round(time.perf_counter() - t0, 3)}
+                if test_ds is not None:
+                    ev = evaluate(model, test_ds)
+                    rec.update(test_acc=ev["acc"], test_loss=ev["loss"])
+                hist.records.append(rec)
+                run_loss, run_correct, run_n = 0.0, 0, 0
+                bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k in ("train_loss", "test_acc")})
+            hist.seconds = time.perf_counter() - t0
+            if ckpt is not None and rank == 0 and (done % ckpt_period == 0 or done == total or state.stop
+                                                   or interrupt.hit):
+                save_checkpoint(ckpt, model, opt, done, {"cfg": json.dumps(cfg_dict), "history": hist.to_dict()})
+            if interrupt.hit:
+                bar.close()
+                raise KeyboardInterrupt(f"interrupted after step {done} of {total}; checkpoint saved to {ckpt} "
+                                        "(continue with resume=True, or --resume)")
+            if state.stop:
+                break
     bar.close()
     return hist
