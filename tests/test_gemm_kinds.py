@@ -98,6 +98,8 @@ def test_conv_transpose_output_size_and_embedding_exact():
 def test_1d_kinds_exact_property(cin, cout, groups, k, stride, pad, dil, length, transposed):
     torch.manual_seed(0)
     if transposed:
+        if (length - 1) * stride - 2 * pad + dil * (k - 1) + min(stride, dil) < 1:
+            return  # no output: torch refuses the layer itself
         ref = nn.ConvTranspose1d(cin, cout, k, stride, pad, output_padding=min(stride, dil) - 1, groups=groups,
                                  dilation=dil)
     else:
