@@ -351,3 +351,20 @@ def test_a_named_layer_thrifty_cannot_wrap_gets_the_reason():
         apply(model, GradNM(2, 4), filter=["0", "1"])
     with pytest.raises(TypeError, match=r"layer '2' cannot be wrapped: Embedding with max_norm"):
         apply(model, QuantConfig(w_bits=8, a_bits=None), filter=["0", "2"])
+
+
+def test_cnn1d_quantizes_its_convs_with_batchnorm_folded():
+    from thrifty.quant import PTQ, quantize
+
+    torch.manual_seed(0)
+    model, x = create("cnn1d", channels=(8, 8)), torch.randn(16, 1, 24)
+    with torch.no_grad():
+        model(x)  # running statistics that are not the identity
+    model.eval()
+    cfg = PTQ(w_bits=8, a_bits=8, pipeline="rtn", w_estimator="minmax", a_estimator="minmax")
+    res = quantize(model, cfg, x, progress=False)
+    assert res.folded == [("conv1", "bn1"), ("conv2", "bn2")]  # before: Conv1d + BatchNorm1d were never folded
+    assert {n for n, m in res.model.named_modules() if is_gemm(m)} == {"conv1", "conv2", "head"}
+    with torch.no_grad():
+        ref, out = model(x), res.model(x)
+    assert float((out - ref).norm() / ref.norm()) <= _w8a8_bound(3)
