@@ -368,3 +368,24 @@ def test_cnn1d_quantizes_its_convs_with_batchnorm_folded():
     with torch.no_grad():
         ref, out = model(x), res.model(x)
     assert float((out - ref).norm() / ref.norm()) <= _w8a8_bound(3)
+
+
+def test_quantize_a_named_embedding_and_load_it_back(tmp_path):
+    tf = pytest.importorskip("transformers")
+    from thrifty.quant import PTQ, load_quantized, quantize, save_quantized
+
+    torch.manual_seed(0)
+    gpt = tf.GPT2Model(tf.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=16)).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    cfg = PTQ(w_bits=4, a_bits=8, pipeline="rtn", w_estimator="minmax", a_estimator="minmax")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the layers left out are named
+        res = quantize(gpt, cfg, [{"input_ids": ids}], filter=["wte", "h.0.attn.c_attn", "h.0.mlp.c_fc"],
+                       progress=False)
+    wte = res.model.wte
+    assert is_gemm(wte) and wte.slots.input is None and wte.slots.weight.scale.numel() == 64  # per row
+    save_quantized(res, tmp_path / "q", {})
+    back, _ = load_quantized(tmp_path / "q", gpt)
+    assert is_gemm(back.wte)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids)[0], res.model(input_ids=ids)[0])

@@ -15,7 +15,7 @@ from typing import Literal, Optional
 import torch.nn as nn
 
 from thrifty.core import Config, register_config, register_handler, register_pipeline
-from thrifty.nn import Chain, SlotRefused
+from thrifty.nn import Chain, SlotRefused, gemm_op
 from thrifty.ops.quant import check_bits
 from thrifty.quant.quantizer import UniformQuantizer
 
@@ -54,7 +54,7 @@ class QuantConfig(Config):
 def weight_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False,
                      layer: Optional[nn.Module] = None) -> UniformQuantizer:
     """The weight quantizer of ``cfg``; per channel along ``layer``'s output-channel axis (its own layout)."""
-    axis = 0 if layer is None else layer.op.out_axis
+    axis = 0 if layer is None else gemm_op(layer).out_axis
     if cfg.per_channel and axis is None:
         raise SlotRefused(f"{type(layer).__name__} (groups={getattr(layer, 'groups', 1)}) has no single output-channel "
                           "axis for per-channel weight quantization; use per_channel=False or leave it out with filter=")

@@ -137,7 +137,8 @@ def layer_costs(model: nn.Module, names: list[str], batch: Batch) -> tuple[dict[
             hooks.append(model.get_submodule(n).register_forward_hook(hook))
         run(model, batch)
     w = {n: model.get_submodule(n).weight.numel() for n in names}
-    b = {n: (model.get_submodule(n).bias.numel() if model.get_submodule(n).bias is not None else 0) for n in names}
+    biases = {n: getattr(model.get_submodule(n), "bias", None) for n in names}  # an embedding has none
+    b = {n: bias.numel() if bias is not None else 0 for n, bias in biases.items()}
     return w, b, macs
 
 
@@ -205,7 +206,7 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     names, skipped = _candidates(q, filter)
     if not names:
         raise ValueError(f"quantize: the model has no quantizable nn.Linear/nn.Conv2d layer (filter={filter!r})")
-    wrap_layers(q, lambda m, n: n in set(names))
+    wrap_layers(q, list(names))  # exact names: a named embedding is wrapped too
     layers = {n: q.get_submodule(n) for n in names}
     order = execution_order(q, layers, batches[0])
     bypassed = [n for n in uncalled_layers(q, lambda: run(q, batches[0])) if n in order]
@@ -252,7 +253,8 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     for n in qnames:
         wb, ab = bits[n]
         _set_wbits(layers[n], wb, cfg, learn)
-        layers[n].slots.input = None if ab is None else input_quantizer(ab, cfg, learn)
+        lookup = "input" in type(layers[n]).NO_SLOTS  # an embedding: its one-hot operand is exact at any width
+        layers[n].slots.input = None if ab is None or lookup else input_quantizer(ab, cfg, learn)
     ties = untied_views(q)
     if ties:
         warnings.warn(f"thrifty.quantize: {ties}", stacklevel=2)
