@@ -246,14 +246,20 @@ def test_unsupported_layers_are_named_never_skipped_silently():
     import thrifty as th
     from thrifty.sparse import GradNM
 
-    model = create("cnn1d")
+    from collections import OrderedDict
+
+    def make():  # Conv3d: a GEMM thrifty does not wrap
+        return nn.Sequential(OrderedDict(conv1=nn.Conv3d(1, 4, 1), conv2=nn.Conv3d(4, 4, 1), conv3=nn.Conv3d(4, 4, 1),
+                                         head=nn.Linear(4, 2)))
+
+    model = make()
     with pytest.warns(UserWarning, match="cannot be wrapped.*'conv1'.*'conv2'.*'conv3'"):
         th.apply(model, GradNM(2, 4))
-    other = create("cnn1d")
+    other = make()
     before = _state(other)
-    with pytest.raises(TypeError, match="layer 'conv1' cannot be wrapped: Conv1d is not supported"):
+    with pytest.raises(TypeError, match="layer 'conv1' cannot be wrapped: Conv3d is not supported"):
         th.apply(other, GradNM(2, 4), filter="conv1")
-    assert isinstance(other.conv1, nn.Conv1d) and _same(_state(other), before)
+    assert isinstance(other.conv1, nn.Conv3d) and _same(_state(other), before)
 
 
 # ---- SIGKILL / SIGINT during training: a real process, the previous checkpoint stays loadable, resume is exact

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -272,14 +273,15 @@ def test_files_layers_and_ranges_through_the_cli(tmp_path, capsys, monkeypatch):
 
 
 def test_unsupported_layers_are_named_through_the_cli(tmp_path, capsys):
-    with pytest.warns(UserWarning, match="cannot be wrapped.*'conv1'"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot be wrapped")  # cnn1d's Conv1d layers are wrapped
         assert main(["train", "--model", "cnn1d", "--dataset", "digits", "--steps", "1", "--batch-size", "8",
                      "--grad-nm", "2:4", "--out", str(tmp_path / "t")]) == 0
     stem = tmp_path / "c" / "model"
     save_model(create("cnn1d", num_classes=10), stem, {"model": "cnn1d", "model_kwargs": {"num_classes": 10},
                                                        "dataset": "digits"})
-    _fails(["sparsify", "--model", str(stem), "--filter", "conv1", "--out", str(tmp_path / "s")], capsys,
-           "layer 'conv1' cannot", "Conv1d", files=(stem.parent,))
+    _fails(["sparsify", "--model", str(stem), "--filter", "bn1", "--out", str(tmp_path / "s")], capsys,
+           "layer 'bn1' cannot", "BatchNorm1d", files=(stem.parent,))
     assert not (tmp_path / "s").exists()
 
 

@@ -88,7 +88,7 @@ def test_apply_then_strip_bakes_weights():
 
 def test_apply_explicit_name_of_unsupported_layer():
     m = _mlp()
-    with pytest.raises(TypeError, match="'2.1' is BatchNorm1d"):
+    with pytest.raises(TypeError, match="'2.1' cannot be wrapped: BatchNorm1d is not supported"):
         apply(m, _RoundCfg(), filter="2.1")
     with pytest.raises(ValueError, match="no GEMM layer"):
         apply(m, _RoundCfg(), filter="missing")

@@ -267,8 +267,9 @@ _KINDS = [
     (nn.Linear(4, 4), True), (MyLinear(4, 4), True), (nn.Conv2d(4, 4, 3), True),
     (nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4), True),
     (OwnForward(4, 4), False), (OwnConv(4, 4, 3), False), (nn.Conv2d(4, 4, 3, padding_mode="reflect"), False),
-    (nn.Conv2d(4, 4, 2, padding="same"), False), (nn.LazyLinear(4), False), (nn.Conv1d(4, 4, 3), False),
-    (nn.ConvTranspose2d(4, 4, 3), False), (nn.Bilinear(4, 4, 4), False), (Conv1D(4, 4), False),
+    (nn.Conv2d(4, 4, 2, padding="same"), False), (nn.LazyLinear(4), False), (nn.Conv1d(4, 4, 3), True),
+    (nn.ConvTranspose2d(4, 4, 3), True), (nn.Conv3d(4, 4, 3), False), (nn.Bilinear(4, 4, 4), False),
+    (Conv1D(4, 4), False), (nn.Conv1d(4, 4, 3, padding_mode="circular"), False),
     (_parametrized(), False),
 ]
 
@@ -308,19 +309,20 @@ def test_quantize_sparsify_and_adaprune_take_a_linear_subclass():
 
 
 def test_unsupported_gemm_layers_are_named_never_skipped_silently():
-    with pytest.warns(UserWarning, match=r"'conv1' \(Conv1d is not supported.*'conv2'.*'conv3'"):
-        model = apply(create("cnn1d"), GradNM(2, 4))
-    assert is_gemm(model.head)
-    with pytest.raises(TypeError, match=r"layer 'conv2' cannot be wrapped: Conv1d is not supported"):
-        apply(create("cnn1d"), GradNM(2, 4), filter=["head", "conv2"])
+    three_d = nn.Sequential(nn.Conv3d(1, 4, 1), nn.Conv3d(4, 4, 1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"'0' \(Conv3d is not supported.*'1'"):
+        model = apply(copy.deepcopy(three_d), GradNM(2, 4))
+    assert is_gemm(model[3])
+    with pytest.raises(TypeError, match=r"layer '1' cannot be wrapped: Conv3d is not supported"):
+        apply(copy.deepcopy(three_d), GradNM(2, 4), filter=["3", "1"])
     enc = _encoder(1)
     with pytest.raises(TypeError, match=r"'layers.0.self_attn.out_proj' cannot be wrapped: nn.MultiheadAttention"):
         apply(enc, NM(2, 4), filter="layers.0.self_attn.out_proj")
     with pytest.warns(UserWarning) as rec:
         apply(nn.Sequential(nn.Linear(4, 4), Conv1D(4, 4)), GradNM(2, 4))
     assert "'1' (Conv1D is not supported" in str(rec[0].message)
-    with pytest.warns(UserWarning, match="'1' .Conv1d is not supported"):
-        sparsify(nn.Sequential(nn.Linear(8, 8), nn.Conv1d(8, 8, 1)), NM(2, 4))
+    with pytest.warns(UserWarning, match="'1' .Conv3d is not supported"):
+        sparsify(nn.Sequential(nn.Linear(8, 8), nn.Conv3d(8, 8, 1)), NM(2, 4))
 
 
 def test_layer_status_reports_attention_once_per_name():
@@ -381,7 +383,7 @@ def test_quantize_warns_about_a_tied_head_and_strip_keeps_the_tie():
 
 # ------------------------------------------------------------------ random trees: the walker's invariants
 
-_PARTS = ("linear", "subclass", "own_forward", "relu", "shared", "nested", "conv1d_branch")
+_PARTS = ("linear", "subclass", "own_forward", "relu", "shared", "nested", "conv3d_branch")
 
 
 def _tree(kinds: list[str]) -> nn.Module:
@@ -401,17 +403,17 @@ def _tree(kinds: list[str]) -> nn.Module:
         elif k == "nested":
             parts.append(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), shared))
         else:
-            parts.append(_Conv1dBranch())
+            parts.append(_Conv3dBranch())
     return nn.Sequential(*parts)
 
 
-class _Conv1dBranch(nn.Module):
+class _Conv3dBranch(nn.Module):  # a GEMM thrifty cannot wrap
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv1d(1, 1, 1)
+        self.conv = nn.Conv3d(1, 1, 1)
 
     def forward(self, x):
-        return self.conv(x.unsqueeze(1)).squeeze(1)
+        return self.conv(x[:, None, None, None]).reshape(x.shape)
 
 
 @settings(max_examples=30, deadline=None)

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     layers = {}
     for name, layer, mk in nm_masks(model):
         w = layer.effective_weight()
-        ok = nmops.is_transposable(w, n, m) if cfg.transposable else nmops.is_nm(w, n, m)
+        g = layer.op.gemm_weight(w)  # blocks run along the GEMM reduction, whatever the stored layout
+        ok = nmops.is_transposable(g, n, m) if cfg.transposable else nmops.is_nm(g, n, m)
         if not ok:
             raise AssertionError(f"internal error: layer {name!r} lost its {cfg.label} pattern")
         layers[name] = round(float(w.ne(0).float().mean()), 4)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from thrifty.core.config import Config, import_config_modules
 from thrifty.core.select import drop_module_path_hooks, keep_module_path, layer_status, outermost, uncalled_layers
-from thrifty.nn.gemm import SLOT_NAMES, Chain, GemmConv2d, GemmLinear, Slots, is_gemm, wrap
+from thrifty.nn.gemm import SLOT_NAMES, Chain, SlotRefused, is_gemm, why_not_wrappable, wrap, wrap_in_place
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
            "check_layers_run", "untied_views", "explicit_names", "HANDLERS", "register_prepare", "register_pipeline",
@@ -137,7 +137,7 @@ def _select(model: nn.Module, filter: Filter) -> tuple[list[tuple[list[str], nn.
     pred = make_filter(filter)
     names: dict[int, list[str]] = {}
     status: dict[int, tuple[nn.Module, Optional[str]]] = {}
-    for name, m, why in layer_status(model):
+    for name, m, why in layer_status(model, explicit_names(filter)):
         names.setdefault(id(m), []).append(name)
         status[id(m)] = (m, why)
     chosen, refused = [], {}
@@ -154,10 +154,10 @@ def _select(model: nn.Module, filter: Filter) -> tuple[list[tuple[list[str], nn.
 
 
 def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.Module]]:
-    """Replace selected nn.Linear / nn.Conv2d by Gemm layers (in place); return them.
+    """Replace the selected wrappable layers (Linear, convs, GPT-2 Conv1D, ...) by Gemm layers (in place).
 
     A layer reachable under several names is wrapped once and the wrapped layer put at every name.
-    GEMM-like layers that pass the filter but cannot be wrapped (nn.Conv1d, nn.MultiheadAttention,
+    GEMM-like layers that pass the filter but cannot be wrapped (nn.Conv3d, nn.MultiheadAttention,
     ...) get a warning naming each; a filter that names one exactly raises TypeError with the reason.
     """
     chosen, refused = _select(model, filter)
@@ -168,17 +168,14 @@ def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.M
         leaves = [p for p in explicit if p not in refused and p not in got and _is_other_leaf(model, p)]
         if named or leaves:
             raise TypeError("; ".join([f"layer {n!r} cannot be wrapped: {w}" for n, w in named.items()] + [
-                f"layer {n!r} is {type(model.get_submodule(n)).__name__}; thrifty's GEMM slots support nn.Linear "
-                f"and nn.Conv2d" for n in leaves]))
+                f"layer {n!r} cannot be wrapped: {why_not_wrappable(model.get_submodule(n))}" for n in leaves]))
     if refused:
         warnings.warn("thrifty: these GEMM layers cannot be wrapped and stay as they are: "
                       + "; ".join(f"{n!r} ({w})" for n, w in outermost(refused).items()), stacklevel=3)
     out: list[tuple[str, nn.Module]] = []
     for ns, m in chosen:
         if ns[0] == "":
-            if not is_gemm(m):  # a bare layer passed as the model: change its class in place (the caller holds it)
-                m.__class__ = GemmLinear if isinstance(m, nn.Linear) else GemmConv2d
-                m.slots = Slots()
+            wrap_in_place(m)  # a bare layer passed as the model: change its class in place (the caller holds it)
             out.append(("", m))
             continue
         new = wrap(m, ns[0])
@@ -239,7 +236,10 @@ def apply(model: nn.Module, config: Config, filter: Filter = None, *, probe: Any
         if probe is not None:
             check_layers_run(model, probe)
         for name, layer in layers:
-            handler(layer, name, config)
+            try:
+                handler(layer, name, config)
+            except SlotRefused as e:
+                raise SlotRefused(f"{type(config).__name__} on layer {name!r}: {e}") from None
     except Exception:
         _restore(root, snapshot)
         raise
@@ -310,6 +310,7 @@ def _restore(model: nn.Module, snap: tuple[list, list, type, list]) -> None:
     if type(model) is not cls:  # a bare root layer was wrapped in place: undo it
         model.__class__ = cls
         del model.slots
+        model.__dict__.pop("_thrifty_cls", None)
     for parent, cname, child in tree:
         parent._modules[cname] = child
     for layer, s, obj, members in slots:
@@ -326,7 +327,8 @@ def _restore(model: nn.Module, snap: tuple[list, list, type, list]) -> None:
 
 
 def strip(model: nn.Module, tied: str = "keep") -> nn.Module:
-    """Replace every Gemm layer by a plain nn.Linear / nn.Conv2d with the weight transform baked in.
+    """Replace every Gemm layer by its plain layer (nn.Linear, nn.Conv1d, GPT-2's Conv1D, ...) with the weight
+    transform baked in.
 
     Input, gradient and accumulator transforms have no plain-layer equivalent and are dropped. A layer
     reachable under several names is replaced at each name by one plain layer; hooks registered on a
@@ -365,13 +367,7 @@ def strip(model: nn.Module, tied: str = "keep") -> nn.Module:
                                  "transform it differently; strip(model, tied='untie') gives each its own copy")
     for k, m in layers.items():
         w = baked[k]
-        if isinstance(m, GemmLinear):
-            plain: nn.Module = nn.Linear(m.in_features, m.out_features, m.bias is not None)
-        else:
-            assert isinstance(m, GemmConv2d)
-            plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,  # type: ignore[arg-type]
-                              m.dilation, m.groups, m.bias is not None, m.padding_mode)
-        plain = plain.to(device=w.device, dtype=m.weight.dtype)
+        plain = m.plain_like().to(device=w.device, dtype=m.weight.dtype)
         with torch.no_grad():
             if id(m.weight) in shared:
                 m.weight.copy_(w)

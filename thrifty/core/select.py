@@ -2,7 +2,7 @@
 
 Three things decide whether a wrapped layer changes what a model computes:
 
-* the layer itself (:func:`thrifty.nn.why_not_wrappable`: nn.Linear / nn.Conv2d that keep their GEMM);
+* the layer itself (:func:`thrifty.nn.why_not_wrappable`: nn.Linear, convs, GPT-2 Conv1D, ... that keep their GEMM);
 * its parent: nn.MultiheadAttention computes its projections from the weights directly
   (``F.multi_head_attention_forward`` reads ``out_proj.weight``), so a wrapped ``out_proj`` would never run;
 * fused inference paths: nn.TransformerEncoderLayer in eval/no-grad calls one fused kernel with the
@@ -14,14 +14,14 @@ Anything else that reads a wrapped layer's weight instead of calling it is caugh
 
 Example:
     >>> import torch.nn as nn
-    >>> m = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1))
+    >>> m = nn.Sequential(nn.Linear(4, 4), nn.Conv3d(4, 4, 1))
     >>> [(n, why is None) for n, _, why in layer_status(m)]
     [('0', True), ('1', False)]
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Collection, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -36,12 +36,13 @@ _MHA = ("nn.MultiheadAttention computes its input/output projections functionall
         "thrifty cannot wrap them")
 
 
-def layer_status(model: nn.Module) -> Iterator[tuple[str, nn.Module, Optional[str]]]:
+def layer_status(model: nn.Module, named: Collection[str] = ()) -> Iterator[tuple[str, nn.Module, Optional[str]]]:
     """Yield ``(name, module, why_not)`` for every wrappable or GEMM-like module, under every name it has.
 
     ``why_not`` is None for a layer thrifty can wrap, else the reason it cannot (the layer itself, see
     :func:`thrifty.nn.why_not_wrappable`, or a parent that never calls it). A module reachable under
-    two names is yielded twice (same object).
+    two names is yielded twice (same object). An nn.Embedding (a lookup, weight slot only) is yielded
+    only under the names in ``named`` (a filter that names it exactly).
     """
     mha: list[str] = []
     for name, m in model.named_modules(remove_duplicate=False):
@@ -53,8 +54,10 @@ def layer_status(model: nn.Module) -> Iterator[tuple[str, nn.Module, Optional[st
             mha.append(name)
             yield name, m, _MHA
             continue
+        if isinstance(m, nn.Embedding) and name not in named:
+            continue
         why = why_not_wrappable(m)
-        if why is None or gemm_like(m):
+        if why is None or gemm_like(m) or isinstance(m, nn.Embedding):
             yield name, m, why
 
 

@@ -1,16 +1,23 @@
-"""Wrapped GEMM layers (Linear, Conv2d) with weight / input / grad_output / accumulator slots."""
+"""Wrapped GEMM layers (Linear, Conv1d/2d, ConvTranspose1d/2d, GPT-2 Conv1D, Embedding) with operand slots."""
 from thrifty.nn.gemm import (
     SLOT_NAMES,
     Accumulator,
     Chain,
+    GemmConv1d,
     GemmConv2d,
+    GemmConvTranspose1d,
+    GemmConvTranspose2d,
+    GemmEmbedding,
     GemmLayer,
     GemmLinear,
+    GemmLinearT,
     GemmOp,
     GradTransform,
+    SlotRefused,
     Slots,
     gemm_layers,
     gemm_like,
+    gemm_op,
     is_gemm,
     why_not_wrappable,
     wrap,
@@ -18,7 +25,8 @@ from thrifty.nn.gemm import (
 from thrifty.nn.rangebn import RangeBatchNorm1d, RangeBatchNorm2d, convert_to_range_bn
 
 __all__ = [
-    "SLOT_NAMES", "Accumulator", "Chain", "GemmConv2d", "GemmLayer", "GemmLinear", "GemmOp",
-    "GradTransform", "Slots", "gemm_layers", "gemm_like", "is_gemm", "why_not_wrappable", "wrap",
+    "SLOT_NAMES", "Accumulator", "Chain", "GemmConv1d", "GemmConv2d", "GemmConvTranspose1d", "GemmConvTranspose2d",
+    "GemmEmbedding", "GemmLayer", "GemmLinear", "GemmLinearT", "GemmOp", "GradTransform", "SlotRefused", "Slots",
+    "gemm_layers", "gemm_like", "gemm_op", "is_gemm", "why_not_wrappable", "wrap",
     "RangeBatchNorm1d", "RangeBatchNorm2d", "convert_to_range_bn",
 ]

@@ -15,7 +15,7 @@ from typing import Literal, Optional
 import torch.nn as nn
 
 from thrifty.core import Config, register_config, register_handler, register_pipeline
-from thrifty.nn import Chain
+from thrifty.nn import Chain, SlotRefused, gemm_op
 from thrifty.ops.quant import check_bits
 from thrifty.quant.quantizer import UniformQuantizer
 
@@ -51,8 +51,14 @@ class QuantConfig(Config):
                 raise ValueError(f"{f} must be one of {_EST}, got {getattr(self, f)!r}")
 
 
-def weight_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False) -> UniformQuantizer:
-    return UniformQuantizer(bits, symmetric=cfg.w_symmetric, per_channel=cfg.per_channel, axis=0,
+def weight_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False,
+                     layer: Optional[nn.Module] = None) -> UniformQuantizer:
+    """The weight quantizer of ``cfg``; per channel along ``layer``'s output-channel axis (its own layout)."""
+    axis = 0 if layer is None else gemm_op(layer).out_axis
+    if cfg.per_channel and axis is None:
+        raise SlotRefused(f"{type(layer).__name__} (groups={getattr(layer, 'groups', 1)}) has no single output-channel "
+                          "axis for per-channel weight quantization; use per_channel=False or leave it out with filter=")
+    return UniformQuantizer(bits, symmetric=cfg.w_symmetric, per_channel=cfg.per_channel, axis=axis or 0,
                             estimator=cfg.w_estimator, learnable=learnable)
 
 
@@ -67,12 +73,14 @@ def input_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False
 def _quant_handler(layer: nn.Module, name: str, cfg: QuantConfig) -> None:
     # Quantize first, then whatever else the slot holds (an N:M mask keeps its zeros: 0 is on every grid);
     # an existing quantizer is replaced, not stacked.
-    wq = weight_quantizer(cfg.w_bits, cfg).init_from(layer.effective_weight())  # type: ignore[union-attr,operator]
+    wq = weight_quantizer(cfg.w_bits, cfg, layer=layer).init_from(layer.effective_weight())  # type: ignore[union-attr,operator]
     cur = layer.slots.weight  # type: ignore[union-attr]
     rest = [t for t in (cur if isinstance(cur, Chain) else [cur] if cur is not None else [])
             if not isinstance(t, UniformQuantizer)]
     layer.slots.weight = Chain(wq, *rest) if rest else wq  # type: ignore[union-attr]
-    layer.slots.input = None if cfg.a_bits is None else input_quantizer(cfg.a_bits, cfg)  # type: ignore[union-attr]
+    # An embedding's other operand is a one-hot matrix, exact at any bit width: its lookup has no input to quantize.
+    lookup = "input" in type(layer).NO_SLOTS
+    layer.slots.input = None if cfg.a_bits is None or lookup else input_quantizer(cfg.a_bits, cfg)  # type: ignore
 
 
 @register_config

@@ -37,9 +37,13 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(p) if p else model), child
 
 
+# layers whose output channels are dim 0 of the weight (a transposed conv stores them in dim 1)
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
 @torch.no_grad()
 def find_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
-    """``(layer, bn)`` name pairs where the BN's input is exactly the Conv2d/Linear's output on ``batch``."""
+    """``(layer, bn)`` name pairs where the BN's input is exactly a Conv1d/Conv2d/Linear's output on ``batch``."""
     b = batch if isinstance(batch, Batch) else as_batches(batch)[0]
     outs: dict[int, str] = {}
     bn_in: dict[str, int] = {}
@@ -47,7 +51,7 @@ def find_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
     was = model.training
     with removing_hooks() as hooks:
         for name, m in model.named_modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, _FOLDABLE):
                 def hook(_m, _a, o, name=name):
                     keep.append(o)
                     outs.setdefault(id(o), name)
@@ -66,7 +70,7 @@ def find_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
         if oid in outs:
             layer = outs[oid]
             lm, bm = model.get_submodule(layer), model.get_submodule(bn)
-            n_out = lm.out_channels if isinstance(lm, nn.Conv2d) else lm.out_features
+            n_out = lm.out_features if isinstance(lm, nn.Linear) else lm.out_channels
             if n_out == bm.num_features and (isinstance(lm, nn.Conv2d) == isinstance(bm, nn.BatchNorm2d)):
                 pairs.append((layer, bn))
     return pairs
@@ -79,8 +83,8 @@ def fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
         if not isinstance(bn, _BN):
             raise TypeError(f"fold: {bn_name!r} is {type(bn).__name__}, not a BatchNorm")
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            raise TypeError(f"fold: {layer_name!r} is {type(layer).__name__}, not Conv2d/Linear")
+        if not isinstance(layer, _FOLDABLE):
+            raise TypeError(f"fold: {layer_name!r} is {type(layer).__name__}, not Conv1d/Conv2d/Linear")
         w = layer.weight
         a = (bn.weight if bn.affine else torch.ones_like(bn.running_mean)) / torch.sqrt(bn.running_var + bn.eps)
         beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)

@@ -123,14 +123,18 @@ def load_quantized(path: Union[str, os.PathLike], model: Optional[nn.Module] = N
     q = meta["quantization"]
     fold_pairs(model, [tuple(p) for p in q.get("folded", [])])
     layers = q["layers"]
-    wrap_layers(model, lambda m, n: n in layers)
+    present = dict(model.named_modules())
+    try:  # exact names, so that an embedding saved quantized is wrapped again
+        wrap_layers(model, [n for n in layers if n in present])
+    except TypeError as e:
+        raise ValueError(f"{ypath}: {e}") from None
     for name, entry in layers.items():
         try:
             layer = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{ypath}: layer {name!r} does not exist in the model") from None
         if not is_gemm(layer):
-            raise ValueError(f"{ypath}: layer {name!r} is {type(layer).__name__}, not a Linear/Conv2d")
+            raise ValueError(f"{ypath}: layer {name!r} is {type(layer).__name__}, not a GEMM layer")
         for slot, spec in entry.items():
             setattr(layer.slots, slot, UniformQuantizer.from_spec(spec))
     try:

@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from thrifty.core import Filter, layer_status, make_filter, uncalled_layers, untied_views, wrap_layers
-from thrifty.nn import Chain, gemm_layers, is_gemm
+from thrifty.core import Filter, explicit_names, layer_status, make_filter, uncalled_layers, untied_views, wrap_layers
+from thrifty.nn import Chain, gemm_layers, gemm_op, is_gemm
 from thrifty.quant.adaquant import adaquant
 from thrifty.quant.bitalloc import allocate_bits, min_cost
 from thrifty.quant.calib import Batch, as_batches, execution_order, output_loss, run
@@ -89,7 +89,7 @@ def _candidates(model: nn.Module, filter: Filter) -> tuple[list[str], dict[str, 
     chosen: list[str] = []
     skipped: dict[str, str] = {}
     seen: set[int] = set()
-    status = list(layer_status(model))
+    status = list(layer_status(model, explicit_names(filter)))  # an embedding only when named
     for name, m, why in status:
         if name == "" or id(m) in seen:
             continue
@@ -102,7 +102,8 @@ def _candidates(model: nn.Module, filter: Filter) -> tuple[list[str], dict[str, 
     for name, m in model.named_modules():
         if name and name not in covered and list(m.parameters(recurse=False)) and not isinstance(m, _NORMS) \
                 and not any(name.startswith(c + ".") for c in covered):
-            skipped[name] = f"{type(m).__name__} is not a Linear/Conv2d GEMM"
+            skipped[name] = (f"{type(m).__name__} is a lookup: name it in filter= to quantize its table per row"
+                             if isinstance(m, nn.Embedding) else f"{type(m).__name__} is not a GEMM thrifty wraps")
     return chosen, skipped
 
 
@@ -130,12 +131,14 @@ def layer_costs(model: nn.Module, names: list[str], batch: Batch) -> tuple[dict[
     with removing_hooks() as hooks:
         for n in names:
             def hook(mod, _a, out, n=n):
-                fan_in = mod.weight[0].numel()
+                # products per output: the GEMM reduction (GPT-2 Conv1D stores [in, out]); a lookup has none
+                fan_in = 0 if isinstance(mod, nn.Embedding) else gemm_op(mod).gemm_weight(mod.weight)[0].numel()
                 macs[n] = out.numel() / max(batch.size, 1) * fan_in
             hooks.append(model.get_submodule(n).register_forward_hook(hook))
         run(model, batch)
     w = {n: model.get_submodule(n).weight.numel() for n in names}
-    b = {n: (model.get_submodule(n).bias.numel() if model.get_submodule(n).bias is not None else 0) for n in names}
+    biases = {n: getattr(model.get_submodule(n), "bias", None) for n in names}  # an embedding has none
+    b = {n: bias.numel() if bias is not None else 0 for n, bias in biases.items()}
     return w, b, macs
 
 
@@ -168,7 +171,7 @@ def _reapply_masks(kept: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
 
 
 def _set_wbits(layer: nn.Module, bits: int, cfg: PTQ, learnable: bool) -> None:
-    layer.slots.weight = weight_quantizer(bits, cfg, learnable).init_from(layer.weight)
+    layer.slots.weight = weight_quantizer(bits, cfg, learnable, layer).init_from(layer.weight)
 
 
 def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter = None,
@@ -203,7 +206,7 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     names, skipped = _candidates(q, filter)
     if not names:
         raise ValueError(f"quantize: the model has no quantizable nn.Linear/nn.Conv2d layer (filter={filter!r})")
-    wrap_layers(q, lambda m, n: n in set(names))
+    wrap_layers(q, list(names))  # exact names: a named embedding is wrapped too
     layers = {n: q.get_submodule(n) for n in names}
     order = execution_order(q, layers, batches[0])
     bypassed = [n for n in uncalled_layers(q, lambda: run(q, batches[0])) if n in order]
@@ -250,7 +253,8 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     for n in qnames:
         wb, ab = bits[n]
         _set_wbits(layers[n], wb, cfg, learn)
-        layers[n].slots.input = None if ab is None else input_quantizer(ab, cfg, learn)
+        lookup = "input" in type(layers[n]).NO_SLOTS  # an embedding: its one-hot operand is exact at any width
+        layers[n].slots.input = None if ab is None or lookup else input_quantizer(ab, cfg, learn)
     ties = untied_views(q)
     if ties:
         warnings.warn(f"thrifty.quantize: {ties}", stacklevel=2)

@@ -147,7 +147,7 @@ class _StraightThrough(torch.autograd.Function):
 
 @register_handler(Train8)
 def _handle(layer: nn.Module, name: str, cfg: Train8) -> None:
-    layer.add("weight", ActQuant(cfg.bits, axis=0 if cfg.weight_per_channel else None))
+    layer.add("weight", ActQuant(cfg.bits, axis=layer.op.out_axis if cfg.weight_per_channel else None))
     if cfg.act_bits is not None:
         layer.add("input", ActQuant(cfg.act_bits))
     layer.add("grad_output", GradQuant(cfg.grad_bits, cfg.bifurcation, cfg.wgrad_bits, cfg.grad_rounding,

@@ -51,7 +51,7 @@ def bn_tune(qmodel: nn.Module, fpmodel: nn.Module, names: list[str], batches: li
     out: dict[str, float] = {}
     for name in tqdm(names, desc="BN tuning", unit="layer", disable=not show_progress(progress)):
         layer, fp_layer = qmodel.get_submodule(name), fpmodel.get_submodule(name)
-        cdim = 1 if isinstance(layer, nn.Conv2d) else -1
+        cdim = layer.op.channel_dim if hasattr(layer, "op") else 1 if isinstance(layer, nn.Conv2d) else -1
         _, yq = capture(qmodel, layer, batches, inputs=False, outputs=True)
         mu_q, var_q = channel_stats(yq, cdim)
         del yq
@@ -60,7 +60,7 @@ def bn_tune(qmodel: nn.Module, fpmodel: nn.Module, names: list[str], batches: li
         del yf
         wq = layer.slots.weight if hasattr(layer, "slots") else None
         exact = isinstance(wq, UniformQuantizer) and wq.per_channel and wq.axis in (0, -layer.weight.dim()) \
-            and wq.mode == "frozen"
+            and wq.mode == "frozen" and getattr(getattr(layer, "op", None), "out_axis", 0) == 0
         if exact:
             a = torch.sqrt((var_f + eps) / (var_q + eps)).clamp(1 / max_ratio, max_ratio)
             a = torch.where((var_q > eps) & (var_f > eps), a, torch.ones_like(a))

@@ -50,7 +50,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from thrifty.core import Config, register_config, register_handler
-from thrifty.nn.gemm import GemmConv2d, GradTransform
+from thrifty.nn.gemm import GradTransform
 from thrifty.ops.mvue import METHODS, mse_mask, nm_prune
 
 __all__ = ["ActNM", "GradNM", "ActNMMask", "GradNMTransform", "parse_nm", "GEMMS"]
@@ -237,14 +237,13 @@ def _layer_seed(seed: Optional[int], name: str) -> Optional[int]:
 
 @register_handler(ActNM)
 def _act_handler(layer: nn.Module, name: str, cfg: ActNM) -> None:
-    dim = cfg.dim if cfg.dim is not None else (1 if isinstance(layer, GemmConv2d) else -1)
+    dim = cfg.dim if cfg.dim is not None else layer.op.channel_dim
     layer.add("input", ActNMMask(cfg.n, cfg.m, dim, cfg.tail, where=name))  # type: ignore[operator]
 
 
 @register_handler(GradNM)
 def _grad_handler(layer: nn.Module, name: str, cfg: GradNM) -> None:
-    conv = isinstance(layer, GemmConv2d)
-    in_dim = cfg.input_dim if cfg.input_dim is not None else (1 if conv else -1)
+    in_dim = cfg.input_dim if cfg.input_dim is not None else layer.op.channel_dim
     w_dim = cfg.weight_dim if cfg.weight_dim is not None else 0
     t = GradNMTransform(cfg.n, cfg.m, cfg.method, cfg.gemms, in_dim, w_dim, cfg.tail,
                         _layer_seed(cfg.seed, name), where=name)

@@ -36,6 +36,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from thrifty.core import strip
+from thrifty.nn.gemm_op import GemmOp
 from thrifty.ops import nm as nmops
 from thrifty.utils import atomic_write_bytes
 
@@ -93,16 +94,16 @@ def decompress(values: Tensor, indices: Tensor, shape: list[int], n: int, m: int
     return nmops.from_matrix(blocks.view(r, kp)[:, :k], shape)
 
 
-def _nm_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
+def _nm_layers(model: nn.Module) -> dict[str, tuple[int, int, GemmOp]]:
     from thrifty.sparse.weights import nm_masks
 
-    out = {}
-    for name, _, mk in nm_masks(model):
+    out: dict[str, tuple[int, int, GemmOp]] = {}
+    for name, layer, mk in nm_masks(model):
         key = f"{name}.weight" if name else "weight"
         n, m = mk.cfg.n, mk.cfg.m
         # several masks in one chain: the weight satisfies each; store with the sparsest pattern
         if key not in out or n / m < out[key][0] / out[key][1]:
-            out[key] = (n, m)
+            out[key] = (n, m, layer.op)
     return out
 
 
@@ -123,9 +124,13 @@ def save_sparse(model: nn.Module, path: PathLike) -> dict[str, Any]:
     for key, t in sd.items():
         dense_bytes += t.numel() * t.element_size()
         if key in layers:
-            c = compress(t, *layers[key])
+            n, m, op = layers[key]
+            # blocks run along the GEMM reduction: compress the [out, in/g, *k] view (GPT-2 Conv1D, ConvTranspose)
+            c = compress(op.gemm_weight(t).contiguous(), n, m)
             tensors[f"{key}::values"], tensors[f"{key}::indices"] = c["values"], c["indices"]
             meta[key] = {k: c[k] for k in ("shape", "n", "m", "bits")}
+            if op.kind in ("linear_t", "conv_transpose1d", "conv_transpose2d"):
+                meta[key].update(kind=op.kind, groups=op.groups, stored_shape=list(t.shape))
         else:
             tensors[key] = t.clone()
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -156,5 +161,8 @@ def load_sparse(path: PathLike) -> dict[str, Tensor]:
         if "::" not in key:
             out[key] = t
     for key, c in meta.items():
-        out[key] = decompress(tensors[f"{key}::values"], tensors[f"{key}::indices"], c["shape"], c["n"], c["m"])
+        t = decompress(tensors[f"{key}::values"], tensors[f"{key}::indices"], c["shape"], c["n"], c["m"])
+        if "kind" in c:
+            t = GemmOp(c["kind"], groups=c["groups"]).from_gemm_weight(t, c["stored_shape"]).contiguous()
+        out[key] = t
     return out

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from thrifty.core import (Config, Filter, apply, explicit_names, iter_selected, make_filter, register_config,
                           register_handler)
-from thrifty.nn.gemm import Chain, gemm_layers
+from thrifty.nn.gemm import Chain, SlotRefused, gemm_layers, gemm_op
+from thrifty.nn.gemm_op import GemmOp
 from thrifty.ops import nm as nmops
 
 __all__ = ["NM", "NMMask", "sparsify", "nm_masks", "density", "refresh_masks", "can_take", "parse_nm_text"]
@@ -100,9 +101,11 @@ def parse_nm_text(text: str) -> tuple[int, int]:
 class NMMask(nn.Module):
     """Weight-slot transform ``W -> W * mask`` holding an N:M (optionally transposable) mask buffer."""
 
-    def __init__(self, cfg: NM, weight: Tensor) -> None:
+    def __init__(self, cfg: NM, weight: Tensor, op: Optional[GemmOp] = None) -> None:
         super().__init__()
         self.cfg = cfg
+        # blocks run along the GEMM's reduction whatever the stored layout (GPT-2 Conv1D, ConvTranspose)
+        self.op = op if op is not None else GemmOp("linear" if weight.dim() == 2 else "conv2d")
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._stale = False
@@ -111,9 +114,10 @@ class NMMask(nn.Module):
     def compute(self, w: Tensor) -> Tensor:
         c = self.cfg
         try:
-            if c.transposable:
-                return nmops.transposable_mask(w, c.n, c.m, c.method)
-            return nmops.nm_mask(w, c.n, c.m)
+            op = self.__dict__.get("op") or GemmOp("linear")  # (a mask pickled before layouts existed: [out, ...])
+            g = op.gemm_weight(w)
+            mask = nmops.transposable_mask(g, c.n, c.m, c.method) if c.transposable else nmops.nm_mask(g, c.n, c.m)
+            return op.from_gemm_weight(mask, w.shape)
         except (ValueError, TypeError) as e:  # e.g. weights turned NaN during training: say which layer
             where = getattr(self, "layer_name", None)
             raise type(e)(f"layer {where!r}: {e}" if where is not None else str(e)) from None
@@ -167,7 +171,10 @@ def _input_to(layer: nn.Module, mask: NMMask) -> Tensor:
 
 def can_take(layer: nn.Module, cfg: NM) -> Optional[str]:
     """None if ``layer`` can take the pattern, else the reason."""
-    w = layer.weight
+    try:
+        w = gemm_op(layer).gemm_weight(layer.weight)
+    except SlotRefused as e:
+        return str(e)
     red = w[0].numel() if w.dim() > 1 else 0
     if w.dim() < 2:
         return f"weight is {w.dim()}-D"
@@ -190,7 +197,7 @@ def _nm_handler(layer: nn.Module, name: str, cfg: NM) -> None:
     with torch.no_grad():
         w = layer.slots.weight(layer.weight) if layer.slots.weight is not None else layer.weight
     try:
-        mask = NMMask(cfg, w.detach())
+        mask = NMMask(cfg, w.detach(), layer.op)
     except (ValueError, TypeError) as e:
         raise type(e)(f"layer {name!r}: {e}") from None
     mask.layer_name = name
