@@ -68,9 +68,16 @@ def register_prepare(cfg_type: type[Config]) -> Callable[[Prepare], Prepare]:
 def register_pipeline(cfg_type: type[Config], needs: str, call: str) -> None:
     """Record that ``cfg_type`` is applied by a whole-model pipeline, not by :func:`apply`.
 
-    ``needs`` says what apply lacks, ``call`` the documented entry point; both go into apply's TypeError:
-        >>> register_pipeline(PTQ, "needs calibration data",
-        ...                   "thrifty.quant.quantize(model, cfg, data)")  # doctest: +SKIP
+    ``needs`` says what apply lacks, ``call`` the documented entry point; both go into apply's TypeError
+    (thrifty.quant registers PTQ this way):
+
+    Example:
+        >>> import torch.nn as nn, thrifty
+        >>> try:
+        ...     thrifty.apply(nn.Linear(4, 4), thrifty.PTQ())
+        ... except TypeError as e:
+        ...     print(str(e).split(":")[0])
+        PTQ needs calibration data
     """
     PIPELINES[cfg_type] = (needs, call)
 
