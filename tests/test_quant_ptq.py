@@ -299,3 +299,26 @@ def test_cli_quantize_saved_model(tmp_path, capsys):
     assert qmeta["quantization"]["config"].budget == 0.2 and qmeta["dataset"] == "digits"
     assert q(torch.randn(2, 64)).shape == (2, 10)
     assert main(["quantize", "--model", str(tmp_path / "fp"), "--bits", "1", "--out", str(out)]) != 0
+
+
+def test_every_revert_is_recorded():
+    # A bias learning rate far too large makes bias tuning raise the calibration loss: the pipeline undoes it
+    # and must say so (it used to restore silently).
+    m = _tiny()
+    x, y = _data(64)
+    cfg = PTQ(w_bits=4, a_bits=4, pipeline="light", bias_tune=True, bias_iters=5, bias_lr=50.0)
+    res = quantize(m, cfg, (x, y), progress=False)
+    assert "bias tuning" in res.reverted
+    assert res.losses["bias tuning"] == res.losses["bn tuning"] == res.final_loss
+    tuned = {k: v for k, v in res.model.state_dict().items() if k.endswith("bias")}
+    ref = quantize(m, PTQ(w_bits=4, a_bits=4, pipeline="light"), (x, y), progress=False)
+    assert all(torch.equal(v, ref.model.state_dict()[k]) for k, v in tuned.items())
+    # a useful bias tuning is kept and not reported
+    res = quantize(m, PTQ(w_bits=4, a_bits=4, pipeline="light", bias_tune=True, bias_iters=20), (x, y),
+                   progress=False)
+    assert "bias tuning" not in res.reverted and res.losses["bias tuning"] <= res.losses["bn tuning"]
+    # AdaQuant layers that could not be improved are restored and reported one by one
+    res = quantize(m, PTQ(w_bits=8, a_bits=8, pipeline="adaquant", adaquant_iters=2, lr_weight=1e3, lr_bias=1e3,
+                          lr_w_scale=1e3, lr_a_scale=1e3), (x, y), progress=False)
+    undone = [n for n, (b, a) in res.adaquant_errors.items() if a == b]
+    assert undone and [f"adaquant {n}" for n in undone] == [r for r in res.reverted if r.startswith("adaquant ")]

@@ -67,7 +67,8 @@ class QuantResult:
     adaquant_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     loss_kind: str = "mse"
-    reverted: list[str] = field(default_factory=list)  # stages undone because they raised the calibration loss
+    # stages undone because they raised the calibration loss ("adaquant <layer>": one layer's optimisation undone)
+    reverted: list[str] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
@@ -279,6 +280,8 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
                                            lr_w_scale=cfg.lr_w_scale, lr_a_scale=cfg.lr_a_scale, seed=cfg.seed,
                                            progress=progress)
             _reapply_masks(kept)
+        # adaquant_layer restores a layer it could not improve and then reports after == before
+        res.reverted += [f"adaquant {n}" for n, (b, a) in res.adaquant_errors.items() if cfg.adaquant_iters and a == b]
         timings["adaquant"] = time.perf_counter() - t
     bn_names = [n for n in qnames if n in {a for a, _ in folded}]
     if cfg.uses_bn_tune and bn_names:
@@ -288,9 +291,9 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         timings["bn tuning"] = time.perf_counter() - t
     if cfg.uses_bias_tune:
         t = time.perf_counter()
-        bias_tune(q, qnames, batches, targets, loss_fn, iters=cfg.bias_iters, lr=cfg.bias_lr, seed=cfg.seed,
-                  progress=progress)
-        res.losses["bias tuning"] = calib_loss(q, batches, targets, loss_fn)
+        with _keep_if_better(q, res, "bias tuning", lambda: calib_loss(q, batches, targets, loss_fn)):
+            bias_tune(q, qnames, batches, targets, loss_fn, iters=cfg.bias_iters, lr=cfg.bias_lr, seed=cfg.seed,
+                      restore=False, progress=progress)
         timings["bias tuning"] = time.perf_counter() - t
     for p in q.parameters():
         p.requires_grad_(False)

@@ -93,10 +93,11 @@ def calib_loss(model: nn.Module, batches: list[Batch], targets: list[Tensor],
 
 def bias_tune(qmodel: nn.Module, names: list[str], batches: list[Batch], targets: list[Tensor],
               loss_fn: Callable[[Tensor, Tensor], Tensor], *, iters: int = 200, lr: float = 1e-3,
-              seed: int = 0, progress: Optional[bool] = None) -> tuple[float, float]:
+              seed: int = 0, restore: bool = True, progress: Optional[bool] = None) -> tuple[float, float]:
     """Train only the biases of the named layers to match ``targets`` (FP outputs); return (loss before, after).
 
-    The model is restored if the calibration loss does not improve.
+    With ``restore`` the biases are put back (and ``after == before``) if the calibration loss does not improve;
+    ``restore=False`` leaves that decision to the caller (the pipeline's guard, which records the revert).
     """
     biases = [qmodel.get_submodule(n).bias for n in names]
     biases = [b for b in biases if b is not None]
@@ -124,7 +125,7 @@ def bias_tune(qmodel: nn.Module, names: list[str], batches: list[Batch], targets
         for p, f in flags.items():
             p.requires_grad_(f)
     after = calib_loss(qmodel, batches, targets, loss_fn)
-    if not after < before:
+    if restore and not after < before:
         with torch.no_grad():
             for b, s in zip(biases, saved):
                 b.copy_(s)
