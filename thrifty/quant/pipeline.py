@@ -36,7 +36,7 @@ from thrifty.core import Filter, make_filter, wrap_layers
 from thrifty.nn import Chain, gemm_layers, is_gemm
 from thrifty.quant.adaquant import adaquant
 from thrifty.quant.bitalloc import allocate_bits, min_cost
-from thrifty.quant.calib import Batch, as_batches, execution_order, output_loss, run
+from thrifty.quant.calib import Batch, as_batches, execution_order, output_loss, relu_fed, run
 from thrifty.quant.config import PTQ, QuantConfig, input_quantizer, weight_quantizer
 from thrifty.quant.fold import fold_bn
 from thrifty.quant.quantizer import UniformQuantizer
@@ -275,10 +275,11 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     if cfg.uses_adaquant:
         t = time.perf_counter()
         with _keep_if_better(q, res, "adaquant", lambda: calib_loss(q, batches, targets, loss_fn)):
+            relu = relu_fed(fp, qnames, batches[0]) if cfg.adaquant_relu else frozenset()
             res.adaquant_errors = adaquant(q, fp, qnames, batches, mode=cfg.adaquant_mode, iters=cfg.adaquant_iters,
                                            batch=cfg.adaquant_batch, lr_weight=cfg.lr_weight, lr_bias=cfg.lr_bias,
                                            lr_w_scale=cfg.lr_w_scale, lr_a_scale=cfg.lr_a_scale, seed=cfg.seed,
-                                           progress=progress)
+                                           relu=relu, max_shift=cfg.adaquant_max_shift, progress=progress)
             _reapply_masks(kept)
         # adaquant_layer restores a layer it could not improve and then reports after == before
         res.reverted += [f"adaquant {n}" for n, (b, a) in res.adaquant_errors.items() if cfg.adaquant_iters and a == b]
