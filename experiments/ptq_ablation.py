@@ -45,7 +45,7 @@ Win rule: the lowest W2A4 test KL among settings whose CPU time stays under AdaR
 the issue's measurement); ties within 10 % in KL go to the cheaper setting. Results:
 results/ptq_ablation.{json,md} and results/ptq_ablation.png.
 
-    python experiments/ptq_ablation.py --quick            # CI-sized (< 1 min): 2 settings, tiny budget
+    python experiments/ptq_ablation.py --quick            # CI-sized (< 1 min): 2 settings, 30 images, tiny budget
     python experiments/ptq_ablation.py                    # full: every setting at W2A4, then the finals
     python experiments/ptq_ablation.py --only base,lr1e-2 --tag a   # a subset in one process (parts merge)
     python experiments/ptq_ablation.py --merge            # rebuild the tables from the saved parts
@@ -100,13 +100,13 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def setup() -> dict:
-    """FP32 model, calibration images, test tensors and the FP32 test logits."""
+def setup(per_class: int = 10) -> dict:
+    """FP32 model, calibration images (``per_class`` per class), test tensors and the FP32 test logits."""
     from thrifty.train import pretrained
 
     fp = pretrained("resnet20", "digits32")
     splits = load_dataset("digits32")
-    calib = calibration_subset(splits.train, per_class=10, seed=0)
+    calib = calibration_subset(splits.train, per_class=per_class, seed=0)
     x, y = splits.test.tensors
     with torch.no_grad():
         ref = fp(x)
@@ -132,9 +132,9 @@ def _parts(out: Path, stem: str) -> list[dict]:
     return rows
 
 
-def _markdown(rows: list[dict], fp_acc: float, quick: bool) -> str:
+def _markdown(rows: list[dict], fp_acc: float, n_calib: int, quick: bool) -> str:
     out = [f"# PTQ ablation{' (quick)' if quick else ''}: resnet20 / digits32", "",
-           f"FP32 test top-1 {fp_acc:.2f} % (539 test images); 100 calibration images; first/last layer 8 bit; "
+           f"FP32 test top-1 {fp_acc:.2f} % (539 test images); {n_calib} calibration images; first/last layer 8 bit; "
            "KL = mean KL(FP32 || quantized) over the test set. CPU s = user+system CPU time with 1 torch thread "
            "(the fair measure on a shared machine), wall s as measured under that load. Hypotheses: the docstring "
            "of experiments/ptq_ablation.py (committed before the runs).", "",
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     settings = dict(SETTINGS)
     for name, kw in (json.loads(args.extra) if args.extra else {}).items():
         settings[name] = ("combined", kw)
-    env = setup()
+    env = setup(3 if args.quick else 10)  # quick: 30 calibration images
     if not args.merge:
         names = ["base", "lr_w 1e-2"] if args.quick else list(settings)
         if args.only:
@@ -208,8 +208,8 @@ def main(argv=None) -> int:
                 with open(part, "a") as f:
                     f.write(json.dumps(r) + "\n")
     rows = _parts(out, stem)
-    atomic_write_text(out / f"{stem}.json", json.dumps(dict(fp_acc=env["fp_acc"], base=BASE, rows=rows), indent=1))
-    atomic_write_text(out / f"{stem}.md", _markdown(rows, env["fp_acc"], args.quick))
+    atomic_write_text(out / f"{stem}.json", json.dumps(dict(fp_acc=env["fp_acc"], n_calib=len(env["calib"]), base=BASE, rows=rows), indent=1))
+    atomic_write_text(out / f"{stem}.md", _markdown(rows, env["fp_acc"], len(env["calib"]), args.quick))
     _plot(rows, out / f"{stem}.png")
     return 0
 
