@@ -16,6 +16,7 @@ from thrifty.ops import quant as Q
 from thrifty.quant import (PTQ, QuantConfig, UniformQuantizer, adaquant_layer, allocate_bits, exhaustive_allocation,
                            fold_bn, quantize, reconstruction_error)
 from thrifty.quant.tuning import bn_tune, channel_stats
+from thrifty.quant.calib import as_batches, relu_fed
 
 
 class TinyNet(nn.Module):
@@ -322,3 +323,44 @@ def test_every_revert_is_recorded():
                           lr_w_scale=1e3, lr_a_scale=1e3), (x, y), progress=False)
     undone = [n for n, (b, a) in res.adaquant_errors.items() if a == b]
     assert undone and [f"adaquant {n}" for n in undone] == [r for r in res.reverted if r.startswith("adaquant ")]
+
+
+def test_relu_fed_finds_layers_whose_negatives_vanish():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3)).eval()
+    b = as_batches(torch.randn(16, 4))[0]
+    assert relu_fed(m, ["0", "2", "3"], b) == frozenset({"0"})
+
+    class Res(nn.Module):  # relu(conv1) feeds conv2; conv2's output is added to the input before the ReLU
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.b(torch.relu(self.a(x))) + x)
+
+    assert relu_fed(Res().eval(), ["a", "b"], b) == frozenset({"a"})
+
+
+def test_adaquant_relu_loss_and_max_shift():
+    torch.manual_seed(0)
+    fp = nn.Linear(32, 16)
+    x = torch.relu(torch.randn(512, 8) @ torch.randn(8, 32) + 0.5)
+    y = fp(x).detach()
+    layer = wrap(copy.deepcopy(fp))
+    layer.add("weight", UniformQuantizer(2, per_channel=True, learnable=True).init_from(layer.weight))
+    out = layer(x).detach()
+    # the error after a ReLU ignores entries where both outputs are negative (brute force)
+    both_neg = (out < 0) & (y < 0)
+    manual = float(torch.where(both_neg, torch.zeros_like(out), (out.clamp(min=0) - y.clamp(min=0)) ** 2).mean())
+    assert reconstruction_error(layer, [x], [y], relu=True) == pytest.approx(manual, rel=1e-5)
+    assert reconstruction_error(layer, [x], [y], relu=True) < reconstruction_error(layer, [x], [y])
+    w0, s0 = layer.weight.detach().clone(), layer.slots.weight.scale.detach().clone()
+    before, after = adaquant_layer(layer, [x], [y], iters=60, lr_weight=0.2, max_shift=0.5, relu=True)
+    assert after < before
+    shift = (layer.weight.detach() - w0).abs() / s0[:, None]
+    assert shift.max() <= 0.5 + 1e-4 and shift.max() > 0.25  # bounded, and the bound was reached
+    with pytest.raises(ValueError, match="max_shift"):
+        adaquant_layer(layer, [x], [y], iters=1, max_shift=0.0)
+    with pytest.raises(ValueError, match="lr_weight"):
+        PTQ(lr_weight=-1.0)
