@@ -179,6 +179,12 @@ def main(argv=None) -> int:
                     help="a python with torch + brevitas (default: $THRIFTY_ANCHOR_PYTHON, else this python)")
     ap.add_argument("--quick", action="store_true", help="W4A4 only, small thrifty budget")
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--thrifty-from", default=None, metavar="JSON",
+                    help="take thrifty's rows from experiments/ptq_ablation.py's JSON (same model, data and quantize "
+                         "call) instead of recomputing them; with --setting naming the row(s) to use")
+    ap.add_argument("--setting", action="append", default=None, help="ablation setting(s) for --thrifty-from")
+    ap.add_argument("--anchor-from", nargs="+", default=None, metavar="JSON",
+                    help="anchor rows saved by earlier worker runs (the --worker output files) instead of rerunning")
     ap.add_argument("--worker", nargs=2, metavar=("BUNDLE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -199,18 +205,19 @@ def main(argv=None) -> int:
     anchor = f"Brevitas {probe.stdout.strip()}"
     precisions = [(4, 4)] if args.quick else [(4, 4), (3, 4), (2, 4)]
     bundle = _bundle(precisions)
-    with tempfile.TemporaryDirectory() as tmp:
-        path, res_path = Path(tmp) / "bundle.pt", Path(tmp) / "anchor.json"
-        torch.save({k: v for k, v in bundle.items() if k != "fp"}, path)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        w, c = time.perf_counter(), _cpu()
-        proc = subprocess.run([anchor_py, str(Path(__file__).resolve()), "--worker", str(path), str(res_path)],
-                              env=env)
-        if proc.returncode != 0:
-            raise SystemExit(f"ptq_anchor: the anchor run failed (exit {proc.returncode}); see its output above")
-        anchor_rows = json.loads(res_path.read_text())
-        print(f"anchor total {time.perf_counter() - w:.0f} s wall, {_cpu() - c:.0f} CPU s", flush=True)
-    rows = _thrifty_rows(bundle, args.quick) + anchor_rows
+    if args.anchor_from:
+        anchor_rows = [r for f in args.anchor_from for r in json.loads(Path(f).read_text())]
+    else:
+        anchor_rows = _run_anchor(anchor_py, bundle)
+    if args.thrifty_from:
+        saved = json.loads(Path(args.thrifty_from).read_text())["rows"]
+        want = {f"W{w}A{a}" for w, a in precisions}
+        rows = [dict(tool="thrifty", method=f"advanced ({r['setting']})", precision=r["precision"], test_kl=r["test_kl"],
+                     acc=r["acc"], cpu_s=r["cpu_s"], wall_s=r["wall_s"]) for r in saved
+                if r["setting"] in (args.setting or []) and r["precision"] in want]
+    else:
+        rows = _thrifty_rows(bundle, args.quick)
+    rows += anchor_rows
     fp_acc = 100.0 * float((bundle["ref"].argmax(1) == bundle["y"]).float().mean())
     from thrifty.utils import atomic_write_text
 
@@ -220,6 +227,20 @@ def main(argv=None) -> int:
     atomic_write_text(out / f"{stem}.md", _markdown(rows, fp_acc, anchor))
     print(_markdown(rows, fp_acc, anchor))
     return 0
+
+
+def _run_anchor(anchor_py: str, bundle: dict) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path, res_path = Path(tmp) / "bundle.pt", Path(tmp) / "anchor.json"
+        torch.save({k: v for k, v in bundle.items() if k != "fp"}, path)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        w, c = time.perf_counter(), _cpu()
+        proc = subprocess.run([anchor_py, str(Path(__file__).resolve()), "--worker", str(path), str(res_path)],
+                              env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"ptq_anchor: the anchor run failed (exit {proc.returncode}); see its output above")
+        print(f"anchor total {time.perf_counter() - w:.0f} s wall, {_cpu() - c:.0f} CPU s", flush=True)
+        return json.loads(res_path.read_text())
 
 
 if __name__ == "__main__":
