@@ -61,7 +61,7 @@ def _sample(xs: list[Tensor], ys: list[Tensor], batch: int, g: torch.Generator) 
 
 
 def adaquant_layer(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], *, iters: int = 300, batch: int = 32,
-                   lr_weight: float = 1e-3, lr_bias: float = 1e-3, lr_w_scale: float = 1e-2,
+                   lr_weight: float = 1e-2, lr_bias: float = 1e-3, lr_w_scale: float = 1e-2,
                    lr_a_scale: float = 1e-2, seed: int = 0, relu: bool = False,
                    max_shift: Optional[float] = None) -> tuple[float, float]:
     """Optimise one Gemm layer (in place) to reconstruct ``ys`` from ``xs``; return (mse before, mse after).
@@ -132,7 +132,7 @@ def adaquant_layer(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], *, iter
 
 
 def adaquant(qmodel: nn.Module, fpmodel: nn.Module, names: list[str], batches: list[Batch], *,
-             mode: str = "sequential", iters: int = 300, batch: int = 32, lr_weight: float = 1e-3,
+             mode: str = "sequential", iters: int = 300, batch: int = 32, lr_weight: float = 1e-2,
              lr_bias: float = 1e-3, lr_w_scale: float = 1e-2, lr_a_scale: float = 1e-2, seed: int = 0,
              relu: frozenset[str] = frozenset(), max_shift: Optional[float] = None,
              progress: Optional[bool] = None) -> dict[str, tuple[float, float]]:

@@ -111,7 +111,7 @@ class PTQ(Config):
     adaquant_mode: Literal["sequential", "parallel"] = "sequential"
     adaquant_iters: int = 200
     adaquant_batch: int = 32
-    lr_weight: float = 1e-3
+    lr_weight: float = 1e-2
     lr_bias: float = 1e-3
     lr_w_scale: float = 1e-2
     lr_a_scale: float = 1e-2
