@@ -160,12 +160,12 @@ def _thrifty_rows(bundle: dict, quick: bool) -> list[dict]:
     return rows
 
 
-def _markdown(rows: list[dict], fp_acc: float, anchor: str) -> str:
+def _markdown(rows: list[dict], fp_acc: float, anchor: str, source: str = "") -> str:
     out = ["# PTQ side by side: thrifty vs an installed anchor", "",
            f"resnet20 / digits32 (FP32 top-1 {fp_acc:.2f} %, 539 test images), the same BN-folded model, the same "
            "100 calibration images, the same placement (per-channel asymmetric weights, per-tensor asymmetric "
            "layer inputs, first/last layer 8/8 bit, FP32 biases). Test KL = mean KL(FP32 || quantized). CPU s with "
-           f"1 torch thread. Anchor: {anchor}. Produced by `python benchmarks/ptq_anchor.py --anchor-python ...`.",
+           f"1 torch thread. Anchor: {anchor}. Produced by `python benchmarks/ptq_anchor.py --anchor-python ...`{source}.",
            "", "| precision | tool | method | test KL | top-1 % | CPU s | wall s |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["precision"], r["test_kl"])):
         out.append(f"| {r['precision']} | {r['tool']} | {r['method']} | {r['test_kl']:.4f} | {r['acc']:.2f} | "
@@ -212,20 +212,23 @@ def main(argv=None) -> int:
     if args.thrifty_from:
         saved = json.loads(Path(args.thrifty_from).read_text())["rows"]
         want = {f"W{w}A{a}" for w, a in precisions}
-        rows = [dict(tool="thrifty", method=f"advanced ({r['setting']})", precision=r["precision"], test_kl=r["test_kl"],
+        rows = [dict(tool="thrifty", method="rtn" if r["setting"] == "rtn" else f"advanced ({r['setting']})", precision=r["precision"], test_kl=r["test_kl"],
                      acc=r["acc"], cpu_s=r["cpu_s"], wall_s=r["wall_s"]) for r in saved
                 if r["setting"] in (args.setting or []) and r["precision"] in want]
     else:
         rows = _thrifty_rows(bundle, args.quick)
     rows += anchor_rows
+    source = "".join([" --anchor-from <saved worker rows>" if args.anchor_from else "",
+                      f" --thrifty-from {Path(args.thrifty_from).name} (thrifty rows of experiments/ptq_ablation.py: "
+                      "same model, calibration tensors and quantize call)" if args.thrifty_from else ""])
     fp_acc = 100.0 * float((bundle["ref"].argmax(1) == bundle["y"]).float().mean())
     from thrifty.utils import atomic_write_text
 
     stem = "ptq_anchor_quick" if args.quick else "ptq_anchor"
     out = Path(args.out)
     atomic_write_text(out / f"{stem}.json", json.dumps(dict(fp_acc=fp_acc, anchor=anchor, rows=rows), indent=1))
-    atomic_write_text(out / f"{stem}.md", _markdown(rows, fp_acc, anchor))
-    print(_markdown(rows, fp_acc, anchor))
+    atomic_write_text(out / f"{stem}.md", _markdown(rows, fp_acc, anchor, source))
+    print(_markdown(rows, fp_acc, anchor, source))
     return 0
 
 

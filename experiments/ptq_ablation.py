@@ -79,6 +79,7 @@ BASE = dict(pipeline="advanced", adaquant_iters=200, adaquant_batch=32, lr_weigh
 # name -> (hypothesis, overrides of BASE)
 SETTINGS: dict[str, tuple[str, dict]] = {
     "base": ("-", {}),
+    "rtn": ("-", dict(pipeline="rtn")),
     "lr_w 1e-2": ("H1a", dict(lr_weight=1e-2)),
     "lr_w 3e-2": ("H1a", dict(lr_weight=3e-2)),
     "iters 600": ("H1b", dict(adaquant_iters=600)),
@@ -126,10 +127,14 @@ def evaluate_setting(env: dict, w_bits: int, a_bits: int, kw: dict) -> dict:
 
 
 def _parts(out: Path, stem: str) -> list[dict]:
-    rows = []
+    """The saved rows of every part file; a (setting, precision) measured twice keeps its first row."""
+    rows: dict[tuple[str, str], dict] = {}
     for f in sorted(out.glob(f".{stem}_*.jsonl")):
-        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    return rows
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows.setdefault((r["setting"], r["precision"]), r)
+    return list(rows.values())
 
 
 def _markdown(rows: list[dict], fp_acc: float, n_calib: int, quick: bool) -> str:
@@ -171,7 +176,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "results"))
-    ap.add_argument("--only", default=None, help="comma-separated setting names (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated setting names (default: all; names hold no comma)")
     ap.add_argument("--precisions", default="2x4", help="W x A, e.g. 4x4,3x4,2x4")
     ap.add_argument("--extra", default=None, help='JSON {name: overrides of BASE} added to the settings')
     ap.add_argument("--tag", default="main", help="part file suffix (parallel processes)")
