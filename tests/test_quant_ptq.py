@@ -364,3 +364,18 @@ def test_adaquant_relu_loss_and_max_shift():
         adaquant_layer(layer, [x], [y], iters=1, max_shift=0.0)
     with pytest.raises(ValueError, match="lr_weight"):
         PTQ(lr_weight=-1.0)
+
+
+def test_adaquant_keeps_exact_zeros_of_a_stripped_sparse_model():
+    # A model whose pruned weights were baked in (no mask left): AdaQuant with a large weight learning rate
+    # moves latent weights by more than half a step, yet the zeros must stay zeros.
+    m = _tiny()
+    with torch.no_grad():
+        for layer in (m.conv2, m.fc):
+            layer.weight.mul_((torch.arange(layer.weight.numel()) % 2).reshape(layer.weight.shape))
+    x, y = _data(64)
+    res = quantize(m, PTQ(w_bits=4, a_bits=8, pipeline="adaquant", adaquant_iters=40, lr_weight=0.5), (x, y),
+                   progress=False)
+    for name in ("conv2", "fc"):
+        zero = getattr(m, name).weight == 0
+        assert torch.all(getattr(res.model, name).effective_weight()[zero] == 0), name

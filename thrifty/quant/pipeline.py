@@ -274,6 +274,9 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         timings["bit allocation"] = time.perf_counter() - t
     if cfg.uses_adaquant:
         t = time.perf_counter()
+        # Exact zeros in a weight are pruned positions (a stripped N:M mask, say; a trained dense weight has none):
+        # AdaQuant's latent weights may drift over a rounding boundary, so they are put back to 0 afterwards.
+        kept += [(layers[n].weight, layers[n].weight.ne(0)) for n in qnames if bool((layers[n].weight == 0).any())]
         with _keep_if_better(q, res, "adaquant", lambda: calib_loss(q, batches, targets, loss_fn)):
             relu = relu_fed(fp, qnames, batches[0]) if cfg.adaquant_relu else frozenset()
             res.adaquant_errors = adaquant(q, fp, qnames, batches, mode=cfg.adaquant_mode, iters=cfg.adaquant_iters,
