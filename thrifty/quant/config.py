@@ -116,7 +116,7 @@ class PTQ(Config):
     lr_w_scale: float = 1e-2
     lr_a_scale: float = 1e-2
     adaquant_relu: bool = False  # measure a layer's error after the ReLU it feeds (found by probing)
-    adaquant_max_shift: Optional[float] = None  # latent weights stay within this many steps of their start
+    adaquant_max_shift: Optional[float] = 1.0  # latent weights stay within this many steps of their start
     # BN / bias tuning
     bn_tune: Optional[bool] = None  # None: on for light/advanced
     bias_tune: Optional[bool] = None  # None: on for advanced
