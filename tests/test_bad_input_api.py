@@ -2,6 +2,7 @@
 ValueError/TypeError naming the argument, layer or file, and leaves the caller's model and files as they were."""
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -202,6 +203,15 @@ def test_nan_inf_inputs_and_weights_are_named():
         model.bias[1] = float("nan")
     with pytest.raises(ValueError, match="parameter 'bias' contains NaN"):
         fit(model, TrainConfig(steps=1), TensorDataset(torch.randn(4, 3), torch.zeros(4).long()), progress=False)
+    from thrifty.quant import PTQ, quantize
+
+    bn_model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        bn_model[0].weight[2, 0] = float("nan")
+    before = copy.deepcopy(bn_model.state_dict())
+    with pytest.raises(ValueError, match=r"quantize: the model's parameter '0\.weight' contains NaN"):
+        quantize(bn_model, PTQ(pipeline="rtn"), torch.randn(8, 3), progress=False)
+    assert all(torch.equal(v.nan_to_num(), before[k].nan_to_num()) for k, v in bn_model.state_dict().items())
 
 
 # ---- configs: bits out of range, N > M, shapes not divisible by M, negative counts

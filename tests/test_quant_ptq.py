@@ -16,6 +16,7 @@ from thrifty.ops import quant as Q
 from thrifty.quant import (PTQ, QuantConfig, UniformQuantizer, adaquant_layer, allocate_bits, exhaustive_allocation,
                            fold_bn, quantize, reconstruction_error)
 from thrifty.quant.tuning import bn_tune, channel_stats
+from thrifty.quant.calib import as_batches, relu_fed
 from tolerance import assert_within, gamma, gamma_prob, matmul_bound, unit_roundoff
 
 
@@ -366,3 +367,82 @@ def test_cli_quantize_saved_model(tmp_path, capsys):
     assert qmeta["quantization"]["config"].budget == 0.2 and qmeta["dataset"] == "digits"
     assert q(torch.randn(2, 64)).shape == (2, 10)
     assert main(["quantize", "--model", str(tmp_path / "fp"), "--bits", "1", "--out", str(out)]) != 0
+
+
+def test_every_revert_is_recorded():
+    # A bias learning rate far too large makes bias tuning raise the calibration loss: the pipeline undoes it
+    # and must say so (it used to restore silently).
+    m = _tiny()
+    x, y = _data(64)
+    cfg = PTQ(w_bits=4, a_bits=4, pipeline="light", bias_tune=True, bias_iters=5, bias_lr=50.0)
+    res = quantize(m, cfg, (x, y), progress=False)
+    assert "bias tuning" in res.reverted
+    assert res.losses["bias tuning"] == res.losses["bn tuning"] == res.final_loss
+    tuned = {k: v for k, v in res.model.state_dict().items() if k.endswith("bias")}
+    ref = quantize(m, PTQ(w_bits=4, a_bits=4, pipeline="light"), (x, y), progress=False)
+    assert all(torch.equal(v, ref.model.state_dict()[k]) for k, v in tuned.items())
+    # a useful bias tuning is kept and not reported
+    res = quantize(m, PTQ(w_bits=4, a_bits=4, pipeline="light", bias_tune=True, bias_iters=20), (x, y),
+                   progress=False)
+    assert "bias tuning" not in res.reverted and res.losses["bias tuning"] <= res.losses["bn tuning"]
+    # AdaQuant layers that could not be improved are restored and reported one by one
+    res = quantize(m, PTQ(w_bits=8, a_bits=8, pipeline="adaquant", adaquant_iters=2, lr_weight=1e3, lr_bias=1e3,
+                          lr_w_scale=1e3, lr_a_scale=1e3), (x, y), progress=False)
+    undone = [n for n, (b, a) in res.adaquant_errors.items() if a == b]
+    assert undone and [f"adaquant {n}" for n in undone] == [r for r in res.reverted if r.startswith("adaquant ")]
+
+
+def test_relu_fed_finds_layers_whose_negatives_vanish():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3)).eval()
+    b = as_batches(torch.randn(16, 4))[0]
+    assert relu_fed(m, ["0", "2", "3"], b) == frozenset({"0"})
+
+    class Res(nn.Module):  # relu(conv1) feeds conv2; conv2's output is added to the input before the ReLU
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.b(torch.relu(self.a(x))) + x)
+
+    assert relu_fed(Res().eval(), ["a", "b"], b) == frozenset({"a"})
+
+
+def test_adaquant_relu_loss_and_max_shift():
+    torch.manual_seed(0)
+    fp = nn.Linear(32, 16)
+    x = torch.relu(torch.randn(512, 8) @ torch.randn(8, 32) + 0.5)
+    y = fp(x).detach()
+    layer = wrap(copy.deepcopy(fp))
+    layer.add("weight", UniformQuantizer(2, per_channel=True, learnable=True).init_from(layer.weight))
+    out = layer(x).detach()
+    # the error after a ReLU ignores entries where both outputs are negative (brute force)
+    both_neg = (out < 0) & (y < 0)
+    manual = float(torch.where(both_neg, torch.zeros_like(out), (out.clamp(min=0) - y.clamp(min=0)) ** 2).mean())
+    assert reconstruction_error(layer, [x], [y], relu=True) == pytest.approx(manual, rel=1e-5)
+    assert reconstruction_error(layer, [x], [y], relu=True) < reconstruction_error(layer, [x], [y])
+    w0, s0 = layer.weight.detach().clone(), layer.slots.weight.scale.detach().clone()
+    before, after = adaquant_layer(layer, [x], [y], iters=60, lr_weight=0.2, max_shift=0.5, relu=True)
+    assert after < before
+    shift = (layer.weight.detach() - w0).abs() / s0[:, None]
+    assert shift.max() <= 0.5 + 1e-4 and shift.max() > 0.25  # bounded, and the bound was reached
+    with pytest.raises(ValueError, match="max_shift"):
+        adaquant_layer(layer, [x], [y], iters=1, max_shift=0.0)
+    with pytest.raises(ValueError, match="lr_weight"):
+        PTQ(lr_weight=-1.0)
+
+
+def test_adaquant_keeps_exact_zeros_of_a_stripped_sparse_model():
+    # A model whose pruned weights were baked in (no mask left): AdaQuant with a large weight learning rate
+    # moves latent weights by more than half a step, yet the zeros must stay zeros.
+    m = _tiny()
+    with torch.no_grad():
+        for layer in (m.conv2, m.fc):
+            layer.weight.mul_((torch.arange(layer.weight.numel()) % 2).reshape(layer.weight.shape))
+    x, y = _data(64)
+    res = quantize(m, PTQ(w_bits=4, a_bits=8, pipeline="adaquant", adaquant_iters=40, lr_weight=0.5), (x, y),
+                   progress=False)
+    for name in ("conv2", "fc"):
+        zero = getattr(m, name).weight == 0
+        assert torch.all(getattr(res.model, name).effective_weight()[zero] == 0), name

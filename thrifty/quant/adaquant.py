@@ -38,12 +38,17 @@ from thrifty.utils import show_progress
 __all__ = ["adaquant_layer", "adaquant", "reconstruction_error"]
 
 
+def _sq_err(out: Tensor, y: Tensor, relu: bool) -> Tensor:
+    # A ReLU consumer discards the negative part: errors where both outputs are negative cost nothing.
+    return (out.relu() - y.relu()).pow(2) if relu else (out - y).pow(2)
+
+
 @torch.no_grad()
-def reconstruction_error(layer: nn.Module, xs: list[Tensor], ys: list[Tensor]) -> float:
-    """Mean squared error between ``layer(x)`` and the targets over all cached batches."""
+def reconstruction_error(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], relu: bool = False) -> float:
+    """Mean squared error between ``layer(x)`` and the targets (after a ReLU if ``relu``) over all batches."""
     tot, n = 0.0, 0
     for x, y in zip(xs, ys):
-        tot += float((layer(x) - y).pow(2).sum())
+        tot += float(_sq_err(layer(x), y, relu).sum())
         n += y.numel()
     return tot / max(n, 1)
 
@@ -57,16 +62,23 @@ def _sample(xs: list[Tensor], ys: list[Tensor], batch: int, g: torch.Generator) 
 
 
 def adaquant_layer(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], *, iters: int = 300, batch: int = 32,
-                   lr_weight: float = 1e-3, lr_bias: float = 1e-3, lr_w_scale: float = 1e-2,
-                   lr_a_scale: float = 1e-2, seed: int = 0) -> tuple[float, float]:
+                   lr_weight: float = 1e-2, lr_bias: float = 1e-3, lr_w_scale: float = 1e-2,
+                   lr_a_scale: float = 1e-2, seed: int = 0, relu: bool = False,
+                   max_shift: Optional[float] = None) -> tuple[float, float]:
     """Optimise one Gemm layer (in place) to reconstruct ``ys`` from ``xs``; return (mse before, mse after).
 
-    Quantizer scales/zero points are optimised only if the quantizers are learnable and frozen. If the
-    optimisation does not lower the error on the cached data, the layer is restored.
+    Quantizer scales/zero points are optimised only if the quantizers are learnable and frozen; a group with
+    learning rate 0 is not optimised. ``relu``: the error is measured after a ReLU (for a layer whose output
+    only reaches the network through one). ``max_shift``: each latent weight stays within that many of its
+    channel's quantization steps of its initial value (``0.5``..``1`` learns little more than the rounding).
+    If the optimisation does not lower the error on the cached data, the layer is restored and
+    ``(before, before)`` is returned.
     """
     if len(xs) != len(ys) or not xs:
         raise ValueError("adaquant_layer: need the same (non-zero) number of input and target batches")
-    before = reconstruction_error(layer, xs, ys)
+    if max_shift is not None and not max_shift > 0:
+        raise ValueError(f"adaquant_layer: max_shift must be None or > 0, got {max_shift!r}")
+    before = reconstruction_error(layer, xs, ys, relu)
     if iters == 0:
         return before, before
     state = copy.deepcopy(layer.state_dict())
@@ -82,6 +94,15 @@ def adaquant_layer(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], *, iter
         if ps:
             step = float(q.scale.detach().mean()) if hasattr(q, "scale") else 1.0
             groups.append({"params": ps, "lr": lr * step})
+    groups = [g for g in groups if g["lr"] > 0]
+    if not groups:
+        return before, before
+    w0 = layer.weight.detach().clone()
+    # the allowed shift per weight: max_shift steps of its own channel (the step at the start)
+    bound = None
+    if max_shift is not None and wq is not None and hasattr(wq, "scale"):
+        sc = wq.scale.detach().abs()
+        bound = max_shift * (sc.reshape((-1,) + (1,) * (w0.dim() - 1)) if sc.dim() else sc)
     params = [p for g in groups for p in g["params"]]
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -93,15 +114,18 @@ def adaquant_layer(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], *, iter
         with torch.enable_grad():
             for _ in range(iters):
                 x, y = _sample(xs, ys, batch, g)
-                loss = (layer(x) - y).pow(2).mean()
+                loss = _sq_err(layer(x), y, relu).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
+                if bound is not None:
+                    with torch.no_grad():
+                        layer.weight.copy_(torch.maximum(torch.minimum(layer.weight, w0 + bound), w0 - bound))
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-    after = reconstruction_error(layer, xs, ys)
+    after = reconstruction_error(layer, xs, ys, relu)
     if not after < before:  # also catches NaN
         layer.load_state_dict(state)
         after = before
@@ -109,11 +133,13 @@ def adaquant_layer(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], *, iter
 
 
 def adaquant(qmodel: nn.Module, fpmodel: nn.Module, names: list[str], batches: list[Batch], *,
-             mode: str = "sequential", iters: int = 300, batch: int = 32, lr_weight: float = 1e-3,
+             mode: str = "sequential", iters: int = 300, batch: int = 32, lr_weight: float = 1e-2,
              lr_bias: float = 1e-3, lr_w_scale: float = 1e-2, lr_a_scale: float = 1e-2, seed: int = 0,
+             relu: frozenset[str] = frozenset(), max_shift: Optional[float] = None,
              progress: Optional[bool] = None) -> dict[str, tuple[float, float]]:
     """Run :func:`adaquant_layer` on ``names`` (in execution order); ``fpmodel`` has the same layer names.
 
+    ``relu``: the layers whose error is measured after a ReLU (see :func:`thrifty.quant.calib.relu_fed`).
     Returns ``{layer: (mse before, mse after)}``.
     """
     if mode not in ("sequential", "parallel"):
@@ -126,7 +152,8 @@ def adaquant(qmodel: nn.Module, fpmodel: nn.Module, names: list[str], batches: l
         xs = capture(qmodel, layer, batches)[0] if mode == "sequential" else xs_fp
         del xs_fp
         out[name] = adaquant_layer(layer, xs, ys, iters=iters, batch=batch, lr_weight=lr_weight, lr_bias=lr_bias,
-                                   lr_w_scale=lr_w_scale, lr_a_scale=lr_a_scale, seed=seed + i)
+                                   lr_w_scale=lr_w_scale, lr_a_scale=lr_a_scale, seed=seed + i,
+                                   relu=name in relu, max_shift=max_shift)
         bar.set_postfix_str(f"{name}: {out[name][0]:.2e} -> {out[name][1]:.2e}")
         del xs, ys
     return out

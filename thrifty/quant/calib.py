@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from thrifty.utils import removing_hooks
 
-__all__ = ["Batch", "as_batches", "run", "model_output", "capture", "execution_order", "output_loss"]
+__all__ = ["Batch", "as_batches", "run", "model_output", "capture", "execution_order", "relu_fed", "output_loss"]
 
 
 @dataclass
@@ -166,6 +166,26 @@ def execution_order(model: nn.Module, layers: dict[str, nn.Module], batch: Batch
             hooks.append(m.register_forward_hook(hook))
         run(model, batch)
     return order
+
+
+@torch.no_grad()
+def relu_fed(model: nn.Module, names: list[str], batch: Batch) -> frozenset[str]:
+    """The layers of ``names`` whose negative outputs do not reach the model output on ``batch``.
+
+    Probe: make every negative output of the layer more negative (``2y - 1``); if the model output stays
+    bitwise identical, the layer only feeds the rest of the network through a ReLU (or something else that
+    zeroes negatives), so a reconstruction loss may ignore errors where both outputs are negative. Found by
+    behaviour rather than by module type because ReLUs are often functional (``F.relu``).
+    """
+    ref = run(model, batch)
+    out: set[str] = set()
+    for n in names:
+        def probe(_m, _a, y):
+            return torch.where(y < 0, 2 * y - 1, y)
+        with removing_hooks([model.get_submodule(n).register_forward_hook(probe)]):
+            if torch.equal(run(model, batch), ref):
+                out.add(n)
+    return frozenset(out)
 
 
 def output_loss(kind: str) -> Callable[[Tensor, Tensor], Tensor]:

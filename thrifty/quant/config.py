@@ -119,10 +119,12 @@ class PTQ(Config):
     adaquant_mode: Literal["sequential", "parallel"] = "sequential"
     adaquant_iters: int = 200
     adaquant_batch: int = 32
-    lr_weight: float = 1e-3
+    lr_weight: float = 1e-2
     lr_bias: float = 1e-3
     lr_w_scale: float = 1e-2
     lr_a_scale: float = 1e-2
+    adaquant_relu: bool = False  # measure a layer's error after the ReLU it feeds (found by probing)
+    adaquant_max_shift: Optional[float] = 1.0  # latent weights stay within this many steps of their start
     # BN / bias tuning
     bn_tune: Optional[bool] = None  # None: on for light/advanced
     bias_tune: Optional[bool] = None  # None: on for advanced
@@ -158,6 +160,12 @@ class PTQ(Config):
         for f in ("w_estimator", "a_estimator"):
             if getattr(self, f) not in _EST:
                 raise ValueError(f"{f} must be one of {_EST}, got {getattr(self, f)!r}")
+        for f in ("lr_weight", "lr_bias", "lr_w_scale", "lr_a_scale", "bias_lr"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{f} must be a non-negative number (0 = not learned), got {v!r}")
+        if self.adaquant_max_shift is not None and not self.adaquant_max_shift > 0:
+            raise ValueError(f"adaquant_max_shift must be None or > 0, got {self.adaquant_max_shift!r}")
         if self.loss not in ("auto", "kl", "mse"):
             raise ValueError(f"loss must be 'auto', 'kl' or 'mse', got {self.loss!r}")
 

@@ -33,10 +33,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from thrifty.core import Filter, explicit_names, layer_status, make_filter, uncalled_layers, untied_views, wrap_layers
+from thrifty.core.revert import keep_if_better
 from thrifty.nn import Chain, gemm_layers, gemm_op, is_gemm
 from thrifty.quant.adaquant import adaquant
 from thrifty.quant.bitalloc import allocate_bits, min_cost
-from thrifty.quant.calib import Batch, as_batches, execution_order, output_loss, run
+from thrifty.quant.calib import Batch, as_batches, execution_order, output_loss, relu_fed, run
 from thrifty.quant.config import PTQ, QuantConfig, input_quantizer, weight_quantizer
 from thrifty.quant.fold import fold_bn
 from thrifty.quant.quantizer import UniformQuantizer
@@ -67,7 +68,8 @@ class QuantResult:
     adaquant_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     loss_kind: str = "mse"
-    reverted: list[str] = field(default_factory=list)  # stages undone because they raised the calibration loss
+    # stages undone because they raised the calibration loss ("adaquant <layer>": one layer's optimisation undone)
+    reverted: list[str] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
@@ -190,6 +192,12 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     if not isinstance(config, PTQ):
         raise TypeError(f"quantize expects a PTQ config, got {type(config).__name__}")
     cfg = config
+    from thrifty.train.loop import check_finite  # late: thrifty.train imports the quantizers
+
+    try:
+        check_finite(model)  # NaN weights would otherwise surface as a misleading BN-folding error
+    except ValueError as e:
+        raise ValueError(f"quantize: the model's {e}") from None
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     batches = as_batches(calib_data, cfg.batch_size)
@@ -282,12 +290,18 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         timings["bit allocation"] = time.perf_counter() - t
     if cfg.uses_adaquant:
         t = time.perf_counter()
+        # Exact zeros in a weight are pruned positions (a stripped N:M mask, say; a trained dense weight has none):
+        # AdaQuant's latent weights may drift over a rounding boundary, so they are put back to 0 afterwards.
+        kept += [(layers[n].weight, layers[n].weight.ne(0)) for n in qnames if bool((layers[n].weight == 0).any())]
         with _keep_if_better(q, res, "adaquant", lambda: calib_loss(q, batches, targets, loss_fn)):
+            relu = relu_fed(fp, qnames, batches[0]) if cfg.adaquant_relu else frozenset()
             res.adaquant_errors = adaquant(q, fp, qnames, batches, mode=cfg.adaquant_mode, iters=cfg.adaquant_iters,
                                            batch=cfg.adaquant_batch, lr_weight=cfg.lr_weight, lr_bias=cfg.lr_bias,
                                            lr_w_scale=cfg.lr_w_scale, lr_a_scale=cfg.lr_a_scale, seed=cfg.seed,
-                                           progress=progress)
+                                           relu=relu, max_shift=cfg.adaquant_max_shift, progress=progress)
             _reapply_masks(kept)
+        # adaquant_layer restores a layer it could not improve and then reports after == before
+        res.reverted += [f"adaquant {n}" for n, (b, a) in res.adaquant_errors.items() if cfg.adaquant_iters and a == b]
         timings["adaquant"] = time.perf_counter() - t
     bn_names = [n for n in qnames if n in {a for a, _ in folded}]
     if cfg.uses_bn_tune and bn_names:
@@ -297,9 +311,9 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         timings["bn tuning"] = time.perf_counter() - t
     if cfg.uses_bias_tune:
         t = time.perf_counter()
-        bias_tune(q, qnames, batches, targets, loss_fn, iters=cfg.bias_iters, lr=cfg.bias_lr, seed=cfg.seed,
-                  progress=progress)
-        res.losses["bias tuning"] = calib_loss(q, batches, targets, loss_fn)
+        with _keep_if_better(q, res, "bias tuning", lambda: calib_loss(q, batches, targets, loss_fn)):
+            bias_tune(q, qnames, batches, targets, loss_fn, iters=cfg.bias_iters, lr=cfg.bias_lr, seed=cfg.seed,
+                      restore=False, progress=progress)
         timings["bias tuning"] = time.perf_counter() - t
     for p in q.parameters():
         p.requires_grad_(False)
@@ -318,14 +332,9 @@ def _keep_if_better(model: nn.Module, res: QuantResult, stage: str, loss: Callab
     ``res.reverted`` the stages that were undone.
     """
     before = next(reversed(res.losses.values()))
-    saved = copy.deepcopy(model.state_dict())
-    yield
-    after = loss()
-    if not after <= before:
-        model.load_state_dict(saved)
-        res.reverted.append(stage)
-        after = before
-    res.losses[stage] = after
+    with keep_if_better(model, loss, before, stage=stage, reverted=res.reverted) as out:
+        yield
+    res.losses[stage] = out.after
 
 
 def _alloc_costs(cfg: PTQ, qnames: list[str], alloc: list[str], bits: dict, wel: dict, bel: dict,

@@ -18,6 +18,8 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable, Optional
 
 import torch
@@ -95,10 +97,11 @@ def calib_loss(model: nn.Module, batches: list[Batch], targets: list[Tensor],
 
 def bias_tune(qmodel: nn.Module, names: list[str], batches: list[Batch], targets: list[Tensor],
               loss_fn: Callable[[Tensor, Tensor], Tensor], *, iters: int = 200, lr: float = 1e-3,
-              seed: int = 0, progress: Optional[bool] = None) -> tuple[float, float]:
+              seed: int = 0, restore: bool = True, progress: Optional[bool] = None) -> tuple[float, float]:
     """Train only the biases of the named layers to match ``targets`` (FP outputs); return (loss before, after).
 
-    The model is restored if the calibration loss does not improve.
+    With ``restore`` the biases are put back (and ``after == before``) if the calibration loss does not improve;
+    ``restore=False`` leaves that decision to the caller (the pipeline's guard, which records the revert).
     """
     biases = [qmodel.get_submodule(n).bias for n in names]
     biases = [b for b in biases if b is not None]
@@ -112,17 +115,20 @@ def bias_tune(qmodel: nn.Module, names: list[str], batches: list[Batch], targets
         b.requires_grad_(True)
     opt = torch.optim.Adam(biases, lr=lr)
     g = torch.Generator().manual_seed(seed)
-    with keep_if_better(biases, lambda: calib_loss(qmodel, batches, targets, loss_fn), before, strict=True) as out:
+    loss = lambda: calib_loss(qmodel, batches, targets, loss_fn)  # noqa: E731
+    # restore=False: the caller's guard decides (and records the revert); the tuning itself is the same
+    guard = keep_if_better(biases, loss, before, strict=True) if restore else contextlib.nullcontext()
+    with guard as out:
         try:
             with torch.enable_grad():
                 for _ in tqdm(range(iters), desc="bias tuning", unit="step",
                               disable=not show_progress(progress)):
                     i = int(torch.randint(len(batches), (1,), generator=g))
-                    loss = loss_fn(run(qmodel, batches[i]), targets[i])
+                    step_loss = loss_fn(run(qmodel, batches[i]), targets[i])
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    step_loss.backward()
                     opt.step()
         finally:
             for p, f in flags.items():
                 p.requires_grad_(f)
-    return before, out.after
+    return before, (out.after if restore else loss())

@@ -1,0 +1,250 @@
+"""Side-by-side PTQ against an installed anchor (Brevitas), on the exact same model, data and quantizer placement.
+
+thrifty side (this repository's python): resnet20 / digits32 FP32 baseline (thrifty.train.pretrained), its
+BatchNorms folded into the convolutions (what thrifty quantizes), the 100 calibration images of
+experiments/ptq.py and the 539 test images. Both tools then quantize that same folded model: every Conv2d /
+Linear gets a per-output-channel asymmetric weight quantizer and a per-tensor asymmetric quantizer on its
+input, the first and last layer at 8/8 bit, the others at W{2,3,4}A4; biases stay FP32. Reported per
+bit-width and method: test KL(FP32 || quantized), top-1, CPU and wall seconds (1 torch thread).
+
+The anchor runs in its own python (its own virtual environment: Brevitas pins its own numpy/setuptools and
+is never a dependency of thrifty or of ``make test``). Either run this script with a python that has both
+thrifty's requirements and brevitas, or pass that python with ``--anchor-python`` (it needs only torch and
+brevitas: the model and data travel in a file). Without an anchor the script says so and exits 0.
+
+    python benchmarks/ptq_anchor.py --anchor-python /path/to/anchor-venv/bin/python
+    python benchmarks/ptq_anchor.py --quick     # W4A4 only, small budgets (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _cpu() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _scores(out: torch.Tensor, ref: torch.Tensor, y: torch.Tensor) -> dict:
+    kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    return dict(test_kl=float(kl), acc=100.0 * float((out.argmax(1) == y).float().mean()))
+
+
+# ------------------------------------------------------------------------------------------------ anchor side
+def _brevitas_quantize(model: torch.nn.Module, first_last: set[str], w_bits: int, a_bits: int) -> torch.nn.Module:
+    import brevitas.nn as qnn
+    from brevitas.core.scaling.standalone import ParameterFromStatsFromParameterScaling
+    from brevitas.core.zero_point import ParameterFromStatsFromParameterZeroPoint
+    from brevitas.graph.quantize import layerwise_quantize
+    from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat, ShiftedUint8WeightPerChannelFloat
+
+    # as Brevitas' own PTQ examples: weight scale / zero point initialised from the weight statistics once, then
+    # kept, so GPTQ's column updates do not move the grid under it
+    wq = ShiftedUint8WeightPerChannelFloat.let(scaling_impl=ParameterFromStatsFromParameterScaling,
+                                               zero_point_impl=ParameterFromStatsFromParameterZeroPoint)
+
+    names = [n for n, m in model.named_modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
+
+    def layer_map(wb: int, ab: int) -> dict:
+        kw = dict(weight_quant=wq.let(bit_width=wb),
+                  input_quant=ShiftedUint8ActPerTensorFloat.let(bit_width=ab), bias_quant=None,
+                  return_quant_tensor=False)
+        return {torch.nn.Conv2d: (qnn.QuantConv2d, kw), torch.nn.Linear: (qnn.QuantLinear, kw)}
+
+    model = layerwise_quantize(model, layer_map(w_bits, a_bits), name_blacklist=sorted(first_last))
+    return layerwise_quantize(model, layer_map(8, 8), name_blacklist=[n for n in names if n not in first_last])
+
+
+def _brevitas_run(bundle: dict, w_bits: int, a_bits: int, method: str) -> torch.nn.Module:
+    import copy
+
+    from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
+    from brevitas.graph.gptq import gptq_mode
+
+    model = _brevitas_quantize(copy.deepcopy(bundle["model"]).eval(), set(bundle["first_last"]), w_bits, a_bits)
+    batches = bundle["calib"].split(32)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "quant_weight"):
+                m.quant_weight()  # initialises the weight quantizers' stored scales (see _brevitas_quantize)
+        with calibration_mode(model):
+            for x in batches:
+                model(x)
+        if method.startswith("gptq"):
+            with gptq_mode(model, act_order=True, use_quant_activations=False) as gptq:
+                for _ in range(gptq.num_layers):
+                    for x in batches:
+                        gptq.model(x)
+                    gptq.update()
+        if method.endswith("bias correction"):
+            with bias_correction_mode(model):
+                for x in batches:
+                    model(x)
+    return model.eval()
+
+
+def anchor_worker(bundle_path: str, out_path: str) -> int:
+    """Run Brevitas on the saved bundle; write its rows as JSON (runs in the anchor's python)."""
+    import brevitas
+
+    torch.set_num_threads(1)
+    bundle = torch.load(bundle_path, weights_only=False)
+    rows = []
+    for w_bits, a_bits in bundle["precisions"]:
+        for method in ("calibration + bias correction", "gptq (act-order) + bias correction"):
+            w, c = time.perf_counter(), _cpu()
+            model = _brevitas_run(bundle, w_bits, a_bits, method)
+            wall, cpu = time.perf_counter() - w, _cpu() - c
+            with torch.no_grad():
+                out = model(bundle["x"])
+            rows.append(dict(tool=f"Brevitas {brevitas.__version__}", method=method, precision=f"W{w_bits}A{a_bits}",
+                             **_scores(out, bundle["ref"], bundle["y"]), cpu_s=cpu, wall_s=wall))
+            print(json.dumps(rows[-1]), flush=True)
+    Path(out_path).write_text(json.dumps(rows))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- thrifty side
+def _bundle(precisions: list[tuple[int, int]]) -> dict:
+    import copy
+
+    from thrifty.data import calibration_subset, load_dataset
+    from thrifty.quant.fold import fold_bn
+    from thrifty.train import pretrained
+
+    fp = pretrained("resnet20", "digits32")
+    splits = load_dataset("digits32")
+    calib = calibration_subset(splits.train, per_class=10, seed=0).tensors[0]
+    x, y = splits.test.tensors
+    folded = copy.deepcopy(fp).eval()
+    fold_bn(folded, calib[:32])
+    gemms = [n for n, m in folded.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        ref = fp(x)
+    return dict(fp=fp, model=folded, first_last=[gemms[0], gemms[-1]], calib=calib, x=x, y=y, ref=ref,
+                precisions=precisions)
+
+
+def _thrifty_rows(bundle: dict, quick: bool) -> list[dict]:
+    from thrifty.quant import PTQ, quantize
+
+    rows = []
+    budget = dict(adaquant_iters=20, bias_iters=10) if quick else {}
+    for w_bits, a_bits in bundle["precisions"]:
+        for pipe in ("rtn", "advanced"):
+            w, c = time.perf_counter(), _cpu()
+            # the thrifty model is the unfolded FP32 one: quantize() folds the BatchNorms itself (same result)
+            res = quantize(bundle["fp"], PTQ(w_bits=w_bits, a_bits=a_bits, pipeline=pipe, **budget), bundle["calib"],
+                           progress=False)
+            wall, cpu = time.perf_counter() - w, _cpu() - c
+            with torch.no_grad():
+                out = res.model(bundle["x"])
+            rows.append(dict(tool="thrifty", method=pipe + ("" if pipe == "rtn" else " (library defaults)"),
+                             precision=f"W{w_bits}A{a_bits}", **_scores(out, bundle["ref"], bundle["y"]),
+                             cpu_s=cpu, wall_s=wall))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _markdown(rows: list[dict], fp_acc: float, anchor: str, source: str = "") -> str:
+    out = ["# PTQ side by side: thrifty vs an installed anchor", "",
+           f"resnet20 / digits32 (FP32 top-1 {fp_acc:.2f} %, 539 test images), the same BN-folded model, the same "
+           "100 calibration images, the same placement (per-channel asymmetric weights, per-tensor asymmetric "
+           "layer inputs, first/last layer 8/8 bit, FP32 biases). Test KL = mean KL(FP32 || quantized). CPU s with "
+           f"1 torch thread. Anchor: {anchor}. Produced by `python benchmarks/ptq_anchor.py --anchor-python ...`{source}.",
+           "", "| precision | tool | method | test KL | top-1 % | CPU s | wall s |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["precision"], r["test_kl"])):
+        out.append(f"| {r['precision']} | {r['tool']} | {r['method']} | {r['test_kl']:.4f} | {r['acc']:.2f} | "
+                   f"{r['cpu_s']:.1f} | {r['wall_s']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--anchor-python", default=os.environ.get("THRIFTY_ANCHOR_PYTHON"),
+                    help="a python with torch + brevitas (default: $THRIFTY_ANCHOR_PYTHON, else this python)")
+    ap.add_argument("--quick", action="store_true", help="W4A4 only, small thrifty budget")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--thrifty-from", default=None, metavar="JSON",
+                    help="take thrifty's rows from experiments/ptq_ablation.py's JSON (same model, data and quantize "
+                         "call) instead of recomputing them; with --setting naming the row(s) to use")
+    ap.add_argument("--setting", action="append", default=None, help="ablation setting(s) for --thrifty-from")
+    ap.add_argument("--anchor-from", nargs="+", default=None, metavar="JSON",
+                    help="anchor rows saved by earlier worker runs (the --worker output files) instead of rerunning")
+    ap.add_argument("--worker", nargs=2, metavar=("BUNDLE", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return anchor_worker(*args.worker)
+    torch.set_num_threads(1)
+    here = importlib.util.find_spec("brevitas") is not None
+    anchor_py = args.anchor_python or (sys.executable if here else None)
+    if anchor_py is None:
+        print("ptq_anchor: no anchor installed (brevitas is not importable here and no --anchor-python / "
+              "$THRIFTY_ANCHOR_PYTHON was given); nothing to compare, exiting.")
+        return 0
+    probe = subprocess.run([anchor_py, "-c", "import brevitas, torch; print(brevitas.__version__)"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        print(f"ptq_anchor: {anchor_py} cannot import brevitas and torch ({probe.stderr.strip().splitlines()[-1:]}); "
+              "nothing to compare, exiting.")
+        return 0
+    anchor = f"Brevitas {probe.stdout.strip()}"
+    precisions = [(4, 4)] if args.quick else [(4, 4), (3, 4), (2, 4)]
+    bundle = _bundle(precisions)
+    if args.anchor_from:
+        anchor_rows = [r for f in args.anchor_from for r in json.loads(Path(f).read_text())]
+    else:
+        anchor_rows = _run_anchor(anchor_py, bundle)
+    if args.thrifty_from:
+        saved = json.loads(Path(args.thrifty_from).read_text())["rows"]
+        want = {f"W{w}A{a}" for w, a in precisions}
+        rows = [dict(tool="thrifty", method="rtn" if r["setting"] == "rtn" else f"advanced ({r['setting']})", precision=r["precision"], test_kl=r["test_kl"],
+                     acc=r["acc"], cpu_s=r["cpu_s"], wall_s=r["wall_s"]) for r in saved
+                if r["setting"] in (args.setting or []) and r["precision"] in want]
+    else:
+        rows = _thrifty_rows(bundle, args.quick)
+    rows += anchor_rows
+    source = "".join([" --anchor-from <saved worker rows>" if args.anchor_from else "",
+                      f" --thrifty-from {Path(args.thrifty_from).name} (thrifty rows of experiments/ptq_ablation.py: "
+                      "same model, calibration tensors and quantize call)" if args.thrifty_from else ""])
+    fp_acc = 100.0 * float((bundle["ref"].argmax(1) == bundle["y"]).float().mean())
+    from thrifty.utils import atomic_write_text
+
+    stem = "ptq_anchor_quick" if args.quick else "ptq_anchor"
+    out = Path(args.out)
+    atomic_write_text(out / f"{stem}.json", json.dumps(dict(fp_acc=fp_acc, anchor=anchor, rows=rows), indent=1))
+    atomic_write_text(out / f"{stem}.md", _markdown(rows, fp_acc, anchor, source))
+    print(_markdown(rows, fp_acc, anchor, source))
+    return 0
+
+
+def _run_anchor(anchor_py: str, bundle: dict) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path, res_path = Path(tmp) / "bundle.pt", Path(tmp) / "anchor.json"
+        torch.save({k: v for k, v in bundle.items() if k != "fp"}, path)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        w, c = time.perf_counter(), _cpu()
+        proc = subprocess.run([anchor_py, str(Path(__file__).resolve()), "--worker", str(path), str(res_path)],
+                              env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"ptq_anchor: the anchor run failed (exit {proc.returncode}); see its output above")
+        print(f"anchor total {time.perf_counter() - w:.0f} s wall, {_cpu() - c:.0f} CPU s", flush=True)
+        return json.loads(res_path.read_text())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
