@@ -60,12 +60,19 @@ def test_resnet_becomes_integer_end_to_end(tmp_path, tiny_resnet):
     # integer kernels compute what the QDQ graph says (the same graph without any ORT fusion)
     xn = x.numpy()
     fused, ref = _ort(path, xn), _ort(path, xn, level="none")
-    err = np.abs(fused - ref) / np.abs(ref).max()  # rare 1-LSB rounding flips propagate through 19 layers
-    assert err.max() <= 0.05 and err.mean() <= 0.005, (err.max(), err.mean())
-    # and stays close to the simulated PTQ model (the new quantizers add 8-bit rounding of the residual sums)
+    # tolerances in steps of the head's input quantizer: one step on every head input moves logit o by
+    # step * sum_j |W_head[o, j]| (the head is the only float layer after the last rounding)
+    unit = float(q.head.slots.input.scale) * q.head.slots.weight(q.head.weight.detach()).double().abs().sum(1).numpy()
+    # rare 1-LSB tie flips of the requantizations; the 2x2 mean pool averages a cascade's flips: two steps at most,
+    # and far less on average (most outputs have none)
+    err = np.abs(fused - ref) / unit
+    assert err.max() <= 2 and err.mean() <= 0.25, (err.max(), err.mean())
+    # and stays close to the simulated PTQ model: the 9 new residual quantizers each add a rounding of up to half a
+    # step of their scale, on top of the flips above: four steps of the head's input
     sim = TorchBackend(q)((xn,))
-    assert np.abs(fused - sim).max() <= 0.1 * np.abs(sim).max()
-    np.testing.assert_allclose(OrtBackend(plain, threads=1)((xn,)), sim, atol=0.02 * np.abs(sim).max())
+    assert (np.abs(fused - sim) / unit).max() <= 4
+    # the plain QDQ graph runs the simulated model's quantization grid: tie flips only, as above
+    assert (np.abs(OrtBackend(plain, threads=1)((xn,)) - sim) / unit).max() <= 2
 
 
 def test_new_quantizers_are_calibrated_like_ptq(tmp_path, tiny_resnet):
