@@ -29,10 +29,14 @@ def test_fake_quantize_is_nearest_grid_point_brute_force(vals, bits, symmetric):
     dist = np.abs(x.double().numpy()[:, None] - grid[None, :])
     best = dist.min(1)
     got = np.abs(x.double().numpy() - q)
-    # The chosen point is (one of) the nearest grid points; slack for float32 division.
-    assert np.all(got <= best + 1e-5 * float(s) + 1e-6)
-    # and it lies on the grid
-    assert np.all(np.abs(dist[np.arange(len(q)), np.abs(q[:, None] - grid[None, :]).argmin(1)] - got) < 1e-4 * max(1.0, float(s)))
+    # The chosen point is (one of) the nearest grid points: x / s rounds by u |x| (in value units), which may pick
+    # the other neighbour of a midpoint (2 u |x| farther), and q = (code - zp) s rounds by u |q| (or 2^-150 when
+    # subnormal).
+    u, ax, aq = 2.0**-24, np.abs(x.double().numpy()), np.abs(q)
+    assert np.all(got <= best + u * (2 * ax + aq) + 2.0**-149)
+    # and it lies on the grid, up to that last rounding of q
+    near = dist[np.arange(len(q)), np.abs(q[:, None] - grid[None, :]).argmin(1)]
+    assert np.all(np.abs(near - got) <= u * aq + 2.0**-149)
 
 
 @SETTINGS
