@@ -255,8 +255,12 @@ def test_onnx_int8_export_roundtrip(tmp_path, symmetric):
     assert float(inits["conv2.x_scale"]) == pytest.approx(float(q.conv2.slots.input.scale))
     sim = TorchBackend(q)((x.numpy(),))
     ort = OrtBackend(path, threads=1)((x.numpy(),))
-    err = np.abs(ort - sim).max() / np.abs(sim).max()
-    assert err < 0.02, err  # same integer grids; only float rounding and rare tie flips differ
+    # same integer grids: only float rounding and rare tie flips differ. Upstream flips move the pooled fc input
+    # by far less than its step, so each fc input code is off by at most one step: |W_fc| * step, plus rounding.
+    w_fc = (inits["fc.wq"].astype(np.float64) - inits["fc.w_zp"].reshape(-1, 1)) * inits["fc.w_scale"].reshape(-1, 1)
+    flip = float(q.fc.slots.input.scale) * np.abs(w_fc).sum(1)
+    assert_within(torch.as_tensor(ort), torch.as_tensor(sim),
+                  torch.as_tensor(flip) + forward_bound(m, torch.as_tensor(sim)), "ORT int8 vs simulated")
     assert (ort.argmax(1) == sim.argmax(1)).mean() >= 0.95
     ops = optimized_op_counts(path)
     assert ops.get("QLinearConv", 0) + ops.get("ConvInteger", 0) >= 1, ops  # int8 kernels, not fp32 convs
@@ -270,7 +274,8 @@ def test_onnx_int8_export_roundtrip(tmp_path, symmetric):
     from thrifty.bench.export import cpu_has_vnni
 
     if cpu_has_vnni():  # (without VNNI, ONNX Runtime's u8s8 kernels may saturate 16-bit pair sums)
-        np.testing.assert_allclose(OrtBackend(p2, threads=1)((x.numpy(),)), ort, atol=1e-5 * np.abs(ort).max())
+        # exact integer products of the same codes, then the same float requantization: bit-identical
+        np.testing.assert_array_equal(OrtBackend(p2, threads=1)((x.numpy(),)), ort)
     fp = OrtBackend(export_onnx(m, (x[:2],), tmp_path / "fp.onnx"), threads=1)((x.numpy(),))
     ref = TorchBackend(m)((x.numpy(),))  # the same network in another runtime: its roundings, bounded
     assert_within(torch.as_tensor(fp), torch.as_tensor(ref), forward_bound(m, torch.as_tensor(ref)), "ORT FP32")

@@ -14,6 +14,7 @@ from thrifty.bench.int8_graph import residual_points
 from thrifty.core import apply
 from thrifty.models import create
 from thrifty.quant import QuantConfig, UniformQuantizer, calibrate_inputs
+from tolerance import gamma, unit_roundoff
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +61,19 @@ def test_resnet_becomes_integer_end_to_end(tmp_path, tiny_resnet):
     # integer kernels compute what the QDQ graph says (the same graph without any ORT fusion)
     xn = x.numpy()
     fused, ref = _ort(path, xn), _ort(path, xn, level="none")
-    err = np.abs(fused - ref) / np.abs(ref).max()  # rare 1-LSB rounding flips propagate through 19 layers
-    assert err.max() <= 0.05 and err.mean() <= 0.005, (err.max(), err.mean())
-    # and stays close to the simulated PTQ model (the new quantizers add 8-bit rounding of the residual sums)
+    # tolerances in steps of the head's input quantizer: one step on every head input moves logit o by
+    # step * sum_j |W_head[o, j]| (the head is the only float layer after the last rounding)
+    unit = float(q.head.slots.input.scale) * q.head.slots.weight(q.head.weight.detach()).double().abs().sum(1).numpy()
+    # rare 1-LSB tie flips of the requantizations; the 2x2 mean pool averages a cascade's flips: two steps at most,
+    # and far less on average (most outputs have none)
+    err = np.abs(fused - ref) / unit
+    assert err.max() <= 2 and err.mean() <= 0.25, (err.max(), err.mean())
+    # and stays close to the simulated PTQ model: the 9 new residual quantizers each add a rounding of up to half a
+    # step of their scale, on top of the flips above: four steps of the head's input
     sim = TorchBackend(q)((xn,))
-    assert np.abs(fused - sim).max() <= 0.1 * np.abs(sim).max()
-    np.testing.assert_allclose(OrtBackend(plain, threads=1)((xn,)), sim, atol=0.02 * np.abs(sim).max())
+    assert (np.abs(fused - sim) / unit).max() <= 4
+    # the plain QDQ graph runs the simulated model's quantization grid: tie flips only, as above
+    assert (np.abs(OrtBackend(plain, threads=1)((xn,)) - sim) / unit).max() <= 2
 
 
 def test_new_quantizers_are_calibrated_like_ptq(tmp_path, tiny_resnet):
@@ -80,6 +88,22 @@ def test_new_quantizers_are_calibrated_like_ptq(tmp_path, tiny_resnet):
     hooks = [mods[f"{mod}"].register_forward_hook(
         lambda _m, _a, o, k=k: got.setdefault(k, UniformQuantizer(8, estimator="minmax").calibrate()).observe(o))
         for k, mod in ((k, v.replace(".bn2", "") + ".bn2") for k, v in names.items())]
+    # each observed value is a conv (fan-in K) + BN of the same quantized input in another arrangement (BN folded
+    # or not): two evaluations within 2 gamma(K + 8) of |a| (|W| |x| + s_x) + |shift|; min and max move by at
+    # most that, so the scale (max - min) / 255 by its double over the range, plus the division's rounding
+    mag = {}
+
+    def magnitude(conv, bn, x):
+        a = (bn.weight / (bn.running_var + bn.eps).sqrt()).double()
+        shift = (bn.bias.double() - a * bn.running_mean.double()).abs()
+        w = conv.effective_weight().detach().double().abs()
+        xa = x.detach().double().abs() + float(conv.slots.input.scale)
+        out = torch.nn.functional.conv2d(xa, w, None, conv.stride, conv.padding) * a.abs().view(1, -1, 1, 1)
+        return 2 * gamma(w[0].numel() + 8) * float((out + shift.view(1, -1, 1, 1)).max())
+
+    hooks += [mods[mod.replace(".bn2", ".conv2")].register_forward_pre_hook(
+        lambda c, a, k=k, bn=mods[mod]: mag.__setitem__(k, max(mag.get(k, 0.0), magnitude(c, bn, a[0]))))
+        for k, mod in ((k, v.replace(".bn2", "") + ".bn2") for k, v in names.items())]
     with torch.no_grad():
         for i in range(0, len(calib), 32):  # the PTQ's calibration batches (as_batches: 32)
             q(calib[i:i + 32])
@@ -87,7 +111,8 @@ def test_new_quantizers_are_calibrated_like_ptq(tmp_path, tiny_resnet):
         h.remove()
     for k, uq in got.items():
         uq.freeze()
-        assert newq[k]["scale"] == pytest.approx(float(uq.scale), rel=1e-4)
+        rng = float(uq.max_val - uq.min_val)
+        assert newq[k]["scale"] == pytest.approx(float(uq.scale), rel=2 * mag[k] / rng + 2 * unit_roundoff(), abs=0)
         assert newq[k]["zero_point"] == int(uq.zero_point)
 
 

@@ -172,8 +172,12 @@ def test_permute_init_merges_a_permuted_copy_exactly(kind: str) -> None:
     b, _ = _permuted(a, seed=4)
     x = _x(kind, 64, 5)
     merged = fs_merge([a, b], FSMerge(init="permute", steps=3, batch_size=8), [x[:32], x[32:]])
-    out = merged(x)
-    assert torch.allclose(out[:, :3], a(x), atol=1e-4) and torch.allclose(out[:, 3:], a(x), atol=1e-4)
+    out, ref = merged(x), a(x)
+    # the permuted copy fits exactly: the loss is squared rounding noise (~1e-13) < cfg.tol, so no AdamW step (whose
+    # normalised update would move the weights by ~lr however small the gradient) is taken; what is left is the
+    # rounding of two evaluations of one function
+    for part in (out[:, :3], out[:, 3:]):
+        assert_within(part, ref, forward_bound(a, ref), "permute-merged with its permuted copy")
     with pytest.raises(ValueError, match="permute"):
         SuperNet([a, b], FSMerge(init="permute"))
 
@@ -197,7 +201,9 @@ def test_merging_a_model_with_itself_is_equivalent(kind: str, init: str) -> None
     cfg = FSMerge(init=init, steps=5, batch_size=8)
     merged = fs_merge([a, copy.deepcopy(a)], cfg, [x[:8], x[8:]])
     out, ref = merged(x), a(x)
-    assert torch.allclose(out[:, :3], ref, atol=1e-3) and torch.allclose(out[:, 3:], ref, atol=1e-3)
+    # exact start: the loss is rounding noise below cfg.tol, no AdamW step is taken (see the permute test above)
+    for part in (out[:, :3], out[:, 3:]):
+        assert_within(part, ref, forward_bound(a, ref), "merged with itself")
     fold0 = SuperNet([a, copy.deepcopy(a)], cfg).fold()  # untrained: exact
     assert_within(fold0(x)[:, :3], ref, forward_bound(a, ref), "untrained fold")
     avg = average([a, copy.deepcopy(a)])

@@ -29,10 +29,14 @@ def test_fake_quantize_is_nearest_grid_point_brute_force(vals, bits, symmetric):
     dist = np.abs(x.double().numpy()[:, None] - grid[None, :])
     best = dist.min(1)
     got = np.abs(x.double().numpy() - q)
-    # The chosen point is (one of) the nearest grid points; slack for float32 division.
-    assert np.all(got <= best + 1e-5 * float(s) + 1e-6)
-    # and it lies on the grid
-    assert np.all(np.abs(dist[np.arange(len(q)), np.abs(q[:, None] - grid[None, :]).argmin(1)] - got) < 1e-4 * max(1.0, float(s)))
+    # The chosen point is (one of) the nearest grid points: x / s rounds by u |x| (in value units), which may pick
+    # the other neighbour of a midpoint (2 u |x| farther), and q = (code - zp) s rounds by u |q| (or 2^-150 when
+    # subnormal).
+    u, ax, aq = 2.0**-24, np.abs(x.double().numpy()), np.abs(q)
+    assert np.all(got <= best + u * (2 * ax + aq) + 2.0**-149)
+    # and it lies on the grid, up to that last rounding of q
+    near = dist[np.arange(len(q)), np.abs(q[:, None] - grid[None, :]).argmin(1)]
+    assert np.all(np.abs(near - got) <= u * aq + 2.0**-149)
 
 
 @SETTINGS
@@ -43,12 +47,15 @@ def test_on_grid_error_bound_and_idempotent(vals, bits, symmetric):
     qmin, qmax = Q.qrange(bits, symmetric)
     q = Q.fake_quantize(x, s, zp, bits, symmetric=symmetric)
     codes = q.double() / s.double() + (0 if symmetric else zp.double())
-    # q is float32: its relative error 2^-24 becomes up to ~2^-24 * (qmax - qmin) codes (0.004 at 16 bits)
-    tol = 1e-3 + 4 * 2.0 ** -24 * (qmax - qmin + abs(float(zp)))
+    # q is float32: its relative error 2^-24 becomes up to ~2^-24 * (qmax - qmin) codes (0.004 at 16 bits), or
+    # 2^-150 / s codes where q is subnormal
+    tol = 4 * 2.0 ** -24 * (qmax - qmin + abs(float(zp))) + 2.0**-149 / float(s)
     assert torch.allclose(codes, codes.round(), atol=tol)
     assert codes.round().min() >= qmin and codes.round().max() <= qmax
-    # min/max ranges cover x, so every element is inside the range: error <= scale / 2
-    assert torch.all((x - q).abs() <= s / 2 * (1 + 1e-4) + 1e-6 * x.abs().max())
+    # min/max ranges cover x, so every element is inside the range: error <= scale / 2, plus the roundings of
+    # x / s (u |x|: may pick the farther neighbour of a midpoint) and of q (u |q|, or 2^-150 if subnormal)
+    xd, qd = x.double(), q.double()
+    assert torch.all((xd - qd).abs() <= float(s) / 2 + 2.0**-24 * (xd.abs() + qd.abs()) + 2.0**-149)
     assert torch.equal(Q.fake_quantize(q, s, zp, bits, symmetric=symmetric), q)
     assert float(zp) == round(float(zp)) and qmin <= float(zp) <= qmax
 
