@@ -291,6 +291,7 @@ def make(ckpt_every):
 # through the 4th checkpoint write in argv[2]
 _CHILD = _SETUP + """
 import os, signal, sys, traceback
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIGINT ignored
 import thrifty.train.checkpoint as ck
 from thrifty.utils import _atomic_write
 

@@ -217,7 +217,18 @@ def test_train_resume_cleans_the_temp_file_of_a_killed_checkpoint_write(tmp_path
     assert not stale.exists() and sorted(p.name for p in (out / "ckpt").iterdir()) == ["last.safetensors"]
 
 
-def test_cli_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def default_sigint():
+    """Ctrl-C handling needs Python's default SIGINT handler; a shell starts background jobs (`make test &`)
+    with SIGINT ignored, which a test process inherits."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_cli_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, capsys, monkeypatch, default_sigint):
     import signal
 
     from thrifty.train import loop
