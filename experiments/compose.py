@@ -46,7 +46,7 @@ from thrifty.quant.train8 import Train8, prepare_train8  # noqa: E402
 from thrifty.sparse import NM, GradNM, adaprune, save_sparse, sparsify  # noqa: E402
 from thrifty.sparse.storage import compress  # noqa: E402
 from thrifty.train import TrainConfig, evaluate, fit, pretrained  # noqa: E402
-from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+from thrifty.utils import atomic_savefig, atomic_write_text, seed_everything  # noqa: E402
 
 T48 = NM(4, 8, transposable=True, recompute_every=10)
 G24 = GradNM(2, 4, method="mvue")
@@ -290,10 +290,7 @@ def plot(res: dict, path: Path) -> None:
     if two:
         ax2.set(xlabel="bytes / FP32 bytes", ylabel="test acc. (%)", title="deployment chain (pretrained model)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    plt.close(fig)
+    atomic_savefig(fig, path)
 
 
 def main(argv=None) -> dict:

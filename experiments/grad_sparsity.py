@@ -33,7 +33,7 @@ from thrifty.sparse import NM, ActNM, GradNM, sparsify  # noqa: E402
 from thrifty.train import fit  # noqa: E402
 from thrifty.train.io import model_kwargs_for  # noqa: E402
 from thrifty.train.recipes import recipe  # noqa: E402
-from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+from thrifty.utils import atomic_savefig, atomic_write_text, seed_everything  # noqa: E402
 
 W = ("weight",)  # dW = dY^T X only: the update GEMM, the setting of the paper (dX stays exact)
 VARIANTS = {
@@ -196,10 +196,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax_l.legend(fontsize=8)
         ax_a.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_savefig(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

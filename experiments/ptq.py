@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from thrifty.data import calibration_subset, load_dataset  # noqa: E402
 from thrifty.quant import PTQ, quantize  # noqa: E402
-from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+from thrifty.utils import atomic_savefig, atomic_write_text, seed_everything  # noqa: E402
 
 
 def _acc(model, ds) -> float:
@@ -224,10 +223,7 @@ def _plot(r: dict, path: Path) -> None:
     ax.set_title("resnet20 / digits32 PTQ: accuracy vs size")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -68,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 from thrifty.data import calibration_subset, load_dataset  # noqa: E402
 from thrifty.quant import PTQ, quantize  # noqa: E402
 from thrifty.quant.calib import output_loss  # noqa: E402
-from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+from thrifty.utils import atomic_savefig, atomic_write_text, seed_everything  # noqa: E402
 
 # The settings before this ablation (the library's defaults until then), so the baseline row stays fixed when
 # the defaults change.
@@ -166,10 +165,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("test KL(FP32 || quantized), W2A4, log scale")
     ax.set_title("resnet20 / digits32 PTQ ablation (advanced pipeline)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    atomic_savefig(fig, path)
 
 
 def main(argv=None) -> int:

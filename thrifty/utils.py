@@ -22,7 +22,7 @@ import torch
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["seed_everything", "atomic_save", "atomic_write_text", "atomic_write_bytes", "remove_stale_temp_files",
-           "get_logger", "removing_hooks", "plain_data", "show_progress"]
+           "get_logger", "removing_hooks", "plain_data", "show_progress", "atomic_savefig"]
 
 
 def seed_everything(seed: int) -> None:
@@ -124,6 +124,23 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     """Atomically write raw bytes to `path`."""
     return _atomic_write(path, lambda f: f.write(bytes(data)))
+
+
+def atomic_savefig(fig: Any, path: PathLike, dpi: int = 110) -> Path:
+    """Atomically save a matplotlib figure as PNG to ``path`` and close it (a plot is never half-written).
+
+    Example:
+        >>> import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt, tempfile, os
+        >>> p = atomic_savefig(plt.figure(), os.path.join(tempfile.mkdtemp(), "plot.png"))
+        >>> p.read_bytes()[:4] == bytes([0x89]) + b"PNG"
+        True
+    """
+    import matplotlib.pyplot as plt
+
+    try:
+        return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
