@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -83,6 +84,9 @@ def _hf(cls_name: str, cfg_name: str, **cfg: Any) -> Callable[[], nn.Module]:
         import transformers
         torch.manual_seed(0)
         config = getattr(transformers, cfg_name)(**cfg)
+        for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):  # GPT-2's defaults lie outside a tiny vocab
+            if isinstance(getattr(config, tok, None), int) and getattr(config, tok) >= getattr(config, "vocab_size", 1 << 30):
+                setattr(config, tok, 0)
         if hasattr(config, "_attn_implementation"):
             config._attn_implementation = "eager"
         return getattr(transformers, cls_name)(config).eval()
@@ -433,6 +437,9 @@ def run_matrix(rows: list[str], cols: list[str], n_calib: int = 16, n_test: int 
             bar.set_postfix_str(f"{r} / {c}")
             out[r][c] = run_cell(arch, c, calib, test)
             bar.update(1)
+            if bar.disable:  # a log still shows where a long run is
+                cell = out[r][c]
+                print(f"coverage: {r} / {c}: {cell['status']} ({cell['seconds']:.1f} s)", file=sys.stderr, flush=True)
     bar.close()
     return out
 
