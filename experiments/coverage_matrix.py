@@ -84,9 +84,6 @@ def _hf(cls_name: str, cfg_name: str, **cfg: Any) -> Callable[[], nn.Module]:
         import transformers
         torch.manual_seed(0)
         config = getattr(transformers, cfg_name)(**cfg)
-        for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):  # GPT-2's defaults lie outside a tiny vocab
-            if isinstance(getattr(config, tok, None), int) and getattr(config, tok) >= getattr(config, "vocab_size", 1 << 30):
-                setattr(config, tok, 0)
         if hasattr(config, "_attn_implementation"):
             config._attn_implementation = "eager"
         return getattr(transformers, cls_name)(config).eval()
@@ -134,7 +131,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
                      num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, num_labels=4),
          _ids(500)),
     Arch("GPT-2", _hf("GPT2LMHeadModel", "GPT2Config", vocab_size=500, n_embd=64, n_layer=2, n_head=2,
-                      n_positions=64), _ids(500)),
+                      n_positions=64, bos_token_id=0, eos_token_id=0), _ids(500)),
     Arch("Llama", _hf("LlamaForCausalLM", "LlamaConfig", vocab_size=500, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=64), _ids(500)),
