@@ -1,0 +1,64 @@
+"""experiments/coverage_matrix.py: a fast slice of the architecture x method matrix, and how cells report."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+_PATH = Path(__file__).resolve().parents[1] / "experiments" / "coverage_matrix.py"
+_spec = importlib.util.spec_from_file_location("coverage_matrix", _PATH)
+cov = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cov)
+
+
+@pytest.mark.parametrize("row", ["BERT", "GPT-2", "mlp (zoo)"])
+def test_exact_and_w8a8_cells_pass(row):
+    m = cov.run_matrix([row], ["exact", "W8A8"], n_calib=4, n_test=4, progress=False)
+    for col, cell in m[row].items():
+        assert cell["status"] == "ok", (row, col, cell)
+    wrapped, total = m[row]["exact"]["detail"].split()[0].split("/")
+    assert wrapped == total  # every GEMM these architectures have is wrapped
+
+
+def test_a_raising_cell_records_the_users_message_not_a_traceback(monkeypatch):
+    def broken(arch, calib, test):
+        raise ValueError("layer 'fc1': something the user can act on\nsecond line")
+
+    monkeypatch.setitem(cov.CELLS, "broken", broken)
+    cell = cov.run_cell(cov.ARCHS["mlp (zoo)"], "broken", None, None)
+    assert cell["status"] == "error"
+    assert cell["detail"] == "ValueError: layer 'fc1': something the user can act on"
+
+
+def test_failed_check_and_not_applicable_are_distinguished(monkeypatch):
+    monkeypatch.setitem(cov.CELLS, "f", lambda *a: (_ for _ in ()).throw(cov.CellFail("rel. error 0.3 >= 0.1")))
+    arch = cov.ARCHS["mlp (zoo)"]
+    assert cov.run_cell(arch, "f", None, None)["status"] == "fail"
+    bns = cov.run_cell(arch, "BNS", arch.inputs(4, 0), arch.inputs(2, 1))
+    assert bns["status"] == "n/a" and "BatchNorm" in bns["detail"]
+
+
+def test_markdown_has_one_row_per_architecture_and_every_detail():
+    m = {"A": {"x": {"status": "ok", "detail": "d1", "seconds": 0.1}, "y": {"status": "error", "detail": "E: m",
+                                                                           "seconds": 0.0}}}
+    md = cov.to_markdown(m, ["x", "y"])
+    assert "| A | ok | error |" in md
+    assert "- A / y: **error** - E: m" in md
+
+
+def test_exact_cell_detects_a_wrapped_layer_that_changes_the_output(monkeypatch):
+    real_wrap = cov.wrap
+
+    def bad_wrap(m, name=""):
+        w = real_wrap(m, name)
+        w.register_forward_hook(lambda mod, i, o: o + 1e-3)
+        return w
+
+    monkeypatch.setattr(cov, "wrap", bad_wrap)
+    arch = cov.ARCHS["mlp (zoo)"]
+    cell = cov.run_cell(arch, "exact", None, arch.inputs(2, 1))
+    assert cell["status"] == "fail" and "forward differs" in cell["detail"]
