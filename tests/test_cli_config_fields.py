@@ -29,6 +29,8 @@ _TRAIN = ["--model", "mlp", "--dataset", "digits"]
 # kind -> (command, the command's required options, the config's role in build_configs / config.yaml)
 CONSUMED = {
     "PTQ": ("quantize", ["--model", "m"], "ptq"),
+    "Synth": ("quantize", ["--model", "m"], "synth"),
+    "Distill": ("quantize", ["--model", "m"], "distill"),
     "NM": ("sparsify", ["--model", "m"], "sparsity"),
     "TrainConfig": ("train", _TRAIN, "train"),
     "Train8": ("train", _TRAIN, "train8"),
@@ -45,8 +47,6 @@ CONSUMED = {
 NOT_ON_CLI = {
     "QuantConfig": "one layer's quantizers for thrifty.apply; `thrifty quantize` runs PTQ, which holds these fields",
     "AccumConfig": "a low-bit accumulator simulation studied in Python (experiments/accumulators.py), no command",
-    "Synth": "`thrifty quantize --data-free M --synth-steps N` sets only the method and step count",
-    "Distill": "`thrifty quantize --distill-steps N` sets only the step count",
     "AugmentConfig": "the per-dataset augmentation of the training recipe, not a run option",
     "SignalAugmentConfig": "the per-dataset augmentation of the training recipe, not a run option",
     "EnsembleMerge": "keeps all K models; `thrifty merge` saves one merged model",
@@ -90,10 +90,16 @@ def _candidates(tp, default):
     return [v for v in out if v != default]
 
 
+# fields the variation keeps: Synth's "gaussian" ignores the step fields, which `thrifty quantize` refuses
+KEEP = {"Synth": {"method"}}
+
+
 def _varied(cls):
     """A valid config with as many fields away from their defaults as validation allows (one at a time)."""
     cfg, hints = cls(), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in KEEP.get(cls.__name__, ()):
+            continue
         for v in _candidates(hints[f.name], getattr(cfg, f.name)):
             try:
                 cfg = dataclasses.replace(cfg, **{f.name: v})

@@ -64,7 +64,7 @@ def load_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser, c
     The file holds ``thrifty.to_yaml`` output (a mapping with ``kind``), a list of those, or a mapping whose
     values are those (config roles, e.g. ``train: {kind: TrainConfig, ...}``) or option values (``lr: 0.1``).
     """
-    from thrifty.cli._fields import UNSET, _AliasAction, config_defaults
+    from thrifty.cli._fields import UNSET, _AliasAction, config_defaults, config_dests
     from thrifty.core.config import from_dict
 
     p = Path(path)
@@ -87,6 +87,7 @@ def load_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser, c
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)
                and a.dest not in INTERNAL_KEYS and not isinstance(a, _AliasAction)}
     by_flag = {s.lstrip("-").replace("-", "_"): a for a in parser._actions for s in a.option_strings}
+    generated = config_dests(parser)
     out: dict[str, Any] = {}
     for key, value in flat.items():
         dest = str(key).replace("-", "_")
@@ -100,9 +101,14 @@ def load_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser, c
             raise ValueError(f"unknown key {key!r} in config file {p} for `thrifty {command}`; "
                              f"known keys: {', '.join(sorted(actions))}")
         where = f"key {key!r} in config file {p}"
+        if value is None and (action.dest in generated or isinstance(action, _AliasAction)):
+            continue  # null: the field's default (older flat files wrote unset options as null)
         if isinstance(action, _AliasAction):  # an older option name: sets the fields it stood for
-            v = _coerce(action, value, where) if action.fixed is UNSET else (action.fixed if value else None)
-            out.update({t: v for t in action.targets if v is not None})
+            if action.fixed is not UNSET and not isinstance(value, bool):
+                raise ValueError(f"{where} must be true or false, got {value!r}")
+            if action.fixed is UNSET or value:
+                out.update(dict.fromkeys(action.targets, _coerce(action, value, where) if action.fixed is UNSET
+                                         else action.fixed))
             continue
         out[dest if dest in actions else action.dest] = _coerce(action, value, where)
     for key, d in configs:

@@ -52,7 +52,7 @@ class _Unset:
     def __repr__(self) -> str:
         return "UNSET"
 
-    def __deepcopy__(self, memo: Any) -> "_Unset":
+    def __deepcopy__(self, memo: Any) -> "_Unset":  # "is UNSET" must survive a copied Namespace
         return self
 
 
@@ -143,7 +143,7 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _scalar(tp: Any, what: str) -> Callable[[Any], Any]:
+def _scalar(tp: Any) -> Callable[[Any], Any]:
     """Text (or a YAML scalar) -> a value of the simple type ``tp``."""
     if tp is bool:
         def parse_bool(text: Any) -> bool:
@@ -168,7 +168,7 @@ def _scalar(tp: Any, what: str) -> Callable[[Any], Any]:
         return lambda text: text if isinstance(text, tp) else tp(text)
     if typing.get_origin(tp) is typing.Literal:
         kinds = {type(a) for a in typing.get_args(tp)}
-        return _scalar(kinds.pop(), what) if len(kinds) == 1 else str
+        return _scalar(kinds.pop()) if len(kinds) == 1 else str
     import yaml
 
     def parse_yaml(text: Any) -> Any:  # anything else: a YAML value (e.g. a dict)
@@ -176,7 +176,7 @@ def _scalar(tp: Any, what: str) -> Callable[[Any], Any]:
     return parse_yaml
 
 
-def _sequence(tp: Any, what: str) -> Optional[Callable[[Any], Any]]:
+def _sequence(tp: Any) -> Optional[Callable[[Any], Any]]:
     """Parser of a tuple/list annotation from ``"a,b,c"`` (or a YAML list); None if ``tp`` is not one."""
     origin = typing.get_origin(tp) or tp
     if origin not in (tuple, list):
@@ -184,10 +184,10 @@ def _sequence(tp: Any, what: str) -> Optional[Callable[[Any], Any]]:
     args = typing.get_args(tp)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis or origin is list:
         elems: Optional[list] = None
-        one = _scalar(args[0] if args else str, what)
+        one = _scalar(args[0] if args else str)
     else:
-        elems = [_scalar(a, what) for a in args] if args else None
-        one = _scalar(str, what)
+        elems = [_scalar(a) for a in args] if args else None
+        one = _scalar(str)
 
     def parse(text: Any) -> Any:
         items = list(text) if isinstance(text, (list, tuple)) else [t.strip() for t in str(text).split(",")
@@ -205,10 +205,10 @@ def _sequence(tp: Any, what: str) -> Optional[Callable[[Any], Any]]:
     return parse
 
 
-def _flag_kwargs(tp: Any, optional: bool, what: str, zero_is_none: bool) -> dict[str, Any]:
+def _flag_kwargs(tp: Any, optional: bool, zero_is_none: bool) -> dict[str, Any]:
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}
-    conv = _sequence(tp, what) or _scalar(tp, what)
+    conv = _sequence(tp) or _scalar(tp)
     choices: Optional[list] = None
     if typing.get_origin(tp) is typing.Literal:
         choices = list(typing.get_args(tp))
@@ -276,13 +276,15 @@ def config_dests(obj: argparse.ArgumentParser | argparse.Namespace) -> set[str]:
 
 def add_config_flags(parser: argparse.ArgumentParser, name: str, *classes: type[Config], prefix: str = "",
                      skip: Iterable[str] = (), aliases: Mapping[str, Alias] | None = None,
+                     dests: Mapping[str, str] | None = None,
                      zero_is_none: Iterable[str] = (), on_load: Optional[Callable[[Config], dict[str, Any]]] = None,
                      title: Optional[str] = None) -> ConfigGroup:
     """Add one flag per field of ``classes`` (their union, for a choice of configs such as merge methods).
 
     A field whose dest the parser already has (a hand-written option, e.g. ``--seed``) is read from it;
-    ``skip`` fields are the command's business (not flags); ``aliases`` keeps older flag names for one
-    release; ``zero_is_none`` fields also take ``0`` for None (an older "0 = off" convention);
+    ``skip`` fields are the command's business (not flags); ``dests`` maps a field to a hand-written
+    option's dest (``{"method": "data_free"}``: ``--data-free`` is Synth's method); ``aliases`` keeps older
+    flag names for one release; ``zero_is_none`` fields also take ``0`` for None (an older "0 = off" convention);
     ``on_load(cfg)`` gives the other dests a config file sets along with the fields (e.g. which method).
     """
     if not classes:
@@ -291,7 +293,7 @@ def add_config_flags(parser: argparse.ArgumentParser, name: str, *classes: type[
     container = parser.add_argument_group(title) if title else parser
     taken = {a.dest for a in parser._actions}
     group = ConfigGroup(name, tuple(classes), prefix, {}, {}, on_load=on_load)
-    _add_fields(parser, container, group, classes, prefix, "", skip, zero, taken)
+    _add_fields(parser, container, group, classes, prefix, "", skip, zero, taken, dict(dests or {}))
     for old, alias in (aliases or {}).items():
         targets = tuple(group.dests[f] for f in alias.fields)
         neg = alias.const is False  # an old "--x-no-y" store-true flag is the new "--no-x-y"
@@ -306,7 +308,7 @@ def add_config_flags(parser: argparse.ArgumentParser, name: str, *classes: type[
 
 
 def _add_fields(parser: argparse.ArgumentParser, container: Any, group: ConfigGroup, classes: Iterable[type],
-                prefix: str, path: str, skip: set, zero: set, taken: set) -> None:
+                prefix: str, path: str, skip: set, zero: set, taken: set, renamed: dict[str, str]) -> None:
     seen: dict[str, list[tuple[type, dataclasses.Field]]] = {}
     for cls in classes:
         for f in dataclasses.fields(cls):
@@ -314,16 +316,18 @@ def _add_fields(parser: argparse.ArgumentParser, container: Any, group: ConfigGr
                 seen.setdefault(f.name, []).append((cls, f))
     for fname, owners in seen.items():
         key = path + fname
-        dest = (prefix + key).replace("-", "_")
+        dest = renamed.get(key) or (prefix + key).replace("-", "_")
         flag = "--" + prefix + key.replace("_", "-")
+        if dest in taken:  # a hand-written option holds this field
+            flag = next((a.option_strings[0] for a in parser._actions if a.dest == dest and a.option_strings), flag)
         group.dests[key], group.flags[key] = dest, flag
-        if dest in taken:  # a hand-written option of the same name holds this field
+        if dest in taken:
             continue
-        cls0, f0 = owners[0]
+        cls0 = owners[0][0]
         tp, optional = _strip_optional(typing.get_type_hints(cls0)[fname])
         if isinstance(tp, type) and issubclass(tp, Config) and dataclasses.is_dataclass(tp):
             del group.dests[key], group.flags[key]
-            _add_fields(parser, container, group, [tp], prefix, key + ".", skip, zero, taken)
+            _add_fields(parser, container, group, [tp], prefix, key + ".", skip, zero, taken, renamed)
             continue
         helps = [field_docs(c).get(fname, "") for c, _ in owners]
         text = next((h for h in helps if h), "")
@@ -334,7 +338,7 @@ def _add_fields(parser: argparse.ArgumentParser, container: Any, group: ConfigGr
             dflt = "default: " + ", ".join(f"{k} {_show(v)}" for k, v in defaults.items())
         if len(owners) < len(group.classes):
             dflt += "; only " + ", ".join(defaults)
-        kw = _flag_kwargs(tp, optional, flag, key in zero)
+        kw = _flag_kwargs(tp, optional, key in zero)
         if key in zero:
             dflt += "; 0 or none: off"
         container.add_argument(flag, dest=dest, default=UNSET, help=f"{text} ({dflt})".replace("%", "%%"), **kw)

@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 from thrifty.cli import _common

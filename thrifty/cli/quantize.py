@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from thrifty.cli import _common
-from thrifty.cli._fields import Alias, add_config_flags, config_from_args
+from thrifty.cli._fields import UNSET, Alias, add_config_flags, config_from_args, groups_of
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,26 +35,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-per-class", type=_common.positive_int, default=10)
     p.add_argument("--data-free", choices=["bns", "gaussian", "inception"], default=None,
                    help="calibrate on samples synthesised from the model itself instead of real data "
-                        "(same count as --calib-per-class x classes)")
-    p.add_argument("--synth-steps", type=_common.positive_int, default=None,
-                   help="optimisation steps for --data-free bns/inception (default: thrifty.datafree.Synth's)")
-    p.add_argument("--distill-steps", type=_common.nonneg_int, default=0,
-                   help="after PTQ, fine-tune the quantized model this many steps to match the FP model's logits "
-                        "on the calibration samples (KL; synthetic ones with --data-free)")
+                        "(same count as --calib-per-class x classes); the --synth-* flags are Synth's fields")
     p.add_argument("--filter", action="append", default=None, metavar="GLOB",
                    help="only layers whose qualified name matches (repeatable); default: every Linear/Conv2d")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>-w<w-bits>a<a-bits>-<pipeline>)")
     _common.add_overwrite_option(p)
+    from thrifty.datafree import Distill, Synth
     from thrifty.quant import PTQ
 
     add_config_flags(p, "ptq", PTQ, title="PTQ (thrifty.quant.PTQ fields)", zero_is_none=("a_bits", "first_last_bits"),
                      aliases={"--bits": Alias(("w_bits",)), "--estimator": Alias(("w_estimator", "a_estimator"))})
+    add_config_flags(p, "synth", Synth, prefix="synth-", dests={"method": "data_free"},
+                     title="synthetic calibration data, with --data-free (thrifty.datafree.Synth fields)")
+    add_config_flags(p, "distill", Distill, prefix="distill-",
+                     title="after PTQ, fine-tune the quantized model to the FP model's logits on the calibration "
+                           "samples, with --distill-steps N > 0 (thrifty.datafree.Distill fields)")
     p.set_defaults(func=run)
 
 
 def build_configs(args: argparse.Namespace) -> dict:
-    """The configs the flags (and ``--config``) ask for: ``{"ptq": PTQ}``."""
-    return {"ptq": config_from_args(args, "ptq")}
+    """The configs the flags (and ``--config``) ask for: ``ptq`` (PTQ), ``synth`` (Synth, with ``--data-free``)
+    and ``distill`` (Distill, with ``--distill-steps`` > 0); None where off. The seeds default to PTQ's."""
+    from thrifty.datafree import Distill, Synth
+
+    ptq = config_from_args(args, "ptq")
+    given = {name: [f for f, d in _generated(args, name).items() if getattr(args, d) is not UNSET]
+             for name in ("synth", "distill")}
+    synth = None
+    if args.data_free:
+        synth = config_from_args(args, "synth", base=Synth(method=args.data_free, seed=ptq.seed))
+        if synth.method == "gaussian" and synth.steps != Synth().steps:
+            raise ValueError(f"--synth-steps applies to --data-free bns or inception only (got --data-free "
+                             f"{synth.method}); it would be ignored")
+    elif given["synth"]:
+        raise ValueError(f"--synth-{given['synth'][0].replace('_', '-')} applies to --data-free bns or inception "
+                         "only (no --data-free given); it would be ignored")
+    distill = None
+    if getattr(args, "distill_steps", UNSET) not in (UNSET, 0):  # 0: off, as before Distill had flags
+        distill = config_from_args(args, "distill", base=Distill(seed=ptq.seed))
+    elif [f for f in given["distill"] if f != "steps"]:
+        raise ValueError(f"--distill-{given['distill'][0].replace('_', '-')} needs --distill-steps N > 0 "
+                         "(it would be ignored)")
+    return {"ptq": ptq, "synth": synth, "distill": distill}
+
+
+def _generated(args: argparse.Namespace, name: str) -> dict:
+    g = next(g for g in groups_of(args) if g.name == name)
+    return {f: g.dests[f] for f in sorted(g.generated)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     configs = build_configs(args)  # validates everything before any work
     cfg: PTQ = configs["ptq"]
-    if args.synth_steps is not None and args.data_free not in ("bns", "inception"):
-        raise ValueError(f"--synth-steps applies to --data-free bns or inception only (got --data-free "
-                         f"{args.data_free}); it would be ignored")
+    synth_cfg, distill_cfg = configs["synth"], configs["distill"]
     if cfg.budget is None and cfg.budget_kind != "size":
         raise ValueError(f"--budget-kind {cfg.budget_kind} needs --budget (it would be ignored)")
     out = _common.check_out_dir(args.out or f"runs/{Path(str(args.model)).name}-w{cfg.w_bits}a{cfg.a_bits or 0}-"
@@ -82,22 +107,20 @@ def run(args: argparse.Namespace) -> int:
     _common.check_model_data(model, splits, str(args.model), dataset)
     seed_everything(cfg.seed)
     calib = calibration_subset(splits.train, per_class=args.calib_per_class, seed=cfg.seed)
-    if args.data_free:
+    if synth_cfg is not None:
         from thrifty.datafree import synthesize
 
-        with _common.step(f"synthesising {len(calib)} {args.data_free} samples (no real data)"):
-            steps = {} if args.synth_steps is None else {"steps": args.synth_steps}
-            calib = synthesize(model, n=len(calib), method=args.data_free, input_shape=splits.input_shape,
-                               seed=cfg.seed, progress=_common.show_progress(), **steps)
+        with _common.step(f"synthesising {len(calib)} {synth_cfg.method} samples (no real data)"):
+            calib = synthesize(model, synth_cfg, len(calib), input_shape=splits.input_shape,
+                               progress=_common.show_progress())
     fp_acc = evaluate(model, splits.test)["acc"]
     with _common.step(f"PTQ {cfg.pipeline} W{cfg.w_bits}A{cfg.a_bits or 32} on {len(calib)} calibration samples"):
         res = quantize(model, cfg, calib, filter=args.filter, progress=_common.show_progress())
-    if args.distill_steps:
+    if distill_cfg is not None:
         from thrifty.datafree import distill
 
-        with _common.step(f"distilling from the FP model ({args.distill_steps} steps on the calibration samples)"):
-            kd = distill(res.model, model, data=calib, steps=args.distill_steps, seed=cfg.seed,
-                         progress=_common.show_progress())
+        with _common.step(f"distilling from the FP model ({distill_cfg.steps} steps on the calibration samples)"):
+            kd = distill(res.model, model, distill_cfg, calib, progress=_common.show_progress())
         if res.loss_kind == "kl":  # the same KL(FP || quantized) as the other stages' losses
             res.losses["distill"] = kd["kl_after"]
     else:
