@@ -111,9 +111,7 @@ def _varied(cls):
 
 def _build(kind, argv):
     cmd, _, role = CONSUMED[kind]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args = _common.apply_config_file(parser, args, argv)
+    args = _common.parse_with_config(build_parser(), argv)
     return importlib.import_module(f"thrifty.cli.{cmd}").build_configs(args)[role]
 
 
@@ -142,8 +140,7 @@ def test_a_mapping_of_configs_with_options_and_explicit_flags(tmp_path):
     f.write_text(yaml.safe_dump({"model": "mlp", "dataset": "digits", "train": to_dict(train),
                                  "grad": to_dict(grad), "t8": to_dict(th.Train8(bits=6, act_bits=7))}))
     parser = build_parser()
-    argv = ["train", "--config", str(f), "--lr", "0.05", "--train8-grad-bits", "6"]
-    args = _common.apply_config_file(parser, parser.parse_args(argv), argv)
+    args = _common.parse_with_config(parser, ["train", "--config", str(f), "--lr", "0.05", "--train8-grad-bits", "6"])
     from thrifty.cli.train import build_configs
 
     got = build_configs(args)
@@ -152,8 +149,7 @@ def test_a_mapping_of_configs_with_options_and_explicit_flags(tmp_path):
     assert got["train8"] == th.Train8(bits=6, act_bits=7, grad_bits=6)
     # a list of configs is read the same way
     f.write_text(yaml.safe_dump([to_dict(train), to_dict(grad)]))
-    argv = ["train", *_TRAIN, "--config", str(f)]
-    got = build_configs(_common.apply_config_file(parser, parser.parse_args(argv), argv))
+    got = build_configs(_common.parse_with_config(build_parser(), ["train", *_TRAIN, "--config", str(f)]))
     assert got["train"] == train and got["grad"] == grad
 
 
@@ -166,11 +162,9 @@ def test_written_config_yaml_is_kind_format_and_repeats_the_run(tmp_path):
     assert from_dict(saved["grad"]) == th.sparse.GradNM(2, 4, method="mse")
     train = from_dict(saved["train"])
     assert (train.steps, train.batch_size) == (2, 16)
-    parser = build_parser()
-    argv = ["train", "--config", str(out / "config.yaml")]
     from thrifty.cli.train import build_configs
 
-    again = build_configs(_common.apply_config_file(parser, parser.parse_args(argv), argv))
+    again = build_configs(_common.parse_with_config(build_parser(), ["train", "--config", str(out / "config.yaml")]))
     assert again["train"] == train and again["grad"] == from_dict(saved["grad"]) and again["train8"] is None
 
 
@@ -286,3 +280,40 @@ def test_bench_run_takes_the_config_after_the_model(tmp_path):
     assert "SingleStream" in new["scenarios"] and "SingleStream" in old["scenarios"]
     jobs = [json.loads((tmp_path / d / "v" / "job.json").read_text()) for d in ("a", "b")]
     assert jobs[0]["settings"] == jobs[1]["settings"] == cfg.to_yaml()  # the same run either way
+
+
+# config.yaml files as the previous release wrote them (flat option names; paths shortened)
+OLD_FILES = {
+    "train": ("model: mlp\ndataset: digits\nmodel_arg: []\nepochs: 30\nsteps: 2\nlr: 0.05\nbatch_size: 16\n"
+              "optimizer: sgd\nweight_decay: 0.0005\nschedule: cosine\nwarmup: 0\nlabel_smoothing: 0.0\nseed: 0\n"
+              "workers: 0\nout: runs/t\nresume: false\nquick: false\ngrad_nm: '2:4'\ngrad_method: mvue\n"
+              "grad_gemms: weight\nact_nm: null\nrecipe: train8\ntrain8_bits: 6\ntrain8_grad_bits: 8\n"
+              "train8_wgrad_bits: 16\ntrain8_no_bifurcation: false\nregime: none\ngrad_norm_adapt: false\n"),
+    "quantize": ("model: runs/t2/model\ndataset: null\nbits: 6\na_bits: 0\nfirst_last_bits: 8\npipeline: rtn\n"
+                 "budget: null\nbudget_kind: size\ncandidate_bits:\n- 2\n- 3\n- 4\n- 8\nadaquant_mode: sequential\n"
+                 "adaquant_iters: 200\nbias_iters: 100\nestimator: minmax\ncalib_per_class: 10\ndata_free: null\n"
+                 "synth_steps: null\ndistill_steps: 0\nfilter: null\nseed: 0\nout: runs/q\n"),
+    "sparsify": ("model: runs/t2/model\ndataset: null\nnm: '4:8'\ntransposable: true\nmethod: approx\nfilter: null\n"
+                 "adaprune: false\nadaprune_steps: 200\nadaprune_lr: 0.001\nremask_every: 1\ncalib_per_class: 10\n"
+                 "no_bn: false\nfinetune_epochs: 0.0\nfinetune_lr: 0.01\nseed: 0\nout: runs/s\n"),
+    "merge": ("models:\n- runs/a/model\n- runs/b/model\nmethod: fs-merge\ndata: null\nclasses: null\n"
+              "data_per_task: 16\nparam: diag_lowrank\ninit: average\nmode: global\nrank: 4\nwidth_mult: 1.0\n"
+              "steps: 2\nlr: null\naugment: 4\nmatching: activation\nseed: 0\nout: runs/m\n"),
+}
+
+
+def test_config_yaml_of_the_previous_release_still_reads(tmp_path):
+    got = {}
+    for cmd, text in OLD_FILES.items():
+        f = tmp_path / f"{cmd}.yaml"
+        f.write_text(text)
+        args = _common.parse_with_config(build_parser(), [cmd, "--config", str(f)])  # --model from the file
+        got[cmd] = importlib.import_module(f"thrifty.cli.{cmd}").build_configs(args)
+    train = got["train"]["train"]
+    assert (train.epochs, train.steps, train.lr, train.batch_size, train.num_workers) == (30, 2, 0.05, 16, 0)
+    assert got["train"]["grad"] == th.sparse.GradNM(2, 4, gemms=("weight",))
+    assert got["train"]["train8"] == th.Train8(bits=6, act_bits=6)  # --train8-bits set both, as it did
+    assert got["quantize"] == {"ptq": th.PTQ(w_bits=6, a_bits=None, pipeline="rtn", w_estimator="minmax",
+                                             a_estimator="minmax"), "synth": None, "distill": None}
+    assert got["sparsify"]["sparsity"] == th.sparse.NM(4, 8, transposable=True, method="approx")
+    assert got["merge"]["merge"] == th.merge.FSMerge(rank=4, steps=2)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from thrifty import utils
 from thrifty.utils import atomic_write_text, plain_data
 
-__all__ = ["add_config_option", "apply_config_file", "resolved", "write_resolved_config", "show_progress",
+__all__ = ["add_config_option", "parse_with_config", "command_of", "resolved", "write_resolved_config", "show_progress",
            "progress", "step", "int_list", "positive_int", "nonneg_int", "add_overwrite_option", "check_out_dir",
            "check_model_data", "INTERNAL_KEYS"]
 
@@ -157,12 +157,33 @@ def _coerce_one(action: argparse.Action, value: Any, where: str) -> Any:
     return value
 
 
-def apply_config_file(root: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
-    """Re-parse ``argv`` with the YAML file's values as defaults (so explicit flags override them)."""
-    if not getattr(args, "config", None):
-        return args
-    sub = _subparser(root, args.command)
-    sub.set_defaults(**load_config_file(args.config, sub, args.command))
+def command_of(root: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is one: the root parser's options take no value)."""
+    for action in root._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return next((a for a in argv if a in action.choices), None)
+    return None
+
+
+def parse_with_config(root: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``, with the ``--config`` file's values as the subcommand's defaults (explicit flags win).
+
+    The file is read first, so it may also hold the options a command requires (``model:`` of the
+    ``config.yaml`` an earlier run wrote).
+    """
+    argv = list(argv)
+    command = command_of(root, argv)
+    if command is not None:
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config", default=None)
+        path = pre.parse_known_args(argv[argv.index(command) + 1:])[0].config
+        if path:
+            sub = _subparser(root, command)
+            defaults = load_config_file(path, sub, command)
+            sub.set_defaults(**defaults)
+            for action in sub._actions:
+                if action.dest in defaults:
+                    action.required = False
     return root.parse_args(argv)
 
 

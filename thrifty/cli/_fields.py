@@ -8,7 +8,7 @@ accepts ``none``, ``Literal``/enum -> choices, tuples and lists -> comma-separat
 default unless the command passes another, e.g. a training recipe), so an added config field is on the CLI
 without a hand-written flag. :func:`config_from_args` builds the config; its validation errors name the flag.
 
-``--config FILE.yaml`` (see :func:`thrifty.cli._common.apply_config_file`) reads what ``thrifty.to_yaml``
+``--config FILE.yaml`` (see :func:`thrifty.cli._common.parse_with_config`) reads what ``thrifty.to_yaml``
 writes: each config's fields become the defaults of its flags (:func:`config_defaults`), explicit flags win.
 
 Example:
@@ -330,7 +330,7 @@ def _add_fields(parser: argparse.ArgumentParser, container: Any, group: ConfigGr
             _add_fields(parser, container, group, [tp], prefix, key + ".", skip, zero, taken, renamed)
             continue
         helps = [field_docs(c).get(fname, "") for c, _ in owners]
-        text = next((h for h in helps if h), "")
+        text = next((h for h in helps if h), "").replace("``", "")  # reST literals read as plain words in --help
         defaults = {c.__name__: _default(f) for c, f in owners}
         if len(set(map(_show, defaults.values()))) == 1:
             dflt = f"default: {_show(next(iter(defaults.values())))}"
@@ -389,9 +389,12 @@ def config_from_args(args: argparse.Namespace, name: str, cls: Optional[type[Con
     if cls not in group.classes:
         raise TypeError(f"{name}: {cls.__name__} is not one of {[c.__name__ for c in group.classes]}")
     own = {f.name for f in dataclasses.fields(cls) if f.init}
-    # a hand-written option (e.g. --seed) is shared with the command; only generated flags can be stray
+    # a hand-written option (e.g. --seed) is shared with the command; only generated flags can be stray, and
+    # one at its default changes nothing (older flat config files list every option of every method)
     stray = [group.flag(k) for k in sorted(group.generated)
-             if k.split(".")[0] not in own and getattr(args, group.dests[k], UNSET) is not UNSET]
+             if k.split(".")[0] not in own and getattr(args, group.dests[k], UNSET) is not UNSET
+             and any(getattr(args, group.dests[k]) != _default(f) for c in group.classes
+                     for f in dataclasses.fields(c) if f.name == k.split(".")[0])]
     if stray:
         raise ValueError(f"{', '.join(stray)} do(es) not apply to {cls.__name__}")
     try:

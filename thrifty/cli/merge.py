@@ -33,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/merged", help="output folder")
     _common.add_overwrite_option(p)
     classes = _method_classes()
-    add_config_flags(p, "merge", *classes.values(), title="merge method (the fields of each --method's config)",
+    title = "merge method: the fields of each --method's config (" + ", ".join(
+        f"{k}: {c.__name__}" for k, c in classes.items()) + "); another method's flag is refused"
+    add_config_flags(p, "merge", *classes.values(), title=title,
                      on_load=lambda cfg: {"method": next(k for k, c in classes.items() if c is type(cfg))})
     p.set_defaults(func=run)
 
