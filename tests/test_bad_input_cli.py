@@ -275,7 +275,7 @@ def test_files_layers_and_ranges_through_the_cli(tmp_path, capsys, monkeypatch):
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     _fails(["train", "--model", "mlp", "--dataset", str(tmp_path / "imgs"), "--out", "t"], capsys,
            "imgs: no images")
-    _fails(["quantize", "--model", str(stem), "--bits", "1", "--out", "q"], capsys, "w_bits must be in 2..16")
+    _fails(["quantize", "--model", str(stem), "--w-bits", "1", "--out", "q"], capsys, "--w-bits", "w_bits must be in 2..16")
     _fails(["sparsify", "--model", str(stem), "--nm", "3:2", "--out", "s"], capsys, "3:2")
     small = tmp_path / "small" / "model"
     save_model(create("mlp", in_features=3, hidden=[8], num_classes=2), small,
