@@ -2,8 +2,9 @@
 
 ``--recipe train8`` swaps BatchNorm for Range BN and trains with 8-bit weights, activations and gradients
 (stochastic rounding; bifurcated 16-bit weight-gradient GEMM). ``--recipe rangebn`` only swaps BatchNorm.
-Every field of :class:`thrifty.quant.Train8` is a ``--train8-<field>`` flag. After training, Range BN layers are converted back to nn.BatchNorm with identical eval output and the
-quantized weights are baked in (:func:`thrifty.strip`), so the saved model loads as a plain registry model.
+Every field of :class:`thrifty.quant.Train8` is a ``--train8-<field>`` flag. After training, Range BN layers
+are converted back to nn.BatchNorm with identical eval output and the quantized weights are baked in
+(:func:`thrifty.strip`), so the saved model loads as a plain registry model.
 
 Example:
     thrifty train --model resnet20 --dataset digits32 --recipe train8 --out runs/r20-train8
