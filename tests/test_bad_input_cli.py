@@ -158,6 +158,9 @@ def test_yaml_config_good_values_still_work(tmp_path):
     (["quantize", "--model", "MODEL", "--budget-kind", "bops"], ["--budget-kind bops needs --budget"]),
     (["sparsify", "--model", "MODEL", "--method", "approx"], ["--method", "'approx'", "--transposable"]),
     (["merge", "--models", "MODEL", "MODEL", "--method", "average", "--steps", "5"], ["--steps", "AverageMerge"]),
+    (["train", "--model", "mlp", "--dataset", "digits", "--train8-bits", "6"], ["--train8-bits", "--recipe train8"]),
+    (["train", "--model", "mlp", "--dataset", "digits", "--grad-method", "mse"], ["--grad-method", "--grad-nm"]),
+    (["quantize", "--model", "MODEL", "--distill-lr", "0.1"], ["--distill-lr", "--distill-steps"]),
 ])
 def test_conflicting_or_ignored_flags_are_refused(tmp_path, capsys, monkeypatch, argv, needles):
     monkeypatch.chdir(tmp_path)

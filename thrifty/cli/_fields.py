@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 from thrifty.core.config import Config
 
 __all__ = ["UNSET", "Alias", "ConfigGroup", "field_docs", "add_config_flags", "config_from_args", "config_argv",
-           "config_defaults", "groups_of", "config_dests"]
+           "config_defaults", "groups_of", "config_dests", "changed_flags"]
 
 
 class _Unset:
@@ -389,12 +389,8 @@ def config_from_args(args: argparse.Namespace, name: str, cls: Optional[type[Con
     if cls not in group.classes:
         raise TypeError(f"{name}: {cls.__name__} is not one of {[c.__name__ for c in group.classes]}")
     own = {f.name for f in dataclasses.fields(cls) if f.init}
-    # a hand-written option (e.g. --seed) is shared with the command; only generated flags can be stray, and
-    # one at its default changes nothing (older flat config files list every option of every method)
-    stray = [group.flag(k) for k in sorted(group.generated)
-             if k.split(".")[0] not in own and getattr(args, group.dests[k], UNSET) is not UNSET
-             and any(getattr(args, group.dests[k]) != _default(f) for c in group.classes
-                     for f in dataclasses.fields(c) if f.name == k.split(".")[0])]
+    # a hand-written option (e.g. --seed) is shared with the command; only generated flags can be stray
+    stray = changed_flags(args, name, [k for k in group.generated if k.split(".")[0] not in own])
     if stray:
         raise ValueError(f"{', '.join(stray)} do(es) not apply to {cls.__name__}")
     try:
@@ -403,6 +399,31 @@ def config_from_args(args: argparse.Namespace, name: str, cls: Optional[type[Con
     except (ValueError, TypeError) as e:
         named = [group.flag(k) for k in group.dests if re.search(rf"\b{re.escape(k.split('.')[-1])}\b", str(e))]
         raise type(e)(f"{' / '.join(named) or cls.__name__}: {e}") from None
+
+
+def _field_default(cls: type, key: str) -> Any:
+    head, _, rest = key.partition(".")
+    f = next((f for f in dataclasses.fields(cls) if f.name == head), None)
+    value = UNSET if f is None else _default(f)
+    for part in rest.split(".") if rest else ():
+        value = getattr(value, part, UNSET)
+    return value
+
+
+def changed_flags(args: argparse.Namespace, name: str, fields: Optional[Iterable[str]] = None) -> list[str]:
+    """The generated flags of group ``name`` (or of its ``fields``) given, or set by a config file, with a value
+    other than the field's default: what a command refuses when the config is off (the flags would be ignored).
+
+    A value equal to the default changes nothing (older flat config files list every option).
+    """
+    group = _group(args, name)
+    out = []
+    for key in sorted(group.generated if fields is None else fields):
+        value = getattr(args, group.dests[key], UNSET)
+        defaults = [d for d in (_field_default(c, key) for c in group.classes) if d is not UNSET]
+        if value is not UNSET and any(value != d for d in defaults):
+            out.append(group.flag(key))
+    return out
 
 
 def config_defaults(parser: argparse.ArgumentParser, cfg: Config, where: str) -> dict[str, Any]:

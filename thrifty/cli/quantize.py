@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from thrifty.cli import _common
-from thrifty.cli._fields import UNSET, Alias, add_config_flags, config_from_args, groups_of
+from thrifty.cli._fields import UNSET, Alias, add_config_flags, changed_flags, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,29 +59,21 @@ def build_configs(args: argparse.Namespace) -> dict:
     from thrifty.datafree import Distill, Synth
 
     ptq = config_from_args(args, "ptq")
-    given = {name: [f for f, d in _generated(args, name).items() if getattr(args, d) is not UNSET]
-             for name in ("synth", "distill")}
     synth = None
     if args.data_free:
         synth = config_from_args(args, "synth", base=Synth(method=args.data_free, seed=ptq.seed))
         if synth.method == "gaussian" and synth.steps != Synth().steps:
             raise ValueError(f"--synth-steps applies to --data-free bns or inception only (got --data-free "
                              f"{synth.method}); it would be ignored")
-    elif given["synth"]:
-        raise ValueError(f"--synth-{given['synth'][0].replace('_', '-')} applies to --data-free bns or inception "
-                         "only (no --data-free given); it would be ignored")
+    elif changed_flags(args, "synth"):
+        raise ValueError(f"{changed_flags(args, 'synth')[0]} applies to --data-free bns or inception only (no "
+                         "--data-free given); it would be ignored")
     distill = None
     if getattr(args, "distill_steps", UNSET) not in (UNSET, 0):  # 0: off, as before Distill had flags
         distill = config_from_args(args, "distill", base=Distill(seed=ptq.seed))
-    elif [f for f in given["distill"] if f != "steps"]:
-        raise ValueError(f"--distill-{given['distill'][0].replace('_', '-')} needs --distill-steps N > 0 "
-                         "(it would be ignored)")
+    elif [f for f in changed_flags(args, "distill") if f != "--distill-steps"]:
+        raise ValueError(f"{changed_flags(args, 'distill')[0]} needs --distill-steps N > 0 (it would be ignored)")
     return {"ptq": ptq, "synth": synth, "distill": distill}
-
-
-def _generated(args: argparse.Namespace, name: str) -> dict:
-    g = next(g for g in groups_of(args) if g.name == name)
-    return {f: g.dests[f] for f in sorted(g.generated)}
 
 
 def run(args: argparse.Namespace) -> int:

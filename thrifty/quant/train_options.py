@@ -36,10 +36,13 @@ def train8_config(args: argparse.Namespace) -> Optional[Any]:
 
     ``--train8-bits`` alone sets the activation bits too (as before ``--train8-act-bits`` existed).
     """
-    from thrifty.cli._fields import UNSET, config_from_args
+    from thrifty.cli._fields import UNSET, changed_flags, config_from_args
     from thrifty.quant.train8 import Train8
 
     if getattr(args, "recipe", "none") != "train8":
+        if changed_flags(args, "train8"):
+            raise ValueError(f"{changed_flags(args, 'train8')[0]} applies to --recipe train8 only (got --recipe "
+                             f"{getattr(args, 'recipe', 'none')}); it would be ignored")
         return None
     bits = getattr(args, "train8_bits", UNSET)
     base = Train8() if bits is UNSET or bits is None else Train8(bits=bits, act_bits=bits)

@@ -46,11 +46,13 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, role: str, cls: type, **base: object):
-    from thrifty.cli._fields import config_from_args
+    from thrifty.cli._fields import changed_flags, config_from_args
     from thrifty.sparse.actgrad import parse_nm
 
     spec = getattr(args, f"{role}_nm", None)
     if spec in (None, "", "none"):
+        if changed_flags(args, role):
+            raise ValueError(f"{changed_flags(args, role)[0]} applies with --{role}-nm N:M only; it would be ignored")
         return None
     return config_from_args(args, role, base=cls(*parse_nm(spec, f"--{role}-nm"), **base))
 
