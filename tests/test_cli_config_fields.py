@@ -317,3 +317,15 @@ def test_config_yaml_of_the_previous_release_still_reads(tmp_path):
                                              a_estimator="minmax"), "synth": None, "distill": None}
     assert got["sparsify"]["sparsity"] == th.sparse.NM(4, 8, transposable=True, method="approx")
     assert got["merge"]["merge"] == th.merge.FSMerge(rank=4, steps=2)
+
+
+def test_quick_with_a_trainconfig_file(tmp_path):
+    from thrifty.cli.train import build_configs
+
+    f = tmp_path / "t.yaml"
+    f.write_text(to_yaml(th.train.TrainConfig(lr=0.3)))  # steps: 0 (use the epochs) does not contradict --quick
+    got = build_configs(_common.parse_with_config(build_parser(), ["train", *_TRAIN, "--config", str(f), "--quick"]))
+    assert got["train"] == th.train.TrainConfig(lr=0.3, steps=5)
+    f.write_text(to_yaml(th.train.TrainConfig(steps=7)))
+    with pytest.raises(ValueError, match="--quick .* --steps 7"):
+        build_configs(_common.parse_with_config(build_parser(), ["train", *_TRAIN, "--config", str(f), "--quick"]))
