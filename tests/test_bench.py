@@ -180,9 +180,9 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="same leading"):
         Samples((np.zeros((3, 2)), np.zeros((4, 2))))
     with pytest.raises(ValueError, match="backend must be one of"):
-        run(nn.Linear(16, 4), _tiny_data(8), backend="tensorrt", outdir=tmp_path)
+        run(nn.Linear(16, 4), None, _tiny_data(8), backend="tensorrt", outdir=tmp_path)
     with pytest.raises(TypeError, match="not supported"):
-        run(nn.Linear(16, 4), [1, 2, 3], outdir=tmp_path)
+        run(nn.Linear(16, 4), None, [1, 2, 3], outdir=tmp_path)
 
 
 def test_accuracy_checker(tmp_path):
