@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import typing
@@ -109,14 +110,20 @@ def _varied(cls):
     return cfg
 
 
+@functools.lru_cache(maxsize=1)
+def _flags_parser():
+    return build_parser()  # shared by the flag-only parses: only --config changes a parser's defaults
+
+
 def _build(kind, argv):
     cmd, _, role = CONSUMED[kind]
-    args = _common.parse_with_config(build_parser(), argv)
+    parser = build_parser() if "--config" in argv else _flags_parser()
+    args = _common.parse_with_config(parser, argv)
     return importlib.import_module(f"thrifty.cli.{cmd}").build_configs(args)[role]
 
 
 def _subparser(cmd):
-    return _common._subparser(build_parser(), cmd)
+    return _common._subparser(_flags_parser(), cmd)
 
 
 @pytest.mark.parametrize("kind", sorted(CONSUMED))
@@ -154,18 +161,20 @@ def test_a_mapping_of_configs_with_options_and_explicit_flags(tmp_path):
 
 
 def test_written_config_yaml_is_kind_format_and_repeats_the_run(tmp_path):
-    out = tmp_path / "run"
-    assert main(["train", *_TRAIN, "--steps", "2", "--batch-size", "16", "--grad-nm", "2:4", "--grad-method", "mse",
-                 "--out", str(out)]) == 0
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["model"] == "mlp" and "lr" not in saved  # config fields live in their config
-    assert from_dict(saved["grad"]) == th.sparse.GradNM(2, 4, method="mse")
-    train = from_dict(saved["train"])
-    assert (train.steps, train.batch_size) == (2, 16)
+    # what `thrifty train` writes next to its outputs (tests/test_cli.py runs it end to end)
     from thrifty.cli.train import build_configs
 
-    again = build_configs(_common.parse_with_config(build_parser(), ["train", "--config", str(out / "config.yaml")]))
-    assert again["train"] == train and again["grad"] == from_dict(saved["grad"]) and again["train8"] is None
+    args = _common.parse_with_config(build_parser(), ["train", *_TRAIN, "--steps", "2", "--batch-size", "16",
+                                                      "--grad-nm", "2:4", "--grad-method", "mse", "--out", "o"])
+    configs = build_configs(args)
+    path = _common.write_resolved_config(tmp_path, args, configs=configs)
+    saved = yaml.safe_load(path.read_text())
+    assert saved["model"] == "mlp" and saved["out"] == "o" and "lr" not in saved  # fields live in their config
+    assert from_dict(saved["grad"]) == th.sparse.GradNM(2, 4, method="mse") and "train8" not in saved
+    train = from_dict(saved["train"])
+    assert (train.steps, train.batch_size) == (2, 16)
+    again = build_configs(_common.parse_with_config(build_parser(), ["train", "--config", str(path)]))
+    assert again == configs
 
 
 @pytest.mark.parametrize("text, needles", [
