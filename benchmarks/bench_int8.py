@@ -108,7 +108,7 @@ def main() -> int:
         for k in range(args.rounds):
             for var, model, be in (("fp32_torch", wl.model, "torch"), ("fp32_ort", str(paths["fp32"]), "onnxruntime"),
                                    ("int8_ort", str(paths["int8"]), "onnxruntime")):
-                r = run(model, wl.samples, scenarios=["Offline"], backend=be, settings=s, accuracy=False,
+                r = run(model, s, wl.samples, scenarios=["Offline"], backend=be, accuracy=False,
                         reference=None, outdir=work, variant=f"{fam}_{var}")
                 o = r["scenarios"]["Offline"]
                 rows[var].append(o["value"] if o["valid"] else float("nan"))

@@ -109,7 +109,7 @@ def test_model_that_cannot_take_the_dataset_names_the_ones_that_fit(tmp_path, ca
     (["bench", "--model", "m", "--scenario", "Foo"], "--scenario: unknown scenario(s) ['Foo']"),
     (["bench", "--model", "m", "--backend", "tensorrt"], "--backend: unknown backend(s) ['tensorrt']"),
     (["bench", "--model", "m", "--max-samples", "-1"], "--max-samples: must be >= 1, got -1"),
-    (["train", "--steps", "-3"], "--steps: must be >= 1"),
+    (["train", "--steps", "-3"], "--steps: TrainConfig.steps: invalid value -3"),
     (["quantize", "--model", "m", "--calib-per-class", "0"], "--calib-per-class: must be >= 1"),
 ])
 def test_counts_and_choices_are_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, needle):
@@ -123,7 +123,7 @@ def test_counts_and_choices_are_refused_before_any_work(tmp_path, capsys, monkey
     ("batch_size: [1, 2]\n", ["'batch_size'", "c.yaml", "single value"]),
     ('quick: "no"\n', ["'quick'", "c.yaml", "true or false"]),
     ("steps: 2.5\n", ["'steps'", "c.yaml"]),
-    ("steps: 0\n", ["'steps'", "must be >= 1"]),
+    ("steps: -1\n", ["--steps", "TrainConfig.steps", "-1"]),
     ("optimizer: lion\n", ["'optimizer'", "sgd, adamw"]),
     ("batch_size: true\n", ["'batch_size'", "c.yaml"]),
     ("overwrite: true\n", ["'overwrite'", "c.yaml", "on the command line"]),
@@ -145,7 +145,9 @@ def test_yaml_config_good_values_still_work(tmp_path):
     out = tmp_path / "t"
     assert main(["train", "--config", str(cfg), "--out", str(out)]) == 0
     res = yaml.safe_load((out / "config.yaml").read_text())
-    assert res["lr"] == 1e-3 and res["steps"] == 2 and res["quick"] is False and "overwrite" not in res
+    train = res["train"]  # the TrainConfig, as thrifty.to_yaml writes it; the other options flat
+    assert train["kind"] == "TrainConfig" and train["lr"] == 1e-3 and train["steps"] == 2 and train["batch_size"] == 16
+    assert res["quick"] is False and "overwrite" not in res and res["model_arg"] == [["hidden", [16]]]
 
 
 @pytest.mark.parametrize("argv, needles", [
@@ -154,7 +156,11 @@ def test_yaml_config_good_values_still_work(tmp_path):
     (["quantize", "--model", "MODEL", "--synth-steps", "5"], ["--synth-steps", "--data-free"]),
     (["quantize", "--model", "MODEL", "--data-free", "gaussian", "--synth-steps", "5"], ["--synth-steps"]),
     (["quantize", "--model", "MODEL", "--budget-kind", "bops"], ["--budget-kind bops needs --budget"]),
-    (["sparsify", "--model", "MODEL", "--method", "approx"], ["--method approx", "--transposable"]),
+    (["sparsify", "--model", "MODEL", "--method", "approx"], ["--method", "'approx'", "--transposable"]),
+    (["merge", "--models", "MODEL", "MODEL", "--method", "average", "--steps", "5"], ["--steps", "AverageMerge"]),
+    (["train", "--model", "mlp", "--dataset", "digits", "--train8-bits", "6"], ["--train8-bits", "--recipe train8"]),
+    (["train", "--model", "mlp", "--dataset", "digits", "--grad-method", "mse"], ["--grad-method", "--grad-nm"]),
+    (["quantize", "--model", "MODEL", "--distill-lr", "0.1"], ["--distill-lr", "--distill-steps"]),
 ])
 def test_conflicting_or_ignored_flags_are_refused(tmp_path, capsys, monkeypatch, argv, needles):
     monkeypatch.chdir(tmp_path)
@@ -272,7 +278,7 @@ def test_files_layers_and_ranges_through_the_cli(tmp_path, capsys, monkeypatch):
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     _fails(["train", "--model", "mlp", "--dataset", str(tmp_path / "imgs"), "--out", "t"], capsys,
            "imgs: no images")
-    _fails(["quantize", "--model", str(stem), "--bits", "1", "--out", "q"], capsys, "w_bits must be in 2..16")
+    _fails(["quantize", "--model", str(stem), "--w-bits", "1", "--out", "q"], capsys, "--w-bits", "w_bits must be in 2..16")
     _fails(["sparsify", "--model", str(stem), "--nm", "3:2", "--out", "s"], capsys, "3:2")
     small = tmp_path / "small" / "model"
     save_model(create("mlp", in_features=3, hidden=[8], num_classes=2), small,

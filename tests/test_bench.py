@@ -70,7 +70,7 @@ def test_all_scenarios_tiny_model_subprocess(tmp_path):
     s = BenchConfig(min_duration_s=0.2, server_latency_ms=200, server_max_probes=3)
     m.train()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    r = run(m, ds, scenarios="all", backend="torch", settings=s, outdir=tmp_path, variant="tiny")
+    r = run(m, s, ds, scenarios="all", backend="torch", outdir=tmp_path, variant="tiny")
     assert m.training and all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # untouched
     sc = r["scenarios"]
     assert set(sc) == {"SingleStream", "MultiStream", "Server", "Offline"}
@@ -180,9 +180,9 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="same leading"):
         Samples((np.zeros((3, 2)), np.zeros((4, 2))))
     with pytest.raises(ValueError, match="backend must be one of"):
-        run(nn.Linear(16, 4), _tiny_data(8), backend="tensorrt", outdir=tmp_path)
+        run(nn.Linear(16, 4), None, _tiny_data(8), backend="tensorrt", outdir=tmp_path)
     with pytest.raises(TypeError, match="not supported"):
-        run(nn.Linear(16, 4), [1, 2, 3], outdir=tmp_path)
+        run(nn.Linear(16, 4), None, [1, 2, 3], outdir=tmp_path)
 
 
 def test_accuracy_checker(tmp_path):
@@ -298,7 +298,7 @@ def test_relative_outdir_works_in_the_subprocess(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     m = nn.Sequential(nn.Linear(16, 4))
     s = BenchConfig(min_duration_s=0.1)
-    r = run(m, _tiny_data(64), scenarios="SingleStream", backend="torch", settings=s, outdir="rel/bench",
+    r = run(m, s, _tiny_data(64), scenarios="SingleStream", backend="torch", outdir="rel/bench",
             variant="v", accuracy=False)
     assert r["scenarios"]["SingleStream"]["valid"]
     assert (tmp_path / "rel" / "bench" / "v" / "result.json").is_file()

@@ -8,6 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import thrifty as th
 from thrifty.cli import build_parser, main
 
 
@@ -38,8 +39,10 @@ def test_config_file_defaults_and_flag_override(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--lr", "0.01", "--out", str(out)]) == 0
     res = yaml.safe_load((out / "config.yaml").read_text())
-    assert res["lr"] == 0.01 and res["steps"] == 3 and res["batch_size"] == 16 and res["model"] == "mlp"
-    assert res["epochs"] is not None  # effective recipe values are filled in
+    train = res["train"]  # the TrainConfig as thrifty.to_yaml writes it; options such as model stay flat
+    assert train["kind"] == "TrainConfig" and res["model"] == "mlp"
+    assert train["lr"] == 0.01 and train["steps"] == 3 and train["batch_size"] == 16
+    assert train["epochs"] == th.train.recipe("mlp", "digits")[1].epochs  # effective recipe values are filled in
     # the resolved config repeats the run
     assert main(["train", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
     again = yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())

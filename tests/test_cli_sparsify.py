@@ -37,7 +37,8 @@ def test_sparsify_cli_transposable_adaprune(tmp_path, capsys):
         w = getattr(model, name).weight
         assert nmops.is_transposable(w, 4, 8)
         assert torch.equal(load_sparse(out / "model.nm.safetensors")[f"{name}.weight"], w)
-    assert yaml.safe_load((out / "config.yaml").read_text())["nm"] == "4:8"
+    saved = yaml.safe_load((out / "config.yaml").read_text())["sparsity"]
+    assert saved["kind"] == "NM" and (saved["n"], saved["m"], saved["method"]) == (4, 8, "approx")
 
 
 def test_sparsify_cli_errors(tmp_path, capsys):

@@ -42,7 +42,7 @@ def _merge(cfg: Config) -> None:
 def _bench(cfg: Config, tmp_path) -> None:
     ds = TensorDataset(_x(64), torch.randint(0, 4, (64,)))
     cfg = cfg.replace(min_duration_s=0.05, min_query_count=8)
-    r = th.bench.run(_net(), ds, scenarios="SingleStream", settings=cfg, outdir=tmp_path, isolate=False,
+    r = th.bench.run(_net(), cfg, ds, scenarios="SingleStream", outdir=tmp_path, isolate=False,
                      accuracy=False, calib=None)
     assert "SingleStream" in r["scenarios"]
 

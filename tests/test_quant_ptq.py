@@ -364,7 +364,7 @@ def test_cli_quantize_saved_model(tmp_path, capsys):
     meta = {"model": "mlp", "model_kwargs": {"in_features": 64, "num_classes": 10}, "dataset": "digits"}
     save_model(m, tmp_path / "fp", meta)
     out = tmp_path / "q"
-    rc = main(["quantize", "--model", str(tmp_path / "fp"), "--bits", "4", "--pipeline", "light", "--budget", "0.2",
+    rc = main(["quantize", "--model", str(tmp_path / "fp"), "--w-bits", "4", "--pipeline", "light", "--budget", "0.2",
                "--candidate-bits", "2,4,8", "--calib-per-class", "3", "--out", str(out)])
     assert rc == 0 and "quantized" in capsys.readouterr().out
     for f in ("model.safetensors", "model.yaml", "report.json", "config.yaml"):
@@ -372,7 +372,7 @@ def test_cli_quantize_saved_model(tmp_path, capsys):
     q, qmeta = load_quantized(out / "model")
     assert qmeta["quantization"]["config"].budget == 0.2 and qmeta["dataset"] == "digits"
     assert q(torch.randn(2, 64)).shape == (2, 10)
-    assert main(["quantize", "--model", str(tmp_path / "fp"), "--bits", "1", "--out", str(out)]) != 0
+    assert main(["quantize", "--model", str(tmp_path / "fp"), "--w-bits", "1", "--out", str(out)]) != 0
 
 
 def test_every_revert_is_recorded():

@@ -7,8 +7,8 @@ Example:
     >>> import tempfile, torch, torch.nn as nn
     >>> import thrifty as th
     >>> data = torch.utils.data.TensorDataset(torch.rand(64, 16), torch.zeros(64, dtype=torch.long))
-    >>> rep = th.bench.run(nn.Linear(16, 4), data, scenarios="Offline", backend="torch",
-    ...                    settings=th.bench.BenchConfig(min_duration_s=0.1), outdir=tempfile.mkdtemp())
+    >>> rep = th.bench.run(nn.Linear(16, 4), th.bench.BenchConfig(min_duration_s=0.1), data, scenarios="Offline",
+    ...                    backend="torch", outdir=tempfile.mkdtemp())
     >>> rep["scenarios"]["Offline"]["valid"], rep["scenarios"]["Offline"]["value"] > 0   # value: samples/s
     (True, True)
 """
@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from thrifty.bench.harness import Samples
+from thrifty.core.compat import config_first
 from thrifty.bench.report import portable_paths
 from thrifty.bench.settings import SCENARIOS, BenchConfig
 from thrifty.utils import atomic_write_text, get_logger
@@ -218,7 +219,7 @@ def _reference(ref: Any, wl: Workload) -> Optional[np.ndarray]:
     return np.concatenate(outs).astype(np.float32)
 
 
-def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
+def run(model: Union[str, os.PathLike, nn.Module], config: Optional[BenchConfig] = None, data: Any = None, *,
         scenarios: Union[str, Sequence[str]] = "Offline", backend: str = "torch",
         settings: Optional[BenchConfig] = None, outdir: Union[str, os.PathLike] = "reports/bench",
         accuracy: bool = True, reference: Any = "auto", isolate: bool = True, seq_len: int = 128,
@@ -233,11 +234,15 @@ def run(model: Union[str, os.PathLike, nn.Module], data: Any = None, *,
     OMP/MKL thread counts set before torch is imported (threaded SUTs need it). ``calib``: calibration data for
     the output quantizers an integer residual graph needs (see ``export_onnx``); "auto" = the bundled dataset's
     PTQ calibration subset (:func:`calibration_data`), None = export exactly the simulated PTQ graph.
+
+    ``config`` (default ``BenchConfig()``) comes right after the model; the older ``run(model, data,
+    settings=cfg)`` still works for one release, with a DeprecationWarning.
     """
+    settings, data = config_first("bench.run", config, data, settings, default=BenchConfig(),
+                                  accepts=(BenchConfig,), call="bench.run(model, cfg, data)")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     scen = list(SCENARIOS) if scenarios == "all" else [scenarios] if isinstance(scenarios, str) else list(scenarios)
-    settings = settings or BenchConfig()
     wl = load_workload(model, data, seq_len=seq_len, max_samples=max_samples, seed=settings.seed,
                        dynamic_length=dynamic_length)
     psc = settings.performance_sample_count

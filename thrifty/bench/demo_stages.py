@@ -24,7 +24,7 @@ def bench_stage(ctx: DemoContext) -> dict:
     out = ctx.report_dir / "bench"
     rows = []
     for var, model, backend in (("fp32_torch", ctx.model, "torch"), ("int8_onnxruntime", q, "onnxruntime")):
-        rows.append(run(model, samples, scenarios=["SingleStream", "Offline"], backend=backend, settings=s,
+        rows.append(run(model, s, samples, scenarios=["SingleStream", "Offline"], backend=backend,
                         outdir=out, variant=var, calib=calib))
     plots = plot_results(rows, out)
     res: dict = {}

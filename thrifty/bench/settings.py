@@ -153,7 +153,7 @@ def _human(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
-register_pipeline(BenchConfig, "configures a benchmark run", "thrifty.bench.run(model, data, settings=cfg)")
+register_pipeline(BenchConfig, "configures a benchmark run", "thrifty.bench.run(model, cfg, data)")
 # Renamed for the naming rule (docs/naming.md); the old name works for one release.
 CONFIG_ALIASES["BenchSettings"] = "BenchConfig"
 __getattr__ = deprecated_alias(__name__, {"BenchSettings": ("BenchConfig", BenchConfig)})

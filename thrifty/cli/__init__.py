@@ -53,15 +53,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``thrifty`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    cmd = _common.command_of(parser, argv)
+    debug = "--debug" in argv[:argv.index(cmd) if cmd else len(argv)] or \
+        os.environ.get("THRIFTY_DEBUG", "") not in ("", "0")
+    try:
+        args = _common.parse_with_config(parser, argv)  # a --config file is read first: a bad one is a user error
+    except _USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"thrifty {cmd}: error: {e}", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        args = _common.apply_config_file(parser, args, argv)
         rc = args.func(args)
     except _USER_ERRORS as e:
-        if args.debug or os.environ.get("THRIFTY_DEBUG", "") not in ("", "0"):
+        if debug:
             raise
         print(f"thrifty {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """Shared CLI helpers: ``--config`` YAML defaults, the resolved config written next to outputs, progress.
 
-``--config file.yaml`` holds a mapping of option names (``batch_size`` or ``batch-size``) to values; they
-become the subcommand's defaults, so flags given explicitly on the command line still win. An unknown key
-is an error naming the key and the file. The ``config.yaml`` that commands write next to their outputs
+``--config file.yaml`` holds what ``thrifty.to_yaml(cfg)`` writes (one config, or a list or mapping of
+them) and/or option names (``batch_size`` or ``batch-size``) with values; they become the subcommand's
+defaults, so flags given explicitly on the command line still win. An unknown kind, field or key is an
+error naming it and the file. The ``config.yaml`` that commands write next to their outputs
 (``write_resolved_config``) can be fed back with ``--config`` to repeat a run.
 
 Example:
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from thrifty import utils
 from thrifty.utils import atomic_write_text, plain_data
 
-__all__ = ["add_config_option", "apply_config_file", "resolved", "write_resolved_config", "show_progress",
+__all__ = ["add_config_option", "parse_with_config", "command_of", "resolved", "write_resolved_config", "show_progress",
            "progress", "step", "int_list", "positive_int", "nonneg_int", "add_overwrite_option", "check_out_dir",
            "check_model_data", "INTERNAL_KEYS"]
 
@@ -41,7 +42,9 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     if any(a.dest == "config" for a in parser._actions):
         return
     parser.add_argument("--config", metavar="FILE.yaml", default=None,
-                        help="YAML file of option defaults (keys are option names); explicit flags override it")
+                        help="YAML defaults: what thrifty.to_yaml(cfg) writes (one config, or a list or mapping "
+                             "of them), option names with values, or the config.yaml of an earlier run; "
+                             "explicit flags override it")
 
 
 def _subparser(root: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
@@ -51,8 +54,19 @@ def _subparser(root: argparse.ArgumentParser, command: str) -> argparse.Argument
     raise ValueError(f"no subcommand {command!r}")
 
 
+def _is_config(value: Any) -> bool:
+    return isinstance(value, dict) and "kind" in value
+
+
 def load_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser, command: str = "") -> dict[str, Any]:
-    """Read a ``--config`` YAML file and map its keys to the parser's option destinations."""
+    """Read a ``--config`` YAML file into the parser's defaults (dest -> value).
+
+    The file holds ``thrifty.to_yaml`` output (a mapping with ``kind``), a list of those, or a mapping whose
+    values are those (config roles, e.g. ``train: {kind: TrainConfig, ...}``) or option values (``lr: 0.1``).
+    """
+    from thrifty.cli._fields import UNSET, _AliasAction, config_defaults, config_dests
+    from thrifty.core.config import from_dict
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
@@ -60,22 +74,50 @@ def load_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser, c
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"config file {p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {p} must hold a mapping of option names to values, got {type(data).__name__}")
+    if _is_config(data):
+        configs, flat = [("kind", data)], {}
+    elif isinstance(data, list) and all(_is_config(x) for x in data):
+        configs, flat = [(f"item {i}", x) for i, x in enumerate(data)], {}
+    elif isinstance(data, dict):
+        configs = [(k, v) for k, v in data.items() if _is_config(v)]
+        flat = {k: v for k, v in data.items() if not _is_config(v)}
+    else:
+        raise ValueError(f"config file {p} must hold a config (a mapping with 'kind'), a list of configs or a "
+                         f"mapping of option names to values, got {type(data).__name__}")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)
-               and a.dest not in INTERNAL_KEYS}
+               and a.dest not in INTERNAL_KEYS and not isinstance(a, _AliasAction)}
+    by_flag = {s.lstrip("-").replace("-", "_"): a for a in parser._actions for s in a.option_strings}
+    generated = config_dests(parser)
     out: dict[str, Any] = {}
-    for key, value in data.items():
+    for key, value in flat.items():
         dest = str(key).replace("-", "_")
         if dest in _FLAG_ONLY:
             raise ValueError(f"key {key!r} in config file {p}: give --{dest} on the command line, not in a config "
                              "file")
         if dest in INTERNAL_KEYS:
             continue
-        if dest not in actions:
+        action = actions.get(dest) or by_flag.get(dest)
+        if action is None:
             raise ValueError(f"unknown key {key!r} in config file {p} for `thrifty {command}`; "
                              f"known keys: {', '.join(sorted(actions))}")
-        out[dest] = _coerce(actions[dest], value, f"key {key!r} in config file {p}")
+        where = f"key {key!r} in config file {p}"
+        if value is None and (action.dest in generated or isinstance(action, _AliasAction)):
+            continue  # null: the field's default (older flat files wrote unset options as null)
+        if isinstance(action, _AliasAction):  # an older option name: sets the fields it stood for
+            if action.fixed is not UNSET and not isinstance(value, bool):
+                raise ValueError(f"{where} must be true or false, got {value!r}")
+            if action.fixed is UNSET or value:
+                out.update(dict.fromkeys(action.targets, _coerce(action, value, where) if action.fixed is UNSET
+                                         else action.fixed))
+            continue
+        out[dest if dest in actions else action.dest] = _coerce(action, value, where)
+    for key, d in configs:
+        where = f"config file {p}, key {key!r}"
+        try:
+            cfg = from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{where}: {e}") from None
+        out.update(config_defaults(parser, cfg, where))
     return out
 
 
@@ -86,7 +128,7 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
     would otherwise bypass every check a flag gets (``quick: "no"`` would be truthy)."""
     if value is None:
         return None
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {value!r}")
         return value
@@ -115,25 +157,58 @@ def _coerce_one(action: argparse.Action, value: Any, where: str) -> Any:
     return value
 
 
-def apply_config_file(root: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
-    """Re-parse ``argv`` with the YAML file's values as defaults (so explicit flags override them)."""
-    if not getattr(args, "config", None):
-        return args
-    sub = _subparser(root, args.command)
-    sub.set_defaults(**load_config_file(args.config, sub, args.command))
+def command_of(root: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is one: the root parser's options take no value)."""
+    for action in root._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return next((a for a in argv if a in action.choices), None)
+    return None
+
+
+def parse_with_config(root: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``, with the ``--config`` file's values as the subcommand's defaults (explicit flags win).
+
+    The file is read first, so it may also hold the options a command requires (``model:`` of the
+    ``config.yaml`` an earlier run wrote).
+    """
+    argv = list(argv)
+    command = command_of(root, argv)
+    if command is not None:
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config", default=None)
+        path = pre.parse_known_args(argv[argv.index(command) + 1:])[0].config
+        if path:
+            sub = _subparser(root, command)
+            defaults = load_config_file(path, sub, command)
+            sub.set_defaults(**defaults)
+            for action in sub._actions:
+                if action.dest in defaults:
+                    action.required = False
     return root.parse_args(argv)
 
 
 def resolved(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
-    """The configuration part of parsed arguments, as plain YAML-able data."""
+    """The configuration part of parsed arguments, as plain YAML-able data (generated config flags are left
+    to the configs they build, see :func:`write_resolved_config`)."""
+    from thrifty.cli._fields import config_dests
+
     d = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return {k: plain_data(v) for k, v in d.items() if k not in INTERNAL_KEYS and not k.startswith("_")}
+    skip = config_dests(args) if isinstance(args, argparse.Namespace) else set()
+    return {k: plain_data(v) for k, v in d.items() if k not in INTERNAL_KEYS and not k.startswith("_")
+            and k not in skip}
 
 
 def write_resolved_config(outdir: str | os.PathLike, config: argparse.Namespace | dict[str, Any],
-                          name: str = "config.yaml") -> Path:
-    """Atomically write the resolved configuration to ``outdir/config.yaml``; returns the path."""
-    return atomic_write_text(Path(outdir) / name, yaml.safe_dump(resolved(config), sort_keys=False))
+                          name: str = "config.yaml", configs: dict[str, Any] | None = None) -> Path:
+    """Atomically write the resolved run to ``outdir/config.yaml``; returns the path.
+
+    The options (``model: ...``) come first, then each config the command built under its role
+    (``ptq: {kind: PTQ, ...}``): the file ``--config`` reads back to repeat the run.
+    """
+    from thrifty.core.config import to_dict
+
+    data = {**resolved(config), **{k: to_dict(c) for k, c in (configs or {}).items() if c is not None}}
+    return atomic_write_text(Path(outdir) / name, yaml.safe_dump(data, sort_keys=False))
 
 
 def show_progress() -> bool:

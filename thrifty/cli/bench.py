@@ -11,10 +11,10 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 from thrifty.cli import _common
+from thrifty.cli._fields import Alias, add_config_flags, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,17 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="torch", type=_backends, help="torch, onnxruntime, or both comma-separated")
     p.add_argument("--quantize", action="store_true", help="also benchmark an int8 PTQ variant")
     p.add_argument("--ptq-pipeline", default="rtn", choices=["rtn", "adaquant", "light", "advanced"])
-    p.add_argument("--min-duration", type=float, default=2.0, help="LoadGen min_duration in seconds")
-    p.add_argument("--min-query-count", type=_common.positive_int, default=None)
-    p.add_argument("--official", action="store_true", help="official MLPerf durations (hours; implies --allow-long)")
-    p.add_argument("--allow-long", action="store_true", help="permit runs estimated longer than --max-run-s")
-    p.add_argument("--max-run-s", type=float, default=600.0)
-    p.add_argument("--server-latency-ms", type=float, default=None, help="Server p99 bound (default: automatic)")
-    p.add_argument("--server-qps", type=float, default=None, help="fixed Server QPS instead of the max-QPS search")
-    p.add_argument("--max-batch", type=_common.positive_int, default=64)
-    p.add_argument("--workers", type=_common.positive_int, default=None,
-                   help="SUT worker threads (default: cores / threads)")
-    p.add_argument("--threads", type=_common.positive_int, default=1, help="intra-op threads per worker")
+    p.add_argument("--official", action="store_true",
+                   help="official MLPerf durations and query counts (hours; implies --allow-long); the other "
+                        "flags still override them")
     p.add_argument("--seq-len", type=_common.positive_int, default=128, help="token length for text models")
     p.add_argument("--max-samples", type=_common.positive_int, default=None,
                    help="use only the first N dataset samples")
@@ -45,7 +37,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="reports/bench")
     _common.add_overwrite_option(p)
     _common.add_config_option(p)
+    from thrifty.bench import BenchConfig
+
+    # BenchConfig.scenario is one scenario; --scenario (a list) runs each in turn
+    add_config_flags(p, "bench", BenchConfig, skip=("scenario",), title="LoadGen settings (thrifty.bench."
+                     "BenchConfig fields)", on_load=lambda cfg: {"scenario": [cfg.scenario]},
+                     aliases={"--min-duration": Alias(("min_duration_s",)),
+                              "--server-qps": Alias(("server_target_qps",))})
     p.set_defaults(func=run)
+
+
+def build_configs(args: argparse.Namespace) -> dict:
+    """The configs the flags (and ``--config``) ask for: ``{"bench": BenchConfig}`` (for the first scenario)."""
+    from thrifty.bench import BenchConfig
+
+    first = list(args.scenario)[0]
+    base = BenchConfig.official(first) if args.official else BenchConfig(scenario=first)
+    return {"bench": config_from_args(args, "bench", base=base)}
 
 
 def _choices_list(text: str | list, known: tuple[str, ...], what: str, all_ok: bool) -> list[str]:
@@ -80,11 +88,9 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.bench.report import write_report
 
     scen, backends = list(args.scenario), list(args.backend)
+    configs = build_configs(args)  # validates the settings before any work
+    settings: BenchConfig = configs["bench"]
     out = _common.check_out_dir(args.out, args.overwrite)
-    kw = dict(server_latency_ms=args.server_latency_ms, server_target_qps=args.server_qps, max_batch=args.max_batch,
-              workers=args.workers, threads=args.threads, max_run_s=args.max_run_s, allow_long=args.allow_long)
-    settings = (BenchConfig.official(scen[0], **kw) if args.official else
-                BenchConfig(min_duration_s=args.min_duration, min_query_count=args.min_query_count, **kw))
     wl = load_workload(args.model, args.data, seq_len=args.seq_len, max_samples=args.max_samples)
     variants = [("fp32", wl.model if wl.model is not None else args.model, "auto")]
     if args.quantize:
@@ -98,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         for be in backends:
             name = f"{wl.name}_{tag}_{be}"
             print(f"== {name}: {', '.join(scen)}")
-            r = bench_run(model, wl.samples, scenarios=scen, backend=be, settings=settings, outdir=out,
+            r = bench_run(model, settings, wl.samples, scenarios=scen, backend=be, outdir=out,
                           accuracy=not args.no_accuracy, reference=ref, variant=name)
             for sc, x in r["scenarios"].items():
                 print(f"  {sc:12s} {'VALID  ' if x['valid'] else 'INVALID'} {x.get('metric')}={x.get('value')}"
@@ -109,6 +115,6 @@ def run(args: argparse.Namespace) -> int:
             results.append(r)
     paths = write_report(results, out, title=f"thrifty bench: {wl.name}")
     # last, so a failed run never leaves a config.yaml that does not match results.json
-    _common.write_resolved_config(out, args)
+    _common.write_resolved_config(out, args, configs=configs)
     print(f"report: {paths['markdown']}")
     return 0 if all(x["valid"] for r in results for x in r["scenarios"].values()) else 1

@@ -16,6 +16,7 @@ import argparse
 import json
 
 from thrifty.cli import _common
+from thrifty.cli._fields import add_config_flags, config_from_args
 
 METHODS = ("fs-merge", "average", "permute", "zip", "distill")
 
@@ -28,19 +29,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", default=None, help="one dataset per model (default: each model's yaml)")
     p.add_argument("--classes", nargs="+", default=None, help="one comma-separated label list per model")
     p.add_argument("--data-per-task", type=_common.positive_int, default=100, help="unlabeled training inputs per task")
-    p.add_argument("--param", choices=["diagonal", "lowrank", "diag_lowrank", "full"], default="diag_lowrank")
-    p.add_argument("--init", choices=["first", "average", "permute"], default="average")
-    p.add_argument("--mode", choices=["global", "local"], default="global")
-    p.add_argument("--rank", type=_common.positive_int, default=8)
-    p.add_argument("--width-mult", type=float, default=1.0, help="merged width / original width")
-    p.add_argument("--steps", type=_common.nonneg_int, default=300)
-    p.add_argument("--lr", type=float, default=None, help="default 1e-2 (fs-merge), 1e-3 (distill)")
-    p.add_argument("--augment", type=_common.nonneg_int, default=4, help="augmented copies per sample")
-    p.add_argument("--matching", choices=["activation", "weight"], default="activation", help="for --method permute")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which few-shot samples, and the method's seed")
     p.add_argument("--out", default="runs/merged", help="output folder")
     _common.add_overwrite_option(p)
+    classes = _method_classes()
+    title = "merge method: the fields of each --method's config (" + ", ".join(
+        f"{k}: {c.__name__}" for k, c in classes.items()) + "); another method's flag is refused"
+    add_config_flags(p, "merge", *classes.values(), title=title,
+                     on_load=lambda cfg: {"method": next(k for k, c in classes.items() if c is type(cfg))})
     p.set_defaults(func=run)
+
+
+def _method_classes() -> dict:
+    from thrifty.merge import AverageMerge, DistillMerge, FSMerge, PermuteMerge, ZipMerge
+
+    return {"fs-merge": FSMerge, "average": AverageMerge, "permute": PermuteMerge, "zip": ZipMerge,
+            "distill": DistillMerge}
+
+
+def build_configs(args: argparse.Namespace) -> dict:
+    """The configs the flags (and ``--config``) ask for: ``{"merge": <--method's config>}``."""
+    return {"merge": config_from_args(args, "merge", _method_classes()[args.method])}
 
 
 def _task_splits(args: argparse.Namespace, metas: list[dict], models: list) -> list:
@@ -90,13 +99,13 @@ def _task_splits(args: argparse.Namespace, metas: list[dict], models: list) -> l
 
 def run(args: argparse.Namespace) -> int:
     from thrifty.core import to_dict
-    from thrifty.merge import (
-        AverageMerge, DistillMerge, FSMerge, PermuteMerge, ZipMerge, evaluate_tasks, few_shot, merge, zoo_kwargs,
-    )
+    from thrifty.merge import evaluate_tasks, few_shot, merge, zoo_kwargs
     from thrifty.train import load_model, save_model
 
     if len(args.models) < 2:
         raise ValueError(f"--models needs at least 2 saved models, got {len(args.models)}")
+    configs = build_configs(args)  # validates the method's fields before any work
+    cfg = configs["merge"]
     if args.data_per_task < 2:
         raise ValueError(f"--data-per-task must be >= 2, got {args.data_per_task}")
     out = _common.check_out_dir(args.out, args.overwrite)
@@ -111,17 +120,6 @@ def run(args: argparse.Namespace) -> int:
     few = [few_shot(tr, args.data_per_task, seed=args.seed + i) for i, (_, tr, _) in enumerate(tasks)]
     tests = [te for _, _, te in tasks]
     progress = _common.show_progress()
-    if args.method == "fs-merge":
-        cfg = FSMerge(param=args.param, init=args.init, mode=args.mode, rank=args.rank, width_mult=args.width_mult,
-                      steps=args.steps, lr=args.lr or 1e-2, augment=args.augment, seed=args.seed)
-    elif args.method == "distill":
-        cfg = DistillMerge(steps=args.steps, lr=args.lr or 1e-3, augment=args.augment, seed=args.seed)
-    elif args.method == "permute":
-        cfg = PermuteMerge(matching=args.matching)
-    elif args.method == "zip":
-        cfg = ZipMerge()
-    else:
-        cfg = AverageMerge()
     with _common.step(f"merging with {args.method}"):
         merged = merge(models, cfg, few, progress=progress)
     orig = [evaluate_tasks(m, [te], [(0, m.head.out_features)])[0] for m, te in zip(models, tests)]
@@ -141,6 +139,6 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "merge.json", json.dumps({"method": args.method, "per_task_acc": acc,
                                                        "original_acc": orig, "data_per_task": args.data_per_task,
                                                        "config": to_dict(cfg)}, indent=1))
-    _common.write_resolved_config(out, args)
+    _common.write_resolved_config(out, args, configs=configs)
     print(f"saved {out / 'model.safetensors'} (+ model.yaml)")
     return 0

@@ -14,8 +14,8 @@ own BatchNorm statistics: no real training data is read. ``--distill-steps N`` t
 model to the FP model's soft outputs on the same samples (distillation, still no labels).
 
 Example:
-    thrifty quantize --model resnet20 --dataset digits32 --bits 4 --budget 0.13 --pipeline advanced
-    thrifty quantize --model resnet20 --dataset digits32 --bits 4 --data-free bns --distill-steps 100
+    thrifty quantize --model resnet20 --dataset digits32 --w-bits 4 --budget 0.13 --pipeline advanced
+    thrifty quantize --model resnet20 --dataset digits32 --w-bits 4 --data-free bns --distill-steps 100
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from thrifty.cli import _common
+from thrifty.cli._fields import UNSET, Alias, add_config_flags, changed_flags, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,33 +32,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="saved model stem/path, or a registry name (uses the pretrained one)")
     p.add_argument("--dataset", default=None, help="dataset (default: the one recorded with the saved model)")
-    p.add_argument("--bits", type=int, default=4, help="weight bits (2..16)")
-    p.add_argument("--a-bits", type=int, default=8, help="activation bits (2..16); 0 keeps activations in FP32")
-    p.add_argument("--first-last-bits", type=int, default=8, help="bits of the first and last layer; 0 = FP32")
-    p.add_argument("--pipeline", choices=["rtn", "adaquant", "light", "advanced"], default="advanced")
-    p.add_argument("--budget", type=float, default=None, help="bit allocation budget, fraction of FP32 (e.g. 0.13)")
-    p.add_argument("--budget-kind", choices=["size", "bops"], default="size")
-    p.add_argument("--candidate-bits", type=_common.int_list, default=[2, 3, 4, 8], help="e.g. 2,3,4,8")
-    p.add_argument("--adaquant-mode", choices=["sequential", "parallel"], default="sequential")
-    p.add_argument("--adaquant-iters", type=_common.nonneg_int, default=200)
-    p.add_argument("--bias-iters", type=_common.nonneg_int, default=100)
-    p.add_argument("--estimator", choices=["minmax", "sample_minmax", "percentile", "mse"], default="mse",
-                   help="range estimator for weights and activations")
     p.add_argument("--calib-per-class", type=_common.positive_int, default=10)
     p.add_argument("--data-free", choices=["bns", "gaussian", "inception"], default=None,
                    help="calibrate on samples synthesised from the model itself instead of real data "
-                        "(same count as --calib-per-class x classes)")
-    p.add_argument("--synth-steps", type=_common.positive_int, default=None,
-                   help="optimisation steps for --data-free bns/inception (default: thrifty.datafree.Synth's)")
-    p.add_argument("--distill-steps", type=_common.nonneg_int, default=0,
-                   help="after PTQ, fine-tune the quantized model this many steps to match the FP model's logits "
-                        "on the calibration samples (KL; synthetic ones with --data-free)")
+                        "(same count as --calib-per-class x classes); the --synth-* flags are Synth's fields")
     p.add_argument("--filter", action="append", default=None, metavar="GLOB",
                    help="only layers whose qualified name matches (repeatable); default: every Linear/Conv2d")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output folder (default runs/<model>-w<bits>a<a-bits>-<pipeline>)")
+    p.add_argument("--out", default=None, help="output folder (default runs/<model>-w<w-bits>a<a-bits>-<pipeline>)")
     _common.add_overwrite_option(p)
+    from thrifty.datafree import Distill, Synth
+    from thrifty.quant import PTQ
+
+    add_config_flags(p, "ptq", PTQ, title="PTQ (thrifty.quant.PTQ fields)", zero_is_none=("a_bits", "first_last_bits"),
+                     aliases={"--bits": Alias(("w_bits",)), "--estimator": Alias(("w_estimator", "a_estimator"))})
+    add_config_flags(p, "synth", Synth, prefix="synth-", dests={"method": "data_free"},
+                     title="synthetic calibration data, with --data-free (thrifty.datafree.Synth fields)")
+    add_config_flags(p, "distill", Distill, prefix="distill-",
+                     title="after PTQ, fine-tune the quantized model to the FP model's logits on the calibration "
+                           "samples, with --distill-steps N > 0 (thrifty.datafree.Distill fields)")
     p.set_defaults(func=run)
+
+
+def build_configs(args: argparse.Namespace) -> dict:
+    """The configs the flags (and ``--config``) ask for: ``ptq`` (PTQ), ``synth`` (Synth, with ``--data-free``)
+    and ``distill`` (Distill, with ``--distill-steps`` > 0); None where off. The seeds default to PTQ's."""
+    from thrifty.datafree import Distill, Synth
+
+    ptq = config_from_args(args, "ptq")
+    synth = None
+    if args.data_free:
+        synth = config_from_args(args, "synth", base=Synth(method=args.data_free, seed=ptq.seed))
+        if synth.method == "gaussian" and synth.steps != Synth().steps:
+            raise ValueError(f"--synth-steps applies to --data-free bns or inception only (got --data-free "
+                             f"{synth.method}); it would be ignored")
+    elif changed_flags(args, "synth"):
+        raise ValueError(f"{changed_flags(args, 'synth')[0]} applies to --data-free bns or inception only (no "
+                         "--data-free given); it would be ignored")
+    distill = None
+    if getattr(args, "distill_steps", UNSET) not in (UNSET, 0):  # 0: off, as before Distill had flags
+        distill = config_from_args(args, "distill", base=Distill(seed=ptq.seed))
+    elif [f for f in changed_flags(args, "distill") if f != "--distill-steps"]:
+        raise ValueError(f"{changed_flags(args, 'distill')[0]} needs --distill-steps N > 0 (it would be ignored)")
+    return {"ptq": ptq, "synth": synth, "distill": distill}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,18 +82,13 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.train import evaluate
     from thrifty.utils import atomic_write_text, seed_everything
 
-    cfg = PTQ(w_bits=args.bits, a_bits=args.a_bits or None, first_last_bits=args.first_last_bits or None,
-              pipeline=args.pipeline, budget=args.budget, budget_kind=args.budget_kind,
-              candidate_bits=tuple(args.candidate_bits), adaquant_mode=args.adaquant_mode,
-              adaquant_iters=args.adaquant_iters, bias_iters=args.bias_iters, w_estimator=args.estimator,
-              a_estimator=args.estimator, seed=args.seed)  # validates everything before any work
-    if args.synth_steps is not None and args.data_free not in ("bns", "inception"):
-        raise ValueError(f"--synth-steps applies to --data-free bns or inception only (got --data-free "
-                         f"{args.data_free}); it would be ignored")
-    if args.budget is None and args.budget_kind != "size":
-        raise ValueError(f"--budget-kind {args.budget_kind} needs --budget (it would be ignored)")
-    out = _common.check_out_dir(args.out or f"runs/{Path(str(args.model)).name}-w{args.bits}a{args.a_bits}-"
-                                f"{args.pipeline}" + (f"-b{args.budget}" if args.budget else ""), args.overwrite)
+    configs = build_configs(args)  # validates everything before any work
+    cfg: PTQ = configs["ptq"]
+    synth_cfg, distill_cfg = configs["synth"], configs["distill"]
+    if cfg.budget is None and cfg.budget_kind != "size":
+        raise ValueError(f"--budget-kind {cfg.budget_kind} needs --budget (it would be ignored)")
+    out = _common.check_out_dir(args.out or f"runs/{Path(str(args.model)).name}-w{cfg.w_bits}a{cfg.a_bits or 0}-"
+                                f"{cfg.pipeline}" + (f"-b{cfg.budget}" if cfg.budget else ""), args.overwrite)
     model, meta, dataset = _common.load_model_arg(args)
     if not dataset:
         raise ValueError(f"{args.model}: no dataset recorded; pass --dataset")
@@ -86,24 +97,22 @@ def run(args: argparse.Namespace) -> int:
                          "(see experiments/ptq.py)")
     splits = load_dataset(dataset, seed=0)
     _common.check_model_data(model, splits, str(args.model), dataset)
-    seed_everything(args.seed)
-    calib = calibration_subset(splits.train, per_class=args.calib_per_class, seed=args.seed)
-    if args.data_free:
+    seed_everything(cfg.seed)
+    calib = calibration_subset(splits.train, per_class=args.calib_per_class, seed=cfg.seed)
+    if synth_cfg is not None:
         from thrifty.datafree import synthesize
 
-        with _common.step(f"synthesising {len(calib)} {args.data_free} samples (no real data)"):
-            steps = {} if args.synth_steps is None else {"steps": args.synth_steps}
-            calib = synthesize(model, n=len(calib), method=args.data_free, input_shape=splits.input_shape,
-                               seed=args.seed, progress=_common.show_progress(), **steps)
+        with _common.step(f"synthesising {len(calib)} {synth_cfg.method} samples (no real data)"):
+            calib = synthesize(model, synth_cfg, len(calib), input_shape=splits.input_shape,
+                               progress=_common.show_progress())
     fp_acc = evaluate(model, splits.test)["acc"]
-    with _common.step(f"PTQ {args.pipeline} W{args.bits}A{args.a_bits or 32} on {len(calib)} calibration samples"):
+    with _common.step(f"PTQ {cfg.pipeline} W{cfg.w_bits}A{cfg.a_bits or 32} on {len(calib)} calibration samples"):
         res = quantize(model, cfg, calib, filter=args.filter, progress=_common.show_progress())
-    if args.distill_steps:
+    if distill_cfg is not None:
         from thrifty.datafree import distill
 
-        with _common.step(f"distilling from the FP model ({args.distill_steps} steps on the calibration samples)"):
-            kd = distill(res.model, model, data=calib, steps=args.distill_steps, seed=args.seed,
-                         progress=_common.show_progress())
+        with _common.step(f"distilling from the FP model ({distill_cfg.steps} steps on the calibration samples)"):
+            kd = distill(res.model, model, distill_cfg, calib, progress=_common.show_progress())
         if res.loss_kind == "kl":  # the same KL(FP || quantized) as the other stages' losses
             res.losses["distill"] = kd["kl_after"]
     else:
@@ -119,6 +128,6 @@ def run(args: argparse.Namespace) -> int:
               "measured_loss": res.measured_loss, "skipped": res.skipped, "folded": res.folded,
               "timings": res.timings, "distill": kd}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    _common.write_resolved_config(out, args)
+    _common.write_resolved_config(out, args, configs=configs)
     print(f"{res.summary()}\ntest acc {100 * fp_acc:.2f}% FP32 -> {100 * acc:.2f}% quantized; saved to {out}/")
     return 0

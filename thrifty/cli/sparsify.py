@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from thrifty.cli import _common
+from thrifty.cli._fields import add_config_flags, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,10 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="saved model stem/path, or a registry name (uses the pretrained one)")
     p.add_argument("--dataset", default=None, help="dataset (default: the one recorded with the saved model)")
-    p.add_argument("--nm", default="2:4", help="pattern N:M, e.g. 2:4 or 4:8")
-    p.add_argument("--transposable", action="store_true", help="mask also N:M along the output dim (fast backward)")
-    p.add_argument("--method", choices=["exact", "approx"], default="exact",
-                   help="transposable mask solver: exact optimum or greedy 2-approximation")
+    p.add_argument("--nm", default="2:4", help="pattern N:M, e.g. 2:4 or 4:8 (the n and m fields of NM)")
     p.add_argument("--filter", action="append", default=None, metavar="GLOB",
                    help="only layers whose qualified name matches (repeatable); default: every Linear/Conv2d")
     p.add_argument("--adaprune", action="store_true", help="per-layer reconstruction on calibration data")
@@ -46,7 +44,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<model>-nm<N>x<M>)")
     _common.add_overwrite_option(p)
+    from thrifty.sparse import NM
+
+    add_config_flags(p, "sparsity", NM, skip=("n", "m"), title="N:M mask (thrifty.sparse.NM fields)",
+                     on_load=lambda c: {"nm": f"{c.n}:{c.m}"})
     p.set_defaults(func=run)
+
+
+def build_configs(args: argparse.Namespace) -> dict:
+    """The configs the flags (and ``--config``) ask for: ``{"sparsity": NM}`` (the plan of every layer)."""
+    from thrifty.sparse import NM
+    from thrifty.sparse.weights import parse_nm_text
+
+    return {"sparsity": config_from_args(args, "sparsity", base=NM(*parse_nm_text(args.nm)))}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,22 +66,19 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.data import calibration_subset, load_dataset
     from thrifty.ops import nm as nmops
     from thrifty.sparse import NM, adaprune, nm_masks, reestimate_bn, save_sparse, sparsify
-    from thrifty.sparse.weights import parse_nm_text
     from thrifty.train import TrainConfig, evaluate, fit, save_model
     from thrifty.utils import atomic_write_text, seed_everything
 
-    n, m = parse_nm_text(args.nm)
-    if args.method == "approx" and not args.transposable:
-        raise ValueError("--method approx chooses the transposable mask solver; it needs --transposable "
-                         "(a plain N:M mask is always exact)")
-    cfg = NM(n, m, transposable=args.transposable, method=args.method)
+    configs = build_configs(args)
+    cfg: NM = configs["sparsity"]
+    n, m = cfg.n, cfg.m
     for name in ("adaprune_steps", "calib_per_class"):
         if getattr(args, name) < (0 if name == "adaprune_steps" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     out = _common.check_out_dir(
-        args.out or f"runs/{Path(str(args.model)).name}-nm{n}x{m}{'t' if args.transposable else ''}", args.overwrite)
+        args.out or f"runs/{Path(str(args.model)).name}-nm{n}x{m}{'t' if cfg.transposable else ''}", args.overwrite)
     model, meta, dataset = _common.load_model_arg(args)
     if not dataset:
         raise ValueError(f"{args.model}: no dataset recorded; pass --dataset")
@@ -82,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     calib = calibration_subset(splits.train, per_class=args.calib_per_class, seed=args.seed)
     xcal = torch.stack([calib[i][0] for i in range(len(calib))])
     flt = args.filter
-    report: dict = {"dense_acc": dense_acc, "pattern": cfg.label, "method": args.method, "dataset": dataset}
+    report: dict = {"dense_acc": dense_acc, "pattern": cfg.label, "method": cfg.method, "dataset": dataset}
     if args.adaprune:
         with _common.step(f"AdaPrune {cfg.label} ({args.adaprune_steps} steps per layer, {len(calib)} images)"):
             report["adaprune"] = adaprune(model, cfg, calib, steps=args.adaprune_steps, lr=args.adaprune_lr,
@@ -118,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
                                    "finetune_epochs": args.finetune_epochs}})
     save_model(plain, out / "model", save_meta)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    _common.write_resolved_config(out, args)
+    _common.write_resolved_config(out, args, configs=configs)
     st = report["storage"]
-    print(f"{cfg.label} ({args.method}{', AdaPrune' if args.adaprune else ''}) on {len(layers)} layers: "
+    print(f"{cfg.label} ({cfg.method}{', AdaPrune' if args.adaprune else ''}) on {len(layers)} layers: "
           f"test acc {dense_acc:.4f} dense -> {report['acc_after_masking']:.4f}"
           + (f" -> {report['acc_after_finetune']:.4f} after fine-tuning" if "acc_after_finetune" in report else "")
           + f"; weights {st['dense_bytes']} B dense -> {st['stored_bytes']} B stored "

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from thrifty.cli import _common
+from thrifty.cli._fields import UNSET, Alias, add_config_flags, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,24 +31,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "cannot take the dataset is refused before training, naming the datasets that fit it")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", type=_model_arg,
                    help="extra model keyword argument, YAML-parsed (repeatable), e.g. --model-arg width=8")
-    p.add_argument("--epochs", type=float, default=None, help="epochs (default: the pretrained recipe's)")
-    p.add_argument("--steps", type=_common.positive_int, default=None, help="total steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=_common.positive_int, default=None, help="per process")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--schedule", choices=["cosine", "step", "constant"], default=None)
-    p.add_argument("--warmup", type=_common.nonneg_int, default=None, help="warmup steps")
-    p.add_argument("--label-smoothing", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=_common.nonneg_int, default=0, help="DataLoader worker processes")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue exactly from <out>/ckpt/last.safetensors")
     _common.add_overwrite_option(p)
     p.add_argument("--quick", action="store_true", help="smoke test: 5 steps")
+    from thrifty.train import TrainConfig
+
+    add_config_flags(p, "train", TrainConfig, title="training (thrifty.train.TrainConfig fields; unset: the "
+                     "pretrained recipe's)", aliases={"--workers": Alias(("num_workers",))})
     for opt in training_options():
         opt.add_arguments(p)
     p.set_defaults(func=run)
+
+
+def build_configs(args: argparse.Namespace) -> dict:
+    """The configs the flags (and ``--config``) ask for: ``train`` (TrainConfig over the pretrained recipe of
+    ``--model``/``--dataset``) and each training option's (``train8``, ``grad``, ``act``; None when off)."""
+    from thrifty.train import recipe
+    from thrifty.train.options import option_configs
+
+    _, base = recipe(args.model, args.dataset)
+    cfg = config_from_args(args, "train", base=dataclasses.replace(base, seed=0, num_workers=0))
+    if args.quick:
+        if getattr(args, "steps", UNSET) not in (UNSET, 0):  # 0 (a config file's default) means "use epochs"
+            raise ValueError(f"--quick (5 steps) and --steps {args.steps} contradict each other: give one of them")
+        cfg = dataclasses.replace(cfg, steps=5)
+    # the options draw their seeds from the run's (GradNM's, a regime's), resolved here
+    return {"train": cfg, **option_configs(argparse.Namespace(**{**vars(args), "seed": cfg.seed}))}
 
 
 def _model_arg(text: str | list | tuple) -> tuple[str, object]:
@@ -96,21 +106,15 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.utils import atomic_write_text, seed_everything
 
     out = Path(args.out or f"runs/{args.model}-{Path(str(args.dataset)).name}")
-    if args.quick and args.steps is not None:
-        raise ValueError(f"--quick (5 steps) and --steps {args.steps} contradict each other: give one of them")
+    configs = build_configs(args)  # validates every config before any work
+    cfg = configs["train"]
+    args = argparse.Namespace(**{**vars(args), "seed": cfg.seed})  # the options' seeds follow the run's
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if not args.resume:
         _common.check_out_dir(out, args.overwrite, hint=" (or --resume to continue its training)")
     splits = load_dataset(args.dataset, seed=0)
-    extra_kw, cfg = recipe(args.model, args.dataset)
-    fields = {"epochs": args.epochs, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
-              "optimizer": args.optimizer, "weight_decay": args.weight_decay, "schedule": args.schedule,
-              "warmup": args.warmup, "label_smoothing": args.label_smoothing}
-    cfg = dataclasses.replace(cfg, seed=args.seed, num_workers=args.workers,
-                              **{k: v for k, v in fields.items() if v is not None})
-    if args.quick:
-        cfg = dataclasses.replace(cfg, steps=5)
+    extra_kw, _ = recipe(args.model, args.dataset)
     kwargs = model_kwargs_for(args.model, splits.input_shape, splits.num_classes,
                               **{**extra_kw, **dict(_model_arg(a) for a in args.model_arg)})
     seed_everything(args.seed)
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         raise type(e)(f"--model {args.model} with keyword arguments {kwargs} (--model-arg): {e}") from None
     _common.check_model_data(model, splits, args.model, str(args.dataset), shape_hint=lambda: (
         f"; bundled datasets that fit --model {args.model}: {', '.join(_fitting_datasets(args.model)) or 'none'}"))
-    option_meta = prepare_model(model, args)
+    option_meta = prepare_model(model, args, configs)
     regime = build_regime(args)  # validates regime arguments against the model before training starts
     show = _common.show_progress()
     hist = fit(model, cfg, splits.train, splits.test, regime=regime, ckpt_dir=out / "ckpt", resume=args.resume,
@@ -139,10 +143,9 @@ def run(args: argparse.Namespace) -> int:
             "regime": regime.describe() if hasattr(regime, "describe") else None}
     save_model(model, out / "model", meta)
     atomic_write_text(out / "history.json", json.dumps(hist.to_dict(), indent=1))
-    # effective values (recipe defaults filled in), so `--config <out>/config.yaml` repeats this run
-    effective = {k: getattr(cfg, k) for k in fields}
-    effective["steps"] = cfg.steps or None
-    _common.write_resolved_config(out, {**_common.resolved(args), **effective})
+    # effective values (recipe defaults filled in; --quick's 5 steps in train.steps), so
+    # `--config <out>/config.yaml` repeats this run
+    _common.write_resolved_config(out, argparse.Namespace(**{**vars(args), "quick": False}), configs=configs)
     print(f"{args.model} on {args.dataset}: test acc {ev['acc']:.4f} (loss {ev['loss']:.4f}) after "
           f"{hist.final.get('step', 0)} steps in {hist.seconds:.1f} s -> {out}/model.safetensors")
     return 0

@@ -45,6 +45,13 @@ class Distill(Config):
     """KL fine-tuning of a student to its teacher: ``steps`` Adam steps at ``lr`` (cosine to zero) on batches of
     ``batch_size``, logits softened by ``temperature``; ``seed`` draws the batches.
 
+    Args:
+        steps: Adam steps.
+        lr: peak learning rate (cosine to zero).
+        batch_size: samples per step.
+        temperature: softens the teacher's and student's logits.
+        seed: draws the batches.
+
     Example:
         >>> Distill(steps=50).lr
         0.0001

@@ -59,6 +59,19 @@ class Synth(Config):
     search space (other input shapes are optimised as they are). The defaults
     were chosen on resnet20/digits32 (benchmarks/datafree.py): 60 steps at 1/4
     resolution reach a lower BN distance than 200 full-resolution steps.
+
+    Args:
+        method: "bns" (match BatchNorm statistics), "gaussian" (noise) or "inception" (class logits).
+        steps: most Adam steps on the inputs of each batch.
+        lr: peak learning rate on the inputs.
+        batch_size: samples optimised together (BN statistics are matched per batch: keep it >= 32).
+        warmup: fraction of the steps with a linear warmup.
+        plateau: stop a batch once its loss improved by less than this fraction over steps // 5 steps (0: never).
+        upsample: optimise images at 1/upsample of their height and width, bilinearly upsampled (1: full size).
+        tv_weight: weight of the total-variation prior.
+        l2_weight: weight of the L2 prior on the inputs.
+        seed: draws the starting inputs and targets.
+        soft_labels: also return the model's soft outputs as labels.
     """
 
     method: Method = "bns"

@@ -46,7 +46,12 @@ class AverageMerge(Config):
 @register_config
 @dataclass(frozen=True)
 class PermuteMerge(Config):
-    """Align every model's hidden units to model 0's ("weight" or "activation" matching), then average."""
+    """Align every model's hidden units to model 0's ("weight" or "activation" matching), then average.
+
+    Args:
+        matching: "activation" (correlation of pre-activations) or "weight" (weight matching).
+        max_iter: most rounds of weight matching's coordinate ascent.
+    """
 
     matching: str = "activation"
     max_iter: int = 100
@@ -67,7 +72,22 @@ class ZipMerge(Config):
 @dataclass(frozen=True)
 class DistillMerge(Config):
     """Knowledge distillation of K teachers into one student (init "first": model 0 + all heads) on the
-    same unlabeled samples and augmentation as FS-Merge; KL at ``temperature`` on each task's logits."""
+    same unlabeled samples and augmentation as FS-Merge; KL at ``temperature`` on each task's logits.
+
+    Args:
+        init: the student: "first" (model 0 with all task heads) or "random" (a fresh model of the same width).
+        steps: optimisation steps.
+        lr: peak AdamW learning rate (cosine decay).
+        weight_decay: AdamW weight decay.
+        batch_size: samples per step.
+        temperature: softens the teachers' and student's logits.
+        augment: augmented copies per sample (as FS-Merge).
+        noise: std of the Gaussian noise, relative to the data's.
+        mixup: largest mixup weight within a task (<= 0.5).
+        shift: largest random shift of image inputs, in pixels.
+        threads: torch threads while merging (<= 0 leaves torch's setting).
+        seed: seeds the augmentation, the batches and a "random" student.
+    """
 
     init: str = "first"
     steps: int = 300

@@ -50,7 +50,27 @@ class FSMerge(Config):
     """FS-Merge recipe. ``init``: "first" (model 1), "average" (weight averaging) or "permute" (activation
     matching to model 1, then averaging). ``steps`` is the total budget (split evenly over the layers for "local");
     ``augment`` augmented copies per sample (shifts for images, mixup within a task, Gaussian noise);
-    ``width_mult`` scales the merged model's widths relative to the originals'."""
+    ``width_mult`` scales the merged model's widths relative to the originals'.
+
+    Args:
+        param: parametrisation of each map: "diagonal", "lowrank", "diag_lowrank" or "full".
+        rank: rank of the low-rank part of the maps.
+        init: "first" (model 1), "average" (weight averaging) or "permute" (activation matching, then averaging).
+        mode: "global" (all maps end to end) or "local" (one layer at a time).
+        width_mult: merged width relative to the originals'.
+        steps: total optimisation steps (split over the layers for local mode).
+        lr: peak AdamW learning rate (cosine decay).
+        weight_decay: AdamW weight decay.
+        batch_size: samples per step.
+        augment: augmented copies per sample (shifts for images, mixup within a task, Gaussian noise).
+        noise: std of the Gaussian noise, relative to the data's.
+        mixup: largest mixup weight within a task (<= 0.5).
+        shift: largest random shift of image inputs, in pixels.
+        logit_weight: weight of the logit-matching term of the loss.
+        tol: stop once the loss falls below this.
+        threads: torch threads while merging (the matrices are tiny; <= 0 leaves torch's setting).
+        seed: seeds the maps' initialisation and the batches.
+    """
 
     param: str = "diag_lowrank"
     rank: int = 8

@@ -56,6 +56,21 @@ class AccumConfig(Config):
     ``prod_man_bits`` (None: same as the accumulator) unless ``fp32_products``. ``bias`` None is IEEE-style
     ``2^(e-1)-1``, or with ``chunk_bias`` :func:`thrifty.ops.accum.bias_for_chunk`. ``outer``: the format
     that sums the chunk results (``"same"`` or ``"fp32"``). ``backward``: ``"ste"`` or ``"fine"``.
+
+    Args:
+        exp_bits: exponent bits of the accumulator format (1 + exp_bits + man_bits bits in all).
+        man_bits: mantissa bits of the accumulator format.
+        chunk: products summed per chunk before the chunk sums are accumulated by ``outer`` (None: one chunk).
+        bias: exponent bias (None: IEEE-style 2^(e-1)-1, or the chunk-aware one with ``chunk_bias``).
+        chunk_bias: with ``bias`` None, shift the bias so a chunk of maximal products cannot overflow.
+        prod_exp_bits: exponent bits of the products (None: the accumulator's).
+        prod_man_bits: mantissa bits of the products (None: the accumulator's).
+        fp32_products: keep the products in float32 (the product format is then unused).
+        subnormals: keep subnormal numbers (False: flush them to zero).
+        overflow: "saturate" clamps results beyond the largest value to +-max; "inf" makes them +-inf.
+        underflow: bound the exponent below (False: unbounded, only the mantissa and overflow act).
+        outer: the format that sums the chunk results: "same" as the accumulator or "fp32".
+        backward: "ste" (exact float32 backward) or "fine" (zero gradient for products lost in the sum).
     """
 
     exp_bits: int = 4

@@ -32,6 +32,15 @@ class QuantConfig(Config):
 
     ``a_bits=None`` leaves activations in floating point. Input quantizers start in ``dynamic`` mode (range of
     each batch); :func:`thrifty.quant.calibrate_inputs` fixes them from calibration data.
+
+    Args:
+        w_bits: weight bits (2..16).
+        a_bits: input (activation) bits (None: floating point).
+        per_channel: one weight range per output channel (else per tensor).
+        w_symmetric: symmetric weight grid (else asymmetric, with a zero point).
+        a_symmetric: symmetric input grid.
+        w_estimator: weight range estimator: "minmax", "sample_minmax", "percentile" or "mse".
+        a_estimator: input range estimator (the same choices).
     """
 
     w_bits: int = 8
@@ -96,6 +105,38 @@ class PTQ(Config):
     ``a_bits`` (None = FP); the first and last GEMM layers (execution order) use ``first_last_bits`` for both
     (None = leave them in FP). ``budget`` is a fraction of the FP32 size of the quantized layers
     (``budget_kind="size"``) or of their FP32 x FP32 bit-operations (``"bops"``).
+
+    Args:
+        w_bits: weight bits (2..16) without a budget.
+        a_bits: activation bits (None: floating point).
+        pipeline: "rtn", "adaquant", "light" or "advanced" (see above).
+        first_last_bits: bits of the first and last GEMM layers, weights and inputs (None: floating point).
+        per_channel: one weight range per output channel (else per tensor).
+        w_symmetric: symmetric weight grid (else asymmetric, with a zero point).
+        a_symmetric: symmetric activation grid.
+        w_estimator: weight range estimator: "minmax", "sample_minmax", "percentile" or "mse".
+        a_estimator: activation range estimator (the same choices).
+        budget: bit-allocation budget, a fraction of the FP32 size or bit-operations (None: no allocation).
+        budget_kind: "size" or "bops": what ``budget`` is a fraction of.
+        candidate_bits: weight bit widths the allocation chooses from.
+        adaquant_mode: "sequential" (each layer fits on the quantized prefix's outputs) or "parallel" (on the FP
+            model's).
+        adaquant_iters: AdaQuant optimisation steps per layer.
+        adaquant_batch: AdaQuant samples per step.
+        lr_weight: AdaQuant learning rate of the weights.
+        lr_bias: AdaQuant learning rate of the biases.
+        lr_w_scale: AdaQuant learning rate of the weight quantizers' scales.
+        lr_a_scale: AdaQuant learning rate of the input quantizers' scales.
+        adaquant_relu: measure a layer's error after the ReLU that follows it, where one does.
+        adaquant_max_shift: each latent weight stays within this many of its channel's quantization steps of its
+            start (None: free).
+        bn_tune: re-estimate BatchNorm statistics (None: as the pipeline says).
+        bias_tune: tune the biases on the output loss (None: as the pipeline says).
+        bias_iters: bias-tuning steps.
+        bias_lr: bias-tuning learning rate.
+        loss: "kl" or "mse" to the FP model's outputs ("auto": kl when the data has labels).
+        batch_size: calibration samples per batch.
+        seed: seeds AdaQuant and bias tuning.
 
     Example:
         >>> PTQ(w_bits=4, a_bits=8, pipeline="advanced", budget=0.13).candidate_bits

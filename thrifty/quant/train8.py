@@ -47,6 +47,18 @@ class Train8(Config):
     one. ``grad_rounding``: ``"stochastic"`` (default) or ``"nearest"``. ``grad_per_sample``: one gradient range
     per sample (else per tensor). ``range_bn``: ``apply`` (and :func:`prepare_train8`) swaps BatchNorm for Range BN
     (``range_bn_bits`` optionally quantizes Range BN too).
+
+    Args:
+        bits: weight bits.
+        act_bits: activation bits (None: floating point).
+        grad_bits: bits of dY for the input-gradient GEMM.
+        bifurcation: give the weight-gradient GEMM dY at ``wgrad_bits`` instead.
+        wgrad_bits: bits of dY for the weight-gradient GEMM with bifurcation (None: float32).
+        grad_rounding: "stochastic" or "nearest" rounding of dY.
+        grad_per_sample: one gradient range per sample (else per tensor).
+        weight_per_channel: one weight range per output channel (else per tensor).
+        range_bn: swap BatchNorm for Range BN.
+        range_bn_bits: also quantize Range BN to this many bits (None: no).
     """
 
     bits: int = 8

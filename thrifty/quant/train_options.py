@@ -2,8 +2,9 @@
 
 ``--recipe train8`` swaps BatchNorm for Range BN and trains with 8-bit weights, activations and gradients
 (stochastic rounding; bifurcated 16-bit weight-gradient GEMM). ``--recipe rangebn`` only swaps BatchNorm.
-After training, Range BN layers are converted back to nn.BatchNorm with identical eval output and the
-quantized weights are baked in (:func:`thrifty.strip`), so the saved model loads as a plain registry model.
+Every field of :class:`thrifty.quant.Train8` is a ``--train8-<field>`` flag. After training, Range BN layers
+are converted back to nn.BatchNorm with identical eval output and the quantized weights are baked in
+(:func:`thrifty.strip`), so the saved model loads as a plain registry model.
 
 Example:
     thrifty train --model resnet20 --dataset digits32 --recipe train8 --out runs/r20-train8
@@ -19,24 +20,36 @@ from thrifty.train.options import TrainingOption, register_training_option
 
 
 def _add(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("quantized training (thrifty.quant)")
-    g.add_argument("--recipe", choices=["none", "train8", "rangebn"], default="none",
-                   help="train8: 8-bit W/A/G training with Range BN; rangebn: Range BN only")
-    g.add_argument("--train8-bits", type=int, default=8, help="weight/activation bits for --recipe train8")
-    g.add_argument("--train8-grad-bits", type=int, default=8, help="bits of dY for the input-gradient GEMM")
-    g.add_argument("--train8-wgrad-bits", type=int, default=16,
-                   help="bits of dY for the weight-gradient GEMM (bifurcation); 0 = float32")
-    g.add_argument("--train8-no-bifurcation", action="store_true", help="use the 8-bit dY for both GEMMs")
-
-
-def _config(args: argparse.Namespace) -> Any:
+    from thrifty.cli._fields import Alias, add_config_flags
     from thrifty.quant.train8 import Train8
 
-    return Train8(bits=args.train8_bits, act_bits=args.train8_bits, grad_bits=args.train8_grad_bits,
-                  bifurcation=not args.train8_no_bifurcation, wgrad_bits=args.train8_wgrad_bits or None)
+    p.add_argument("--recipe", choices=["none", "train8", "rangebn"], default="none",
+                   help="train8: 8-bit W/A/G training with Range BN (the --train8-* flags); rangebn: Range BN only")
+    add_config_flags(p, "train8", Train8, prefix="train8-", zero_is_none=("wgrad_bits",),
+                     title="8-bit training, --recipe train8 (thrifty.quant.Train8 fields)",
+                     aliases={"--train8-no-bifurcation": Alias(("bifurcation",), const=False)},
+                     on_load=lambda cfg: {"recipe": "train8"})
 
 
-def _prepare(model: nn.Module, args: argparse.Namespace) -> Optional[dict]:
+def train8_config(args: argparse.Namespace) -> Optional[Any]:
+    """The Train8 config of ``--recipe train8`` (None for another recipe).
+
+    ``--train8-bits`` alone sets the activation bits too (as before ``--train8-act-bits`` existed).
+    """
+    from thrifty.cli._fields import UNSET, changed_flags, config_from_args
+    from thrifty.quant.train8 import Train8
+
+    if getattr(args, "recipe", "none") != "train8":
+        if changed_flags(args, "train8"):
+            raise ValueError(f"{changed_flags(args, 'train8')[0]} applies to --recipe train8 only (got --recipe "
+                             f"{getattr(args, 'recipe', 'none')}); it would be ignored")
+        return None
+    bits = getattr(args, "train8_bits", UNSET)
+    base = Train8() if bits is UNSET or bits is None else Train8(bits=bits, act_bits=bits)
+    return config_from_args(args, "train8", base=base)
+
+
+def _prepare(model: nn.Module, args: argparse.Namespace, configs: dict) -> Optional[dict]:
     recipe = getattr(args, "recipe", "none")
     if recipe == "none":
         return None
@@ -47,7 +60,7 @@ def _prepare(model: nn.Module, args: argparse.Namespace) -> Optional[dict]:
     if recipe == "rangebn":
         convert_to_range_bn(model)
         return {"recipe": "rangebn"}
-    cfg = _config(args)
+    cfg = configs["train8"]
     prepare_train8(model, cfg)
     return {"recipe": "train8", "config": to_dict(cfg)}
 
@@ -62,4 +75,5 @@ def _finalize(model: nn.Module, args: argparse.Namespace) -> None:
     strip(model)
 
 
-register_training_option(TrainingOption("quant-recipe", _add, prepare=_prepare, finalize=_finalize))
+register_training_option(TrainingOption("quant-recipe", _add, prepare=_prepare, finalize=_finalize,
+                                        configs=lambda args: {"train8": train8_config(args)}))

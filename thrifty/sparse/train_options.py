@@ -30,44 +30,53 @@ __all__ = ["grad_config", "act_config"]
 
 
 def _add(p: argparse.ArgumentParser) -> None:
+    from thrifty.cli._fields import add_config_flags
+    from thrifty.sparse.actgrad import ActNM, GradNM
+
     g = p.add_argument_group("activation / gradient N:M sparsity (thrifty.sparse.actgrad)")
-    g.add_argument("--grad-nm", default=None, metavar="N:M", help="prune the neural gradients dY N:M (e.g. 2:4)")
-    g.add_argument("--grad-method", default="mvue", choices=["mvue", "mse"],
-                   help="mvue: unbiased minimum-variance mask (default); mse: top-N, biased baseline")
-    g.add_argument("--grad-gemms", default="input,weight",
-                   help="backward GEMMs that use the pruned dY: input (dX = dY W), weight (dW = dY^T X) or both")
-    g.add_argument("--act-nm", default=None, metavar="N:M", help="prune layer inputs N:M, MSE-optimal (e.g. 2:4)")
+    g.add_argument("--grad-nm", default=None, metavar="N:M",
+                   help="prune the neural gradients dY N:M (e.g. 2:4); the --grad-* flags are GradNM's fields")
+    g.add_argument("--act-nm", default=None, metavar="N:M",
+                   help="prune layer inputs N:M, MSE-optimal (e.g. 2:4); the --act-* flags are ActNM's fields")
+    # n and m come from --grad-nm / --act-nm, which also switch the technique on
+    add_config_flags(p, "grad", GradNM, prefix="grad-", skip=("n", "m"), title="GradNM fields (with --grad-nm)",
+                     on_load=lambda c: {"grad_nm": f"{c.n}:{c.m}"})
+    add_config_flags(p, "act", ActNM, prefix="act-", skip=("n", "m"), title="ActNM fields (with --act-nm)",
+                     on_load=lambda c: {"act_nm": f"{c.n}:{c.m}"})
+
+
+def _config(args: argparse.Namespace, role: str, cls: type, **base: object):
+    from thrifty.cli._fields import changed_flags, config_from_args
+    from thrifty.sparse.actgrad import parse_nm
+
+    spec = getattr(args, f"{role}_nm", None)
+    if spec in (None, "", "none"):
+        if changed_flags(args, role):
+            raise ValueError(f"{changed_flags(args, role)[0]} applies with --{role}-nm N:M only; it would be ignored")
+        return None
+    return config_from_args(args, role, base=cls(*parse_nm(spec, f"--{role}-nm"), **base))
 
 
 def grad_config(args: argparse.Namespace):
-    """The GradNM config the flags ask for, or None."""
-    from thrifty.sparse.actgrad import GradNM, parse_nm
+    """The GradNM config the flags ask for, or None; its seed defaults to the run's ``--seed``."""
+    from thrifty.cli._fields import UNSET
+    from thrifty.sparse.actgrad import GradNM
 
-    spec = getattr(args, "grad_nm", None)
-    if spec in (None, "", "none"):
-        return None
-    n, m = parse_nm(spec, "--grad-nm")
-    gemms = tuple(s.strip() for s in str(getattr(args, "grad_gemms", "input,weight")).split(",") if s.strip())
-    try:
-        return GradNM(n, m, method=getattr(args, "grad_method", "mvue"), gemms=gemms, seed=getattr(args, "seed", 0))
-    except ValueError as e:
-        raise ValueError(f"--grad-gemms / --grad-method: {e}") from None
+    seed = getattr(args, "seed", UNSET)
+    return _config(args, "grad", GradNM, **({} if seed is UNSET else {"seed": seed}))
 
 
 def act_config(args: argparse.Namespace):
     """The ActNM config the flags ask for, or None."""
-    from thrifty.sparse.actgrad import ActNM, parse_nm
+    from thrifty.sparse.actgrad import ActNM
 
-    spec = getattr(args, "act_nm", None)
-    if spec in (None, "", "none"):
-        return None
-    return ActNM(*parse_nm(spec, "--act-nm"))
+    return _config(args, "act", ActNM)
 
 
-def _prepare(model: nn.Module, args: argparse.Namespace) -> Optional[dict]:
+def _prepare(model: nn.Module, args: argparse.Namespace, configs: dict) -> Optional[dict]:
     from thrifty.core import apply, to_dict
 
-    grad, act = grad_config(args), act_config(args)
+    grad, act = configs.get("grad"), configs.get("act")
     meta = {}
     if act is not None:
         apply(model, act)
@@ -78,4 +87,5 @@ def _prepare(model: nn.Module, args: argparse.Namespace) -> Optional[dict]:
     return meta or None
 
 
-register_training_option(TrainingOption("actgrad-nm", _add, prepare=_prepare))
+register_training_option(TrainingOption("actgrad-nm", _add, prepare=_prepare,
+                                        configs=lambda args: {"grad": grad_config(args), "act": act_config(args)}))

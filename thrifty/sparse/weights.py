@@ -55,6 +55,14 @@ class NM(Config):
     ``recompute_every``: 0 keeps the mask fixed (gradients only to kept weights); k > 0 recomputes it every
     k training steps from the dense weights. ``straight_through``: gradient to all dense weights (default:
     True iff ``recompute_every > 0``).
+
+    Args:
+        n: weights kept in every block of ``m`` along the GEMM reduction.
+        m: block length.
+        transposable: also N:M along the output dim (M x M tiles), so the backward GEMM is N:M sparse too.
+        method: transposable mask solver: "exact" (best kept magnitude per tile) or "approx" (greedy).
+        recompute_every: recompute the mask every this many training steps (0: fixed mask).
+        straight_through: gradient to all dense weights (None: when ``recompute_every > 0``).
     """
 
     n: int = 2

@@ -33,7 +33,16 @@ class AugmentConfig(Config):
     """Which augmentations `augment` applies, in this order: affine, crop, flip, cutout.
 
     ``rotate`` in degrees, ``translate`` as a fraction of the size, ``scale`` a (min, max) range,
-    ``crop_padding`` pixels of replicate padding for a random crop, ``cutout`` the side of a zeroed square."""
+    ``crop_padding`` pixels of replicate padding for a random crop, ``cutout`` the side of a zeroed square.
+
+    Args:
+        crop_padding: pixels of replicate padding for a random crop (0: no crop).
+        flip: random horizontal flips.
+        rotate: largest random rotation, in degrees.
+        translate: largest random translation, as a fraction of the size.
+        scale: (min, max) range of the random scale factor.
+        cutout: side of a zeroed square at a random place (0: none).
+    """
 
     crop_padding: int = 2
     flip: bool = False
@@ -132,7 +141,15 @@ class SignalAugmentConfig(Config):
 
     ``shift``: circular shift by up to +-shift samples (MNIST-1D's generator translates circularly);
     ``scale``: amplitude factor range; ``shear``: add a ramp ``c * linspace(-0.5, 0.5)`` with c uniform in
-    +-shear; ``noise``: std of added Gaussian noise; ``cutout``: length of one zeroed segment."""
+    +-shear; ``noise``: std of added Gaussian noise; ``cutout``: length of one zeroed segment.
+
+    Args:
+        shift: largest circular shift, in samples.
+        scale: (min, max) range of the amplitude factor.
+        shear: largest slope c of the added ramp c * linspace(-0.5, 0.5).
+        noise: standard deviation of the added Gaussian noise.
+        cutout: length of one zeroed segment (0: none).
+    """
 
     shift: int = 4
     scale: tuple[float, float] = (0.9, 1.1)

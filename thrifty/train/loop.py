@@ -53,6 +53,28 @@ class TrainConfig(Config):
 
     ``batch_size`` is per process; ``warmup`` is in steps; ``eval_every`` in epochs (``eval_steps > 0``
     evaluates every that many steps instead); ``ckpt_every`` in steps (0: at every evaluation).
+
+    Args:
+        epochs: passes over the training set (used when ``steps`` is 0).
+        steps: total optimiser steps (0: from ``epochs``).
+        batch_size: samples per step and process.
+        lr: peak learning rate.
+        optimizer: "sgd" or "adamw".
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum for SGD.
+        weight_decay: weight decay.
+        schedule: "cosine", "step" (times ``gamma`` at ``milestones``) or "constant".
+        warmup: linear warmup steps.
+        milestones: fractions of training where the step schedule decays.
+        gamma: decay factor of the step schedule.
+        label_smoothing: label smoothing of the cross-entropy.
+        loss: training loss; "ce" (cross-entropy).
+        grad_clip: clip the gradient norm to this (0: no clipping).
+        seed: seeds the batch order and each step's randomness (augmentation, dropout).
+        eval_every: evaluate every this many epochs (0: only at the end).
+        eval_steps: evaluate every this many steps instead (0: use ``eval_every``).
+        ckpt_every: checkpoint every this many steps (0: at every evaluation).
+        num_workers: DataLoader worker processes.
     """
 
     epochs: float = 10

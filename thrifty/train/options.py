@@ -3,10 +3,14 @@
 A package adds ``thrifty/<pkg>/train_options.py`` that calls :func:`register_training_option`; the module
 is found by :func:`discover_plugins` (any ``thrifty.<pkg>.train_options``). An option contributes:
 
-  - ``add_arguments(parser)``: its flags (e.g. ``--regime``, ``--grad-nm``);
+  - ``add_arguments(parser)``: its flags (e.g. ``--regime``, ``--grad-nm``; a config's fields through
+    ``thrifty.cli._fields.add_config_flags``);
+  - ``configs(args) -> {role: Config | None}``: the configs its flags ask for (None: off); ``thrifty train``
+    writes them to its config.yaml, and ``--config`` reads them back;
   - ``regime(args) -> Regime | None``: a regime for `fit` (several are chained with `Compose`);
-  - ``prepare(model, args) -> dict | None``: change the model before training (e.g. ``thrifty.apply``);
-    the returned dict is recorded under ``options.<name>`` in the saved model's YAML;
+  - ``prepare(model, args, configs) -> dict | None``: change the model before training (e.g.
+    ``thrifty.apply``; ``configs`` are every option's, by role); the returned dict is recorded under
+    ``options.<name>`` in the saved model's YAML;
   - ``finalize(model, args) -> None``: after training, before saving (e.g. ``thrifty.strip``).
 
 Example:
@@ -29,7 +33,7 @@ from torch import nn
 from thrifty.train.regime import Compose
 
 __all__ = ["TrainingOption", "register_training_option", "training_options", "discover_plugins",
-           "build_regime", "prepare_model", "finalize_model"]
+           "build_regime", "prepare_model", "finalize_model", "option_configs"]
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,9 @@ class TrainingOption:
     name: str
     add_arguments: Callable[[argparse.ArgumentParser], Any]
     regime: Callable[[argparse.Namespace], Any] | None = None
-    prepare: Callable[[nn.Module, argparse.Namespace], dict | None] | None = None
+    prepare: Callable[[nn.Module, argparse.Namespace, dict[str, Any]], dict | None] | None = None
     finalize: Callable[[nn.Module, argparse.Namespace], None] | None = None
+    configs: Callable[[argparse.Namespace], dict[str, Any]] | None = None
 
 
 _OPTIONS: dict[str, TrainingOption] = {}
@@ -81,12 +86,23 @@ def build_regime(args: argparse.Namespace) -> Any:
     return regimes[0] if len(regimes) == 1 else Compose(*regimes)
 
 
-def prepare_model(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
-    """Run every option's ``prepare``; returns {option name: recorded metadata}."""
+def option_configs(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option's configs, by role (None where an option is off); validates them."""
+    out: dict[str, Any] = {}
+    for o in training_options(discover=False):
+        if o.configs:
+            out.update(o.configs(args))
+    return out
+
+
+def prepare_model(model: nn.Module, args: argparse.Namespace, configs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every option's ``prepare`` (``configs``: :func:`option_configs`' by default); returns
+    {option name: recorded metadata}."""
+    configs = option_configs(args) if configs is None else configs
     out = {}
     for o in training_options(discover=False):
         if o.prepare:
-            meta = o.prepare(model, args)
+            meta = o.prepare(model, args, configs)
             if meta:
                 out[o.name] = meta
     return out
