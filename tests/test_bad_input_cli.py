@@ -154,6 +154,7 @@ def test_yaml_config_good_values_still_work(tmp_path):
     (["quantize", "--model", "MODEL", "--synth-steps", "5"], ["--synth-steps", "--data-free"]),
     (["quantize", "--model", "MODEL", "--data-free", "gaussian", "--synth-steps", "5"], ["--synth-steps"]),
     (["quantize", "--model", "MODEL", "--budget-kind", "bops"], ["--budget-kind bops needs --budget"]),
+    (["quantize", "--model", "MODEL", "--group-size", "8", "--estimator", "percentile"], ["group_size=8", "'percentile'"]),
     (["sparsify", "--model", "MODEL", "--method", "approx"], ["--method approx", "--transposable"]),
 ])
 def test_conflicting_or_ignored_flags_are_refused(tmp_path, capsys, monkeypatch, argv, needles):

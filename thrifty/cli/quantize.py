@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bias-iters", type=_common.nonneg_int, default=100)
     p.add_argument("--estimator", choices=["minmax", "sample_minmax", "percentile", "mse"], default="mse",
                    help="range estimator for weights and activations")
+    p.add_argument("--group-size", type=_common.positive_int, default=None,
+                   help="per-group weight scales: one per that many reduction elements of each output channel "
+                        "(e.g. 128; with --a-bits 0 this is W4A16 as LLM tools do it)")
     p.add_argument("--calib-per-class", type=_common.positive_int, default=10)
     p.add_argument("--data-free", choices=["bns", "gaussian", "inception"], default=None,
                    help="calibrate on samples synthesised from the model itself instead of real data "
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
               pipeline=args.pipeline, budget=args.budget, budget_kind=args.budget_kind,
               candidate_bits=tuple(args.candidate_bits), adaquant_mode=args.adaquant_mode,
               adaquant_iters=args.adaquant_iters, bias_iters=args.bias_iters, w_estimator=args.estimator,
-              a_estimator=args.estimator, seed=args.seed)  # validates everything before any work
+              a_estimator=args.estimator, group_size=args.group_size, seed=args.seed)  # validates everything before any work
     if args.synth_steps is not None and args.data_free not in ("bns", "inception"):
         raise ValueError(f"--synth-steps applies to --data-free bns or inception only (got --data-free "
                          f"{args.data_free}); it would be ignored")
