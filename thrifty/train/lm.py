@@ -10,19 +10,18 @@ Example (a tiny model, a few steps; ``pretrained_lm()`` is the usual call):
     >>> from thrifty.data.lm import lm_tokens, lm_windows
     >>> _ = torch.manual_seed(0)
     >>> m = create("tinyllama", hidden=32, layers=1, heads=2, intermediate=64)
-    >>> cfg = TrainConfig(steps=30, batch_size=8, lr=3e-3, optimizer="adamw", warmup=5)
-    >>> losses = train_lm(m, cfg, lm_tokens("train"), seq_len=64, progress=False)
-    >>> losses[-1] < losses[0], perplexity(m, lm_windows("test", 64, n=8)) < 256
+    >>> cfg = TrainConfig(steps=15, batch_size=4, lr=3e-3, optimizer="adamw", warmup=3)
+    >>> losses = train_lm(m, cfg, lm_tokens("train"), seq_len=32, progress=False)
+    >>> losses[-1] < losses[0], perplexity(m, lm_windows("test", 32, n=4)) < 256
     (True, True)
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -33,9 +32,9 @@ from tqdm.auto import trange
 
 from thrifty.core import to_dict
 from thrifty.quant.calib import model_output
-from thrifty.train.io import load_model, model_paths, save_model
+from thrifty.train.io import save_model
 from thrifty.train.loop import TrainConfig, _optimizer
-from thrifty.train.recipes import cache_dir
+from thrifty.train.recipes import cached_model
 from thrifty.utils import seed_everything, show_progress
 
 __all__ = ["LM_RECIPE", "LM_SEQ_LEN", "train_lm", "nll", "perplexity", "pretrained_lm"]
@@ -154,29 +153,22 @@ def pretrained_lm(model_name: str = "tinyllama", seed: int = 0, *, return_meta: 
     text_digest = hashlib.sha256(lm_text("train").encode()).hexdigest()[:12]
     key = {"model": model_name, "model_kwargs": kwargs, "dataset": "stdlib-docs-bytes", "text": text_digest,
            "seed": seed, "seq_len": seq_len, "train": to_dict(cfg), "format": 1}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:12]
-    stem = cache_dir() / "pretrained" / f"{model_name}-stdlibdocs-seed{seed}-{digest}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(stem.with_name(stem.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per entry; others wait, then load
-        try:
-            if not all(p.is_file() for p in model_paths(stem)):
-                seed_everything(seed)
-                model = create(model_name, **kwargs)
-                if show_progress(progress):
-                    print(f"[thrifty] training {model_name} on the stdlib docstring text (seed {seed}) once; "
-                          f"cached at {stem}", file=sys.stderr)
-                t0 = time.perf_counter()
-                losses = train_lm(model, cfg, lm_tokens("train"), seq_len=seq_len, progress=progress)
-                seconds = time.perf_counter() - t0
-                meta = {"model": model_name, "model_kwargs": kwargs, "dataset": "stdlib-docs-bytes",
-                        "seed": seed, "seq_len": seq_len, "train_config": to_dict(cfg),
-                        "final_train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
-                        "test_ppl": perplexity(model, lm_windows("test", seq_len)),
-                        "train_seconds": round(seconds, 2), "torch": torch.__version__}
-                save_model(model, stem, meta)
-            model, meta = load_model(stem)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    meta["path"] = str(model_paths(stem)[0])
+
+    def train(stem: Path) -> None:
+        seed_everything(seed)
+        model = create(model_name, **kwargs)
+        if show_progress(progress):
+            print(f"[thrifty] training {model_name} on the stdlib docstring text (seed {seed}) once; "
+                  f"cached at {stem}", file=sys.stderr)
+        t0 = time.perf_counter()
+        losses = train_lm(model, cfg, lm_tokens("train"), seq_len=seq_len, progress=progress)
+        seconds = time.perf_counter() - t0
+        meta = {"model": model_name, "model_kwargs": kwargs, "dataset": "stdlib-docs-bytes", "seed": seed,
+                "seq_len": seq_len, "train_config": to_dict(cfg),
+                "final_train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+                "test_ppl": perplexity(model, lm_windows("test", seq_len)),
+                "train_seconds": round(seconds, 2), "torch": torch.__version__}
+        save_model(model, stem, meta)
+
+    model, meta = cached_model(f"{model_name}-stdlibdocs-seed{seed}", key, train)
     return (model, meta) if return_meta else model
