@@ -2,7 +2,7 @@
 
 The FP32 model is ``thrifty.train.lm.pretrained_lm()`` (trained once on the stdlib docstring stream and cached);
 the metric is the perplexity per byte on the held-out documents (non-overlapping 128-byte windows). Calibration:
-128 random 128-byte windows of the training text, given to ``quantize`` as ``{"input_ids": ...}`` batches; the
+64 random 128-byte windows of the training text, given to ``quantize`` as ``{"input_ids": ...}`` batches; the
 PTQ loss is the KL divergence of the next-token distributions from FP32's.
 
 Rows: W8A8 RTN; W4A16 (weight-only) per channel and per group of 64 (the reduction of every projection is 192 or
@@ -61,11 +61,11 @@ def _decoder_linears(_m, name: str) -> bool:
 def run(quick: bool, log) -> dict:
     (fp, meta), tw, tc = _timed(lambda: pretrained_lm(return_meta=True))
     fp.eval()
-    n_test = 64 if quick else None
+    n_test = 32 if quick else None
     test = lm_windows("test", LM_SEQ_LEN, n=n_test)
-    calib_ids = _calib(32 if quick else 128)
+    calib_ids = _calib(16 if quick else 64)
     calib = [{"input_ids": b} for b in calib_ids.split(32)]
-    iters = 40 if quick else 200
+    iters = 20 if quick else 100
     fp_ppl = perplexity(fp, test)
     r: dict = {"model": "tinyllama", "params": sum(p.numel() for p in fp.parameters()),
                "train": {k: meta.get(k) for k in ("train_seconds", "final_train_loss", "test_ppl", "train_config")},
