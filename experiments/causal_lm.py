@@ -68,7 +68,8 @@ def run(quick: bool, log) -> dict:
     iters = 20 if quick else 100
     fp_ppl = perplexity(fp, test)
     r: dict = {"model": "tinyllama", "params": sum(p.numel() for p in fp.parameters()),
-               "train": {k: meta.get(k) for k in ("train_seconds", "final_train_loss", "test_ppl", "train_config")},
+               "train": {k: meta.get(k) for k in ("train_seconds", "train_cpu_seconds", "final_train_loss", "test_ppl",
+                                                 "train_config")},
                "load_seconds": round(tw, 2), "test_windows": int(test.shape[0]), "seq_len": LM_SEQ_LEN,
                "calib_windows": int(calib_ids.shape[0]), "adaquant_iters": iters, "fp32_ppl": fp_ppl, "rows": []}
     log(f"FP32 perplexity {fp_ppl:.4f} on {test.shape[0]} held-out windows")
@@ -131,8 +132,9 @@ def _markdown(r: dict, quick: bool, command: str) -> str:
     lines = [f"# Causal LM: PTQ and 2:4 on tinyllama{' (quick)' if quick else ''}", "",
              f"Command: `{command}` (torch threads: {r['threads']}); total {r['total_seconds']:.0f} s wall.", "",
              f"Model: transformers LlamaForCausalLM, {r['params'] / 1e6:.2f} M parameters, byte-level (vocabulary "
-             f"256), trained by `thrifty.train.lm.pretrained_lm()` in {r['train']['train_seconds']} s "
-             f"(cached; loading took {r['load_seconds']} s here). Metric: perplexity per byte on "
+             f"256), trained by `thrifty.train.lm.pretrained_lm()` in {r['train']['train_seconds']} s wall"
+             + (f" / {r['train']['train_cpu_seconds']} s CPU" if r["train"].get("train_cpu_seconds") else "")
+             + f" (cached; loading took {r['load_seconds']} s here). Metric: perplexity per byte on "
              f"{r['test_windows']} held-out windows of {r['seq_len']} bytes; calibration: {r['calib_windows']} "
              f"training windows; AdaQuant / AdaPrune: {r['adaquant_iters']} steps per layer.", "",
              f"FP32 perplexity: **{r['fp32_ppl']:.4f}**", "",

@@ -89,8 +89,9 @@ def test_per_group_ptq_on_the_llama_with_dict_batches():
     torch.manual_seed(0)
     m = create("tinyllama", **TINY).eval()
     calib = [{"input_ids": w} for w in lm_windows("train", 32, n=16).split(8)]
-    res = quantize(m, PTQ(w_bits=4, a_bits=None, group_size=16, first_last_bits=4, pipeline="rtn", loss="kl"),
-                   calib, progress=False)
+    with pytest.warns(UserWarning, match="embed_tokens"):  # the lookup and the norms are named, not skipped silently
+        res = quantize(m, PTQ(w_bits=4, a_bits=None, group_size=16, first_last_bits=4, pipeline="rtn", loss="kl"),
+                       calib, progress=False)
     linears = [n for n, x in m.named_modules() if isinstance(x, nn.Linear)]
     assert sorted(res.bits) == sorted(linears) and len(linears) == 7 + 1
     assert res.model.model.layers[0].mlp.down_proj.slots.weight.scale.shape == (32, 4)

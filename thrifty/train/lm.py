@@ -160,14 +160,14 @@ def pretrained_lm(model_name: str = "tinyllama", seed: int = 0, *, return_meta: 
         if show_progress(progress):
             print(f"[thrifty] training {model_name} on the stdlib docstring text (seed {seed}) once; "
                   f"cached at {stem}", file=sys.stderr)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses = train_lm(model, cfg, lm_tokens("train"), seq_len=seq_len, progress=progress)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         meta = {"model": model_name, "model_kwargs": kwargs, "dataset": "stdlib-docs-bytes", "seed": seed,
                 "seq_len": seq_len, "train_config": to_dict(cfg),
                 "final_train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
                 "test_ppl": perplexity(model, lm_windows("test", seq_len)),
-                "train_seconds": round(seconds, 2), "torch": torch.__version__}
+                "train_seconds": round(seconds, 2), "train_cpu_seconds": round(cpu, 2), "torch": torch.__version__}
         save_model(model, stem, meta)
 
     model, meta = cached_model(f"{model_name}-stdlibdocs-seed{seed}", key, train)
