@@ -161,6 +161,7 @@ def test_yaml_config_good_values_still_work(tmp_path):
     (["train", "--model", "mlp", "--dataset", "digits", "--train8-bits", "6"], ["--train8-bits", "--recipe train8"]),
     (["train", "--model", "mlp", "--dataset", "digits", "--grad-method", "mse"], ["--grad-method", "--grad-nm"]),
     (["quantize", "--model", "MODEL", "--distill-lr", "0.1"], ["--distill-lr", "--distill-steps"]),
+    (["quantize", "--model", "MODEL", "--group-size", "8", "--w-estimator", "percentile"], ["group_size=8", "'percentile'"]),
 ])
 def test_conflicting_or_ignored_flags_are_refused(tmp_path, capsys, monkeypatch, argv, needles):
     monkeypatch.chdir(tmp_path)

@@ -40,6 +40,14 @@ def test_forward_shape(name, request):
         # x / |x| has norm 1 up to a sum of 384 squares, a square root and a division
         assert_within(out.norm(dim=1), torch.ones(2), 2 * gamma_prob(384 + 4), "embedding norms")
         return
+    if name == "tinyllama":  # a causal LM: token ids in, next-token logits out
+        torch.manual_seed(0)
+        m = create(name, hidden=32, layers=1, heads=2, intermediate=48)
+        logits = m(input_ids=torch.randint(0, 256, (3, 9))).logits
+        assert logits.shape == (3, 9, 256) and torch.isfinite(logits).all()
+        logits.sum().backward()
+        assert all(p.grad is not None for p in m.parameters())
+        return
     kw, make_x = CASES[name]
     torch.manual_seed(0)
     m = create(name, **kw)

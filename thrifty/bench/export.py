@@ -94,6 +94,10 @@ def quant_layers(model: nn.Module) -> list[LayerQuant]:
         if wq.bits > 8 or (xq is not None and xq.bits > 8):
             raise ValueError(f"layer {name!r}: {max(wq.bits, getattr(xq, 'bits', 0))}-bit quantizers do not fit "
                              f"int8/uint8 ONNX tensors")
+        if getattr(wq, "group_size", None) is not None:
+            raise ValueError(f"layer {name!r}: per-group weight quantization (group_size={wq.group_size}) has no "
+                             f"int8 ONNX form here (one weight scale per output channel); strip() the model and "
+                             f"export it in float, or quantize without group_size")
         if wq.per_channel and wq.axis != 0:
             raise ValueError(f"layer {name!r}: per-channel weight quantization must be along the output axis 0")
         w_eff = layer.effective_weight().detach().float()

@@ -3,10 +3,11 @@
 Example:
     >>> from thrifty.models import create, list_models
     >>> list_models()
-    ['cnn1d', 'minilm', 'mlp', 'resnet20', 'vit']
+    ['cnn1d', 'minilm', 'mlp', 'resnet20', 'tinyllama', 'vit']
     >>> m = create("resnet20", in_chans=1, num_classes=10)
 """
 from . import cnn1d as _cnn1d  # noqa: F401  (registers the models)
+from . import llama as _llama  # noqa: F401
 from . import minilm as _minilm  # noqa: F401
 from . import mlp as _mlp  # noqa: F401
 from . import resnet as _resnet  # noqa: F401

@@ -8,7 +8,11 @@ Conventions (hardware-compliant, as GEMMLOWP / ONNX ``QuantizeLinear``):
   ``scale = max|x| / (2^(b-1) - 1)``.  Codes fit in a signed b-bit integer.
 * ``q(x) = (clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale``.  Round-to-nearest is ``torch.round``
   (ties to even, like ONNX Runtime); stochastic rounding is ``floor(t + u)``, ``u ~ U[0, 1)``, unbiased.
-* per-tensor: ``scale`` is a scalar; per-channel: a vector over dimension ``axis`` (any axis, negative ok).
+* per-tensor: ``scale`` is a scalar; per-channel: a vector over dimension ``axis`` (any axis, negative ok);
+  per-group (``group_size=g``, weight-only LLM quantization): each channel's other dimensions, flattened in order
+  (the GEMM reduction), are cut into groups of ``g`` consecutive elements with one scale/zero point each, shaped
+  ``(channels, ceil(K / g))``. A last group shorter than ``g`` (``K % g != 0``) is a group of its own: it is
+  zero-padded, which changes neither its min/max range (ranges always contain 0) nor its MSE (0 is on every grid).
 * A zero (or constant-zero-range) tensor gets ``scale = EPS`` so nothing divides by zero; NaN is an error.
 
 Gradients: :func:`fake_quantize` rounds with a straight-through estimator, so it is differentiable in ``x``
@@ -35,7 +39,7 @@ from torch import Tensor
 from thrifty.ops import ste
 
 __all__ = [
-    "EPS", "Rounding", "check_bits", "qrange", "round_ste", "stochastic_round", "qparams_from_range",
+    "EPS", "Rounding", "check_bits", "qrange", "check_group_size", "group_view", "ungroup", "round_ste", "stochastic_round", "qparams_from_range",
     "fake_quantize", "fake_quantize_ste", "fake_quantize_tensor", "fake_quantize_minmax", "QuantizedTensor",
     "quantize_int", "dequantize",
     "minmax_range", "sample_minmax_range", "ema_range", "percentile_range", "mse_range", "estimate_range",
@@ -99,6 +103,57 @@ def _bcast(p: Tensor | float, x: Tensor, axis: Optional[int]) -> Tensor:
     return p.reshape(shape)
 
 
+def check_group_size(group_size: Optional[int], name: str = "group_size") -> Optional[int]:
+    """Validate a per-group size (None = no groups, else an int >= 1) and return it."""
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"{name} must be None or a positive int, got {group_size!r}")
+    if group_size < 1:
+        raise ValueError(f"{name} must be >= 1, got {group_size}")
+    return group_size
+
+
+def group_view(x: Tensor, axis: int, group_size: int) -> Tensor:
+    """``x`` as ``(channels, groups, group_size)``: channel ``axis`` first, the other dims flattened in order and
+    cut into groups of ``group_size`` (the last one zero-padded when it is short). Example:
+        >>> group_view(torch.arange(6.0).reshape(2, 3), axis=0, group_size=2).tolist()
+        [[[0.0, 1.0], [2.0, 0.0]], [[3.0, 4.0], [5.0, 0.0]]]
+    """
+    check_group_size(group_size)
+    ax = _norm_axis(axis, x.dim())
+    rows = x.movedim(ax, 0).reshape(x.shape[ax], -1)
+    k = rows.shape[1]
+    n = -(-k // group_size)
+    if n * group_size != k:
+        rows = torch.nn.functional.pad(rows, (0, n * group_size - k))
+    return rows.reshape(rows.shape[0], n, group_size)
+
+
+def ungroup(g: Tensor, shape: tuple[int, ...] | torch.Size, axis: int) -> Tensor:
+    """Inverse of :func:`group_view` for a tensor of ``shape`` (drops the padding)."""
+    ax = _norm_axis(axis, len(shape))
+    moved = [shape[ax]] + [d for i, d in enumerate(shape) if i != ax]
+    k = math.prod(moved[1:])
+    return g.reshape(g.shape[0], -1)[:, :k].reshape(moved).movedim(0, ax)
+
+
+def _group_param(p: Tensor | float, g: Tensor) -> Tensor:
+    """A per-group parameter (C*G entries, e.g. shaped (C, G)) shaped (C, G, 1) against a group view ``g``."""
+    p = torch.as_tensor(p, dtype=g.dtype if g.is_floating_point() else torch.float32, device=g.device)
+    if p.dim() == 0:
+        return p
+    if p.numel() != g.shape[0] * g.shape[1]:
+        raise ValueError(f"per-group parameter has {p.numel()} entries but the input has {g.shape[0]} channels x "
+                         f"{g.shape[1]} groups")
+    return p.reshape(g.shape[0], g.shape[1], 1)
+
+
+def _need_axis(axis: Optional[int], group_size: Optional[int]) -> None:
+    if group_size is not None and axis is None:
+        raise ValueError("per-group quantization (group_size) needs a channel axis (per-channel), got axis=None")
+
+
 def round_ste(t: Tensor) -> Tensor:
     """Round to nearest (ties to even) with an identity gradient."""
     return ste(t, torch.round(t))
@@ -150,37 +205,47 @@ def qparams_from_range(min_val: Tensor | float, max_val: Tensor | float, bits: i
 # ------------------------------------------------------------------------------------------ quantizers
 def fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | float | None, bits: int, *,
                   symmetric: bool = False, axis: Optional[int] = None, rounding: Rounding = "nearest",
-                  generator: Optional[torch.Generator] = None) -> Tensor:
+                  generator: Optional[torch.Generator] = None, group_size: Optional[int] = None) -> Tensor:
     """Quantize-dequantize ``x`` on the grid given by ``scale``/``zero_point`` (differentiable, STE rounding).
 
-    ``scale``/``zero_point`` are scalars (per-tensor) or vectors over dimension ``axis`` (per-channel); a
-    learnable (non-integer) zero point is rounded with an STE. Example:
+    ``scale``/``zero_point`` are scalars (per-tensor), vectors over dimension ``axis`` (per-channel) or
+    ``(channels, groups)`` with ``group_size`` (per-group, see the module docstring); a learnable (non-integer)
+    zero point is rounded with an STE. Example:
         >>> fake_quantize(torch.tensor([0.26, 0.9]), 0.5, 0, bits=4).tolist()
         [0.5, 1.0]
     """
     _check_nan(x)
     _check_rounding(rounding)
+    _need_axis(axis, check_group_size(group_size))
     qmin, qmax = qrange(bits, symmetric)
-    s = _bcast(scale, x, axis)
+    if group_size is not None:
+        g = group_view(x, axis, group_size)  # type: ignore[arg-type]
+        s, z = _group_param(scale, g), None if (symmetric or zero_point is None) else _group_param(zero_point, g)
+    else:
+        g = x
+        s = _bcast(scale, x, axis)
+        z = None if (symmetric or zero_point is None) else _bcast(zero_point, x, axis)
     if isinstance(scale, Tensor) and scale.requires_grad:
         s = torch.clamp(s, min=EPS)  # learnable scales must stay positive
-    t = x / s
+    t = g / s
     if rounding == "nearest":
         t = round_ste(t)
     else:
         t = ste(t, stochastic_round(t.detach(), generator))
-    if symmetric or zero_point is None:
-        return torch.clamp(t, qmin, qmax) * s
-    z = round_ste(_bcast(zero_point, x, axis))
-    return (torch.clamp(t + z, qmin, qmax) - z) * s
+    if z is None:
+        out = torch.clamp(t, qmin, qmax) * s
+    else:
+        z = round_ste(z)
+        out = (torch.clamp(t + z, qmin, qmax) - z) * s
+    return out if group_size is None else ungroup(out, x.shape, axis)  # type: ignore[arg-type]
 
 
 def fake_quantize_ste(x: Tensor, scale: Tensor | float, zero_point: Tensor | float | None, bits: int, *,
                       symmetric: bool = False, axis: Optional[int] = None, rounding: Rounding = "nearest",
-                      generator: Optional[torch.Generator] = None) -> Tensor:
+                      generator: Optional[torch.Generator] = None, group_size: Optional[int] = None) -> Tensor:
     """Like :func:`fake_quantize` but the gradient w.r.t. ``x`` is the identity everywhere (plain STE)."""
     q = fake_quantize(x.detach(), _detach(scale), _detach(zero_point), bits, symmetric=symmetric, axis=axis,
-                      rounding=rounding, generator=generator)
+                      rounding=rounding, generator=generator, group_size=group_size)
     return ste(x, q)
 
 
@@ -190,8 +255,9 @@ def _detach(p):
 
 def fake_quantize_tensor(x: Tensor, bits: int, *, symmetric: bool = False, axis: Optional[int] = None,
                          rounding: Rounding = "nearest", generator: Optional[torch.Generator] = None,
-                         estimator: Estimator = "minmax", straight_through: bool = True, **est_kw) -> Tensor:
-    """One call: estimate the range of ``x`` (per tensor or per channel), then fake-quantize it.
+                         estimator: Estimator = "minmax", straight_through: bool = True,
+                         group_size: Optional[int] = None, **est_kw) -> Tensor:
+    """One call: estimate the range of ``x`` (per tensor, per channel or per group), then fake-quantize it.
 
     The range is computed without gradient; with ``straight_through`` the gradient w.r.t. ``x`` is the identity.
     Example (8-bit stochastic rounding of a gradient):
@@ -200,11 +266,13 @@ def fake_quantize_tensor(x: Tensor, bits: int, *, symmetric: bool = False, axis:
         torch.Size([4, 3])
     """
     with torch.no_grad():
-        lo, hi = estimate_range(x.detach(), estimator, bits=bits, symmetric=symmetric, axis=axis, **est_kw)
+        lo, hi = estimate_range(x.detach(), estimator, bits=bits, symmetric=symmetric, axis=axis,
+                                group_size=group_size, **est_kw)
         s, zp = qparams_from_range(lo, hi, bits, symmetric)
         s, zp = s.to(x.device), zp.to(x.device)
     f = fake_quantize_ste if straight_through else fake_quantize
-    return f(x, s, zp, bits, symmetric=symmetric, axis=axis, rounding=rounding, generator=generator)
+    return f(x, s, zp, bits, symmetric=symmetric, axis=axis, rounding=rounding, generator=generator,
+             group_size=group_size)
 
 
 def fake_quantize_minmax(x: Tensor, bits: int, *, axis: Optional[int] = None, rounding: Rounding = "nearest",
@@ -463,8 +531,23 @@ def mse_range(x: Tensor, bits: int, symmetric: bool = False, axis: Optional[int]
 
 
 def estimate_range(x: Tensor, estimator: Estimator = "minmax", *, bits: int = 8, symmetric: bool = False,
-                   axis: Optional[int] = None, **kw) -> tuple[Tensor, Tensor]:
-    """Dispatch to a range estimator by name: ``minmax``, ``sample_minmax``, ``percentile`` (``q=``), ``mse``."""
+                   axis: Optional[int] = None, group_size: Optional[int] = None, **kw) -> tuple[Tensor, Tensor]:
+    """Dispatch to a range estimator by name: ``minmax``, ``sample_minmax``, ``percentile`` (``q=``), ``mse``.
+
+    With ``group_size`` the ranges are per group, shaped ``(channels, groups)`` (minmax and mse only: the zero
+    padding of a short last group does not change the scale/zero point they lead to). Example:
+        >>> lo, hi = estimate_range(torch.tensor([[1.0, -2.0, 3.0]]), axis=0, group_size=2)
+        >>> lo.tolist(), hi.tolist()
+        ([[-2.0, 0.0]], [[1.0, 3.0]])
+    """
+    if check_group_size(group_size) is not None:
+        _need_axis(axis, group_size)
+        if estimator not in ("minmax", "mse"):
+            raise ValueError(f"per-group ranges (group_size={group_size}) support the minmax and mse estimators, "
+                             f"got {estimator!r}")
+        g = group_view(_finite(x), axis, group_size)  # type: ignore[arg-type]
+        lo, hi = estimate_range(g.reshape(-1, group_size), estimator, bits=bits, symmetric=symmetric, axis=0, **kw)
+        return lo.reshape(g.shape[:2]), hi.reshape(g.shape[:2])
     if estimator == "minmax":
         return minmax_range(x, axis)
     if estimator == "sample_minmax":

@@ -101,8 +101,11 @@ def adaquant_layer(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], *, iter
     # the allowed shift per weight: max_shift steps of its own channel (the step at the start)
     bound = None
     if max_shift is not None and wq is not None and hasattr(wq, "scale"):
-        sc = wq.scale.detach().abs()
-        bound = max_shift * (sc.reshape((-1,) + (1,) * (w0.dim() - 1)) if sc.dim() else sc)
+        if hasattr(wq, "step_like"):  # any layout: per channel along its own axis, per group
+            bound = max_shift * wq.step_like(w0)
+        else:
+            sc = wq.scale.detach().abs()
+            bound = max_shift * (sc.reshape((-1,) + (1,) * (w0.dim() - 1)) if sc.dim() else sc)
     params = [p for g in groups for p in g["params"]]
     flags = [p.requires_grad for p in params]
     for p in params:

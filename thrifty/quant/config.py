@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from thrifty.core import Config, register_config, register_handler, register_pipeline
 from thrifty.nn import Chain, SlotRefused, gemm_op
-from thrifty.ops.quant import check_bits
+from thrifty.ops.quant import check_bits, check_group_size
 from thrifty.quant.quantizer import UniformQuantizer
 
 __all__ = ["QuantConfig", "PTQ", "weight_quantizer", "input_quantizer", "PIPELINES"]
@@ -31,7 +31,9 @@ class QuantConfig(Config):
     """Round-to-nearest fake quantization of one layer's weight (per output channel by default) and input.
 
     ``a_bits=None`` leaves activations in floating point. Input quantizers start in ``dynamic`` mode (range of
-    each batch); :func:`thrifty.quant.calibrate_inputs` fixes them from calibration data.
+    each batch); :func:`thrifty.quant.calibrate_inputs` fixes them from calibration data. ``group_size``: one
+    weight scale per that many consecutive reduction elements of each output channel (per-group, e.g. W4A16
+    with ``QuantConfig(w_bits=4, a_bits=None, group_size=128)``).
 
     Args:
         w_bits: weight bits (2..16).
@@ -41,11 +43,13 @@ class QuantConfig(Config):
         a_symmetric: symmetric input grid.
         w_estimator: weight range estimator: "minmax", "sample_minmax", "percentile" or "mse".
         a_estimator: input range estimator (the same choices).
+        group_size: weights per scale along each output channel's reduction (None: one scale per channel).
     """
 
     w_bits: int = 8
     a_bits: Optional[int] = 8
     per_channel: bool = True
+    group_size: Optional[int] = None
     w_symmetric: bool = False
     a_symmetric: bool = False
     w_estimator: str = "mse"
@@ -58,17 +62,28 @@ class QuantConfig(Config):
         for f in ("w_estimator", "a_estimator"):
             if getattr(self, f) not in _EST:
                 raise ValueError(f"{f} must be one of {_EST}, got {getattr(self, f)!r}")
+        _check_groups(self)
+
+
+def _check_groups(cfg: "QuantConfig | PTQ") -> None:
+    check_group_size(cfg.group_size)
+    if cfg.group_size is not None and not cfg.per_channel:
+        raise ValueError(f"group_size={cfg.group_size} needs per_channel=True (groups split each output channel)")
+    if cfg.group_size is not None and cfg.w_estimator not in ("minmax", "mse"):
+        raise ValueError(f"group_size={cfg.group_size}: per-group weight ranges support w_estimator 'minmax' or "
+                         f"'mse', got {cfg.w_estimator!r}")
 
 
 def weight_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False,
                      layer: Optional[nn.Module] = None) -> UniformQuantizer:
-    """The weight quantizer of ``cfg``; per channel along ``layer``'s output-channel axis (its own layout)."""
+    """The weight quantizer of ``cfg``; per channel along ``layer``'s output-channel axis (its own layout), per
+    group of ``cfg.group_size`` along the rest when set."""
     axis = 0 if layer is None else gemm_op(layer).out_axis
     if cfg.per_channel and axis is None:
         raise SlotRefused(f"{type(layer).__name__} (groups={getattr(layer, 'groups', 1)}) has no single output-channel "
                           "axis for per-channel weight quantization; use per_channel=False or leave it out with filter=")
     return UniformQuantizer(bits, symmetric=cfg.w_symmetric, per_channel=cfg.per_channel, axis=axis or 0,
-                            estimator=cfg.w_estimator, learnable=learnable)
+                            estimator=cfg.w_estimator, learnable=learnable, group_size=cfg.group_size)
 
 
 def input_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False) -> UniformQuantizer:
@@ -103,7 +118,8 @@ class PTQ(Config):
 
     Bits: weights ``w_bits`` (or an ILP allocation over ``candidate_bits`` when ``budget`` is set), activations
     ``a_bits`` (None = FP); the first and last GEMM layers (execution order) use ``first_last_bits`` for both
-    (None = leave them in FP). ``budget`` is a fraction of the FP32 size of the quantized layers
+    (None = leave them in FP). ``group_size``: per-group weight scales (see :class:`QuantConfig`; W4A16 is
+    ``PTQ(w_bits=4, a_bits=None, group_size=128)``). ``budget`` is a fraction of the FP32 size of the quantized layers
     (``budget_kind="size"``) or of their FP32 x FP32 bit-operations (``"bops"``).
 
     Args:
@@ -116,6 +132,7 @@ class PTQ(Config):
         a_symmetric: symmetric activation grid.
         w_estimator: weight range estimator: "minmax", "sample_minmax", "percentile" or "mse".
         a_estimator: activation range estimator (the same choices).
+        group_size: weights per scale along each output channel's reduction (None: one scale per channel).
         budget: bit-allocation budget, a fraction of the FP32 size or bit-operations (None: no allocation).
         budget_kind: "size" or "bops": what ``budget`` is a fraction of.
         candidate_bits: weight bit widths the allocation chooses from.
@@ -148,6 +165,7 @@ class PTQ(Config):
     pipeline: Literal["rtn", "adaquant", "light", "advanced"] = "advanced"
     first_last_bits: Optional[int] = 8
     per_channel: bool = True
+    group_size: Optional[int] = None
     w_symmetric: bool = False
     a_symmetric: bool = False
     w_estimator: str = "mse"
@@ -209,6 +227,7 @@ class PTQ(Config):
             raise ValueError(f"adaquant_max_shift must be None or > 0, got {self.adaquant_max_shift!r}")
         if self.loss not in ("auto", "kl", "mse"):
             raise ValueError(f"loss must be 'auto', 'kl' or 'mse', got {self.loss!r}")
+        _check_groups(self)
 
     @property
     def uses_adaquant(self) -> bool:

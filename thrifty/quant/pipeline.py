@@ -187,7 +187,8 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
     if isinstance(config, QuantConfig):
         config = PTQ(w_bits=config.w_bits, a_bits=config.a_bits, pipeline="rtn", first_last_bits=config.w_bits,
-                     per_channel=config.per_channel, w_symmetric=config.w_symmetric, a_symmetric=config.a_symmetric,
+                     per_channel=config.per_channel, group_size=config.group_size, w_symmetric=config.w_symmetric,
+                     a_symmetric=config.a_symmetric,
                      w_estimator=config.w_estimator, a_estimator=config.a_estimator)
     if not isinstance(config, PTQ):
         raise TypeError(f"quantize expects a PTQ config, got {type(config).__name__}")

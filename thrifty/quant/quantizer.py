@@ -40,6 +40,9 @@ class UniformQuantizer(nn.Module):
         bits: 2..16.
         symmetric: signed narrow range with zero point 0, else asymmetric ``[0, 2^b-1]`` with integer zero point.
         per_channel: one scale/zero point per index of dimension ``axis``.
+        group_size: with ``per_channel``, one scale/zero point per ``group_size`` consecutive elements of each
+            channel's other dimensions flattened (the GEMM reduction; the weight-only "W4A16 g128" of LLMs);
+            parameters shaped ``(channels, groups)``, a short last group is a group of its own.
         rounding: ``"nearest"`` or ``"stochastic"`` (``seed`` makes it reproducible).
         estimator: ``"minmax"``, ``"sample_minmax"``, ``"percentile"`` or ``"mse"`` (kwargs in ``estimator_kw``).
         learnable: scale and zero point become Parameters when frozen (AdaQuant optimises them).
@@ -50,9 +53,15 @@ class UniformQuantizer(nn.Module):
     def __init__(self, bits: int = 8, symmetric: bool = False, per_channel: bool = False, axis: int = 0,
                  rounding: Q.Rounding = "nearest", estimator: str = "minmax", learnable: bool = False,
                  momentum: Optional[float] = None, gradient: str = "clipped", seed: Optional[int] = None,
-                 estimator_kw: Optional[dict[str, Any]] = None) -> None:
+                 estimator_kw: Optional[dict[str, Any]] = None, group_size: Optional[int] = None) -> None:
         super().__init__()
         Q.check_bits(bits)
+        Q.check_group_size(group_size)
+        if group_size is not None and not per_channel:
+            raise ValueError(f"group_size={group_size} needs per_channel=True (groups split each output channel)")
+        if group_size is not None and estimator not in ("minmax", "mse"):
+            raise ValueError(f"group_size={group_size}: per-group ranges support the minmax and mse estimators, "
+                             f"got {estimator!r}")
         Q._check_rounding(rounding)
         if estimator not in ("minmax", "sample_minmax", "percentile", "mse"):
             raise ValueError(f"unknown range estimator {estimator!r}; use minmax, sample_minmax, percentile or mse")
@@ -62,7 +71,7 @@ class UniformQuantizer(nn.Module):
             raise ValueError(f"momentum must be None or in (0, 1], got {momentum}")
         self.bits, self.symmetric, self.per_channel, self.axis = bits, symmetric, per_channel, axis
         self.rounding, self.estimator, self.learnable = rounding, estimator, learnable
-        self.momentum, self.gradient, self.seed = momentum, gradient, seed
+        self.momentum, self.gradient, self.seed, self.group_size = momentum, gradient, seed, group_size
         self.estimator_kw = dict(estimator_kw or {})
         self._generator: Optional[torch.Generator] = None
         self._calibrating = False
@@ -93,7 +102,7 @@ class UniformQuantizer(nn.Module):
         return dict(bits=self.bits, symmetric=self.symmetric, per_channel=self.per_channel, axis=self.axis,
                     rounding=self.rounding, estimator=self.estimator, learnable=self.learnable,
                     momentum=self.momentum, gradient=self.gradient, seed=self.seed,
-                    estimator_kw=dict(self.estimator_kw))
+                    estimator_kw=dict(self.estimator_kw), group_size=self.group_size)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "UniformQuantizer":
@@ -110,7 +119,7 @@ class UniformQuantizer(nn.Module):
     def observe(self, x: Tensor) -> None:
         """Fold one batch into the observed range."""
         lo, hi = Q.estimate_range(x.detach(), self.estimator, bits=self.bits, symmetric=self.symmetric,  # type: ignore[arg-type]
-                                  axis=self._axis, **self.estimator_kw)
+                                  axis=self._axis, group_size=self.group_size, **self.estimator_kw)
         if self._n_obs == 0:
             new_lo, new_hi = lo, hi
         elif self.estimator == "minmax":
@@ -184,13 +193,25 @@ class UniformQuantizer(nn.Module):
         if self.mode == "dynamic":
             return Q.fake_quantize_tensor(x, self.bits, symmetric=self.symmetric, axis=self._axis,
                                           rounding=self.rounding, generator=gen, estimator=self.estimator,  # type: ignore[arg-type]
-                                          straight_through=True, **self.estimator_kw)
+                                          straight_through=True, group_size=self.group_size, **self.estimator_kw)
         f = Q.fake_quantize if (self.gradient == "clipped" or self.learnable) else Q.fake_quantize_ste
         return f(x, self.scale, None if self.symmetric else self.zero_point, self.bits, symmetric=self.symmetric,
-                 axis=self._axis, rounding=self.rounding, generator=gen)  # type: ignore[arg-type]
+                 axis=self._axis, rounding=self.rounding, generator=gen, group_size=self.group_size)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def step_like(self, x: Tensor) -> Tensor:
+        """The frozen quantization step of every element of ``x`` (the tensor it quantizes), shaped like ``x``."""
+        s = self.scale.detach().abs()
+        if s.dim() == 0:
+            return s.expand_as(x)
+        if self.group_size is not None:
+            g = Q.group_view(x, self.axis, self.group_size)
+            return Q.ungroup(s.reshape(g.shape[0], g.shape[1], 1).expand_as(g), x.shape, self.axis)
+        return Q._bcast(s, x, self.axis).expand_as(x)
 
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         ch = f"per_channel(axis={self.axis})" if self.per_channel else "per_tensor"
+        ch += f", group_size={self.group_size}" if self.group_size is not None else ""
         extra = ", learnable" if self.learnable else ""
         return f"bits={self.bits}, {kind}, {ch}, {self.rounding}, {self.estimator}, mode={self.mode}{extra}"

@@ -71,9 +71,10 @@ def bn_tune(qmodel: nn.Module, fpmodel: nn.Module, names: list[str], batches: li
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         layer.weight.mul_(a.reshape(shape).to(layer.weight.dtype))
         if exact and not torch.all(a == 1):
-            wq.scale.data.mul_(a.to(wq.scale.dtype))
-            wq.min_val.mul_(a)
-            wq.max_val.mul_(a)
+            per_ch = a.reshape((-1,) + (1,) * (wq.scale.dim() - 1))  # (channels, groups) when per group
+            wq.scale.data.mul_(per_ch.to(wq.scale.dtype))
+            wq.min_val.mul_(per_ch)
+            wq.max_val.mul_(per_ch)
         b = layer.bias if layer.bias is not None else torch.zeros_like(mu_q)
         new_b = a * (b - mu_q) + mu_f
         if layer.bias is None:

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,7 +34,7 @@ from thrifty.train.io import load_model, model_kwargs_for, model_paths, save_mod
 from thrifty.train.loop import TrainConfig, evaluate, fit
 from thrifty.utils import seed_everything, show_progress
 
-__all__ = ["RECIPES", "recipe", "pretrained", "cache_dir"]
+__all__ = ["RECIPES", "recipe", "pretrained", "cache_dir", "cached_model"]
 
 # (model, dataset) -> (extra model kwargs, TrainConfig). Measured accuracies and times: README / results.
 RECIPES: dict[tuple[str, str], tuple[dict[str, Any], TrainConfig]] = {
@@ -81,19 +81,29 @@ def pretrained(model_name: str, dataset_name: str, seed: int = 0, *, return_meta
     kwargs = model_kwargs_for(model_name, splits.input_shape, splits.num_classes, **extra_kw)
     key = {"model": model_name, "model_kwargs": kwargs, "dataset": dataset_name, "seed": seed,
            "train": to_dict(cfg), "format": 1}
+    model, meta = cached_model(f"{model_name}-{dataset_name}-seed{seed}", key, lambda stem: _train_and_save(
+        stem, model_name, kwargs, dataset_name, seed, cfg, splits, progress))
+    return (model, meta) if return_meta else model
+
+
+def cached_model(name: str, key: dict[str, Any], train: Callable[[Path], None]) -> tuple[torch.nn.Module, dict]:
+    """Load the cache entry ``<name>-<digest of key>`` (``$THRIFTY_CACHE/pretrained``), calling ``train(stem)``
+    to create it first when it is missing; -> (model, meta with its "path").
+
+    A file lock makes concurrent callers wait for one ``train`` instead of each training its own copy."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:12]
-    stem = cache_dir() / "pretrained" / f"{model_name}-{dataset_name}-seed{seed}-{digest}"
+    stem = cache_dir() / "pretrained" / f"{name}-{digest}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     with open(stem.with_name(stem.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per entry; others wait, then load
         try:
             if not all(p.is_file() for p in model_paths(stem)):
-                _train_and_save(stem, model_name, kwargs, dataset_name, seed, cfg, splits, progress)
+                train(stem)
             model, meta = load_model(stem)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     meta["path"] = str(model_paths(stem)[0])
-    return (model, meta) if return_meta else model
+    return model, meta
 
 
 def _train_and_save(stem: Path, model_name: str, kwargs: dict, dataset_name: str, seed: int, cfg: TrainConfig,
