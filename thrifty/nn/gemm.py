@@ -80,16 +80,21 @@ def _conv_problem(m: nn.Module) -> Optional[str]:
 
 
 def _gemm_forward(layer: nn.Module, x: Tensor, op: GemmOp) -> Tensor:
-    slots = layer.slots
     w = layer.weight
-    if slots.weight is not None:
-        w = slots.weight(w)
+    if layer.slots.weight is not None:
+        w = layer.slots.weight(w)
+    return gemm_call(layer, x, w, layer.bias, op)
+
+
+def gemm_call(layer: nn.Module, x: Tensor, w: Tensor, bias: Optional[Tensor], op: GemmOp) -> Tensor:
+    """``op(x, w, bias)`` through ``layer``'s input, grad_output and accumulator slots (``w`` already transformed)."""
+    slots = layer.slots
     if slots.input is not None:
         x = slots.input(x)
     if slots.grad_output is None and slots.accumulator is None:
         # Nothing to do inside backward: let autograd differentiate the plain op.
-        return op(x, w, layer.bias)
-    return GemmFunction.apply(x, w, layer.bias, op, slots.grad_output, slots.accumulator)
+        return op(x, w, bias)
+    return GemmFunction.apply(x, w, bias, op, slots.grad_output, slots.accumulator)
 
 
 def _refused(layer: nn.Module, slot: str) -> Optional[str]:
