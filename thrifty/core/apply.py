@@ -28,7 +28,8 @@ from thrifty.core.config import Config, import_config_modules
 from thrifty.core.select import drop_module_path_hooks, keep_module_path, layer_status, outermost, uncalled_layers
 from thrifty.nn.attention import GemmMultiheadAttention, convert_in_place
 from thrifty.nn.gemm import SLOT_NAMES, Chain, SlotRefused, is_gemm, why_not_wrappable, wrap, wrap_in_place
-from thrifty.nn.matmul import is_matmul
+from thrifty.nn.hf_attention import attach_matmuls, detach_matmuls, is_hf_attention
+from thrifty.nn.matmul import GemmMatmul, is_matmul
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
            "check_layers_run", "untied_views", "explicit_names", "HANDLERS", "register_prepare", "register_pipeline",
@@ -217,12 +218,16 @@ def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.M
 
 
 def _convert_attention(model: nn.Module, filter: Filter) -> None:
-    """Turn each nn.MultiheadAttention one of whose GEMMs passes ``filter`` into a GemmMultiheadAttention."""
+    """Turn each nn.MultiheadAttention one of whose GEMMs passes ``filter`` into a GemmMultiheadAttention, and
+    give each transformers attention module whose ``qk``/``pv`` the filter names its GemmMatmul modules."""
     pred, asked = make_filter(filter), names_matmul(filter)
     found: dict[int, tuple[nn.Module, list[str]]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
+    for name, m in list(model.named_modules(remove_duplicate=False)):
         if isinstance(m, nn.MultiheadAttention) and not isinstance(m, GemmMultiheadAttention):
             found.setdefault(id(m), (m, []))[1].append(name)
+        elif is_hf_attention(m) and not is_matmul(getattr(m, "qk", None)) and any(
+                asked(n) and pred(GemmMatmul(), n) for n in (f"{name}.qk", f"{name}.pv")):
+            attach_matmuls(m)
     for m, ns in found.values():
         try:
             new = GemmMultiheadAttention.from_mha(m)
@@ -339,7 +344,7 @@ def untied_views(model: nn.Module) -> Optional[str]:
             "(strip(model, tied='untie') gives the wrapped layer its own copy instead)")
 
 
-def _snapshot(model: nn.Module) -> tuple[list, list, type, list, dict]:
+def _snapshot(model: nn.Module) -> tuple[list, list, type, list, dict, list, list]:
     tree = [(parent, cname, child) for parent in model.modules() for cname, child in parent._modules.items()]
     # keep_module_path's hooks land in dicts a wrapped layer shares with the original: undo them too.
     paths = [(m, set(m._forward_pre_hooks), getattr(m, "use_nested_tensor", None)) for m in model.modules()]
@@ -349,18 +354,29 @@ def _snapshot(model: nn.Module) -> tuple[list, list, type, list, dict]:
             for s in SLOT_NAMES:
                 obj = getattr(m.slots, s)
                 slots.append((m, s, obj, list(obj) if isinstance(obj, Chain) else None))
-    return tree, slots, type(model), paths, dict(model.__dict__)
+    kids = [(m, set(m._modules)) for m in model.modules()]
+    impls = {id(m.config): (m.config, m.config._attn_implementation, m.config.__dict__.get("_thrifty_previous_attn"))
+             for m in model.modules() if is_hf_attention(m)}
+    return tree, slots, type(model), paths, dict(model.__dict__), kids, list(impls.values())
 
 
-def _restore(model: nn.Module, snap: tuple[list, list, type, list, dict]) -> None:
-    tree, slots, cls, paths, root = snap
+def _restore(model: nn.Module, snap: tuple[list, list, type, list, dict, list, list]) -> None:
+    tree, slots, cls, paths, root, kids, impls = snap
+    for m, keys in kids:  # modules apply added (a transformers attention's qk / pv)
+        for k in [k for k in m._modules if k not in keys]:
+            del m._modules[k]
+    for cfg, impl, previous in impls:
+        if cfg._attn_implementation != impl:
+            cfg._attn_implementation = impl
+        if previous is None:
+            cfg.__dict__.pop("_thrifty_previous_attn", None)
     if type(model) is not cls and issubclass(cls, nn.MultiheadAttention):  # converted in place, on new dicts
         model.__class__ = cls
         model.__dict__.clear()
         model.__dict__.update(root)
     elif type(model) is not cls:  # a bare root layer was wrapped in place: undo it
         model.__class__ = cls
-        del model.slots
+        model._modules.pop("slots", None)  # (the added-modules sweep above may have taken it already)
         model.__dict__.pop("_thrifty_cls", None)
     for parent, cname, child in tree:
         parent._modules[cname] = child
@@ -433,6 +449,7 @@ def strip(model: nn.Module, tied: str = "keep") -> nn.Module:
             if name == "":
                 return plain
             _set_child(model, name, plain)
+    detach_matmuls(model)
     return _strip_attention(model)
 
 

@@ -30,7 +30,8 @@ import torch.nn as nn
 
 from thrifty.nn.attention import GemmMultiheadAttention, why_not_convertible
 from thrifty.nn.gemm import gemm_like, is_gemm, why_not_wrappable
-from thrifty.nn.matmul import is_matmul
+from thrifty.nn.hf_attention import is_hf_attention
+from thrifty.nn.matmul import GemmMatmul, is_matmul
 
 __all__ = ["layer_status", "outermost", "keep_module_path", "drop_module_path_hooks", "uncalled_layers"]
 
@@ -48,7 +49,9 @@ def layer_status(model: nn.Module, named: Collection[str] = (),
     only under the names in ``named`` (a filter that names it exactly). An nn.MultiheadAttention is
     reported as the GEMMs of the :class:`~thrifty.nn.GemmMultiheadAttention` it becomes when wrapped
     (``<name>.in_proj``, ``<name>.out_proj``, ...: fresh modules until :func:`thrifty.core.wrap_layers`
-    converts it). Activation-activation matmuls (:class:`~thrifty.nn.GemmMatmul`) only with ``matmuls``.
+    converts it). Activation-activation matmuls (:class:`~thrifty.nn.GemmMatmul`) only with ``matmuls``: those of
+    a GemmMultiheadAttention and of transformers attention modules (``<name>.qk``/``<name>.pv``, attached by
+    :func:`thrifty.nn.hf_attention.attach_matmuls` when wrapped).
     """
     mha: list[str] = []
     for name, m in model.named_modules(remove_duplicate=False):
@@ -71,6 +74,9 @@ def layer_status(model: nn.Module, named: Collection[str] = (),
             if matmuls:
                 yield name, m, None
             continue
+        if matmuls and is_hf_attention(m) and not is_matmul(getattr(m, "qk", None)):
+            for cname in ("qk", "pv"):  # the modules thrifty.nn.hf_attention.attach_matmuls would add
+                yield (f"{name}.{cname}" if name else cname), GemmMatmul(), None
         if isinstance(m, GemmMultiheadAttention):
             continue
         if isinstance(m, nn.Embedding) and name not in named:
