@@ -225,3 +225,22 @@ def test_matmul_accumulator_is_the_linear_accumulator_per_batch_entry():
     assert_within(a.grad, torch.ones(3, 4, 5) @ vt, matmul_bound(torch.ones(3, 4, 5), vt))
     with pytest.raises(ValueError, match="no weight to prune"):
         apply(nn.ModuleDict({"pv": GemmMatmul()}), NM(2, 4), filter="pv")
+
+
+def test_quantize_save_load_and_adaprune_reach_the_attention_projections(tmp_path):
+    from thrifty.quant import PTQ, load_quantized, quantize, save_quantized
+    from thrifty.sparse.adaprune import adaprune
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 1,
+                                enable_nested_tensor=False).eval()
+    x = torch.randn(8, 6, 16)
+    cfg = PTQ(pipeline="rtn", w_bits=4, a_bits=8, w_estimator="minmax", a_estimator="minmax")
+    res = quantize(copy.deepcopy(enc), cfg, x, filter="*.in_proj", progress=False)
+    assert set(res.bits) == {"layers.0.self_attn.in_proj"}
+    save_quantized(res, tmp_path / "q")
+    back, _ = load_quantized(tmp_path / "q", enc)
+    with torch.no_grad():
+        assert torch.equal(back(x), res.model(x))
+    report = adaprune(copy.deepcopy(enc), NM(2, 4), x, steps=2, progress=False)  # before: KeyError on in_proj
+    assert {"layers.0.self_attn.in_proj", "layers.0.self_attn.out_proj"} <= set(report)
