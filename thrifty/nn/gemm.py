@@ -372,8 +372,9 @@ def why_not_wrappable(m: nn.Module) -> Optional[str]:
     nn.Conv1d/2d, nn.ConvTranspose1d/2d and nn.Embedding, including subclasses that keep their GEMM (they
     do not override ``forward`` or ``_conv_forward``), with initialised, unparametrized weights and, for
     convs, zero padding; and transformers' GPT-2 ``Conv1D``. It looks at the module alone;
-    :func:`thrifty.core.layer_status` adds what depends on the parent (a Linear inside
-    nn.MultiheadAttention is never called) and that an embedding is wrapped only when named.
+    :func:`thrifty.core.layer_status` adds what depends on the parent (nn.MultiheadAttention never calls
+    its projections: they are reached through :class:`thrifty.nn.GemmMultiheadAttention`) and that an
+    embedding is wrapped only when named.
 
     Example:
         >>> why_not_wrappable(nn.Conv1d(2, 2, 3)) is None
