@@ -65,6 +65,7 @@ def test_empty_matmul_slots_bit_identical_to_eager_and_strip_restores(arch):
     assert len(names) == 4 and not any(isinstance(m, GemmMatmul) for m in model.modules())
     got = wrap_layers(model, ["*.qk", "*.pv"])
     assert sorted(n for n, _ in got) == sorted(names) and model.config._attn_implementation == "thrifty"
+    assert not any("thrifty" in k for k in model.config.to_dict())  # nothing of thrifty's goes into config.json
     torch.manual_seed(1)
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(want, _run(model, batch, field),
                                                                               strict=True))
@@ -74,7 +75,7 @@ def test_empty_matmul_slots_bit_identical_to_eager_and_strip_restores(arch):
     torch.manual_seed(1)
     changed = _run(model, batch, field)
     assert not torch.equal(changed[0], want[0]) and all(torch.isfinite(g).all() for g in changed[1:] if g is not None)
-    plain = strip(model)
+    plain = strip(copy.deepcopy(model))  # a copy knows what to restore too
     assert plain.config._attn_implementation == "eager" and not any(isinstance(m, GemmMatmul) for m in plain.modules())
     assert set(plain.state_dict()) == set(ref.state_dict())
 

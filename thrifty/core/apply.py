@@ -28,7 +28,7 @@ from thrifty.core.config import Config, import_config_modules
 from thrifty.core.select import drop_module_path_hooks, keep_module_path, layer_status, outermost, uncalled_layers
 from thrifty.nn.attention import GemmMultiheadAttention, convert_in_place
 from thrifty.nn.gemm import SLOT_NAMES, Chain, SlotRefused, is_gemm, why_not_wrappable, wrap, wrap_in_place
-from thrifty.nn.hf_attention import attach_matmuls, detach_matmuls, is_hf_attention
+from thrifty.nn.hf_attention import PREVIOUS, attach_matmuls, detach_matmuls, is_hf_attention
 from thrifty.nn.matmul import GemmMatmul, is_matmul
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
@@ -355,9 +355,9 @@ def _snapshot(model: nn.Module) -> tuple[list, list, type, list, dict, list, lis
                 obj = getattr(m.slots, s)
                 slots.append((m, s, obj, list(obj) if isinstance(obj, Chain) else None))
     kids = [(m, set(m._modules)) for m in model.modules()]
-    impls = {id(m.config): (m.config, m.config._attn_implementation, m.config.__dict__.get("_thrifty_previous_attn"))
-             for m in model.modules() if is_hf_attention(m)}
-    return tree, slots, type(model), paths, dict(model.__dict__), kids, list(impls.values())
+    impls = [(m, m.config._attn_implementation, m.__dict__.get(PREVIOUS)) for m in model.modules()
+             if is_hf_attention(m)]
+    return tree, slots, type(model), paths, dict(model.__dict__), kids, impls
 
 
 def _restore(model: nn.Module, snap: tuple[list, list, type, list, dict, list, list]) -> None:
@@ -365,11 +365,11 @@ def _restore(model: nn.Module, snap: tuple[list, list, type, list, dict, list, l
     for m, keys in kids:  # modules apply added (a transformers attention's qk / pv)
         for k in [k for k in m._modules if k not in keys]:
             del m._modules[k]
-    for cfg, impl, previous in impls:
-        if cfg._attn_implementation != impl:
-            cfg._attn_implementation = impl
+    for m, impl, previous in impls:
+        if m.config._attn_implementation != impl:
+            m.config._attn_implementation = impl
         if previous is None:
-            cfg.__dict__.pop("_thrifty_previous_attn", None)
+            m.__dict__.pop(PREVIOUS, None)
     if type(model) is not cls and issubclass(cls, nn.MultiheadAttention):  # converted in place, on new dicts
         model.__class__ = cls
         model.__dict__.clear()

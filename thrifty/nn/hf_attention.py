@@ -39,7 +39,9 @@ from thrifty.nn.matmul import GemmMatmul
 __all__ = ["IMPLEMENTATION", "is_hf_attention", "attach_matmuls", "detach_matmuls", "thrifty_attention_forward"]
 
 IMPLEMENTATION = "thrifty"
-_PREVIOUS = "_thrifty_previous_attn"  # on the config: the implementation to restore at strip
+# On each attention module (not on the config, whose attributes go into config.json): the implementation its
+# config had when the matmuls were attached ("thrifty" for the second module of a shared config).
+PREVIOUS = "_thrifty_previous_attn"
 _UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "sinks")
 
 
@@ -73,20 +75,25 @@ def attach_matmuls(m: nn.Module) -> None:
             if name in m.__dict__ or name in m._parameters or name in m._modules:
                 raise TypeError(f"{type(m).__name__} already has an attribute {name!r}")
             m.add_module(name, GemmMatmul())
-    cfg = m.config
-    if cfg._attn_implementation != IMPLEMENTATION:
-        cfg.__dict__[_PREVIOUS] = cfg._attn_implementation
-        cfg._attn_implementation = IMPLEMENTATION
+    if PREVIOUS not in m.__dict__:
+        m.__dict__[PREVIOUS] = m.config._attn_implementation
+    if m.config._attn_implementation != IMPLEMENTATION:
+        m.config._attn_implementation = IMPLEMENTATION
 
 
 def detach_matmuls(model: nn.Module) -> None:
     """Remove every attached ``qk``/``pv`` and restore each config's previous attention implementation."""
+    restore: dict[int, tuple[Any, str]] = {}
     for m in model.modules():
         if is_hf_attention(m) and isinstance(getattr(m, "qk", None), GemmMatmul):
             del m._modules["qk"], m._modules["pv"]
-            cfg = m.config
-            if _PREVIOUS in cfg.__dict__:
-                cfg._attn_implementation = cfg.__dict__.pop(_PREVIOUS)
+            prev = m.__dict__.pop(PREVIOUS, None)
+            if prev != IMPLEMENTATION or id(m.config) not in restore:
+                # "eager" when nothing better is known: the function the empty matmuls computed
+                restore[id(m.config)] = (m.config, prev if prev not in (None, IMPLEMENTATION) else "eager")
+    for cfg, impl in restore.values():
+        if cfg._attn_implementation == IMPLEMENTATION:
+            cfg._attn_implementation = impl
 
 
 def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
