@@ -27,6 +27,7 @@ NUMERIC_FILES = frozenset({
     "test_ops_quant.py", "test_ops_quant_minmax.py", "test_quant_accum.py", "test_quant_ptq.py",
     "test_quant_train8.py", "test_sparse_actgrad.py", "test_sparse_nm.py", "test_bench_int8_graph.py",
     "test_datafree.py", "test_datafree_distill.py", "test_merge.py", "test_models.py",
+    "test_attention.py", "test_attention_hf.py", "test_deploy.py",
 })
 
 

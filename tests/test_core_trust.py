@@ -48,8 +48,9 @@ def test_quantized_transformer_encoder_is_quantized_at_inference():
     with torch.no_grad():
         ref = enc(x)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the attention projections stay FP (warned, tested below)
+        warnings.simplefilter("error")  # every GEMM, the attention projections too, is quantized
         res = quantize(enc, PTQ(w_bits=2, a_bits=2, pipeline="rtn"), x, progress=False)
+    assert {"layers.0.self_attn.in_proj", "layers.1.self_attn.out_proj"} <= set(res.bits)
     fast, slow = _eval_both_ways(res.model, x)
     assert (fast - slow).abs().max() <= _tol(slow)  # before: the no-grad output was the FP32 output exactly
     assert (fast - ref).abs().max() > 100 * _tol(ref)
@@ -63,8 +64,8 @@ def test_nm_transformer_encoder_matches_stripped_model_in_eval(padding):
         mask = torch.zeros(4, 6, dtype=torch.bool)
         mask[1, 4:] = mask[3, 2:] = True
         kw = {"src_key_padding_mask": mask}
-    with pytest.warns(UserWarning, match="self_attn"):
-        apply(enc, NM(2, 4))
+    apply(enc, NM(2, 4))
+    assert float(enc.layers[1].self_attn.in_proj.effective_weight().eq(0).float().mean()) == 0.5
     fast, slow = _eval_both_ways(enc, x, **kw)
     keep = ~kw["src_key_padding_mask"] if padding else torch.ones(4, 6, dtype=torch.bool)
     assert (fast - slow)[keep].abs().max() <= _tol(slow)
@@ -80,7 +81,8 @@ def test_quantize_refuses_a_forward_that_bypasses_wrapped_layers(monkeypatch):
     enc, x = _encoder(1), torch.randn(4, 5, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match=r"bypasses the wrapped layers \['layers.0.linear1', 'layers.0.linear2'\]"):
+        with pytest.raises(ValueError, match=r"bypasses the wrapped layers \['layers.0.self_attn.in_proj', "
+                           r"'layers.0.self_attn.out_proj', 'layers.0.linear1', 'layers.0.linear2'\]"):
             quantize(enc, PTQ(w_bits=4, a_bits=8, pipeline="rtn", first_last_bits=4), x, progress=False)
 
 
@@ -315,9 +317,16 @@ def test_unsupported_gemm_layers_are_named_never_skipped_silently():
     assert is_gemm(model[3])
     with pytest.raises(TypeError, match=r"layer '1' cannot be wrapped: Conv3d is not supported"):
         apply(copy.deepcopy(three_d), GradNM(2, 4), filter=["3", "1"])
+    class OwnAttention(nn.MultiheadAttention):
+        def forward(self, q, k, v, **kw):
+            return super().forward(q, k, v, **kw)
+
     enc = _encoder(1)
-    with pytest.raises(TypeError, match=r"'layers.0.self_attn.out_proj' cannot be wrapped: nn.MultiheadAttention"):
+    enc.layers[0].self_attn.__class__ = OwnAttention
+    with pytest.raises(TypeError, match=r"'layers.0.self_attn.out_proj' cannot be wrapped: its nn.MultiheadAttention"):
         apply(enc, NM(2, 4), filter="layers.0.self_attn.out_proj")
+    with pytest.warns(UserWarning, match=r"'layers.0.self_attn' \(OwnAttention overrides forward\(\)"):
+        apply(enc, NM(2, 4))
     with pytest.warns(UserWarning) as rec:
         apply(nn.Sequential(nn.Linear(4, 4), Conv1D(4, 4)), GradNM(2, 4))
     assert "'1' (Conv1D is not supported" in str(rec[0].message)
@@ -325,11 +334,14 @@ def test_unsupported_gemm_layers_are_named_never_skipped_silently():
         sparsify(nn.Sequential(nn.Linear(8, 8), nn.Conv3d(8, 8, 1)), NM(2, 4))
 
 
-def test_layer_status_reports_attention_once_per_name():
+def test_layer_status_reports_the_attention_gemms():
     enc = _encoder(1)
     got = {n: why for n, _, why in layer_status(enc)}
-    assert got["layers.0.linear1"] is None and got["layers.0.self_attn"].startswith("nn.MultiheadAttention")
-    assert got["layers.0.self_attn.out_proj"].startswith("nn.MultiheadAttention")
+    assert got == {n: None for n in ("layers.0.self_attn.in_proj", "layers.0.self_attn.out_proj", "layers.0.linear1",
+                                     "layers.0.linear2")}
+    assert set(dict((n, w) for n, _, w in layer_status(enc, matmuls=True))) - set(got) == {
+        "layers.0.self_attn.qk", "layers.0.self_attn.pv"}
+    assert type(enc.layers[0].self_attn) is nn.MultiheadAttention  # reporting changes nothing
 
 
 @register_config
@@ -456,8 +468,7 @@ def test_strip_keeps_the_users_hooks_and_drops_thriftys():
     enc, x = _encoder(1), torch.randn(2, 3, 16)
     seen = []
     handle = enc.layers[0].linear1.register_forward_hook(lambda mod, i, o: seen.append(type(mod).__name__))
-    with pytest.warns(UserWarning, match="self_attn"):
-        apply(enc, NM(2, 4))
+    apply(enc, NM(2, 4))
     plain = strip(enc)
     assert not plain.layers[0].linear2._forward_pre_hooks  # thrifty's no-op hook went with the wrapper
     plain(x)

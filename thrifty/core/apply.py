@@ -26,7 +26,10 @@ import torch.nn as nn
 
 from thrifty.core.config import Config, import_config_modules
 from thrifty.core.select import drop_module_path_hooks, keep_module_path, layer_status, outermost, uncalled_layers
+from thrifty.nn.attention import GemmMultiheadAttention, convert_in_place
 from thrifty.nn.gemm import SLOT_NAMES, Chain, SlotRefused, is_gemm, why_not_wrappable, wrap, wrap_in_place
+from thrifty.nn.hf_attention import PREVIOUS, attach_matmuls, detach_matmuls, is_hf_attention
+from thrifty.nn.matmul import GemmMatmul, is_matmul
 
 __all__ = ["Filter", "register_handler", "handler_for", "apply", "strip", "wrap_layers", "make_filter", "iter_selected",
            "check_layers_run", "untied_views", "explicit_names", "HANDLERS", "register_prepare", "register_pipeline",
@@ -136,21 +139,36 @@ def explicit_names(filter: Filter) -> list[str]:
     return []
 
 
+MATMUL_NAMES = ("qk", "pv")
+
+
+def names_matmul(filter: Filter) -> Callable[[str], bool]:
+    """Whether ``filter`` asks for the attention matmul named ``name``: a pattern ending in ``qk``/``pv`` matches it.
+
+    Matmuls have no weight, so the configs for weights (N:M masks, PTQ) do not apply: they are opt-in, by name
+    (``"*.qk"``, ``["*.qk", "*.pv"]``, ``"encoder.layers.0.self_attn.pv"``), never by ``None`` or a callable.
+    """
+    pats = [filter] if isinstance(filter, str) else list(filter) if isinstance(filter, (list, tuple)) else []
+    pats = [p for p in pats if isinstance(p, str) and p.endswith(MATMUL_NAMES)]
+    return lambda n: any(fnmatch.fnmatchcase(n, p) for p in pats)
+
+
 def _select(model: nn.Module, filter: Filter) -> tuple[list[tuple[list[str], nn.Module]], dict[str, str]]:
     """Layers passing ``filter``: ([(all names, module)] for wrappable ones, {name: why} for the others).
 
     A module reachable under several names is one layer: selected when any of its names passes.
     """
     pred = make_filter(filter)
+    asked = names_matmul(filter)
     names: dict[int, list[str]] = {}
     status: dict[int, tuple[nn.Module, Optional[str]]] = {}
-    for name, m, why in layer_status(model, explicit_names(filter)):
+    for name, m, why in layer_status(model, explicit_names(filter), matmuls=True):
         names.setdefault(id(m), []).append(name)
         status[id(m)] = (m, why)
     chosen, refused = [], {}
     for key, ns in names.items():
         m, why = status[key]
-        hit = [n for n in ns if pred(m, n)]
+        hit = [n for n in ns if pred(m, n) and (asked(n) or not is_matmul(m))]
         if not hit:
             continue
         if why is None:
@@ -167,6 +185,7 @@ def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.M
     GEMM-like layers that pass the filter but cannot be wrapped (nn.Conv3d, nn.MultiheadAttention,
     ...) get a warning naming each; a filter that names one exactly raises TypeError with the reason.
     """
+    _convert_attention(model, filter)
     chosen, refused = _select(model, filter)
     explicit = explicit_names(filter)
     got = {n for ns, _ in chosen for n in ns}
@@ -185,7 +204,7 @@ def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.M
             wrap_in_place(m)  # a bare layer passed as the model: change its class in place (the caller holds it)
             out.append(("", m))
             continue
-        new = wrap(m, ns[0])
+        new = m if is_matmul(m) else wrap(m, ns[0])
         if new is not m:
             for n in ns:
                 _set_child(model, n, new)
@@ -196,6 +215,32 @@ def wrap_layers(model: nn.Module, filter: Filter = None) -> list[tuple[str, nn.M
         if missing:
             raise ValueError(f"filter names no GEMM layer for {missing}")
     return out
+
+
+def _convert_attention(model: nn.Module, filter: Filter) -> None:
+    """Turn each nn.MultiheadAttention one of whose GEMMs passes ``filter`` into a GemmMultiheadAttention, and
+    give each transformers attention module whose ``qk``/``pv`` the filter names its GemmMatmul modules."""
+    pred, asked = make_filter(filter), names_matmul(filter)
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(m, nn.MultiheadAttention) and not isinstance(m, GemmMultiheadAttention):
+            found.setdefault(id(m), (m, []))[1].append(name)
+        elif is_hf_attention(m) and not is_matmul(getattr(m, "qk", None)) and any(
+                asked(n) and pred(GemmMatmul(), n) for n in (f"{name}.qk", f"{name}.pv")):
+            attach_matmuls(m)
+    for m, ns in found.values():
+        try:
+            new = GemmMultiheadAttention.from_mha(m)
+        except TypeError:
+            continue  # layer_status reports why
+        kids = [(f"{n}.{c}" if n else c, k) for n in ns for c, k in new.named_children()]
+        if not any(pred(k, n) and (asked(n) or not is_matmul(k)) for n, k in kids):
+            continue
+        for n in ns:
+            if n == "":
+                convert_in_place(model)  # the caller holds it
+            else:
+                _set_child(model, n, new)
 
 
 def _is_other_leaf(model: nn.Module, name: str) -> bool:
@@ -299,24 +344,39 @@ def untied_views(model: nn.Module) -> Optional[str]:
             "(strip(model, tied='untie') gives the wrapped layer its own copy instead)")
 
 
-def _snapshot(model: nn.Module) -> tuple[list, list, type, list]:
+def _snapshot(model: nn.Module) -> tuple[list, list, type, list, dict, list, list]:
     tree = [(parent, cname, child) for parent in model.modules() for cname, child in parent._modules.items()]
     # keep_module_path's hooks land in dicts a wrapped layer shares with the original: undo them too.
     paths = [(m, set(m._forward_pre_hooks), getattr(m, "use_nested_tensor", None)) for m in model.modules()]
     slots = []
     for m in model.modules():
-        if is_gemm(m):
+        if is_gemm(m) or is_matmul(m):
             for s in SLOT_NAMES:
                 obj = getattr(m.slots, s)
                 slots.append((m, s, obj, list(obj) if isinstance(obj, Chain) else None))
-    return tree, slots, type(model), paths
+    kids = [(m, set(m._modules)) for m in model.modules()]
+    impls = [(m, m.config._attn_implementation, m.__dict__.get(PREVIOUS)) for m in model.modules()
+             if is_hf_attention(m)]
+    return tree, slots, type(model), paths, dict(model.__dict__), kids, impls
 
 
-def _restore(model: nn.Module, snap: tuple[list, list, type, list]) -> None:
-    tree, slots, cls, paths = snap
-    if type(model) is not cls:  # a bare root layer was wrapped in place: undo it
+def _restore(model: nn.Module, snap: tuple[list, list, type, list, dict, list, list]) -> None:
+    tree, slots, cls, paths, root, kids, impls = snap
+    for m, keys in kids:  # modules apply added (a transformers attention's qk / pv)
+        for k in [k for k in m._modules if k not in keys]:
+            del m._modules[k]
+    for m, impl, previous in impls:
+        if m.config._attn_implementation != impl:
+            m.config._attn_implementation = impl
+        if previous is None:
+            m.__dict__.pop(PREVIOUS, None)
+    if type(model) is not cls and issubclass(cls, nn.MultiheadAttention):  # converted in place, on new dicts
         model.__class__ = cls
-        del model.slots
+        model.__dict__.clear()
+        model.__dict__.update(root)
+    elif type(model) is not cls:  # a bare root layer was wrapped in place: undo it
+        model.__class__ = cls
+        model._modules.pop("slots", None)  # (the added-modules sweep above may have taken it already)
         model.__dict__.pop("_thrifty_cls", None)
     for parent, cname, child in tree:
         parent._modules[cname] = child
@@ -386,6 +446,19 @@ def strip(model: nn.Module, tied: str = "keep") -> nn.Module:
         plain.train(m.training)
         _move_hooks(m, plain)
         for name in names[k]:
+            if name == "":
+                return plain
+            _set_child(model, name, plain)
+    detach_matmuls(model)
+    return _strip_attention(model)
+
+
+def _strip_attention(model: nn.Module) -> nn.Module:
+    # after the projections: a GemmMultiheadAttention becomes nn.MultiheadAttention on the same Parameters
+    done: dict[int, nn.Module] = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(m, GemmMultiheadAttention):
+            plain = done.setdefault(id(m), m.to_mha())
             if name == "":
                 return plain
             _set_child(model, name, plain)

@@ -4,7 +4,9 @@ Three things decide whether a wrapped layer changes what a model computes:
 
 * the layer itself (:func:`thrifty.nn.why_not_wrappable`: nn.Linear, convs, GPT-2 Conv1D, ... that keep their GEMM);
 * its parent: nn.MultiheadAttention computes its projections from the weights directly
-  (``F.multi_head_attention_forward`` reads ``out_proj.weight``), so a wrapped ``out_proj`` would never run;
+  (``F.multi_head_attention_forward`` reads ``out_proj.weight``), so it is converted to a
+  :class:`thrifty.nn.GemmMultiheadAttention` whose ``in_proj`` (or ``q_proj``/``k_proj``/``v_proj``) and
+  ``out_proj`` are called as modules; its attention matmuls ``qk``/``pv`` are reported only when asked for;
 * fused inference paths: nn.TransformerEncoderLayer in eval/no-grad calls one fused kernel with the
   Linear weights instead of calling the Linear modules. :func:`keep_module_path` turns that path off
   for encoder layers that hold wrapped layers (and the nested-tensor path of their nn.TransformerEncoder).
@@ -26,33 +28,56 @@ from typing import Any, Callable, Collection, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from thrifty.nn.attention import GemmMultiheadAttention, why_not_convertible
 from thrifty.nn.gemm import gemm_like, is_gemm, why_not_wrappable
+from thrifty.nn.hf_attention import is_hf_attention
+from thrifty.nn.matmul import GemmMatmul, is_matmul
 
 __all__ = ["layer_status", "outermost", "keep_module_path", "drop_module_path_hooks", "uncalled_layers"]
 
-_IN_MHA = ("nn.MultiheadAttention computes this projection from its weight directly "
-           "(F.multi_head_attention_forward), so a wrapped layer would never run")
-_MHA = ("nn.MultiheadAttention computes its input/output projections functionally from bare weights; "
-        "thrifty cannot wrap them")
+_IN_UNCONVERTIBLE = ("its nn.MultiheadAttention parent computes this projection from the weight directly and "
+                     "cannot be converted (see the parent's entry)")
 
 
-def layer_status(model: nn.Module, named: Collection[str] = ()) -> Iterator[tuple[str, nn.Module, Optional[str]]]:
+def layer_status(model: nn.Module, named: Collection[str] = (),
+                 matmuls: bool = False) -> Iterator[tuple[str, nn.Module, Optional[str]]]:
     """Yield ``(name, module, why_not)`` for every wrappable or GEMM-like module, under every name it has.
 
     ``why_not`` is None for a layer thrifty can wrap, else the reason it cannot (the layer itself, see
     :func:`thrifty.nn.why_not_wrappable`, or a parent that never calls it). A module reachable under
     two names is yielded twice (same object). An nn.Embedding (a lookup, weight slot only) is yielded
-    only under the names in ``named`` (a filter that names it exactly).
+    only under the names in ``named`` (a filter that names it exactly). An nn.MultiheadAttention is
+    reported as the GEMMs of the :class:`~thrifty.nn.GemmMultiheadAttention` it becomes when wrapped
+    (``<name>.in_proj``, ``<name>.out_proj``, ...: fresh modules until :func:`thrifty.core.wrap_layers`
+    converts it). Activation-activation matmuls (:class:`~thrifty.nn.GemmMatmul`) only with ``matmuls``: those of
+    a GemmMultiheadAttention and of transformers attention modules (``<name>.qk``/``<name>.pv``, attached by
+    :func:`thrifty.nn.hf_attention.attach_matmuls` when wrapped).
     """
     mha: list[str] = []
     for name, m in model.named_modules(remove_duplicate=False):
         if any(p == "" or name.startswith(p + ".") for p in mha):
-            if gemm_like(m) or is_gemm(m):
-                yield name, m, _IN_MHA
             continue
-        if isinstance(m, nn.MultiheadAttention):
+        if isinstance(m, nn.MultiheadAttention) and not isinstance(m, GemmMultiheadAttention):
             mha.append(name)
-            yield name, m, _MHA
+            why = why_not_convertible(m)
+            if why is not None:
+                yield name, m, why
+                for cname, c in m.named_modules(prefix=name):
+                    if cname != name and (gemm_like(c) or is_gemm(c)):
+                        yield cname, c, _IN_UNCONVERTIBLE
+                continue
+            for cname, c in GemmMultiheadAttention.from_mha(m).named_children():
+                if is_gemm(c) or (matmuls and is_matmul(c)):
+                    yield (f"{name}.{cname}" if name else cname), c, None
+            continue
+        if is_matmul(m):
+            if matmuls:
+                yield name, m, None
+            continue
+        if matmuls and is_hf_attention(m) and not is_matmul(getattr(m, "qk", None)):
+            for cname in ("qk", "pv"):  # the modules thrifty.nn.hf_attention.attach_matmuls would add
+                yield (f"{name}.{cname}" if name else cname), GemmMatmul(), None
+        if isinstance(m, GemmMultiheadAttention):
             continue
         if isinstance(m, nn.Embedding) and name not in named:
             continue

@@ -80,16 +80,21 @@ def _conv_problem(m: nn.Module) -> Optional[str]:
 
 
 def _gemm_forward(layer: nn.Module, x: Tensor, op: GemmOp) -> Tensor:
-    slots = layer.slots
     w = layer.weight
-    if slots.weight is not None:
-        w = slots.weight(w)
+    if layer.slots.weight is not None:
+        w = layer.slots.weight(w)
+    return gemm_call(layer, x, w, layer.bias, op)
+
+
+def gemm_call(layer: nn.Module, x: Tensor, w: Tensor, bias: Optional[Tensor], op: GemmOp) -> Tensor:
+    """``op(x, w, bias)`` through ``layer``'s input, grad_output and accumulator slots (``w`` already transformed)."""
+    slots = layer.slots
     if slots.input is not None:
         x = slots.input(x)
     if slots.grad_output is None and slots.accumulator is None:
         # Nothing to do inside backward: let autograd differentiate the plain op.
-        return op(x, w, layer.bias)
-    return GemmFunction.apply(x, w, layer.bias, op, slots.grad_output, slots.accumulator)
+        return op(x, w, bias)
+    return GemmFunction.apply(x, w, bias, op, slots.grad_output, slots.accumulator)
 
 
 def _refused(layer: nn.Module, slot: str) -> Optional[str]:
@@ -367,8 +372,9 @@ def why_not_wrappable(m: nn.Module) -> Optional[str]:
     nn.Conv1d/2d, nn.ConvTranspose1d/2d and nn.Embedding, including subclasses that keep their GEMM (they
     do not override ``forward`` or ``_conv_forward``), with initialised, unparametrized weights and, for
     convs, zero padding; and transformers' GPT-2 ``Conv1D``. It looks at the module alone;
-    :func:`thrifty.core.layer_status` adds what depends on the parent (a Linear inside
-    nn.MultiheadAttention is never called) and that an embedding is wrapped only when named.
+    :func:`thrifty.core.layer_status` adds what depends on the parent (nn.MultiheadAttention never calls
+    its projections: they are reached through :class:`thrifty.nn.GemmMultiheadAttention`) and that an
+    embedding is wrapped only when named.
 
     Example:
         >>> why_not_wrappable(nn.Conv1d(2, 2, 3)) is None

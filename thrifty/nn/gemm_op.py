@@ -36,12 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GemmOp", "KINDS", "SlotRefused", "GradTransform", "Accumulator", "Chain", "Slots", "GemmFunction",
+__all__ = ["GemmOp", "KINDS", "MATMULS", "SlotRefused", "GradTransform", "Accumulator", "Chain", "Slots", "GemmFunction",
            "SLOT_NAMES", "conv_padding"]
 
 SLOT_NAMES = ("weight", "input", "grad_output", "accumulator")
 
-KINDS = ("linear", "linear_t", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "embedding")
+KINDS = ("linear", "linear_t", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "embedding", "matmul", "bmm")
+MATMULS = ("matmul", "bmm")  # activation-activation GEMMs: y = a @ b^T, b in the weight layout [..., out, reduction]
 _SPATIAL = {"conv1d": 1, "conv2d": 2, "conv_transpose1d": 1, "conv_transpose2d": 2}
 _FUNCS = {"conv1d": F.conv1d, "conv2d": F.conv2d}
 _TFUNCS = {"conv_transpose1d": F.conv_transpose1d, "conv_transpose2d": F.conv_transpose2d}
@@ -80,6 +81,11 @@ class GemmOp:
             return _FUNCS[k](x, w, bias, self.stride, self.padding, self.dilation, self.groups)
         if k in _TFUNCS:
             return _TFUNCS[k](x, w, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+        if k == "bmm":  # F.multi_head_attention_forward's ops
+            return torch.bmm(x, w.transpose(-2, -1)) if bias is None else torch.baddbmm(bias, x, w.transpose(-2, -1))
+        if k == "matmul":  # transformers' eager attention
+            y = torch.matmul(x, w.transpose(-2, -1))
+            return y if bias is None else y + bias
         return F.embedding(x, w, *self.options)
 
     # ------------------------------------------------------------------------------- layout facts
@@ -106,9 +112,16 @@ class GemmOp:
         """
         if self.kind == "linear_t":
             return 1
+        if self.kind in MATMULS:  # an activation: one range per tensor
+            return None
         if self.transposed:
             return 1 if self.groups == 1 else None
         return 0
+
+    @property
+    def weight_grad_dim(self) -> int:
+        """The dim of dY summed over in the weight-gradient GEMM (the batch; for a matmul its rows ``M``)."""
+        return -2 if self.kind in MATMULS else 0
 
     def gemm_weight(self, w: Tensor) -> Tensor:
         """``w`` (stored layout) as the GEMM weight ``[out, in]`` / ``[out, in/g, *k]`` (a view or copy).
@@ -144,6 +157,8 @@ class GemmOp:
         """
         if self.kind in ("linear", "conv2d"):
             return self
+        if self.kind in MATMULS:  # one linear GEMM per batch entry (GemmFunction loops)
+            return GemmOp("linear")
         if self.kind == "linear_t":
             return GemmOp("linear")
         if self.kind == "conv1d":
@@ -269,8 +284,16 @@ class GemmFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor], op: GemmOp, grad_t, acc):  # type: ignore[override]
         ctx.save_for_backward(x, w)
         ctx.op, ctx.grad_t, ctx.acc, ctx.has_bias = op, grad_t, acc, bias is not None
+        ctx.bias_shape = None if bias is None else bias.shape
         if acc is None:
             return op(x, w, bias)
+        if op.kind in MATMULS:
+            x, w = _same_batch(x, w)
+            lin = op.canonical()
+            y = torch.stack([acc(lin, a, b, None) for a, b in zip(x.reshape(-1, *x.shape[-2:]),
+                                                                 w.reshape(-1, *w.shape[-2:]))])
+            y = y.reshape(*x.shape[:-1], w.shape[-2])
+            return y if bias is None else y + bias
         y = acc(op.canonical(), _lift(op, x), _lift_w(op, w), bias)
         if op.kind == "conv1d":
             y = y.squeeze(-2)
@@ -288,6 +311,8 @@ class GemmFunction(torch.autograd.Function):
                 dy_x, dy_w = ctx.grad_t(dy)
         dx = dw = db = None
         custom = None
+        if op.kind in MATMULS:
+            return _matmul_backward(ctx, x, w, dy_x, dy_w, (need_x, need_w, need_b))
         if ctx.acc is not None and (need_x or need_w):
             custom = ctx.acc.backward(op.canonical(), _lift(op, x), _lift_w(op, w), _lift(op, dy_x), _lift(op, dy_w),
                                       (need_x, need_w))
@@ -326,3 +351,35 @@ class GemmFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.reshape(x.shape)
         return dx, dw, db, None, None, None
+
+
+def _same_batch(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    batch = torch.broadcast_shapes(x.shape[:-2], w.shape[:-2])
+    return x.expand(*batch, *x.shape[-2:]), w.expand(*batch, *w.shape[-2:])
+
+
+def _matmul_backward(ctx, x: Tensor, w: Tensor, dy_x: Tensor, dy_w: Tensor, needs: tuple[bool, bool, bool]):
+    """dA = dY_x B and dB = dY_w^T A for ``y = a @ b^T`` (b in the weight layout), per batch entry."""
+    need_x, need_w, need_b = needs
+    dx = dw = db = None
+    custom = None
+    if ctx.acc is not None and (need_x or need_w):
+        xb, wb = _same_batch(x, w)
+        gx, gw = dy_x.expand(*xb.shape[:-1], wb.shape[-2]), dy_w.expand(*xb.shape[:-1], wb.shape[-2])
+        flat = lambda t: t.reshape(-1, *t.shape[-2:])  # noqa: E731
+        parts = [ctx.acc.backward(ctx.op.canonical(), a, b, ga, gb, (need_x, need_w))
+                 for a, b, ga, gb in zip(flat(xb), flat(wb), flat(gx), flat(gw))]
+        if all(p is not None for p in parts):
+            if need_x:
+                dx = torch.stack([p[0] for p in parts]).reshape(xb.shape).sum_to_size(x.shape)
+            if need_w:
+                dw = torch.stack([p[1] for p in parts]).reshape(wb.shape).sum_to_size(w.shape)
+            custom = True
+    if custom is None:
+        if need_x:
+            dx = torch.matmul(dy_x, w).sum_to_size(x.shape)
+        if need_w:
+            dw = torch.matmul(dy_w.transpose(-2, -1), x).sum_to_size(w.shape)
+    if need_b:
+        db = dy_w.sum_to_size(ctx.bias_shape)
+    return dx, dw, db, None, None, None

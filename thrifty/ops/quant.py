@@ -76,10 +76,15 @@ def _check_rounding(rounding: str) -> None:
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
 
 
+def _recording() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
 def _check_nan(x: Tensor, what: str = "input") -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_floating_point() and bool(torch.isnan(x).any()):
+    # not while torch.export / jit.trace record the graph: the check is a branch on the data
+    if x.is_floating_point() and not _recording() and bool(torch.isnan(x).any()):
         raise ValueError(f"cannot quantize: {what} contains NaN")
 
 

@@ -97,6 +97,10 @@ def input_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False
 def _quant_handler(layer: nn.Module, name: str, cfg: QuantConfig) -> None:
     # Quantize first, then whatever else the slot holds (an N:M mask keeps its zeros: 0 is on every grid);
     # an existing quantizer is replaced, not stacked.
+    if getattr(layer, "weight", None) is None:  # an attention matmul: two activations, ranges per tensor
+        layer.slots.weight = input_quantizer(cfg.w_bits, cfg)  # type: ignore[union-attr]
+        layer.slots.input = None if cfg.a_bits is None else input_quantizer(cfg.a_bits, cfg)  # type: ignore
+        return
     wq = weight_quantizer(cfg.w_bits, cfg, layer=layer).init_from(layer.effective_weight())  # type: ignore[union-attr,operator]
     cur = layer.slots.weight  # type: ignore[union-attr]
     rest = [t for t in (cur if isinstance(cur, Chain) else [cur] if cur is not None else [])

@@ -103,7 +103,8 @@ def _candidates(model: nn.Module, filter: Filter) -> tuple[list[str], dict[str, 
     covered = {n for n, _, _ in status}
     for name, m in model.named_modules():
         if name and name not in covered and list(m.parameters(recurse=False)) and not isinstance(m, _NORMS) \
-                and not any(name.startswith(c + ".") for c in covered):
+                and not any(name.startswith(c + ".") for c in covered) \
+                and not (isinstance(m, nn.MultiheadAttention) and f"{name}.out_proj" in covered):  # GEMMs listed
             skipped[name] = (f"{type(m).__name__} is a lookup: name it in filter= to quantize its table per row"
                              if isinstance(m, nn.Embedding) else f"{type(m).__name__} is not a GEMM thrifty wraps")
     return chosen, skipped

@@ -77,6 +77,8 @@ class UniformQuantizer(nn.Module):
         self._calibrating = False
         self._n_obs = 0
         self.register_buffer("frozen_flag", torch.tensor(False))
+        self._frozen = False  # frozen_flag as a Python bool: reading the buffer would be a data-dependent branch
+        # for torch.export and torch.jit.trace (kept in sync by calibrate, freeze and load_state_dict)
         self.register_buffer("min_val", torch.zeros(()))
         self.register_buffer("max_val", torch.zeros(()))
         if learnable:
@@ -91,7 +93,8 @@ class UniformQuantizer(nn.Module):
     def mode(self) -> str:
         if self._calibrating:
             return "calibrate"
-        return "frozen" if bool(self.frozen_flag) else "dynamic"
+        frozen = self.__dict__.get("_frozen")
+        return "frozen" if (bool(self.frozen_flag) if frozen is None else frozen) else "dynamic"
 
     @property
     def _axis(self) -> Optional[int]:
@@ -113,6 +116,7 @@ class UniformQuantizer(nn.Module):
         self._calibrating = True
         self._n_obs = 0
         self.frozen_flag.fill_(False)
+        self._frozen = False
         return self
 
     @torch.no_grad()
@@ -140,6 +144,7 @@ class UniformQuantizer(nn.Module):
         self._calibrating = False
         self._set_qparams(*Q.qparams_from_range(self.min_val, self.max_val, self.bits, self.symmetric))
         self.frozen_flag.fill_(True)
+        self._frozen = True
         return self
 
     def init_from(self, t: Tensor) -> "UniformQuantizer":
@@ -176,6 +181,7 @@ class UniformQuantizer(nn.Module):
                 else:
                     setattr(self, name, new)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._frozen = bool(self.frozen_flag)
 
     # ------------------------------------------------------------------------------------- forward
     def _gen(self, device: torch.device) -> Optional[torch.Generator]:

@@ -261,7 +261,7 @@ def _act_handler(layer: nn.Module, name: str, cfg: ActNM) -> None:
 @register_handler(GradNM)
 def _grad_handler(layer: nn.Module, name: str, cfg: GradNM) -> None:
     in_dim = cfg.input_dim if cfg.input_dim is not None else layer.op.channel_dim
-    w_dim = cfg.weight_dim if cfg.weight_dim is not None else 0
+    w_dim = cfg.weight_dim if cfg.weight_dim is not None else layer.op.weight_grad_dim
     t = GradNMTransform(cfg.n, cfg.m, cfg.method, cfg.gemms, in_dim, w_dim, cfg.tail,
                         _layer_seed(cfg.seed, name), where=name)
     layer.add("grad_output", t)  # type: ignore[operator]

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import replace
 from typing import Any, Iterable, Mapping, Union
 
@@ -37,7 +38,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from thrifty.core import Filter, config_first
+from thrifty.core import Filter, config_first, wrap_layers
 from thrifty.core.revert import keep_if_better
 from thrifty.sparse.weights import NM, nm_masks, sparsify
 from thrifty.utils import show_progress
@@ -156,6 +157,9 @@ def adaprune(model: nn.Module, config: Plan | None = None, data: Union[Dataset, 
             raise ValueError("adaprune: empty per-layer plan")
         for name, cfg in plan.items():
             sparsify(model, replace(cfg, recompute_every=0, straight_through=False), [name])
+    with warnings.catch_warnings():  # sparsify has named what it skips
+        warnings.simplefilter("ignore")
+        wrap_layers(dense, filter)  # empty slots (the same function): the names sparsify gave (MultiheadAttention)
     dense_layers = dict(dense.named_modules())
     masked = [(n, layer, mk) for n, layer, mk in nm_masks(model)]
     gen = torch.Generator().manual_seed(seed)

@@ -179,6 +179,8 @@ def _input_to(layer: nn.Module, mask: NMMask) -> Tensor:
 
 def can_take(layer: nn.Module, cfg: NM) -> Optional[str]:
     """None if ``layer`` can take the pattern, else the reason."""
+    if getattr(layer, "weight", None) is None:
+        return "an activation-activation GEMM has no weight to prune (ActNM prunes its operands)"
     try:
         w = gemm_op(layer).gemm_weight(layer.weight)
     except SlotRefused as e:
