@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             "train_config": to_dict(cfg), "test_acc": ev["acc"], "test_loss": ev["loss"],
             "train_seconds": round(hist.seconds, 2), "options": option_meta,
             "regime": regime.describe() if hasattr(regime, "describe") else None}
-    save_model(model, out / "model", meta)
+    save_model(model, out / "model", meta, provenance=_common.provenance(args))
     atomic_write_text(out / "history.json", json.dumps(hist.to_dict(), indent=1))
     # effective values (recipe defaults filled in), so `--config <out>/config.yaml` repeats this run
     effective = {k: getattr(cfg, k) for k in fields}

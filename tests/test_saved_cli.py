@@ -1,0 +1,80 @@
+"""Every command reads what every other command writes: files and run folders, through one model resolver."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import thrifty as th
+from thrifty.cli import main
+from thrifty.models import create
+from thrifty.nn import is_gemm
+from thrifty.train import save_model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A trained-looking mlp on digits, quantized by ``thrifty quantize`` into a run folder."""
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    kw = {"in_features": 64, "num_classes": 10}
+    save_model(create("mlp", **kw), root / "fp" / "model", {"model": "mlp", "model_kwargs": kw, "dataset": "digits"})
+    assert main(["quantize", "--model", str(root / "fp"), "--bits", "4", "--pipeline", "rtn", "--estimator", "minmax",
+                 "--calib-per-class", "2", "--out", str(root / "q")]) == 0
+    return root
+
+
+def test_quantize_output_is_read_by_load_eval_sparsify_merge_bench(runs, capsys):
+    q = th.load(runs / "q")  # the run folder
+    assert is_gemm(q.fc1) and q.fc2.slots.weight.bits == 4  # (first and last layer: 8 bits)
+    report = json.loads((runs / "q" / "report.json").read_text())
+    x = torch.randn(4, 64)
+    assert torch.equal(q(x), th.load(runs / "q" / "model.safetensors")(x))
+    meta = (runs / "q" / "model.yaml").read_text()
+    assert "command: thrifty quantize" in meta and str(runs / "fp" / "model.safetensors") in meta
+
+    assert main(["eval", str(runs / "q")]) == 0
+    out = json.loads((runs / "q" / "eval" / "eval.json").read_text())
+    assert out["rows"][0]["acc"] == pytest.approx(report["test_acc"], abs=0)  # the same model, the same numbers
+
+    assert main(["sparsify", "--model", str(runs / "q"), "--nm", "2:4", "--calib-per-class", "2", "--no-bn",
+                 "--out", str(runs / "s")]) == 0
+    s = th.load(runs / "s")
+    assert float(s.fc1.effective_weight().ne(0).float().mean()) <= 0.5
+
+    assert main(["merge", "--models", str(runs / "q"), str(runs / "fp"), "--method", "average",
+                 "--data-per-task", "4", "--out", str(runs / "m")]) == 0
+    assert "wrapped (quantized / sparse) layers" in capsys.readouterr().err
+    assert th.load(runs / "m")(x).shape == (4, 20)
+
+    from thrifty.bench.api import load_workload
+
+    wl = load_workload(str(runs / "q"), max_samples=8)
+    assert torch.equal(wl.model(x), q(x))
+
+
+def test_model_argument_errors(runs, capsys):
+    assert main(["eval", str(runs / "nowhere")]) == 2
+    assert "saved model file not found" in capsys.readouterr().err
+    assert main(["quantize", "--model", "mlp", "--out", str(runs / "x")]) == 2
+    assert "--model mlp is a registry name: give --dataset" in capsys.readouterr().err
+    save_model(create("mlp", in_features=64, num_classes=10), runs / "two" / "a",
+               {"model": "mlp", "model_kwargs": {"in_features": 64, "num_classes": 10}, "dataset": "digits"})
+    save_model(create("mlp", in_features=64, num_classes=10), runs / "two" / "b",
+               {"model": "mlp", "model_kwargs": {"in_features": 64, "num_classes": 10}, "dataset": "digits"})
+    assert main(["eval", str(runs / "two")]) == 2
+    assert "several saved models: a.safetensors, b.safetensors" in capsys.readouterr().err
+
+
+def test_registry_name_announces_the_baseline_it_trains(tmp_path, monkeypatch, capsys):
+    from thrifty.train import recipes
+
+    monkeypatch.setenv("THRIFTY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(recipes.RECIPES, ("mlp", "digits"), ({}, recipes.TrainConfig(steps=2, batch_size=16)))
+    args = ["sparsify", "--model", "mlp", "--dataset", "digits", "--calib-per-class", "2", "--no-bn"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "--model mlp names an architecture, not trained weights: training its digits baseline first (2 steps" in err
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0  # cached now: nothing to announce
+    assert "training its" not in capsys.readouterr().err
