@@ -78,3 +78,43 @@ def test_registry_name_announces_the_baseline_it_trains(tmp_path, monkeypatch, c
     assert "--model mlp names an architecture, not trained weights: training its digits baseline first (2 steps" in err
     assert main(args + ["--out", str(tmp_path / "b")]) == 0  # cached now: nothing to announce
     assert "training its" not in capsys.readouterr().err
+
+
+def test_summary_prints_accuracies_as_percent_and_says_when_a_target_is_missed():
+    from thrifty.demo import TARGET_SECONDS, _summary
+
+    results = {"train": {"test_acc": 0.9814471243042672, "steps": 10, "train_seconds": 1.0},
+               "env": {"threads": 2, "quick": False}, "history": {"records": []},
+               "total_seconds": TARGET_SECONDS + 0.5,
+               "stages": {"quantize": {"w4a8_advanced_acc": 0.9721, "size_fraction": 0.15791234, "seconds": 12.0}}}
+    md = _summary(results)
+    assert "0.98144" not in md and "**98.14%**" in md and "| w4a8_advanced_acc | 97.21% |" in md
+    assert "| size_fraction | 0.1579 |" in md
+    assert f"target < {TARGET_SECONDS:.0f} s: NOT met" in md
+    results["total_seconds"] = TARGET_SECONDS - 1
+    assert f"target < {TARGET_SECONDS:.0f} s: met" in _summary(results)
+
+
+class _Seen(Exception):
+    pass
+
+
+def _record_progress(*args, progress=None, **kwargs):
+    raise _Seen(progress)
+
+
+@pytest.mark.parametrize("stage, patch", [("quantize", "thrifty.quant.quantize"),
+                                          ("datafree", "thrifty.datafree.synthesize"),
+                                          ("bench", "thrifty.quant.quantize")])
+@pytest.mark.parametrize("show", [True, False])
+def test_demo_stages_follow_the_progress_policy(stage, patch, show, monkeypatch, tmp_path):
+    from thrifty.data import load_dataset
+    from thrifty.demo import DemoContext, stages
+
+    monkeypatch.setattr(patch, _record_progress)
+    fn = {name: f for name, _, f in stages()}[stage]
+    ctx = DemoContext(create("mlp", in_features=64, num_classes=10), load_dataset("digits", seed=0), tmp_path,
+                      quick=True, seed=0, results={"train": {"test_acc": 0.5}}, progress=show)
+    with pytest.raises(_Seen) as seen:
+        fn(ctx)
+    assert seen.value.args[0] is show

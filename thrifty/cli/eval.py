@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from thrifty.data import load_dataset
     from thrifty.train import evaluate
-    from thrifty.utils import atomic_write_text
+    from thrifty.utils import atomic_write_text, fmt_acc
 
     path = args.model_path or args.model_path_opt
     if not path:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"size": size, "acc": r["acc"], "loss": r["loss"], "n": r["n"],
                      "bn_calibrated": bool(args.calibrate_bn and size is not None)})
         print(f"{meta['model']} on {dataset} [{args.split}]" + (f" size {size}" if size else "")
-              + f": acc {r['acc']:.4f} loss {r['loss']:.4f}")
+              + f": acc {fmt_acc(r['acc'])} loss {r['loss']:.4f}")
     out = Path(args.out) if args.out else Path(meta["path"]).parent / "eval"
     atomic_write_text(out / "eval.json", json.dumps({"model": meta["model"], "dataset": dataset, "rows": rows},
                                                      indent=1))

@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         AverageMerge, DistillMerge, FSMerge, PermuteMerge, ZipMerge, evaluate_tasks, few_shot, merge, zoo_kwargs,
     )
     from thrifty.core import strip
+    from thrifty.utils import fmt_acc
     from thrifty.nn import is_gemm
     from thrifty.train import save_model
 
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     acc = evaluate_tasks(merged, tests)
     print(f"{'task':<6}{'data':<12}{'original':>10}{'merged':>10}{'relative':>10}")
     for i, ((name, _, _), o, a) in enumerate(zip(tasks, orig, acc)):
-        print(f"{i:<6}{name:<12}{o:>10.4f}{a:>10.4f}{a / max(o, 1e-12):>10.3f}")
+        print(f"{i:<6}{name:<12}{fmt_acc(o):>10}{fmt_acc(a):>10}{a / max(o, 1e-12):>10.3f}")
     names = {name for name, _, _ in tasks}
     meta = {"model": metas[0]["model"], "model_kwargs": zoo_kwargs(merged),
             "dataset": tasks[0][0] if len(names) == 1 else None, "task_slices": [list(s) for s in merged.task_slices],

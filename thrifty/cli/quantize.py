@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.data import calibration_subset, load_dataset
     from thrifty.quant import PTQ, quantize, save_quantized
     from thrifty.train import evaluate
-    from thrifty.utils import atomic_write_text, seed_everything
+    from thrifty.utils import atomic_write_text, fmt_acc, seed_everything
 
     cfg = PTQ(w_bits=args.bits, a_bits=args.a_bits or None, first_last_bits=args.first_last_bits or None,
               pipeline=args.pipeline, budget=args.budget, budget_kind=args.budget_kind,
@@ -122,5 +122,5 @@ def run(args: argparse.Namespace) -> int:
               "timings": res.timings, "distill": kd}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     _common.write_resolved_config(out, args)
-    print(f"{res.summary()}\ntest acc {100 * fp_acc:.2f}% FP32 -> {100 * acc:.2f}% quantized; saved to {out}/")
+    print(f"{res.summary()}\ntest acc {fmt_acc(fp_acc)} FP32 -> {fmt_acc(acc)} quantized; saved to {out}/")
     return 0

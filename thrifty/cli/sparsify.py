@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.sparse import NM, adaprune, nm_masks, reestimate_bn, save_sparse, sparsify
     from thrifty.sparse.weights import parse_nm_text
     from thrifty.train import TrainConfig, evaluate, fit, save_model
-    from thrifty.utils import atomic_write_text, seed_everything
+    from thrifty.utils import atomic_write_text, fmt_acc, seed_everything
 
     n, m = parse_nm_text(args.nm)
     if args.method == "approx" and not args.transposable:
@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     _common.write_resolved_config(out, args)
     st = report["storage"]
     print(f"{cfg.label} ({args.method}{', AdaPrune' if args.adaprune else ''}) on {len(layers)} layers: "
-          f"test acc {dense_acc:.4f} dense -> {report['acc_after_masking']:.4f}"
-          + (f" -> {report['acc_after_finetune']:.4f} after fine-tuning" if "acc_after_finetune" in report else "")
+          f"test acc {fmt_acc(dense_acc)} dense -> {fmt_acc(report['acc_after_masking'])}"
+          + (f" -> {fmt_acc(report['acc_after_finetune'])} after fine-tuning" if "acc_after_finetune" in report else "")
           + f"; weights {st['dense_bytes']} B dense -> {st['stored_bytes']} B stored "
           f"({st['stored_bytes'] / st['dense_bytes']:.3f}x) -> {out}")
     return 0

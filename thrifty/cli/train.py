@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.models import create
     from thrifty.train import dist, evaluate, fit, model_kwargs_for, recipe, save_model
     from thrifty.train.options import build_regime, finalize_model, prepare_model, training_options
-    from thrifty.utils import atomic_write_text, seed_everything
+    from thrifty.utils import atomic_write_text, fmt_acc, seed_everything
 
     out = Path(args.out or f"runs/{args.model}-{Path(str(args.dataset)).name}")
     if args.quick and args.steps is not None:
@@ -143,6 +143,6 @@ def run(args: argparse.Namespace) -> int:
     effective = {k: getattr(cfg, k) for k in fields}
     effective["steps"] = cfg.steps or None
     _common.write_resolved_config(out, {**_common.resolved(args), **effective})
-    print(f"{args.model} on {args.dataset}: test acc {ev['acc']:.4f} (loss {ev['loss']:.4f}) after "
+    print(f"{args.model} on {args.dataset}: test acc {fmt_acc(ev['acc'])} (loss {ev['loss']:.4f}) after "
           f"{hist.final.get('step', 0)} steps in {hist.seconds:.1f} s -> {out}/model.safetensors")
     return 0
