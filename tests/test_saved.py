@@ -142,3 +142,25 @@ def test_run_folder_resolution(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no saved model"):
         th.load(tmp_path / "empty")
+
+
+def test_files_of_the_earlier_formats_still_load(tmp_path):
+    """``thrifty-quantized-1`` (quantizer specs under ``quantization``; the metadata copied from its parent model,
+    which may hold a newer file's ``structure``) and ``thrifty-model-1`` (a plain model)."""
+    res = _ptq(_cnn())
+    w = th.save(res, tmp_path / "q")
+    doc = yaml.safe_load(w.with_suffix(".yaml").read_text())
+    layers = {n: {s: entries[0]["spec"] for s, entries in rec.items()} for n, rec in doc["structure"]["layers"].items()}
+    old = {"format": "thrifty-quantized-1", "model": doc["model"], "model_kwargs": doc["model_kwargs"],
+           "structure": {"folded": [], "range_bn": {}, "layers": {}},  # the FP parent's, copied along
+           "quantization": {"layers": layers, "folded": doc["structure"]["folded"], "config": doc["quantization"]["config"]}}
+    w.with_suffix(".yaml").write_text(yaml.safe_dump(old))
+    x = torch.randn(2, 1, 40)
+    assert torch.equal(th.load(w)(x), res.model.eval()(x))
+    plain = _mlp()
+    th.save(plain, tmp_path / "p")
+    doc = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"format": "thrifty-model-1", "model": doc["model"],
+                                                     "model_kwargs": doc["model_kwargs"]}))
+    y = torch.randn(2, 16)
+    assert torch.equal(th.load(tmp_path / "p")(y), plain.eval()(y))

@@ -294,8 +294,8 @@ def load_with_meta(path: PathLike, model: Optional[nn.Module] = None) -> tuple[n
         sd = st_load(wpath.read_bytes())
     except (SafetensorError, ValueError, OSError) as e:
         raise ValueError(f"corrupt or unreadable weights {wpath}: {e}") from None
-    structure = doc.get("structure") or (_legacy_structure(doc) if doc.get("format") == "thrifty-quantized-1"
-                                         else {})
+    legacy = doc.get("format") == "thrifty-quantized-1"  # its structure lives under "quantization"
+    structure = _legacy_structure(doc) if legacy else (doc.get("structure") or {})
     built = _fill(_build(doc, model, ypath), structure, sd, ypath, wpath,
                   "the given architecture" if model is not None else doc["model"])
     q = doc.get("quantization")
