@@ -118,3 +118,16 @@ def test_demo_stages_follow_the_progress_policy(stage, patch, show, monkeypatch,
     with pytest.raises(_Seen) as seen:
         fn(ctx)
     assert seen.value.args[0] is show
+
+
+def test_bench_announces_the_resnet20_baseline_it_would_train(tmp_path, monkeypatch, capsys):
+    import thrifty.bench.api
+
+    def stop(*args, **kwargs):
+        raise ValueError("stopped before any work")
+
+    monkeypatch.setenv("THRIFTY_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(thrifty.bench.api, "load_workload", stop)
+    assert main(["bench", "--model", "resnet20", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--model resnet20 names an architecture, not trained weights: training its digits32 baseline" in err

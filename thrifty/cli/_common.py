@@ -28,7 +28,8 @@ from thrifty.utils import atomic_write_text, plain_data
 
 __all__ = ["add_config_option", "apply_config_file", "resolved", "write_resolved_config", "show_progress",
            "progress", "step", "int_list", "positive_int", "nonneg_int", "add_overwrite_option", "check_out_dir",
-           "check_model_data", "INTERNAL_KEYS", "resolve_model", "load_model_arg", "provenance"]
+           "check_model_data", "INTERNAL_KEYS", "resolve_model", "load_model_arg", "provenance",
+           "announce_baseline"]
 
 # argparse destinations that are plumbing, not configuration
 INTERNAL_KEYS = {"func", "command", "config", "debug", "_parser", "overwrite"}
@@ -251,7 +252,7 @@ def resolve_model(spec: str | os.PathLike, dataset: str | None = None, seed: int
     """
     from thrifty.core.saved import model_paths, resolve_model_path
     from thrifty.models import list_models
-    from thrifty.train import load_model, pretrained, pretrained_cached, recipe
+    from thrifty.train import load_model, pretrained
 
     text = os.fspath(spec)
     p = Path(text)
@@ -266,15 +267,25 @@ def resolve_model(spec: str | os.PathLike, dataset: str | None = None, seed: int
     if not dataset:
         raise ValueError(f"{option} {text} is a registry name: give --dataset (which pretrained baseline to use), "
                          "or pass a saved model (a .safetensors file or a run folder)")
-    if not pretrained_cached(text, dataset, seed=seed):
-        cfg = recipe(text, dataset)[1]
-        length = f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs:g} epochs"
-        print(f"thrifty {command}: {option} {text} names an architecture, not trained weights: training its "
-              f"{dataset} baseline first ({length}, seed {seed}; cached for later runs). To skip this, pass a "
-              f"trained model instead, e.g. {option} runs/<name> from `thrifty train --model {text} --dataset "
-              f"{dataset} --out runs/<name>`.", file=sys.stderr, flush=True)
+    announce_baseline(text, dataset, seed, option=option, command=command)
     model, meta = pretrained(text, dataset, seed=seed, return_meta=True, progress=show_progress())
     return model, meta, dataset
+
+
+def announce_baseline(name: str, dataset: str, seed: int = 0, *, option: str = "--model", command: str = "") -> bool:
+    """Say (stderr, one line) that registry model ``name`` is about to be trained on ``dataset`` because its
+    pretrained baseline is not cached, and how to avoid it; returns whether it was said."""
+    from thrifty.train import pretrained_cached, recipe
+
+    if pretrained_cached(name, dataset, seed=seed):
+        return False
+    cfg = recipe(name, dataset)[1]
+    length = f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs:g} epochs"
+    print(f"thrifty {command}: {option} {name} names an architecture, not trained weights: training its "
+          f"{dataset} baseline first ({length}, seed {seed}; cached for later runs). To skip this, pass a "
+          f"trained model instead, e.g. {option} runs/<name> from `thrifty train --model {name} --dataset "
+          f"{dataset} --out runs/<name>`.", file=sys.stderr, flush=True)
+    return True
 
 
 def load_model_arg(args: argparse.Namespace) -> tuple:

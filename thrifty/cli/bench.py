@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
 from thrifty.cli import _common
 
@@ -85,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
               workers=args.workers, threads=args.threads, max_run_s=args.max_run_s, allow_long=args.allow_long)
     settings = (BenchConfig.official(scen[0], **kw) if args.official else
                 BenchConfig(min_duration_s=args.min_duration, min_query_count=args.min_query_count, **kw))
+    if args.model == "resnet20" and not os.path.exists(args.model):  # load_workload trains it when not cached
+        _common.announce_baseline("resnet20", "digits32", command="bench")
     wl = load_workload(args.model, args.data, seq_len=args.seq_len, max_samples=args.max_samples)
     variants = [("fp32", wl.model if wl.model is not None else args.model, "auto")]
     if args.quantize:
