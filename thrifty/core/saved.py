@@ -150,9 +150,10 @@ def save(obj: Any, path: PathLike, *, meta: Optional[dict[str, Any]] = None,
         from thrifty.core.config import to_dict
 
         model, folded = obj.model, [list(p) for p in obj.folded]
-        meta.setdefault("quantization", {}).update(
-            config=to_dict(obj.config), bits={k: list(v) for k, v in obj.bits.items()},
-            size_fraction=obj.size_fraction, losses=obj.losses)
+        earlier = meta.get("quantization") if isinstance(meta.get("quantization"), dict) else {}
+        meta["quantization"] = {**earlier, "config": to_dict(obj.config),
+                                "bits": {k: list(v) for k, v in obj.bits.items()},
+                                "size_fraction": obj.size_fraction, "losses": obj.losses}
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module or a QuantResult, got {type(obj).__name__}")
     folded = folded or [list(p) for p in model.__dict__.get("_thrifty_folded", [])]
