@@ -27,7 +27,7 @@ def test_train_then_eval(tmp_path, capsys):
     meta = yaml.safe_load((out / "model.yaml").read_text())
     assert meta["model"] == "mlp" and meta["dataset"] == "digits" and meta["test_acc"] > 0.8
     assert main(["eval", str(out / "model")]) == 0
-    assert f"acc {meta['test_acc']:.4f}" in capsys.readouterr().out
+    assert f"acc {100 * meta['test_acc']:.2f}%" in capsys.readouterr().out
     ev = json.loads((out / "eval" / "eval.json").read_text())
     assert ev["rows"][0]["acc"] == pytest.approx(meta["test_acc"])
     assert (out / "eval" / "config.yaml").is_file()
@@ -83,3 +83,6 @@ def test_demo_quick(tmp_path, capsys):
     assert res["train"]["model"] == "resnet20" and "evaluate" in res["stages"]
     assert res["stages"]["evaluate"]["test_acc"] == pytest.approx(res["train"]["test_acc"])
     assert "test acc" in capsys.readouterr().out
+    # the trained model is in the report folder, which every command takes as a model
+    assert main(["eval", str(out)]) == 0 and "resnet20 on digits32 [test]: acc " in capsys.readouterr().out
+    assert yaml.safe_load((out / "model.yaml").read_text())["test_acc"] == res["train"]["test_acc"]

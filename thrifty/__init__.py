@@ -27,6 +27,8 @@ _EXPORTS = {
     "to_yaml": ("thrifty.core", "to_yaml"),
     "from_yaml": ("thrifty.core", "from_yaml"),
     "wrap": ("thrifty.nn", "wrap"),
+    "save": ("thrifty.core.saved", "save"),
+    "load": ("thrifty.core.saved", "load"),
     "quantize": ("thrifty.quant", "quantize"),
     "PTQ": ("thrifty.quant", "PTQ"),
     "sparsify": ("thrifty.sparse", "sparsify"),

@@ -22,7 +22,7 @@ import torch
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["seed_everything", "atomic_save", "atomic_write_text", "atomic_write_bytes", "remove_stale_temp_files",
-           "get_logger", "removing_hooks", "plain_data", "show_progress", "atomic_savefig"]
+           "get_logger", "removing_hooks", "plain_data", "show_progress", "atomic_savefig", "fmt_acc", "fmt_value"]
 
 
 def seed_everything(seed: int) -> None:
@@ -241,3 +241,33 @@ def show_progress(progress: bool | None = None) -> bool:
     import sys
 
     return sys.stderr.isatty()
+
+
+def fmt_acc(fraction: Any) -> str:
+    """An accuracy (a fraction in [0, 1]) as thrifty prints every accuracy: percent with 2 decimals.
+
+    Example:
+        >>> fmt_acc(0.9814471243042672), fmt_acc(1), fmt_acc(None), fmt_acc(float("nan"))
+        ('98.14%', '100.00%', 'n/a', 'nan%')
+    """
+    if fraction is None:
+        return "n/a"
+    return f"{100 * float(fraction):.2f}%"
+
+
+def fmt_value(key: str, value: Any) -> str:
+    """One result value for a person to read: accuracies (a key naming ``acc`` or ``top1``, value in [0, 1]) as
+    :func:`fmt_acc`, other floats to 4 significant digits (one decimal from 1000 on), the rest as they are.
+
+    Example:
+        >>> fmt_value("w4a8_advanced_acc", 0.9814471243042672), fmt_value("size_fraction", 0.15791234), fmt_value("steps", 3)
+        ('98.14%', '0.1579', '3')
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    k = key.lower()
+    if ("acc" in k or "top1" in k) and isinstance(value, float) and 0.0 <= value <= 1.0:
+        return fmt_acc(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"  # no exponent for a throughput

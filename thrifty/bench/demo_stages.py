@@ -10,8 +10,10 @@ def bench_stage(ctx: DemoContext) -> dict:
     from thrifty.bench.report import markdown_table, plot_results
     from thrifty.data import calibration_subset
     from thrifty.quant import PTQ, quantize
+    from thrifty.utils import fmt_acc
 
     import torch
+    from tqdm.auto import tqdm
 
     test = ctx.splits.test
     x, y = test.tensors
@@ -19,11 +21,14 @@ def bench_stage(ctx: DemoContext) -> dict:
     sub = calibration_subset(ctx.splits.train, per_class=10, seed=ctx.seed)
     calib = torch.stack([sub[i][0] for i in range(len(sub))])
     q = quantize(ctx.model, PTQ(w_bits=8, a_bits=8, pipeline="rtn", w_estimator="minmax", a_estimator="minmax"),
-                 calib, progress=False).model
+                 calib, progress=ctx.progress).model
     s = BenchConfig(min_duration_s=0.5 if ctx.quick else 1.0)
     out = ctx.report_dir / "bench"
     rows = []
-    for var, model, backend in (("fp32_torch", ctx.model, "torch"), ("int8_onnxruntime", q, "onnxruntime")):
+    variants = (("fp32_torch", ctx.model, "torch"), ("int8_onnxruntime", q, "onnxruntime"))
+    bar = tqdm(variants, desc="bench variants", disable=not ctx.progress, leave=False)
+    for var, model, backend in bar:
+        bar.set_postfix_str(f"{var}: SingleStream + Offline, {s.min_duration_s} s each")
         rows.append(run(model, s, samples, scenarios=["SingleStream", "Offline"], backend=backend,
                         outdir=out, variant=var, calib=calib))
     plots = plot_results(rows, out)
@@ -39,8 +44,8 @@ def bench_stage(ctx: DemoContext) -> dict:
     ratio = res["int8_onnxruntime"]["offline_samples_per_s"] / max(res["fp32_torch"]["offline_samples_per_s"], 1e-9)
     md = (f"MLPerf LoadGen (short run, {s.min_duration_s} s per scenario): int8 ONNX Runtime Offline "
           f"throughput {ratio:.2f}x FP32 PyTorch; top-1 from LoadGen's accuracy log: FP32 "
-          f"{res['fp32_torch']['top1_loadgen_accuracy_log']:.4f}, int8 "
-          f"{res['int8_onnxruntime']['top1_loadgen_accuracy_log']:.4f} (simulated int8 in PyTorch "
-          f"{res['int8_onnxruntime']['top1_pytorch_model'] or float('nan'):.4f}).\n\n" + markdown_table(rows))
+          f"{fmt_acc(res['fp32_torch']['top1_loadgen_accuracy_log'])}, int8 "
+          f"{fmt_acc(res['int8_onnxruntime']['top1_loadgen_accuracy_log'])} (simulated int8 in PyTorch "
+          f"{fmt_acc(res['int8_onnxruntime']['top1_pytorch_model'])}).\n\n" + markdown_table(rows))
     return {**res, "int8_vs_fp32_offline": round(ratio, 2), "markdown": md,
             "files": [str(out / "fp32_torch"), str(out / "int8_onnxruntime")] + plots}

@@ -29,7 +29,8 @@ from thrifty.utils import atomic_write_text, plain_data
 
 __all__ = ["add_config_option", "parse_with_config", "command_of", "resolved", "write_resolved_config", "show_progress",
            "progress", "step", "int_list", "positive_int", "nonneg_int", "add_overwrite_option", "check_out_dir",
-           "check_model_data", "INTERNAL_KEYS"]
+           "check_model_data", "INTERNAL_KEYS", "resolve_model", "load_model_arg", "provenance",
+           "announce_baseline"]
 
 # argparse destinations that are plumbing, not configuration
 INTERNAL_KEYS = {"func", "command", "config", "debug", "_parser", "overwrite"}
@@ -317,24 +318,59 @@ def int_list(text: str | list | tuple) -> list[int]:
 int_list.accepts_list = True  # type: ignore[attr-defined]
 
 
-def load_model_arg(args: argparse.Namespace) -> tuple:
-    """``--model``: a saved model (stem or path) or a registry name (its cached pretrained baseline on ``--dataset``).
+def resolve_model(spec: str | os.PathLike, dataset: str | None = None, seed: int = 0, *, option: str = "--model",
+                  command: str = "") -> tuple[Any, dict[str, Any], str | None]:
+    """The one reading of a model argument: a saved model (stem, ``.safetensors``/``.yaml`` file or run folder)
+    or a registry name (its cached pretrained baseline on ``dataset``, trained first if not cached, announced).
 
-    Returns ``(model, meta, dataset)``; errors name the argument.
+    Returns ``(model, meta, dataset)``; ``meta["path"]`` is the weights file read. Errors name ``option``.
     """
+    from thrifty.core.saved import model_paths, resolve_model_path
     from thrifty.models import list_models
     from thrifty.train import load_model, pretrained
-    from thrifty.train.io import model_paths
 
-    wpath, ypath = model_paths(args.model)
-    if wpath.is_file() or ypath.is_file():
-        model, meta = load_model(args.model)
-        return model, meta, args.dataset or meta.get("dataset")
-    if args.model not in list_models():
-        raise FileNotFoundError(f"--model {args.model!r} is neither a saved model ({wpath}) nor a registry name "
-                                f"({', '.join(list_models())})")
-    if not args.dataset:
-        raise ValueError("--dataset is required with a registry model name (which pretrained baseline to use)")
-    model, meta = pretrained(args.model, args.dataset, seed=args.seed, return_meta=True,
-                             progress=show_progress())
-    return model, meta, args.dataset
+    text = os.fspath(spec)
+    p = Path(text)
+    if p.is_dir() or any(f.is_file() for f in model_paths(p)):
+        stem = resolve_model_path(p)
+        model, meta = load_model(stem)
+        meta["path"] = str(model_paths(stem)[0])
+        return model, meta, dataset or meta.get("dataset")
+    if text not in list_models():
+        raise FileNotFoundError(f"saved model file not found: {model_paths(p)[0]} ({option} {text!r} is neither a "
+                                f"saved model, a run folder nor a registry name: {', '.join(list_models())})")
+    if not dataset:
+        raise ValueError(f"{option} {text} is a registry name: give --dataset (which pretrained baseline to use), "
+                         "or pass a saved model (a .safetensors file or a run folder)")
+    announce_baseline(text, dataset, seed, option=option, command=command)
+    model, meta = pretrained(text, dataset, seed=seed, return_meta=True, progress=show_progress())
+    return model, meta, dataset
+
+
+def announce_baseline(name: str, dataset: str, seed: int = 0, *, option: str = "--model", command: str = "") -> bool:
+    """Say (stderr, one line) that registry model ``name`` is about to be trained on ``dataset`` because its
+    pretrained baseline is not cached, and how to avoid it; returns whether it was said."""
+    from thrifty.train import pretrained_cached, recipe
+
+    if pretrained_cached(name, dataset, seed=seed):
+        return False
+    cfg = recipe(name, dataset)[1]
+    length = f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs:g} epochs"
+    print(f"thrifty {command}: {option} {name} names an architecture, not trained weights: training its "
+          f"{dataset} baseline first ({length}, seed {seed}; cached for later runs). To skip this, pass a "
+          f"trained model instead, e.g. {option} runs/<name> from `thrifty train --model {name} --dataset "
+          f"{dataset} --out runs/<name>`.", file=sys.stderr, flush=True)
+    return True
+
+
+def load_model_arg(args: argparse.Namespace) -> tuple:
+    """``--model`` of a command (see :func:`resolve_model`) -> ``(model, meta, dataset)``."""
+    return resolve_model(args.model, args.dataset, args.seed, command=getattr(args, "command", "") or "")
+
+
+def provenance(args: argparse.Namespace, meta: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """What a command records about how it made a saved model: the command and the model it started from."""
+    out: dict[str, Any] = {"command": f"thrifty {getattr(args, 'command', '') or ''}".strip()}
+    if meta and meta.get("path"):
+        out["parent"] = str(meta["path"])
+    return {**out, **extra}

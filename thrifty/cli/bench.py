@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from thrifty.cli import _common
 from thrifty.cli._fields import Alias, add_config_flags, config_from_args
@@ -91,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     configs = build_configs(args)  # validates the settings before any work
     settings: BenchConfig = configs["bench"]
     out = _common.check_out_dir(args.out, args.overwrite)
+    if args.model == "resnet20" and not os.path.exists(args.model):  # load_workload trains it when not cached
+        _common.announce_baseline("resnet20", "digits32", command="bench")
     wl = load_workload(args.model, args.data, seq_len=args.seq_len, max_samples=args.max_samples)
     variants = [("fp32", wl.model if wl.model is not None else args.model, "auto")]
     if args.quantize:

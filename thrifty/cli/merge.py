@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from thrifty.cli import _common
 from thrifty.cli._fields import add_config_flags, config_from_args
@@ -99,8 +100,11 @@ def _task_splits(args: argparse.Namespace, metas: list[dict], models: list) -> l
 
 def run(args: argparse.Namespace) -> int:
     from thrifty.core import to_dict
+    from thrifty.core import strip
     from thrifty.merge import evaluate_tasks, few_shot, merge, zoo_kwargs
-    from thrifty.train import load_model, save_model
+    from thrifty.nn import is_gemm
+    from thrifty.train import save_model
+    from thrifty.utils import fmt_acc
 
     if len(args.models) < 2:
         raise ValueError(f"--models needs at least 2 saved models, got {len(args.models)}")
@@ -110,8 +114,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--data-per-task must be >= 2, got {args.data_per_task}")
     out = _common.check_out_dir(args.out, args.overwrite)
     with _common.step(f"loading {len(args.models)} models"):
-        loaded = [load_model(p) for p in args.models]
+        loaded = [_common.resolve_model(p, option=f"--models {p}", command="merge")[:2] for p in args.models]
     models, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
+    for i, m in enumerate(models):
+        if any(is_gemm(x) for x in m.modules()):
+            print(f"thrifty merge: {args.models[i]} has wrapped (quantized / sparse) layers; merging its plain "
+                  "weights (transforms baked in)", file=sys.stderr)
+            models[i] = strip(m)
     tasks = _task_splits(args, metas, models)
     for i, (name, tr, _) in enumerate(tasks):
         if len(tr) < args.data_per_task:
@@ -126,14 +135,15 @@ def run(args: argparse.Namespace) -> int:
     acc = evaluate_tasks(merged, tests)
     print(f"{'task':<6}{'data':<12}{'original':>10}{'merged':>10}{'relative':>10}")
     for i, ((name, _, _), o, a) in enumerate(zip(tasks, orig, acc)):
-        print(f"{i:<6}{name:<12}{o:>10.4f}{a:>10.4f}{a / max(o, 1e-12):>10.3f}")
+        print(f"{i:<6}{name:<12}{fmt_acc(o):>10}{fmt_acc(a):>10}{a / max(o, 1e-12):>10.3f}")
     names = {name for name, _, _ in tasks}
     meta = {"model": metas[0]["model"], "model_kwargs": zoo_kwargs(merged),
             "dataset": tasks[0][0] if len(names) == 1 else None, "task_slices": [list(s) for s in merged.task_slices],
             "tasks": [{"source": str(p), "dataset": n, "classes": (args.classes[i] if args.classes else None)}
                       for i, (p, (n, _, _)) in enumerate(zip(args.models, tasks))],
             "merge": to_dict(cfg), "per_task_acc": acc, "original_acc": orig}
-    save_model(merged, out / "model", meta)
+    save_model(merged, out / "model", meta, provenance=_common.provenance(
+        args, parents=[str(m.get("path", p)) for m, p in zip(metas, args.models)]))
     from thrifty.utils import atomic_write_text
 
     atomic_write_text(out / "merge.json", json.dumps({"method": args.method, "per_task_acc": acc,

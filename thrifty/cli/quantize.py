@@ -1,13 +1,15 @@
 """``thrifty quantize``: post-training quantization (AdaQuant, ILP bit allocation, BN and bias tuning).
 
-``--model`` is a saved model (``<stem>.safetensors`` + ``<stem>.yaml``, e.g. from ``thrifty train``) or a
-registry name, in which case the cached pretrained baseline for ``--dataset`` is used. Calibration uses
+``--model`` is a saved model (``<stem>.safetensors`` + ``<stem>.yaml``, or the run folder of ``thrifty train``,
+``sparsify``, ``merge`` or ``demo``) or a registry name, in which case the cached pretrained baseline for
+``--dataset`` is used (trained first, with a notice, when it is not cached yet). Calibration uses
 ``--calib-per-class`` training samples per class. ``--budget`` (fraction of the FP32 size, or of the FP32
 bit-operations with ``--budget-kind bops``) turns on the integer-programming bit allocation over
 ``--candidate-bits``.
 
 Writes to ``--out``: ``model.safetensors`` + ``model.yaml`` (quantized model with its quantizer parameters,
-reloadable with ``thrifty.quant.load_quantized``), ``report.json`` and ``config.yaml``.
+read back by ``thrifty.load`` and by every command given the run folder), ``model.plain.safetensors`` (the
+plain state_dict of the original architecture), ``report.json`` and ``config.yaml``.
 
 ``--data-free bns`` calibrates (ranges, AdaQuant, BN and bias tuning) on samples synthesised from the model's
 own BatchNorm statistics: no real training data is read. ``--distill-steps N`` then fine-tunes the quantized
@@ -30,7 +32,7 @@ from thrifty.cli._fields import UNSET, Alias, add_config_flags, changed_flags, c
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quantize", help="post-training quantization (AdaQuant, bit allocation, BN/bias tuning)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="saved model stem/path, or a registry name (uses the pretrained one)")
+    p.add_argument("--model", required=True, help="saved model (file or run folder), or a registry name (uses the pretrained one)")
     p.add_argument("--dataset", default=None, help="dataset (default: the one recorded with the saved model)")
     p.add_argument("--calib-per-class", type=_common.positive_int, default=10)
     p.add_argument("--data-free", choices=["bns", "gaussian", "inception"], default=None,
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.data import calibration_subset, load_dataset
     from thrifty.quant import PTQ, quantize, save_quantized
     from thrifty.train import evaluate
-    from thrifty.utils import atomic_write_text, seed_everything
+    from thrifty.utils import atomic_write_text, fmt_acc, seed_everything
 
     configs = build_configs(args)  # validates everything before any work
     cfg: PTQ = configs["ptq"]
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_meta = {k: v for k, v in meta.items() if k not in ("path",)}
     save_meta.update({"dataset": dataset, "test_acc": acc, "fp32_test_acc": fp_acc})
-    save_quantized(res, out / "model", save_meta)
+    save_quantized(res, out / "model", save_meta, provenance=_common.provenance(args, meta))
     report = {"fp32_test_acc": fp_acc, "test_acc": acc, "bits": res.bits, "size_fraction": res.size_fraction,
               "model_size_fraction": res.model_size_fraction, "bops_fraction": res.bops_fraction,
               "losses": res.losses, "loss_kind": res.loss_kind, "predicted_loss": res.predicted_loss,
@@ -129,5 +131,5 @@ def run(args: argparse.Namespace) -> int:
               "timings": res.timings, "distill": kd}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     _common.write_resolved_config(out, args, configs=configs)
-    print(f"{res.summary()}\ntest acc {100 * fp_acc:.2f}% FP32 -> {100 * acc:.2f}% quantized; saved to {out}/")
+    print(f"{res.summary()}\ntest acc {fmt_acc(fp_acc)} FP32 -> {fmt_acc(acc)} quantized; saved to {out}/")
     return 0

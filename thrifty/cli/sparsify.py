@@ -1,14 +1,15 @@
 """``thrifty sparsify``: make a trained model N:M sparse (optionally transposable, optionally with AdaPrune).
 
-``--model`` is a saved model (``<stem>.safetensors`` + ``<stem>.yaml``, e.g. from ``thrifty train``) or a
+``--model`` is a saved model (``<stem>.safetensors`` + ``<stem>.yaml`` or a run folder) or a
 registry name, in which case the cached pretrained baseline for ``--dataset`` is used. Masks are magnitude
 masks (exact or greedy for transposable ones); ``--adaprune`` fits every pruned layer to the dense layer's
 output on a small unlabelled calibration set; BatchNorm statistics are then re-estimated on that set
 (``--no-bn`` skips it); ``--finetune-epochs`` trains with the masks fixed.
 
-Writes to ``--out``: ``model.safetensors`` + ``model.yaml`` (dense layout with zeros, loadable by
-``thrifty eval``), ``model.nm.safetensors`` (compressed: kept values + bit-packed indices), ``report.json``
-and ``config.yaml``.
+Writes to ``--out``: ``model.safetensors`` + ``model.yaml`` (the masked model, masks included: read back by
+``thrifty.load`` and every command given the run folder), ``model.plain.safetensors`` (plain state_dict, zeros
+in place), ``model.nm.safetensors`` (compressed: kept values + bit-packed indices), ``report.json`` and
+``config.yaml``.
 
 Example:
     thrifty sparsify --model resnet20 --dataset digits32 --nm 4:8 --transposable --adaprune --out runs/r20-t48
@@ -26,7 +27,7 @@ from thrifty.cli._fields import add_config_flags, config_from_args
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sparsify", help="N:M / transposable N:M weight sparsity (AdaPrune, compressed save)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="saved model stem/path, or a registry name (uses the pretrained one)")
+    p.add_argument("--model", required=True, help="saved model (file or run folder), or a registry name (uses the pretrained one)")
     p.add_argument("--dataset", default=None, help="dataset (default: the one recorded with the saved model)")
     p.add_argument("--nm", default="2:4", help="pattern N:M, e.g. 2:4 or 4:8 (the n and m fields of NM)")
     p.add_argument("--filter", action="append", default=None, metavar="GLOB",
@@ -62,12 +63,12 @@ def build_configs(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from thrifty.core import strip, to_dict
+    from thrifty.core import to_dict
     from thrifty.data import calibration_subset, load_dataset
     from thrifty.ops import nm as nmops
     from thrifty.sparse import NM, adaprune, nm_masks, reestimate_bn, save_sparse, sparsify
     from thrifty.train import TrainConfig, evaluate, fit, save_model
-    from thrifty.utils import atomic_write_text, seed_everything
+    from thrifty.utils import atomic_write_text, fmt_acc, seed_everything
 
     configs = build_configs(args)
     cfg: NM = configs["sparsity"]
@@ -118,18 +119,17 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report["storage"] = save_sparse(model, out / "model.nm.safetensors")
     final_acc = report.get("acc_after_finetune", report["acc_after_masking"])
-    plain = strip(model)
     save_meta = {k: v for k, v in meta.items() if k not in ("path",)}
     save_meta.update({"dataset": dataset, "test_acc": final_acc,
                       "sparsity": {"config": to_dict(cfg), "adaprune": bool(args.adaprune),
                                    "finetune_epochs": args.finetune_epochs}})
-    save_model(plain, out / "model", save_meta)
+    save_model(model, out / "model", save_meta, provenance=_common.provenance(args, meta))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     _common.write_resolved_config(out, args, configs=configs)
     st = report["storage"]
     print(f"{cfg.label} ({cfg.method}{', AdaPrune' if args.adaprune else ''}) on {len(layers)} layers: "
-          f"test acc {dense_acc:.4f} dense -> {report['acc_after_masking']:.4f}"
-          + (f" -> {report['acc_after_finetune']:.4f} after fine-tuning" if "acc_after_finetune" in report else "")
+          f"test acc {fmt_acc(dense_acc)} dense -> {fmt_acc(report['acc_after_masking'])}"
+          + (f" -> {fmt_acc(report['acc_after_finetune'])} after fine-tuning" if "acc_after_finetune" in report else "")
           + f"; weights {st['dense_bytes']} B dense -> {st['stored_bytes']} B stored "
           f"({st['stored_bytes'] / st['dense_bytes']:.3f}x) -> {out}")
     return 0

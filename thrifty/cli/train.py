@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.models import create
     from thrifty.train import dist, evaluate, fit, model_kwargs_for, recipe, save_model
     from thrifty.train.options import build_regime, finalize_model, prepare_model, training_options
-    from thrifty.utils import atomic_write_text, seed_everything
+    from thrifty.utils import atomic_write_text, fmt_acc, seed_everything
 
     out = Path(args.out or f"runs/{args.model}-{Path(str(args.dataset)).name}")
     configs = build_configs(args)  # validates every config before any work
@@ -141,11 +141,11 @@ def run(args: argparse.Namespace) -> int:
             "train_config": to_dict(cfg), "test_acc": ev["acc"], "test_loss": ev["loss"],
             "train_seconds": round(hist.seconds, 2), "options": option_meta,
             "regime": regime.describe() if hasattr(regime, "describe") else None}
-    save_model(model, out / "model", meta)
+    save_model(model, out / "model", meta, provenance=_common.provenance(args))
     atomic_write_text(out / "history.json", json.dumps(hist.to_dict(), indent=1))
     # effective values (recipe defaults filled in; --quick's 5 steps in train.steps), so
     # `--config <out>/config.yaml` repeats this run
     _common.write_resolved_config(out, argparse.Namespace(**{**vars(args), "quick": False}), configs=configs)
-    print(f"{args.model} on {args.dataset}: test acc {ev['acc']:.4f} (loss {ev['loss']:.4f}) after "
+    print(f"{args.model} on {args.dataset}: test acc {fmt_acc(ev['acc'])} (loss {ev['loss']:.4f}) after "
           f"{hist.final.get('step', 0)} steps in {hist.seconds:.1f} s -> {out}/model.safetensors")
     return 0

@@ -60,7 +60,10 @@ def create(name: str, **kwargs) -> nn.Module:
         sig.bind(**kwargs)
     except TypeError as e:
         raise TypeError(f"create({name!r}): {e}; accepted arguments: {', '.join(sig.parameters)}") from None
-    return fn(**kwargs)
+    model = fn(**kwargs)
+    # how to build it again: thrifty.save records it, so thrifty.load needs no architecture
+    model.__dict__["_thrifty_model"] = {"model": name, "model_kwargs": dict(kwargs)}
+    return model
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

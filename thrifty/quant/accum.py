@@ -139,6 +139,16 @@ class LowBitAccumulator(Accumulator):
         return f"acc={self.acc}, prod={self.prod or 'fp32'}, chunk={self.chunk}, outer={self.outer}, " \
                f"backward={self.grad}, underflow={self.acc.underflow}"
 
+    def spec(self) -> dict[str, Any]:
+        """Constructor arguments (plain data) that rebuild this accumulator; see :meth:`from_spec`."""
+        return dict(acc=dataclasses.asdict(self.acc), prod=None if self.prod is None else dataclasses.asdict(self.prod),
+                    chunk=self.chunk, outer=self.outer, backward=self.grad, max_cached=self.max_cached)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], layer: Optional[nn.Module] = None) -> "LowBitAccumulator":
+        prod = None if spec.get("prod") is None else FloatFormat(**spec["prod"])
+        return cls(FloatFormat(**spec["acc"]), prod, **{k: v for k, v in spec.items() if k not in ("acc", "prod")})
+
     def set_underflow(self, flag: bool) -> "LowBitAccumulator":
         """Switch underflow (the lower exponent limit) on or off in both formats; returns self."""
         self.acc = self.acc.replace(underflow=flag)

@@ -212,6 +212,7 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     torch.manual_seed(cfg.seed)
 
     folded = fold_bn(q, batches[0])
+    q.__dict__["_thrifty_folded"] = [*q.__dict__.get("_thrifty_folded", []), *folded]  # for thrifty.save
     fp = copy.deepcopy(q)
     names, skipped = _candidates(q, filter)
     if not names:

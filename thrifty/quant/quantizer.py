@@ -108,7 +108,8 @@ class UniformQuantizer(nn.Module):
                     estimator_kw=dict(self.estimator_kw), group_size=self.group_size)
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "UniformQuantizer":
+    def from_spec(cls, spec: dict[str, Any], layer: Optional[nn.Module] = None) -> "UniformQuantizer":
+        """The quantizer :meth:`spec` describes (``layer`` is unused: the saved state sets the ranges)."""
         return cls(**spec)
 
     def calibrate(self) -> "UniformQuantizer":

@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -102,6 +102,15 @@ class GradQuant(GradTransform):
         Q._check_rounding(rounding)
         self.bifurcation, self.wgrad_bits, self.rounding, self.per_sample = bifurcation, wgrad_bits, rounding, per_sample
 
+    def spec(self) -> dict[str, Any]:
+        """Constructor arguments (plain data) that rebuild this transform; see :meth:`from_spec`."""
+        return dict(grad_bits=self.grad_bits, bifurcation=self.bifurcation, wgrad_bits=self.wgrad_bits,
+                    rounding=self.rounding, per_sample=self.per_sample)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], layer: Optional[nn.Module] = None) -> "GradQuant":
+        return cls(**spec)
+
     def extra_repr(self) -> str:
         w = (self.wgrad_bits or "fp32") if self.bifurcation else self.grad_bits
         return f"dX gemm: {self.grad_bits}-bit, dW gemm: {w}-bit, {self.rounding}, per_sample={self.per_sample}"
@@ -132,6 +141,14 @@ class ActQuant(nn.Module):
     def __init__(self, bits: int = 8, axis: Optional[int] = None) -> None:
         super().__init__()
         self.bits, self.axis = Q.check_bits(bits), axis
+
+    def spec(self) -> dict[str, Any]:
+        """Constructor arguments (plain data) that rebuild this quantizer; see :meth:`from_spec`."""
+        return dict(bits=self.bits, axis=self.axis)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], layer: Optional[nn.Module] = None) -> "ActQuant":
+        return cls(**spec)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, axis={self.axis}"

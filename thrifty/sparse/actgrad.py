@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -192,6 +192,14 @@ class ActNMMask(nn.Module):
         # ranking x again costs more than this streaming multiply).
         return x * mask
 
+    def spec(self) -> dict[str, Any]:
+        """Constructor arguments (plain data) that rebuild this mask; see :meth:`from_spec`."""
+        return dict(n=self.n, m=self.m, dim=self.dim, tail=self.tail, where=self.where)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], layer: Optional[nn.Module] = None) -> "ActNMMask":
+        return cls(**spec)
+
     def extra_repr(self) -> str:
         return f"{self.n}:{self.m}, dim={self.dim}, tail={self.tail!r}"
 
@@ -207,6 +215,15 @@ class GradNMTransform(GradTransform):
         self.input_dim, self.weight_dim, self.tail, self.seed, self.where = input_dim, weight_dim, tail, seed, where
         self._gens: dict[str, torch.Generator] = {}
         self.calls = 0  # backward passes seen (handy for tests and logging)
+
+    def spec(self) -> dict[str, Any]:
+        """Constructor arguments (plain data) that rebuild this transform; see :meth:`from_spec`."""
+        return dict(n=self.n, m=self.m, method=self.method, gemms=list(self.gemms), input_dim=self.input_dim,
+                    weight_dim=self.weight_dim, tail=self.tail, seed=self.seed, where=self.where)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], layer: Optional[nn.Module] = None) -> "GradNMTransform":
+        return cls(**{**spec, "gemms": tuple(spec["gemms"])})
 
     def _gen(self, device: torch.device) -> Optional[torch.Generator]:
         if self.seed is None or self.method != "mvue":

@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from thrifty.core import (Config, Filter, apply, explicit_names, iter_selected, make_filter, register_config,
-                          register_handler)
+from thrifty.core import (Config, Filter, apply, explicit_names, from_dict, iter_selected, make_filter,
+                          register_config, register_handler, to_dict)
 from thrifty.nn.gemm import Chain, SlotRefused, gemm_layers, gemm_op
 from thrifty.nn.gemm_op import GemmOp
 from thrifty.ops import nm as nmops
@@ -118,6 +118,21 @@ class NMMask(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._stale = False
         self.refresh(weight)
+
+    def spec(self) -> dict[str, Any]:
+        """Plain data that rebuilds this transform on its layer (the mask itself is in the state_dict)."""
+        return {"config": to_dict(self.cfg), "layer_name": getattr(self, "layer_name", None)}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], layer: nn.Module) -> "NMMask":
+        """The transform :meth:`spec` describes, sized for ``layer`` (the saved mask is loaded afterwards)."""
+        cfg = from_dict(spec["config"])
+        if not isinstance(cfg, NM):
+            raise TypeError(f"NMMask spec holds a {type(cfg).__name__} config, not NM")
+        mask = cls(cfg, layer.weight.detach(), layer.op)
+        if spec.get("layer_name") is not None:
+            mask.layer_name = spec["layer_name"]
+        return mask
 
     def compute(self, w: Tensor) -> Tensor:
         c = self.cfg

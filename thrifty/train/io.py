@@ -1,8 +1,8 @@
-"""Saved-model format shared by `thrifty train`, `thrifty eval` and later commands.
+"""``save_model`` / ``load_model``: the registry-model face of the one saved-model format (:mod:`thrifty.core.saved`).
 
 A saved model is a file pair ``<stem>.safetensors`` (the state_dict) + ``<stem>.yaml`` (metadata: registry
-model name, its keyword arguments, dataset, metrics, anything JSON/YAML-able). ``load_model`` rebuilds the
-model with ``thrifty.models.create(meta["model"], **meta["model_kwargs"])`` and loads the weights.
+model name, its keyword arguments, dataset, metrics, anything JSON/YAML-able, and the structure of any
+wrapped layers). ``load_model`` rebuilds the model and loads the weights.
 
 Example:
     >>> import tempfile, os
@@ -23,64 +23,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from thrifty.utils import atomic_write_bytes, atomic_write_text, plain_data
+from thrifty.core.saved import FORMAT, load_with_meta, model_paths, save
 
 __all__ = ["save_model", "load_model", "model_paths", "model_kwargs_for", "FORMAT"]
 
-FORMAT = "thrifty-model-1"
 
-
-def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(weights, metadata) paths for a stem, a ``.safetensors`` path or a ``.yaml`` path."""
-    p = Path(path)
-    stem = p.with_suffix("") if p.suffix in (".safetensors", ".yaml", ".yml") else p
-    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".yaml")
-
-
-def save_model(model: torch.nn.Module, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """Atomically write ``<stem>.safetensors`` + ``<stem>.yaml``; ``meta`` needs "model" and "model_kwargs".
-
-    Returns the weights path."""
+def save_model(model: torch.nn.Module, path: str | os.PathLike, meta: dict[str, Any],
+               provenance: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``<stem>.safetensors`` + ``<stem>.yaml`` (+ the plain export); ``meta`` needs "model"
+    and "model_kwargs". The model may be wrapped (see :func:`thrifty.save`). Returns the weights path."""
     if "model" not in meta or "model_kwargs" not in meta:
         raise ValueError("save_model: meta needs 'model' (registry name) and 'model_kwargs'")
-    wpath, ypath = model_paths(path)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(wpath, st_save(tensors, metadata={"format": FORMAT, "model": str(meta["model"])}))
-    atomic_write_text(ypath, yaml.safe_dump({"format": FORMAT, **plain_data(meta)}, sort_keys=False))
-    return wpath
+    return save(model, path, meta=meta, provenance=provenance)
 
 
 def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by `save_model` -> (model in eval mode, metadata).
-
-    Raises FileNotFoundError / ValueError naming the file when either half is missing or corrupt."""
-    from thrifty.models import create
-
-    wpath, ypath = model_paths(path)
-    for p in (wpath, ypath):
-        if not p.is_file():
-            raise FileNotFoundError(f"saved model file not found: {p} (a saved model is a .safetensors + .yaml pair)")
-    try:
-        meta = yaml.safe_load(ypath.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"corrupt model metadata {ypath}: {e}") from None
-    if not isinstance(meta, dict) or "model" not in meta:
-        raise ValueError(f"{ypath} is not thrifty model metadata (needs a 'model' key)")
-    try:
-        sd = st_load(wpath.read_bytes())
-    except (SafetensorError, ValueError, OSError) as e:
-        raise ValueError(f"corrupt or unreadable weights {wpath}: {e}") from None
-    model = create(meta["model"], **(meta.get("model_kwargs") or {}))
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ValueError(f"weights {wpath} do not fit model {meta['model']!r}: {e}") from None
-    return model.eval(), meta
+    """Rebuild a model saved by `save_model` / :func:`thrifty.save` (stem, file or run folder) -> (model in eval
+    mode, metadata). Raises FileNotFoundError / ValueError naming the file when either half is missing or
+    corrupt."""
+    return load_with_meta(path)
 
 
 def model_kwargs_for(model_name: str, input_shape: tuple, num_classes: int, **extra: Any) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from thrifty.train.io import load_model, model_kwargs_for, model_paths, save_mod
 from thrifty.train.loop import TrainConfig, evaluate, fit
 from thrifty.utils import seed_everything, show_progress
 
-__all__ = ["RECIPES", "recipe", "pretrained", "cache_dir", "cached_model"]
+__all__ = ["RECIPES", "recipe", "pretrained", "pretrained_cached", "cache_dir", "cached_model"]
 
 # (model, dataset) -> (extra model kwargs, TrainConfig). Measured accuracies and times: README / results.
 RECIPES: dict[tuple[str, str], tuple[dict[str, Any], TrainConfig]] = {
@@ -71,19 +71,17 @@ def pretrained(model_name: str, dataset_name: str, seed: int = 0, *, return_meta
     ``overrides``: TrainConfig fields (epochs=..., lr=...) or model kwargs (width=...). With
     ``return_meta=True`` returns ``(model, meta)``; meta holds test_acc, train_seconds, config, cache path.
     """
-    from thrifty.data import load_dataset
-
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
-    extra_kw, cfg = recipe(model_name, dataset_name, **overrides)
-    cfg = dataclasses.replace(cfg, seed=seed)
-    splits = load_dataset(dataset_name, seed=0)
-    kwargs = model_kwargs_for(model_name, splits.input_shape, splits.num_classes, **extra_kw)
-    key = {"model": model_name, "model_kwargs": kwargs, "dataset": dataset_name, "seed": seed,
-           "train": to_dict(cfg), "format": 1}
-    model, meta = cached_model(f"{model_name}-{dataset_name}-seed{seed}", key, lambda stem: _train_and_save(
+    name, key, kwargs, cfg, splits = _entry(model_name, dataset_name, seed, **overrides)
+    model, meta = cached_model(name, key, lambda stem: _train_and_save(
         stem, model_name, kwargs, dataset_name, seed, cfg, splits, progress))
     return (model, meta) if return_meta else model
+
+
+def _stem(name: str, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:12]
+    return cache_dir() / "pretrained" / f"{name}-{digest}"
 
 
 def cached_model(name: str, key: dict[str, Any], train: Callable[[Path], None]) -> tuple[torch.nn.Module, dict]:
@@ -91,8 +89,7 @@ def cached_model(name: str, key: dict[str, Any], train: Callable[[Path], None]) 
     to create it first when it is missing; -> (model, meta with its "path").
 
     A file lock makes concurrent callers wait for one ``train`` instead of each training its own copy."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:12]
-    stem = cache_dir() / "pretrained" / f"{name}-{digest}"
+    stem = _stem(name, key)
     stem.parent.mkdir(parents=True, exist_ok=True)
     with open(stem.with_name(stem.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per entry; others wait, then load
@@ -104,6 +101,24 @@ def cached_model(name: str, key: dict[str, Any], train: Callable[[Path], None]) 
             fcntl.flock(lock, fcntl.LOCK_UN)
     meta["path"] = str(model_paths(stem)[0])
     return model, meta
+
+
+def _entry(model_name: str, dataset_name: str, seed: int, **overrides: Any) -> tuple[str, dict, dict, TrainConfig, Any]:
+    from thrifty.data import load_dataset
+
+    extra_kw, cfg = recipe(model_name, dataset_name, **overrides)
+    cfg = dataclasses.replace(cfg, seed=seed)
+    splits = load_dataset(dataset_name, seed=0)
+    kwargs = model_kwargs_for(model_name, splits.input_shape, splits.num_classes, **extra_kw)
+    key = {"model": model_name, "model_kwargs": kwargs, "dataset": dataset_name, "seed": seed,
+           "train": to_dict(cfg), "format": 1}
+    return f"{model_name}-{dataset_name}-seed{seed}", key, kwargs, cfg, splits
+
+
+def pretrained_cached(model_name: str, dataset_name: str, seed: int = 0, **overrides: Any) -> bool:
+    """Whether :func:`pretrained` would load a cached baseline (True) or train one first (False)."""
+    name, key, *_ = _entry(model_name, dataset_name, seed, **overrides)
+    return all(p.is_file() for p in model_paths(_stem(name, key)))
 
 
 def _train_and_save(stem: Path, model_name: str, kwargs: dict, dataset_name: str, seed: int, cfg: TrainConfig,
