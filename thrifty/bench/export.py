@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from thrifty.bench.layout import default_activation_dtype, hoist_quantize, quantize_biases, set_activation_dtype
 from thrifty.utils import atomic_write_bytes
 
 __all__ = ["export_onnx", "LayerQuant", "quant_layers", "cpu_has_vnni"]
@@ -137,7 +138,8 @@ def _torch_export(model: nn.Module, example: tuple, input_names: Sequence[str], 
 
 def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike,
                 input_names: Optional[Sequence[str]] = None, opset: int = 17, calib: Any = None,
-                signed_weights: Optional[bool] = None) -> Path:
+                signed_weights: Optional[bool] = None, int_bias: bool = True,
+                act_dtype: Optional[str] = None) -> Path:
     """Export ``model`` to ONNX at ``path`` (atomic); quantized Gemm layers become int8 QDQ (see module doc).
 
     ``example_inputs``: a tuple of tensors with a batch dimension (it is made dynamic). The model is not modified.
@@ -148,8 +150,15 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     ``signed_weights``: store asymmetric (unsigned) weight codes as int8 shifted by ``2^(b-1)``, zero points
     shifted alike: the same dequantized weights, but ONNX Runtime then runs its u8s8 kernels, ~1.5x faster than
     u8u8 on an AVX-512 VNNI CPU. None = only when this CPU has VNNI (without it, ONNX Runtime's u8s8 kernels use
-    VPMADDUBSW, whose 16-bit pair sums can saturate). What was added is recorded in the ``thrifty.int8``
-    metadata of the model.
+    VPMADDUBSW, whose 16-bit pair sums can saturate).
+    ``int_bias``: store the bias of a layer with quantized input and weight as int32 codes on the accumulator's
+    grid (scale ``s_x * s_w``) behind a DequantizeLinear, so ONNX Runtime fuses it even when its output stays
+    float (the classifier head becomes QGemm); this moves each output by at most ``s_x * s_w / 2``.
+    ``act_dtype``: ``"uint8"`` or ``"int8"`` activation codes (None: uint8 on x86, see
+    :func:`thrifty.bench.layout.default_activation_dtype`); codes shift by 128, values do not. Quantizers behind
+    Flatten/Reshape move in front of them (:func:`thrifty.bench.layout.hoist_quantize`);
+    :func:`thrifty.bench.layout.fused_report` lists which GEMMs ONNX Runtime fused. What was added is recorded
+    in the ``thrifty.int8`` metadata of the model.
     """
     from thrifty.core import strip
 
@@ -181,6 +190,11 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
             from thrifty.quant.calib import as_batches
 
             meta.update(quantize_residuals(proto, lambda: onnx_feeds(as_batches(calib), names), spec))
+        if int_bias:  # after the residual calibration, which runs the PTQ-exact (float bias) graph
+            meta["int32_biases"], meta["float_biases"] = quantize_biases(proto)
+        meta["hoisted_quantizers"] = hoist_quantize(proto)
+        meta["activation_dtype"] = act_dtype or default_activation_dtype()
+        meta["activation_zero_points_shifted"] = set_activation_dtype(proto, meta["activation_dtype"])
         proto.metadata_props.add(key="thrifty.int8", value=json.dumps(meta))
         onnx.checker.check_model(proto)
         data = proto.SerializeToString()
