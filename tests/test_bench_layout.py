@@ -13,7 +13,7 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from thrifty.bench import TorchBackend, export_onnx
-from thrifty.bench.layout import fused_report, hoist_quantize, quantize_biases, set_activation_dtype
+from thrifty.bench.layout import fused_report, hoist_quantize, set_activation_dtype
 from thrifty.core import apply
 from thrifty.quant import QuantConfig, calibrate_inputs
 

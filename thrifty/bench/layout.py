@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["hoist_quantize", "quantize_biases", "set_activation_dtype", "default_activation_dtype", "fused_report", "GEMM_OPS"]
+__all__ = ["hoist_quantize", "quantize_biases", "set_activation_dtype", "default_activation_dtype", "fused_report",
+           "GEMM_OPS"]
 
 GEMM_OPS = ("Conv", "Gemm", "MatMul")
 # single-data-input ops that only move values; quantizing per tensor before or after them gives the same codes
