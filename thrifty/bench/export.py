@@ -65,6 +65,15 @@ def _last_quantizer(slot: Optional[nn.Module]) -> tuple[Optional[nn.Module], int
     return (last if _is_quantizer(last) else None), len(mods)
 
 
+def _weight_quantizer(slot: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The weight slot's last quantizer. Transforms after it (an N:M mask zeroing weights) are fine when the
+    effective weight stays on the quantizer's grid, which :func:`quant_layers` checks."""
+    if slot is None:
+        return None
+    mods = list(slot.children()) if isinstance(slot, nn.Sequential) else [slot]
+    return next((m for m in reversed(mods) if _is_quantizer(m)), None)
+
+
 def _qparams(q: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from thrifty.ops import quant as Q
 
@@ -83,7 +92,7 @@ def quant_layers(model: nn.Module) -> list[LayerQuant]:
 
     out = []
     for name, layer in gemm_layers(model):
-        wq, _ = _last_quantizer(getattr(layer.slots, "weight", None))
+        wq = _weight_quantizer(getattr(layer.slots, "weight", None))
         xq, nx = _last_quantizer(getattr(layer.slots, "input", None))
         if wq is None:
             if xq is not None:

@@ -73,11 +73,11 @@ def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, zp: np.ndarray, blo
 
 def w4_params(layer: nn.Module, name: str, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(codes [N, K] in 0..15, scales [N, blocks], zero points [N, blocks], where they came from) of a Linear."""
-    from thrifty.bench.export import _last_quantizer, _qparams
+    from thrifty.bench.export import _qparams, _weight_quantizer
     from thrifty.ops import quant as Q
 
     w = layer.effective_weight().detach().float() if hasattr(layer, "effective_weight") else layer.weight.detach()
-    q, _ = _last_quantizer(getattr(getattr(layer, "slots", None), "weight", None))
+    q = _weight_quantizer(getattr(getattr(layer, "slots", None), "weight", None))
     if q is None:
         return (*rtn_blocks(w, block_size), "rtn")
     if q.bits > BITS:
@@ -146,7 +146,7 @@ def export_w4(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, 
     import onnx
     from onnx import helper, numpy_helper
 
-    from thrifty.bench.export import _find_node, _last_quantizer, _torch_export
+    from thrifty.bench.export import _find_node, _torch_export, _weight_quantizer
     from thrifty.core import strip
 
     if not isinstance(model, nn.Module):
@@ -162,7 +162,7 @@ def export_w4(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, 
     m = copy.deepcopy(model).eval()
     skipped: dict[str, str] = {}
     for n, mod in _linears(m, filter):
-        q, _ = _last_quantizer(getattr(getattr(mod, "slots", None), "weight", None))
+        q = _weight_quantizer(getattr(getattr(mod, "slots", None), "weight", None))
         if q is not None and q.bits > BITS:
             skipped[n] = f"{q.bits}-bit weight quantizer: stays float with its quantized weights (or use export_onnx)"
     with torch.no_grad():
