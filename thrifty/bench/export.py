@@ -129,7 +129,28 @@ def quant_layers(model: nn.Module) -> list[LayerQuant]:
     return out
 
 
+def _check_inputs(who: str, model: Any, example_inputs: Any,
+                  input_names: Optional[Sequence[str]]) -> tuple[tuple, list[str]]:
+    """(example inputs as a tuple, their ONNX names) for exporter ``who``; TypeError/ValueError on bad arguments."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who} needs an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    names = list(input_names or [f"input_{i}" for i in range(len(example_inputs))])
+    if len(names) != len(example_inputs):
+        raise ValueError(f"{len(names)} input names for {len(example_inputs)} example inputs")
+    return tuple(example_inputs), names
+
+
 def _torch_export(model: nn.Module, example: tuple, input_names: Sequence[str], opset: int) -> bytes:
+    """The plain (legacy exporter) ONNX bytes of ``model``; ValueError naming the model if torch cannot export it."""
+    try:
+        return _torch_export_raw(model, example, input_names, opset)
+    except Exception as e:
+        raise ValueError(f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
+
+
+def _torch_export_raw(model: nn.Module, example: tuple, input_names: Sequence[str], opset: int) -> bytes:
     f = io.BytesIO()
     # Batch is dynamic; so is the length of integer (token) inputs, for batches padded to their longest sample.
     dyn = {n: ({0: "batch", 1: "seq"} if not t.is_floating_point() and t.ndim == 2 else {0: "batch"})
@@ -171,23 +192,14 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     """
     from thrifty.core import strip
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"export_onnx needs an nn.Module, got {type(model).__name__}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    names = list(input_names or [f"input_{i}" for i in range(len(example_inputs))])
-    if len(names) != len(example_inputs):
-        raise ValueError(f"{len(names)} input names for {len(example_inputs)} example inputs")
+    example_inputs, names = _check_inputs("export_onnx", model, example_inputs, input_names)
     if signed_weights is None:
         signed_weights = cpu_has_vnni()
     m = copy.deepcopy(model).eval()
     layers = quant_layers(m)
     spec = _activation_spec(m)
     m = strip(m)
-    try:
-        data = _torch_export(m, tuple(example_inputs), names, opset)
-    except Exception as e:
-        raise ValueError(f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
+    data = _torch_export(m, example_inputs, names, opset)
     if layers:
         import onnx
 

@@ -146,19 +146,13 @@ def export_w4(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, 
     import onnx
     from onnx import helper, numpy_helper
 
-    from thrifty.bench.export import _find_node, _torch_export, _weight_quantizer
+    from thrifty.bench.export import _check_inputs, _find_node, _torch_export, _weight_quantizer
     from thrifty.core import strip
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"export_w4 needs an nn.Module, got {type(model).__name__}")
+    example_inputs, names = _check_inputs("export_w4", model, example_inputs, input_names)
     _check_block(block_size, "export_w4")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0..4 (MatMulNBits), got {accuracy_level!r}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    names = list(input_names or [f"input_{i}" for i in range(len(example_inputs))])
-    if len(names) != len(example_inputs):
-        raise ValueError(f"{len(names)} input names for {len(example_inputs)} example inputs")
     m = copy.deepcopy(model).eval()
     skipped: dict[str, str] = {}
     for n, mod in _linears(m, filter):
@@ -170,10 +164,7 @@ def export_w4(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, 
     weights = {n: (mod.effective_weight() if hasattr(mod, "effective_weight") else mod.weight).detach().float()
                for n, mod in _linears(m, filter) if n in params}
     m = strip(m)
-    try:
-        data = _torch_export(m, tuple(example_inputs), names, opset)
-    except Exception as e:
-        raise ValueError(f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
+    data = _torch_export(m, example_inputs, names, opset)
     proto = onnx.load_from_string(data)
     g = proto.graph
     arrays = {i.name: numpy_helper.to_array(i) for i in g.initializer}
