@@ -133,24 +133,40 @@ def test_activation_dtype_changes_codes_not_values(tmp_path):
 
 
 def _relu_flatten_q_graph() -> onnx.ModelProto:
+    """Two branches: Relu -> Flatten -> Q -> DQ, and Relu -> Transpose -> Reshape -> Q -> DQ (attention-like)."""
     nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Flatten", ["r"], ["f"], axis=1),
              helper.make_node("QuantizeLinear", ["f", "s", "z"], ["q"]),
-             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+             helper.make_node("Relu", ["x"], ["r2"]), helper.make_node("Transpose", ["r2"], ["t2"], perm=[0, 2, 1]),
+             helper.make_node("Reshape", ["t2", "shape"], ["f2"]),
+             helper.make_node("QuantizeLinear", ["f2", "s", "z"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y2"])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 3])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6]),
+                           helper.make_tensor_value_info("y2", TensorProto.FLOAT, [None, 6])],
                           [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
-                           numpy_helper.from_array(np.array(3, np.uint8), "z")])
+                           numpy_helper.from_array(np.array(3, np.uint8), "z"),
+                           numpy_helper.from_array(np.array([-1, 6], np.int64), "shape")])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_hoist_quantize_moves_q_before_flatten_exactly():
+def _run_all(m: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def test_hoist_quantize_moves_q_before_layout_ops_exactly():
     m = _relu_flatten_q_graph()
     x = np.random.default_rng(0).normal(size=(5, 2, 3)).astype(np.float32) * 4
-    ref = _run(m.SerializeToString(), x, optimize=False)
-    assert hoist_quantize(m) == 1
+    ref = _run_all(m, x)
+    assert hoist_quantize(m) == 2
     onnx.checker.check_model(m)
     prod = {o: n for n in m.graph.node for o in n.output}
-    q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear")
-    assert prod[q.input[0]].op_type == "Relu"  # quantized right after the Relu; Flatten moves codes
-    np.testing.assert_array_equal(_run(m.SerializeToString(), x, optimize=False), ref)
+    qs = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(qs) == 2 and all(prod[q.input[0]].op_type == "Relu" for q in qs)  # layout ops now move codes
+    for a, b in zip(_run_all(m, x), ref):
+        np.testing.assert_array_equal(a, b)
     assert hoist_quantize(m) == 0  # nothing left to move

@@ -64,24 +64,31 @@ def hoist_quantize(proto) -> int:
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
     moved = 0
-    for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:
-        prod, cons = _index(g)
+
+    def movable(q, prod: dict, cons: dict) -> tuple[list, str]:
         scale = inits.get(q.input[1])
         if scale is None or numpy_helper.to_array(scale).size != 1 or q.input[0] in inits:
-            continue
+            return [], ""
         chain, t = [], q.input[0]
         while (p := prod.get(t)) is not None and p.op_type in _MOVE and len(cons.get(t, [])) == 1:
             chain.append(p)
             t = p.input[0]
-        if not chain:
-            continue
+        return chain, t
+
+    while True:  # one at a time: rewriting the node list replaces every node object
+        prod, cons = _index(g)
+        cands = ((q, *movable(q, prod, cons)) for q in g.node if q.op_type == "QuantizeLinear")
+        found = next((c for c in cands if c[1]), None)
+        if found is None:
+            break
+        q, chain, t = found
         src = f"{q.output[0]}.hoisted"
-        new = [helper.make_node("QuantizeLinear", [t] + list(q.input[1:]), [src], name=f"{q.name}.hoisted",
+        new = [helper.make_node("QuantizeLinear", [t] + list(q.input[1:]), [src], name=f"{src}/QuantizeLinear",
                                 domain=q.domain)]
         new[0].attribute.extend(q.attribute)
         for k, c in enumerate(reversed(chain)):
             out = q.output[0] if k == len(chain) - 1 else f"{c.output[0]}.int8"
-            new.append(helper.make_node(c.op_type, [src] + list(c.input[1:]), [out], name=f"{c.name}.int8",
+            new.append(helper.make_node(c.op_type, [src] + list(c.input[1:]), [out], name=f"{out}/{c.op_type}",
                                         domain=c.domain))
             new[-1].attribute.extend(c.attribute)
             src = out
