@@ -2,7 +2,8 @@
 
 ONNX Runtime fuses ``DQ -> Conv/Gemm/MatMul -> Q`` into one integer kernel (QLinearConv, QGemm,
 QLinearMatMul, MatMulIntegerToFloat) only when the pattern is exact. Three passes make thrifty's QDQ graphs
-match it without changing any dequantized value:
+match it; the first two change no dequantized value, the third rounds each bias by at most half a step of the
+integer accumulator:
 
 * :func:`hoist_quantize`: a QuantizeLinear behind value-preserving layout ops (``Conv -> Relu -> Flatten -> Q``)
   moves in front of them, so the GEMM's output is quantized directly and the Flatten runs on int8 codes;
