@@ -8,7 +8,8 @@ Three parts (``--part``, default ``layouts w4``), each measured with variants in
   Runtime's quantize_static in its fast layouts (u8 activations, s8 per-channel weights; QDQ and QOperator; for
   MiniLM also MatMul-only), with each variant's accuracy and the GEMMs ONNX Runtime fused (or why not).
 * ``w4``: batch-1 latency of FP32, int8 and weight-only 4-bit MatMulNBits (thrifty's codes and block RTN) on MiniLM
-  (Linear-heavy), with the accuracy cost (cosine to FP32).
+  (Linear-heavy) at ``--w4-seq`` tokens (MatMulNBits wins when few tokens make the GEMMs memory bound), with the
+  accuracy cost (cosine to FP32).
 * ``loadgen``: LoadGen Offline throughput, FP32 PyTorch vs FP32 / int8 ONNX Runtime (each in its own subprocess,
   2 workers x 1 thread, batch 64), on the cached PTQ W8A8 models of experiments/bench.py (run that first).
 
@@ -90,6 +91,7 @@ def main() -> int:
     ap.add_argument("--min-duration", type=float, default=2.0)
     ap.add_argument("--quick", action="store_true", help="few samples, one short round, fast calibration")
     ap.add_argument("--adaquant", action="store_true", help="W4 part: thrifty weights from PTQ AdaQuant (slow)")
+    ap.add_argument("--w4-seq", type=int, nargs="+", default=[128, 8], help="W4 part: MiniLM sequence lengths")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.quick:

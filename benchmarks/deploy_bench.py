@@ -8,9 +8,11 @@ interleave the variants; the tables give the median over rounds and its ratio to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -75,15 +77,23 @@ def _ort_static(fp32: Path, out: Path, feeds: list[dict], fmt: str, op_types: An
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = out.with_suffix(".pre.onnx")
-    try:  # ORT's recommended preprocessing (shape inference, graph optimisation); some graphs refuse it
-        quant_pre_process(str(fp32), str(pre))
-    except Exception as e:  # noqa: BLE001 - any failure: quantize the plain export
-        log(f"quant_pre_process failed ({type(e).__name__}); quantizing the plain export")
-        pre = fp32
-    quantize_static(str(pre), str(out), _Reader(feeds), quant_format=getattr(QuantFormat, fmt),
-                    op_types_to_quantize=op_types, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+    pre = out.with_suffix(".pre.onnx").resolve()
+    fp32, out = fp32.resolve(), out.resolve()
+    # both write scratch files (shape-inference models, external data) into the working directory
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        # ORT's recommended preprocessing (shape inference, graph optimisation); its symbolic shape inference
+        # refuses a dynamic sequence axis (MiniLM: "unsupported broadcast between Min(512, seq) seq"): skip that
+        for skip_symbolic in (False, True):
+            try:
+                quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=skip_symbolic)
+                break
+            except Exception as e:  # noqa: BLE001 - any failure: retry without it, then quantize the plain export
+                log(f"quant_pre_process(skip_symbolic_shape={skip_symbolic}) failed: {str(e)[:120]}")
+        else:
+            pre = fp32
+        quantize_static(str(pre), str(out), _Reader(feeds), quant_format=getattr(QuantFormat, fmt),
+                        op_types_to_quantize=op_types, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
     return out
 
 
@@ -182,38 +192,80 @@ def layouts(args: argparse.Namespace, root: Path, work: Path) -> dict:
 
 
 def w4(args: argparse.Namespace, root: Path, work: Path) -> dict:
-    wl = load_workload("minilm", seq_len=128, max_samples=64 if args.quick else 256)
-    calib = calibration_data(wl)
-    ex = tuple(torch.from_numpy(a) for a in wl.samples.batch([0, 1]))
-    names = wl.input_names
-    paths = {"fp32": export_onnx(wl.model, ex, work / "w4_fp32.onnx", input_names=names)}
-    q8 = _quantized(root, "minilm_w8a8_rtn_symw", wl.model, calib, args.quick, w_symmetric=True)
-    paths["thrifty_int8"] = export_onnx(q8, ex, work / "w4_int8.onnx", input_names=names, calib=calib)
-    paths["w4_rtn_block32"] = export_w4(wl.model, ex, work / "w4_rtn.onnx", block_size=32, input_names=names)
-    if args.adaquant:
-        q4 = _quantized(root, "minilm_w4_adaquant", wl.model, calib, False, w_bits=4, a_bits=None,
-                        pipeline="adaquant", first_last_bits=None)
-    else:
-        q4 = _quantized(root, "minilm_w4_rtn", wl.model, calib, args.quick, w_bits=4, a_bits=None)
-    tag = "w4_thrifty_" + ("adaquant" if args.adaquant else "rtn") + "_per_channel"
-    paths[tag] = export_w4(q4, ex, work / "w4_thrifty.onnx", block_size=32, input_names=names)
-    inputs = wl.samples.inputs
-    ref = _outputs(TorchBackend(wl.model), inputs)
-    acc = {k: _accuracy("minilm", wl, OrtBackend(p, threads=2), inputs, ref) for k, p in paths.items()}
-    sizes = {k: p.stat().st_size for k, p in paths.items()}
+    """Batch-1 latency on MiniLM at each of ``--w4-seq`` sequence lengths: MatMulNBits only pays off when the
+    GEMMs are memory bound (few tokens per call); with many tokens int8 compute wins."""
+    res: dict = {"model": "minilm", "batch": 1, "by_seq_len": {}}
+    for seq in args.w4_seq:
+        wl = load_workload("minilm", seq_len=seq, max_samples=64 if args.quick else 256)
+        calib = calibration_data(wl)
+        ex = tuple(torch.from_numpy(a) for a in wl.samples.batch([0, 1]))
+        names = wl.input_names
+        paths = {"fp32": export_onnx(wl.model, ex, work / f"w4_s{seq}_fp32.onnx", input_names=names)}
+        q8 = _quantized(root, f"minilm_s{seq}_w8a8_rtn_symw", wl.model, calib, args.quick, w_symmetric=True)
+        paths["thrifty_int8"] = export_onnx(q8, ex, work / f"w4_s{seq}_int8.onnx", input_names=names, calib=calib)
+        paths["w4_rtn_block32"] = export_w4(wl.model, ex, work / f"w4_s{seq}_rtn.onnx", block_size=32,
+                                            input_names=names)
+        if args.adaquant:
+            q4 = _quantized(root, f"minilm_s{seq}_w4_adaquant", wl.model, calib, False, w_bits=4, a_bits=None,
+                            pipeline="adaquant", first_last_bits=None)
+        else:
+            q4 = _quantized(root, f"minilm_s{seq}_w4_rtn", wl.model, calib, args.quick, w_bits=4, a_bits=None)
+        tag = "w4_thrifty_" + ("adaquant" if args.adaquant else "rtn") + "_per_channel"
+        paths[tag] = export_w4(q4, ex, work / f"w4_s{seq}_thrifty.onnx", block_size=32, input_names=names)
+        inputs = wl.samples.inputs
+        ref = _outputs(TorchBackend(wl.model), inputs)
+        acc = {k: _accuracy("minilm", wl, OrtBackend(p, threads=2), inputs, ref) for k, p in paths.items()}
+        lat: dict = {}
+        sessions = {(k, t): OrtBackend(p, threads=t) for k, p in paths.items() for t in (1, 2)}
+        one = tuple(a[:1] for a in inputs)
+        for r in range(args.rounds):
+            for t in (1, 2):
+                for k in paths:
+                    ms = _latency_ms(sessions[(k, t)], one, args.min_duration)
+                    lat.setdefault(f"t{t}", {}).setdefault(k, []).append(ms)
+                log(f"w4 seq {seq} round {r} threads {t}: "
+                    + ", ".join(f"{k} {lat[f't{t}'][k][-1]:.2f} ms" for k in paths))
+        del sessions
+        res["by_seq_len"][str(seq)] = {
+            "latency_ms": lat, "median_ms": {c: {k: statistics.median(xs) for k, xs in row.items()}
+                                             for c, row in lat.items()},
+            "accuracy": acc, "file_bytes": {k: p.stat().st_size for k, p in paths.items()}}
+    return res
+
+
+def w4_ffn(args: argparse.Namespace, work: Path) -> dict:
+    """A synthetic Linear-heavy model at one token per call (LLM decoding's GEMM shape): 4 FFN blocks
+    1024 -> 4096 -> 1024, random weights. Accuracy cost: relative L2 error of the output to FP32 (no task)."""
+    from thrifty.core import apply
+    from thrifty.quant import QuantConfig, calibrate_inputs
+
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 1024))
+              for _ in range(4)]
+    m = torch.nn.Sequential(*blocks).eval()
+    x = torch.randn(256, 1024)
+    # min/max ranges: the MSE range search over 4096-wide layers takes minutes and there is no task to win here
+    cfg = QuantConfig(w_symmetric=True, w_estimator="minmax", a_estimator="minmax")
+    q8 = calibrate_inputs(apply(copy.deepcopy(m), cfg), x[:128])
+    ex = (x[:2],)
+    paths = {"fp32": export_onnx(m, ex, work / "ffn_fp32.onnx"),
+             "thrifty_int8": export_onnx(q8, ex, work / "ffn_int8.onnx"),
+             "w4_rtn_block32": export_w4(m, ex, work / "ffn_w4.onnx", block_size=32)}
+    xn = x[128:].numpy()
+    ref = _outputs(OrtBackend(paths["fp32"], threads=2), (xn,))
+    err = {k: float(np.linalg.norm(_outputs(OrtBackend(p, threads=2), (xn,)) - ref) / np.linalg.norm(ref))
+           for k, p in paths.items()}
     lat: dict = {}
     sessions = {(k, t): OrtBackend(p, threads=t) for k, p in paths.items() for t in (1, 2)}
-    one = tuple(a[:1] for a in inputs)
     for r in range(args.rounds):
         for t in (1, 2):
             for k in paths:
-                lat.setdefault(f"t{t}", {}).setdefault(k, []).append(_latency_ms(sessions[(k, t)], one,
+                lat.setdefault(f"t{t}", {}).setdefault(k, []).append(_latency_ms(sessions[(k, t)], (xn[:1],),
                                                                                   args.min_duration))
-            log(f"w4 round {r} threads {t}: " + ", ".join(f"{k} {lat[f't{t}'][k][-1]:.2f} ms" for k in paths))
-    del sessions
-    med = {c: {k: statistics.median(xs) for k, xs in row.items()} for c, row in lat.items()}
-    return {"model": "minilm", "batch": 1, "latency_ms": lat, "median_ms": med, "accuracy": acc,
-            "file_bytes": sizes}
+            log(f"w4 ffn round {r} threads {t}: " + ", ".join(f"{k} {lat[f't{t}'][k][-1]:.3f} ms" for k in paths))
+    return {"latency_ms": lat, "median_ms": {c: {k: statistics.median(xs) for k, xs in row.items()}
+                                             for c, row in lat.items()},
+            "relative_error_to_fp32": err, "file_bytes": {k: p.stat().st_size for k, p in paths.items()}}
 
 
 def render(out: dict) -> str:
@@ -228,19 +280,33 @@ def render(out: dict) -> str:
                       + " |")
         md.append("| accuracy | " + " | ".join(", ".join(f"{m} {v:.4f}" for m, v in r["accuracy"][k].items())
                                              for k in keys) + " |")
-        md.append("| GEMMs fused | - | " + " | ".join(f"{r['fused'][k]['fused']}/{r['fused'][k]['gemms']}"
-                                                     for k in keys[1:]) + " |")
-        unf = r["fused"]["thrifty_int8"]["unfused"]
-        md += ["", "thrifty int8, GEMMs left unfused: " + ("none" if not unf else "; ".join(
-            f"{u['layer']}: {u['reason']}" for u in unf)), ""]
-    if "w4" in out:
-        r = out["w4"]
+        md.append("| GEMMs fused (after ORT's optimiser) | - | " + " | ".join(
+            f"{r['fused'][k]['fused']}/{r['fused'][k]['gemms']}" if r["fused"][k]["gemms"] else "- (QOperator)"
+            for k in keys[1:]) + " |")
+        reasons: dict[str, list[str]] = {}
+        for u in r["fused"]["thrifty_int8"]["unfused"]:
+            reasons.setdefault(u["reason"], []).append(u["layer"])
+        md += ["", "thrifty int8, GEMMs left unfused: " + ("none" if not reasons else "; ".join(
+            f"{len(ls)} x {why} (e.g. {ls[0]})" for why, ls in reasons.items())), ""]
+    for seq, r in out.get("w4", {}).get("by_seq_len", {}).items():
         keys = list(r["accuracy"])
-        md += ["## W4 weight-only (MatMulNBits, block 32) vs int8 vs FP32: MiniLM, batch 1", "",
+        md += [f"## W4 weight-only (MatMulNBits, block 32) vs int8 vs FP32: MiniLM, batch 1, {seq} tokens", "",
                "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for c, row in r["median_ms"].items():
             md.append(f"| latency ms, {c} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + " |")
-        md.append("| cosine to FP32 (mean) | " + " | ".join(f"{r['accuracy'][k]['cos_mean']:.4f}" for k in keys) + " |")
+        md.append("| cosine to FP32 (mean) | " + " | ".join(f"{r['accuracy'][k]['cos_mean']:.4f}" for k in keys)
+                  + " |")
+        md.append("| file MB | " + " | ".join(f"{r['file_bytes'][k] / 1e6:.1f}" for k in keys) + " |")
+        md.append("")
+    if "w4_ffn" in out:
+        r = out["w4_ffn"]
+        keys = list(r["relative_error_to_fp32"])
+        md += ["## W4 vs int8 vs FP32: synthetic FFN stack (4 x 1024-4096-1024), one token per call", "",
+               "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for c, row in r["median_ms"].items():
+            md.append(f"| latency ms, {c} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+        md.append("| relative L2 error to FP32 | " + " | ".join(f"{r['relative_error_to_fp32'][k]:.4f}" for k in keys)
+                  + " |")
         md.append("| file MB | " + " | ".join(f"{r['file_bytes'][k] / 1e6:.1f}" for k in keys) + " |")
     md += ["", f"Total {out['seconds']} s."]
     return "\n".join(md) + "\n"
@@ -257,6 +323,7 @@ def run_parts(args: argparse.Namespace, root: Path) -> int:
     if "layouts" in args.part:
         out["layouts"] = layouts(args, root, work)
     if "w4" in args.part:
+        out["w4_ffn"] = w4_ffn(args, work)
         out["w4"] = w4(args, root, work)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     md = render(out)
