@@ -215,22 +215,24 @@ def w4(args: argparse.Namespace, root: Path, work: Path) -> dict:
         inputs = wl.samples.inputs
         ref = _outputs(TorchBackend(wl.model), inputs)
         acc = {k: _accuracy("minilm", wl, OrtBackend(p, threads=2), inputs, ref) for k, p in paths.items()}
-        lat: dict = {}
-        sessions = {(k, t): OrtBackend(p, threads=t) for k, p in paths.items() for t in (1, 2)}
         one = tuple(a[:1] for a in inputs)
-        for r in range(args.rounds):
-            for t in (1, 2):
-                for k in paths:
-                    ms = _latency_ms(sessions[(k, t)], one, args.min_duration)
-                    lat.setdefault(f"t{t}", {}).setdefault(k, []).append(ms)
-                log(f"w4 seq {seq} round {r} threads {t}: "
-                    + ", ".join(f"{k} {lat[f't{t}'][k][-1]:.2f} ms" for k in paths))
-        del sessions
-        res["by_seq_len"][str(seq)] = {
-            "latency_ms": lat, "median_ms": {c: {k: statistics.median(xs) for k, xs in row.items()}
-                                             for c, row in lat.items()},
-            "accuracy": acc, "file_bytes": {k: p.stat().st_size for k, p in paths.items()}}
+        res["by_seq_len"][str(seq)] = {**_latency_rounds(args, paths, one, f"w4 seq {seq}"), "accuracy": acc}
     return res
+
+
+def _latency_rounds(args: argparse.Namespace, paths: dict[str, Path], one: tuple, what: str) -> dict:
+    """Batch-1 latency of every variant at 1 and 2 threads, interleaved over the rounds; medians; file sizes."""
+    lat: dict = {}
+    sessions = {(k, t): OrtBackend(p, threads=t) for k, p in paths.items() for t in (1, 2)}
+    for r in range(args.rounds):
+        for t in (1, 2):
+            for k in paths:
+                lat.setdefault(f"t{t}", {}).setdefault(k, []).append(_latency_ms(sessions[(k, t)], one,
+                                                                                  args.min_duration))
+            log(f"{what} round {r} threads {t}: " + ", ".join(f"{k} {lat[f't{t}'][k][-1]:.3f} ms" for k in paths))
+    return {"latency_ms": lat, "median_ms": {c: {k: statistics.median(xs) for k, xs in row.items()}
+                                             for c, row in lat.items()},
+            "file_bytes": {k: p.stat().st_size for k, p in paths.items()}}
 
 
 def w4_ffn(args: argparse.Namespace, work: Path) -> dict:
@@ -255,17 +257,7 @@ def w4_ffn(args: argparse.Namespace, work: Path) -> dict:
     ref = _outputs(OrtBackend(paths["fp32"], threads=2), (xn,))
     err = {k: float(np.linalg.norm(_outputs(OrtBackend(p, threads=2), (xn,)) - ref) / np.linalg.norm(ref))
            for k, p in paths.items()}
-    lat: dict = {}
-    sessions = {(k, t): OrtBackend(p, threads=t) for k, p in paths.items() for t in (1, 2)}
-    for r in range(args.rounds):
-        for t in (1, 2):
-            for k in paths:
-                lat.setdefault(f"t{t}", {}).setdefault(k, []).append(_latency_ms(sessions[(k, t)], (xn[:1],),
-                                                                                  args.min_duration))
-            log(f"w4 ffn round {r} threads {t}: " + ", ".join(f"{k} {lat[f't{t}'][k][-1]:.3f} ms" for k in paths))
-    return {"latency_ms": lat, "median_ms": {c: {k: statistics.median(xs) for k, xs in row.items()}
-                                             for c, row in lat.items()},
-            "relative_error_to_fp32": err, "file_bytes": {k: p.stat().st_size for k, p in paths.items()}}
+    return {**_latency_rounds(args, paths, (xn[:1],), "w4 ffn"), "relative_error_to_fp32": err}
 
 
 def render(out: dict) -> str:
@@ -288,26 +280,20 @@ def render(out: dict) -> str:
             reasons.setdefault(u["reason"], []).append(u["layer"])
         md += ["", "thrifty int8, GEMMs left unfused: " + ("none" if not reasons else "; ".join(
             f"{len(ls)} x {why} (e.g. {ls[0]})" for why, ls in reasons.items())), ""]
-    for seq, r in out.get("w4", {}).get("by_seq_len", {}).items():
-        keys = list(r["accuracy"])
-        md += [f"## W4 weight-only (MatMulNBits, block 32) vs int8 vs FP32: MiniLM, batch 1, {seq} tokens", "",
-               "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for c, row in r["median_ms"].items():
-            md.append(f"| latency ms, {c} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + " |")
-        md.append("| cosine to FP32 (mean) | " + " | ".join(f"{r['accuracy'][k]['cos_mean']:.4f}" for k in keys)
-                  + " |")
-        md.append("| file MB | " + " | ".join(f"{r['file_bytes'][k] / 1e6:.1f}" for k in keys) + " |")
-        md.append("")
+    tables = [(f"W4 weight-only (MatMulNBits, block 32) vs int8 vs FP32: MiniLM, batch 1, {seq} tokens", r,
+               "cosine to FP32 (mean)", {k: a["cos_mean"] for k, a in r["accuracy"].items()})
+              for seq, r in out.get("w4", {}).get("by_seq_len", {}).items()]
     if "w4_ffn" in out:
         r = out["w4_ffn"]
-        keys = list(r["relative_error_to_fp32"])
-        md += ["## W4 vs int8 vs FP32: synthetic FFN stack (4 x 1024-4096-1024), one token per call", "",
-               "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        tables.append(("W4 vs int8 vs FP32: synthetic FFN stack (4 x 1024-4096-1024), one token per call", r,
+                       "relative L2 error to FP32", r["relative_error_to_fp32"]))
+    for title, r, metric, vals in tables:
+        keys = list(vals)
+        md += [f"## {title}", "", "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for c, row in r["median_ms"].items():
             md.append(f"| latency ms, {c} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
-        md.append("| relative L2 error to FP32 | " + " | ".join(f"{r['relative_error_to_fp32'][k]:.4f}" for k in keys)
-                  + " |")
-        md.append("| file MB | " + " | ".join(f"{r['file_bytes'][k] / 1e6:.1f}" for k in keys) + " |")
+        md.append(f"| {metric} | " + " | ".join(f"{vals[k]:.4f}" for k in keys) + " |")
+        md += ["| file MB | " + " | ".join(f"{r['file_bytes'][k] / 1e6:.1f}" for k in keys) + " |", ""]
     md += ["", f"Total {out['seconds']} s."]
     return "\n".join(md) + "\n"
 
