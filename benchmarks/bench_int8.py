@@ -1,13 +1,21 @@
-"""Offline throughput, FP32 PyTorch vs FP32 / int8 ONNX Runtime, interleaved over several rounds, plus accuracy.
+"""int8 deployment benchmarks: thrifty's int8 layout vs ONNX Runtime's quantize_static, W4 weight-only, LoadGen.
 
-The machine is shared, so one measurement per variant is noisy; this alternates the variants (LoadGen Offline,
-each in its own subprocess, 2 workers x 1 thread) ``--rounds`` times and reports per-round ratios, their minimum
-and median. Models: resnet20 (digits32, batch 64) and MiniLM (sequence length 128, batch 64), int8 = the cached
-PTQ W8A8 models of experiments/bench.py (run that first), exported once with ``export_onnx(calib=<the PTQ
-calibration set>)``. Accuracy of the exported int8 graph (ONNX Runtime) is measured in the same run next to the
-simulated (fake-quantized PyTorch) model and compared with results/ptq.json.
+Three parts (``--part``, default ``layouts w4``), each measured with variants interleaved over ``--rounds`` rounds
+(the machine may be shared: one measurement per variant is noisy), medians reported:
 
-    python benchmarks/bench_int8.py --rounds 3     # writes results/bench_int8.{json,md}
+* ``layouts`` (benchmarks/deploy_bench.py): resnet20 and MiniLM at 1 and 2 threads, batch 1 and 32, samples/s of
+  FP32, thrifty int8 (symmetric per-channel weights, u8 activations, int32 biases, integer residuals) and ONNX
+  Runtime's quantize_static in its fast layouts (u8 activations, s8 per-channel weights; QDQ and QOperator; for
+  MiniLM also MatMul-only), with each variant's accuracy and the GEMMs ONNX Runtime fused (or why not).
+* ``w4``: batch-1 latency of FP32, int8 and weight-only 4-bit MatMulNBits (thrifty's codes and block RTN) on MiniLM
+  (Linear-heavy) at ``--w4-seq`` tokens (MatMulNBits wins when few tokens make the GEMMs memory bound), with the
+  accuracy cost (cosine to FP32).
+* ``loadgen``: LoadGen Offline throughput, FP32 PyTorch vs FP32 / int8 ONNX Runtime (each in its own subprocess,
+  2 workers x 1 thread, batch 64), on the cached PTQ W8A8 models of experiments/bench.py (run that first).
+
+    python benchmarks/bench_int8.py --rounds 5          # writes results/bench_int8_deploy.{json,md}
+    python benchmarks/bench_int8.py --quick             # a fast smoke pass (numbers not meaningful)
+    python benchmarks/bench_int8.py --part loadgen      # writes results/bench_int8.{json,md}
 """
 from __future__ import annotations
 
@@ -78,10 +86,27 @@ def _ptq_reference() -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--part", nargs="+", choices=("layouts", "w4", "loadgen"), default=["layouts", "w4"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-duration", type=float, default=2.0)
+    ap.add_argument("--quick", action="store_true", help="few samples, one short round, fast calibration")
+    ap.add_argument("--adaquant", action="store_true", help="W4 part: thrifty weights from PTQ AdaQuant (slow)")
+    ap.add_argument("--w4-seq", type=int, nargs="+", default=[128, 8], help="W4 part: MiniLM sequence lengths")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    if args.quick:
+        args.rounds, args.min_duration = 1, 0.2
+    rc = 0
+    if {"layouts", "w4"} & set(args.part):
+        from deploy_bench import run_parts
+
+        rc |= run_parts(args, ROOT)
+    if "loadgen" in args.part:
+        rc |= loadgen_part(args)
+    return rc
+
+
+def loadgen_part(args: argparse.Namespace) -> int:
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     cache = ROOT / ".cache" / "thrifty" / "bench"

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["TorchBackend", "OrtBackend", "ort_session", "optimized_op_counts", "INT8_KERNELS"]
+__all__ = ["TorchBackend", "OrtBackend", "ort_session", "ort_options", "optimized_op_counts", "INT8_KERNELS"]
 
 # ONNX Runtime ops that execute integer arithmetic (after its QDQ fusion), i.e. "real int8".
 INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
@@ -49,7 +49,13 @@ class TorchBackend:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"TorchBackend needs an nn.Module, got {type(model).__name__}")
         if threads is not None:
+            if int(threads) < 1:
+                raise ValueError(f"threads must be a positive number of cores, got {threads}")
             torch.set_num_threads(int(threads))
+            try:  # one inter-op pool thread: the SUT's workers already run batches in parallel
+                torch.set_num_interop_threads(1)
+            except RuntimeError:  # settable once, before any inter-op work; keep what the process has
+                pass
         self.model = model.eval()
         dtypes = {p.dtype for p in model.parameters()} or {torch.float32}
         self.float_dtype = torch.float32 if torch.float32 in dtypes else next(iter(dtypes))
@@ -63,19 +69,37 @@ class TorchBackend:
             return _to_numpy(self.model(*ts))
 
 
-def ort_session(model: str | os.PathLike | bytes, threads: Optional[int] = None,
-                optimized_path: Optional[str] = None):
-    """A CPU InferenceSession with all graph optimizations (QDQ fusion included)."""
+def ort_options(threads: Optional[int] = None, optimize: bool = True):
+    """SessionOptions for one CPU session that uses ``threads`` cores and no more (None: the cores this process
+    may run on). Its intra-op workers sleep instead of spinning when idle (``session.intra_op.allow_spinning=0``)
+    and it runs no inter-op pool, so PyTorch (or another session) in the same process gets the cores it was told
+    to use: spinning workers of an idle session took most of a 2-core machine from PyTorch next to it.
+    ``optimize=False`` runs the graph as written (no fusion), the exact QDQ arithmetic."""
     import onnxruntime as ort
 
+    from thrifty.bench.settings import default_threads
+
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads must be a positive number of cores, got {threads}")
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
-    so.intra_op_num_threads = int(threads) if threads else 0
+    so.intra_op_num_threads = int(threads) if threads else default_threads()
     so.log_severity_level = 3
-    # No busy-waiting worker threads: on a shared machine spinning steals the cores the SUT's workers need.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
+def ort_session(model: str | os.PathLike | bytes, threads: Optional[int] = None,
+                optimized_path: Optional[str] = None, optimize: bool = True):
+    """A CPU InferenceSession with :func:`ort_options` (all graph optimizations, QDQ fusion included, unless
+    ``optimize=False``); ``optimized_path`` saves the graph ONNX Runtime executes."""
+    import onnxruntime as ort
+
+    so = ort_options(threads, optimize)
     if optimized_path:
         so.optimized_model_filepath = str(optimized_path)
     src = model if isinstance(model, bytes) else str(model)

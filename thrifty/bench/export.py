@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from thrifty.bench.layout import default_activation_dtype, hoist_quantize, quantize_biases, set_activation_dtype
 from thrifty.utils import atomic_write_bytes
 
 __all__ = ["export_onnx", "LayerQuant", "quant_layers", "cpu_has_vnni"]
@@ -64,6 +65,15 @@ def _last_quantizer(slot: Optional[nn.Module]) -> tuple[Optional[nn.Module], int
     return (last if _is_quantizer(last) else None), len(mods)
 
 
+def _weight_quantizer(slot: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The weight slot's last quantizer. Transforms after it (an N:M mask zeroing weights) are fine when the
+    effective weight stays on the quantizer's grid, which :func:`quant_layers` checks."""
+    if slot is None:
+        return None
+    mods = list(slot.children()) if isinstance(slot, nn.Sequential) else [slot]
+    return next((m for m in reversed(mods) if _is_quantizer(m)), None)
+
+
 def _qparams(q: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from thrifty.ops import quant as Q
 
@@ -82,7 +92,7 @@ def quant_layers(model: nn.Module) -> list[LayerQuant]:
 
     out = []
     for name, layer in gemm_layers(model):
-        wq, _ = _last_quantizer(getattr(layer.slots, "weight", None))
+        wq = _weight_quantizer(getattr(layer.slots, "weight", None))
         xq, nx = _last_quantizer(getattr(layer.slots, "input", None))
         if wq is None:
             if xq is not None:
@@ -123,7 +133,28 @@ def quant_layers(model: nn.Module) -> list[LayerQuant]:
     return out
 
 
+def _check_inputs(who: str, model: Any, example_inputs: Any,
+                  input_names: Optional[Sequence[str]]) -> tuple[tuple, list[str]]:
+    """(example inputs as a tuple, their ONNX names) for exporter ``who``; TypeError/ValueError on bad arguments."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who} needs an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    names = list(input_names or [f"input_{i}" for i in range(len(example_inputs))])
+    if len(names) != len(example_inputs):
+        raise ValueError(f"{len(names)} input names for {len(example_inputs)} example inputs")
+    return tuple(example_inputs), names
+
+
 def _torch_export(model: nn.Module, example: tuple, input_names: Sequence[str], opset: int) -> bytes:
+    """The plain (legacy exporter) ONNX bytes of ``model``; ValueError naming the model if torch cannot export it."""
+    try:
+        return _torch_export_raw(model, example, input_names, opset)
+    except Exception as e:
+        raise ValueError(f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
+
+
+def _torch_export_raw(model: nn.Module, example: tuple, input_names: Sequence[str], opset: int) -> bytes:
     f = io.BytesIO()
     # Batch is dynamic; so is the length of integer (token) inputs, for batches padded to their longest sample.
     dyn = {n: ({0: "batch", 1: "seq"} if not t.is_floating_point() and t.ndim == 2 else {0: "batch"})
@@ -141,7 +172,8 @@ def _torch_export(model: nn.Module, example: tuple, input_names: Sequence[str], 
 
 def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike,
                 input_names: Optional[Sequence[str]] = None, opset: int = 17, calib: Any = None,
-                signed_weights: Optional[bool] = None) -> Path:
+                signed_weights: Optional[bool] = None, int_bias: bool = True,
+                act_dtype: Optional[str] = None) -> Path:
     """Export ``model`` to ONNX at ``path`` (atomic); quantized Gemm layers become int8 QDQ (see module doc).
 
     ``example_inputs``: a tuple of tensors with a batch dimension (it is made dynamic). The model is not modified.
@@ -152,28 +184,26 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     ``signed_weights``: store asymmetric (unsigned) weight codes as int8 shifted by ``2^(b-1)``, zero points
     shifted alike: the same dequantized weights, but ONNX Runtime then runs its u8s8 kernels, ~1.5x faster than
     u8u8 on an AVX-512 VNNI CPU. None = only when this CPU has VNNI (without it, ONNX Runtime's u8s8 kernels use
-    VPMADDUBSW, whose 16-bit pair sums can saturate). What was added is recorded in the ``thrifty.int8``
-    metadata of the model.
+    VPMADDUBSW, whose 16-bit pair sums can saturate).
+    ``int_bias``: store the bias of a layer with quantized input and weight as int32 codes on the accumulator's
+    grid (scale ``s_x * s_w``) behind a DequantizeLinear, so ONNX Runtime fuses it even when its output stays
+    float (the classifier head becomes QGemm); this moves each output by at most ``s_x * s_w / 2``.
+    ``act_dtype``: ``"uint8"`` or ``"int8"`` activation codes (None: uint8 on x86, see
+    :func:`thrifty.bench.layout.default_activation_dtype`); codes shift by 128, values do not. Quantizers behind
+    Flatten/Reshape move in front of them (:func:`thrifty.bench.layout.hoist_quantize`);
+    :func:`thrifty.bench.layout.fused_report` lists which GEMMs ONNX Runtime fused. What was added is recorded
+    in the ``thrifty.int8`` metadata of the model.
     """
     from thrifty.core import strip
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"export_onnx needs an nn.Module, got {type(model).__name__}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    names = list(input_names or [f"input_{i}" for i in range(len(example_inputs))])
-    if len(names) != len(example_inputs):
-        raise ValueError(f"{len(names)} input names for {len(example_inputs)} example inputs")
+    example_inputs, names = _check_inputs("export_onnx", model, example_inputs, input_names)
     if signed_weights is None:
         signed_weights = cpu_has_vnni()
     m = copy.deepcopy(model).eval()
     layers = quant_layers(m)
     spec = _activation_spec(m)
     m = strip(m)
-    try:
-        data = _torch_export(m, tuple(example_inputs), names, opset)
-    except Exception as e:
-        raise ValueError(f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
+    data = _torch_export(m, example_inputs, names, opset)
     if layers:
         import onnx
 
@@ -185,6 +215,11 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
             from thrifty.quant.calib import as_batches
 
             meta.update(quantize_residuals(proto, lambda: onnx_feeds(as_batches(calib), names), spec))
+        if int_bias:  # after the residual calibration, which runs the PTQ-exact (float bias) graph
+            meta["int32_biases"], meta["float_biases"] = quantize_biases(proto)
+        meta["hoisted_quantizers"] = hoist_quantize(proto)
+        meta["activation_dtype"] = act_dtype or default_activation_dtype()
+        meta["activation_zero_points_shifted"] = set_activation_dtype(proto, meta["activation_dtype"])
         proto.metadata_props.add(key="thrifty.int8", value=json.dumps(meta))
         onnx.checker.check_model(proto)
         data = proto.SerializeToString()

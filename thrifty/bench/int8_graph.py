@@ -130,19 +130,16 @@ def onnx_feeds(batches: list, input_names: list[str]) -> list[dict[str, np.ndarr
 
 def _calibrate(proto, points: list[str], feeds: list[dict], spec: dict) -> dict[str, tuple[float, int]]:
     import onnx
-    import onnxruntime as ort
     import torch
 
+    from thrifty.bench.backends import ort_session
     from thrifty.quant import UniformQuantizer
 
     m = onnx.ModelProto()
     m.CopyFrom(proto)
     del m.graph.output[:]
     m.graph.output.extend([onnx.helper.make_tensor_value_info(p, onnx.TensorProto.FLOAT, None) for p in points])
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the PTQ-exact float arithmetic
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(m.SerializeToString(), optimize=False)  # the PTQ-exact float arithmetic
     qs = {p: UniformQuantizer(**spec).calibrate() for p in points}
     for f in feeds:
         for p, y in zip(points, sess.run(points, f)):

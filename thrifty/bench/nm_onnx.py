@@ -1,0 +1,142 @@
+"""N:M-sparse GEMM weights of an ONNX model stored compressed on disk, decompressed when the model is loaded.
+
+:func:`save_nm_onnx` finds every GEMM weight (a Conv/Gemm/MatMul weight initializer, or the integer codes behind
+a weight DequantizeLinear with zero points 0) whose GEMM view is N:M sparse along the reduction and stores it
+as :func:`thrifty.sparse.storage.compress` does (kept values + bit-packed in-block indices, ``values`` in the
+tensor's own dtype: int8 codes stay int8), inside the same ONNX file; everything else is untouched. ONNX Runtime
+has no N:M kernel, so :func:`load_nm_onnx` rebuilds the dense model in memory (bit-identical) for a session.
+
+Example:
+    >>> import tempfile, torch, torch.nn as nn
+    >>> from thrifty.bench import export_onnx, OrtBackend
+    >>> from thrifty.sparse.weights import sparsify, NM
+    >>> d = tempfile.mkdtemp()
+    >>> p = export_onnx(sparsify(nn.Sequential(nn.Linear(64, 64)), NM(2, 4)), (torch.randn(2, 64),), d + "/m.onnx")
+    >>> info = save_nm_onnx(p, d + "/m.nm.onnx")
+    >>> info["layers"], info["stored_bytes"] < 0.6 * info["dense_bytes"]
+    ({'0.weight': '2:4'}, True)
+    >>> OrtBackend(load_nm_onnx(d + "/m.nm.onnx"))((torch.randn(3, 64).numpy(),)).shape
+    (3, 64)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from thrifty.utils import atomic_write_bytes
+
+__all__ = ["save_nm_onnx", "load_nm_onnx", "gemm_weights"]
+
+_KEY = "thrifty.nm"
+
+
+def gemm_weights(g) -> dict[str, bool]:
+    """Initializers holding GEMM weights -> whether they are stored transposed ``[K, N]`` (MatMul, Gemm without
+    transB) rather than ``[N, K...]`` (Conv, Gemm with transB). Integer codes behind a DequantizeLinear count when
+    all their zero points are 0 (a zero code is then a zero weight)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in g.initializer}
+    prod = {o: n for n in g.node for o in n.output}
+    out: dict[str, bool] = {}
+    for n in g.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
+            continue
+        tb = next((a.i for a in n.attribute if a.name == "transB"), 0)
+        transposed = n.op_type == "MatMul" or (n.op_type == "Gemm" and not tb)
+        w = n.input[1]
+        p = prod.get(w)
+        if p is not None and p.op_type == "DequantizeLinear" and p.input[0] in inits:
+            zp = numpy_helper.to_array(inits[p.input[2]]) if len(p.input) > 2 and p.input[2] in inits else None
+            if zp is None or not zp.any():
+                out[p.input[0]] = transposed
+        elif w in inits:
+            out[w] = transposed
+    return out
+
+
+def save_nm_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike, n: int = 2, m: int = 4) -> dict[str, Any]:
+    """Write ``model_path`` to ``out_path`` (atomic) with its N:M-sparse GEMM weights compressed; returns
+    ``{"layers": {initializer: "n:m"}, "dense_bytes", "stored_bytes"`` (of those weights), ``"onnx_bytes"``
+    (the input file), ``"file_bytes"`` (the written one)``}``. Raises ValueError when no weight is N:M sparse."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from thrifty.sparse.storage import compress
+
+    src = Path(model_path)
+    if not src.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {src}")
+    proto = onnx.load(str(src))
+    g = proto.graph
+    meta: dict[str, Any] = {}
+    dense = stored = 0
+    new, drop = [], set()
+    for name, transposed in gemm_weights(g).items():
+        init = next(i for i in g.initializer if i.name == name)
+        a = numpy_helper.to_array(init)
+        mat = a.T if transposed and a.ndim == 2 else a
+        try:
+            c = compress(torch.from_numpy(np.array(mat, order="C")), n, m)  # a writable copy
+        except ValueError:  # not N:M sparse: stays dense
+            continue
+        values, indices = c["values"].numpy(), c["indices"].numpy()
+        new += [numpy_helper.from_array(values, f"{name}::nm_values"),
+                numpy_helper.from_array(indices, f"{name}::nm_idx")]
+        meta[name] = {"shape": c["shape"], "n": n, "m": m, "transposed": bool(transposed and a.ndim == 2)}
+        dense += a.nbytes
+        stored += values.nbytes + indices.nbytes
+        drop.add(name)
+    if not meta:
+        raise ValueError(f"{src}: no GEMM weight is {n}:{m} sparse (sparsify the model first; int8 weights need "
+                         f"symmetric quantization so that a zero weight is a zero code)")
+    keep = [i for i in g.initializer if i.name not in drop] + new
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    proto.metadata_props.add(key=_KEY, value=json.dumps(meta))
+    data = proto.SerializeToString()
+    atomic_write_bytes(out_path, data)
+    return {"path": str(out_path), "layers": {k: f"{n}:{m}" for k in meta}, "dense_bytes": dense,
+            "stored_bytes": stored, "onnx_bytes": src.stat().st_size, "file_bytes": len(data)}
+
+
+def load_nm_onnx(path: str | os.PathLike) -> bytes:
+    """The dense model of a :func:`save_nm_onnx` file, serialized (give it to ``OrtBackend`` / ``ort_session``)."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from thrifty.sparse.storage import decompress
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {p}")
+    proto = onnx.load(str(p))
+    info = {m.key: m.value for m in proto.metadata_props}
+    if _KEY not in info:
+        raise ValueError(f"{p}: not an N:M-compressed ONNX file (no {_KEY!r} metadata); load it directly")
+    meta = json.loads(info[_KEY])
+    g = proto.graph
+    arrays = {i.name: i for i in g.initializer}
+    rebuilt = []
+    for name, c in meta.items():
+        try:
+            values = torch.from_numpy(numpy_helper.to_array(arrays[f"{name}::nm_values"]).copy())
+            indices = torch.from_numpy(numpy_helper.to_array(arrays[f"{name}::nm_idx"]).copy())
+        except KeyError:
+            raise ValueError(f"{p}: compressed tensors of {name!r} are missing") from None
+        w = decompress(values, indices, c["shape"], c["n"], c["m"]).numpy()
+        rebuilt.append(numpy_helper.from_array(np.ascontiguousarray(w.T if c["transposed"] else w), name))
+    packed = {k for name in meta for k in (f"{name}::nm_values", f"{name}::nm_idx")}
+    keep = [i for i in g.initializer if i.name not in packed] + rebuilt
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    props = [m for m in proto.metadata_props if m.key != _KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(props)
+    return proto.SerializeToString()
