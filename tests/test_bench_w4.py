@@ -175,3 +175,29 @@ def test_8bit_layers_stay_float_and_bad_arguments_are_refused(tmp_path):
     with pytest.raises(TypeError, match="nn.Module"):
         export_w4("model", (torch.randn(2, 32),), tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_ptq_per_group_model_runs_exactly_in_matmulnbits(tmp_path):
+    # thrifty's own per-group quantizer (PTQ group_size) -> MatMulNBits: with float activations in the kernel
+    # (accuracy_level 0) ONNX Runtime computes the simulated model's function up to float32 summation order
+    import onnxruntime as ort
+
+    from thrifty.core import strip
+    from thrifty.quant import PTQ, quantize
+
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    x = torch.randn(8, 64)
+    q = quantize(m, PTQ(w_bits=4, a_bits=None, pipeline="rtn", first_last_bits=4, group_size=32), x,
+                 progress=False).model
+    path = export_w4(q, (x,), tmp_path / "w4.onnx", block_size=32, accuracy_level=0)
+    assert set(_meta(path)["layers"].values()) == {"group quantizer"}
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]).double()
+    plain = strip(copy.deepcopy(q))
+    w1, w2 = plain[0].weight.detach(), plain[2].weight.detach()
+    with torch.no_grad():
+        ref, h = q(x).double(), torch.relu(plain[0](x))
+    b1 = matmul_bound(x, w1.t(), extra=1)  # layer 1, bias add included; ReLU does not grow an error
+    bound = matmul_bound(h, w2.t(), extra=1) + b1 @ w2.t().abs().double()
+    assert ((y - ref).abs() <= bound).all(), float(((y - ref).abs() - bound).max())
