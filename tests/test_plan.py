@@ -208,3 +208,26 @@ def test_deployed_plan_matches_simulated_model(tmp_path):
     # one activation quantizer per planned layer survives ORT's optimiser (which kernels run is the export's
     # business: a Gemm with a float bias is not fused to QGemm by ONNX Runtime 1.32)
     assert optimized_op_counts(path).get("QuantizeLinear") == 2
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def test_cli_plan_writes_plan_onnx_and_report(tmp_path, monkeypatch, capsys):
+    from thrifty.cli import main
+
+    monkeypatch.setenv("THRIFTY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "p"
+    base = ["plan", "--model", "mlp", "--dataset", "digits", "--out", str(out)]
+    assert main(base + ["--rounds", "1"]) == 2
+    assert "give a budget: --latency-ms and/or --size-mb" in capsys.readouterr().err
+    assert main(base + ["--size-mb", "1", "--candidates", "int8"]) == 2
+    assert "--candidates must include fp32" in capsys.readouterr().err
+    assert main(base + ["--size-mb", "0.2", "--batch", "8", "--rounds", "1", "--sweep", "0", "--max-samples", "64",
+                        "--calib-per-class", "1", "--loadgen-s", "0"]) == 0
+    plan = from_yaml((out / "plan.yaml").read_text())
+    assert isinstance(plan, Plan) and set(plan.layers) == {"fc1", "fc2", "head"} and plan.quantized()
+    assert (out / "model.onnx").stat().st_size <= 0.2e6
+    rep = json.loads((out / "report.json").read_text())
+    names = {p["name"] for p in rep["points"]}
+    assert {"fp32", "int8", "w4a8", "ort quantize_static", "plan (budget)"} <= names and rep["plan"]["meets_size"]
+    assert set(rep["pareto_size"]) <= names and (out / "report.png").stat().st_size > 0
+    assert "| plan (budget) | planner |" in (out / "report.md").read_text()

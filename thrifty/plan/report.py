@@ -28,7 +28,7 @@ from thrifty.plan.solve import min_total
 from thrifty.utils import atomic_savefig, atomic_write_text
 
 __all__ = ["pareto_front", "ort_quantize_static", "evaluate_graph", "loadgen_latency", "plan_report",
-           "write_report"]
+           "markdown", "plot_pareto", "write_report"]
 
 
 def pareto_front(points: Sequence[dict[str, Any]], cost: str, quality: str) -> list[str]:
@@ -125,6 +125,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                      input_names=input_names, cache=cache)
     layers, table, sens = list(main.picks), main.table, main.sensitivity
     plans: dict[str, PlanResult] = {"plan (budget)": main}
+    skipped: list[float] = []
     if sweep:
         # the sweep solves on the all-FP32 table (cached by the first make_plan), not on a re-linearised one
         base = measure_costs(model, calib, example, feed, layers, candidates, threads=threads, rounds=rounds,
@@ -137,8 +138,8 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                                                    adaquant_iters=adaquant_iters, threads=threads, rounds=rounds,
                                                    input_names=input_names, layers=layers, table=base, sens=sens,
                                                    refine_tol=float("inf"), cache=cache)
-            except ValueError:  # the size budget rules this latency out
-                continue
+            except ValueError:  # the size budget rules this latency out: recorded, not plotted
+                skipped.append(float(lat))
     graphs: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as d:
         graphs["fp32"] = export_onnx(model, example, Path(d) / "fp32.onnx", input_names=input_names).read_bytes()
@@ -170,6 +171,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
         "samples": len(samples), "points": points,
         "pareto_latency": pareto_front(points, "latency_ms", "accuracy"),
         "pareto_size": pareto_front(points, "bytes", "accuracy"),
+        "sweep_infeasible_ms": skipped,
         "plan": {"picks": main.picks, "predicted": main.predicted, "measured": main.measured,
                  "rounds": main.rounds, "timings": main.timings,
                  "meets_latency": latency_ms is None or ms["plan (budget)"] <= latency_ms,
@@ -184,7 +186,8 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     return main, report
 
 
-def _md(report: dict[str, Any], title: str) -> str:
+def markdown(report: dict[str, Any], title: str) -> str:
+    """The report as a Markdown section: the points table, the chosen plan, LoadGen and the additivity check."""
     b, p = report["budgets"], report["plan"]
     lines = [f"# {title}", "",
              f"Budgets: latency {b['latency_ms']} ms per batch of {report['batch']} at {report['threads']} thread(s), "
@@ -216,33 +219,39 @@ def _md(report: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict[str, Any], outdir: str | Path, stem: str = "report", title: str = "thrifty plan") -> list[Path]:
-    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (accuracy vs latency and vs size) to ``outdir``."""
+def plot_pareto(reports: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """One row per report: accuracy vs measured latency and accuracy vs size, Pareto fronts dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(len(reports), 2, figsize=(11, 4.2 * len(reports)), squeeze=False)
+    for row, (title, report) in zip(axes, reports.items()):
+        for ax, key, scale, label, front in ((row[0], "latency_ms", 1.0, "measured latency (ms per batch)",
+                                              report["pareto_latency"]),
+                                             (row[1], "bytes", 1e-6, "ONNX size (MB)", report["pareto_size"])):
+            for kind, marker in (("uniform", "s"), ("planner", "o")):
+                pts = [p for p in report["points"] if p["kind"] == kind]
+                ax.scatter([p[key] * scale for p in pts], [p["accuracy"] for p in pts], marker=marker, label=kind)
+                for p in pts:
+                    ax.annotate(p["name"], (p[key] * scale, p["accuracy"]), fontsize=7)
+            fr = sorted((p for p in report["points"] if p["name"] in front), key=lambda p: p[key])
+            ax.plot([p[key] * scale for p in fr], [p["accuracy"] for p in fr], "k--", lw=0.8, label="Pareto front")
+            ax.set_xlabel(label)
+            ax.set_ylabel("accuracy")
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = atomic_savefig(fig, path)
+    plt.close(fig)
+    return out
+
+
+def write_report(report: dict[str, Any], outdir: str | Path, stem: str = "report", title: str = "thrifty plan") -> list[Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (accuracy vs latency and vs size) to ``outdir``."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1)),
-             atomic_write_text(out / f"{stem}.md", _md(report, title))]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, scale, label, front in ((axes[0], "latency_ms", 1.0, "measured latency (ms per batch)",
-                                          report["pareto_latency"]),
-                                         (axes[1], "bytes", 1e-6, "ONNX size (MB)", report["pareto_size"])):
-        for kind, marker in (("uniform", "s"), ("planner", "o")):
-            pts = [p for p in report["points"] if p["kind"] == kind]
-            ax.scatter([p[key] * scale for p in pts], [p["accuracy"] for p in pts], marker=marker, label=kind)
-            for p in pts:
-                ax.annotate(p["name"], (p[key] * scale, p["accuracy"]), fontsize=7)
-        fr = sorted((p for p in report["points"] if p["name"] in front), key=lambda p: p[key])
-        ax.plot([p[key] * scale for p in fr], [p["accuracy"] for p in fr], "k--", lw=0.8, label="Pareto front")
-        ax.set_xlabel(label)
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    paths.append(atomic_savefig(fig, out / f"{stem}.png"))
-    plt.close(fig)
-    return paths
+    return [atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1)),
+            atomic_write_text(out / f"{stem}.md", markdown(report, title)),
+            plot_pareto({title: report}, out / f"{stem}.png")]
