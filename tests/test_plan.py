@@ -153,6 +153,30 @@ def test_cost_table_measures_bytes_and_caches(tmp_path, monkeypatch):
         measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, candidates=("int8",))
 
 
+def test_cost_table_is_two_sided_on_an_interaction_model(monkeypatch):
+    # A synthetic runtime where int8 layers save 2 ms each and every fp32<->int8 boundary costs 1.5 ms: the
+    # one-sided difference of a layer (switched alone in the FP32 graph) and the two-sided mean, by hand.
+    layers = ["0", "2", "4"]
+
+    def ms(picks: dict) -> float:
+        seq = ["fp32"] + [picks.get(n, "fp32") for n in layers] + ["fp32"]
+        return 10.0 - 2.0 * seq.count("int8") + 1.5 * sum(a != b for a, b in zip(seq, seq[1:]))
+
+    monkeypatch.setattr(cost_mod, "deploy_bytes", lambda m, picks, *a, **k: json.dumps(dict(picks)).encode())
+    monkeypatch.setattr(cost_mod, "time_graphs", lambda graphs, *a, **k: [ms(json.loads(g)) for g in graphs])
+    t = measure_costs(_mlp(), torch.randn(8, 32), (torch.randn(2, 32),), (np.zeros((4, 32), np.float32),), layers,
+                      cache=False)
+    every = {n: "int8" for n in layers}
+    for n in layers:
+        lo = ms({n: "int8"}) - ms({})
+        hi = ms(every) - ms(every | {n: "fp32"})
+        assert t.latency_ms[n]["int8"] == pytest.approx(0.5 * (lo + hi))
+    add = t.additivity["all int8"]
+    assert add["measured_ms"] == ms(every) and add["one_sided_predicted_ms"] == ms({}) + sum(
+        ms({n: "int8"}) - ms({}) for n in layers)
+    assert abs(add["latency_rel_error"]) < abs(add["one_sided_rel_error"])
+
+
 # ------------------------------------------------------------------------------------------------ the planner
 def test_planner_meets_size_budget_and_is_the_ilp_optimum(tmp_path, monkeypatch):
     monkeypatch.setenv("THRIFTY_CACHE", str(tmp_path / "cache"))
