@@ -200,9 +200,18 @@ def test_planner_meets_size_budget_and_is_the_ilp_optimum(tmp_path, monkeypatch)
     import thrifty.plan.planner as planner_mod
 
     monkeypatch.setattr(planner_mod, "time_graphs", lambda graphs, *a, **k: [5.0] * len(graphs))
-    r2 = make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=100.0, rounds=2, table=r.table,
+    import dataclasses
+
+    flat = dataclasses.replace(r.table, base_ms=1.0, measured=[],
+                               latency_ms={n: {c: 0.0 for c in d} for n, d in r.table.latency_ms.items()})
+    r2 = make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=100.0, rounds=2, table=flat,
                    sens=r.sensitivity, layers=r.table.layers, cache=False)
     assert len(r2.rounds) == 2 and r2.table.ref == r2.rounds[0]["picks"]
+    # ... and when that plan still misses the budget, the most accurate graph measured within it is taken
+    r3 = make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=2.0, rounds=2, table=flat,
+                   sens=r.sensitivity, layers=r.table.layers, cache=False)
+    assert [d["reference"] for d in r3.rounds] == ["all fp32", "first plan", "measured graphs within budget"]
+    assert r3.rounds[-1]["predicted"]["latency_ms"] == 1.0 and r3.picks == {n: "fp32" for n in r.table.layers}
 
 
 def test_deployed_plan_matches_simulated_model(tmp_path):

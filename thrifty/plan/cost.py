@@ -70,6 +70,8 @@ class CostTable:
     ref: Optional[dict[str, str]] = None
     additivity: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    # every graph timed for the table: (non-FP32 picks, ms, bytes); the planner's fallback chooses among them
+    measured: list[tuple[dict[str, str], float, int]] = field(default_factory=list)
 
     def predict(self, picks: Mapping[str, str]) -> tuple[float, float]:
         """Predicted (latency ms, bytes) of a per-layer choice: reference plus the summed differences."""
@@ -201,6 +203,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
         lat[n][c] = ms[i] - ms[0]
         size[n][c] = float(len(graphs[i]) - len(graphs[0]))
     table = CostTable(key, layers, cands, ms[0], len(graphs[0]), lat, size, None if not ref else dict(reference))
+    table.measured = [({n: c for n, c in p.items() if c != "fp32"}, t, len(g)) for p, t, g in zip(picks, ms, graphs)]
     alone = {c: table.predict({n: c for n in layers})[0] for c in others}  # one-sided, from the FP32 graph
     top = {c: ms[1 + len(variants) + j] for j, c in enumerate(others)}
     for j, (n, c) in enumerate(back):

@@ -126,10 +126,10 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     layers, table, sens = list(main.picks), main.table, main.sensitivity
     plans: dict[str, PlanResult] = {"plan (budget)": main}
     skipped: list[float] = []
+    # the sweep solves on the all-FP32 table (cached by the first make_plan), not on a re-linearised one
+    base = measure_costs(model, calib, example, feed, layers, candidates, threads=threads, rounds=rounds,
+                         input_names=input_names, cache=cache) if table.ref else table
     if sweep:
-        # the sweep solves on the all-FP32 table (cached by the first make_plan), not on a re-linearised one
-        base = measure_costs(model, calib, example, feed, layers, candidates, threads=threads, rounds=rounds,
-                             input_names=input_names, cache=cache) if table.ref else table
         fastest = base.base_ms + min_total(base.latency_ms)
         for i, lat in enumerate(np.linspace(fastest, base.base_ms, sweep + 2)[1:-1]):
             try:
@@ -176,9 +176,8 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                  "rounds": main.rounds, "timings": main.timings,
                  "meets_latency": latency_ms is None or ms["plan (budget)"] <= latency_ms,
                  "meets_size": size_mb is None or len(main.onnx) <= size_mb * 1e6},
-        "cost_table": {"base_ms": table.base_ms, "base_bytes": table.base_bytes, "additivity": table.additivity,
-                       "reference": "chosen plan" if table.ref else "all fp32", "seconds": table.seconds,
-                       "key": table.key},
+        "cost_table": {"base_ms": base.base_ms, "base_bytes": base.base_bytes, "additivity": base.additivity,
+                       "seconds": base.seconds, "key": base.key, "re_linearised": bool(table.ref)},
     }
     if loadgen_dir is not None:
         report["plan"]["loadgen"] = loadgen_latency(main.onnx, samples, threads, len(feed[0]), Path(loadgen_dir),
@@ -205,17 +204,21 @@ def markdown(report: dict[str, Any], title: str) -> str:
                      f"{f(pt.get('measured_loss'))} | {'yes' if pt['name'] in report['pareto_latency'] else 'no'} / "
                      f"{'yes' if pt['name'] in report['pareto_size'] else 'no'} |")
     lines += ["", f"Chosen plan: meets latency {p['meets_latency']}, meets size {p['meets_size']}; "
-              f"{len(p['rounds'])} solve(s)" + (" (re-linearised around the first plan: its latency was off by "
-                                               f"{100 * p['rounds'][0]['latency_rel_error']:+.1f}%)"
-                                               if len(p['rounds']) > 1 else "") + "."]
+              f"{len(p['rounds'])} round(s)" + (" (re-linearised around the first plan: its latency was off by "
+                                                f"{100 * p['rounds'][0]['latency_rel_error']:+.1f}%)"
+                                                if len(p['rounds']) > 1 else "") + "."]
+    lines += [f"- round {i + 1} ({r['reference']}): {sum(c != 'fp32' for c in r['picks'].values())} layers quantized, "
+              f"latency predicted {r['predicted']['latency_ms']:.4g} ms, measured {r['measured']['latency_ms']:.4g} ms "
+              f"({100 * r['latency_rel_error']:+.1f}%); loss predicted {r['predicted']['loss']:.4g}, measured "
+              f"{r['measured']['loss']:.4g}" for i, r in enumerate(p["rounds"])]
     if "loadgen" in p:
         lg = p["loadgen"]
         lines.append(f"LoadGen {lg['scenario']}: median {lg['median_ms']:.3f} ms, p90 {lg['p90_ms']:.3f} ms per query "
                      f"(valid: {lg['valid']}).")
     for k, a in report["cost_table"]["additivity"].items():
         lines.append(f"Additivity check, {k}: predicted {a['predicted_ms']:.3f} ms, measured {a['measured_ms']:.3f} ms "
-                     f"({100 * a['latency_rel_error']:+.1f}%); bytes predicted {a['predicted_bytes']:.0f}, measured "
-                     f"{a['measured_bytes']:.0f}.")
+                     f"({100 * a['latency_rel_error']:+.1f}%; one-sided {100 * a['one_sided_rel_error']:+.1f}%); bytes "
+                     f"predicted {a['predicted_bytes']:.0f}, measured {a['measured_bytes']:.0f}.")
     return "\n".join(lines) + "\n"
 
 
