@@ -264,3 +264,18 @@ def test_cli_plan_writes_plan_onnx_and_report(tmp_path, monkeypatch, capsys):
     assert {"fp32", "int8", "w4a8", "ort quantize_static", "plan (budget)"} <= names and rep["plan"]["meets_size"]
     assert set(rep["pareto_size"]) <= names and (out / "report.png").stat().st_size > 0
     assert "| plan (budget) | planner |" in (out / "report.md").read_text()
+
+
+def test_sensitivities_are_measured_after_the_plans_pipeline():
+    from thrifty.plan.planner import sensitivities
+
+    model, x = _mlp(3), torch.randn(64, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rtn = sensitivities(model, x, ["0", "2"], ["fp32", "w4a8"], "rtn")
+        ada = sensitivities(model, x, ["0", "2"], ["fp32", "w4a8"], "adaquant", adaquant_iters=20)
+    for n in ("0", "2"):
+        assert rtn[n]["fp32"] == ada[n]["fp32"] == 0.0 and rtn[n]["w4a8"] > 0.0
+        # AdaQuant is kept only where it lowers the calibration loss (keep_if_better): never above RTN
+        assert ada[n]["w4a8"] <= rtn[n]["w4a8"] * (1 + 1e-6)
+    assert any(ada[n]["w4a8"] < rtn[n]["w4a8"] for n in ("0", "2"))  # and it does optimise something
