@@ -162,7 +162,7 @@ def test_cost_table_is_two_sided_on_an_interaction_model(monkeypatch):
         seq = ["fp32"] + [picks.get(n, "fp32") for n in layers] + ["fp32"]
         return 10.0 - 2.0 * seq.count("int8") + 1.5 * sum(a != b for a, b in zip(seq, seq[1:]))
 
-    monkeypatch.setattr(cost_mod, "deploy_bytes", lambda m, picks, *a, **k: json.dumps(dict(picks)).encode())
+    monkeypatch.setattr(cost_mod, "deploy_graphs", lambda m, picks, *a, **k: [json.dumps(dict(p)).encode() for p in picks])
     monkeypatch.setattr(cost_mod, "time_graphs", lambda graphs, *a, **k: [ms(json.loads(g)) for g in graphs])
     t = measure_costs(_mlp(), torch.randn(8, 32), (torch.randn(2, 32),), (np.zeros((4, 32), np.float32),), layers,
                       cache=False)
@@ -279,3 +279,26 @@ def test_sensitivities_are_measured_after_the_plans_pipeline():
         # AdaQuant is kept only where it lowers the calibration loss (keep_if_better): never above RTN
         assert ada[n]["w4a8"] <= rtn[n]["w4a8"] * (1 + 1e-6)
     assert any(ada[n]["w4a8"] < rtn[n]["w4a8"] for n in ("0", "2"))  # and it does optimise something
+
+
+def test_derived_graphs_match_a_direct_ptq_run():
+    # a table's graphs come from one PTQ run with the FP32 layers' slots emptied: the same ONNX graph (node for
+    # node, initializer sizes) as quantizing only those layers
+    import onnx
+
+    from thrifty.plan.cost import deploy_graphs
+    from thrifty.plan.planner import deploy
+
+    model, x = _mlp(4), torch.randn(64, 32)
+    picks = {"0": "fp32", "2": "int8", "4": "fp32"}
+    derived = onnx.load_from_string(deploy_graphs(model, [picks], x, (x[:2],), residual_calib=False)[0])
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, p = deploy(model, plan_from_picks(picks), x, (x[:2],), Path(d) / "m.onnx", residual_calib=False)
+        direct = onnx.load(str(p))
+    assert [n.op_type for n in derived.graph.node] == [n.op_type for n in direct.graph.node]
+    assert sorted((i.name, tuple(i.dims)) for i in derived.graph.initializer) == \
+        sorted((i.name, tuple(i.dims)) for i in direct.graph.initializer)

@@ -1,8 +1,9 @@
 """Per-layer costs measured on ONNX Runtime, in context: latency (ms per batch) and deployed bytes.
 
 Method: every cost is a difference of whole deployed graphs. For the reference assignment (all FP32 at first)
-and for each (layer, candidate), the model with only that layer switched is quantized (round to nearest: the
-latency does not depend on the weights' values), exported exactly as the final plan will be (``export_onnx``,
+and for each (layer, candidate), the model with only that layer switched (derived from one round-to-nearest PTQ
+run per candidate, :func:`deploy_graphs`: the latency does not depend on the weights' values) is exported
+exactly as the final plan will be (``export_onnx``,
 residual Adds made integer with the calibration data) and timed by ONNX Runtime at the user's batch size and
 thread count; its cost is the difference to the reference. In-context differences include what a
 per-layer microbenchmark of the ONNX subgraph misses: the QuantizeLinear/DequantizeLinear pairs at the layer's
@@ -30,6 +31,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import platform
@@ -46,7 +48,7 @@ import torch.nn as nn
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
 from thrifty.utils import atomic_write_text, get_logger
 
-__all__ = ["CostTable", "measure_costs", "deploy_bytes", "time_graphs", "cache_path", "machine_key", "load_cached"]
+__all__ = ["CostTable", "measure_costs", "deploy_graphs", "time_graphs", "cache_path", "machine_key", "load_cached"]
 
 log = get_logger("thrifty.plan")
 
@@ -87,17 +89,41 @@ class CostTable:
         return cls(**json.loads(text))
 
 
-def deploy_bytes(model: nn.Module, picks: Mapping[str, str], calib: Any, example: tuple,
-                 input_names: Optional[Sequence[str]] = None, residual_calib: bool = True) -> bytes:
-    """The ONNX graph of ``model`` with each layer in ``picks`` at its candidate (round to nearest)."""
-    from thrifty.bench.export import export_onnx
+def deploy_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any, example: tuple,
+                  input_names: Optional[Sequence[str]] = None, residual_calib: bool = True) -> list[bytes]:
+    """The ONNX graph of ``model`` for each assignment in ``picks`` (layer -> candidate; absent = FP32).
 
-    res = quantize_plan(model, plan_from_picks(dict(picks)), calib)
-    m = model if res is None else res.model
+    One round-to-nearest PTQ run per candidate quantizes every layer; an assignment's graph is that model with
+    the slots of its FP32 layers emptied (latency and bytes do not depend on the weights' values), so a table
+    of L layers costs one PTQ run, not L. An assignment mixing quantized candidates gets its own PTQ run.
+    """
+    from thrifty.bench.export import export_onnx
+    from thrifty.nn import gemm_layers
+
+    full: dict[str, nn.Module] = {}
+    every_layer = list(dict.fromkeys(n for p in picks for n in p))
+    out = []
     with tempfile.TemporaryDirectory() as d:
-        path = export_onnx(m, example, Path(d) / "m.onnx", input_names=input_names,
-                           calib=calib if residual_calib and res is not None else None)
-        return path.read_bytes()
+        for i, p in enumerate(picks):
+            q = {n: c for n, c in p.items() if c != "fp32"}
+            kinds = set(q.values())
+            if len(kinds) > 1:
+                m = quantize_plan(model, plan_from_picks(q), calib).model
+            elif kinds:
+                c = next(iter(kinds))
+                if c not in full:
+                    full[c] = quantize_plan(model, plan_from_picks({n: c for n in every_layer}), calib).model
+                m = copy.deepcopy(full[c])
+                for n, layer in gemm_layers(m):
+                    if n not in q:
+                        layer.slots.weight = None
+                        layer.slots.input = None
+            else:
+                m = model
+            path = export_onnx(m, example, Path(d) / f"{i}.onnx", input_names=input_names,
+                               calib=calib if residual_calib and q else None)
+            out.append(path.read_bytes())
+    return out
 
 
 def time_graphs(graphs: Sequence[bytes], feed: Sequence[np.ndarray], threads: int, rounds: int = 7,
@@ -179,7 +205,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
     reference = {n: "fp32" for n in layers} | dict(ref or {})
     batch = int(feed[0].shape[0])
     t0 = time.perf_counter()
-    fp32 = deploy_bytes(model, {}, calib, example, input_names)
+    fp32 = deploy_graphs(model, [{}], calib, example, input_names)[0]
     key = {"model": hashlib.sha256(fp32).hexdigest()[:20], **machine_key(threads, batch), "candidates": cands,
            "method": "two-sided" if check_additivity and not ref else "one-sided",
            "layers": layers, "ref": {n: c for n, c in reference.items() if c != "fp32"}}
@@ -193,8 +219,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
     back = [(n, c) for c in others for n in layers] if len(layers) > 1 else []
     picks = [reference] + [reference | {n: c} for n, c in variants] + [{n: c for n in layers} for c in others] \
         + [{m: (c if m != n else "fp32") for m in layers} for n, c in back]
-    graphs = [fp32 if all(v == "fp32" for v in p.values()) else deploy_bytes(model, p, calib, example, input_names)
-              for p in picks]
+    graphs = deploy_graphs(model, picks, calib, example, input_names)
     ms = time_graphs(graphs, feed, threads, rounds)
     # a candidate a layer does not accept (W4 weight-only on a Conv, say) is left out of that layer's entries
     lat: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}
