@@ -73,7 +73,10 @@ def main(argv=None) -> dict:
     p.add_argument("--calib-per-class", type=int, default=None)
     p.add_argument("--loadgen-s", type=float, default=None)
     p.add_argument("--candidates", default="fp32,int8")
+    p.add_argument("--only", default=None, help="run only this workload (e.g. resnet20-digits32)")
+    p.add_argument("--pipeline", default=None, help="override the workloads' PTQ pipeline (rtn, adaquant, ...)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json only")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "plan", help="LoadGen logs")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -81,13 +84,17 @@ def main(argv=None) -> dict:
     args.rounds = args.rounds or (5 if args.quick else 15)
     args.calib_per_class = args.calib_per_class or (4 if args.quick else 10)
     args.loadgen_s = args.loadgen_s if args.loadgen_s is not None else (0.5 if args.quick else 5.0)
-    stem = "plan_quick" if args.quick else "plan"
-    reports = {}
-    for wl in (QUICK if args.quick else FULL):
+    stem = "plan_quick" if args.quick else "plan" + (f"_{args.only}" if args.only else "")
+    reports = json.loads((args.out / f"{stem}.json").read_text()) if args.replot else {}
+    for wl in ([] if args.replot else QUICK if args.quick else FULL):
+        if args.only and wl[0] != args.only:
+            continue
+        wl = (*wl[:3], args.pipeline or wl[3], wl[4])
         reports[wl[0]] = run_workload(*wl, args)
         print(markdown(reports[wl[0]], wl[0]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / f"{stem}.json", json.dumps(reports, indent=1))
+    if not args.replot:
+        atomic_write_text(args.out / f"{stem}.json", json.dumps(reports, indent=1))
     md = "\n".join(markdown(r, f"thrifty plan: {k}") for k, r in reports.items())
     atomic_write_text(args.out / f"{stem}.md", f"<!-- python experiments/plan.py{' --quick' if args.quick else ''} -->\n"
                       + md)

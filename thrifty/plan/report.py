@@ -185,12 +185,16 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     return main, report
 
 
+def _budget(v: Optional[float], unit: str) -> str:
+    return "none" if v is None else f"{v:.4g} {unit}"
+
+
 def markdown(report: dict[str, Any], title: str) -> str:
     """The report as a Markdown section: the points table, the chosen plan, LoadGen and the additivity check."""
     b, p = report["budgets"], report["plan"]
     lines = [f"# {title}", "",
-             f"Budgets: latency {b['latency_ms']} ms per batch of {report['batch']} at {report['threads']} thread(s), "
-             f"size {b['size_mb']} MB; pipeline {report['pipeline']}; candidates {', '.join(report['candidates'])}; "
+             f"Budgets: latency {_budget(b['latency_ms'], 'ms')} per batch of {report['batch']} at {report['threads']} "
+             f"thread(s), size {_budget(b['size_mb'], 'MB')}; pipeline {report['pipeline']}; candidates {', '.join(report['candidates'])}; "
              f"{report['layers']} layers; accuracy on {report['samples']} samples; medians of {report['rounds']} "
              "interleaved rounds.", "",
              "| point | kind | layers quantized | measured ms | predicted ms | error | MB | accuracy | "
