@@ -102,6 +102,7 @@ def deploy_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: A
 
     full: dict[str, nn.Module] = {}
     every_layer = list(dict.fromkeys(n for p in picks for n in p))
+    family = next((c for p in picks for c in p.values() if c != "fp32"), None)
     out = []
     with tempfile.TemporaryDirectory() as d:
         for i, p in enumerate(picks):
@@ -109,8 +110,10 @@ def deploy_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: A
             kinds = set(q.values())
             if len(kinds) > 1:
                 m = quantize_plan(model, plan_from_picks(q), calib).model
-            elif kinds:
-                c = next(iter(kinds))
+            elif kinds or family:
+                # an all-FP32 assignment among quantized ones is derived too: the PTQ copy has its BatchNorms
+                # folded, and the differences must not count that (once per layer) as the layer's bytes
+                c = next(iter(kinds)) if kinds else family
                 if c not in full:
                     full[c] = quantize_plan(model, plan_from_picks({n: c for n in every_layer}), calib).model
                 m = copy.deepcopy(full[c])

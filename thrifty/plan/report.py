@@ -210,11 +210,13 @@ def markdown(report: dict[str, Any], title: str) -> str:
     lines += ["", f"Chosen plan: meets latency {p['meets_latency']}, meets size {p['meets_size']}; "
               f"{len(p['rounds'])} round(s)" + (" (re-linearised around the first plan: its latency was off by "
                                                 f"{100 * p['rounds'][0]['latency_rel_error']:+.1f}%)"
-                                                if len(p['rounds']) > 1 else "") + "."]
-    lines += [f"- round {i + 1} ({r['reference']}): {sum(c != 'fp32' for c in r['picks'].values())} layers quantized, "
-              f"latency predicted {r['predicted']['latency_ms']:.4g} ms, measured {r['measured']['latency_ms']:.4g} ms "
-              f"({100 * r['latency_rel_error']:+.1f}%); loss predicted {r['predicted']['loss']:.4g}, measured "
-              f"{r['measured']['loss']:.4g}" for i, r in enumerate(p["rounds"])]
+                                                if len(p['rounds']) > 1 else "") + ":"]
+    lines += [f"- round {i + 1} ({r['reference']}): " + (
+        f"no plan within the budgets ({r['infeasible']})" if "infeasible" in r else
+        f"{sum(c != 'fp32' for c in r['picks'].values())} layers quantized, latency predicted "
+        f"{r['predicted']['latency_ms']:.4g} ms, measured {r['measured']['latency_ms']:.4g} ms "
+        f"({100 * r['latency_rel_error']:+.1f}%); loss predicted {r['predicted']['loss']:.4g}, measured "
+        f"{r['measured']['loss']:.4g}") for i, r in enumerate(p["rounds"])]
     if "loadgen" in p:
         lg = p["loadgen"]
         lines.append(f"LoadGen {lg['scenario']}: median {lg['median_ms']:.3f} ms, p90 {lg['p90_ms']:.3f} ms per query "
