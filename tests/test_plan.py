@@ -212,6 +212,16 @@ def test_planner_meets_size_budget_and_is_the_ilp_optimum(tmp_path, monkeypatch)
                    sens=r.sensitivity, layers=r.table.layers, cache=False)
     assert [d["reference"] for d in r3.rounds] == ["all fp32", "first plan", "measured graphs within budget"]
     assert r3.rounds[-1]["predicted"]["latency_ms"] == 1.0 and r3.picks == {n: "fp32" for n in r.table.layers}
+    # a budget the additive prediction calls infeasible, met by a graph that was measured: that graph is taken
+    slow = dataclasses.replace(flat, latency_ms={n: {c: float(c != "fp32") for c in d} for n, d in flat.latency_ms.items()},
+                               measured=[({}, 1.0, 1), ({n: "int8" for n in r.table.layers}, 0.5, 1)])
+    r4 = make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=0.8, rounds=2, table=slow,
+                   sens=r.sensitivity, layers=r.table.layers, cache=False)
+    assert [d["reference"] for d in r4.rounds] == ["all fp32", "measured graphs within budget"]
+    assert "infeasible" in r4.rounds[0] and set(r4.picks.values()) == {"int8"}
+    with pytest.raises(ValueError, match="below the fastest predicted plan"):  # nothing measured fits either
+        make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=0.4, rounds=2, table=slow,
+                  sens=r.sensitivity, layers=r.table.layers, cache=False)
 
 
 def test_deployed_plan_matches_simulated_model(tmp_path):

@@ -11,7 +11,7 @@
    chosen plan (each layer switched away from its choice, differences to the chosen graph) and the ILP is solved
    once more: a first-order model is most accurate near the point it is taken at. If that plan still misses
    the latency budget, the most accurate of the graphs timed for the two tables that met both budgets is taken
-   (its latency was measured, not predicted).
+   (its latency was measured, not predicted); the same when the prediction says no plan fits the budget.
 
 Example:
     >>> import torch, torch.nn as nn, numpy as np
@@ -137,6 +137,12 @@ def _solve(sens, table: CostTable, latency_ms, size_mb) -> tuple[dict[str, str],
     return picks, {"latency_ms": ms, "bytes": by, "loss": ch.objective}
 
 
+def _within(tables: Sequence[CostTable], sens, latency_ms: float, size_mb: Optional[float]) -> list:
+    """(predicted loss, picks, ms) of every graph timed for ``tables`` that met both budgets."""
+    return [(sum(sens[n][c] for n, c in p.items()), p, ms) for t in tables for p, ms, b in t.measured
+            if ms <= latency_ms and (size_mb is None or b <= size_mb * 1e6) and all(c in sens[n] for n, c in p.items())]
+
+
 def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.ndarray], *,
               latency_ms: Optional[float] = None, size_mb: Optional[float] = None,
               candidates: Sequence[str] = ("fp32", "int8"), pipeline: str = "rtn", adaquant_iters: int = 200,
@@ -168,42 +174,48 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
             sens = sensitivities(model, calib, layers, candidates, pipeline, adaquant_iters)
             timings["sensitivities"] = time.perf_counter() - t
         rounds_log: list[dict[str, Any]] = []
-        picks, pred = _solve(sens, table, latency_ms, size_mb)
-        plan = plan_from_picks(picks, pipeline, adaquant_iters)
+        tables = [table]
         t = time.perf_counter()
-        meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names)
-        err = (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]
-        rounds_log.append({"reference": "all fp32", "picks": picks, "predicted": pred, "measured": meas,
-                           "latency_rel_error": err})
-        first = table
-        if abs(err) > refine_tol:
-            local = measure_costs(model, calib, example, feed, layers, [c for c in candidates], threads=threads,
-                                  rounds=rounds, input_names=input_names, ref=picks, cache=cache)
-            try:
-                picks2, pred2 = _solve(sens, local, latency_ms, size_mb)
-            except ValueError as e:  # no plan fits around the first one either: the measured graphs decide
-                rounds_log.append({"reference": "first plan", "infeasible": str(e)})
-            else:
-                picks, pred = picks2, pred2
-                plan = plan_from_picks(picks, pipeline, adaquant_iters)
-                meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names)
-                rounds_log.append({"reference": "first plan", "picks": picks, "predicted": pred, "measured": meas,
-                                   "latency_rel_error": (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]})
-            table = local
-            if latency_ms is not None and meas["latency_ms"] > latency_ms:
-                # still over budget: the most accurate graph *measured* within both budgets, if any
-                ok = [(sum(sens[n][c] for n, c in p.items()), p, ms) for t in (first, local) for p, ms, b in t.measured
-                      if ms <= latency_ms and (size_mb is None or b <= size_mb * 1e6)
-                      and all(c in sens[n] for n, c in p.items())]
-                if ok:
-                    loss, best, ms = min(ok, key=lambda o: (o[0], o[2]))
-                    picks = {n: best.get(n, "fp32") for n in layers}
-                    pred = {"latency_ms": ms, "bytes": float(table.predict(picks)[1]), "loss": loss}
+        picks: Optional[dict[str, str]] = None
+        try:
+            picks, pred = _solve(sens, table, latency_ms, size_mb)
+        except ValueError as e:  # the prediction says no plan fits; a measured graph may still (checked below)
+            if latency_ms is None or not _within(tables, sens, latency_ms, size_mb):
+                raise
+            rounds_log.append({"reference": "all fp32", "infeasible": str(e)})
+        if picks is not None:
+            plan = plan_from_picks(picks, pipeline, adaquant_iters)
+            meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names)
+            err = (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]
+            rounds_log.append({"reference": "all fp32", "picks": picks, "predicted": pred, "measured": meas,
+                               "latency_rel_error": err})
+            if abs(err) > refine_tol:
+                table = measure_costs(model, calib, example, feed, layers, list(candidates), threads=threads,
+                                      rounds=rounds, input_names=input_names, ref=picks, cache=cache)
+                tables.append(table)
+                try:
+                    picks2, pred2 = _solve(sens, table, latency_ms, size_mb)
+                except ValueError as e:  # no plan fits around the first one either: the measured graphs decide
+                    rounds_log.append({"reference": "first plan", "infeasible": str(e)})
+                else:
+                    picks, pred = picks2, pred2
                     plan = plan_from_picks(picks, pipeline, adaquant_iters)
                     meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names)
-                    rounds_log.append({"reference": "measured graphs within budget", "picks": picks, "predicted": pred,
-                                       "measured": meas, "latency_rel_error":
-                                       (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]})
+                    rounds_log.append({"reference": "first plan", "picks": picks, "predicted": pred, "measured": meas,
+                                       "latency_rel_error": (pred["latency_ms"] - meas["latency_ms"])
+                                       / meas["latency_ms"]})
+        if latency_ms is not None and (picks is None or meas["latency_ms"] > latency_ms):
+            # over budget (or none predicted within it): the most accurate graph *measured* within both budgets
+            ok = _within(tables, sens, latency_ms, size_mb)
+            if ok:
+                loss, best, ms = min(ok, key=lambda o: (o[0], o[2]))
+                picks = {n: best.get(n, "fp32") for n in layers}
+                pred = {"latency_ms": ms, "bytes": float(tables[0].predict(picks)[1]), "loss": loss}
+                plan = plan_from_picks(picks, pipeline, adaquant_iters)
+                meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names)
+                rounds_log.append({"reference": "measured graphs within budget", "picks": picks, "predicted": pred,
+                                   "measured": meas, "latency_rel_error":
+                                   (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]})
         timings["solve, deploy, measure"] = time.perf_counter() - t
     return PlanResult(plan, picks, pred, meas, {"latency_ms": latency_ms, "size_mb": size_mb}, sens, table, graph,
                       None if res is None else res.model, rounds_log, timings)
