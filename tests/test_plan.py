@@ -341,3 +341,23 @@ def test_cost_bytes_are_additive_with_batchnorm(monkeypatch, tmp_path):
     # what stays non-additive is protobuf framing and names of the QDQ nodes at shared boundaries: well under
     # 100 bytes per layer (the bug was off by both BatchNorms' bytes once per layer, 1576 bytes here)
     assert abs(add["predicted_bytes"] - add["measured_bytes"]) <= 100 * len(t.layers), add
+
+
+def test_ort_quantize_static_baseline_fuses_every_gemm():
+    # the comparison point is ORT's quantizer at its best: BatchNorms folded first, every conv/Gemm integer
+    from thrifty.bench.backends import optimized_op_counts
+    from thrifty.bench.export import export_onnx
+    from thrifty.plan.report import ort_quantize_static
+
+    torch.manual_seed(0)
+    model, x = _BNNet().eval(), torch.randn(16, 1, 8, 8)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        fp32 = export_onnx(model, (x[:2],), Path(d) / "m.onnx").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ops = optimized_op_counts(ort_quantize_static(fp32, [{"input_0": x[:8].numpy()}, {"input_0": x[8:].numpy()}]))
+    assert ops.get("QLinearConv", 0) == 2 and ops.get("QGemm", 0) == 1 and "Conv" not in ops, ops
+    assert "BatchNormalization" not in ops and ops.get("QuantizeLinear", 0) <= 2, ops  # no float BN between Q/DQ
