@@ -93,7 +93,7 @@ def register_config(cls: C) -> C:
 # caller having imported the right subpackage first.
 _CONFIG_MODULES = (
     "thrifty.quant", "thrifty.quant.train8", "thrifty.quant.accum", "thrifty.sparse", "thrifty.datafree",
-    "thrifty.merge", "thrifty.train", "thrifty.bench.settings",
+    "thrifty.merge", "thrifty.train", "thrifty.bench.settings", "thrifty.plan.config",
 )
 
 

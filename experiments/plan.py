@@ -1,0 +1,106 @@
+"""The hardware-aware planner against uniform choices: per-layer FP32/int8 under a measured latency budget.
+
+For each workload: the per-layer cost table is measured on ONNX Runtime (in context, at the batch size and
+thread count given), sensitivities after the PTQ pipeline, then ``thrifty.plan.report.plan_report`` plans under
+a latency budget half way between the fastest predicted plan and FP32 (and a sweep of other budgets), and
+compares every plan with all FP32, all int8, all W4A8 and ONNX Runtime's quantize_static, all timed in the same
+interleaved rounds and scored on the same samples. The chosen plan is also run by the LoadGen harness.
+
+Latencies measured on a loaded machine are noisy; rerun the full experiment on a quiet one.
+
+    python experiments/plan.py --quick     # CI-sized (MLP on digits, RTN): results/plan_quick.{json,md,png}
+    python experiments/plan.py             # full (ResNet-20 digits32, MiniLM; AdaQuant): results/plan.{json,md,png}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from thrifty.bench.api import calibration_data, load_workload  # noqa: E402
+from thrifty.plan.cost import measure_costs  # noqa: E402
+from thrifty.plan.planner import plan_layers  # noqa: E402
+from thrifty.plan.report import markdown, plan_report, plot_pareto  # noqa: E402
+from thrifty.plan.solve import min_total  # noqa: E402
+from thrifty.utils import atomic_write_text  # noqa: E402
+
+# (name, model, dataset, pipeline, max samples)
+QUICK = [("mlp-digits", "mlp", "digits", "rtn", 256)]
+FULL = [("resnet20-digits32", "resnet20", "digits32", "adaquant", 1024), ("minilm-text", "minilm", "text", "adaquant", 512)]
+
+
+def run_workload(name: str, model_name: str, dataset: str, pipeline: str, max_samples: int, args) -> dict:
+    from thrifty.train import pretrained
+
+    model = pretrained(model_name, dataset, seed=0) if model_name in ("mlp", "resnet20", "cnn1d") else model_name
+    wl = load_workload(model, dataset, max_samples=max_samples)
+    calib = calibration_data(wl, per_class=args.calib_per_class)
+    example = tuple(torch.from_numpy(a) for a in wl.samples.batch([0, 1]))
+    feed = wl.samples.batch(range(args.batch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layers = plan_layers(wl.model, calib)
+        table = measure_costs(wl.model, calib, example, feed, layers, tuple(args.candidates), threads=args.threads,
+                              rounds=args.rounds, input_names=wl.input_names)
+    fastest = table.base_ms + min_total(table.latency_ms)
+    budget = fastest + args.budget_frac * (table.base_ms - fastest)  # between the fastest plan and FP32
+    t = time.perf_counter()
+    _, report = plan_report(wl.model, calib, example, wl.samples, latency_ms=budget, size_mb=None, batch=args.batch,
+                            threads=args.threads, rounds=args.rounds, sweep=args.sweep, pipeline=pipeline,
+                            adaquant_iters=args.adaquant_iters, candidates=tuple(args.candidates),
+                            input_names=wl.input_names, loadgen_dir=args.work / name, loadgen_s=args.loadgen_s)
+    report.update(workload=name, model=model_name, dataset=dataset, seconds=time.perf_counter() - t)
+    return report
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI-sized run (writes results/plan_quick.*)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5 quick, 15 full)")
+    p.add_argument("--sweep", type=int, default=3)
+    p.add_argument("--budget-frac", type=float, default=0.5)
+    p.add_argument("--adaquant-iters", type=int, default=100)
+    p.add_argument("--calib-per-class", type=int, default=None)
+    p.add_argument("--loadgen-s", type=float, default=None)
+    p.add_argument("--candidates", default="fp32,int8")
+    p.add_argument("--only", default=None, help="run only this workload (e.g. resnet20-digits32)")
+    p.add_argument("--pipeline", default=None, help="override the workloads' PTQ pipeline (rtn, adaquant, ...)")
+    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json only")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "plan", help="LoadGen logs")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    args.candidates = [c for c in args.candidates.split(",") if c]
+    args.rounds = args.rounds or (5 if args.quick else 15)
+    args.calib_per_class = args.calib_per_class or (4 if args.quick else 10)
+    args.loadgen_s = args.loadgen_s if args.loadgen_s is not None else (0.5 if args.quick else 5.0)
+    stem = "plan_quick" if args.quick else "plan" + (f"_{args.only}" if args.only else "")
+    reports = json.loads((args.out / f"{stem}.json").read_text()) if args.replot else {}
+    for wl in ([] if args.replot else QUICK if args.quick else FULL):
+        if args.only and wl[0] != args.only:
+            continue
+        wl = (*wl[:3], args.pipeline or wl[3], wl[4])
+        reports[wl[0]] = run_workload(*wl, args)
+        print(markdown(reports[wl[0]], wl[0]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.replot:
+        atomic_write_text(args.out / f"{stem}.json", json.dumps(reports, indent=1))
+    md = "\n".join(markdown(r, f"thrifty plan: {k}") for k, r in reports.items())
+    atomic_write_text(args.out / f"{stem}.md", f"<!-- python experiments/plan.py{' --quick' if args.quick else ''} -->\n"
+                      + md)
+    plot_pareto({f"thrifty plan: {k}": r for k, r in reports.items()}, args.out / f"{stem}.png")
+    return reports
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The planner: the most accurate per-layer choice within a measured latency budget and a size budget.
+
+1. layers: every GEMM the PTQ pipeline quantizes; candidates from :data:`thrifty.plan.config.CANDIDATES`;
+2. costs: :func:`thrifty.plan.cost.measure_costs` (in-context ONNX Runtime latency and bytes, cached);
+3. sensitivities: the calibration loss with only that layer at that candidate, *after* the pipeline the plan
+   will use (``rtn``, ``adaquant``...), so the prediction describes the deployed weights;
+4. one exact ILP (:func:`thrifty.plan.solve.solve`): minimise the summed sensitivities with
+   ``reference + sum latency differences <= latency budget`` and the same for bytes;
+5. the plan is quantized with its pipeline, exported and timed like the table's graphs. When the measured
+   latency is off the prediction by more than ``refine_tol`` (10 %), the costs are measured again around the
+   chosen plan (each layer switched away from its choice, differences to the chosen graph) and the ILP is solved
+   once more: a first-order model is most accurate near the point it is taken at. If that plan still misses
+   the latency budget, the most accurate of the graphs timed for the two tables that met both budgets is taken
+   (its latency was measured, not predicted); the same when the prediction says no plan fits the budget.
+
+Example:
+    >>> import torch, torch.nn as nn, numpy as np
+    >>> model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    >>> x = torch.randn(64, 16)
+    >>> r = make_plan(model, x, (x[:2],), (x[:8].numpy(),), latency_ms=1e3, size_mb=1.0, rounds=2, cache=False)
+    >>> sorted(r.plan.layers), r.measured["bytes"] <= 1e6
+    (['0', '2'], True)
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch.nn as nn
+
+from thrifty.plan.config import Plan, candidate, plan_from_picks, quantize_plan
+from thrifty.plan.cost import CostTable, measure_costs, time_graphs
+from thrifty.plan.solve import min_total, solve
+
+__all__ = ["PlanResult", "make_plan", "sensitivities", "plan_layers", "deploy"]
+
+
+@dataclass
+class PlanResult:
+    """The chosen plan, what was predicted and measured for it, and every solve that led to it."""
+
+    plan: Plan
+    picks: dict[str, str]
+    predicted: dict[str, float]  # latency_ms, bytes, loss
+    measured: dict[str, float]
+    budgets: dict[str, Optional[float]]
+    sensitivity: dict[str, dict[str, float]]
+    table: CostTable
+    onnx: bytes = b""
+    model: Optional[nn.Module] = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def latency_error(self) -> float:
+        """(predicted - measured) / measured latency of the final plan."""
+        return (self.predicted["latency_ms"] - self.measured["latency_ms"]) / self.measured["latency_ms"]
+
+    def summary(self) -> str:
+        n = sum(c != "fp32" for c in self.picks.values())
+        p, m = self.predicted, self.measured
+        return (f"plan: {n}/{len(self.picks)} layers quantized ({self.plan.pipeline}); latency predicted "
+                f"{p['latency_ms']:.3f} ms, measured {m['latency_ms']:.3f} ms ({100 * self.latency_error:+.1f}%); "
+                f"size {m['bytes'] / 1e6:.3f} MB; loss predicted {p['loss']:.4g}, measured {m['loss']:.4g}")
+
+
+def plan_layers(model: nn.Module, calib: Any) -> list[str]:
+    """The GEMM layers the PTQ pipeline quantizes (wrappable and executed on ``calib``), in execution order."""
+    res = quantize_plan(model, plan_from_picks({n: "int8" for n, m in model.named_modules()
+                                                if isinstance(m, (nn.Linear, nn.Conv2d))}), calib)
+    if res is None:
+        raise ValueError(f"plan: {type(model).__name__} has no nn.Linear/nn.Conv2d layer to plan")
+    return list(res.bits)
+
+
+def sensitivities(model: nn.Module, calib: Any, layers: Sequence[str], candidates: Sequence[str],
+                  pipeline: str = "rtn", adaquant_iters: int = 200) -> dict[str, dict[str, float]]:
+    """Calibration-loss increase of each (layer, candidate) alone, after ``pipeline`` (FP32: 0)."""
+    sens: dict[str, dict[str, float]] = {}
+    mods = dict(model.named_modules())
+    for n in layers:
+        sens[n] = {}
+        for c in candidates:
+            if c == "fp32":
+                sens[n][c] = 0.0
+            elif candidate(c).accepts(mods[n]):
+                res = quantize_plan(model, plan_from_picks({n: c}, pipeline, adaquant_iters), calib)
+                sens[n][c] = float(res.final_loss)  # the FP model's loss is 0: this is the increase
+    return sens
+
+
+def deploy(model: nn.Module, plan: Plan, calib: Any, example: tuple, path: str | Path,
+           input_names: Optional[Sequence[str]] = None, residual_calib: bool = True):
+    """Quantize ``model`` by ``plan`` and export it to ONNX at ``path``; returns (QuantResult or None, path)."""
+    from thrifty.bench.export import export_onnx
+
+    res = quantize_plan(model, plan, calib)
+    m = model if res is None else res.model
+    out = export_onnx(m, example, path, input_names=input_names,
+                      calib=calib if residual_calib and res is not None else None)
+    return res, out
+
+
+def _measure(model, plan, calib, example, feed, threads, rounds, input_names) -> tuple[dict[str, float], bytes, Any]:
+    with tempfile.TemporaryDirectory() as d:
+        res, p = deploy(model, plan, calib, example, Path(d) / "plan.onnx", input_names)
+        graph = p.read_bytes()
+    ms = time_graphs([graph], feed, threads, rounds)[0]
+    return {"latency_ms": ms, "bytes": float(len(graph)), "loss": 0.0 if res is None else float(res.final_loss)}, \
+        graph, res
+
+
+def _solve(sens, table: CostTable, latency_ms, size_mb) -> tuple[dict[str, str], dict[str, float]]:
+    value = {n: {c: sens[n][c] for c in table.latency_ms[n]} for n in table.layers}
+    costs = {"latency_ms": table.latency_ms, "bytes": table.bytes}
+    budgets: dict[str, float] = {}
+    if latency_ms is not None:
+        fastest = table.base_ms + min_total(table.latency_ms)
+        if latency_ms < fastest:
+            raise ValueError(f"plan: --latency-ms {latency_ms:g} is below the fastest predicted plan "
+                             f"({fastest:.3f} ms at this batch size and thread count)")
+        budgets["latency_ms"] = latency_ms - table.base_ms
+    if size_mb is not None:
+        smallest = (table.base_bytes + min_total(table.bytes)) / 1e6
+        if size_mb < smallest:
+            raise ValueError(f"plan: --size-mb {size_mb:g} is below the smallest plan ({smallest:.4f} MB)")
+        budgets["bytes"] = size_mb * 1e6 - table.base_bytes
+    ch = solve(value, costs, budgets, "plan")
+    picks = {n: str(c) for n, c in ch.picks.items()}
+    ms, by = table.predict(picks)
+    return picks, {"latency_ms": ms, "bytes": by, "loss": ch.objective}
+
+
+def _within(tables: Sequence[CostTable], sens, latency_ms: float, size_mb: Optional[float]) -> list:
+    """(predicted loss, picks, ms) of every graph timed for ``tables`` that met both budgets."""
+    return [(sum(sens[n][c] for n, c in p.items()), p, ms) for t in tables for p, ms, b in t.measured
+            if ms <= latency_ms and (size_mb is None or b <= size_mb * 1e6) and all(c in sens[n] for n, c in p.items())]
+
+
+def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.ndarray], *,
+              latency_ms: Optional[float] = None, size_mb: Optional[float] = None,
+              candidates: Sequence[str] = ("fp32", "int8"), pipeline: str = "rtn", adaquant_iters: int = 200,
+              threads: int = 1, rounds: int = 7, input_names: Optional[Sequence[str]] = None,
+              layers: Optional[Sequence[str]] = None, table: Optional[CostTable] = None,
+              sens: Optional[dict[str, dict[str, float]]] = None, refine_tol: float = 0.10,
+              cache: bool = True) -> PlanResult:
+    """Plan ``model`` under ``latency_ms`` (per batch ``feed``, ``threads`` ORT threads) and ``size_mb`` (ONNX MB).
+
+    ``calib``: calibration data (what ``thrifty.quant.quantize`` takes); ``example``: example inputs for the
+    export. ``table``/``sens``: reuse a measured cost table / sensitivities (a budget sweep measures once).
+    The user's model is not modified. ValueError when a budget is below what any plan reaches.
+    """
+    for name, v in (("latency_ms", latency_ms), ("size_mb", size_mb)):
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"plan: {name} must be a positive number, got {v!r}")
+    Plan({}, pipeline, adaquant_iters)  # validates pipeline and iterations before any work
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # per-layer PTQ runs warn that the other layers stay FP32: on purpose
+        layers = list(layers) if layers is not None else plan_layers(model, calib)
+        if table is None:
+            table = measure_costs(model, calib, example, feed, layers, candidates, threads=threads, rounds=rounds,
+                                  input_names=input_names, cache=cache)
+            timings["costs"] = time.perf_counter() - t0
+        if sens is None:
+            t = time.perf_counter()
+            sens = sensitivities(model, calib, layers, candidates, pipeline, adaquant_iters)
+            timings["sensitivities"] = time.perf_counter() - t
+        rounds_log: list[dict[str, Any]] = []
+        tables = [table]
+        t = time.perf_counter()
+        picks: Optional[dict[str, str]] = None
+        try:
+            picks, pred = _solve(sens, table, latency_ms, size_mb)
+        except ValueError as e:  # the prediction says no plan fits; a measured graph may still (checked below)
+            if latency_ms is None or not _within(tables, sens, latency_ms, size_mb):
+                raise
+            rounds_log.append({"reference": "all fp32", "infeasible": str(e)})
+        if picks is not None:
+            plan = plan_from_picks(picks, pipeline, adaquant_iters)
+            meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names)
+            err = (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]
+            rounds_log.append({"reference": "all fp32", "picks": picks, "predicted": pred, "measured": meas,
+                               "latency_rel_error": err})
+            if abs(err) > refine_tol:
+                table = measure_costs(model, calib, example, feed, layers, list(candidates), threads=threads,
+                                      rounds=rounds, input_names=input_names, ref=picks, cache=cache)
+                tables.append(table)
+                try:
+                    picks2, pred2 = _solve(sens, table, latency_ms, size_mb)
+                except ValueError as e:  # no plan fits around the first one either: the measured graphs decide
+                    rounds_log.append({"reference": "first plan", "infeasible": str(e)})
+                else:
+                    picks, pred = picks2, pred2
+                    plan = plan_from_picks(picks, pipeline, adaquant_iters)
+                    meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names)
+                    rounds_log.append({"reference": "first plan", "picks": picks, "predicted": pred, "measured": meas,
+                                       "latency_rel_error": (pred["latency_ms"] - meas["latency_ms"])
+                                       / meas["latency_ms"]})
+        if latency_ms is not None and (picks is None or meas["latency_ms"] > latency_ms):
+            # over budget (or none predicted within it): the most accurate graph *measured* within both budgets
+            ok = _within(tables, sens, latency_ms, size_mb)
+            if ok:
+                loss, best, ms = min(ok, key=lambda o: (o[0], o[2]))
+                picks = {n: best.get(n, "fp32") for n in layers}
+                pred = {"latency_ms": ms, "bytes": float(tables[0].predict(picks)[1]), "loss": loss}
+                plan = plan_from_picks(picks, pipeline, adaquant_iters)
+                meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names)
+                rounds_log.append({"reference": "measured graphs within budget", "picks": picks, "predicted": pred,
+                                   "measured": meas, "latency_rel_error":
+                                   (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]})
+        timings["solve, deploy, measure"] = time.perf_counter() - t
+    return PlanResult(plan, picks, pred, meas, {"latency_ms": latency_ms, "size_mb": size_mb}, sens, table, graph,
+                      None if res is None else res.model, rounds_log, timings)

@@ -1,0 +1,272 @@
+"""The planner's report: its plans over a sweep of latency budgets against the uniform choices, side by side.
+
+Uniform choices: all FP32, all int8 and all W4A8 (thrifty's PTQ with the plan's pipeline, exported by
+``export_onnx``), and ONNX Runtime's own ``quantize_static`` (QDQ, uint8 activations, int8 per-channel weights:
+its fastest layout on VNNI CPUs) on the FP32 graph with the same calibration data. Every graph is timed in the
+same interleaved rounds (:func:`thrifty.plan.cost.time_graphs`) and scored on the same samples by ONNX Runtime
+(top-1 with labels, else cosine to the FP32 outputs). The chosen plan is also run end to end by the LoadGen
+harness. :func:`pareto_front` marks the points no other point beats on both axes.
+
+Example:
+    >>> pareto_front([{"name": "a", "x": 1, "y": 0.9}, {"name": "b", "x": 2, "y": 0.8}], "x", "y")
+    ['a']
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch.nn as nn
+
+from thrifty.plan.config import plan_from_picks, quantize_plan
+from thrifty.plan.cost import measure_costs, time_graphs
+from thrifty.plan.planner import PlanResult, make_plan
+from thrifty.plan.solve import min_total
+from thrifty.utils import atomic_savefig, atomic_write_text
+
+__all__ = ["pareto_front", "ort_quantize_static", "evaluate_graph", "loadgen_latency", "plan_report",
+           "markdown", "plot_pareto", "write_report"]
+
+
+def pareto_front(points: Sequence[dict[str, Any]], cost: str, quality: str) -> list[str]:
+    """Names of the points not dominated (another point with cost <= and quality >=, one of them strict)."""
+    front = []
+    for p in points:
+        if not any(q[cost] <= p[cost] and q[quality] >= p[quality] and (q[cost] < p[cost] or q[quality] > p[quality])
+                   for q in points):
+            front.append(p["name"])
+    return front
+
+
+def ort_quantize_static(fp32: bytes, feeds: list[dict[str, np.ndarray]]) -> bytes:
+    """ONNX Runtime's ``quantize_static`` of an FP32 graph (after ``quant_pre_process``): QDQ, uint8 activations,
+    int8 per-channel weights."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self):  # noqa: ANN201 (ORT's interface)
+            return next(self.it, None)
+
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as d:
+        src, pre, dst = Path(d) / "fp32.onnx", Path(d) / "pre.onnx", Path(d) / "ort_static.onnx"
+        src.write_bytes(fp32)
+        # ORT's recommended pre-processing (BatchNorms folded into the convs, shapes inferred): without it the
+        # BatchNormalization weights are quantized too and fewer convs fuse
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(dst), _Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+        return dst.read_bytes()
+
+
+def _outputs(graph: bytes, samples: Any, threads: int, batch: int = 64) -> np.ndarray:
+    from thrifty.bench.backends import OrtBackend
+
+    be = OrtBackend(graph, threads=threads)
+    n = len(samples)
+    return np.concatenate([np.asarray(be(samples.batch(range(i, min(i + batch, n))))).reshape(min(batch, n - i), -1)
+                           for i in range(0, n, batch)])
+
+
+def evaluate_graph(graph: bytes, samples: Any, threads: int = 1, reference: Optional[np.ndarray] = None) -> float:
+    """Top-1 accuracy of an ONNX graph on ``samples`` (``thrifty.bench.Samples``) when they carry class labels,
+    else the mean cosine similarity of its outputs to ``reference``."""
+    from thrifty.bench.accuracy import score_outputs
+
+    out = _outputs(graph, samples, threads)
+    s = score_outputs({i: out[i] for i in range(len(out))}, samples.labels, reference)
+    if "top1" in s:
+        return float(s["top1"])
+    if reference is None:
+        raise ValueError("evaluate_graph: the samples have no class labels; pass reference outputs")
+    return float(s["cosine_mean"])
+
+
+def loadgen_latency(graph: bytes, samples: Any, threads: int, batch: int, outdir: Path,
+                    min_duration_s: float = 1.0) -> dict[str, Any]:
+    """Median and p90 query latency (ms) of ``graph`` under LoadGen: SingleStream at batch 1, else MultiStream
+    with ``batch`` samples per query (one SUT worker with ``threads`` ONNX Runtime threads)."""
+    from thrifty.bench.backends import OrtBackend
+    from thrifty.bench.harness import calibrate, run_loadgen
+    from thrifty.bench.settings import BenchConfig
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / "model.onnx"
+    path.write_bytes(graph)
+    be = OrtBackend(path, threads=threads)
+    s = BenchConfig(scenario="SingleStream" if batch == 1 else "MultiStream", multistream_samples=max(batch, 1),
+                    max_batch=max(batch, 1), workers=1, threads=threads, min_duration_s=min_duration_s,
+                    min_query_count=32, performance_sample_count=min(len(samples), 1024))
+    r = run_loadgen(be, samples, s, outdir / "loadgen", calibrate(be, samples, s, budget_s=0.3))
+    pct = {float(k): v for k, v in r["percentiles_ms"].items()}
+    near = lambda q: pct[min(pct, key=lambda k: abs(k - q))]  # noqa: E731
+    return {"scenario": s.scenario, "valid": bool(r.get("valid")), "median_ms": near(50.0), "p90_ms": near(90.0)}
+
+
+def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, latency_ms: Optional[float],
+                size_mb: Optional[float], batch: int = 32, threads: int = 1, rounds: int = 7, sweep: int = 3,
+                pipeline: str = "rtn", adaquant_iters: int = 200, candidates: Sequence[str] = ("fp32", "int8"),
+                input_names: Optional[Sequence[str]] = None, loadgen_dir: Optional[Path] = None,
+                loadgen_s: float = 1.0, cache: bool = True) -> tuple[PlanResult, dict[str, Any]]:
+    """Plan under the budgets, sweep ``sweep`` more latency budgets, and compare with the uniform choices.
+
+    Returns the plan for the user's budgets and the report (JSON-able): every point's measured latency, bytes
+    and accuracy, the Pareto fronts, predicted vs measured latency and loss of each plan, the cost table's
+    additivity check and, with ``loadgen_dir``, the chosen plan's LoadGen latency.
+    """
+    from thrifty.bench.export import export_onnx
+    from thrifty.bench.int8_graph import onnx_feeds
+    from thrifty.quant.calib import as_batches
+
+    feed = samples.batch(range(min(batch, len(samples))))
+    main = make_plan(model, calib, example, feed, latency_ms=latency_ms, size_mb=size_mb, candidates=candidates,
+                     pipeline=pipeline, adaquant_iters=adaquant_iters, threads=threads, rounds=rounds,
+                     input_names=input_names, cache=cache)
+    layers, table, sens = list(main.picks), main.table, main.sensitivity
+    plans: dict[str, PlanResult] = {"plan (budget)": main}
+    skipped: list[float] = []
+    # the sweep solves on the all-FP32 table (cached by the first make_plan), not on a re-linearised one
+    base = measure_costs(model, calib, example, feed, layers, candidates, threads=threads, rounds=rounds,
+                         input_names=input_names, cache=cache) if table.ref else table
+    if sweep:
+        fastest = base.base_ms + min_total(base.latency_ms)
+        for i, lat in enumerate(np.linspace(fastest, base.base_ms, sweep + 2)[1:-1]):
+            try:
+                plans[f"plan {i + 1}"] = make_plan(model, calib, example, feed, latency_ms=float(lat), size_mb=size_mb,
+                                                   candidates=candidates, pipeline=pipeline,
+                                                   adaquant_iters=adaquant_iters, threads=threads, rounds=rounds,
+                                                   input_names=input_names, layers=layers, table=base, sens=sens,
+                                                   refine_tol=float("inf"), cache=cache)
+            except ValueError:  # the size budget rules this latency out: recorded, not plotted
+                skipped.append(float(lat))
+    graphs: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as d:
+        graphs["fp32"] = export_onnx(model, example, Path(d) / "fp32.onnx", input_names=input_names).read_bytes()
+        for name, cand in (("int8", "int8"), ("w4a8", "w4a8")):
+            res = quantize_plan(model, plan_from_picks({n: cand for n in layers}, pipeline, adaquant_iters), calib)
+            graphs[name] = export_onnx(res.model, example, Path(d) / f"{name}.onnx", input_names=input_names,
+                                       calib=calib).read_bytes()
+    names = list(input_names or [f"input_{i}" for i in range(len(example))])
+    graphs["ort quantize_static"] = ort_quantize_static(graphs["fp32"], onnx_feeds(as_batches(calib), names))
+    uniform = list(graphs)
+    graphs.update({k: p.onnx for k, p in plans.items()})
+    keys = list(graphs)
+    ms = dict(zip(keys, time_graphs([graphs[k] for k in keys], feed, threads, rounds)))
+    ref = _outputs(graphs["fp32"], samples, threads)
+    points = []
+    for k in keys:
+        pt: dict[str, Any] = {"name": k, "kind": "uniform" if k in uniform else "planner", "latency_ms": ms[k],
+                              "bytes": len(graphs[k]), "accuracy": evaluate_graph(graphs[k], samples, threads, ref)}
+        if k in plans:
+            p = plans[k]
+            pt.update(predicted_latency_ms=p.predicted["latency_ms"], predicted_loss=p.predicted["loss"],
+                      measured_loss=p.measured["loss"], quantized=sum(c != "fp32" for c in p.picks.values()),
+                      latency_budget_ms=p.budgets["latency_ms"],
+                      latency_rel_error=(p.predicted["latency_ms"] - ms[k]) / ms[k])
+        points.append(pt)
+    report: dict[str, Any] = {
+        "budgets": {"latency_ms": latency_ms, "size_mb": size_mb}, "batch": len(feed[0]), "threads": threads,
+        "rounds": rounds, "pipeline": pipeline, "candidates": list(candidates), "layers": len(layers),
+        "samples": len(samples), "points": points,
+        "pareto_latency": pareto_front(points, "latency_ms", "accuracy"),
+        "pareto_size": pareto_front(points, "bytes", "accuracy"),
+        "sweep_infeasible_ms": skipped,
+        "plan": {"picks": main.picks, "predicted": main.predicted, "measured": main.measured,
+                 "rounds": main.rounds, "timings": main.timings,
+                 "meets_latency": latency_ms is None or ms["plan (budget)"] <= latency_ms,
+                 "meets_size": size_mb is None or len(main.onnx) <= size_mb * 1e6},
+        "cost_table": {"base_ms": base.base_ms, "base_bytes": base.base_bytes, "additivity": base.additivity,
+                       "seconds": base.seconds, "key": base.key, "re_linearised": bool(table.ref)},
+    }
+    if loadgen_dir is not None:
+        report["plan"]["loadgen"] = loadgen_latency(main.onnx, samples, threads, len(feed[0]), Path(loadgen_dir),
+                                                    loadgen_s)
+    return main, report
+
+
+def _budget(v: Optional[float], unit: str) -> str:
+    return "none" if v is None else f"{v:.4g} {unit}"
+
+
+def markdown(report: dict[str, Any], title: str) -> str:
+    """The report as a Markdown section: the points table, the chosen plan, LoadGen and the additivity check."""
+    b, p = report["budgets"], report["plan"]
+    lines = [f"# {title}", "",
+             f"Budgets: latency {_budget(b['latency_ms'], 'ms')} per batch of {report['batch']} at {report['threads']} "
+             f"thread(s), size {_budget(b['size_mb'], 'MB')}; pipeline {report['pipeline']}; candidates {', '.join(report['candidates'])}; "
+             f"{report['layers']} layers; accuracy on {report['samples']} samples; medians of {report['rounds']} "
+             "interleaved rounds.", "",
+             "| point | kind | layers quantized | measured ms | predicted ms | error | MB | accuracy | "
+             "predicted loss | measured loss | Pareto (latency / size) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, nd=4: "-" if v is None else (f"{v:.{nd}g}" if isinstance(v, float) else str(v))  # noqa: E731
+    for pt in report["points"]:
+        err = pt.get("latency_rel_error")
+        lines.append(f"| {pt['name']} | {pt['kind']} | {f(pt.get('quantized'))} | {pt['latency_ms']:.3f} | "
+                     f"{f(pt.get('predicted_latency_ms'))} | {'-' if err is None else f'{100 * err:+.1f}%'} | "
+                     f"{pt['bytes'] / 1e6:.3f} | {pt['accuracy']:.4f} | {f(pt.get('predicted_loss'))} | "
+                     f"{f(pt.get('measured_loss'))} | {'yes' if pt['name'] in report['pareto_latency'] else 'no'} / "
+                     f"{'yes' if pt['name'] in report['pareto_size'] else 'no'} |")
+    lines += ["", f"Chosen plan: meets latency {p['meets_latency']}, meets size {p['meets_size']}; "
+              f"{len(p['rounds'])} round(s)" + (" (re-linearised around the first plan: its latency was off by "
+                                                f"{100 * p['rounds'][0]['latency_rel_error']:+.1f}%)"
+                                                if len(p['rounds']) > 1 else "") + ":"]
+    lines += [f"- round {i + 1} ({r['reference']}): " + (
+        f"no plan within the budgets ({r['infeasible']})" if "infeasible" in r else
+        f"{sum(c != 'fp32' for c in r['picks'].values())} layers quantized, latency predicted "
+        f"{r['predicted']['latency_ms']:.4g} ms, measured {r['measured']['latency_ms']:.4g} ms "
+        f"({100 * r['latency_rel_error']:+.1f}%); loss predicted {r['predicted']['loss']:.4g}, measured "
+        f"{r['measured']['loss']:.4g}") for i, r in enumerate(p["rounds"])]
+    if "loadgen" in p:
+        lg = p["loadgen"]
+        lines.append(f"LoadGen {lg['scenario']}: median {lg['median_ms']:.3f} ms, p90 {lg['p90_ms']:.3f} ms per query "
+                     f"(valid: {lg['valid']}).")
+    for k, a in report["cost_table"]["additivity"].items():
+        lines.append(f"Additivity check, {k}: predicted {a['predicted_ms']:.3f} ms, measured {a['measured_ms']:.3f} ms "
+                     f"({100 * a['latency_rel_error']:+.1f}%; one-sided {100 * a['one_sided_rel_error']:+.1f}%); bytes "
+                     f"predicted {a['predicted_bytes']:.0f}, measured {a['measured_bytes']:.0f}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(reports: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """One row per report: accuracy vs measured latency and accuracy vs size, Pareto fronts dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(reports), 2, figsize=(11, 4.2 * len(reports)), squeeze=False)
+    for row, (title, report) in zip(axes, reports.items()):
+        for ax, key, scale, label, front in ((row[0], "latency_ms", 1.0, "measured latency (ms per batch)",
+                                              report["pareto_latency"]),
+                                             (row[1], "bytes", 1e-6, "ONNX size (MB)", report["pareto_size"])):
+            for kind, marker in (("uniform", "s"), ("planner", "o")):
+                pts = [p for p in report["points"] if p["kind"] == kind]
+                ax.scatter([p[key] * scale for p in pts], [p["accuracy"] for p in pts], marker=marker, label=kind)
+                for p in pts:
+                    ax.annotate(p["name"], (p[key] * scale, p["accuracy"]), fontsize=7)
+            fr = sorted((p for p in report["points"] if p["name"] in front), key=lambda p: p[key])
+            ax.plot([p[key] * scale for p in fr], [p["accuracy"] for p in fr], "k--", lw=0.8, label="Pareto front")
+            ax.set_xlabel(label)
+            ax.set_ylabel("accuracy")
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = atomic_savefig(fig, path)
+    plt.close(fig)
+    return out
+
+
+def write_report(report: dict[str, Any], outdir: str | Path, stem: str = "report", title: str = "thrifty plan") -> list[Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (accuracy vs latency and vs size) to ``outdir``."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1)),
+            atomic_write_text(out / f"{stem}.md", markdown(report, title)),
+            plot_pareto({title: report}, out / f"{stem}.png")]
