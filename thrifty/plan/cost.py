@@ -48,7 +48,7 @@ import torch.nn as nn
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
 from thrifty.utils import atomic_write_text, get_logger
 
-__all__ = ["CostTable", "measure_costs", "deploy_graphs", "time_graphs", "cache_path", "machine_key", "load_cached"]
+__all__ = ["CostTable", "measure_costs", "deploy_graphs", "time_graphs", "weight_bytes", "cache_path", "machine_key", "load_cached"]
 
 log = get_logger("thrifty.plan")
 
@@ -127,6 +127,25 @@ def deploy_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: A
                                calib=calib if residual_calib and q else None)
             out.append(path.read_bytes())
     return out
+
+
+def weight_bytes(graph: bytes) -> int:
+    """Bytes a deployed graph stores in its initializers (weights, biases, scales, zero points): the size that
+    a size budget limits. Protobuf framing and node names are left out: they are not a layer's cost and they
+    make per-layer differences non-additive.
+
+    Example:
+        >>> import onnx, numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> g = helper.make_graph([], "g", [], [], [numpy_helper.from_array(np.zeros((2, 3), np.float32), "w")])
+        >>> weight_bytes(helper.make_model(g).SerializeToString())
+        24
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load_from_string(graph)
+    return int(sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer))
 
 
 def time_graphs(graphs: Sequence[bytes], feed: Sequence[np.ndarray], threads: int, rounds: int = 7,
@@ -229,9 +248,9 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
     size: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}
     for i, (n, c) in enumerate(variants, start=1):
         lat[n][c] = ms[i] - ms[0]
-        size[n][c] = float(len(graphs[i]) - len(graphs[0]))
-    table = CostTable(key, layers, cands, ms[0], len(graphs[0]), lat, size, None if not ref else dict(reference))
-    table.measured = [({n: c for n, c in p.items() if c != "fp32"}, t, len(g)) for p, t, g in zip(picks, ms, graphs)]
+        size[n][c] = float(weight_bytes(graphs[i]) - weight_bytes(graphs[0]))
+    table = CostTable(key, layers, cands, ms[0], weight_bytes(graphs[0]), lat, size, None if not ref else dict(reference))
+    table.measured = [({n: c for n, c in p.items() if c != "fp32"}, t, weight_bytes(g)) for p, t, g in zip(picks, ms, graphs)]
     alone = {c: table.predict({n: c for n in layers})[0] for c in others}  # one-sided, from the FP32 graph
     top = {c: ms[1 + len(variants) + j] for j, c in enumerate(others)}
     for j, (n, c) in enumerate(back):
@@ -241,7 +260,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
         i = 1 + len(variants) + j
         pred_ms, pred_b = table.predict({n: c for n in layers})
         table.additivity[f"all {c}"] = {"predicted_ms": pred_ms, "measured_ms": ms[i], "predicted_bytes": pred_b,
-                                        "measured_bytes": float(len(graphs[i])),
+                                        "measured_bytes": float(weight_bytes(graphs[i])),
                                         "latency_rel_error": (pred_ms - ms[i]) / ms[i],
                                         "one_sided_predicted_ms": alone[c],
                                         "one_sided_rel_error": (alone[c] - ms[i]) / ms[i]}

@@ -35,7 +35,7 @@ import numpy as np
 import torch.nn as nn
 
 from thrifty.plan.config import Plan, candidate, plan_from_picks, quantize_plan
-from thrifty.plan.cost import CostTable, measure_costs, time_graphs
+from thrifty.plan.cost import CostTable, measure_costs, time_graphs, weight_bytes
 from thrifty.plan.solve import min_total, solve
 
 __all__ = ["PlanResult", "make_plan", "sensitivities", "plan_layers", "deploy"]
@@ -112,7 +112,7 @@ def _measure(model, plan, calib, example, feed, threads, rounds, input_names) ->
         res, p = deploy(model, plan, calib, example, Path(d) / "plan.onnx", input_names)
         graph = p.read_bytes()
     ms = time_graphs([graph], feed, threads, rounds)[0]
-    return {"latency_ms": ms, "bytes": float(len(graph)), "loss": 0.0 if res is None else float(res.final_loss)}, \
+    return {"latency_ms": ms, "bytes": float(weight_bytes(graph)), "loss": 0.0 if res is None else float(res.final_loss)}, \
         graph, res
 
 

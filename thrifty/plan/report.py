@@ -22,7 +22,7 @@ import numpy as np
 import torch.nn as nn
 
 from thrifty.plan.config import plan_from_picks, quantize_plan
-from thrifty.plan.cost import measure_costs, time_graphs
+from thrifty.plan.cost import measure_costs, time_graphs, weight_bytes
 from thrifty.plan.planner import PlanResult, make_plan
 from thrifty.plan.solve import min_total
 from thrifty.utils import atomic_savefig, atomic_write_text
@@ -163,7 +163,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     points = []
     for k in keys:
         pt: dict[str, Any] = {"name": k, "kind": "uniform" if k in uniform else "planner", "latency_ms": ms[k],
-                              "bytes": len(graphs[k]), "accuracy": evaluate_graph(graphs[k], samples, threads, ref)}
+                              "bytes": weight_bytes(graphs[k]), "accuracy": evaluate_graph(graphs[k], samples, threads, ref)}
         if k in plans:
             p = plans[k]
             pt.update(predicted_latency_ms=p.predicted["latency_ms"], predicted_loss=p.predicted["loss"],
