@@ -73,9 +73,11 @@ def fmt(v: Any, digits: int = 2, *, percent: bool = False, sign: bool = False) -
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Mapping[str, str] | None = None,
-          digits: int | Mapping[str, int] = 2, formats: Mapping[str, Callable[[Any], str]] | None = None) -> str:
+          digits: int | Mapping[str, int] = 2, formats: Mapping[str, Callable[[Any], str]] | None = None,
+          align: str | None = None) -> str:
     """A markdown table of ``rows`` (dicts). ``columns`` picks the keys (a mapping renames them in the header);
-    ``digits`` is the decimals for every column or per key; ``formats`` overrides the cell text per key.
+    ``digits`` is the decimals for every column or per key; ``formats`` overrides the cell text per key;
+    ``align`` is one letter per column, ``l`` or ``r`` (right-aligned), default all ``l``.
 
     Example:
         >>> print(table([{"n": 8, "err": 0.01234}, {"n": 32, "err": None}], {"n": "n per chunk", "err": "error"},
@@ -90,13 +92,16 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Mapping[st
     keys = list(columns or rows[0])
     names = [columns[k] for k in keys] if isinstance(columns, Mapping) else keys
     formats = formats or {}
+    align = align or "l" * len(keys)
+    if len(align) != len(keys) or set(align) - {"l", "r"}:
+        raise ValueError(f"table: align must be one of 'l'/'r' per column ({len(keys)}), got {align!r}")
 
     def cell(k: str, v: Any) -> str:
         if k in formats:
             return formats[k](v)
         return fmt(v, digits.get(k, 2) if isinstance(digits, Mapping) else digits)
 
-    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(keys)]
+    lines = ["| " + " | ".join(names) + " |", "|" + "".join("---:|" if a == "r" else "---|" for a in align)]
     lines += ["| " + " | ".join(cell(k, r.get(k)) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
