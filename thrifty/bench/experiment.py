@@ -169,6 +169,7 @@ class Experiment:
         g.add_argument("--quick", action="store_true", help="CI-sized run (writes <name>_quick.* where separate)")
         g.add_argument("--out", type=Path, default=Path(out) if out is not None else Path("results"),
                        help="output folder (default: %(default)s)")
+        g.add_argument("--name", default=name, help="results file stem (default %(default)s)")
         g.add_argument("--seed", type=int, default=seed, help="seed for Python, NumPy and torch (default %(default)s)")
         g.add_argument("--threads", type=int, default=threads, help="torch threads (default %(default)s)")
         g.add_argument("--render", action="store_true",
@@ -182,6 +183,8 @@ class Experiment:
         args = self.parser.parse_args(argv)
         if args.threads < 1:
             self.parser.error(f"--threads must be >= 1, got {args.threads}")
+        if not args.name or any(c in args.name for c in "/\\ ") or args.name.startswith("."):
+            self.parser.error(f"--name must be a plain file stem, got {args.name!r}")
         seed_everything(args.seed)
         torch.set_num_threads(args.threads)
         self.args = args
@@ -196,8 +199,9 @@ class Experiment:
 
     @property
     def stem(self) -> str:
-        """``name``, or ``name_quick`` for a ``--quick`` run."""
-        return f"{self.name}_quick" if self._need_args().quick and self.quick_stem else self.name
+        """``--name`` (default ``name``), with ``_quick`` appended for a ``--quick`` run."""
+        args = self._need_args()
+        return f"{args.name}_quick" if args.quick and self.quick_stem else args.name
 
     @property
     def out(self) -> Path:
