@@ -3,18 +3,18 @@
 The machine is shared, so one measurement per variant is noisy; this alternates the variants (LoadGen Offline,
 each in its own subprocess, 2 workers x 1 thread) ``--rounds`` times and reports per-round ratios, their minimum
 and median. Models: resnet20 (digits32, batch 64) and MiniLM (sequence length 128, batch 64), int8 = the cached
-PTQ W8A8 models of experiments/bench.py (run that first), exported once with ``export_onnx(calib=<the PTQ
-calibration set>)``. Accuracy of the exported int8 graph (ONNX Runtime) is measured in the same run next to the
-simulated (fake-quantized PyTorch) model and compared with results/ptq.json.
+PTQ W8A8 models of experiments/bench.py (run that first; ``--int8-models`` names their folder), exported once with
+``export_onnx(calib=<the PTQ calibration set>)``. Accuracy of the exported int8 graph (ONNX Runtime) is measured
+in the same run next to the simulated (fake-quantized PyTorch) model and, given ``--ptq-json``, compared with the
+PTQ experiment's W8A8 numbers (experiments/ptq.py's JSON).
 
-    python benchmarks/bench_int8.py --rounds 3     # writes results/bench_int8.{json,md}
+    python benchmarks/bench_int8.py --rounds 3 --ptq-json results/ptq.json   # writes results/bench_int8.{json,md}
+    python benchmarks/bench_int8.py --quick --out /tmp/x                      # 1 round of 0.5 s, a smoke test
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -22,14 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.bench import BenchConfig, OrtBackend, TorchBackend, optimized_op_counts, run  # noqa: E402
-from thrifty.bench.api import calibration_data, load_workload  # noqa: E402
-from thrifty.bench.backends import INT8_KERNELS  # noqa: E402
-from thrifty.bench.export import export_onnx  # noqa: E402
-from thrifty.utils import atomic_write_text  # noqa: E402
+from thrifty.bench import BenchConfig, OrtBackend, TorchBackend, optimized_op_counts, run
+from thrifty.bench.api import calibration_data, load_workload
+from thrifty.bench.backends import INT8_KERNELS
+from thrifty.bench.experiment import Experiment
+from thrifty.bench.export import export_onnx
+from thrifty.train import cache_dir
 
 FLOAT_KERNELS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
 
@@ -60,12 +58,13 @@ def _accuracy(fam: str, wl, q, int8_path: Path) -> dict:
             "min_cos_onnxruntime": float(c_ort.min()), "cos_ort_vs_sim": float(_cos(ort, sim).mean())}
 
 
-def _ptq_reference() -> dict:
-    """The PTQ experiment's W8A8 RTN (MSE) numbers (results/ptq.json), if it has been run."""
-    p = ROOT / "results" / "ptq.json"
-    if not p.is_file():
+def _ptq_reference(path: Path | None) -> dict:
+    """The PTQ experiment's W8A8 RTN (MSE) numbers from its JSON ``path`` (``--ptq-json``); {} without one."""
+    if path is None:
         return {}
-    d = json.loads(p.read_text())
+    if not path.is_file():
+        raise FileNotFoundError(f"--ptq-json: {path} not found (experiments/ptq.py writes it)")
+    d = json.loads(path.read_text())
     out = {}
     r = next((r for r in d.get("resnet20", {}).get("rows", []) if r["precision"] == "W8A8" and "MSE" in r["method"]), None)
     if r:
@@ -76,24 +75,36 @@ def _ptq_reference() -> dict:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--min-duration", type=float, default=2.0)
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    exp = Experiment("bench_int8", __doc__, threads=2)
+    exp.parser.add_argument("--rounds", type=int, default=3)
+    exp.parser.add_argument("--min-duration", type=float, default=2.0)
+    exp.parser.add_argument("--ptq-json", type=Path, default=None,
+                            help="experiments/ptq.py's JSON, for its W8A8 column (omitted: that column shows -)")
+    exp.parser.add_argument("--int8-models", type=Path, default=cache_dir() / "bench",
+                            help="folder with experiments/bench.py's cached resnet20_w8a8_rtn.pt and "
+                                 "minilm_w8a8_rtn.pt (default: %(default)s)")
+    return exp.run(lambda args: science(args, exp), render, argv=argv)
+
+
+def science(args, exp: Experiment) -> dict:
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
-    t0 = time.perf_counter()
-    cache = ROOT / ".cache" / "thrifty" / "bench"
-    work = ROOT / "reports" / "bench_int8"
+    rounds, min_duration = (1, 0.5) if args.quick else (args.rounds, args.min_duration)
+    ptq_ref = _ptq_reference(args.ptq_json)  # read first: a wrong path fails before the long run
+    work = Path("reports") / exp.stem
     work.mkdir(parents=True, exist_ok=True)
+    paths = {fam: args.int8_models / f"{fam}_w8a8_rtn.pt" for fam in ("resnet20", "minilm")}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--int8-models: {', '.join(missing)} not found; run experiments/bench.py first")
     r20 = load_workload("resnet20")
     mini = load_workload("minilm", seq_len=128, max_samples=256)
-    models = {"resnet20": (r20, torch.load(cache / "resnet20_w8a8_rtn.pt", weights_only=False)),
-              "minilm": (mini, torch.load(cache / "minilm_w8a8_rtn.pt", weights_only=False))}
-    s = BenchConfig(min_duration_s=args.min_duration, max_batch=64)
-    out: dict = {"rounds": args.rounds, "workers": s.n_workers(), "threads": s.threads, "results": {},
-                 "ptq_experiment": _ptq_reference()}
+    models = {"resnet20": (r20, torch.load(paths["resnet20"], weights_only=False)),
+              "minilm": (mini, torch.load(paths["minilm"], weights_only=False))}
+    s = BenchConfig(min_duration_s=min_duration, max_batch=64)
+    out: dict = {"rounds": rounds, "workers": s.n_workers(), "threads": s.threads, "results": {},
+                 "ptq_experiment": ptq_ref, "min_duration_s": min_duration,
+                 "ptq_json": str(args.ptq_json) if args.ptq_json else None}
     for fam, (wl, q) in models.items():
         ex = tuple(torch.from_numpy(a) for a in wl.samples.batch([0, 1]))
         paths = {"fp32": export_onnx(wl.model, ex, work / f"{fam}_fp32.onnx", input_names=wl.input_names),
@@ -105,7 +116,7 @@ def main() -> int:
         acc = _accuracy(fam, wl, q, paths["int8"])
         print(f"[{time.strftime('%H:%M:%S')}] {fam}: int8 kernels {kern}; accuracy {acc}", flush=True)
         rows: dict[str, list[float]] = {"fp32_torch": [], "fp32_ort": [], "int8_ort": []}
-        for k in range(args.rounds):
+        for k in range(rounds):
             for var, model, be in (("fp32_torch", wl.model, "torch"), ("fp32_ort", str(paths["fp32"]), "onnxruntime"),
                                    ("int8_ort", str(paths["int8"]), "onnxruntime")):
                 r = run(model, wl.samples, scenarios=["Offline"], backend=be, settings=s, accuracy=False,
@@ -121,15 +132,13 @@ def main() -> int:
                                "median_int8_ort_over_fp32_torch": statistics.median(ratio),
                                "min_int8_ort_over_fp32_torch": min(ratio),
                                "median_int8_ort_over_fp32_ort": statistics.median(ratio_ort)}
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    md = render(out, args.min_duration)
-    atomic_write_text(ROOT / "results" / "bench_int8.json", json.dumps(out, indent=1))
-    atomic_write_text(ROOT / "results" / "bench_int8.md", md)
-    print(md)
-    return 0
+    out["seconds"] = exp.seconds()
+    return out
 
 
-def render(out: dict, min_duration: float) -> str:
+def render(out: dict) -> str:
+    min_duration = out.get("min_duration_s", 2.0)  # runs that did not record it used the default, 2.0 s
+    ptq_source = out.get("ptq_json", "results/ptq.json") or "none given"  # earlier runs read results/ptq.json
     f = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
     md = [f"# int8 ONNX Runtime vs FP32, Offline (LoadGen), {out['rounds']} interleaved rounds", "",
           f"{out['workers']} SUT workers x {out['threads']} thread, batch 64, min_duration {min_duration} s; "
@@ -145,7 +154,7 @@ def render(out: dict, min_duration: float) -> str:
                   f"**{r['median_int8_ort_over_fp32_torch']:.2f}x**) | {f(r['int8_ort_over_fp32_ort'])} "
                   f"(**{r['median_int8_ort_over_fp32_ort']:.2f}x**) |")
     md += ["", "Accuracy of the same int8 model, measured in this run (exported graph in ONNX Runtime vs the "
-               "simulated fake-quantized PyTorch model), and the PTQ experiment's number (results/ptq.json):", "",
+               "simulated fake-quantized PyTorch model), and the PTQ experiment's number (" + ptq_source + "):", "",
            "| model | metric | n | FP32 | int8 simulated | int8 ONNX Runtime (exported) | PTQ experiment W8A8 | "
            "kernels ONNX Runtime runs (int8 graph) |", "|---|---|---|---|---|---|---|---|"]
     for fam, r in out["results"].items():
@@ -163,4 +172,4 @@ def render(out: dict, min_duration: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
