@@ -38,26 +38,20 @@ the fine-tuning loss NaN at step 2 and the script stopped; a fine-tuning that di
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.core import apply  # noqa: E402
-from thrifty.data import load_dataset  # noqa: E402
-from thrifty.ops.accum import FloatFormat, accumulate  # noqa: E402
-from thrifty.models import create  # noqa: E402
-from thrifty.quant.accum import AccumConfig, finetune_accumulators  # noqa: E402
-from thrifty.train import TrainConfig, evaluate, fit, pretrained  # noqa: E402
-from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+from thrifty.bench.experiment import Experiment
+from thrifty.core import apply
+from thrifty.data import load_dataset
+from thrifty.models import create
+from thrifty.ops.accum import FloatFormat, accumulate
+from thrifty.quant.accum import AccumConfig, finetune_accumulators
+from thrifty.train import TrainConfig, evaluate, fit, pretrained
+from thrifty.utils import seed_everything
 
 # total bits -> (exponent bits, mantissa bits); the paper's exact splits are not verified (METHODS.md sec. 4)
 FORMATS = {16: (5, 10), 14: (5, 8), 12: (4, 7), 10: (4, 5), 8: (4, 3), 7: (4, 2), 6: (3, 2)}
@@ -253,7 +247,7 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict, path: Path) -> None:
+def plot(res: dict, exp: Experiment) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,45 +274,40 @@ def plot(res: dict, path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    exp.savefig(fig, "_acc.png", dpi=120)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "results"))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parts", default=",".join(PARTS),
-                   help="comma-separated parts to run (main: MLP, ResNet-20, MiniLM, error vs K; wide: the wide "
-                        "ResNet-20); the other parts' results are kept from the existing json")
-    args = p.parse_args(argv)
+    exp = Experiment("accumulators", __doc__)
+    exp.parser.add_argument("--parts", default=",".join(PARTS),
+                            help="comma-separated parts to run (main: MLP, ResNet-20, MiniLM, error vs K; wide: the "
+                                 "wide ResNet-20); the other parts' results are kept from this experiment's json")
+    args = exp.start(argv)
     parts = [x for x in args.parts.split(",") if x]
     merge_results({}, {}, parts)  # validates the part names before any work
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    q = args.quick
-    cmd = "python experiments/accumulators.py" + (" --quick" if q else "")
-    res: dict = {"mode": "quick" if q else "full"}
-    if "main" in parts:
-        res.update(main_part(args, log, cmd))
-    if "wide" in parts:
-        wcmd = cmd + ("" if args.parts == ",".join(PARTS) else f" --parts {args.parts}") + \
-            (f" --threads {args.threads}" if args.threads != 1 else "")
-        res["wide"] = {**wide_part(args.seed, q, log), "command": wcmd, "threads": args.threads}
-    name = "accumulators_quick" if q else "accumulators"
-    path = out / f"{name}.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    if old.get("mode", res["mode"]) != res["mode"]:
-        raise ValueError(f"{path} holds a {old['mode']} run; refusing to merge a {res['mode']} run into it")
-    res = merge_results(old, res, parts)
-    atomic_write_text(path, json.dumps(res, indent=1))
+    if args.render:
+        res = exp.read_json()
+    else:
+        log = lambda s: print(s, flush=True)  # noqa: E731
+        q = args.quick
+        cmd = "python experiments/accumulators.py" + (" --quick" if q else "")
+        res: dict = {"mode": "quick" if q else "full"}
+        if "main" in parts:
+            res.update(main_part(args, log, cmd))
+        if "wide" in parts:
+            wcmd = cmd + ("" if args.parts == ",".join(PARTS) else f" --parts {args.parts}") + \
+                (f" --threads {args.threads}" if args.threads != 1 else "")
+            res["wide"] = {**wide_part(args.seed, q, log), "command": wcmd, "threads": args.threads}
+        # a part run alone is merged into this experiment's own earlier results, never another script's
+        old = exp.read_json() if exp.path(".json").exists() else {}
+        if old.get("mode", res["mode"]) != res["mode"]:
+            raise ValueError(f"{exp.path('.json')} holds a {old['mode']} run; refusing to merge a {res['mode']} run "
+                             "into it")
+        res = merge_results(old, res, parts)
+        exp.write_json(res)
     if "rows" in res:  # the markdown and plot need the main part (run now or earlier)
-        atomic_write_text(out / f"{name}.md", to_markdown(res))
-        plot(res, out / f"{name}_acc.png")
-        print(to_markdown(res))
+        print(exp.write_markdown(to_markdown(res)).read_text(), end="")
+        plot(res, exp)
     return 0
 
 
