@@ -15,27 +15,24 @@
 Usage:
     python experiments/nm_masks.py --quick   # ~2 min: 2-epoch sparse training, short AdaPrune
     python experiments/nm_masks.py           # full: the recipe's epochs, 2 seeds for the trained rows
-Writes results/nm_masks.json, results/nm_masks.md and results/nm_masks_acc.png.
+Writes results/nm_masks.json, results/nm_masks.md and results/nm_masks_acc.png (quick: nm_masks_quick*).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
 import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import thrifty  # noqa: E402
-from thrifty.ops import nm as nmops  # noqa: E402
-from thrifty.sparse import NM, adaprune, nm_masks, reestimate_bn, sparsify  # noqa: E402
-from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+import thrifty
+from thrifty.bench.experiment import Experiment
+from thrifty.ops import nm as nmops
+from thrifty.sparse import NM, adaprune, nm_masks, reestimate_bn, sparsify
+from thrifty.utils import seed_everything
 
 PATTERNS = [("unstructured 50%", 1, 2, "unstructured"), ("1:2", 1, 2, "nm"), ("2:4", 2, 4, "nm"),
             ("4:8", 4, 8, "nm"), ("transposable 1:2", 1, 2, "transposable"),
@@ -180,17 +177,17 @@ def unstructured_to_nm(dense: torch.nn.Module, splits, calib, steps: int, epochs
         "acc_nm_adaprune": evaluate(ada, splits.test)["acc"]}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="results/nm_masks")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def main(argv: list[str] | None = None) -> int:
+    exp = Experiment("nm_masks", __doc__)
+    rc = exp.run(lambda args: science(args, exp), render, lambda res: plot(res, exp), argv)
+    print(f"log10 of B(8,4) = {math.log10(nmops.count_transposable(8, 4)):.2f}")
+    return rc
+
+
+def science(args, exp: Experiment) -> dict:
     from thrifty.data import calibration_subset, load_dataset
     from thrifty.train import evaluate, pretrained, recipe
 
-    t_start = time.perf_counter()
     res: dict = {"mode": "quick" if args.quick else "full", "diversity": diversity()}
     print("diversity done", flush=True)
     torch.manual_seed(0)
@@ -236,8 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"adaprune {label}: {res['adaprune']['rows'][label]}", flush=True)
     res["unstructured"] = unstructured_to_nm(dense, splits, calib, steps, 1.0 if args.quick else 2.0)
     print(f"unstructured -> N:M: {res['unstructured']}", flush=True)
-    res["seconds"] = time.perf_counter() - t_start
-    write(res, Path(args.out))
+    res["seconds"] = exp.seconds()
     return res
 
 
@@ -247,8 +243,7 @@ def _pct(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f} (n={len(xs)})"
 
 
-def write(res: dict, stem: Path) -> None:
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(res, indent=2))
+def render(res: dict) -> str:
     md = [f"# N:M weight masks ({res['mode']} run, {res['seconds'] / 60:.1f} min)", "",
           "## Mask diversity of one 8x8 tile (64 weights, 50% density)", "",
           "| mask | number of masks (exact) | log10 |", "|---|---:|---:|"]
@@ -293,7 +288,11 @@ def write(res: dict, stem: Path) -> None:
                f"{100 * un['acc_nm_magnitude_bn']:.2f} |",
                f"| per-layer N:M, AdaPrune + BN re-est. (no training) | {un['nm_density']:.3f} | "
                f"{100 * un['acc_nm_adaprune']:.2f} |"]
-    atomic_write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
+    return "\n".join(md) + "\n"
+
+
+def plot(res: dict, exp: Experiment) -> None:
+    sc, ad = res["scratch"], res["adaprune"]
     try:
         import matplotlib
 
@@ -311,12 +310,10 @@ def write(res: dict, stem: Path) -> None:
         ax.set_xlabel("test accuracy (%)")
         ax.set_title("resnet20 / digits32, N:M weight sparsity")
         fig.tight_layout()
-        fig.savefig(str(stem) + "_acc.png", dpi=120)
-        plt.close(fig)
+        exp.savefig(fig, "_acc.png", dpi=120)
     except Exception as e:  # a missing plot must not lose the numbers
         print(f"plot skipped: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
-    print(f"wrote results (log10 of B(8,4) = {math.log10(nmops.count_transposable(8, 4)):.2f})")
+    raise SystemExit(main())
