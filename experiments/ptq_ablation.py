@@ -52,22 +52,17 @@ results/ptq_ablation.{json,md} and results/ptq_ablation.png.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.data import calibration_subset, load_dataset  # noqa: E402
-from thrifty.quant import PTQ, quantize  # noqa: E402
-from thrifty.quant.calib import output_loss  # noqa: E402
-from thrifty.utils import atomic_savefig, atomic_write_text, seed_everything  # noqa: E402
+from thrifty.bench.experiment import Experiment
+from thrifty.data import calibration_subset, load_dataset
+from thrifty.quant import PTQ, quantize
+from thrifty.quant.calib import output_loss
 
 # The settings before this ablation (the library's defaults until then), so the baseline row stays fixed when
 # the defaults change.
@@ -136,7 +131,8 @@ def _parts(out: Path, stem: str) -> list[dict]:
     return list(rows.values())
 
 
-def _markdown(rows: list[dict], fp_acc: float, n_calib: int, quick: bool) -> str:
+def _markdown(res: dict) -> str:
+    rows, fp_acc, n_calib, quick = res["rows"], res["fp_acc"], res["n_calib"], res["quick"]
     out = [f"# PTQ ablation{' (quick)' if quick else ''}: resnet20 / digits32", "",
            f"FP32 test top-1 {fp_acc:.2f} % (539 test images); {n_calib} calibration images; first/last layer 8 bit; "
            "KL = mean KL(FP32 || quantized) over the test set. CPU s = user+system CPU time with 1 torch thread "
@@ -150,7 +146,7 @@ def _markdown(rows: list[dict], fp_acc: float, n_calib: int, quick: bool) -> str
     return "\n".join(out) + "\n"
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], exp: Experiment) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -165,22 +161,22 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("test KL(FP32 || quantized), W2A4, log scale")
     ax.set_title("resnet20 / digits32 PTQ ablation (advanced pipeline)")
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    exp.savefig(fig, ".png")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "results"))
+    exp = Experiment("ptq_ablation", __doc__)  # one torch thread: CPU seconds are the measure
+    ap = exp.parser
     ap.add_argument("--only", default=None, help="comma-separated setting names (default: all; names hold no comma)")
     ap.add_argument("--precisions", default="2x4", help="W x A, e.g. 4x4,3x4,2x4")
     ap.add_argument("--extra", default=None, help='JSON {name: overrides of BASE} added to the settings')
     ap.add_argument("--tag", default="main", help="part file suffix (parallel processes)")
     ap.add_argument("--merge", action="store_true", help="only rebuild json/md/png from the saved parts")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    seed_everything(0)
-    out, stem = Path(args.out), "ptq_ablation_quick" if args.quick else "ptq_ablation"
+    return exp.run(lambda args: science(args, exp), _markdown, lambda res: _plot(res["rows"], exp), argv)
+
+
+def science(args, exp: Experiment) -> dict:
+    out, stem = exp.out, exp.stem
     settings = dict(SETTINGS)
     for name, kw in (json.loads(args.extra) if args.extra else {}).items():
         settings[name] = ("combined", kw)
@@ -206,13 +202,10 @@ def main(argv=None) -> int:
                 r.update(setting=name, hypothesis=hyp, precision=f"W{p[0]}A{p[1]}", overrides=kw)
                 print(f"W{p[0]}A{p[1]} {name:22s} test KL {r['test_kl']:.4f} top-1 {r['acc']:.2f} calib KL "
                       f"{r['calib_kl']:.4f} {r['cpu_s']:.1f} CPU s {r['wall_s']:.1f} wall s", flush=True)
-                with open(part, "a") as f:
+                out.mkdir(parents=True, exist_ok=True)
+                with open(part, "a") as f:  # appended row by row: a stopped full run resumes here
                     f.write(json.dumps(r) + "\n")
-    rows = _parts(out, stem)
-    atomic_write_text(out / f"{stem}.json", json.dumps(dict(fp_acc=env["fp_acc"], n_calib=len(env["calib"]), base=BASE, rows=rows), indent=1))
-    atomic_write_text(out / f"{stem}.md", _markdown(rows, env["fp_acc"], len(env["calib"]), args.quick))
-    _plot(rows, out / f"{stem}.png")
-    return 0
+    return dict(fp_acc=env["fp_acc"], n_calib=len(env["calib"]), base=BASE, rows=_parts(out, stem), quick=args.quick)
 
 
 if __name__ == "__main__":
