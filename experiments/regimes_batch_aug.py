@@ -83,6 +83,7 @@ from thrifty.models import create
 from thrifty.train import TrainConfig, fit, model_kwargs_for
 from thrifty.train.augment import AugmentConfig, SignalAugmentConfig
 from thrifty.train.regimes import BatchAugment
+from thrifty.utils import atomic_savefig
 from thrifty.utils import seed_everything
 
 LAST_K = 3  # evaluations averaged for the alternative "final accuracy" target
@@ -309,8 +310,7 @@ def plot(results: list[dict], path) -> None:
                title=f"{res['task']} (mean of {len(seeds)} seeds, +-1 std)")
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    atomic_savefig(fig, path)
 
 
 BUDGET_FRACTIONS = (0.4, 0.6)
