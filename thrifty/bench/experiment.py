@@ -143,10 +143,11 @@ def _command_line(argv: Sequence[str]) -> str:
 class Experiment:
     """One experiment or benchmark script's flags, seeding, outputs and provenance.
 
-    ``name`` is the results stem (``results/<name>.json``; ``<name>_quick`` under ``--quick`` unless
-    ``quick_stem=False``); ``description`` the script's docstring (the ``--help`` text); ``hypotheses`` the claims the
-    run tests, fixed in the script before it runs and copied under the markdown's title; ``threads`` and ``seed`` the
-    flag defaults. ``parser`` takes the script's own flags before :meth:`start`.
+    ``name`` is the default results stem (``results/<name>.json``; ``<name>_quick`` under ``--quick``, so a quick
+    run never overwrites a full one); ``description`` the script's docstring (the ``--help`` text); ``hypotheses``
+    the claims the run tests, fixed in the script before it runs, shown by ``--help`` and copied under the
+    markdown's title; ``threads`` and ``seed`` the flag defaults. ``parser`` takes the script's own flags before
+    :meth:`start`.
 
     Example:
         >>> exp = Experiment("bench_x", "Bench x.", threads=2)
@@ -157,16 +158,16 @@ class Experiment:
     """
 
     def __init__(self, name: str, description: str | None = None, *, hypotheses: Iterable[str] = (),
-                 threads: int = 1, seed: int = 0, quick_stem: bool = True, out: str | os.PathLike | None = None):
+                 threads: int = 1, seed: int = 0, out: str | os.PathLike | None = None):
         if not name or any(c in name for c in "/\\ ") or name.startswith("."):
             raise ValueError(f"Experiment name must be a plain file stem, got {name!r}")
         self.name = name
         self.hypotheses = [h.strip() for h in hypotheses]
-        self.quick_stem = quick_stem
-        self.parser = argparse.ArgumentParser(description=description,
+        epilog = "\n".join([HEADER, *(f"- {h}" for h in self.hypotheses)]) if self.hypotheses else None
+        self.parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                               formatter_class=argparse.RawDescriptionHelpFormatter)
         g = self.parser.add_argument_group("harness")
-        g.add_argument("--quick", action="store_true", help="CI-sized run (writes <name>_quick.* where separate)")
+        g.add_argument("--quick", action="store_true", help="CI-sized run (writes <name>_quick.*)")
         g.add_argument("--out", type=Path, default=Path(out) if out is not None else Path("results"),
                        help="output folder (default: %(default)s)")
         g.add_argument("--name", default=name, help="results file stem (default %(default)s)")
@@ -201,7 +202,7 @@ class Experiment:
     def stem(self) -> str:
         """``--name`` (default ``name``), with ``_quick`` appended for a ``--quick`` run."""
         args = self._need_args()
-        return f"{args.name}_quick" if args.quick and self.quick_stem else args.name
+        return f"{args.name}_quick" if args.quick else args.name
 
     @property
     def out(self) -> Path:
