@@ -20,9 +20,17 @@ SCRIPTS = sorted([*ROOT.glob("experiments/*.py"), *ROOT.glob("benchmarks/*.py")]
 
 @pytest.fixture
 def threads():
-    n = torch.get_num_threads()
+    """The harness sets torch's threads and seeds every RNG: give them back as they were to the next test."""
+    import random
+
+    import numpy as np
+
+    n, states = torch.get_num_threads(), (random.getstate(), np.random.get_state(), torch.get_rng_state())
     yield
     torch.set_num_threads(n)
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
 
 
 def test_standard_flags_seed_threads_and_paths(tmp_path, threads):
@@ -212,3 +220,48 @@ def test_every_script_runs_on_the_harness(script):
     text = script.read_text()
     assert "Experiment(" in text, f"{script.name}: use thrifty.bench.experiment.Experiment for flags and outputs"
     assert "argparse" not in text and "atomic_write_text(out" not in text
+
+
+# every committed results/<stem>.md is what its script renders from results/<stem>.json: the numbers in the docs
+# come from the JSON, and a change of a script's formatting shows up here until the markdown is re-rendered
+RENDERED = [("benchmarks/accumulators.py", "bench_accumulators", []), ("benchmarks/bench_int8.py", "bench_int8", []),
+            ("benchmarks/datafree.py", "bench_datafree", []), ("benchmarks/grad_sparsity.py", "bench_grad_sparsity", []),
+            ("benchmarks/nm_masks.py", "bench_nm_masks", []),
+            ("benchmarks/nm_masks.py", "bench_nm_masks_1thread", ["--name", "bench_nm_masks_1thread"]),
+            ("benchmarks/ptq_anchor.py", "ptq_anchor", []), ("benchmarks/train8.py", "bench_train8", []),
+            ("experiments/accumulators.py", "accumulators", []), ("experiments/bench.py", "bench", []),
+            ("experiments/compose.py", "compose", []), ("experiments/datafree.py", "datafree", []),
+            ("experiments/grad_sparsity.py", "grad_sparsity", []), ("experiments/merge.py", "merge", []),
+            ("experiments/nm_masks.py", "nm_masks", []), ("experiments/ptq.py", "ptq", []),
+            ("experiments/ptq_ablation.py", "ptq_ablation", []), ("experiments/regimes.py", "regimes", []),
+            ("experiments/regimes.py", "regimes_quick", ["--quick"]), ("experiments/train8.py", "train8", [])]
+
+
+def _script_module(rel: str):
+    import importlib.util
+    import sys
+
+    path = ROOT / rel
+    sys.path.insert(0, str(path.parent))  # as when the script runs: its folder first (regimes imports its sibling)
+    try:
+        spec = importlib.util.spec_from_file_location(f"_script_{path.parent.name}_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(path.parent))
+    return mod
+
+
+@pytest.mark.parametrize("rel,stem,extra", RENDERED, ids=[f"{r[1]}" for r in RENDERED])
+def test_committed_markdown_is_the_render_of_the_committed_json(rel, stem, extra, tmp_path, monkeypatch, threads):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: None)  # plots: not compared
+    (tmp_path / f"{stem}.json").write_bytes((ROOT / "results" / f"{stem}.json").read_bytes())
+    assert _script_module(rel).main(["--render", "--out", str(tmp_path), *extra]) == 0
+    assert (tmp_path / f"{stem}.md").read_text() == (ROOT / "results" / f"{stem}.md").read_text(), (
+        f"results/{stem}.md is not what {rel} renders from results/{stem}.json: re-render it with "
+        f"`python {rel} --render {' '.join(extra)}` (numbers come from the JSON only)")
