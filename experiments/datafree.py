@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import thrifty as th  # noqa: E402
-from thrifty.bench.experiment import Experiment  # noqa: E402
+from thrifty.bench.experiment import Experiment, fmt, table  # noqa: E402
 from thrifty.datafree import Synth, bn_similarity, distill, synthesize  # noqa: E402
 
 
@@ -135,15 +135,13 @@ def to_markdown(out: dict) -> str:
         f"FP32 test accuracy {out['fp32_acc']:.4f}; {out['calibration_samples']} calibration samples per source; "
         f"advanced PTQ pipeline (AdaQuant + bit allocation off + BN tuning + bias tuning), first/last layer 8 bit.",
         "",
-        "| setting | calibration data | test acc | drop vs FP32 (points) |",
-        "|---|---|---|---|",
+        table(out["ptq"], {"setting": "setting", "calibration": "calibration data", "acc": "test acc",
+                           "drop_vs_fp32": "drop vs FP32 (points)"}, digits={"acc": 4},
+              formats={"drop_vs_fp32": lambda d: fmt(d, percent=True, sign=True)}).rstrip("\n"),
     ]
-    for r in out["ptq"]:
-        lines.append(f"| {r['setting']} | {r['calibration']} | {r['acc']:.4f} | {100 * r['drop_vs_fp32']:+.2f} |")
     lines += ["", "BN-statistics distance to the model (sum over BN layers of the channel-mean KL; lower = more "
-              "alike):", "", "| data | distance |", "|---|---|"]
-    for k, v in out["bn_similarity"].items():
-        lines.append(f"| {k} | {v:.3f} |")
+              "alike):", "", table([{"data": k, "distance": v} for k, v in out["bn_similarity"].items()],
+                                   digits=3).rstrip("\n")]
     kd = [f"{r['setting']} KL {r['distill']['kl_before']:.4f} -> {r['distill']['kl_after']:.4f}"
           + ("" if r["distill"]["kept"] else " (no improvement, fine-tuned weights discarded)")
           for r in out["ptq"] if r.get("distill")]

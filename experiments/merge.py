@@ -16,7 +16,7 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
-from thrifty.bench.experiment import Experiment
+from thrifty.bench.experiment import Experiment, table
 from thrifty.data import load_dataset
 from thrifty.merge import (
     DistillMerge, Ensemble, FSMerge, PermuteMerge, average, distill_merge, evaluate_tasks, few_shot, fs_merge,
@@ -143,13 +143,11 @@ def to_markdown(rows: list[dict], quick: bool) -> str:
            "logits; rel = merged / original accuracy of that task, averaged over tasks.", ""]
     for (arch, k) in dict.fromkeys((r["arch"], r["k"]) for r in rows):
         sub = [r for r in rows if r["arch"] == arch and r["k"] == k]
+        tasks = {f"task{i}": f"task {i + 1} acc" for i in range(k)}
         out += [f"## {arch.upper()}, {k} tasks", "",
-                "| method | samples/task | " + " | ".join(f"task {i + 1} acc" for i in range(k)) +
-                " | mean rel | seconds |", "|---|---|" + "---|" * k + "---|---|"]
-        for r in sub:
-            out.append(f"| {r['method']} | {r['samples'] if r['samples'] is not None else '-'} | " +
-                       " | ".join(f"{a:.3f}" for a in r["acc"]) + f" | {r['mean_rel']:.3f} | {r['seconds']} |")
-        out.append("")
+                table([{**r, **dict(zip(tasks, r["acc"]))} for r in sub],
+                      {"method": "method", "samples": "samples/task", **tasks, "mean_rel": "mean rel",
+                       "seconds": "seconds"}, digits=3, formats={"seconds": str})]
     return "\n".join(out)
 
 

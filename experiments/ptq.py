@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from thrifty.bench.experiment import Experiment
+from thrifty.bench.experiment import Experiment, fmt, table
 from thrifty.data import calibration_subset, load_dataset
 from thrifty.quant import PTQ, quantize
 from thrifty.utils import atomic_write_text
@@ -145,27 +145,28 @@ def _markdown(r: dict) -> str:
            f"resnet20 on digits32: FP32 test accuracy **{rn['fp_acc']:.2f}%** (n={rn['n_test']}; one image = "
            f"{100 / rn['n_test']:.2f} points); calibration {rn['n_calib']} training images (10 per class). "
            "First and last layer at 8 bit; weights per output channel, activations per tensor, asymmetric.", "",
-           "| precision | method | test acc % | drop (points) | size vs FP32 | KL to FP32 (calib) | wall s | CPU s |",
-           "|---|---|---|---|---|---|---|---|"]
-    for x in rn["rows"]:
-        out.append(f"| {x['precision']} | {x['method']} | {x['acc']:.2f} | {x['drop']:+.2f} | {x['size']:.3f} | "
-                   f"{x['calib_loss']:.4f} | {x['wall_s']:.1f} | {x['cpu_s']:.1f} |")
+           table(rn["rows"], {"precision": "precision", "method": "method", "acc": "test acc %",
+                              "drop": "drop (points)", "size": "size vs FP32", "calib_loss": "KL to FP32 (calib)",
+                              "wall_s": "wall s", "cpu_s": "CPU s"},
+                 digits={"size": 3, "calib_loss": 4, "wall_s": 1, "cpu_s": 1},
+                 formats={"drop": lambda d: fmt(d, sign=True)}).rstrip("\n")]
+    def hist(h: dict) -> str:  # int keys in a fresh run, str keys once read back from the JSON
+        h = {int(k): v for k, v in h.items()}
+        return "/".join(str(h[b]) for b in (2, 3, 4, 8))
     out += ["", "Bit allocation (ILP over {2,3,4,8}-bit weights, A8; budget = fraction of the FP32 bytes of the "
             "quantized layers):", "",
-            "| pipeline | budget | size | test acc % | drop | layers at 2/3/4/8 bit | predicted KL | measured KL (RTN) | final KL | CPU s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for x in sorted(rn["curve"], key=lambda c: (c["pipeline"] != "light", c["budget"])):
-        h = {int(k): v for k, v in x["bits_hist"].items()}
-        out.append(f"| {x['pipeline']} | {x['budget']:.2f} | {x['size']:.3f} | {x['acc']:.2f} | {x['drop']:+.2f} | "
-                   f"{h[2]}/{h[3]}/{h[4]}/{h[8]} | {x['predicted_loss']:.4f} | {x['measured_loss']:.4f} | "
-                   f"{x['final_loss']:.4f} | {x['cpu_s']:.1f} |")
+            table(sorted(rn["curve"], key=lambda c: (c["pipeline"] != "light", c["budget"])),
+                  {"pipeline": "pipeline", "budget": "budget", "size": "size", "acc": "test acc %", "drop": "drop",
+                   "bits_hist": "layers at 2/3/4/8 bit", "predicted_loss": "predicted KL",
+                   "measured_loss": "measured KL (RTN)", "final_loss": "final KL", "cpu_s": "CPU s"},
+                  digits={"size": 3, "predicted_loss": 4, "measured_loss": 4, "final_loss": 4, "cpu_s": 1},
+                  formats={"drop": lambda d: fmt(d, sign=True), "bits_hist": hist}).rstrip("\n")]
     out += ["", f"all-MiniLM-L6-v2: fidelity on {ml['n_test']} held-out sentences (calibration {ml['n_calib']} "
             "sentences); embeddings, LayerNorms and attention score/value products stay FP32.", "",
-            "| precision | method | mean cosine | min cosine | NN retrieval agreement | layers | CPU s |",
-            "|---|---|---|---|---|---|---|"]
-    for x in ml["rows"]:
-        out.append(f"| {x['precision']} | {x['method']} | {x['mean_cos']:.4f} | {x['min_cos']:.4f} | "
-                   f"{x['nn_agreement']:.3f} | {x['n_layers']} | {x['cpu_s']:.1f} |")
+            table(ml["rows"], {"precision": "precision", "method": "method", "mean_cos": "mean cosine",
+                               "min_cos": "min cosine", "nn_agreement": "NN retrieval agreement",
+                               "n_layers": "layers", "cpu_s": "CPU s"},
+                  digits={"mean_cos": 4, "min_cos": 4, "nn_agreement": 3, "cpu_s": 1}).rstrip("\n")]
     out += ["", "## Targets", ""] + [f"- {t}" for t in r["targets"]]
     adv = [x["cpu_s"] for x in rn["rows"] if x["method"] == "advanced"]
     adv_b = [x["cpu_s"] for x in rn["curve"] if x["pipeline"] == "advanced"]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from thrifty.bench.experiment import Experiment
+from thrifty.bench.experiment import Experiment, table
 from thrifty.data import calibration_subset, load_dataset
 from thrifty.quant import PTQ, quantize
 from thrifty.quant.calib import output_loss
@@ -141,12 +141,12 @@ def _markdown(res: dict) -> str:
            "KL = mean KL(FP32 || quantized) over the test set. CPU s = user+system CPU time with 1 torch thread "
            "(the fair measure on a shared machine), wall s as measured under that load. Hypotheses: listed above, "
            "written in experiments/ptq_ablation.py and committed before the runs.", "",
-           "| precision | setting | hypothesis | test KL | top-1 % | calib KL | CPU s | wall s | reverted |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["precision"], r["test_kl"])):
-        out.append(f"| {r['precision']} | {r['setting']} | {r['hypothesis']} | {r['test_kl']:.4f} | {r['acc']:.2f} | "
-                   f"{r['calib_kl']:.4f} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | {', '.join(r['reverted']) or '-'} |")
-    return "\n".join(out) + "\n"
+           table(sorted(rows, key=lambda r: (r["precision"], r["test_kl"])),
+                 {"precision": "precision", "setting": "setting", "hypothesis": "hypothesis", "test_kl": "test KL",
+                  "acc": "top-1 %", "calib_kl": "calib KL", "cpu_s": "CPU s", "wall_s": "wall s",
+                  "reverted": "reverted"}, digits={"test_kl": 4, "calib_kl": 4, "cpu_s": 1, "wall_s": 1},
+                 formats={"reverted": lambda r: ", ".join(r) or "-"})]
+    return "\n".join(out)
 
 
 def _plot(rows: list[dict], exp: Experiment) -> None:

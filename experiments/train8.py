@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from thrifty.bench.experiment import Experiment
+from thrifty.bench.experiment import Experiment, fmt, table
 from thrifty.data import load_dataset
 from thrifty.models import create
 from thrifty.nn import RangeBatchNorm1d, convert_to_range_bn
@@ -68,16 +68,16 @@ def to_markdown(res: dict) -> str:
     lines = ["# 8-bit training with Range BN (ResNet-20, digits 32x32)", "",
              f"Mode: {res['mode']}; seeds {res['seeds']}; {res['steps']} steps, recipe {res['train']}. "
              f"Command: `{res['command']}`.", "",
-             "| variant | test acc. (mean over seeds) | per seed | final train loss | ms / step |",
-             "|---|---|---|---|---|"]
-    for name, s in res["summary"].items():
-        lines.append(f"| {name} | {100 * s['mean_acc']:.2f} | {', '.join(f'{100 * a:.2f}' for a in s['accs'])} | "
-                     f"{s['train_loss']:.4f} | {s['ms_per_step']:.0f} |")
-    lines += ["", "Range BN vs BN on Gaussian activations (16 chunks of n elements per channel; mean relative error "
-              "||RBN - BN|| / ||BN|| over trials):", "",
-              "| n per chunk | C(n) = 1/E[range] (default) | C(n) = 1/sqrt(2 ln n) (paper) |", "|---|---|---|"]
-    for r in res["rangebn"]:
-        lines.append(f"| {r['n']} | {r['gaussian']:.4f} | {r['paper']:.4f} |")
+             table([{"variant": name, **s} for name, s in res["summary"].items()],
+                   {"variant": "variant", "mean_acc": "test acc. (mean over seeds)", "accs": "per seed",
+                    "train_loss": "final train loss", "ms_per_step": "ms / step"},
+                   digits={"train_loss": 4, "ms_per_step": 0},
+                   formats={"mean_acc": lambda a: fmt(a, percent=True),
+                            "accs": lambda accs: ", ".join(fmt(a, percent=True) for a in accs)}).rstrip("\n"),
+             "", "Range BN vs BN on Gaussian activations (16 chunks of n elements per channel; mean relative error "
+             "||RBN - BN|| / ||BN|| over trials):", "",
+             table(res["rangebn"], {"n": "n per chunk", "gaussian": "C(n) = 1/E[range] (default)",
+                                    "paper": "C(n) = 1/sqrt(2 ln n) (paper)"}, digits=4).rstrip("\n")]
     lines += ["", "The paper's closed form C(n) = 1/sqrt(2 ln n) normalises by about 2 sigma (outputs ~half of BN's, "
               "absorbed by the affine weight); the default uses the exact expected Gaussian range.",
               "", f"Total time {res['seconds']} s (CPU, {res['threads']} thread(s))."]
