@@ -79,7 +79,7 @@ def science(args) -> dict:
         rows.append({"settings": label, "batch_size": c.batch_size, "steps": c.steps,
                      "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                      "bn_distance": bn_similarity(model, ds)})
-    per_step = step_seconds(model, 256, steps=2)
+    per_step = step_seconds(model, 256, rounds=1 if args.quick else 3, steps=1 if args.quick else 2)
     # reference on the same machine in the same run: one epoch of resnet20 training on digits32
     torch.manual_seed(0)
     m = th.models.create("resnet20", in_chans=1, num_classes=10)
