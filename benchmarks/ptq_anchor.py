@@ -195,6 +195,7 @@ def main(argv=None) -> int:
         if res is None:
             return 0
         exp.write_json(res)
+        res = exp.read_json()  # rendered from the JSON, as --render does
     print(exp.write_markdown(render(res)).read_text(), end="")
     return 0
 

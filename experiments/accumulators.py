@@ -303,8 +303,8 @@ def main(argv=None) -> int:
         if old.get("mode", res["mode"]) != res["mode"]:
             raise ValueError(f"{exp.path('.json')} holds a {old['mode']} run; refusing to merge a {res['mode']} run "
                              "into it")
-        res = merge_results(old, res, parts)
-        exp.write_json(res)
+        exp.write_json(merge_results(old, res, parts))
+        res = exp.read_json()  # rendered from the JSON, as --render does
     if "rows" in res:  # the markdown and plot need the main part (run now or earlier)
         print(exp.write_markdown(to_markdown(res)).read_text(), end="")
         plot(res, exp)

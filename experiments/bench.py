@@ -86,7 +86,9 @@ def main(argv=None) -> int:
     exp = Experiment("bench", __doc__, threads=2)  # PTQ in this process on the machine's 2 cores
     args = exp.start(argv)
     warnings.filterwarnings("ignore")
-    out = exp.read_json() if args.render else science(args, exp)
+    if not args.render:
+        science(args, exp)
+    out = exp.read_json()  # a fresh run renders from its JSON too, as --render does
     plots = plot_results([r for r in out["rows"] if r["part"] == "A"], exp.out, prefix=f"{exp.stem}_")
     md = exp.write_markdown(render(out) + "\n" + "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in plots))
     print(md.read_text(), end="")

@@ -239,6 +239,7 @@ def main(argv=None) -> int:
         if r is None:
             return 0
         exp.write_json(r)
+        r = exp.read_json()  # rendered from the JSON, as --render does
     print(exp.write_markdown(_markdown(r)).read_text(), end="")
     _plot(r, exp)
     return 0

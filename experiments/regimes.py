@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="parts a/c: only the tasks whose name contains one of these (e.g. digits32 mnist1d); a "
                          "full task name ('resnet20 / digits32') selects that task only")
     args = exp.start(argv)
-    res = exp.read_json() if args.render else run_parts(args, exp)
+    if not args.render:
+        run_parts(args, exp)
+    res = exp.read_json()  # a fresh run renders from its JSON too, as --render does
     print(exp.write_markdown(markdown(res, exp.stem)).read_text(), end="")
     plots(res, exp)
     return 0

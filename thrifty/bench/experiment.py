@@ -246,14 +246,12 @@ class Experiment:
 
     def run(self, science: Callable[[argparse.Namespace], dict], render: Callable[[dict], str],
             plot: Callable[[dict], None] | None = None, argv: Sequence[str] | None = None) -> int:
-        """The whole script: :meth:`start`, then ``science(args)`` -> result dict (or, with ``--render``, the JSON
-        already written), then the JSON, ``render(result)`` as the markdown and ``plot(result)``. Returns 0."""
+        """The whole script: :meth:`start`, ``science(args)`` -> a result dict written as the JSON (skipped with
+        ``--render``), then ``render`` and ``plot`` of the result read back from that JSON. Returns 0."""
         args = self.start(argv)
-        if args.render:
-            result = self.read_json()
-        else:
-            result = science(args)
-            self.write_json(result)
+        if not args.render:
+            self.write_json(science(args))
+        result = self.read_json()  # a fresh run renders from its JSON too: --render reproduces it exactly
         md = self.write_markdown(render(result))
         if plot is not None:
             plot(result)
