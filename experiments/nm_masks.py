@@ -29,7 +29,7 @@ import time
 import torch
 
 import thrifty
-from thrifty.bench.experiment import Experiment
+from thrifty.bench.experiment import Experiment, fmt, table
 from thrifty.ops import nm as nmops
 from thrifty.sparse import NM, adaprune, nm_masks, reestimate_bn, sparsify
 from thrifty.utils import seed_everything
@@ -246,34 +246,37 @@ def _pct(xs: list[float]) -> str:
 def render(res: dict) -> str:
     md = [f"# N:M weight masks ({res['mode']} run, {res['seconds'] / 60:.1f} min)", "",
           "## Mask diversity of one 8x8 tile (64 weights, 50% density)", "",
-          "| mask | number of masks (exact) | log10 |", "|---|---:|---:|"]
-    md += [f"| {r['mask']} | {r['count']} | {r['log10']:.2f} |" for r in res["diversity"]]
+          table(res["diversity"], {"mask": "mask", "count": "number of masks (exact)", "log10": "log10"},
+                align="lrr").rstrip("\n")]
     md += ["", "## Greedy 2-approximation vs exact transposable masks (kept |w| per tile)", "",
-           "| weights | pattern | tiles | mean ratio | worst tile | greedy optimal | greedy density / target "
-           "| kept |w| exact | kept |w| greedy | kept |w| plain N:M |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for src, rows in res["approx"].items():
-        for r in rows:
-            md.append(f"| {src} | {r['pattern']} | {r['tiles']} | {r['mean_ratio']:.4f} | {r['worst_tile_ratio']:.4f}"
-                      f" | {100 * r['greedy_optimal_share']:.1f}% | {r['greedy_density_vs_target']:.4f}"
-                      f" | {r['kept_abs_exact']:.4f} | {r['kept_abs_approx']:.4f} | {r['kept_abs_plain_nm']:.4f} |")
+           table([{"weights": src, **r} for src, rows in res["approx"].items() for r in rows],
+                 {"weights": "weights", "pattern": "pattern", "tiles": "tiles", "mean_ratio": "mean ratio",
+                  "worst_tile_ratio": "worst tile", "greedy_optimal_share": "greedy optimal",
+                  "greedy_density_vs_target": "greedy density / target", "kept_abs_exact": "kept |w| exact",
+                  "kept_abs_approx": "kept |w| greedy", "kept_abs_plain_nm": "kept |w| plain N:M"},
+                 digits=4, formats={"greedy_optimal_share": lambda v: fmt(v, 1, percent=True) + "%"},
+                 align="llrrrrrrrr").rstrip("\n")]
     sc = res["scratch"]
     md += ["", f"## resnet20 on digits32: trained from scratch with masks ({sc['epochs']:g} epochs, masks "
            f"recomputed every {sc['recompute_every']} steps, straight-through)", "",
-           "| model | test accuracy (%) | train seconds |", "|---|---:|---:|"]
-    for r in sc["rows"]:
-        secs = f"{r['seconds']:.0f}" if r.get("seconds") is not None else ""
-        md.append(f"| {r['model']} | {_pct(r['acc'])} | {secs} |")
+           table(sc["rows"], {"model": "model", "acc": "test accuracy (%)", "seconds": "train seconds"},
+                 formats={"acc": _pct, "seconds": lambda v: "" if v is None else fmt(v, 0)},
+                 align="lrr").rstrip("\n")]
     md += ["", "Test set: 539 images (one image = 0.19%). Train seconds are wall clock on a shared, overloaded "
            "2-core machine: not a speed comparison."]
     ad = res["adaprune"]
     md += ["", f"## resnet20 on digits32: from the dense model (dense {100 * ad['dense_acc']:.2f}%), "
            f"{ad['calibration_images']} unlabelled calibration images, {ad['steps_per_layer']} AdaPrune steps "
-           "per layer", "", "| pattern | magnitude | magnitude + BN | AdaPrune + BN (no training) | AdaPrune + 1 epoch "
-           "| AdaPrune seconds |", "|---|---:|---:|---:|---:|---:|"]
-    for label, r in ad["rows"].items():
-        md.append(f"| {label} | {100 * r['magnitude (no BN re-est.)']:.2f} | {100 * r['magnitude + BN re-est.']:.2f}"
-                  f" | {100 * r['AdaPrune + BN re-est. (no training)']:.2f} | {100 * r['AdaPrune + 1 epoch']:.2f}"
-                  f" | {r['adaprune_seconds']:.0f} |")
+           "per layer", "",
+           table([{"pattern": label, **r} for label, r in ad["rows"].items()],
+                 {"pattern": "pattern", "magnitude (no BN re-est.)": "magnitude",
+                  "magnitude + BN re-est.": "magnitude + BN",
+                  "AdaPrune + BN re-est. (no training)": "AdaPrune + BN (no training)",
+                  "AdaPrune + 1 epoch": "AdaPrune + 1 epoch", "adaprune_seconds": "AdaPrune seconds"},
+                 formats={**dict.fromkeys(("magnitude (no BN re-est.)", "magnitude + BN re-est.",
+                                           "AdaPrune + BN re-est. (no training)", "AdaPrune + 1 epoch"),
+                                          lambda v: fmt(v, percent=True)),
+                          "adaprune_seconds": lambda v: fmt(v, 0)}, align="lrrrrr").rstrip("\n")]
     un = res.get("unstructured")
     if un:
         pats = ", ".join(f"{k} x{v}" for k, v in sorted(un["plan_patterns"].items()))
@@ -282,12 +285,13 @@ def render(res: dict) -> str:
                f"Per-layer unstructured density {un['layer_density_min']:.2f}..{un['layer_density_max']:.2f}; "
                f"the rule (sparsest N:M with M in {{4, 8}} keeping at least the layer's density, ties to larger M) "
                f"chose: {pats}; {un['dense_layers']} layer(s) left dense.", "",
-               "| model | weight density | test accuracy (%) |", "|---|---:|---:|",
-               f"| unstructured | {un['unstructured_density']:.3f} | {100 * un['acc_unstructured']:.2f} |",
-               f"| per-layer N:M, magnitude + BN re-est. | {un['nm_density']:.3f} | "
-               f"{100 * un['acc_nm_magnitude_bn']:.2f} |",
-               f"| per-layer N:M, AdaPrune + BN re-est. (no training) | {un['nm_density']:.3f} | "
-               f"{100 * un['acc_nm_adaprune']:.2f} |"]
+               table([{"model": "unstructured", "density": un["unstructured_density"], "acc": un["acc_unstructured"]},
+                      {"model": "per-layer N:M, magnitude + BN re-est.", "density": un["nm_density"],
+                       "acc": un["acc_nm_magnitude_bn"]},
+                      {"model": "per-layer N:M, AdaPrune + BN re-est. (no training)", "density": un["nm_density"],
+                       "acc": un["acc_nm_adaprune"]}],
+                     {"model": "model", "density": "weight density", "acc": "test accuracy (%)"}, digits={"density": 3},
+                     formats={"acc": lambda v: fmt(v, percent=True)}, align="lrr").rstrip("\n")]
     return "\n".join(md) + "\n"
 
 
