@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Subset
 
-from thrifty.bench.experiment import Experiment
+from thrifty.bench.experiment import Experiment, fmt, table
 from thrifty.core import apply, strip
 from thrifty.data import calibration_subset, load_dataset
 from thrifty.models import create, model_size_bytes
@@ -218,6 +218,10 @@ def deploy_part(splits, a, out_dir: Path) -> dict:
             "rows": rows}
 
 
+def _pct(v: float) -> str:
+    return fmt(v, percent=True)
+
+
 def markdown(res: dict) -> str:
     tr, acc, dp, cmd = res["train"], res.get("accum"), res.get("deploy"), res["command"]
     c = tr["config"]
@@ -230,21 +234,21 @@ def markdown(res: dict) -> str:
          f"SGD lr {c['lr']} cosine, seed {c['seed']}", "",
          f"Test set: {n} images (one image = {100 / n:.2f} points); one seed, so differences of a few images "
          "are noise.",
-         "", "| variant | test acc. (%) | train loss (last 10 steps) | ms / step |", "|---|---:|---:|---:|"]
-    for r in tr["rows"]:
-        L.append(f"| {r['variant']} | {100 * r['test_acc']:.2f} | {r['final_loss']:.3f} | {r['ms_per_step']:.0f} |")
+         "", table(tr["rows"], {"variant": "variant", "test_acc": "test acc. (%)",
+                                "final_loss": "train loss (last 10 steps)", "ms_per_step": "ms / step"},
+                   digits={"final_loss": 3, "ms_per_step": 0}, formats={"test_acc": _pct}, align="lrrr").rstrip("\n")]
     if acc is None or dp is None:  # --steps: the training part only
         return "\n".join(L) + "\n"
     L += ["", f"12-bit accumulator (1+4+7 bits, products in the same format, chunks of 16) added after training: "
           f"to the all-three model above, evaluated on the "
           f"first {acc['n_test']} test images, then fine-tuned {acc['finetune_steps']} steps (batch 32) with all four "
           f"slots active (two-stage recipe: no underflow, then underflow).", "",
-          "| all three model | test acc. (%) |", "|---|---:|",
-          f"| without accumulator | {100 * acc['without_accumulator']:.2f} |",
-          f"| + 12-bit accumulator, as is | {100 * acc['naive']:.2f} |",
-          f"| + 12-bit accumulator, fine-tuned {acc['finetune_steps']} steps | {100 * acc['finetuned']:.2f} |",
-          f"| control: same {acc['finetune_steps']} extra steps (lr 0.01) without accumulator | "
-          f"{100 * acc['control_finetuned_without_accumulator']:.2f} |", "",
+          table([{"model": "without accumulator", "acc": acc["without_accumulator"]},
+                 {"model": "+ 12-bit accumulator, as is", "acc": acc["naive"]},
+                 {"model": f"+ 12-bit accumulator, fine-tuned {acc['finetune_steps']} steps", "acc": acc["finetuned"]},
+                 {"model": f"control: same {acc['finetune_steps']} extra steps (lr 0.01) without accumulator",
+                  "acc": acc["control_finetuned_without_accumulator"]}],
+                {"model": "all three model", "acc": "test acc. (%)"}, formats={"acc": _pct}, align="lr"),
           f"Weights still transposable 4:8 in every layer after the fine-tune: {acc['weights_transposable_4_8']}.", "",
           f"## Deployment chain on the pretrained FP32 model: AdaPrune (transposable 4:8, {dp['adaprune_steps']} steps "
           f"per layer) -> strip -> advanced PTQ ({dp['adaquant_iters']} AdaQuant / {dp['bias_iters']} bias iterations, "
@@ -253,13 +257,12 @@ def markdown(res: dict) -> str:
           "(thrifty.sparse.storage.compress on the codes), per-channel float32 scale + integer zero point, float32 "
           "biases; everything else float32. The FP32 rows are the parameter + buffer bytes / the real save_sparse "
           "file.",
-          "", "| model | test acc. (%) | bytes | size vs FP32 | effective weights transposable 4:8 | seconds |",
-          "|---|---:|---:|---:|---|---:|"]
-    for r in dp["rows"]:
-        ok = "-" if r["nm_ok"] is None else ("yes" if r["nm_ok"] else "NO")
-        L.append(f"| {r['model']} | {100 * r['test_acc']:.2f} | {r['bytes']:,} | {r['size_vs_fp32']:.3f} | {ok} | "
-                 f"{r['seconds']:.0f} |")
-    return "\n".join(L) + "\n"
+          "", table(dp["rows"], {"model": "model", "test_acc": "test acc. (%)", "bytes": "bytes",
+                                 "size_vs_fp32": "size vs FP32", "nm_ok": "effective weights transposable 4:8",
+                                 "seconds": "seconds"}, digits={"size_vs_fp32": 3, "seconds": 0},
+                    formats={"test_acc": _pct, "bytes": lambda b: f"{b:,}",
+                             "nm_ok": lambda ok: "-" if ok is None else ("yes" if ok else "NO")}, align="lrrrlr")]
+    return "\n".join(L)
 
 
 def plot(res: dict, exp: Experiment) -> None:
