@@ -21,7 +21,7 @@ import warnings
 import torch
 
 import thrifty
-from thrifty.bench.experiment import Experiment
+from thrifty.bench.experiment import Experiment, fmt, table
 from thrifty.data import load_dataset
 from thrifty.sparse import NM, ActNM, GradNM, sparsify
 from thrifty.train import fit
@@ -132,37 +132,41 @@ def quality_table(q: dict) -> list[str]:
              "Relative error of the weight gradient vs the dense one; the bias of the mean of the draws compared "
              "with the noise expected for an unbiased estimator (rel. error / sqrt(draws)): about 1 when unbiased, "
              "sqrt(draws) for a deterministic biased mask (MSE).",
-             "", "| variant | rel. error per draw | bias of the mean | bias / expected noise | cosine to dense |",
-             "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['rel_err']:.3f} | {r['bias']:.3f} | {r['bias_over_noise']:.2f} | "
-              f"{r['cosine']:.3f} |" for r in q["rows"]]
-    return lines + [""]
+             "", table(q["rows"], {"variant": "variant", "rel_err": "rel. error per draw", "bias": "bias of the mean",
+                                   "bias_over_noise": "bias / expected noise", "cosine": "cosine to dense"},
+                       digits={"rel_err": 3, "bias": 3, "cosine": 3}, align="lrrrr")]
+    return lines
 
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def table(res: dict) -> list[str]:
+def accuracy_table(res: dict) -> list[str]:
     dense = _mean([r["test_acc"] for r in res["runs"]["dense"]])
     kw = "".join(f", {k}={v}" for k, v in res.get("model_kwargs", {}).items())
     steps = f"{res['train']['steps']} steps" if res["train"]["steps"] else f"{res['train']['epochs']:g} epochs"
     lines = [f"### {res['model']}{kw} on {res['dataset']} ({steps}, "
              f"batch {res['train']['batch_size']}, {res['train']['optimizer']}, seeds "
              f"{[r['seed'] for r in res['runs']['dense']]})", "",
-             "| variant | final test acc (mean ± sd over seeds) | median | best test acc | final train loss "
-             "| vs dense (points) | time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             ]
+    rows = []
     for variant, runs in res["runs"].items():
         accs = [r["test_acc"] for r in runs]
         acc = _mean(accs)
-        sd = f" ± {100 * statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        note = " (diverged)" if any(r["diverged"] for r in runs) else ""
-        lines.append(f"| {variant}{note} | {100 * acc:.2f}{sd} | {100 * statistics.median(accs):.2f} "
-                     f"| {100 * _mean([r['best_test_acc'] for r in runs]):.2f} "
-                     f"| {_mean([r['final_train_loss'] for r in runs]):.4f} | {100 * (acc - dense):+.2f} "
-                     f"| {_mean([r['seconds'] for r in runs]):.0f} |")
-    return lines + [""]
+        sd = f" ± {fmt(statistics.stdev(accs), percent=True)}" if len(accs) > 1 else ""
+        rows.append({"variant": variant + (" (diverged)" if any(r["diverged"] for r in runs) else ""),
+                     "acc": fmt(acc, percent=True) + sd, "median": statistics.median(accs),
+                     "best": _mean([r["best_test_acc"] for r in runs]),
+                     "loss": _mean([r["final_train_loss"] for r in runs]), "vs_dense": acc - dense,
+                     "seconds": _mean([r["seconds"] for r in runs])})
+    pct = lambda v: fmt(v, percent=True)  # noqa: E731
+    lines.append(table(rows, {"variant": "variant", "acc": "final test acc (mean ± sd over seeds)", "median": "median",
+                              "best": "best test acc", "loss": "final train loss", "vs_dense": "vs dense (points)",
+                              "seconds": "time (s)"}, digits={"loss": 4, "seconds": 0},
+                       formats={"median": pct, "best": pct, "vs_dense": lambda v: fmt(v, percent=True, sign=True)},
+                       align="lrrrrrr"))
+    return lines
 
 
 def plot(results: list[dict], exp: Experiment) -> None:
@@ -241,7 +245,7 @@ def render(res: dict) -> str:
              "only (blocks along the batch), (dX+dW): for both backward GEMMs; accuracy in %."
              + (" Runs accumulated over several invocations (`--merge`)." if res["merge"] else ""), ""]
     for r in res["results"]:
-        lines += table(r)
+        lines += accuracy_table(r)
     lines += quality_table(res["grad_quality"])
     lines.append(f"![training curves](grad_sparsity{suffix}_curves.png)")
     return "\n".join(lines) + "\n"
