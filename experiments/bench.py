@@ -29,7 +29,7 @@ import torch
 from thrifty.bench import BenchConfig, Samples, optimized_op_counts, run
 from thrifty.bench.api import calibration_data, load_workload, ptq_int8
 from thrifty.bench.backends import INT8_KERNELS, TorchBackend
-from thrifty.bench.experiment import Experiment
+from thrifty.bench.experiment import Experiment, fmt, table
 from thrifty.bench.report import markdown_table, plot_results, portable_paths
 from thrifty.train import cache_dir
 
@@ -217,9 +217,8 @@ def render(out: dict) -> str:
              f"{meta['settings']['min_duration_s']} s, Offline batch {meta['settings']['max_batch']}; torch "
              f"{meta['torch']}, onnxruntime {meta['onnxruntime']}. Every number below is LoadGen's "
              f"(mlperf_log_summary.txt) or computed from its accuracy log.", "",
-             "## A. Offline throughput and accuracy (side by side, one run)", "",
-             "| variant | Offline samples/s | x FP32 PyTorch | valid | accuracy (LoadGen accuracy log) | "
-             "same model in PyTorch (fake-quant for int8) | size MB | integer kernels after ORT fusion |", "|---|---|---|---|---|---|---|---|"]
+             "## A. Offline throughput and accuracy (side by side, one run)", ""]
+    cells = []
     for r in a:
         fam = r["variant"].split("_")[0]
         base = _row(rows, "A", f"{fam}_fp32_torch")["scenarios"]["Offline"]["value"]
@@ -227,10 +226,14 @@ def render(out: dict) -> str:
         m = r["accuracy"]["metrics"]
         acc = f"top-1 {m['top1']:.4f}" if "top1" in m else f"cosine to FP32 {m['cosine_mean']:.5f} (min {m['cosine_min']:.4f})"
         refm = r.get("reference_metrics", {})
-        ref = f"top-1 {refm['top1']:.4f}" if "top1" in refm else "-"
-        ops = ", ".join(f"{k} {v}" for k, v in (r.get("int8_ops") or {}).items()) or "-"
-        lines.append(f"| {r['variant']} | {o['value']:.1f} | {o['value'] / base:.2f}x | "
-                     f"{'VALID' if o['valid'] else 'INVALID'} | {acc} | {ref} | {r['size_bytes'] / 1e6:.3f} | {ops} |")
+        cells.append({"variant": r["variant"], "value": o["value"], "x": f"{fmt(o['value'] / base)}x",
+                      "valid": "VALID" if o["valid"] else "INVALID", "acc": acc,
+                      "ref": f"top-1 {refm['top1']:.4f}" if "top1" in refm else "-", "mb": r["size_bytes"] / 1e6,
+                      "ops": ", ".join(f"{k} {v}" for k, v in (r.get("int8_ops") or {}).items()) or "-"})
+    lines.append(table(cells, {"variant": "variant", "value": "Offline samples/s", "x": "x FP32 PyTorch",
+                               "valid": "valid", "acc": "accuracy (LoadGen accuracy log)",
+                               "ref": "same model in PyTorch (fake-quant for int8)", "mb": "size MB",
+                               "ops": "integer kernels after ORT fusion"}, digits={"value": 1, "mb": 3}).rstrip("\n"))
     for r in a:  # what the int8 export added to the simulated PTQ model (thrifty.bench.int8_graph)
         ex = r.get("int8_export")
         if ex and ex.get("residual_adds"):
@@ -250,15 +253,18 @@ def render(out: dict) -> str:
                   f"executes N:M sparsity; the model runs on dense kernels, so its speed is the dense model's "
                   f"(see its Offline row), not a speedup.", "",
               "## B. All four scenarios (short default run)", "", markdown_table([r for r in rows if r["part"] == "B"]),
-              "", "## C. Server max-QPS search, run twice", "",
-              "| variant | bound ms | run 1 max QPS | run 2 max QPS | difference |", "|---|---|---|---|---|"]
+              "", "## C. Server max-QPS search, run twice", ""]
+    twice = []
     for r in rows:
         if r["part"] != "C":
             continue
         r1 = _row(rows, "B", r["variant"])["scenarios"]["Server"]
         q1, q2 = r1.get("max_qps"), r["scenarios"]["Server"].get("max_qps")
-        diff = f"{abs(q1 - q2) / max(q1, q2) * 100:.1f}%" if q1 and q2 else "-"
-        lines.append(f"| {r['variant']} | {r1.get('latency_bound_ms')} | {q1 and round(q1, 1)} | {q2 and round(q2, 1)} | {diff} |")
+        twice.append({"variant": r["variant"], "bound": r1.get("latency_bound_ms"), "q1": q1 and round(q1, 1),
+                      "q2": q2 and round(q2, 1), "diff": f"{abs(q1 - q2) / max(q1, q2) * 100:.1f}%" if q1 and q2 else "-"})
+    lines.append(table(twice, {"variant": "variant", "bound": "bound ms", "q1": "run 1 max QPS", "q2": "run 2 max QPS",
+                               "diff": "difference"}, formats={k: str for k in ("bound", "q1", "q2")}).rstrip("\n")
+                 if twice else "No Server search was run twice.")
     lines += ["", f"Total time {meta['total_seconds']} s (PTQ, or loading it from .cache: resnet20 "
                   f"{meta['ptq_seconds_resnet20']} s, MiniLM {meta['ptq_seconds_minilm']} s)."]
     return "\n".join(lines) + "\n"
