@@ -44,7 +44,7 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
-from thrifty.bench.experiment import Experiment
+from thrifty.bench.experiment import Experiment, fmt, table
 from thrifty.core import apply
 from thrifty.data import load_dataset
 from thrifty.models import create
@@ -114,8 +114,8 @@ def run_model(name, model, train, test, bits_list, ft_steps, opt, lr, log, chunk
     return rows
 
 
-def _pct(v, scale=100, digits=2) -> str:
-    return "-" if v is None else f"{scale * v:.{digits}f}"
+def _pct(v) -> str:
+    return fmt(v, percent=True)
 
 
 def _ft(r: dict, mode: str) -> str:
@@ -200,19 +200,22 @@ def minilm_fidelity(n_sent: int, bits: int, log, chunk=16):
     return out
 
 
+def _rows_table(rows: list[dict], with_chunk: bool = False) -> str:
+    cols = {"model": "model", **({"chunk": "chunk"} if with_chunk else {}), "bits": "acc. bits", "format": "format",
+            "fp32": "FP32", "naive": "naive", "ste": "fine-tuned (STE)", "fine": "fine-tuned (fine-grained)"}
+    return table([{**r, "chunk": r.get("chunk") or "K (none)", "ste": _ft(r, "ste"), "fine": _ft(r, "fine")}
+                  for r in rows], cols, formats={"fp32": _pct, "naive": _pct}).rstrip()
+
+
 def to_markdown(res: dict) -> str:
     lines = ["# Low-bit floating-point accumulators", "",
              f"Mode: {res['mode']}; chunk 16; products rounded to the accumulator format; fine-tuning steps "
              f"{res['ft_steps']} (half without underflow, half with; MLP AdamW lr 2e-4, ResNet SGD lr 0.01). Command: `{res['command']}`.", "",
-             "| model | acc. bits | format | FP32 | naive | fine-tuned (STE) | fine-tuned (fine-grained) |",
-             "|---|---|---|---|---|---|---|"]
-    table = lambda r: (f"| {r['model']} | {r['bits']} | {r['format']} | {100 * r['fp32']:.2f} | "  # noqa: E731
-                       f"{100 * r['naive']:.2f} | {_ft(r, 'ste')} | {_ft(r, 'fine')} |")
-    lines += [table(r) for r in res["rows"] if r.get("chunk", 16) is not None]
+             _rows_table([r for r in res["rows"] if r.get("chunk", 16) is not None])]
     abl = [r for r in res["rows"] if r.get("chunk", 16) is None]
     if abl:
         lines += ["", "Ablation without chunking (chunk = K: each output is one sequential sum of all K products, K up "
-                  "to 576 here), same fine-tuning:", "", lines[4], lines[5]] + [table(r) for r in abl]
+                  "to 576 here), same fine-tuning:", "", _rows_table(abl)]
     wide = res.get("wide")
     if wide:
         note = "" if wide["max_K"] == 4608 else "; the full run's width 128 gives K = 4608"
@@ -220,29 +223,26 @@ def to_markdown(res: dict) -> str:
                   "convolutions of ImageNet ResNets), trained like the width-16 model; "
                   f"{wide['ft_steps']} fine-tuning steps as above (16 bits: naive only, a sanity row). "
                   f"Command: `{wide['command']}`, {wide['seconds']} s ({wide['threads']} thread(s)):", "",
-                  "| model | chunk | acc. bits | format | FP32 | naive | fine-tuned (STE) "
-                  "| fine-tuned (fine-grained) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['chunk'] or 'K (none)'} | " + table(r).split(" | ", 1)[1] for r in wide["rows"]]
+                  _rows_table(wide["rows"], with_chunk=True)]
     mms = [mm for mm in (res.get("minilm"), res.get("minilm_nochunk")) if mm]
     if mms:
         mm = mms[0]
         lines += ["", "all-MiniLM-L6-v2, every Linear with a "
                   f"{mm['bits']}-bit ({mm['format']}) accumulator, no fine-tuning, {mm['sentences']} sentences:", "",
-                  "| chunk | mean cosine to FP32 | min cosine | nearest-neighbour agreement | "
-                  "max abs error of pairwise sims |", "|---|---|---|---|---|"]
-        lines += [f"| {mm.get('chunk', 16) or 'K (none)'} | {mm['mean_cos']:.5f} | {mm['min_cos']:.5f} | "
-                  f"{mm['nn_agreement']:.3f} | {mm['pairwise_sim_max_abs_err']:.4f} |" for mm in mms]
+                  table([{**mm, "chunk": mm.get("chunk", 16) or "K (none)"} for mm in mms],
+                        {"chunk": "chunk", "mean_cos": "mean cosine to FP32", "min_cos": "min cosine",
+                         "nn_agreement": "nearest-neighbour agreement",
+                         "pairwise_sim_max_abs_err": "max abs error of pairwise sims"},
+                        digits={"mean_cos": 5, "min_cos": 5, "nn_agreement": 3, "pairwise_sim_max_abs_err": 4}).rstrip()]
     ek = res.get("error_vs_k")
     if ek:
         ks = sorted({r["K"] for r in ek})
         keys = sorted({(r["bits"], r["format"], r["chunk"] or 0) for r in ek}, key=lambda t: (-t[0], -t[2]))
         lines += ["", "Relative error (||y - y_fp64|| / ||y_fp64||) of one simulated layer, x = ReLU(gaussian), "
                   "w = gaussian / sqrt(K), products in the accumulator format, by accumulation length K:", "",
-                  "| format | chunk | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-        for b, fmt, c in keys:
-            vals = {r["K"]: r["rel_err"] for r in ek if r["bits"] == b and (r["chunk"] or 0) == c}
-            lines.append(f"| {b}-bit {fmt} | {c or 'K (none)'} | " + " | ".join(f"{vals[k]:.4f}" for k in ks) + " |")
+                  table([{"format": f"{b}-bit {form}", "chunk": c or "K (none)",
+                          **{f"K={r['K']}": r["rel_err"] for r in ek if r["bits"] == b and (r["chunk"] or 0) == c}}
+                         for b, form, c in keys], ["format", "chunk", *(f"K={k}" for k in ks)], digits=4).rstrip()]
     lines += ["", f"Total time {res['seconds']} s (CPU, {res['threads']} thread(s))."]
     return "\n".join(lines) + "\n"
 
