@@ -25,7 +25,7 @@ import torch
 from thrifty.bench import BenchConfig, OrtBackend, TorchBackend, optimized_op_counts, run
 from thrifty.bench.api import calibration_data, load_workload
 from thrifty.bench.backends import INT8_KERNELS
-from thrifty.bench.experiment import Experiment
+from thrifty.bench.experiment import Experiment, fmt, table
 from thrifty.bench.export import export_onnx
 from thrifty.train import cache_dir
 
@@ -139,34 +139,36 @@ def science(args, exp: Experiment) -> dict:
 def render(out: dict) -> str:
     min_duration = out.get("min_duration_s", 2.0)  # runs that did not record it used the default, 2.0 s
     ptq_source = out.get("ptq_json", "results/ptq.json") or "none given"  # earlier runs read results/ptq.json
-    f = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+    f = lambda xs: ", ".join(fmt(x, 1) for x in xs)  # noqa: E731
+    speed = [{"model": fam, "torch": f(r["samples_per_s"]["fp32_torch"]), "ort": f(r["samples_per_s"]["fp32_ort"]),
+              "int8": f(r["samples_per_s"]["int8_ort"]),
+              "vs_torch": f"{f(r['int8_ort_over_fp32_torch'])} (min **{fmt(r['min_int8_ort_over_fp32_torch'])}x**, "
+                          f"median **{fmt(r['median_int8_ort_over_fp32_torch'])}x**)",
+              "vs_ort": f"{f(r['int8_ort_over_fp32_ort'])} (**{fmt(r['median_int8_ort_over_fp32_ort'])}x**)"}
+             for fam, r in out["results"].items()]
     md = [f"# int8 ONNX Runtime vs FP32, Offline (LoadGen), {out['rounds']} interleaved rounds", "",
           f"{out['workers']} SUT workers x {out['threads']} thread, batch 64, min_duration {min_duration} s; "
           f"resnet20 on digits32, MiniLM at sequence length 128. int8 = thrifty PTQ W8A8 (RTN, MSE ranges) exported "
           f"by `export_onnx(..., calib=<PTQ calibration set>)`: weights stored as int8 (u8s8 kernels), residual "
           f"Adds integer. Shared 2-core machine: rounds differ.", "",
-          "| model | FP32 PyTorch samples/s | FP32 ORT samples/s | int8 ORT samples/s | int8 ORT / FP32 PyTorch "
-          "(min, median) | int8 ORT / FP32 ORT (median) |", "|---|---|---|---|---|---|"]
-    for fam, r in out["results"].items():
-        md.append(f"| {fam} | {f(r['samples_per_s']['fp32_torch'])} | {f(r['samples_per_s']['fp32_ort'])} | "
-                  f"{f(r['samples_per_s']['int8_ort'])} | {f(r['int8_ort_over_fp32_torch'])} "
-                  f"(min **{r['min_int8_ort_over_fp32_torch']:.2f}x**, median "
-                  f"**{r['median_int8_ort_over_fp32_torch']:.2f}x**) | {f(r['int8_ort_over_fp32_ort'])} "
-                  f"(**{r['median_int8_ort_over_fp32_ort']:.2f}x**) |")
-    md += ["", "Accuracy of the same int8 model, measured in this run (exported graph in ONNX Runtime vs the "
-               "simulated fake-quantized PyTorch model), and the PTQ experiment's number (" + ptq_source + "):", "",
-           "| model | metric | n | FP32 | int8 simulated | int8 ONNX Runtime (exported) | PTQ experiment W8A8 | "
-           "kernels ONNX Runtime runs (int8 graph) |", "|---|---|---|---|---|---|---|---|"]
+          table(speed, {"model": "model", "torch": "FP32 PyTorch samples/s", "ort": "FP32 ORT samples/s",
+                        "int8": "int8 ORT samples/s", "vs_torch": "int8 ORT / FP32 PyTorch (min, median)",
+                        "vs_ort": "int8 ORT / FP32 ORT (median)"}).rstrip("\n")]
+    acc = []
     for fam, r in out["results"].items():
         a, p = r["accuracy"], out.get("ptq_experiment", {}).get(fam)
-        fmt = (lambda v: f"{v:.2f}") if fam == "resnet20" else (lambda v: f"{v:.5f}")
-        ptq = f"{fmt(p['value'])} ({p['what']})" if p else "-"
-        extra = ""
-        if "min_cos_onnxruntime" in a:
-            extra = f" (min {a['min_cos_simulated']:.4f} / {a['min_cos_onnxruntime']:.4f})"
-        ks = ", ".join(f"{k} {v}" for k, v in r["int8_kernels"].items())
-        md.append(f"| {fam} | {a['metric']} | {a['n']} | {fmt(a['fp32'])} | {fmt(a['int8_simulated'])} | "
-                  f"{fmt(a['int8_onnxruntime'])}{extra} | {ptq} | {ks} |")
+        d = 2 if fam == "resnet20" else 5  # top-1 % vs cosine
+        extra = (f" (min {fmt(a['min_cos_simulated'], 4)} / {fmt(a['min_cos_onnxruntime'], 4)})"
+                 if "min_cos_onnxruntime" in a else "")
+        acc.append({"model": fam, "metric": a["metric"], "n": a["n"], "fp32": fmt(a["fp32"], d),
+                    "sim": fmt(a["int8_simulated"], d), "ort": fmt(a["int8_onnxruntime"], d) + extra,
+                    "ptq": f"{fmt(p['value'], d)} ({p['what']})" if p else "-",
+                    "kernels": ", ".join(f"{k} {v}" for k, v in r["int8_kernels"].items())})
+    md += ["", "Accuracy of the same int8 model, measured in this run (exported graph in ONNX Runtime vs the "
+               "simulated fake-quantized PyTorch model), and the PTQ experiment's number (" + ptq_source + "):", "",
+           table(acc, {"model": "model", "metric": "metric", "n": "n", "fp32": "FP32", "sim": "int8 simulated",
+                       "ort": "int8 ONNX Runtime (exported)", "ptq": "PTQ experiment W8A8",
+                       "kernels": "kernels ONNX Runtime runs (int8 graph)"}).rstrip("\n")]
     md += ["", f"Total {out['seconds']} s."]
     return "\n".join(md) + "\n"
 
