@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import regimes_batch_aug as ba  # the sibling script (this folder is on sys.path when a script here runs)
-from thrifty.bench.experiment import Experiment
+from thrifty.bench.experiment import Experiment, fmt, table
 from thrifty.core import to_dict
 from thrifty.data import load_dataset
 from thrifty.models import create
@@ -250,16 +250,18 @@ def markdown(res: dict, stem: str) -> str:
     ms = b["rows"]
     models = list(dict.fromkeys(r["model"] for r in ms))
     sizes = sorted({r["size"] for r in ms})
-    L.append("| size | MFLOPs/img | " + " | ".join(f"{m} | {m} +BN" for m in models) + " |")
-    L.append("|---|---|" + "---|---|" * len(models))
+    cols = {"size": "size", "mflops": "MFLOPs/img"}
+    for m in models:
+        cols.update({m: m, f"{m} +BN": f"{m} +BN"})
+    table_rows = []
     for s in sizes:
-        cells = []
+        row = {"size": s, "mflops": next(r["mflops"] for r in ms if r["size"] == s)}
         for m in models:
             rows = [r for r in ms if r["model"] == m and r["size"] == s]
-            cells += [f"{100 * _mean([r['acc'] for r in rows]):.2f}",
-                      f"{100 * _mean([r['acc_bn_calibrated'] for r in rows]):.2f}"]
-        mf = next(r["mflops"] for r in ms if r["size"] == s)
-        L.append(f"| {s} | {mf:.1f} | " + " | ".join(cells) + " |")
+            row[m], row[f"{m} +BN"] = _mean([r["acc"] for r in rows]), _mean([r["acc_bn_calibrated"] for r in rows])
+        table_rows.append(row)
+    pct = lambda v: fmt(v, percent=True)  # noqa: E731
+    L.append(table(table_rows, cols, digits={"mflops": 1}, formats={c: pct for c in list(cols)[2:]}).rstrip("\n"))
     L += ["", "Drop from size 32 to size 24 (points, best of plain/+BN at each size):", ""]
     for m in models:
         def best(s):
