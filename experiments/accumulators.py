@@ -233,7 +233,8 @@ def to_markdown(res: dict) -> str:
                         {"chunk": "chunk", "mean_cos": "mean cosine to FP32", "min_cos": "min cosine",
                          "nn_agreement": "nearest-neighbour agreement",
                          "pairwise_sim_max_abs_err": "max abs error of pairwise sims"},
-                        digits={"mean_cos": 5, "min_cos": 5, "nn_agreement": 3, "pairwise_sim_max_abs_err": 4}).rstrip()]
+                        digits={"mean_cos": 5, "min_cos": 5, "nn_agreement": 3,
+                                "pairwise_sim_max_abs_err": 4}).rstrip()]
     ek = res.get("error_vs_k")
     if ek:
         ks = sorted({r["K"] for r in ek})

@@ -260,8 +260,9 @@ def render(out: dict) -> str:
             continue
         r1 = _row(rows, "B", r["variant"])["scenarios"]["Server"]
         q1, q2 = r1.get("max_qps"), r["scenarios"]["Server"].get("max_qps")
+        diff = f"{abs(q1 - q2) / max(q1, q2) * 100:.1f}%" if q1 and q2 else "-"
         twice.append({"variant": r["variant"], "bound": r1.get("latency_bound_ms"), "q1": q1 and round(q1, 1),
-                      "q2": q2 and round(q2, 1), "diff": f"{abs(q1 - q2) / max(q1, q2) * 100:.1f}%" if q1 and q2 else "-"})
+                      "q2": q2 and round(q2, 1), "diff": diff})
     lines.append(table(twice, {"variant": "variant", "bound": "bound ms", "q1": "run 1 max QPS", "q2": "run 2 max QPS",
                                "diff": "difference"}, formats={k: str for k in ("bound", "q1", "q2")}).rstrip("\n")
                  if twice else "No Server search was run twice.")

@@ -154,7 +154,8 @@ def to_markdown(out: dict) -> str:
               f"BNS synthesis of 256 samples: {out['bns_256_seconds']:.1f} s in this run ({out['threads']} thread(s), "
               "shared machine; the "
               "quiet-machine number is in the speed benchmark). Whole run: "
-              f"{out['seconds'] / 60:.0f} min.", "", f"![BNS samples](datafree{'_quick' if out['quick'] else ''}_bns_samples.png)", ""]
+              f"{out['seconds'] / 60:.0f} min.", "",
+              f"![BNS samples](datafree{'_quick' if out['quick'] else ''}_bns_samples.png)", ""]
     return "\n".join(lines)
 
 
