@@ -81,6 +81,11 @@ def train_one(name: str, regime, splits, kwargs, cfg, seed: int, log: dict) -> n
     return model
 
 
+def mixed_size_config(base: TrainConfig, steps: int, quick: bool) -> TrainConfig:
+    """Part b's recipe: the resnet20 recipe at ``steps`` steps of batch 32 (16 quick), lr 0.05, evaluated every 10."""
+    return dataclasses.replace(base, steps=steps, batch_size=16 if quick else 32, lr=0.05, eval_steps=10)
+
+
 def part_b(q: bool, seeds: list[int], steps: int | None) -> dict:
     """Mixed size: fixed-32 (plain augmentation) vs B+ and D+, test sizes 16..48, with/without BN recalibration."""
     splits = load_dataset("digits32", seed=0)
@@ -90,8 +95,7 @@ def part_b(q: bool, seeds: list[int], steps: int | None) -> dict:
         splits = dataclasses.replace(splits, test=TensorDataset(*(t[:160] for t in splits.test.tensors)))
     # 150 steps at batch 32 (about 4 epochs; lr scaled linearly from the recipe's 0.1 at batch 64)
     steps = steps or (20 if q else 150)
-    cfg = TrainConfig(**{**{k: v for k, v in to_dict(base_cfg).items() if k != "kind"},
-                         "steps": steps, "batch_size": 16 if q else 32, "lr": 0.05, "eval_steps": 10})
+    cfg = mixed_size_config(base_cfg, steps, q)
     sizes = [16, 24, 32] if q else [16, 20, 24, 28, 32, 40, 48]
     calib = 3 if q else 20
     rows, runs = [], {}

@@ -265,3 +265,13 @@ def test_committed_markdown_is_the_render_of_the_committed_json(rel, stem, extra
     assert (tmp_path / f"{stem}.md").read_text() == (ROOT / "results" / f"{stem}.md").read_text(), (
         f"results/{stem}.md is not what {rel} renders from results/{stem}.json: re-render it with "
         f"`python {rel} --render {' '.join(extra)}` (numbers come from the JSON only)")
+
+
+def test_regimes_mixed_size_recipe_builds_from_the_recipe():
+    # part b rebuilt its TrainConfig from to_dict(), whose "version" key TrainConfig does not take (TypeError)
+    from thrifty.train import recipe
+
+    regimes = _script_module("experiments/regimes.py")
+    cfg = regimes.mixed_size_config(recipe("resnet20", "digits32")[1], 20, True)
+    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.eval_steps) == (20, 16, 0.05, 10)
+    assert cfg.optimizer == recipe("resnet20", "digits32")[1].optimizer
