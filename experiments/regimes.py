@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 

@@ -275,3 +275,9 @@ def test_regimes_mixed_size_recipe_builds_from_the_recipe():
     cfg = regimes.mixed_size_config(recipe("resnet20", "digits32")[1], 20, True)
     assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.eval_steps) == (20, 16, 0.05, 10)
     assert cfg.optimizer == recipe("resnet20", "digits32")[1].optimizer
+
+
+def test_regimes_flops_per_image_counts_conv_macs():
+    regimes = _script_module("experiments/regimes.py")
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))
+    assert regimes.flops_per_image(conv, 8) == 2 * (2 * 8 * 8) * 1 * 3 * 3  # 2 x outputs x (in x k x k) MACs
