@@ -14,6 +14,7 @@ Writes results/grad_sparsity.{json,md} and results/grad_sparsity_curves.png (qui
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
 import warnings

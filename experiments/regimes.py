@@ -28,7 +28,6 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn

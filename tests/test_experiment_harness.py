@@ -281,3 +281,26 @@ def test_regimes_flops_per_image_counts_conv_macs():
     regimes = _script_module("experiments/regimes.py")
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))
     assert regimes.flops_per_image(conv, 8) == 2 * (2 * 8 * 8) * 1 * 3 * 3  # 2 x outputs x (in x k x k) MACs
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_scripts_use_no_undefined_name(script):
+    # the scripts' long paths (--merge, part b) run only in full runs: a name lost from the imports shows up here
+    api = pytest.importorskip("pyflakes.api")
+    from pyflakes import messages, reporter
+
+    found = []
+
+    class Collect(reporter.Reporter):
+        def __init__(self):
+            super().__init__(None, None)
+
+        def flake(self, message):
+            if isinstance(message, messages.UndefinedName):
+                found.append(str(message))
+
+        def syntaxError(self, *args):  # noqa: N802 (pyflakes' name)
+            found.append(f"syntax error {args}")
+
+    api.check(script.read_text(), str(script), Collect())
+    assert not found
