@@ -6,26 +6,20 @@ with the compiled numba kernel (``backend="numba"``, the default on CPU) and the
 (``backend="torch"``); plus the fine-grained backward (masked dX and dW) vs the float32 backward GEMMs. All
 cases are interleaved in one process, at each thread count. Writes results/bench_accumulators.{json,md}.
 
-    python benchmarks/accumulators.py [--repeats 9] [--threads 1 2]
+    python benchmarks/accumulators.py [--repeats 9] [--thread-counts 1 2]
+    python benchmarks/accumulators.py --quick --out /tmp/x    # 2 repeats, a smoke test
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.ops.accum import FloatFormat, accumulate, trace_grads  # noqa: E402
-from thrifty.utils import atomic_write_text  # noqa: E402
+from thrifty.bench.experiment import Experiment, table
+from thrifty.ops.accum import FloatFormat, accumulate, trace_grads
 
 BASE = "float32 nn.functional.linear"
 BASE_BWD = "float32 backward GEMMs (dX, dW)"
@@ -59,7 +53,7 @@ def measure(threads: int, args) -> list[dict]:
     cpu: dict[str, list[float]] = {c: [] for c in cs}
     for _, fn in cs.values():
         fn()  # warm-up (and numba compile or cache load)
-    for _ in range(args.repeats):  # interleaved, so load changes hit every case alike
+    for _ in range(2 if args.quick else args.repeats):  # interleaved, so load changes hit every case alike
         for c, (_, fn) in cs.items():
             t, tc = time.perf_counter(), time.thread_time()
             fn()
@@ -82,47 +76,50 @@ def measure(threads: int, args) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--features", type=int, default=512)
-    p.add_argument("--chunk", type=int, default=16)
-    p.add_argument("--out", default=str(ROOT / "results"))
-    args = p.parse_args(argv)
-    n, k = args.batch, args.features
+def science(args, exp: Experiment) -> dict:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    rows = [r for t in args.threads for r in measure(t, args)]
-    cmd = "python benchmarks/accumulators.py" + (f" --threads {' '.join(map(str, args.threads))}"
-                                                 if args.threads != [1, 2] else "")
-    res = {"shape": {"batch": n, "in": k, "out": k, "chunk": args.chunk}, "threads": args.threads,
-           "repeats": args.repeats, "torch": torch.__version__, "rows": rows, "command": cmd,
-           "loadavg": round(load, 2)}
-    out = Path(args.out)
-    atomic_write_text(out / "bench_accumulators.json", json.dumps(res, indent=1))
+    rows = [r for t in args.thread_counts for r in measure(t, args)]
+    return {"shape": {"batch": args.batch, "in": args.features, "out": args.features, "chunk": args.chunk},
+            "threads": args.thread_counts, "repeats": 2 if args.quick else args.repeats, "torch": torch.__version__,
+            "rows": rows, "command": exp.command, "loadavg": round(load, 2)}
+
+
+def render(res: dict) -> str:
+    sh, cmd = res["shape"], res["command"]
     md = ["# Simulated accumulator cost", "",
-          f"Linear {n}x{k} -> {k}, chunk {args.chunk}, 12-bit e4m7 accumulator, median (and min) of {args.repeats} "
-          f"interleaved runs per thread count. `[numba]`: the compiled kernel (the default on CPU); `[torch]`: the "
-          f"vectorised tensor-op path it replaces (identical bits). Ratios are to float32 at the same thread count "
-          f"(forward cases to `{BASE}`, backward cases to `{BASE_BWD}`). CPU ms (1 thread only): median CPU time of "
-          f"the calling thread, which excludes time the process spent preempted on a shared machine. Load average "
-          f"at the start: {res['loadavg']}. Command: `{cmd}`.", "",
-          "| threads | case | median ms | min ms | CPU ms | x float32 (median) | x float32 (min) | x float32 (CPU) "
-          "| kernel speed-up |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        sp = f"{r['speedup_vs_torch_path']:.0f}x" if "speedup_vs_torch_path" in r else ""
-        c_ms, c_x = (f"{r['cpu_ms']:.2f}", f"{r['cpu_ratio_vs_fp32']:.1f}") if "cpu_ms" in r else ("", "")
-        md.append(f"| {r['threads']} | {r['case']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {c_ms} | "
-                  f"{r['ratio_vs_fp32']:.1f} | {r['min_ratio_vs_fp32']:.1f} | {c_x} | {sp} |")
+          f"Linear {sh['batch']}x{sh['in']} -> {sh['out']}, chunk {sh['chunk']}, 12-bit e4m7 accumulator, median "
+          f"(and min) of {res['repeats']} interleaved runs per thread count. `[numba]`: the compiled kernel (the "
+          f"default on CPU); `[torch]`: the vectorised tensor-op path it replaces (identical bits). Ratios are to "
+          f"float32 at the same thread count (forward cases to `{BASE}`, backward cases to `{BASE_BWD}`). CPU ms (1 "
+          f"thread only): median CPU time of the calling thread, which excludes time the process spent preempted on "
+          f"a shared machine. Load average at the start: {res['loadavg']}. Command: `{cmd}`.", ""]
+    rows = [{**r, "speed_up": f"{r['speedup_vs_torch_path']:.0f}x" if "speedup_vs_torch_path" in r else ""}
+            for r in res["rows"]]
+    blank = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731 (CPU time exists for 1 thread only)
+    md.append(table(rows, {"threads": "threads", "case": "case", "median_ms": "median ms", "min_ms": "min ms",
+                           "cpu_ms": "CPU ms", "ratio_vs_fp32": "x float32 (median)",
+                           "min_ratio_vs_fp32": "x float32 (min)", "cpu_ratio_vs_fp32": "x float32 (CPU)",
+                           "speed_up": "kernel speed-up"},
+                    digits={"median_ms": 2, "min_ms": 2, "ratio_vs_fp32": 1, "min_ratio_vs_fp32": 1},
+                    formats={"cpu_ms": blank,
+                             "cpu_ratio_vs_fp32": lambda v: "" if v is None else f"{v:.1f}"}).rstrip("\n"))
     md += ["", "The kernel keeps each output row's partial sums in a length-O buffer and, per term k, does one SIMD "
            "pass over the outputs: multiply, round to the product format, add, round to the accumulator format "
            "(each rounding ~8 vector integer/float ops on the float32 bits), so it is compute bound at roughly "
            "18 vector ops per product where float32 does one fused multiply-add. The torch path does the same "
            "math as ~20 memory-bound passes over an (n_chunks, N, O) buffer per term."]
-    atomic_write_text(out / "bench_accumulators.md", "\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None) -> int:
+    exp = Experiment("bench_accumulators", __doc__)
+    exp.parser.add_argument("--repeats", type=int, default=9)
+    exp.parser.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2],
+                            help="thread counts measured one after the other (default 1 2)")
+    exp.parser.add_argument("--batch", type=int, default=64)
+    exp.parser.add_argument("--features", type=int, default=512)
+    exp.parser.add_argument("--chunk", type=int, default=16)
+    return exp.run(lambda args: science(args, exp), render, argv=argv)
 
 
 if __name__ == "__main__":

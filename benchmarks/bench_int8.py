@@ -1,28 +1,22 @@
-"""int8 deployment benchmarks: thrifty's int8 layout vs ONNX Runtime's quantize_static, W4 weight-only, LoadGen.
+"""Offline throughput, FP32 PyTorch vs FP32 / int8 ONNX Runtime, interleaved over several rounds, plus accuracy.
 
-Three parts (``--part``, default ``layouts w4``), each measured with variants interleaved over ``--rounds`` rounds
-(the machine may be shared: one measurement per variant is noisy), medians reported:
+(thrifty's int8 layout against ONNX Runtime's quantize_static, and W4 MatMulNBits: benchmarks/bench_deploy.py.)
 
-* ``layouts`` (benchmarks/deploy_bench.py): resnet20 and MiniLM at 1 and 2 threads, batch 1 and 32, samples/s of
-  FP32, thrifty int8 (symmetric per-channel weights, u8 activations, int32 biases, integer residuals) and ONNX
-  Runtime's quantize_static in its fast layouts (u8 activations, s8 per-channel weights; QDQ and QOperator; for
-  MiniLM also MatMul-only), with each variant's accuracy and the GEMMs ONNX Runtime fused (or why not).
-* ``w4``: batch-1 latency of FP32, int8 and weight-only 4-bit MatMulNBits (thrifty's codes and block RTN) on MiniLM
-  (Linear-heavy) at ``--w4-seq`` tokens (MatMulNBits wins when few tokens make the GEMMs memory bound), with the
-  accuracy cost (cosine to FP32).
-* ``loadgen``: LoadGen Offline throughput, FP32 PyTorch vs FP32 / int8 ONNX Runtime (each in its own subprocess,
-  2 workers x 1 thread, batch 64), on the cached PTQ W8A8 models of experiments/bench.py (run that first).
+The machine is shared, so one measurement per variant is noisy; this alternates the variants (LoadGen Offline,
+each in its own subprocess, 2 workers x 1 thread) ``--rounds`` times and reports per-round ratios, their minimum
+and median. Models: resnet20 (digits32, batch 64) and MiniLM (sequence length 128, batch 64), int8 = the cached
+PTQ W8A8 models of experiments/bench.py (run that first; ``--int8-models`` names their folder), exported once with
+``export_onnx(calib=<the PTQ calibration set>)``. Accuracy of the exported int8 graph (ONNX Runtime) is measured
+in the same run next to the simulated (fake-quantized PyTorch) model and, given ``--ptq-json``, compared with the
+PTQ experiment's W8A8 numbers (experiments/ptq.py's JSON).
 
-    python benchmarks/bench_int8.py --rounds 5          # writes results/bench_int8_deploy.{json,md}
-    python benchmarks/bench_int8.py --quick             # a fast smoke pass (numbers not meaningful)
-    python benchmarks/bench_int8.py --part loadgen      # writes results/bench_int8.{json,md}
+    python benchmarks/bench_int8.py --rounds 3 --ptq-json results/ptq.json   # writes results/bench_int8.{json,md}
+    python benchmarks/bench_int8.py --quick --out /tmp/x                      # 1 round of 0.5 s, a smoke test
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -30,14 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.bench import BenchConfig, OrtBackend, TorchBackend, optimized_op_counts, run  # noqa: E402
-from thrifty.bench.api import calibration_data, load_workload  # noqa: E402
-from thrifty.bench.backends import INT8_KERNELS  # noqa: E402
-from thrifty.bench.export import export_onnx  # noqa: E402
-from thrifty.utils import atomic_write_text  # noqa: E402
+from thrifty.bench import BenchConfig, OrtBackend, TorchBackend, optimized_op_counts, run
+from thrifty.bench.api import calibration_data, load_workload
+from thrifty.bench.backends import INT8_KERNELS
+from thrifty.bench.experiment import Experiment, fmt, table
+from thrifty.bench.export import export_onnx
+from thrifty.train import cache_dir
 
 FLOAT_KERNELS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
 
@@ -68,12 +60,13 @@ def _accuracy(fam: str, wl, q, int8_path: Path) -> dict:
             "min_cos_onnxruntime": float(c_ort.min()), "cos_ort_vs_sim": float(_cos(ort, sim).mean())}
 
 
-def _ptq_reference() -> dict:
-    """The PTQ experiment's W8A8 RTN (MSE) numbers (results/ptq.json), if it has been run."""
-    p = ROOT / "results" / "ptq.json"
-    if not p.is_file():
+def _ptq_reference(path: Path | None) -> dict:
+    """The PTQ experiment's W8A8 RTN (MSE) numbers from its JSON ``path`` (``--ptq-json``); {} without one."""
+    if path is None:
         return {}
-    d = json.loads(p.read_text())
+    if not path.is_file():
+        raise FileNotFoundError(f"--ptq-json: {path} not found (experiments/ptq.py writes it)")
+    d = json.loads(path.read_text())
     out = {}
     r = next((r for r in d.get("resnet20", {}).get("rows", []) if r["precision"] == "W8A8" and "MSE" in r["method"]), None)
     if r:
@@ -84,41 +77,36 @@ def _ptq_reference() -> dict:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--part", nargs="+", choices=("layouts", "w4", "loadgen"), default=["layouts", "w4"])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--min-duration", type=float, default=2.0)
-    ap.add_argument("--quick", action="store_true", help="few samples, one short round, fast calibration")
-    ap.add_argument("--adaquant", action="store_true", help="W4 part: thrifty weights from PTQ AdaQuant (slow)")
-    ap.add_argument("--w4-seq", type=int, nargs="+", default=[128, 8], help="W4 part: MiniLM sequence lengths")
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    exp = Experiment("bench_int8", __doc__, threads=2)
+    exp.parser.add_argument("--rounds", type=int, default=3)
+    exp.parser.add_argument("--min-duration", type=float, default=2.0)
+    exp.parser.add_argument("--ptq-json", type=Path, default=None,
+                            help="experiments/ptq.py's JSON, for its W8A8 column (omitted: that column shows -)")
+    exp.parser.add_argument("--int8-models", type=Path, default=cache_dir() / "bench",
+                            help="folder with experiments/bench.py's cached resnet20_w8a8_rtn.pt and "
+                                 "minilm_w8a8_rtn.pt (default: %(default)s)")
+    return exp.run(lambda args: science(args, exp), render, argv=argv)
+
+
+def science(args, exp: Experiment) -> dict:
     warnings.filterwarnings("ignore")
-    if args.quick:
-        args.rounds, args.min_duration = 1, 0.2
-    rc = 0
-    if {"layouts", "w4"} & set(args.part):
-        from deploy_bench import run_parts
-
-        rc |= run_parts(args, ROOT)
-    if "loadgen" in args.part:
-        rc |= loadgen_part(args)
-    return rc
-
-
-def loadgen_part(args: argparse.Namespace) -> int:
-    torch.set_num_threads(2)
-    t0 = time.perf_counter()
-    cache = ROOT / ".cache" / "thrifty" / "bench"
-    work = ROOT / "reports" / "bench_int8"
+    rounds, min_duration = (1, 0.5) if args.quick else (args.rounds, args.min_duration)
+    ptq_ref = _ptq_reference(args.ptq_json)  # read first: a wrong path fails before the long run
+    work = Path("reports") / exp.stem
     work.mkdir(parents=True, exist_ok=True)
+    paths = {fam: args.int8_models / f"{fam}_w8a8_rtn.pt" for fam in ("resnet20", "minilm")}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--int8-models: {', '.join(missing)} not found; run experiments/bench.py first")
     r20 = load_workload("resnet20")
     mini = load_workload("minilm", seq_len=128, max_samples=256)
-    models = {"resnet20": (r20, torch.load(cache / "resnet20_w8a8_rtn.pt", weights_only=False)),
-              "minilm": (mini, torch.load(cache / "minilm_w8a8_rtn.pt", weights_only=False))}
-    s = BenchConfig(min_duration_s=args.min_duration, max_batch=64)
-    out: dict = {"rounds": args.rounds, "workers": s.n_workers(), "threads": s.threads, "results": {},
-                 "ptq_experiment": _ptq_reference()}
+    models = {"resnet20": (r20, torch.load(paths["resnet20"], weights_only=False)),
+              "minilm": (mini, torch.load(paths["minilm"], weights_only=False))}
+    s = BenchConfig(min_duration_s=min_duration, max_batch=64)
+    out: dict = {"rounds": rounds, "workers": s.n_workers(), "threads": s.threads, "results": {},
+                 "ptq_experiment": ptq_ref, "min_duration_s": min_duration,
+                 "ptq_json": str(args.ptq_json) if args.ptq_json else None}
     for fam, (wl, q) in models.items():
         ex = tuple(torch.from_numpy(a) for a in wl.samples.batch([0, 1]))
         paths = {"fp32": export_onnx(wl.model, ex, work / f"{fam}_fp32.onnx", input_names=wl.input_names),
@@ -130,7 +118,7 @@ def loadgen_part(args: argparse.Namespace) -> int:
         acc = _accuracy(fam, wl, q, paths["int8"])
         print(f"[{time.strftime('%H:%M:%S')}] {fam}: int8 kernels {kern}; accuracy {acc}", flush=True)
         rows: dict[str, list[float]] = {"fp32_torch": [], "fp32_ort": [], "int8_ort": []}
-        for k in range(args.rounds):
+        for k in range(rounds):
             for var, model, be in (("fp32_torch", wl.model, "torch"), ("fp32_ort", str(paths["fp32"]), "onnxruntime"),
                                    ("int8_ort", str(paths["int8"]), "onnxruntime")):
                 r = run(model, s, wl.samples, scenarios=["Offline"], backend=be, accuracy=False,
@@ -146,46 +134,46 @@ def loadgen_part(args: argparse.Namespace) -> int:
                                "median_int8_ort_over_fp32_torch": statistics.median(ratio),
                                "min_int8_ort_over_fp32_torch": min(ratio),
                                "median_int8_ort_over_fp32_ort": statistics.median(ratio_ort)}
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    md = render(out, args.min_duration)
-    atomic_write_text(ROOT / "results" / "bench_int8.json", json.dumps(out, indent=1))
-    atomic_write_text(ROOT / "results" / "bench_int8.md", md)
-    print(md)
-    return 0
+    out["seconds"] = exp.seconds()
+    return out
 
 
-def render(out: dict, min_duration: float) -> str:
-    f = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+def render(out: dict) -> str:
+    min_duration = out.get("min_duration_s", 2.0)  # runs that did not record it used the default, 2.0 s
+    ptq_source = out.get("ptq_json", "results/ptq.json") or "none given"  # earlier runs read results/ptq.json
+    f = lambda xs: ", ".join(fmt(x, 1) for x in xs)  # noqa: E731
+    speed = [{"model": fam, "torch": f(r["samples_per_s"]["fp32_torch"]), "ort": f(r["samples_per_s"]["fp32_ort"]),
+              "int8": f(r["samples_per_s"]["int8_ort"]),
+              "vs_torch": f"{f(r['int8_ort_over_fp32_torch'])} (min **{fmt(r['min_int8_ort_over_fp32_torch'])}x**, "
+                          f"median **{fmt(r['median_int8_ort_over_fp32_torch'])}x**)",
+              "vs_ort": f"{f(r['int8_ort_over_fp32_ort'])} (**{fmt(r['median_int8_ort_over_fp32_ort'])}x**)"}
+             for fam, r in out["results"].items()]
     md = [f"# int8 ONNX Runtime vs FP32, Offline (LoadGen), {out['rounds']} interleaved rounds", "",
           f"{out['workers']} SUT workers x {out['threads']} thread, batch 64, min_duration {min_duration} s; "
           f"resnet20 on digits32, MiniLM at sequence length 128. int8 = thrifty PTQ W8A8 (RTN, MSE ranges) exported "
           f"by `export_onnx(..., calib=<PTQ calibration set>)`: weights stored as int8 (u8s8 kernels), residual "
           f"Adds integer. Shared 2-core machine: rounds differ.", "",
-          "| model | FP32 PyTorch samples/s | FP32 ORT samples/s | int8 ORT samples/s | int8 ORT / FP32 PyTorch "
-          "(min, median) | int8 ORT / FP32 ORT (median) |", "|---|---|---|---|---|---|"]
-    for fam, r in out["results"].items():
-        md.append(f"| {fam} | {f(r['samples_per_s']['fp32_torch'])} | {f(r['samples_per_s']['fp32_ort'])} | "
-                  f"{f(r['samples_per_s']['int8_ort'])} | {f(r['int8_ort_over_fp32_torch'])} "
-                  f"(min **{r['min_int8_ort_over_fp32_torch']:.2f}x**, median "
-                  f"**{r['median_int8_ort_over_fp32_torch']:.2f}x**) | {f(r['int8_ort_over_fp32_ort'])} "
-                  f"(**{r['median_int8_ort_over_fp32_ort']:.2f}x**) |")
-    md += ["", "Accuracy of the same int8 model, measured in this run (exported graph in ONNX Runtime vs the "
-               "simulated fake-quantized PyTorch model), and the PTQ experiment's number (results/ptq.json):", "",
-           "| model | metric | n | FP32 | int8 simulated | int8 ONNX Runtime (exported) | PTQ experiment W8A8 | "
-           "kernels ONNX Runtime runs (int8 graph) |", "|---|---|---|---|---|---|---|---|"]
+          table(speed, {"model": "model", "torch": "FP32 PyTorch samples/s", "ort": "FP32 ORT samples/s",
+                        "int8": "int8 ORT samples/s", "vs_torch": "int8 ORT / FP32 PyTorch (min, median)",
+                        "vs_ort": "int8 ORT / FP32 ORT (median)"}).rstrip("\n")]
+    acc = []
     for fam, r in out["results"].items():
         a, p = r["accuracy"], out.get("ptq_experiment", {}).get(fam)
-        fmt = (lambda v: f"{v:.2f}") if fam == "resnet20" else (lambda v: f"{v:.5f}")
-        ptq = f"{fmt(p['value'])} ({p['what']})" if p else "-"
-        extra = ""
-        if "min_cos_onnxruntime" in a:
-            extra = f" (min {a['min_cos_simulated']:.4f} / {a['min_cos_onnxruntime']:.4f})"
-        ks = ", ".join(f"{k} {v}" for k, v in r["int8_kernels"].items())
-        md.append(f"| {fam} | {a['metric']} | {a['n']} | {fmt(a['fp32'])} | {fmt(a['int8_simulated'])} | "
-                  f"{fmt(a['int8_onnxruntime'])}{extra} | {ptq} | {ks} |")
+        d = 2 if fam == "resnet20" else 5  # top-1 % vs cosine
+        extra = (f" (min {fmt(a['min_cos_simulated'], 4)} / {fmt(a['min_cos_onnxruntime'], 4)})"
+                 if "min_cos_onnxruntime" in a else "")
+        acc.append({"model": fam, "metric": a["metric"], "n": a["n"], "fp32": fmt(a["fp32"], d),
+                    "sim": fmt(a["int8_simulated"], d), "ort": fmt(a["int8_onnxruntime"], d) + extra,
+                    "ptq": f"{fmt(p['value'], d)} ({p['what']})" if p else "-",
+                    "kernels": ", ".join(f"{k} {v}" for k, v in r["int8_kernels"].items())})
+    md += ["", "Accuracy of the same int8 model, measured in this run (exported graph in ONNX Runtime vs the "
+               "simulated fake-quantized PyTorch model), and the PTQ experiment's number (" + ptq_source + "):", "",
+           table(acc, {"model": "model", "metric": "metric", "n": "n", "fp32": "FP32", "sim": "int8 simulated",
+                       "ort": "int8 ONNX Runtime (exported)", "ptq": "PTQ experiment W8A8",
+                       "kernels": "kernels ONNX Runtime runs (int8 graph)"}).rstrip("\n")]
     md += ["", f"Total {out['seconds']} s."]
     return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

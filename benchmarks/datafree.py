@@ -5,24 +5,20 @@ With the library defaults (thrifty.datafree.Synth), at batch 256 and 128, plus t
 BN-statistic taps of the first version (forward pre-hooks collecting ``Tensor.mean``/``Tensor.var`` per BN
 input, re-registered every step) against the normalised one-pass taps now used.
 
-    .venv/bin/python benchmarks/datafree.py [--steps N]      # on a quiet machine
+    python benchmarks/datafree.py [--steps N]      # on a quiet machine
+    python benchmarks/datafree.py --quick --out /tmp/x    # 10 steps, 64 samples, no first-version run
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import thrifty as th
+from thrifty.bench.experiment import Experiment, table
 from thrifty.datafree import Synth, bn_similarity, synthesize
 from thrifty.datafree.synth import _bn_taps, _frozen_eval, _NormalisedTaps, bns_loss
-from thrifty.utils import atomic_write_text
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def step_seconds(model: torch.nn.Module, batch: int, rounds: int = 3, steps: int = 4) -> dict[str, float]:
@@ -55,15 +51,18 @@ def step_seconds(model: torch.nn.Module, batch: int, rounds: int = 3, steps: int
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=None, help="default: Synth().steps")
-    ap.add_argument("--n", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (the target is for 2 cores)")
-    ap.add_argument("--batches", default="256,128", help="synthesis batch sizes to time")
-    ap.add_argument("--no-old", action="store_true", help="skip the first version's 200-step settings (~75 s)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def main(argv=None) -> int:
+    exp = Experiment("bench_datafree", __doc__, threads=2)  # the target is for 2 cores
+    exp.parser.add_argument("--steps", type=int, default=None, help="default: Synth().steps")
+    exp.parser.add_argument("--n", type=int, default=256)
+    exp.parser.add_argument("--batches", default="256,128", help="synthesis batch sizes to time")
+    exp.parser.add_argument("--no-old", action="store_true", help="skip the first version's 200-step settings (~75 s)")
+    return exp.run(science, render, argv=argv)
+
+
+def science(args) -> dict:
+    if args.quick:
+        args.steps, args.n, args.batches, args.no_old = 10, 64, "64", True
     cfg = Synth() if args.steps is None else Synth(steps=args.steps)
     splits = th.data.load_dataset("digits32")
     model = th.train.pretrained("resnet20", "digits32")
@@ -80,38 +79,39 @@ def main() -> None:
         rows.append({"settings": label, "batch_size": c.batch_size, "steps": c.steps,
                      "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                      "bn_distance": bn_similarity(model, ds)})
-    per_step = step_seconds(model, 256, steps=2)
+    per_step = step_seconds(model, 256, rounds=1 if args.quick else 3, steps=1 if args.quick else 2)
     # reference on the same machine in the same run: one epoch of resnet20 training on digits32
     torch.manual_seed(0)
     m = th.models.create("resnet20", in_chans=1, num_classes=10)
     t0 = time.perf_counter()
     th.train.fit(m, th.train.TrainConfig(epochs=1, batch_size=64), splits.train, progress=False)
     epoch = time.perf_counter() - t0
-    out = {"n": args.n, "config": {k: v for k, v in vars(cfg).items()}, "threads": torch.get_num_threads(),
-           "rows": rows, "step_seconds_batch256": per_step, "train_epoch_seconds": epoch}
-    md = ["# BNS synthesis speed (resnet20, digits32 statistics)", "",
-          f"{args.n} samples, at most {cfg.steps} Adam steps (lr {cfg.lr}, warmup {cfg.warmup}, cosine), inputs "
-          f"optimised at 1/{cfg.upsample} resolution, {torch.get_num_threads()} threads; target < 60 s.", "",
-          "| settings | batch size | seconds | CPU seconds (all threads) | x one training epoch | BN distance |",
-          "|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['settings']} | {r['batch_size']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
-                  f"{r['seconds'] / epoch:.1f} | {r['bn_distance']:.3f} |")
-    old, new = per_step["first version"], per_step["normalised"]
     ref = {"real test digits": bn_similarity(model, splits.test),
            "Gaussian noise": bn_similarity(model, torch.randn(args.n, *splits.input_shape))}
-    out["bn_distance_reference"] = ref
+    return {"n": args.n, "config": {k: v for k, v in vars(cfg).items()}, "threads": torch.get_num_threads(),
+            "rows": rows, "step_seconds_batch256": per_step, "train_epoch_seconds": epoch,
+            "bn_distance_reference": ref}
+
+
+def render(out: dict) -> str:
+    cfg, epoch, ref = out["config"], out["train_epoch_seconds"], out["bn_distance_reference"]
+    rows = [{**r, "x_epoch": r["seconds"] / epoch} for r in out["rows"]]
+    md = ["# BNS synthesis speed (resnet20, digits32 statistics)", "",
+          f"{out['n']} samples, at most {cfg['steps']} Adam steps (lr {cfg['lr']}, warmup {cfg['warmup']}, cosine), "
+          f"inputs optimised at 1/{cfg['upsample']} resolution, {out['threads']} threads; target < 60 s.", "",
+          table(rows, {"settings": "settings", "batch_size": "batch size", "seconds": "seconds",
+                       "cpu_seconds": "CPU seconds (all threads)", "x_epoch": "x one training epoch",
+                       "bn_distance": "BN distance"},
+                digits={"seconds": 1, "cpu_seconds": 1, "x_epoch": 1, "bn_distance": 3}).rstrip("\n")]
+    old, new = out["step_seconds_batch256"]["first version"], out["step_seconds_batch256"]["normalised"]
     md += ["", "BN distance: the BNS objective over the samples (sum over BN layers of the channel-mean KL to the "
            "stored statistics); for reference " + ", ".join(f"{k} {v:.3f}" for k, v in ref.items()) + ".", "",
            f"One BNS step at batch 256 (forward + backward to the inputs), side by side: first-version taps "
            f"(`Tensor.var` per BN input) {1000 * old:.0f} ms, normalised one-pass taps {1000 * new:.0f} ms "
            f"({old / new:.2f}x).", "",
            f"One training epoch of resnet20 on digits32 (1258 images, batch 64) in the same run: {epoch:.1f} s.", ""]
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / "bench_datafree.json", json.dumps(out, indent=2))
-    atomic_write_text(RESULTS / "bench_datafree.md", "\n".join(md))
-    print("\n".join(md))
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

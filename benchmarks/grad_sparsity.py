@@ -7,34 +7,27 @@ targets needs sparse tensor cores). On CPU the masks run as compiled single-pass
 (thrifty/ops/_mvue_kernel.py); the table of the mask alone also times the torch reference path.
 
     python benchmarks/grad_sparsity.py            # full (about 2 minutes)
-    python benchmarks/grad_sparsity.py --quick    # a few steps
+    python benchmarks/grad_sparsity.py --quick    # a few steps (results/bench_grad_sparsity_quick.*)
 Writes results/bench_grad_sparsity.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import thrifty  # noqa: E402
-from thrifty.data import load_dataset  # noqa: E402
-import thrifty.ops.mvue as mvue_mod  # noqa: E402
-from thrifty.ops.mvue import mse_nm, mvue_nm  # noqa: E402
-from thrifty.sparse.actgrad import ActNM, GradNM  # noqa: E402
-from thrifty.train.io import model_kwargs_for  # noqa: E402
-from thrifty.utils import atomic_write_text  # noqa: E402
+import thrifty
+import thrifty.ops.mvue as mvue_mod
+from thrifty.bench.experiment import Experiment, table
+from thrifty.data import load_dataset
+from thrifty.ops.mvue import mse_nm, mvue_nm
+from thrifty.sparse.actgrad import ActNM, GradNM
+from thrifty.train.io import model_kwargs_for
 
 VARIANTS = {
     "dense": [],
@@ -125,45 +118,40 @@ def bench_ops(reps: int) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "results"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def science(args) -> dict:
     reps, warmup = (4, 1) if args.quick else (25, 3)
     load0 = os.getloadavg()[0]
-    results = {
+    return {
         "quick": args.quick, "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(),
         "models": [bench_model("resnet20", "digits32", 64, reps, warmup),
                    bench_model("mlp", "mnist1d", 128, reps * 4, warmup)],
         "ops": bench_ops(reps * 2),
         "loadavg_1min": [load0, os.getloadavg()[0]],
     }
+
+
+def render(results: dict) -> str:
     lines = ["# Gradient N:M pruning: training-step time vs dense (CPU simulation)", "",
-             f"torch {torch.__version__}, {args.threads} thread(s), {'quick' if args.quick else 'full'} run; "
-             "interleaved steps, medians. Target: MVUE 2:4 on all GEMMs <= 1.5x dense. On a loaded machine "
+             f"torch {results['torch']}, {results['threads']} thread(s), {'quick' if results['quick'] else 'full'} "
+             "run; interleaved steps, medians. Target: MVUE 2:4 on all GEMMs <= 1.5x dense. On a loaded machine "
              "steps of about 1 ms (the MLP) are dominated by scheduler preemption: compare their mins. "
              "The CPU columns count this thread's CPU time only (robust to preemption, not to cache "
              f"sharing). 1-minute load average {results['loadavg_1min'][0]:.1f} at the start, "
              f"{results['loadavg_1min'][1]:.1f} at the end (2 cores).", ""]
     for mres in results["models"]:
         lines += [f"## {mres['model']} on {mres['dataset']} (batch {mres['batch']})", "",
-                  "| variant | median step (ms) | min (ms) | x dense | CPU median (ms) | CPU x dense |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['ratio_vs_dense']:.2f} "
-                  f"| {r['cpu_median_ms']:.1f} | {r['cpu_ratio_vs_dense']:.2f} |" for r in mres["rows"]]
-        lines.append("")
-    lines += ["## The mask alone (dY of 64 x 16 x 32 x 32 = 1M values)", "", "| op | grouping | median (ms) |",
-              "|---|---|---:|"]
-    lines += [f"| {r['op']} | {r['dim']} | {r['median_ms']:.2f} |" for r in results["ops"]]
-    out = Path(args.out)
-    atomic_write_text(out / "bench_grad_sparsity.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(out / "bench_grad_sparsity.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return results
+                  table(mres["rows"], {"variant": "variant", "median_ms": "median step (ms)", "min_ms": "min (ms)",
+                                       "ratio_vs_dense": "x dense", "cpu_median_ms": "CPU median (ms)",
+                                       "cpu_ratio_vs_dense": "CPU x dense"},
+                        digits={"median_ms": 1, "min_ms": 1, "cpu_median_ms": 1}, align="lrrrrr")]
+    lines += ["## The mask alone (dY of 64 x 16 x 32 x 32 = 1M values)", "",
+              table(results["ops"], {"op": "op", "dim": "grouping", "median_ms": "median (ms)"}, align="llr")]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return Experiment("bench_grad_sparsity", __doc__).run(science, render, argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,24 +9,20 @@ Usage:
     python benchmarks/nm_masks.py            # full: 4096 x 4096, 3 repeats
     python benchmarks/nm_masks.py --quick    # 1024 x 1024, 1 repeat
 
-Writes results/bench_nm_masks.json and results/bench_nm_masks.md (``--out`` changes the stem).
+Writes results/bench_nm_masks.json and results/bench_nm_masks.md (``--name`` changes the stem, e.g.
+``--threads 1 --name bench_nm_masks_1thread``).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from thrifty.ops import nm  # noqa: E402
-from thrifty.utils import atomic_write_text  # noqa: E402
+from thrifty.bench.experiment import Experiment, table
+from thrifty.ops import nm
 
 
 def _time(fn, repeats: int) -> float:
@@ -53,18 +49,16 @@ def reference_greedy_tile(tile: torch.Tensor, n: int) -> torch.Tensor:
     return keep.view(m, m)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--size", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default="results/bench_nm_masks")
-    args = ap.parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    exp = Experiment("bench_nm_masks", __doc__, threads=2)
+    exp.parser.add_argument("--size", type=int, default=None)
+    exp.parser.add_argument("--repeats", type=int, default=None)
+    return exp.run(science, render, argv=argv)
+
+
+def science(args) -> dict:
     size = args.size or (1024 if args.quick else 4096)
     repeats = args.repeats or (1 if args.quick else 3)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     w = torch.randn(size, size)
     nbytes = w.numel() * w.element_size()
     cases = [
@@ -108,19 +102,26 @@ def main(argv: list[str] | None = None) -> dict:
            "cpu_count": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
            "vectorised_greedy_equals_per_tile_reference": same}
     out = {"env": env, "rows": rows}
-    stem = Path(args.out)
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(out, indent=2))
-    md = [f"# N:M mask benchmark ({size} x {size} float32, {args.threads} threads)", "",
-          f"Machine: {env['cpu_count']} CPUs visible, 1-min load average {env['loadavg_1min']:.1f} at the end "
-          f"(shared machine: other jobs inflate every row, the copy included). torch {env['torch']}.", "",
-          "| case | seconds | GB/s of weight | time vs copy | target |", "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        tgt = f"<= {r['target_s']} s" + (" ✓" if r["seconds"] <= r["target_s"] else " ✗") if r["target_s"] else ""
-        md.append(f"| {r['case']} | {r['seconds']:.3f} | {r['GB_per_s']:.3f} | {r['x_copy_time']:.1f}x | {tgt} |")
-    md += ["", f"Vectorised greedy identical to the per-tile reference loop on 64 tiles: {same}."]
-    atomic_write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
     return out
 
 
+def render(out: dict) -> str:
+    env, size = out["env"], out["env"]["size"]
+
+    def target(r: dict) -> str:
+        return f"<= {r['target_s']} s" + (" ✓" if r["seconds"] <= r["target_s"] else " ✗") if r["target_s"] else ""
+
+    md = [f"# N:M mask benchmark ({size} x {size} float32, {env['threads']} threads)", "",
+          f"Machine: {env['cpu_count']} CPUs visible, 1-min load average {env['loadavg_1min']:.1f} at the end "
+          f"(shared machine: other jobs inflate every row, the copy included). torch {env['torch']}.", "",
+          table([{**r, "target": target(r)} for r in out["rows"]],
+                {"case": "case", "seconds": "seconds", "GB_per_s": "GB/s of weight", "x_copy_time": "time vs copy",
+                 "target": "target"}, digits={"seconds": 3, "GB_per_s": 3},
+                formats={"x_copy_time": lambda v: f"{v:.1f}x"}, align="lrrrr"),
+          f"Vectorised greedy identical to the per-tile reference loop on 64 tiles: "
+          f"{env['vectorised_greedy_equals_per_tile_reference']}."]
+    return "\n".join(md) + "\n"
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -17,7 +17,6 @@ brevitas: the model and data travel in a file). Without an anchor the script say
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -29,9 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _cpu() -> float:
@@ -160,48 +156,64 @@ def _thrifty_rows(bundle: dict, quick: bool) -> list[dict]:
     return rows
 
 
-def _markdown(rows: list[dict], fp_acc: float, anchor: str, source: str = "") -> str:
+def render(res: dict) -> str:
+    from thrifty.bench.experiment import table
+
     out = ["# PTQ side by side: thrifty vs an installed anchor", "",
-           f"resnet20 / digits32 (FP32 top-1 {fp_acc:.2f} %, 539 test images), the same BN-folded model, the same "
-           "100 calibration images, the same placement (per-channel asymmetric weights, per-tensor asymmetric "
+           f"resnet20 / digits32 (FP32 top-1 {res['fp_acc']:.2f} %, 539 test images), the same BN-folded model, the "
+           "same 100 calibration images, the same placement (per-channel asymmetric weights, per-tensor asymmetric "
            "layer inputs, first/last layer 8/8 bit, FP32 biases). Test KL = mean KL(FP32 || quantized). CPU s with "
-           f"1 torch thread. Anchor: {anchor}. Produced by `python benchmarks/ptq_anchor.py --anchor-python ...`{source}.",
-           "", "| precision | tool | method | test KL | top-1 % | CPU s | wall s |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["precision"], r["test_kl"])):
-        out.append(f"| {r['precision']} | {r['tool']} | {r['method']} | {r['test_kl']:.4f} | {r['acc']:.2f} | "
-                   f"{r['cpu_s']:.1f} | {r['wall_s']:.1f} |")
-    return "\n".join(out) + "\n"
+           f"1 torch thread. Anchor: {res['anchor']}. Produced by `python benchmarks/ptq_anchor.py --anchor-python "
+           f"...`{res.get('source', '')}.", "",
+           table(sorted(res["rows"], key=lambda r: (r["precision"], r["test_kl"])),
+                 {"precision": "precision", "tool": "tool", "method": "method", "test_kl": "test KL", "acc": "top-1 %",
+                  "cpu_s": "CPU s", "wall_s": "wall s"}, digits={"test_kl": 4, "cpu_s": 1, "wall_s": 1})]
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--worker"]:  # the anchor's python: torch and brevitas only, no thrifty
+        return anchor_worker(*argv[1:3])
+    from thrifty.bench.experiment import Experiment
+
+    exp = Experiment("ptq_anchor", __doc__)  # one torch thread: the CPU seconds compare like for like
+    ap = exp.parser
     ap.add_argument("--anchor-python", default=os.environ.get("THRIFTY_ANCHOR_PYTHON"),
                     help="a python with torch + brevitas (default: $THRIFTY_ANCHOR_PYTHON, else this python)")
-    ap.add_argument("--quick", action="store_true", help="W4A4 only, small thrifty budget")
-    ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--thrifty-from", default=None, metavar="JSON",
                     help="take thrifty's rows from experiments/ptq_ablation.py's JSON (same model, data and quantize "
                          "call) instead of recomputing them; with --setting naming the row(s) to use")
     ap.add_argument("--setting", action="append", default=None, help="ablation setting(s) for --thrifty-from")
     ap.add_argument("--anchor-from", nargs="+", default=None, metavar="JSON",
                     help="anchor rows saved by earlier worker runs (the --worker output files) instead of rerunning")
-    ap.add_argument("--worker", nargs=2, metavar=("BUNDLE", "OUT"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        return anchor_worker(*args.worker)
-    torch.set_num_threads(1)
+    args = exp.start(argv)
+    if args.render:
+        res = exp.read_json()
+    else:
+        res = science(args)
+        if res is None:
+            return 0
+        exp.write_json(res)
+        res = exp.read_json()  # rendered from the JSON, as --render does
+    print(exp.write_markdown(render(res)).read_text(), end="")
+    return 0
+
+
+def science(args) -> dict | None:
+    """The side-by-side rows, or None (after saying why) when no anchor is installed."""
     here = importlib.util.find_spec("brevitas") is not None
     anchor_py = args.anchor_python or (sys.executable if here else None)
     if anchor_py is None:
         print("ptq_anchor: no anchor installed (brevitas is not importable here and no --anchor-python / "
               "$THRIFTY_ANCHOR_PYTHON was given); nothing to compare, exiting.")
-        return 0
+        return None
     probe = subprocess.run([anchor_py, "-c", "import brevitas, torch; print(brevitas.__version__)"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
         print(f"ptq_anchor: {anchor_py} cannot import brevitas and torch ({probe.stderr.strip().splitlines()[-1:]}); "
               "nothing to compare, exiting.")
-        return 0
+        return None
     anchor = f"Brevitas {probe.stdout.strip()}"
     precisions = [(4, 4)] if args.quick else [(4, 4), (3, 4), (2, 4)]
     bundle = _bundle(precisions)
@@ -212,8 +224,9 @@ def main(argv=None) -> int:
     if args.thrifty_from:
         saved = json.loads(Path(args.thrifty_from).read_text())["rows"]
         want = {f"W{w}A{a}" for w, a in precisions}
-        rows = [dict(tool="thrifty", method="rtn" if r["setting"] == "rtn" else f"advanced ({r['setting']})", precision=r["precision"], test_kl=r["test_kl"],
-                     acc=r["acc"], cpu_s=r["cpu_s"], wall_s=r["wall_s"]) for r in saved
+        rows = [dict(tool="thrifty", method="rtn" if r["setting"] == "rtn" else f"advanced ({r['setting']})",
+                     precision=r["precision"], test_kl=r["test_kl"], acc=r["acc"], cpu_s=r["cpu_s"],
+                     wall_s=r["wall_s"]) for r in saved
                 if r["setting"] in (args.setting or []) and r["precision"] in want]
     else:
         rows = _thrifty_rows(bundle, args.quick)
@@ -222,21 +235,14 @@ def main(argv=None) -> int:
                       f" --thrifty-from {Path(args.thrifty_from).name} (thrifty rows of experiments/ptq_ablation.py: "
                       "same model, calibration tensors and quantize call)" if args.thrifty_from else ""])
     fp_acc = 100.0 * float((bundle["ref"].argmax(1) == bundle["y"]).float().mean())
-    from thrifty.utils import atomic_write_text
-
-    stem = "ptq_anchor_quick" if args.quick else "ptq_anchor"
-    out = Path(args.out)
-    atomic_write_text(out / f"{stem}.json", json.dumps(dict(fp_acc=fp_acc, anchor=anchor, rows=rows), indent=1))
-    atomic_write_text(out / f"{stem}.md", _markdown(rows, fp_acc, anchor, source))
-    print(_markdown(rows, fp_acc, anchor, source))
-    return 0
+    return dict(fp_acc=fp_acc, anchor=anchor, rows=rows, source=source)
 
 
 def _run_anchor(anchor_py: str, bundle: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path, res_path = Path(tmp) / "bundle.pt", Path(tmp) / "anchor.json"
         torch.save({k: v for k, v in bundle.items() if k != "fp"}, path)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         w, c = time.perf_counter(), _cpu()
         proc = subprocess.run([anchor_py, str(Path(__file__).resolve()), "--worker", str(path), str(res_path)],
                               env=env)

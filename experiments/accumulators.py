@@ -38,26 +38,20 @@ the fine-tuning loss NaN at step 2 and the script stopped; a fine-tuning that di
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.core import apply  # noqa: E402
-from thrifty.data import load_dataset  # noqa: E402
-from thrifty.ops.accum import FloatFormat, accumulate  # noqa: E402
-from thrifty.models import create  # noqa: E402
-from thrifty.quant.accum import AccumConfig, finetune_accumulators  # noqa: E402
-from thrifty.train import TrainConfig, evaluate, fit, pretrained  # noqa: E402
-from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+from thrifty.bench.experiment import Experiment, fmt, table
+from thrifty.core import apply
+from thrifty.data import load_dataset
+from thrifty.models import create
+from thrifty.ops.accum import FloatFormat, accumulate
+from thrifty.quant.accum import AccumConfig, finetune_accumulators
+from thrifty.train import TrainConfig, evaluate, fit, pretrained
+from thrifty.utils import seed_everything
 
 # total bits -> (exponent bits, mantissa bits); the paper's exact splits are not verified (METHODS.md sec. 4)
 FORMATS = {16: (5, 10), 14: (5, 8), 12: (4, 7), 10: (4, 5), 8: (4, 3), 7: (4, 2), 6: (3, 2)}
@@ -120,8 +114,8 @@ def run_model(name, model, train, test, bits_list, ft_steps, opt, lr, log, chunk
     return rows
 
 
-def _pct(v, scale=100, digits=2) -> str:
-    return "-" if v is None else f"{scale * v:.{digits}f}"
+def _pct(v) -> str:
+    return fmt(v, percent=True)
 
 
 def _ft(r: dict, mode: str) -> str:
@@ -206,19 +200,22 @@ def minilm_fidelity(n_sent: int, bits: int, log, chunk=16):
     return out
 
 
+def _rows_table(rows: list[dict], with_chunk: bool = False) -> str:
+    cols = {"model": "model", **({"chunk": "chunk"} if with_chunk else {}), "bits": "acc. bits", "format": "format",
+            "fp32": "FP32", "naive": "naive", "ste": "fine-tuned (STE)", "fine": "fine-tuned (fine-grained)"}
+    return table([{**r, "chunk": r.get("chunk") or "K (none)", "ste": _ft(r, "ste"), "fine": _ft(r, "fine")}
+                  for r in rows], cols, formats={"fp32": _pct, "naive": _pct}).rstrip()
+
+
 def to_markdown(res: dict) -> str:
     lines = ["# Low-bit floating-point accumulators", "",
              f"Mode: {res['mode']}; chunk 16; products rounded to the accumulator format; fine-tuning steps "
              f"{res['ft_steps']} (half without underflow, half with; MLP AdamW lr 2e-4, ResNet SGD lr 0.01). Command: `{res['command']}`.", "",
-             "| model | acc. bits | format | FP32 | naive | fine-tuned (STE) | fine-tuned (fine-grained) |",
-             "|---|---|---|---|---|---|---|"]
-    table = lambda r: (f"| {r['model']} | {r['bits']} | {r['format']} | {100 * r['fp32']:.2f} | "  # noqa: E731
-                       f"{100 * r['naive']:.2f} | {_ft(r, 'ste')} | {_ft(r, 'fine')} |")
-    lines += [table(r) for r in res["rows"] if r.get("chunk", 16) is not None]
+             _rows_table([r for r in res["rows"] if r.get("chunk", 16) is not None])]
     abl = [r for r in res["rows"] if r.get("chunk", 16) is None]
     if abl:
         lines += ["", "Ablation without chunking (chunk = K: each output is one sequential sum of all K products, K up "
-                  "to 576 here), same fine-tuning:", "", lines[4], lines[5]] + [table(r) for r in abl]
+                  "to 576 here), same fine-tuning:", "", _rows_table(abl)]
     wide = res.get("wide")
     if wide:
         note = "" if wide["max_K"] == 4608 else "; the full run's width 128 gives K = 4608"
@@ -226,34 +223,32 @@ def to_markdown(res: dict) -> str:
                   "convolutions of ImageNet ResNets), trained like the width-16 model; "
                   f"{wide['ft_steps']} fine-tuning steps as above (16 bits: naive only, a sanity row). "
                   f"Command: `{wide['command']}`, {wide['seconds']} s ({wide['threads']} thread(s)):", "",
-                  "| model | chunk | acc. bits | format | FP32 | naive | fine-tuned (STE) "
-                  "| fine-tuned (fine-grained) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['chunk'] or 'K (none)'} | " + table(r).split(" | ", 1)[1] for r in wide["rows"]]
+                  _rows_table(wide["rows"], with_chunk=True)]
     mms = [mm for mm in (res.get("minilm"), res.get("minilm_nochunk")) if mm]
     if mms:
         mm = mms[0]
         lines += ["", "all-MiniLM-L6-v2, every Linear with a "
                   f"{mm['bits']}-bit ({mm['format']}) accumulator, no fine-tuning, {mm['sentences']} sentences:", "",
-                  "| chunk | mean cosine to FP32 | min cosine | nearest-neighbour agreement | "
-                  "max abs error of pairwise sims |", "|---|---|---|---|---|"]
-        lines += [f"| {mm.get('chunk', 16) or 'K (none)'} | {mm['mean_cos']:.5f} | {mm['min_cos']:.5f} | "
-                  f"{mm['nn_agreement']:.3f} | {mm['pairwise_sim_max_abs_err']:.4f} |" for mm in mms]
+                  table([{**mm, "chunk": mm.get("chunk", 16) or "K (none)"} for mm in mms],
+                        {"chunk": "chunk", "mean_cos": "mean cosine to FP32", "min_cos": "min cosine",
+                         "nn_agreement": "nearest-neighbour agreement",
+                         "pairwise_sim_max_abs_err": "max abs error of pairwise sims"},
+                        digits={"mean_cos": 5, "min_cos": 5, "nn_agreement": 3,
+                                "pairwise_sim_max_abs_err": 4}).rstrip()]
     ek = res.get("error_vs_k")
     if ek:
         ks = sorted({r["K"] for r in ek})
         keys = sorted({(r["bits"], r["format"], r["chunk"] or 0) for r in ek}, key=lambda t: (-t[0], -t[2]))
         lines += ["", "Relative error (||y - y_fp64|| / ||y_fp64||) of one simulated layer, x = ReLU(gaussian), "
                   "w = gaussian / sqrt(K), products in the accumulator format, by accumulation length K:", "",
-                  "| format | chunk | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-        for b, fmt, c in keys:
-            vals = {r["K"]: r["rel_err"] for r in ek if r["bits"] == b and (r["chunk"] or 0) == c}
-            lines.append(f"| {b}-bit {fmt} | {c or 'K (none)'} | " + " | ".join(f"{vals[k]:.4f}" for k in ks) + " |")
+                  table([{"format": f"{b}-bit {form}", "chunk": c or "K (none)",
+                          **{f"K={r['K']}": r["rel_err"] for r in ek if r["bits"] == b and (r["chunk"] or 0) == c}}
+                         for b, form, c in keys], ["format", "chunk", *(f"K={k}" for k in ks)], digits=4).rstrip()]
     lines += ["", f"Total time {res['seconds']} s (CPU, {res['threads']} thread(s))."]
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict, path: Path) -> None:
+def plot(res: dict, exp: Experiment) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,45 +275,40 @@ def plot(res: dict, path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    exp.savefig(fig, "_acc.png", dpi=120)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "results"))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parts", default=",".join(PARTS),
-                   help="comma-separated parts to run (main: MLP, ResNet-20, MiniLM, error vs K; wide: the wide "
-                        "ResNet-20); the other parts' results are kept from the existing json")
-    args = p.parse_args(argv)
+    exp = Experiment("accumulators", __doc__)
+    exp.parser.add_argument("--parts", default=",".join(PARTS),
+                            help="comma-separated parts to run (main: MLP, ResNet-20, MiniLM, error vs K; wide: the "
+                                 "wide ResNet-20); the other parts' results are kept from this experiment's json")
+    args = exp.start(argv)
     parts = [x for x in args.parts.split(",") if x]
     merge_results({}, {}, parts)  # validates the part names before any work
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    q = args.quick
-    cmd = "python experiments/accumulators.py" + (" --quick" if q else "")
-    res: dict = {"mode": "quick" if q else "full"}
-    if "main" in parts:
-        res.update(main_part(args, log, cmd))
-    if "wide" in parts:
-        wcmd = cmd + ("" if args.parts == ",".join(PARTS) else f" --parts {args.parts}") + \
-            (f" --threads {args.threads}" if args.threads != 1 else "")
-        res["wide"] = {**wide_part(args.seed, q, log), "command": wcmd, "threads": args.threads}
-    name = "accumulators_quick" if q else "accumulators"
-    path = out / f"{name}.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    if old.get("mode", res["mode"]) != res["mode"]:
-        raise ValueError(f"{path} holds a {old['mode']} run; refusing to merge a {res['mode']} run into it")
-    res = merge_results(old, res, parts)
-    atomic_write_text(path, json.dumps(res, indent=1))
+    if args.render:
+        res = exp.read_json()
+    else:
+        log = lambda s: print(s, flush=True)  # noqa: E731
+        q = args.quick
+        cmd = "python experiments/accumulators.py" + (" --quick" if q else "")
+        res: dict = {"mode": "quick" if q else "full"}
+        if "main" in parts:
+            res.update(main_part(args, log, cmd))
+        if "wide" in parts:
+            wcmd = cmd + ("" if args.parts == ",".join(PARTS) else f" --parts {args.parts}") + \
+                (f" --threads {args.threads}" if args.threads != 1 else "")
+            res["wide"] = {**wide_part(args.seed, q, log), "command": wcmd, "threads": args.threads}
+        # a part run alone is merged into this experiment's own earlier results, never another script's
+        old = exp.read_json() if exp.path(".json").exists() else {}
+        if old.get("mode", res["mode"]) != res["mode"]:
+            raise ValueError(f"{exp.path('.json')} holds a {old['mode']} run; refusing to merge a {res['mode']} run "
+                             "into it")
+        exp.write_json(merge_results(old, res, parts))
+        res = exp.read_json()  # rendered from the JSON, as --render does
     if "rows" in res:  # the markdown and plot need the main part (run now or earlier)
-        atomic_write_text(out / f"{name}.md", to_markdown(res))
-        plot(res, out / f"{name}_acc.png")
-        print(to_markdown(res))
+        print(exp.write_markdown(to_markdown(res)).read_text(), end="")
+        plot(res, exp)
     return 0
 
 

@@ -16,11 +16,9 @@ C. The Server max-QPS search run a second time, to report reproducibility.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,14 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.bench import BenchConfig, Samples, optimized_op_counts, run  # noqa: E402
-from thrifty.bench.api import calibration_data, load_workload, ptq_int8  # noqa: E402
-from thrifty.bench.backends import INT8_KERNELS, TorchBackend  # noqa: E402
-from thrifty.bench.report import markdown_table, plot_results, portable_paths  # noqa: E402
-from thrifty.utils import atomic_write_text  # noqa: E402
+from thrifty.bench import BenchConfig, Samples, optimized_op_counts, run
+from thrifty.bench.api import calibration_data, load_workload, ptq_int8
+from thrifty.bench.backends import INT8_KERNELS, TorchBackend
+from thrifty.bench.experiment import Experiment, fmt, table
+from thrifty.bench.report import markdown_table, plot_results, portable_paths
+from thrifty.train import cache_dir
 
 # Server p99 bounds. MLPerf's 15 ms (ResNet-50) / 130 ms (BERT) are for datacenter hardware; here FP32 PyTorch
 # alone takes ~20-50 ms per resnet20 sample on the shared 2-core machine, so the bounds are set where every
@@ -48,8 +44,9 @@ def log(msg: str) -> None:
 
 
 def _cached_ptq(key: str, fn):
-    """PTQ is deterministic and slow on a shared machine: cache the quantized model under .cache/thrifty."""
-    path = ROOT / ".cache" / "thrifty" / "bench" / f"{key}.pt"
+    """PTQ is deterministic and slow on a shared machine: cache the quantized model (benchmarks/bench_int8.py
+    takes this folder as its --int8-models)."""
+    path = cache_dir() / "bench" / f"{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
     model = fn().model
@@ -85,21 +82,23 @@ def _summ(r: dict, part: str) -> dict:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--render", action="store_true", help="only rewrite the .md and plots from the saved .json")
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    exp = Experiment("bench", __doc__, threads=2)  # PTQ in this process on the machine's 2 cores
+    args = exp.start(argv)
     warnings.filterwarnings("ignore")
+    if not args.render:
+        science(args, exp)
+    out = exp.read_json()  # a fresh run renders from its JSON too, as --render does
+    plots = plot_results([r for r in out["rows"] if r["part"] == "A"], exp.out, prefix=f"{exp.stem}_")
+    md = exp.write_markdown(render(out) + "\n" + "\n".join(f"![{Path(p).stem}]({Path(p).name})" for p in plots))
+    print(md.read_text(), end="")
+    return 0
+
+
+def science(args, exp: Experiment) -> dict:
     quick = args.quick
-    name = "bench_quick" if quick else "bench"
-    res_dir = ROOT / "results"
-    if args.render:
-        out = json.loads((res_dir / f"{name}.json").read_text())
-        _write(out, res_dir, name)
-        return 0
-    work = ROOT / "reports" / name
-    t_start = time.perf_counter()
+    res_dir = exp.out
+    work = Path("reports") / exp.stem
     base = BenchConfig(min_duration_s=1.0 if quick else 2.0, max_batch=64, server_max_probes=5 if quick else 7)
     rows: list[dict] = []
     meta: dict = {"python": platform.python_version(), "torch": torch.__version__, "quick": quick,
@@ -166,7 +165,7 @@ def main() -> int:
                               f"executed with dense kernels")
         rows.append(_summ(r, "A"))
         log(f"   {r['scenarios']['Offline']['value']} samples/s, accuracy {json.dumps(m)}")
-        _partial(res_dir, name, meta, nm_size, rows)
+        _partial(exp, meta, nm_size, rows)
 
     # ---------------------------------------------------------------------- B. four scenarios
     four = [("resnet20_fp32_torch", r20.model, "torch", r20.samples, "resnet20"),
@@ -178,7 +177,7 @@ def main() -> int:
         r = run(model, samples, scenarios="all", backend=be, settings=s, outdir=work / "scenarios", variant=var,
                 accuracy=False, reference=None)
         rows.append(_summ(r, "B"))
-        _partial(res_dir, name, meta, nm_size, rows)
+        _partial(exp, meta, nm_size, rows)
         for sc, x in r["scenarios"].items():
             log(f"   {sc:12s} {'VALID' if x['valid'] else 'INVALID'} {x.get('metric')}={x.get('value')} "
                 f"{'max_qps=' + str(x.get('max_qps')) if sc == 'Server' else ''} {'; '.join(x['reasons'])}")
@@ -194,31 +193,23 @@ def main() -> int:
         rows.append(_summ(r, "C"))
         log(f"   max_qps={r['scenarios']['Server'].get('max_qps')}")
 
-    meta["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    meta["total_seconds"] = exp.seconds()
     out = portable_paths({"meta": meta, "nm_storage": nm_size, "rows": rows}, res_dir)  # paths relative to results/
-    atomic_write_text(res_dir / f"{name}.json", json.dumps(out, indent=1, default=str))
-    _write(out, res_dir, name)
-    log(f"wrote results/{name}.json, results/{name}.md in {meta['total_seconds']} s")
-    return 0
+    exp.write_json(out)
+    exp.path(".partial.json").unlink(missing_ok=True)
+    return out
 
 
-def _partial(res_dir: Path, name: str, meta: dict, nm_size: dict, rows: list) -> None:
+def _partial(exp: Experiment, meta: dict, nm_size: dict, rows: list) -> None:
     """Save what is measured so far (a crash late in a long run keeps the earlier parts)."""
-    part = portable_paths({"meta": meta, "nm_storage": nm_size, "rows": rows}, res_dir)
-    atomic_write_text(res_dir / f"{name}.partial.json", json.dumps(part, indent=1, default=str))
-
-
-def _write(out: dict, res_dir: Path, name: str) -> None:
-    plots = plot_results([r for r in out["rows"] if r["part"] == "A"], res_dir, prefix=f"{name}_")
-    atomic_write_text(res_dir / f"{name}.md", render(out, name) + "\n" + "\n".join(
-        f"![{Path(p).stem}]({Path(p).name})" for p in plots) + "\n")
+    exp.write_json(portable_paths({"meta": meta, "nm_storage": nm_size, "rows": rows}, exp.out), ".partial.json")
 
 
 def _row(rows: list[dict], part: str, var: str) -> dict:
     return next((r for r in rows if r["part"] == part and r["variant"] == var), {})
 
 
-def render(out: dict, name: str) -> str:
+def render(out: dict) -> str:
     rows, meta = out["rows"], out["meta"]
     a = [r for r in rows if r["part"] == "A"]
     lines = [f"# LoadGen benchmark ({'quick' if meta['quick'] else 'full'})", "",
@@ -226,9 +217,8 @@ def render(out: dict, name: str) -> str:
              f"{meta['settings']['min_duration_s']} s, Offline batch {meta['settings']['max_batch']}; torch "
              f"{meta['torch']}, onnxruntime {meta['onnxruntime']}. Every number below is LoadGen's "
              f"(mlperf_log_summary.txt) or computed from its accuracy log.", "",
-             "## A. Offline throughput and accuracy (side by side, one run)", "",
-             "| variant | Offline samples/s | x FP32 PyTorch | valid | accuracy (LoadGen accuracy log) | "
-             "same model in PyTorch (fake-quant for int8) | size MB | integer kernels after ORT fusion |", "|---|---|---|---|---|---|---|---|"]
+             "## A. Offline throughput and accuracy (side by side, one run)", ""]
+    cells = []
     for r in a:
         fam = r["variant"].split("_")[0]
         base = _row(rows, "A", f"{fam}_fp32_torch")["scenarios"]["Offline"]["value"]
@@ -236,10 +226,14 @@ def render(out: dict, name: str) -> str:
         m = r["accuracy"]["metrics"]
         acc = f"top-1 {m['top1']:.4f}" if "top1" in m else f"cosine to FP32 {m['cosine_mean']:.5f} (min {m['cosine_min']:.4f})"
         refm = r.get("reference_metrics", {})
-        ref = f"top-1 {refm['top1']:.4f}" if "top1" in refm else "-"
-        ops = ", ".join(f"{k} {v}" for k, v in (r.get("int8_ops") or {}).items()) or "-"
-        lines.append(f"| {r['variant']} | {o['value']:.1f} | {o['value'] / base:.2f}x | "
-                     f"{'VALID' if o['valid'] else 'INVALID'} | {acc} | {ref} | {r['size_bytes'] / 1e6:.3f} | {ops} |")
+        cells.append({"variant": r["variant"], "value": o["value"], "x": f"{fmt(o['value'] / base)}x",
+                      "valid": "VALID" if o["valid"] else "INVALID", "acc": acc,
+                      "ref": f"top-1 {refm['top1']:.4f}" if "top1" in refm else "-", "mb": r["size_bytes"] / 1e6,
+                      "ops": ", ".join(f"{k} {v}" for k, v in (r.get("int8_ops") or {}).items()) or "-"})
+    lines.append(table(cells, {"variant": "variant", "value": "Offline samples/s", "x": "x FP32 PyTorch",
+                               "valid": "valid", "acc": "accuracy (LoadGen accuracy log)",
+                               "ref": "same model in PyTorch (fake-quant for int8)", "mb": "size MB",
+                               "ops": "integer kernels after ORT fusion"}, digits={"value": 1, "mb": 3}).rstrip("\n"))
     for r in a:  # what the int8 export added to the simulated PTQ model (thrifty.bench.int8_graph)
         ex = r.get("int8_export")
         if ex and ex.get("residual_adds"):
@@ -259,19 +253,23 @@ def render(out: dict, name: str) -> str:
                   f"executes N:M sparsity; the model runs on dense kernels, so its speed is the dense model's "
                   f"(see its Offline row), not a speedup.", "",
               "## B. All four scenarios (short default run)", "", markdown_table([r for r in rows if r["part"] == "B"]),
-              "", "## C. Server max-QPS search, run twice", "",
-              "| variant | bound ms | run 1 max QPS | run 2 max QPS | difference |", "|---|---|---|---|---|"]
+              "", "## C. Server max-QPS search, run twice", ""]
+    twice = []
     for r in rows:
         if r["part"] != "C":
             continue
         r1 = _row(rows, "B", r["variant"])["scenarios"]["Server"]
         q1, q2 = r1.get("max_qps"), r["scenarios"]["Server"].get("max_qps")
         diff = f"{abs(q1 - q2) / max(q1, q2) * 100:.1f}%" if q1 and q2 else "-"
-        lines.append(f"| {r['variant']} | {r1.get('latency_bound_ms')} | {q1 and round(q1, 1)} | {q2 and round(q2, 1)} | {diff} |")
+        twice.append({"variant": r["variant"], "bound": r1.get("latency_bound_ms"), "q1": q1 and round(q1, 1),
+                      "q2": q2 and round(q2, 1), "diff": diff})
+    lines.append(table(twice, {"variant": "variant", "bound": "bound ms", "q1": "run 1 max QPS", "q2": "run 2 max QPS",
+                               "diff": "difference"}, formats={k: str for k in ("bound", "q1", "q2")}).rstrip("\n")
+                 if twice else "No Server search was run twice.")
     lines += ["", f"Total time {meta['total_seconds']} s (PTQ, or loading it from .cache: resnet20 "
                   f"{meta['ptq_seconds_resnet20']} s, MiniLM {meta['ptq_seconds_minilm']} s)."]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -18,12 +18,9 @@ The model is stripped before PTQ because quantize() drops the N:M masks of a wra
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -32,21 +29,19 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Subset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.core import apply, strip  # noqa: E402
-from thrifty.data import calibration_subset, load_dataset  # noqa: E402
-from thrifty.models import create, model_size_bytes  # noqa: E402
-from thrifty.nn import gemm_layers  # noqa: E402
-from thrifty.ops import nm as nmops  # noqa: E402
-from thrifty.quant import PTQ, UniformQuantizer, quantize  # noqa: E402
-from thrifty.quant.accum import AccumConfig, finetune_accumulators  # noqa: E402
-from thrifty.quant.train8 import Train8, prepare_train8  # noqa: E402
-from thrifty.sparse import NM, GradNM, adaprune, save_sparse, sparsify  # noqa: E402
-from thrifty.sparse.storage import compress  # noqa: E402
-from thrifty.train import TrainConfig, evaluate, fit, pretrained  # noqa: E402
-from thrifty.utils import atomic_savefig, atomic_write_text, seed_everything  # noqa: E402
+from thrifty.bench.experiment import Experiment, fmt, table
+from thrifty.core import apply, strip
+from thrifty.data import calibration_subset, load_dataset
+from thrifty.models import create, model_size_bytes
+from thrifty.nn import gemm_layers
+from thrifty.ops import nm as nmops
+from thrifty.quant import PTQ, UniformQuantizer, quantize
+from thrifty.quant.accum import AccumConfig, finetune_accumulators
+from thrifty.quant.train8 import Train8, prepare_train8
+from thrifty.sparse import NM, GradNM, adaprune, save_sparse, sparsify
+from thrifty.sparse.storage import compress
+from thrifty.train import TrainConfig, evaluate, fit, pretrained
+from thrifty.utils import seed_everything
 
 T48 = NM(4, 8, transposable=True, recompute_every=10)
 G24 = GradNM(2, 4, method="mvue")
@@ -223,8 +218,12 @@ def deploy_part(splits, a, out_dir: Path) -> dict:
             "rows": rows}
 
 
-def markdown(res: dict, cmd: str) -> str:
-    tr, acc, dp = res["train"], res.get("accum"), res.get("deploy")
+def _pct(v: float) -> str:
+    return fmt(v, percent=True)
+
+
+def markdown(res: dict) -> str:
+    tr, acc, dp, cmd = res["train"], res.get("accum"), res.get("deploy"), res["command"]
     c = tr["config"]
     n = tr["rows"][0]["n_test"]
     L = [f"# Composition: Train8 + transposable 4:8 + MVUE 2:4 + 12-bit accumulator", "",
@@ -235,21 +234,21 @@ def markdown(res: dict, cmd: str) -> str:
          f"SGD lr {c['lr']} cosine, seed {c['seed']}", "",
          f"Test set: {n} images (one image = {100 / n:.2f} points); one seed, so differences of a few images "
          "are noise.",
-         "", "| variant | test acc. (%) | train loss (last 10 steps) | ms / step |", "|---|---:|---:|---:|"]
-    for r in tr["rows"]:
-        L.append(f"| {r['variant']} | {100 * r['test_acc']:.2f} | {r['final_loss']:.3f} | {r['ms_per_step']:.0f} |")
+         "", table(tr["rows"], {"variant": "variant", "test_acc": "test acc. (%)",
+                                "final_loss": "train loss (last 10 steps)", "ms_per_step": "ms / step"},
+                   digits={"final_loss": 3, "ms_per_step": 0}, formats={"test_acc": _pct}, align="lrrr").rstrip("\n")]
     if acc is None or dp is None:  # --steps: the training part only
         return "\n".join(L) + "\n"
     L += ["", f"12-bit accumulator (1+4+7 bits, products in the same format, chunks of 16) added after training: "
           f"to the all-three model above, evaluated on the "
           f"first {acc['n_test']} test images, then fine-tuned {acc['finetune_steps']} steps (batch 32) with all four "
           f"slots active (two-stage recipe: no underflow, then underflow).", "",
-          "| all three model | test acc. (%) |", "|---|---:|",
-          f"| without accumulator | {100 * acc['without_accumulator']:.2f} |",
-          f"| + 12-bit accumulator, as is | {100 * acc['naive']:.2f} |",
-          f"| + 12-bit accumulator, fine-tuned {acc['finetune_steps']} steps | {100 * acc['finetuned']:.2f} |",
-          f"| control: same {acc['finetune_steps']} extra steps (lr 0.01) without accumulator | "
-          f"{100 * acc['control_finetuned_without_accumulator']:.2f} |", "",
+          table([{"model": "without accumulator", "acc": acc["without_accumulator"]},
+                 {"model": "+ 12-bit accumulator, as is", "acc": acc["naive"]},
+                 {"model": f"+ 12-bit accumulator, fine-tuned {acc['finetune_steps']} steps", "acc": acc["finetuned"]},
+                 {"model": f"control: same {acc['finetune_steps']} extra steps (lr 0.01) without accumulator",
+                  "acc": acc["control_finetuned_without_accumulator"]}],
+                {"model": "all three model", "acc": "test acc. (%)"}, formats={"acc": _pct}, align="lr"),
           f"Weights still transposable 4:8 in every layer after the fine-tune: {acc['weights_transposable_4_8']}.", "",
           f"## Deployment chain on the pretrained FP32 model: AdaPrune (transposable 4:8, {dp['adaprune_steps']} steps "
           f"per layer) -> strip -> advanced PTQ ({dp['adaquant_iters']} AdaQuant / {dp['bias_iters']} bias iterations, "
@@ -258,16 +257,15 @@ def markdown(res: dict, cmd: str) -> str:
           "(thrifty.sparse.storage.compress on the codes), per-channel float32 scale + integer zero point, float32 "
           "biases; everything else float32. The FP32 rows are the parameter + buffer bytes / the real save_sparse "
           "file.",
-          "", "| model | test acc. (%) | bytes | size vs FP32 | effective weights transposable 4:8 | seconds |",
-          "|---|---:|---:|---:|---|---:|"]
-    for r in dp["rows"]:
-        ok = "-" if r["nm_ok"] is None else ("yes" if r["nm_ok"] else "NO")
-        L.append(f"| {r['model']} | {100 * r['test_acc']:.2f} | {r['bytes']:,} | {r['size_vs_fp32']:.3f} | {ok} | "
-                 f"{r['seconds']:.0f} |")
-    return "\n".join(L) + "\n"
+          "", table(dp["rows"], {"model": "model", "test_acc": "test acc. (%)", "bytes": "bytes",
+                                 "size_vs_fp32": "size vs FP32", "nm_ok": "effective weights transposable 4:8",
+                                 "seconds": "seconds"}, digits={"size_vs_fp32": 3, "seconds": 0},
+                    formats={"test_acc": _pct, "bytes": lambda b: f"{b:,}",
+                             "nm_ok": lambda ok: "-" if ok is None else ("yes" if ok else "NO")}, align="lrrrlr")]
+    return "\n".join(L)
 
 
-def plot(res: dict, path: Path) -> None:
+def plot(res: dict, exp: Experiment) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -290,52 +288,39 @@ def plot(res: dict, path: Path) -> None:
     if two:
         ax2.set(xlabel="bytes / FP32 bytes", ylabel="test acc. (%)", title="deployment chain (pretrained model)")
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    exp.savefig(fig, ".png")
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="CI-sized run (writes results/compose_quick.*)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy machine)")
-    p.add_argument("--out", type=Path, default=ROOT / "results")
-    p.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json only")
-    p.add_argument("--steps", type=int, default=0,
-                   help="only the from-scratch training part, with this many steps (writes results/compose_steps<N>.*)")
-    a = p.parse_args(argv)
-    stem = a.out / ("compose_quick" if a.quick else f"compose_steps{a.steps}" if a.steps else "compose")
-    cmd = "python experiments/compose.py" + (" --quick" if a.quick else "") + (f" --steps {a.steps}" if a.steps else "")
-    if a.replot:
-        res = json.loads(stem.with_suffix(".json").read_text())
-        atomic_write_text(stem.with_suffix(".md"), markdown(res, cmd))
-        plot(res, stem.with_name(stem.name + ".png"))
-        return res
-    torch.set_num_threads(a.threads)
+def main(argv=None) -> int:
+    exp = Experiment("compose", __doc__)  # one thread by default: fastest on a busy machine
+    exp.parser.add_argument("--steps", type=int, default=0,
+                            help="only the from-scratch training part, with this many steps (results stem "
+                                 "compose_steps<N> unless --name is given)")
+    return exp.run(lambda a: science(a, exp), markdown, lambda res: plot(res, exp), argv)
+
+
+def science(a, exp: Experiment) -> dict:
     full = dict(steps=300, width=8, acc_test=200, acc_steps=6, adaprune_steps=40, adaquant_iters=50, bias_iters=25)
     quick = dict(steps=6, width=8, acc_test=32, acc_steps=1, adaprune_steps=3, adaquant_iters=3, bias_iters=2)
     only_train = a.steps > 0
     for k, v in (quick if a.quick else full).items():
         if not (k == "steps" and only_train):
             setattr(a, k, v)
-    a.out.mkdir(parents=True, exist_ok=True)
-    t0, c0 = time.perf_counter(), time.process_time()
+    exp.out.mkdir(parents=True, exist_ok=True)
+    c0 = time.process_time()
     splits = load_dataset("digits32", seed=0)
     log("part 1: training from scratch")
     train, all3 = train_part(splits, a)
     res = {"mode": ("quick" if a.quick else "full") + (f", training part only ({a.steps} steps)" if only_train else ""),
-           "threads": a.threads, "train": train}
+           "threads": a.threads, "train": train, "command": exp.command}
     if not only_train:
         log("part 1b: 12-bit accumulator on the all-three model")
         res["accum"] = accum_part(all3, splits, a)
         log("part 2: deployment chain on the pretrained model")
-        res["deploy"] = deploy_part(splits, a, a.out)
-    res.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
-    md = markdown(res, cmd)
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(res, indent=1, default=str))
-    atomic_write_text(stem.with_suffix(".md"), md)
-    plot(res, stem.with_name(stem.name + ".png"))
-    print(md)
+        res["deploy"] = deploy_part(splits, a, exp.out)
+    res.update(seconds=exp.seconds(), cpu_seconds=time.process_time() - c0)
     return res
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -12,10 +12,7 @@ measured with (benchmarks/datafree.py).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -25,10 +22,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import thrifty as th  # noqa: E402
+from thrifty.bench.experiment import Experiment, fmt, table  # noqa: E402
 from thrifty.datafree import Synth, bn_similarity, distill, synthesize  # noqa: E402
-from thrifty.utils import atomic_write_text  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def mnist1d_as_images(n: int) -> torch.Tensor:
@@ -40,7 +35,7 @@ def mnist1d_as_images(n: int) -> torch.Tensor:
     return img[:, None]
 
 
-def save_grid(x: torch.Tensor, labels: torch.Tensor, path: Path, n: int = 40) -> None:
+def save_grid(x: torch.Tensor, labels: torch.Tensor, exp: Experiment, n: int = 40) -> None:
     n = min(n, len(x))
     cols = 10
     rows = (n + cols - 1) // cols
@@ -52,26 +47,18 @@ def save_grid(x: torch.Tensor, labels: torch.Tensor, path: Path, n: int = 40) ->
             ax.set_title(f"pred {int(labels[i])}", fontsize=7)
     fig.suptitle("BNS samples synthesised from resnet20's BN statistics (no real data)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    exp.savefig(fig, "_bns_samples.png")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CI-sized run (fewer steps and settings)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--render", action="store_true", help="only rewrite results/datafree.md from results/datafree.json")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: two spinning threads on a shared 2-core box run 10x slower)")
-    ap.add_argument("--distill-steps", type=int, default=100, help="distillation steps after BNS calibration")
-    ap.add_argument("--distill-lr", type=float, default=1e-4)
-    args = ap.parse_args()
-    if args.render:
-        atomic_write_text(RESULTS / "datafree.md", to_markdown(json.loads((RESULTS / "datafree.json").read_text())))
-        return
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    t_start = time.time()
+def main(argv=None) -> int:
+    # one thread by default: two spinning threads on a shared 2-core box run 10x slower
+    exp = Experiment("datafree", __doc__)
+    exp.parser.add_argument("--distill-steps", type=int, default=100, help="distillation steps after BNS calibration")
+    exp.parser.add_argument("--distill-lr", type=float, default=1e-4)
+    return exp.run(lambda args: science(args, exp), to_markdown, argv=argv)
+
+
+def science(args, exp: Experiment) -> dict:
 
     splits = th.data.load_dataset("digits32")
     model, meta = th.train.pretrained("resnet20", "digits32", seed=args.seed, return_meta=True)
@@ -92,7 +79,7 @@ def main() -> None:
         synth_seconds[method] = time.time() - t0
         sources[method] = ds.tensors[0]
         if method == "bns":
-            save_grid(ds.tensors[0], ds.tensors[1], RESULTS / "datafree_bns_samples.png")
+            save_grid(ds.tensors[0], ds.tensors[1], exp)
 
     # target: 256 BNS samples in under 60 s on 2 cores (measured, reported, not asserted; the quiet-machine
     # number is benchmarks/datafree.py's, this one shares the machine with whatever else runs)
@@ -136,12 +123,9 @@ def main() -> None:
         "synthesis": {**{k: v for k, v in vars(defaults).items() if k != "method"}, "steps": steps},
         "synthesis_steps": steps, "synthesis_seconds": synth_seconds, "bns_256_seconds": bns256,
         "distill_steps": distill_steps, "distill_lr": args.distill_lr,
-        "ptq": rows, "bn_similarity": sim, "seconds": time.time() - t_start,
+        "ptq": rows, "bn_similarity": sim, "seconds": exp.seconds(),
     }
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / "datafree.json", json.dumps(out, indent=2))
-    atomic_write_text(RESULTS / "datafree.md", to_markdown(out))
-    print(to_markdown(out))
+    return out
 
 
 def to_markdown(out: dict) -> str:
@@ -151,15 +135,13 @@ def to_markdown(out: dict) -> str:
         f"FP32 test accuracy {out['fp32_acc']:.4f}; {out['calibration_samples']} calibration samples per source; "
         f"advanced PTQ pipeline (AdaQuant + bit allocation off + BN tuning + bias tuning), first/last layer 8 bit.",
         "",
-        "| setting | calibration data | test acc | drop vs FP32 (points) |",
-        "|---|---|---|---|",
+        table(out["ptq"], {"setting": "setting", "calibration": "calibration data", "acc": "test acc",
+                           "drop_vs_fp32": "drop vs FP32 (points)"}, digits={"acc": 4},
+              formats={"drop_vs_fp32": lambda d: fmt(d, percent=True, sign=True)}).rstrip("\n"),
     ]
-    for r in out["ptq"]:
-        lines.append(f"| {r['setting']} | {r['calibration']} | {r['acc']:.4f} | {100 * r['drop_vs_fp32']:+.2f} |")
     lines += ["", "BN-statistics distance to the model (sum over BN layers of the channel-mean KL; lower = more "
-              "alike):", "", "| data | distance |", "|---|---|"]
-    for k, v in out["bn_similarity"].items():
-        lines.append(f"| {k} | {v:.3f} |")
+              "alike):", "", table([{"data": k, "distance": v} for k, v in out["bn_similarity"].items()],
+                                   digits=3).rstrip("\n")]
     kd = [f"{r['setting']} KL {r['distill']['kl_before']:.4f} -> {r['distill']['kl_after']:.4f}"
           + ("" if r["distill"]["kept"] else " (no improvement, fine-tuned weights discarded)")
           for r in out["ptq"] if r.get("distill")]
@@ -172,9 +154,10 @@ def to_markdown(out: dict) -> str:
               f"BNS synthesis of 256 samples: {out['bns_256_seconds']:.1f} s in this run ({out['threads']} thread(s), "
               "shared machine; the "
               "quiet-machine number is in the speed benchmark). Whole run: "
-              f"{out['seconds'] / 60:.0f} min.", "", "![BNS samples](datafree_bns_samples.png)", ""]
+              f"{out['seconds'] / 60:.0f} min.", "",
+              f"![BNS samples](datafree{'_quick' if out['quick'] else ''}_bns_samples.png)", ""]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

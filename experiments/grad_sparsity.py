@@ -13,27 +13,22 @@ Writes results/grad_sparsity.{json,md} and results/grad_sparsity_curves.png (qui
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import thrifty  # noqa: E402
-from thrifty.data import load_dataset  # noqa: E402
-from thrifty.sparse import NM, ActNM, GradNM, sparsify  # noqa: E402
-from thrifty.train import fit  # noqa: E402
-from thrifty.train.io import model_kwargs_for  # noqa: E402
-from thrifty.train.recipes import recipe  # noqa: E402
-from thrifty.utils import atomic_savefig, atomic_write_text, seed_everything  # noqa: E402
+import thrifty
+from thrifty.bench.experiment import Experiment, fmt, table
+from thrifty.data import load_dataset
+from thrifty.sparse import NM, ActNM, GradNM, sparsify
+from thrifty.train import fit
+from thrifty.train.io import model_kwargs_for
+from thrifty.train.recipes import recipe
+from thrifty.utils import seed_everything
 
 W = ("weight",)  # dW = dY^T X only: the update GEMM, the setting of the paper (dX stays exact)
 VARIANTS = {
@@ -138,40 +133,44 @@ def quality_table(q: dict) -> list[str]:
              "Relative error of the weight gradient vs the dense one; the bias of the mean of the draws compared "
              "with the noise expected for an unbiased estimator (rel. error / sqrt(draws)): about 1 when unbiased, "
              "sqrt(draws) for a deterministic biased mask (MSE).",
-             "", "| variant | rel. error per draw | bias of the mean | bias / expected noise | cosine to dense |",
-             "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['rel_err']:.3f} | {r['bias']:.3f} | {r['bias_over_noise']:.2f} | "
-              f"{r['cosine']:.3f} |" for r in q["rows"]]
-    return lines + [""]
+             "", table(q["rows"], {"variant": "variant", "rel_err": "rel. error per draw", "bias": "bias of the mean",
+                                   "bias_over_noise": "bias / expected noise", "cosine": "cosine to dense"},
+                       digits={"rel_err": 3, "bias": 3, "cosine": 3}, align="lrrrr")]
+    return lines
 
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def table(res: dict) -> list[str]:
+def accuracy_table(res: dict) -> list[str]:
     dense = _mean([r["test_acc"] for r in res["runs"]["dense"]])
     kw = "".join(f", {k}={v}" for k, v in res.get("model_kwargs", {}).items())
     steps = f"{res['train']['steps']} steps" if res["train"]["steps"] else f"{res['train']['epochs']:g} epochs"
     lines = [f"### {res['model']}{kw} on {res['dataset']} ({steps}, "
              f"batch {res['train']['batch_size']}, {res['train']['optimizer']}, seeds "
              f"{[r['seed'] for r in res['runs']['dense']]})", "",
-             "| variant | final test acc (mean ± sd over seeds) | median | best test acc | final train loss "
-             "| vs dense (points) | time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             ]
+    rows = []
     for variant, runs in res["runs"].items():
         accs = [r["test_acc"] for r in runs]
         acc = _mean(accs)
-        sd = f" ± {100 * statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        note = " (diverged)" if any(r["diverged"] for r in runs) else ""
-        lines.append(f"| {variant}{note} | {100 * acc:.2f}{sd} | {100 * statistics.median(accs):.2f} "
-                     f"| {100 * _mean([r['best_test_acc'] for r in runs]):.2f} "
-                     f"| {_mean([r['final_train_loss'] for r in runs]):.4f} | {100 * (acc - dense):+.2f} "
-                     f"| {_mean([r['seconds'] for r in runs]):.0f} |")
-    return lines + [""]
+        sd = f" ± {fmt(statistics.stdev(accs), percent=True)}" if len(accs) > 1 else ""
+        rows.append({"variant": variant + (" (diverged)" if any(r["diverged"] for r in runs) else ""),
+                     "acc": fmt(acc, percent=True) + sd, "median": statistics.median(accs),
+                     "best": _mean([r["best_test_acc"] for r in runs]),
+                     "loss": _mean([r["final_train_loss"] for r in runs]), "vs_dense": acc - dense,
+                     "seconds": _mean([r["seconds"] for r in runs])})
+    pct = lambda v: fmt(v, percent=True)  # noqa: E731
+    lines.append(table(rows, {"variant": "variant", "acc": "final test acc (mean ± sd over seeds)", "median": "median",
+                              "best": "best test acc", "loss": "final train loss", "vs_dense": "vs dense (points)",
+                              "seconds": "time (s)"}, digits={"loss": 4, "seconds": 0},
+                       formats={"median": pct, "best": pct, "vs_dense": lambda v: fmt(v, percent=True, sign=True)},
+                       align="lrrrrrr"))
+    return lines
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], exp: Experiment) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,26 +195,26 @@ def plot(results: list[dict], path: Path) -> None:
         ax_l.legend(fontsize=8)
         ax_a.legend(fontsize=8)
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    exp.savefig(fig, "_curves.png")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a few steps per variant (CI)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "results"))
-    ap.add_argument("--variants", default=None,
-                    help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the (variant, seed) runs of the existing results JSON and train only the missing ones")
-    ap.add_argument("--resnet-seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0],
-                    help="seeds for the full resnet20 runs, e.g. 0,1")
-    args = ap.parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    exp = Experiment("grad_sparsity", __doc__)
+    exp.parser.add_argument("--variants", default=None,
+                            help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)")
+    exp.parser.add_argument("--merge", action="store_true",
+                            help="keep the (variant, seed) runs of this experiment's existing JSON and train only the "
+                                 "missing ones")
+    exp.parser.add_argument("--resnet-seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0],
+                            help="seeds for the full resnet20 runs, e.g. 0,1")
+    return exp.run(lambda args: science(args, exp), render, lambda res: plot(res["results"], exp), argv)
+
+
+def science(args, exp: Experiment) -> dict:
     variants = list(VARIANTS) if args.variants is None else [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    torch.set_num_threads(args.threads)
+        exp.parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     _, cfg_r = recipe("resnet20", "digits32")
     _, cfg_m = recipe("mlp", "mnist1d")
     if args.quick:
@@ -228,32 +227,30 @@ def main(argv: list[str] | None = None) -> dict:
         cfg_r = dataclasses.replace(cfg_r, epochs=4)
         cfg_m = dataclasses.replace(cfg_m, epochs=30)
         jobs = [("resnet20", "digits32", cfg_r, args.resnet_seeds, {}), ("mlp", "mnist1d", cfg_m, [0, 1], {})]
-    t0 = time.perf_counter()
-    suffix = "_quick" if args.quick else ""
-    out = Path(args.out)
     prev = [None] * len(jobs)
-    if args.merge and (out / f"grad_sparsity{suffix}.json").is_file():
-        prev = json.loads((out / f"grad_sparsity{suffix}.json").read_text())["results"]
+    if args.merge and exp.path(".json").is_file():  # this experiment's own earlier runs, asked for by --merge
+        prev = exp.read_json()["results"]
     results = [run(name, ds, cfg, seeds, variants, p, **kw) for (name, ds, cfg, seeds, kw), p in zip(jobs, prev)]
     quality = grad_quality("resnet20", "digits32", 4 if args.quick else 32, **jobs[0][4])
+    return {"quick": args.quick, "results": results, "grad_quality": quality, "seconds": exp.seconds(),
+            "merge": args.merge, "threads": args.threads}
+
+
+def render(res: dict) -> str:
+    suffix = "_quick" if res["quick"] else ""
     lines = ["# N:M sparsity of activations and neural gradients (MSE vs MVUE)", "",
-             f"`python experiments/grad_sparsity.py{' --quick' if args.quick else ''}` "
-             f"({time.perf_counter() - t0:.0f} s{' for this invocation' if args.merge else ''}, {args.threads} "
+             f"`python experiments/grad_sparsity.py{' --quick' if res['quick'] else ''}` "
+             f"({res['seconds']:.0f} s{' for this invocation' if res['merge'] else ''}, {res['threads']} "
              "thread(s)). Same seeds, data order and steps "
              "for every variant; masks on every Linear/Conv2d; (dW): dY pruned for the weight-gradient GEMM "
              "only (blocks along the batch), (dX+dW): for both backward GEMMs; accuracy in %."
-             + (" Runs accumulated over several invocations (`--merge`)." if args.merge else ""), ""]
-    for res in results:
-        lines += table(res)
-    lines += quality_table(quality)
+             + (" Runs accumulated over several invocations (`--merge`)." if res["merge"] else ""), ""]
+    for r in res["results"]:
+        lines += accuracy_table(r)
+    lines += quality_table(res["grad_quality"])
     lines.append(f"![training curves](grad_sparsity{suffix}_curves.png)")
-    atomic_write_text(out / f"grad_sparsity{suffix}.json",
-                      json.dumps({"quick": args.quick, "results": results, "grad_quality": quality}) + "\n")
-    atomic_write_text(out / f"grad_sparsity{suffix}.md", "\n".join(lines) + "\n")
-    plot(results, out / f"grad_sparsity{suffix}_curves.png")
-    print("\n".join(lines))
-    return {"results": results}
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

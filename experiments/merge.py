@@ -11,29 +11,22 @@ Per-task accuracy uses each task's own logits (task_slices).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.data import load_dataset  # noqa: E402
-from thrifty.merge import (  # noqa: E402
+from thrifty.bench.experiment import Experiment, table
+from thrifty.data import load_dataset
+from thrifty.merge import (
     DistillMerge, Ensemble, FSMerge, PermuteMerge, average, distill_merge, evaluate_tasks, few_shot, fs_merge,
     permute_and_average, zip_merge,
 )
-from thrifty.models import create  # noqa: E402
-from thrifty.train import TrainConfig, fit, load_checkpoint, save_checkpoint  # noqa: E402
-from thrifty.train.checkpoint import CheckpointError  # noqa: E402
-from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+from thrifty.models import create
+from thrifty.train import TrainConfig, cache_dir, fit, load_checkpoint, save_checkpoint
+from thrifty.train.checkpoint import CheckpointError
+from thrifty.utils import seed_everything
 
-CACHE = ROOT / ".cache" / "thrifty" / "merge"
 SPLIT2 = [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]
 SPLIT3 = [(0, 1, 2), (3, 4, 5), (6, 7, 8, 9)]
 
@@ -69,7 +62,7 @@ def originals(arch: str, setup: dict, splits: list, tasks: list, quick: bool) ->
         seed_everything(seed)
         model = create(setup["model"]["name"], num_classes=len(classes), **kw)
         tag = "".join(map(str, classes))
-        path = CACHE / f"{arch}_{tag}_{'quick' if quick else 'full'}_{seed}.safetensors"
+        path = cache_dir() / "merge" / f"{arch}_{tag}_{'quick' if quick else 'full'}_{seed}.safetensors"
         try:
             load_checkpoint(path, model)
         except CheckpointError:
@@ -150,23 +143,15 @@ def to_markdown(rows: list[dict], quick: bool) -> str:
            "logits; rel = merged / original accuracy of that task, averaged over tasks.", ""]
     for (arch, k) in dict.fromkeys((r["arch"], r["k"]) for r in rows):
         sub = [r for r in rows if r["arch"] == arch and r["k"] == k]
+        tasks = {f"task{i}": f"task {i + 1} acc" for i in range(k)}
         out += [f"## {arch.upper()}, {k} tasks", "",
-                "| method | samples/task | " + " | ".join(f"task {i + 1} acc" for i in range(k)) +
-                " | mean rel | seconds |", "|---|---|" + "---|" * k + "---|---|"]
-        for r in sub:
-            out.append(f"| {r['method']} | {r['samples'] if r['samples'] is not None else '-'} | " +
-                       " | ".join(f"{a:.3f}" for a in r["acc"]) + f" | {r['mean_rel']:.3f} | {r['seconds']} |")
-        out.append("")
+                table([{**r, **dict(zip(tasks, r["acc"]))} for r in sub],
+                      {"method": "method", "samples": "samples/task", **tasks, "mean_rel": "mean rel",
+                       "seconds": "seconds"}, digits=3, formats={"seconds": str})]
     return "\n".join(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CI-sized run")
-    ap.add_argument("--out", default=str(ROOT / "results"), help="output folder")
-    args = ap.parse_args()
-    torch.set_num_threads(1)  # the machine is shared
-    t0 = time.perf_counter()
+def science(args, exp: Experiment) -> dict:
     core = ("ensemble", "average", "perm", "kd", "fs-global", "fs-local", "fs-permute")
     rows = []
     if args.quick:
@@ -178,14 +163,18 @@ def main() -> None:
         rows += run("vit", SPLIT2, False, (16, 100), core)
         rows += run("mlp", SPLIT3, False, (16, 100), ("ensemble", "average", "perm", "kd", "fs-global", "fs-permute"))
         rows += run("mlp1d", SPLIT2, False, (16, 100), core)
-    total = time.perf_counter() - t0
-    name = "merge_quick" if args.quick else "merge"
-    out = Path(args.out)
-    atomic_write_text(out / f"{name}.json", json.dumps({"quick": args.quick, "seconds": round(total, 1),
-                                                          "torch_threads": 1, "rows": rows}, indent=1))
-    atomic_write_text(out / f"{name}.md", to_markdown(rows, args.quick) + f"\nTotal time: {total:.0f} s.\n")
-    print(f"wrote {out / name}.json/.md in {total:.0f} s")
+    return {"quick": args.quick, "seconds": exp.seconds(), "torch_threads": args.threads,
+            "rows": rows}
+
+
+def render(res: dict) -> str:
+    return to_markdown(res["rows"], res["quick"]) + f"\nTotal time: {res['seconds']:.0f} s.\n"
+
+
+def main(argv=None) -> int:
+    exp = Experiment("merge", __doc__)  # one thread by default: the machine is shared
+    return exp.run(lambda args: science(args, exp), render, argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,27 +15,24 @@
 Usage:
     python experiments/nm_masks.py --quick   # ~2 min: 2-epoch sparse training, short AdaPrune
     python experiments/nm_masks.py           # full: the recipe's epochs, 2 seeds for the trained rows
-Writes results/nm_masks.json, results/nm_masks.md and results/nm_masks_acc.png.
+Writes results/nm_masks.json, results/nm_masks.md and results/nm_masks_acc.png (quick: nm_masks_quick*).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
 import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import thrifty  # noqa: E402
-from thrifty.ops import nm as nmops  # noqa: E402
-from thrifty.sparse import NM, adaprune, nm_masks, reestimate_bn, sparsify  # noqa: E402
-from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+import thrifty
+from thrifty.bench.experiment import Experiment, fmt, table
+from thrifty.ops import nm as nmops
+from thrifty.sparse import NM, adaprune, nm_masks, reestimate_bn, sparsify
+from thrifty.utils import seed_everything
 
 PATTERNS = [("unstructured 50%", 1, 2, "unstructured"), ("1:2", 1, 2, "nm"), ("2:4", 2, 4, "nm"),
             ("4:8", 4, 8, "nm"), ("transposable 1:2", 1, 2, "transposable"),
@@ -180,17 +177,17 @@ def unstructured_to_nm(dense: torch.nn.Module, splits, calib, steps: int, epochs
         "acc_nm_adaprune": evaluate(ada, splits.test)["acc"]}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="results/nm_masks")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def main(argv: list[str] | None = None) -> int:
+    exp = Experiment("nm_masks", __doc__)
+    rc = exp.run(lambda args: science(args, exp), render, lambda res: plot(res, exp), argv)
+    print(f"log10 of B(8,4) = {math.log10(nmops.count_transposable(8, 4)):.2f}")
+    return rc
+
+
+def science(args, exp: Experiment) -> dict:
     from thrifty.data import calibration_subset, load_dataset
     from thrifty.train import evaluate, pretrained, recipe
 
-    t_start = time.perf_counter()
     res: dict = {"mode": "quick" if args.quick else "full", "diversity": diversity()}
     print("diversity done", flush=True)
     torch.manual_seed(0)
@@ -236,8 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"adaprune {label}: {res['adaprune']['rows'][label]}", flush=True)
     res["unstructured"] = unstructured_to_nm(dense, splits, calib, steps, 1.0 if args.quick else 2.0)
     print(f"unstructured -> N:M: {res['unstructured']}", flush=True)
-    res["seconds"] = time.perf_counter() - t_start
-    write(res, Path(args.out))
+    res["seconds"] = exp.seconds()
     return res
 
 
@@ -247,38 +243,40 @@ def _pct(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f} (n={len(xs)})"
 
 
-def write(res: dict, stem: Path) -> None:
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(res, indent=2))
+def render(res: dict) -> str:
     md = [f"# N:M weight masks ({res['mode']} run, {res['seconds'] / 60:.1f} min)", "",
           "## Mask diversity of one 8x8 tile (64 weights, 50% density)", "",
-          "| mask | number of masks (exact) | log10 |", "|---|---:|---:|"]
-    md += [f"| {r['mask']} | {r['count']} | {r['log10']:.2f} |" for r in res["diversity"]]
+          table(res["diversity"], {"mask": "mask", "count": "number of masks (exact)", "log10": "log10"},
+                align="lrr").rstrip("\n")]
     md += ["", "## Greedy 2-approximation vs exact transposable masks (kept |w| per tile)", "",
-           "| weights | pattern | tiles | mean ratio | worst tile | greedy optimal | greedy density / target "
-           "| kept |w| exact | kept |w| greedy | kept |w| plain N:M |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for src, rows in res["approx"].items():
-        for r in rows:
-            md.append(f"| {src} | {r['pattern']} | {r['tiles']} | {r['mean_ratio']:.4f} | {r['worst_tile_ratio']:.4f}"
-                      f" | {100 * r['greedy_optimal_share']:.1f}% | {r['greedy_density_vs_target']:.4f}"
-                      f" | {r['kept_abs_exact']:.4f} | {r['kept_abs_approx']:.4f} | {r['kept_abs_plain_nm']:.4f} |")
+           table([{"weights": src, **r} for src, rows in res["approx"].items() for r in rows],
+                 {"weights": "weights", "pattern": "pattern", "tiles": "tiles", "mean_ratio": "mean ratio",
+                  "worst_tile_ratio": "worst tile", "greedy_optimal_share": "greedy optimal",
+                  "greedy_density_vs_target": "greedy density / target", "kept_abs_exact": "kept |w| exact",
+                  "kept_abs_approx": "kept |w| greedy", "kept_abs_plain_nm": "kept |w| plain N:M"},
+                 digits=4, formats={"greedy_optimal_share": lambda v: fmt(v, 1, percent=True) + "%"},
+                 align="llrrrrrrrr").rstrip("\n")]
     sc = res["scratch"]
     md += ["", f"## resnet20 on digits32: trained from scratch with masks ({sc['epochs']:g} epochs, masks "
            f"recomputed every {sc['recompute_every']} steps, straight-through)", "",
-           "| model | test accuracy (%) | train seconds |", "|---|---:|---:|"]
-    for r in sc["rows"]:
-        secs = f"{r['seconds']:.0f}" if r.get("seconds") is not None else ""
-        md.append(f"| {r['model']} | {_pct(r['acc'])} | {secs} |")
+           table(sc["rows"], {"model": "model", "acc": "test accuracy (%)", "seconds": "train seconds"},
+                 formats={"acc": _pct, "seconds": lambda v: "" if v is None else fmt(v, 0)},
+                 align="lrr").rstrip("\n")]
     md += ["", "Test set: 539 images (one image = 0.19%). Train seconds are wall clock on a shared, overloaded "
            "2-core machine: not a speed comparison."]
     ad = res["adaprune"]
     md += ["", f"## resnet20 on digits32: from the dense model (dense {100 * ad['dense_acc']:.2f}%), "
            f"{ad['calibration_images']} unlabelled calibration images, {ad['steps_per_layer']} AdaPrune steps "
-           "per layer", "", "| pattern | magnitude | magnitude + BN | AdaPrune + BN (no training) | AdaPrune + 1 epoch "
-           "| AdaPrune seconds |", "|---|---:|---:|---:|---:|---:|"]
-    for label, r in ad["rows"].items():
-        md.append(f"| {label} | {100 * r['magnitude (no BN re-est.)']:.2f} | {100 * r['magnitude + BN re-est.']:.2f}"
-                  f" | {100 * r['AdaPrune + BN re-est. (no training)']:.2f} | {100 * r['AdaPrune + 1 epoch']:.2f}"
-                  f" | {r['adaprune_seconds']:.0f} |")
+           "per layer", "",
+           table([{"pattern": label, **r} for label, r in ad["rows"].items()],
+                 {"pattern": "pattern", "magnitude (no BN re-est.)": "magnitude",
+                  "magnitude + BN re-est.": "magnitude + BN",
+                  "AdaPrune + BN re-est. (no training)": "AdaPrune + BN (no training)",
+                  "AdaPrune + 1 epoch": "AdaPrune + 1 epoch", "adaprune_seconds": "AdaPrune seconds"},
+                 formats={**dict.fromkeys(("magnitude (no BN re-est.)", "magnitude + BN re-est.",
+                                           "AdaPrune + BN re-est. (no training)", "AdaPrune + 1 epoch"),
+                                          lambda v: fmt(v, percent=True)),
+                          "adaprune_seconds": lambda v: fmt(v, 0)}, align="lrrrrr").rstrip("\n")]
     un = res.get("unstructured")
     if un:
         pats = ", ".join(f"{k} x{v}" for k, v in sorted(un["plan_patterns"].items()))
@@ -287,13 +285,18 @@ def write(res: dict, stem: Path) -> None:
                f"Per-layer unstructured density {un['layer_density_min']:.2f}..{un['layer_density_max']:.2f}; "
                f"the rule (sparsest N:M with M in {{4, 8}} keeping at least the layer's density, ties to larger M) "
                f"chose: {pats}; {un['dense_layers']} layer(s) left dense.", "",
-               "| model | weight density | test accuracy (%) |", "|---|---:|---:|",
-               f"| unstructured | {un['unstructured_density']:.3f} | {100 * un['acc_unstructured']:.2f} |",
-               f"| per-layer N:M, magnitude + BN re-est. | {un['nm_density']:.3f} | "
-               f"{100 * un['acc_nm_magnitude_bn']:.2f} |",
-               f"| per-layer N:M, AdaPrune + BN re-est. (no training) | {un['nm_density']:.3f} | "
-               f"{100 * un['acc_nm_adaprune']:.2f} |"]
-    atomic_write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
+               table([{"model": "unstructured", "density": un["unstructured_density"], "acc": un["acc_unstructured"]},
+                      {"model": "per-layer N:M, magnitude + BN re-est.", "density": un["nm_density"],
+                       "acc": un["acc_nm_magnitude_bn"]},
+                      {"model": "per-layer N:M, AdaPrune + BN re-est. (no training)", "density": un["nm_density"],
+                       "acc": un["acc_nm_adaprune"]}],
+                     {"model": "model", "density": "weight density", "acc": "test accuracy (%)"}, digits={"density": 3},
+                     formats={"acc": lambda v: fmt(v, percent=True)}, align="lrr").rstrip("\n")]
+    return "\n".join(md) + "\n"
+
+
+def plot(res: dict, exp: Experiment) -> None:
+    sc, ad = res["scratch"], res["adaprune"]
     try:
         import matplotlib
 
@@ -311,12 +314,10 @@ def write(res: dict, stem: Path) -> None:
         ax.set_xlabel("test accuracy (%)")
         ax.set_title("resnet20 / digits32, N:M weight sparsity")
         fig.tight_layout()
-        fig.savefig(str(stem) + "_acc.png", dpi=120)
-        plt.close(fig)
+        exp.savefig(fig, "_acc.png", dpi=120)
     except Exception as e:  # a missing plot must not lose the numbers
         print(f"plot skipped: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
-    print(f"wrote results (log10 of B(8,4) = {math.log10(nmops.count_transposable(8, 4)):.2f})")
+    raise SystemExit(main())

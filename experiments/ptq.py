@@ -22,21 +22,16 @@ CPU time is the better estimate of the time on an idle one.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.data import calibration_subset, load_dataset  # noqa: E402
-from thrifty.quant import PTQ, quantize  # noqa: E402
-from thrifty.utils import atomic_savefig, atomic_write_text, seed_everything  # noqa: E402
+from thrifty.bench.experiment import Experiment, fmt, table
+from thrifty.data import calibration_subset, load_dataset
+from thrifty.quant import PTQ, quantize
+from thrifty.utils import atomic_write_text
 
 
 def _acc(model, ds) -> float:
@@ -144,33 +139,34 @@ def _nn(emb: torch.Tensor) -> torch.Tensor:
     return sim.argmax(1)
 
 
-def _markdown(r: dict, quick: bool) -> str:
+def _markdown(r: dict) -> str:
     rn, ml = r["resnet20"], r["minilm"]
-    out = [f"# PTQ results{' (quick)' if quick else ''}", "",
+    out = [f"# PTQ results{' (quick)' if r['quick'] else ''}", "",
            f"resnet20 on digits32: FP32 test accuracy **{rn['fp_acc']:.2f}%** (n={rn['n_test']}; one image = "
            f"{100 / rn['n_test']:.2f} points); calibration {rn['n_calib']} training images (10 per class). "
            "First and last layer at 8 bit; weights per output channel, activations per tensor, asymmetric.", "",
-           "| precision | method | test acc % | drop (points) | size vs FP32 | KL to FP32 (calib) | wall s | CPU s |",
-           "|---|---|---|---|---|---|---|---|"]
-    for x in rn["rows"]:
-        out.append(f"| {x['precision']} | {x['method']} | {x['acc']:.2f} | {x['drop']:+.2f} | {x['size']:.3f} | "
-                   f"{x['calib_loss']:.4f} | {x['wall_s']:.1f} | {x['cpu_s']:.1f} |")
+           table(rn["rows"], {"precision": "precision", "method": "method", "acc": "test acc %",
+                              "drop": "drop (points)", "size": "size vs FP32", "calib_loss": "KL to FP32 (calib)",
+                              "wall_s": "wall s", "cpu_s": "CPU s"},
+                 digits={"size": 3, "calib_loss": 4, "wall_s": 1, "cpu_s": 1},
+                 formats={"drop": lambda d: fmt(d, sign=True)}).rstrip("\n")]
+    def hist(h: dict) -> str:  # int keys in a fresh run, str keys once read back from the JSON
+        h = {int(k): v for k, v in h.items()}
+        return "/".join(str(h[b]) for b in (2, 3, 4, 8))
     out += ["", "Bit allocation (ILP over {2,3,4,8}-bit weights, A8; budget = fraction of the FP32 bytes of the "
             "quantized layers):", "",
-            "| pipeline | budget | size | test acc % | drop | layers at 2/3/4/8 bit | predicted KL | measured KL (RTN) | final KL | CPU s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for x in sorted(rn["curve"], key=lambda c: (c["pipeline"] != "light", c["budget"])):
-        h = {int(k): v for k, v in x["bits_hist"].items()}
-        out.append(f"| {x['pipeline']} | {x['budget']:.2f} | {x['size']:.3f} | {x['acc']:.2f} | {x['drop']:+.2f} | "
-                   f"{h[2]}/{h[3]}/{h[4]}/{h[8]} | {x['predicted_loss']:.4f} | {x['measured_loss']:.4f} | "
-                   f"{x['final_loss']:.4f} | {x['cpu_s']:.1f} |")
+            table(sorted(rn["curve"], key=lambda c: (c["pipeline"] != "light", c["budget"])),
+                  {"pipeline": "pipeline", "budget": "budget", "size": "size", "acc": "test acc %", "drop": "drop",
+                   "bits_hist": "layers at 2/3/4/8 bit", "predicted_loss": "predicted KL",
+                   "measured_loss": "measured KL (RTN)", "final_loss": "final KL", "cpu_s": "CPU s"},
+                  digits={"size": 3, "predicted_loss": 4, "measured_loss": 4, "final_loss": 4, "cpu_s": 1},
+                  formats={"drop": lambda d: fmt(d, sign=True), "bits_hist": hist}).rstrip("\n")]
     out += ["", f"all-MiniLM-L6-v2: fidelity on {ml['n_test']} held-out sentences (calibration {ml['n_calib']} "
             "sentences); embeddings, LayerNorms and attention score/value products stay FP32.", "",
-            "| precision | method | mean cosine | min cosine | NN retrieval agreement | layers | CPU s |",
-            "|---|---|---|---|---|---|---|"]
-    for x in ml["rows"]:
-        out.append(f"| {x['precision']} | {x['method']} | {x['mean_cos']:.4f} | {x['min_cos']:.4f} | "
-                   f"{x['nn_agreement']:.3f} | {x['n_layers']} | {x['cpu_s']:.1f} |")
+            table(ml["rows"], {"precision": "precision", "method": "method", "mean_cos": "mean cosine",
+                               "min_cos": "min cosine", "nn_agreement": "NN retrieval agreement",
+                               "n_layers": "layers", "cpu_s": "CPU s"},
+                  digits={"mean_cos": 4, "min_cos": 4, "nn_agreement": 3, "cpu_s": 1}).rstrip("\n")]
     out += ["", "## Targets", ""] + [f"- {t}" for t in r["targets"]]
     adv = [x["cpu_s"] for x in rn["rows"] if x["method"] == "advanced"]
     adv_b = [x["cpu_s"] for x in rn["curve"] if x["pipeline"] == "advanced"]
@@ -202,7 +198,7 @@ def _targets(r: dict) -> list[str]:
     ]
 
 
-def _plot(r: dict, path: Path) -> None:
+def _plot(r: dict, exp: Experiment) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -223,27 +219,36 @@ def _plot(r: dict, path: Path) -> None:
     ax.set_title("resnet20 / digits32 PTQ: accuracy vs size")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=120)
+    exp.savefig(fig, "_size.png", dpi=120)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: what the committed results used)")
-    ap.add_argument("--out", default=str(ROOT / "results"))
+    exp = Experiment("ptq", __doc__)  # one thread by default: what the committed results used
+    ap = exp.parser
     ap.add_argument("--only", choices=["resnet20", "minilm"], default=None, help="run one part (saved for --merge)")
     ap.add_argument("--merge", action="store_true", help="combine the parts saved by --only runs")
     ap.add_argument("--precisions", default=None, help="resnet20 rows, e.g. 8x8,4x8 (W x A); default all")
     ap.add_argument("--no-curve", action="store_true", help="skip the resnet20 bit-allocation curve")
     ap.add_argument("--budgets", default=None, help="bit-allocation budgets, e.g. 0.13,0.25 (default 0.13..0.25)")
     ap.add_argument("--tag", default="", help="suffix of the part file (several resnet20 processes)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    seed_everything(0)
+    args = exp.start(argv)
+    if args.render:
+        r = exp.read_json()
+    else:
+        r = science(args, exp)
+        if r is None:
+            return 0
+        exp.write_json(r)
+        r = exp.read_json()  # rendered from the JSON, as --render does
+    print(exp.write_markdown(_markdown(r)).read_text(), end="")
+    _plot(r, exp)
+    return 0
+
+
+def science(args, exp: Experiment) -> dict | None:
+    """The results, or None for an ``--only`` run (its part is saved for ``--merge``)."""
     log = lambda s: print(s, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    stem = "ptq_quick" if args.quick else "ptq"
+    out, stem = exp.out, exp.stem
     r: dict = {"quick": args.quick, "threads": args.threads}
     prec = None if args.precisions is None else [tuple(int(b) for b in p.split("x")) for p in args.precisions.split(",") if p]
     budgets = None if args.budgets is None else [float(b) for b in args.budgets.split(",") if b]
@@ -263,16 +268,11 @@ def main(argv=None) -> int:
             r[name] = fn(args.quick, log)
             if args.only:
                 atomic_write_text(part, json.dumps(r[name], indent=1))
-    r["total_seconds"] = time.perf_counter() - t0
+    r["total_seconds"] = exp.seconds()
     if args.only:
-        return 0
+        return None
     r["targets"] = _targets(r)
-    atomic_write_text(out / f"{stem}.json", json.dumps(r, indent=1))
-    atomic_write_text(out / f"{stem}.md", _markdown(r, args.quick))
-    _plot(r, out / f"{stem}_size.png")
-    log(_markdown(r, args.quick))
-    log(f"total {r['total_seconds']:.0f}s; wrote {out / (stem + '.json')}, .md, _size.png")
-    return 0
+    return r
 
 
 if __name__ == "__main__":

@@ -7,39 +7,8 @@ test set (539 images; one image is 0.19 accuracy points, so KL separates methods
 calibration KL, and the cost in CPU seconds (1 torch thread) and wall seconds. The ablation runs at W2A4, where
 the gap to AdaRound was; the kept settings are then checked at W4A4, W3A4 and W2A4.
 
-Hypotheses, written before any ablation run (each names the prediction it is judged by):
-
-H1 optimisation budget.
-  a. Weight learning rate. lr_weight=1e-3 is relative to the layer's mean weight step; Adam moves a parameter
-     by about lr per iteration, so with the cosine schedule over 200 iterations a latent weight can drift at
-     most ~0.1 step from its FP value: AdaQuant can only flip the rounding of weights that sit within 0.1 step
-     of a rounding boundary, far from the free optimisation of the paper. The issue's 2000-iteration run (10x
-     the drift) reaching W2A4 KL 0.0061 fits this. Prediction: lr_weight 1e-2 at the same 200 iterations
-     lowers W2A4 test KL by > 1.5x; 3e-2 is no better than 1e-2 (noise of a too-large step at 2 bits).
-  b. Iterations. 3x the iterations at the old learning rate helps, but less than the learning rate does at
-     1x cost; more iterations on top of the better learning rate give a smaller further gain.
-  c. Calibration samples per step (adaquant_batch 32 -> 100 images): less gradient noise, ~3x the cost per
-     step; predicted small gain, not worth its cost.
-H2 layer order. sequential (each layer sees the already-quantized prefix's outputs and so compensates its
-  error) beats parallel (FP inputs) at W2A4, predicted clearly (> 1.5x in KL), because errors compound over 19
-  layers at 2 bits.
-H3 what is learned. Dropping the activation step size (lr_a_scale=0) hurts at A4; dropping the weight step
-  size (lr_w_scale=0) hurts at W2; weights-only (both 0) is worst of the three. Learning only the rounding
-  (latent weights clamped within max_shift=1 step of their start, with the higher learning rate) regularises
-  the fit to 100 images: predicted equal or slightly better test KL than free weights, with a smaller gap
-  between calibration and test KL.
-H4 step-size initialisation. MSE-optimal per-channel ranges (default) beat min/max ranges after AdaQuant at
-  W2A4 (min/max wastes most of 4 levels on outliers and 200 iterations do not fully move the steps back).
-H5 BN and bias tuning after AdaQuant. They helped a lot at W2A4 before (0.0428 -> 0.0118 in the issue); after a
-  stronger AdaQuant the gain is predicted smaller but still positive (BN tuning re-matches channel statistics
-  that a layer-wise MSE leaves biased).
-H6 (from the code) the layer loss is the MSE of the pre-activation output. Where a layer feeds a ReLU
-  (conv1 of every block and the stem), errors where both outputs are negative are invisible to the network;
-  measuring the error after the ReLU (AIMET's AdaRound does) spends the layer's capacity where it matters.
-  Prediction: lower W2A4 test KL, at no extra cost.
-H7 (from the code) overfitting to the 100 calibration images: if the winner's test KL is far above its
-  calibration KL while the baseline's is not, the fix is regularisation (H3's rounding-only, larger batch),
-  not more optimisation.
+Hypotheses: HYPOTHESES below, written before any ablation run (each names the prediction it is judged by;
+``--help`` lists them and the markdown carries them).
 
 Win rule: the lowest W2A4 test KL among settings whose CPU time stays under AdaRound's (333 s per bit-width on
 the issue's measurement); ties within 10 % in KL go to the cheaper setting. Results:
@@ -52,22 +21,51 @@ results/ptq_ablation.{json,md} and results/ptq_ablation.png.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from thrifty.bench.experiment import Experiment, table
+from thrifty.data import calibration_subset, load_dataset
+from thrifty.quant import PTQ, quantize
+from thrifty.quant.calib import output_loss
 
-from thrifty.data import calibration_subset, load_dataset  # noqa: E402
-from thrifty.quant import PTQ, quantize  # noqa: E402
-from thrifty.quant.calib import output_loss  # noqa: E402
-from thrifty.utils import atomic_savefig, atomic_write_text, seed_everything  # noqa: E402
+HYPOTHESES = [
+    "H1 optimisation budget. a. Weight learning rate. lr_weight=1e-3 is relative to the layer's mean weight "
+    "step; Adam moves a parameter by about lr per iteration, so with the cosine schedule over 200 iterations a"
+    " latent weight can drift at most ~0.1 step from its FP value: AdaQuant can only flip the rounding of "
+    "weights that sit within 0.1 step of a rounding boundary, far from the free optimisation of the paper. The"
+    " issue's 2000-iteration run (10x the drift) reaching W2A4 KL 0.0061 fits this. Prediction: lr_weight 1e-2"
+    " at the same 200 iterations lowers W2A4 test KL by > 1.5x; 3e-2 is no better than 1e-2 (noise of a too-"
+    "large step at 2 bits). b. Iterations. 3x the iterations at the old learning rate helps, but less than the"
+    " learning rate does at 1x cost; more iterations on top of the better learning rate give a smaller further"
+    " gain. c. Calibration samples per step (adaquant_batch 32 -> 100 images): less gradient noise, ~3x the "
+    "cost per step; predicted small gain, not worth its cost.",
+    "H2 layer order. sequential (each layer sees the already-quantized prefix's outputs and so compensates its"
+    " error) beats parallel (FP inputs) at W2A4, predicted clearly (> 1.5x in KL), because errors compound "
+    "over 19 layers at 2 bits.",
+    "H3 what is learned. Dropping the activation step size (lr_a_scale=0) hurts at A4; dropping the weight "
+    "step size (lr_w_scale=0) hurts at W2; weights-only (both 0) is worst of the three. Learning only the "
+    "rounding (latent weights clamped within max_shift=1 step of their start, with the higher learning rate) "
+    "regularises the fit to 100 images: predicted equal or slightly better test KL than free weights, with a "
+    "smaller gap between calibration and test KL.",
+    "H4 step-size initialisation. MSE-optimal per-channel ranges (default) beat min/max ranges after AdaQuant "
+    "at W2A4 (min/max wastes most of 4 levels on outliers and 200 iterations do not fully move the steps "
+    "back).",
+    "H5 BN and bias tuning after AdaQuant. They helped a lot at W2A4 before (0.0428 -> 0.0118 in the issue); "
+    "after a stronger AdaQuant the gain is predicted smaller but still positive (BN tuning re-matches channel "
+    "statistics that a layer-wise MSE leaves biased).",
+    "H6 (from the code) the layer loss is the MSE of the pre-activation output. Where a layer feeds a ReLU "
+    "(conv1 of every block and the stem), errors where both outputs are negative are invisible to the network;"
+    " measuring the error after the ReLU (AIMET's AdaRound does) spends the layer's capacity where it matters."
+    " Prediction: lower W2A4 test KL, at no extra cost.",
+    "H7 (from the code) overfitting to the 100 calibration images: if the winner's test KL is far above its "
+    "calibration KL while the baseline's is not, the fix is regularisation (H3's rounding-only, larger batch),"
+    " not more optimisation.",
+]
 
 # The settings before this ablation (the library's defaults until then), so the baseline row stays fixed when
 # the defaults change.
@@ -136,21 +134,22 @@ def _parts(out: Path, stem: str) -> list[dict]:
     return list(rows.values())
 
 
-def _markdown(rows: list[dict], fp_acc: float, n_calib: int, quick: bool) -> str:
+def _markdown(res: dict) -> str:
+    rows, fp_acc, n_calib, quick = res["rows"], res["fp_acc"], res["n_calib"], res["quick"]
     out = [f"# PTQ ablation{' (quick)' if quick else ''}: resnet20 / digits32", "",
            f"FP32 test top-1 {fp_acc:.2f} % (539 test images); {n_calib} calibration images; first/last layer 8 bit; "
            "KL = mean KL(FP32 || quantized) over the test set. CPU s = user+system CPU time with 1 torch thread "
-           "(the fair measure on a shared machine), wall s as measured under that load. Hypotheses: the docstring "
-           "of experiments/ptq_ablation.py (committed before the runs).", "",
-           "| precision | setting | hypothesis | test KL | top-1 % | calib KL | CPU s | wall s | reverted |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["precision"], r["test_kl"])):
-        out.append(f"| {r['precision']} | {r['setting']} | {r['hypothesis']} | {r['test_kl']:.4f} | {r['acc']:.2f} | "
-                   f"{r['calib_kl']:.4f} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | {', '.join(r['reverted']) or '-'} |")
-    return "\n".join(out) + "\n"
+           "(the fair measure on a shared machine), wall s as measured under that load. Hypotheses: listed above, "
+           "written in experiments/ptq_ablation.py and committed before the runs.", "",
+           table(sorted(rows, key=lambda r: (r["precision"], r["test_kl"])),
+                 {"precision": "precision", "setting": "setting", "hypothesis": "hypothesis", "test_kl": "test KL",
+                  "acc": "top-1 %", "calib_kl": "calib KL", "cpu_s": "CPU s", "wall_s": "wall s",
+                  "reverted": "reverted"}, digits={"test_kl": 4, "calib_kl": 4, "cpu_s": 1, "wall_s": 1},
+                 formats={"reverted": lambda r: ", ".join(r) or "-"})]
+    return "\n".join(out)
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], exp: Experiment) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -165,22 +164,22 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("test KL(FP32 || quantized), W2A4, log scale")
     ax.set_title("resnet20 / digits32 PTQ ablation (advanced pipeline)")
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    exp.savefig(fig, ".png")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "results"))
+    exp = Experiment("ptq_ablation", __doc__, hypotheses=HYPOTHESES)  # one torch thread: CPU seconds are the measure
+    ap = exp.parser
     ap.add_argument("--only", default=None, help="comma-separated setting names (default: all; names hold no comma)")
     ap.add_argument("--precisions", default="2x4", help="W x A, e.g. 4x4,3x4,2x4")
     ap.add_argument("--extra", default=None, help='JSON {name: overrides of BASE} added to the settings')
     ap.add_argument("--tag", default="main", help="part file suffix (parallel processes)")
     ap.add_argument("--merge", action="store_true", help="only rebuild json/md/png from the saved parts")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    seed_everything(0)
-    out, stem = Path(args.out), "ptq_ablation_quick" if args.quick else "ptq_ablation"
+    return exp.run(lambda args: science(args, exp), _markdown, lambda res: _plot(res["rows"], exp), argv)
+
+
+def science(args, exp: Experiment) -> dict:
+    out, stem = exp.out, exp.stem
     settings = dict(SETTINGS)
     for name, kw in (json.loads(args.extra) if args.extra else {}).items():
         settings[name] = ("combined", kw)
@@ -206,13 +205,10 @@ def main(argv=None) -> int:
                 r.update(setting=name, hypothesis=hyp, precision=f"W{p[0]}A{p[1]}", overrides=kw)
                 print(f"W{p[0]}A{p[1]} {name:22s} test KL {r['test_kl']:.4f} top-1 {r['acc']:.2f} calib KL "
                       f"{r['calib_kl']:.4f} {r['cpu_s']:.1f} CPU s {r['wall_s']:.1f} wall s", flush=True)
-                with open(part, "a") as f:
+                out.mkdir(parents=True, exist_ok=True)
+                with open(part, "a") as f:  # appended row by row: a stopped full run resumes here
                     f.write(json.dumps(r) + "\n")
-    rows = _parts(out, stem)
-    atomic_write_text(out / f"{stem}.json", json.dumps(dict(fp_acc=env["fp_acc"], n_calib=len(env["calib"]), base=BASE, rows=rows), indent=1))
-    atomic_write_text(out / f"{stem}.md", _markdown(rows, env["fp_acc"], len(env["calib"]), args.quick))
-    _plot(rows, out / f"{stem}.png")
-    return 0
+    return dict(fp_acc=env["fp_acc"], n_calib=len(env["calib"]), base=BASE, rows=_parts(out, stem), quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -16,37 +16,32 @@ evaluated at test sizes 16..48 with and without BN recalibration, with forward F
     python experiments/regimes.py --parts a --schedule step
                                                    # protocol B: part a under the paper's step schedule (x0.1 at
                                                    # 50% and 75%), plus the long digits32 task (~70 CPU-minutes)
-    python experiments/regimes.py --parts none     # re-render results/regimes.md and the plots from the json
+    python experiments/regimes.py --render         # re-render results/regimes.md and the plots from the json
 
 Small data: digits32 has 1258 training and 539 test images (one test image = 0.19 points); read
 differences of a few tenths of a point as noise.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import regimes_batch_aug as ba  # the sibling script (this folder is on sys.path when a script here runs)
+from thrifty.bench.experiment import Experiment, fmt, table
 from thrifty.core import to_dict
 from thrifty.data import load_dataset
 from thrifty.models import create
 from thrifty.train import (BatchAugment, MixedSize, TrainConfig, evaluate, fit, model_kwargs_for, recalibrate_bn,
                            recipe)
+from thrifty.utils import seed_everything
 
-from thrifty.utils import atomic_write_text, seed_everything
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import regimes_batch_aug as ba  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 BA_KEYS = ("batch_augment", "batch_augment_step")  # part a under the cosine protocol / the paper's step schedule
 
 
@@ -86,6 +81,11 @@ def train_one(name: str, regime, splits, kwargs, cfg, seed: int, log: dict) -> n
     return model
 
 
+def mixed_size_config(base: TrainConfig, steps: int, quick: bool) -> TrainConfig:
+    """Part b's recipe: the resnet20 recipe at ``steps`` steps of batch 32 (16 quick), lr 0.05, evaluated every 10."""
+    return dataclasses.replace(base, steps=steps, batch_size=16 if quick else 32, lr=0.05, eval_steps=10)
+
+
 def part_b(q: bool, seeds: list[int], steps: int | None) -> dict:
     """Mixed size: fixed-32 (plain augmentation) vs B+ and D+, test sizes 16..48, with/without BN recalibration."""
     splits = load_dataset("digits32", seed=0)
@@ -95,8 +95,7 @@ def part_b(q: bool, seeds: list[int], steps: int | None) -> dict:
         splits = dataclasses.replace(splits, test=TensorDataset(*(t[:160] for t in splits.test.tensors)))
     # 150 steps at batch 32 (about 4 epochs; lr scaled linearly from the recipe's 0.1 at batch 64)
     steps = steps or (20 if q else 150)
-    cfg = TrainConfig(**{**{k: v for k, v in to_dict(base_cfg).items() if k != "kind"},
-                         "steps": steps, "batch_size": 16 if q else 32, "lr": 0.05, "eval_steps": 10})
+    cfg = mixed_size_config(base_cfg, steps, q)
     sizes = [16, 24, 32] if q else [16, 20, 24, 28, 32, 40, 48]
     calib = 3 if q else 20
     rows, runs = [], {}
@@ -119,17 +118,14 @@ def part_b(q: bool, seeds: list[int], steps: int | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    exp = Experiment("regimes", __doc__)  # one thread by default: the machine is shared
+    ap = exp.parser
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="part a: default 0 1 2 (0 with --quick); part b: default 0")
-    ap.add_argument("--out", default=str(ROOT / "results"))
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     ap.add_argument("--steps", type=int, default=None,
                     help="override the number of training steps (part b; part a: pilots, evaluated every 1%%)")
     ap.add_argument("--parts", default="abc", help="a = batch augmentation curves, b = mixed size, c = batch "
-                    "augmentation on compressed schedules; 'none' only re-renders the .md and plots from the .json")
-    ap.add_argument("--tag", default="", help="suffix for the results files, e.g. _steps60")
+                    "augmentation on compressed schedules; 'none' (or --render) only re-renders the .md and plots")
     ap.add_argument("--merge-seeds", action="store_true",
                     help="part a: pool these seeds with the stored ones of the same task and protocol (one process "
                          "per seed); otherwise the task's stored results are replaced")
@@ -141,16 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="+", default=None,
                     help="parts a/c: only the tasks whose name contains one of these (e.g. digits32 mnist1d); a "
                          "full task name ('resnet20 / digits32') selects that task only")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = exp.start(argv)
+    if not args.render:
+        run_parts(args, exp)
+    res = exp.read_json()  # a fresh run renders from its JSON too, as --render does
+    print(exp.write_markdown(markdown(res, exp.stem)).read_text(), end="")
+    plots(res, exp)
+    return 0
+
+
+def run_parts(args, exp: Experiment) -> dict:
+    """Run the parts asked for, merging each into this experiment's json as it finishes."""
     q = args.quick
-    out = Path(args.out)
-    stem = ("regimes_quick" if q else "regimes") + args.tag
-    cmd = " ".join(["python", "experiments/regimes.py"] + (sys.argv[1:] if argv is None else list(argv)))
-    old_path = out / f"{stem}.json"
-    res = json.loads(old_path.read_text()) if old_path.exists() else {}
-    res = _drop_legacy(res)
-    res.update({"mode": "quick" if q else "full", "threads": torch.get_num_threads()})
+    cmd = exp.command
+    res = _drop_legacy(exp.read_json()) if exp.path(".json").exists() else {}
+    res.update({"mode": "quick" if q else "full", "threads": args.threads})
     seeds_ac = args.seeds or ([0] if q else [0, 1, 2])
     todo = [t for t in ba.tasks(q) if not args.tasks or any(_matches(k, t.name, q) for k in args.tasks)]
     key_a = "batch_augment" if args.schedule == "cosine" else "batch_augment_step"
@@ -165,24 +166,20 @@ def main(argv: list[str] | None = None) -> int:
             r = ba.run_task(task, seeds_ac, progress=sys.stderr.isatty(), only=args.runs)
             r.update(summary=ba.summarize(r) if "m=1" in r["raw"] else None, command=cmd,
                      seconds=round(time.perf_counter() - t0, 1), merge_seeds=args.merge_seeds)
-            res = _save(old_path, res, key_a, r)
+            res = _save(exp, res, key_a, r)
     if "c" in args.parts:
         for task in (t for t in todo if "cosine" in t.schedules):
             print(f"[regimes] part c: compressed schedules, {task.name}, seeds {seeds_ac}", file=sys.stderr)
             t0 = time.perf_counter()
             r = ba.run_budgets(task, seeds_ac)
             r.update(command=cmd, seconds=round(time.perf_counter() - t0, 1))
-            res = _save(old_path, res, "batch_augment_budget", r)
+            res = _save(exp, res, "batch_augment_budget", r)
     if "b" in args.parts:
         t0 = time.perf_counter()
         entry = {"command": cmd, **part_b(q, args.seeds or [0], args.steps),
                  "seconds": round(time.perf_counter() - t0, 1)}
-        res = _save(old_path, res, "mixed_size", entry)
-    res = _save(old_path, res, None, None)
-    atomic_write_text(out / f"{stem}.md", markdown(res, stem))
-    plots(res, out, stem)
-    print(markdown(res, stem))
-    return 0
+        res = _save(exp, res, "mixed_size", entry)
+    return _save(exp, res, None, None)
 
 
 def _matches(key: str, name: str, quick: bool) -> bool:
@@ -191,10 +188,10 @@ def _matches(key: str, name: str, quick: bool) -> bool:
     return key == name if key in names else key in name
 
 
-def _save(path: Path, res: dict, key: str | None, entry: dict | None) -> dict:
+def _save(exp: Experiment, res: dict, key: str | None, entry: dict | None) -> dict:
     """Write ``entry`` under ``key`` into the results json, re-reading it first: parts and tasks may run as
     separate processes at the same time. Task-based parts (a, c) are merged task by task."""
-    latest = _drop_legacy(json.loads(path.read_text())) if path.exists() else {}
+    latest = _drop_legacy(exp.read_json()) if exp.path(".json").exists() else {}
     merged = {**latest, "mode": res["mode"], "threads": res["threads"]}
     if key == "mixed_size":
         merged[key] = entry
@@ -216,7 +213,7 @@ def _save(path: Path, res: dict, key: str | None, entry: dict | None) -> dict:
         order = [t.name for t in ba.tasks(res["mode"] == "quick")]
         tasks = sorted(old + [entry], key=lambda t: order.index(t["task"]) if t["task"] in order else len(order))
         merged[key] = {"tasks": tasks}
-    atomic_write_text(path, json.dumps(merged, indent=1))
+    exp.write_json(merged)
     return merged
 
 
@@ -257,16 +254,18 @@ def markdown(res: dict, stem: str) -> str:
     ms = b["rows"]
     models = list(dict.fromkeys(r["model"] for r in ms))
     sizes = sorted({r["size"] for r in ms})
-    L.append("| size | MFLOPs/img | " + " | ".join(f"{m} | {m} +BN" for m in models) + " |")
-    L.append("|---|---|" + "---|---|" * len(models))
+    cols = {"size": "size", "mflops": "MFLOPs/img"}
+    for m in models:
+        cols.update({m: m, f"{m} +BN": f"{m} +BN"})
+    table_rows = []
     for s in sizes:
-        cells = []
+        row = {"size": s, "mflops": next(r["mflops"] for r in ms if r["size"] == s)}
         for m in models:
             rows = [r for r in ms if r["model"] == m and r["size"] == s]
-            cells += [f"{100 * _mean([r['acc'] for r in rows]):.2f}",
-                      f"{100 * _mean([r['acc_bn_calibrated'] for r in rows]):.2f}"]
-        mf = next(r["mflops"] for r in ms if r["size"] == s)
-        L.append(f"| {s} | {mf:.1f} | " + " | ".join(cells) + " |")
+            row[m], row[f"{m} +BN"] = _mean([r["acc"] for r in rows]), _mean([r["acc_bn_calibrated"] for r in rows])
+        table_rows.append(row)
+    pct = lambda v: fmt(v, percent=True)  # noqa: E731
+    L.append(table(table_rows, cols, digits={"mflops": 1}, formats={c: pct for c in list(cols)[2:]}).rstrip("\n"))
     L += ["", "Drop from size 32 to size 24 (points, best of plain/+BN at each size):", ""]
     for m in models:
         def best(s):
@@ -278,16 +277,16 @@ def markdown(res: dict, stem: str) -> str:
     return "\n".join(L)
 
 
-def plots(res: dict, out: Path, stem: str) -> None:
+def plots(res: dict, exp: Experiment) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     if isinstance(res.get("batch_augment"), dict):
-        ba.plot(res["batch_augment"]["tasks"], out / f"{stem}_batch_aug.png")
+        ba.plot(res["batch_augment"]["tasks"], exp.path("_batch_aug.png"))
     if isinstance(res.get("batch_augment_step"), dict):
-        ba.plot(res["batch_augment_step"]["tasks"], out / f"{stem}_batch_aug_step.png")
+        ba.plot(res["batch_augment_step"]["tasks"], exp.path("_batch_aug_step.png"))
     b = res.get("mixed_size")
     if not b or not isinstance(b, dict) or not b.get("rows"):
         return
@@ -308,9 +307,8 @@ def plots(res: dict, out: Path, stem: str) -> None:
     for a in ax:
         a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"{stem}_mixed_size.png", dpi=110)
-    plt.close(fig)
+    exp.savefig(fig, "_mixed_size.png")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -77,12 +77,14 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from thrifty.bench.experiment import fmt, table
 from thrifty.core import to_dict
 from thrifty.data import load_dataset
 from thrifty.models import create
 from thrifty.train import TrainConfig, fit, model_kwargs_for
 from thrifty.train.augment import AugmentConfig, SignalAugmentConfig
 from thrifty.train.regimes import BatchAugment
+from thrifty.utils import atomic_savefig
 from thrifty.utils import seed_everything
 
 LAST_K = 3  # evaluations averaged for the alternative "final accuracy" target
@@ -221,7 +223,12 @@ def summarize(res: dict) -> dict:
 
 
 def _f(x: float | None, nd: int = 2) -> str:
-    return "never" if x is None else f"{x:.{nd}f}"
+    return "never" if x is None else fmt(float(x), nd)
+
+
+def _pm(mean: float, std: float, sign: bool = False) -> str:
+    """``mean +- std`` of a fraction, in percent (points)."""
+    return f"{fmt(mean, percent=True, sign=sign)} +- {fmt(std, percent=True)}"
 
 
 def markdown(results: list[dict], target_fraction: float = 0.6, schedule: str = "cosine") -> list[str]:
@@ -252,16 +259,15 @@ def markdown(results: list[dict], target_fraction: float = 0.6, schedule: str = 
               f"{100 * s['baseline_final_last3']:.2f}%). `{res.get('command', '')}`: "
               f"{res.get('seconds', 0):.0f} s wall-clock, summed over the processes listed (1 thread each, on a "
               "shared machine: includes waiting).", "",
-              "| run | final acc (%) | vs m=1 (points) | steps to m=1 final | fraction | last 3: steps / fraction "
-              "| per seed | wall s / run |",
-              "|---|---|---|---|---|---|---|---|"]
-        for r in s["rows"]:
-            per = "/".join("never" if x is None else str(x) for x in r["steps_to_baseline_per_seed"])
-            L.append(f"| {r['run']} | {100 * r['final_mean']:.2f} +- {100 * r['final_std']:.2f} | "
-                     f"{100 * r['diff_vs_m1_mean']:+.2f} +- {100 * r['diff_vs_m1_std']:.2f} | "
-                     f"{_f(r['steps_to_baseline'], 0)} | {_f(r['fraction'])} | "
-                     f"{_f(r['steps_to_baseline_last3'], 0)} / {_f(r['fraction_last3'])} | {per} | "
-                     f"{r['seconds_mean']:.0f} |")
+              table([{"run": r["run"], "final": _pm(r["final_mean"], r["final_std"]),
+                      "vs_m1": _pm(r["diff_vs_m1_mean"], r["diff_vs_m1_std"], sign=True),
+                      "steps": _f(r["steps_to_baseline"], 0), "fraction": _f(r["fraction"]),
+                      "last3": f"{_f(r['steps_to_baseline_last3'], 0)} / {_f(r['fraction_last3'])}",
+                      "per_seed": "/".join("never" if x is None else str(x) for x in r["steps_to_baseline_per_seed"]),
+                      "seconds": r["seconds_mean"]} for r in s["rows"]],
+                    {"run": "run", "final": "final acc (%)", "vs_m1": "vs m=1 (points)",
+                     "steps": "steps to m=1 final", "fraction": "fraction", "last3": "last 3: steps / fraction",
+                     "per_seed": "per seed", "seconds": "wall s / run"}, digits={"seconds": 0}).rstrip("\n")]
         if s.get("noaug_final") is not None:
             reach = ", ".join(f"{r['run']} {_f(r['steps_to_noaug_final'], 0)}" for r in s["rows"]
                               if r["run"] != "no-aug")
@@ -309,8 +315,7 @@ def plot(results: list[dict], path) -> None:
                title=f"{res['task']} (mean of {len(seeds)} seeds, +-1 std)")
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    atomic_savefig(fig, path)
 
 
 BUDGET_FRACTIONS = (0.4, 0.6)
@@ -349,12 +354,11 @@ def budget_markdown(budget: list[dict], curves: list[dict]) -> list[str]:
          "Same runs, but the whole cosine schedule ends at a fraction of the task's steps (final accuracy at that "
          "step, mean +- std over seeds; `vs m=1 full` = points against the full-length m=1 baseline's final "
          "accuracy above). m=1 on the short budget is the control.", "",
-         "| task | run | steps (fraction) | final acc (%) | vs m=1 full (points) |", "|---|---|---|---|---|"]
-    for b in budget:
-        ref = base.get(b["task"])
-        for r in b["rows"]:
-            vs = "-" if ref is None else f"{100 * (r['final_mean'] - ref):+.2f}"
-            L.append(f"| {b['task']} | {r['run']} | {r['steps']} ({r['fraction']}x) | "
-                     f"{100 * r['final_mean']:.2f} +- {100 * r['final_std']:.2f} | {vs} |")
+         table([{"task": b["task"], "run": r["run"], "steps": f"{r['steps']} ({r['fraction']}x)",
+                 "final": _pm(r["final_mean"], r["final_std"]),
+                 "vs": None if base.get(b["task"]) is None else r["final_mean"] - base[b["task"]]}
+                for b in budget for r in b["rows"]],
+               {"task": "task", "run": "run", "steps": "steps (fraction)", "final": "final acc (%)",
+                "vs": "vs m=1 full (points)"}, formats={"vs": lambda v: fmt(v, percent=True, sign=True)}).rstrip("\n")]
     cmds = [f"`{b['command']}` ({b['task']}): {b['seconds']:.0f} s" for b in budget if "command" in b]
     return L + ([""] + ["; ".join(cmds) + "."] if cmds else []) + [""]

@@ -10,27 +10,19 @@ relative error by the number of elements per chunk ``n``.
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import json
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.data import load_dataset  # noqa: E402
-from thrifty.models import create  # noqa: E402
-from thrifty.nn import RangeBatchNorm1d, convert_to_range_bn  # noqa: E402
-from thrifty.quant.train8 import Train8, prepare_train8  # noqa: E402
-from thrifty.train import evaluate, fit, recipe  # noqa: E402
-from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+from thrifty.bench.experiment import Experiment, fmt, table
+from thrifty.data import load_dataset
+from thrifty.models import create
+from thrifty.nn import RangeBatchNorm1d, convert_to_range_bn
+from thrifty.quant.train8 import Train8, prepare_train8
+from thrifty.train import evaluate, fit, recipe
+from thrifty.utils import seed_everything
 
 VARIANTS = {
     "FP32 + BN": lambda m: m,
@@ -76,23 +68,23 @@ def to_markdown(res: dict) -> str:
     lines = ["# 8-bit training with Range BN (ResNet-20, digits 32x32)", "",
              f"Mode: {res['mode']}; seeds {res['seeds']}; {res['steps']} steps, recipe {res['train']}. "
              f"Command: `{res['command']}`.", "",
-             "| variant | test acc. (mean over seeds) | per seed | final train loss | ms / step |",
-             "|---|---|---|---|---|"]
-    for name, s in res["summary"].items():
-        lines.append(f"| {name} | {100 * s['mean_acc']:.2f} | {', '.join(f'{100 * a:.2f}' for a in s['accs'])} | "
-                     f"{s['train_loss']:.4f} | {s['ms_per_step']:.0f} |")
-    lines += ["", "Range BN vs BN on Gaussian activations (16 chunks of n elements per channel; mean relative error "
-              "||RBN - BN|| / ||BN|| over trials):", "",
-              "| n per chunk | C(n) = 1/E[range] (default) | C(n) = 1/sqrt(2 ln n) (paper) |", "|---|---|---|"]
-    for r in res["rangebn"]:
-        lines.append(f"| {r['n']} | {r['gaussian']:.4f} | {r['paper']:.4f} |")
+             table([{"variant": name, **s} for name, s in res["summary"].items()],
+                   {"variant": "variant", "mean_acc": "test acc. (mean over seeds)", "accs": "per seed",
+                    "train_loss": "final train loss", "ms_per_step": "ms / step"},
+                   digits={"train_loss": 4, "ms_per_step": 0},
+                   formats={"mean_acc": lambda a: fmt(a, percent=True),
+                            "accs": lambda accs: ", ".join(fmt(a, percent=True) for a in accs)}).rstrip("\n"),
+             "", "Range BN vs BN on Gaussian activations (16 chunks of n elements per channel; mean relative error "
+             "||RBN - BN|| / ||BN|| over trials):", "",
+             table(res["rangebn"], {"n": "n per chunk", "gaussian": "C(n) = 1/E[range] (default)",
+                                    "paper": "C(n) = 1/sqrt(2 ln n) (paper)"}, digits=4).rstrip("\n")]
     lines += ["", "The paper's closed form C(n) = 1/sqrt(2 ln n) normalises by about 2 sigma (outputs ~half of BN's, "
               "absorbed by the affine weight); the default uses the exact expected Gaussian range.",
               "", f"Total time {res['seconds']} s (CPU, {res['threads']} thread(s))."]
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict, out: Path, name: str) -> None:
+def plot(res: dict, exp: Experiment) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,8 +103,7 @@ def plot(res: dict, out: Path, name: str) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"{name}_loss.png", dpi=120)
-    plt.close(fig)
+    exp.savefig(fig, "_loss.png", dpi=120)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ns = [r["n"] for r in res["rangebn"]]
     for corr, label in (("gaussian", "C(n)=1/E[range]"), ("paper", "C(n)=1/sqrt(2 ln n)")):
@@ -123,23 +114,13 @@ def plot(res: dict, out: Path, name: str) -> None:
     ax.set_ylabel("relative error vs BN")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / f"{name}_rangebn.png", dpi=120)
-    plt.close(fig)
+    exp.savefig(fig, "_rangebn.png", dpi=120)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--out", default=str(ROOT / "results"))
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def science(args, exp: Experiment) -> dict:
     q = args.quick
-    seeds = args.seeds or [0]
-    out = Path(args.out)
+    seeds = args.seeds or [args.seed]
     log = lambda s: print(s, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
     splits = load_dataset("digits32", seed=0)
     _, cfg = recipe("resnet20", "digits32")
     if q:
@@ -158,20 +139,17 @@ def main(argv=None) -> int:
         summary[name] = {"accs": [r["test_acc"] for r in rs], "mean_acc": sum(r["test_acc"] for r in rs) / len(rs),
                          "train_loss": sum(r["final_train_loss"] for r in rs) / len(rs),
                          "ms_per_step": sum(r["ms_per_step"] for r in rs) / len(rs)}
-    steps = len(runs[0]["losses"])
-    cmd = "python experiments/train8.py" + (" --quick" if q else "") + (
-        " --seeds " + " ".join(map(str, seeds)) if args.seeds else "")
-    res = {"mode": "quick" if q else "full", "command": cmd,
-           "seeds": seeds, "steps": steps, "train": {k: v for k, v in dataclasses.asdict(cfg).items()
-                                                      if k in ("epochs", "steps", "batch_size", "lr", "optimizer")},
-           "summary": summary, "rangebn": rb, "runs": runs, "threads": args.threads,
-           "seconds": round(time.perf_counter() - t0, 1)}
-    name = "train8_quick" if q else "train8"
-    atomic_write_text(out / f"{name}.json", json.dumps(res, indent=1))
-    atomic_write_text(out / f"{name}.md", to_markdown(res))
-    plot(res, out, name)
-    print(to_markdown(res))
-    return 0
+    return {"mode": "quick" if q else "full", "command": exp.command,
+            "seeds": seeds, "steps": len(runs[0]["losses"]),
+            "train": {k: v for k, v in dataclasses.asdict(cfg).items()
+                      if k in ("epochs", "steps", "batch_size", "lr", "optimizer")},
+            "summary": summary, "rangebn": rb, "runs": runs, "threads": args.threads, "seconds": exp.seconds()}
+
+
+def main(argv=None) -> int:
+    exp = Experiment("train8", __doc__)
+    exp.parser.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds (default: --seed)")
+    return exp.run(lambda args: science(args, exp), to_markdown, lambda res: plot(res, exp), argv)
 
 
 if __name__ == "__main__":

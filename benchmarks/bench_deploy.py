@@ -1,4 +1,16 @@
-"""The ``layouts`` and ``w4`` parts of benchmarks/bench_int8.py (run that script; see its docstring).
+"""int8 deployment: thrifty's int8 layout vs ONNX Runtime's quantize_static; weight-only 4-bit MatMulNBits.
+
+Two parts (``--part``, default both), variants interleaved over ``--rounds`` rounds, medians reported:
+
+* ``layouts``: resnet20 and MiniLM at 1 and 2 threads, batch 1 and 32, samples/s of FP32, thrifty int8
+  (symmetric per-channel weights, u8 activations, int32 biases, integer residuals) and ONNX Runtime's
+  quantize_static in its fast layouts (u8 activations, s8 per-channel weights; QDQ and QOperator; for MiniLM also
+  MatMul-only), with each variant's accuracy and the GEMMs ONNX Runtime fused (or why not).
+* ``w4``: batch-1 latency of FP32, int8 and weight-only 4-bit MatMulNBits (thrifty's codes and block RTN) on a
+  Linear-heavy FFN stack at one token and on MiniLM at ``--w4-seq`` tokens, with the accuracy cost.
+
+    python benchmarks/bench_deploy.py --rounds 5     # writes results/bench_deploy.{json,md}
+    python benchmarks/bench_deploy.py --quick        # a fast smoke pass (numbers not meaningful)
 
 Timing: every variant is an ONNX Runtime session (``OrtBackend``: the given intra-op threads, no spinning, so the
 idle sessions of the other variants take no CPU); per round and (threads, batch), each variant runs the same
@@ -10,7 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
+import warnings
 import statistics
 import tempfile
 import time
@@ -23,10 +35,9 @@ import torch
 from thrifty.bench import OrtBackend, TorchBackend, export_onnx, export_w4, fused_report
 from thrifty.bench.api import calibration_data, load_workload, ptq_int8
 from thrifty.bench.int8_graph import onnx_feeds
+from thrifty.bench.experiment import Experiment
 from thrifty.quant.calib import as_batches
-from thrifty.utils import atomic_write_text
-
-__all__ = ["run_parts"]
+from thrifty.train import cache_dir
 
 
 def log(msg: str) -> None:
@@ -53,7 +64,7 @@ def _quantized(root: Path, key: str, model: torch.nn.Module, calib: Any, quick: 
                           w_symmetric=ptq.get("w_symmetric", False), w_estimator="minmax", a_estimator="minmax")
         q = apply(copy.deepcopy(model), cfg)
         return calibrate_inputs(q, calib) if cfg.a_bits else q
-    path = root / ".cache" / "thrifty" / "bench" / f"{key}.pt"
+    path = cache_dir() / "bench" / f"{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
     q = ptq_int8(model, calib, **ptq).model
@@ -298,13 +309,16 @@ def render(out: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def run_parts(args: argparse.Namespace, root: Path) -> int:
+def science(args: argparse.Namespace) -> dict:
     import onnxruntime
 
     t0 = time.perf_counter()
-    work = root / "reports" / "bench_int8_deploy"
+    root = Path.cwd()
+    work = Path("reports") / "bench_deploy"
     work.mkdir(parents=True, exist_ok=True)
-    out: dict = {"onnxruntime": onnxruntime.__version__, "rounds": args.rounds, "min_duration": args.min_duration,
+    rounds, min_duration = (1, 0.2) if args.quick else (args.rounds, args.min_duration)
+    args = argparse.Namespace(**{**vars(args), "rounds": rounds, "min_duration": min_duration})
+    out: dict = {"onnxruntime": onnxruntime.__version__, "rounds": rounds, "min_duration": min_duration,
                  "quick": bool(args.quick)}
     if "layouts" in args.part:
         out["layouts"] = layouts(args, root, work)
@@ -312,9 +326,19 @@ def run_parts(args: argparse.Namespace, root: Path) -> int:
         out["w4_ffn"] = w4_ffn(args, work)
         out["w4"] = w4(args, root, work)
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    md = render(out)
-    name = "bench_int8_deploy_quick" if args.quick else "bench_int8_deploy"
-    atomic_write_text(root / "results" / f"{name}.json", json.dumps(out, indent=1))
-    atomic_write_text(root / "results" / f"{name}.md", md)
-    print(md)
-    return 0
+    return out
+
+
+def main(argv=None) -> int:
+    exp = Experiment("bench_deploy", __doc__, threads=2)
+    exp.parser.add_argument("--part", nargs="+", choices=("layouts", "w4"), default=["layouts", "w4"])
+    exp.parser.add_argument("--rounds", type=int, default=3)
+    exp.parser.add_argument("--min-duration", type=float, default=2.0)
+    exp.parser.add_argument("--adaquant", action="store_true", help="W4 part: thrifty weights from PTQ AdaQuant (slow)")
+    exp.parser.add_argument("--w4-seq", type=int, nargs="+", default=[128, 8], help="W4 part: MiniLM sequence lengths")
+    warnings.filterwarnings("ignore")
+    return exp.run(science, render, argv=argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
