@@ -1,4 +1,4 @@
-"""Side-by-side PTQ against an installed anchor (Brevitas), on the exact same model, data and quantizer placement.
+"""Side-by-side PTQ against installed anchors (AIMET AdaRound, Brevitas), on the exact same model, data and placement.
 
 thrifty side (this repository's python): resnet20 / digits32 FP32 baseline (thrifty.train.pretrained), its
 BatchNorms folded into the convolutions (what thrifty quantizes), the 100 calibration images of
@@ -7,10 +7,15 @@ Linear gets a per-output-channel asymmetric weight quantizer and a per-tensor as
 input, the first and last layer at 8/8 bit, the others at W{2,3,4}A4; biases stay FP32. Reported per
 bit-width and method: test KL(FP32 || quantized), top-1, CPU and wall seconds (1 torch thread).
 
-The anchor runs in its own python (its own virtual environment: Brevitas pins its own numpy/setuptools and
-is never a dependency of thrifty or of ``make test``). Either run this script with a python that has both
-thrifty's requirements and brevitas, or pass that python with ``--anchor-python`` (it needs only torch and
-brevitas: the model and data travel in a file). Without an anchor the script says so and exits 0.
+The anchors run in their own python (their own virtual environment: Brevitas pins its own numpy/setuptools,
+aimet-torch pulls a long list of packages, and neither is a dependency of thrifty or of ``make test``). Either run
+this script with a python that has both thrifty's requirements and an anchor, or pass the anchor's python with
+``--anchor-python`` (it needs only torch and brevitas and/or aimet-torch: the model and data travel in a file);
+the worker runs every anchor that python has. aimet-torch imports torchvision, which does not load beside the CPU
+torch build: a stub package whose modules answer any attribute with a placeholder class is enough (AIMET only
+builds type tables from it). AIMET: AdaRound (``--aimet-iters`` per layer, 2000 by default) with per-channel
+asymmetric weights, then a QuantSim whose activation quantizers are moved to each Conv/Linear input (SQNR
+calibration), matching thrifty's placement. Without an anchor the script says so and exits 0.
 
     python benchmarks/ptq_anchor.py --anchor-python /path/to/anchor-venv/bin/python
     python benchmarks/ptq_anchor.py --quick     # W4A4 only, small budgets (smoke test)
@@ -28,6 +33,15 @@ import time
 from pathlib import Path
 
 import torch
+
+
+# prints the installed anchors (name+version, one per word); fails when none is importable with torch
+_PROBE = """
+import importlib.util, importlib.metadata, torch
+found = [f"{n}-{importlib.metadata.version(d)}" for m, n, d in (("brevitas", "Brevitas", "brevitas"),
+         ("aimet_torch", "AIMET", "aimet-torch")) if importlib.util.find_spec(m) is not None]
+print(" ".join(found))
+"""
 
 
 def _cpu() -> float:
@@ -93,21 +107,84 @@ def _brevitas_run(bundle: dict, w_bits: int, a_bits: int, method: str) -> torch.
     return model.eval()
 
 
-def anchor_worker(bundle_path: str, out_path: str) -> int:
-    """Run Brevitas on the saved bundle; write its rows as JSON (runs in the anchor's python)."""
-    import brevitas
+_AIMET_CONFIG = {  # per-channel asymmetric weights, FP32 biases; activation quantizers are placed by hand below
+    "defaults": {"ops": {"is_output_quantized": "True"},
+                 "params": {"is_quantized": "True", "is_symmetric": "False"},
+                 "strict_symmetric": "False", "per_channel_quantization": "True"},
+    "params": {"bias": {"is_quantized": "False"}},
+    "op_type": {}, "supergroups": [], "model_input": {"is_input_quantized": "True"}, "model_output": {},
+}
 
+
+def _aimet_run(bundle: dict, w_bits: int, a_bits: int, iters: int) -> torch.nn.Module:
+    """AIMET AdaRound (``iters`` iterations per layer) on the bundle's folded model, then a QuantSim whose
+    activation quantizers sit where thrifty's do: one per-tensor asymmetric quantizer on each Conv/Linear input
+    (SQNR-calibrated, AIMET's tf_enhanced analyser), none on op outputs."""
+    import copy
+
+    from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
+    from aimet_torch.common.defs import QuantScheme
+    from aimet_torch.quantization.affine import QuantizeDequantize
+    from aimet_torch.quantization.encoding_analyzer import SqnrEncodingAnalyzer
+    from aimet_torch.quantsim import QuantizationSimModel
+
+    model = copy.deepcopy(bundle["model"]).eval()
+    calib = bundle["calib"]
+    first_last = set(bundle["first_last"])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib), batch_size=32, shuffle=False)
+    dummy = calib[:1]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "config.json"
+        cfg.write_text(json.dumps(_AIMET_CONFIG))
+        params = AdaroundParameters(data_loader=loader, num_batches=len(loader), default_num_iterations=iters,
+                                    forward_fn=lambda m, b: m(b[0]))
+        overrides = [(model.get_submodule(n), 8) for n in first_last]
+        ada = Adaround.apply_adaround(model, dummy, params, path=tmp, filename_prefix="ada", default_param_bw=w_bits,
+                                      param_bw_override_list=overrides,
+                                      default_quant_scheme=QuantScheme.post_training_tf_enhanced,
+                                      default_config_file=str(cfg))
+        sim = QuantizationSimModel(ada, dummy, quant_scheme=QuantScheme.post_training_tf_enhanced,
+                                   default_output_bw=a_bits, default_param_bw=w_bits, config_file=str(cfg))
+        sim.set_and_freeze_param_encodings(encoding_path=str(Path(tmp) / "ada.encodings"))
+    gemms = {n for n, m in bundle["model"].named_modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)}
+    for name, qm in sim.model.named_modules():
+        for attr in ("input_quantizers", "output_quantizers"):
+            qs = getattr(qm, attr, None)
+            if qs is not None:
+                for i in range(len(qs)):
+                    qs[i] = None
+        if name in gemms:
+            bits = 8 if name in first_last else a_bits
+            qm.input_quantizers[0] = QuantizeDequantize((), bits, symmetric=False,
+                                                        encoding_analyzer=SqnrEncodingAnalyzer(()))
+    with torch.no_grad():
+        sim.compute_encodings(lambda m: [m(x) for x in calib.split(32)])
+    return sim.model.eval()
+
+
+def anchor_worker(bundle_path: str, out_path: str) -> int:
+    """Run every installed anchor (Brevitas, AIMET) on the saved bundle; write their rows as JSON (runs in the
+    anchor's python)."""
     torch.set_num_threads(1)
     bundle = torch.load(bundle_path, weights_only=False)
+    runs = []
+    if importlib.util.find_spec("brevitas") is not None:
+        import brevitas
+        runs += [(f"Brevitas {brevitas.__version__}", m, lambda w, a, m=m: _brevitas_run(bundle, w, a, m))
+                 for m in ("calibration + bias correction", "gptq (act-order) + bias correction")]
+    if importlib.util.find_spec("aimet_torch") is not None:
+        from importlib.metadata import version
+        runs += [(f"AIMET {version('aimet-torch')}", f"AdaRound, {it} iterations",
+                  lambda w, a, it=it: _aimet_run(bundle, w, a, it)) for it in bundle["aimet_iters"]]
     rows = []
     for w_bits, a_bits in bundle["precisions"]:
-        for method in ("calibration + bias correction", "gptq (act-order) + bias correction"):
+        for tool, method, fn in runs:
             w, c = time.perf_counter(), _cpu()
-            model = _brevitas_run(bundle, w_bits, a_bits, method)
+            model = fn(w_bits, a_bits)
             wall, cpu = time.perf_counter() - w, _cpu() - c
             with torch.no_grad():
                 out = model(bundle["x"])
-            rows.append(dict(tool=f"Brevitas {brevitas.__version__}", method=method, precision=f"W{w_bits}A{a_bits}",
+            rows.append(dict(tool=tool, method=method, precision=f"W{w_bits}A{a_bits}",
                              **_scores(out, bundle["ref"], bundle["y"]), cpu_s=cpu, wall_s=wall))
             print(json.dumps(rows[-1]), flush=True)
     Path(out_path).write_text(json.dumps(rows))
@@ -180,13 +257,16 @@ def main(argv=None) -> int:
     exp = Experiment("ptq_anchor", __doc__)  # one torch thread: the CPU seconds compare like for like
     ap = exp.parser
     ap.add_argument("--anchor-python", default=os.environ.get("THRIFTY_ANCHOR_PYTHON"),
-                    help="a python with torch + brevitas (default: $THRIFTY_ANCHOR_PYTHON, else this python)")
+                    help="a python with torch + brevitas and/or aimet-torch (default: $THRIFTY_ANCHOR_PYTHON, "
+                         "else this python)")
     ap.add_argument("--thrifty-from", default=None, metavar="JSON",
                     help="take thrifty's rows from experiments/ptq_ablation.py's JSON (same model, data and quantize "
                          "call) instead of recomputing them; with --setting naming the row(s) to use")
     ap.add_argument("--setting", action="append", default=None, help="ablation setting(s) for --thrifty-from")
     ap.add_argument("--anchor-from", nargs="+", default=None, metavar="JSON",
                     help="anchor rows saved by earlier worker runs (the --worker output files) instead of rerunning")
+    ap.add_argument("--aimet-iters", type=int, nargs="+", default=[2000],
+                    help="AdaRound iterations per layer for AIMET (several values: one row each)")
     args = exp.start(argv)
     if args.render:
         res = exp.read_json()
@@ -202,21 +282,21 @@ def main(argv=None) -> int:
 
 def science(args) -> dict | None:
     """The side-by-side rows, or None (after saying why) when no anchor is installed."""
-    here = importlib.util.find_spec("brevitas") is not None
+    here = any(importlib.util.find_spec(m) is not None for m in ("brevitas", "aimet_torch"))
     anchor_py = args.anchor_python or (sys.executable if here else None)
     if anchor_py is None:
-        print("ptq_anchor: no anchor installed (brevitas is not importable here and no --anchor-python / "
+        print("ptq_anchor: no anchor installed (neither brevitas nor aimet_torch is importable here and no --anchor-python / "
               "$THRIFTY_ANCHOR_PYTHON was given); nothing to compare, exiting.")
         return None
-    probe = subprocess.run([anchor_py, "-c", "import brevitas, torch; print(brevitas.__version__)"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        print(f"ptq_anchor: {anchor_py} cannot import brevitas and torch ({probe.stderr.strip().splitlines()[-1:]}); "
-              "nothing to compare, exiting.")
+    probe = subprocess.run([anchor_py, "-c", _PROBE], capture_output=True, text=True)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        print(f"ptq_anchor: {anchor_py} cannot import torch with brevitas or aimet_torch "
+              f"({probe.stderr.strip().splitlines()[-1:]}); nothing to compare, exiting.")
         return None
-    anchor = f"Brevitas {probe.stdout.strip()}"
+    anchor = ", ".join(probe.stdout.split())
     precisions = [(4, 4)] if args.quick else [(4, 4), (3, 4), (2, 4)]
     bundle = _bundle(precisions)
+    bundle["aimet_iters"] = [50] if args.quick else args.aimet_iters
     if args.anchor_from:
         anchor_rows = [r for f in args.anchor_from for r in json.loads(Path(f).read_text())]
     else:
