@@ -136,3 +136,15 @@ def test_quantize_blockwise_adaquant_matches_whole_model():
     assert r2.final_loss <= r1.final_loss * (1 + 1e-4)
     with pytest.raises(ValueError, match="'blockz'"):
         thrifty.quant.quantize(model, cfg, x, progress=False, blocks="blockz")
+
+
+def test_adaprune_block_fit_lowers_block_error():
+    bert, data = _bert(), _tokens(16)
+    report = adaprune(bert, NM(2, 4), data, steps=5, progress=False, blocks="auto", block_steps=30, block_lr=1e-3)
+    fits = {k: v for k, v in report.items() if k.startswith("block ")}
+    assert list(fits) == ["block encoder.layer.0", "block encoder.layer.1"]
+    assert all(r["mse_after"] < r["mse_before"] and not r["reverted"] for r in fits.values())
+    w = bert.encoder.layer[1].output.dense.effective_weight()
+    assert int(w.reshape(-1, 4).ne(0).sum(1).max()) <= 2  # the masks survive the block fit
+    with pytest.raises(ValueError, match="block_steps needs blocks="):
+        adaprune(_bert(), NM(2, 4), data, steps=1, progress=False, block_steps=3)

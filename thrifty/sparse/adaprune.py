@@ -45,7 +45,7 @@ from thrifty.quant.calib import Batch, Output, as_batches, capture, take, token_
 from thrifty.sparse.weights import NM, nm_masks, sparsify
 from thrifty.utils import show_progress
 
-__all__ = ["adaprune", "nm_for_density", "plan_from_unstructured", "reestimate_bn"]
+__all__ = ["adaprune", "nm_for_density", "plan_from_unstructured", "reestimate_bn", "prune_layer", "tune_block"]
 
 Plan = Union[NM, Mapping[str, NM]]
 
@@ -135,11 +135,58 @@ def prune_layer(layer: nn.Module, mk: Any, inp: Tensor, target: Tensor, *, steps
             "rel_mse_after": out.after / max(float(target.pow(2).mean()), 1e-30), "reverted": not out.kept}
 
 
+def _block_out(block: nn.Module, b: Batch) -> Tensor:
+    out = block(*b.args, **b.kwargs)
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def tune_block(block: nn.Module, ref: nn.Module, q_in: list[Batch], fp_in: list[Batch], *, steps: int, lr: float,
+               batch_size: int, gen: torch.Generator) -> dict[str, float]:
+    """Fit every float parameter of a pruned block (kept weights behind fixed masks, biases, norms) so its output
+    on the pruned stream matches the FP block's output on the FP stream (MSE over real tokens)."""
+    with torch.no_grad():
+        targets = [_block_out(ref, b) for b in fp_in]
+    params = [p for p in block.parameters() if p.is_floating_point()]
+
+    def rows(y: Tensor, b: Batch) -> Tensor:
+        return token_rows(y, b) if y.dim() >= 3 else y
+
+    @torch.no_grad()
+    def mse() -> float:
+        tot = sum(float(F.mse_loss(rows(_block_out(block, b), b), rows(t, b), reduction="sum")) for b, t in zip(q_in, targets))
+        return tot / sum(rows(t, b).numel() for b, t in zip(q_in, targets))
+
+    flags = [p.requires_grad for p in params]
+    sizes = torch.tensor([float(b.size) for b in q_in])
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with keep_if_better(params, mse) as out, torch.enable_grad():
+            for _ in range(steps):
+                i = int(torch.multinomial(sizes, 1, generator=gen))
+                idx = torch.randperm(q_in[i].size, generator=gen)[:batch_size]
+                b = q_in[i].select(idx)
+                loss = F.mse_loss(rows(_block_out(block, b), b), rows(targets[i][idx.to(targets[i].device)], b))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+            p.grad = None
+    return {"mse_before": out.before, "mse_after": out.after, "reverted": not out.kept}
+
+
 def adaprune(model: nn.Module, config: Plan | None = None, data: Any = None, *,
              plan: Plan | None = None, steps: int = 200, lr: float = 1e-3, batch_size: int = 32,
              num_samples: int | None = None, filter: Filter = None, bn: bool = True, remask_every: int = 1,
              progress: bool | None = None, seed: int = 0, output: Output = None,
-             blocks: Blocks = None) -> dict[str, dict[str, Any]]:
+             blocks: Blocks = None, block_steps: int = 0, block_lr: float = 1e-4) -> dict[str, dict[str, Any]]:
     """Convert ``model`` to N:M in place with AdaPrune; returns per-layer reconstruction MSEs (and "reverted").
 
     ``plan``: one NM config for every layer passing ``filter``, or ``{layer_name: NM}`` (e.g. from
@@ -149,7 +196,9 @@ def adaprune(model: nn.Module, config: Plan | None = None, data: Any = None, *,
     layer is fitted on its per-token rows, padding positions (``attention_mask == 0``) left out.
     ``blocks``: None fits every layer against the whole model (each capture reruns the model's prefix);
     ``"auto"``, a container name or a list of block names works block by block (:mod:`thrifty.quant.blocks`:
-    one block's activations at a time, one pass through each block), with the same per-layer objective. ``remask_every``: re-mask
+    one block's activations at a time, one pass through each block), with the same per-layer objective;
+    ``block_steps > 0`` then also fits each pruned block as a whole to the FP block's output
+    (:func:`tune_block`, Adam at ``block_lr``; its entry in the report is ``"block <name>"``). ``remask_every``: re-mask
     every that many steps (1 = every step; larger saves time with exact transposable masks of big layers).
     ``plan`` defaults to ``NM(2, 4)``; the older order ``adaprune(model, data, plan)`` (or ``plan=``) still
     works for one release, with a DeprecationWarning.
@@ -158,9 +207,11 @@ def adaprune(model: nn.Module, config: Plan | None = None, data: Any = None, *,
                               call="adaprune(model, plan, data)")
     if data is None:
         raise TypeError("adaprune needs data: adaprune(model, plan, data)")
-    if steps < 0 or lr <= 0 or batch_size < 1 or remask_every < 1:
-        raise ValueError(f"adaprune: need steps >= 0, lr > 0, batch_size >= 1, remask_every >= 1; got {steps}, "
-                         f"{lr}, {batch_size}, {remask_every}")
+    if block_steps and blocks is None:
+        raise ValueError("adaprune: block_steps needs blocks= (block-wise calibration)")
+    if steps < 0 or lr <= 0 or batch_size < 1 or remask_every < 1 or block_steps < 0 or block_lr <= 0:
+        raise ValueError(f"adaprune: need steps >= 0, lr > 0, batch_size >= 1, remask_every >= 1, block_steps >= 0, "
+                         f"block_lr > 0; got {steps}, {lr}, {batch_size}, {remask_every}, {block_steps}, {block_lr}")
     batches = take(as_batches(data, 256, output), num_samples)
     if next(model.parameters(), None) is None:
         raise ValueError("adaprune: model has no parameters")
@@ -208,6 +259,9 @@ def adaprune(model: nn.Module, config: Plan | None = None, data: Any = None, *,
             qb, fb = model.get_submodule(blk), dense.get_submodule(blk)
             for name in per[blk]:
                 one(name[len(blk) + 1:], qb, fb, q_in, fp_in, name)
+            if block_steps:
+                report[f"block {blk}"] = tune_block(qb, fb, q_in, fp_in, steps=block_steps, lr=block_lr,
+                                                    batch_size=batch_size, gen=gen)
         for name in after:
             one(name, model, dense, batches, batches, name)
     bar.close()
