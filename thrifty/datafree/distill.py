@@ -21,19 +21,19 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from thrifty.core import Config, register_config, register_pipeline
 from thrifty.core.compat import config_first
 from thrifty.core.revert import keep_if_better
-from thrifty.quant.calib import output_loss
+from thrifty.quant.calib import Batch, Output, as_batches, output_loss, pool, run
 from thrifty.utils import show_progress
 
 __all__ = ["Distill", "distill"]
@@ -74,13 +74,6 @@ class Distill(Config):
 register_pipeline(Distill, "needs a teacher and data", "thrifty.datafree.distill(student, teacher, cfg, data)")
 
 
-def _inputs(data: Dataset | Tensor) -> Tensor:
-    x = data if isinstance(data, Tensor) else data[:][0]
-    if not isinstance(x, Tensor) or x.dim() == 0 or len(x) == 0:
-        raise ValueError("distill: the data set is empty (need at least one input)")
-    return x
-
-
 _KL = output_loss("kl")  # KL(softmax(teacher) || softmax(student)), the PTQ pipeline's output loss
 
 
@@ -89,21 +82,24 @@ def _kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
 
 
 @torch.no_grad()
-def _mean_kl(student: nn.Module, x: Tensor, targets: Tensor, batch_size: int, temperature: float) -> float:
-    tot = 0.0
-    for i in range(0, len(x), batch_size):
-        xb, tb = x[i:i + batch_size], targets[i:i + batch_size]
-        tot += float(_kl(student(xb), tb, temperature)) * len(xb)
-    return tot / len(x)
+def _mean_kl(student: nn.Module, chunks: list[Batch], targets: list[Tensor], temperature: float) -> float:
+    tot = sum(float(_kl(run(student, b), t, temperature)) * b.size for b, t in zip(chunks, targets))
+    return tot / sum(b.size for b in chunks)
+
+
+def _chunks(p: Batch, batch_size: int) -> list[Batch]:
+    return [p.select(torch.arange(i, min(i + batch_size, p.size))) for i in range(0, p.size, batch_size)]
 
 
 def distill(student: nn.Module, teacher: nn.Module, config: Optional[Distill] = None,
-            data: Dataset | Tensor | None = None, *, progress: Optional[bool] = None,
+            data: Any = None, *, progress: Optional[bool] = None, output: Output = None,
             **overrides: Any) -> dict[str, Any]:
     """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``data``; see the module docstring.
 
     ``config`` defaults to ``Distill()``; keyword ``overrides`` replace its fields (``steps=50``). The older
     order ``distill(student, teacher, data, steps=...)`` still works for one release, with a DeprecationWarning.
+    ``data``: inputs in any form :func:`thrifty.quant.calib.as_batches` takes (tensors, datasets, dicts of model
+    keyword arguments); ``output`` picks the compared field of a dict / ``ModelOutput`` result.
     Returns ``{"kl_before", "kl_after", "kept", "steps"}`` (mean KL over ``data``; ``kept`` is False when the
     fine-tuned weights were discarded because they did not lower it).
     """
@@ -116,21 +112,27 @@ def distill(student: nn.Module, teacher: nn.Module, config: Optional[Distill] = 
     if data is None:
         raise TypeError("distill needs data: distill(student, teacher, cfg, data)")
     steps, lr, batch_size, temperature, seed = cfg.steps, cfg.lr, cfg.batch_size, cfg.temperature, cfg.seed
-    x = _inputs(data)
+    # whole-set pools where the inputs stack (one for a tensor), else the user's batches (e.g. padded per batch)
+    pools = pool(as_batches(data, batch_size, output))
+    per_pool = [_chunks(p, batch_size) for p in pools]
+    chunks = [c for cs in per_pool for c in cs]
     t_mode = {m: m.training for m in teacher.modules()}
     teacher.eval()
     try:
         with torch.no_grad():
-            targets = torch.cat([teacher(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+            targets = [run(teacher, b) for b in chunks]
     finally:
         for m, t in t_mode.items():
             m.training = t
+    bounds = [0] + list(itertools.accumulate(len(cs) for cs in per_pool))
+    pool_targets = [torch.cat(targets[bounds[i]:bounds[i + 1]]) for i in range(len(pools))]
+    sizes = torch.tensor([float(p.size) for p in pools])
     s_mode = {m: m.training for m in student.modules()}
     student.eval()  # BN (if any is left) keeps its running statistics; no dropout
     params = [p for p in student.parameters() if p.is_floating_point()]
     flags = {p: p.requires_grad for p in student.parameters()}
     try:
-        before = _mean_kl(student, x, targets, batch_size, temperature)
+        before = _mean_kl(student, chunks, targets, temperature)
         if steps == 0 or not params:
             return {"kl_before": before, "kl_after": before, "kept": True, "steps": 0}
         # pruned (exactly zero) weights stay pruned: re-zeroed after every step
@@ -140,12 +142,13 @@ def distill(student: nn.Module, teacher: nn.Module, config: Optional[Distill] = 
         opt = torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         gen = torch.Generator().manual_seed(seed)
-        kl = functools.partial(_mean_kl, student, x, targets, batch_size, temperature)
+        kl = functools.partial(_mean_kl, student, chunks, targets, temperature)
         with keep_if_better(student, kl, before, strict=True) as out, torch.enable_grad():
             for _ in tqdm(range(steps), desc="distill", unit="step", leave=False,
                           disable=not show_progress(progress)):
-                idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
-                loss = _kl(student(x[idx]), targets[idx], temperature)
+                i = int(torch.multinomial(sizes, 1, generator=gen)) if len(pools) > 1 else 0
+                idx = torch.randint(pools[i].size, (min(batch_size, pools[i].size),), generator=gen)
+                loss = _kl(run(student, pools[i].select(idx)), pool_targets[i][idx], temperature)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -139,19 +139,27 @@ def adaquant(qmodel: nn.Module, fpmodel: nn.Module, names: list[str], batches: l
              mode: str = "sequential", iters: int = 300, batch: int = 32, lr_weight: float = 1e-2,
              lr_bias: float = 1e-3, lr_w_scale: float = 1e-2, lr_a_scale: float = 1e-2, seed: int = 0,
              relu: frozenset[str] = frozenset(), max_shift: Optional[float] = None,
-             progress: Optional[bool] = None) -> dict[str, tuple[float, float]]:
+             progress: Optional[bool] = None, fp_batches: Optional[list[Batch]] = None,
+             blocks: Optional[list[str]] = None) -> dict[str, tuple[float, float]]:
     """Run :func:`adaquant_layer` on ``names`` (in execution order); ``fpmodel`` has the same layer names.
 
     ``relu``: the layers whose error is measured after a ReLU (see :func:`thrifty.quant.calib.relu_fed`).
+    ``fp_batches``: the FP model's inputs when they differ from ``batches`` (a block's FP stream).
+    ``blocks``: work block by block (:mod:`thrifty.quant.blocks`); the per-layer objective is the same.
     Returns ``{layer: (mse before, mse after)}``.
     """
+    if blocks is not None:
+        return _blockwise(qmodel, fpmodel, names, batches, blocks, mode=mode, iters=iters, batch=batch,
+                          lr_weight=lr_weight, lr_bias=lr_bias, lr_w_scale=lr_w_scale, lr_a_scale=lr_a_scale,
+                          seed=seed, relu=relu, max_shift=max_shift, progress=progress)
     if mode not in ("sequential", "parallel"):
         raise ValueError(f"AdaQuant mode must be 'sequential' or 'parallel', got {mode!r}")
     out: dict[str, tuple[float, float]] = {}
     bar = tqdm(names, desc="AdaQuant", unit="layer", disable=not show_progress(progress))
     for i, name in enumerate(bar):
         layer, fp_layer = qmodel.get_submodule(name), fpmodel.get_submodule(name)
-        xs_fp, ys = capture(fpmodel, fp_layer, batches, inputs=True, outputs=True)
+        xs_fp, ys = capture(fpmodel, fp_layer, batches if fp_batches is None else fp_batches, inputs=True,
+                            outputs=True)
         xs = capture(qmodel, layer, batches)[0] if mode == "sequential" else xs_fp
         del xs_fp
         out[name] = adaquant_layer(layer, xs, ys, iters=iters, batch=batch, lr_weight=lr_weight, lr_bias=lr_bias,
@@ -159,4 +167,25 @@ def adaquant(qmodel: nn.Module, fpmodel: nn.Module, names: list[str], batches: l
                                    relu=name in relu, max_shift=max_shift)
         bar.set_postfix_str(f"{name}: {out[name][0]:.2e} -> {out[name][1]:.2e}")
         del xs, ys
+    return out
+
+
+def _blockwise(qmodel: nn.Module, fpmodel: nn.Module, names: list[str], batches: list[Batch], blocks: list[str],
+               *, seed: int, relu: frozenset[str], **kw) -> dict[str, tuple[float, float]]:
+    """:func:`adaquant` one block at a time: layers before the first block and after the last one (an embedding
+    projection, a head) on the whole model, each block's layers on that block's two input streams."""
+    from thrifty.quant.blocks import split_layers, walk_blocks
+
+    before, per, after = split_layers(qmodel, names, blocks, batches[0])
+    order = before + [n for b in blocks for n in per[b]] + after
+    out = adaquant(qmodel, fpmodel, before, batches, seed=seed, relu=relu, **kw)
+    for blk, q_in, fp_in in walk_blocks(qmodel, fpmodel, blocks, batches):
+        if not per[blk]:
+            continue
+        cut = len(blk) + 1
+        got = adaquant(qmodel.get_submodule(blk), fpmodel.get_submodule(blk), [n[cut:] for n in per[blk]], q_in,
+                       fp_batches=fp_in, seed=seed + order.index(per[blk][0]),
+                       relu=frozenset(n[cut:] for n in relu if n.startswith(blk + ".")), **kw)
+        out.update({f"{blk}.{k}": v for k, v in got.items()})
+    out.update(adaquant(qmodel, fpmodel, after, batches, seed=seed + len(order) - len(after), relu=relu, **kw))
     return out

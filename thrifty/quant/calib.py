@@ -1,9 +1,18 @@
 """Calibration data handling and one-layer-at-a-time activation capture.
 
 Calibration data may be a Tensor (split into batches), an ``(inputs, labels)`` tuple of tensors, a Dataset whose items are ``x`` or ``(x, y)``, a
-DataLoader / list of batches where each batch is a Tensor, an ``(x, y)`` tuple, or a dict of keyword arguments
-(``model(**batch)``, e.g. MiniLM's ``input_ids``/``attention_mask``). It is normalised once into a list of
+DataLoader / list of batches where each batch is a Tensor, an ``(x, y)`` tuple, or a dict such as a tokenizer's
+output (``input_ids``, ``attention_mask``, ``pixel_values``, ...). It is normalised once into a list of
 :class:`Batch` objects (calibration sets are small by definition).
+
+A dict batch is passed the way the model's ``forward`` takes it: as keyword arguments when every key is a
+parameter name of ``forward`` (Hugging Face models, ``model(**batch)``), else as one positional argument when
+``forward`` has exactly one required parameter (a SentenceTransformer's ``forward(features)``).
+
+The compared output (``output=``) is a field name, a callable ``output(model_out) -> Tensor``, or None for the
+default: the tensor itself, the first element of a tuple, or of a dict / ``ModelOutput`` the first present of
+``sentence_embedding`` (SentenceTransformer), ``logits`` (classifiers, LMs), ``last_hidden_state`` (bare encoders),
+else the first floating-point value.
 
 Example:
     >>> import torch
@@ -13,8 +22,9 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -23,16 +33,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from thrifty.utils import removing_hooks
 
-__all__ = ["Batch", "as_batches", "run", "model_output", "capture", "execution_order", "relu_fed", "output_loss"]
+__all__ = ["Batch", "Output", "as_batches", "run", "model_output", "capture", "execution_order", "relu_fed",
+           "output_loss", "take", "pool", "token_rows"]
+
+Output = Union[None, str, Callable[[Any], Tensor]]  # which part of a model's output is compared
+_DEFAULT_FIELDS = ("sentence_embedding", "logits", "last_hidden_state")
 
 
 @dataclass
 class Batch:
-    """One calibration batch: positional args, keyword args, optional labels."""
+    """One calibration batch: positional args, keyword args, optional labels, the compared output field."""
 
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     labels: Optional[Tensor] = None
+    output: Output = None
+    token_mask: Optional[Tensor] = None  # [B, T], 1 = real token; None: the batch's 2-D ``attention_mask``
 
     @property
     def size(self) -> int:
@@ -44,7 +60,43 @@ class Batch:
     def to(self, device: torch.device) -> "Batch":
         mv = lambda t: t.to(device) if isinstance(t, Tensor) else t  # noqa: E731
         return Batch(tuple(mv(a) for a in self.args), {k: mv(v) for k, v in self.kwargs.items()},
-                     None if self.labels is None else self.labels.to(device))
+                     None if self.labels is None else self.labels.to(device), self.output, self.token_mask)
+
+    def select(self, idx: Tensor) -> "Batch":
+        """The rows ``idx`` of every per-sample tensor (first dim == :attr:`size`); other values are kept."""
+        n = self.size
+        sel = lambda t: t[idx] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t  # noqa: E731
+        return Batch(tuple(sel(a) for a in self.args), {k: sel(v) for k, v in self.kwargs.items()},
+                     None if self.labels is None else sel(self.labels), self.output,
+                     None if self.token_mask is None else self.token_mask[idx])
+
+    def tokens(self) -> Optional[Tensor]:
+        """The ``[B, T]`` real-token mask (explicit, or the 2-D ``attention_mask`` among the inputs), if any."""
+        if self.token_mask is not None:
+            return self.token_mask
+        m = self.kwargs.get("attention_mask")
+        if m is None and self.args and isinstance(self.args[0], Mapping):
+            m = self.args[0].get("attention_mask")
+        return m if isinstance(m, Tensor) and m.dim() == 2 else None
+
+    def call_args(self, model: nn.Module) -> tuple[tuple, dict[str, Any]]:
+        """``(args, kwargs)`` for ``model``: a dict batch becomes one positional argument where the forward takes
+        its features as one dict (see the module docstring)."""
+        if self.args or not self.kwargs or not _takes_one_dict(model, tuple(self.kwargs)):
+            return self.args, self.kwargs
+        return (dict(self.kwargs),), {}
+
+
+def _takes_one_dict(model: nn.Module, keys: tuple[str, ...]) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin / C forward: keep keyword expansion
+        return False
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if set(keys) <= named:
+        return False
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) == 1
 
 
 def _from_item(b: Any, where: str) -> Batch:
@@ -52,11 +104,11 @@ def _from_item(b: Any, where: str) -> Batch:
         return b
     if isinstance(b, Tensor):
         return Batch((b,))
-    if isinstance(b, dict):
+    if isinstance(b, Mapping):  # a dict, or a tokenizer's BatchEncoding (a UserDict)
         if not b:
             raise ValueError(f"calibration data: empty dict batch ({where})")
         return Batch((), dict(b))
-    if isinstance(b, (tuple, list)) and len(b) in (1, 2) and isinstance(b[0], (Tensor, dict)):
+    if isinstance(b, (tuple, list)) and len(b) in (1, 2) and isinstance(b[0], (Tensor, Mapping)):
         x = b[0]
         y = b[1] if len(b) == 2 and isinstance(b[1], Tensor) else None
         inner = _from_item(x, where)
@@ -68,8 +120,20 @@ def _from_item(b: Any, where: str) -> Batch:
                     "an (x, y) tuple or a dict of model keyword arguments")
 
 
-def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
-    """Normalise calibration data into a non-empty list of :class:`Batch`; ValueError/TypeError otherwise."""
+def as_batches(data: Any, batch_size: int = 32, output: Output = None) -> list[Batch]:
+    """Normalise calibration data into a non-empty list of :class:`Batch`; ValueError/TypeError otherwise.
+
+    ``output`` selects the compared model output for every batch (see the module docstring).
+    """
+    if output is not None and not isinstance(output, str) and not callable(output):
+        raise TypeError(f"output must be None, a field name or a callable, got {type(output).__name__}")
+    out = _as_batches(data, batch_size)
+    for b in out:
+        b.output = output
+    return out
+
+
+def _as_batches(data: Any, batch_size: int) -> list[Batch]:
     if data is None:
         raise ValueError("calibration data is None")
     if isinstance(data, Tensor):
@@ -83,7 +147,11 @@ def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
         if len(data) == 0:  # type: ignore[arg-type]
             raise ValueError("calibration data is an empty dataset")
         data = DataLoader(data, batch_size=batch_size, shuffle=False)
-    if isinstance(data, (Batch, dict)):
+    if isinstance(data, Mapping) and data and all(isinstance(v, Tensor) and v.dim() > 0 for v in data.values()) \
+            and len({int(v.shape[0]) for v in data.values()}) == 1:  # one dict of whole-set tensors: split it
+        n = int(next(iter(data.values())).shape[0])
+        return [Batch((), {k: v[i:i + batch_size] for k, v in data.items()}) for i in range(0, n, batch_size)]
+    if isinstance(data, (Batch, Mapping)):
         data = [data]
     if not isinstance(data, Iterable):
         raise TypeError(f"calibration data must be a Tensor, Dataset, DataLoader or list of batches, "
@@ -94,23 +162,95 @@ def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
     return out
 
 
-def model_output(out: Any) -> Tensor:
-    """The main tensor of a model output (tensor, first tuple element, ``.logits`` or first dict value)."""
+def model_output(out: Any, output: Output = None) -> Tensor:
+    """The compared tensor of a model output: ``output`` names a field or is a callable; None = the default rule.
+
+    Example:
+        >>> import torch
+        >>> model_output({"input_ids": torch.ones(1, 3).long(), "sentence_embedding": torch.zeros(1, 4)}).shape
+        torch.Size([1, 4])
+    """
+    if callable(output):
+        t = output(out)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"output= callable returned {type(t).__name__}, expected a Tensor")
+        return t
+    if isinstance(output, str):
+        got = out.get(output) if isinstance(out, dict) else getattr(out, output, None)
+        if not isinstance(got, Tensor):
+            have = list(out.keys()) if isinstance(out, dict) else [type(out).__name__]
+            raise ValueError(f"output={output!r}: the model output has no tensor field {output!r} (has {have})")
+        return got
     if isinstance(out, Tensor):
         return out
-    if hasattr(out, "logits"):
+    if isinstance(out, dict):  # transformers' ModelOutput is an OrderedDict
+        for k in _DEFAULT_FIELDS:
+            if isinstance(out.get(k), Tensor):
+                return out[k]
+        for v in out.values():
+            if isinstance(v, Tensor) and v.is_floating_point():
+                return v
+        raise TypeError(f"model output dict has no floating-point tensor (keys {list(out)}); pass output=")
+    if isinstance(getattr(out, "logits", None), Tensor):
         return out.logits
-    if isinstance(out, dict):
-        return next(iter(out.values()))
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, (tuple, list)) and out:
         return model_output(out[0])
-    raise TypeError(f"cannot interpret model output of type {type(out).__name__}")
+    raise TypeError(f"cannot interpret model output of type {type(out).__name__}; pass output=")
 
 
 def run(model: nn.Module, b: Batch) -> Tensor:
-    dev = _device(model)
-    b = b.to(dev)
-    return model_output(model(*b.args, **b.kwargs))
+    """``model`` on batch ``b`` (moved to the model's device), reduced to the compared output tensor."""
+    b = b.to(_device(model))
+    args, kwargs = b.call_args(model)
+    return model_output(model(*args, **kwargs), b.output)
+
+
+def take(batches: list[Batch], n: Optional[int]) -> list[Batch]:
+    """The first ``n`` samples of ``batches`` (all of them for None)."""
+    if n is None:
+        return batches
+    if n < 1:
+        raise ValueError(f"num_samples must be >= 1 or None, got {n}")
+    out: list[Batch] = []
+    for b in batches:
+        if n <= 0:
+            break
+        out.append(b if b.size <= n else b.select(torch.arange(n)))
+        n -= b.size
+    return out
+
+
+def pool(batches: list[Batch]) -> list[Batch]:
+    """Batches merged into one where every per-sample tensor has the same trailing shape (else unchanged)."""
+    first = batches[0]
+    keys = (len(first.args), tuple(first.kwargs), first.labels is not None)
+
+    def parts(b: Batch) -> list[Any]:
+        return list(b.args) + list(b.kwargs.values()) + ([b.labels] if b.labels is not None else [])
+
+    same = all((len(b.args), tuple(b.kwargs), b.labels is not None) == keys for b in batches) and all(
+        isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b.size
+        and t.shape[1:] == u.shape[1:] for b in batches for t, u in zip(parts(b), parts(first)))
+    if len(batches) == 1 or not same:
+        return batches
+    cols = list(zip(*(parts(b) for b in batches)))
+    cat = [torch.cat(c) for c in cols]
+    na, nk = len(first.args), len(first.kwargs)
+    return [Batch(tuple(cat[:na]), dict(zip(first.kwargs, cat[na:na + nk])),
+                  cat[na + nk] if first.labels is not None else None, first.output)]
+
+
+def token_rows(t: Tensor, b: Batch) -> Tensor:
+    """A per-token activation ``[B, T, ..., C]`` as rows ``[N, C]``, padding positions left out.
+
+    Padding is known from :meth:`Batch.tokens` (1 = real token) matching ``t``'s first two dims; the rows are
+    what a linear layer sees one at a time, so a reconstruction loss on them ignores padding (which never
+    reaches a pooled or masked output).
+    """
+    m = b.tokens()
+    if m is not None and t.dim() >= 3 and tuple(t.shape[:2]) == tuple(m.shape):
+        t = t[m.to(t.device).bool()]
+    return t.reshape(-1, t.shape[-1])
 
 
 def _device(model: nn.Module) -> torch.device:

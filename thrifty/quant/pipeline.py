@@ -37,7 +37,8 @@ from thrifty.core.revert import keep_if_better
 from thrifty.nn import Chain, gemm_layers, gemm_op, is_gemm
 from thrifty.quant.adaquant import adaquant
 from thrifty.quant.bitalloc import allocate_bits, min_cost
-from thrifty.quant.calib import Batch, as_batches, execution_order, output_loss, relu_fed, run
+from thrifty.quant.blocks import Blocks, check_chain, find_blocks
+from thrifty.quant.calib import Batch, Output, as_batches, execution_order, output_loss, relu_fed, run
 from thrifty.quant.config import PTQ, QuantConfig, input_quantizer, weight_quantizer
 from thrifty.quant.fold import fold_bn
 from thrifty.quant.quantizer import UniformQuantizer
@@ -178,8 +179,15 @@ def _set_wbits(layer: nn.Module, bits: int, cfg: PTQ, learnable: bool) -> None:
 
 
 def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter = None,
-             progress: Optional[bool] = None) -> QuantResult:
+             progress: Optional[bool] = None, output: Output = None, blocks: Blocks = None) -> QuantResult:
     """Post-training quantization of a copy of ``model`` on ``calib_data``; see the module docstring.
+
+    ``calib_data``: tensors, ``(x, y)`` tuples or dicts such as a tokenizer's output (see
+    :mod:`thrifty.quant.calib`); ``output``: the compared field of a dict / ``ModelOutput`` result (a name or a
+    callable; default ``sentence_embedding``, ``logits`` or ``last_hidden_state``, whichever the model returns).
+    ``blocks``: AdaQuant block by block (``"auto"``, a container name or block names; see
+    :mod:`thrifty.quant.blocks`): one block's activations in memory and one pass per block instead of a
+    prefix pass per layer. None (default): layer by layer on the whole model.
 
     Raises ValueError/TypeError (and leaves ``model`` untouched) for bad configs, empty or mismatched
     calibration data, models with no quantizable layer, or a budget below the smallest feasible allocation.
@@ -202,7 +210,7 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         raise ValueError(f"quantize: the model's {e}") from None
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    batches = as_batches(calib_data, cfg.batch_size)
+    batches = as_batches(calib_data, cfg.batch_size, output)
     q = copy.deepcopy(model).eval()
     kept = _bake_weight_transforms(q)
     try:
@@ -211,6 +219,9 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         raise ValueError(f"calibration data does not fit the model: {type(e).__name__}: {e}") from e
     torch.manual_seed(cfg.seed)
 
+    block_names = None if blocks is None else find_blocks(q, blocks)
+    if block_names is not None:
+        check_chain(q, block_names, batches[0])
     folded = fold_bn(q, batches[0])
     q.__dict__["_thrifty_folded"] = [*q.__dict__.get("_thrifty_folded", []), *folded]  # for thrifty.save
     fp = copy.deepcopy(q)
@@ -301,7 +312,8 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
             res.adaquant_errors = adaquant(q, fp, qnames, batches, mode=cfg.adaquant_mode, iters=cfg.adaquant_iters,
                                            batch=cfg.adaquant_batch, lr_weight=cfg.lr_weight, lr_bias=cfg.lr_bias,
                                            lr_w_scale=cfg.lr_w_scale, lr_a_scale=cfg.lr_a_scale, seed=cfg.seed,
-                                           relu=relu, max_shift=cfg.adaquant_max_shift, progress=progress)
+                                           relu=relu, max_shift=cfg.adaquant_max_shift, progress=progress,
+                                           blocks=block_names)
             _reapply_masks(kept)
         # adaquant_layer restores a layer it could not improve and then reports after == before
         res.reverted += [f"adaquant {n}" for n, (b, a) in res.adaquant_errors.items() if cfg.adaquant_iters and a == b]

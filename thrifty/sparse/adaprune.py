@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from dataclasses import replace
 from typing import Any, Iterable, Mapping, Union
@@ -35,15 +36,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from thrifty.core import Filter, config_first, wrap_layers
 from thrifty.core.revert import keep_if_better
+from thrifty.nn import gemm_op
+from thrifty.quant.blocks import Blocks, check_chain, find_blocks, split_layers, walk_blocks
+from thrifty.quant.calib import Batch, Output, as_batches, capture, take, token_rows
 from thrifty.sparse.weights import NM, nm_masks, sparsify
 from thrifty.utils import show_progress
 
-__all__ = ["adaprune", "nm_for_density", "plan_from_unstructured", "reestimate_bn"]
+__all__ = ["adaprune", "nm_for_density", "plan_from_unstructured", "reestimate_bn", "prune_layer", "tune_block"]
 
 Plan = Union[NM, Mapping[str, NM]]
 
@@ -83,53 +86,120 @@ def plan_from_unstructured(model: nn.Module, ms: Iterable[int] = (4, 8), transpo
     return plan
 
 
-def _inputs(data: Union[Dataset, Tensor], n: int | None) -> Tensor:
-    if isinstance(data, Tensor):
-        x = data
-    else:
-        if not hasattr(data, "__len__") or len(data) == 0:
-            raise ValueError("adaprune: calibration data is empty")
-        x = torch.stack([data[i][0] if isinstance(data[i], (tuple, list)) else data[i] for i in range(len(data))])
-    if x.shape[0] == 0:
-        raise ValueError("adaprune: calibration data is empty")
-    return x[:n] if n else x
+def _rows(layer: nn.Module, ts: list[Tensor], batches: list[Batch], name: str) -> Tensor:
+    """One tensor of a layer's captured activations: per-token rows (padding left out) for a linear layer."""
+    if gemm_op(layer).kind in ("linear", "linear_t"):
+        return torch.cat([token_rows(t, b) for t, b in zip(ts, batches)])
+    if len({tuple(t.shape[1:]) for t in ts}) != 1:
+        raise ValueError(f"adaprune: layer {name!r} sees activations of different shapes across calibration "
+                         f"batches ({sorted({tuple(t.shape) for t in ts})}); give batches of one shape")
+    return torch.cat(ts)
 
 
-@torch.no_grad()
-def _capture(model: nn.Module, layer: nn.Module, x: Tensor, batch: int, want: str) -> Tensor:
-    got: list[Tensor] = []
-
-    def hook(mod: nn.Module, inp: tuple, out: Tensor) -> None:
-        got.append((inp[0] if want == "input" else out).detach().clone())
-
-    h = layer.register_forward_hook(hook)
-    try:
-        for i in range(0, x.shape[0], batch):
-            model(x[i:i + batch])
-    finally:
-        h.remove()
-    if not got:
-        raise ValueError("adaprune: a layer was never called by the model's forward")
-    return torch.cat(got)
-
-
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int = 64) -> nn.Module:
-    """Reset BatchNorm running statistics and re-estimate them (cumulative average) on inputs ``x``."""
+def reestimate_bn(model: nn.Module, x: Any, batch_size: int = 64) -> nn.Module:
+    """Reset BatchNorm running statistics and re-estimate them (cumulative average) on calibration data ``x``
+    (a tensor, a dataset, or batches as in :func:`thrifty.quant.calib.as_batches`)."""
     from thrifty.train.bn import reestimate_bn as _reestimate
 
-    return _reestimate(model, (x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)))
+    return _reestimate(model, x if _is_batches(x) else as_batches(x, batch_size))
 
 
-def adaprune(model: nn.Module, config: Plan | None = None, data: Union[Dataset, Tensor, None] = None, *,
+def _is_batches(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(b, Batch) for b in x)
+
+
+def prune_layer(layer: nn.Module, mk: Any, inp: Tensor, target: Tensor, *, steps: int, lr: float, batch_size: int,
+                remask_every: int, gen: torch.Generator) -> dict[str, Any]:
+    """AdaPrune one masked layer in place: fit it (mask recomputed every ``remask_every`` steps) to ``target``."""
+    dev = inp.device
+    params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+
+    @torch.no_grad()
+    def mse() -> float:
+        return float(F.mse_loss(layer(inp), target))
+
+    opt = torch.optim.Adam(params, lr=lr)
+    # never make a layer worse than plain magnitude pruning
+    with keep_if_better(params + [mk.mask], mse) as out:
+        for step in range(steps):
+            idx = torch.randint(0, inp.shape[0], (min(batch_size, inp.shape[0]),), generator=gen).to(dev)
+            if step % remask_every == 0:
+                mk.refresh(layer.weight)  # re-mask from the current dense weights
+            loss = F.mse_loss(layer(inp[idx]), target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        mk.refresh(layer.weight)
+    for p in params:
+        p.grad = None
+    return {"pattern": mk.cfg.label, "mse_before": out.before, "mse_after": out.after,
+            "rel_mse_after": out.after / max(float(target.pow(2).mean()), 1e-30), "reverted": not out.kept}
+
+
+def _block_out(block: nn.Module, b: Batch) -> Tensor:
+    out = block(*b.args, **b.kwargs)
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def tune_block(block: nn.Module, ref: nn.Module, q_in: list[Batch], fp_in: list[Batch], *, steps: int, lr: float,
+               batch_size: int, gen: torch.Generator) -> dict[str, float]:
+    """Fit every float parameter of a pruned block (kept weights behind fixed masks, biases, norms) so its output
+    on the pruned stream matches the FP block's output on the FP stream (MSE over real tokens)."""
+    with torch.no_grad():
+        targets = [_block_out(ref, b) for b in fp_in]
+    params = [p for p in block.parameters() if p.is_floating_point()]
+
+    def rows(y: Tensor, b: Batch) -> Tensor:
+        return token_rows(y, b) if y.dim() >= 3 else y
+
+    @torch.no_grad()
+    def mse() -> float:
+        tot = sum(float(F.mse_loss(rows(_block_out(block, b), b), rows(t, b), reduction="sum")) for b, t in zip(q_in, targets))
+        return tot / sum(rows(t, b).numel() for b, t in zip(q_in, targets))
+
+    flags = [p.requires_grad for p in params]
+    sizes = torch.tensor([float(b.size) for b in q_in])
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with keep_if_better(params, mse) as out, torch.enable_grad():
+            for _ in range(steps):
+                i = int(torch.multinomial(sizes, 1, generator=gen))
+                idx = torch.randperm(q_in[i].size, generator=gen)[:batch_size]
+                b = q_in[i].select(idx)
+                loss = F.mse_loss(rows(_block_out(block, b), b), rows(targets[i][idx.to(targets[i].device)], b))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+            p.grad = None
+    return {"mse_before": out.before, "mse_after": out.after, "reverted": not out.kept}
+
+
+def adaprune(model: nn.Module, config: Plan | None = None, data: Any = None, *,
              plan: Plan | None = None, steps: int = 200, lr: float = 1e-3, batch_size: int = 32,
              num_samples: int | None = None, filter: Filter = None, bn: bool = True, remask_every: int = 1,
-             progress: bool | None = None, seed: int = 0) -> dict[str, dict[str, Any]]:
+             progress: bool | None = None, seed: int = 0, output: Output = None,
+             blocks: Blocks = None, block_steps: int = 0, block_lr: float = 1e-4) -> dict[str, dict[str, Any]]:
     """Convert ``model`` to N:M in place with AdaPrune; returns per-layer reconstruction MSEs (and "reverted").
 
     ``plan``: one NM config for every layer passing ``filter``, or ``{layer_name: NM}`` (e.g. from
-    :func:`plan_from_unstructured`). Masks end up fixed (``recompute_every=0``). ``data``: a dataset of
-    ``(x, y)`` (labels unused) or a tensor of inputs; ``num_samples`` caps it. ``remask_every``: re-mask
+    :func:`plan_from_unstructured`). Masks end up fixed (``recompute_every=0``). ``data``: calibration data in
+    any form :func:`thrifty.quant.calib.as_batches` takes (a tensor, a dataset of ``(x, y)`` with labels unused,
+    batches, dicts such as a tokenizer's output with its ``attention_mask``); ``num_samples`` caps it. A linear
+    layer is fitted on its per-token rows, padding positions (``attention_mask == 0``) left out.
+    ``blocks``: None fits every layer against the whole model (each capture reruns the model's prefix);
+    ``"auto"``, a container name or a list of block names works block by block (:mod:`thrifty.quant.blocks`:
+    one block's activations at a time, one pass through each block), with the same per-layer objective;
+    ``block_steps > 0`` then also fits each pruned block as a whole to the FP block's output
+    (:func:`tune_block`, Adam at ``block_lr``; its entry in the report is ``"block <name>"``). ``remask_every``: re-mask
     every that many steps (1 = every step; larger saves time with exact transposable masks of big layers).
     ``plan`` defaults to ``NM(2, 4)``; the older order ``adaprune(model, data, plan)`` (or ``plan=``) still
     works for one release, with a DeprecationWarning.
@@ -138,18 +208,24 @@ def adaprune(model: nn.Module, config: Plan | None = None, data: Union[Dataset, 
                               call="adaprune(model, plan, data)")
     if data is None:
         raise TypeError("adaprune needs data: adaprune(model, plan, data)")
-    if steps < 0 or lr <= 0 or batch_size < 1 or remask_every < 1:
-        raise ValueError(f"adaprune: need steps >= 0, lr > 0, batch_size >= 1, remask_every >= 1; got {steps}, "
-                         f"{lr}, {batch_size}, {remask_every}")
-    x = _inputs(data, num_samples)
-    try:
-        dev = next(model.parameters()).device
-    except StopIteration:
-        raise ValueError("adaprune: model has no parameters") from None
-    x = x.to(dev)
-    dense = copy.deepcopy(model).eval()
+    if block_steps and blocks is None:
+        raise ValueError("adaprune: block_steps needs blocks= (block-wise calibration)")
+    if steps < 0 or lr <= 0 or batch_size < 1 or remask_every < 1 or block_steps < 0 or block_lr <= 0:
+        raise ValueError(f"adaprune: need steps >= 0, lr > 0, batch_size >= 1, remask_every >= 1, block_steps >= 0, "
+                         f"block_lr > 0; got {steps}, {lr}, {batch_size}, {remask_every}, {block_steps}, {block_lr}")
+    batches = take(as_batches(data, 256, output), num_samples)
+    if next(model.parameters(), None) is None:
+        raise ValueError("adaprune: model has no parameters")
     was_training = model.training
     model.eval()
+    names = None if blocks is None else find_blocks(model, blocks)  # bad names fail before the model is touched
+    if names is not None:
+        try:
+            check_chain(model, names, batches[0])
+        except ValueError:
+            model.train(was_training)
+            raise
+    dense = copy.deepcopy(model).eval()
     if isinstance(plan, NM):
         sparsify(model, replace(plan, recompute_every=0, straight_through=False), filter)
     else:
@@ -160,38 +236,40 @@ def adaprune(model: nn.Module, config: Plan | None = None, data: Union[Dataset, 
     with warnings.catch_warnings():  # sparsify has named what it skips
         warnings.simplefilter("ignore")
         wrap_layers(dense, filter)  # empty slots (the same function): the names sparsify gave (MultiheadAttention)
-    dense_layers = dict(dense.named_modules())
     masked = [(n, layer, mk) for n, layer, mk in nm_masks(model)]
     gen = torch.Generator().manual_seed(seed)
     report: dict[str, dict[str, Any]] = {}
-    bar = tqdm(masked, desc="adaprune", disable=not show_progress(progress), leave=False)
-    for name, layer, mk in bar:
-        target = _capture(dense, dense_layers[name], x, 256, "output")
-        inp = _capture(model, layer, x, 256, "input")
-        params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    fit = functools.partial(prune_layer, steps=steps, lr=lr, batch_size=batch_size, remask_every=remask_every,
+                            gen=gen)
 
-        @torch.no_grad()
-        def mse() -> float:
-            return float(F.mse_loss(layer(inp), target))
+    def one(name: str, mdl: nn.Module, ref: nn.Module, q_in: list[Batch], fp_in: list[Batch], full: str) -> None:
+        layer, mk = model.get_submodule(full), mks[full]
+        target = _rows(layer, capture(ref, ref.get_submodule(name), fp_in, inputs=False, outputs=True)[1], fp_in, full)
+        inp = _rows(layer, capture(mdl, layer, q_in)[0], q_in, full)
+        report[full] = fit(layer, mk, inp, target)
+        bar.set_postfix(layer=full, mse=f"{report[full]['mse_after']:.3g}")
+        bar.update()
 
-        opt = torch.optim.Adam(params, lr=lr)
-        # never make a layer worse than plain magnitude pruning
-        with keep_if_better(params + [mk.mask], mse) as out:
-            for step in range(steps):
-                idx = torch.randint(0, inp.shape[0], (min(batch_size, inp.shape[0]),), generator=gen).to(dev)
-                if step % remask_every == 0:
-                    mk.refresh(layer.weight)  # re-mask from the current dense weights
-                loss = F.mse_loss(layer(inp[idx]), target[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            mk.refresh(layer.weight)
-        for p in params:
-            p.grad = None
-        report[name] = {"pattern": mk.cfg.label, "mse_before": out.before, "mse_after": out.after,
-                        "rel_mse_after": out.after / max(float(target.pow(2).mean()), 1e-30), "reverted": not out.kept}
-        bar.set_postfix(layer=name, mse=f"{out.after:.3g}")
+    mks = {n: mk for n, _, mk in masked}
+    bar = tqdm(total=len(masked), desc="adaprune", disable=not show_progress(progress), leave=False)
+    if names is None:
+        for name, _, _ in masked:
+            one(name, model, dense, batches, batches, name)
+    else:
+        before, per, after = split_layers(model, [n for n, _, _ in masked], names, batches[0])
+        for name in before:
+            one(name, model, dense, batches, batches, name)
+        for blk, q_in, fp_in in walk_blocks(model, dense, names, batches):
+            qb, fb = model.get_submodule(blk), dense.get_submodule(blk)
+            for name in per[blk]:
+                one(name[len(blk) + 1:], qb, fb, q_in, fp_in, name)
+            if block_steps:
+                report[f"block {blk}"] = tune_block(qb, fb, q_in, fp_in, steps=block_steps, lr=block_lr,
+                                                    batch_size=batch_size, gen=gen)
+        for name in after:
+            one(name, model, dense, batches, batches, name)
+    bar.close()
     if bn:
-        reestimate_bn(model, x)
+        reestimate_bn(model, batches)
     model.train(was_training)
     return report

@@ -14,7 +14,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -30,13 +30,17 @@ def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+def reestimate_bn(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
     """Reset BN running statistics and re-estimate them as a cumulative average over ``batches``.
+
+    A batch is an input tensor or a :class:`thrifty.quant.calib.Batch` (tuples / dicts of model inputs).
 
     Only BatchNorm layers run in train mode; every other module stays in eval mode. Modes and momenta
     are restored afterwards. The shared mechanism behind BN recalibration (Mix & Match) and the BN
     re-estimation step of AdaPrune.
     """
+    from thrifty.quant.calib import Batch, run  # late: thrifty.quant imports thrifty.train
+
     bns = [m for m in bn_layers(model) if m.track_running_stats]
     if not bns:
         return model
@@ -49,7 +53,10 @@ def reestimate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Modul
             bn.momentum = None  # cumulative moving average over the calibration batches
             bn.train()
         for x in batches:
-            model(x)
+            if isinstance(x, Batch):
+                run(model, x)
+            else:
+                model(x)
     finally:
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom

@@ -1,0 +1,166 @@
+"""Peak memory of block-wise calibration against whole-model capture, on a 12-layer BERT (issue 16, item 3).
+
+Both modes run one-shot 2:4 AdaPrune (same steps, learning rate and seed) on the same calibration tokens of a
+randomly initialised 12-layer ``transformers.BertModel``; each runs in its own subprocess, whose peak resident
+set size (``ru_maxrss``) is read at the end:
+
+* ``whole``: whole-model capture: one forward pass of the dense model caches every prunable layer's input and
+  output for all calibration samples, then each layer is fitted from the cache (what one does to avoid a
+  forward pass per layer; the fitted inputs are the dense model's);
+* ``blockwise``: ``adaprune(..., blocks="auto")``: block 0's inputs captured once, then one transformer layer
+  at a time on the pruned and the dense stream (the fitted inputs are the pruned prefix's);
+* ``layerwise`` (optional, slow): ``adaprune`` without blocks: one layer at a time, each capture a forward
+  pass of the model's prefix.
+
+"setup" is the process's peak after imports, model, data and the dense reference outputs; the calibration's
+own peak is ``peak - setup``. Accuracy: relative MSE of the last hidden state and mean cosine of the
+mean-pooled embedding to the dense model, on held-out tokens.
+
+Usage: python benchmarks/blockwise_memory.py [--quick] [--out results/blockwise_memory] [--modes whole,blockwise]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker(mode: str, a: argparse.Namespace) -> dict:
+    import torch
+    import transformers
+
+    from thrifty.quant.calib import as_batches, run, token_rows
+    from thrifty.sparse import NM, adaprune, nm_masks, sparsify
+    from thrifty.sparse.adaprune import prune_layer
+
+    torch.manual_seed(a.seed)
+    cfg = transformers.BertConfig(vocab_size=1000, hidden_size=a.hidden, num_hidden_layers=12,
+                                  num_attention_heads=a.hidden // 64, intermediate_size=4 * a.hidden,
+                                  max_position_embeddings=a.seq)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    g = torch.Generator().manual_seed(a.seed + 1)
+
+    def tokens(n: int) -> dict:
+        ids = torch.randint(1, 1000, (n, a.seq), generator=g)
+        mask = (torch.arange(a.seq) < torch.randint(a.seq // 2, a.seq + 1, (n, 1), generator=g)).long()
+        return {"input_ids": ids * mask, "attention_mask": mask}
+
+    calib, test = tokens(a.samples), tokens(a.test)
+    with torch.no_grad():
+        ref = model(**test).last_hidden_state
+    setup = _peak_mib()
+    t0 = time.perf_counter()
+    nm = NM(2, 4)
+    if mode == "whole":
+        batches = as_batches(calib, 256)
+        dense = copy.deepcopy(model).eval()
+        sparsify(model, replace(nm, recompute_every=0, straight_through=False))
+        masked = list(nm_masks(model))
+        ins: dict[str, list] = {n: [] for n, _, _ in masked}
+        outs: dict[str, list] = {n: [] for n, _, _ in masked}
+        cur: list = []
+
+        def hook(_m, inp, out, n):
+            ins[n].append(token_rows(inp[0].detach(), cur[0]))
+            outs[n].append(token_rows(out.detach(), cur[0]))
+        hs = [dense.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n, _, _ in masked]
+        with torch.no_grad():
+            for b in batches:
+                cur[:] = [b]
+                run(dense, b)
+        for h in hs:
+            h.remove()
+        gen = torch.Generator().manual_seed(a.seed)
+        for n, layer, mk in masked:
+            prune_layer(layer, mk, torch.cat(ins.pop(n)), torch.cat(outs.pop(n)), steps=a.steps, lr=1e-3,
+                        batch_size=64, remask_every=a.remask_every, gen=gen)
+    else:
+        adaprune(model, nm, calib, steps=a.steps, lr=1e-3, batch_size=64, remask_every=a.remask_every,
+                 progress=False, seed=a.seed, blocks="auto" if mode == "blockwise" else None)
+    seconds = time.perf_counter() - t0
+    peak = _peak_mib()
+    with torch.no_grad():
+        out = model(**test).last_hidden_state
+    m = test["attention_mask"].unsqueeze(-1).float()
+    pool = lambda h: (h * m).sum(1) / m.sum(1)  # noqa: E731
+    real = test["attention_mask"].bool()
+    rel_mse = float((out[real] - ref[real]).pow(2).mean() / ref[real].pow(2).mean())
+    cos = float(torch.nn.functional.cosine_similarity(pool(out), pool(ref), dim=1).mean())
+    return {"mode": mode, "setup_mib": setup, "peak_mib": peak, "calib_mib": peak - setup, "seconds": seconds,
+            "rel_mse": rel_mse, "cos_mean": cos}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="64 samples, 5 steps per layer")
+    ap.add_argument("--out", default="results/blockwise_memory")
+    ap.add_argument("--modes", default="whole,blockwise", help="comma list of whole, blockwise, layerwise")
+    ap.add_argument("--samples", type=int, default=None, help="calibration sequences (default 256, quick 64)")
+    ap.add_argument("--test", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=None, help="AdaPrune steps per layer (default 20, quick 5)")
+    ap.add_argument("--remask-every", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.samples = a.samples or (64 if a.quick else 256)
+    a.steps = a.steps if a.steps is not None else (5 if a.quick else 20)
+    if a.worker:
+        print(json.dumps(worker(a.worker, a)))
+        return
+    rows = []
+    for mode in a.modes.split(","):
+        cmd = [sys.executable, __file__, "--worker", mode] + [x for x in sys.argv[1:] if x != "--quick"] + \
+            ["--samples", str(a.samples), "--steps", str(a.steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if proc.returncode:
+            raise SystemExit(f"worker {mode} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    by = {r["mode"]: r for r in rows}
+    res = {"model": f"BertModel, 12 layers, hidden {a.hidden}, intermediate {4 * a.hidden}, seq {a.seq}",
+           "samples": a.samples, "steps": a.steps, "remask_every": a.remask_every, "seed": a.seed,
+           "command": "python benchmarks/blockwise_memory.py " + " ".join(sys.argv[1:]), "rows": rows}
+    if "whole" in by and "blockwise" in by:
+        w, b = by["whole"], by["blockwise"]
+        res["peak_ratio"] = b["peak_mib"] / w["peak_mib"]
+        res["calib_ratio"] = b["calib_mib"] / max(w["calib_mib"], 1e-9)
+    out = ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(res, indent=2)), (".md", _md(res))):
+        tmp = out.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out.with_suffix(suffix))
+
+
+def _md(res: dict) -> str:
+    lines = [f"# Block-wise calibration memory: {res['model']}", "",
+             f"`{res['command']}`: one-shot 2:4 AdaPrune, {res['samples']} calibration sequences, {res['steps']} "
+             f"steps per layer; each mode in its own process (peak RSS).", "",
+             "| mode | setup peak MiB | peak MiB | calibration MiB (peak - setup) | seconds | rel. MSE to dense | "
+             "mean cosine |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['setup_mib']:.0f} | {r['peak_mib']:.0f} | {r['calib_mib']:.0f} | {r['seconds']:.0f} | "
+              f"{r['rel_mse']:.4f} | {r['cos_mean']:.4f} |" for r in res["rows"]]
+    if "peak_ratio" in res:
+        lines += ["", f"Block-wise / whole-model capture: peak RSS {res['peak_ratio']:.3f}, calibration memory "
+                      f"{res['calib_ratio']:.3f} (target: peak at most 0.25, accuracy equal or better)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
