@@ -19,7 +19,6 @@ interleave the variants; the tables give the median over rounds and its ratio to
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import warnings
@@ -27,6 +26,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -174,7 +174,7 @@ def _variants(root: Path, fam: str, wl, work: Path, quick: bool, old_layout: boo
     return v
 
 
-def layouts(args: argparse.Namespace, root: Path, work: Path) -> dict:
+def layouts(args: SimpleNamespace, root: Path, work: Path) -> dict:
     res: dict = {}
     for fam, wl in _workloads(args.quick).items():
         paths = _variants(root, fam, wl, work, args.quick, old_layout=not args.quick)
@@ -202,7 +202,7 @@ def layouts(args: argparse.Namespace, root: Path, work: Path) -> dict:
     return res
 
 
-def w4(args: argparse.Namespace, root: Path, work: Path) -> dict:
+def w4(args: SimpleNamespace, root: Path, work: Path) -> dict:
     """Batch-1 latency on MiniLM at each of ``--w4-seq`` sequence lengths: MatMulNBits only pays off when the
     GEMMs are memory bound (few tokens per call); with many tokens int8 compute wins."""
     res: dict = {"model": "minilm", "batch": 1, "by_seq_len": {}}
@@ -231,7 +231,7 @@ def w4(args: argparse.Namespace, root: Path, work: Path) -> dict:
     return res
 
 
-def _latency_rounds(args: argparse.Namespace, paths: dict[str, Path], one: tuple, what: str) -> dict:
+def _latency_rounds(args: SimpleNamespace, paths: dict[str, Path], one: tuple, what: str) -> dict:
     """Batch-1 latency of every variant at 1 and 2 threads, interleaved over the rounds; medians; file sizes."""
     lat: dict = {}
     sessions = {(k, t): OrtBackend(p, threads=t) for k, p in paths.items() for t in (1, 2)}
@@ -246,7 +246,7 @@ def _latency_rounds(args: argparse.Namespace, paths: dict[str, Path], one: tuple
             "file_bytes": {k: p.stat().st_size for k, p in paths.items()}}
 
 
-def w4_ffn(args: argparse.Namespace, work: Path) -> dict:
+def w4_ffn(args: SimpleNamespace, work: Path) -> dict:
     """A synthetic Linear-heavy model at one token per call (LLM decoding's GEMM shape): 4 FFN blocks
     1024 -> 4096 -> 1024, random weights. Accuracy cost: relative L2 error of the output to FP32 (no task)."""
     from thrifty.core import apply
@@ -309,7 +309,7 @@ def render(out: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def science(args: argparse.Namespace) -> dict:
+def science(args: Any) -> dict:  # the harness's parsed flags
     import onnxruntime
 
     t0 = time.perf_counter()
@@ -317,7 +317,7 @@ def science(args: argparse.Namespace) -> dict:
     work = Path("reports") / "bench_deploy"
     work.mkdir(parents=True, exist_ok=True)
     rounds, min_duration = (1, 0.2) if args.quick else (args.rounds, args.min_duration)
-    args = argparse.Namespace(**{**vars(args), "rounds": rounds, "min_duration": min_duration})
+    args = SimpleNamespace(**{**vars(args), "rounds": rounds, "min_duration": min_duration})
     out: dict = {"onnxruntime": onnxruntime.__version__, "rounds": rounds, "min_duration": min_duration,
                  "quick": bool(args.quick)}
     if "layouts" in args.part:

@@ -15,27 +15,21 @@ CPU time is the better estimate of the time on an idle one.
 
     python experiments/causal_lm.py --quick     # CI-sized: fewer windows and optimisation steps
     python experiments/causal_lm.py             # full: writes results/causal_lm.{json,md}
+    python experiments/causal_lm.py --render    # rewrite results/causal_lm.md from results/causal_lm.json
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.data.lm import lm_tokens, lm_windows  # noqa: E402
-from thrifty.quant import PTQ, quantize  # noqa: E402
-from thrifty.sparse import NM, adaprune, sparsify  # noqa: E402
-from thrifty.train.lm import LM_SEQ_LEN, perplexity, pretrained_lm  # noqa: E402
-from thrifty.utils import atomic_write_text, seed_everything  # noqa: E402
+from thrifty.bench.experiment import Experiment
+from thrifty.data.lm import lm_tokens, lm_windows
+from thrifty.quant import PTQ, quantize
+from thrifty.sparse import NM, adaprune, sparsify
+from thrifty.train.lm import LM_SEQ_LEN, perplexity, pretrained_lm
 
 GROUP = 64
 
@@ -128,9 +122,9 @@ def _targets(r: dict) -> list[str]:
     return out
 
 
-def _markdown(r: dict, quick: bool, command: str) -> str:
-    lines = [f"# Causal LM: PTQ and 2:4 on tinyllama{' (quick)' if quick else ''}", "",
-             f"Command: `{command}` (torch threads: {r['threads']}); total {r['total_seconds']:.0f} s wall.", "",
+def _markdown(r: dict) -> str:
+    lines = [f"# Causal LM: PTQ and 2:4 on tinyllama{' (quick)' if r['quick'] else ''}", "",
+             f"Command: `{r['command']}` (torch threads: {r['threads']}); total {r['total_seconds']:.0f} s wall.", "",
              f"Model: transformers LlamaForCausalLM, {r['params'] / 1e6:.2f} M parameters, byte-level (vocabulary "
              f"256), trained by `thrifty.train.lm.pretrained_lm()` in {r['train']['train_seconds']} s wall"
              + (f" / {r['train']['train_cpu_seconds']} s CPU" if r["train"].get("train_cpu_seconds") else "")
@@ -148,29 +142,16 @@ def _markdown(r: dict, quick: bool, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: what the committed results used)")
-    ap.add_argument("--out", default=str(ROOT / "results"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    seed_everything(0)
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "causal_lm_quick" if args.quick else "causal_lm"
-    r = run(args.quick, log)
-    r.update(quick=args.quick, threads=args.threads, total_seconds=time.perf_counter() - t0)
+def science(args, exp: Experiment) -> dict:
+    r = run(args.quick, lambda s: print(s, flush=True))
+    r.update(quick=args.quick, threads=args.threads, total_seconds=exp.seconds(), command=exp.command)
     r["targets"] = _targets(r)
-    command = "python experiments/causal_lm.py" + (" --quick" if args.quick else "") + \
-        (f" --threads {args.threads}" if args.threads != 1 else "")
-    r["command"] = command
-    atomic_write_text(out / f"{stem}.json", json.dumps(r, indent=1))
-    atomic_write_text(out / f"{stem}.md", _markdown(r, args.quick, command))
-    log(_markdown(r, args.quick, command))
-    return 0
+    return r
+
+
+def main(argv=None) -> int:
+    exp = Experiment("causal_lm", __doc__)  # one torch thread by default: what the committed results used
+    return exp.run(lambda args: science(args, exp), _markdown, argv=argv)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,11 @@ model's main output on held-out inputs):
 
     python experiments/coverage_matrix.py            # the whole matrix -> results/coverage_matrix.{json,md}
     python experiments/coverage_matrix.py --quick    # a small slice (what the tests run)
+    python experiments/coverage_matrix.py --render   # rewrite the markdown from the JSON already in --out
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import math
 import os
 import sys
 import tempfile
@@ -45,12 +43,10 @@ import torch
 import torch.nn as nn
 
 import thrifty as th
+from thrifty.bench.experiment import Experiment
 from thrifty.core.select import layer_status
 from thrifty.nn import is_gemm, wrap
 from thrifty.quant.calib import as_batches, run as run_batch
-from thrifty.utils import atomic_write_text
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ architectures
@@ -456,35 +452,32 @@ def to_markdown(matrix: dict[str, dict[str, dict[str, Any]]], cols: list[str]) -
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help=f"rows {QUICK_ROWS} x columns {QUICK_COLS}")
-    ap.add_argument("--rows", nargs="*", default=None, help="architectures (default: all)")
-    ap.add_argument("--cols", nargs="*", default=None, help="methods (default: all)")
-    ap.add_argument("--out", default=str(ROOT / "results"), help="output folder")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def _markdown(res: dict[str, Any]) -> str:
+    counts = res["counts"]
+    head = (f"# Coverage matrix\n\n`{res['command']}`: {len(res['rows'])} architectures x {len(res['cols'])} methods "
+            f"in {res['wall_s']:.0f} s ({res['threads']} threads); "
+            + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".\n\n")
+    return head + to_markdown(res["matrix"], res["cols"])
+
+
+def science(args: Any, exp: Experiment) -> dict[str, Any]:
     rows = args.rows or list(QUICK_ROWS if args.quick else ARCHS)
     cols = args.cols or list(QUICK_COLS if args.quick else CELLS)
     unknown = [r for r in rows if r not in ARCHS] + [c for c in cols if c not in CELLS]
     if unknown:
-        ap.error(f"unknown rows/columns {unknown}; rows: {list(ARCHS)}; columns: {list(CELLS)}")
-    t0 = time.perf_counter()
+        exp.parser.error(f"unknown rows/columns {unknown}; rows: {list(ARCHS)}; columns: {list(CELLS)}")
     matrix = run_matrix(rows, cols)
-    wall = time.perf_counter() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "coverage_matrix_quick" if args.quick else "coverage_matrix"
     counts = {s: sum(c["status"] == s for cells in matrix.values() for c in cells.values()) for s in _MARK}
-    head = (f"# Coverage matrix\n\n`python experiments/coverage_matrix.py{' --quick' if args.quick else ''}`: "
-            f"{len(rows)} architectures x {len(cols)} methods in {wall:.0f} s ({args.threads} threads); "
-            + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".\n\n")
-    atomic_write_text(out / f"{name}.md", head + to_markdown(matrix, cols))
-    atomic_write_text(out / f"{name}.json", json.dumps({"rows": rows, "cols": cols, "matrix": matrix,
-                                                        "counts": counts, "wall_s": wall}, indent=1))
-    print(head + to_markdown(matrix, cols))
-    return 0
+    return {"rows": rows, "cols": cols, "matrix": matrix, "counts": counts, "wall_s": exp.seconds(),
+            "threads": args.threads, "quick": args.quick, "command": exp.command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    exp = Experiment("coverage_matrix", __doc__, threads=2)
+    exp.parser.add_argument("--rows", nargs="*", default=None, help="architectures (default: all)")
+    exp.parser.add_argument("--cols", nargs="*", default=None, help="methods (default: all)")
+    exp.parser.epilog = f"--quick runs rows {QUICK_ROWS} x columns {QUICK_COLS}"
+    return exp.run(lambda args: science(args, exp), _markdown, argv=argv)
 
 
 if __name__ == "__main__":

@@ -10,27 +10,26 @@ Latencies measured on a loaded machine are noisy; rerun the full experiment on a
 
     python experiments/plan.py --quick     # CI-sized (MLP on digits, RTN): results/plan_quick.{json,md,png}
     python experiments/plan.py             # full (ResNet-20 digits32, MiniLM; AdaQuant): results/plan.{json,md,png}
+    python experiments/plan.py --only resnet20-digits32   # one workload: results/plan_resnet20-digits32.*
+    python experiments/plan.py --quick --render           # rewrite the .md and .png from the saved .json only
+
+``--threads`` is ONNX Runtime's intra-op thread count (what is timed); PTQ and the sensitivities run on one
+torch thread whatever it is.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thrifty.bench.api import calibration_data, load_workload  # noqa: E402
-from thrifty.plan.cost import measure_costs  # noqa: E402
-from thrifty.plan.planner import plan_layers  # noqa: E402
-from thrifty.plan.report import markdown, plan_report, plot_pareto  # noqa: E402
-from thrifty.plan.solve import min_total  # noqa: E402
-from thrifty.utils import atomic_write_text  # noqa: E402
+from thrifty.bench.api import calibration_data, load_workload
+from thrifty.bench.experiment import Experiment
+from thrifty.plan.cost import measure_costs
+from thrifty.plan.planner import plan_layers
+from thrifty.plan.report import markdown, plan_report, plot_pareto
+from thrifty.plan.solve import min_total
 
 # (name, model, dataset, pipeline, max samples)
 QUICK = [("mlp-digits", "mlp", "digits", "rtn", 256)]
@@ -61,10 +60,35 @@ def run_workload(name: str, model_name: str, dataset: str, pipeline: str, max_sa
     return report
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="CI-sized run (writes results/plan_quick.*)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+def science(args) -> dict:
+    """``{workload: report}`` for every workload of the run (``--only``: one)."""
+    torch.set_num_threads(1)  # the torch side (PTQ, sensitivities) on one thread; --threads is ONNX Runtime's
+    args.candidates = [c for c in args.candidates.split(",") if c]
+    args.rounds = args.rounds or (5 if args.quick else 15)
+    args.calib_per_class = args.calib_per_class or (4 if args.quick else 10)
+    args.loadgen_s = args.loadgen_s if args.loadgen_s is not None else (0.5 if args.quick else 5.0)
+    reports = {}
+    for wl in QUICK if args.quick else FULL:
+        if args.only and wl[0] != args.only:
+            continue
+        wl = (*wl[:3], args.pipeline or wl[3], wl[4])
+        reports[wl[0]] = run_workload(*wl, args)
+        print(markdown(reports[wl[0]], wl[0]), flush=True)
+    return reports
+
+
+def _reports(result: dict) -> dict:
+    return {k: r for k, r in result.items() if k != "environment"}
+
+
+def _markdown(result: dict, quick: bool) -> str:
+    md = "\n".join(markdown(r, f"thrifty plan: {k}") for k, r in _reports(result).items())
+    return f"<!-- python experiments/plan.py{' --quick' if quick else ''} -->\n" + md
+
+
+def main(argv=None) -> int:
+    exp = Experiment("plan", __doc__)
+    p = exp.parser
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5 quick, 15 full)")
     p.add_argument("--sweep", type=int, default=3)
@@ -73,34 +97,20 @@ def main(argv=None) -> dict:
     p.add_argument("--calib-per-class", type=int, default=None)
     p.add_argument("--loadgen-s", type=float, default=None)
     p.add_argument("--candidates", default="fp32,int8")
-    p.add_argument("--only", default=None, help="run only this workload (e.g. resnet20-digits32)")
+    p.add_argument("--only", default=None,
+                   help="run only this workload (e.g. resnet20-digits32); the stem becomes plan_<workload>")
     p.add_argument("--pipeline", default=None, help="override the workloads' PTQ pipeline (rtn, adaquant, ...)")
-    p.add_argument("--out", type=Path, default=ROOT / "results")
-    p.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json only")
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "plan", help="LoadGen logs")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    args.candidates = [c for c in args.candidates.split(",") if c]
-    args.rounds = args.rounds or (5 if args.quick else 15)
-    args.calib_per_class = args.calib_per_class or (4 if args.quick else 10)
-    args.loadgen_s = args.loadgen_s if args.loadgen_s is not None else (0.5 if args.quick else 5.0)
-    stem = "plan_quick" if args.quick else "plan" + (f"_{args.only}" if args.only else "")
-    reports = json.loads((args.out / f"{stem}.json").read_text()) if args.replot else {}
-    for wl in ([] if args.replot else QUICK if args.quick else FULL):
-        if args.only and wl[0] != args.only:
-            continue
-        wl = (*wl[:3], args.pipeline or wl[3], wl[4])
-        reports[wl[0]] = run_workload(*wl, args)
-        print(markdown(reports[wl[0]], wl[0]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.replot:
-        atomic_write_text(args.out / f"{stem}.json", json.dumps(reports, indent=1))
-    md = "\n".join(markdown(r, f"thrifty plan: {k}") for k, r in reports.items())
-    atomic_write_text(args.out / f"{stem}.md", f"<!-- python experiments/plan.py{' --quick' if args.quick else ''} -->\n"
-                      + md)
-    plot_pareto({f"thrifty plan: {k}": r for k, r in reports.items()}, args.out / f"{stem}.png")
-    return reports
+    p.add_argument("--work", type=Path, default=Path("runs") / "plan", help="LoadGen logs")
+    args = exp.start(argv)
+    if args.only and args.name == exp.name:  # one workload never overwrites the results of all of them
+        args.name = f"plan_{args.only}"
+    if not args.render:
+        exp.write_json(science(args))
+    result = exp.read_json()  # a fresh run renders from its JSON too, as --render does
+    print(exp.write_markdown(_markdown(result, args.quick)).read_text(), end="")
+    plot_pareto({f"thrifty plan: {k}": r for k, r in _reports(result).items()}, exp.path(".png"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

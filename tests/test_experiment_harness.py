@@ -230,9 +230,12 @@ RENDERED = [("benchmarks/accumulators.py", "bench_accumulators", []), ("benchmar
             ("benchmarks/nm_masks.py", "bench_nm_masks_1thread", ["--name", "bench_nm_masks_1thread"]),
             ("benchmarks/ptq_anchor.py", "ptq_anchor", []), ("benchmarks/train8.py", "bench_train8", []),
             ("experiments/accumulators.py", "accumulators", []), ("experiments/bench.py", "bench", []),
+            ("experiments/causal_lm.py", "causal_lm", []),
+            ("experiments/causal_lm.py", "causal_lm_quick", ["--quick"]),
             ("experiments/compose.py", "compose", []), ("experiments/datafree.py", "datafree", []),
             ("experiments/grad_sparsity.py", "grad_sparsity", []), ("experiments/merge.py", "merge", []),
-            ("experiments/nm_masks.py", "nm_masks", []), ("experiments/ptq.py", "ptq", []),
+            ("experiments/nm_masks.py", "nm_masks", []), ("experiments/plan.py", "plan_quick", ["--quick"]),
+            ("experiments/ptq.py", "ptq", []),
             ("experiments/ptq_ablation.py", "ptq_ablation", []), ("experiments/regimes.py", "regimes", []),
             ("experiments/regimes.py", "regimes_quick", ["--quick"]), ("experiments/train8.py", "train8", [])]
 
