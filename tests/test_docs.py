@@ -130,6 +130,26 @@ def test_readme_quickstart_runs(capsys):
     assert sum(isinstance(m, nn.Linear) for m in ns["plain"].modules()) == 2
 
 
+def test_readme_transformers_example_runs():
+    # the "Models you already have" block: a transformers model calibrated with its tokenizer's output
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"^## Models you already have\n.*?^```python\n(.*?)^```", text, re.S | re.M).group(1)
+    ns: dict = {}
+    exec(compile(code, "README.md transformers example", "exec"), ns)
+    model, w8a8 = ns["model"], ns["w8a8"]
+    assert sum(type(m).__name__ == "GemmLinear" for m in w8a8.modules()) >= 12  # every Linear of 2 layers + head
+    masked = [m for m in model.modules() if type(m).__name__ == "GemmLinear"]
+    assert masked, "adaprune wrapped no layer"
+    for m in masked:
+        w = _plain_weight(m)
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+
+
+def _plain_weight(layer: nn.Module):
+    import thrifty as th
+    return th.strip(nn.Sequential(layer))[0].weight.detach()
+
+
 def _fake_repo(tmp_path: Path, readme: str, page: str) -> Path:
     (tmp_path / "results").mkdir()
     (tmp_path / "docs" / "methods").mkdir(parents=True)
