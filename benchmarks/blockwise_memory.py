@@ -16,30 +16,34 @@ set size (``ru_maxrss``) is read at the end:
 own peak is ``peak - setup``. Accuracy: relative MSE of the last hidden state and mean cosine of the
 mean-pooled embedding to the dense model, on held-out tokens.
 
-Usage: python benchmarks/blockwise_memory.py [--quick] [--out results/blockwise_memory] [--modes whole,blockwise]
+Each worker uses --threads torch threads (default 2: torch's own default on the 2-core machine of the committed
+run, which did not set it).
+
+    python benchmarks/blockwise_memory.py --quick    # CI-sized: 64 sequences, 5 steps per layer
+    python benchmarks/blockwise_memory.py --steps 10 # as committed: writes results/blockwise_memory.{json,md}
+    python benchmarks/blockwise_memory.py --render   # rewrite results/blockwise_memory.md from its JSON
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from thrifty.bench.experiment import Experiment, table
 
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def worker(mode: str, a: argparse.Namespace) -> dict:
+def worker(mode: str, a: SimpleNamespace) -> dict:
+    """One mode's run in this process (the parent's flags in ``a``); the row of the table."""
     import torch
     import transformers
 
@@ -47,6 +51,7 @@ def worker(mode: str, a: argparse.Namespace) -> dict:
     from thrifty.sparse import NM, adaprune, nm_masks, sparsify
     from thrifty.sparse.adaprune import prune_layer
 
+    torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     cfg = transformers.BertConfig(vocab_size=1000, hidden_size=a.hidden, num_hidden_layers=12,
                                   num_attention_heads=a.hidden // 64, intermediate_size=4 * a.hidden,
@@ -104,58 +109,56 @@ def worker(mode: str, a: argparse.Namespace) -> dict:
             "rel_mse": rel_mse, "cos_mean": cos}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="64 samples, 5 steps per layer")
-    ap.add_argument("--out", default="results/blockwise_memory")
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--worker"]:  # a child of science(): --worker MODE FLAGS_JSON; prints its row as JSON
+        print(json.dumps(worker(argv[1], SimpleNamespace(**json.loads(argv[2])))))
+        return 0
+    exp = Experiment("blockwise_memory", __doc__, threads=2)
+    ap = exp.parser
     ap.add_argument("--modes", default="whole,blockwise", help="comma list of whole, blockwise, layerwise")
     ap.add_argument("--samples", type=int, default=None, help="calibration sequences (default 256, quick 64)")
-    ap.add_argument("--test", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--test", type=int, default=32, help="held-out sequences (default %(default)s)")
+    ap.add_argument("--seq", type=int, default=64, help="sequence length (default %(default)s)")
+    ap.add_argument("--hidden", type=int, default=128, help="hidden size (default %(default)s)")
     ap.add_argument("--steps", type=int, default=None, help="AdaPrune steps per layer (default 20, quick 5)")
-    ap.add_argument("--remask-every", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    a.samples = a.samples or (64 if a.quick else 256)
-    a.steps = a.steps if a.steps is not None else (5 if a.quick else 20)
-    if a.worker:
-        print(json.dumps(worker(a.worker, a)))
-        return
+    ap.add_argument("--remask-every", type=int, default=10, help="AdaPrune re-masks every that many steps")
+    return exp.run(lambda args: science(args, exp), render, argv=argv)
+
+
+def science(args, exp: Experiment) -> dict:
+    """Each mode in its own subprocess (a fresh peak RSS); the rows and the block-wise / whole ratios."""
+    flags = {"seed": args.seed, "threads": args.threads, "samples": args.samples or (64 if args.quick else 256),
+             "steps": args.steps if args.steps is not None else (5 if args.quick else 20), "test": args.test,
+             "seq": args.seq, "hidden": args.hidden, "remask_every": args.remask_every}
     rows = []
-    for mode in a.modes.split(","):
-        cmd = [sys.executable, __file__, "--worker", mode] + [x for x in sys.argv[1:] if x != "--quick"] + \
-            ["--samples", str(a.samples), "--steps", str(a.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, json.dumps(flags)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
-            raise SystemExit(f"worker {mode} failed:\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"blockwise_memory: worker {mode} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     by = {r["mode"]: r for r in rows}
-    res = {"model": f"BertModel, 12 layers, hidden {a.hidden}, intermediate {4 * a.hidden}, seq {a.seq}",
-           "samples": a.samples, "steps": a.steps, "remask_every": a.remask_every, "seed": a.seed,
-           "command": "python benchmarks/blockwise_memory.py " + " ".join(sys.argv[1:]), "rows": rows}
+    res = {"model": f"BertModel, 12 layers, hidden {args.hidden}, intermediate {4 * args.hidden}, seq {args.seq}",
+           "samples": flags["samples"], "steps": flags["steps"], "remask_every": args.remask_every, "seed": args.seed,
+           "command": exp.command, "rows": rows}
     if "whole" in by and "blockwise" in by:
         w, b = by["whole"], by["blockwise"]
         res["peak_ratio"] = b["peak_mib"] / w["peak_mib"]
         res["calib_ratio"] = b["calib_mib"] / max(w["calib_mib"], 1e-9)
-    out = ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(res, indent=2)), (".md", _md(res))):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(suffix))
+    return res
 
 
-def _md(res: dict) -> str:
+def render(res: dict) -> str:
     lines = [f"# Block-wise calibration memory: {res['model']}", "",
              f"`{res['command']}`: one-shot 2:4 AdaPrune, {res['samples']} calibration sequences, {res['steps']} "
              f"steps per layer; each mode in its own process (peak RSS).", "",
-             "| mode | setup peak MiB | peak MiB | calibration MiB (peak - setup) | seconds | rel. MSE to dense | "
-             "mean cosine |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['mode']} | {r['setup_mib']:.0f} | {r['peak_mib']:.0f} | {r['calib_mib']:.0f} | {r['seconds']:.0f} | "
-              f"{r['rel_mse']:.4f} | {r['cos_mean']:.4f} |" for r in res["rows"]]
+             table(res["rows"], {"mode": "mode", "setup_mib": "setup peak MiB", "peak_mib": "peak MiB",
+                                 "calib_mib": "calibration MiB (peak - setup)", "seconds": "seconds",
+                                 "rel_mse": "rel. MSE to dense", "cos_mean": "mean cosine"},
+                   digits={"setup_mib": 0, "peak_mib": 0, "calib_mib": 0, "seconds": 0, "rel_mse": 4,
+                           "cos_mean": 4}).rstrip("\n")]
     if "peak_ratio" in res:
         lines += ["", f"Block-wise / whole-model capture: peak RSS {res['peak_ratio']:.3f}, calibration memory "
                       f"{res['calib_ratio']:.3f} (target: peak at most 0.25, accuracy equal or better)."]
@@ -163,4 +166,4 @@ def _md(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -225,6 +225,7 @@ def test_every_script_runs_on_the_harness(script):
 # every committed results/<stem>.md is what its script renders from results/<stem>.json: the numbers in the docs
 # come from the JSON, and a change of a script's formatting shows up here until the markdown is re-rendered
 RENDERED = [("benchmarks/accumulators.py", "bench_accumulators", []), ("benchmarks/bench_int8.py", "bench_int8", []),
+            ("benchmarks/blockwise_memory.py", "blockwise_memory", []),
             ("benchmarks/datafree.py", "bench_datafree", []), ("benchmarks/grad_sparsity.py", "bench_grad_sparsity", []),
             ("benchmarks/nm_masks.py", "bench_nm_masks", []),
             ("benchmarks/nm_masks.py", "bench_nm_masks_1thread", ["--name", "bench_nm_masks_1thread"]),
@@ -234,6 +235,7 @@ RENDERED = [("benchmarks/accumulators.py", "bench_accumulators", []), ("benchmar
             ("experiments/causal_lm.py", "causal_lm_quick", ["--quick"]),
             ("experiments/compose.py", "compose", []), ("experiments/datafree.py", "datafree", []),
             ("experiments/grad_sparsity.py", "grad_sparsity", []), ("experiments/merge.py", "merge", []),
+            ("experiments/minilm_nm.py", "minilm_nm", []),
             ("experiments/nm_masks.py", "nm_masks", []), ("experiments/plan.py", "plan_quick", ["--quick"]),
             ("experiments/ptq.py", "ptq", []),
             ("experiments/ptq_ablation.py", "ptq_ablation", []), ("experiments/regimes.py", "regimes", []),
