@@ -279,3 +279,30 @@ def test_cli_quantize_data_free(tmp_path, capsys):
                                        "dataset": "digits"})
     assert main(["quantize", "--model", str(tmp_path / "mlp"), "--data-free", "bns", "--out", str(tmp_path / "q2")]) != 0
     assert "gaussian" in capsys.readouterr().err
+
+
+def test_bns_synthesis_on_a_model_returning_a_model_output():
+    # Hugging Face image classifiers return a ModelOutput (.logits), not a tensor
+    import torch
+    import torch.nn as nn
+
+    import thrifty as th
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    torch.manual_seed(0)
+    m = Wrapped()
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(16, 3, 8, 8) * 2 + 1)  # BN statistics away from (0, 1)
+    m.eval()
+    for method in ("bns", "inception"):
+        ds = th.synthesize(m, th.datafree.Synth(method=method, steps=3), 4, input_shape=(3, 8, 8))
+        assert ds.tensors[0].shape == (4, 3, 8, 8) and torch.isfinite(ds.tensors[0]).all()

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from thrifty.quant.calib import model_output
 from thrifty.core import Config, config_first, old_order_warning, register_config, register_pipeline
 from thrifty.utils import show_progress
 
@@ -299,7 +300,7 @@ def synthesize(
                 targets = (torch.arange(b) + bi * cfg.batch_size) % _num_classes(model, _up(z, shape))
                 x = _up(_optimise(model, z, shape, targets, cfg, bar), shape)
             with torch.no_grad():
-                logits = model(x)
+                logits = model_output(model(x))
             xs.append(x.detach())
             ys.append(F.softmax(logits, -1) if cfg.soft_labels else logits.argmax(-1))
         bar.close()
@@ -308,7 +309,7 @@ def synthesize(
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
     with torch.no_grad():
-        return int(model(x[:1]).shape[-1])
+        return int(model_output(model(x[:1])).shape[-1])
 
 
 def _lr_factor(step: int, cfg: Synth) -> float:
@@ -344,7 +345,7 @@ def _optimise(model: nn.Module, z: Tensor, shape: tuple[int, ...], targets: Tens
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(step, cfg)
             x = _up(z, shape)
-            logits = model(x)
+            logits = model_output(model(x))
             # inception: push each input towards its own class
             main = taps.pop() if taps is not None else F.cross_entropy(logits, targets)
             loss = main + prior_scale * _tv(x) + cfg.l2_weight * x.pow(2).flatten(1).sum(1).mean()
