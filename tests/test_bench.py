@@ -302,3 +302,30 @@ def test_relative_outdir_works_in_the_subprocess(tmp_path, monkeypatch):
             variant="v", accuracy=False)
     assert r["scenarios"]["SingleStream"]["valid"]
     assert (tmp_path / "rel" / "bench" / "v" / "result.json").is_file()
+
+
+def test_load_workload_takes_a_dict_of_named_inputs_in_forward_order():
+    # a tokenizer's output (keyword inputs) is reordered to the model's positional parameters and keeps its names
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+    from thrifty.bench.api import load_workload
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+            return self.fc(input_ids * attention_mask)
+
+    m = Two()
+    data = {"attention_mask": torch.ones(6, 4), "input_ids": torch.randn(6, 4)}
+    wl = load_workload(m, data)
+    assert wl.input_names == ["input_ids", "attention_mask"]
+    np.testing.assert_array_equal(wl.samples.inputs[0], data["input_ids"].numpy())
+    with pytest.raises(TypeError, match="token_type_ids.*not positional|before 'token_type_ids'"):
+        load_workload(m, {"input_ids": torch.randn(2, 4), "token_type_ids": torch.zeros(2, 4)})
+    with pytest.raises(TypeError, match="pixel_values"):
+        load_workload(m, {"pixel_values": torch.randn(2, 4)})

@@ -15,13 +15,14 @@ Example:
 from __future__ import annotations
 
 import json
+import inspect
 import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -71,9 +72,30 @@ def _as_samples(data: Any, name: str = "data") -> Samples:
         ins = data["inputs"]
         ins = tuple(np.asarray(a) for a in (ins if isinstance(ins, (tuple, list)) else (ins,)))
         return Samples(ins, None if data.get("labels") is None else np.asarray(data["labels"]), name)
+    if isinstance(data, Mapping) and data and all(isinstance(v, (np.ndarray, torch.Tensor)) for v in data.values()):
+        return Samples(tuple(np.asarray(v) for v in data.values()), None, name)  # keyword inputs, in order
     raise TypeError(f"data of type {type(data).__name__} is not supported: pass a dataset name, a "
-                    f"thrifty.bench.Samples, a TensorDataset (inputs..., labels), an array, or "
-                    f"{{'inputs': ..., 'labels': ...}}")
+                    f"thrifty.bench.Samples, a TensorDataset (inputs..., labels), an array, "
+                    f"{{'inputs': ..., 'labels': ...}} or a dict of named input arrays (a tokenizer's output)")
+
+
+def _positional_order(model: Optional[nn.Module], data: Mapping) -> dict:
+    """A dict of named inputs ordered as ``model.forward`` takes them positionally (backends call
+    ``model(*inputs)``); TypeError naming the problem when the names are not its leading parameters."""
+    if model is None:
+        return dict(data)
+    params = [p.name for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = [k for k in data if k not in params]
+    if unknown:
+        raise TypeError(f"data: {unknown} are not positional parameters of {type(model).__name__}.forward "
+                        f"({params[:6]}...)")
+    order = sorted(data, key=params.index)
+    if [params.index(k) for k in order] != list(range(len(order))):
+        missing = [p for p in params[:params.index(order[-1])] if p not in data]
+        raise TypeError(f"data: {type(model).__name__}.forward takes {missing} before {order[-1]!r}; "
+                        "pass them too (the benchmark calls the model positionally)")
+    return {k: data[k] for k in order}
 
 
 def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *, seq_len: int = 128,
@@ -85,6 +107,7 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
     of always ``seq_len`` tokens."""
     from thrifty.data import load_dataset
 
+    keyword_names: list[str] = []
     for name, v in (("max_samples", max_samples), ("seq_len", seq_len)):
         # a negative max_samples would slice off the end (-1: all but one sample), silently
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -136,13 +159,16 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
         else:
             samples = _as_samples(splits.test, data)
     else:
+        if isinstance(data, Mapping) and "inputs" not in data:
+            data = _positional_order(mod, data)
+            keyword_names = list(data)
         samples = _as_samples(data)
     if max_samples is not None and len(samples) > max_samples:
         samples = Samples(tuple(a[:max_samples] for a in samples.inputs),
                           None if samples.labels is None else samples.labels[:max_samples], samples.name,
                           samples.trim_mask)
     names = ["input_ids", "attention_mask"] if len(samples.inputs) == 2 and samples.name.startswith("text") \
-        else [f"input_{i}" for i in range(len(samples.inputs))]
+        else keyword_names or [f"input_{i}" for i in range(len(samples.inputs))]
     if mod is not None and not isinstance(model, nn.Module):
         mod = mod.eval()  # ours; a user's module is never modified (backends work on copies)
     return Workload(name, mod, samples, names, onnx_path)

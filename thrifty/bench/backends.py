@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -35,6 +35,10 @@ def _to_numpy(out: Any) -> Any:
         if any(o.ndim == 0 or o.shape[0] != b for o in out):
             raise ValueError("model returned several tensors without a common leading batch dimension")
         return np.concatenate([o.detach().float().reshape(b, -1).cpu().numpy() for o in out], axis=1)
+    if isinstance(out, Mapping) or hasattr(out, "logits"):  # a ModelOutput / dict: its main tensor, as PTQ reads it
+        from thrifty.quant.calib import model_output
+
+        return _to_numpy(model_output(out))
     return out  # harness.check_output raises a clear TypeError naming the type
 
 
