@@ -62,3 +62,11 @@ def test_exact_cell_detects_a_wrapped_layer_that_changes_the_output(monkeypatch)
     arch = cov.ARCHS["mlp (zoo)"]
     cell = cov.run_cell(arch, "exact", None, arch.inputs(2, 1))
     assert cell["status"] == "fail" and "forward differs" in cell["detail"]
+
+
+def test_train8_on_transformers_resnet():
+    # Range BN's output followed by transformers' ReLU(inplace=True): the backward used to fail ("Output 0 of
+    # _RangeBNFunction is a view and is being modified inplace")
+    arch = cov.ARCHS["ResNet"]
+    cell = cov.run_cell(arch, "Train8", arch.inputs(8, 0), arch.inputs(4, 1))
+    assert cell["status"] == "ok", cell

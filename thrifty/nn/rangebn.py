@@ -226,11 +226,13 @@ class _RangeBNFunction(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias
         x3 = x.reshape(x.shape[0], x.shape[1], p)
-        y = torch.empty_like(x3)
-        K.affine(x3.numpy(), a.detach().numpy(), shift.detach().numpy(), y.numpy())
+        # the output is its own tensor, not a view of one made here: a following in-place op (ReLU(inplace=True),
+        # as in transformers' ResNet) must be allowed to modify it
+        y = torch.empty(x.shape, dtype=x.dtype)
+        K.affine(x3.numpy(), a.detach().numpy(), shift.detach().numpy(), y.view(x3.shape).numpy())
         ctx.save_for_backward(x, weight, mean, scale, mx, mn, a)
         ctx.eps, ctx.cn, ctx.layout = eps, cn, layout
-        return y.reshape(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
