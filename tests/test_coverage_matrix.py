@@ -68,5 +68,5 @@ def test_train8_on_transformers_resnet():
     # Range BN's output followed by transformers' ReLU(inplace=True): the backward used to fail ("Output 0 of
     # _RangeBNFunction is a view and is being modified inplace")
     arch = cov.ARCHS["ResNet"]
-    cell = cov.run_cell(arch, "Train8", arch.inputs(8, 0), arch.inputs(4, 1))
+    cell = cov.run_cell(arch, "Train8", arch.inputs(16, 0), arch.inputs(8, 1))  # the matrix's sizes
     assert cell["status"] == "ok", cell
