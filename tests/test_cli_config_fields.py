@@ -51,6 +51,8 @@ NOT_ON_CLI = {
     "AugmentConfig": "the per-dataset augmentation of the training recipe, not a run option",
     "SignalAugmentConfig": "the per-dataset augmentation of the training recipe, not a run option",
     "EnsembleMerge": "keeps all K models; `thrifty merge` saves one merged model",
+    "Plan": "per-layer configs that `thrifty plan` writes (plan.yaml) for thrifty.apply / quantize_plan; no "
+            "command builds one from flags",
 }
 
 

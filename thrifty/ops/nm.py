@@ -415,12 +415,16 @@ def _solve(s: Tensor, n: int, solver: str) -> Tensor:
 def transposable_mask(w: Tensor, n: int, m: int, method: Method = "exact") -> Tensor:
     """Mask that is N:M along the reduction of ``w`` and along its output dimension (see module doc).
 
-    ``method="exact"`` maximises the kept ``|w|`` in every ``m x m`` tile; ``"approx"`` is the greedy
-    2-approximation. Partial tiles (dimensions not divisible by ``m``) follow the padding tail rule.
+    ``method="exact"`` maximises the kept ``|w|`` in every ``m x m`` tile over the masks that keep exactly
+    ``n`` in every row and column of the tile (the full N:M pattern); ``"approx"`` is the greedy
+    2-approximation, which may leave a row or column with fewer than ``n`` (at most ``n`` is still N:M), so in
+    rare tiles (about 1 % of random 8 x 8 ones at 4:8) it keeps more ``|w|`` with fewer entries. Partial tiles
+    (dimensions not divisible by ``m``) follow the padding tail rule.
 
     Example:
-        >>> w = torch.randn(8, 8)
-        >>> kept_fraction(w, transposable_mask(w, 4, 8)) >= kept_fraction(w, transposable_mask(w, 4, 8, "approx"))
+        >>> w = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+        >>> mask = transposable_mask(w, 4, 8)
+        >>> mask.sum(0).tolist() == mask.sum(1).tolist() == [4] * 8
         True
     """
     check_nm(n, m)

@@ -38,6 +38,11 @@ class Plan(Config):
 
     ``pipeline``: the PTQ pipeline :func:`quantize_plan` runs on the quantized layers (``rtn``, ``adaquant``,
     ``light``, ``advanced``); ``adaquant_iters`` its AdaQuant steps per layer.
+
+    Args:
+        layers: layer name -> its config (``QuantConfig``, ...), or None to keep the layer in FP32.
+        pipeline: the PTQ pipeline :func:`quantize_plan` runs: "rtn", "adaquant", "light" or "advanced".
+        adaquant_iters: AdaQuant optimisation steps per layer.
     """
 
     layers: dict[str, Optional[Config]] = field(default_factory=dict)
