@@ -46,6 +46,7 @@ import thrifty as th
 from thrifty.bench.experiment import Experiment
 from thrifty.core.select import layer_status
 from thrifty.nn import is_gemm, wrap
+from thrifty.ops.nm import is_nm, is_transposable
 from thrifty.quant.calib import as_batches, run as run_batch
 
 
@@ -272,20 +273,12 @@ def cell_w4a8(arch: Arch, calib: Any, test: Any) -> str:
     return f"rel. error {adv:.4f} (rtn {rtn:.4f})"
 
 
-def _nm_ok(w2: torch.Tensor, n: int, m: int, dim: int = 1) -> bool:
-    """At most ``n`` nonzeros in each whole group of ``m`` along ``dim`` of the GEMM matrix ``w2``."""
-    w2 = w2.detach() if dim == 1 else w2.detach().t()
-    k = w2.shape[1] - w2.shape[1] % m
-    return bool(((w2[:, :k].reshape(w2.shape[0], -1, m) != 0).sum(-1) <= n).all())
-
-
-def _plain_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Strip ``model`` and return each formerly wrapped layer's weight as thrifty's GEMM matrix ``[out, K]`` (the
-    reduction in the order N:M groups run along: channels last for a convolution)."""
-    from thrifty.ops.nm import as_matrix
+def _plain_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Strip ``model`` and return each formerly wrapped layer's weight in its GEMM layout ``[out, in, *k]`` (what
+    :func:`thrifty.ops.nm.is_nm` / ``is_transposable`` read, channels last for a convolution)."""
     ops = {n: model.get_submodule(n).op for n in _gemm_names(model)}
     plain = th.strip(model)
-    return {n: as_matrix(op.gemm_weight(plain.get_submodule(n).weight.detach())) for n, op in ops.items()}
+    return {n: op.gemm_weight(plain.get_submodule(n).weight.detach()) for n, op in ops.items()}
 
 
 def cell_nm_adaprune(arch: Arch, calib: Any, test: Any) -> str:
@@ -297,8 +290,8 @@ def cell_nm_adaprune(arch: Arch, calib: Any, test: Any) -> str:
     th.sparse.adaprune(model, th.NM(2, 4), calib, steps=50)
     e_ada = _rel(_forward(model, test), y0)
     wrapped = _gemm_names(mag)
-    for n, w2 in _plain_matrices(model).items():
-        if not _nm_ok(w2, 2, 4):
+    for n, w in _plain_weights(model).items():
+        if not is_nm(w, 2, 4):
             raise CellFail(f"{n} is not 2:4")
     if not e_ada <= e_mag * 1.0001:
         raise CellFail(f"AdaPrune {e_ada:.3g} > magnitude {e_mag:.3g}")
@@ -311,8 +304,8 @@ def cell_t48(arch: Arch, calib: Any, test: Any) -> str:
     th.sparse.sparsify(model, th.NM(4, 8, transposable=True))
     names = _gemm_names(model)
     err = _rel(_forward(model, test), y0)
-    for n, w2 in _plain_matrices(model).items():
-        if w2.shape[0] % 8 == 0 and w2.shape[1] % 8 == 0 and not (_nm_ok(w2, 4, 8) and _nm_ok(w2, 4, 8, dim=0)):
+    for n, w in _plain_weights(model).items():
+        if not is_transposable(w, 4, 8):
             raise CellFail(f"{n} is not transposable 4:8")
     return f"{len(names)} layers, rel. error {err:.3f}"
 
