@@ -243,14 +243,15 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
         + [{m: (c if m != n else "fp32") for m in layers} for n, c in back]
     graphs = deploy_graphs(model, picks, calib, example, input_names)
     ms = time_graphs(graphs, feed, threads, rounds)
+    nbytes = [weight_bytes(g) for g in graphs]  # each graph parsed once
     # a candidate a layer does not accept (W4 weight-only on a Conv, say) is left out of that layer's entries
     lat: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}
     size: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}
     for i, (n, c) in enumerate(variants, start=1):
         lat[n][c] = ms[i] - ms[0]
-        size[n][c] = float(weight_bytes(graphs[i]) - weight_bytes(graphs[0]))
-    table = CostTable(key, layers, cands, ms[0], weight_bytes(graphs[0]), lat, size, None if not ref else dict(reference))
-    table.measured = [({n: c for n, c in p.items() if c != "fp32"}, t, weight_bytes(g)) for p, t, g in zip(picks, ms, graphs)]
+        size[n][c] = float(nbytes[i] - nbytes[0])
+    table = CostTable(key, layers, cands, ms[0], nbytes[0], lat, size, None if not ref else dict(reference))
+    table.measured = [({n: c for n, c in p.items() if c != "fp32"}, t, b) for p, t, b in zip(picks, ms, nbytes)]
     alone = {c: table.predict({n: c for n in layers})[0] for c in others}  # one-sided, from the FP32 graph
     top = {c: ms[1 + len(variants) + j] for j, c in enumerate(others)}
     for j, (n, c) in enumerate(back):
@@ -260,7 +261,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
         i = 1 + len(variants) + j
         pred_ms, pred_b = table.predict({n: c for n in layers})
         table.additivity[f"all {c}"] = {"predicted_ms": pred_ms, "measured_ms": ms[i], "predicted_bytes": pred_b,
-                                        "measured_bytes": float(weight_bytes(graphs[i])),
+                                        "measured_bytes": float(nbytes[i]),
                                         "latency_rel_error": (pred_ms - ms[i]) / ms[i],
                                         "one_sided_predicted_ms": alone[c],
                                         "one_sided_rel_error": (alone[c] - ms[i]) / ms[i]}
