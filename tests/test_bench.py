@@ -253,8 +253,16 @@ def test_onnx_int8_export_roundtrip(tmp_path, symmetric):
     np.testing.assert_array_equal(inits["fc.w_scale"], fc_scale)  # the PTQ quantizer's own parameters
     assert inits["fc.wq"].dtype == np.int8  # unsigned codes are stored shifted by 128 (u8s8 kernels)
     assert float(inits["conv2.x_scale"]) == pytest.approx(float(q.conv2.slots.input.scale))
+    # the unsigned container holds the same dequantized weights, every code and zero point shifted by 128
+    p2 = export_onnx(q, (x[:2],), tmp_path / "q2.onnx", input_names=["x"], signed_weights=False)
+    inits2 = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(p2)).graph.initializer}
+    for layer in layers:
+        assert inits2[f"{layer}.wq"].dtype == np.uint8
+        np.testing.assert_array_equal(inits2[f"{layer}.wq"].astype(np.int16) - 128, inits[f"{layer}.wq"])
+        np.testing.assert_array_equal(inits2[f"{layer}.w_zp"].astype(np.int16) - 128, inits[f"{layer}.w_zp"])
     sim = TorchBackend(q)((x.numpy(),))
-    ort = OrtBackend(path, threads=1)((x.numpy(),))
+    # u8u8 kernels widen to 16 bits before multiplying: exact integer products on every x86 CPU
+    ort = OrtBackend(p2, threads=1)((x.numpy(),))
     # same integer grids: only float rounding and rare tie flips differ. Upstream flips move the pooled fc input
     # by far less than its step, so each fc input code is off by at most one step: |W_fc| * step, plus rounding.
     w_fc = (inits["fc.wq"].astype(np.float64) - inits["fc.w_zp"].reshape(-1, 1)) * inits["fc.w_scale"].reshape(-1, 1)
@@ -262,20 +270,14 @@ def test_onnx_int8_export_roundtrip(tmp_path, symmetric):
     assert_within(torch.as_tensor(ort), torch.as_tensor(sim),
                   torch.as_tensor(flip) + forward_bound(m, torch.as_tensor(sim)), "ORT int8 vs simulated")
     assert (ort.argmax(1) == sim.argmax(1)).mean() >= 0.95
-    ops = optimized_op_counts(path)
-    assert ops.get("QLinearConv", 0) + ops.get("ConvInteger", 0) >= 1, ops  # int8 kernels, not fp32 convs
-    # the unsigned container holds the same dequantized weights: identical outputs
-    p2 = export_onnx(q, (x[:2],), tmp_path / "q2.onnx", input_names=["x"], signed_weights=False)
-    inits2 = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(p2)).graph.initializer}
-    assert inits2["fc.wq"].dtype == (np.int8 if symmetric else np.uint8)
-    if not symmetric:
-        np.testing.assert_array_equal(inits2["fc.wq"].astype(np.int16) - 128, inits["fc.wq"])
-        np.testing.assert_array_equal(inits2["fc.w_zp"].astype(np.int16) - 128, inits["fc.w_zp"])
+    for f in (path, p2):
+        ops = optimized_op_counts(f)
+        assert ops.get("QLinearConv", 0) + ops.get("ConvInteger", 0) >= 1, ops  # int8 kernels, not fp32 convs
     from thrifty.bench.export import cpu_has_vnni
 
     if cpu_has_vnni():  # (without VNNI, ONNX Runtime's u8s8 kernels may saturate 16-bit pair sums)
         # exact integer products of the same codes, then the same float requantization: bit-identical
-        np.testing.assert_array_equal(OrtBackend(p2, threads=1)((x.numpy(),)), ort)
+        np.testing.assert_array_equal(OrtBackend(path, threads=1)((x.numpy(),)), ort)
     fp = OrtBackend(export_onnx(m, (x[:2],), tmp_path / "fp.onnx"), threads=1)((x.numpy(),))
     ref = TorchBackend(m)((x.numpy(),))  # the same network in another runtime: its roundings, bounded
     assert_within(torch.as_tensor(fp), torch.as_tensor(ref), forward_bound(m, torch.as_tensor(ref)), "ORT FP32")

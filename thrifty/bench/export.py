@@ -181,10 +181,12 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     set). With it, residual Adds after quantized Convs become integer too (:mod:`thrifty.bench.int8_graph`:
     the few output quantizers this needs are calibrated like the PTQ's activation quantizers); without it
     those Convs run in float on dequantized tensors (exactly the simulated PTQ model).
-    ``signed_weights``: store asymmetric (unsigned) weight codes as int8 shifted by ``2^(b-1)``, zero points
-    shifted alike: the same dequantized weights, but ONNX Runtime then runs its u8s8 kernels, ~1.5x faster than
-    u8u8 on an AVX-512 VNNI CPU. None = only when this CPU has VNNI (without it, ONNX Runtime's u8s8 kernels use
-    VPMADDUBSW, whose 16-bit pair sums can saturate).
+    ``signed_weights``: the weight codes' container. True: int8 (asymmetric codes shifted by ``2^(b-1)``, zero
+    points alike), so ONNX Runtime runs its u8s8 kernels, ~1.5x faster than u8u8 on an AVX-512 VNNI CPU. False:
+    uint8 (symmetric codes shifted by ``2^(b-1)``, zero point ``2^(b-1)``), so it runs u8u8 kernels, which widen
+    to 16 bits before multiplying and are exact on every x86 CPU. Either way the dequantized weights are the same.
+    None = True only when this CPU has VNNI: without it, ONNX Runtime's u8s8 kernels use VPMADDUBSW, whose 16-bit
+    sums of two u8 x s8 products saturate (255 * 127 * 2 > 32767), so outputs drift from the simulated model.
     ``int_bias``: store the bias of a layer with quantized input and weight as int32 codes on the accumulator's
     grid (scale ``s_x * s_w``) behind a DequantizeLinear, so ONNX Runtime fuses it even when its output stays
     float (the classifier head becomes QGemm); this moves each output by at most ``s_x * s_w / 2``.
@@ -302,9 +304,11 @@ def _insert_qdq(proto, layers: list[LayerQuant], signed_weights: bool = True) ->
                     node.output[0] = bn.output[0]  # the Conv now produces what the BN produced
                     removed.add(id(bn))
         qdtype = np.int8 if lq.w_signed else np.uint8
+        shift = 1 << (lq.w_bits - 1)
         if signed_weights and not lq.w_signed:  # same values, signed container: u8s8 kernels
-            shift = 1 << (lq.w_bits - 1)
             codes, zp, qdtype = codes - shift, zp - shift, np.int8
+        elif not signed_weights and lq.w_signed:  # same values, unsigned container: u8u8 kernels, exact on any CPU
+            codes, zp, qdtype = codes + shift, zp + shift, np.uint8
         gcodes = codes.T if layout == "matmul" else codes
         axis = 1 if layout == "matmul" else 0
         wq_name, ws_name, wz_name, wdq = f"{tag}.wq", f"{tag}.w_scale", f"{tag}.w_zp", f"{tag}.w_dq"
