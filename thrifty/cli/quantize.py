@@ -64,7 +64,7 @@ def build_configs(args: argparse.Namespace) -> dict:
     synth = None
     if args.data_free:
         synth = config_from_args(args, "synth", base=Synth(method=args.data_free, seed=ptq.seed))
-        if synth.method == "gaussian" and synth.steps != Synth().steps:
+        if synth.method == "gaussian" and synth.optim.steps != Synth().optim.steps:
             raise ValueError(f"--synth-steps applies to --data-free bns or inception only (got --data-free "
                              f"{synth.method}); it would be ignored")
     elif changed_flags(args, "synth"):

@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import InitVar, dataclass
 from typing import ClassVar, Optional, Sequence
 
@@ -23,7 +22,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from thrifty.core.compat import config_first, dropped_progress, progress_of, upgrade_drop_progress
-from thrifty.core.config import Config, register_config
+from thrifty.core.config import Config, nest_moved, register_config
+from thrifty.core.optim import OptimConfig
 from thrifty.utils import show_progress
 from thrifty.merge.arch import MLPArch, ViTArch, arch_for, check_models, task_slices
 from thrifty.merge.data import augment_tasks, num_threads, task_inputs
@@ -76,10 +76,8 @@ class DistillMerge(Config):
 
     Args:
         init: the student: "first" (model 0 with all task heads) or "random" (a fresh model of the same width).
-        steps: optimisation steps.
-        lr: peak AdamW learning rate (cosine decay).
-        weight_decay: AdamW weight decay.
-        batch_size: samples per step.
+        optim: AdamW with a cosine decay: ``steps``, peak ``lr``, ``batch_size`` samples per step (split over
+            the tasks), ``weight_decay``.
         temperature: softens the teachers' and student's logits.
         augment: augmented copies per sample (as FS-Merge).
         noise: std of the Gaussian noise, relative to the data's.
@@ -90,10 +88,7 @@ class DistillMerge(Config):
     """
 
     init: str = "first"
-    steps: int = 300
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 64
+    optim: OptimConfig = OptimConfig(steps=300, lr=1e-3, batch_size=64, weight_decay=0.0)
     temperature: float = 2.0
     augment: int = 4
     noise: float = 0.05
@@ -104,14 +99,19 @@ class DistillMerge(Config):
     # version 1 held ``progress``; bars follow thrifty.utils.show_progress now
     progress: InitVar[Optional[bool]] = None
 
-    version: ClassVar[int] = 2
-    upgrade = classmethod(upgrade_drop_progress)
+    # version 3 moved steps, lr, weight_decay and batch_size into ``optim``
+    version: ClassVar[int] = 3
+    moved_fields: ClassVar[dict[str, str]] = {k: "optim." + k for k in ("steps", "lr", "weight_decay", "batch_size")}
+
+    @classmethod
+    def upgrade(cls, d: dict, from_version: int) -> dict:
+        return nest_moved(cls, upgrade_drop_progress(cls, d, from_version))
 
     def __post_init__(self, progress: Optional[bool]) -> None:
         dropped_progress(self, progress)
         if self.init not in ("first", "random"):
             raise ValueError(f"DistillMerge.init must be 'first' or 'random', got {self.init!r}")
-        if self.steps < 0 or self.lr <= 0 or self.temperature <= 0 or self.batch_size < 1 or self.augment < 0:
+        if not isinstance(self.optim, OptimConfig) or self.temperature <= 0 or self.augment < 0:
             raise ValueError(f"DistillMerge: invalid settings {self}")
 
 
@@ -313,14 +313,14 @@ def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge, pro
     slices = student.task_slices
     for p in student.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    per = max(1, cfg.batch_size // len(models))
+    per = max(1, cfg.optim.batch_size // len(models))
     t = cfg.temperature
     student.train()
-    for step in tqdm(range(cfg.steps), desc="distill", disable=not progress, leave=False):
+    for step in tqdm(range(cfg.optim.steps), desc="distill", disable=not progress, leave=False):
         for grp in opt.param_groups:
-            grp["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1)))
+            grp["lr"] = cfg.optim.cosine_lr(step, cfg.optim.steps)
         idx = [torch.randint(len(x), (min(per, len(x)),), generator=g) for x in pool]
         out = student(torch.cat([x[ix] for x, ix in zip(pool, idx)]))
         loss, s = 0.0, 0

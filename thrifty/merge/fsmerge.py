@@ -17,13 +17,12 @@ Example:
     >>> from thrifty.models import create
     >>> a = create("mlp", in_features=8, hidden=(16,), num_classes=3).eval()
     >>> b = create("mlp", in_features=8, hidden=(16,), num_classes=2).eval()
-    >>> merged = fs_merge([a, b], FSMerge(steps=5), [torch.randn(20, 8), torch.randn(20, 8)], progress=False)
+    >>> merged = fs_merge([a, b], FSMerge(optim={"steps": 5}), [torch.randn(20, 8), torch.randn(20, 8)], progress=False)
     >>> merged(torch.randn(4, 8)).shape, merged.task_slices
     (torch.Size([4, 5]), [(0, 3), (3, 5)])
 """
 from __future__ import annotations
 
-import math
 from dataclasses import InitVar, dataclass
 from typing import ClassVar, Optional, Sequence
 
@@ -34,7 +33,8 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from thrifty.core.compat import config_first, dropped_progress, progress_of, upgrade_drop_progress
-from thrifty.core.config import Config, register_config
+from thrifty.core.config import Config, nest_moved, register_config
+from thrifty.core.optim import OptimConfig
 from thrifty.merge.arch import Arch, arch_for, check_models, task_slices
 from thrifty.merge.maps import INITS, PARAMS, MergePoint, rect_eye
 from thrifty.merge.matching import perm_matrix
@@ -58,10 +58,8 @@ class FSMerge(Config):
         init: "first" (model 1), "average" (weight averaging) or "permute" (activation matching, then averaging).
         mode: "global" (all maps end to end) or "local" (one layer at a time).
         width_mult: merged width relative to the originals'.
-        steps: total optimisation steps (split over the layers for local mode).
-        lr: peak AdamW learning rate (cosine decay).
-        weight_decay: AdamW weight decay.
-        batch_size: samples per step.
+        optim: AdamW with a cosine decay: ``steps`` in all (split over the layers for local mode), peak ``lr``,
+            ``batch_size`` samples per step (split over the tasks), ``weight_decay``.
         augment: augmented copies per sample (shifts for images, mixup within a task, Gaussian noise).
         noise: std of the Gaussian noise, relative to the data's.
         mixup: largest mixup weight within a task (<= 0.5).
@@ -77,10 +75,7 @@ class FSMerge(Config):
     init: str = "average"
     mode: str = "global"
     width_mult: float = 1.0
-    steps: int = 300
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    batch_size: int = 64
+    optim: OptimConfig = OptimConfig(steps=300, lr=1e-2, batch_size=64, weight_decay=0.0)
     augment: int = 4
     noise: float = 0.05
     mixup: float = 0.3
@@ -92,14 +87,18 @@ class FSMerge(Config):
     # version 1 held ``progress``; bars follow thrifty.utils.show_progress now
     progress: InitVar[Optional[bool]] = None
 
-    version: ClassVar[int] = 2
-    upgrade = classmethod(upgrade_drop_progress)
+    # version 3 moved steps, lr, weight_decay and batch_size into ``optim``
+    version: ClassVar[int] = 3
+    moved_fields: ClassVar[dict[str, str]] = {k: "optim." + k for k in ("steps", "lr", "weight_decay", "batch_size")}
+
+    @classmethod
+    def upgrade(cls, d: dict, from_version: int) -> dict:
+        return nest_moved(cls, upgrade_drop_progress(cls, d, from_version))
 
     def __post_init__(self, progress: Optional[bool]) -> None:
         dropped_progress(self, progress)
         checks = {"param": self.param in PARAMS, "init": self.init in INITS, "mode": self.mode in ("local", "global"),
-                  "rank": self.rank >= 1, "width_mult": self.width_mult > 0, "steps": self.steps >= 0,
-                  "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "batch_size": self.batch_size >= 1,
+                  "rank": self.rank >= 1, "width_mult": self.width_mult > 0, "optim": isinstance(self.optim, OptimConfig),
                   "augment": self.augment >= 0, "noise": self.noise >= 0, "mixup": 0 <= self.mixup <= 0.5,
                   "shift": self.shift >= 0, "logit_weight": self.logit_weight >= 0, "tol": self.tol >= 0}
         for name, ok in checks.items():
@@ -212,9 +211,9 @@ def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge, *, progress: boo
     else:
         stages = [(names, tap) for names, tap in net.arch.stages()]
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    per_task = max(1, cfg.batch_size // k)
+    per_task = max(1, cfg.optim.batch_size // k)
     history: list[float] = []
-    stage_steps = cfg.steps if cfg.mode == "global" else max(1, cfg.steps // len(stages))
+    stage_steps = cfg.optim.steps if cfg.mode == "global" else max(1, cfg.optim.steps // len(stages))
     total = stage_steps * len(stages)
     bar = tqdm(total=total, desc=f"fs-merge ({cfg.mode})", disable=not show_progress(progress_of(cfg, progress)),
                leave=False)
@@ -229,9 +228,9 @@ def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge, *, progress: boo
             use_taps = list(range(n_taps)) if tap is None else ([tap] if tap >= 0 else [])
             use_logits = tap is None or tap == -1 or (last and tap == n_taps - 1)
             stop = None if use_logits else max(use_taps)
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
             for step in range(stage_steps):
-                lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / stage_steps))
+                lr = cfg.optim.cosine_lr(step, stage_steps)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 idx = [torch.randint(len(data.x[i]), (min(per_task, len(data.x[i])),), generator=gen) for i in range(k)]
