@@ -98,11 +98,16 @@ def _candidates(tp, default):
 KEEP = {"Synth": {"method"}}
 
 
-def _varied(cls):
-    """A valid config with as many fields away from their defaults as validation allows (one at a time)."""
-    cfg, hints = cls(), typing.get_type_hints(cls)
+def _varied(cls, cfg=None):
+    """A valid config with as many fields away from their defaults as validation allows (one at a time); a nested
+    config (``optim``) is varied field by field too, from the outer config's default for it."""
+    cfg, hints = cfg if cfg is not None else cls(), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in KEEP.get(cls.__name__, ()):
+            continue
+        inner = getattr(cfg, f.name)
+        if isinstance(inner, Config):
+            cfg = dataclasses.replace(cfg, **{f.name: _varied(type(inner), inner)})
             continue
         for v in _candidates(hints[f.name], getattr(cfg, f.name)):
             try:
