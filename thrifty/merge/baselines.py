@@ -13,20 +13,20 @@ Example:
 from __future__ import annotations
 
 import copy
-from dataclasses import InitVar, dataclass
-from typing import ClassVar, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from thrifty.core.compat import config_first, dropped_progress, progress_of, upgrade_drop_progress
-from thrifty.core.config import Config, nest_moved, register_config
+from thrifty.core.compat import config_first, progress_of
+from thrifty.core.config import Config, register_config
 from thrifty.core.optim import OptimConfig
 from thrifty.utils import show_progress
 from thrifty.merge.arch import MLPArch, ViTArch, arch_for, check_models, task_slices
-from thrifty.merge.data import augment_tasks, num_threads, task_inputs
+from thrifty.merge.data import TrainedMerge, num_threads, task_inputs
 from thrifty.merge.fsmerge import SuperNet
 from thrifty.merge.maps import MergePoint
 from thrifty.merge.matching import (
@@ -70,49 +70,28 @@ class ZipMerge(Config):
 
 @register_config
 @dataclass(frozen=True)
-class DistillMerge(Config):
+class DistillMerge(TrainedMerge):
     """Knowledge distillation of K teachers into one student (init "first": model 0 + all heads) on the
-    same unlabeled samples and augmentation as FS-Merge; KL at ``temperature`` on each task's logits.
+    same unlabeled samples and augmentation as FS-Merge; KL at ``temperature`` on each task's logits. The
+    optimisation, augmentation, threads and seed fields are :class:`thrifty.merge.data.TrainedMerge`'s
+    (keyword-only).
 
     Args:
         init: the student: "first" (model 0 with all task heads) or "random" (a fresh model of the same width).
-        optim: AdamW with a cosine decay: ``steps``, peak ``lr``, ``batch_size`` samples per step (split over
-            the tasks), ``weight_decay``.
         temperature: softens the teachers' and student's logits.
-        augment: augmented copies per sample (as FS-Merge).
-        noise: std of the Gaussian noise, relative to the data's.
-        mixup: largest mixup weight within a task (<= 0.5).
-        shift: largest random shift of image inputs, in pixels.
-        threads: torch threads while merging (<= 0 leaves torch's setting).
         seed: seeds the augmentation, the batches and a "random" student.
     """
 
     init: str = "first"
-    optim: OptimConfig = OptimConfig(steps=300, lr=1e-3, batch_size=64, weight_decay=0.0)
     temperature: float = 2.0
-    augment: int = 4
-    noise: float = 0.05
-    mixup: float = 0.3
-    shift: int = 2
-    threads: int = 1
-    seed: int = 0
-    # version 1 held ``progress``; bars follow thrifty.utils.show_progress now
-    progress: InitVar[Optional[bool]] = None
-
-    # version 3 moved steps, lr, weight_decay and batch_size into ``optim``
-    version: ClassVar[int] = 3
-    moved_fields: ClassVar[dict[str, str]] = {k: "optim." + k for k in ("steps", "lr", "weight_decay", "batch_size")}
-
-    @classmethod
-    def upgrade(cls, d: dict, from_version: int) -> dict:
-        return nest_moved(cls, upgrade_drop_progress(cls, d, from_version))
+    optim: OptimConfig = field(default=OptimConfig(steps=300, lr=1e-3, batch_size=64, weight_decay=0.0), kw_only=True)
 
     def __post_init__(self, progress: Optional[bool]) -> None:
-        dropped_progress(self, progress)
+        super().__post_init__(progress)
         if self.init not in ("first", "random"):
             raise ValueError(f"DistillMerge.init must be 'first' or 'random', got {self.init!r}")
-        if not isinstance(self.optim, OptimConfig) or self.temperature <= 0 or self.augment < 0:
-            raise ValueError(f"DistillMerge: invalid settings {self}")
+        if self.temperature <= 0:
+            raise ValueError(f"DistillMerge.temperature must be > 0, got {self.temperature!r}")
 
 
 def concat_heads(model: nn.Module, models: Sequence[nn.Module]) -> nn.Module:
@@ -299,7 +278,7 @@ def _distill_alias(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerg
 
 def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge, progress: bool) -> nn.Module:
     xs = task_inputs(models, data)
-    pool = augment_tasks(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed).x
+    pool = cfg.augmented(xs).x
     teachers = [copy.deepcopy(m).eval() for m in models]
     with torch.no_grad():
         targets = [torch.cat([teachers[i](x[s:s + 256]) for s in range(0, len(x), 256)]) for i, x in enumerate(pool)]

@@ -23,8 +23,8 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass
-from typing import ClassVar, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,25 +32,26 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from thrifty.core.compat import config_first, dropped_progress, progress_of, upgrade_drop_progress
-from thrifty.core.config import Config, nest_moved, register_config
+from thrifty.core.compat import config_first, progress_of
+from thrifty.core.config import register_config
 from thrifty.core.optim import OptimConfig
 from thrifty.merge.arch import Arch, arch_for, check_models, task_slices
 from thrifty.merge.maps import INITS, PARAMS, MergePoint, rect_eye
 from thrifty.merge.matching import perm_matrix
 from thrifty.utils import show_progress
-from thrifty.merge.data import TaskData, augment_tasks, num_threads, task_inputs
+from thrifty.merge.data import TaskData, TrainedMerge, num_threads, task_inputs
 
 __all__ = ["FSMerge", "SuperNet", "fs_merge", "train_supernet"]
 
 
 @register_config
 @dataclass(frozen=True)
-class FSMerge(Config):
+class FSMerge(TrainedMerge):
     """FS-Merge recipe. ``init``: "first" (model 1), "average" (weight averaging) or "permute" (activation
-    matching to model 1, then averaging). ``steps`` is the total budget (split evenly over the layers for "local");
-    ``augment`` augmented copies per sample (shifts for images, mixup within a task, Gaussian noise);
-    ``width_mult`` scales the merged model's widths relative to the originals'.
+    matching to model 1, then averaging). ``optim.steps`` is the total budget (split evenly over the layers for
+    "local"); ``augment`` augmented copies per sample (shifts for images, mixup within a task, Gaussian noise);
+    ``width_mult`` scales the merged model's widths relative to the originals'. The optimisation, augmentation,
+    threads and seed fields are :class:`thrifty.merge.data.TrainedMerge`'s (keyword-only).
 
     Args:
         param: parametrisation of each map: "diagonal", "lowrank", "diag_lowrank" or "full".
@@ -60,14 +61,10 @@ class FSMerge(Config):
         width_mult: merged width relative to the originals'.
         optim: AdamW with a cosine decay: ``steps`` in all (split over the layers for local mode), peak ``lr``,
             ``batch_size`` samples per step (split over the tasks), ``weight_decay``.
-        augment: augmented copies per sample (shifts for images, mixup within a task, Gaussian noise).
-        noise: std of the Gaussian noise, relative to the data's.
-        mixup: largest mixup weight within a task (<= 0.5).
-        shift: largest random shift of image inputs, in pixels.
         logit_weight: weight of the logit-matching term of the loss.
         tol: stop once the loss falls below this.
         threads: torch threads while merging (the matrices are tiny; <= 0 leaves torch's setting).
-        seed: seeds the maps' initialisation and the batches.
+        seed: seeds the maps' initialisation, the augmentation and the batches.
     """
 
     param: str = "diag_lowrank"
@@ -75,32 +72,15 @@ class FSMerge(Config):
     init: str = "average"
     mode: str = "global"
     width_mult: float = 1.0
-    optim: OptimConfig = OptimConfig(steps=300, lr=1e-2, batch_size=64, weight_decay=0.0)
-    augment: int = 4
-    noise: float = 0.05
-    mixup: float = 0.3
-    shift: int = 2
     logit_weight: float = 1.0
     tol: float = 1e-10
-    threads: int = 1
-    seed: int = 0
-    # version 1 held ``progress``; bars follow thrifty.utils.show_progress now
-    progress: InitVar[Optional[bool]] = None
-
-    # version 3 moved steps, lr, weight_decay and batch_size into ``optim``
-    version: ClassVar[int] = 3
-    moved_fields: ClassVar[dict[str, str]] = {k: "optim." + k for k in ("steps", "lr", "weight_decay", "batch_size")}
-
-    @classmethod
-    def upgrade(cls, d: dict, from_version: int) -> dict:
-        return nest_moved(cls, upgrade_drop_progress(cls, d, from_version))
+    optim: OptimConfig = field(default=OptimConfig(steps=300, lr=1e-2, batch_size=64, weight_decay=0.0), kw_only=True)
 
     def __post_init__(self, progress: Optional[bool]) -> None:
-        dropped_progress(self, progress)
+        super().__post_init__(progress)
         checks = {"param": self.param in PARAMS, "init": self.init in INITS, "mode": self.mode in ("local", "global"),
-                  "rank": self.rank >= 1, "width_mult": self.width_mult > 0, "optim": isinstance(self.optim, OptimConfig),
-                  "augment": self.augment >= 0, "noise": self.noise >= 0, "mixup": 0 <= self.mixup <= 0.5,
-                  "shift": self.shift >= 0, "logit_weight": self.logit_weight >= 0, "tol": self.tol >= 0}
+                  "rank": self.rank >= 1, "width_mult": self.width_mult > 0, "logit_weight": self.logit_weight >= 0,
+                  "tol": self.tol >= 0}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"FSMerge.{name}: invalid value {getattr(self, name)!r}")
@@ -282,6 +262,6 @@ def fs_merge(models: Sequence[nn.Module], config: FSMerge | None = None, data: S
 
             perms = match_permutations(models, torch.cat(xs), "activation")
         net = SuperNet(models, cfg, perms=perms)
-        pool = augment_tasks(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed)
+        pool = cfg.augmented(xs)
         train_supernet(net, pool, cfg, progress=progress)
         return net.fold()
