@@ -156,7 +156,7 @@ def test_cli_batch_aug_on_signals(tmp_path):
     from thrifty.cli import main
 
     out = tmp_path / "r"
-    assert main(["train", "--model", "mlp", "--dataset", "mnist1d", "--steps", "2", "--batch-size", "8",
+    assert main(["train", "--model", "mlp", "--dataset", "mnist1d", "--optim.steps", "2", "--optim.batch-size", "8",
                  "--regime", "batch-aug:2", "--out", str(out)]) == 0
     assert (out / "model.safetensors").exists()
     assert json.loads((out / "history.json").read_text())["records"][-1]["step"] == 2

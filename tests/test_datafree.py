@@ -264,7 +264,7 @@ def test_cli_quantize_data_free(tmp_path, capsys):
     save_model(m, tmp_path / "fp", meta)
     out = tmp_path / "q"
     rc = main(["quantize", "--model", str(tmp_path / "fp"), "--w-bits", "4", "--pipeline", "rtn", "--calib-per-class", "2",
-               "--data-free", "bns", "--synth-steps", "3", "--distill-steps", "2", "--out", str(out)])
+               "--data-free", "bns", "--synth-optim.steps", "3", "--distill-steps", "2", "--out", str(out)])
     assert rc == 0 and "quantized" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file()
     report = json.loads((out / "report.json").read_text())

@@ -169,7 +169,7 @@ def test_cli_regime_and_eval_sizes(tmp_path, capsys):
     from thrifty.cli import main
 
     out = tmp_path / "r"
-    assert main(["train", "--model", "resnet20", "--dataset", "digits32", "--steps", "2", "--batch-size", "8",
+    assert main(["train", "--model", "resnet20", "--dataset", "digits32", "--optim.steps", "2", "--optim.batch-size", "8",
                  "--model-arg", "width=4", "--regime", "batch-aug:2", "--out", str(out)]) == 0
     assert main(["eval", str(out / "model"), "--sizes", "16,24", "--calibrate-bn", "--calib-batches", "2"]) == 0
     rows = json.loads((out / "eval" / "eval.json").read_text())["rows"]
