@@ -54,7 +54,8 @@ class Config:
     def upgrade(cls, d: dict[str, Any], from_version: int) -> dict[str, Any]:
         """Turn the fields ``d`` of a ``from_version`` file (older than ``cls.version``) into current fields.
 
-        The default knows no older version: a class that bumps ``version`` overrides this.
+        The default puts the flat keys of ``moved_fields`` into their nested configs (:func:`nest_moved`) and
+        knows no other change: a class that changes its fields otherwise overrides this.
 
         Example:
             >>> @register_config
@@ -68,6 +69,8 @@ class Config:
             >>> from_dict({"kind": "Rate", "version": 1, "percent": 25})
             Rate(rate=0.25)
         """
+        if cls.moved_fields:
+            return nest_moved(cls, d)
         raise ValueError(f"{cls.__name__}: config version {from_version} is older than this thrifty's "
                          f"({cls.version}) and {cls.__name__} defines no upgrade from it")
 

@@ -36,8 +36,7 @@ from tqdm.auto import tqdm
 
 from thrifty.quant.calib import model_output
 from thrifty.core import (
-    Config, OptimConfig, config_first, nest_moved, old_order_warning, register_config, register_pipeline,
-    with_overrides,
+    Config, OptimConfig, config_first, old_order_warning, register_config, register_pipeline, with_overrides,
 )
 from thrifty.utils import show_progress
 
@@ -90,10 +89,6 @@ class Synth(Config):
     # version 2 moved steps, lr and batch_size into ``optim``
     version: ClassVar[int] = 2
     moved_fields: ClassVar[dict[str, str]] = {k: "optim." + k for k in ("steps", "lr", "batch_size")}
-
-    @classmethod
-    def upgrade(cls, d: dict, from_version: int) -> dict:
-        return nest_moved(cls, d)
 
     def __post_init__(self) -> None:
         if self.method not in ("bns", "gaussian", "inception"):

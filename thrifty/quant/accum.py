@@ -285,7 +285,7 @@ def finetune_accumulators(model: nn.Module, cfg: AccumConfig, train_ds: Any, tes
         >>> from thrifty.train import TrainConfig
         >>> model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> ds = TensorDataset(torch.randn(64, 16), torch.randint(0, 2, (64,)))
-        >>> r = finetune_accumulators(model, AccumConfig(4, 7), ds, ds, TrainConfig(steps=4, batch_size=16))
+        >>> r = finetune_accumulators(model, AccumConfig(4, 7), ds, ds, TrainConfig(optim={"steps": 4, "batch_size": 16}))
         >>> r["steps"], 0 <= r["test_acc"] <= 1
         ([2, 2], True)
     """

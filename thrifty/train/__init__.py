@@ -2,7 +2,7 @@
 
 Example:
     >>> from thrifty.train import TrainConfig
-    >>> TrainConfig(epochs=2, lr=0.05).lr
+    >>> TrainConfig(epochs=2, optim={"lr": 0.05}).optim.lr
     0.05
 """
 from thrifty.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

@@ -10,7 +10,7 @@ Example (a tiny model, a few steps; ``pretrained_lm()`` is the usual call):
     >>> from thrifty.data.lm import lm_tokens, lm_windows
     >>> _ = torch.manual_seed(0)
     >>> m = create("tinyllama", hidden=32, layers=1, heads=2, intermediate=64)
-    >>> cfg = TrainConfig(steps=15, batch_size=4, lr=3e-3, optimizer="adamw", warmup=3)
+    >>> cfg = TrainConfig(optim={"steps": 15, "batch_size": 4, "lr": 3e-3}, optimizer="adamw", warmup=3)
     >>> losses = train_lm(m, cfg, lm_tokens("train"), seq_len=32, progress=False)
     >>> losses[-1] < losses[0], perplexity(m, lm_windows("test", 32, n=4)) < 256
     (True, True)

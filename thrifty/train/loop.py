@@ -33,8 +33,7 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from thrifty.core import (
-    Config, OptimConfig, config_first, from_dict, nest_moved, old_order_warning, register_config, register_pipeline,
-    to_dict,
+    Config, OptimConfig, config_first, from_dict, old_order_warning, register_config, register_pipeline, to_dict,
 )
 from thrifty.train import dist as _dist
 from thrifty.train.augment import resize
@@ -100,10 +99,6 @@ class TrainConfig(Config):
     # version 2 moved steps, batch_size, lr and weight_decay into ``optim``
     version: ClassVar[int] = 2
     moved_fields: ClassVar[dict[str, str]] = {k: "optim." + k for k in ("steps", "batch_size", "lr", "weight_decay")}
-
-    @classmethod
-    def upgrade(cls, d: dict[str, Any], from_version: int) -> dict[str, Any]:
-        return nest_moved(cls, d)
 
     def __post_init__(self) -> None:
         checks = {
