@@ -227,9 +227,9 @@ def test_config_ranges_are_checked_at_construction():
             PTQ(**bad)
     with pytest.raises(ValueError, match="1 <= N < M, got 3:2"):
         NM(3, 2)
-    with pytest.raises(ValueError, match="TrainConfig.steps"):
+    with pytest.raises(ValueError, match="TrainConfig.optim.steps"):
         TrainConfig(optim={"steps": -1})
-    with pytest.raises(ValueError, match="Synth.steps must be >= 1"):
+    with pytest.raises(ValueError, match="Synth.optim.steps must be >= 1"):
         Synth(optim={"steps": 0})
     with pytest.raises(ValueError, match="per_class must be a positive int"):
         calibration_subset(TensorDataset(torch.zeros(4, 2), torch.zeros(4).long()), per_class=-1)
@@ -285,7 +285,7 @@ def make(ckpt_every):
     x = torch.randn(96, 8)
     ds = TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long())
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    return model, ds, TrainConfig(steps=12, batch_size=16, lr=0.05, eval_every=0, ckpt_every=ckpt_every)
+    return model, ds, TrainConfig(optim={"steps": 12, "batch_size": 16, "lr": 0.05}, eval_every=0, ckpt_every=ckpt_every)
 """
 
 # one process (one interpreter start): first Ctrl-C at step 5 in ckpt dir argv[1], then a SIGKILL half-way

@@ -41,7 +41,8 @@ def test_config_file_defaults_and_flag_override(tmp_path):
     res = yaml.safe_load((out / "config.yaml").read_text())
     train = res["train"]  # the TrainConfig as thrifty.to_yaml writes it; options such as model stay flat
     assert train["kind"] == "TrainConfig" and res["model"] == "mlp"
-    assert train["lr"] == 0.01 and train["steps"] == 3 and train["batch_size"] == 16
+    optim = train["optim"]
+    assert optim["lr"] == 0.01 and optim["steps"] == 3 and optim["batch_size"] == 16
     assert train["epochs"] == th.train.recipe("mlp", "digits")[1].epochs  # effective recipe values are filled in
     # the resolved config repeats the run
     assert main(["train", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again")]) == 0

@@ -135,7 +135,7 @@ def test_empty_dataset_and_bad_config():
         fit(_mlp(), None, empty, progress=False)
     with pytest.raises(ValueError, match="empty"):
         evaluate(_mlp(), empty)
-    with pytest.raises(ValueError, match="TrainConfig.batch_size"):
+    with pytest.raises(ValueError, match="TrainConfig.optim.batch_size"):
         TrainConfig(optim={"batch_size": 0})
     with pytest.raises(ValueError, match="TrainConfig.schedule"):
         TrainConfig(schedule="linear")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from typing import Any, ClassVar, TypeVar
@@ -138,8 +139,8 @@ def _nested_keywords(cls: type) -> None:
         for k in [k for k, v in kw.items() if isinstance(v, dict) and k in _nested_fields(cls)]:
             try:
                 kw[k] = dataclasses.replace(_nested_default(cls, k), **kw[k])
-            except TypeError as e:  # an unknown key
-                raise TypeError(f"{cls.__name__}.{k}: {e}") from None
+            except (TypeError, ValueError) as e:  # an unknown key, a bad value
+                raise _nested_error(cls, k, e) from None
         init(self, *args, **kw)
 
     def __getattr__(self: Any, name: str) -> Any:
@@ -151,6 +152,15 @@ def _nested_keywords(cls: type) -> None:
     cls.__init__ = __init__  # type: ignore[method-assign]
     if moved:
         cls.__getattr__ = __getattr__  # type: ignore[attr-defined]
+
+
+def _nested_error(cls: type, name: str, e: Exception) -> Exception:
+    """A nested config's error named from the outer config: "OptimConfig.lr: ..." -> "TrainConfig.optim.lr: ..."."""
+    msg = str(e)
+    inner = re.match(r"(\w+)\.[a-z][a-z0-9_]*(?=[: ])", msg)  # "Inner.field: ..." or "Inner.field must ..."
+    if inner and inner.group(1) in CONFIGS:
+        return type(e)(f"{cls.__name__}.{name}.{msg[len(inner.group(1)) + 1:]}")
+    return type(e)(f"{cls.__name__}.{name}: {msg}")
 
 
 def _nested_fields(cls: type) -> set[str]:
@@ -327,7 +337,7 @@ def from_dict(d: dict[str, Any]) -> Config:
         except (TypeError, ValueError) as e:
             if not isinstance(v, dict):
                 raise
-            raise type(e)(f"{cls.__name__}.{k}: {e}") from None  # a nested config's error names the outer field
+            raise _nested_error(cls, k, e) from None
     return cls(**kwargs)
 
 

@@ -226,6 +226,17 @@ def _check_dataset(ds: Any, what: str) -> None:
     check_finite_data(ds, what)
 
 
+def _dotted(d: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """A config dict with its nested configs' fields as dotted keys ("optim.lr"), to name what differs."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and "kind" in v:
+            out.update(_dotted(v, f"{path}{k}."))
+        else:
+            out[path + k] = v
+    return out
+
+
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -349,7 +360,8 @@ def fit(model: nn.Module, config: TrainConfig | None = None, train_ds: Dataset |
         saved = json.loads(info["extra"].get("cfg", "{}"))
         if saved.get("kind") == "TrainConfig":  # a checkpoint of an older version: compare in today's layout
             saved = to_dict(from_dict(saved))
-        diff = sorted(k for k in set(saved) | set(cfg_dict) if k not in _RESUME_FREE and saved.get(k) != cfg_dict.get(k))
+        saved, now = _dotted(saved), _dotted(cfg_dict)
+        diff = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE and saved.get(k) != now.get(k))
         if diff:
             raise CheckpointError(f"checkpoint {ckpt} was written with a different TrainConfig (fields {diff})")
         start, hist = info["step"], History.from_dict(info["extra"].get("history", {}))
