@@ -17,6 +17,7 @@ import torch
 
 import thrifty as th
 from thrifty.bench.experiment import Experiment, table
+from thrifty.core import flat_fields
 from thrifty.datafree import Synth, bn_similarity, synthesize
 from thrifty.datafree.synth import _bn_taps, _frozen_eval, _NormalisedTaps, bns_loss
 
@@ -89,7 +90,7 @@ def science(args) -> dict:
     epoch = time.perf_counter() - t0
     ref = {"real test digits": bn_similarity(model, splits.test),
            "Gaussian noise": bn_similarity(model, torch.randn(args.n, *splits.input_shape))}
-    return {"n": args.n, "config": {k: v for k, v in vars(cfg).items()}, "threads": torch.get_num_threads(),
+    return {"n": args.n, "config": flat_fields(cfg), "threads": torch.get_num_threads(),
             "rows": rows, "step_seconds_batch256": per_step, "train_epoch_seconds": epoch,
             "bn_distance_reference": ref}
 

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 __all__ = ["Config", "register_config", "config_class", "to_dict", "from_dict", "to_yaml", "from_yaml", "CONFIGS",
-           "import_config_modules", "CONFIG_ALIASES", "nest_moved", "with_overrides"]
+           "import_config_modules", "CONFIG_ALIASES", "nest_moved", "with_overrides", "flat_fields"]
 
 CONFIGS: dict[str, type["Config"]] = {}
 # renamed config -> its current name: old YAML files still load (with a DeprecationWarning) for one release
@@ -190,6 +190,26 @@ def with_overrides(cfg: C, **changes: Any) -> C:
             inner = own.get(head, getattr(cfg, head))
             own[head] = {**inner, rest: v} if isinstance(inner, dict) else dataclasses.replace(inner, **{rest: v})
     return cfg.replace(**own) if own else cfg  # type: ignore[return-value]
+
+
+def flat_fields(cfg: Config) -> dict[str, Any]:
+    """The fields of ``cfg`` as :func:`to_dict` gives them, with the nested configs that ``moved_fields`` point into
+    spread at the top: the layout before the fields moved, which results files and cache keys keep.
+
+    Example:
+        >>> from thrifty.datafree import Synth
+        >>> d = flat_fields(Synth())
+        >>> d["steps"], d["lr"], d["upsample"], "optim" in d
+        (60, 0.4, 4, False)
+    """
+    heads = {p.split(".")[0] for p in type(cfg).moved_fields.values()}
+    out: dict[str, Any] = {}
+    for k, v in to_dict(cfg).items():
+        if k in heads and isinstance(v, dict):
+            out.update({f: x for f, x in v.items() if f not in ("kind", "version")})
+        elif k not in ("kind", "version"):
+            out[k] = v
+    return out
 
 
 def nest_moved(cls: type, d: dict[str, Any]) -> dict[str, Any]:

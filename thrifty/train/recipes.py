@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from thrifty.core import OptimConfig, to_dict, with_overrides
+from thrifty.core import OptimConfig, flat_fields, to_dict, with_overrides
 from thrifty.train.io import load_model, model_kwargs_for, model_paths, save_model
 from thrifty.train.loop import TrainConfig, evaluate, fit
 from thrifty.utils import seed_everything, show_progress
@@ -93,13 +93,7 @@ def flat_train_config(cfg: TrainConfig) -> dict[str, Any]:
         >>> d["version"], d["lr"], d["epochs"], "optim" in d
         (1, 0.05, 10, False)
     """
-    out: dict[str, Any] = {}
-    for k, v in to_dict(cfg).items():
-        if k == "optim":
-            out.update({f: x for f, x in v.items() if f not in ("kind", "version")})
-        else:
-            out[k] = v
-    return {**out, "version": 1}
+    return {"kind": "TrainConfig", **flat_fields(cfg), "version": 1}
 
 
 def pretrained(model_name: str, dataset_name: str, seed: int = 0, *, return_meta: bool = False,
