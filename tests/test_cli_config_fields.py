@@ -188,7 +188,7 @@ def test_written_config_yaml_is_kind_format_and_repeats_the_run(tmp_path):
 @pytest.mark.parametrize("text, needles", [
     ("kind: Nope\n", ["c.yaml", "'kind'", "unknown config kind 'Nope'"]),
     ("kind: TrainConfig\nlearning_rate: 0.1\n", ["c.yaml", "learning_rate"]),
-    ("train: {kind: TrainConfig, optim: {lr: -1.0}}\n", ["c.yaml", "'train'", "TrainConfig.optim", "OptimConfig.lr"]),
+    ("train: {kind: TrainConfig, optim: {lr: -1.0}}\n", ["c.yaml", "'train'", "TrainConfig.optim.lr: invalid value -1.0"]),
     ("train: {kind: TrainConfig, lr: 0.1}\n", ["c.yaml", "'train'", "lr is now optim.lr"]),
     ("x: {kind: NM, n: 2, m: 4}\n", ["c.yaml", "'x'", "no NM config", "TrainConfig"]),
     ("- kind: TrainConfig\n- 3\n", ["c.yaml", "list"]),
