@@ -17,6 +17,7 @@ import torch
 
 import thrifty as th
 from thrifty.bench.experiment import Experiment, table
+from thrifty.core import flat_fields
 from thrifty.datafree import Synth, bn_similarity, synthesize
 from thrifty.datafree.synth import _bn_taps, _frozen_eval, _NormalisedTaps, bns_loss
 
@@ -63,20 +64,21 @@ def main(argv=None) -> int:
 def science(args) -> dict:
     if args.quick:
         args.steps, args.n, args.batches, args.no_old = 10, 64, "64", True
-    cfg = Synth() if args.steps is None else Synth(steps=args.steps)
+    cfg = Synth() if args.steps is None else Synth(optim={"steps": args.steps})
     splits = th.data.load_dataset("digits32")
     model = th.train.pretrained("resnet20", "digits32")
     model.eval()
-    runs = [(f"defaults ({cfg.steps} steps at 1/{cfg.upsample} resolution)", cfg.replace(batch_size=int(b)))
+    runs = [(f"defaults ({cfg.optim.steps} steps at 1/{cfg.upsample} resolution)",
+             cfg.replace(optim={"batch_size": int(b)}))
             for b in args.batches.split(",")]
     if not args.no_old:  # the first version's settings, with today's code (taps compared separately below)
         runs.append(("first version's settings (200 full-resolution steps, lr 0.2)",
-                     cfg.replace(steps=200, lr=0.2, upsample=1, batch_size=256)))
+                     cfg.replace(optim={"steps": 200, "lr": 0.2, "batch_size": 256}, upsample=1)))
     rows = []
     for label, c in runs:
         t0, c0 = time.perf_counter(), time.process_time()
         ds = synthesize(model, c, args.n, input_shape=splits.input_shape, progress=False)
-        rows.append({"settings": label, "batch_size": c.batch_size, "steps": c.steps,
+        rows.append({"settings": label, "batch_size": c.optim.batch_size, "steps": c.optim.steps,
                      "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                      "bn_distance": bn_similarity(model, ds)})
     per_step = step_seconds(model, 256, rounds=1 if args.quick else 3, steps=1 if args.quick else 2)
@@ -84,11 +86,11 @@ def science(args) -> dict:
     torch.manual_seed(0)
     m = th.models.create("resnet20", in_chans=1, num_classes=10)
     t0 = time.perf_counter()
-    th.train.fit(m, th.train.TrainConfig(epochs=1, batch_size=64), splits.train, progress=False)
+    th.train.fit(m, th.train.TrainConfig(epochs=1, optim={"batch_size": 64}), splits.train, progress=False)
     epoch = time.perf_counter() - t0
     ref = {"real test digits": bn_similarity(model, splits.test),
            "Gaussian noise": bn_similarity(model, torch.randn(args.n, *splits.input_shape))}
-    return {"n": args.n, "config": {k: v for k, v in vars(cfg).items()}, "threads": torch.get_num_threads(),
+    return {"n": args.n, "config": flat_fields(cfg), "threads": torch.get_num_threads(),
             "rows": rows, "step_seconds_batch256": per_step, "train_epoch_seconds": epoch,
             "bn_distance_reference": ref}
 

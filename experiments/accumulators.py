@@ -74,7 +74,8 @@ def digits8x8(seed: int, quick: bool, width: int = 16):
     te = TensorDataset(s.test.tensors[0].reshape(-1, 1, 8, 8), s.test.tensors[1])
     seed_everything(seed)
     model = create("resnet20", in_chans=1, num_classes=s.num_classes, width=width)
-    fit(model, TrainConfig(epochs=3 if quick else 15, batch_size=64, lr=0.1, weight_decay=5e-4, seed=seed), tr,
+    fit(model, TrainConfig(epochs=3 if quick else 15, optim={"batch_size": 64, "lr": 0.1, "weight_decay": 5e-4},
+                           seed=seed), tr,
         progress=False)
     return model.eval(), tr, te
 
@@ -100,8 +101,8 @@ def run_model(name, model, train, test, bits_list, ft_steps, opt, lr, log, chunk
         row["naive"] = evaluate(naive, test)["acc"]
         for mode in ("ste", "fine") if tune_bits is None or bits in tune_bits else ():
             tuned = copy.deepcopy(model)
-            tc = TrainConfig(steps=ft_steps, batch_size=64, lr=lr, optimizer=opt, momentum=0.9, weight_decay=0.0,
-                             schedule="cosine", seed=1)
+            tc = TrainConfig(optim={"steps": ft_steps, "batch_size": 64, "lr": lr, "weight_decay": 0.0}, optimizer=opt,
+                             momentum=0.9, schedule="cosine", seed=1)
             try:
                 out = finetune_accumulators(tuned, AccumConfig(e, m, chunk=chunk, backward=mode), train, test, tc)
                 row[f"ft_{mode}"] = out["test_acc"]

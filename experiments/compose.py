@@ -83,7 +83,7 @@ def nm_ok(model: nn.Module, n: int, m: int) -> bool:
 
 
 def train_part(splits, a) -> dict:
-    cfg = TrainConfig(steps=a.steps, batch_size=32, lr=0.1, weight_decay=5e-4, seed=0)
+    cfg = TrainConfig(optim={"steps": a.steps, "batch_size": 32, "lr": 0.1, "weight_decay": 5e-4}, seed=0)
     rows, curves, models = [], {}, {}
     for name, steps in VARIANTS.items():
         seed_everything(0)
@@ -118,14 +118,15 @@ def accum_part(model: nn.Module, splits, a) -> dict:
     eval_s = time.perf_counter() - t0
     ref = evaluate(model, test)["acc"]
     t0 = time.perf_counter()
-    ft = finetune_accumulators(m, ACC12, splits.train, test, TrainConfig(steps=a.acc_steps, batch_size=32, lr=0.01,
-                               weight_decay=5e-4, seed=1), progress=False)
+    ft_cfg = TrainConfig(optim={"steps": a.acc_steps, "batch_size": 32, "lr": 0.01, "weight_decay": 5e-4}, seed=1)
+    ft = finetune_accumulators(m, ACC12, splits.train, test, ft_cfg, progress=False)
     sec = time.perf_counter() - t0
     # control: the same extra steps without the accumulator (the fine-tune also just trains the model longer)
     ctrl = copy.deepcopy(model)
     for steps, seed in zip(ft["steps"], (1, 2)):  # the recipe's two stages: same steps, schedules and seeds
         if steps:
-            fit(ctrl, TrainConfig(steps=steps, batch_size=32, lr=0.01, weight_decay=5e-4, seed=seed), splits.train,
+            fit(ctrl, TrainConfig(optim={"steps": steps, "batch_size": 32, "lr": 0.01, "weight_decay": 5e-4},
+                                  seed=seed), splits.train,
                 progress=False)
     ctrl_acc = evaluate(ctrl, test)["acc"]
     row = {"variant": "all three + 12-bit accumulator (1+4+7, chunk 16)", "n_test": len(test),

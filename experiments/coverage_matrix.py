@@ -347,7 +347,7 @@ def cell_bns(arch: Arch, calib: Any, test: Any) -> str:
     with torch.no_grad():
         model(torch.randn((64, *arch.image_shape), generator=torch.Generator().manual_seed(2)) * 0.5 + 1.0)
     model.eval()
-    syn = th.synthesize(model, th.datafree.Synth(method="bns", steps=30), 8, input_shape=arch.image_shape)
+    syn = th.synthesize(model, th.datafree.Synth(method="bns", optim={"steps": 30}), 8, input_shape=arch.image_shape)
     x = syn.tensors[0]
 
     def bn_dist(inp: torch.Tensor) -> float:

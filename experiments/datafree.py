@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import thrifty as th  # noqa: E402
 from thrifty.bench.experiment import Experiment, fmt, table  # noqa: E402
+from thrifty.core import flat_fields  # noqa: E402
 from thrifty.datafree import Synth, bn_similarity, distill, synthesize  # noqa: E402
 
 
@@ -120,7 +121,7 @@ def science(args, exp: Experiment) -> dict:
     }
     out = {
         "quick": args.quick, "seed": args.seed, "threads": args.threads, "fp32_acc": fp_acc, "calibration_samples": n,
-        "synthesis": {**{k: v for k, v in vars(defaults).items() if k != "method"}, "steps": steps},
+        "synthesis": {**{k: v for k, v in flat_fields(defaults).items() if k != "method"}, "steps": steps},
         "synthesis_steps": steps, "synthesis_seconds": synth_seconds, "bns_256_seconds": bns256,
         "distill_steps": distill_steps, "distill_lr": args.distill_lr,
         "ptq": rows, "bn_similarity": sim, "seconds": exp.seconds(),

@@ -27,7 +27,7 @@ from thrifty.data import load_dataset
 from thrifty.sparse import NM, ActNM, GradNM, sparsify
 from thrifty.train import fit
 from thrifty.train.io import model_kwargs_for
-from thrifty.train.recipes import recipe
+from thrifty.train.recipes import flat_train_config, recipe
 from thrifty.utils import seed_everything
 
 W = ("weight",)  # dW = dY^T X only: the update GEMM, the setting of the paper (dX stays exact)
@@ -62,8 +62,8 @@ def run(model_name: str, dataset: str, cfg, seeds: list[int], variants: list[str
         **model_kw) -> dict:
     """Train every (variant, seed); runs found in ``prev`` (an earlier result, same schedule) are reused."""
     splits = load_dataset(dataset, seed=0)
-    out = {"model": model_name, "dataset": dataset, "model_kwargs": model_kw, "train": dataclasses.asdict(cfg),
-           "runs": {}}
+    train = {k: v for k, v in flat_train_config(cfg).items() if k not in ("kind", "version")}
+    out = {"model": model_name, "dataset": dataset, "model_kwargs": model_kw, "train": train, "runs": {}}
     if prev is not None and (prev["model"], prev["dataset"], prev["train"], prev.get("model_kwargs", {})) != \
             (model_name, dataset, json.loads(json.dumps(out["train"])), model_kw):
         raise SystemExit(f"--merge: {model_name}/{dataset} was run with another schedule; rerun without --merge")
@@ -218,7 +218,7 @@ def science(args, exp: Experiment) -> dict:
     _, cfg_r = recipe("resnet20", "digits32")
     _, cfg_m = recipe("mlp", "mnist1d")
     if args.quick:
-        cfg_r = dataclasses.replace(cfg_r, epochs=1, steps=8, eval_steps=4)
+        cfg_r = cfg_r.replace(epochs=1, optim={"steps": 8}, eval_steps=4)
         cfg_m = dataclasses.replace(cfg_m, epochs=3)
         jobs = [("resnet20", "digits32", cfg_r, [0], {"width": 8}), ("mlp", "mnist1d", cfg_m, [0], {})]
     else:

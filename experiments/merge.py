@@ -34,15 +34,16 @@ SPLIT3 = [(0, 1, 2), (3, 4, 5), (6, 7, 8, 9)]
 def arch_setup(arch: str, quick: bool) -> dict:
     if arch == "mlp1d":
         return dict(dataset="mnist1d", model=dict(name="mlp", in_features=40, hidden=[256, 256]),
-                    train=TrainConfig(epochs=60, lr=2e-3, optimizer="adamw", weight_decay=0.05, batch_size=128),
+                    train=TrainConfig(epochs=60, optim={"lr": 2e-3, "weight_decay": 0.05, "batch_size": 128},
+                                      optimizer="adamw"),
                     fs_steps=300)
     if arch == "mlp":
         return dict(dataset="digits", model=dict(name="mlp", in_features=64, hidden=[128, 128]),
-                    train=TrainConfig(epochs=30, lr=0.05, batch_size=64), fs_steps=120 if quick else 300)
+                    train=TrainConfig(epochs=30, optim={"lr": 0.05, "batch_size": 64}), fs_steps=120 if quick else 300)
     depth = 2 if quick else 3
     return dict(dataset="digits32", model=dict(name="vit", img_size=32, patch_size=8, dim=64, depth=depth, heads=4),
-                train=TrainConfig(epochs=15 if quick else 40, lr=1e-3, optimizer="adamw", weight_decay=0.05,
-                                  batch_size=64, warmup=20),
+                train=TrainConfig(epochs=15 if quick else 40, optim={"lr": 1e-3, "weight_decay": 0.05,
+                                                                     "batch_size": 64}, optimizer="adamw", warmup=20),
                 fs_steps=60 if quick else 300)
 
 
@@ -111,22 +112,22 @@ def run(arch: str, splits: list, quick: bool, sizes: tuple[int, ...], methods: t
             if arch.startswith("mlp") and len(models) == 2:
                 record("ZipIt-style zip", n, lambda: zip_merge(models, data=few))
         if "kd" in methods:
-            kd = DistillMerge(steps=steps, lr=1e-3, augment=aug)
+            kd = DistillMerge(optim={"steps": steps, "lr": 1e-3}, augment=aug)
             record("distillation (KD)", n, lambda: distill_merge(models, kd, few))
         for mode in ("global", "local"):
             if f"fs-{mode}" in methods:
-                cfg = FSMerge(mode=mode, steps=steps, augment=aug)
+                cfg = FSMerge(mode=mode, optim={"steps": steps}, augment=aug)
                 record(f"FS-Merge ({mode})", n, lambda cfg=cfg: fs_merge(models, cfg, few))
         if "fs-permute" in methods:
-            cfg = FSMerge(init="permute", steps=steps, augment=aug)
+            cfg = FSMerge(init="permute", optim={"steps": steps}, augment=aug)
             record("FS-Merge (global, permute init)", n, lambda cfg=cfg: fs_merge(models, cfg, few))
         for param in ("diagonal", "lowrank", "full"):
             if f"fs-{param}" in methods:
-                cfg = FSMerge(param=param, steps=steps, augment=aug)
+                cfg = FSMerge(param=param, optim={"steps": steps}, augment=aug)
                 record(f"FS-Merge (global, {param})", n, lambda cfg=cfg: fs_merge(models, cfg, few))
         for wm in (0.5, 2.0):
             if f"fs-width{wm}" in methods:
-                cfg = FSMerge(width_mult=wm, steps=steps, augment=aug)
+                cfg = FSMerge(width_mult=wm, optim={"steps": steps}, augment=aug)
                 record(f"FS-Merge (global, width x{wm})", n, lambda cfg=cfg: fs_merge(models, cfg, few))
     for r in rows:
         r["rel"] = [round(a / o, 4) for a, o in zip(r["acc"], orig)]

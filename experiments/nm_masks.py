@@ -120,7 +120,7 @@ def from_dense(dense: torch.nn.Module, cfg: NM, splits, calib, steps: int, seed:
     out["adaprune_seconds"] = time.perf_counter() - t0
     out["AdaPrune + BN re-est. (no training)"] = evaluate(ada, splits.test)["acc"]
     out["adaprune_mean_rel_mse"] = statistics.mean(r["rel_mse_after"] for r in report.values())
-    fit(ada, TrainConfig(epochs=1, batch_size=64, lr=0.01, weight_decay=5e-4, seed=seed), splits.train,
+    fit(ada, TrainConfig(epochs=1, optim={"batch_size": 64, "lr": 0.01, "weight_decay": 5e-4}, seed=seed), splits.train,
         progress=False)
     check_patterns(ada, cfg)
     out["AdaPrune + 1 epoch"] = evaluate(ada, splits.test)["acc"]
@@ -150,7 +150,7 @@ def unstructured_to_nm(dense: torch.nn.Module, splits, calib, steps: int, epochs
     thr = allabs.kthvalue(allabs.numel() // 2).values
     for _, layer in layers:
         layer.add("weight", _FixedMask(layer.weight.detach().abs() > thr))
-    fit(model, TrainConfig(epochs=epochs, batch_size=64, lr=0.01, seed=0), splits.train, progress=False)
+    fit(model, TrainConfig(epochs=epochs, optim={"batch_size": 64, "lr": 0.01}, seed=0), splits.train, progress=False)
     model = strip(model)
     unstructured = evaluate(model, splits.test)["acc"]
     plan = plan_from_unstructured(model, ms=(4, 8))

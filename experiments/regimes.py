@@ -35,11 +35,10 @@ from torch.utils.data import TensorDataset
 
 import regimes_batch_aug as ba  # the sibling script (this folder is on sys.path when a script here runs)
 from thrifty.bench.experiment import Experiment, fmt, table
-from thrifty.core import to_dict
 from thrifty.data import load_dataset
 from thrifty.models import create
-from thrifty.train import (BatchAugment, MixedSize, TrainConfig, evaluate, fit, model_kwargs_for, recalibrate_bn,
-                           recipe)
+from thrifty.train import (BatchAugment, MixedSize, TrainConfig, evaluate, fit, flat_train_config, model_kwargs_for,
+                           recalibrate_bn, recipe)
 from thrifty.utils import seed_everything
 
 BA_KEYS = ("batch_augment", "batch_augment_step")  # part a under the cosine protocol / the paper's step schedule
@@ -83,7 +82,7 @@ def train_one(name: str, regime, splits, kwargs, cfg, seed: int, log: dict) -> n
 
 def mixed_size_config(base: TrainConfig, steps: int, quick: bool) -> TrainConfig:
     """Part b's recipe: the resnet20 recipe at ``steps`` steps of batch 32 (16 quick), lr 0.05, evaluated every 10."""
-    return dataclasses.replace(base, steps=steps, batch_size=16 if quick else 32, lr=0.05, eval_steps=10)
+    return base.replace(optim={"steps": steps, "batch_size": 16 if quick else 32, "lr": 0.05}, eval_steps=10)
 
 
 def part_b(q: bool, seeds: list[int], steps: int | None) -> dict:
@@ -114,7 +113,8 @@ def part_b(q: bool, seeds: list[int], steps: int | None) -> dict:
                 rows.append({"seed": seed, "model": name, "size": s, "acc": plain, "acc_bn_calibrated": cal,
                              "mflops": flops_per_image(model, s) / 1e6})
         runs[str(seed)] = log
-    return {"seeds": seeds, "train_config": to_dict(cfg), "rows": rows, "runs": runs, "test_images": len(splits.test)}
+    return {"seeds": seeds, "train_config": flat_train_config(cfg), "rows": rows, "runs": runs,
+            "test_images": len(splits.test)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,10 +78,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from thrifty.bench.experiment import fmt, table
-from thrifty.core import to_dict
 from thrifty.data import load_dataset
 from thrifty.models import create
-from thrifty.train import TrainConfig, fit, model_kwargs_for
+from thrifty.train import TrainConfig, fit, flat_train_config, model_kwargs_for
 from thrifty.train.augment import AugmentConfig, SignalAugmentConfig
 from thrifty.train.regimes import BatchAugment
 from thrifty.utils import atomic_savefig
@@ -109,27 +108,27 @@ def tasks(quick: bool) -> list[Task]:
     sgd = dict(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine")
     if quick:  # CI-sized: a few steps, m in {1, 2}, one seed; checks the plumbing, shows nothing
         return [Task("resnet20 / digits32", "digits32", "resnet20", {},
-                     TrainConfig(steps=20, batch_size=16, lr=0.05, eval_steps=5, **sgd),
+                     TrainConfig(optim={"steps": 20, "batch_size": 16, "lr": 0.05}, eval_steps=5, **sgd),
                      AugmentConfig(crop_padding=4, rotate=10.0, scale=(0.9, 1.1), cutout=8), (1, 2), (),
                      test_limit=160),
                 Task("mlp / mnist1d", "mnist1d", "mlp", {"hidden": (256, 256)},
-                     TrainConfig(steps=100, batch_size=64, lr=0.05, eval_steps=10, **sgd),
+                     TrainConfig(optim={"steps": 100, "batch_size": 64, "lr": 0.05}, eval_steps=10, **sgd),
                      SignalAugmentConfig(shift=4, scale=(0.8, 1.2)), (1, 2), ("m=2+gna",)),
                 Task("cnn1d / mnist1d", "mnist1d", "cnn1d", {},
-                     TrainConfig(steps=20, batch_size=64, lr=0.1, eval_steps=5, **sgd),
+                     TrainConfig(optim={"steps": 20, "batch_size": 64, "lr": 0.1}, eval_steps=5, **sgd),
                      SignalAugmentConfig(shift=4, scale=(0.8, 1.2)), (1, 2), ())]
     return [Task("resnet20 / digits32", "digits32", "resnet20", {},
-                 TrainConfig(steps=100, batch_size=32, lr=0.05, eval_steps=5, **sgd),
+                 TrainConfig(optim={"steps": 100, "batch_size": 32, "lr": 0.05}, eval_steps=5, **sgd),
                  AugmentConfig(crop_padding=4, rotate=10.0, scale=(0.9, 1.1), cutout=8)),
             Task("mlp / mnist1d", "mnist1d", "mlp", {"hidden": (256, 256)},
-                 TrainConfig(steps=2000, batch_size=64, lr=0.05, eval_steps=20, **sgd),
+                 TrainConfig(optim={"steps": 2000, "batch_size": 64, "lr": 0.05}, eval_steps=20, **sgd),
                  SignalAugmentConfig(shift=4, scale=(0.8, 1.2)), extra=("no-aug", "m=4+gna")),
             Task("cnn1d / mnist1d", "mnist1d", "cnn1d", {},
-                 TrainConfig(steps=200, batch_size=64, lr=0.1, eval_steps=2, **sgd),
+                 TrainConfig(optim={"steps": 200, "batch_size": 64, "lr": 0.1}, eval_steps=2, **sgd),
                  SignalAugmentConfig(shift=4, scale=(0.8, 1.2)), extra=("no-aug", "m=4+gna")),
             # protocol B only; 400 steps by the pilot rule above (seed 0 pilot: m=1 99.07% = no-aug 99.07%)
             Task("resnet20 / digits32 long", "digits32", "resnet20", {},
-                 TrainConfig(steps=400, batch_size=32, lr=0.05, eval_steps=4, **sgd),
+                 TrainConfig(optim={"steps": 400, "batch_size": 32, "lr": 0.05}, eval_steps=4, **sgd),
                  AugmentConfig(crop_padding=4, rotate=10.0, scale=(0.9, 1.1), cutout=8), schedules=("step",))]
 
 
@@ -180,7 +179,7 @@ def run_task(task: Task, seeds: list[int], progress: bool = False, only: list[st
             print(f"  [{task.name}] {run:>8s} seed {seed}: final {100 * hist.final['test_acc']:.2f}% ({secs:.0f} s)",
                   file=sys.stderr, flush=True)
     return {"task": task.name, "dataset": task.dataset, "model": task.model, "model_kwargs": kwargs,
-            "train_config": to_dict(task.train), "augment": {"kind": type(task.augment).__name__,
+            "train_config": flat_train_config(task.train), "augment": {"kind": type(task.augment).__name__,
                                                             **dataclasses.asdict(task.augment)},
             "seeds": seeds, "test_images": len(test), "raw": raw}
 
@@ -331,11 +330,11 @@ def run_budgets(task: Task, seeds: list[int], fractions=BUDGET_FRACTIONS, ms=BUD
     splits, test, kwargs = _setup(task)
     rows = []
     for frac in fractions:
-        steps = max(1, round(frac * task.train.steps))
+        steps = max(1, round(frac * task.train.optim.steps))
         for m in ms:
             finals = {}
             for seed in seeds:
-                cfg = dataclasses.replace(task.train, seed=seed, steps=steps, eval_steps=steps)
+                cfg = task.train.replace(seed=seed, optim={"steps": steps}, eval_steps=steps)
                 seed_everything(seed)
                 model = create(task.model, **kwargs)
                 hist = fit(model, cfg, splits.train, test, regime=_regime(f"m={m}", task), progress=False)

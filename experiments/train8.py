@@ -21,7 +21,7 @@ from thrifty.data import load_dataset
 from thrifty.models import create
 from thrifty.nn import RangeBatchNorm1d, convert_to_range_bn
 from thrifty.quant.train8 import Train8, prepare_train8
-from thrifty.train import evaluate, fit, recipe
+from thrifty.train import evaluate, fit, flat_train_config, recipe
 from thrifty.utils import seed_everything
 
 VARIANTS = {
@@ -124,7 +124,7 @@ def science(args, exp: Experiment) -> dict:
     splits = load_dataset("digits32", seed=0)
     _, cfg = recipe("resnet20", "digits32")
     if q:
-        cfg = dataclasses.replace(cfg, steps=12)
+        cfg = cfg.replace(optim={"steps": 12})
         splits = dataclasses.replace(splits, test=TensorDataset(*(t[:128] for t in splits.test.tensors)))
     rb = rangebn_vs_bn([8, 32, 128, 512, 2048] if q else [8, 32, 128, 512, 2048, 8192], 2 if q else 10)
     for r in rb:
@@ -141,7 +141,7 @@ def science(args, exp: Experiment) -> dict:
                          "ms_per_step": sum(r["ms_per_step"] for r in rs) / len(rs)}
     return {"mode": "quick" if q else "full", "command": exp.command,
             "seeds": seeds, "steps": len(runs[0]["losses"]),
-            "train": {k: v for k, v in dataclasses.asdict(cfg).items()
+            "train": {k: v for k, v in flat_train_config(cfg).items()
                       if k in ("epochs", "steps", "batch_size", "lr", "optimizer")},
             "summary": summary, "rangebn": rb, "runs": runs, "threads": args.threads, "seconds": exp.seconds()}
 

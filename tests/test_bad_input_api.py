@@ -159,7 +159,7 @@ def test_outputs_get_the_users_umask_not_0600(tmp_path, umask):
 
 def test_empty_dataset_and_empty_image_folder(tmp_path):
     with pytest.raises(ValueError, match="train_ds is empty"):
-        fit(nn.Linear(3, 2), TrainConfig(steps=1), TensorDataset(torch.zeros(0, 3), torch.zeros(0).long()),
+        fit(nn.Linear(3, 2), TrainConfig(optim={"steps": 1}), TensorDataset(torch.zeros(0, 3), torch.zeros(0).long()),
             progress=False)
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     with pytest.raises(ValueError, match="imgs: no images"):
@@ -177,7 +177,7 @@ def test_labels_out_of_range_are_named_not_an_index_error():
     with pytest.raises(ValueError, match="evaluation dataset has label 4, but the model has 4 outputs"):
         evaluate(model, ds)
     with pytest.raises(ValueError, match="train_ds has label 4, but the model has 4 outputs"):
-        fit(model, TrainConfig(steps=2, batch_size=8), ds, progress=False)
+        fit(model, TrainConfig(optim={"steps": 2, "batch_size": 8}), ds, progress=False)
     assert _same(_state(model), before)
 
 
@@ -187,7 +187,7 @@ def test_inputs_of_the_wrong_shape_are_named():
     with pytest.raises(ValueError, match=r"cannot take the evaluation dataset inputs of shape \(4,\)"):
         evaluate(model, ds)
     with pytest.raises(ValueError, match=r"cannot take the train_ds inputs of shape \(4,\)"):
-        fit(model, TrainConfig(steps=1), ds, progress=False)
+        fit(model, TrainConfig(optim={"steps": 1}), ds, progress=False)
 
 
 def test_nan_inf_inputs_and_weights_are_named():
@@ -196,13 +196,14 @@ def test_nan_inf_inputs_and_weights_are_named():
     ds = TensorDataset(x, torch.zeros(10).long())
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="train_ds: inputs hold NaN or Inf .*first at index 6"):
-        fit(model, TrainConfig(steps=1), ds, progress=False)
+        fit(model, TrainConfig(optim={"steps": 1}), ds, progress=False)
     with pytest.raises(ValueError, match="evaluation dataset: inputs hold NaN or Inf"):
         evaluate(model, ds)
     with torch.no_grad():
         model.bias[1] = float("nan")
     with pytest.raises(ValueError, match="parameter 'bias' contains NaN"):
-        fit(model, TrainConfig(steps=1), TensorDataset(torch.randn(4, 3), torch.zeros(4).long()), progress=False)
+        fit(model, TrainConfig(optim={"steps": 1}), TensorDataset(torch.randn(4, 3), torch.zeros(4).long()),
+            progress=False)
     from thrifty.quant import PTQ, quantize
 
     bn_model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
@@ -226,10 +227,10 @@ def test_config_ranges_are_checked_at_construction():
             PTQ(**bad)
     with pytest.raises(ValueError, match="1 <= N < M, got 3:2"):
         NM(3, 2)
-    with pytest.raises(ValueError, match="TrainConfig.steps"):
-        TrainConfig(steps=-1)
-    with pytest.raises(ValueError, match="Synth.steps must be >= 1"):
-        Synth(steps=0)
+    with pytest.raises(ValueError, match="TrainConfig.optim.steps"):
+        TrainConfig(optim={"steps": -1})
+    with pytest.raises(ValueError, match="Synth.optim.steps must be >= 1"):
+        Synth(optim={"steps": 0})
     with pytest.raises(ValueError, match="per_class must be a positive int"):
         calibration_subset(TensorDataset(torch.zeros(4, 2), torch.zeros(4).long()), per_class=-1)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
@@ -284,7 +285,7 @@ def make(ckpt_every):
     x = torch.randn(96, 8)
     ds = TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long())
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    return model, ds, TrainConfig(steps=12, batch_size=16, lr=0.05, eval_every=0, ckpt_every=ckpt_every)
+    return model, ds, TrainConfig(optim={"steps": 12, "batch_size": 16, "lr": 0.05}, eval_every=0, ckpt_every=ckpt_every)
 """
 
 # one process (one interpreter start): first Ctrl-C at step 5 in ckpt dir argv[1], then a SIGKILL half-way

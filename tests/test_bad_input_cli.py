@@ -93,7 +93,7 @@ def test_nan_inputs_in_train_are_named_not_blamed_on_the_learning_rate(tmp_path,
     x = torch.randn(40, 64)
     x[7, 3] = float("nan")
     data = _data(tmp_path, "nan.pt", x, torch.arange(40) % 10)
-    err = _fails(["train", "--model", "mlp", "--dataset", str(data), "--steps", "2", "--out", str(tmp_path / "t")],
+    err = _fails(["train", "--model", "mlp", "--dataset", str(data), "--optim.steps", "2", "--out", str(tmp_path / "t")],
                  capsys, str(data), "NaN or Inf", files=(data,))
     assert "learning rate" not in err
 
@@ -109,7 +109,7 @@ def test_model_that_cannot_take_the_dataset_names_the_ones_that_fit(tmp_path, ca
     (["bench", "--model", "m", "--scenario", "Foo"], "--scenario: unknown scenario(s) ['Foo']"),
     (["bench", "--model", "m", "--backend", "tensorrt"], "--backend: unknown backend(s) ['tensorrt']"),
     (["bench", "--model", "m", "--max-samples", "-1"], "--max-samples: must be >= 1, got -1"),
-    (["train", "--steps", "-3"], "--steps: TrainConfig.steps: invalid value -3"),
+    (["train", "--optim.steps", "-3"], "--optim.steps: OptimConfig.steps: invalid value -3"),
     (["quantize", "--model", "m", "--calib-per-class", "0"], "--calib-per-class: must be >= 1"),
 ])
 def test_counts_and_choices_are_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, needle):
@@ -123,7 +123,7 @@ def test_counts_and_choices_are_refused_before_any_work(tmp_path, capsys, monkey
     ("batch_size: [1, 2]\n", ["'batch_size'", "c.yaml", "single value"]),
     ('quick: "no"\n', ["'quick'", "c.yaml", "true or false"]),
     ("steps: 2.5\n", ["'steps'", "c.yaml"]),
-    ("steps: -1\n", ["--steps", "TrainConfig.steps", "-1"]),
+    ("steps: -1\n", ["--optim.steps", "OptimConfig.steps", "-1"]),
     ("optimizer: lion\n", ["'optimizer'", "sgd, adamw"]),
     ("batch_size: true\n", ["'batch_size'", "c.yaml"]),
     ("overwrite: true\n", ["'overwrite'", "c.yaml", "on the command line"]),
@@ -146,18 +146,19 @@ def test_yaml_config_good_values_still_work(tmp_path):
     assert main(["train", "--config", str(cfg), "--out", str(out)]) == 0
     res = yaml.safe_load((out / "config.yaml").read_text())
     train = res["train"]  # the TrainConfig, as thrifty.to_yaml writes it; the other options flat
-    assert train["kind"] == "TrainConfig" and train["lr"] == 1e-3 and train["steps"] == 2 and train["batch_size"] == 16
+    optim = train["optim"]  # an older flat file's keys (aliases of the moved fields) land in the nested config
+    assert train["kind"] == "TrainConfig" and optim["lr"] == 1e-3 and optim["steps"] == 2 and optim["batch_size"] == 16
     assert res["quick"] is False and "overwrite" not in res and res["model_arg"] == [["hidden", [16]]]
 
 
 @pytest.mark.parametrize("argv, needles", [
-    (["train", "--model", "mlp", "--dataset", "digits", "--quick", "--steps", "9"], ["--quick", "--steps 9"]),
+    (["train", "--model", "mlp", "--dataset", "digits", "--quick", "--optim.steps", "9"], ["--quick", "--optim.steps 9"]),
     (["eval", "MODEL", "--calibrate-bn"], ["--calibrate-bn", "--sizes"]),
-    (["quantize", "--model", "MODEL", "--synth-steps", "5"], ["--synth-steps", "--data-free"]),
-    (["quantize", "--model", "MODEL", "--data-free", "gaussian", "--synth-steps", "5"], ["--synth-steps"]),
+    (["quantize", "--model", "MODEL", "--synth-optim.steps", "5"], ["--synth-optim.steps", "--data-free"]),
+    (["quantize", "--model", "MODEL", "--data-free", "gaussian", "--synth-optim.steps", "5"], ["--synth-optim.steps"]),
     (["quantize", "--model", "MODEL", "--budget-kind", "bops"], ["--budget-kind bops needs --budget"]),
     (["sparsify", "--model", "MODEL", "--method", "approx"], ["--method", "'approx'", "--transposable"]),
-    (["merge", "--models", "MODEL", "MODEL", "--method", "average", "--steps", "5"], ["--steps", "AverageMerge"]),
+    (["merge", "--models", "MODEL", "MODEL", "--method", "average", "--optim.steps", "5"], ["--optim.steps", "AverageMerge"]),
     (["train", "--model", "mlp", "--dataset", "digits", "--train8-bits", "6"], ["--train8-bits", "--recipe train8"]),
     (["train", "--model", "mlp", "--dataset", "digits", "--grad-method", "mse"], ["--grad-method", "--grad-nm"]),
     (["quantize", "--model", "MODEL", "--distill-lr", "0.1"], ["--distill-lr", "--distill-steps"]),
@@ -178,7 +179,7 @@ def test_merge_classes_outside_the_dataset(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("cmd", [
-    ["train", "--model", "mlp", "--dataset", "digits", "--steps", "1"],
+    ["train", "--model", "mlp", "--dataset", "digits", "--optim.steps", "1"],
     ["demo", "--quick"],
     ["quantize", "--model", "MODEL", "--pipeline", "rtn"],
     ["sparsify", "--model", "MODEL"],
@@ -197,7 +198,7 @@ def test_an_existing_output_folder_is_never_overwritten_silently(tmp_path, capsy
 
 def test_train_overwrite_and_resume_hint(tmp_path, capsys):
     out = tmp_path / "t"
-    argv = ["train", "--model", "mlp", "--dataset", "digits", "--steps", "2", "--batch-size", "16", "--out", str(out)]
+    argv = ["train", "--model", "mlp", "--dataset", "digits", "--optim.steps", "2", "--optim.batch-size", "16", "--out", str(out)]
     assert main(argv) == 0
     _fails(argv, capsys, "--resume", "--overwrite", files=(out,))
     assert main(argv + ["--overwrite"]) == 0
@@ -206,7 +207,7 @@ def test_train_overwrite_and_resume_hint(tmp_path, capsys):
 
 def test_train_resume_with_a_broken_checkpoint_and_conflicting_flags(tmp_path, capsys):
     out = tmp_path / "t"
-    argv = ["train", "--model", "mlp", "--dataset", "digits", "--steps", "2", "--batch-size", "16", "--out", str(out)]
+    argv = ["train", "--model", "mlp", "--dataset", "digits", "--optim.steps", "2", "--optim.batch-size", "16", "--out", str(out)]
     assert main(argv) == 0
     ck = out / "ckpt" / "last.safetensors"
     ck.write_bytes(ck.read_bytes()[:200])
@@ -216,7 +217,7 @@ def test_train_resume_with_a_broken_checkpoint_and_conflicting_flags(tmp_path, c
 
 def test_train_resume_cleans_the_temp_file_of_a_killed_checkpoint_write(tmp_path):
     out = tmp_path / "t"
-    argv = ["train", "--model", "mlp", "--dataset", "digits", "--steps", "2", "--batch-size", "16", "--out", str(out)]
+    argv = ["train", "--model", "mlp", "--dataset", "digits", "--optim.steps", "2", "--optim.batch-size", "16", "--out", str(out)]
     assert main(argv) == 0
     stale = out / "ckpt" / ".last.safetensors.k1ll3d.tmp"
     stale.write_bytes(b"half a checkpoint")
@@ -242,7 +243,7 @@ def test_cli_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, capsys, monk
     from thrifty.train.checkpoint import read_checkpoint
 
     def argv(out: Path) -> list[str]:
-        return ["train", "--model", "mlp", "--dataset", "digits", "--steps", "8", "--batch-size", "16", "--lr",
+        return ["train", "--model", "mlp", "--dataset", "digits", "--optim.steps", "8", "--optim.batch-size", "16", "--optim.lr",
                 "0.05", "--out", str(out)]
 
     assert main(argv(tmp_path / "ref")) == 0
@@ -293,7 +294,7 @@ def test_files_layers_and_ranges_through_the_cli(tmp_path, capsys, monkeypatch):
 def test_unsupported_layers_are_named_through_the_cli(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*cannot be wrapped")  # cnn1d's Conv1d layers are wrapped
-        assert main(["train", "--model", "cnn1d", "--dataset", "digits", "--steps", "1", "--batch-size", "8",
+        assert main(["train", "--model", "cnn1d", "--dataset", "digits", "--optim.steps", "1", "--optim.batch-size", "8",
                      "--grad-nm", "2:4", "--out", str(tmp_path / "t")]) == 0
     stem = tmp_path / "c" / "model"
     save_model(create("cnn1d", num_classes=10), stem, {"model": "cnn1d", "model_kwargs": {"num_classes": 10},

@@ -95,7 +95,7 @@ def test_batch_augment_signals_copies_differ_labels_repeat():
 
 def test_batch_augment_keeps_lr_and_steps_and_grows_batch():
     ds = TensorDataset(torch.randn(48, 40), torch.arange(48) % 3)
-    cfg = TrainConfig(steps=6, batch_size=8, lr=0.1, schedule="cosine")
+    cfg = TrainConfig(optim={"steps": 6, "batch_size": 8, "lr": 0.1}, schedule="cosine")
     seen = {}
     for m in (1, 3):
         torch.manual_seed(0)
@@ -156,7 +156,7 @@ def test_cli_batch_aug_on_signals(tmp_path):
     from thrifty.cli import main
 
     out = tmp_path / "r"
-    assert main(["train", "--model", "mlp", "--dataset", "mnist1d", "--steps", "2", "--batch-size", "8",
+    assert main(["train", "--model", "mlp", "--dataset", "mnist1d", "--optim.steps", "2", "--optim.batch-size", "8",
                  "--regime", "batch-aug:2", "--out", str(out)]) == 0
     assert (out / "model.safetensors").exists()
     assert json.loads((out / "history.json").read_text())["records"][-1]["step"] == 2
@@ -170,8 +170,9 @@ def test_protocol_b_changes_only_the_lr_schedule():
         assert same == {k: v for k, v in vars(task.train).items() if k in same}
         assert (b.augment, b.ms, b.extra, b.model, b.dataset) == (task.augment, task.ms, task.extra, task.model,
                                                                    task.dataset)
-        n = b.train.steps
+        n = b.train.optim.steps
         lrs = [b.train.lr_at(s, n) for s in (0, n // 2 - 1, n // 2, 3 * n // 4 - 1, 3 * n // 4, n - 1)]
-        assert lrs == pytest.approx([task.train.lr] * 2 + [task.train.lr / 10] * 2 + [task.train.lr / 100] * 2)
+        lr = task.train.optim.lr
+        assert lrs == pytest.approx([lr] * 2 + [lr / 10] * 2 + [lr / 100] * 2)
     long = [t for t in ba.tasks(quick=False) if "long" in t.name]
     assert long and all(t.schedules == ("step",) for t in long)  # chosen for protocol B only

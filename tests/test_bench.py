@@ -331,3 +331,20 @@ def test_load_workload_takes_a_dict_of_named_inputs_in_forward_order():
         load_workload(m, {"input_ids": torch.randn(2, 4), "token_type_ids": torch.zeros(2, 4)})
     with pytest.raises(TypeError, match="pixel_values"):
         load_workload(m, {"pixel_values": torch.randn(2, 4)})
+
+
+def test_cli_prints_runs_as_a_table_in_thrifty_number_format():
+    """`thrifty bench` prints what `write_report` holds as the other commands print numbers (fmt_value): no raw
+    float and no JSON."""
+    from thrifty.cli.bench import run_table
+
+    r = {"scenarios": {
+        "SingleStream": {"valid": True, "metric": "p90_latency_ms", "value": 0.123456789, "reasons": []},
+        "Server": {"valid": False, "metric": "p99_latency_ms", "value": 12.3456789, "max_qps": 345.678912,
+                   "latency_bound_ms": 10.0, "reasons": ["latency bound exceeded"]}},
+        "accuracy": {"metrics": {"top1": 0.9814471243042672, "agreement": 0.99609375, "n": 256}}}
+    text = run_table(r)
+    assert "0.1235" in text and "12.35" in text and "max QPS 345.7 at the 10 ms bound" in text
+    assert "INVALID" in text and "<- latency bound exceeded" in text
+    assert "accuracy: top1 98.14%, agreement 0.9961, n 256" in text
+    assert "{" not in text and "0.98144" not in text and "0.123456" not in text

@@ -20,8 +20,8 @@ def test_subcommands_are_discovered():
 
 def test_train_then_eval(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model", "mlp", "--dataset", "digits", "--steps", "30", "--batch-size", "64",
-                 "--lr", "0.05", "--out", str(out)]) == 0
+    assert main(["train", "--model", "mlp", "--dataset", "digits", "--optim.steps", "30", "--optim.batch-size", "64",
+                 "--optim.lr", "0.05", "--out", str(out)]) == 0
     for name in ("model.safetensors", "model.yaml", "history.json", "config.yaml", "ckpt/last.safetensors"):
         assert (out / name).is_file(), name
     meta = yaml.safe_load((out / "model.yaml").read_text())
@@ -37,11 +37,12 @@ def test_config_file_defaults_and_flag_override(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"model": "mlp", "dataset": "digits", "steps": 3, "lr": 0.5, "batch-size": 16}))
     out = tmp_path / "run"
-    assert main(["train", "--config", str(cfg), "--lr", "0.01", "--out", str(out)]) == 0
+    assert main(["train", "--config", str(cfg), "--optim.lr", "0.01", "--out", str(out)]) == 0
     res = yaml.safe_load((out / "config.yaml").read_text())
     train = res["train"]  # the TrainConfig as thrifty.to_yaml writes it; options such as model stay flat
     assert train["kind"] == "TrainConfig" and res["model"] == "mlp"
-    assert train["lr"] == 0.01 and train["steps"] == 3 and train["batch_size"] == 16
+    optim = train["optim"]
+    assert optim["lr"] == 0.01 and optim["steps"] == 3 and optim["batch_size"] == 16
     assert train["epochs"] == th.train.recipe("mlp", "digits")[1].epochs  # effective recipe values are filled in
     # the resolved config repeats the run
     assert main(["train", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
@@ -66,7 +67,7 @@ def test_eval_missing_model(tmp_path, capsys):
 
 def test_resume_via_cli(tmp_path):
     out = str(tmp_path / "r")
-    args = ["train", "--model", "mlp", "--dataset", "digits", "--steps", "6", "--batch-size", "32", "--out", out]
+    args = ["train", "--model", "mlp", "--dataset", "digits", "--optim.steps", "6", "--optim.batch-size", "32", "--out", out]
     assert main(args) == 0
     first = load_file(tmp_path / "r" / "model.safetensors")
     assert main(args + ["--resume"]) == 0  # nothing left to do: same weights

@@ -51,6 +51,7 @@ NOT_ON_CLI = {
     "AugmentConfig": "the per-dataset augmentation of the training recipe, not a run option",
     "SignalAugmentConfig": "the per-dataset augmentation of the training recipe, not a run option",
     "EnsembleMerge": "keeps all K models; `thrifty merge` saves one merged model",
+    "OptimConfig": "nested in TrainConfig, FSMerge, DistillMerge and Synth (their --optim.* flags), not a run on its own",
     "Plan": "per-layer configs that `thrifty plan` writes (plan.yaml) for thrifty.apply / quantize_plan; no "
             "command builds one from flags",
 }
@@ -97,11 +98,16 @@ def _candidates(tp, default):
 KEEP = {"Synth": {"method"}}
 
 
-def _varied(cls):
-    """A valid config with as many fields away from their defaults as validation allows (one at a time)."""
-    cfg, hints = cls(), typing.get_type_hints(cls)
+def _varied(cls, cfg=None):
+    """A valid config with as many fields away from their defaults as validation allows (one at a time); a nested
+    config (``optim``) is varied field by field too, from the outer config's default for it."""
+    cfg, hints = cfg if cfg is not None else cls(), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in KEEP.get(cls.__name__, ()):
+            continue
+        inner = getattr(cfg, f.name)
+        if isinstance(inner, Config):
+            cfg = dataclasses.replace(cfg, **{f.name: _varied(type(inner), inner)})
             continue
         for v in _candidates(hints[f.name], getattr(cfg, f.name)):
             try:
@@ -143,7 +149,7 @@ def test_config_round_trips_through_yaml_and_flags(kind, tmp_path):
 
 
 def test_a_mapping_of_configs_with_options_and_explicit_flags(tmp_path):
-    train = th.train.TrainConfig(steps=7, lr=0.2, milestones=(0.3,), nesterov=False)
+    train = th.train.TrainConfig(optim={"steps": 7, "lr": 0.2}, milestones=(0.3,), nesterov=False)
     grad = th.sparse.GradNM(1, 4, method="mse", gemms=("weight",), seed=3)
     f = tmp_path / "run.yaml"
     f.write_text(yaml.safe_dump({"model": "mlp", "dataset": "digits", "train": to_dict(train),
@@ -153,7 +159,7 @@ def test_a_mapping_of_configs_with_options_and_explicit_flags(tmp_path):
     from thrifty.cli.train import build_configs
 
     got = build_configs(args)
-    assert got["train"] == train.replace(lr=0.05)  # the explicit flag wins over the file
+    assert got["train"] == train.replace(optim={"lr": 0.05})  # the explicit flag wins over the file
     assert got["grad"] == grad and got["act"] is None
     assert got["train8"] == th.Train8(bits=6, act_bits=7, grad_bits=6)
     # a list of configs is read the same way
@@ -166,7 +172,7 @@ def test_written_config_yaml_is_kind_format_and_repeats_the_run(tmp_path):
     # what `thrifty train` writes next to its outputs (tests/test_cli.py runs it end to end)
     from thrifty.cli.train import build_configs
 
-    args = _common.parse_with_config(build_parser(), ["train", *_TRAIN, "--steps", "2", "--batch-size", "16",
+    args = _common.parse_with_config(build_parser(), ["train", *_TRAIN, "--optim.steps", "2", "--optim.batch-size", "16",
                                                       "--grad-nm", "2:4", "--grad-method", "mse", "--out", "o"])
     configs = build_configs(args)
     path = _common.write_resolved_config(tmp_path, args, configs=configs)
@@ -174,7 +180,7 @@ def test_written_config_yaml_is_kind_format_and_repeats_the_run(tmp_path):
     assert saved["model"] == "mlp" and saved["out"] == "o" and "lr" not in saved  # fields live in their config
     assert from_dict(saved["grad"]) == th.sparse.GradNM(2, 4, method="mse") and "train8" not in saved
     train = from_dict(saved["train"])
-    assert (train.steps, train.batch_size) == (2, 16)
+    assert (train.optim.steps, train.optim.batch_size) == (2, 16)
     again = build_configs(_common.parse_with_config(build_parser(), ["train", "--config", str(path)]))
     assert again == configs
 
@@ -182,7 +188,8 @@ def test_written_config_yaml_is_kind_format_and_repeats_the_run(tmp_path):
 @pytest.mark.parametrize("text, needles", [
     ("kind: Nope\n", ["c.yaml", "'kind'", "unknown config kind 'Nope'"]),
     ("kind: TrainConfig\nlearning_rate: 0.1\n", ["c.yaml", "learning_rate"]),
-    ("train: {kind: TrainConfig, lr: -1.0}\n", ["c.yaml", "'train'", "TrainConfig.lr"]),
+    ("train: {kind: TrainConfig, optim: {lr: -1.0}}\n", ["c.yaml", "'train'", "TrainConfig.optim.lr: invalid value -1.0"]),
+    ("train: {kind: TrainConfig, lr: 0.1}\n", ["c.yaml", "'train'", "lr is now optim.lr"]),
     ("x: {kind: NM, n: 2, m: 4}\n", ["c.yaml", "'x'", "no NM config", "TrainConfig"]),
     ("- kind: TrainConfig\n- 3\n", ["c.yaml", "list"]),
 ])
@@ -321,22 +328,22 @@ def test_config_yaml_of_the_previous_release_still_reads(tmp_path):
         args = _common.parse_with_config(build_parser(), [cmd, "--config", str(f)])  # --model from the file
         got[cmd] = importlib.import_module(f"thrifty.cli.{cmd}").build_configs(args)
     train = got["train"]["train"]
-    assert (train.epochs, train.steps, train.lr, train.batch_size, train.num_workers) == (30, 2, 0.05, 16, 0)
+    assert (train.epochs, train.optim.steps, train.optim.lr, train.optim.batch_size, train.num_workers) == (30, 2, 0.05, 16, 0)
     assert got["train"]["grad"] == th.sparse.GradNM(2, 4, gemms=("weight",))
     assert got["train"]["train8"] == th.Train8(bits=6, act_bits=6)  # --train8-bits set both, as it did
     assert got["quantize"] == {"ptq": th.PTQ(w_bits=6, a_bits=None, pipeline="rtn", w_estimator="minmax",
                                              a_estimator="minmax"), "synth": None, "distill": None}
     assert got["sparsify"]["sparsity"] == th.sparse.NM(4, 8, transposable=True, method="approx")
-    assert got["merge"]["merge"] == th.merge.FSMerge(rank=4, steps=2)
+    assert got["merge"]["merge"] == th.merge.FSMerge(rank=4, optim={"steps": 2})
 
 
 def test_quick_with_a_trainconfig_file(tmp_path):
     from thrifty.cli.train import build_configs
 
     f = tmp_path / "t.yaml"
-    f.write_text(to_yaml(th.train.TrainConfig(lr=0.3)))  # steps: 0 (use the epochs) does not contradict --quick
+    f.write_text(to_yaml(th.train.TrainConfig(optim={"lr": 0.3})))  # steps 0 (use the epochs): no contradiction
     got = build_configs(_common.parse_with_config(build_parser(), ["train", *_TRAIN, "--config", str(f), "--quick"]))
-    assert got["train"] == th.train.TrainConfig(lr=0.3, steps=5)
-    f.write_text(to_yaml(th.train.TrainConfig(steps=7)))
-    with pytest.raises(ValueError, match="--quick .* --steps 7"):
+    assert got["train"] == th.train.TrainConfig(optim={"lr": 0.3, "steps": 5})
+    f.write_text(to_yaml(th.train.TrainConfig(optim={"steps": 7})))
+    with pytest.raises(ValueError, match="--quick .* --optim.steps 7"):
         build_configs(_common.parse_with_config(build_parser(), ["train", *_TRAIN, "--config", str(f), "--quick"]))

@@ -50,16 +50,18 @@ def _bench(cfg: Config, tmp_path) -> None:
 # kind -> how its documented pipeline runs on a tiny model (defaults, with the step counts cut for speed).
 RUNNERS = {
     "PTQ": lambda cfg, tmp: th.quant.quantize(_net(), cfg, _x(), progress=False),
-    "Synth": lambda cfg, tmp: th.datafree.synthesize(_net(), cfg.replace(steps=2), 8, input_shape=(8,),
+    "Synth": lambda cfg, tmp: th.datafree.synthesize(_net(), cfg.replace(optim={"steps": 2}), 8, input_shape=(8,),
                                                      progress=False),
-    "TrainConfig": lambda cfg, tmp: th.train.fit(_net().train(), cfg.replace(steps=2, batch_size=8),
+    "TrainConfig": lambda cfg, tmp: th.train.fit(_net().train(), cfg.replace(optim={"steps": 2, "batch_size": 8}),
                                                  TensorDataset(_x(), torch.randint(0, 4, (32,))), progress=False),
+    "OptimConfig": lambda cfg, tmp: th.train.fit(_net().train(), th.train.TrainConfig(optim=cfg.replace(
+        steps=2, batch_size=8)), TensorDataset(_x(), torch.randint(0, 4, (32,))), progress=False),
     "Distill": lambda cfg, tmp: th.datafree.distill(_net(1), _net(), cfg.replace(steps=2), _x(), progress=False),
     "AugmentConfig": lambda cfg, tmp: th.train.augment(torch.randn(2, 1, 8, 8), cfg),
     "SignalAugmentConfig": lambda cfg, tmp: th.train.augment_signal(torch.randn(2, 1, 16), cfg),
     "BenchConfig": lambda cfg, tmp: _bench(cfg, tmp),
-    "FSMerge": lambda cfg, tmp: _merge(cfg.replace(steps=2)),
-    "DistillMerge": lambda cfg, tmp: _merge(cfg.replace(steps=2)),
+    "FSMerge": lambda cfg, tmp: _merge(cfg.replace(optim={"steps": 2})),
+    "DistillMerge": lambda cfg, tmp: _merge(cfg.replace(optim={"steps": 2})),
     "AverageMerge": lambda cfg, tmp: _merge(cfg),
     "PermuteMerge": lambda cfg, tmp: _merge(cfg),
     "ZipMerge": lambda cfg, tmp: _merge(cfg),
@@ -142,15 +144,15 @@ def test_merge_old_order_warns_and_matches():
         old = th.merge.merge(models, data, th.merge.PermuteMerge())
     assert _same(new, old)
     with pytest.warns(DeprecationWarning):
-        kw = th.merge.fs_merge(models, data, cfg=th.merge.FSMerge(steps=1))
-    assert _same(kw, th.merge.fs_merge(models, th.merge.FSMerge(steps=1), data))
+        kw = th.merge.fs_merge(models, data, cfg=th.merge.FSMerge(optim={"steps": 1}))
+    assert _same(kw, th.merge.fs_merge(models, th.merge.FSMerge(optim={"steps": 1}), data))
     with pytest.raises(TypeError, match="expected a Config"):
         th.merge.merge(models, data, data)
 
 
 def test_distill_renamed_with_alias():
     models, data = [_zoo(1), _zoo(2)], [_x(16, 1), _x(16, 2)]
-    cfg = th.merge.DistillMerge(steps=1)
+    cfg = th.merge.DistillMerge(optim={"steps": 1})
     with pytest.warns(DeprecationWarning, match="distill_merge"):
         old = th.merge.distill(models, data, cfg)
     assert _same(old, th.merge.distill_merge(models, cfg, data))
@@ -158,7 +160,7 @@ def test_distill_renamed_with_alias():
 
 def test_fit_old_order_warns_and_trains_the_same():
     ds = TensorDataset(_x(), torch.randint(0, 4, (32,)))
-    cfg = th.train.TrainConfig(steps=3, batch_size=8)
+    cfg = th.train.TrainConfig(optim={"steps": 3, "batch_size": 8})
     a, b, c = _net().train(), _net().train(), _net().train()
     th.train.fit(a, cfg, ds, progress=False)
     with pytest.warns(DeprecationWarning, match="fit"):
@@ -172,7 +174,7 @@ def test_fit_old_order_warns_and_trains_the_same():
 
 def test_synthesize_and_adaprune_old_order_warn():
     net = _net()
-    new = th.datafree.synthesize(net, th.datafree.Synth(steps=2), 8, input_shape=(8,), progress=False)
+    new = th.datafree.synthesize(net, th.datafree.Synth(optim={"steps": 2}), 8, input_shape=(8,), progress=False)
     with pytest.warns(DeprecationWarning, match=r"synthesize\(model, cfg, n\)"):
         old = th.datafree.synthesize(net, 8, "bns", input_shape=(8,), steps=2, progress=False)
     assert torch.equal(new.tensors[0], old.tensors[0])

@@ -169,7 +169,7 @@ def test_normalised_taps_equal_reference_loss_and_gradient():
 
 
 def test_schedule_upsample_and_early_stop():
-    cfg = Synth(steps=10, warmup=0.2)
+    cfg = Synth(optim={"steps": 10}, warmup=0.2)
     f = [_lr_factor(s, cfg) for s in range(10)]
     assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[1:], f[2:])) and f[-1] < 0.05
@@ -181,7 +181,7 @@ def test_schedule_upsample_and_early_stop():
     tv = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
     assert tv(x) < 0.5 * tv(torch.randn(16, 1, 8, 8))
     flat = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).eval()
-    ds = synthesize(flat, Synth(steps=2, upsample=2), 4, input_shape=(6,), progress=False)
+    ds = synthesize(flat, Synth(optim={"steps": 2}, upsample=2), 4, input_shape=(6,), progress=False)
     assert ds.tensors[0].shape == (4, 6)
     # a plateau threshold close to 1 stops a batch as soon as the window allows: same result as fewer steps
     a = synthesize(net, n=16, method="bns", input_shape=(1, 8, 8), steps=50, plateau=0.99, progress=False)
@@ -264,7 +264,7 @@ def test_cli_quantize_data_free(tmp_path, capsys):
     save_model(m, tmp_path / "fp", meta)
     out = tmp_path / "q"
     rc = main(["quantize", "--model", str(tmp_path / "fp"), "--w-bits", "4", "--pipeline", "rtn", "--calib-per-class", "2",
-               "--data-free", "bns", "--synth-steps", "3", "--distill-steps", "2", "--out", str(out)])
+               "--data-free", "bns", "--synth-optim.steps", "3", "--distill-steps", "2", "--out", str(out)])
     assert rc == 0 and "quantized" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file()
     report = json.loads((out / "report.json").read_text())
@@ -304,5 +304,5 @@ def test_bns_synthesis_on_a_model_returning_a_model_output():
         m(torch.randn(16, 3, 8, 8) * 2 + 1)  # BN statistics away from (0, 1)
     m.eval()
     for method in ("bns", "inception"):
-        ds = th.synthesize(m, th.datafree.Synth(method=method, steps=3), 4, input_shape=(3, 8, 8))
+        ds = th.synthesize(m, th.datafree.Synth(method=method, optim={"steps": 3}), 4, input_shape=(3, 8, 8))
         assert ds.tensors[0].shape == (4, 3, 8, 8) and torch.isfinite(ds.tensors[0]).all()

@@ -278,7 +278,7 @@ def test_regimes_mixed_size_recipe_builds_from_the_recipe():
 
     regimes = _script_module("experiments/regimes.py")
     cfg = regimes.mixed_size_config(recipe("resnet20", "digits32")[1], 20, True)
-    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.eval_steps) == (20, 16, 0.05, 10)
+    assert (cfg.optim.steps, cfg.optim.batch_size, cfg.optim.lr, cfg.eval_steps) == (20, 16, 0.05, 10)
     assert cfg.optimizer == recipe("resnet20", "digits32")[1].optimizer
 
 

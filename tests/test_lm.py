@@ -62,7 +62,7 @@ def test_perplexity_closed_forms():
 def test_tiny_llama_trains_and_caches(tmp_path, monkeypatch):
     torch.manual_seed(0)
     m = create("tinyllama", **TINY)
-    cfg = TrainConfig(steps=25, batch_size=8, lr=3e-3, optimizer="adamw", warmup=3, grad_clip=1.0)
+    cfg = TrainConfig(optim={"steps": 25, "batch_size": 8, "lr": 3e-3}, optimizer="adamw", warmup=3, grad_clip=1.0)
     losses = train_lm(m, cfg, lm_tokens("train"), seq_len=48, progress=False)
     # starts near log(256) = 5.55 (random init) and falls well below it
     assert losses[0] > 5.0 and np.mean(losses[-5:]) < losses[0] - 1.0

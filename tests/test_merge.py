@@ -88,7 +88,7 @@ def test_fold_matches_explicit_supernet(kind: str, param: str) -> None:
 @pytest.mark.parametrize("mode", ["global", "local"])
 def test_trained_supernet_folds_exactly(kind: str, mode: str) -> None:
     models = _models(kind)
-    cfg = FSMerge(mode=mode, steps=12, batch_size=8, lr=1e-2)
+    cfg = FSMerge(mode=mode, optim={"steps": 12, "batch_size": 8, "lr": 1e-2})
     net = SuperNet(models, cfg)
     hist = train_supernet(net, augment_tasks([_x(kind, 8, 1), _x(kind, 8, 2)], 1), cfg)
     assert len(hist) >= 6 and all(math.isfinite(h) for h in hist)
@@ -102,7 +102,7 @@ def test_trained_supernet_folds_exactly(kind: str, mode: str) -> None:
 def test_fs_merge_improves_over_init_on_reconstruction() -> None:
     models = _models("mlp")
     data = [_x("mlp", 32, 1), _x("mlp", 32, 2)]
-    cfg = FSMerge(steps=150, batch_size=32, lr=1e-2)
+    cfg = FSMerge(optim={"steps": 150, "batch_size": 32, "lr": 1e-2})
     net = SuperNet(models, cfg)
     hist = train_supernet(net, augment_tasks(data, 0), cfg)
     assert sum(hist[-10:]) / 10 < 0.5 * sum(hist[:10]) / 10
@@ -171,7 +171,7 @@ def test_permute_init_merges_a_permuted_copy_exactly(kind: str) -> None:
     a = _models(kind, 1)[0]
     b, _ = _permuted(a, seed=4)
     x = _x(kind, 64, 5)
-    merged = fs_merge([a, b], FSMerge(init="permute", steps=3, batch_size=8), [x[:32], x[32:]])
+    merged = fs_merge([a, b], FSMerge(init="permute", optim={"steps": 3, "batch_size": 8}), [x[:32], x[32:]])
     out, ref = merged(x), a(x)
     # the permuted copy fits exactly: the loss is squared rounding noise (~1e-13) < cfg.tol, so no AdamW step (whose
     # normalised update would move the weights by ~lr however small the gradient) is taken; what is left is the
@@ -198,7 +198,7 @@ def test_zip_merge_of_a_model_with_a_permuted_copy_is_equivalent() -> None:
 def test_merging_a_model_with_itself_is_equivalent(kind: str, init: str) -> None:
     a = _models(kind, 1)[0]
     x = _x(kind, 16, 7)
-    cfg = FSMerge(init=init, steps=5, batch_size=8)
+    cfg = FSMerge(init=init, optim={"steps": 5, "batch_size": 8})
     merged = fs_merge([a, copy.deepcopy(a)], cfg, [x[:8], x[8:]])
     out, ref = merged(x), a(x)
     # exact start: the loss is rounding noise below cfg.tol, no AdamW step is taken (see the permute test above)
@@ -216,8 +216,8 @@ def test_baselines_shapes_and_front_door() -> None:
     tests = [torch.utils.data.TensorDataset(_x("mlp", 7, 9), torch.randint(0, m.head.out_features, (7,)))
              for m in models]
     for cfg in (AverageMerge(), PermuteMerge(), PermuteMerge(matching="weight"),
-                DistillMerge(steps=3),
-                FSMerge(steps=3, width_mult=2.0)):
+                DistillMerge(optim={"steps": 3}),
+                FSMerge(optim={"steps": 3}, width_mult=2.0)):
         m = merge(models, cfg, data)
         assert m(data[0]).shape == (10, 3 + 4 + 3)
         assert len(evaluate_tasks(m, tests)) == 3
@@ -226,7 +226,7 @@ def test_baselines_shapes_and_front_door() -> None:
     assert evaluate_tasks(ens, tests) == [evaluate_tasks(m, [t], [(0, m.head.out_features)])[0]
                                           for m, t in zip(models, tests)]
     assert from_yaml(to_yaml(FSMerge(param="full", mode="local"))) == FSMerge(param="full", mode="local")
-    student = distill_merge(models[:2], DistillMerge(steps=2, init="random"), data[:2])
+    student = distill_merge(models[:2], DistillMerge(optim={"steps": 2}, init="random"), data[:2])
     assert student(data[0]).shape == (10, 7)
 
 
@@ -242,10 +242,10 @@ def test_bad_inputs_and_inputs_untouched() -> None:
     a, b = _models("mlp")
     data = [_x("mlp", 8, 1), _x("mlp", 8, 2)]
     before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
-    cfg = FSMerge(steps=3)
+    cfg = FSMerge(optim={"steps": 3})
     fs_merge([a, b], cfg, data)
     permute_and_average([a, b], data=data)
-    distill_merge([a, b], DistillMerge(steps=2), data)
+    distill_merge([a, b], DistillMerge(optim={"steps": 2}), data)
     for m, sd in zip((a, b), before):
         assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
         assert all(p.requires_grad for p in m.parameters()) and not m.training

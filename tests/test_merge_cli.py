@@ -31,7 +31,7 @@ def test_merge_cli_saves_a_loadable_model(tmp_path, capsys, method: str) -> None
     a, b = _save(tmp_path, "a", 0, classes=5), _save(tmp_path, "b", 1, classes=5)
     before = open(a + ".safetensors", "rb").read()
     out = tmp_path / "merged"
-    steps = ["--steps", "3"] if method in ("fs-merge", "distill") else []  # the others have no steps
+    steps = ["--optim.steps", "3"] if method in ("fs-merge", "distill") else []  # the others have no steps
     rc = main(["merge", "--models", a, b + ".safetensors", "--method", method, "--data-per-task", "16",
                *steps, "--classes", "0,1,2,3,4", "5,6,7,8,9", "--out", str(out)])
     assert rc == 0

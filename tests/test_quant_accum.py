@@ -164,7 +164,8 @@ def test_two_stage_finetuning_switches_underflow():
     ds = TensorDataset(x, y)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     out = finetune_accumulators(model, AccumConfig(4, 5, chunk=4), ds, ds,
-                                TrainConfig(steps=4, batch_size=16, lr=1e-2, optimizer="adamw", weight_decay=0.0))
+                                TrainConfig(optim={"steps": 4, "batch_size": 16, "lr": 1e-2, "weight_decay": 0.0},
+                                            optimizer="adamw"))
     assert out["steps"] == [2, 2] and 0 <= out["test_acc"] <= 1
     accs = [l.slots.accumulator for _, l in gemm_layers(model)]
     assert all(a.acc.underflow for a in accs)

@@ -149,7 +149,7 @@ def test_cli_recipe_train8(tmp_path):
     from thrifty.train import load_model
 
     out = tmp_path / "run"
-    rc = main(["train", "--model", "mlp", "--dataset", "digits", "--steps", "3", "--recipe", "train8",
+    rc = main(["train", "--model", "mlp", "--dataset", "digits", "--optim.steps", "3", "--recipe", "train8",
                "--out", str(out)])
     assert rc == 0
     model, meta = load_model(out / "model")

@@ -120,14 +120,14 @@ def test_mixed_size_bad_input_before_training():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 4))  # only takes 32x32
     steps = []
     with pytest.raises(ValueError, match="input size 16x16"):
-        fit(mlp, TrainConfig(steps=3, batch_size=4), _images(), regime=MixedSize(mode="D+"),
+        fit(mlp, TrainConfig(optim={"steps": 3, "batch_size": 4}), _images(), regime=MixedSize(mode="D+"),
             callbacks=[steps.append], progress=False)
     assert steps == []  # nothing was trained
 
 
 def test_mixed_size_in_fit_and_resume(tmp_path):
     ds = _images(n=64)
-    cfg = TrainConfig(steps=8, batch_size=8, lr=0.05)
+    cfg = TrainConfig(optim={"steps": 8, "batch_size": 8, "lr": 0.05})
     reg = MixedSize(mode="B+", seed=3)
     model = _ConvNet()
     fit(model, cfg, ds, regime=reg, progress=False)
@@ -144,7 +144,7 @@ def test_mixed_size_in_fit_and_resume(tmp_path):
 
 def test_recalibrate_bn_changes_only_bn_buffers():
     model = _ConvNet()
-    fit(model, TrainConfig(steps=3, batch_size=8), _images(n=32), progress=False)
+    fit(model, TrainConfig(optim={"steps": 3, "batch_size": 8}), _images(n=32), progress=False)
     model.eval()
     before = copy.deepcopy(model.state_dict())
     recalibrate_bn(model, _images(n=32, seed=1), size=20, batches=4, batch_size=8)  # 4 x 8 covers all 32 once
@@ -169,7 +169,7 @@ def test_cli_regime_and_eval_sizes(tmp_path, capsys):
     from thrifty.cli import main
 
     out = tmp_path / "r"
-    assert main(["train", "--model", "resnet20", "--dataset", "digits32", "--steps", "2", "--batch-size", "8",
+    assert main(["train", "--model", "resnet20", "--dataset", "digits32", "--optim.steps", "2", "--optim.batch-size", "8",
                  "--model-arg", "width=4", "--regime", "batch-aug:2", "--out", str(out)]) == 0
     assert main(["eval", str(out / "model"), "--sizes", "16,24", "--calibrate-bn", "--calib-batches", "2"]) == 0
     rows = json.loads((out / "eval" / "eval.json").read_text())["rows"]

@@ -71,7 +71,8 @@ def test_registry_name_announces_the_baseline_it_trains(tmp_path, monkeypatch, c
     from thrifty.train import recipes
 
     monkeypatch.setenv("THRIFTY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(recipes.RECIPES, ("mlp", "digits"), ({}, recipes.TrainConfig(steps=2, batch_size=16)))
+    monkeypatch.setitem(recipes.RECIPES, ("mlp", "digits"), ({}, recipes.TrainConfig(optim={"steps": 2,
+                                                                                            "batch_size": 16})))
     args = ["sparsify", "--model", "mlp", "--dataset", "digits", "--calib-per-class", "2", "--no-bn"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err

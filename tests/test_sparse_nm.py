@@ -139,8 +139,8 @@ def test_sparse_training_with_fit_keeps_pattern():
     with pytest.warns(UserWarning, match="skipping '2'"):  # 2 outputs < M: cannot be transposable 1:4
         sparsify(model, NM(1, 4, transposable=True, method="approx", recompute_every=4))
     first = next(nm_masks(model))[2].mask.clone()
-    hist = fit(model, TrainConfig(epochs=6, batch_size=32, lr=0.1), TensorDataset(x, y), TensorDataset(x, y),
-               progress=False)
+    hist = fit(model, TrainConfig(epochs=6, optim={"batch_size": 32, "lr": 0.1}), TensorDataset(x, y),
+               TensorDataset(x, y), progress=False)
     assert hist.final["test_acc"] > 0.8
     for _, layer, mk in nm_masks(model):
         assert nmops.is_transposable(layer.effective_weight(), 1, 4)

@@ -30,10 +30,10 @@ def test_option_is_discovered_and_parses_flags():
 
 def test_train_cli_with_grad_and_act_nm(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--model", "mlp", "--dataset", "digits", "--steps", "3", "--batch-size", "32",
+    assert main(["train", "--model", "mlp", "--dataset", "digits", "--optim.steps", "3", "--optim.batch-size", "32",
                  "--grad-nm", "2:4", "--grad-method", "mvue", "--act-nm", "2:4", "--out", str(out)]) == 0
     opts = yaml.safe_load((out / "model.yaml").read_text())["options"]["actgrad-nm"]
     assert opts["grad"]["kind"] == "GradNM" and (opts["grad"]["n"], opts["grad"]["m"]) == (2, 4)
     assert opts["act"]["kind"] == "ActNM"
-    assert main(["train", "--model", "mlp", "--dataset", "digits", "--steps", "1", "--grad-nm", "2-4",
+    assert main(["train", "--model", "mlp", "--dataset", "digits", "--optim.steps", "1", "--grad-nm", "2-4",
                  "--out", str(tmp_path / "bad")]) == 2

@@ -38,7 +38,7 @@ def test_fit_improves_accuracy():
     ds = _data()
     model = _mlp()
     before = evaluate(model, ds)["acc"]
-    hist = fit(model, TrainConfig(epochs=8, batch_size=32, lr=0.1), ds, ds, progress=False)
+    hist = fit(model, TrainConfig(epochs=8, optim={"batch_size": 32, "lr": 0.1}), ds, ds, progress=False)
     assert hist.final["test_acc"] > max(0.85, before + 0.3)
     assert len(hist.losses) == 8 * 8 and len(hist.records) == 8
     assert hist.losses[-1] < hist.losses[0]
@@ -47,7 +47,8 @@ def test_fit_improves_accuracy():
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_resume_is_exact(tmp_path, optimizer):
     ds = _data()
-    cfg = TrainConfig(epochs=4, batch_size=48, lr=0.05, optimizer=optimizer, ckpt_every=5)  # 6 steps/epoch
+    cfg = TrainConfig(epochs=4, optim={"batch_size": 48, "lr": 0.05}, optimizer=optimizer,
+                      ckpt_every=5)  # 6 steps/epoch
     ref = _mlp(bn=True)
     fit(ref, cfg, ds, ds, progress=False)
 
@@ -67,10 +68,10 @@ def test_resume_is_exact(tmp_path, optimizer):
 def test_resume_errors(tmp_path):
     ds = _data()
     with pytest.raises(CheckpointError, match=str(tmp_path / CKPT_NAME)):
-        fit(_mlp(), TrainConfig(steps=2), ds, ckpt_dir=tmp_path, resume=True, progress=False)
-    fit(_mlp(), TrainConfig(steps=2, batch_size=16), ds, ckpt_dir=tmp_path, progress=False)
+        fit(_mlp(), TrainConfig(optim={"steps": 2}), ds, ckpt_dir=tmp_path, resume=True, progress=False)
+    fit(_mlp(), TrainConfig(optim={"steps": 2, "batch_size": 16}), ds, ckpt_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="different TrainConfig.*lr"):
-        fit(_mlp(), TrainConfig(steps=2, batch_size=16, lr=0.3), ds, ckpt_dir=tmp_path, resume=True,
+        fit(_mlp(), TrainConfig(optim={"steps": 2, "batch_size": 16, "lr": 0.3}), ds, ckpt_dir=tmp_path, resume=True,
             progress=False)
 
 
@@ -115,7 +116,7 @@ def test_nan_errors():
     with torch.no_grad():
         model[3].bias[1] = float("nan")
     with pytest.raises(ValueError, match=r"parameter .3\.bias."):
-        fit(model, TrainConfig(steps=2), ds, progress=False)
+        fit(model, TrainConfig(optim={"steps": 2}), ds, progress=False)
 
     calls = []
 
@@ -125,7 +126,7 @@ def test_nan_errors():
         return loss * float("nan") if len(calls) == 3 else loss
 
     with pytest.raises(FloatingPointError, match="at step 2"):
-        fit(_mlp(), TrainConfig(steps=5, batch_size=16), ds, loss_fn=loss_fn, progress=False)
+        fit(_mlp(), TrainConfig(optim={"steps": 5, "batch_size": 16}), ds, loss_fn=loss_fn, progress=False)
 
 
 def test_empty_dataset_and_bad_config():
@@ -134,18 +135,18 @@ def test_empty_dataset_and_bad_config():
         fit(_mlp(), None, empty, progress=False)
     with pytest.raises(ValueError, match="empty"):
         evaluate(_mlp(), empty)
-    with pytest.raises(ValueError, match="TrainConfig.batch_size"):
-        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="TrainConfig.optim.batch_size"):
+        TrainConfig(optim={"batch_size": 0})
     with pytest.raises(ValueError, match="TrainConfig.schedule"):
         TrainConfig(schedule="linear")
-    cfg = TrainConfig(epochs=3, lr=0.2, milestones=(0.3, 0.6), schedule="step")
+    cfg = TrainConfig(epochs=3, optim={"lr": 0.2}, milestones=(0.3, 0.6), schedule="step")
     assert from_yaml(to_yaml(cfg)) == cfg
 
 
 def test_lr_schedules():
-    cfg = TrainConfig(lr=1.0, schedule="step", milestones=(0.5, 0.75), gamma=0.1, warmup=2)
+    cfg = TrainConfig(optim={"lr": 1.0}, schedule="step", milestones=(0.5, 0.75), gamma=0.1, warmup=2)
     assert [round(cfg.lr_at(t, 8), 6) for t in range(8)] == [0.5, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]
-    cos = TrainConfig(lr=1.0)
+    cos = TrainConfig(optim={"lr": 1.0})
     assert cos.lr_at(0, 10) == 1.0 and abs(cos.lr_at(5, 10) - 0.5) <= 4 * 2.0**-53  # cos(pi / 2) ~ 6e-17
 
 
@@ -188,7 +189,7 @@ class _Recorder(Regime):
 
 def test_regime_hooks_and_callbacks():
     reg, seen = _Recorder(), []
-    fit(_mlp(), TrainConfig(steps=6, batch_size=32), _data(), regime=reg, progress=False,
+    fit(_mlp(), TrainConfig(optim={"steps": 6, "batch_size": 32}), _data(), regime=reg, progress=False,
         callbacks=[lambda s: seen.append((s.step, s.epoch, s.lr > 0, s.optimizer is not None))])
     assert reg.calls == {"setup": 1, "batch": 6, "before": 6, "end": 6}
     assert reg.sizes == [32, 16, 32, 16, 32, 16]
@@ -263,7 +264,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
     model = _mlp(dropout=0.0)  # dropout masks are per-process random streams, so leave them out here
     first = []
-    cfg = TrainConfig(steps=4, batch_size=16, lr=0.1)
+    cfg = TrainConfig(optim={"steps": 4, "batch_size": 16, "lr": 0.1})
     fit(model, cfg, _data(), progress=False, ckpt_dir=out, callbacks=[_first_step(first)])
     torch.save({"state": model.state_dict(), "grads": first[0], "state1": first[1]}, os.path.join(out, f"ddp{rank}.pt"))
     # batch augmentation under DDP: each process augments its own shard; weights stay in sync
@@ -274,7 +275,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
                          nn.Flatten(), nn.Linear(4, 4))
     imgs = TensorDataset(torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 4)
     sizes = []
-    fit(conv, TrainConfig(steps=3, batch_size=4, lr=0.1), imgs, regime=BatchAugment(m=2), progress=False,
+    fit(conv, TrainConfig(optim={"steps": 3, "batch_size": 4, "lr": 0.1}), imgs, regime=BatchAugment(m=2),
+        progress=False,
         callbacks=[lambda s: sizes.append(s.batch_size)])
     torch.save({"state": conv.state_dict(), "sizes": sizes}, os.path.join(out, f"aug{rank}.pt"))
     dist.barrier()
@@ -290,7 +292,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     ddp, ddp1 = torch.load(tmp_path / "ddp0.pt"), torch.load(tmp_path / "ddp1.pt")
 
-    model, first, cfg = _mlp(dropout=0.0), [], TrainConfig(steps=4, batch_size=32, lr=0.1)
+    model, first, cfg = _mlp(dropout=0.0), [], TrainConfig(optim={"steps": 4, "batch_size": 32, "lr": 0.1})
     w0 = [p.detach().clone() for p in model.parameters()]
     mag = _mlp_grad_magnitude(model, _data())
     fit(model, cfg, _data(), progress=False, callbacks=[_first_step(first)])
@@ -300,9 +302,9 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     for i, (g_ddp, g) in enumerate(zip(ddp["grads"], first[0])):
         assert_within(g_ddp, g, g_bound[i], f"DDP gradient of parameter {i}")
     # first SGD step from the same weights: w - lr (1 + m) (g + wd w), a few roundings of its terms
-    c = cfg.lr * (1 + cfg.momentum)
+    c = cfg.optim.lr * (1 + cfg.momentum)
     for i, (w_ddp, w1) in enumerate(zip(ddp["state1"], first[1])):
-        terms = w0[i].double().abs() + c * (first[0][i].double().abs() + cfg.weight_decay * w0[i].double().abs())
+        terms = w0[i].double().abs() + c * (first[0][i].double().abs() + cfg.optim.weight_decay * w0[i].double().abs())
         assert_within(w_ddp, w1, c * g_bound[i] + 8 * unit_roundoff() * terms, f"DDP weights after step 1, {i}")
     # later steps: both ranks apply the same all-reduced gradients, so they stay bit-identical (the single
     # process drifts from them by the rounding above, amplified by the loss curvature: not a fixed bound)
@@ -327,9 +329,9 @@ def test_dataloader_workers_and_generic_datasets_match_fast_path():
         def __getitem__(self, i):
             return self.ds[i]
 
-    ds, cfg = _data(n=64), TrainConfig(steps=5, batch_size=16)
+    ds, cfg = _data(n=64), TrainConfig(optim={"steps": 5, "batch_size": 16})
     ref, generic, workers = _mlp(), _mlp(), _mlp()
     fit(ref, cfg, ds, progress=False)
     fit(generic, cfg, Pairs(ds), progress=False)
-    fit(workers, TrainConfig(steps=5, batch_size=16, num_workers=1), Pairs(ds), progress=False)
+    fit(workers, TrainConfig(optim={"steps": 5, "batch_size": 16}, num_workers=1), Pairs(ds), progress=False)
     assert _same(ref, generic) and _same(ref, workers)

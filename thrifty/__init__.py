@@ -24,6 +24,7 @@ _EXPORTS = {
     "apply": ("thrifty.core", "apply"),
     "strip": ("thrifty.core", "strip"),
     "Config": ("thrifty.core", "Config"),
+    "OptimConfig": ("thrifty.core", "OptimConfig"),
     "to_yaml": ("thrifty.core", "to_yaml"),
     "from_yaml": ("thrifty.core", "from_yaml"),
     "wrap": ("thrifty.nn", "wrap"),

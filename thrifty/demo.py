@@ -164,7 +164,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, seed: int
     extra_kw, cfg = recipe(MODEL, DATASET)
     cfg = dataclasses.replace(cfg, seed=seed, **({"epochs": epochs} if epochs else {}))
     if quick:  # smoke test: a few steps, a slice of the test set
-        cfg = dataclasses.replace(cfg, steps=4, batch_size=32)
+        cfg = cfg.replace(optim={"steps": 4, "batch_size": 32})
         splits = dataclasses.replace(splits, test=TensorDataset(*(t[:128] for t in splits.test.tensors)))
     kwargs = model_kwargs_for(MODEL, splits.input_shape, splits.num_classes, **extra_kw)
     seed_everything(seed)

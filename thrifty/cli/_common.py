@@ -355,7 +355,7 @@ def announce_baseline(name: str, dataset: str, seed: int = 0, *, option: str = "
     if pretrained_cached(name, dataset, seed=seed):
         return False
     cfg = recipe(name, dataset)[1]
-    length = f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs:g} epochs"
+    length = f"{cfg.optim.steps} steps" if cfg.optim.steps else f"{cfg.epochs:g} epochs"
     print(f"thrifty {command}: {option} {name} names an architecture, not trained weights: training its "
           f"{dataset} baseline first ({length}, seed {seed}; cached for later runs). To skip this, pass a "
           f"trained model instead, e.g. {option} runs/<name> from `thrifty train --model {name} --dataset "

@@ -293,8 +293,10 @@ def add_config_flags(parser: argparse.ArgumentParser, name: str, *classes: type[
     container = parser.add_argument_group(title) if title else parser
     taken = {a.dest for a in parser._actions}
     group = ConfigGroup(name, tuple(classes), prefix, {}, {}, on_load=on_load)
-    _add_fields(parser, container, group, classes, prefix, "", skip, zero, taken, dict(dests or {}))
-    for old, alias in (aliases or {}).items():
+    _add_fields(parser, container, group, [(c.__name__, c, UNSET) for c in classes], prefix, "", skip, zero, taken,
+                dict(dests or {}))
+    aliases = {**_moved_aliases(parser, group, prefix), **(aliases or {})}
+    for old, alias in aliases.items():
         targets = tuple(group.dests[f] for f in alias.fields)
         neg = alias.const is False  # an old "--x-no-y" store-true flag is the new "--no-x-y"
         new = " and ".join(("--no-" + group.flag(f)[2:]) if neg else group.flag(f) for f in alias.fields)
@@ -307,13 +309,28 @@ def add_config_flags(parser: argparse.ArgumentParser, name: str, *classes: type[
     return group
 
 
-def _add_fields(parser: argparse.ArgumentParser, container: Any, group: ConfigGroup, classes: Iterable[type],
-                prefix: str, path: str, skip: set, zero: set, taken: set, renamed: dict[str, str]) -> None:
-    seen: dict[str, list[tuple[type, dataclasses.Field]]] = {}
-    for cls in classes:
+def _moved_aliases(parser: argparse.ArgumentParser, group: ConfigGroup, prefix: str) -> dict[str, Alias]:
+    """The flags of fields that moved into a nested config (``--lr`` -> ``--optim.lr``), kept for one release."""
+    have = {s for a in parser._actions for s in a.option_strings}
+    out: dict[str, Alias] = {}
+    for cls in group.classes:
+        for old, new in cls.moved_fields.items():
+            flag = "--" + prefix + old.replace("_", "-")
+            if new in group.generated and flag not in have:
+                out[flag] = Alias((new,))
+    return out
+
+
+def _add_fields(parser: argparse.ArgumentParser, container: Any, group: ConfigGroup,
+                classes: Iterable[tuple[str, type, Any]], prefix: str, path: str, skip: set, zero: set, taken: set,
+                renamed: dict[str, str]) -> None:
+    """``classes``: (owner's name, class, the owner's value of it: a nested config's default, or UNSET at the top)."""
+    seen: dict[str, list[tuple[type, dataclasses.Field, str, Any]]] = {}
+    for label, cls, base in classes:
         for f in dataclasses.fields(cls):
             if f.init and (path + f.name) not in skip:
-                seen.setdefault(f.name, []).append((cls, f))
+                dflt = _default(f) if base is UNSET else getattr(base, f.name)
+                seen.setdefault(f.name, []).append((cls, f, label, dflt))
     for fname, owners in seen.items():
         key = path + fname
         dest = renamed.get(key) or (prefix + key).replace("-", "_")
@@ -327,11 +344,13 @@ def _add_fields(parser: argparse.ArgumentParser, container: Any, group: ConfigGr
         tp, optional = _strip_optional(typing.get_type_hints(cls0)[fname])
         if isinstance(tp, type) and issubclass(tp, Config) and dataclasses.is_dataclass(tp):
             del group.dests[key], group.flags[key]
-            _add_fields(parser, container, group, [tp], prefix, key + ".", skip, zero, taken, renamed)
+            # each owner's own default for the nested config (FSMerge's optim.lr differs from DistillMerge's)
+            inner = [(label, tp, d if isinstance(d, tp) else UNSET) for _, _, label, d in owners]
+            _add_fields(parser, container, group, inner, prefix, key + ".", skip, zero, taken, renamed)
             continue
-        helps = [field_docs(c).get(fname, "") for c, _ in owners]
+        helps = [field_docs(c).get(fname, "") for c, *_ in owners]
         text = next((h for h in helps if h), "").replace("``", "")  # reST literals read as plain words in --help
-        defaults = {c.__name__: _default(f) for c, f in owners}
+        defaults = {label: d for _, _, label, d in owners}
         if len(set(map(_show, defaults.values()))) == 1:
             dflt = f"default: {_show(next(iter(defaults.values())))}"
         else:
@@ -361,11 +380,12 @@ def _values(args: argparse.Namespace, group: ConfigGroup, cls: type, base: Any, 
             continue
         key = path + f.name
         tp, _ = _strip_optional(hints[f.name])
-        inner_base = getattr(base, f.name) if base is not None else None
         if key not in group.dests and isinstance(tp, type) and issubclass(tp, Config):
-            sub = _values(args, group, tp, inner_base, key + ".")
-            if sub or inner_base is None:
-                out[f.name] = tp(**{**_init_fields(inner_base), **sub}) if inner_base is not None else tp(**sub)
+            # flags left out keep the outer config's value (its default for it, not the nested class's)
+            inner_base = getattr(base, f.name) if base is not None else _default(f)
+            sub = _values(args, group, tp, None if inner_base is UNSET else inner_base, key + ".")
+            if sub:
+                out[f.name] = tp(**{**_init_fields(inner_base), **sub}) if inner_base not in (UNSET, None) else tp(**sub)
             continue
         v = getattr(args, group.dests[key], UNSET) if key in group.dests else UNSET
         if v is not UNSET:

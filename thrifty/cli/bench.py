@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from thrifty.cli import _common
@@ -82,6 +81,34 @@ def _backends(text: str | list) -> list[str]:
 _scenarios.accepts_list = _backends.accepts_list = True  # type: ignore[attr-defined]
 
 
+def run_table(r: dict) -> str:
+    """One benchmark run as the other commands print results: a row per scenario (numbers through
+    ``thrifty.utils.fmt_value``: accuracies in percent, other values to 4 significant digits), then accuracy.
+
+    Example:
+        >>> r = {"scenarios": {"Offline": {"valid": True, "metric": "samples_per_second", "value": 1234.5678,
+        ...                                "reasons": []}}, "accuracy": {"metrics": {"top1": 0.98765, "n": 64}}}
+        >>> print(run_table(r))
+          scenario      result   metric                  value
+          Offline       VALID    samples_per_second     1234.6
+          accuracy: top1 98.77%, n 64
+    """
+    from thrifty.utils import fmt_value
+
+    lines = [f"  {'scenario':<13} {'result':<8} {'metric':<20} {'value':>9}"]
+    for sc, x in r["scenarios"].items():
+        metric = x.get("metric") or "-"
+        line = f"  {sc:<13} {'VALID' if x['valid'] else 'INVALID':<8} {metric:<20} " \
+               f"{fmt_value(metric, x['value']) if x.get('value') is not None else '-':>9}"
+        if sc == "Server" and x.get("max_qps") is not None:
+            line += (f"  max QPS {fmt_value('qps', x.get('max_qps'))} at the "
+                     f"{fmt_value('ms', x.get('latency_bound_ms'))} ms bound")
+        lines.append(line + ("" if x["valid"] else "  <- " + "; ".join(x["reasons"])))
+    if r.get("accuracy"):
+        lines.append("  accuracy: " + ", ".join(f"{k} {fmt_value(k, v)}" for k, v in r["accuracy"]["metrics"].items()))
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from thrifty.bench import BenchConfig
     from thrifty.bench import run as bench_run
@@ -109,12 +136,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"== {name}: {', '.join(scen)}")
             r = bench_run(model, settings, wl.samples, scenarios=scen, backend=be, outdir=out,
                           accuracy=not args.no_accuracy, reference=ref, variant=name)
-            for sc, x in r["scenarios"].items():
-                print(f"  {sc:12s} {'VALID  ' if x['valid'] else 'INVALID'} {x.get('metric')}={x.get('value')}"
-                      + (f" max_qps={x.get('max_qps')} bound={x.get('latency_bound_ms')}ms" if sc == "Server" else "")
-                      + ("" if x["valid"] else "  <- " + "; ".join(x["reasons"])))
-            if r.get("accuracy"):
-                print(f"  accuracy     {json.dumps(r['accuracy']['metrics'])}")
+            print(run_table(r))
             results.append(r)
     paths = write_report(results, out, title=f"thrifty bench: {wl.name}")
     # last, so a failed run never leaves a config.yaml that does not match results.json

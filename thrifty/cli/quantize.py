@@ -64,8 +64,8 @@ def build_configs(args: argparse.Namespace) -> dict:
     synth = None
     if args.data_free:
         synth = config_from_args(args, "synth", base=Synth(method=args.data_free, seed=ptq.seed))
-        if synth.method == "gaussian" and synth.steps != Synth().steps:
-            raise ValueError(f"--synth-steps applies to --data-free bns or inception only (got --data-free "
+        if synth.method == "gaussian" and synth.optim.steps != Synth().optim.steps:
+            raise ValueError(f"--synth-optim.steps applies to --data-free bns or inception only (got --data-free "
                              f"{synth.method}); it would be ignored")
     elif changed_flags(args, "synth"):
         raise ValueError(f"{changed_flags(args, 'synth')[0]} applies to --data-free bns or inception only (no "

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                 reestimate_bn(model, xcal)
     report["acc_after_masking"] = evaluate(model, splits.test)["acc"]
     if args.finetune_epochs > 0:
-        tc = TrainConfig(epochs=args.finetune_epochs, batch_size=64, lr=args.finetune_lr, seed=args.seed)
+        tc = TrainConfig(epochs=args.finetune_epochs, optim={"batch_size": 64, "lr": args.finetune_lr}, seed=args.seed)
         fit(model, tc, splits.train, progress=_common.show_progress())
         report["acc_after_finetune"] = evaluate(model, splits.test)["acc"]
     layers = {}

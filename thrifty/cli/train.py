@@ -53,9 +53,10 @@ def build_configs(args: argparse.Namespace) -> dict:
     _, base = recipe(args.model, args.dataset)
     cfg = config_from_args(args, "train", base=dataclasses.replace(base, seed=0, num_workers=0))
     if args.quick:
-        if getattr(args, "steps", UNSET) not in (UNSET, 0):  # 0 (a config file's default) means "use epochs"
-            raise ValueError(f"--quick (5 steps) and --steps {args.steps} contradict each other: give one of them")
-        cfg = dataclasses.replace(cfg, steps=5)
+        steps = getattr(args, "optim.steps", UNSET)
+        if steps not in (UNSET, 0):  # 0 (a config file's default) means "use epochs"
+            raise ValueError(f"--quick (5 steps) and --optim.steps {steps} contradict each other: give one of them")
+        cfg = cfg.replace(optim={"steps": 5})
     # the options draw their seeds from the run's (GradNM's, a regime's), resolved here
     return {"train": cfg, **option_configs(argparse.Namespace(**{**vars(args), "seed": cfg.seed}))}
 

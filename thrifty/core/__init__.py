@@ -20,8 +20,9 @@ from thrifty.core.revert import Outcome, keep_if_better
 from thrifty.core.select import keep_module_path, layer_status, outermost, uncalled_layers
 from thrifty.core.config import (
     CONFIG_ALIASES, CONFIGS, Config, config_class, from_dict, from_yaml, import_config_modules, register_config,
-    to_dict, to_yaml,
+    flat_fields, nest_moved, to_dict, to_yaml, with_overrides,
 )
+from thrifty.core.optim import OptimConfig
 from thrifty.core.compat import config_first, deprecated_alias, old_order_warning
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "wrap_layers", "CONFIGS", "Config", "config_class", "from_dict", "from_yaml", "register_config", "to_dict",
     "to_yaml", "PIPELINES", "register_pipeline", "register_prepare", "import_config_modules",
     "config_first", "old_order_warning", "CONFIG_ALIASES", "deprecated_alias", "Outcome", "keep_if_better",
+    "OptimConfig", "nest_moved", "with_overrides", "flat_fields",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from typing import Any, ClassVar, TypeVar
@@ -28,7 +29,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 __all__ = ["Config", "register_config", "config_class", "to_dict", "from_dict", "to_yaml", "from_yaml", "CONFIGS",
-           "import_config_modules", "CONFIG_ALIASES"]
+           "import_config_modules", "CONFIG_ALIASES", "nest_moved", "with_overrides", "flat_fields"]
 
 CONFIGS: dict[str, type["Config"]] = {}
 # renamed config -> its current name: old YAML files still load (with a DeprecationWarning) for one release
@@ -45,12 +46,17 @@ class Config:
     """
 
     version: ClassVar[int] = 1
+    # a field that moved into a nested config: old name -> its dotted place ("lr": "optim.lr"). The old keyword
+    # still builds the config for one release (DeprecationWarning), reading it names the new place, and
+    # :func:`nest_moved` turns an older file's flat key into the nested one (for ``upgrade``).
+    moved_fields: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def upgrade(cls, d: dict[str, Any], from_version: int) -> dict[str, Any]:
         """Turn the fields ``d`` of a ``from_version`` file (older than ``cls.version``) into current fields.
 
-        The default knows no older version: a class that bumps ``version`` overrides this.
+        The default puts the flat keys of ``moved_fields`` into their nested configs (:func:`nest_moved`) and
+        knows no other change: a class that changes its fields otherwise overrides this.
 
         Example:
             >>> @register_config
@@ -64,11 +70,17 @@ class Config:
             >>> from_dict({"kind": "Rate", "version": 1, "percent": 25})
             Rate(rate=0.25)
         """
+        if cls.moved_fields:
+            return nest_moved(cls, d)
         raise ValueError(f"{cls.__name__}: config version {from_version} is older than this thrifty's "
                          f"({cls.version}) and {cls.__name__} defines no upgrade from it")
 
     def replace(self, **changes: Any) -> "Config":
-        """A copy with some fields changed (configs are immutable)."""
+        """A copy with some fields changed (configs are immutable); a dict for a nested config changes only the
+        keys it names: ``cfg.replace(optim={"lr": 0.05})``."""
+        for k, v in changes.items():
+            if isinstance(v, dict) and isinstance(getattr(self, k, None), Config):
+                changes[k] = dataclasses.replace(getattr(self, k), **v)
         return dataclasses.replace(self, **changes)
 
     def to_yaml(self) -> str:
@@ -86,7 +98,138 @@ def register_config(cls: C) -> C:
     if prev is not None and prev.__module__ != cls.__module__:
         raise ValueError(f"config name {cls.__name__!r} already registered by {prev.__module__}")
     CONFIGS[cls.__name__] = cls
+    if not getattr(cls.__init__, "_nested_kw", False):
+        _nested_keywords(cls)
     return cls
+
+
+def _nested_default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    raise TypeError(f"{cls.__name__}.{name} has no default to start from")
+
+
+def _nested_keywords(cls: type) -> None:
+    """Wrap ``cls.__init__`` so that a dict given for a nested config changes only the keys it names
+    (``FSMerge(optim={"lr": 0.05})`` keeps FSMerge's other optim defaults), and a moved field's old keyword
+    (``FSMerge(lr=0.05)``) still sets it, with a DeprecationWarning; reading ``cfg.lr`` then names the new place.
+    ``replace`` goes through ``__init__``, so it takes both too."""
+    import functools
+    import warnings
+
+    init, moved = cls.__init__, dict(cls.moved_fields)
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kw: Any) -> None:
+        old = [k for k in kw if k in moved]
+        if old:
+            warnings.warn(f"{cls.__name__}({', '.join(k + '=...' for k in old)}): moved to "
+                          f"{', '.join(cls.__name__ + '.' + moved[k] for k in old)}; the old keyword goes in the next "
+                          "release", DeprecationWarning, stacklevel=2)
+            for k in old:
+                head, _, rest = moved[k].partition(".")
+                kw.setdefault(head, {})
+                if isinstance(kw[head], dict):
+                    kw[head] = {**kw[head], rest: kw.pop(k)}
+                else:
+                    kw[head] = dataclasses.replace(kw[head], **{rest: kw.pop(k)})
+        for k in [k for k, v in kw.items() if isinstance(v, dict) and k in _nested_fields(cls)]:
+            try:
+                kw[k] = dataclasses.replace(_nested_default(cls, k), **kw[k])
+            except (TypeError, ValueError) as e:  # an unknown key, a bad value
+                raise _nested_error(cls, k, e) from None
+        init(self, *args, **kw)
+
+    def __getattr__(self: Any, name: str) -> Any:
+        if name in moved:
+            raise AttributeError(f"{cls.__name__}.{name} moved to {cls.__name__}.{moved[name]}")
+        raise AttributeError(f"{cls.__name__!r} object has no attribute {name!r}")
+
+    __init__._nested_kw = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    if moved:
+        cls.__getattr__ = __getattr__  # type: ignore[attr-defined]
+
+
+def _nested_error(cls: type, name: str, e: Exception) -> Exception:
+    """A nested config's error named from the outer config: "OptimConfig.lr: ..." -> "TrainConfig.optim.lr: ..."."""
+    msg = str(e)
+    inner = re.match(r"(\w+)\.[a-z][a-z0-9_]*(?=[: ])", msg)  # "Inner.field: ..." or "Inner.field must ..."
+    if inner and inner.group(1) in CONFIGS:
+        return type(e)(f"{cls.__name__}.{name}.{msg[len(inner.group(1)) + 1:]}")
+    return type(e)(f"{cls.__name__}.{name}: {msg}")
+
+
+def _nested_fields(cls: type) -> set[str]:
+    """The fields of ``cls`` that hold a config (resolved on first use: annotations may be forward references)."""
+    if "_nested_names" not in cls.__dict__:
+        hints = typing.get_type_hints(cls)
+        cls._nested_names = frozenset(f.name for f in dataclasses.fields(cls)  # type: ignore[attr-defined]
+                                      if f.init and _config_type(hints.get(f.name)))
+    return cls._nested_names  # type: ignore[attr-defined]
+
+
+def with_overrides(cfg: C, **changes: Any) -> C:
+    """``cfg.replace(**changes)`` for a function whose keyword overrides name config fields
+    (``synthesize(model, cfg, n, steps=5)``): a flat name that moved into a nested config sets it there, without the
+    deprecation warning the constructor gives (the function's keywords are its own API).
+
+    Example:
+        >>> from thrifty.merge import FSMerge
+        >>> with_overrides(FSMerge(), lr=0.05, mode="local").optim.lr
+        0.05
+    """
+    moved = type(cfg).moved_fields
+    own = {k: v for k, v in changes.items() if k not in moved}
+    for k, v in changes.items():
+        if k in moved:
+            head, _, rest = moved[k].partition(".")
+            inner = own.get(head, getattr(cfg, head))
+            own[head] = {**inner, rest: v} if isinstance(inner, dict) else dataclasses.replace(inner, **{rest: v})
+    return cfg.replace(**own) if own else cfg  # type: ignore[return-value]
+
+
+def flat_fields(cfg: Config) -> dict[str, Any]:
+    """The fields of ``cfg`` as :func:`to_dict` gives them, with the nested configs that ``moved_fields`` point into
+    spread at the top: the layout before the fields moved, which results files and cache keys keep.
+
+    Example:
+        >>> from thrifty.datafree import Synth
+        >>> d = flat_fields(Synth())
+        >>> d["steps"], d["lr"], d["upsample"], "optim" in d
+        (60, 0.4, 4, False)
+    """
+    heads = {p.split(".")[0] for p in type(cfg).moved_fields.values()}
+    out: dict[str, Any] = {}
+    for k, v in to_dict(cfg).items():
+        if k in heads and isinstance(v, dict):
+            out.update({f: x for f, x in v.items() if f not in ("kind", "version")})
+        elif k not in ("kind", "version"):
+            out[k] = v
+    return out
+
+
+def nest_moved(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """An older file's fields ``d`` with each flat key of ``cls.moved_fields`` put into its nested config's dict
+    (the other fields of that config keep ``cls``'s defaults when the file is read).
+
+    Example:
+        >>> from thrifty.merge import FSMerge
+        >>> nest_moved(FSMerge, {"mode": "local", "lr": 0.05})
+        {'mode': 'local', 'optim': {'lr': 0.05}}
+    """
+    out = {k: v for k, v in d.items() if k not in cls.moved_fields}
+    for k, v in d.items():
+        if k in cls.moved_fields:
+            head, _, rest = cls.moved_fields[k].partition(".")
+            inner = out.setdefault(head, {})
+            if not isinstance(inner, dict):
+                raise ValueError(f"{cls.__name__}: both {k!r} and {head!r} given")
+            inner[rest] = v
+    return out
 
 
 # Modules that define thrifty's own configs: imported on demand so that from_yaml works without the
@@ -199,9 +342,36 @@ def from_dict(d: dict[str, Any]) -> Config:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(body) - names
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}")
-    kwargs = {k: _decode(hints.get(k, Any), v, f"{cls.__name__}.{k}") for k, v in body.items()}
+        moved = "".join(f"; {k} is now {cls.moved_fields[k]}" for k in sorted(unknown) if k in cls.moved_fields)
+        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}{moved}")
+    for k, v in body.items():
+        tp = _config_type(hints.get(k))
+        if isinstance(v, dict) and tp is not None and v.get("kind", tp.__name__) == tp.__name__:
+            # a nested config's keys left out keep the outer config's default for it (not the inner class's)
+            dflt = _nested_default(cls, k) if _has_default(cls, k) else None
+            body[k] = {**(to_dict(dflt) if isinstance(dflt, tp) else {"kind": tp.__name__}), **v}
+    kwargs = {}
+    for k, v in body.items():
+        try:
+            kwargs[k] = _decode(hints.get(k, Any), v, f"{cls.__name__}.{k}")
+        except (TypeError, ValueError) as e:
+            if not isinstance(v, dict):
+                raise
+            raise _nested_error(cls, k, e) from None
     return cls(**kwargs)
+
+
+def _config_type(tp: Any) -> type | None:
+    """The Config class of a field annotated ``SomeConfig`` or ``Optional[SomeConfig]``, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else None
+    return tp if isinstance(tp, type) and issubclass(tp, Config) else None
+
+
+def _has_default(cls: type, name: str) -> bool:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
 
 
 def to_yaml(cfg: Config) -> str:

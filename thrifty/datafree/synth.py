@@ -16,7 +16,7 @@ The same BN statistic scores how well a data set matches a model
 Example (an untrained ResNet-20; in practice a trained one, e.g. ``thrifty.train.pretrained``):
     >>> import thrifty as th
     >>> model = th.models.create("resnet20", width=4)
-    >>> calib = synthesize(model, Synth(method="bns", steps=3), 8, input_shape=(1, 32, 32), progress=False)
+    >>> calib = synthesize(model, Synth(method="bns", optim={"steps": 3}), 8, input_shape=(1, 32, 32), progress=False)
     >>> len(calib), tuple(calib.tensors[0].shape[1:])
     (8, (1, 32, 32))
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional
+from typing import ClassVar, Iterator, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,9 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from thrifty.quant.calib import model_output
-from thrifty.core import Config, config_first, old_order_warning, register_config, register_pipeline
+from thrifty.core import (
+    Config, OptimConfig, config_first, old_order_warning, register_config, register_pipeline, with_overrides,
+)
 from thrifty.utils import show_progress
 
 __all__ = ["Synth", "synthesize", "bn_similarity", "bn_layers", "bns_loss", "gaussian_kl"]
@@ -49,10 +51,10 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 class Synth(Config):
     """How to synthesise calibration data.
 
-    At most ``steps`` Adam steps on the inputs, in batches of ``batch_size``
+    At most ``optim.steps`` Adam steps on the inputs, in batches of ``optim.batch_size``
     (BN statistics are matched per batch, so keep it >= 32). The learning rate
     warms up linearly over the first ``warmup`` fraction of the steps to
-    ``lr``, then follows a cosine to zero. ``plateau`` > 0 stops a batch early
+    ``optim.lr``, then follows a cosine to zero. ``plateau`` > 0 stops a batch early
     once the BNS loss has improved by less than that fraction over the last
     ``steps // 5`` steps (after the warmup). ``upsample`` > 1 optimises image
     inputs (C, H, W) at 1/``upsample`` of their height and width and feeds the
@@ -63,9 +65,8 @@ class Synth(Config):
 
     Args:
         method: "bns" (match BatchNorm statistics), "gaussian" (noise) or "inception" (class logits).
-        steps: most Adam steps on the inputs of each batch.
-        lr: peak learning rate on the inputs.
-        batch_size: samples optimised together (BN statistics are matched per batch: keep it >= 32).
+        optim: Adam on the inputs: at most ``steps`` steps per batch of ``batch_size`` samples (BN statistics are
+            matched per batch: keep it >= 32), peak ``lr``, ``weight_decay`` (Adam's, an L2 pull on the inputs).
         warmup: fraction of the steps with a linear warmup.
         plateau: stop a batch once its loss improved by less than this fraction over steps // 5 steps (0: never).
         upsample: optimise images at 1/upsample of their height and width, bilinearly upsampled (1: full size).
@@ -76,9 +77,7 @@ class Synth(Config):
     """
 
     method: Method = "bns"
-    steps: int = 60
-    lr: float = 0.4
-    batch_size: int = 256
+    optim: OptimConfig = OptimConfig(steps=60, lr=0.4, batch_size=256, weight_decay=0.0)
     warmup: float = 0.0
     plateau: float = 0.0
     upsample: int = 4
@@ -87,14 +86,17 @@ class Synth(Config):
     seed: int = 0
     soft_labels: bool = False
 
+    # version 2 moved steps, lr and batch_size into ``optim``
+    version: ClassVar[int] = 2
+    moved_fields: ClassVar[dict[str, str]] = {k: "optim." + k for k in ("steps", "lr", "batch_size")}
+
     def __post_init__(self) -> None:
         if self.method not in ("bns", "gaussian", "inception"):
             raise ValueError(f"Synth.method must be 'bns', 'gaussian' or 'inception', got {self.method!r}")
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Synth.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.tv_weight < 0 or self.l2_weight < 0:
-            raise ValueError("Synth: lr must be > 0 and tv_weight, l2_weight >= 0")
+        if not isinstance(self.optim, OptimConfig) or self.optim.steps < 1:
+            raise ValueError(f"Synth.optim.steps must be >= 1, got {getattr(self.optim, 'steps', self.optim)!r}")
+        if self.tv_weight < 0 or self.l2_weight < 0:
+            raise ValueError("Synth: tv_weight and l2_weight must be >= 0")
         if self.upsample < 1:
             raise ValueError(f"Synth.upsample must be >= 1, got {self.upsample}")
         if not 0 <= self.warmup < 1 or not 0 <= self.plateau < 1:
@@ -241,7 +243,8 @@ def synthesize(
     ``y`` holds the FP model's predicted class (or its softmax with
     ``soft_labels=True``). The model's weights, buffers, mode and
     ``requires_grad`` flags are left exactly as they were. Keyword
-    ``overrides`` replace fields of ``config`` (default ``Synth()``). The
+    ``overrides`` replace fields of ``config`` (default ``Synth()``; ``steps=``,
+    ``lr=``, ``batch_size=`` set its ``optim``). The
     older order ``synthesize(model, n, method, cfg=...)`` still works for one
     release, with a DeprecationWarning.
 
@@ -251,7 +254,7 @@ def synthesize(
     Example:
         >>> import torch.nn as nn
         >>> model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-        >>> ds = synthesize(model, Synth(method="bns", steps=20), 32, input_shape=(6,), progress=False)
+        >>> ds = synthesize(model, Synth(method="bns", optim={"steps": 20}), 32, input_shape=(6,), progress=False)
         >>> ds.tensors[0].shape, ds.tensors[1].shape
         (torch.Size([32, 6]), torch.Size([32]))
     """
@@ -271,7 +274,7 @@ def synthesize(
     cfg, _ = config_first("synthesize", config, None, cfg, default=Synth(), accepts=(Synth,),
                           call="synthesize(model, cfg, n)")
     if overrides:
-        cfg = cfg.replace(**overrides)  # type: ignore[assignment]
+        cfg = with_overrides(cfg, **overrides)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"synthesize: n must be a positive integer, got {n!r}")
     if hasattr(model, "tokenize"):
@@ -287,9 +290,9 @@ def synthesize(
     shape = _input_shape(model, input_shape)
     gen = torch.Generator().manual_seed(cfg.seed)
     xs, ys = [], []
-    batches = [min(cfg.batch_size, n - i) for i in range(0, n, cfg.batch_size)]
+    batches = [min(cfg.optim.batch_size, n - i) for i in range(0, n, cfg.optim.batch_size)]
     with _frozen_eval(model):
-        bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.steps),
+        bar = tqdm(total=len(batches) * (0 if cfg.method == "gaussian" else cfg.optim.steps),
                    disable=not show_progress(progress),
                    desc=f"synthesize[{cfg.method}]", leave=False)
         for bi, b in enumerate(batches):
@@ -297,7 +300,7 @@ def synthesize(
                 x = torch.randn((b, *shape), generator=gen)
             else:
                 z = torch.randn((b, *_low_shape(shape, cfg.upsample)), generator=gen)
-                targets = (torch.arange(b) + bi * cfg.batch_size) % _num_classes(model, _up(z, shape))
+                targets = (torch.arange(b) + bi * cfg.optim.batch_size) % _num_classes(model, _up(z, shape))
                 x = _up(_optimise(model, z, shape, targets, cfg, bar), shape)
             with torch.no_grad():
                 logits = model_output(model(x))
@@ -314,10 +317,10 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
 
 def _lr_factor(step: int, cfg: Synth) -> float:
     """Linear warmup, then cosine to zero: large moves early, fine matching of the statistics late."""
-    w = int(cfg.warmup * cfg.steps)
+    w = int(cfg.warmup * cfg.optim.steps)
     if step < w:
         return (step + 1) / w
-    return 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, cfg.steps - w)))
+    return 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, cfg.optim.steps - w)))
 
 
 def _low_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
@@ -335,15 +338,15 @@ def _up(z: Tensor, shape: tuple[int, ...]) -> Tensor:
 def _optimise(model: nn.Module, z: Tensor, shape: tuple[int, ...], targets: Tensor, cfg: Synth, bar) -> Tensor:
     """Optimise the (possibly low-resolution) inputs ``z``; the model sees ``_up(z, shape)``."""
     z = z.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=cfg.lr)
+    opt = torch.optim.Adam([z], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     taps = _NormalisedTaps(model) if cfg.method == "bns" else None
-    window = max(2, cfg.steps // 5)
+    window = max(2, cfg.optim.steps // 5)
     history: list[float] = []
     prior_scale = cfg.tv_weight * math.prod(shape)
     try:
-        for step in range(cfg.steps):
+        for step in range(cfg.optim.steps):
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(step, cfg)
+                g["lr"] = cfg.optim.lr * _lr_factor(step, cfg)
             x = _up(z, shape)
             logits = model_output(model(x))
             # inception: push each input towards its own class
@@ -356,9 +359,9 @@ def _optimise(model: nn.Module, z: Tensor, shape: tuple[int, ...], targets: Tens
                 history.append(float(main.detach()))
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{history[-1]:.3f}")
-            if (cfg.plateau > 0 and step >= int(cfg.warmup * cfg.steps) + window
+            if (cfg.plateau > 0 and step >= int(cfg.warmup * cfg.optim.steps) + window
                     and history[-1] > (1 - cfg.plateau) * history[-1 - window]):
-                bar.update(cfg.steps - step - 1)
+                bar.update(cfg.optim.steps - step - 1)
                 break
     finally:
         if taps is not None:

@@ -11,7 +11,7 @@ Example:
     >>> from thrifty.merge import fs_merge, FSMerge
     >>> a = create("mlp", in_features=8, hidden=(16,), num_classes=2).eval()
     >>> b = create("mlp", in_features=8, hidden=(16,), num_classes=2).eval()
-    >>> m = fs_merge([a, b], FSMerge(steps=5), [torch.randn(16, 8), torch.randn(16, 8)], progress=False)
+    >>> m = fs_merge([a, b], FSMerge(optim={"steps": 5}), [torch.randn(16, 8), torch.randn(16, 8)], progress=False)
     >>> m.task_slices
     [(0, 2), (2, 4)]
 """

@@ -13,20 +13,20 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import InitVar, dataclass
-from typing import ClassVar, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from thrifty.core.compat import config_first, dropped_progress, progress_of, upgrade_drop_progress
+from thrifty.core.compat import config_first, progress_of
 from thrifty.core.config import Config, register_config
+from thrifty.core.optim import OptimConfig
 from thrifty.utils import show_progress
 from thrifty.merge.arch import MLPArch, ViTArch, arch_for, check_models, task_slices
-from thrifty.merge.data import augment_tasks, num_threads, task_inputs
+from thrifty.merge.data import TrainedMerge, num_threads, task_inputs
 from thrifty.merge.fsmerge import SuperNet
 from thrifty.merge.maps import MergePoint
 from thrifty.merge.matching import (
@@ -70,49 +70,28 @@ class ZipMerge(Config):
 
 @register_config
 @dataclass(frozen=True)
-class DistillMerge(Config):
+class DistillMerge(TrainedMerge):
     """Knowledge distillation of K teachers into one student (init "first": model 0 + all heads) on the
-    same unlabeled samples and augmentation as FS-Merge; KL at ``temperature`` on each task's logits.
+    same unlabeled samples and augmentation as FS-Merge; KL at ``temperature`` on each task's logits. The
+    optimisation, augmentation, threads and seed fields are :class:`thrifty.merge.data.TrainedMerge`'s
+    (keyword-only).
 
     Args:
         init: the student: "first" (model 0 with all task heads) or "random" (a fresh model of the same width).
-        steps: optimisation steps.
-        lr: peak AdamW learning rate (cosine decay).
-        weight_decay: AdamW weight decay.
-        batch_size: samples per step.
         temperature: softens the teachers' and student's logits.
-        augment: augmented copies per sample (as FS-Merge).
-        noise: std of the Gaussian noise, relative to the data's.
-        mixup: largest mixup weight within a task (<= 0.5).
-        shift: largest random shift of image inputs, in pixels.
-        threads: torch threads while merging (<= 0 leaves torch's setting).
         seed: seeds the augmentation, the batches and a "random" student.
     """
 
     init: str = "first"
-    steps: int = 300
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 64
     temperature: float = 2.0
-    augment: int = 4
-    noise: float = 0.05
-    mixup: float = 0.3
-    shift: int = 2
-    threads: int = 1
-    seed: int = 0
-    # version 1 held ``progress``; bars follow thrifty.utils.show_progress now
-    progress: InitVar[Optional[bool]] = None
-
-    version: ClassVar[int] = 2
-    upgrade = classmethod(upgrade_drop_progress)
+    optim: OptimConfig = field(default=OptimConfig(steps=300, lr=1e-3, batch_size=64, weight_decay=0.0), kw_only=True)
 
     def __post_init__(self, progress: Optional[bool]) -> None:
-        dropped_progress(self, progress)
+        super().__post_init__(progress)
         if self.init not in ("first", "random"):
             raise ValueError(f"DistillMerge.init must be 'first' or 'random', got {self.init!r}")
-        if self.steps < 0 or self.lr <= 0 or self.temperature <= 0 or self.batch_size < 1 or self.augment < 0:
-            raise ValueError(f"DistillMerge: invalid settings {self}")
+        if self.temperature <= 0:
+            raise ValueError(f"DistillMerge.temperature must be > 0, got {self.temperature!r}")
 
 
 def concat_heads(model: nn.Module, models: Sequence[nn.Module]) -> nn.Module:
@@ -299,7 +278,7 @@ def _distill_alias(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerg
 
 def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge, progress: bool) -> nn.Module:
     xs = task_inputs(models, data)
-    pool = augment_tasks(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed).x
+    pool = cfg.augmented(xs).x
     teachers = [copy.deepcopy(m).eval() for m in models]
     with torch.no_grad():
         targets = [torch.cat([teachers[i](x[s:s + 256]) for s in range(0, len(x), 256)]) for i, x in enumerate(pool)]
@@ -313,14 +292,14 @@ def _distill(models: Sequence[nn.Module], data: Sequence, cfg: DistillMerge, pro
     slices = student.task_slices
     for p in student.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    per = max(1, cfg.batch_size // len(models))
+    per = max(1, cfg.optim.batch_size // len(models))
     t = cfg.temperature
     student.train()
-    for step in tqdm(range(cfg.steps), desc="distill", disable=not progress, leave=False):
+    for step in tqdm(range(cfg.optim.steps), desc="distill", disable=not progress, leave=False):
         for grp in opt.param_groups:
-            grp["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1)))
+            grp["lr"] = cfg.optim.cosine_lr(step, cfg.optim.steps)
         idx = [torch.randint(len(x), (min(per, len(x)),), generator=g) for x in pool]
         out = student(torch.cat([x[ix] for x, ix in zip(pool, idx)]))
         loss, s = 0.0, 0

@@ -9,17 +9,69 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import InitVar, dataclass
+from typing import ClassVar, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["TaskData", "task_inputs", "augment_tasks", "MIN_SAMPLES", "few_shot", "num_threads"]
+from thrifty.core.compat import dropped_progress, upgrade_drop_progress
+from thrifty.core.config import Config, nest_moved
+from thrifty.core.optim import OptimConfig
+
+__all__ = ["TaskData", "TrainedMerge", "task_inputs", "augment_tasks", "MIN_SAMPLES", "few_shot", "num_threads"]
 
 MIN_SAMPLES = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainedMerge(Config):
+    """The fields every merge method that trains on the tasks' unlabeled samples shares (FSMerge, DistillMerge):
+    the optimisation, the augmentation of the samples, threads and seed. Keyword-only: a method's own fields keep
+    their positions.
+
+    Args:
+        optim: AdamW with a cosine decay: ``steps``, peak ``lr``, ``batch_size`` samples per step (split over the
+            tasks), ``weight_decay``.
+        augment: augmented copies per sample (shifts for images, mixup within a task, Gaussian noise).
+        noise: std of the Gaussian noise, relative to the data's.
+        mixup: largest mixup weight within a task (<= 0.5).
+        shift: largest random shift of image inputs, in pixels.
+        threads: torch threads while merging (<= 0 leaves torch's setting).
+        seed: seeds the augmentation and the batches.
+    """
+
+    optim: OptimConfig = OptimConfig(steps=300, lr=1e-3, batch_size=64, weight_decay=0.0)
+    augment: int = 4
+    noise: float = 0.05
+    mixup: float = 0.3
+    shift: int = 2
+    threads: int = 1
+    seed: int = 0
+    # version 1 held ``progress``; bars follow thrifty.utils.show_progress now
+    progress: InitVar[Optional[bool]] = None
+
+    # version 2 dropped ``progress``; version 3 moved steps, lr, weight_decay and batch_size into ``optim``
+    version: ClassVar[int] = 3
+    moved_fields: ClassVar[dict[str, str]] = {k: "optim." + k for k in ("steps", "lr", "weight_decay", "batch_size")}
+
+    @classmethod
+    def upgrade(cls, d: dict, from_version: int) -> dict:
+        return nest_moved(cls, upgrade_drop_progress(cls, d, from_version))
+
+    def __post_init__(self, progress: Optional[bool]) -> None:
+        dropped_progress(self, progress)
+        checks = {"optim": isinstance(self.optim, OptimConfig), "augment": self.augment >= 0, "noise": self.noise >= 0,
+                  "mixup": 0 <= self.mixup <= 0.5, "shift": self.shift >= 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{type(self).__name__}.{name}: invalid value {getattr(self, name)!r}")
+
+    def augmented(self, xs: Sequence[torch.Tensor]) -> "TaskData":
+        """The tasks' inputs ``xs`` with ``augment`` augmented copies per sample, drawn with ``seed``."""
+        return augment_tasks(xs, self.augment, self.noise, self.mixup, self.shift, self.seed)
 
 
 @dataclass

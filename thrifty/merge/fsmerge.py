@@ -17,15 +17,14 @@ Example:
     >>> from thrifty.models import create
     >>> a = create("mlp", in_features=8, hidden=(16,), num_classes=3).eval()
     >>> b = create("mlp", in_features=8, hidden=(16,), num_classes=2).eval()
-    >>> merged = fs_merge([a, b], FSMerge(steps=5), [torch.randn(20, 8), torch.randn(20, 8)], progress=False)
+    >>> merged = fs_merge([a, b], FSMerge(optim={"steps": 5}), [torch.randn(20, 8), torch.randn(20, 8)], progress=False)
     >>> merged(torch.randn(4, 8)).shape, merged.task_slices
     (torch.Size([4, 5]), [(0, 3), (3, 5)])
 """
 from __future__ import annotations
 
-import math
-from dataclasses import InitVar, dataclass
-from typing import ClassVar, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -33,24 +32,26 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from thrifty.core.compat import config_first, dropped_progress, progress_of, upgrade_drop_progress
-from thrifty.core.config import Config, register_config
+from thrifty.core.compat import config_first, progress_of
+from thrifty.core.config import register_config
+from thrifty.core.optim import OptimConfig
 from thrifty.merge.arch import Arch, arch_for, check_models, task_slices
 from thrifty.merge.maps import INITS, PARAMS, MergePoint, rect_eye
 from thrifty.merge.matching import perm_matrix
 from thrifty.utils import show_progress
-from thrifty.merge.data import TaskData, augment_tasks, num_threads, task_inputs
+from thrifty.merge.data import TaskData, TrainedMerge, num_threads, task_inputs
 
 __all__ = ["FSMerge", "SuperNet", "fs_merge", "train_supernet"]
 
 
 @register_config
 @dataclass(frozen=True)
-class FSMerge(Config):
+class FSMerge(TrainedMerge):
     """FS-Merge recipe. ``init``: "first" (model 1), "average" (weight averaging) or "permute" (activation
-    matching to model 1, then averaging). ``steps`` is the total budget (split evenly over the layers for "local");
-    ``augment`` augmented copies per sample (shifts for images, mixup within a task, Gaussian noise);
-    ``width_mult`` scales the merged model's widths relative to the originals'.
+    matching to model 1, then averaging). ``optim.steps`` is the total budget (split evenly over the layers for
+    "local"); ``augment`` augmented copies per sample (shifts for images, mixup within a task, Gaussian noise);
+    ``width_mult`` scales the merged model's widths relative to the originals'. The optimisation, augmentation,
+    threads and seed fields are :class:`thrifty.merge.data.TrainedMerge`'s (keyword-only).
 
     Args:
         param: parametrisation of each map: "diagonal", "lowrank", "diag_lowrank" or "full".
@@ -58,18 +59,12 @@ class FSMerge(Config):
         init: "first" (model 1), "average" (weight averaging) or "permute" (activation matching, then averaging).
         mode: "global" (all maps end to end) or "local" (one layer at a time).
         width_mult: merged width relative to the originals'.
-        steps: total optimisation steps (split over the layers for local mode).
-        lr: peak AdamW learning rate (cosine decay).
-        weight_decay: AdamW weight decay.
-        batch_size: samples per step.
-        augment: augmented copies per sample (shifts for images, mixup within a task, Gaussian noise).
-        noise: std of the Gaussian noise, relative to the data's.
-        mixup: largest mixup weight within a task (<= 0.5).
-        shift: largest random shift of image inputs, in pixels.
+        optim: AdamW with a cosine decay: ``steps`` in all (split over the layers for local mode), peak ``lr``,
+            ``batch_size`` samples per step (split over the tasks), ``weight_decay``.
         logit_weight: weight of the logit-matching term of the loss.
         tol: stop once the loss falls below this.
         threads: torch threads while merging (the matrices are tiny; <= 0 leaves torch's setting).
-        seed: seeds the maps' initialisation and the batches.
+        seed: seeds the maps' initialisation, the augmentation and the batches.
     """
 
     param: str = "diag_lowrank"
@@ -77,31 +72,15 @@ class FSMerge(Config):
     init: str = "average"
     mode: str = "global"
     width_mult: float = 1.0
-    steps: int = 300
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    augment: int = 4
-    noise: float = 0.05
-    mixup: float = 0.3
-    shift: int = 2
     logit_weight: float = 1.0
     tol: float = 1e-10
-    threads: int = 1
-    seed: int = 0
-    # version 1 held ``progress``; bars follow thrifty.utils.show_progress now
-    progress: InitVar[Optional[bool]] = None
-
-    version: ClassVar[int] = 2
-    upgrade = classmethod(upgrade_drop_progress)
+    optim: OptimConfig = field(default=OptimConfig(steps=300, lr=1e-2, batch_size=64, weight_decay=0.0), kw_only=True)
 
     def __post_init__(self, progress: Optional[bool]) -> None:
-        dropped_progress(self, progress)
+        super().__post_init__(progress)
         checks = {"param": self.param in PARAMS, "init": self.init in INITS, "mode": self.mode in ("local", "global"),
-                  "rank": self.rank >= 1, "width_mult": self.width_mult > 0, "steps": self.steps >= 0,
-                  "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "batch_size": self.batch_size >= 1,
-                  "augment": self.augment >= 0, "noise": self.noise >= 0, "mixup": 0 <= self.mixup <= 0.5,
-                  "shift": self.shift >= 0, "logit_weight": self.logit_weight >= 0, "tol": self.tol >= 0}
+                  "rank": self.rank >= 1, "width_mult": self.width_mult > 0, "logit_weight": self.logit_weight >= 0,
+                  "tol": self.tol >= 0}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"FSMerge.{name}: invalid value {getattr(self, name)!r}")
@@ -212,9 +191,9 @@ def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge, *, progress: boo
     else:
         stages = [(names, tap) for names, tap in net.arch.stages()]
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    per_task = max(1, cfg.batch_size // k)
+    per_task = max(1, cfg.optim.batch_size // k)
     history: list[float] = []
-    stage_steps = cfg.steps if cfg.mode == "global" else max(1, cfg.steps // len(stages))
+    stage_steps = cfg.optim.steps if cfg.mode == "global" else max(1, cfg.optim.steps // len(stages))
     total = stage_steps * len(stages)
     bar = tqdm(total=total, desc=f"fs-merge ({cfg.mode})", disable=not show_progress(progress_of(cfg, progress)),
                leave=False)
@@ -229,9 +208,9 @@ def train_supernet(net: SuperNet, data: TaskData, cfg: FSMerge, *, progress: boo
             use_taps = list(range(n_taps)) if tap is None else ([tap] if tap >= 0 else [])
             use_logits = tap is None or tap == -1 or (last and tap == n_taps - 1)
             stop = None if use_logits else max(use_taps)
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
             for step in range(stage_steps):
-                lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / stage_steps))
+                lr = cfg.optim.cosine_lr(step, stage_steps)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 idx = [torch.randint(len(data.x[i]), (min(per_task, len(data.x[i])),), generator=gen) for i in range(k)]
@@ -283,6 +262,6 @@ def fs_merge(models: Sequence[nn.Module], config: FSMerge | None = None, data: S
 
             perms = match_permutations(models, torch.cat(xs), "activation")
         net = SuperNet(models, cfg, perms=perms)
-        pool = augment_tasks(xs, cfg.augment, cfg.noise, cfg.mixup, cfg.shift, cfg.seed)
+        pool = cfg.augmented(xs)
         train_supernet(net, pool, cfg, progress=progress)
         return net.fold()

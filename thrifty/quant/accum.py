@@ -285,7 +285,7 @@ def finetune_accumulators(model: nn.Module, cfg: AccumConfig, train_ds: Any, tes
         >>> from thrifty.train import TrainConfig
         >>> model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> ds = TensorDataset(torch.randn(64, 16), torch.randint(0, 2, (64,)))
-        >>> r = finetune_accumulators(model, AccumConfig(4, 7), ds, ds, TrainConfig(steps=4, batch_size=16))
+        >>> r = finetune_accumulators(model, AccumConfig(4, 7), ds, ds, TrainConfig(optim={"steps": 4, "batch_size": 16}))
         >>> r["steps"], 0 <= r["test_acc"] <= 1
         ([2, 2], True)
     """
@@ -293,20 +293,21 @@ def finetune_accumulators(model: nn.Module, cfg: AccumConfig, train_ds: Any, tes
 
     if not 0.0 <= stage1_fraction <= 1.0:
         raise ValueError(f"stage1_fraction must be in [0, 1], got {stage1_fraction}")
-    train_cfg = train_cfg or TrainConfig(epochs=1, lr=1e-3, batch_size=64, optimizer="adamw", weight_decay=0.0)
+    train_cfg = train_cfg or TrainConfig(epochs=1, optim={"lr": 1e-3, "batch_size": 64, "weight_decay": 0.0},
+                                         optimizer="adamw")
     if not isinstance(cfg, AccumConfig):
         raise TypeError(f"cfg must be an AccumConfig, got {type(cfg).__name__}")
     n = len(train_ds)
-    total = train_cfg.steps or max(1, round(train_cfg.epochs * -(-n // train_cfg.batch_size)))
+    total = train_cfg.optim.steps or max(1, round(train_cfg.epochs * -(-n // train_cfg.optim.batch_size)))
     s1 = int(round(total * stage1_fraction))
     apply(model, dataclasses.replace(cfg, underflow=cfg.underflow and s1 == 0), filter)
     out: dict[str, Any] = {"steps": [s1, total - s1]}
     if s1:
         set_underflow(model, False)
-        out["stage1"] = fit(model, dataclasses.replace(train_cfg, steps=s1), train_ds, progress=progress).final
+        out["stage1"] = fit(model, train_cfg.replace(optim={"steps": s1}), train_ds, progress=progress).final
     set_underflow(model, cfg.underflow)
     if total - s1:
-        cfg2 = dataclasses.replace(train_cfg, steps=total - s1, seed=train_cfg.seed + 1)
+        cfg2 = train_cfg.replace(optim={"steps": total - s1}, seed=train_cfg.seed + 1)
         out["stage2"] = fit(model, cfg2, train_ds, progress=progress).final
     if test_ds is not None:
         out["test_acc"] = evaluate(model, test_ds)["acc"]

@@ -9,6 +9,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -25,25 +26,20 @@ PIPELINES = ("rtn", "adaquant", "light", "advanced")
 _EST = ("minmax", "sample_minmax", "percentile", "mse")
 
 
-@register_config
-@dataclass(frozen=True)
-class QuantConfig(Config):
-    """Round-to-nearest fake quantization of one layer's weight (per output channel by default) and input.
-
-    ``a_bits=None`` leaves activations in floating point. Input quantizers start in ``dynamic`` mode (range of
-    each batch); :func:`thrifty.quant.calibrate_inputs` fixes them from calibration data. ``group_size``: one
-    weight scale per that many consecutive reduction elements of each output channel (per-group, e.g. W4A16
-    with ``QuantConfig(w_bits=4, a_bits=None, group_size=128)``).
+@dataclass(frozen=True, kw_only=True)
+class Quantizers(Config):
+    """The quantizer fields QuantConfig (one layer) and PTQ (the pipeline) share: weight and activation bits
+    and grids, checked once. Their grid fields are keyword-only, so each config's positional fields stay first.
 
     Args:
         w_bits: weight bits (2..16).
         a_bits: input (activation) bits (None: floating point).
         per_channel: one weight range per output channel (else per tensor).
+        group_size: weights per scale along each output channel's reduction (None: one scale per channel).
         w_symmetric: symmetric weight grid (else asymmetric, with a zero point).
         a_symmetric: symmetric input grid.
         w_estimator: weight range estimator: "minmax", "sample_minmax", "percentile" or "mse".
         a_estimator: input range estimator (the same choices).
-        group_size: weights per scale along each output channel's reduction (None: one scale per channel).
     """
 
     w_bits: int = 8
@@ -62,19 +58,30 @@ class QuantConfig(Config):
         for f in ("w_estimator", "a_estimator"):
             if getattr(self, f) not in _EST:
                 raise ValueError(f"{f} must be one of {_EST}, got {getattr(self, f)!r}")
-        _check_groups(self)
+        check_group_size(self.group_size)
+        if self.group_size is not None and not self.per_channel:
+            raise ValueError(f"group_size={self.group_size} needs per_channel=True (groups split each output channel)")
+        if self.group_size is not None and self.w_estimator not in ("minmax", "mse"):
+            raise ValueError(f"group_size={self.group_size}: per-group weight ranges support w_estimator 'minmax' or "
+                             f"'mse', got {self.w_estimator!r}")
 
 
-def _check_groups(cfg: "QuantConfig | PTQ") -> None:
-    check_group_size(cfg.group_size)
-    if cfg.group_size is not None and not cfg.per_channel:
-        raise ValueError(f"group_size={cfg.group_size} needs per_channel=True (groups split each output channel)")
-    if cfg.group_size is not None and cfg.w_estimator not in ("minmax", "mse"):
-        raise ValueError(f"group_size={cfg.group_size}: per-group weight ranges support w_estimator 'minmax' or "
-                         f"'mse', got {cfg.w_estimator!r}")
+@register_config
+@dataclass(frozen=True)
+class QuantConfig(Quantizers):
+    """Round-to-nearest fake quantization of one layer's weight (per output channel by default) and input.
+
+    ``a_bits=None`` leaves activations in floating point. Input quantizers start in ``dynamic`` mode (range of
+    each batch); :func:`thrifty.quant.calibrate_inputs` fixes them from calibration data. ``group_size``: one
+    weight scale per that many consecutive reduction elements of each output channel (per-group, e.g. W4A16
+    with ``QuantConfig(w_bits=4, a_bits=None, group_size=128)``). The fields are :class:`Quantizers`'.
+    """
+
+    w_bits: int = dataclasses.field(default=8, kw_only=False)
+    a_bits: Optional[int] = dataclasses.field(default=8, kw_only=False)
 
 
-def weight_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False,
+def weight_quantizer(bits: int, cfg: Quantizers, learnable: bool = False,
                      layer: Optional[nn.Module] = None) -> UniformQuantizer:
     """The weight quantizer of ``cfg``; per channel along ``layer``'s output-channel axis (its own layout), per
     group of ``cfg.group_size`` along the rest when set."""
@@ -86,7 +93,7 @@ def weight_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = Fals
                             estimator=cfg.w_estimator, learnable=learnable, group_size=cfg.group_size)
 
 
-def input_quantizer(bits: int, cfg: "QuantConfig | PTQ", learnable: bool = False) -> UniformQuantizer:
+def input_quantizer(bits: int, cfg: Quantizers, learnable: bool = False) -> UniformQuantizer:
     # Activation tensors are large: the MSE range search evaluates its error on a 2^15-element subset.
     kw = {"max_samples": 2**15} if cfg.a_estimator == "mse" else None
     return UniformQuantizer(bits, symmetric=cfg.a_symmetric, per_channel=False, estimator=cfg.a_estimator,
@@ -113,7 +120,7 @@ def _quant_handler(layer: nn.Module, name: str, cfg: QuantConfig) -> None:
 
 @register_config
 @dataclass(frozen=True)
-class PTQ(Config):
+class PTQ(Quantizers):
     """Post-training quantization pipeline (Hubara et al.): one call, :func:`thrifty.quant.quantize`.
 
     Pipelines: ``rtn`` (round to nearest), ``adaquant`` (AdaQuant only), ``light`` (BN tuning), ``advanced``
@@ -126,17 +133,14 @@ class PTQ(Config):
     ``PTQ(w_bits=4, a_bits=None, group_size=128)``). ``budget`` is a fraction of the FP32 size of the quantized layers
     (``budget_kind="size"``) or of their FP32 x FP32 bit-operations (``"bops"``).
 
+    The quantizer grid fields (``per_channel``, ``group_size``, ``w_symmetric``, ``a_symmetric``,
+    ``w_estimator``, ``a_estimator``) are :class:`Quantizers`', as in :class:`QuantConfig`.
+
     Args:
         w_bits: weight bits (2..16) without a budget.
         a_bits: activation bits (None: floating point).
         pipeline: "rtn", "adaquant", "light" or "advanced" (see above).
         first_last_bits: bits of the first and last GEMM layers, weights and inputs (None: floating point).
-        per_channel: one weight range per output channel (else per tensor).
-        w_symmetric: symmetric weight grid (else asymmetric, with a zero point).
-        a_symmetric: symmetric activation grid.
-        w_estimator: weight range estimator: "minmax", "sample_minmax", "percentile" or "mse".
-        a_estimator: activation range estimator (the same choices).
-        group_size: weights per scale along each output channel's reduction (None: one scale per channel).
         budget: bit-allocation budget, a fraction of the FP32 size or bit-operations (None: no allocation).
         budget_kind: "size" or "bops": what ``budget`` is a fraction of.
         candidate_bits: weight bit widths the allocation chooses from.
@@ -164,16 +168,10 @@ class PTQ(Config):
         (2, 3, 4, 8)
     """
 
-    w_bits: int = 4
-    a_bits: Optional[int] = 8
+    w_bits: int = dataclasses.field(default=4, kw_only=False)
+    a_bits: Optional[int] = dataclasses.field(default=8, kw_only=False)
     pipeline: Literal["rtn", "adaquant", "light", "advanced"] = "advanced"
     first_last_bits: Optional[int] = 8
-    per_channel: bool = True
-    group_size: Optional[int] = None
-    w_symmetric: bool = False
-    a_symmetric: bool = False
-    w_estimator: str = "mse"
-    a_estimator: str = "mse"
     # bit allocation
     budget: Optional[float] = None
     budget_kind: Literal["size", "bops"] = "size"
@@ -198,10 +196,9 @@ class PTQ(Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_bits(self.w_bits, "w_bits")
-        for f in ("a_bits", "first_last_bits"):
-            if getattr(self, f) is not None:
-                check_bits(getattr(self, f), f)
+        super().__post_init__()
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
         if self.pipeline not in PIPELINES:
             raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
         if not self.candidate_bits or len(set(self.candidate_bits)) != len(self.candidate_bits):
@@ -220,9 +217,6 @@ class PTQ(Config):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if f.endswith("iters") else 1):
                 raise ValueError(f"{f} must be a {'non-negative' if f.endswith('iters') else 'positive'} int, got {v!r}")
-        for f in ("w_estimator", "a_estimator"):
-            if getattr(self, f) not in _EST:
-                raise ValueError(f"{f} must be one of {_EST}, got {getattr(self, f)!r}")
         for f in ("lr_weight", "lr_bias", "lr_w_scale", "lr_a_scale", "bias_lr"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
@@ -231,7 +225,6 @@ class PTQ(Config):
             raise ValueError(f"adaquant_max_shift must be None or > 0, got {self.adaquant_max_shift!r}")
         if self.loss not in ("auto", "kl", "mse"):
             raise ValueError(f"loss must be 'auto', 'kl' or 'mse', got {self.loss!r}")
-        _check_groups(self)
 
     @property
     def uses_adaquant(self) -> bool:

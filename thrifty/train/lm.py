@@ -10,7 +10,7 @@ Example (a tiny model, a few steps; ``pretrained_lm()`` is the usual call):
     >>> from thrifty.data.lm import lm_tokens, lm_windows
     >>> _ = torch.manual_seed(0)
     >>> m = create("tinyllama", hidden=32, layers=1, heads=2, intermediate=64)
-    >>> cfg = TrainConfig(steps=15, batch_size=4, lr=3e-3, optimizer="adamw", warmup=3)
+    >>> cfg = TrainConfig(optim={"steps": 15, "batch_size": 4, "lr": 3e-3}, optimizer="adamw", warmup=3)
     >>> losses = train_lm(m, cfg, lm_tokens("train"), seq_len=32, progress=False)
     >>> losses[-1] < losses[0], perplexity(m, lm_windows("test", 32, n=4)) < 256
     (True, True)
@@ -30,18 +30,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import trange
 
-from thrifty.core import to_dict
+from thrifty.core import OptimConfig, to_dict
 from thrifty.quant.calib import model_output
 from thrifty.train.io import save_model
 from thrifty.train.loop import TrainConfig, _optimizer
-from thrifty.train.recipes import cached_model
+from thrifty.train.recipes import flat_train_config, cached_model, with_train_overrides
 from thrifty.utils import seed_everything, show_progress
 
 __all__ = ["LM_RECIPE", "LM_SEQ_LEN", "train_lm", "nll", "perplexity", "pretrained_lm"]
 
 # 400 steps x 16 windows x 128 bytes = 0.8 M tokens (about 1.3 passes over the training text).
-LM_RECIPE = TrainConfig(steps=400, batch_size=16, lr=3e-3, optimizer="adamw", weight_decay=0.01, warmup=20,
-                        grad_clip=1.0)
+LM_RECIPE = TrainConfig(optim=OptimConfig(steps=400, lr=3e-3, batch_size=16, weight_decay=0.01), optimizer="adamw",
+                        warmup=20, grad_clip=1.0)
 LM_SEQ_LEN = 128
 
 
@@ -70,12 +70,12 @@ def train_lm(model: nn.Module, cfg: TrainConfig, tokens: Tensor, *, seq_len: int
              progress: Optional[bool] = None) -> list[float]:
     """Train ``model`` (``model(input_ids=...)`` -> logits) on random ``seq_len`` windows of a token stream.
 
-    ``cfg.steps`` steps of ``cfg.batch_size`` windows with ``cfg``'s optimizer, learning-rate schedule, warmup
-    and gradient clipping; windows are drawn with a generator seeded by ``cfg.seed``. Returns the per-step mean
+    ``cfg.optim.steps`` steps of ``cfg.optim.batch_size`` windows with ``cfg``'s optimizer, learning-rate schedule,
+    warmup and gradient clipping; windows are drawn with a generator seeded by ``cfg.seed``. Returns the per-step mean
     next-token loss (nats). The model is left in eval mode.
     """
-    if cfg.steps <= 0:
-        raise ValueError(f"train_lm: the recipe needs steps > 0, got {cfg.steps}")
+    if cfg.optim.steps <= 0:
+        raise ValueError(f"train_lm: the recipe needs optim.steps > 0, got {cfg.optim.steps}")
     if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.numel() <= seq_len:
         raise ValueError(f"train_lm: tokens must be a 1-D stream longer than seq_len={seq_len}")
     g = torch.Generator().manual_seed(cfg.seed)
@@ -84,10 +84,10 @@ def train_lm(model: nn.Module, cfg: TrainConfig, tokens: Tensor, *, seq_len: int
     offsets = torch.arange(seq_len)
     losses: list[float] = []
     model.train()
-    for step in trange(cfg.steps, desc="train LM", disable=not show_progress(progress)):
+    for step in trange(cfg.optim.steps, desc="train LM", disable=not show_progress(progress)):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr_at(step, cfg.steps)
-        starts = torch.randint(0, tokens.numel() - seq_len + 1, (cfg.batch_size,), generator=g)
+            group["lr"] = cfg.lr_at(step, cfg.optim.steps)
+        starts = torch.randint(0, tokens.numel() - seq_len + 1, (cfg.optim.batch_size,), generator=g)
         ids = tokens[starts[:, None] + offsets].to(dev)
         loss = _batch_nll(model, ids) / (ids.shape[0] * (seq_len - 1))
         opt.zero_grad(set_to_none=True)
@@ -140,19 +140,16 @@ def pretrained_lm(model_name: str = "tinyllama", seed: int = 0, *, return_meta: 
     ``return_meta=True`` returns ``(model, meta)``; meta holds the held-out perplexity, train seconds, config
     and cache path.
     """
-    import dataclasses
-
     from thrifty.data.lm import VOCAB_SIZE, lm_text, lm_tokens, lm_windows
     from thrifty.models import create
 
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = dataclasses.replace(LM_RECIPE, seed=seed, **{k: v for k, v in overrides.items() if k in fields})
-    kwargs = {"vocab_size": VOCAB_SIZE, **{k: v for k, v in overrides.items() if k not in fields}}
+    cfg, rest = with_train_overrides(LM_RECIPE.replace(seed=seed), overrides)
+    kwargs = {"vocab_size": VOCAB_SIZE, **rest}
     text_digest = hashlib.sha256(lm_text("train").encode()).hexdigest()[:12]
     key = {"model": model_name, "model_kwargs": kwargs, "dataset": "stdlib-docs-bytes", "text": text_digest,
-           "seed": seed, "seq_len": seq_len, "train": to_dict(cfg), "format": 1}
+           "seed": seed, "seq_len": seq_len, "train": flat_train_config(cfg), "format": 1}
 
     def train(stem: Path) -> None:
         seed_everything(seed)

@@ -10,7 +10,7 @@ Example:
     >>> from torch.utils.data import TensorDataset
     >>> x = torch.randn(64, 4); y = (x[:, 0] > 0).long()
     >>> model = torch.nn.Linear(4, 2)
-    >>> hist = fit(model, TrainConfig(epochs=3, batch_size=16), TensorDataset(x, y), progress=False)
+    >>> hist = fit(model, TrainConfig(epochs=3, optim={"batch_size": 16}), TensorDataset(x, y), progress=False)
     >>> evaluate(model, TensorDataset(x, y))["acc"] > 0.5
     True
 """
@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,9 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from thrifty.core import Config, config_first, old_order_warning, register_config, register_pipeline, to_dict
+from thrifty.core import (
+    Config, OptimConfig, config_first, from_dict, old_order_warning, register_config, register_pipeline, to_dict,
+)
 from thrifty.train import dist as _dist
 from thrifty.train.augment import resize
 from thrifty.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -49,20 +51,19 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @register_config
 @dataclass(frozen=True)
 class TrainConfig(Config):
-    """Recipe for `fit`. ``steps > 0`` overrides ``epochs``; one epoch = ceil(N / (batch_size * world)) steps.
+    """Recipe for `fit`. ``optim.steps > 0`` overrides ``epochs``; one epoch = ceil(N / (optim.batch_size * world))
+    steps.
 
-    ``batch_size`` is per process; ``warmup`` is in steps; ``eval_every`` in epochs (``eval_steps > 0``
+    ``optim.batch_size`` is per process; ``warmup`` is in steps; ``eval_every`` in epochs (``eval_steps > 0``
     evaluates every that many steps instead); ``ckpt_every`` in steps (0: at every evaluation).
 
     Args:
-        epochs: passes over the training set (used when ``steps`` is 0).
-        steps: total optimiser steps (0: from ``epochs``).
-        batch_size: samples per step and process.
-        lr: peak learning rate.
+        epochs: passes over the training set (used when ``optim.steps`` is 0).
+        optim: ``steps`` in all (0: from ``epochs``), peak ``lr``, ``batch_size`` samples per step and process,
+            ``weight_decay`` of the optimizer.
         optimizer: "sgd" or "adamw".
         momentum: SGD momentum.
         nesterov: Nesterov momentum for SGD.
-        weight_decay: weight decay.
         schedule: "cosine", "step" (times ``gamma`` at ``milestones``) or "constant".
         warmup: linear warmup steps.
         milestones: fractions of training where the step schedule decays.
@@ -78,13 +79,10 @@ class TrainConfig(Config):
     """
 
     epochs: float = 10
-    steps: int = 0
-    batch_size: int = 128
-    lr: float = 0.1
+    optim: OptimConfig = OptimConfig(steps=0, lr=0.1, batch_size=128, weight_decay=5e-4)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup: int = 0
     milestones: tuple[float, ...] = (0.5, 0.75)
@@ -98,11 +96,16 @@ class TrainConfig(Config):
     ckpt_every: int = 0
     num_workers: int = 0
 
+    # version 2 moved steps, batch_size, lr and weight_decay into ``optim``
+    version: ClassVar[int] = 2
+    moved_fields: ClassVar[dict[str, str]] = {k: "optim." + k for k in ("steps", "batch_size", "lr", "weight_decay")}
+
     def __post_init__(self) -> None:
         checks = {
-            "epochs": self.epochs > 0 or self.steps > 0, "steps": self.steps >= 0, "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0, "optimizer": self.optimizer in ("sgd", "adamw"), "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0, "schedule": self.schedule in ("cosine", "step", "constant"),
+            "optim": isinstance(self.optim, OptimConfig),
+            "epochs": self.epochs > 0 or getattr(self.optim, "steps", 0) > 0,
+            "optimizer": self.optimizer in ("sgd", "adamw"), "momentum": 0 <= self.momentum < 1,
+            "schedule": self.schedule in ("cosine", "step", "constant"),
             "warmup": self.warmup >= 0, "label_smoothing": 0 <= self.label_smoothing < 1, "loss": self.loss == "ce",
             "eval_every": self.eval_every >= 0, "eval_steps": self.eval_steps >= 0,
             "ckpt_every": self.ckpt_every >= 0, "num_workers": self.num_workers >= 0, "grad_clip": self.grad_clip >= 0,
@@ -121,7 +124,7 @@ class TrainConfig(Config):
             f = 1.0
         if self.warmup:
             f *= min(1.0, (step + 1) / self.warmup)
-        return self.lr * f
+        return self.optim.lr * f
 
 
 register_pipeline(TrainConfig, "needs a training set", "thrifty.train.fit(model, cfg, train_ds)")
@@ -223,14 +226,25 @@ def _check_dataset(ds: Any, what: str) -> None:
     check_finite_data(ds, what)
 
 
+def _dotted(d: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """A config dict with its nested configs' fields as dotted keys ("optim.lr"), to name what differs."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and "kind" in v:
+            out.update(_dotted(v, f"{path}{k}."))
+        else:
+            out[path + k] = v
+    return out
+
+
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.momentum, weight_decay=cfg.optim.weight_decay,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -335,16 +349,19 @@ def fit(model: nn.Module, config: TrainConfig | None = None, train_ds: Dataset |
         regime.setup(model, train_ds, cfg)
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing))
     n = len(train_ds)
-    base = min(cfg.batch_size, math.ceil(n / world))
+    base = min(cfg.optim.batch_size, math.ceil(n / world))
     spe = math.ceil(n / (base * world))  # steps per epoch
-    total = cfg.steps or max(1, round(cfg.epochs * spe))
+    total = cfg.optim.steps or max(1, round(cfg.epochs * spe))
     opt = _optimizer(model, cfg)
     hist, start = History(), 0
     cfg_dict = to_dict(cfg)
     if resume:
         info = load_checkpoint(ckpt, model, opt)
         saved = json.loads(info["extra"].get("cfg", "{}"))
-        diff = sorted(k for k in set(saved) | set(cfg_dict) if k not in _RESUME_FREE and saved.get(k) != cfg_dict.get(k))
+        if saved.get("kind") == "TrainConfig":  # a checkpoint of an older version: compare in today's layout
+            saved = to_dict(from_dict(saved))
+        saved, now = _dotted(saved), _dotted(cfg_dict)
+        diff = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE and saved.get(k) != now.get(k))
         if diff:
             raise CheckpointError(f"checkpoint {ckpt} was written with a different TrainConfig (fields {diff})")
         start, hist = info["step"], History.from_dict(info["extra"].get("history", {}))

@@ -29,24 +29,30 @@ from typing import Any, Callable
 
 import torch
 
-from thrifty.core import to_dict
+from thrifty.core import OptimConfig, flat_fields, to_dict, with_overrides
 from thrifty.train.io import load_model, model_kwargs_for, model_paths, save_model
 from thrifty.train.loop import TrainConfig, evaluate, fit
 from thrifty.utils import seed_everything, show_progress
 
-__all__ = ["RECIPES", "recipe", "pretrained", "pretrained_cached", "cache_dir", "cached_model"]
+__all__ = ["RECIPES", "recipe", "flat_train_config", "with_train_overrides", "pretrained", "pretrained_cached", "cache_dir",
+           "cached_model"]
 
 # (model, dataset) -> (extra model kwargs, TrainConfig). Measured accuracies and times: README / results.
 RECIPES: dict[tuple[str, str], tuple[dict[str, Any], TrainConfig]] = {
-    ("resnet20", "digits32"): ({}, TrainConfig(epochs=8, batch_size=64, lr=0.1, weight_decay=5e-4)),
-    ("mlp", "digits"): ({}, TrainConfig(epochs=30, batch_size=64, lr=0.05, weight_decay=5e-4)),
-    ("mlp", "digits32"): ({}, TrainConfig(epochs=30, batch_size=64, lr=0.05, weight_decay=5e-4)),
-    ("mlp", "mnist1d"): ({"hidden": (256, 256)}, TrainConfig(epochs=60, batch_size=128, lr=2e-3,
-                                                             optimizer="adamw", weight_decay=0.05)),
-    ("vit", "digits32"): ({}, TrainConfig(epochs=40, batch_size=64, lr=2e-3, optimizer="adamw",
-                                          weight_decay=0.05, warmup=40)),
+    ("resnet20", "digits32"): ({}, TrainConfig(epochs=8, optim=OptimConfig(steps=0, lr=0.1, batch_size=64,
+                                                                            weight_decay=5e-4))),
+    ("mlp", "digits"): ({}, TrainConfig(epochs=30, optim=OptimConfig(steps=0, lr=0.05, batch_size=64,
+                                                                     weight_decay=5e-4))),
+    ("mlp", "digits32"): ({}, TrainConfig(epochs=30, optim=OptimConfig(steps=0, lr=0.05, batch_size=64,
+                                                                        weight_decay=5e-4))),
+    ("mlp", "mnist1d"): ({"hidden": (256, 256)}, TrainConfig(
+        epochs=60, optim=OptimConfig(steps=0, lr=2e-3, batch_size=128, weight_decay=0.05), optimizer="adamw")),
+    ("vit", "digits32"): ({}, TrainConfig(epochs=40, optim=OptimConfig(steps=0, lr=2e-3, batch_size=64,
+                                                                       weight_decay=0.05),
+                                          optimizer="adamw", warmup=40)),
 }
-_DEFAULT = ({}, TrainConfig(epochs=20, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=0.01))
+_DEFAULT = ({}, TrainConfig(epochs=20, optim=OptimConfig(steps=0, lr=1e-3, batch_size=64, weight_decay=0.01),
+                            optimizer="adamw"))
 
 
 def cache_dir() -> Path:
@@ -56,12 +62,38 @@ def cache_dir() -> Path:
 
 
 def recipe(model_name: str, dataset_name: str, **overrides: Any) -> tuple[dict[str, Any], TrainConfig]:
-    """(model kwargs extras, TrainConfig) for a pair; ``overrides`` naming TrainConfig fields change the
-    config, the others are model keyword arguments."""
+    """(model kwargs extras, TrainConfig) for a pair; ``overrides`` naming TrainConfig fields (or the fields of
+    its ``optim``: ``steps=20``, ``lr=0.05``) change the config, the others are model keyword arguments."""
     kw, cfg = RECIPES.get((model_name, dataset_name), _DEFAULT)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k in fields})
-    return {**kw, **{k: v for k, v in overrides.items() if k not in fields}}, cfg
+    cfg, rest = with_train_overrides(cfg, overrides)
+    return {**kw, **rest}, cfg
+
+
+def with_train_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """``cfg`` with the ``overrides`` that name its fields or its ``optim``'s fields (flat: ``lr=0.05``), and the
+    overrides left over (model keyword arguments).
+
+    Example:
+        >>> cfg, rest = with_train_overrides(TrainConfig(), {"lr": 0.05, "epochs": 2, "width": 8})
+        >>> cfg.optim.lr, cfg.epochs, rest
+        (0.05, 2, {'width': 8})
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | set(TrainConfig.moved_fields)
+    cfg = with_overrides(cfg, **{k: v for k, v in overrides.items() if k in names})
+    return cfg, {k: v for k, v in overrides.items() if k not in names}
+
+
+def flat_train_config(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg`` in the version-1 layout (``optim``'s fields at the top), as cache keys and results files hold it:
+    the baselines cached, and the results written, before ``optim`` was nested stay valid and comparable.
+    ``from_dict`` reads it back (through ``TrainConfig.upgrade``).
+
+    Example:
+        >>> d = flat_train_config(TrainConfig(optim={"lr": 0.05}))
+        >>> d["version"], d["lr"], d["epochs"], "optim" in d
+        (1, 0.05, 10, False)
+    """
+    return {"kind": "TrainConfig", **flat_fields(cfg), "version": 1}
 
 
 def pretrained(model_name: str, dataset_name: str, seed: int = 0, *, return_meta: bool = False,
@@ -111,7 +143,7 @@ def _entry(model_name: str, dataset_name: str, seed: int, **overrides: Any) -> t
     splits = load_dataset(dataset_name, seed=0)
     kwargs = model_kwargs_for(model_name, splits.input_shape, splits.num_classes, **extra_kw)
     key = {"model": model_name, "model_kwargs": kwargs, "dataset": dataset_name, "seed": seed,
-           "train": to_dict(cfg), "format": 1}
+           "train": flat_train_config(cfg), "format": 1}
     return f"{model_name}-{dataset_name}-seed{seed}", key, kwargs, cfg, splits
 
 
