@@ -65,7 +65,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _quantized(root: Path, key: str, model: torch.nn.Module, calib: Any, quick: bool, **ptq: Any) -> torch.nn.Module:
-    """thrifty PTQ (RTN, MSE ranges; cached), or in --quick a min/max RTN QuantConfig (seconds, not minutes)."""
+    """thrifty PTQ (RTN, MSE ranges; cached), or with ``quick`` (``--quick`` or ``--ptq minmax``) a min/max RTN
+    QuantConfig (seconds, not minutes)."""
     if quick:
         from thrifty.core import apply
         from thrifty.quant import QuantConfig, calibrate_inputs
@@ -225,7 +226,7 @@ def layouts(args: SimpleNamespace, root: Path, work: Path) -> dict:
     res: dict = {}
     for fam, wl in _workloads(args.quick).items():
         want = set(args.variants) - ({"thrifty_int8_asym_w"} if args.quick else set())  # --quick: the new layouts
-        paths = _variants(root, fam, wl, work, args.quick, want)
+        paths = _variants(root, fam, wl, work, args.quick or args.ptq == "minmax", want)
         inputs = wl.samples.inputs
         ref = _outputs(TorchBackend(wl.model), inputs)
         acc = {k: _accuracy(fam, wl, OrtBackend(p, threads=2), inputs, ref) for k, p in paths.items()}
@@ -330,7 +331,8 @@ def render(out: dict) -> str:
                f"Load average (1 min) {load.get('start', '-')} at the start, {load.get('end', '-')} at the end"
                f"{' (machine shared: absolute samples/s are low and noisy; the ratios are side by side)' if max(load.values(), default=0) > 0.5 * c['cores'] else ''}.", ""]
     md += [f"min_duration {out['min_duration']} s per measurement{' (--quick: not meaningful)' if out['quick'] else ''}."
-           " Samples/s, median over rounds (ratio to FP32 ONNX Runtime).", ""]
+           " Samples/s, median over rounds (ratio to FP32 ONNX Runtime). thrifty's int8 ranges: "
+           f"{'min/max (RTN)' if out.get('ptq') == 'minmax' else 'PTQ, RTN with MSE ranges'}.", ""]
     for fam, r in out.get("layouts", {}).items():
         keys = list(next(iter(r["median"].values())))
         md += [f"## {fam}", "", "| threads, batch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -380,6 +382,7 @@ def science(args: Any) -> dict:  # the harness's parsed flags
     rounds, min_duration = (1, 0.2) if args.quick else (args.rounds, args.min_duration)
     args = SimpleNamespace(**{**vars(args), "rounds": rounds, "min_duration": min_duration})
     out: dict = {"onnxruntime": onnxruntime.__version__, "rounds": rounds, "min_duration": min_duration,
+                 "ptq": "minmax" if args.quick else args.ptq,
                  "quick": bool(args.quick), "cpu": cpu_info(), "load_average": {"start": round(os.getloadavg()[0], 2)}}
     if "layouts" in args.part:
         out["layouts"] = layouts(args, root, work)
@@ -396,6 +399,9 @@ def main(argv=None) -> int:
     exp = Experiment("bench_deploy" if cpu["vnni"] else f"bench_deploy_{cpu['isa']}", __doc__, threads=2)
     exp.parser.add_argument("--part", nargs="+", choices=("layouts", "w4"), default=["layouts", "w4"])
     exp.parser.add_argument("--rounds", type=int, default=3)
+    exp.parser.add_argument("--ptq", choices=("mse", "minmax"), default="mse",
+                            help="layouts part: thrifty's weight/activation ranges: PTQ with MSE ranges (minutes) or "
+                                 "min/max (seconds; what --quick uses)")
     exp.parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                             help="layouts part: the int8 variants to compare with FP32 (default all)")
     exp.parser.add_argument("--min-duration", type=float, default=2.0)
