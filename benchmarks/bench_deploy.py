@@ -330,9 +330,15 @@ def render(out: dict) -> str:
         md += [f"CPU: {c['model']}, {c['cores']} cores, VNNI {'yes' if c['vnni'] else 'no'} (int8 ISA {c['isa']}). "
                f"Load average (1 min) {load.get('start', '-')} at the start, {load.get('end', '-')} at the end"
                f"{' (machine shared: absolute samples/s are low and noisy; the ratios are side by side)' if max(load.values(), default=0) > 0.5 * c['cores'] else ''}.", ""]
+        if not c["vnni"]:
+            md += ["No VNNI: int8 weights run ONNX Runtime's u8s8 kernels, whose int16 pair sums saturate unless every "
+                   "stored weight code has |code| <= 64. ort_static_qdq, ort_static_qoperator and "
+                   "ort_static_qdq_matmul_only store 8-bit s8 weights, so their outputs (and accuracy rows) are what "
+                   "this CPU computes, saturation included; the *_reduce_range variants (7-bit weights) and "
+                   "thrifty_int8_w7 stay within 64; thrifty_int8 (8-bit) stores uint8 weights (exact u8u8 kernels).", ""]
     md += [f"min_duration {out['min_duration']} s per measurement{' (--quick: not meaningful)' if out['quick'] else ''}."
            " Samples/s, median over rounds (ratio to FP32 ONNX Runtime). thrifty's int8 ranges: "
-           f"{'min/max (RTN)' if out.get('ptq') == 'minmax' else 'PTQ, RTN with MSE ranges'}.", ""]
+           f"{'min/max (RTN)' if out.get('ptq') == 'minmax' or out['quick'] else 'PTQ, RTN with MSE ranges'}.", ""]
     for fam, r in out.get("layouts", {}).items():
         keys = list(next(iter(r["median"].values())))
         md += [f"## {fam}", "", "| threads, batch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
