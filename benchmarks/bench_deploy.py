@@ -3,14 +3,20 @@
 Two parts (``--part``, default both), variants interleaved over ``--rounds`` rounds, medians reported:
 
 * ``layouts``: resnet20 and MiniLM at 1 and 2 threads, batch 1 and 32, samples/s of FP32, thrifty int8
-  (symmetric per-channel weights, u8 activations, int32 biases, integer residuals) and ONNX Runtime's
-  quantize_static in its fast layouts (u8 activations, s8 per-channel weights; QDQ and QOperator; for MiniLM also
-  MatMul-only), with each variant's accuracy and the GEMMs ONNX Runtime fused (or why not).
+  (symmetric per-channel weights, u8 activations, int32 biases, integer residuals; each layer's weights in the
+  fastest container that is exact on this CPU), thrifty int8 with 7-bit weights (exact in the fast u8s8 kernels
+  without VNNI) and ONNX Runtime's quantize_static in its fast layouts (u8 activations, s8 per-channel weights;
+  QDQ and QOperator; QDQ with ``reduce_range``, 7-bit weights, ONNX Runtime's advice for CPUs without VNNI; for
+  MiniLM also MatMul-only), with each variant's accuracy and the GEMMs ONNX Runtime fused (or why not).
 * ``w4``: batch-1 latency of FP32, int8 and weight-only 4-bit MatMulNBits (thrifty's codes and block RTN) on a
   Linear-heavy FFN stack at one token and on MiniLM at ``--w4-seq`` tokens, with the accuracy cost.
 
-    python benchmarks/bench_deploy.py --rounds 5     # writes results/bench_deploy.{json,md}
+    python benchmarks/bench_deploy.py --rounds 5     # writes results/bench_deploy.{json,md} (CPU with VNNI)
     python benchmarks/bench_deploy.py --quick        # a fast smoke pass (numbers not meaningful)
+
+Results are per CPU kind: on a CPU without VNNI the default stem is ``bench_deploy_<isa>`` (e.g.
+``bench_deploy_avx2``), so a run there never overwrites the VNNI results; the JSON and markdown name the CPU, its
+VNNI support and the load average before and after the run (``--name`` overrides the stem).
 
 Timing: every variant is an ONNX Runtime session (``OrtBackend``: the given intra-op threads, no spinning, so the
 idle sessions of the other variants take no CPU); per round and (threads, batch), each variant runs the same
@@ -21,6 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
+import platform
 import warnings
 import statistics
 import tempfile
@@ -34,6 +43,7 @@ import torch
 
 from thrifty.bench import OrtBackend, TorchBackend, export_onnx, export_w4, fused_report
 from thrifty.bench.api import calibration_data, load_workload, ptq_int8
+from thrifty.bench.export import cpu_has_vnni
 from thrifty.bench.int8_graph import onnx_feeds
 from thrifty.bench.experiment import Experiment
 from thrifty.quant.calib import as_batches
@@ -55,7 +65,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _quantized(root: Path, key: str, model: torch.nn.Module, calib: Any, quick: bool, **ptq: Any) -> torch.nn.Module:
-    """thrifty PTQ (RTN, MSE ranges; cached), or in --quick a min/max RTN QuantConfig (seconds, not minutes)."""
+    """thrifty PTQ (RTN, MSE ranges; cached), or with ``quick`` (``--quick`` or ``--ptq minmax``) a min/max RTN
+    QuantConfig (seconds, not minutes)."""
     if quick:
         from thrifty.core import apply
         from thrifty.quant import QuantConfig, calibrate_inputs
@@ -83,8 +94,10 @@ class _Reader:
         return next(self.it, None)
 
 
-def _ort_static(fp32: Path, out: Path, feeds: list[dict], fmt: str, op_types: Any = None) -> Path:
-    """ONNX Runtime's quantize_static in its fast x86 layout: u8 activations, s8 per-channel weights (MinMax)."""
+def _ort_static(fp32: Path, out: Path, feeds: list[dict], fmt: str, op_types: Any = None,
+                reduce_range: bool = False) -> Path:
+    """ONNX Runtime's quantize_static in its fast x86 layout: u8 activations, s8 per-channel weights (MinMax);
+    ``reduce_range``: 7-bit weights, which ONNX Runtime advises on x86 CPUs without VNNI (no u8s8 saturation)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -103,8 +116,8 @@ def _ort_static(fp32: Path, out: Path, feeds: list[dict], fmt: str, op_types: An
         else:
             pre = fp32
         quantize_static(str(pre), str(out), _Reader(feeds), quant_format=getattr(QuantFormat, fmt),
-                        op_types_to_quantize=op_types, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
+                        op_types_to_quantize=op_types, per_channel=True, reduce_range=reduce_range,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out
 
 
@@ -140,6 +153,31 @@ def _accuracy(fam: str, wl, be: Callable, inputs, ref: np.ndarray) -> dict:
     return {"cos_mean": float(c.mean()), "cos_min": float(c.min())}
 
 
+def _containers(path: Path) -> dict:
+    """The int8 export's per-layer weight containers (int8: u8s8 kernels, uint8: u8u8) and their count."""
+    import onnx
+
+    meta = json.loads({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+                      .get("thrifty.int8", "{}"))
+    per = meta.get("weight_containers", {})
+    count: dict[str, int] = {}
+    for c in per.values():
+        count[c["container"]] = count.get(c["container"], 0) + 1
+    return {"count": count, "layers": per}
+
+
+def cpu_info() -> dict:
+    """The CPU a result was measured on: model name, whether it has VNNI, its widest int8 ISA, the load average."""
+    from thrifty.bench.experiment import environment
+
+    flags = set()
+    with contextlib.suppress(OSError):
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    isa = ("vnni" if cpu_has_vnni() else "avx512" if "avx512bw" in flags else "avx2" if "avx2" in flags
+           else platform.machine().lower())
+    return {"model": environment("")["cpu"], "vnni": cpu_has_vnni(), "isa": isa, "cores": os.cpu_count()}
+
+
 def _fused_summary(path: Path) -> dict:
     rep = fused_report(path)
     unfused = [{"layer": r["layer"], "reason": r["reason"]} for r in rep if not r["fused"]]
@@ -152,38 +190,51 @@ def _workloads(quick: bool) -> dict:
             "minilm": load_workload("minilm", seq_len=128, max_samples=n or 256)}
 
 
-def _variants(root: Path, fam: str, wl, work: Path, quick: bool, old_layout: bool) -> dict[str, Path]:
+VARIANTS = ("thrifty_int8", "thrifty_int8_w7", "thrifty_int8_asym_w", "ort_static_qdq", "ort_static_qdq_reduce_range",
+            "ort_static_qoperator", "ort_static_qdq_matmul_only", "ort_static_qdq_matmul_only_reduce_range")
+
+
+def _variants(root: Path, fam: str, wl, work: Path, quick: bool, want: set[str]) -> dict[str, Path]:
+    """The ONNX files of the variants in ``want`` (FP32 always); MatMul-only ones for MiniLM only."""
     calib = calibration_data(wl)
     ex = tuple(torch.from_numpy(a) for a in wl.samples.batch([0, 1]))
     names = wl.input_names
     v = {"fp32": export_onnx(wl.model, ex, work / f"{fam}_fp32.onnx", input_names=names)}
-    log(f"{fam}: thrifty PTQ W8A8, symmetric per-channel weights")
-    q = _quantized(root, f"{fam}_w8a8_rtn_symw", wl.model, calib, quick, w_symmetric=True)
-    v["thrifty_int8"] = export_onnx(q, ex, work / f"{fam}_thrifty_int8.onnx", input_names=names, calib=calib)
-    if old_layout:  # the previous default: asymmetric weights (for the before/after comparison)
+    for key, bits in (("thrifty_int8", 8), ("thrifty_int8_w7", 7)):
+        if key in want:
+            log(f"{fam}: thrifty PTQ W{bits}A8, symmetric per-channel weights")
+            tag = "" if bits == 8 else f"_w{bits}"
+            q = _quantized(root, f"{fam}_w{bits}a8_rtn_symw", wl.model, calib, quick, w_bits=bits, w_symmetric=True)
+            v[key] = export_onnx(q, ex, work / f"{fam}_thrifty_int8{tag}.onnx", input_names=names, calib=calib)
+    if "thrifty_int8_asym_w" in want:  # the previous default: asymmetric weights (for the before/after comparison)
         qa = _quantized(root, f"{fam}_w8a8_rtn", wl.model, calib, quick)
         v["thrifty_int8_asym_w"] = export_onnx(qa, ex, work / f"{fam}_thrifty_int8_asym.onnx", input_names=names,
                                                calib=calib)
     feeds = onnx_feeds(as_batches(calib), list(names))
     log(f"{fam}: ONNX Runtime quantize_static (u8 activations, s8 per-channel weights)")
-    for fmt in ("QDQ", "QOperator"):
-        v[f"ort_static_{fmt.lower()}"] = _ort_static(v["fp32"], work / f"{fam}_ort_{fmt.lower()}.onnx", feeds, fmt)
-    if fam == "minilm":  # all-op quantization costs MiniLM most of its accuracy: MatMul/Gemm only, too
-        v["ort_static_qdq_matmul_only"] = _ort_static(v["fp32"], work / f"{fam}_ort_qdq_mm.onnx", feeds, "QDQ",
-                                                      ["MatMul", "Gemm"])
+    for key, fmt, ops, rr in (("ort_static_qdq", "QDQ", None, False), ("ort_static_qdq_reduce_range", "QDQ", None, True),
+                              ("ort_static_qoperator", "QOperator", None, False),
+                              ("ort_static_qdq_matmul_only", "QDQ", ["MatMul", "Gemm"], False),
+                              ("ort_static_qdq_matmul_only_reduce_range", "QDQ", ["MatMul", "Gemm"], True)):
+        # all-op quantization costs MiniLM most of its accuracy: MatMul/Gemm only, too (MiniLM only)
+        if key in want and (ops is None or fam == "minilm"):
+            v[key] = _ort_static(v["fp32"], work / f"{fam}_{key}.onnx", feeds, fmt, ops, reduce_range=rr)
     return v
 
 
 def layouts(args: SimpleNamespace, root: Path, work: Path) -> dict:
     res: dict = {}
     for fam, wl in _workloads(args.quick).items():
-        paths = _variants(root, fam, wl, work, args.quick, old_layout=not args.quick)
+        want = set(args.variants) - ({"thrifty_int8_asym_w"} if args.quick else set())  # --quick: the new layouts
+        paths = _variants(root, fam, wl, work, args.quick or args.ptq == "minmax", want)
         inputs = wl.samples.inputs
         ref = _outputs(TorchBackend(wl.model), inputs)
         acc = {k: _accuracy(fam, wl, OrtBackend(p, threads=2), inputs, ref) for k, p in paths.items()}
         fused = {k: _fused_summary(p) for k, p in paths.items() if k != "fp32"}
+        containers = {k: _containers(p) for k, p in paths.items() if k.startswith("thrifty")}
         log(f"{fam}: accuracy {acc}")
-        log(f"{fam}: thrifty int8 GEMMs fused {fused['thrifty_int8']}")
+        log(f"{fam}: GEMMs fused {({k: (f['fused'], f['gemms']) for k, f in fused.items()})}; weight containers "
+            f"{({k: c['count'] for k, c in containers.items()})}")
         grid: dict = {}
         sessions = {(k, t): OrtBackend(p, threads=t) for k, p in paths.items() for t in (1, 2)}
         for r in range(args.rounds):
@@ -198,6 +249,7 @@ def layouts(args: SimpleNamespace, root: Path, work: Path) -> dict:
         del sessions
         med = {c: {k: statistics.median(xs) for k, xs in row.items()} for c, row in grid.items()}
         res[fam] = {"samples_per_s": grid, "median": med, "accuracy": acc, "fused": fused,
+                    "weight_containers": containers,
                     "ratio_to_fp32": {c: {k: x / row["fp32"] for k, x in row.items()} for c, row in med.items()}}
     return res
 
@@ -272,9 +324,21 @@ def w4_ffn(args: SimpleNamespace, work: Path) -> dict:
 
 
 def render(out: dict) -> str:
-    md = [f"# int8 / W4 deployment on ONNX Runtime {out['onnxruntime']}, {out['rounds']} interleaved rounds", "",
-          f"min_duration {out['min_duration']} s per measurement{' (--quick: not meaningful)' if out['quick'] else ''}."
-          " Samples/s, median over rounds (ratio to FP32 ONNX Runtime).", ""]
+    md = [f"# int8 / W4 deployment on ONNX Runtime {out['onnxruntime']}, {out['rounds']} interleaved rounds", ""]
+    if "cpu" in out:
+        c, load = out["cpu"], out.get("load_average", {})
+        md += [f"CPU: {c['model']}, {c['cores']} cores, VNNI {'yes' if c['vnni'] else 'no'} (int8 ISA {c['isa']}). "
+               f"Load average (1 min) {load.get('start', '-')} at the start, {load.get('end', '-')} at the end"
+               f"{' (machine shared: absolute samples/s are low and noisy; the ratios are side by side)' if max(load.values(), default=0) > 0.5 * c['cores'] else ''}.", ""]
+        if not c["vnni"]:
+            md += ["No VNNI: int8 weights run ONNX Runtime's u8s8 kernels, whose int16 pair sums saturate unless every "
+                   "stored weight code has |code| <= 64. ort_static_qdq, ort_static_qoperator and "
+                   "ort_static_qdq_matmul_only store 8-bit s8 weights, so their outputs (and accuracy rows) are what "
+                   "this CPU computes, saturation included; the *_reduce_range variants (7-bit weights) and "
+                   "thrifty_int8_w7 stay within 64; thrifty_int8 (8-bit) stores uint8 weights (exact u8u8 kernels).", ""]
+    md += [f"min_duration {out['min_duration']} s per measurement{' (--quick: not meaningful)' if out['quick'] else ''}."
+           " Samples/s, median over rounds (ratio to FP32 ONNX Runtime). thrifty's int8 ranges: "
+           f"{'min/max (RTN)' if out.get('ptq') == 'minmax' or out['quick'] else 'PTQ, RTN with MSE ranges'}.", ""]
     for fam, r in out.get("layouts", {}).items():
         keys = list(next(iter(r["median"].values())))
         md += [f"## {fam}", "", "| threads, batch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -286,11 +350,16 @@ def render(out: dict) -> str:
         md.append("| GEMMs fused (after ORT's optimiser) | - | " + " | ".join(
             f"{r['fused'][k]['fused']}/{r['fused'][k]['gemms']}" if r["fused"][k]["gemms"] else "- (QOperator)"
             for k in keys[1:]) + " |")
-        reasons: dict[str, list[str]] = {}
-        for u in r["fused"]["thrifty_int8"]["unfused"]:
-            reasons.setdefault(u["reason"], []).append(u["layer"])
-        md += ["", "thrifty int8, GEMMs left unfused: " + ("none" if not reasons else "; ".join(
-            f"{len(ls)} x {why} (e.g. {ls[0]})" for why, ls in reasons.items())), ""]
+        md.append("")
+        for k in (k for k in keys if k.startswith("thrifty")):
+            reasons: dict[str, list[str]] = {}
+            for u in r["fused"][k]["unfused"]:
+                reasons.setdefault(u["reason"], []).append(u["layer"])
+            cont = r.get("weight_containers", {}).get(k, {}).get("count")
+            md += [f"{k}: weight containers " + (", ".join(f"{n} layers {c}" for c, n in sorted(cont.items()))
+                                                 if cont else "-")
+                   + "; GEMMs left unfused: " + ("none" if not reasons else "; ".join(
+                       f"{len(ls)} x {why} (e.g. {ls[0]})" for why, ls in reasons.items())), ""]
     tables = [(f"W4 weight-only (MatMulNBits, block 32) vs int8 vs FP32: MiniLM, batch 1, {seq} tokens", r,
                "cosine to FP32 (mean)", {k: a["cos_mean"] for k, a in r["accuracy"].items()})
               for seq, r in out.get("w4", {}).get("by_seq_len", {}).items()]
@@ -319,20 +388,28 @@ def science(args: Any) -> dict:  # the harness's parsed flags
     rounds, min_duration = (1, 0.2) if args.quick else (args.rounds, args.min_duration)
     args = SimpleNamespace(**{**vars(args), "rounds": rounds, "min_duration": min_duration})
     out: dict = {"onnxruntime": onnxruntime.__version__, "rounds": rounds, "min_duration": min_duration,
-                 "quick": bool(args.quick)}
+                 "ptq": "minmax" if args.quick else args.ptq,
+                 "quick": bool(args.quick), "cpu": cpu_info(), "load_average": {"start": round(os.getloadavg()[0], 2)}}
     if "layouts" in args.part:
         out["layouts"] = layouts(args, root, work)
     if "w4" in args.part:
         out["w4_ffn"] = w4_ffn(args, work)
         out["w4"] = w4(args, root, work)
     out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["load_average"]["end"] = round(os.getloadavg()[0], 2)
     return out
 
 
 def main(argv=None) -> int:
-    exp = Experiment("bench_deploy", __doc__, threads=2)
+    cpu = cpu_info()
+    exp = Experiment("bench_deploy" if cpu["vnni"] else f"bench_deploy_{cpu['isa']}", __doc__, threads=2)
     exp.parser.add_argument("--part", nargs="+", choices=("layouts", "w4"), default=["layouts", "w4"])
     exp.parser.add_argument("--rounds", type=int, default=3)
+    exp.parser.add_argument("--ptq", choices=("mse", "minmax"), default="mse",
+                            help="layouts part: thrifty's weight/activation ranges: PTQ with MSE ranges (minutes) or "
+                                 "min/max (seconds; what --quick uses)")
+    exp.parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                            help="layouts part: the int8 variants to compare with FP32 (default all)")
     exp.parser.add_argument("--min-duration", type=float, default=2.0)
     exp.parser.add_argument("--adaquant", action="store_true", help="W4 part: thrifty weights from PTQ AdaQuant (slow)")
     exp.parser.add_argument("--w4-seq", type=int, nargs="+", default=[128, 8], help="W4 part: MiniLM sequence lengths")

@@ -209,6 +209,15 @@ def _row(rows: list[dict], part: str, var: str) -> dict:
     return next((r for r in rows if r["part"] == part and r["variant"] == var), {})
 
 
+def _containers(ex: dict) -> str:
+    """How the weights were stored: int8 (u8s8 kernels) / uint8 (u8u8), per layer where the export recorded it."""
+    per = ex.get("weight_containers")
+    if per:
+        n = sum(c["container"] == "int8" for c in per.values())
+        return f"Weights stored int8 (u8s8 kernels) in {n} of {len(per)} layers, uint8 (u8u8) in the others"
+    return f"Weights stored {'signed (u8s8 kernels)' if ex.get('signed_weights') else 'unsigned'}"
+
+
 def render(out: dict) -> str:
     rows, meta = out["rows"], out["meta"]
     a = [r for r in rows if r["part"] == "A"]
@@ -240,8 +249,7 @@ def render(out: dict) -> str:
             lines += ["", f"{r['variant']}: {ex['residual_adds']} residual Adds exported as integer: "
                           f"{len(ex['new_quantizers'])} output quantizers added (calibrated on the PTQ calibration "
                           f"set like its activation quantizers), {ex['shared']} shortcut inputs reuse the next Conv's "
-                          f"input quantizer; the simulated PyTorch model has neither. Weights stored "
-                          f"{'signed (u8s8 kernels)' if ex.get('signed_weights') else 'unsigned'}."]
+                          f"input quantizer; the simulated PyTorch model has neither. {_containers(ex)}."]
     sim = meta.get("minilm_int8_simulated_cosine_to_fp")
     if sim:
         lines += ["", f"MiniLM int8 simulated in PyTorch (fake quantization): cosine to FP32 mean {sim['mean']:.5f}, "

@@ -2,13 +2,14 @@
 
 For every Gemm layer whose weight slot ends in a frozen quantizer (``thrifty.quant.UniformQuantizer`` or anything
 with ``bits/symmetric/per_channel/axis/scale/zero_point``), the exported graph stores the quantizer's integer codes
-(int8 when symmetric, uint8 otherwise) with its per-channel scales/zero points behind a DequantizeLinear; the input
+with its per-channel scales/zero points behind a DequantizeLinear, in the int8 or uint8 container that runs
+fastest and exactly on this CPU (:func:`weight_container`; codes and zero points shift by ``2^(b-1)``); the input
 quantizer becomes a per-tensor QuantizeLinear -> DequantizeLinear pair with the same scale/zero point. A
 BatchNormalization right after a quantized Conv is folded into that Conv's per-channel weight scales (codes keep
 their values, up to sign), so ONNX Runtime can fuse DQ -> Conv -> Q into QLinearConv. Nothing is re-quantized:
-the parameters are exactly the PTQ result's (unsigned weight codes are stored shifted into int8, which leaves
-every dequantized weight unchanged). Given calibration data, residual Adds become integer too
-(:mod:`thrifty.bench.int8_graph`), which adds a few calibrated output quantizers the simulated model lacks.
+the parameters are exactly the PTQ result's (the container's shift leaves every dequantized weight unchanged).
+Given calibration data, residual Adds become integer too (:mod:`thrifty.bench.int8_graph`), which adds a few
+calibrated output quantizers the simulated model lacks.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -35,7 +36,13 @@ import torch.nn as nn
 from thrifty.bench.layout import default_activation_dtype, hoist_quantize, quantize_biases, set_activation_dtype
 from thrifty.utils import atomic_write_bytes
 
-__all__ = ["export_onnx", "LayerQuant", "quant_layers", "cpu_has_vnni"]
+__all__ = ["export_onnx", "LayerQuant", "quant_layers", "cpu_has_vnni", "weight_container", "exact_fast_w_bits",
+           "U8S8_EXACT_MAX_CODE"]
+
+# Without VNNI, ONNX Runtime's x86 u8s8 kernels multiply with VPMADDUBSW: two u8 x s8 products summed into a
+# saturating int16. The sum is exact for every u8 activation when each stored weight code has |code| <= 64
+# (255 * 64 * 2 = 32640 <= 32767); one code of 65 already allows 255 * 65 * 2 = 33150.
+U8S8_EXACT_MAX_CODE = 64
 
 
 @dataclass
@@ -185,8 +192,11 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     points alike), so ONNX Runtime runs its u8s8 kernels, ~1.5x faster than u8u8 on an AVX-512 VNNI CPU. False:
     uint8 (symmetric codes shifted by ``2^(b-1)``, zero point ``2^(b-1)``), so it runs u8u8 kernels, which widen
     to 16 bits before multiplying and are exact on every x86 CPU. Either way the dequantized weights are the same.
-    None = True only when this CPU has VNNI: without it, ONNX Runtime's u8s8 kernels use VPMADDUBSW, whose 16-bit
-    sums of two u8 x s8 products saturate (255 * 127 * 2 > 32767), so outputs drift from the simulated model.
+    None (default): per layer, the fastest container that is exact on this CPU (:func:`weight_container`): int8
+    on a CPU with VNNI; without VNNI, int8 only for a layer whose stored codes all have ``|code| <= 64`` (e.g.
+    7-bit weights, :func:`exact_fast_w_bits`), uint8 otherwise: there ONNX Runtime's u8s8 kernels use
+    VPMADDUBSW, whose 16-bit sums of two u8 x s8 products saturate above that (255 * 127 * 2 > 32767), so outputs
+    would drift from the simulated model. The metadata's ``weight_containers`` records each layer's choice and why.
     ``int_bias``: store the bias of a layer with quantized input and weight as int32 codes on the accumulator's
     grid (scale ``s_x * s_w``) behind a DequantizeLinear, so ONNX Runtime fuses it even when its output stays
     float (the classifier head becomes QGemm); this moves each output by at most ``s_x * s_w / 2``.
@@ -199,8 +209,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     from thrifty.core import strip
 
     example_inputs, names = _check_inputs("export_onnx", model, example_inputs, input_names)
-    if signed_weights is None:
-        signed_weights = cpu_has_vnni()
+    if signed_weights not in (None, True, False):
+        raise ValueError(f"export_onnx: signed_weights must be None (per layer, the fastest exact container), True "
+                         f"(int8) or False (uint8), got {signed_weights!r}")
     m = copy.deepcopy(model).eval()
     layers = quant_layers(m)
     spec = _activation_spec(m)
@@ -210,8 +221,11 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
         import onnx
 
         proto = onnx.load_from_string(data)
-        _insert_qdq(proto, layers, signed_weights)
-        meta: dict[str, Any] = {"quantized_layers": len(layers), "signed_weights": signed_weights}
+        containers = _insert_qdq(proto, layers, signed_weights, vnni=cpu_has_vnni())
+        kinds = {c["container"] for c in containers.values()}
+        meta: dict[str, Any] = {"quantized_layers": len(layers), "cpu_vnni": cpu_has_vnni(),
+                                "signed_weights": "mixed" if len(kinds) > 1 else kinds == {"int8"},
+                                "weight_containers": containers}
         if calib is not None and spec is not None:
             from thrifty.bench.int8_graph import onnx_feeds, quantize_residuals
             from thrifty.quant.calib import as_batches
@@ -238,6 +252,51 @@ def cpu_has_vnni() -> bool:
     return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni"))
 
 
+def weight_container(codes: np.ndarray, vnni: bool, forced: Optional[bool] = None) -> tuple[str, str]:
+    """``(container, reason)`` for one layer's weight codes as they would be stored in int8 (signed codes as they
+    are, unsigned ones shifted by ``2^(b-1)``): ``"int8"`` (ONNX Runtime's u8s8 kernels) or ``"uint8"`` (u8u8).
+
+    u8s8 is the faster kernel on x86 and exact with VNNI; without VNNI only when every ``|code| <= 64``
+    (:data:`U8S8_EXACT_MAX_CODE`), else u8u8, which is exact everywhere. ``forced``: True/False picks int8/uint8
+    whatever the codes (the reason then says whether that is exact here).
+
+    Example:
+        >>> weight_container(np.array([-64, 3, 64]), vnni=False)[0], weight_container(np.array([-65, 3]), vnni=False)[0]
+        ('int8', 'uint8')
+        >>> weight_container(np.array([-127, 127]), vnni=True)[0]
+        'int8'
+    """
+    top = int(np.abs(np.asarray(codes, dtype=np.int64)).max()) if np.size(codes) else 0
+    fits = top <= U8S8_EXACT_MAX_CODE
+    if forced is not None:
+        if not forced:
+            return "uint8", "forced uint8 (u8u8 kernels, exact on every x86 CPU)"
+        exact = "exact with VNNI" if vnni else ("exact without VNNI: max |code| "
+                                                 f"{top} <= {U8S8_EXACT_MAX_CODE}" if fits else
+                                                 f"NOT exact here: no VNNI and max |code| {top} > "
+                                                 f"{U8S8_EXACT_MAX_CODE} (16-bit pair sums may saturate)")
+        return "int8", f"forced int8 (u8s8 kernels, {exact})"
+    if vnni:
+        return "int8", "VNNI: u8s8 kernels are exact and fastest"
+    if fits:
+        return "int8", (f"no VNNI, max |code| {top} <= {U8S8_EXACT_MAX_CODE}: u8s8 pair sums fit int16 "
+                        f"(255 * {U8S8_EXACT_MAX_CODE} * 2 = {255 * U8S8_EXACT_MAX_CODE * 2} <= 32767)")
+    return "uint8", (f"no VNNI, max |code| {top} > {U8S8_EXACT_MAX_CODE}: u8s8 pair sums could saturate int16; "
+                     f"u8u8 kernels are exact")
+
+
+def exact_fast_w_bits(vnni: Optional[bool] = None) -> int:
+    """The most weight bits whose int8 container runs ONNX Runtime's fast u8s8 kernels exactly on this CPU: 8 with
+    VNNI, 7 without (a symmetric 7-bit grid has codes -63..63, an asymmetric one -64..63 after its shift; both
+    within :data:`U8S8_EXACT_MAX_CODE`). ONNX Runtime gives the same advice for AVX2 (``reduce_range``).
+
+    Example:
+        >>> exact_fast_w_bits(vnni=True), exact_fast_w_bits(vnni=False)
+        (8, 7)
+    """
+    return 8 if (cpu_has_vnni() if vnni is None else vnni) else 7
+
+
 def _activation_spec(model: nn.Module) -> Optional[dict[str, Any]]:
     """The most common activation-quantizer spec (estimator, symmetry) at 8 bits, for new output quantizers."""
     from collections import Counter
@@ -253,7 +312,10 @@ def _activation_spec(model: nn.Module) -> Optional[dict[str, Any]]:
     return spec
 
 
-def _insert_qdq(proto, layers: list[LayerQuant], signed_weights: bool = True) -> None:
+def _insert_qdq(proto, layers: list[LayerQuant], signed_weights: Optional[bool] = True,
+                vnni: bool = False) -> dict[str, dict[str, Any]]:
+    """Insert the QDQ nodes in place; returns each deployed layer's weight container, its max |stored int8 code|
+    and the reason for the container (:func:`weight_container`)."""
     from onnx import helper, numpy_helper
 
     g = proto.graph
@@ -276,6 +338,7 @@ def _insert_qdq(proto, layers: list[LayerQuant], signed_weights: bool = True) ->
         return None
 
     new_inits, new_nodes, removed = [], [], set()
+    chosen: dict[str, dict[str, Any]] = {}
     for lq in layers:
         found = _find_node(g.node, arrays, lq)
         if found is None:  # not on the forward path (e.g. an unused pooler): nothing to deploy
@@ -303,11 +366,15 @@ def _insert_qdq(proto, layers: list[LayerQuant], signed_weights: bool = True) ->
                     scale = (scale * np.abs(a)).astype(np.float32)
                     node.output[0] = bn.output[0]  # the Conv now produces what the BN produced
                     removed.add(id(bn))
-        qdtype = np.int8 if lq.w_signed else np.uint8
         shift = 1 << (lq.w_bits - 1)
-        if signed_weights and not lq.w_signed:  # same values, signed container: u8s8 kernels
+        s8 = codes if lq.w_signed else codes - shift  # the codes as an int8 container would hold them
+        container, why = weight_container(s8, vnni, signed_weights)
+        chosen[lq.name] = {"container": container, "max_abs_code": int(np.abs(s8).max()) if s8.size else 0,
+                           "reason": why}
+        qdtype = np.int8 if lq.w_signed else np.uint8
+        if container == "int8" and not lq.w_signed:  # same values, signed container: u8s8 kernels
             codes, zp, qdtype = codes - shift, zp - shift, np.int8
-        elif not signed_weights and lq.w_signed:  # same values, unsigned container: u8u8 kernels, exact on any CPU
+        elif container == "uint8" and lq.w_signed:  # same values, unsigned container: u8u8 kernels, exact on any CPU
             codes, zp, qdtype = codes + shift, zp + shift, np.uint8
         gcodes = codes.T if layout == "matmul" else codes
         axis = 1 if layout == "matmul" else 0
@@ -363,6 +430,7 @@ def _insert_qdq(proto, layers: list[LayerQuant], signed_weights: bool = True) ->
     keep = [i for i in g.initializer if i.name in used or i.name in {x.name for x in g.input}]
     del g.initializer[:]
     g.initializer.extend(keep)
+    return chosen
 
 
 def _find_node(nodes, arrays: dict[str, np.ndarray], lq: LayerQuant):
