@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="AdaPrune steps per layer (default 200, quick 50)")
     ap.add_argument("--block-steps", type=int, default=None, help="steps per block (default 300, quick 60)")
     ap.add_argument("--block-lr", type=float, default=1e-4, help="block fit learning rate (default %(default)s)")
-    ap.add_argument("--patterns", default="2:4,4:8T", help="comma list; T = transposable (exact), TA = transposable (2-approx) (default %(default)s)")
+    ap.add_argument("--patterns", default="2:4,4:8T",
+                    help="comma list; T = transposable (exact), TA = transposable (2-approx) (default %(default)s)")
     ap.add_argument("--methods", default="magnitude,layer,block", help="comma list of magnitude, layer, block")
     ap.add_argument("--remask-every", type=int, default=10, help="AdaPrune re-masks every that many steps")
     return exp.run(lambda args: science(args, exp), render, argv=argv)
