@@ -12,21 +12,35 @@ set size (``ru_maxrss``) is read at the end:
 * ``layerwise`` (optional, slow): ``adaprune`` without blocks: one layer at a time, each capture a forward
   pass of the model's prefix.
 
-"setup" is the process's peak after imports, model, data and the dense reference outputs; the calibration's
-own peak is ``peak - setup``. Accuracy: relative MSE of the last hidden state and mean cosine of the
-mean-pooled embedding to the dense model, on held-out tokens.
+Two ratios are reported, block-wise over whole-model capture:
+
+* ``peak_ratio``: the process's total peak RSS. It includes the baseline every Python process with torch and
+  transformers imported and this model loaded pays before calibrating anything (about 400 MiB here, the same
+  in both modes), so at this model size it cannot go below baseline / whole-model peak (~0.22) however little
+  the calibration holds;
+* ``calib_ratio`` (the measure of the issue's target "peak memory of calibration"): the calibration's own peak,
+  ``peak - start``, where ``start`` is the process's resident set right before calibration begins (imports,
+  model, data and the dense reference outputs in place). It is what a larger model or calibration set scales,
+  and what block-wise mode is meant to bound. ``start`` is the current RSS, not the setup's peak, so a
+  transient during setup cannot hide calibration memory.
+
+Accuracy: relative MSE of the last hidden state and mean cosine of the mean-pooled embedding to the dense
+model, on held-out tokens.
 
 Each worker uses --threads torch threads (default 2: torch's own default on the 2-core machine of the committed
 run, which did not set it).
 
     python benchmarks/blockwise_memory.py --quick    # CI-sized: 64 sequences, 5 steps per layer
-    python benchmarks/blockwise_memory.py --steps 10 # as committed: writes results/blockwise_memory.{json,md}
+    python benchmarks/blockwise_memory.py --steps 2 --jobs 2  # as committed (a shared machine): writes
+                                                              # results/blockwise_memory.{json,md}
+    python benchmarks/blockwise_memory.py --steps 10 # the earlier committed setting (the same memory, more fitting)
     python benchmarks/blockwise_memory.py --render   # rewrite results/blockwise_memory.md from its JSON
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -40,6 +54,12 @@ from thrifty.bench.experiment import Experiment, table
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _rss_mib() -> float:
+    """The current resident set (Linux /proc/self/statm: pages)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def worker(mode: str, a: SimpleNamespace) -> dict:
@@ -67,7 +87,7 @@ def worker(mode: str, a: SimpleNamespace) -> dict:
     calib, test = tokens(a.samples), tokens(a.test)
     with torch.no_grad():
         ref = model(**test).last_hidden_state
-    setup = _peak_mib()
+    setup, start = _peak_mib(), _rss_mib()
     t0 = time.perf_counter()
     nm = NM(2, 4)
     if mode == "whole":
@@ -105,7 +125,8 @@ def worker(mode: str, a: SimpleNamespace) -> dict:
     real = test["attention_mask"].bool()
     rel_mse = float((out[real] - ref[real]).pow(2).mean() / ref[real].pow(2).mean())
     cos = float(torch.nn.functional.cosine_similarity(pool(out), pool(ref), dim=1).mean())
-    return {"mode": mode, "setup_mib": setup, "peak_mib": peak, "calib_mib": peak - setup, "seconds": seconds,
+    return {"mode": mode, "setup_mib": setup, "start_mib": start, "peak_mib": peak, "calib_mib": peak - start,
+            "seconds": seconds,
             "rel_mse": rel_mse, "cos_mean": cos}
 
 
@@ -123,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=128, help="hidden size (default %(default)s)")
     ap.add_argument("--steps", type=int, default=None, help="AdaPrune steps per layer (default 20, quick 5)")
     ap.add_argument("--remask-every", type=int, default=10, help="AdaPrune re-masks every that many steps")
+    ap.add_argument("--jobs", type=int, default=1, help="mode workers run at a time (default %(default)s; each "
+                    "is its own process, so the peaks stay separate; the seconds then share the machine)")
     return exp.run(lambda args: science(args, exp), render, argv=argv)
 
 
@@ -132,17 +155,24 @@ def science(args, exp: Experiment) -> dict:
              "steps": args.steps if args.steps is not None else (5 if args.quick else 20), "test": args.test,
              "seq": args.seq, "hidden": args.hidden, "remask_every": args.remask_every}
     rows = []
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, json.dumps(flags)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"blockwise_memory: worker {mode} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    modes = args.modes.split(",")
+    for i in range(0, len(modes), args.jobs):  # --jobs workers at a time (separate processes: separate peaks)
+        procs = [(m, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", m, json.dumps(flags)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                 for m in modes[i:i + args.jobs]]
+        for mode, proc in procs:
+            out, err = proc.communicate()
+            if proc.returncode:
+                raise SystemExit(f"blockwise_memory: worker {mode} failed:\n{err[-3000:]}")
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
     by = {r["mode"]: r for r in rows}
+    load = os.getloadavg()[0]
     res = {"model": f"BertModel, 12 layers, hidden {args.hidden}, intermediate {4 * args.hidden}, seq {args.seq}",
            "samples": flags["samples"], "steps": flags["steps"], "remask_every": args.remask_every, "seed": args.seed,
-           "command": exp.command, "rows": rows}
+           "command": exp.command, "rows": rows,
+           "note": f"Seconds are wall time on a shared machine (load {load:.1f} at the end of the run), "
+                   f"{'side by side' if args.jobs == 1 else f'{args.jobs} workers at a time'}."}
     if "whole" in by and "blockwise" in by:
         w, b = by["whole"], by["blockwise"]
         res["peak_ratio"] = b["peak_mib"] / w["peak_mib"]
@@ -154,14 +184,21 @@ def render(res: dict) -> str:
     lines = [f"# Block-wise calibration memory: {res['model']}", "",
              f"`{res['command']}`: one-shot 2:4 AdaPrune, {res['samples']} calibration sequences, {res['steps']} "
              f"steps per layer; each mode in its own process (peak RSS).", "",
-             table(res["rows"], {"mode": "mode", "setup_mib": "setup peak MiB", "peak_mib": "peak MiB",
-                                 "calib_mib": "calibration MiB (peak - setup)", "seconds": "seconds",
-                                 "rel_mse": "rel. MSE to dense", "cos_mean": "mean cosine"},
-                   digits={"setup_mib": 0, "peak_mib": 0, "calib_mib": 0, "seconds": 0, "rel_mse": 4,
-                           "cos_mean": 4}).rstrip("\n")]
+             table(res["rows"], {"mode": "mode", "setup_mib": "setup peak MiB", "start_mib": "RSS at start MiB",
+                                 "peak_mib": "peak MiB", "calib_mib": "calibration MiB (peak - start)",
+                                 "seconds": "seconds", "rel_mse": "rel. MSE to dense", "cos_mean": "mean cosine"},
+                   digits={"setup_mib": 0, "start_mib": 0, "peak_mib": 0, "calib_mib": 0, "seconds": 0,
+                           "rel_mse": 4, "cos_mean": 4}).rstrip("\n")]
     if "peak_ratio" in res:
-        lines += ["", f"Block-wise / whole-model capture: peak RSS {res['peak_ratio']:.3f}, calibration memory "
-                      f"{res['calib_ratio']:.3f} (target: peak at most 0.25, accuracy equal or better)."]
+        lines += ["", f"Block-wise / whole-model capture: calibration memory (peak - start) "
+                      f"{res['calib_ratio']:.3f}, total process peak RSS {res['peak_ratio']:.3f} "
+                      "(target: calibration peak at most 0.25 of whole-model capture, accuracy equal or better).", "",
+                  "The total peak includes the process's baseline (Python, torch, transformers, the model: the "
+                  "'RSS at start' column, the same in both modes), which bounds that ratio from below at this "
+                  "model size; the calibration memory is what grows with the model and the calibration set "
+                  "(see the script's docstring)."]
+        if res.get("note"):
+            lines += ["", res["note"]]
     return "\n".join(lines) + "\n"
 
 

@@ -148,3 +148,102 @@ def test_adaprune_block_fit_lowers_block_error():
     assert int(w.reshape(-1, 4).ne(0).sum(1).max()) <= 2  # the masks survive the block fit
     with pytest.raises(ValueError, match="block_steps needs blocks="):
         adaprune(_bert(), NM(2, 4), data, steps=1, progress=False, block_steps=3)
+
+
+def test_walk_blocks_releases_finished_blocks_inputs():
+    # the streams advance in place: once the caller asks for block i + 1, block i's input tensors are gone
+    import gc
+    import weakref
+
+    from thrifty.quant.blocks import walk_blocks
+
+    model, ref = _bert(3), _bert(3)
+    batches = as_batches(_tokens(8), batch_size=4)
+    names = find_blocks(model)
+    seen: list[tuple[int, int]] = []
+    prev: list[weakref.ref] = []
+    for blk, q_in, fp_in in walk_blocks(model, ref, names, batches):
+        gc.collect()
+        assert all(r() is None for r in prev), blk  # the previous block's inputs were released
+        prev = [weakref.ref(b.args[0]) for b in q_in + fp_in]
+        seen.append((id(q_in), id(fp_in)))
+        assert len(q_in) == len(fp_in) == 2
+    assert len(set(seen)) == 1  # the same two lists, updated in place
+    assert not q_in and not fp_in  # emptied once the walk ends
+
+
+def test_walk_blocks_chunks_keep_sample_order():
+    from thrifty.quant.blocks import split_batches, walk_blocks
+
+    model = _bert(2)
+    batches = as_batches(_tokens(10), batch_size=10)
+    names = find_blocks(model)
+    last = {}
+    for chunk in (None, 3):
+        for blk, q_in, _ in walk_blocks(model, model, names, batches, chunk=chunk):
+            last[chunk] = [(b.args[0].clone(), b.tokens().clone()) for b in q_in]
+    assert [b.size for b in split_batches(batches, 3)] == [3, 3, 3, 1]
+    assert len(last[3]) == 4 and len(last[None]) == 1
+    whole = torch.cat([x for x, _ in last[3]])
+    # the same block on fewer samples: equal up to float32 rounding of the GEMMs (a few ulps of O(1) values)
+    assert torch.allclose(whole, last[None][0][0], rtol=0, atol=1e-5)
+    assert torch.equal(torch.cat([m for _, m in last[3]]), last[None][0][1])
+    with pytest.raises(ValueError, match="chunk must be"):
+        split_batches(batches, 0)
+
+
+def test_structural_checks_run_on_a_probe_of_the_batch():
+    from thrifty.quant.blocks import PROBE, split_layers
+
+    bert = _bert(2)
+    batch = as_batches(_tokens(8), batch_size=8)[0]
+    sizes: list[int] = []
+    h = bert.encoder.layer[0].register_forward_pre_hook(lambda _m, a: sizes.append(a[0].shape[0]))
+    names = find_blocks(bert)
+    check_chain(bert, names, batch)
+    split_layers(bert, ["encoder.layer.0.output.dense"], names, batch)
+    h.remove()
+    assert sizes == [PROBE, PROBE]
+
+
+def test_capture_keep_applies_in_the_hook():
+    from thrifty.quant.calib import capture, token_rows
+
+    bert = _bert(1)
+    batches = as_batches(_tokens(8), batch_size=4)
+    layer = bert.encoder.layer[0].intermediate.dense
+    raw = capture(bert, layer, batches)[0]
+    rows = capture(bert, layer, batches, keep=token_rows)[0]
+    assert [r.shape for r in rows] == [token_rows(x, b).shape for x, b in zip(raw, batches)]
+    assert all(torch.equal(r, token_rows(x, b)) for r, x, b in zip(rows, raw, batches))
+    assert all(r.dim() == 2 for r in rows)  # padding rows dropped, no [B, T, C] tensor kept
+
+
+def test_adaprune_blockwise_in_micro_batches_equals_whole_model(monkeypatch):
+    # block streams cut into micro-batches of 4 samples: each layer still sees the same rows in the same order
+    import sys
+
+    monkeypatch.setattr(sys.modules["thrifty.sparse.adaprune"], "BLOCK_CHUNK", 4)
+    data = _tokens(16)
+    whole, blockwise = _bert(), _bert()
+    r1 = adaprune(whole, NM(2, 4), data, steps=10, progress=False)
+    r2 = adaprune(blockwise, NM(2, 4), data, steps=10, progress=False, blocks="auto")
+    assert list(r1) == list(r2)
+    for n in r1:
+        assert r2[n]["mse_after"] == pytest.approx(r1[n]["mse_after"], rel=1e-4, abs=1e-12), n
+    w1, w2 = _weights(whole), _weights(blockwise)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_adaprune_blockwise_transposable_masks_survive_the_block_fit():
+    from thrifty.ops.nm import is_transposable
+    from thrifty.sparse import nm_masks
+
+    bert = _bert()
+    adaprune(bert, NM(4, 8, transposable=True), _tokens(16), steps=5, progress=False, blocks="auto",
+             block_steps=5, block_lr=1e-3)
+    layers = list(nm_masks(bert))
+    assert len(layers) == 13  # 6 per encoder layer and the pooler (after the last block)
+    for name, layer, _ in layers:
+        assert is_transposable(layer.effective_weight(), 4, 8), name

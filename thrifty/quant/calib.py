@@ -264,26 +264,32 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def capture(model: nn.Module, layer: nn.Module, batches: list[Batch], *, inputs: bool = True,
-            outputs: bool = False, stop: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+            outputs: bool = False, stop: bool = True,
+            keep: Optional[Callable[[Tensor, Batch], Tensor]] = None) -> tuple[list[Tensor], list[Tensor]]:
     """The raw inputs (before any input slot) and/or outputs of ``layer`` for every batch, on CPU-less device.
 
     With ``stop`` the forward pass is abandoned right after ``layer`` (only the prefix is computed).
+    ``keep(tensor, batch)``: what is kept of each captured tensor (e.g. :func:`token_rows`), applied in the
+    hook, so the raw activation is not held beside it.
     """
     xs: list[Tensor] = []
     ys: list[Tensor] = []
+    cur: list[Batch] = []
+    held = (lambda t: keep(t, cur[0])) if keep is not None else (lambda t: t)  # noqa: E731
 
     def pre(_m, args):
         if inputs:
-            xs.append(args[0].detach())
+            xs.append(held(args[0].detach()))
 
     def post(_m, _args, out):
         if outputs:
-            ys.append(out.detach())
+            ys.append(held(out.detach()))
         if stop:
             raise _Stop
 
     with removing_hooks([layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]):
         for b in batches:
+            cur[:] = [b]
             n = len(xs) + len(ys)
             try:
                 run(model, b)

@@ -49,6 +49,7 @@ from thrifty.utils import show_progress
 __all__ = ["adaprune", "nm_for_density", "plan_from_unstructured", "reestimate_bn", "prune_layer", "tune_block"]
 
 Plan = Union[NM, Mapping[str, NM]]
+BLOCK_CHUNK = 32  # block-wise mode streams a block's inputs in micro-batches of at most this many samples
 
 
 def nm_for_density(dens: float, ms: Iterable[int] = (4, 8)) -> tuple[int, int] | None:
@@ -86,14 +87,32 @@ def plan_from_unstructured(model: nn.Module, ms: Iterable[int] = (4, 8), transpo
     return plan
 
 
-def _rows(layer: nn.Module, ts: list[Tensor], batches: list[Batch], name: str) -> Tensor:
-    """One tensor of a layer's captured activations: per-token rows (padding left out) for a linear layer."""
-    if gemm_op(layer).kind in ("linear", "linear_t"):
-        return torch.cat([token_rows(t, b) for t, b in zip(ts, batches)])
-    if len({tuple(t.shape[1:]) for t in ts}) != 1:
+def _keep(layer: nn.Module):
+    """What :func:`capture` keeps of a layer's activations: per-token rows (padding left out) for a linear layer."""
+    return token_rows if gemm_op(layer).kind in ("linear", "linear_t") else None
+
+
+def _rows(layer: nn.Module, ts: list[Tensor], name: str) -> Tensor:
+    """One tensor of a layer's captured activations (``ts``: per batch, already rows for a linear layer),
+    concatenated while the pieces are released (``ts`` is emptied): the whole set is held once, not twice."""
+    if _keep(layer) is None and len({tuple(t.shape[1:]) for t in ts}) != 1:
         raise ValueError(f"adaprune: layer {name!r} sees activations of different shapes across calibration "
                          f"batches ({sorted({tuple(t.shape) for t in ts})}); give batches of one shape")
-    return torch.cat(ts)
+    if len(ts) == 1:
+        return ts.pop()
+    out = torch.empty((sum(t.shape[0] for t in ts),) + tuple(ts[0].shape[1:]), dtype=ts[0].dtype,
+                      device=ts[0].device)
+    at = 0
+    for i in range(len(ts)):
+        t, ts[i] = ts[i], None  # type: ignore[call-overload]
+        out[at:at + t.shape[0]].copy_(t)
+        at += t.shape[0]
+        del t
+    ts.clear()
+    return out
+
+
+_MSE_ROWS = 1024  # rows per forward when prune_layer measures a layer's whole-set error (bounds the transient)
 
 
 def reestimate_bn(model: nn.Module, x: Any, batch_size: int = 64) -> nn.Module:
@@ -115,8 +134,10 @@ def prune_layer(layer: nn.Module, mk: Any, inp: Tensor, target: Tensor, *, steps
     params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
 
     @torch.no_grad()
-    def mse() -> float:
-        return float(F.mse_loss(layer(inp), target))
+    def mse() -> float:  # in slices of _MSE_ROWS rows: no whole-set output tensor
+        tot = sum(float(F.mse_loss(layer(inp[i:i + _MSE_ROWS]), target[i:i + _MSE_ROWS], reduction="sum"))
+                  for i in range(0, inp.shape[0], _MSE_ROWS))
+        return tot / max(target.numel(), 1)
 
     opt = torch.optim.Adam(params, lr=lr)
     # never make a layer worse than plain magnitude pruning
@@ -244,9 +265,12 @@ def adaprune(model: nn.Module, config: Plan | None = None, data: Any = None, *,
 
     def one(name: str, mdl: nn.Module, ref: nn.Module, q_in: list[Batch], fp_in: list[Batch], full: str) -> None:
         layer, mk = model.get_submodule(full), mks[full]
-        target = _rows(layer, capture(ref, ref.get_submodule(name), fp_in, inputs=False, outputs=True)[1], fp_in, full)
-        inp = _rows(layer, capture(mdl, layer, q_in)[0], q_in, full)
+        keep = _keep(layer)
+        target = _rows(layer, capture(ref, ref.get_submodule(name), fp_in, inputs=False, outputs=True,
+                                      keep=keep)[1], full)
+        inp = _rows(layer, capture(mdl, layer, q_in, keep=keep)[0], full)
         report[full] = fit(layer, mk, inp, target)
+        del inp, target
         bar.set_postfix(layer=full, mse=f"{report[full]['mse_after']:.3g}")
         bar.update()
 
@@ -259,7 +283,7 @@ def adaprune(model: nn.Module, config: Plan | None = None, data: Any = None, *,
         before, per, after = split_layers(model, [n for n, _, _ in masked], names, batches[0])
         for name in before:
             one(name, model, dense, batches, batches, name)
-        for blk, q_in, fp_in in walk_blocks(model, dense, names, batches):
+        for blk, q_in, fp_in in walk_blocks(model, dense, names, batches, chunk=BLOCK_CHUNK):
             qb, fb = model.get_submodule(blk), dense.get_submodule(blk)
             for name in per[blk]:
                 one(name[len(blk) + 1:], qb, fb, q_in, fp_in, name)
