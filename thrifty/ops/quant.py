@@ -510,24 +510,43 @@ def mse_range(x: Tensor, bits: int, symmetric: bool = False, axis: Optional[int]
     """Range minimising ``sum |x - q(x)|^p`` over shrunk min/max ranges ``alpha * [min, max]``, per channel.
 
     A grid search over ``alpha`` in ``[min_shrink, 1]`` (``grid`` points, includes 1 so it never loses to min/max).
-    ``max_samples`` evaluates the error on a fixed pseudo-random subset of that many elements per channel
-    (the min/max themselves always come from all elements): a large activation tensor costs no more than that.
+    ``max_samples`` evaluates the error on about that many elements per channel (the min/max themselves always
+    come from all elements), so a large activation tensor costs no more than that: the ``max_samples // 8``
+    largest and smallest elements of each channel exactly, plus a fixed pseudo-random subset of the rest, weighted
+    by how many elements each sampled one stands for. The tails must be exact: a shrunk range clips only the
+    extreme elements, which a uniform subset of a few per cent rarely contains, so its error would be blind to
+    clipping them (at 16 bits it chose to clip the largest 0.01 % of a ReLU6 activation by a third of the range).
     """
     check_bits(bits)
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
     r = _per_channel(_finite(x), axis)
     lo, hi = r.min(1).values, r.max(1).values
-    if max_samples is not None and r.shape[1] > max_samples:
-        idx = torch.randperm(r.shape[1], generator=torch.Generator().manual_seed(0))[:max_samples]
-        r = r[:, idx.to(r.device)]
+    wts: Optional[Tensor] = None  # per-element weights of the error (None: every element counts once)
+    n = r.shape[1]
+    if max_samples is not None and n > max_samples:
+        k = max_samples // 8
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_samples - 2 * k].to(r.device)
+        bulk = r[:, idx]
+        if k:
+            tail = torch.cat([r.topk(k, 1).indices, r.topk(k, 1, largest=False).indices], 1)  # 2k < n: disjoint
+            sampled = ~torch.zeros_like(r, dtype=torch.bool).scatter_(1, tail, True)[:, idx]  # bulk not in a tail
+            per = (n - 2 * k) / sampled.sum(1, keepdim=True).clamp_min(1)
+            wts = torch.cat([torch.ones_like(tail, dtype=r.dtype), sampled * per], 1)
+            r = torch.cat([r.gather(1, tail), bulk], 1)
+        else:
+            r = bulk
     best_err = torch.full_like(lo, float("inf"))
     best_lo, best_hi = lo.clone(), hi.clone()
     for a in torch.linspace(1.0, min_shrink, grid).tolist():
         s, zp = qparams_from_range(lo * a, hi * a, bits, symmetric)
         qmin, qmax = qrange(bits, symmetric)
         q = (torch.clamp(torch.round(r / s[:, None]) + zp[:, None], qmin, qmax) - zp[:, None]) * s[:, None]
-        err = (r - q).abs().pow(p).sum(1)
+        e = (r - q).abs().pow(p)
+        err = (e if wts is None else e * wts).sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo * a, best_lo)
