@@ -58,14 +58,12 @@ def wrap(bundle: dict) -> torch.nn.Module:
     return (Embedder if bundle["workload"] == "minilm" else Logits)(bundle["model"]).eval()
 
 
-def _aimet_config(group: int | None) -> dict:
+def _aimet_config() -> dict:
     cfg = {"defaults": {"ops": {"is_output_quantized": "True"},
                         "params": {"is_quantized": "True", "is_symmetric": "False"},
                         "strict_symmetric": "False", "per_channel_quantization": "True"},
            "params": {"bias": {"is_quantized": "False"}},
            "op_type": {}, "supergroups": [], "model_input": {"is_input_quantized": "True"}, "model_output": {}}
-    if group:
-        cfg["defaults"]["params"]["block_size"] = group  # not read by every AIMET version: checked after the run
     return cfg
 
 
@@ -80,6 +78,7 @@ def aimet_linears(bundle: dict, w_bits: int, a_bits: int | None, iters: int, gro
     from aimet_torch.quantization.affine import QuantizeDequantize
     from aimet_torch.quantization.encoding_analyzer import SqnrEncodingAnalyzer
     from aimet_torch.quantsim import QuantizationSimModel
+    from aimet_torch.quantsim.config_utils import set_blockwise_quantization_for_weights
 
     model = wrap({**bundle, "model": copy.deepcopy(bundle["model"])})
     batches = [tuple(b) for b in bundle["calib"]]
@@ -91,16 +90,29 @@ def aimet_linears(bundle: dict, w_bits: int, a_bits: int | None, iters: int, gro
               if n not in linears and any(True for _ in m.parameters(recurse=False))]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.json"
-        cfg.write_text(json.dumps(_aimet_config(group)))
+        cfg.write_text(json.dumps(_aimet_config()))
         params = AdaroundParameters(data_loader=batches, num_batches=len(batches), default_num_iterations=iters,
                                     forward_fn=lambda m, b: m(*b))
         overrides = [(model.get_submodule(n), fl_bits) for n in sorted(first_last)] if fl_bits != w_bits else None
-        ada = Adaround.apply_adaround(model, dummy, params, path=tmp, filename_prefix="ada", default_param_bw=w_bits,
-                                      param_bw_override_list=overrides, ignore_quant_ops_list=others,
-                                      default_quant_scheme=QuantScheme.post_training_tf_enhanced,
-                                      default_config_file=str(cfg))
-        sim = QuantizationSimModel(ada, dummy, quant_scheme=QuantScheme.post_training_tf_enhanced,
-                                   default_output_bw=a_bits or 8, default_param_bw=w_bits, config_file=str(cfg))
+        scheme = QuantScheme.post_training_tf_enhanced
+        if group is None:
+            ada = Adaround.apply_adaround(model, dummy, params, path=tmp, filename_prefix="ada",
+                                          default_param_bw=w_bits, param_bw_override_list=overrides,
+                                          ignore_quant_ops_list=others, default_quant_scheme=scheme,
+                                          default_config_file=str(cfg))
+        else:  # apply_adaround's own steps, with block-wise (per-group) weight quantizers set on its QuantSim
+            if overrides:
+                raise ValueError("per-group AdaRound here assumes every Linear at the same bit-width")
+            ada_sim = Adaround._get_quantsim(model, dummy_input=dummy, quant_scheme=scheme, default_param_bw=w_bits,
+                                             config_file=str(cfg))
+            set_blockwise_quantization_for_weights(ada_sim, [torch.nn.Linear], w_bits, False, group)
+            Adaround._exclude_modules(model, ada_sim, others)
+            Adaround._compute_param_encodings(ada_sim)
+            ada = Adaround._apply_adaround(ada_sim, model, dummy, params, tmp, "ada")
+        sim = QuantizationSimModel(ada, dummy, quant_scheme=scheme, default_output_bw=a_bits or 8,
+                                   default_param_bw=w_bits, config_file=str(cfg))
+        if group is not None:
+            set_blockwise_quantization_for_weights(sim, [torch.nn.Linear], w_bits, False, group)
         sim.set_and_freeze_param_encodings(encoding_path=str(Path(tmp) / "ada.encodings"))
     for name, qm in sim.model.named_modules():
         for attr in ("input_quantizers", "output_quantizers"):
