@@ -13,12 +13,22 @@ this script with a python that has both thrifty's requirements and an anchor, or
 ``--anchor-python`` (it needs only torch and brevitas and/or aimet-torch: the model and data travel in a file);
 the worker runs every anchor that python has. aimet-torch imports torchvision, which does not load beside the CPU
 torch build: a stub package whose modules answer any attribute with a placeholder class is enough (AIMET only
-builds type tables from it). AIMET: AdaRound (``--aimet-iters`` per layer, 2000 by default) with per-channel
+builds type tables from it); ``python3 tools/anchor_venv.py VENV`` builds such an environment (CPU torch, the stub,
+aimet-torch 2.42.0; add transformers for the MiniLM / LM workloads: ``VENV/bin/pip install torch==2.13.0
+transformers``). AIMET: AdaRound (``--aimet-iters`` per layer, 2000 by default) with per-channel
 asymmetric weights, then a QuantSim whose activation quantizers are moved to each Conv/Linear input (SQNR
 calibration), matching thrifty's placement. Without an anchor the script says so and exits 0.
 
     python benchmarks/ptq_anchor.py --anchor-python /path/to/anchor-venv/bin/python
     python benchmarks/ptq_anchor.py --quick     # W4A4 only, small budgets (smoke test)
+
+``--workload minilm`` (all-MiniLM-L6-v2 at W4A8, mean cosine to FP32 on held-out sentences) and ``--workload lm``
+(the causal LM at W4A16 per channel and per group of 64, held-out perplexity) compare AIMET AdaRound with thrifty
+on the same tensors (benchmarks/ptq_anchor_nlp.py); each run replaces its workload's rows in the JSON and keeps
+the others:
+
+    python benchmarks/ptq_anchor.py --workload minilm --anchor-python /path/to/anchor-venv/bin/python
+    python benchmarks/ptq_anchor.py --workload lm --anchor-python /path/to/anchor-venv/bin/python
 """
 from __future__ import annotations
 
@@ -167,6 +177,8 @@ def anchor_worker(bundle_path: str, out_path: str) -> int:
     anchor's python)."""
     torch.set_num_threads(1)
     bundle = torch.load(bundle_path, weights_only=False)
+    if bundle.get("workload", "resnet20") != "resnet20":
+        return _nlp_worker(bundle, out_path)
     runs = []
     if importlib.util.find_spec("brevitas") is not None:
         import brevitas
@@ -187,6 +199,38 @@ def anchor_worker(bundle_path: str, out_path: str) -> int:
             rows.append(dict(tool=tool, method=method, precision=f"W{w_bits}A{a_bits}",
                              **_scores(out, bundle["ref"], bundle["y"]), cpu_s=cpu, wall_s=wall))
             print(json.dumps(rows[-1]), flush=True)
+    Path(out_path).write_text(json.dumps(rows))
+    return 0
+
+
+def _nlp_worker(bundle: dict, out_path: str) -> int:
+    """AIMET AdaRound on a transformer workload (benchmarks/ptq_anchor_nlp.py); a failure is recorded as the
+    anchor's outcome (its exception in the row), not raised."""
+    import traceback
+    from importlib.metadata import version
+
+    import ptq_anchor_nlp as nlp  # beside this file (the script's folder is on sys.path)
+
+    rows = []
+    if importlib.util.find_spec("aimet_torch") is None:
+        print("ptq_anchor: the transformer workloads have AIMET only as anchor; aimet_torch is not importable")
+    else:
+        for w_bits, a_bits, group in bundle["precisions"]:
+            for it in bundle["aimet_iters"]:
+                prec = f"W{w_bits}A{a_bits or 16}" + (f" g{group}" if group else "")
+                row = dict(tool=f"AIMET {version('aimet-torch')}", method=f"AdaRound, {it} iterations", precision=prec)
+                w, c = time.perf_counter(), _cpu()
+                try:
+                    model, shapes = nlp.aimet_linears(bundle, w_bits, a_bits, it, group)
+                    row.update(nlp.score(bundle, model))
+                    if group and not all(len(s) == 2 and s[1] > 1 for s in shapes.values()):
+                        row["note"] = f"weight quantizers are not per group of {group}: {sorted(set(shapes.values()))}"
+                except Exception as e:  # noqa: BLE001 - the anchor's failure is its result
+                    traceback.print_exc()
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                row.update(cpu_s=_cpu() - c, wall_s=time.perf_counter() - w)
+                rows.append(row)
+                print(json.dumps(rows[-1]), flush=True)
     Path(out_path).write_text(json.dumps(rows))
     return 0
 
@@ -236,16 +280,56 @@ def _thrifty_rows(bundle: dict, quick: bool) -> list[dict]:
 def render(res: dict) -> str:
     from thrifty.bench.experiment import table
 
-    out = ["# PTQ side by side: thrifty vs an installed anchor", "",
-           f"resnet20 / digits32 (FP32 top-1 {res['fp_acc']:.2f} %, 539 test images), the same BN-folded model, the "
-           "same 100 calibration images, the same placement (per-channel asymmetric weights, per-tensor asymmetric "
-           "layer inputs, first/last layer 8/8 bit, FP32 biases). Test KL = mean KL(FP32 || quantized). CPU s with "
-           f"1 torch thread. Anchor: {res['anchor']}. Produced by `python benchmarks/ptq_anchor.py --anchor-python "
-           f"...`{res.get('source', '')}.", "",
-           table(sorted(res["rows"], key=lambda r: (r["precision"], r["test_kl"])),
-                 {"precision": "precision", "tool": "tool", "method": "method", "test_kl": "test KL", "acc": "top-1 %",
-                  "cpu_s": "CPU s", "wall_s": "wall s"}, digits={"test_kl": 4, "cpu_s": 1, "wall_s": 1})]
+    out = ["# PTQ side by side: thrifty vs an installed anchor"]
+    if "rows" in res:  # the resnet20 part (absent when only a transformer workload has run into this file)
+        text = (f"resnet20 / digits32 (FP32 top-1 {res['fp_acc']:.2f} %, 539 test images), the same BN-folded model, "
+                "the same 100 calibration images, the same placement (per-channel asymmetric weights, per-tensor "
+                "asymmetric layer inputs, first/last layer 8/8 bit, FP32 biases). Test KL = mean KL(FP32 || "
+                f"quantized). CPU s with 1 torch thread. Anchor: {res['anchor']}. Produced by `python "
+                f"benchmarks/ptq_anchor.py --anchor-python ...`{res.get('source', '')}.")
+        cols = {"precision": "precision", "tool": "tool", "method": "method", "test_kl": "test KL", "acc": "top-1 %",
+                "cpu_s": "CPU s", "wall_s": "wall s"}
+        out += ["", "## resnet20 / digits32", "", text, "",
+                table(sorted(res["rows"], key=lambda r: (r["precision"], r["test_kl"])), cols,
+                      digits={"test_kl": 4, "cpu_s": 1, "wall_s": 1})]
+    for key in ("minilm", "lm"):
+        if key in res:
+            out += ["", *_render_nlp(key, res[key])]
     return "\n".join(out)
+
+
+def _render_nlp(key: str, part: dict) -> list[str]:
+    from thrifty.bench.experiment import table
+
+    for r in part["rows"]:  # a failed anchor run: its error is the row's outcome
+        r.setdefault("outcome", r.get("error") or r.get("note") or "")
+    when = (f"Produced by `{part['command']}` (machine shared with other jobs, load {part['load']:.0f}: wall s "
+            "include waiting, CPU s are the comparable cost; 1 torch thread).")
+    cols = {"precision": "precision", "tool": "tool", "method": "method"}
+    if key == "minilm":
+        head = ["## all-MiniLM-L6-v2, W4A8", "",
+                f"{part['n_calib']} calibration and {part['n_test']} held-out sentences of experiments/ptq.py, "
+                "each set tokenized once (padded to its longest sentence) and given to both tools. Placement as "
+                "thrifty's: every Linear (encoder and pooler) per-channel asymmetric weights + a per-tensor "
+                "asymmetric 8-bit input quantizer, first and last GEMM (layer 0's query, the pooler) 8/8 bit; "
+                "embeddings, LayerNorms and attention products FP32. Mean cosine of the sentence embeddings to FP32 "
+                f"on the held-out sentences. {when}", ""]
+        cols.update(mean_cos="mean cosine", min_cos="min cosine")
+        digits = {"mean_cos": 4, "min_cos": 4}
+        rows = sorted(part["rows"], key=lambda r: -r.get("mean_cos", -1.0))
+    else:
+        head = ["## Causal LM (tinyllama), W4A16", "",
+                f"thrifty.train.lm.pretrained_lm; {part['n_calib']} random training windows for calibration, "
+                f"{part['n_test']} held-out windows for perplexity per byte (experiments/causal_lm.py's). Every "
+                "Linear (LM head included) at 4 bit, asymmetric, per channel or per group of 64; activations FP. "
+                f"FP32 perplexity {part['fp32_ppl']:.4f}. thrifty: AdaQuant with causal_lm.py's settings. {when}", ""]
+        cols.update(ppl="perplexity")
+        digits = {"ppl": 4}
+        rows = sorted(part["rows"], key=lambda r: (r["precision"], r.get("ppl", float("inf"))))
+    cols.update(cpu_s="CPU s", wall_s="wall s")
+    if any(r["outcome"] for r in rows):
+        cols["outcome"] = "anchor outcome"
+    return head + [table(rows, cols, digits={**digits, "cpu_s": 1, "wall_s": 1})]
 
 
 def main(argv=None) -> int:
@@ -267,13 +351,25 @@ def main(argv=None) -> int:
                     help="anchor rows saved by earlier worker runs (the --worker output files) instead of rerunning")
     ap.add_argument("--aimet-iters", type=int, nargs="+", default=[2000],
                     help="AdaRound iterations per layer for AIMET (several values: one row each)")
+    ap.add_argument("--workload", choices=["resnet20", "minilm", "lm"], default="resnet20",
+                    help="which comparison to run; its rows replace that workload's in the JSON, the others are kept")
     args = exp.start(argv)
     if args.render:
         res = exp.read_json()
     else:
-        res = science(args)
-        if res is None:
+        part = science(args) if args.workload == "resnet20" else nlp_science(args, exp.command)
+        if part is None:
             return 0
+        try:
+            old = exp.read_json()
+        except (FileNotFoundError, SystemExit):
+            old = {}
+        if args.workload == "resnet20":
+            res = {**{k: old[k] for k in ("minilm", "lm") if k in old}, **part}
+        else:  # the resnet20 rows (and the command that produced them) stay as they were
+            res = {**old, "resnet20_environment": old.get("resnet20_environment", old.get("environment")),
+                   args.workload: part}
+            res.pop("environment", None)
         exp.write_json(res)
         res = exp.read_json()  # rendered from the JSON, as --render does
     print(exp.write_markdown(render(res)).read_text(), end="")
@@ -282,18 +378,10 @@ def main(argv=None) -> int:
 
 def science(args) -> dict | None:
     """The side-by-side rows, or None (after saying why) when no anchor is installed."""
-    here = any(importlib.util.find_spec(m) is not None for m in ("brevitas", "aimet_torch"))
-    anchor_py = args.anchor_python or (sys.executable if here else None)
+    anchor_py = _anchor_python(args)
     if anchor_py is None:
-        print("ptq_anchor: no anchor installed (neither brevitas nor aimet_torch is importable here and no --anchor-python / "
-              "$THRIFTY_ANCHOR_PYTHON was given); nothing to compare, exiting.")
         return None
-    probe = subprocess.run([anchor_py, "-c", _PROBE], capture_output=True, text=True)
-    if probe.returncode != 0 or not probe.stdout.strip():
-        print(f"ptq_anchor: {anchor_py} cannot import torch with brevitas or aimet_torch "
-              f"({probe.stderr.strip().splitlines()[-1:]}); nothing to compare, exiting.")
-        return None
-    anchor = ", ".join(probe.stdout.split())
+    anchor = ", ".join(subprocess.run([anchor_py, "-c", _PROBE], capture_output=True, text=True).stdout.split())
     precisions = [(4, 4)] if args.quick else [(4, 4), (3, 4), (2, 4)]
     bundle = _bundle(precisions)
     bundle["aimet_iters"] = [50] if args.quick else args.aimet_iters
@@ -316,6 +404,47 @@ def science(args) -> dict | None:
                       "same model, calibration tensors and quantize call)" if args.thrifty_from else ""])
     fp_acc = 100.0 * float((bundle["ref"].argmax(1) == bundle["y"]).float().mean())
     return dict(fp_acc=fp_acc, anchor=anchor, rows=rows, source=source)
+
+
+def nlp_science(args, command: str) -> dict | None:
+    """MiniLM (W4A8) or the causal LM (W4A16): thrifty's rows and AIMET AdaRound's on the same bundle."""
+    import ptq_anchor_nlp as nlp
+
+    anchor_py = _anchor_python(args)
+    if anchor_py is None:
+        return None
+    bundle = (nlp.minilm_bundle if args.workload == "minilm" else nlp.lm_bundle)(args.quick)
+    bundle["aimet_iters"] = [50] if args.quick else args.aimet_iters
+    if args.anchor_from:
+        anchor_rows = [r for f in args.anchor_from for r in json.loads(Path(f).read_text())]
+    else:
+        anchor_rows = _run_anchor(anchor_py, bundle)
+
+    def timed(fn):
+        w, c = time.perf_counter(), _cpu()
+        out = fn()
+        return out, time.perf_counter() - w, _cpu() - c
+
+    rows = nlp.thrifty_rows(bundle, args.quick, timed) + anchor_rows
+    keep = ("n_calib", "n_test", "fp32_ppl", "first_last")
+    return dict(rows=rows, anchor=anchor_rows[0]["tool"] if anchor_rows else "none", command=command,
+                load=os.getloadavg()[0], **{k: bundle[k] for k in keep if k in bundle})
+
+
+def _anchor_python(args) -> str | None:
+    """The anchor's python, or None (after saying why) when there is none."""
+    here = any(importlib.util.find_spec(m) is not None for m in ("brevitas", "aimet_torch"))
+    anchor_py = args.anchor_python or (sys.executable if here else None)
+    if anchor_py is None:
+        print("ptq_anchor: no anchor installed (neither brevitas nor aimet_torch is importable here and no "
+              "--anchor-python / $THRIFTY_ANCHOR_PYTHON was given); nothing to compare, exiting.")
+        return None
+    probe = subprocess.run([anchor_py, "-c", _PROBE], capture_output=True, text=True)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        print(f"ptq_anchor: {anchor_py} cannot import torch with brevitas or aimet_torch "
+              f"({probe.stderr.strip().splitlines()[-1:]}); nothing to compare, exiting.")
+        return None
+    return anchor_py
 
 
 def _run_anchor(anchor_py: str, bundle: dict) -> list[dict]:

@@ -1,0 +1,228 @@
+"""The transformer workloads of benchmarks/ptq_anchor.py: all-MiniLM-L6-v2 (W4A8) and the causal LM (W4A16).
+
+Both sides of each workload live here: ``*_bundle`` (thrifty's python) builds the FP32 model, the calibration and
+held-out tensors and the quantizer placement; ``aimet_linears`` (the anchor's python: torch, transformers and
+aimet-torch, no thrifty) runs AIMET AdaRound on every nn.Linear; ``*_thrifty_rows`` runs thrifty on the same
+bundle. The models travel in the bundle file as transformers modules (the anchor's python needs transformers).
+
+MiniLM: the calibration and held-out sentences of experiments/ptq.py, tokenized once each and padded to the
+longest sentence of their set (AdaRound concatenates the cached layer inputs of all batches, so every batch has
+one length; thrifty gets the same tensors). Placement as thrifty's: every Linear of the encoder and the pooler
+gets per-channel asymmetric weights and a per-tensor asymmetric 8-bit input quantizer, the first and last GEMM
+(layer 0's query, the pooler) at 8/8 bit; embeddings, LayerNorms and the attention products stay FP32. Metric:
+mean cosine of the sentence embeddings (mean pooling, L2 norm) to FP32's on the held-out sentences.
+
+Causal LM: tinyllama of thrifty.train.lm.pretrained_lm and the windows of experiments/causal_lm.py (64 training
+windows for calibration, the held-out windows for perplexity), every Linear (LM head included) at W4, activations
+FP (W4A16), per channel or per group of 64; thrifty AdaQuant with causal_lm.py's settings.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+GROUP = 64
+
+
+# ------------------------------------------------------------------------------------------------ anchor side
+class Embedder(torch.nn.Module):
+    """MiniLM's sentence embedding (thrifty.models.minilm.MiniLM.forward) around a transformers BertModel."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return F.normalize((tokens * mask).sum(1) / mask.sum(1).clamp_min(1e-9), p=2, dim=1)
+
+
+class Logits(torch.nn.Module):
+    """A causal LM's logits (the transformers output object does not trace)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids).logits
+
+
+def wrap(bundle: dict) -> torch.nn.Module:
+    return (Embedder if bundle["workload"] == "minilm" else Logits)(bundle["model"]).eval()
+
+
+def _aimet_config() -> dict:
+    cfg = {"defaults": {"ops": {"is_output_quantized": "True"},
+                        "params": {"is_quantized": "True", "is_symmetric": "False"},
+                        "strict_symmetric": "False", "per_channel_quantization": "True"},
+           "params": {"bias": {"is_quantized": "False"}},
+           "op_type": {}, "supergroups": [], "model_input": {"is_input_quantized": "True"}, "model_output": {}}
+    return cfg
+
+
+def aimet_linears(bundle: dict, w_bits: int, a_bits: int | None, iters: int, group: int | None = None):
+    """AIMET AdaRound (``iters`` per layer) on every nn.Linear of the bundle's model, then a QuantSim with one
+    per-tensor asymmetric input quantizer on each Linear (none when ``a_bits`` is None) and no other quantizer:
+    thrifty's placement. Modules that are not Linear (embeddings, norms) are left out of quantization."""
+    import copy
+
+    from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
+    from aimet_torch.common.defs import QuantScheme
+    from aimet_torch.quantization.affine import QuantizeDequantize
+    from aimet_torch.quantization.encoding_analyzer import SqnrEncodingAnalyzer
+    from aimet_torch.quantsim import QuantizationSimModel
+    from aimet_torch.quantsim.config_utils import set_blockwise_quantization_for_weights
+
+    model = wrap({**bundle, "model": copy.deepcopy(bundle["model"])})
+    batches = [tuple(b) for b in bundle["calib"]]
+    dummy = tuple(t[:1] for t in batches[0])
+    linears = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    first_last = {"bert." + n if bundle["workload"] == "minilm" else "lm." + n for n in bundle["first_last"]}
+    fl_bits = bundle["first_last_bits"]
+    others = [m for n, m in model.named_modules()
+              if n not in linears and any(True for _ in m.parameters(recurse=False))]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "config.json"
+        cfg.write_text(json.dumps(_aimet_config()))
+        params = AdaroundParameters(data_loader=batches, num_batches=len(batches), default_num_iterations=iters,
+                                    forward_fn=lambda m, b: m(*b))
+        overrides = [(model.get_submodule(n), fl_bits) for n in sorted(first_last)] if fl_bits != w_bits else None
+        scheme = QuantScheme.post_training_tf_enhanced
+        if group is None:
+            ada = Adaround.apply_adaround(model, dummy, params, path=tmp, filename_prefix="ada",
+                                          default_param_bw=w_bits, param_bw_override_list=overrides,
+                                          ignore_quant_ops_list=others, default_quant_scheme=scheme,
+                                          default_config_file=str(cfg))
+        else:  # apply_adaround's own steps, with block-wise (per-group) weight quantizers set on its QuantSim
+            if overrides:
+                raise ValueError("per-group AdaRound here assumes every Linear at the same bit-width")
+            ada_sim = Adaround._get_quantsim(model, dummy_input=dummy, quant_scheme=scheme, default_param_bw=w_bits,
+                                             config_file=str(cfg))
+            set_blockwise_quantization_for_weights(ada_sim, [torch.nn.Linear], w_bits, False, group)
+            Adaround._exclude_modules(model, ada_sim, others)
+            Adaround._compute_param_encodings(ada_sim)
+            ada = Adaround._apply_adaround(ada_sim, model, dummy, params, tmp, "ada")
+        sim = QuantizationSimModel(ada, dummy, quant_scheme=scheme, default_output_bw=a_bits or 8,
+                                   default_param_bw=w_bits, config_file=str(cfg))
+        if group is not None:
+            set_blockwise_quantization_for_weights(sim, [torch.nn.Linear], w_bits, False, group)
+        sim.set_and_freeze_param_encodings(encoding_path=str(Path(tmp) / "ada.encodings"))
+    for name, qm in sim.model.named_modules():
+        for attr in ("input_quantizers", "output_quantizers"):
+            qs = getattr(qm, attr, None)
+            if qs is not None:
+                for i in range(len(qs)):
+                    qs[i] = None
+        pq = getattr(qm, "param_quantizers", None)
+        if pq is not None and name not in linears:
+            for k in list(pq.keys()):
+                pq[k] = None
+        if name in linears and a_bits is not None:
+            bits = fl_bits if name in first_last else a_bits
+            qm.input_quantizers[0] = QuantizeDequantize((), bits, symmetric=False,
+                                                        encoding_analyzer=SqnrEncodingAnalyzer(()))
+    if a_bits is not None:
+        with torch.no_grad():
+            sim.compute_encodings(lambda m: [m(*b) for b in batches])
+    shape = {n: tuple(getattr(sim.model.get_submodule(n).param_quantizers["weight"], "shape", ())) for n in linears}
+    return sim.model.eval(), shape
+
+
+# ------------------------------------------------------------------------------------------ metrics (both sides)
+@torch.no_grad()
+def score(bundle: dict, model: torch.nn.Module) -> dict:
+    if bundle["workload"] == "minilm":
+        emb = torch.cat([model(*b) for b in bundle["test"]])
+        cos = F.cosine_similarity(emb, bundle["ref"]).float()
+        return dict(mean_cos=float(cos.mean()), min_cos=float(cos.min()))
+    nll, n = 0.0, 0
+    for x in bundle["test"].split(32):
+        logits = model(x)
+        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                     reduction="sum"))
+        n += x[:, 1:].numel()
+    return dict(ppl=math.exp(nll / n))
+
+
+# ----------------------------------------------------------------------------------------------- thrifty side
+def minilm_bundle(quick: bool) -> dict:
+    from thrifty.data import calibration_subset, load_dataset
+    from thrifty.models import create
+
+    fp = create("minilm")
+    splits = load_dataset("text")
+    train_texts, test_texts = list(splits.train_texts), list(splits.test_texts)
+    idx = calibration_subset(splits.train, per_class=10, seed=0).tensors[0].tolist()  # as experiments/ptq.py
+    calib_texts = [train_texts[int(i)] for i in idx]
+    if quick:
+        calib_texts, test_texts = calib_texts[:32], test_texts[:64]
+
+    def tok(texts):  # one padding length for the whole set (see the module docstring), batches of 32
+        enc = fp.tokenize(texts, max_length=128)
+        return list(zip(enc["input_ids"].split(32), enc["attention_mask"].split(32)))
+
+    calib, test = tok(calib_texts), tok(test_texts)
+    with torch.no_grad():
+        ref = torch.cat([fp(*b) for b in test])
+    gemms = [n for n, m in fp.bert.named_modules() if isinstance(m, torch.nn.Linear)]
+    return dict(workload="minilm", model=fp.bert, calib=calib, test=test, ref=ref, first_last=[gemms[0], gemms[-1]],
+                first_last_bits=8, precisions=[(4, 8, None)], n_calib=len(calib_texts), n_test=len(test_texts))
+
+
+def lm_bundle(quick: bool) -> dict:
+    from thrifty.data.lm import lm_tokens, lm_windows
+    from thrifty.train.lm import LM_SEQ_LEN, pretrained_lm
+
+    fp = pretrained_lm().eval()
+    t = lm_tokens("train")  # 64 random training windows, as experiments/causal_lm.py's _calib
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, t.numel() - LM_SEQ_LEN + 1, (16 if quick else 64,), generator=g)
+    calib = t[starts[:, None] + torch.arange(LM_SEQ_LEN)]
+    test = lm_windows("test", LM_SEQ_LEN, n=32 if quick else None)
+    gemms = [n for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)]
+    b = dict(workload="lm", model=fp, calib=[(x,) for x in calib.split(32)], test=test,
+             first_last=[gemms[0], gemms[-1]], first_last_bits=4, precisions=[(4, None, None), (4, None, GROUP)],
+             n_calib=int(calib.shape[0]), n_test=int(test.shape[0]))
+    b["fp32_ppl"] = score(b, wrap(b))["ppl"]
+    return b
+
+
+def thrifty_rows(bundle: dict, quick: bool, timed) -> list[dict]:
+    """thrifty on the bundle: MiniLM W4A8 rtn + advanced (library defaults); LM W4A16 rtn + AdaQuant
+    (experiments/causal_lm.py's settings). ``timed(fn)`` -> (result, wall, cpu)."""
+    import warnings
+
+    from thrifty.quant import PTQ, quantize
+
+    rows = []
+    if bundle["workload"] == "minilm":
+        fp = wrap(bundle)
+        calib = [{"input_ids": i, "attention_mask": a} for i, a in bundle["calib"]]
+        quick_kw = dict(adaquant_iters=30, bias_iters=20) if quick else {}
+        cfgs = [("rtn", PTQ(w_bits=4, a_bits=8, pipeline="rtn")),
+                ("advanced (quick: AdaQuant 30, bias tuning 20 iterations)" if quick else "advanced (library defaults)",
+                 PTQ(w_bits=4, a_bits=8, pipeline="advanced", **quick_kw))]
+    else:
+        fp = wrap(bundle)
+        calib = [{"input_ids": x} for (x,) in bundle["calib"]]
+        iters = 20 if quick else 100
+        cfgs = [(f"{p} ({iters} iterations)" if p == "adaquant" else p,
+                 PTQ(w_bits=4, a_bits=None, first_last_bits=4, pipeline=p, group_size=g, loss="kl",
+                     adaquant_iters=iters, batch_size=32, adaquant_batch=8))
+                for g in (None, GROUP) for p in ("rtn", "adaquant")]
+    for method, cfg in cfgs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # embeddings / norms stay FP32 (listed in the warning)
+            res, wall, cpu = timed(lambda: quantize(fp, cfg, calib, progress=False))
+        prec = f"W{cfg.w_bits}A{cfg.a_bits or 16}" + (f" g{cfg.group_size}" if cfg.group_size else "")
+        rows.append(dict(tool="thrifty", method=method, precision=prec, **score(bundle, res.model),
+                         cpu_s=cpu, wall_s=wall))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
