@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from thrifty.bench.adapter import KeywordCall, needs_keywords
 from thrifty.bench.harness import Samples
 from thrifty.core.compat import config_first
 from thrifty.bench.report import portable_paths
@@ -160,7 +161,12 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
             samples = _as_samples(splits.test, data)
     else:
         if isinstance(data, Mapping) and "inputs" not in data:
-            data = _positional_order(mod, data)
+            if mod is not None and needs_keywords(mod, list(data)):
+                # GPT-2 takes its cache between input_ids and attention_mask, decoders return a cache: the
+                # backends call KeywordCall(model)(*inputs), i.e. model(**inputs, use_cache=False) -> its logits
+                mod = KeywordCall(mod, list(data))
+            else:
+                data = _positional_order(mod, data)
             keyword_names = list(data)
         samples = _as_samples(data)
     if max_samples is not None and len(samples) > max_samples:
