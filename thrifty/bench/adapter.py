@@ -43,13 +43,13 @@ def _params(model: nn.Module) -> dict[str, inspect.Parameter]:
 
 def needs_keywords(model: nn.Module, names: Sequence[str]) -> bool:
     """Whether ``model`` must be called with ``names`` as keywords: they are parameters of its ``forward`` but not
-    its leading positional ones (GPT-2's ``attention_mask`` comes after ``cache``), or the forward takes
-    ``use_cache`` (a decoder would return its cache)."""
+    its leading positional ones in some order (GPT-2's ``attention_mask`` comes after ``cache``), or the forward
+    takes ``use_cache`` (a decoder would return its cache)."""
     params = _params(model)
     if not names or not all(n in params for n in names):
         return False
     positional = [p.name for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return list(names) != positional[:len(names)] or any(k in params for k in _NO_CACHE)
+    return set(names) != set(positional[:len(names)]) or any(k in params for k in _NO_CACHE)
 
 
 class KeywordCall(nn.Module):
