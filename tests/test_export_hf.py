@@ -143,3 +143,9 @@ def test_gpt2_loadgen_single_stream_with_an_attention_mask(tmp_path):
                        accuracy=False, isolate=False, calib=None)
     sc = rep["scenarios"]["SingleStream"]
     assert sc["valid"], sc.get("reasons")
+
+
+def test_a_quantized_transposed_conv_is_named_not_exported_in_float_silently():
+    q = apply(nn.Sequential(nn.ConvTranspose1d(4, 4, 3)).eval(), QuantConfig(w_bits=8, a_bits=None))
+    with pytest.raises(ValueError, match=r"'0': a transposed convolution has no int8 ONNX form"):
+        quant_layers(q)
