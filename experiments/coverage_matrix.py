@@ -262,13 +262,12 @@ def _ptq(arch: Arch, calib: Any, test: Any, **kw: Any) -> tuple[float, Any]:
     return _rel(_forward(res.model, test), y0), res
 
 
-# W8A8 on a unit-norm sentence embedding (MiniLM) is judged like its users judge it, by the cosine to FP32, with the
-# bar experiments/ptq.py sets for it on 568 held-out sentences (mean cosine >= 0.99). For unit vectors the relative
-# error is sqrt(2 (1 - cos)): the generic "< 0.1" would demand cos >= 0.995, which per-tensor 8-bit activations
-# do not reach on this pretrained model (0.9945 here, 0.9942 in experiments/ptq.py): its LayerNorm outputs carry
-# a few outlier channels that stretch every FFN input's range. The MSE range estimator is the best of thrifty's
-# (min/max 0.9933, percentile 0.925), leaving padding out of calibration does not help, and the loss is spread
-# over all six layer groups (an FP32 input of any one of them gives 0.993-0.997).
+# A unit-norm sentence embedding (MiniLM) is judged as its users judge it, by the cosine to FP32, at the bar of
+# experiments/ptq.py (mean cosine >= 0.99 on 568 held-out sentences). For unit vectors rel. error = sqrt(2 (1 - cos)):
+# "< 0.1" would demand cos >= 0.995, which per-tensor 8-bit activations miss on this pretrained model (0.9945 here,
+# 0.9942 in ptq.py; outlier channels of its LayerNorm outputs stretch the FFN inputs' ranges). MSE ranges are the
+# best estimator (min/max 0.9933, percentile 0.925), calibrating without padding does not help, and the loss is
+# spread over all six layer groups (an FP32 input of any one of them: 0.993-0.997).
 W8A8_MIN_COS = 0.99
 
 
