@@ -320,15 +320,19 @@ def test_load_workload_takes_a_dict_of_named_inputs_in_forward_order():
             self.fc = nn.Linear(4, 2)
 
         def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-            return self.fc(input_ids * attention_mask)
+            x = input_ids if attention_mask is None else input_ids * attention_mask
+            return self.fc(x if token_type_ids is None else x + token_type_ids)
 
     m = Two()
     data = {"attention_mask": torch.ones(6, 4), "input_ids": torch.randn(6, 4)}
     wl = load_workload(m, data)
     assert wl.input_names == ["input_ids", "attention_mask"]
     np.testing.assert_array_equal(wl.samples.inputs[0], data["input_ids"].numpy())
-    with pytest.raises(TypeError, match="token_type_ids.*not positional|before 'token_type_ids'"):
-        load_workload(m, {"input_ids": torch.randn(2, 4), "token_type_ids": torch.zeros(2, 4)})
+    # a gap (attention_mask not given): the backends call the model by keyword through a KeywordCall
+    gap = {"input_ids": torch.randn(2, 4), "token_type_ids": torch.zeros(2, 4)}
+    wl = load_workload(m, gap)
+    assert wl.input_names == ["input_ids", "token_type_ids"]
+    assert torch.equal(wl.model(*gap.values()), m(**gap))  # the same call: bit-identical
     with pytest.raises(TypeError, match="pixel_values"):
         load_workload(m, {"pixel_values": torch.randn(2, 4)})
 

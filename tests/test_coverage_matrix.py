@@ -70,3 +70,23 @@ def test_train8_on_transformers_resnet():
     arch = cov.ARCHS["ResNet"]
     cell = cov.run_cell(arch, "Train8", arch.inputs(16, 0), arch.inputs(8, 1))  # the matrix's sizes
     assert cell["status"] == "ok", cell
+
+
+def test_w8a8_judges_a_unit_norm_embedding_by_cosine():
+    class Embed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return torch.nn.functional.normalize(self.fc(x), dim=-1)
+
+    def build():
+        torch.manual_seed(0)
+        return Embed().eval()
+
+    arch = cov.Arch("unit", build, cov._images(None, (16,)), unit_embedding=True)
+    cell = cov.run_cell(arch, "W8A8", arch.inputs(32, 0), arch.inputs(8, 1))
+    assert cell["status"] == "ok" and cell["detail"].startswith("mean cosine to FP32"), cell
+    cos = float(cell["detail"].split()[4])
+    assert cov.W8A8_MIN_COS <= cos <= 1

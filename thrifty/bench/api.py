@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from thrifty.bench.adapter import KeywordCall, needs_keywords
 from thrifty.bench.harness import Samples
 from thrifty.core.compat import config_first
 from thrifty.bench.report import portable_paths
@@ -81,7 +82,7 @@ def _as_samples(data: Any, name: str = "data") -> Samples:
 
 def _positional_order(model: Optional[nn.Module], data: Mapping) -> dict:
     """A dict of named inputs ordered as ``model.forward`` takes them positionally (backends call
-    ``model(*inputs)``); TypeError naming the problem when the names are not its leading parameters."""
+    ``model(*inputs)``); TypeError naming the inputs that are not positional parameters of it."""
     if model is None:
         return dict(data)
     params = [p.name for p in inspect.signature(model.forward).parameters.values()
@@ -90,12 +91,9 @@ def _positional_order(model: Optional[nn.Module], data: Mapping) -> dict:
     if unknown:
         raise TypeError(f"data: {unknown} are not positional parameters of {type(model).__name__}.forward "
                         f"({params[:6]}...)")
-    order = sorted(data, key=params.index)
-    if [params.index(k) for k in order] != list(range(len(order))):
-        missing = [p for p in params[:params.index(order[-1])] if p not in data]
-        raise TypeError(f"data: {type(model).__name__}.forward takes {missing} before {order[-1]!r}; "
-                        "pass them too (the benchmark calls the model positionally)")
-    return {k: data[k] for k in order}
+    # inputs that are not forward's leading parameters never get here: load_workload wraps such a model in a
+    # KeywordCall (thrifty.bench.adapter), which calls it by keyword
+    return {k: data[k] for k in sorted(data, key=params.index)}
 
 
 def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *, seq_len: int = 128,
@@ -160,7 +158,12 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
             samples = _as_samples(splits.test, data)
     else:
         if isinstance(data, Mapping) and "inputs" not in data:
-            data = _positional_order(mod, data)
+            if mod is not None and needs_keywords(mod, list(data)):
+                # GPT-2 takes its cache between input_ids and attention_mask, decoders return a cache: the
+                # backends call KeywordCall(model)(*inputs), i.e. model(**inputs, use_cache=False) -> its logits
+                mod = KeywordCall(mod, list(data))
+            else:
+                data = _positional_order(mod, data)
             keyword_names = list(data)
         samples = _as_samples(data)
     if max_samples is not None and len(samples) > max_samples:

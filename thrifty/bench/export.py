@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from thrifty.bench.adapter import keyword_call
 from thrifty.bench.layout import default_activation_dtype, hoist_quantize, quantize_biases, set_activation_dtype
 from thrifty.utils import atomic_write_bytes
 
@@ -50,8 +51,8 @@ class LayerQuant:
     """The integer form of one quantized Gemm layer, read from its slot quantizers."""
 
     name: str
-    weight: np.ndarray           # W_eff, float32, PyTorch layout (what strip() bakes in)
-    codes: np.ndarray            # integer codes, PyTorch layout
+    weight: np.ndarray           # W_eff, float32, GEMM layout [out, in, *k] (strip() bakes it in; a GPT-2
+    codes: np.ndarray            # Conv1D stores it transposed, [in, out]); integer codes, same layout
     w_scale: np.ndarray          # (out,) per-channel or () per-tensor
     w_zp: np.ndarray             # same shape as w_scale, integer
     w_signed: bool
@@ -115,10 +116,18 @@ def quant_layers(model: nn.Module) -> list[LayerQuant]:
             raise ValueError(f"layer {name!r}: per-group weight quantization (group_size={wq.group_size}) has no "
                              f"int8 ONNX form here (one weight scale per output channel); strip() the model and "
                              f"export it in float, or quantize without group_size")
-        if wq.per_channel and wq.axis != 0:
-            raise ValueError(f"layer {name!r}: per-channel weight quantization must be along the output axis 0")
+        kind = getattr(getattr(layer, "op", None), "kind", None)
+        out_axis = 1 if kind == "linear_t" else 0  # GPT-2's Conv1D stores its weight [in, out]
+        if kind is not None and kind.startswith("conv_transpose"):
+            raise ValueError(f"layer {name!r}: a transposed convolution has no int8 ONNX form here; strip() the "
+                             f"model and export it in float")
+        if wq.per_channel and wq.axis != out_axis:
+            raise ValueError(f"layer {name!r}: per-channel weight quantization must be along the output axis "
+                             f"{out_axis} of its stored weight, got axis {wq.axis}")
         w_eff = layer.effective_weight().detach().float()
         s, zp = _qparams(wq, w_eff)
+        if out_axis == 1:  # LayerQuant holds the GEMM layout [out, in]: what Linear stores and _find_node matches
+            w_eff = w_eff.t().contiguous()
         zp = torch.zeros_like(s) if wq.symmetric else torch.round(zp)
         shape = [-1] + [1] * (w_eff.ndim - 1) if s.ndim else []
         sb, zb = (s.reshape(shape), zp.reshape(shape)) if shape else (s, zp)
@@ -180,10 +189,15 @@ def _torch_export_raw(model: nn.Module, example: tuple, input_names: Sequence[st
 def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike,
                 input_names: Optional[Sequence[str]] = None, opset: int = 17, calib: Any = None,
                 signed_weights: Optional[bool] = None, int_bias: bool = True,
-                act_dtype: Optional[str] = None) -> Path:
+                act_dtype: Optional[str] = None, output: Any = None) -> Path:
     """Export ``model`` to ONNX at ``path`` (atomic); quantized Gemm layers become int8 QDQ (see module doc).
 
     ``example_inputs``: a tuple of tensors with a batch dimension (it is made dynamic). The model is not modified.
+    ``input_names``: the inputs' names; where they are keyword parameters of the model's ``forward`` that a
+    positional call would misplace (GPT-2's ``attention_mask``), or the forward takes ``use_cache`` (decoders),
+    the model is exported through :class:`thrifty.bench.adapter.KeywordCall`: called by keyword, without a
+    cache, its graph output being the compared tensor (``output``: a field name or callable, default
+    :func:`thrifty.quant.calib.model_output`'s rule, ``logits`` for a language model).
     ``calib``: calibration data (anything ``thrifty.quant.calib.as_batches`` takes, e.g. the PTQ's calibration
     set). With it, residual Adds after quantized Convs become integer too (:mod:`thrifty.bench.int8_graph`:
     the few output quantizers this needs are calibrated like the PTQ's activation quantizers); without it
@@ -215,7 +229,11 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     m = copy.deepcopy(model).eval()
     layers = quant_layers(m)
     spec = _activation_spec(m)
-    m = strip(m)
+    # untie: an embedding tied to a quantized LM head (GPT-2) reads the float table in the simulated model, and
+    # so it does in the graph (the head's int8 codes are a separate initializer either way: no size cost)
+    m = strip(m, tied="untie")
+    if input_names is not None:  # named inputs: called by keyword where the forward needs it (adapter.py)
+        m = keyword_call(m, names, output)
     data = _torch_export(m, example_inputs, names, opset)
     if layers:
         import onnx
