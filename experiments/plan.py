@@ -29,7 +29,6 @@ from thrifty.bench.experiment import Experiment
 from thrifty.plan.cost import measure_costs
 from thrifty.plan.planner import plan_layers
 from thrifty.plan.report import markdown, plan_report, plot_pareto
-from thrifty.plan.solve import min_total
 
 # (name, model, dataset, pipeline, max samples)
 QUICK = [("mlp-digits", "mlp", "digits", "rtn", 256)]
@@ -49,7 +48,7 @@ def run_workload(name: str, model_name: str, dataset: str, pipeline: str, max_sa
         layers = plan_layers(wl.model, calib)
         table = measure_costs(wl.model, calib, example, feed, layers, tuple(args.candidates), threads=args.threads,
                               rounds=args.rounds, input_names=wl.input_names)
-    fastest = table.base_ms + min_total(table.latency_ms)
+    fastest = table.fastest()[0]
     budget = fastest + args.budget_frac * (table.base_ms - fastest)  # between the fastest plan and FP32
     t = time.perf_counter()
     _, report = plan_report(wl.model, calib, example, wl.samples, latency_ms=budget, size_mb=None, batch=args.batch,
@@ -64,7 +63,7 @@ def science(args) -> dict:
     """``{workload: report}`` for every workload of the run (``--only``: one)."""
     torch.set_num_threads(1)  # the torch side (PTQ, sensitivities) on one thread; --threads is ONNX Runtime's
     args.candidates = [c for c in args.candidates.split(",") if c]
-    args.rounds = args.rounds or (5 if args.quick else 15)
+    args.rounds = args.rounds or 15
     args.calib_per_class = args.calib_per_class or (4 if args.quick else 10)
     args.loadgen_s = args.loadgen_s if args.loadgen_s is not None else (0.5 if args.quick else 5.0)
     reports = {}
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
     exp = Experiment("plan", __doc__)
     p = exp.parser
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5 quick, 15 full)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 15)")
     p.add_argument("--sweep", type=int, default=3)
     p.add_argument("--budget-frac", type=float, default=0.5)
     p.add_argument("--adaquant-iters", type=int, default=100)
