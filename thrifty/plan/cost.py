@@ -21,8 +21,10 @@ layers (:func:`thrifty.plan.graph.layer_edges`) and candidate ``c`` it has an in
 
 and predicts ``T(x) = T_ref + sum_l d_l[x_l] + sum_(a,b) I_ab[x_a == x_b == c]``, exact for a runtime whose cost
 is per layer plus per precision boundary. Every term is measured from both sides, in the FP32 graph and in the
-all-``c`` graph (switching layers back), and the two estimates are averaged, which halves the error of what the
-pairwise model leaves out at both ends. Mixed pairs (two different quantized candidates) get no term. The graph
+all-``c`` graph (switching layers back); the two estimates are averaged, and the model is then fitted by least
+squares to every graph timed (:func:`refit`, the averages as a prior), so what the pairwise model leaves out
+(a layer three steps away changing the fusion) is spread over the terms instead of landing on one end. Mixed
+pairs (two different quantized candidates) get no term. The graph
 with every layer switched is predicted and compared with its measurement (``CostTable.additivity``);
 ``pairwise=False`` keeps the additive model (two-sided per-layer differences only).
 
@@ -63,7 +65,7 @@ import torch.nn as nn
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
 from thrifty.utils import atomic_write_text, get_logger
 
-__all__ = ["CostTable", "measure_costs", "deploy_graphs", "iter_graphs", "time_graphs", "weight_bytes", "cache_path", "machine_key",
+__all__ = ["CostTable", "measure_costs", "refit", "deploy_graphs", "iter_graphs", "time_graphs", "weight_bytes", "cache_path", "machine_key",
            "load_cached"]
 
 log = get_logger("thrifty.plan")
@@ -257,6 +259,37 @@ def time_graphs(graphs: Iterable[bytes], feed: Sequence[np.ndarray], threads: in
     return ms, [rse(ref)] + [rse(r) for r in ratios]
 
 
+def refit(table: CostTable, extra: Sequence[tuple[Mapping[str, str], float]] = (), weight: float = 1.0,
+          prior: float = 1.0) -> CostTable:
+    """The table with its latency terms (per layer and per pair) refitted by least squares to every graph it
+    timed (``table.measured``, weight 1) and to the ``extra`` (picks, measured ms) points (weight ``weight``),
+    pulled towards the current terms with weight ``prior`` per term (one pseudo-observation each, so a term no
+    graph determines keeps its value). Bytes are exact and unchanged."""
+    import dataclasses
+
+    ref = {n: "fp32" for n in table.layers} | dict(table.ref or {})
+    terms = [(n, c, None) for n in table.layers for c in table.latency_ms[n] if c != ref[n]]
+    terms += [(k, c, tuple(k.split("|", 1))) for k, d in table.pairs.items() for c in d]
+    theta0 = np.array([table.latency_ms[n][c] if e is None else table.pairs[n][c] for n, c, e in terms])
+
+    def row(picks: Mapping[str, str]) -> np.ndarray:
+        p = {n: picks.get(n, "fp32") for n in table.layers}
+        return np.array([float(p[e[0]] == c and p[e[1]] == c) if e else float(p[n] == c) for n, c, e in terms])
+
+    data = [(row(p), ms - table.base_ms, 1.0) for p, ms, _ in table.measured]
+    data += [(row(p), ms - table.base_ms, float(weight)) for p, ms in extra]
+    if not terms or not data:
+        return table
+    a = np.vstack([np.sqrt(w) * r for r, _, w in data] + [np.sqrt(prior) * np.eye(len(terms))])
+    y = np.concatenate([[np.sqrt(w) * v for _, v, w in data], np.sqrt(prior) * theta0])
+    theta = np.linalg.lstsq(a, y, rcond=None)[0]
+    lat = {n: dict(d) for n, d in table.latency_ms.items()}
+    pairs = {k: dict(d) for k, d in table.pairs.items()}
+    for (n, c, e), v in zip(terms, theta):
+        (pairs if e else lat)[n][c] = float(v)
+    return dataclasses.replace(table, latency_ms=lat, pairs=pairs)
+
+
 def machine_key(threads: int, batch: int) -> dict[str, Any]:
     """What a latency depends on besides the graph: runtime version, CPU model and flags, threads, batch."""
     import onnxruntime as ort
@@ -377,6 +410,8 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
         for n in ok[c]:
             d = ms[itop[c]] - ms[back[(n, c)]] - sum(pairs[f"{a}|{b}"][c] for a, b in cedges[c] if n in (a, b))
             lat[n][c] = 0.5 * (lat[n][c] + d)
+    if pairs:  # the pairwise model fitted to every graph timed (the two-sided estimates as its prior)
+        table = refit(table)
     for c in groups:
         i = itop[c]
         pred_ms, pred_b = table.predict(top[c])

@@ -10,10 +10,10 @@
 5. the plan is quantized with its pipeline, exported and timed interleaved with the FP32 graph; its measured
    latency is expressed at the table's FP32 latency (``measured["latency_ms"] = raw * base_ms / fp32 now``; the
    raw numbers are kept), so a slow spell of a shared machine between the table and the plan does not count as
-   a prediction error. When it is off the prediction by more than ``refine_tol`` (10 %), the predicted
-   differences are corrected by one factor fitted to every plan measured so far (least squares through the
-   FP32 graph, clipped to [0.25, 4]: the constraint stays linear) and the ILP is solved again, up to
-   ``max_rounds`` plans. The most accurate measured plan within the budgets is kept; if none is, the most
+   a prediction error. When it is off the prediction by more than ``refine_tol`` (10 %), the cost model is
+   refitted (:func:`thrifty.plan.cost.refit`: least squares over every graph the table timed plus the plans
+   measured so far, each plan weighted like the whole table, so the model nearly passes through them) and
+   the ILP is solved again, up to ``max_rounds`` plans. The most accurate measured plan within the budgets is kept; if none is, the most
    accurate of the graphs timed for the table that met both budgets (its latency was measured, not
    predicted); the same when the prediction says no plan fits the budget.
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch.nn as nn
 
 from thrifty.plan.config import Plan, candidate, plan_from_picks, quantize_plan
-from thrifty.plan.cost import CostTable, deploy_graphs, measure_costs, time_graphs, weight_bytes
+from thrifty.plan.cost import CostTable, deploy_graphs, measure_costs, refit, time_graphs, weight_bytes
 from thrifty.plan.solve import min_total, solve
 
 __all__ = ["PlanResult", "make_plan", "sensitivities", "plan_layers", "deploy"]
@@ -121,14 +121,12 @@ def _measure(model, plan, calib, example, feed, threads, rounds, input_names, fp
             "bytes": float(weight_bytes(graph)), "loss": 0.0 if res is None else float(res.final_loss)}, graph, res
 
 
-def _solve(sens, table: CostTable, latency_ms, size_mb, scale: float = 1.0) -> tuple[dict[str, str], dict[str, float]]:
-    """The ILP on ``table`` with its latency differences (pair terms included) times ``scale``."""
+def _solve(sens, table: CostTable, latency_ms, size_mb) -> tuple[dict[str, str], dict[str, float]]:
     value = {n: {c: sens[n][c] for c in table.latency_ms[n]} for n in table.layers}
-    lat = {n: {c: scale * v for c, v in d.items()} for n, d in table.latency_ms.items()}
-    costs = {"latency_ms": lat, "bytes": table.bytes}
+    costs = {"latency_ms": table.latency_ms, "bytes": table.bytes}
     budgets: dict[str, float] = {}
     if latency_ms is not None:
-        fastest = table.base_ms + scale * (table.fastest()[0] - table.base_ms)
+        fastest = table.fastest()[0]
         if latency_ms < fastest:
             raise ValueError(f"plan: --latency-ms {latency_ms:g} is below the fastest predicted plan "
                              f"({fastest:.3f} ms at this batch size and thread count)")
@@ -138,20 +136,10 @@ def _solve(sens, table: CostTable, latency_ms, size_mb, scale: float = 1.0) -> t
         if size_mb < smallest:
             raise ValueError(f"plan: --size-mb {size_mb:g} is below the smallest plan ({smallest:.4f} MB)")
         budgets["bytes"] = size_mb * 1e6 - table.base_bytes
-    ch = solve(value, costs, budgets, "plan", pairs={"latency_ms": table.pair_terms(scale)})
+    ch = solve(value, costs, budgets, "plan", pairs={"latency_ms": table.pair_terms()})
     picks = {n: str(c) for n, c in ch.picks.items()}
     ms, by = table.predict(picks)
-    return picks, {"latency_ms": table.base_ms + scale * (ms - table.base_ms), "bytes": by, "loss": ch.objective,
-                   "model_ms": ms, "scale": scale}
-
-
-def _fit_scale(log: Sequence[dict[str, Any]], base_ms: float) -> float:
-    """The factor on the predicted differences that best fits the measured plans (least squares through FP32)."""
-    dp = np.array([r["predicted"]["model_ms"] - base_ms for r in log if "measured" in r])
-    dm = np.array([r["measured"]["latency_ms"] - base_ms for r in log if "measured" in r])
-    if not len(dp) or float(dp @ dp) <= 0.0:
-        return 1.0
-    return float(np.clip((dp @ dm) / (dp @ dp), 0.25, 4.0))
+    return picks, {"latency_ms": ms, "bytes": by, "loss": ch.objective}
 
 
 def _within(tables: Sequence[CostTable], sens, latency_ms: float, size_mb: Optional[float]) -> list:
@@ -197,14 +185,14 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
         fp32 = deploy_graphs(model, [{}], calib, example, input_names)[0]
         log: list[dict[str, Any]] = []
         done: dict[str, tuple] = {}  # picks -> (graph, quantized model) of every plan measured
-        scale = 1.0
+        model_k, what = table, "cost table"
         for _ in range(max_rounds):
             try:
-                picks, pred = _solve(sens, table, latency_ms, size_mb, scale)
+                picks, pred = _solve(sens, model_k, latency_ms, size_mb)
             except ValueError as e:  # the prediction says no plan fits; a measured graph may still (below)
-                if latency_ms is None or not _within([table], sens, latency_ms, size_mb):
+                if latency_ms is None or not (log or _within([table], sens, latency_ms, size_mb)):
                     raise
-                log.append({"reference": f"model x{scale:.2f}", "infeasible": str(e)})
+                log.append({"reference": what, "infeasible": str(e)})
                 break
             k = repr(sorted(picks.items()))
             if k in done:  # the corrected model picks a plan measured already
@@ -214,11 +202,13 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
                                         table.base_ms)
             done[k] = (graph, res)
             err = (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]
-            log.append({"reference": f"model x{scale:.2f}", "picks": picks, "predicted": pred, "measured": meas,
+            log.append({"reference": what, "picks": picks, "predicted": pred, "measured": meas,
                         "latency_rel_error": err})
             if abs(err) <= refine_tol:
                 break
-            scale = _fit_scale(log, table.base_ms)
+            plans = [(r["picks"], r["measured"]["latency_ms"]) for r in log if "measured" in r]
+            model_k = refit(table, plans, weight=max(10, len(table.measured)))
+            what = f"refitted to {len(plans)} measured plan(s)"
         fits = [r for r in log if "measured" in r and (latency_ms is None or r["measured"]["latency_ms"] <= latency_ms)
                 and (size_mb is None or r["measured"]["bytes"] <= size_mb * 1e6)]
         if fits:  # the most accurate plan measured within the budgets
@@ -227,8 +217,7 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
             # over budget (or none predicted within it): the most accurate graph *measured* within both budgets
             loss, chosen, ms = min(ok, key=lambda o: (o[0], o[2]))
             picks = {n: chosen.get(n, "fp32") for n in layers}
-            pred = {"latency_ms": ms, "bytes": float(table.predict(picks)[1]), "loss": loss, "model_ms": ms,
-                    "scale": 1.0}
+            pred = {"latency_ms": ms, "bytes": float(table.predict(picks)[1]), "loss": loss}
             plan = plan_from_picks(picks, pipeline, adaquant_iters)
             meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names, fp32,
                                         table.base_ms)

@@ -229,8 +229,8 @@ def markdown(report: dict[str, Any], title: str) -> str:
                      f"{'yes' if pt['name'] in report['pareto_size'] else 'no'} |")
     measured = [r for r in p["rounds"] if "measured" in r]
     lines += ["", f"Chosen plan: meets latency {p['meets_latency']} (raw {p.get('meets_latency_raw', '-')}), meets size "
-              f"{p['meets_size']}; {len(measured)} plan(s) measured (a round's model is the cost table with its "
-              "latency differences times the factor that fits the plans measured before):"]
+              f"{p['meets_size']}; {len(measured)} plan(s) measured (after the first, the cost model is refitted to "
+              "the plans measured before):"]
     for i, r in enumerate(p["rounds"]):
         if "infeasible" in r:
             lines.append(f"- round {i + 1} ({r['reference']}): no plan within the budgets ({r['infeasible']})")
