@@ -47,7 +47,7 @@ def run_workload(name: str, model_name: str, dataset: str, pipeline: str, max_sa
         warnings.simplefilter("ignore")
         layers = plan_layers(wl.model, calib)
         table = measure_costs(wl.model, calib, example, feed, layers, tuple(args.candidates), threads=args.threads,
-                              rounds=args.rounds, input_names=wl.input_names)
+                              rounds=args.rounds, input_names=wl.input_names, clock=args.clock)
     # between the fastest graph the table timed (a budget some plan is known to meet) and FP32
     fastest = min(ms for _, ms, _ in table.measured)
     budget = fastest + args.budget_frac * (table.base_ms - fastest)
@@ -55,7 +55,8 @@ def run_workload(name: str, model_name: str, dataset: str, pipeline: str, max_sa
     _, report = plan_report(wl.model, calib, example, wl.samples, latency_ms=budget, size_mb=None, batch=args.batch,
                             threads=args.threads, rounds=args.rounds, sweep=args.sweep, pipeline=pipeline,
                             adaquant_iters=args.adaquant_iters, candidates=tuple(args.candidates),
-                            input_names=wl.input_names, loadgen_dir=args.work / name, loadgen_s=args.loadgen_s)
+                            input_names=wl.input_names, loadgen_dir=args.work / name, loadgen_s=args.loadgen_s,
+                            clock=args.clock)
     report.update(workload=name, model=model_name, dataset=dataset, seconds=time.perf_counter() - t)
     return report
 
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-per-class", type=int, default=None)
     p.add_argument("--loadgen-s", type=float, default=None)
     p.add_argument("--candidates", default="fp32,int8")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="time by the wall clock (default) or by the process's CPU time (one thread on a shared machine)")
     p.add_argument("--only", default=None,
                    help="run only this workload (e.g. resnet20-digits32); the stem becomes plan_<workload>")
     p.add_argument("--pipeline", default=None, help="override the workloads' PTQ pipeline (rtn, adaquant, ...)")

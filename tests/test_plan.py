@@ -226,6 +226,23 @@ def test_cost_table_measures_bytes_and_caches(tmp_path, monkeypatch):
         measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, candidates=("int8",))
 
 
+def test_time_graphs_ratios_groups_and_clocks():
+    # graphs timed in groups (max_sessions) each with graph 0: every graph gets a latency and a spread, in order;
+    # the same graph twice is the reference's latency up to noise (a ratio of medians of positive times)
+    from thrifty.plan.cost import deploy_graphs, time_graphs
+
+    x = torch.randn(8, 32)
+    g = deploy_graphs(_mlp(), [{}], x, (x[:2],))[0]
+    seen = []
+    ms, se = time_graphs([g] * 5, (x.numpy(),), 1, rounds=3, max_sessions=2, spread=True, clock="cpu",
+                         each=seen.append, min_ms=0.1)
+    assert len(ms) == len(se) == len(seen) == 5 and all(m > 0 for m in ms) and all(s >= 0 for s in se)
+    with pytest.raises(ValueError, match="clock must be one of \\['cpu', 'wall'\\], got 'gpu'"):
+        time_graphs([g], (x.numpy(),), 1, clock="gpu")
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        time_graphs([g], (x.numpy(),), 1, rounds=0)
+
+
 def test_cost_table_is_two_sided_on_an_interaction_model(monkeypatch):
     # A synthetic runtime where int8 layers save 2 ms each and every fp32<->int8 boundary costs 1.5 ms: the
     # additive model (pairwise=False) takes each layer's two-sided difference, by hand; the pairwise model is

@@ -190,40 +190,48 @@ def weight_bytes(graph: bytes) -> int:
     return int(sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer))
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def _round_times(backends: Sequence[Any], feed: Sequence[np.ndarray], rounds: int, warmup: int, min_ms: float,
-                 seed: int) -> np.ndarray:
+                 seed: int, clock: str = "wall") -> np.ndarray:
     """ms per run, [graph, round], interleaved rounds in a shuffled order, each run repeated to last ``min_ms``."""
+    now = CLOCKS[clock]
     reps = []
     for be in backends:
         t = float("inf")
         for _ in range(max(1, warmup)):
-            t0 = time.perf_counter()
+            t0 = now()
             be(feed)
-            t = min(t, time.perf_counter() - t0)
+            t = min(t, now() - t0)
         reps.append(max(1, int(np.ceil(min_ms / max(1e3 * t, 1e-6)))))
     rng = np.random.default_rng(seed)
     ts = np.zeros((len(backends), rounds))
     for r in range(rounds):
         for i in rng.permutation(len(backends)):
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(reps[i]):
                 backends[i](feed)
-            ts[i, r] = 1e3 * (time.perf_counter() - t0) / reps[i]
+            ts[i, r] = 1e3 * (now() - t0) / reps[i]
     return ts
 
 
 def time_graphs(graphs: Iterable[bytes], feed: Sequence[np.ndarray], threads: int, rounds: int = 7,
                 warmup: int = 2, *, min_ms: float = 1.0, max_sessions: int = 24, spread: bool = False,
-                each: Optional[Callable[[bytes], None]] = None):
+                each: Optional[Callable[[bytes], None]] = None, clock: str = "wall"):
     """Milliseconds per run of each ONNX graph on ``feed``: the median over interleaved rounds of its ratio to
     graph 0 in the same round, times graph 0's median (module doc). With ``spread=True`` also each median's
     relative standard error (``0.93 IQR / sqrt(rounds)`` over the median, of the ratio; graph 0: of its times).
     ``graphs`` is consumed lazily, ``max_sessions`` at a time (``each(graph)`` is called on every one), so a
-    long list of large graphs never sits in memory at once."""
+    long list of large graphs never sits in memory at once. ``clock``: ``"wall"`` (what a latency budget
+    means), or ``"cpu"``, the process's CPU time: at one thread it is the run's time on a core of its own, so on a
+    shared machine it leaves out the time the process waited for a core (not the cache and memory contention)."""
     from thrifty.bench.backends import OrtBackend
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
     it = iter(graphs)
     first = next(it, None)
     if first is None:
@@ -242,7 +250,7 @@ def time_graphs(graphs: Iterable[bytes], feed: Sequence[np.ndarray], threads: in
                 each(g)
         backends = [OrtBackend(g, threads=threads) for g in [first] + chunk]
         del chunk
-        ts = _round_times(backends, feed, rounds, warmup, min_ms, seed=k)
+        ts = _round_times(backends, feed, rounds, warmup, min_ms, seed=k, clock=clock)
         del backends
         ref_times.append(ts[0])
         ratios += [t / ts[0] for t in ts[1:]]
@@ -331,13 +339,13 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
                   candidates: Sequence[str] = ("fp32", "int8"), *, threads: int = 1, rounds: int = 7,
                   input_names: Optional[Sequence[str]] = None, ref: Optional[Mapping[str, str]] = None,
                   cache: bool = True, check_additivity: bool = True, pairwise: bool = True, min_ms: float = 1.0,
-                  max_sessions: int = 24) -> CostTable:
+                  max_sessions: int = 24, clock: str = "wall") -> CostTable:
     """Measure the per-layer cost table of ``model`` (see the module doc); ``feed`` is one batch of inputs.
 
     ``ref``: the reference assignment to take differences to (default every layer FP32; a table around another
     reference is one-sided and additive). ``check_additivity``: also measure from the all-candidate side
     (two-sided terms) and check the prediction there. ``pairwise``: the boundary-aware pair terms (module doc).
-    ``min_ms``, ``max_sessions``: see :func:`time_graphs`. ``cache=False`` always measures (and does not store).
+    ``min_ms``, ``max_sessions``, ``clock``: see :func:`time_graphs`. ``cache=False`` always measures (and does not store).
     """
     from thrifty.plan.graph import layer_edges
 
@@ -359,7 +367,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
     edges = layer_edges(fp32, model, layers) if pairwise and not ref and len(layers) > 1 else []
     key = {"model": hashlib.sha256(fp32).hexdigest()[:20], **machine_key(threads, batch), "candidates": cands,
            "method": ("pairwise, " if edges else "") + ("two-sided" if two else "one-sided"),
-           "edges": [list(e) for e in edges], "layers": layers,
+           "edges": [list(e) for e in edges], "layers": layers, **({"clock": clock} if clock != "wall" else {}),
            "ref": {n: c for n, c in reference.items() if c != "fp32"}}
     if cache and (hit := load_cached(key)) is not None:
         return hit
@@ -388,7 +396,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
                if c in groups}
     nbytes: list[int] = []
     ms, rse = time_graphs(iter_graphs(model, picks, calib, example, input_names), feed, threads, rounds,
-                          min_ms=min_ms, max_sessions=max_sessions, spread=True,
+                          min_ms=min_ms, max_sessions=max_sessions, spread=True, clock=clock,
                           each=lambda g: nbytes.append(weight_bytes(g)))  # each graph parsed once
     lat: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}
     size: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}

@@ -112,11 +112,11 @@ def deploy(model: nn.Module, plan: Plan, calib: Any, example: tuple, path: str |
 
 
 def _measure(model, plan, calib, example, feed, threads, rounds, input_names, fp32: bytes,
-             base_ms: float) -> tuple[dict[str, float], bytes, Any]:
+             base_ms: float, clock: str = "wall") -> tuple[dict[str, float], bytes, Any]:
     with tempfile.TemporaryDirectory() as d:
         res, p = deploy(model, plan, calib, example, Path(d) / "plan.onnx", input_names)
         graph = p.read_bytes()
-    (ref, ms), (_, noise) = time_graphs([fp32, graph], feed, threads, rounds, spread=True)
+    (ref, ms), (_, noise) = time_graphs([fp32, graph], feed, threads, rounds, spread=True, clock=clock)
     return {"latency_ms": ms * base_ms / ref, "raw_ms": ms, "fp32_ms": ref, "noise": noise,
             "bytes": float(weight_bytes(graph)), "loss": 0.0 if res is None else float(res.final_loss)}, graph, res
 
@@ -154,13 +154,14 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
               threads: int = 1, rounds: int = 7, input_names: Optional[Sequence[str]] = None,
               layers: Optional[Sequence[str]] = None, table: Optional[CostTable] = None,
               sens: Optional[dict[str, dict[str, float]]] = None, refine_tol: float = 0.10, max_rounds: int = 3,
-              cache: bool = True) -> PlanResult:
+              cache: bool = True, clock: str = "wall") -> PlanResult:
     """Plan ``model`` under ``latency_ms`` (per batch ``feed``, ``threads`` ORT threads) and ``size_mb`` (ONNX MB).
 
     ``calib``: calibration data (what ``thrifty.quant.quantize`` takes); ``example``: example inputs for the
     export. ``table``/``sens``: reuse a measured cost table / sensitivities (a budget sweep measures once).
     ``refine_tol``, ``max_rounds``: the correction loop (module doc; ``max_rounds=1`` measures the first plan
-    only). The user's model is not modified. ValueError when a budget is below what any plan reaches.
+    only). ``clock``: see :func:`thrifty.plan.cost.time_graphs`. The user's model is not modified. ValueError
+    when a budget is below what any plan reaches.
     """
     for name, v in (("latency_ms", latency_ms), ("size_mb", size_mb)):
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -175,7 +176,7 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
         layers = list(layers) if layers is not None else plan_layers(model, calib)
         if table is None:
             table = measure_costs(model, calib, example, feed, layers, candidates, threads=threads, rounds=rounds,
-                                  input_names=input_names, cache=cache)
+                                  input_names=input_names, cache=cache, clock=clock)
             timings["costs"] = time.perf_counter() - t0
         if sens is None:
             t = time.perf_counter()
@@ -199,7 +200,7 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
                 break
             plan = plan_from_picks(picks, pipeline, adaquant_iters)
             meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names, fp32,
-                                        table.base_ms)
+                                        table.base_ms, clock)
             done[k] = (graph, res)
             err = (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]
             log.append({"reference": what, "picks": picks, "predicted": pred, "measured": meas,
@@ -220,7 +221,7 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
             pred = {"latency_ms": ms, "bytes": float(table.predict(picks)[1]), "loss": loss}
             plan = plan_from_picks(picks, pipeline, adaquant_iters)
             meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names, fp32,
-                                        table.base_ms)
+                                        table.base_ms, clock)
             done[repr(sorted(picks.items()))] = (graph, res)
             best = {"reference": "measured graphs within budget", "picks": picks, "predicted": pred,
                     "measured": meas, "latency_rel_error": (ms - meas["latency_ms"]) / meas["latency_ms"]}

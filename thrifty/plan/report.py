@@ -113,7 +113,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                 size_mb: Optional[float], batch: int = 32, threads: int = 1, rounds: int = 7, sweep: int = 3,
                 pipeline: str = "rtn", adaquant_iters: int = 200, candidates: Sequence[str] = ("fp32", "int8"),
                 input_names: Optional[Sequence[str]] = None, loadgen_dir: Optional[Path] = None,
-                loadgen_s: float = 1.0, cache: bool = True) -> tuple[PlanResult, dict[str, Any]]:
+                loadgen_s: float = 1.0, cache: bool = True, clock: str = "wall") -> tuple[PlanResult, dict[str, Any]]:
     """Plan under the budgets, sweep ``sweep`` more latency budgets, and compare with the uniform choices.
 
     Returns the plan for the user's budgets and the report (JSON-able): every point's measured latency, bytes
@@ -127,13 +127,13 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     feed = samples.batch(range(min(batch, len(samples))))
     main = make_plan(model, calib, example, feed, latency_ms=latency_ms, size_mb=size_mb, candidates=candidates,
                      pipeline=pipeline, adaquant_iters=adaquant_iters, threads=threads, rounds=rounds,
-                     input_names=input_names, cache=cache)
+                     input_names=input_names, cache=cache, clock=clock)
     layers, table, sens = list(main.picks), main.table, main.sensitivity
     plans: dict[str, PlanResult] = {"plan (budget)": main}
     skipped: list[float] = []
     # the sweep solves on the all-FP32 table (cached by the first make_plan), not on a re-linearised one
     base = measure_costs(model, calib, example, feed, layers, candidates, threads=threads, rounds=rounds,
-                         input_names=input_names, cache=cache) if table.ref else table
+                         input_names=input_names, cache=cache, clock=clock) if table.ref else table
     if sweep:
         fastest = base.fastest()[0]
         for i, lat in enumerate(np.linspace(fastest, base.base_ms, sweep + 2)[1:-1]):
@@ -142,7 +142,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                                                    candidates=candidates, pipeline=pipeline,
                                                    adaquant_iters=adaquant_iters, threads=threads, rounds=rounds,
                                                    input_names=input_names, layers=layers, table=base, sens=sens,
-                                                   refine_tol=float("inf"), cache=cache)
+                                                   refine_tol=float("inf"), cache=cache, clock=clock)
             except ValueError:  # the size budget rules this latency out: recorded, not plotted
                 skipped.append(float(lat))
     graphs: dict[str, bytes] = {}
@@ -157,7 +157,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     uniform = list(graphs)
     graphs.update({k: p.onnx for k, p in plans.items()})
     keys = list(graphs)
-    t, se = time_graphs([graphs[k] for k in keys], feed, threads, rounds, spread=True)
+    t, se = time_graphs([graphs[k] for k in keys], feed, threads, rounds, spread=True, clock=clock)
     ms, noise = dict(zip(keys, t)), dict(zip(keys, se))
     ref = _outputs(graphs["fp32"], samples, threads)
     points = []
@@ -176,7 +176,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
         points.append(pt)
     report: dict[str, Any] = {
         "budgets": {"latency_ms": latency_ms, "size_mb": size_mb}, "batch": len(feed[0]), "threads": threads,
-        "rounds": rounds, "pipeline": pipeline, "candidates": list(candidates), "layers": len(layers),
+        "rounds": rounds, "clock": clock, "pipeline": pipeline, "candidates": list(candidates), "layers": len(layers),
         "samples": len(samples), "points": points,
         "pareto_latency": pareto_front(points, "latency_ms", "accuracy"),
         "pareto_size": pareto_front(points, "bytes", "accuracy"),
@@ -211,7 +211,7 @@ def markdown(report: dict[str, Any], title: str) -> str:
              f"Budgets: latency {_budget(b['latency_ms'], 'ms')} per batch of {report['batch']} at {report['threads']} "
              f"thread(s), size {_budget(b['size_mb'], 'MB')}; pipeline {report['pipeline']}; candidates {', '.join(report['candidates'])}; "
              f"{report['layers']} layers; accuracy on {report['samples']} samples; medians of {report['rounds']} "
-             "interleaved rounds. Predicted latencies are at the cost table's FP32 latency; the error compares "
+             f"interleaved rounds ({report.get('clock', 'wall')} clock). Predicted latencies are at the cost table's FP32 latency; the error compares "
              "them with the measured ones scaled by the FP32 graph timed in the same rounds (raw: unscaled); "
              "noise: the median's relative standard error.", "",
              "| point | kind | layers quantized | measured ms | noise | predicted ms | error (raw) | MB | accuracy | "
