@@ -65,8 +65,8 @@ import torch.nn as nn
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
 from thrifty.utils import atomic_write_text, get_logger
 
-__all__ = ["CostTable", "measure_costs", "refit", "deploy_graphs", "iter_graphs", "time_graphs", "weight_bytes", "cache_path", "machine_key",
-           "load_cached"]
+__all__ = ["CostTable", "measure_costs", "refit", "deploy_graphs", "iter_graphs", "time_graphs", "weight_bytes",
+           "cache_path", "machine_key", "load_cached"]
 
 log = get_logger("thrifty.plan")
 
@@ -345,7 +345,8 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
     ``ref``: the reference assignment to take differences to (default every layer FP32; a table around another
     reference is one-sided and additive). ``check_additivity``: also measure from the all-candidate side
     (two-sided terms) and check the prediction there. ``pairwise``: the boundary-aware pair terms (module doc).
-    ``min_ms``, ``max_sessions``, ``clock``: see :func:`time_graphs`. ``cache=False`` always measures (and does not store).
+    ``min_ms``, ``max_sessions``, ``clock``: see :func:`time_graphs`. ``cache=False`` always measures (and does
+    not store).
     """
     from thrifty.plan.graph import layer_edges
 

@@ -13,9 +13,9 @@
    a prediction error. When it is off the prediction by more than ``refine_tol`` (10 %), the cost model is
    refitted (:func:`thrifty.plan.cost.refit`: least squares over every graph the table timed plus the plans
    measured so far, each plan weighted like the whole table, so the model nearly passes through them) and
-   the ILP is solved again, up to ``max_rounds`` plans. The most accurate measured plan within the budgets is kept; if none is, the most
-   accurate of the graphs timed for the table that met both budgets (its latency was measured, not
-   predicted); the same when the prediction says no plan fits the budget.
+   the ILP is solved again, up to ``max_rounds`` plans. The most accurate measured plan within the budgets is
+   kept; if none is, the most accurate of the graphs timed for the table that met both budgets (its latency
+   was measured, not predicted); the same when the prediction says no plan fits the budget.
 
 Example:
     >>> import torch, torch.nn as nn, numpy as np

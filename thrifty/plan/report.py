@@ -113,7 +113,8 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                 size_mb: Optional[float], batch: int = 32, threads: int = 1, rounds: int = 7, sweep: int = 3,
                 pipeline: str = "rtn", adaquant_iters: int = 200, candidates: Sequence[str] = ("fp32", "int8"),
                 input_names: Optional[Sequence[str]] = None, loadgen_dir: Optional[Path] = None,
-                loadgen_s: float = 1.0, cache: bool = True, clock: str = "wall") -> tuple[PlanResult, dict[str, Any]]:
+                loadgen_s: float = 1.0, cache: bool = True, clock: str = "wall",
+                max_rounds: int = 3) -> tuple[PlanResult, dict[str, Any]]:
     """Plan under the budgets, sweep ``sweep`` more latency budgets, and compare with the uniform choices.
 
     Returns the plan for the user's budgets and the report (JSON-able): every point's measured latency, bytes
@@ -127,7 +128,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     feed = samples.batch(range(min(batch, len(samples))))
     main = make_plan(model, calib, example, feed, latency_ms=latency_ms, size_mb=size_mb, candidates=candidates,
                      pipeline=pipeline, adaquant_iters=adaquant_iters, threads=threads, rounds=rounds,
-                     input_names=input_names, cache=cache, clock=clock)
+                     input_names=input_names, cache=cache, clock=clock, max_rounds=max_rounds)
     layers, table, sens = list(main.picks), main.table, main.sensitivity
     plans: dict[str, PlanResult] = {"plan (budget)": main}
     skipped: list[float] = []
@@ -211,8 +212,8 @@ def markdown(report: dict[str, Any], title: str) -> str:
              f"Budgets: latency {_budget(b['latency_ms'], 'ms')} per batch of {report['batch']} at {report['threads']} "
              f"thread(s), size {_budget(b['size_mb'], 'MB')}; pipeline {report['pipeline']}; candidates {', '.join(report['candidates'])}; "
              f"{report['layers']} layers; accuracy on {report['samples']} samples; medians of {report['rounds']} "
-             f"interleaved rounds ({report.get('clock', 'wall')} clock). Predicted latencies are at the cost table's FP32 latency; the error compares "
-             "them with the measured ones scaled by the FP32 graph timed in the same rounds (raw: unscaled); "
+             f"interleaved rounds ({report.get('clock', 'wall')} clock). Predicted latencies are at the cost table's "
+             "FP32 latency; the error compares them with the measured ones scaled by the FP32 graph timed in the same rounds (raw: unscaled); "
              "noise: the median's relative standard error.", "",
              "| point | kind | layers quantized | measured ms | noise | predicted ms | error (raw) | MB | accuracy | "
              "predicted loss | measured loss | Pareto (latency / size) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
