@@ -10,9 +10,10 @@
 5. the plan is quantized with its pipeline, exported and timed interleaved with the FP32 graph; its measured
    latency is expressed at the table's FP32 latency (``measured["latency_ms"] = raw * base_ms / fp32 now``; the
    raw numbers are kept), so a slow spell of a shared machine between the table and the plan does not count as
-   a prediction error. When it is off the prediction by more than ``refine_tol`` (10 %), the cost model is
-   refitted (:func:`thrifty.plan.cost.refit`: least squares over every graph the table timed plus the plans
-   measured so far, each plan weighted like the whole table, so the model nearly passes through them) and
+   a prediction error. When it is off the prediction by more than ``refine_tol`` (10 %), or misses a budget, the
+   cost model is refitted (:func:`thrifty.plan.cost.refit`: least squares over every graph the table timed
+   plus the plans measured so far, each plan weighted like the whole table, so the model nearly passes through
+   them) and
    the ILP is solved again, up to ``max_rounds`` plans. The most accurate measured plan within the budgets is
    kept; if none is, the most accurate of the graphs timed for the table that met both budgets (its latency
    was measured, not predicted); the same when the prediction says no plan fits the budget.
@@ -205,7 +206,9 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
             err = (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]
             log.append({"reference": what, "picks": picks, "predicted": pred, "measured": meas,
                         "latency_rel_error": err})
-            if abs(err) <= refine_tol:
+            fits = (latency_ms is None or meas["latency_ms"] <= latency_ms) and \
+                (size_mb is None or meas["bytes"] <= size_mb * 1e6)
+            if abs(err) <= refine_tol and fits:  # a plan off budget is refined even when predicted well
                 break
             plans = [(r["picks"], r["measured"]["latency_ms"]) for r in log if "measured" in r]
             model_k = refit(table, plans, weight=max(10, len(table.measured)))
