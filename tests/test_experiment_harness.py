@@ -238,6 +238,7 @@ RENDERED = [("benchmarks/accumulators.py", "bench_accumulators", []), ("benchmar
             ("experiments/grad_sparsity.py", "grad_sparsity", []), ("experiments/merge.py", "merge", []),
             ("experiments/minilm_nm.py", "minilm_nm", []),
             ("experiments/nm_masks.py", "nm_masks", []), ("experiments/plan.py", "plan_quick", ["--quick"]),
+            ("experiments/plan.py", "plan_resnet20-digits32", ["--only", "resnet20-digits32"]),
             ("experiments/ptq.py", "ptq", []),
             ("experiments/ptq_ablation.py", "ptq_ablation", []), ("experiments/regimes.py", "regimes", []),
             ("experiments/regimes.py", "regimes_quick", ["--quick"]), ("experiments/train8.py", "train8", [])]

@@ -44,6 +44,62 @@ def _instances(draw):
     return value, costs, budgets
 
 
+@st.composite
+def _pair_instances(draw):
+    value, costs, budgets = draw(_instances())
+    num = st.floats(-4, 4, allow_nan=False, width=32).map(lambda v: round(v, 3))
+    layers = list(value)
+    edges = draw(st.lists(st.tuples(st.sampled_from(layers), st.sampled_from(layers)).filter(lambda e: e[0] != e[1]),
+                          max_size=4, unique=True)) if len(layers) > 1 else []
+    def terms(a, b):
+        combos = [(ca, cb) for ca in value[a] for cb in value[b]]
+        keep = draw(st.lists(st.sampled_from(combos), min_size=1, max_size=len(combos), unique=True))
+        return {k: draw(num) for k in keep}
+    pairs = {r: {e: terms(*e) for e in edges} for r in costs}
+    value_pairs = {e: {k: abs(v) for k, v in terms(*e).items()} for e in edges if draw(st.booleans())}
+    for r in budgets:  # widen the budgets by what the pair terms can add, so that many instances are feasible
+        budgets[r] += draw(st.floats(0, 1)) * sum(max(0.0, *d.values()) for d in pairs[r].values())
+    return value, costs, budgets, pairs, value_pairs
+
+
+@settings(max_examples=80, deadline=None)
+@given(_pair_instances())
+def test_ilp_with_pair_terms_matches_exhaustive_search(inst):
+    value, costs, budgets, pairs, value_pairs = inst
+    try:
+        ref = exhaustive(value, costs, budgets, pairs=pairs, value_pairs=value_pairs)
+    except ValueError:
+        with pytest.raises(ValueError, match="no choice meets every budget|is infeasible"):
+            solve(value, costs, budgets, pairs=pairs, value_pairs=value_pairs)
+        return
+    got = solve(value, costs, budgets, pairs=pairs, value_pairs=value_pairs)
+    scale = max(1.0, max(abs(v) for d in value.values() for v in d.values()))
+    assert got.objective == pytest.approx(ref.objective, abs=1e-9 * scale * (len(value) + 4))
+    for r, b in budgets.items():  # feasible, and the reported totals (pairs included) are the choice's own
+        assert got.costs[r] <= b + 1e-6 * max(1.0, abs(b))
+        own = sum(costs[r][n][c] for n, c in got.picks.items()) + sum(
+            d.get((got.picks[a], got.picks[b2]), 0.0) for (a, b2), d in pairs[r].items())
+        assert got.costs[r] == pytest.approx(own)
+
+
+def test_ilp_pair_terms_by_hand():
+    # two layers each 1 ms faster in int8 alone, but a boundary costs: int8 next to int8 saves 1.5 ms more
+    value = {"a": {"fp32": 0.0, "int8": 0.2}, "b": {"fp32": 0.0, "int8": 0.1}}
+    ms = {"a": {"fp32": 0.0, "int8": 0.5}, "b": {"fp32": 0.0, "int8": 0.5}}
+    pair = {("a", "b"): {("int8", "int8"): -2.5}}
+    # additive: nothing is faster than FP32; with the pair term only both together (-1.5 ms) meet -1
+    with pytest.raises(ValueError, match="infeasible"):
+        solve(value, {"ms": ms}, {"ms": -1.0})
+    got = solve(value, {"ms": ms}, {"ms": -1.0}, pairs={"ms": pair})
+    assert got.picks == {"a": "int8", "b": "int8"} and got.costs["ms"] == pytest.approx(-1.5)
+    with pytest.raises(ValueError, match="pair term \\('a', 'c'\\) needs two different known layers"):
+        solve(value, {"ms": ms}, {"ms": 0.0}, pairs={"ms": {("a", "c"): {("int8", "int8"): 1.0}}})
+    with pytest.raises(ValueError, match="names candidates \\('int8', 'w4'\\)"):
+        solve(value, {"ms": ms}, {"ms": 0.0}, pairs={"ms": {("a", "b"): {("int8", "w4"): 1.0}}})
+    with pytest.raises(ValueError, match="pair terms for \\['bytes'\\] have no cost table"):
+        solve(value, {"ms": ms}, {"ms": 0.0}, pairs={"bytes": pair})
+
+
 @settings(max_examples=80, deadline=None)
 @given(_instances())
 def test_ilp_matches_exhaustive_search(inst):
@@ -122,6 +178,18 @@ def test_plan_yaml_round_trip_and_apply(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ costs and cache
+def _fake_timer(ms_of):
+    """A stand-in for time_graphs: ``ms_of(graph)`` per graph, consumed lazily like the real one."""
+    def timer(graphs, *a, spread=False, each=None, **k):
+        out = []
+        for g in graphs:
+            if each is not None:
+                each(g)
+            out.append(ms_of(g))
+        return (out, [0.0] * len(out)) if spread else out
+    return timer
+
+
 def test_cost_table_measures_bytes_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("THRIFTY_CACHE", str(tmp_path / "cache"))
     model, x = _mlp(), torch.randn(64, 32)
@@ -137,13 +205,18 @@ def test_cost_table_measures_bytes_and_caches(tmp_path, monkeypatch):
     assert add["predicted_bytes"] == add["measured_bytes"]
     p = cache_path(t.key)
     assert p.is_file() and json.loads(p.read_text())["key"] == t.key
+    # the key names what the numbers depend on: the layer pairs measured and the method among them
+    assert t.key["edges"] == [["0", "2"], ["2", "4"]] == t.edges and t.key["method"] == "pairwise, two-sided"
+    assert set(t.pairs) == {"0|2", "2|4"} and t.noise >= 0.0
     monkeypatch.setattr(cost_mod, "time_graphs", lambda *a, **k: pytest.fail("a cached table was measured again"))
     again = measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, threads=1, rounds=2)
     assert again == CostTable.from_json(p.read_text()) and again.latency_ms == t.latency_ms
-    with pytest.raises(pytest.fail.Exception):  # another thread count is another entry
-        measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, threads=2, rounds=2)
+    assert again.predict({"0": "int8", "2": "int8"}) == t.predict({"0": "int8", "2": "int8"})
+    for other in ({"threads": 2}, {"pairwise": False}, {"check_additivity": False}, {"candidates": ("fp32", "w4a8")}):
+        with pytest.raises(pytest.fail.Exception):  # another thread count / method / candidates: another entry
+            measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, **({"threads": 1, "rounds": 2} | other))
     p.write_text("{not json")  # a corrupt entry is measured again, with a warning, and rewritten
-    monkeypatch.setattr(cost_mod, "time_graphs", lambda graphs, *a, **k: [1.0] * len(graphs))
+    monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: 1.0))
     with pytest.warns(UserWarning, match="unreadable cost cache"):
         fresh = measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, threads=1, rounds=2)
     assert fresh.base_ms == 1.0 and CostTable.from_json(p.read_text()).base_ms == 1.0
@@ -153,20 +226,45 @@ def test_cost_table_measures_bytes_and_caches(tmp_path, monkeypatch):
         measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, candidates=("int8",))
 
 
+def test_time_graphs_ratios_groups_and_clocks():
+    # graphs timed in groups (max_sessions) each with graph 0: every graph gets a latency and a spread, in order;
+    # the same graph twice is the reference's latency up to noise (a ratio of medians of positive times)
+    from thrifty.plan.cost import deploy_graphs, time_graphs
+
+    x = torch.randn(8, 32)
+    g = deploy_graphs(_mlp(), [{}], x, (x[:2],))[0]
+    seen = []
+    ms, se = time_graphs([g] * 5, (x.numpy(),), 1, rounds=3, max_sessions=2, spread=True, clock="cpu",
+                         each=seen.append, min_ms=0.1)
+    assert len(ms) == len(se) == len(seen) == 5 and all(m > 0 for m in ms) and all(s >= 0 for s in se)
+    with pytest.raises(ValueError, match="clock must be one of \\['cpu', 'wall'\\], got 'gpu'"):
+        time_graphs([g], (x.numpy(),), 1, clock="gpu")
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        time_graphs([g], (x.numpy(),), 1, rounds=0)
+
+
 def test_cost_table_is_two_sided_on_an_interaction_model(monkeypatch):
     # A synthetic runtime where int8 layers save 2 ms each and every fp32<->int8 boundary costs 1.5 ms: the
-    # one-sided difference of a layer (switched alone in the FP32 graph) and the two-sided mean, by hand.
+    # additive model (pairwise=False) takes each layer's two-sided difference, by hand; the pairwise model is
+    # exact on such a runtime (per layer plus per boundary), for every one of the 2^3 assignments.
+    import itertools
+
+    import thrifty.plan.graph as graph_mod
+
     layers = ["0", "2", "4"]
 
     def ms(picks: dict) -> float:
         seq = ["fp32"] + [picks.get(n, "fp32") for n in layers] + ["fp32"]
         return 10.0 - 2.0 * seq.count("int8") + 1.5 * sum(a != b for a, b in zip(seq, seq[1:]))
 
-    monkeypatch.setattr(cost_mod, "deploy_graphs", lambda m, picks, *a, **k: [json.dumps(dict(p)).encode() for p in picks])
-    monkeypatch.setattr(cost_mod, "time_graphs", lambda graphs, *a, **k: [ms(json.loads(g)) for g in graphs])
+    fake = lambda m, picks, *a, **k: [json.dumps(dict(p)).encode() for p in picks]  # noqa: E731
+    monkeypatch.setattr(cost_mod, "deploy_graphs", fake)
+    monkeypatch.setattr(cost_mod, "iter_graphs", fake)
+    monkeypatch.setattr(graph_mod, "layer_edges", lambda *a, **k: [("0", "2"), ("2", "4")])
+    monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: ms(json.loads(g))))
     monkeypatch.setattr(cost_mod, "weight_bytes", len)  # the fake graphs are not ONNX
-    t = measure_costs(_mlp(), torch.randn(8, 32), (torch.randn(2, 32),), (np.zeros((4, 32), np.float32),), layers,
-                      cache=False)
+    args = (_mlp(), torch.randn(8, 32), (torch.randn(2, 32),), (np.zeros((4, 32), np.float32),), layers)
+    t = measure_costs(*args, cache=False, pairwise=False)
     every = {n: "int8" for n in layers}
     for n in layers:
         lo = ms({n: "int8"}) - ms({})
@@ -176,6 +274,15 @@ def test_cost_table_is_two_sided_on_an_interaction_model(monkeypatch):
     assert add["measured_ms"] == ms(every) and add["one_sided_predicted_ms"] == ms({}) + sum(
         ms({n: "int8"}) - ms({}) for n in layers)
     assert abs(add["latency_rel_error"]) < abs(add["one_sided_rel_error"])
+    assert t.pairs == {} and t.key["method"] == "two-sided"
+    pw = measure_costs(*args, cache=False)
+    # the pair term of two int8 neighbours: both boundaries to FP32 (3 ms) replaced by none between them
+    assert pw.pairs == {"0|2": {"int8": pytest.approx(-3.0)}, "2|4": {"int8": pytest.approx(-3.0)}}
+    for combo in itertools.product(["fp32", "int8"], repeat=3):
+        picks = dict(zip(layers, combo))
+        assert pw.predict(picks)[0] == pytest.approx(ms(picks)), picks
+    assert pw.additivity["all int8"]["latency_rel_error"] == pytest.approx(0.0, abs=1e-12)
+    assert pw.fastest() == (pytest.approx(ms(every)), every)
 
 
 # ------------------------------------------------------------------------------------------------ the planner
@@ -196,33 +303,55 @@ def test_planner_meets_size_budget_and_is_the_ilp_optimum(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="size-mb 0.001 is below the smallest plan"):
         make_plan(model, x, (x[:2],), (x[:16].numpy(),), size_mb=0.001, rounds=2, table=r.table,
                   sens=r.sensitivity, layers=r.table.layers)
-    # a latency far off the prediction triggers one re-linearisation around the chosen plan
-    monkeypatch.setattr(cost_mod, "time_graphs", lambda graphs, *a, **k: [1.0] * len(graphs))
-    import thrifty.plan.planner as planner_mod
-
-    monkeypatch.setattr(planner_mod, "time_graphs", lambda graphs, *a, **k: [5.0] * len(graphs))
+    # a latency off the prediction: the model is refitted to the measured plans and the ILP solved again. Table:
+    # each int8 layer saves 0.2 ms; "runtime": 0.1 ms (the int8 layers counted from the export's metadata), so
+    # only all three layers meet 0.75 ms. Round 1 takes the two least sensitive (0.6 predicted, 0.8 measured);
+    # each refit moves the savings of the layers measured towards 0.1 ms (the table's -0.2 ms is the prior), so
+    # later rounds try other pairs (0.8 measured each) until all three are taken (at most the 3 pairs first).
     import dataclasses
 
-    flat = dataclasses.replace(r.table, base_ms=1.0, measured=[],
-                               latency_ms={n: {c: 0.0 for c in d} for n, d in r.table.latency_ms.items()})
-    r2 = make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=100.0, rounds=2, table=flat,
+    import onnx
+
+    import thrifty.plan.planner as planner_mod
+
+    def int8_layers(g: bytes) -> int:
+        meta = {p.key: p.value for p in onnx.load_from_string(g).metadata_props}
+        return json.loads(meta["thrifty.int8"])["quantized_layers"] if "thrifty.int8" in meta else 0
+
+    monkeypatch.setattr(planner_mod, "time_graphs", _fake_timer(lambda g: 1.0 - 0.1 * int8_layers(g)))
+    flat = dataclasses.replace(r.table, base_ms=1.0, measured=[], pairs={},
+                               latency_ms={n: {c: -0.2 * (c != "fp32") for c in d} for n, d in r.table.latency_ms.items()})
+    r2 = make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=0.75, rounds=2, table=flat,
+                   sens=r.sensitivity, layers=r.table.layers, cache=False, max_rounds=5)
+    refs = [d["reference"] for d in r2.rounds]
+    assert 2 <= len(refs) <= 5 and refs == ["cost table"] + [f"refitted to {i} measured plan(s)" for i in range(1, len(refs))]
+    assert [sum(c == "int8" for c in d["picks"].values()) for d in r2.rounds] == [2] * (len(refs) - 1) + [3]
+    first = r2.rounds[0]
+    assert sum(c == "int8" for c in first["picks"].values()) == 2 and first["measured"]["latency_ms"] == pytest.approx(0.8)
+    assert first["latency_rel_error"] == pytest.approx((0.6 - 0.8) / 0.8)
+    assert r2.picks == {n: "int8" for n in r.table.layers} and r2.measured["latency_ms"] == pytest.approx(0.7)
+    assert abs(r2.latency_error) <= 0.1
+    with pytest.raises(ValueError, match="max_rounds must be a positive integer"):
+        make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=1.0, table=flat, sens=r.sensitivity,
+                  layers=r.table.layers, max_rounds=0)
+    # ... and when no measured plan meets the budget, the most accurate graph of the table within it is taken
+    monkeypatch.setattr(planner_mod, "time_graphs", _fake_timer(lambda g: 1.0))
+    timed = dataclasses.replace(flat, measured=[({}, 1.0, 1), ({"2": "int8"}, 0.9, 1)])
+    r3 = make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=0.95, rounds=2, table=timed,
                    sens=r.sensitivity, layers=r.table.layers, cache=False)
-    assert len(r2.rounds) == 2 and r2.table.ref == r2.rounds[0]["picks"]
-    # ... and when that plan still misses the budget, the most accurate graph measured within it is taken
-    r3 = make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=2.0, rounds=2, table=flat,
-                   sens=r.sensitivity, layers=r.table.layers, cache=False)
-    assert [d["reference"] for d in r3.rounds] == ["all fp32", "first plan", "measured graphs within budget"]
-    assert r3.rounds[-1]["predicted"]["latency_ms"] == 1.0 and r3.picks == {n: "fp32" for n in r.table.layers}
+    assert [d["reference"] for d in r3.rounds][-1] == "measured graphs within budget"
+    assert r3.predicted["latency_ms"] == 0.9 and r3.picks == {"0": "fp32", "2": "int8", "4": "fp32"}
     # a budget the additive prediction calls infeasible, met by a graph that was measured: that graph is taken
     slow = dataclasses.replace(flat, latency_ms={n: {c: float(c != "fp32") for c in d} for n, d in flat.latency_ms.items()},
                                measured=[({}, 1.0, 1), ({n: "int8" for n in r.table.layers}, 0.5, 1)])
     r4 = make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=0.8, rounds=2, table=slow,
                    sens=r.sensitivity, layers=r.table.layers, cache=False)
-    assert [d["reference"] for d in r4.rounds] == ["all fp32", "measured graphs within budget"]
+    assert [d["reference"] for d in r4.rounds] == ["cost table", "measured graphs within budget"]
     assert "infeasible" in r4.rounds[0] and set(r4.picks.values()) == {"int8"}
     with pytest.raises(ValueError, match="below the fastest predicted plan"):  # nothing measured fits either
         make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=0.4, rounds=2, table=slow,
                   sens=r.sensitivity, layers=r.table.layers, cache=False)
+
 
 
 def test_deployed_plan_matches_simulated_model(tmp_path):

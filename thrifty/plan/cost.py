@@ -12,16 +12,32 @@ interleaved rounds (each round runs every graph once) so that a slow spell of a 
 alike; the median of the rounds is kept. Bytes are the serialized ONNX sizes, so the additive size prediction is
 exact up to protobuf framing.
 
-Additivity is checked, not assumed: for each candidate, the graph with *every* layer switched is measured too
-and compared with the reference plus the summed differences (``CostTable.additivity``). It does not hold from
-one side: a layer switched alone to int8 pays for its own QuantizeLinear/DequantizeLinear boundary, which int8
-neighbours share (an MLP whose layers are each slower alone in int8 runs 40 % faster all int8). So the latency
-difference of (layer, candidate) is two-sided: the mean of switching it in the FP32 graph and switching it back
-in the all-candidate graph, which halves the interaction error at both ends; the planner then re-linearises
-around its chosen plan when that plan's measured latency is still off.
+Latency is not additive: a layer switched alone to int8 pays for its own QuantizeLinear/DequantizeLinear
+boundary, which int8 neighbours share (an MLP whose layers are each slower alone in int8 runs 40 % faster all
+int8). So the model is boundary-aware (``pairwise=True``, the default): for every producer -> consumer pair of
+layers (:func:`thrifty.plan.graph.layer_edges`) and candidate ``c`` it has an interaction term
+
+    I_ab = T(a, b switched) - T(a switched) - T(b switched) + T(reference)
+
+and predicts ``T(x) = T_ref + sum_l d_l[x_l] + sum_(a,b) I_ab[x_a == x_b == c]``, exact for a runtime whose cost
+is per layer plus per precision boundary. Every term is measured from both sides, in the FP32 graph and in the
+all-``c`` graph (switching layers back); the two estimates are averaged, and the model is then fitted by least
+squares to every graph timed (:func:`refit`, the averages as a prior), so what the pairwise model leaves out
+(a layer three steps away changing the fusion) is spread over the terms instead of landing on one end. Mixed
+pairs (two different quantized candidates) get no term. The graph
+with every layer switched is predicted and compared with its measurement (``CostTable.additivity``);
+``pairwise=False`` keeps the additive model (two-sided per-layer differences only).
+
+Timing: sessions are timed in interleaved rounds, in a shuffled order each round; a graph that runs faster than
+``min_ms`` is run several times per round. A graph's latency is the median over rounds of its ratio to the
+reference graph timed in the same round, times the reference's median, so a slow spell of a shared machine
+cancels; graphs are timed in groups of at most ``max_sessions`` sessions (memory), each group with the
+reference. ``CostTable.noise`` is the median relative standard error of those medians (from their rounds'
+interquartile range): the resolution the predicted differences are judged against.
 
 Tables are cached as JSON under ``$THRIFTY_CACHE/plan`` keyed by the FP32 graph's hash, the ONNX Runtime
-version, the CPU, threads, batch and candidates (atomic writes; an unreadable entry is measured again).
+version, the CPU, threads, batch, candidates, the method and the layer pairs (atomic writes; an unreadable entry
+is measured again).
 
 Example:
     >>> t = CostTable(key={"k": 1}, layers=["a"], candidates=["fp32", "int8"], base_ms=2.0, base_bytes=100,
@@ -33,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import platform
 import tempfile
@@ -40,7 +57,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch.nn as nn
@@ -48,7 +65,8 @@ import torch.nn as nn
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
 from thrifty.utils import atomic_write_text, get_logger
 
-__all__ = ["CostTable", "measure_costs", "deploy_graphs", "time_graphs", "weight_bytes", "cache_path", "machine_key", "load_cached"]
+__all__ = ["CostTable", "measure_costs", "refit", "deploy_graphs", "iter_graphs", "time_graphs", "weight_bytes",
+           "cache_path", "machine_key", "load_cached"]
 
 log = get_logger("thrifty.plan")
 
@@ -59,7 +77,8 @@ class CostTable:
 
     ``latency_ms[layer][cand]`` and ``bytes[layer][cand]`` are differences to the reference graph's
     ``base_ms`` / ``base_bytes`` (0 for the reference's own candidate; a candidate the layer does not accept
-    has no entry).
+    has no entry). ``pairs["a|b"][cand]``: the latency interaction of layers a and b both at ``cand``;
+    ``edges``: the layer pairs measured; ``noise``: relative standard error of one timed median.
     """
 
     key: dict[str, Any]
@@ -74,12 +93,29 @@ class CostTable:
     seconds: float = 0.0
     # every graph timed for the table: (non-FP32 picks, ms, bytes); the planner's fallback chooses among them
     measured: list[tuple[dict[str, str], float, int]] = field(default_factory=list)
+    pairs: dict[str, dict[str, float]] = field(default_factory=dict)
+    edges: list[list[str]] = field(default_factory=list)
+    noise: float = 0.0
+
+    def pair_terms(self, scale: float = 1.0) -> dict[tuple[str, str], dict[tuple[str, str], float]]:
+        """The latency pair terms in :func:`thrifty.plan.solve.solve`'s form, times ``scale``."""
+        return {tuple(k.split("|", 1)): {(c, c): scale * v for c, v in d.items()} for k, d in self.pairs.items()}
 
     def predict(self, picks: Mapping[str, str]) -> tuple[float, float]:
-        """Predicted (latency ms, bytes) of a per-layer choice: reference plus the summed differences."""
+        """Predicted (latency ms, bytes) of a per-layer choice: reference plus the summed differences plus the
+        pair terms of neighbours that picked the same candidate."""
         ms = self.base_ms + sum(self.latency_ms[n][c] for n, c in picks.items())
+        ms += sum(d.get(picks[a], 0.0) for k, d in self.pairs.items() for a, b in [k.split("|", 1)]
+                  if a in picks and picks[a] == picks.get(b))
         by = self.base_bytes + sum(self.bytes[n][c] for n, c in picks.items())
         return float(ms), float(by)
+
+    def fastest(self) -> tuple[float, dict[str, str]]:
+        """The smallest predicted latency of any choice (pair terms included: an ILP) and that choice."""
+        from thrifty.plan.solve import solve
+
+        ch = solve(self.latency_ms, {}, {}, "fastest plan", value_pairs=self.pair_terms())
+        return self.base_ms + ch.objective, {n: str(c) for n, c in ch.picks.items()}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -91,6 +127,12 @@ class CostTable:
 
 def deploy_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any, example: tuple,
                   input_names: Optional[Sequence[str]] = None, residual_calib: bool = True) -> list[bytes]:
+    """The ONNX graph of ``model`` for each assignment in ``picks`` (see :func:`iter_graphs`)."""
+    return list(iter_graphs(model, picks, calib, example, input_names, residual_calib))
+
+
+def iter_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any, example: tuple,
+                input_names: Optional[Sequence[str]] = None, residual_calib: bool = True) -> Iterator[bytes]:
     """The ONNX graph of ``model`` for each assignment in ``picks`` (layer -> candidate; absent = FP32).
 
     One round-to-nearest PTQ run per candidate quantizes every layer; an assignment's graph is that model with
@@ -103,7 +145,6 @@ def deploy_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: A
     full: dict[str, nn.Module] = {}
     every_layer = list(dict.fromkeys(n for p in picks for n in p))
     family = next((c for p in picks for c in p.values() if c != "fp32"), None)
-    out = []
     with tempfile.TemporaryDirectory() as d:
         for i, p in enumerate(picks):
             q = {n: c for n, c in p.items() if c != "fp32"}
@@ -125,8 +166,9 @@ def deploy_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: A
                 m = model
             path = export_onnx(m, example, Path(d) / f"{i}.onnx", input_names=input_names,
                                calib=calib if residual_calib and q else None)
-            out.append(path.read_bytes())
-    return out
+            data = path.read_bytes()
+            path.unlink()
+            yield data
 
 
 def weight_bytes(graph: bytes) -> int:
@@ -148,24 +190,112 @@ def weight_bytes(graph: bytes) -> int:
     return int(sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer))
 
 
-def time_graphs(graphs: Sequence[bytes], feed: Sequence[np.ndarray], threads: int, rounds: int = 7,
-                warmup: int = 2) -> list[float]:
-    """Median milliseconds per run of each ONNX graph on ``feed``, timed in interleaved rounds."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _round_times(backends: Sequence[Any], feed: Sequence[np.ndarray], rounds: int, warmup: int, min_ms: float,
+                 seed: int, clock: str = "wall") -> np.ndarray:
+    """ms per run, [graph, round], interleaved rounds in a shuffled order, each run repeated to last ``min_ms``."""
+    now = CLOCKS[clock]
+    reps = []
+    for be in backends:
+        t = float("inf")
+        for _ in range(max(1, warmup)):
+            t0 = now()
+            be(feed)
+            t = min(t, now() - t0)
+        reps.append(max(1, int(np.ceil(min_ms / max(1e3 * t, 1e-6)))))
+    rng = np.random.default_rng(seed)
+    ts = np.zeros((len(backends), rounds))
+    for r in range(rounds):
+        for i in rng.permutation(len(backends)):
+            t0 = now()
+            for _ in range(reps[i]):
+                backends[i](feed)
+            ts[i, r] = 1e3 * (now() - t0) / reps[i]
+    return ts
+
+
+def time_graphs(graphs: Iterable[bytes], feed: Sequence[np.ndarray], threads: int, rounds: int = 7,
+                warmup: int = 2, *, min_ms: float = 1.0, max_sessions: int = 24, spread: bool = False,
+                each: Optional[Callable[[bytes], None]] = None, clock: str = "wall"):
+    """Milliseconds per run of each ONNX graph on ``feed``: the median over interleaved rounds of its ratio to
+    graph 0 in the same round, times graph 0's median (module doc). With ``spread=True`` also each median's
+    relative standard error (``0.93 IQR / sqrt(rounds)`` over the median, of the ratio; graph 0: of its times).
+    ``graphs`` is consumed lazily, ``max_sessions`` at a time (``each(graph)`` is called on every one), so a
+    long list of large graphs never sits in memory at once. ``clock``: ``"wall"`` (what a latency budget
+    means), or ``"cpu"``, the process's CPU time: at one thread it is the run's time on a core of its own, so on a
+    shared machine it leaves out the time the process waited for a core (not the cache and memory contention)."""
     from thrifty.bench.backends import OrtBackend
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    backends = [OrtBackend(g, threads=threads) for g in graphs]
-    for be in backends:
-        for _ in range(warmup):
-            be(feed)
-    ts: list[list[float]] = [[] for _ in backends]
-    for _ in range(rounds):
-        for i, be in enumerate(backends):
-            t = time.perf_counter()
-            be(feed)
-            ts[i].append(time.perf_counter() - t)
-    return [1e3 * float(np.median(t)) for t in ts]
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    it = iter(graphs)
+    first = next(it, None)
+    if first is None:
+        return ([], []) if spread else []
+    if each is not None:
+        each(first)
+    step = max(1, max_sessions - 1)
+    ratios: list[np.ndarray] = []
+    ref_times = []
+    for k in itertools.count():
+        chunk = list(itertools.islice(it, step))
+        if k and not chunk:
+            break
+        for g in chunk:
+            if each is not None:
+                each(g)
+        backends = [OrtBackend(g, threads=threads) for g in [first] + chunk]
+        del chunk
+        ts = _round_times(backends, feed, rounds, warmup, min_ms, seed=k, clock=clock)
+        del backends
+        ref_times.append(ts[0])
+        ratios += [t / ts[0] for t in ts[1:]]
+    ref = np.concatenate(ref_times)
+    base = float(np.median(ref))
+    ms = [base] + [base * float(np.median(r)) for r in ratios]
+    if not spread:
+        return ms
+
+    def rse(v: np.ndarray) -> float:
+        q1, q3 = np.percentile(v, [25, 75])
+        return float(0.93 * (q3 - q1) / np.sqrt(len(v)) / max(abs(float(np.median(v))), 1e-30))
+
+    return ms, [rse(ref)] + [rse(r) for r in ratios]
+
+
+def refit(table: CostTable, extra: Sequence[tuple[Mapping[str, str], float]] = (), weight: float = 1.0,
+          prior: float = 1.0) -> CostTable:
+    """The table with its latency terms (per layer and per pair) refitted by least squares to every graph it
+    timed (``table.measured``, weight 1) and to the ``extra`` (picks, measured ms) points (weight ``weight``),
+    pulled towards the current terms with weight ``prior`` per term (one pseudo-observation each, so a term no
+    graph determines keeps its value). Bytes are exact and unchanged."""
+    import dataclasses
+
+    ref = {n: "fp32" for n in table.layers} | dict(table.ref or {})
+    terms = [(n, c, None) for n in table.layers for c in table.latency_ms[n] if c != ref[n]]
+    terms += [(k, c, tuple(k.split("|", 1))) for k, d in table.pairs.items() for c in d]
+    theta0 = np.array([table.latency_ms[n][c] if e is None else table.pairs[n][c] for n, c, e in terms])
+
+    def row(picks: Mapping[str, str]) -> np.ndarray:
+        p = {n: picks.get(n, "fp32") for n in table.layers}
+        return np.array([float(p[e[0]] == c and p[e[1]] == c) if e else float(p[n] == c) for n, c, e in terms])
+
+    data = [(row(p), ms - table.base_ms, 1.0) for p, ms, _ in table.measured]
+    data += [(row(p), ms - table.base_ms, float(weight)) for p, ms in extra]
+    if not terms or not data:
+        return table
+    a = np.vstack([np.sqrt(w) * r for r, _, w in data] + [np.sqrt(prior) * np.eye(len(terms))])
+    y = np.concatenate([[np.sqrt(w) * v for _, v, w in data], np.sqrt(prior) * theta0])
+    theta = np.linalg.lstsq(a, y, rcond=None)[0]
+    lat = {n: dict(d) for n, d in table.latency_ms.items()}
+    pairs = {k: dict(d) for k, d in table.pairs.items()}
+    for (n, c, e), v in zip(terms, theta):
+        (pairs if e else lat)[n][c] = float(v)
+    return dataclasses.replace(table, latency_ms=lat, pairs=pairs)
 
 
 def machine_key(threads: int, batch: int) -> dict[str, Any]:
@@ -208,12 +338,18 @@ def load_cached(key: Mapping[str, Any]) -> Optional[CostTable]:
 def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.ndarray], layers: Sequence[str],
                   candidates: Sequence[str] = ("fp32", "int8"), *, threads: int = 1, rounds: int = 7,
                   input_names: Optional[Sequence[str]] = None, ref: Optional[Mapping[str, str]] = None,
-                  cache: bool = True, check_additivity: bool = True) -> CostTable:
+                  cache: bool = True, check_additivity: bool = True, pairwise: bool = True, min_ms: float = 1.0,
+                  max_sessions: int = 24, clock: str = "wall") -> CostTable:
     """Measure the per-layer cost table of ``model`` (see the module doc); ``feed`` is one batch of inputs.
 
-    ``ref``: the reference assignment to take differences to (default every layer FP32); the planner passes
-    its chosen plan here to re-linearise around it. ``cache=False`` always measures (and does not store).
+    ``ref``: the reference assignment to take differences to (default every layer FP32; a table around another
+    reference is one-sided and additive). ``check_additivity``: also measure from the all-candidate side
+    (two-sided terms) and check the prediction there. ``pairwise``: the boundary-aware pair terms (module doc).
+    ``min_ms``, ``max_sessions``, ``clock``: see :func:`time_graphs`. ``cache=False`` always measures (and does
+    not store).
     """
+    from thrifty.plan.graph import layer_edges
+
     cands = list(dict.fromkeys(candidates))
     for c in cands:
         candidate(c)
@@ -228,38 +364,66 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
     batch = int(feed[0].shape[0])
     t0 = time.perf_counter()
     fp32 = deploy_graphs(model, [{}], calib, example, input_names)[0]
+    two = check_additivity and not ref
+    edges = layer_edges(fp32, model, layers) if pairwise and not ref and len(layers) > 1 else []
     key = {"model": hashlib.sha256(fp32).hexdigest()[:20], **machine_key(threads, batch), "candidates": cands,
-           "method": "two-sided" if check_additivity and not ref else "one-sided",
-           "layers": layers, "ref": {n: c for n, c in reference.items() if c != "fp32"}}
+           "method": ("pairwise, " if edges else "") + ("two-sided" if two else "one-sided"),
+           "edges": [list(e) for e in edges], "layers": layers, **({"clock": clock} if clock != "wall" else {}),
+           "ref": {n: c for n, c in reference.items() if c != "fp32"}}
     if cache and (hit := load_cached(key)) is not None:
         return hit
-    variants: list[tuple[str, str]] = [(n, c) for n in layers for c in cands
-                                       if c != reference[n] and candidate(c).accepts(mods[n])]
-    others = [c for c in cands if c != "fp32" and all(candidate(c).accepts(mods[n]) for n in layers)] \
-        if check_additivity and not ref else []
-    # two-sided: each layer switched back to FP32 in the all-`c` graph too (see the module doc)
-    back = [(n, c) for c in others for n in layers] if len(layers) > 1 else []
-    picks = [reference] + [reference | {n: c} for n, c in variants] + [{n: c for n in layers} for c in others] \
-        + [{m: (c if m != n else "fp32") for m in layers} for n, c in back]
-    graphs = deploy_graphs(model, picks, calib, example, input_names)
-    ms = time_graphs(graphs, feed, threads, rounds)
-    nbytes = [weight_bytes(g) for g in graphs]  # each graph parsed once
+    picks: list[dict[str, str]] = []
+    index: dict[str, int] = {}
+
+    def want(p: Mapping[str, str]) -> int:  # every assignment is deployed and timed once
+        k = json.dumps(sorted(p.items()))
+        if k not in index:
+            index[k] = len(picks)
+            picks.append(dict(p))
+        return index[k]
+
+    want(reference)
+    ok = {c: [n for n in layers if candidate(c).accepts(mods[n])] for c in cands if c != "fp32"}
     # a candidate a layer does not accept (W4 weight-only on a Conv, say) is left out of that layer's entries
+    single = {(n, c): want(reference | {n: c}) for n in layers for c in cands
+              if c != reference[n] and (c == "fp32" or n in ok[c])}
+    groups = {c: a for c, a in ok.items() if two and len(a) > 1}  # two-sided: the all-`c` side too
+    top = {c: reference | {n: c for n in a} for c, a in groups.items()}
+    itop = {c: want(p) for c, p in top.items()}
+    back = {(n, c): want(top[c] | {n: "fp32"}) for c, a in groups.items() for n in a}
+    cedges = {c: [(a, b) for a, b in edges if a in ok[c] and b in ok[c]] for c in ok}
+    pair_lo = {(a, b, c): want(reference | {a: c, b: c}) for c, es in cedges.items() for a, b in es}
+    pair_hi = {(a, b, c): want(top[c] | {a: "fp32", b: "fp32"}) for c, es in cedges.items() for a, b in es
+               if c in groups}
+    nbytes: list[int] = []
+    ms, rse = time_graphs(iter_graphs(model, picks, calib, example, input_names), feed, threads, rounds,
+                          min_ms=min_ms, max_sessions=max_sessions, spread=True, clock=clock,
+                          each=lambda g: nbytes.append(weight_bytes(g)))  # each graph parsed once
     lat: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}
     size: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}
-    for i, (n, c) in enumerate(variants, start=1):
+    for (n, c), i in single.items():
         lat[n][c] = ms[i] - ms[0]
         size[n][c] = float(nbytes[i] - nbytes[0])
+    pairs: dict[str, dict[str, float]] = {}
+    for (a, b, c), i in pair_lo.items():
+        lo = ms[i] - ms[single[(a, c)]] - ms[single[(b, c)]] + ms[0]
+        if (a, b, c) in pair_hi:
+            hi = ms[itop[c]] - ms[back[(a, c)]] - ms[back[(b, c)]] + ms[pair_hi[(a, b, c)]]
+            lo = 0.5 * (lo + hi)
+        pairs.setdefault(f"{a}|{b}", {})[c] = lo
     table = CostTable(key, layers, cands, ms[0], nbytes[0], lat, size, None if not ref else dict(reference))
     table.measured = [({n: c for n, c in p.items() if c != "fp32"}, t, b) for p, t, b in zip(picks, ms, nbytes)]
-    alone = {c: table.predict({n: c for n in layers})[0] for c in others}  # one-sided, from the FP32 graph
-    top = {c: ms[1 + len(variants) + j] for j, c in enumerate(others)}
-    for j, (n, c) in enumerate(back):
-        i = 1 + len(variants) + len(others) + j
-        lat[n][c] = 0.5 * (lat[n][c] + (top[c] - ms[i]))
-    for j, c in enumerate(others):
-        i = 1 + len(variants) + j
-        pred_ms, pred_b = table.predict({n: c for n in layers})
+    alone = {c: table.predict(top[c])[0] for c in groups}  # from the FP32 side only, no pair terms
+    table.pairs, table.edges, table.noise = pairs, [list(e) for e in edges], float(np.median(rse))
+    for c in groups:  # the all-`c` side: what switching each layer back saves, less its pair terms
+        for n in ok[c]:
+            d = ms[itop[c]] - ms[back[(n, c)]] - sum(pairs[f"{a}|{b}"][c] for a, b in cedges[c] if n in (a, b))
+            lat[n][c] = 0.5 * (lat[n][c] + d)
+    if pairs:  # the pairwise model fitted to every graph timed (the two-sided estimates as its prior)
+        table = refit(table)
+    for c in groups:
+        i = itop[c]
+        pred_ms, pred_b = table.predict(top[c])
         table.additivity[f"all {c}"] = {"predicted_ms": pred_ms, "measured_ms": ms[i], "predicted_bytes": pred_b,
                                         "measured_bytes": float(nbytes[i]),
                                         "latency_rel_error": (pred_ms - ms[i]) / ms[i],

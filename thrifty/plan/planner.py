@@ -5,13 +5,18 @@
 3. sensitivities: the calibration loss with only that layer at that candidate, *after* the pipeline the plan
    will use (``rtn``, ``adaquant``...), so the prediction describes the deployed weights;
 4. one exact ILP (:func:`thrifty.plan.solve.solve`): minimise the summed sensitivities with
-   ``reference + sum latency differences <= latency budget`` and the same for bytes;
-5. the plan is quantized with its pipeline, exported and timed like the table's graphs. When the measured
-   latency is off the prediction by more than ``refine_tol`` (10 %), the costs are measured again around the
-   chosen plan (each layer switched away from its choice, differences to the chosen graph) and the ILP is solved
-   once more: a first-order model is most accurate near the point it is taken at. If that plan still misses
-   the latency budget, the most accurate of the graphs timed for the two tables that met both budgets is taken
-   (its latency was measured, not predicted); the same when the prediction says no plan fits the budget.
+   ``reference + sum latency differences + pair terms of int8 neighbours <= latency budget`` (the pair terms
+   linearised exactly) and the same for bytes;
+5. the plan is quantized with its pipeline, exported and timed interleaved with the FP32 graph; its measured
+   latency is expressed at the table's FP32 latency (``measured["latency_ms"] = raw * base_ms / fp32 now``; the
+   raw numbers are kept), so a slow spell of a shared machine between the table and the plan does not count as
+   a prediction error. When it is off the prediction by more than ``refine_tol`` (10 %), or misses a budget, the
+   cost model is refitted (:func:`thrifty.plan.cost.refit`: least squares over every graph the table timed
+   plus the plans measured so far, each plan weighted like the whole table, so the model nearly passes through
+   them) and
+   the ILP is solved again, up to ``max_rounds`` plans. The most accurate measured plan within the budgets is
+   kept; if none is, the most accurate of the graphs timed for the table that met both budgets (its latency
+   was measured, not predicted); the same when the prediction says no plan fits the budget.
 
 Example:
     >>> import torch, torch.nn as nn, numpy as np
@@ -35,7 +40,7 @@ import numpy as np
 import torch.nn as nn
 
 from thrifty.plan.config import Plan, candidate, plan_from_picks, quantize_plan
-from thrifty.plan.cost import CostTable, measure_costs, time_graphs, weight_bytes
+from thrifty.plan.cost import CostTable, deploy_graphs, measure_costs, refit, time_graphs, weight_bytes
 from thrifty.plan.solve import min_total, solve
 
 __all__ = ["PlanResult", "make_plan", "sensitivities", "plan_layers", "deploy"]
@@ -107,13 +112,14 @@ def deploy(model: nn.Module, plan: Plan, calib: Any, example: tuple, path: str |
     return res, out
 
 
-def _measure(model, plan, calib, example, feed, threads, rounds, input_names) -> tuple[dict[str, float], bytes, Any]:
+def _measure(model, plan, calib, example, feed, threads, rounds, input_names, fp32: bytes,
+             base_ms: float, clock: str = "wall") -> tuple[dict[str, float], bytes, Any]:
     with tempfile.TemporaryDirectory() as d:
         res, p = deploy(model, plan, calib, example, Path(d) / "plan.onnx", input_names)
         graph = p.read_bytes()
-    ms = time_graphs([graph], feed, threads, rounds)[0]
-    return {"latency_ms": ms, "bytes": float(weight_bytes(graph)), "loss": 0.0 if res is None else float(res.final_loss)}, \
-        graph, res
+    (ref, ms), (_, noise) = time_graphs([fp32, graph], feed, threads, rounds, spread=True, clock=clock)
+    return {"latency_ms": ms * base_ms / ref, "raw_ms": ms, "fp32_ms": ref, "noise": noise,
+            "bytes": float(weight_bytes(graph)), "loss": 0.0 if res is None else float(res.final_loss)}, graph, res
 
 
 def _solve(sens, table: CostTable, latency_ms, size_mb) -> tuple[dict[str, str], dict[str, float]]:
@@ -121,7 +127,7 @@ def _solve(sens, table: CostTable, latency_ms, size_mb) -> tuple[dict[str, str],
     costs = {"latency_ms": table.latency_ms, "bytes": table.bytes}
     budgets: dict[str, float] = {}
     if latency_ms is not None:
-        fastest = table.base_ms + min_total(table.latency_ms)
+        fastest = table.fastest()[0]
         if latency_ms < fastest:
             raise ValueError(f"plan: --latency-ms {latency_ms:g} is below the fastest predicted plan "
                              f"({fastest:.3f} ms at this batch size and thread count)")
@@ -131,7 +137,7 @@ def _solve(sens, table: CostTable, latency_ms, size_mb) -> tuple[dict[str, str],
         if size_mb < smallest:
             raise ValueError(f"plan: --size-mb {size_mb:g} is below the smallest plan ({smallest:.4f} MB)")
         budgets["bytes"] = size_mb * 1e6 - table.base_bytes
-    ch = solve(value, costs, budgets, "plan")
+    ch = solve(value, costs, budgets, "plan", pairs={"latency_ms": table.pair_terms()})
     picks = {n: str(c) for n, c in ch.picks.items()}
     ms, by = table.predict(picks)
     return picks, {"latency_ms": ms, "bytes": by, "loss": ch.objective}
@@ -148,17 +154,21 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
               candidates: Sequence[str] = ("fp32", "int8"), pipeline: str = "rtn", adaquant_iters: int = 200,
               threads: int = 1, rounds: int = 7, input_names: Optional[Sequence[str]] = None,
               layers: Optional[Sequence[str]] = None, table: Optional[CostTable] = None,
-              sens: Optional[dict[str, dict[str, float]]] = None, refine_tol: float = 0.10,
-              cache: bool = True) -> PlanResult:
+              sens: Optional[dict[str, dict[str, float]]] = None, refine_tol: float = 0.10, max_rounds: int = 3,
+              cache: bool = True, clock: str = "wall") -> PlanResult:
     """Plan ``model`` under ``latency_ms`` (per batch ``feed``, ``threads`` ORT threads) and ``size_mb`` (ONNX MB).
 
     ``calib``: calibration data (what ``thrifty.quant.quantize`` takes); ``example``: example inputs for the
     export. ``table``/``sens``: reuse a measured cost table / sensitivities (a budget sweep measures once).
-    The user's model is not modified. ValueError when a budget is below what any plan reaches.
+    ``refine_tol``, ``max_rounds``: the correction loop (module doc; ``max_rounds=1`` measures the first plan
+    only). ``clock``: see :func:`thrifty.plan.cost.time_graphs`. The user's model is not modified. ValueError
+    when a budget is below what any plan reaches.
     """
     for name, v in (("latency_ms", latency_ms), ("size_mb", size_mb)):
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"plan: {name} must be a positive number, got {v!r}")
+    if not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"plan: max_rounds must be a positive integer, got {max_rounds!r}")
     Plan({}, pipeline, adaquant_iters)  # validates pipeline and iterations before any work
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -167,55 +177,63 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
         layers = list(layers) if layers is not None else plan_layers(model, calib)
         if table is None:
             table = measure_costs(model, calib, example, feed, layers, candidates, threads=threads, rounds=rounds,
-                                  input_names=input_names, cache=cache)
+                                  input_names=input_names, cache=cache, clock=clock)
             timings["costs"] = time.perf_counter() - t0
         if sens is None:
             t = time.perf_counter()
             sens = sensitivities(model, calib, layers, candidates, pipeline, adaquant_iters)
             timings["sensitivities"] = time.perf_counter() - t
-        rounds_log: list[dict[str, Any]] = []
-        tables = [table]
         t = time.perf_counter()
-        picks: Optional[dict[str, str]] = None
-        try:
-            picks, pred = _solve(sens, table, latency_ms, size_mb)
-        except ValueError as e:  # the prediction says no plan fits; a measured graph may still (checked below)
-            if latency_ms is None or not _within(tables, sens, latency_ms, size_mb):
-                raise
-            rounds_log.append({"reference": "all fp32", "infeasible": str(e)})
-        if picks is not None:
+        fp32 = deploy_graphs(model, [{}], calib, example, input_names)[0]
+        log: list[dict[str, Any]] = []
+        done: dict[str, tuple] = {}  # picks -> (graph, quantized model) of every plan measured
+        model_k, what = table, "cost table"
+        for _ in range(max_rounds):
+            try:
+                picks, pred = _solve(sens, model_k, latency_ms, size_mb)
+            except ValueError as e:  # the prediction says no plan fits; a measured graph may still (below)
+                if latency_ms is None or not (log or _within([table], sens, latency_ms, size_mb)):
+                    raise
+                log.append({"reference": what, "infeasible": str(e)})
+                break
+            k = repr(sorted(picks.items()))
+            if k in done:  # the corrected model picks a plan measured already
+                break
             plan = plan_from_picks(picks, pipeline, adaquant_iters)
-            meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names)
+            meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names, fp32,
+                                        table.base_ms, clock)
+            done[k] = (graph, res)
             err = (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]
-            rounds_log.append({"reference": "all fp32", "picks": picks, "predicted": pred, "measured": meas,
-                               "latency_rel_error": err})
-            if abs(err) > refine_tol:
-                table = measure_costs(model, calib, example, feed, layers, list(candidates), threads=threads,
-                                      rounds=rounds, input_names=input_names, ref=picks, cache=cache)
-                tables.append(table)
-                try:
-                    picks2, pred2 = _solve(sens, table, latency_ms, size_mb)
-                except ValueError as e:  # no plan fits around the first one either: the measured graphs decide
-                    rounds_log.append({"reference": "first plan", "infeasible": str(e)})
-                else:
-                    picks, pred = picks2, pred2
-                    plan = plan_from_picks(picks, pipeline, adaquant_iters)
-                    meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names)
-                    rounds_log.append({"reference": "first plan", "picks": picks, "predicted": pred, "measured": meas,
-                                       "latency_rel_error": (pred["latency_ms"] - meas["latency_ms"])
-                                       / meas["latency_ms"]})
-        if latency_ms is not None and (picks is None or meas["latency_ms"] > latency_ms):
+            log.append({"reference": what, "picks": picks, "predicted": pred, "measured": meas,
+                        "latency_rel_error": err})
+            fits = (latency_ms is None or meas["latency_ms"] <= latency_ms) and \
+                (size_mb is None or meas["bytes"] <= size_mb * 1e6)
+            if abs(err) <= refine_tol and fits:  # a plan off budget is refined even when predicted well
+                break
+            plans = [(r["picks"], r["measured"]["latency_ms"]) for r in log if "measured" in r]
+            model_k = refit(table, plans, weight=max(10, len(table.measured)))
+            what = f"refitted to {len(plans)} measured plan(s)"
+        fits = [r for r in log if "measured" in r and (latency_ms is None or r["measured"]["latency_ms"] <= latency_ms)
+                and (size_mb is None or r["measured"]["bytes"] <= size_mb * 1e6)]
+        if fits:  # the most accurate plan measured within the budgets
+            best = min(fits, key=lambda r: (r["predicted"]["loss"], r["measured"]["latency_ms"]))
+        elif latency_ms is not None and (ok := _within([table], sens, latency_ms, size_mb)):
             # over budget (or none predicted within it): the most accurate graph *measured* within both budgets
-            ok = _within(tables, sens, latency_ms, size_mb)
-            if ok:
-                loss, best, ms = min(ok, key=lambda o: (o[0], o[2]))
-                picks = {n: best.get(n, "fp32") for n in layers}
-                pred = {"latency_ms": ms, "bytes": float(tables[0].predict(picks)[1]), "loss": loss}
-                plan = plan_from_picks(picks, pipeline, adaquant_iters)
-                meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names)
-                rounds_log.append({"reference": "measured graphs within budget", "picks": picks, "predicted": pred,
-                                   "measured": meas, "latency_rel_error":
-                                   (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"]})
+            loss, chosen, ms = min(ok, key=lambda o: (o[0], o[2]))
+            picks = {n: chosen.get(n, "fp32") for n in layers}
+            pred = {"latency_ms": ms, "bytes": float(table.predict(picks)[1]), "loss": loss}
+            plan = plan_from_picks(picks, pipeline, adaquant_iters)
+            meas, graph, res = _measure(model, plan, calib, example, feed, threads, rounds, input_names, fp32,
+                                        table.base_ms, clock)
+            done[repr(sorted(picks.items()))] = (graph, res)
+            best = {"reference": "measured graphs within budget", "picks": picks, "predicted": pred,
+                    "measured": meas, "latency_rel_error": (ms - meas["latency_ms"]) / meas["latency_ms"]}
+            log.append(best)
+        else:  # nothing measured meets the budgets: the last plan, reported as missing them
+            best = [r for r in log if "measured" in r][-1]
+        picks, pred, meas = best["picks"], best["predicted"], best["measured"]
+        graph, res = done[repr(sorted(picks.items()))]
+        plan = plan_from_picks(picks, pipeline, adaquant_iters)
         timings["solve, deploy, measure"] = time.perf_counter() - t
     return PlanResult(plan, picks, pred, meas, {"latency_ms": latency_ms, "size_mb": size_mb}, sens, table, graph,
-                      None if res is None else res.model, rounds_log, timings)
+                      None if res is None else res.model, log, timings)

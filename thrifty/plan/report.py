@@ -24,7 +24,6 @@ import torch.nn as nn
 from thrifty.plan.config import plan_from_picks, quantize_plan
 from thrifty.plan.cost import measure_costs, time_graphs, weight_bytes
 from thrifty.plan.planner import PlanResult, make_plan
-from thrifty.plan.solve import min_total
 from thrifty.utils import atomic_savefig, atomic_write_text
 
 __all__ = ["pareto_front", "ort_quantize_static", "evaluate_graph", "loadgen_latency", "plan_report",
@@ -114,7 +113,8 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                 size_mb: Optional[float], batch: int = 32, threads: int = 1, rounds: int = 7, sweep: int = 3,
                 pipeline: str = "rtn", adaquant_iters: int = 200, candidates: Sequence[str] = ("fp32", "int8"),
                 input_names: Optional[Sequence[str]] = None, loadgen_dir: Optional[Path] = None,
-                loadgen_s: float = 1.0, cache: bool = True) -> tuple[PlanResult, dict[str, Any]]:
+                loadgen_s: float = 1.0, cache: bool = True, clock: str = "wall",
+                max_rounds: int = 3) -> tuple[PlanResult, dict[str, Any]]:
     """Plan under the budgets, sweep ``sweep`` more latency budgets, and compare with the uniform choices.
 
     Returns the plan for the user's budgets and the report (JSON-able): every point's measured latency, bytes
@@ -128,22 +128,22 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     feed = samples.batch(range(min(batch, len(samples))))
     main = make_plan(model, calib, example, feed, latency_ms=latency_ms, size_mb=size_mb, candidates=candidates,
                      pipeline=pipeline, adaquant_iters=adaquant_iters, threads=threads, rounds=rounds,
-                     input_names=input_names, cache=cache)
+                     input_names=input_names, cache=cache, clock=clock, max_rounds=max_rounds)
     layers, table, sens = list(main.picks), main.table, main.sensitivity
     plans: dict[str, PlanResult] = {"plan (budget)": main}
     skipped: list[float] = []
     # the sweep solves on the all-FP32 table (cached by the first make_plan), not on a re-linearised one
     base = measure_costs(model, calib, example, feed, layers, candidates, threads=threads, rounds=rounds,
-                         input_names=input_names, cache=cache) if table.ref else table
+                         input_names=input_names, cache=cache, clock=clock) if table.ref else table
     if sweep:
-        fastest = base.base_ms + min_total(base.latency_ms)
+        fastest = base.fastest()[0]
         for i, lat in enumerate(np.linspace(fastest, base.base_ms, sweep + 2)[1:-1]):
             try:
                 plans[f"plan {i + 1}"] = make_plan(model, calib, example, feed, latency_ms=float(lat), size_mb=size_mb,
                                                    candidates=candidates, pipeline=pipeline,
                                                    adaquant_iters=adaquant_iters, threads=threads, rounds=rounds,
                                                    input_names=input_names, layers=layers, table=base, sens=sens,
-                                                   refine_tol=float("inf"), cache=cache)
+                                                   refine_tol=float("inf"), cache=cache, clock=clock)
             except ValueError:  # the size budget rules this latency out: recorded, not plotted
                 skipped.append(float(lat))
     graphs: dict[str, bytes] = {}
@@ -158,32 +158,38 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     uniform = list(graphs)
     graphs.update({k: p.onnx for k, p in plans.items()})
     keys = list(graphs)
-    ms = dict(zip(keys, time_graphs([graphs[k] for k in keys], feed, threads, rounds)))
+    t, se = time_graphs([graphs[k] for k in keys], feed, threads, rounds, spread=True, clock=clock)
+    ms, noise = dict(zip(keys, t)), dict(zip(keys, se))
     ref = _outputs(graphs["fp32"], samples, threads)
     points = []
     for k in keys:
         pt: dict[str, Any] = {"name": k, "kind": "uniform" if k in uniform else "planner", "latency_ms": ms[k],
+                              "noise": noise[k],
                               "bytes": weight_bytes(graphs[k]), "accuracy": evaluate_graph(graphs[k], samples, threads, ref)}
         if k in plans:
             p = plans[k]
             pt.update(predicted_latency_ms=p.predicted["latency_ms"], predicted_loss=p.predicted["loss"],
                       measured_loss=p.measured["loss"], quantized=sum(c != "fp32" for c in p.picks.values()),
                       latency_budget_ms=p.budgets["latency_ms"],
-                      latency_rel_error=(p.predicted["latency_ms"] - ms[k]) / ms[k])
+                      # the prediction is at the table's FP32 latency; this run's FP32 graph sets the scale
+                      latency_rel_error=(p.predicted["latency_ms"] * ms["fp32"] / base.base_ms - ms[k]) / ms[k],
+                      latency_rel_error_raw=(p.predicted["latency_ms"] - ms[k]) / ms[k])
         points.append(pt)
     report: dict[str, Any] = {
         "budgets": {"latency_ms": latency_ms, "size_mb": size_mb}, "batch": len(feed[0]), "threads": threads,
-        "rounds": rounds, "pipeline": pipeline, "candidates": list(candidates), "layers": len(layers),
+        "rounds": rounds, "clock": clock, "pipeline": pipeline, "candidates": list(candidates), "layers": len(layers),
         "samples": len(samples), "points": points,
         "pareto_latency": pareto_front(points, "latency_ms", "accuracy"),
         "pareto_size": pareto_front(points, "bytes", "accuracy"),
         "sweep_infeasible_ms": skipped,
         "plan": {"picks": main.picks, "predicted": main.predicted, "measured": main.measured,
                  "rounds": main.rounds, "timings": main.timings,
-                 "meets_latency": latency_ms is None or ms["plan (budget)"] <= latency_ms,
+                 "meets_latency": latency_ms is None or ms["plan (budget)"] * base.base_ms / ms["fp32"] <= latency_ms,
+                 "meets_latency_raw": latency_ms is None or ms["plan (budget)"] <= latency_ms,
                  "meets_size": size_mb is None or len(main.onnx) <= size_mb * 1e6},
         "cost_table": {"base_ms": base.base_ms, "base_bytes": base.base_bytes, "additivity": base.additivity,
-                       "seconds": base.seconds, "key": base.key, "re_linearised": bool(table.ref)},
+                       "seconds": base.seconds, "key": base.key, "noise": base.noise, "pairs": len(base.pairs),
+                       "graphs": len(base.measured)},
     }
     if loadgen_dir is not None:
         report["plan"]["loadgen"] = loadgen_latency(main.onnx, samples, threads, len(feed[0]), Path(loadgen_dir),
@@ -195,42 +201,60 @@ def _budget(v: Optional[float], unit: str) -> str:
     return "none" if v is None else f"{v:.4g} {unit}"
 
 
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:+.1f}%"
+
+
 def markdown(report: dict[str, Any], title: str) -> str:
-    """The report as a Markdown section: the points table, the chosen plan, LoadGen and the additivity check."""
-    b, p = report["budgets"], report["plan"]
+    """The report as a Markdown section: the points table, the chosen plan, LoadGen and the cost model's check."""
+    b, p, ct = report["budgets"], report["plan"], report["cost_table"]
     lines = [f"# {title}", "",
              f"Budgets: latency {_budget(b['latency_ms'], 'ms')} per batch of {report['batch']} at {report['threads']} "
              f"thread(s), size {_budget(b['size_mb'], 'MB')}; pipeline {report['pipeline']}; candidates {', '.join(report['candidates'])}; "
              f"{report['layers']} layers; accuracy on {report['samples']} samples; medians of {report['rounds']} "
-             "interleaved rounds.", "",
-             "| point | kind | layers quantized | measured ms | predicted ms | error | MB | accuracy | "
-             "predicted loss | measured loss | Pareto (latency / size) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"interleaved rounds ({report.get('clock', 'wall')} clock). Predicted latencies are at the cost table's "
+             "FP32 latency; the error compares them with the measured ones scaled by the FP32 graph timed in the same rounds (raw: unscaled); "
+             "noise: the median's relative standard error.", "",
+             "| point | kind | layers quantized | measured ms | noise | predicted ms | error (raw) | MB | accuracy | "
+             "predicted loss | measured loss | Pareto (latency / size) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, nd=4: "-" if v is None else (f"{v:.{nd}g}" if isinstance(v, float) else str(v))  # noqa: E731
     for pt in report["points"]:
         err = pt.get("latency_rel_error")
+        e = "-" if err is None else f"{_pct(err)} ({_pct(pt.get('latency_rel_error_raw'))})"
+        noise = "-" if pt.get("noise") is None else f"±{100 * pt['noise']:.1f}%"
         lines.append(f"| {pt['name']} | {pt['kind']} | {f(pt.get('quantized'))} | {pt['latency_ms']:.3f} | "
-                     f"{f(pt.get('predicted_latency_ms'))} | {'-' if err is None else f'{100 * err:+.1f}%'} | "
+                     f"{noise} | "
+                     f"{f(pt.get('predicted_latency_ms'))} | {e} | "
                      f"{pt['bytes'] / 1e6:.3f} | {pt['accuracy']:.4f} | {f(pt.get('predicted_loss'))} | "
                      f"{f(pt.get('measured_loss'))} | {'yes' if pt['name'] in report['pareto_latency'] else 'no'} / "
                      f"{'yes' if pt['name'] in report['pareto_size'] else 'no'} |")
-    lines += ["", f"Chosen plan: meets latency {p['meets_latency']}, meets size {p['meets_size']}; "
-              f"{len(p['rounds'])} round(s)" + (" (re-linearised around the first plan: its latency was off by "
-                                                f"{100 * p['rounds'][0]['latency_rel_error']:+.1f}%)"
-                                                if len(p['rounds']) > 1 else "") + ":"]
-    lines += [f"- round {i + 1} ({r['reference']}): " + (
-        f"no plan within the budgets ({r['infeasible']})" if "infeasible" in r else
-        f"{sum(c != 'fp32' for c in r['picks'].values())} layers quantized, latency predicted "
-        f"{r['predicted']['latency_ms']:.4g} ms, measured {r['measured']['latency_ms']:.4g} ms "
-        f"({100 * r['latency_rel_error']:+.1f}%); loss predicted {r['predicted']['loss']:.4g}, measured "
-        f"{r['measured']['loss']:.4g}") for i, r in enumerate(p["rounds"])]
+    measured = [r for r in p["rounds"] if "measured" in r]
+    lines += ["", f"Chosen plan: meets latency {p['meets_latency']} (raw {p.get('meets_latency_raw', '-')}), meets size "
+              f"{p['meets_size']}; {len(measured)} plan(s) measured (after the first, the cost model is refitted to "
+              "the plans measured before):"]
+    for i, r in enumerate(p["rounds"]):
+        if "infeasible" in r:
+            lines.append(f"- round {i + 1} ({r['reference']}): no plan within the budgets ({r['infeasible']})")
+            continue
+        m = r["measured"]
+        raw = (f", raw {m['raw_ms']:.4g} ms beside FP32 {m['fp32_ms']:.4g} ms, noise ±{100 * m['noise']:.1f}%"
+               if "raw_ms" in m else "")
+        lines.append(f"- round {i + 1} ({r['reference']}): {sum(c != 'fp32' for c in r['picks'].values())} layers "
+                     f"quantized, latency predicted {r['predicted']['latency_ms']:.4g} ms, measured "
+                     f"{m['latency_ms']:.4g} ms ({_pct(r['latency_rel_error'])}{raw}); loss predicted "
+                     f"{r['predicted']['loss']:.4g}, measured {m['loss']:.4g}")
     if "loadgen" in p:
         lg = p["loadgen"]
         lines.append(f"LoadGen {lg['scenario']}: median {lg['median_ms']:.3f} ms, p90 {lg['p90_ms']:.3f} ms per query "
                      f"(valid: {lg['valid']}).")
-    for k, a in report["cost_table"]["additivity"].items():
-        lines.append(f"Additivity check, {k}: predicted {a['predicted_ms']:.3f} ms, measured {a['measured_ms']:.3f} ms "
-                     f"({100 * a['latency_rel_error']:+.1f}%; one-sided {100 * a['one_sided_rel_error']:+.1f}%); bytes "
-                     f"predicted {a['predicted_bytes']:.0f}, measured {a['measured_bytes']:.0f}.")
+    if "graphs" in ct:
+        lines.append(f"Cost table: {ct['graphs']} graphs timed, {ct['pairs']} layer pairs with interaction terms, "
+                     f"timing noise ±{100 * ct['noise']:.1f}% (median standard error of one graph's median), "
+                     f"{ct['seconds']:.0f} s.")
+    for k, a in ct["additivity"].items():
+        lines.append(f"Model check, {k}: predicted {a['predicted_ms']:.3f} ms, measured {a['measured_ms']:.3f} ms "
+                     f"({_pct(a['latency_rel_error'])}; additive from the FP32 side {_pct(a['one_sided_rel_error'])}); "
+                     f"bytes predicted {a['predicted_bytes']:.0f}, measured {a['measured_bytes']:.0f}.")
     return "\n".join(lines) + "\n"
 
 
