@@ -1,9 +1,10 @@
 """N:M-sparse GEMM weights of an ONNX model stored compressed on disk, decompressed when the model is loaded.
 
 :func:`save_nm_onnx` finds every GEMM weight (a Conv/Gemm/MatMul weight initializer, or the integer codes behind
-a weight DequantizeLinear with zero points 0) whose GEMM view is N:M sparse along the reduction and stores it
-as :func:`thrifty.sparse.storage.compress` does (kept values + bit-packed in-block indices, ``values`` in the
-tensor's own dtype: int8 codes stay int8), inside the same ONNX file; everything else is untouched. ONNX Runtime
+a weight DequantizeLinear whose zero code is a zero weight: int8 codes with zero points 0, or the uint8 container of
+symmetric codes, zero points 128) whose GEMM view is N:M sparse along the reduction and stores it as
+:func:`thrifty.sparse.storage.compress` does (kept values + bit-packed in-block indices, ``values`` in the
+tensor's own dtype, uint8 codes shifted back to int8 so that their zero is 0), inside the same ONNX file; everything else is untouched. ONNX Runtime
 has no N:M kernel, so :func:`load_nm_onnx` rebuilds the dense model in memory (bit-identical) for a session.
 
 Example:
@@ -37,12 +38,18 @@ _KEY = "thrifty.nm"
 def gemm_weights(g) -> dict[str, bool]:
     """Initializers holding GEMM weights -> whether they are stored transposed ``[K, N]`` (MatMul, Gemm without
     transB) rather than ``[N, K...]`` (Conv, Gemm with transB). Integer codes behind a DequantizeLinear count when
-    all their zero points are 0 (a zero code is then a zero weight)."""
+    a zero weight has one code: int8 with zero points 0, uint8 with zero points 128 (the unsigned container of
+    symmetric codes, :func:`thrifty.bench.export.export_onnx`)."""
+    return {name: t for name, (t, _) in _gemm_weights(g).items()}
+
+
+def _gemm_weights(g) -> dict[str, tuple[bool, int]]:
+    """:func:`gemm_weights` with each weight's zero code (what a masked weight is stored as)."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in g.initializer}
     prod = {o: n for n in g.node for o in n.output}
-    out: dict[str, bool] = {}
+    out: dict[str, tuple[bool, int]] = {}
     for n in g.node:
         if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
             continue
@@ -53,9 +60,11 @@ def gemm_weights(g) -> dict[str, bool]:
         if p is not None and p.op_type == "DequantizeLinear" and p.input[0] in inits:
             zp = numpy_helper.to_array(inits[p.input[2]]) if len(p.input) > 2 and p.input[2] in inits else None
             if zp is None or not zp.any():
-                out[p.input[0]] = transposed
+                out[p.input[0]] = (transposed, 0)
+            elif zp.dtype == np.uint8 and (zp == 128).all():
+                out[p.input[0]] = (transposed, 128)
         elif w in inits:
-            out[w] = transposed
+            out[w] = (transposed, 0)
     return out
 
 
@@ -77,9 +86,11 @@ def save_nm_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike, n: 
     meta: dict[str, Any] = {}
     dense = stored = 0
     new, drop = [], set()
-    for name, transposed in gemm_weights(g).items():
+    for name, (transposed, zero) in _gemm_weights(g).items():
         init = next(i for i in g.initializer if i.name == name)
         a = numpy_helper.to_array(init)
+        if zero:  # uint8 codes around 128: int8 around 0 (exact), so a masked weight is a zero value
+            a = (a.astype(np.int16) - zero).astype(np.int8)
         mat = a.T if transposed and a.ndim == 2 else a
         try:
             c = compress(torch.from_numpy(np.array(mat, order="C")), n, m)  # a writable copy
@@ -89,6 +100,8 @@ def save_nm_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike, n: 
         new += [numpy_helper.from_array(values, f"{name}::nm_values"),
                 numpy_helper.from_array(indices, f"{name}::nm_idx")]
         meta[name] = {"shape": c["shape"], "n": n, "m": m, "transposed": bool(transposed and a.ndim == 2)}
+        if zero:
+            meta[name]["zero"] = zero
         dense += a.nbytes
         stored += values.nbytes + indices.nbytes
         drop.add(name)
@@ -131,6 +144,8 @@ def load_nm_onnx(path: str | os.PathLike) -> bytes:
         except KeyError:
             raise ValueError(f"{p}: compressed tensors of {name!r} are missing") from None
         w = decompress(values, indices, c["shape"], c["n"], c["m"]).numpy()
+        if c.get("zero"):
+            w = (w.astype(np.int16) + c["zero"]).astype(np.uint8)
         rebuilt.append(numpy_helper.from_array(np.ascontiguousarray(w.T if c["transposed"] else w), name))
     packed = {k for name in meta for k in (f"{name}::nm_values", f"{name}::nm_idx")}
     keep = [i for i in g.initializer if i.name not in packed] + rebuilt
