@@ -329,7 +329,7 @@ def render(out: dict) -> str:
         c, load = out["cpu"], out.get("load_average", {})
         md += [f"CPU: {c['model']}, {c['cores']} cores, VNNI {'yes' if c['vnni'] else 'no'} (int8 ISA {c['isa']}). "
                f"Load average (1 min) {load.get('start', '-')} at the start, {load.get('end', '-')} at the end"
-               f"{' (machine shared: absolute samples/s are low and noisy; the ratios are side by side)' if max(load.values(), default=0) > 0.5 * c['cores'] else ''}.", ""]
+               f"{' (machine shared: absolute samples/s are low and noisy; the ratios are side by side)' if max(load.values(), default=0) > c['cores'] else ''}.", ""]
         if not c["vnni"]:
             md += ["No VNNI: int8 weights run ONNX Runtime's u8s8 kernels, whose int16 pair sums saturate unless every "
                    "stored weight code has |code| <= 64. ort_static_qdq, ort_static_qoperator and "
