@@ -239,9 +239,10 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
         import onnx
 
         proto = onnx.load_from_string(data)
-        containers = _insert_qdq(proto, layers, signed_weights, vnni=cpu_has_vnni())
+        vnni = cpu_has_vnni()
+        containers = _insert_qdq(proto, layers, signed_weights, vnni=vnni)
         kinds = {c["container"] for c in containers.values()}
-        meta: dict[str, Any] = {"quantized_layers": len(layers), "cpu_vnni": cpu_has_vnni(),
+        meta: dict[str, Any] = {"quantized_layers": len(layers), "cpu_vnni": vnni,
                                 "signed_weights": "mixed" if len(kinds) > 1 else kinds == {"int8"},
                                 "weight_containers": containers}
         if calib is not None and spec is not None:

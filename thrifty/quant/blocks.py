@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from thrifty.quant.calib import Batch, execution_order
+from thrifty.quant.calib import Batch, execution_order, take
 from thrifty.utils import removing_hooks
 
 __all__ = ["Blocks", "find_blocks", "block_inputs", "block_forward", "check_chain", "walk_blocks", "split_layers",
@@ -43,7 +43,7 @@ PROBE = 2  # samples the structural checks run on (the calibration batch's first
 
 def _probe(batch: Batch) -> Batch:
     """The first :data:`PROBE` samples of ``batch`` (a structural check needs no more)."""
-    return batch if batch.size <= PROBE else batch.select(torch.arange(PROBE))
+    return take([batch], PROBE)[0]
 
 
 def split_batches(batches: list[Batch], chunk: Optional[int]) -> list[Batch]:
