@@ -117,13 +117,6 @@ def _brevitas_run(bundle: dict, w_bits: int, a_bits: int, method: str) -> torch.
     return model.eval()
 
 
-_AIMET_CONFIG = {  # per-channel asymmetric weights, FP32 biases; activation quantizers are placed by hand below
-    "defaults": {"ops": {"is_output_quantized": "True"},
-                 "params": {"is_quantized": "True", "is_symmetric": "False"},
-                 "strict_symmetric": "False", "per_channel_quantization": "True"},
-    "params": {"bias": {"is_quantized": "False"}},
-    "op_type": {}, "supergroups": [], "model_input": {"is_input_quantized": "True"}, "model_output": {},
-}
 
 
 def _aimet_run(bundle: dict, w_bits: int, a_bits: int, iters: int) -> torch.nn.Module:
@@ -132,6 +125,7 @@ def _aimet_run(bundle: dict, w_bits: int, a_bits: int, iters: int) -> torch.nn.M
     (SQNR-calibrated, AIMET's tf_enhanced analyser), none on op outputs."""
     import copy
 
+    import ptq_anchor_nlp as nlp  # beside this file (the script's folder is on sys.path)
     from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
     from aimet_torch.common.defs import QuantScheme
     from aimet_torch.quantization.affine import QuantizeDequantize
@@ -145,7 +139,7 @@ def _aimet_run(bundle: dict, w_bits: int, a_bits: int, iters: int) -> torch.nn.M
     dummy = calib[:1]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.json"
-        cfg.write_text(json.dumps(_AIMET_CONFIG))
+        cfg.write_text(json.dumps(nlp.AIMET_CONFIG))
         params = AdaroundParameters(data_loader=loader, num_batches=len(loader), default_num_iterations=iters,
                                     forward_fn=lambda m, b: m(b[0]))
         overrides = [(model.get_submodule(n), 8) for n in first_last]
@@ -158,11 +152,7 @@ def _aimet_run(bundle: dict, w_bits: int, a_bits: int, iters: int) -> torch.nn.M
         sim.set_and_freeze_param_encodings(encoding_path=str(Path(tmp) / "ada.encodings"))
     gemms = {n for n, m in bundle["model"].named_modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)}
     for name, qm in sim.model.named_modules():
-        for attr in ("input_quantizers", "output_quantizers"):
-            qs = getattr(qm, attr, None)
-            if qs is not None:
-                for i in range(len(qs)):
-                    qs[i] = None
+        nlp.drop_act_quantizers(qm)
         if name in gemms:
             bits = 8 if name in first_last else a_bits
             qm.input_quantizers[0] = QuantizeDequantize((), bits, symmetric=False,

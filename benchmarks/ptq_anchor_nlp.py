@@ -58,13 +58,21 @@ def wrap(bundle: dict) -> torch.nn.Module:
     return (Embedder if bundle["workload"] == "minilm" else Logits)(bundle["model"]).eval()
 
 
-def _aimet_config() -> dict:
-    cfg = {"defaults": {"ops": {"is_output_quantized": "True"},
-                        "params": {"is_quantized": "True", "is_symmetric": "False"},
-                        "strict_symmetric": "False", "per_channel_quantization": "True"},
-           "params": {"bias": {"is_quantized": "False"}},
-           "op_type": {}, "supergroups": [], "model_input": {"is_input_quantized": "True"}, "model_output": {}}
-    return cfg
+# per-channel asymmetric weights, FP32 biases; activation quantizers are placed by hand (drop_act_quantizers)
+AIMET_CONFIG = {"defaults": {"ops": {"is_output_quantized": "True"},
+                             "params": {"is_quantized": "True", "is_symmetric": "False"},
+                             "strict_symmetric": "False", "per_channel_quantization": "True"},
+                "params": {"bias": {"is_quantized": "False"}},
+                "op_type": {}, "supergroups": [], "model_input": {"is_input_quantized": "True"}, "model_output": {}}
+
+
+def drop_act_quantizers(qm: torch.nn.Module) -> None:
+    """Remove the input/output quantizers AIMET's QuantSim put on module ``qm`` (thrifty's placement is set after)."""
+    for attr in ("input_quantizers", "output_quantizers"):
+        qs = getattr(qm, attr, None)
+        if qs is not None:
+            for i in range(len(qs)):
+                qs[i] = None
 
 
 def aimet_linears(bundle: dict, w_bits: int, a_bits: int | None, iters: int, group: int | None = None):
@@ -90,7 +98,7 @@ def aimet_linears(bundle: dict, w_bits: int, a_bits: int | None, iters: int, gro
               if n not in linears and any(True for _ in m.parameters(recurse=False))]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.json"
-        cfg.write_text(json.dumps(_aimet_config()))
+        cfg.write_text(json.dumps(AIMET_CONFIG))
         params = AdaroundParameters(data_loader=batches, num_batches=len(batches), default_num_iterations=iters,
                                     forward_fn=lambda m, b: m(*b))
         overrides = [(model.get_submodule(n), fl_bits) for n in sorted(first_last)] if fl_bits != w_bits else None
@@ -115,11 +123,7 @@ def aimet_linears(bundle: dict, w_bits: int, a_bits: int | None, iters: int, gro
             set_blockwise_quantization_for_weights(sim, [torch.nn.Linear], w_bits, False, group)
         sim.set_and_freeze_param_encodings(encoding_path=str(Path(tmp) / "ada.encodings"))
     for name, qm in sim.model.named_modules():
-        for attr in ("input_quantizers", "output_quantizers"):
-            qs = getattr(qm, attr, None)
-            if qs is not None:
-                for i in range(len(qs)):
-                    qs[i] = None
+        drop_act_quantizers(qm)
         pq = getattr(qm, "param_quantizers", None)
         if pq is not None and name not in linears:
             for k in list(pq.keys()):
