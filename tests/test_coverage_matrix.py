@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,11 @@ import torch
 pytest.importorskip("transformers")
 
 _PATH = Path(__file__).resolve().parents[1] / "experiments" / "coverage_matrix.py"
+sys.path.insert(0, str(_PATH.parent))  # as when the script runs: it imports its sibling coverage_cells
 _spec = importlib.util.spec_from_file_location("coverage_matrix", _PATH)
 cov = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cov)
+cells = cov.coverage_cells
 
 
 @pytest.mark.parametrize("row", ["BERT", "GPT-2", "mlp (zoo)"])
@@ -51,14 +54,14 @@ def test_markdown_has_one_row_per_architecture_and_every_detail():
 
 
 def test_exact_cell_detects_a_wrapped_layer_that_changes_the_output(monkeypatch):
-    real_wrap = cov.wrap
+    real_wrap = cells.wrap
 
     def bad_wrap(m, name=""):
         w = real_wrap(m, name)
         w.register_forward_hook(lambda mod, i, o: o + 1e-3)
         return w
 
-    monkeypatch.setattr(cov, "wrap", bad_wrap)
+    monkeypatch.setattr(cells, "wrap", bad_wrap)
     arch = cov.ARCHS["mlp (zoo)"]
     cell = cov.run_cell(arch, "exact", None, arch.inputs(2, 1))
     assert cell["status"] == "fail" and "forward differs" in cell["detail"]
