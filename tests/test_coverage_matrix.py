@@ -93,3 +93,22 @@ def test_w8a8_judges_a_unit_norm_embedding_by_cosine():
     assert cell["status"] == "ok" and cell["detail"].startswith("mean cosine to FP32"), cell
     cos = float(cell["detail"].split()[4])
     assert cov.W8A8_MIN_COS <= cos <= 1
+
+
+def test_merge_puts_rerun_cells_in_and_keeps_the_others():
+    def cell(status, detail):
+        return {"status": status, "detail": detail, "seconds": 1.0}
+
+    old = {"rows": ["BERT", "ResNet"], "cols": ["exact", "W8A8"], "command": "full", "wall_s": 9.0, "threads": 2,
+           "matrix": {"BERT": {"exact": cell("ok", "a"), "W8A8": cell("fail", "b")},
+                      "ResNet": {"exact": cell("ok", "c"), "W8A8": cell("ok", "d")}},
+           "counts": {}, "environment": {"cpu": "x"}}
+    update = {"rows": ["BERT"], "cols": ["W8A8"], "command": "rerun", "wall_s": 1.0, "threads": 2, "load": 3.0}
+    res = cov._merge(old, {"BERT": {"W8A8": cell("ok", "new")}}, update)
+    assert res["matrix"]["BERT"] == {"exact": cell("ok", "a"), "W8A8": cell("ok", "new")}
+    assert res["matrix"]["ResNet"] == old["matrix"]["ResNet"] and res["rows"] == ["BERT", "ResNet"]
+    assert res["counts"] == {"ok": 4, "fail": 0, "error": 0, "n/a": 0}
+    assert res["updates"] == [update] and res["environment_full_run"] == {"cpu": "x"}
+    assert "Rerun since, merged into the matrix: BERT x W8A8 with `rerun`" in cov._markdown(res)
+    with pytest.raises(ValueError, match="empty cells"):  # a new column must be rerun for every row
+        cov._merge(old, {"BERT": {"GradNM": cell("ok", "g")}}, {**update, "cols": ["GradNM"]})
