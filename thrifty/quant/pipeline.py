@@ -336,8 +336,8 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
             # few outputs for the biases (fewer than 2 per bias): tuned without every 4th sample and judged on
             # those (holdout_rows), so a tuning that only fits the calibration samples is undone
             fit_b, fit_t, chk_b, chk_t = _bias_holdout(batches, targets, values, n_bias)
-            with _keep_if_better(q, res, "bias tuning", lambda: calib_loss(q, chk_b, chk_t, loss_fn),
-                                 all_loss=None if chk_b is batches else lambda: calib_loss(q, batches, targets, loss_fn)):
+            whole = None if chk_b is batches else (lambda: calib_loss(q, batches, targets, loss_fn))
+            with _keep_if_better(q, res, "bias tuning", lambda: calib_loss(q, chk_b, chk_t, loss_fn), all_loss=whole):
                 bias_tune(q, qnames, fit_b, fit_t, loss_fn, iters=cfg.bias_iters, lr=cfg.bias_lr, seed=cfg.seed,
                           restore=False, progress=progress)
             timings["bias tuning"] = time.perf_counter() - t
