@@ -25,53 +25,50 @@ model's main output on held-out inputs):
   LoadGen SS: the official LoadGen SingleStream scenario on ONNX Runtime, a valid run (at least LoadGen's
   early-stopping minimum of 64 queries; an INVALID cell gives LoadGen's reasons).
 
-Random weights and deep BatchNorm networks: a random-init network whose BatchNorm statistics are estimated on real
-inputs (``_make``; a trained model has such statistics) subtracts each channel's mean, which in a random ReLU network
-removes part of every layer's signal and none of a perturbation's, so each layer amplifies relative perturbations
-(Yang et al., "A Mean Field Theory of Batch Normalization", ICLR 2019). Over MobileNetV2's 53 GEMMs this compounds:
-Gaussian noise of 0.1 % of each weight's std changes its output by 9 % (ResNet's 7 GEMMs here: 0.13 %, ConvNeXt 0.16 %), so 8-bit
-rounding, a 12-bit accumulator, or ONNX Runtime's integer rounding one code away from the simulation's is multiplied
-alike. A failing error check therefore reports the FP model's own amplification (``_gain``) when it exceeds 10x: that
-error is the random model's, not the method's (a pretrained model is not chaotic).
+Every row's model is prepared like a trained one before any method runs (``coverage_cells.make``): a model
+with BatchNorm gets running statistics re-estimated on the row's calibration inputs (a train-mode forward with
+momentum None, no grad), since random init's (mean 0, var 1) match no activations a trained model sees.
+
+Calibration size: 16 samples per row. Where that is fewer output rows than twice a layer's fan-in (a classifier
+fed 16 pooled vectors) AdaQuant and AdaPrune fit the layer without every 4th sample and keep the fit only if those
+samples' error fell, and bias tuning is skipped when the outputs are fewer than the biases
+(``thrifty.core.revert.holdout_rows``; the cell names what the guards undid). Before that guard ConvNeXt's
+classifier, fitted on its 16 calibration samples, cut their error 5x and raised the held-out error (AdaPrune
+0.673 vs magnitude 0.566; advanced W4A8 0.114 vs RTN 0.104).
+
+Random weights and deep BatchNorm networks: even with real BatchNorm statistics a random-init network subtracts
+each channel's mean, which in a random ReLU network removes part of every layer's signal and none of a
+perturbation's, so each layer amplifies relative perturbations (Yang et al., "A Mean Field Theory of Batch
+Normalization", ICLR 2019). Over MobileNetV2's 53 GEMMs this compounds: Gaussian noise of 0.1 % of each weight's
+std changes its output by 9 % (ResNet's 7 GEMMs here: 0.13 %, ConvNeXt 0.16 %), so 8-bit rounding, a 12-bit
+accumulator, or ONNX Runtime's integer rounding one code away from the simulation's is multiplied alike. A failing
+error check therefore reports the FP model's own amplification (``_gain``) when it exceeds 10x: that error is the
+random model's, not the method's (a pretrained model is not chaotic).
 
     python experiments/coverage_matrix.py            # the whole matrix -> results/coverage_matrix.{json,md}
     python experiments/coverage_matrix.py --quick    # a small slice (what the tests run)
     python experiments/coverage_matrix.py --render   # rewrite the markdown from the JSON already in --out
+    python experiments/coverage_matrix.py --merge --rows ConvNeXt MobileNetV2   # rerun two rows into that JSON
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
-import tempfile
 import time
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+import coverage_cells  # noqa: F401 - the sibling module: one function per method (this folder is on sys.path)
 import thrifty as th
+from coverage_cells import CELLS, W8A8_MIN_COS, Arch, CellFail, NotApplicable  # noqa: F401 - also the tests
 from thrifty.bench.experiment import Experiment
-from thrifty.core.select import layer_status
-from thrifty.nn import is_gemm, wrap
-from thrifty.ops.nm import is_nm, is_transposable
-from thrifty.quant.calib import as_batches, run as run_batch
 
 
 # ------------------------------------------------------------------------------------------------ architectures
-class Arch:
-    """One row: a model factory and its inputs (calibration and held-out batches, in the form the model takes)."""
-
-    def __init__(self, name: str, build: Callable[[], nn.Module], inputs: Callable[[int, int], Any],
-                 image_shape: tuple[int, ...] | None = None, source: str = "transformers",
-                 unit_embedding: bool = False):
-        self.name, self.build, self.inputs, self.image_shape, self.source = name, build, inputs, image_shape, source
-        self.unit_embedding = unit_embedding  # the output is an L2-normalised embedding, judged by cosine
-
-
 def _ids(vocab: int, seq: int = 16) -> Callable[[int, int], dict]:
     def make(n: int, seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)
@@ -166,305 +163,6 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("MiniLM (real)", _minilm, _minilm_inputs, source="sentence-transformers", unit_embedding=True),
 ]}
 QUICK_ROWS = ("BERT", "ResNet", "mlp (zoo)")
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-class CellFail(Exception):
-    """The method ran but its numeric check failed."""
-
-
-class NotApplicable(Exception):
-    """The method does not apply to this architecture (the message says why)."""
-
-
-def _forward(model: nn.Module, data: Any) -> torch.Tensor:
-    (b,) = as_batches(data, batch_size=10**9)
-    return run_batch(model, b)
-
-
-def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-def _gemm_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if is_gemm(m)]
-
-
-def _make(arch: Arch, calib: Any) -> nn.Module:
-    """The row's model with real BatchNorm statistics: random weights keep BN at its init (mean 0, var 1), which
-    no trained model has and which AdaPrune's BN re-estimation would then change into another function."""
-    model = arch.build()
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if bns:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the passes
-        model.train()
-        with torch.no_grad():
-            _forward(model, calib)
-        for m in bns:
-            m.momentum = 0.1
-        model.eval()
-    return model
-
-
-def _gain(arch: Arch, calib: Any, test: Any, rel: float = 1e-3) -> float:
-    """How much the FP model amplifies a small perturbation: the output's relative change per unit of relative
-    Gaussian noise (``rel`` times each tensor's std) added to every GEMM weight (seeded)."""
-    model = _make(arch, calib)
-    y0 = _forward(model, test)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, _, why in layer_status(model):
-            w = getattr(model.get_submodule(n), "weight", None) if why is None else None
-            if isinstance(w, torch.Tensor) and w.numel() > 1:
-                w.add_(torch.randn(w.shape, generator=g) * w.std() * rel)
-        return _rel(_forward(model, test), y0) / rel
-
-
-def _fail(msg: str, arch: Arch, calib: Any, test: Any) -> CellFail:
-    """A failed error check; names the FP model's own amplification when it explains the error (module doc)."""
-    gain = _gain(arch, calib, test)
-    if gain > 10:
-        msg += (f"; the FP model itself amplifies relative weight noise {gain:.0f}x (random-init deep BatchNorm "
-                "network, see the module docstring)")
-    return CellFail(msg)
-
-
-def _check_finite(model: nn.Module, loss: torch.Tensor) -> None:
-    if not torch.isfinite(loss):
-        raise CellFail(f"loss {float(loss)}")
-    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-    if bad:
-        raise CellFail(f"non-finite gradient in {bad[0]}")
-
-
-def _train_step(model: nn.Module, data: Any) -> str:
-    model.train()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    # not the squared output: a normalised embedding (MiniLM) has a constant norm, so that loss has no gradient
-    loss = (_forward(model, data).float() - 0.5).pow(2).mean()
-    loss.backward()
-    _check_finite(model, loss)
-    opt.step()
-    changed = sum(not torch.equal(before[n], p) for n, p in model.named_parameters())
-    if changed == 0:
-        raise CellFail("no weight changed")
-    return f"loss {float(loss):.3g}, {changed} tensors updated"
-
-
-# ------------------------------------------------------------------------------------------------ cells
-def cell_exact(arch: Arch, calib: Any, test: Any) -> str:
-    model = _make(arch, calib)
-    ref = copy.deepcopy(model)
-    status = list(layer_status(model))
-    refused = {n: why for n, _, why in status if why is not None}
-    names = [n for n, _, why in status if why is None]
-    for n in names:
-        _set(model, n, wrap(model.get_submodule(n), n))
-    y, y0 = _forward(model, test), _forward(ref, test)
-    if not torch.equal(y, y0):
-        raise CellFail(f"forward differs by {_rel(y, y0):.2e}")
-    y.float().pow(2).sum().backward()
-    y0.float().pow(2).sum().backward()
-    g, g0 = dict(model.named_parameters()), dict(ref.named_parameters())
-    diff = [n for n in g0 if (g0[n].grad is None) != (g[n].grad is None)
-            or (g0[n].grad is not None and not torch.equal(g0[n].grad, g[n].grad))]
-    if diff:
-        raise CellFail(f"gradient of {diff[0]} differs")
-    plain = th.strip(model)
-    if set(plain.state_dict()) != set(ref.state_dict()):
-        raise CellFail("stripped state_dict keys differ from the original's")
-    msg = f"{len(names)}/{len(status)} GEMMs bit-identical"
-    if refused:
-        msg += "; refused: " + ", ".join(f"{n} ({why.split(';')[0][:60]})" for n, why in list(refused.items())[:2])
-    return msg
-
-
-def _ptq(arch: Arch, calib: Any, test: Any, **kw: Any) -> tuple[float, Any]:
-    model = _make(arch, calib)
-    y0 = _forward(model, test)
-    res = th.quantize(model, th.PTQ(**kw), calib, progress=False)
-    return _rel(_forward(res.model, test), y0), res
-
-
-# A unit-norm sentence embedding (MiniLM) is judged as its users judge it, by the cosine to FP32, at the bar of
-# experiments/ptq.py (mean cosine >= 0.99 on 568 held-out sentences). For unit vectors rel. error = sqrt(2 (1 - cos)):
-# "< 0.1" would demand cos >= 0.995, which per-tensor 8-bit activations miss on this pretrained model (0.9945 here,
-# 0.9942 in ptq.py; outlier channels of its LayerNorm outputs stretch the FFN inputs' ranges). MSE ranges are the
-# best estimator (min/max 0.9933, percentile 0.925), calibrating without padding does not help, and the loss is
-# spread over all six layer groups (an FP32 input of any one of them: 0.993-0.997).
-W8A8_MIN_COS = 0.99
-
-
-def cell_w8a8(arch: Arch, calib: Any, test: Any) -> str:
-    model = _make(arch, calib)
-    y0 = _forward(model, test)
-    res = th.quantize(model, th.PTQ(w_bits=8, a_bits=8, pipeline="rtn"), calib, progress=False)
-    y = _forward(res.model, test)
-    err, gemms = _rel(y, y0), len(_gemm_names(res.model))
-    if arch.unit_embedding:
-        cos = float(torch.nn.functional.cosine_similarity(y.float(), y0.float(), dim=-1).mean())
-        if not cos >= W8A8_MIN_COS:
-            raise CellFail(f"mean cosine to FP32 {cos:.4f} < {W8A8_MIN_COS} (rel. error {err:.3g})")
-        return f"mean cosine to FP32 {cos:.4f} (rel. error {err:.4f}), {gemms} GEMMs"
-    if not err < 0.1:
-        raise _fail(f"rel. error {err:.3g} >= 0.1", arch, calib, test)
-    return f"rel. error {err:.4f}, {gemms} GEMMs"
-
-
-def cell_w4a8(arch: Arch, calib: Any, test: Any) -> str:
-    rtn, _ = _ptq(arch, calib, test, w_bits=4, a_bits=8, pipeline="rtn")
-    adv, _ = _ptq(arch, calib, test, w_bits=4, a_bits=8, pipeline="advanced", adaquant_iters=20, bias_iters=10)
-    if not (adv < 0.5 and adv <= rtn * 1.0001):
-        raise _fail(f"advanced {adv:.3g} vs rtn {rtn:.3g}", arch, calib, test)
-    return f"rel. error {adv:.4f} (rtn {rtn:.4f})"
-
-
-def _plain_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Strip ``model`` and return each formerly wrapped layer's weight in its GEMM layout ``[out, in, *k]`` (what
-    :func:`thrifty.ops.nm.is_nm` / ``is_transposable`` read, channels last for a convolution)."""
-    ops = {n: model.get_submodule(n).op for n in _gemm_names(model)}
-    plain = th.strip(model)
-    return {n: op.gemm_weight(plain.get_submodule(n).weight.detach()) for n, op in ops.items()}
-
-
-def cell_nm_adaprune(arch: Arch, calib: Any, test: Any) -> str:
-    base = _make(arch, calib)
-    y0 = _forward(base, test)
-    mag = th.sparse.sparsify(copy.deepcopy(base), th.NM(2, 4))
-    e_mag = _rel(_forward(mag, test), y0)
-    model = copy.deepcopy(base)
-    th.sparse.adaprune(model, th.NM(2, 4), calib, steps=50)
-    e_ada = _rel(_forward(model, test), y0)
-    wrapped = _gemm_names(mag)
-    for n, w in _plain_weights(model).items():
-        if not is_nm(w, 2, 4):
-            raise CellFail(f"{n} is not 2:4")
-    if not e_ada <= e_mag * 1.0001:
-        raise _fail(f"AdaPrune {e_ada:.3g} > magnitude {e_mag:.3g}", arch, calib, test)
-    return f"rel. error {e_ada:.3f} (magnitude {e_mag:.3f}), {len(wrapped)} layers"
-
-
-def cell_t48(arch: Arch, calib: Any, test: Any) -> str:
-    model = _make(arch, calib)
-    y0 = _forward(model, test)
-    th.sparse.sparsify(model, th.NM(4, 8, transposable=True))
-    names = _gemm_names(model)
-    err = _rel(_forward(model, test), y0)
-    for n, w in _plain_weights(model).items():
-        if not is_transposable(w, 4, 8):
-            raise CellFail(f"{n} is not transposable 4:8")
-    return f"{len(names)} layers, rel. error {err:.3f}"
-
-
-def cell_train8(arch: Arch, calib: Any, test: Any) -> str:
-    model = _make(arch, calib)
-    th.apply(model, th.Train8())
-    return f"{len(_gemm_names(model))} GEMMs, " + _train_step(model, calib)
-
-
-def cell_gradnm(arch: Arch, calib: Any, test: Any) -> str:
-    model = _make(arch, calib)
-    th.apply(model, th.GradNM(2, 4, method="mvue"))
-    return f"{len(_gemm_names(model))} GEMMs, " + _train_step(model, calib)
-
-
-def cell_acc12(arch: Arch, calib: Any, test: Any) -> str:
-    model = _make(arch, calib)
-    y0 = _forward(model, test)
-    th.apply(model, th.AccumConfig(exp_bits=4, man_bits=7, chunk=16))
-    with torch.no_grad():
-        err = _rel(_forward(model, test), y0)
-    if not err < 0.05:
-        raise _fail(f"rel. error {err:.3g}", arch, calib, test)
-    return f"rel. error {err:.4f}, {len(_gemm_names(model))} GEMMs"
-
-
-def cell_bns(arch: Arch, calib: Any, test: Any) -> str:
-    model = _make(arch, calib)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or arch.image_shape is None:
-        raise NotApplicable("no BatchNorm statistics to match" if not bns else "input is not an image tensor")
-    # BN statistics of inputs unlike the synthesiser's starting noise (mean 1, std 0.5, as image pixels are), so
-    # that matching them is the synthesiser's work and not the noise's
-    model.train()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    with torch.no_grad():
-        model(torch.randn((64, *arch.image_shape), generator=torch.Generator().manual_seed(2)) * 0.5 + 1.0)
-    model.eval()
-    syn = th.synthesize(model, th.datafree.Synth(method="bns", optim={"steps": 30}), 8, input_shape=arch.image_shape)
-    x = syn.tensors[0]
-
-    def bn_dist(inp: torch.Tensor) -> float:
-        stats: list[float] = []
-        hooks = [m.register_forward_hook(lambda mod, i, o: stats.append(
-            float((i[0].transpose(0, 1).flatten(1).mean(1) - mod.running_mean).pow(2).mean()))) for m in bns]
-        with torch.no_grad():
-            model(inp)
-        for h in hooks:
-            h.remove()
-        return sum(stats) / len(stats)
-
-    d_syn, d_rand = bn_dist(x), bn_dist(torch.randn_like(x))
-    if not d_syn < d_rand:
-        raise CellFail(f"BN mean distance {d_syn:.3g} not below random inputs' {d_rand:.3g}")
-    return f"BN mean distance {d_syn:.3g} (random {d_rand:.3g})"
-
-
-def _onnx_inputs(test: Any) -> tuple[tuple, list[str] | None]:
-    if isinstance(test, dict):
-        return tuple(test.values()), list(test)
-    return (test,), None
-
-
-def cell_onnx(arch: Arch, calib: Any, test: Any) -> str:
-    import numpy as np
-    import onnxruntime as ort
-    _, res = _ptq(arch, calib, test, w_bits=8, a_bits=8, pipeline="rtn")
-    args, names = _onnx_inputs(test)
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = th.bench.export_onnx(res.model, args, Path(d) / "m.onnx", input_names=names)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
-        y = torch.from_numpy(np.asarray(sess.run(None, feeds)[0]))
-    ref = _forward(res.model, test)
-    err = _rel(y, ref)
-    if not err < 0.05:
-        raise _fail(f"ORT vs simulated rel. error {err:.3g}", arch, calib, test)
-    return f"ORT vs simulated rel. error {err:.4f}"
-
-
-def cell_loadgen(arch: Arch, calib: Any, test: Any) -> str:
-    _, res = _ptq(arch, calib, test, w_bits=8, a_bits=8, pipeline="rtn")
-    with tempfile.TemporaryDirectory() as d:
-        # min_query_count None: LoadGen's early-stopping minimum (64 SingleStream queries); fewer make a model
-        # slower than min_duration / 64 (3 ms: Llama, MiniLM) INVALID however steady its latency
-        settings = th.bench.BenchConfig(min_duration_s=0.2, workers=1, threads=1)
-        rep = th.bench.run(res.model, settings, test, scenarios="SingleStream", backend="onnxruntime",
-                           outdir=d, accuracy=False, isolate=False, calib=None)
-    sc = rep["scenarios"]["SingleStream"]
-    if not sc.get("valid", True):
-        raise CellFail("LoadGen marked the run invalid: " + "; ".join(sc.get("reasons") or ["no reason given"]))
-    return f"VALID, p90 latency {sc['value']:.3g} ms"
-
-
-CELLS: dict[str, Callable[[Arch, Any, Any], str]] = {
-    "exact": cell_exact, "W8A8": cell_w8a8, "W4A8 adv.": cell_w4a8, "2:4+AdaPrune": cell_nm_adaprune,
-    "T 4:8": cell_t48, "Train8": cell_train8, "GradNM": cell_gradnm, "Acc12": cell_acc12, "BNS": cell_bns,
-    "ONNX int8": cell_onnx, "LoadGen SS": cell_loadgen,
-}
 QUICK_COLS = ("exact", "W8A8", "2:4+AdaPrune", "GradNM")
 
 
@@ -533,7 +231,33 @@ def _markdown(res: dict[str, Any]) -> str:
     head = (f"# Coverage matrix\n\n`{res['command']}`: {len(res['rows'])} architectures x {len(res['cols'])} methods "
             f"in {res['wall_s']:.0f} s ({res['threads']} threads); "
             + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".\n\n")
+    for u in res.get("updates", []):
+        head += (f"Rerun since, merged into the matrix: {', '.join(u['rows'])} x {', '.join(u['cols'])} with "
+                 f"`{u['command']}` ({u['wall_s']:.0f} s, {u['threads']} threads, machine load {u['load']:.1f}).\n\n")
     return head + to_markdown(res["matrix"], res["cols"])
+
+
+def _merge(old: dict[str, Any], new: dict[str, dict[str, dict[str, Any]]], update: dict[str, Any]) -> dict[str, Any]:
+    """``old`` (a previous run's JSON) with the cells of ``new`` put in: rows and columns in the matrix's order,
+    every cell not rerun kept as it was, the counts recomputed and the rerun recorded under ``updates``."""
+    res = {k: v for k, v in old.items() if k != "environment"}
+    res.setdefault("environment_full_run", old.get("environment"))
+    matrix = {r: dict(c) for r, c in old["matrix"].items()}
+    for r, cells in new.items():
+        matrix.setdefault(r, {}).update(cells)
+    cols = [c for c in CELLS if c in set(old["cols"]) | set(update["cols"])]
+    rows = [r for r in ARCHS if r in matrix]
+    gaps = [f"{r} / {c}" for r in rows for c in cols if c not in matrix[r]]
+    if gaps:
+        raise ValueError(f"coverage_matrix --merge: the merged matrix would have empty cells ({gaps[:3]}...); "
+                         "rerun those columns for every row")
+    res.update(rows=rows, cols=cols, matrix={r: {c: matrix[r][c] for c in cols} for r in rows},
+               counts=_counts({r: matrix[r] for r in rows}, cols), updates=[*old.get("updates", []), update])
+    return res
+
+
+def _counts(matrix: dict[str, dict[str, dict[str, Any]]], cols: list[str]) -> dict[str, int]:
+    return {s: sum(cells[c]["status"] == s for cells in matrix.values() for c in cols) for s in _MARK}
 
 
 def science(args: Any, exp: Experiment) -> dict[str, Any]:
@@ -542,9 +266,12 @@ def science(args: Any, exp: Experiment) -> dict[str, Any]:
     unknown = [r for r in rows if r not in ARCHS] + [c for c in cols if c not in CELLS]
     if unknown:
         exp.parser.error(f"unknown rows/columns {unknown}; rows: {list(ARCHS)}; columns: {list(CELLS)}")
+    old = exp.read_json() if args.merge else None  # a clear error before any cell runs when there is none
     matrix = run_matrix(rows, cols)
-    counts = {s: sum(c["status"] == s for cells in matrix.values() for c in cells.values()) for s in _MARK}
-    return {"rows": rows, "cols": cols, "matrix": matrix, "counts": counts, "wall_s": exp.seconds(),
+    if old is not None:
+        return _merge(old, matrix, {"rows": rows, "cols": cols, "command": exp.command, "wall_s": exp.seconds(),
+                                    "threads": args.threads, "load": os.getloadavg()[0]})
+    return {"rows": rows, "cols": cols, "matrix": matrix, "counts": _counts(matrix, cols), "wall_s": exp.seconds(),
             "threads": args.threads, "quick": args.quick, "command": exp.command}
 
 
@@ -552,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     exp = Experiment("coverage_matrix", __doc__, threads=2)
     exp.parser.add_argument("--rows", nargs="*", default=None, help="architectures (default: all)")
     exp.parser.add_argument("--cols", nargs="*", default=None, help="methods (default: all)")
+    exp.parser.add_argument("--merge", action="store_true",
+                            help="rerun only --rows x --cols and put them into the JSON already in --out (the other "
+                                 "cells kept); the markdown names the rerun")
     exp.parser.epilog = f"--quick runs rows {QUICK_ROWS} x columns {QUICK_COLS}"
     return exp.run(lambda args: science(args, exp), _markdown, argv=argv)
 

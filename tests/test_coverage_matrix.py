@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,11 @@ import torch
 pytest.importorskip("transformers")
 
 _PATH = Path(__file__).resolve().parents[1] / "experiments" / "coverage_matrix.py"
+sys.path.insert(0, str(_PATH.parent))  # as when the script runs: it imports its sibling coverage_cells
 _spec = importlib.util.spec_from_file_location("coverage_matrix", _PATH)
 cov = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cov)
+cells = cov.coverage_cells
 
 
 @pytest.mark.parametrize("row", ["BERT", "GPT-2", "mlp (zoo)"])
@@ -51,14 +54,14 @@ def test_markdown_has_one_row_per_architecture_and_every_detail():
 
 
 def test_exact_cell_detects_a_wrapped_layer_that_changes_the_output(monkeypatch):
-    real_wrap = cov.wrap
+    real_wrap = cells.wrap
 
     def bad_wrap(m, name=""):
         w = real_wrap(m, name)
         w.register_forward_hook(lambda mod, i, o: o + 1e-3)
         return w
 
-    monkeypatch.setattr(cov, "wrap", bad_wrap)
+    monkeypatch.setattr(cells, "wrap", bad_wrap)
     arch = cov.ARCHS["mlp (zoo)"]
     cell = cov.run_cell(arch, "exact", None, arch.inputs(2, 1))
     assert cell["status"] == "fail" and "forward differs" in cell["detail"]
@@ -90,3 +93,22 @@ def test_w8a8_judges_a_unit_norm_embedding_by_cosine():
     assert cell["status"] == "ok" and cell["detail"].startswith("mean cosine to FP32"), cell
     cos = float(cell["detail"].split()[4])
     assert cov.W8A8_MIN_COS <= cos <= 1
+
+
+def test_merge_puts_rerun_cells_in_and_keeps_the_others():
+    def cell(status, detail):
+        return {"status": status, "detail": detail, "seconds": 1.0}
+
+    old = {"rows": ["BERT", "ResNet"], "cols": ["exact", "W8A8"], "command": "full", "wall_s": 9.0, "threads": 2,
+           "matrix": {"BERT": {"exact": cell("ok", "a"), "W8A8": cell("fail", "b")},
+                      "ResNet": {"exact": cell("ok", "c"), "W8A8": cell("ok", "d")}},
+           "counts": {}, "environment": {"cpu": "x"}}
+    update = {"rows": ["BERT"], "cols": ["W8A8"], "command": "rerun", "wall_s": 1.0, "threads": 2, "load": 3.0}
+    res = cov._merge(old, {"BERT": {"W8A8": cell("ok", "new")}}, update)
+    assert res["matrix"]["BERT"] == {"exact": cell("ok", "a"), "W8A8": cell("ok", "new")}
+    assert res["matrix"]["ResNet"] == old["matrix"]["ResNet"] and res["rows"] == ["BERT", "ResNet"]
+    assert res["counts"] == {"ok": 4, "fail": 0, "error": 0, "n/a": 0}
+    assert res["updates"] == [update] and res["environment_full_run"] == {"cpu": "x"}
+    assert "Rerun since, merged into the matrix: BERT x W8A8 with `rerun`" in cov._markdown(res)
+    with pytest.raises(ValueError, match="empty cells"):  # a new column must be rerun for every row
+        cov._merge(old, {"BERT": {"GradNM": cell("ok", "g")}}, {**update, "cols": ["GradNM"]})

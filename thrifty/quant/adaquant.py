@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from thrifty.core.revert import HOLDOUT_RATIO, holdout_rows
 from thrifty.quant.calib import Batch, capture
 from thrifty.utils import show_progress
 
@@ -61,6 +62,31 @@ def _sample(xs: list[Tensor], ys: list[Tensor], batch: int, g: torch.Generator) 
     return xs[i][idx], ys[i][idx]
 
 
+def _holdout(layer: nn.Module, xs: list[Tensor], ys: list[Tensor]
+             ) -> Optional[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]]:
+    """``(fit xs, fit ys, check xs, check ys)`` when ``layer`` has too few output rows for its fan-in to be judged
+    on the data it fits (:func:`thrifty.core.revert.holdout_rows`, per batch), else None."""
+    from thrifty.nn import gemm_op
+
+    try:
+        w = gemm_op(layer).gemm_weight(layer.weight.detach())
+    except Exception:  # noqa: BLE001 - no GEMM weight layout (a lookup): judged on all its data as before
+        return None
+    positions, fan_in = sum(y.numel() for y in ys) // max(w.shape[0], 1), w[0].numel()
+    parts: list[list[Tensor]] = [[], [], [], []]
+    for x, y in zip(xs, ys):
+        split = holdout_rows(x.shape[0], positions, fan_in)
+        if split is None:
+            if positions < HOLDOUT_RATIO * fan_in:  # a one-sample batch: fitted
+                parts[0].append(x)
+                parts[1].append(y)
+                continue
+            return None
+        fit, chk = split
+        parts[0].append(x[fit]); parts[1].append(y[fit]); parts[2].append(x[chk]); parts[3].append(y[chk])  # noqa: E702
+    return None if not parts[2] else (parts[0], parts[1], parts[2], parts[3])
+
+
 def adaquant_layer(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], *, iters: int = 300, batch: int = 32,
                    lr_weight: float = 1e-2, lr_bias: float = 1e-3, lr_w_scale: float = 1e-2,
                    lr_a_scale: float = 1e-2, seed: int = 0, relu: bool = False,
@@ -72,13 +98,20 @@ def adaquant_layer(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], *, iter
     only reaches the network through one). ``max_shift``: each latent weight stays within that many of its
     channel's quantization steps of its initial value (``0.5``..``1`` learns little more than the rounding).
     If the optimisation does not lower the error on the cached data, the layer is restored and
-    ``(before, before)`` is returned.
+    ``(before, before)`` is returned. A layer with few output rows for its fan-in
+    (:func:`thrifty.core.revert.holdout_rows`: a classifier fed 16 samples) is fitted without every 4th sample
+    of each batch and judged on those (the returned MSEs are then theirs): a fit that only memorises the
+    calibration samples is undone.
     """
     if len(xs) != len(ys) or not xs:
         raise ValueError("adaquant_layer: need the same (non-zero) number of input and target batches")
     if max_shift is not None and not max_shift > 0:
         raise ValueError(f"adaquant_layer: max_shift must be None or > 0, got {max_shift!r}")
-    before = reconstruction_error(layer, xs, ys, relu)
+    chk_x, chk_y = xs, ys
+    split = _holdout(layer, xs, ys)
+    if split is not None:
+        xs, ys, chk_x, chk_y = split
+    before = reconstruction_error(layer, chk_x, chk_y, relu)
     if iters == 0:
         return before, before
     state = copy.deepcopy(layer.state_dict())
@@ -128,7 +161,7 @@ def adaquant_layer(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], *, iter
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-    after = reconstruction_error(layer, xs, ys, relu)
+    after = reconstruction_error(layer, chk_x, chk_y, relu)
     if not after < before:  # also catches NaN
         layer.load_state_dict(state)
         after = before

@@ -33,7 +33,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from thrifty.core import Filter, explicit_names, layer_status, make_filter, uncalled_layers, untied_views, wrap_layers
-from thrifty.core.revert import keep_if_better
+from thrifty.core.revert import HOLDOUT_RATIO, holdout_rows, keep_if_better
 from thrifty.nn import Chain, gemm_layers, gemm_op, is_gemm
 from thrifty.quant.adaquant import adaquant
 from thrifty.quant.bitalloc import allocate_bits, min_cost
@@ -326,10 +326,21 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         timings["bn tuning"] = time.perf_counter() - t
     if cfg.uses_bias_tune:
         t = time.perf_counter()
-        with _keep_if_better(q, res, "bias tuning", lambda: calib_loss(q, batches, targets, loss_fn)):
-            bias_tune(q, qnames, batches, targets, loss_fn, iters=cfg.bias_iters, lr=cfg.bias_lr, seed=cfg.seed,
-                      restore=False, progress=progress)
-        timings["bias tuning"] = time.perf_counter() - t
+        n_bias = sum(layers[n].bias.numel() for n in qnames if getattr(layers[n], "bias", None) is not None)
+        values, samples = sum(t.numel() for t in targets), sum(b.size for b in batches)
+        if values < n_bias:  # under-determined: the tuned biases would fit these samples and nothing else
+            warnings.warn(f"thrifty.quantize: bias tuning skipped: {samples} calibration samples give {values} output "
+                          f"values for {n_bias} biases; give at least {-(-n_bias * samples // max(values, 1))} samples",
+                          stacklevel=2)
+        else:
+            # few outputs for the biases (fewer than 2 per bias): tuned without every 4th sample and judged on
+            # those (holdout_rows), so a tuning that only fits the calibration samples is undone
+            fit_b, fit_t, chk_b, chk_t = _bias_holdout(batches, targets, values, n_bias)
+            whole = None if chk_b is batches else (lambda: calib_loss(q, batches, targets, loss_fn))
+            with _keep_if_better(q, res, "bias tuning", lambda: calib_loss(q, chk_b, chk_t, loss_fn), all_loss=whole):
+                bias_tune(q, qnames, fit_b, fit_t, loss_fn, iters=cfg.bias_iters, lr=cfg.bias_lr, seed=cfg.seed,
+                          restore=False, progress=progress)
+            timings["bias tuning"] = time.perf_counter() - t
     for p in q.parameters():
         p.requires_grad_(False)
     _reapply_masks(kept)  # no-op unless a later stage moved a pruned weight
@@ -338,18 +349,40 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     return res
 
 
+def _bias_holdout(batches: list[Batch], targets: list[torch.Tensor], values: int, n_bias: int):
+    """``(fit batches, fit targets, check batches, check targets)`` for bias tuning: the same lists twice unless
+    ``values`` calibration outputs are too few for ``n_bias`` biases (:func:`thrifty.core.revert.holdout_rows`)."""
+    parts: list[list] = [[], [], [], []]
+    for b, t in zip(batches, targets):
+        split = holdout_rows(b.size, values, n_bias)
+        if split is None:
+            if values >= HOLDOUT_RATIO * n_bias:
+                return batches, targets, batches, targets
+            parts[0].append(b)  # a one-sample batch: tuned on
+            parts[1].append(t)
+            continue
+        fit, chk = split
+        parts[0].append(b.select(fit)); parts[1].append(t[fit.to(t.device)])  # noqa: E702
+        parts[2].append(b.select(chk)); parts[3].append(t[chk.to(t.device)])  # noqa: E702
+    if not parts[2]:
+        return batches, targets, batches, targets
+    return parts[0], parts[1], parts[2], parts[3]
+
+
 @contextlib.contextmanager
-def _keep_if_better(model: nn.Module, res: QuantResult, stage: str, loss: Callable[[], float]) -> Iterator[None]:
+def _keep_if_better(model: nn.Module, res: QuantResult, stage: str, loss: Callable[[], float],
+                    all_loss: Optional[Callable[[], float]] = None) -> Iterator[None]:
     """Run a stage; keep its result only if the calibration loss did not increase (else restore the model).
 
     Layer-wise objectives (AdaQuant, BN statistics) do not guarantee a lower end-to-end loss; the guard makes
     every stage monotone on the calibration data. ``res.losses[stage]`` records the kept loss and
-    ``res.reverted`` the stages that were undone.
+    ``res.reverted`` the stages that were undone. ``all_loss``: ``loss`` is measured on held-out samples only
+    (the stage fitted the others); the guard compares those and ``res.losses`` records ``all_loss``.
     """
-    before = next(reversed(res.losses.values()))
+    before = next(reversed(res.losses.values())) if all_loss is None else None
     with keep_if_better(model, loss, before, stage=stage, reverted=res.reverted) as out:
         yield
-    res.losses[stage] = out.after
+    res.losses[stage] = out.after if all_loss is None else all_loss()
 
 
 def _alloc_costs(cfg: PTQ, qnames: list[str], alloc: list[str], bits: dict, wel: dict, bel: dict,

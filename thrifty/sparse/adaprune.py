@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from thrifty.core import Filter, config_first, wrap_layers
-from thrifty.core.revert import keep_if_better
+from thrifty.core.revert import holdout_rows, keep_if_better
 from thrifty.nn import gemm_op
 from thrifty.quant.blocks import Blocks, check_chain, find_blocks, split_layers, walk_blocks
 from thrifty.quant.calib import Batch, Output, as_batches, capture, take, token_rows
@@ -127,17 +127,34 @@ def _is_batches(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(b, Batch) for b in x)
 
 
+def _fan_in(layer: nn.Module, target: Tensor) -> tuple[int, int]:
+    """``(output rows, fan-in)`` of a GEMM layer's fit: ``target`` holds ``rows x out`` values."""
+    w = gemm_op(layer).gemm_weight(layer.weight.detach())
+    return target.numel() // max(w.shape[0], 1), w[0].numel()
+
+
 def prune_layer(layer: nn.Module, mk: Any, inp: Tensor, target: Tensor, *, steps: int, lr: float, batch_size: int,
                 remask_every: int, gen: torch.Generator) -> dict[str, Any]:
-    """AdaPrune one masked layer in place: fit it (mask recomputed every ``remask_every`` steps) to ``target``."""
+    """AdaPrune one masked layer in place: fit it (mask recomputed every ``remask_every`` steps) to ``target``.
+
+    The fit is kept only if it lowers the layer's error below plain magnitude pruning's. A layer with few
+    output rows for its fan-in (:func:`thrifty.core.revert.holdout_rows`: a classifier fed 16 samples) is
+    fitted without every 4th sample and judged on those (``"held_out"`` in the report: their number; the
+    MSEs reported are then theirs), so a fit that only memorises the calibration samples is undone.
+    """
     dev = inp.device
     params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    split = holdout_rows(inp.shape[0], *_fan_in(layer, target))
+    chk_in, chk_t = inp, target
+    if split is not None:  # copies, of a small set only (fewer output rows than twice the fan-in)
+        fit_rows, chk_rows = (i.to(dev) for i in split)
+        inp, target, chk_in, chk_t = inp[fit_rows], target[fit_rows], inp[chk_rows], target[chk_rows]
 
     @torch.no_grad()
     def mse() -> float:  # in slices of _MSE_ROWS rows: no whole-set output tensor
-        tot = sum(float(F.mse_loss(layer(inp[i:i + _MSE_ROWS]), target[i:i + _MSE_ROWS], reduction="sum"))
-                  for i in range(0, inp.shape[0], _MSE_ROWS))
-        return tot / max(target.numel(), 1)
+        tot = sum(float(F.mse_loss(layer(chk_in[i:i + _MSE_ROWS]), chk_t[i:i + _MSE_ROWS], reduction="sum"))
+                  for i in range(0, chk_in.shape[0], _MSE_ROWS))
+        return tot / max(chk_t.numel(), 1)
 
     opt = torch.optim.Adam(params, lr=lr)
     # never make a layer worse than plain magnitude pruning
@@ -154,7 +171,8 @@ def prune_layer(layer: nn.Module, mk: Any, inp: Tensor, target: Tensor, *, steps
     for p in params:
         p.grad = None
     return {"pattern": mk.cfg.label, "mse_before": out.before, "mse_after": out.after,
-            "rel_mse_after": out.after / max(float(target.pow(2).mean()), 1e-30), "reverted": not out.kept}
+            "rel_mse_after": out.after / max(float(chk_t.pow(2).mean()), 1e-30), "reverted": not out.kept,
+            "held_out": 0 if split is None else len(split[1])}
 
 
 def _block_out(block: nn.Module, b: Batch) -> Tensor:
