@@ -37,7 +37,7 @@ from thrifty.bench.adapter import keyword_call
 from thrifty.bench.layout import default_activation_dtype, hoist_quantize, quantize_biases, set_activation_dtype
 from thrifty.utils import atomic_write_bytes
 
-__all__ = ["export_onnx", "LayerQuant", "quant_layers", "cpu_has_vnni", "weight_container", "exact_fast_w_bits",
+__all__ = ["export_onnx", "LayerQuant", "quant_layers", "nbits_layers", "cpu_has_vnni", "weight_container", "exact_fast_w_bits",
            "U8S8_EXACT_MAX_CODE"]
 
 # Without VNNI, ONNX Runtime's x86 u8s8 kernels multiply with VPMADDUBSW: two u8 x s8 products summed into a
@@ -92,14 +92,38 @@ def _qparams(q: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q.scale.detach().float(), q.zero_point.detach().float()
 
 
+def nbits_layers(model: nn.Module) -> dict[str, int]:
+    """The layers :func:`export_onnx` deploys as 4-bit ``MatMulNBits`` and each one's block size: nn.Linear layers
+    whose weight quantizer is per group (``group_size``) with at most 4 bits and whose input is not quantized
+    (weight-only). ValueError for a group size MatMulNBits cannot take (a power of two >= 16)."""
+    from thrifty.bench.w4 import BITS
+    from thrifty.nn import gemm_layers
+
+    out = {}
+    for name, layer in gemm_layers(model):
+        wq = _weight_quantizer(getattr(layer.slots, "weight", None))
+        group = getattr(wq, "group_size", None)
+        if group is None or wq.bits > BITS or not isinstance(layer, nn.Linear) \
+                or _last_quantizer(getattr(layer.slots, "input", None))[0] is not None:
+            continue
+        if group < 16 or group & (group - 1):
+            raise ValueError(f"layer {name!r}: a {wq.bits}-bit per-group weight quantizer deploys as MatMulNBits, "
+                             f"whose block size must be a power of two >= 16; got group_size={group}")
+        out[name] = int(group)
+    return out
+
+
 @torch.no_grad()
-def quant_layers(model: nn.Module) -> list[LayerQuant]:
-    """Integer codes/scales of every Gemm layer with a weight quantizer (ValueError for unexportable ones)."""
+def quant_layers(model: nn.Module, skip: Sequence[str] = ()) -> list[LayerQuant]:
+    """Integer codes/scales of every Gemm layer with a weight quantizer (ValueError for unexportable ones);
+    ``skip``: layers deployed another way (:func:`nbits_layers`)."""
     from thrifty.nn import gemm_layers
     from thrifty.ops import quant as Q
 
     out = []
     for name, layer in gemm_layers(model):
+        if name in skip:
+            continue
         wq = _weight_quantizer(getattr(layer.slots, "weight", None))
         xq, nx = _last_quantizer(getattr(layer.slots, "input", None))
         if wq is None:
@@ -114,8 +138,9 @@ def quant_layers(model: nn.Module) -> list[LayerQuant]:
                              f"int8/uint8 ONNX tensors")
         if getattr(wq, "group_size", None) is not None:
             raise ValueError(f"layer {name!r}: per-group weight quantization (group_size={wq.group_size}) has no "
-                             f"int8 ONNX form here (one weight scale per output channel); strip() the model and "
-                             f"export it in float, or quantize without group_size")
+                             f"int8 ONNX form here (one weight scale per output channel); only weight-only "
+                             f"nn.Linear layers of at most 4 bits deploy per group (MatMulNBits); strip() the model "
+                             f"and export it in float, or quantize without group_size")
         kind = getattr(getattr(layer, "op", None), "kind", None)
         out_axis = 1 if kind == "linear_t" else 0  # GPT-2's Conv1D stores its weight [in, out]
         if kind is not None and kind.startswith("conv_transpose"):
@@ -189,7 +214,7 @@ def _torch_export_raw(model: nn.Module, example: tuple, input_names: Sequence[st
 def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike,
                 input_names: Optional[Sequence[str]] = None, opset: int = 17, calib: Any = None,
                 signed_weights: Optional[bool] = None, int_bias: bool = True,
-                act_dtype: Optional[str] = None, output: Any = None) -> Path:
+                act_dtype: Optional[str] = None, output: Any = None, w4_accuracy_level: int = 4) -> Path:
     """Export ``model`` to ONNX at ``path`` (atomic); quantized Gemm layers become int8 QDQ (see module doc).
 
     ``example_inputs``: a tuple of tensors with a batch dimension (it is made dynamic). The model is not modified.
@@ -219,6 +244,13 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     Flatten/Reshape move in front of them (:func:`thrifty.bench.layout.hoist_quantize`);
     :func:`thrifty.bench.layout.fused_report` lists which GEMMs ONNX Runtime fused. What was added is recorded
     in the ``thrifty.int8`` metadata of the model.
+
+    Weight-only Linear layers with a per-group quantizer of at most 4 bits (``QuantConfig(w_bits=4, a_bits=None,
+    group_size=32)``, :func:`nbits_layers`) become ONNX Runtime's ``MatMulNBits`` (their codes, scales and zero
+    points packed as they are, the group being the block; :mod:`thrifty.bench.w4`), in the same graph as the
+    int8 layers: one export deploys a plan that mixes them. ``w4_accuracy_level``: MatMulNBits'
+    ``accuracy_level`` (4: activations quantized to int8 per block, integer dot products, fastest on x86; 0: float
+    on the dequantized weights, exactly the simulated model). Recorded under ``w4_layers`` in the metadata.
     """
     from thrifty.core import strip
 
@@ -226,25 +258,43 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     if signed_weights not in (None, True, False):
         raise ValueError(f"export_onnx: signed_weights must be None (per layer, the fastest exact container), True "
                          f"(int8) or False (uint8), got {signed_weights!r}")
+    if w4_accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"export_onnx: w4_accuracy_level must be 0..4 (MatMulNBits), got {w4_accuracy_level!r}")
     m = copy.deepcopy(model).eval()
-    layers = quant_layers(m)
+    nbits = nbits_layers(m)
+    layers = quant_layers(m, skip=nbits)
     spec = _activation_spec(m)
+    if nbits:
+        from thrifty.bench.w4 import w4_params
+
+        with torch.no_grad():
+            mods = dict(m.named_modules())
+            w4 = {n: (*w4_params(mods[n], n, b), b) for n, b in nbits.items()}
+            w4_weights = {n: mods[n].effective_weight().detach().float() for n in nbits}
     # untie: an embedding tied to a quantized LM head (GPT-2) reads the float table in the simulated model, and
     # so it does in the graph (the head's int8 codes are a separate initializer either way: no size cost)
     m = strip(m, tied="untie")
     if input_names is not None:  # named inputs: called by keyword where the forward needs it (adapter.py)
         m = keyword_call(m, names, output)
     data = _torch_export(m, example_inputs, names, opset)
-    if layers:
+    if layers or nbits:
         import onnx
 
         proto = onnx.load_from_string(data)
+        w4_done = {}
+        if nbits:
+            from thrifty.bench.w4 import insert_nbits
+
+            w4_done = insert_nbits(proto, w4, w4_weights, w4_accuracy_level)
         vnni = cpu_has_vnni()
         containers = _insert_qdq(proto, layers, signed_weights, vnni=vnni)
         kinds = {c["container"] for c in containers.values()}
         meta: dict[str, Any] = {"quantized_layers": len(layers), "cpu_vnni": vnni,
                                 "signed_weights": "mixed" if len(kinds) > 1 else kinds == {"int8"},
                                 "weight_containers": containers}
+        if nbits:
+            meta["w4_layers"] = {n: {"block_size": nbits[n], "accuracy_level": w4_accuracy_level, "source": src}
+                                 for n, src in w4_done.items()}
         if calib is not None and spec is not None:
             from thrifty.bench.int8_graph import onnx_feeds, quantize_residuals
             from thrifty.quant.calib import as_batches
