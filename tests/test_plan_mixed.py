@@ -223,3 +223,29 @@ def test_ilp_matches_exhaustive_search_with_four_candidates(inst):
     assert all(got.picks[n] in value[n] for n in value)  # a candidate a layer lacks is never picked
     for r, b in budgets.items():
         assert got.costs[r] <= b + 1e-6 * max(1.0, abs(b))
+
+
+def test_tiny_transformer_mixed_plan_deploys_each_layer_as_planned(tmp_path):
+    # a ViT block with every candidate: the conv patch embedding cannot take W4 (Linear only); one export holds
+    # QDQ int8/int7 layers and MatMulNBits W4 layers, and ONNX Runtime keeps them through its optimiser
+    from thrifty.bench.backends import OrtBackend, optimized_op_counts
+    from thrifty.models.vit import ViT
+
+    torch.manual_seed(0)
+    model, x = ViT(img_size=8, patch_size=4, dim=32, depth=1, heads=2).eval(), torch.randn(8, 1, 8, 8)
+    layers = ["patch_embed", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "head"]
+    mods = dict(model.named_modules())
+    assert [n for n in layers if not CANDIDATES["w4"].accepts(mods[n])] == ["patch_embed"]
+    picks = {n: "int8" for n in layers} | {"blocks.0.attn.qkv": "int7", "blocks.0.mlp.fc1": "w4",
+                                           "blocks.0.mlp.fc2": "w4", "blocks.0.attn.proj": "fp32"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res, path = deploy(model, plan_from_picks(picks), x, (x[:2],), tmp_path / "vit.onnx")
+    meta = _meta(path)
+    assert set(meta["w4_layers"]) == {"blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
+    assert set(meta["weight_containers"]) == {n for n, c in picks.items() if c in ("int8", "int7")}
+    assert meta["weight_containers"]["blocks.0.attn.qkv"]["container"] == "int8"  # 7-bit: u8s8 anywhere
+    ops = optimized_op_counts(path)
+    assert ops.get("MatMulNBits") == 2, ops
+    out = OrtBackend(path, threads=1)((x.numpy(),))
+    assert out.shape == (8, 10) and np.isfinite(out).all()
