@@ -2,9 +2,11 @@
 
 A plan is what the planner writes and the user edits: YAML of per-layer configs. ``thrifty.apply(model, plan)``
 fills each listed layer's slots with its own config (round to nearest; any mix of configs), and
-:func:`quantize_plan` runs the PTQ pipeline the plan names (``rtn`` or ``adaquant``...) on the quantized layers.
-A *candidate* is a named per-layer choice the cost model can measure and the planner can pick; new deployment
-paths (W4 weight-only, N:M storage) add theirs with :func:`register_candidate`.
+:func:`quantize_plan` runs the PTQ pipeline the plan names (``rtn`` or ``adaquant``...) once over the quantized
+layers, each with its own config (any mix of ``QuantConfig``).
+A *candidate* is a named per-layer choice the cost model can measure and the planner can pick: ``fp32``,
+``int8``, ``int7`` (u8s8-exact without VNNI), ``w4a8`` and ``w4`` (weight-only, per group, Linear layers only,
+deployed as MatMulNBits); new deployment paths (N:M storage) add theirs with :func:`register_candidate`.
 
 Example:
     >>> import torch.nn as nn, thrifty
