@@ -155,6 +155,11 @@ def quantize_plan(model: nn.Module, plan: Plan, calib: Any, *, ptq: Optional[PTQ
     if missing:
         raise ValueError(f"quantize_plan: the plan names layers the model does not have: {missing}")
     base = ptq or PTQ(pipeline=plan.pipeline, adaquant_iters=plan.adaquant_iters)
+    if len(set(q.values())) == 1:  # one shared config: QuantResult.config records it (the layers still get theirs)
+        qc: QuantConfig = next(iter(q.values()))  # type: ignore[assignment]
+        base = base.replace(w_bits=qc.w_bits, a_bits=qc.a_bits, first_last_bits=qc.w_bits, per_channel=qc.per_channel,
+                            group_size=qc.group_size, w_symmetric=qc.w_symmetric, a_symmetric=qc.a_symmetric,
+                            w_estimator=qc.w_estimator, a_estimator=qc.a_estimator)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "these layers stay in floating point": the plan says so on purpose
         return quantize(model, base, calib, layer_configs=q, progress=False)  # type: ignore[arg-type]
