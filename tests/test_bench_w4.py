@@ -201,3 +201,32 @@ def test_ptq_per_group_model_runs_exactly_in_matmulnbits(tmp_path):
     b1 = matmul_bound(x, w1.t(), extra=1)  # layer 1, bias add included; ReLU does not grow an error
     bound = matmul_bound(h, w2.t(), extra=1) + b1 @ w2.t().abs().double()
     assert ((y - ref).abs() <= bound).all(), float(((y - ref).abs() - bound).max())
+
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 32)
+        self.head = nn.Linear(32, 16, bias=False)
+        self.head.weight = self.emb.weight  # tied, as GPT-2's and many decoders' LM heads are
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids))
+
+
+def test_tied_head_keeps_the_embedding_dense(tmp_path):
+    # the simulated model's embedding reads the dense shared weight, its head the 4-bit one; the export must too
+    torch.manual_seed(3)
+    q = apply(_TiedLM().eval(), QuantConfig(w_bits=4, a_bits=None, w_estimator="minmax"),
+              filter=lambda m, n: n == "head")
+    ids = torch.randint(0, 16, (2, 5))
+    path = export_w4(q, (ids,), tmp_path / "w4.onnx", block_size=16, accuracy_level=0)
+    assert _meta(path)["layers"] == {"head": "quantizer"}
+    assert isinstance(q.head.weight, nn.Parameter) and q.head.weight is q.emb.weight  # the user's model untouched
+    h = q.emb.weight.detach()[ids].double()  # dense rows
+    w_eff = q.head.effective_weight().detach().double()
+    assert not torch.equal(w_eff, q.emb.weight.detach().double())  # the two reads differ: the test can fail
+    y = h @ w_eff.T
+    bound = matmul_bound(h.float(), w_eff.float().T, extra=2)
+    got = OrtBackend(path, threads=1)((ids.numpy(),))
+    assert (np.abs(got - y.numpy()) <= bound.numpy()).all()

@@ -162,7 +162,7 @@ def export_w4(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, 
         params = {n: w4_params(mod, n, block_size) for n, mod in _linears(m, filter) if n not in skipped}
     weights = {n: (mod.effective_weight() if hasattr(mod, "effective_weight") else mod.weight).detach().float()
                for n, mod in _linears(m, filter) if n in params}
-    m = strip(m)
+    m = strip(m, tied="untie")  # a tied embedding keeps reading the dense weight, as in the simulated model
     data = _torch_export(m, example_inputs, names, opset)
     proto = onnx.load_from_string(data)
     meta: dict[str, Any] = {"block_size": block_size, "accuracy_level": accuracy_level, "skipped": skipped,
