@@ -37,8 +37,8 @@ from thrifty.bench.adapter import keyword_call
 from thrifty.bench.layout import default_activation_dtype, hoist_quantize, quantize_biases, set_activation_dtype
 from thrifty.utils import atomic_write_bytes
 
-__all__ = ["export_onnx", "LayerQuant", "quant_layers", "nbits_layers", "cpu_has_vnni", "weight_container", "exact_fast_w_bits",
-           "U8S8_EXACT_MAX_CODE"]
+__all__ = ["export_onnx", "LayerQuant", "quant_layers", "nbits_layers", "cpu_has_vnni", "weight_container",
+           "exact_fast_w_bits", "U8S8_EXACT_MAX_CODE"]
 
 # Without VNNI, ONNX Runtime's x86 u8s8 kernels multiply with VPMADDUBSW: two u8 x s8 products summed into a
 # saturating int16. The sum is exact for every u8 activation when each stored weight code has |code| <= 64

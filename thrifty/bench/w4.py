@@ -172,7 +172,8 @@ def export_w4(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, 
     return atomic_write_bytes(path, proto.SerializeToString())
 
 
-def insert_nbits(proto, params: dict[str, tuple], weights: dict[str, torch.Tensor], accuracy_level: int = 4) -> dict[str, str]:
+def insert_nbits(proto, params: dict[str, tuple], weights: dict[str, torch.Tensor],
+                 accuracy_level: int = 4) -> dict[str, str]:
     """Replace, in place, each layer's float GEMM node by a MatMulNBits node holding its 4-bit codes.
 
     ``params[name]``: (codes [N, K], scales [N, blocks], zero points [N, blocks], source, block size), as
