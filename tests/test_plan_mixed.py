@@ -56,6 +56,8 @@ def test_mixed_plan_yaml_round_trip_and_per_layer_configs(tmp_path):
     # one shared config: the first and last layers keep it too (7 bits, not promoted), and the result records it
     res7 = quantize_plan(model, plan_from_picks({"0": "int7", "4": "int7"}), x)
     assert res7.bits == {"0": (7, 8), "4": (7, 8)} and (res7.config.w_bits, res7.config.w_symmetric) == (7, True)
+    # a layer planned alone is its own first and last layer: its sensitivity is measured at its own bits
+    assert quantize_plan(model, plan_from_picks({"2": "w4a8"}), x).bits == {"2": (4, 8)}
     with pytest.raises(ValueError, match="either filter= or layer_configs="):
         quantize(model, PTQ(pipeline="rtn"), x, filter=["0"], layer_configs={"0": QuantConfig()})
     with pytest.raises(TypeError, match="layer_configs values must be QuantConfigs"):
