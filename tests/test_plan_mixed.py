@@ -73,6 +73,7 @@ def _crossings(v: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return ((v - torch.floor(v) - 0.5).abs() <= window).to(v.dtype)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("pipeline", ["rtn", "adaquant"])
 def test_mixed_plan_onnx_matches_simulated_model(tmp_path, pipeline):
     # int7 (u8s8 QDQ) -> ReLU -> w4 (MatMulNBits) -> ReLU -> int8 (QDQ), in one graph
