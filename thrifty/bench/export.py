@@ -37,8 +37,8 @@ from thrifty.bench.adapter import keyword_call
 from thrifty.bench.layout import default_activation_dtype, hoist_quantize, quantize_biases, set_activation_dtype
 from thrifty.utils import atomic_write_bytes
 
-__all__ = ["export_onnx", "LayerQuant", "quant_layers", "nbits_layers", "cpu_has_vnni", "weight_container",
-           "exact_fast_w_bits", "U8S8_EXACT_MAX_CODE"]
+__all__ = ["export_onnx", "LayerQuant", "quant_layers", "cpu_has_vnni", "weight_container", "exact_fast_w_bits",
+           "U8S8_EXACT_MAX_CODE"]
 
 # Without VNNI, ONNX Runtime's x86 u8s8 kernels multiply with VPMADDUBSW: two u8 x s8 products summed into a
 # saturating int16. The sum is exact for every u8 activation when each stored weight code has |code| <= 64
@@ -92,31 +92,10 @@ def _qparams(q: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q.scale.detach().float(), q.zero_point.detach().float()
 
 
-def nbits_layers(model: nn.Module) -> dict[str, int]:
-    """The layers :func:`export_onnx` deploys as 4-bit ``MatMulNBits`` and each one's block size: nn.Linear layers
-    whose weight quantizer is per group (``group_size``) with at most 4 bits and whose input is not quantized
-    (weight-only). ValueError for a group size MatMulNBits cannot take (a power of two >= 16)."""
-    from thrifty.bench.w4 import BITS
-    from thrifty.nn import gemm_layers
-
-    out = {}
-    for name, layer in gemm_layers(model):
-        wq = _weight_quantizer(getattr(layer.slots, "weight", None))
-        group = getattr(wq, "group_size", None)
-        if group is None or wq.bits > BITS or not isinstance(layer, nn.Linear) \
-                or _last_quantizer(getattr(layer.slots, "input", None))[0] is not None:
-            continue
-        if group < 16 or group & (group - 1):
-            raise ValueError(f"layer {name!r}: a {wq.bits}-bit per-group weight quantizer deploys as MatMulNBits, "
-                             f"whose block size must be a power of two >= 16; got group_size={group}")
-        out[name] = int(group)
-    return out
-
-
 @torch.no_grad()
 def quant_layers(model: nn.Module, skip: Sequence[str] = ()) -> list[LayerQuant]:
     """Integer codes/scales of every Gemm layer with a weight quantizer (ValueError for unexportable ones);
-    ``skip``: layers deployed another way (:func:`nbits_layers`)."""
+    ``skip``: layers deployed another way (:func:`thrifty.bench.w4.nbits_layers`)."""
     from thrifty.nn import gemm_layers
     from thrifty.ops import quant as Q
 
@@ -246,9 +225,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     in the ``thrifty.int8`` metadata of the model.
 
     Weight-only Linear layers with a per-group quantizer of at most 4 bits (``QuantConfig(w_bits=4, a_bits=None,
-    group_size=32)``, :func:`nbits_layers`) become ONNX Runtime's ``MatMulNBits`` (their codes, scales and zero
-    points packed as they are, the group being the block; :mod:`thrifty.bench.w4`), in the same graph as the
-    int8 layers: one export deploys a plan that mixes them. ``w4_accuracy_level``: MatMulNBits'
+    group_size=32)``, :func:`thrifty.bench.w4.nbits_layers`) become ONNX Runtime's ``MatMulNBits`` (their codes,
+    scales and zero points packed as they are, the group being the block; :mod:`thrifty.bench.w4`), in the same
+    graph as the int8 layers: one export deploys a plan that mixes them. ``w4_accuracy_level``: MatMulNBits'
     ``accuracy_level`` (4: activations quantized to int8 per block, integer dot products, fastest on x86; 0: float
     on the dequantized weights, exactly the simulated model). Recorded under ``w4_layers`` in the metadata.
     """
@@ -260,17 +239,13 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
                          f"(int8) or False (uint8), got {signed_weights!r}")
     if w4_accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"export_onnx: w4_accuracy_level must be 0..4 (MatMulNBits), got {w4_accuracy_level!r}")
+    from thrifty.bench.w4 import insert_nbits, nbits_layers, nbits_params
+
     m = copy.deepcopy(model).eval()
     nbits = nbits_layers(m)
     layers = quant_layers(m, skip=nbits)
     spec = _activation_spec(m)
-    if nbits:
-        from thrifty.bench.w4 import w4_params
-
-        with torch.no_grad():
-            mods = dict(m.named_modules())
-            w4 = {n: (*w4_params(mods[n], n, b), b) for n, b in nbits.items()}
-            w4_weights = {n: mods[n].effective_weight().detach().float() for n in nbits}
+    w4, w4_weights = nbits_params(m, nbits)  # before strip() bakes the weights
     # untie: an embedding tied to a quantized LM head (GPT-2) reads the float table in the simulated model, and
     # so it does in the graph (the head's int8 codes are a separate initializer either way: no size cost)
     m = strip(m, tied="untie")
@@ -281,11 +256,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
         import onnx
 
         proto = onnx.load_from_string(data)
-        w4_done = {}
-        if nbits:
-            from thrifty.bench.w4 import insert_nbits
-
-            w4_done = insert_nbits(proto, w4, w4_weights, w4_accuracy_level)
+        w4_done = insert_nbits(proto, w4, w4_weights, w4_accuracy_level) if nbits else {}
         vnni = cpu_has_vnni()
         containers = _insert_qdq(proto, layers, signed_weights, vnni=vnni)
         kinds = {c["container"] for c in containers.values()}

@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from thrifty.utils import atomic_write_bytes
 
-__all__ = ["export_w4", "insert_nbits", "w4_params", "rtn_blocks", "pack_nbits", "unpack_nbits", "dequantize_blocks"]
+__all__ = ["export_w4", "insert_nbits", "nbits_layers", "nbits_params", "w4_params", "rtn_blocks", "pack_nbits",
+           "unpack_nbits", "dequantize_blocks"]
 
 BITS = 4
 
@@ -107,6 +108,35 @@ def w4_params(layer: nn.Module, name: str, block_size: int) -> tuple[np.ndarray,
         codes, zp = codes + 2 ** (BITS - 1), zp + 2 ** (BITS - 1)
     return (codes.numpy().astype(np.int64), s.numpy().astype(np.float32), zp.numpy().astype(np.int64),
             "group quantizer" if group is not None else "quantizer")
+
+
+def nbits_layers(model: nn.Module) -> dict[str, int]:
+    """The layers :func:`thrifty.bench.export.export_onnx` deploys as MatMulNBits, and each one's block size:
+    nn.Linear layers whose weight quantizer is per group (``group_size``) with at most 4 bits and whose input is
+    not quantized (weight-only). ValueError for a group size MatMulNBits cannot take (a power of two >= 16)."""
+    from thrifty.bench.export import _last_quantizer, _weight_quantizer
+    from thrifty.nn import gemm_layers
+
+    out = {}
+    for name, layer in gemm_layers(model):
+        wq = _weight_quantizer(getattr(layer.slots, "weight", None))
+        group = getattr(wq, "group_size", None)
+        if group is None or wq.bits > BITS or not isinstance(layer, nn.Linear) \
+                or _last_quantizer(getattr(layer.slots, "input", None))[0] is not None:
+            continue
+        if group < 16 or group & (group - 1):
+            raise ValueError(f"layer {name!r}: a {wq.bits}-bit per-group weight quantizer deploys as MatMulNBits, "
+                             f"whose block size must be a power of two >= 16; got group_size={group}")
+        out[name] = int(group)
+    return out
+
+
+@torch.no_grad()
+def nbits_params(model: nn.Module, blocks: dict[str, int]) -> tuple[dict[str, tuple], dict[str, torch.Tensor]]:
+    """:func:`insert_nbits`' ``params`` and ``weights`` for the layers ``blocks`` names (layer -> block size)."""
+    mods = dict(model.named_modules())
+    params = {n: (*w4_params(mods[n], n, b), b) for n, b in blocks.items()}
+    return params, {n: mods[n].effective_weight().detach().float() for n in blocks}
 
 
 def pack_nbits(codes: np.ndarray, zp: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
