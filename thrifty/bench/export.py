@@ -93,13 +93,16 @@ def _qparams(q: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def quant_layers(model: nn.Module) -> list[LayerQuant]:
-    """Integer codes/scales of every Gemm layer with a weight quantizer (ValueError for unexportable ones)."""
+def quant_layers(model: nn.Module, skip: Sequence[str] = ()) -> list[LayerQuant]:
+    """Integer codes/scales of every Gemm layer with a weight quantizer (ValueError for unexportable ones);
+    ``skip``: layers deployed another way (:func:`thrifty.bench.w4.nbits_layers`)."""
     from thrifty.nn import gemm_layers
     from thrifty.ops import quant as Q
 
     out = []
     for name, layer in gemm_layers(model):
+        if name in skip:
+            continue
         wq = _weight_quantizer(getattr(layer.slots, "weight", None))
         xq, nx = _last_quantizer(getattr(layer.slots, "input", None))
         if wq is None:
@@ -114,8 +117,9 @@ def quant_layers(model: nn.Module) -> list[LayerQuant]:
                              f"int8/uint8 ONNX tensors")
         if getattr(wq, "group_size", None) is not None:
             raise ValueError(f"layer {name!r}: per-group weight quantization (group_size={wq.group_size}) has no "
-                             f"int8 ONNX form here (one weight scale per output channel); strip() the model and "
-                             f"export it in float, or quantize without group_size")
+                             f"int8 ONNX form here (one weight scale per output channel); only weight-only "
+                             f"nn.Linear layers of at most 4 bits deploy per group (MatMulNBits); strip() the model "
+                             f"and export it in float, or quantize without group_size")
         kind = getattr(getattr(layer, "op", None), "kind", None)
         out_axis = 1 if kind == "linear_t" else 0  # GPT-2's Conv1D stores its weight [in, out]
         if kind is not None and kind.startswith("conv_transpose"):
@@ -189,7 +193,7 @@ def _torch_export_raw(model: nn.Module, example: tuple, input_names: Sequence[st
 def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike,
                 input_names: Optional[Sequence[str]] = None, opset: int = 17, calib: Any = None,
                 signed_weights: Optional[bool] = None, int_bias: bool = True,
-                act_dtype: Optional[str] = None, output: Any = None) -> Path:
+                act_dtype: Optional[str] = None, output: Any = None, w4_accuracy_level: int = 4) -> Path:
     """Export ``model`` to ONNX at ``path`` (atomic); quantized Gemm layers become int8 QDQ (see module doc).
 
     ``example_inputs``: a tuple of tensors with a batch dimension (it is made dynamic). The model is not modified.
@@ -219,6 +223,13 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     Flatten/Reshape move in front of them (:func:`thrifty.bench.layout.hoist_quantize`);
     :func:`thrifty.bench.layout.fused_report` lists which GEMMs ONNX Runtime fused. What was added is recorded
     in the ``thrifty.int8`` metadata of the model.
+
+    Weight-only Linear layers with a per-group quantizer of at most 4 bits (``QuantConfig(w_bits=4, a_bits=None,
+    group_size=32)``, :func:`thrifty.bench.w4.nbits_layers`) become ONNX Runtime's ``MatMulNBits`` (their codes,
+    scales and zero points packed as they are, the group being the block; :mod:`thrifty.bench.w4`), in the same
+    graph as the int8 layers: one export deploys a plan that mixes them. ``w4_accuracy_level``: MatMulNBits'
+    ``accuracy_level`` (4: activations quantized to int8 per block, integer dot products, fastest on x86; 0: float
+    on the dequantized weights, exactly the simulated model). Recorded under ``w4_layers`` in the metadata.
     """
     from thrifty.core import strip
 
@@ -226,25 +237,35 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     if signed_weights not in (None, True, False):
         raise ValueError(f"export_onnx: signed_weights must be None (per layer, the fastest exact container), True "
                          f"(int8) or False (uint8), got {signed_weights!r}")
+    if w4_accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"export_onnx: w4_accuracy_level must be 0..4 (MatMulNBits), got {w4_accuracy_level!r}")
+    from thrifty.bench.w4 import insert_nbits, nbits_layers, nbits_params
+
     m = copy.deepcopy(model).eval()
-    layers = quant_layers(m)
+    nbits = nbits_layers(m)
+    layers = quant_layers(m, skip=nbits)
     spec = _activation_spec(m)
+    w4, w4_weights = nbits_params(m, nbits)  # before strip() bakes the weights
     # untie: an embedding tied to a quantized LM head (GPT-2) reads the float table in the simulated model, and
     # so it does in the graph (the head's int8 codes are a separate initializer either way: no size cost)
     m = strip(m, tied="untie")
     if input_names is not None:  # named inputs: called by keyword where the forward needs it (adapter.py)
         m = keyword_call(m, names, output)
     data = _torch_export(m, example_inputs, names, opset)
-    if layers:
+    if layers or nbits:
         import onnx
 
         proto = onnx.load_from_string(data)
+        w4_done = insert_nbits(proto, w4, w4_weights, w4_accuracy_level) if nbits else {}
         vnni = cpu_has_vnni()
         containers = _insert_qdq(proto, layers, signed_weights, vnni=vnni)
         kinds = {c["container"] for c in containers.values()}
         meta: dict[str, Any] = {"quantized_layers": len(layers), "cpu_vnni": vnni,
                                 "signed_weights": "mixed" if len(kinds) > 1 else kinds == {"int8"},
                                 "weight_containers": containers}
+        if nbits:
+            meta["w4_layers"] = {n: {"block_size": nbits[n], "accuracy_level": w4_accuracy_level, "source": src}
+                                 for n, src in w4_done.items()}
         if calib is not None and spec is not None:
             from thrifty.bench.int8_graph import onnx_feeds, quantize_residuals
             from thrifty.quant.calib import as_batches

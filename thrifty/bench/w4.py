@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from thrifty.utils import atomic_write_bytes
 
-__all__ = ["export_w4", "w4_params", "rtn_blocks", "pack_nbits", "unpack_nbits", "dequantize_blocks"]
+__all__ = ["export_w4", "insert_nbits", "nbits_layers", "nbits_params", "w4_params", "rtn_blocks", "pack_nbits",
+           "unpack_nbits", "dequantize_blocks"]
 
 BITS = 4
 
@@ -109,6 +110,35 @@ def w4_params(layer: nn.Module, name: str, block_size: int) -> tuple[np.ndarray,
             "group quantizer" if group is not None else "quantizer")
 
 
+def nbits_layers(model: nn.Module) -> dict[str, int]:
+    """The layers :func:`thrifty.bench.export.export_onnx` deploys as MatMulNBits, and each one's block size:
+    nn.Linear layers whose weight quantizer is per group (``group_size``) with at most 4 bits and whose input is
+    not quantized (weight-only). ValueError for a group size MatMulNBits cannot take (a power of two >= 16)."""
+    from thrifty.bench.export import _last_quantizer, _weight_quantizer
+    from thrifty.nn import gemm_layers
+
+    out = {}
+    for name, layer in gemm_layers(model):
+        wq = _weight_quantizer(getattr(layer.slots, "weight", None))
+        group = getattr(wq, "group_size", None)
+        if group is None or wq.bits > BITS or not isinstance(layer, nn.Linear) \
+                or _last_quantizer(getattr(layer.slots, "input", None))[0] is not None:
+            continue
+        if group < 16 or group & (group - 1):
+            raise ValueError(f"layer {name!r}: a {wq.bits}-bit per-group weight quantizer deploys as MatMulNBits, "
+                             f"whose block size must be a power of two >= 16; got group_size={group}")
+        out[name] = int(group)
+    return out
+
+
+@torch.no_grad()
+def nbits_params(model: nn.Module, blocks: dict[str, int]) -> tuple[dict[str, tuple], dict[str, torch.Tensor]]:
+    """:func:`insert_nbits`' ``params`` and ``weights`` for the layers ``blocks`` names (layer -> block size)."""
+    mods = dict(model.named_modules())
+    params = {n: (*w4_params(mods[n], n, b), b) for n, b in blocks.items()}
+    return params, {n: mods[n].effective_weight().detach().float() for n in blocks}
+
+
 def pack_nbits(codes: np.ndarray, zp: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """MatMulNBits' layout: B ``[N, blocks, block_size / 2]`` uint8, element 2i in the low nibble and 2i + 1 in the
     high one (the tail of the last block holds the zero point); zero points ``[N, ceil(blocks / 2)]`` alike."""
@@ -144,9 +174,8 @@ def export_w4(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, 
     What was exported (per layer: where the codes came from) is in the ``thrifty.w4`` metadata.
     """
     import onnx
-    from onnx import helper, numpy_helper
 
-    from thrifty.bench.export import _check_inputs, _find_node, _torch_export, _weight_quantizer
+    from thrifty.bench.export import _check_inputs, _torch_export, _weight_quantizer
     from thrifty.core import strip
 
     example_inputs, names = _check_inputs("export_w4", model, example_inputs, input_names)
@@ -166,12 +195,30 @@ def export_w4(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, 
     m = strip(m, tied="untie")  # a tied embedding keeps reading the dense weight, as in the simulated model
     data = _torch_export(m, example_inputs, names, opset)
     proto = onnx.load_from_string(data)
+    meta: dict[str, Any] = {"block_size": block_size, "accuracy_level": accuracy_level, "skipped": skipped,
+                            "layers": insert_nbits(proto, {n: (*p, block_size) for n, p in params.items()}, weights,
+                                                   accuracy_level)}
+    proto.metadata_props.add(key="thrifty.w4", value=json.dumps(meta))
+    return atomic_write_bytes(path, proto.SerializeToString())
+
+
+def insert_nbits(proto, params: dict[str, tuple], weights: dict[str, torch.Tensor],
+                 accuracy_level: int = 4) -> dict[str, str]:
+    """Replace, in place, each layer's float GEMM node by a MatMulNBits node holding its 4-bit codes.
+
+    ``params[name]``: (codes [N, K], scales [N, blocks], zero points [N, blocks], source, block size), as
+    :func:`w4_params` gives them; ``weights[name]``: the float weight the exported graph holds (to find the
+    node). Returns layer -> source for the layers found in the graph (a layer not on the forward path is left
+    out). Adds the ``com.microsoft`` opset and drops the float weights no node reads any more.
+    """
+    from onnx import helper, numpy_helper
+
+    from thrifty.bench.export import _find_node
+
     g = proto.graph
     arrays = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    meta: dict[str, Any] = {"block_size": block_size, "accuracy_level": accuracy_level, "layers": {},
-                            "skipped": skipped}
-    for name, (codes, scales, zp, source) in params.items():
-        # what the exported graph holds: strip() bakes the (fake-quantized) effective weight
+    done: dict[str, str] = {}
+    for name, (codes, scales, zp, source, block_size) in params.items():
         found = _find_node(g.node, arrays, _Probe(name, weights[name].numpy()))
         if found is None:
             continue
@@ -184,7 +231,7 @@ def export_w4(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, 
         tag = name.replace(".", "_") or "root"
         b, zpp = pack_nbits(codes, zp, block_size)
         g.initializer.extend([numpy_helper.from_array(b, f"{tag}.w4"),
-                              numpy_helper.from_array(scales, f"{tag}.w4_scale"),
+                              numpy_helper.from_array(np.asarray(scales, np.float32), f"{tag}.w4_scale"),
                               numpy_helper.from_array(zpp, f"{tag}.w4_zp")])
         ins = [node.input[0], f"{tag}.w4", f"{tag}.w4_scale", f"{tag}.w4_zp"]
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
@@ -192,15 +239,14 @@ def export_w4(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, 
         new = helper.make_node("MatMulNBits", ins, list(node.output), name=f"{node.name}_Q4", domain="com.microsoft",
                                K=k, N=n_out, bits=BITS, block_size=block_size, accuracy_level=accuracy_level)
         node.CopyFrom(new)
-        meta["layers"][name] = source
+        done[name] = source
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     used = {i for n in g.node for i in n.input}
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
-    proto.metadata_props.add(key="thrifty.w4", value=json.dumps(meta))
-    return atomic_write_bytes(path, proto.SerializeToString())
+    return done
 
 
 class _Probe:

@@ -2,9 +2,11 @@
 
 A plan is what the planner writes and the user edits: YAML of per-layer configs. ``thrifty.apply(model, plan)``
 fills each listed layer's slots with its own config (round to nearest; any mix of configs), and
-:func:`quantize_plan` runs the PTQ pipeline the plan names (``rtn`` or ``adaquant``...) on the quantized layers.
-A *candidate* is a named per-layer choice the cost model can measure and the planner can pick; new deployment
-paths (W4 weight-only, N:M storage) add theirs with :func:`register_candidate`.
+:func:`quantize_plan` runs the PTQ pipeline the plan names (``rtn`` or ``adaquant``...) once over the quantized
+layers, each with its own config (any mix of ``QuantConfig``).
+A *candidate* is a named per-layer choice the cost model can measure and the planner can pick: ``fp32``,
+``int8``, ``int7`` (u8s8-exact without VNNI), ``w4a8`` and ``w4`` (weight-only, per group, Linear layers only,
+deployed as MatMulNBits); new deployment paths (N:M storage) add theirs with :func:`register_candidate`.
 
 Example:
     >>> import torch.nn as nn, thrifty
@@ -104,6 +106,14 @@ register_candidate(Candidate("fp32", None, note="the layer stays float32"))
 register_candidate(Candidate("int8", QuantConfig(w_bits=8, a_bits=8), note="W8A8 per-channel, QDQ int8 on ORT"))
 register_candidate(Candidate("w4a8", QuantConfig(w_bits=4, a_bits=8),
                              note="4-bit weight grid in int8 QDQ containers (int8 speed and bytes on ORT today)"))
+register_candidate(Candidate("int7", QuantConfig(w_bits=7, a_bits=8, w_symmetric=True),
+                             note="W7A8 symmetric per-channel: codes within +-63 run ONNX Runtime's fast u8s8 kernels "
+                                  "exactly without VNNI (AVX2), where 8-bit weights need the slower u8u8 ones"))
+W4_GROUP = 32
+register_candidate(Candidate("w4", QuantConfig(w_bits=4, a_bits=None, group_size=W4_GROUP),
+                             accepts=lambda layer: isinstance(layer, nn.Linear),
+                             note=f"4-bit weight-only, one scale and zero point per {W4_GROUP} weights, float "
+                                  "activations; nn.Linear only, deployed as ONNX Runtime's MatMulNBits"))
 
 
 def candidate(name: str) -> Candidate:
@@ -122,10 +132,13 @@ def plan_from_picks(picks: dict[str, Any], pipeline: str = "rtn", adaquant_iters
 def quantize_plan(model: nn.Module, plan: Plan, calib: Any, *, ptq: Optional[PTQ] = None):
     """A quantized copy of ``model`` following ``plan``, through :func:`thrifty.quant.quantize`.
 
-    Runs the plan's PTQ pipeline on exactly the plan's quantized layers; PTQ's first/last-layer policy gives
-    the first and last of them ``max(w_bits, a_bits)`` bits for both operands (the same for W8A8). Returns the QuantResult, or None when the plan quantizes nothing (the copy is then ``model`` itself,
-    untouched). The quantized layers must share one ``QuantConfig`` (one PTQ call; a mix is applied by
-    ``thrifty.apply(model, plan)`` with round to nearest).
+    One run of the plan's PTQ pipeline (``rtn``, ``adaquant``...; ``ptq`` overrides it) over exactly the plan's
+    quantized layers, each with its own ``QuantConfig`` (``layer_configs``): a plan mixing candidates (int8,
+    int7, W4 weight-only...) is calibrated and optimised in one pass, AdaQuant fitting each layer on the outputs
+    of the already quantized layers before it, whatever their configs, and the loss is measured against the FP
+    model. Every layer gets exactly its config: PTQ's first/last-layer policy does not apply (a plan that wants
+    8-bit first and last layers says so per layer). Returns the QuantResult, or None when the plan quantizes
+    nothing (the copy is then ``model`` itself, untouched).
     """
     from thrifty.quant import quantize
 
@@ -134,18 +147,19 @@ def quantize_plan(model: nn.Module, plan: Plan, calib: Any, *, ptq: Optional[PTQ
     q = plan.quantized()
     if not q:
         return None
-    kinds = {c for c in q.values()}
-    if len(kinds) != 1 or not isinstance(next(iter(kinds)), QuantConfig):
-        raise ValueError(f"quantize_plan: the plan's quantized layers need one shared QuantConfig for one PTQ call, "
-                         f"got {sorted({repr(c) for c in kinds})}; use thrifty.apply(model, plan) for a mix")
-    qc: QuantConfig = next(iter(kinds))  # type: ignore[assignment]
-    base = ptq or PTQ(pipeline=plan.pipeline, adaquant_iters=plan.adaquant_iters)
-    cfg = base.replace(w_bits=qc.w_bits, a_bits=qc.a_bits, first_last_bits=max(qc.w_bits, qc.a_bits or 0),
-                       per_channel=qc.per_channel, w_symmetric=qc.w_symmetric, a_symmetric=qc.a_symmetric,
-                       w_estimator=qc.w_estimator, a_estimator=qc.a_estimator)
+    other = {n: type(c).__name__ for n, c in q.items() if not isinstance(c, QuantConfig)}
+    if other:
+        raise ValueError(f"quantize_plan: PTQ takes QuantConfig layers; {other} are not (apply them with "
+                         f"thrifty.apply(model, plan), round to nearest)")
     missing = [n for n in q if n not in dict(model.named_modules())]
     if missing:
         raise ValueError(f"quantize_plan: the plan names layers the model does not have: {missing}")
+    base = ptq or PTQ(pipeline=plan.pipeline, adaquant_iters=plan.adaquant_iters)
+    if len(set(q.values())) == 1:  # one shared config: QuantResult.config records it (the layers still get theirs)
+        qc: QuantConfig = next(iter(q.values()))  # type: ignore[assignment]
+        base = base.replace(w_bits=qc.w_bits, a_bits=qc.a_bits, first_last_bits=qc.w_bits, per_channel=qc.per_channel,
+                            group_size=qc.group_size, w_symmetric=qc.w_symmetric, a_symmetric=qc.a_symmetric,
+                            w_estimator=qc.w_estimator, a_estimator=qc.a_estimator)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "these layers stay in floating point": the plan says so on purpose
-        return quantize(model, cfg, calib, filter=list(q), progress=False)
+        return quantize(model, base, calib, layer_configs=q, progress=False)  # type: ignore[arg-type]

@@ -155,8 +155,10 @@ def iter_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any
                 # an all-FP32 assignment among quantized ones is derived too: the PTQ copy has its BatchNorms
                 # folded, and the differences must not count that (once per layer) as the layer's bytes
                 c = next(iter(kinds)) if kinds else family
-                if c not in full:
-                    full[c] = quantize_plan(model, plan_from_picks({n: c for n in every_layer}), calib).model
+                if c not in full:  # every layer that takes `c` (W4 weight-only: the Linear ones)
+                    mods = dict(model.named_modules())
+                    full[c] = quantize_plan(model, plan_from_picks(
+                        {n: c for n in every_layer if candidate(c).accepts(mods[n])}), calib).model
                 m = copy.deepcopy(full[c])
                 for n, layer in gemm_layers(m):
                     if n not in q:

@@ -1,6 +1,7 @@
 """The planner's report: its plans over a sweep of latency budgets against the uniform choices, side by side.
 
-Uniform choices: all FP32, all int8 and all W4A8 (thrifty's PTQ with the plan's pipeline, exported by
+Uniform choices: all FP32, all int8 and W4A8 (first and last layers int8, PTQ's usual policy), all int7 and all
+W4 weight-only (every Linear) when they are candidates (thrifty's PTQ with the plan's pipeline, exported by
 ``export_onnx``), and ONNX Runtime's own ``quantize_static`` (QDQ, uint8 activations, int8 per-channel weights:
 its fastest layout on VNNI CPUs) on the FP32 graph with the same calibration data. Every graph is timed in the
 same interleaved rounds (:func:`thrifty.plan.cost.time_graphs`) and scored on the same samples by ONNX Runtime
@@ -21,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch.nn as nn
 
-from thrifty.plan.config import plan_from_picks, quantize_plan
+from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
 from thrifty.plan.cost import measure_costs, time_graphs, weight_bytes
 from thrifty.plan.planner import PlanResult, make_plan
 from thrifty.utils import atomic_savefig, atomic_write_text
@@ -149,8 +150,16 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     graphs: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as d:
         graphs["fp32"] = export_onnx(model, example, Path(d) / "fp32.onnx", input_names=input_names).read_bytes()
-        for name, cand in (("int8", "int8"), ("w4a8", "w4a8")):
-            res = quantize_plan(model, plan_from_picks({n: cand for n in layers}, pipeline, adaquant_iters), calib)
+        mods = dict(model.named_modules())
+        # uniform points: all int8; W4A8 with PTQ's usual 8-bit first and last layers (a plan gives every layer
+        # exactly its config, so the policy is spelled out); every layer that takes it for the other candidates
+        uni = {"int8": {n: "int8" for n in layers},
+               "w4a8": {n: "int8" if n in (layers[0], layers[-1]) else "w4a8" for n in layers}}
+        uni |= {c: {n: c for n in layers if candidate(c).accepts(mods[n])} for c in candidates if c in ("int7", "w4")}
+        for name, picks in uni.items():
+            res = quantize_plan(model, plan_from_picks(picks, pipeline, adaquant_iters), calib)
+            if res is None:  # no layer takes the candidate
+                continue
             graphs[name] = export_onnx(res.model, example, Path(d) / f"{name}.onnx", input_names=input_names,
                                        calib=calib).read_bytes()
     names = list(input_names or [f"input_{i}" for i in range(len(example))])

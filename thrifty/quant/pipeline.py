@@ -26,7 +26,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ from thrifty.quant.adaquant import adaquant
 from thrifty.quant.bitalloc import allocate_bits, min_cost
 from thrifty.quant.blocks import Blocks, check_chain, find_blocks
 from thrifty.quant.calib import Batch, Output, as_batches, execution_order, output_loss, relu_fed, run
-from thrifty.quant.config import PTQ, QuantConfig, input_quantizer, weight_quantizer
+from thrifty.quant.config import PTQ, QuantConfig, Quantizers, input_quantizer, weight_quantizer
 from thrifty.quant.fold import fold_bn
 from thrifty.quant.quantizer import UniformQuantizer
 from thrifty.quant.tuning import bias_tune, bn_tune, calib_loss
@@ -174,13 +174,33 @@ def _reapply_masks(kept: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
             w.mul_(keep.reshape(w.shape).to(w.dtype))
 
 
-def _set_wbits(layer: nn.Module, bits: int, cfg: PTQ, learnable: bool) -> None:
+def _set_wbits(layer: nn.Module, bits: int, cfg: Quantizers, learnable: bool) -> None:
     layer.slots.weight = weight_quantizer(bits, cfg, learnable, layer).init_from(layer.weight)
 
 
+def _check_layer_configs(layer_configs: Mapping[str, Quantizers], config: PTQ, filter: Filter) -> dict[str, Quantizers]:
+    if not isinstance(layer_configs, Mapping) or not layer_configs:
+        raise ValueError(f"quantize: layer_configs must be a non-empty dict layer name -> QuantConfig, got "
+                         f"{layer_configs!r}")
+    bad = {n: type(c).__name__ for n, c in layer_configs.items() if not isinstance(c, Quantizers)}
+    if bad:
+        raise TypeError(f"quantize: layer_configs values must be QuantConfigs; got {bad}")
+    if filter is not None:
+        raise ValueError("quantize: give either filter= or layer_configs= (its keys are the layers quantized)")
+    if config.uses_bitalloc:
+        raise ValueError("quantize: layer_configs fixes every layer's bits; it does not combine with a budget")
+    return {str(n): c for n, c in layer_configs.items()}
+
+
 def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter = None,
-             progress: Optional[bool] = None, output: Output = None, blocks: Blocks = None) -> QuantResult:
+             progress: Optional[bool] = None, output: Output = None, blocks: Blocks = None,
+             layer_configs: Optional[Mapping[str, Quantizers]] = None) -> QuantResult:
     """Post-training quantization of a copy of ``model`` on ``calib_data``; see the module docstring.
+
+    ``layer_configs``: per-layer quantizers (layer name -> ``QuantConfig``: bits and grid of its weight and
+    input) instead of ``config``'s; exactly these layers are quantized, each with its own config (no first/last
+    policy), in one run of ``config``'s pipeline (AdaQuant, BN and bias tuning over all of them together).
+    Replaces ``filter``; no budget.
 
     ``calib_data``: tensors, ``(x, y)`` tuples or dicts such as a tokenizer's output (see
     :mod:`thrifty.quant.calib`); ``output``: the compared field of a dict / ``ModelOutput`` result (a name or a
@@ -202,6 +222,9 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     if not isinstance(config, PTQ):
         raise TypeError(f"quantize expects a PTQ config, got {type(config).__name__}")
     cfg = config
+    per_layer = None if layer_configs is None else _check_layer_configs(layer_configs, cfg, filter)
+    if per_layer is not None:
+        filter = list(per_layer)
     from thrifty.train.loop import check_finite  # late: thrifty.train imports the quantizers
 
     try:
@@ -244,7 +267,9 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     fl = {order[0], order[-1]}
     bits: dict[str, tuple[int, Optional[int]]] = {}
     for n in order:
-        if n in fl:
+        if per_layer is not None:  # each layer's own config, first and last alike
+            bits[n] = (per_layer[n].w_bits, per_layer[n].a_bits)
+        elif n in fl:
             if cfg.first_last_bits is None:
                 skipped[n] = "first/last layer kept in floating point (first_last_bits=None)"
                 continue
@@ -274,9 +299,10 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     learn = cfg.uses_adaquant
     for n in qnames:
         wb, ab = bits[n]
-        _set_wbits(layers[n], wb, cfg, learn)
+        grid = cfg if per_layer is None else per_layer[n]
+        _set_wbits(layers[n], wb, grid, learn)
         lookup = "input" in type(layers[n]).NO_SLOTS  # an embedding: its one-hot operand is exact at any width
-        layers[n].slots.input = None if ab is None or lookup else input_quantizer(ab, cfg, learn)
+        layers[n].slots.input = None if ab is None or lookup else input_quantizer(ab, grid, learn)
     ties = untied_views(q)
     if ties:
         warnings.warn(f"thrifty.quantize: {ties}", stacklevel=2)
