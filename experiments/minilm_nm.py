@@ -15,11 +15,15 @@ every pattern on every nn.Linear of the encoder:
 Torch uses --threads threads (default 2: torch's own default on the 2-core machine of the committed run).
 
     python experiments/minilm_nm.py --quick     # 64 calibration / 64 held-out sentences, 50 / 60 steps
-    python experiments/minilm_nm.py --quick --methods magnitude,block --patterns 2:4,4:8T,4:8TA  # quick, committed
+    python experiments/minilm_nm.py --quick --methods magnitude,block --patterns 2:4,4:8T,4:8TA --test 128 \\
+        --threads 1                             # as committed: results/minilm_nm_quick.{json,md}
     python experiments/minilm_nm.py --calib 128 --test 128 --steps 100 --block-steps 200 --patterns 2:4 \\
         --methods magnitude,block               # as committed: writes results/minilm_nm.{json,md}
     python experiments/minilm_nm.py --calib 128 --test 128 --steps 100 --block-steps 200 \\
-        --patterns 2:4,4:8T,4:8TA --methods magnitude,block   # 2:4 and transposable 4:8 side by side (hours)
+        --patterns 2:4,4:8T,4:8TA --methods magnitude,block   # 2:4 and transposable 4:8 side by side (hours:
+                                                # 4:8TA's block-wise row costs about what 2:4's does, 4:8T's
+                                                # adds the exact solver, ~1 s per MiniLM layer's mask on one
+                                                # core, at every re-mask)
     python experiments/minilm_nm.py --render    # rewrite results/minilm_nm.md from its JSON
 """
 from __future__ import annotations
@@ -106,12 +110,13 @@ def render(res: dict) -> str:
           f"{res['test_sentences']} held out)", "",
           f"`{res['command']}`; AdaPrune {res['steps']} steps per layer, block fit {res['block_steps']} steps per "
           f"block (lr {res['block_lr']}), re-mask every {res['remask_every']} steps; {res['torch_threads']} torch "
-          "threads.", "",
+          f"thread{'' if res['torch_threads'] == 1 else 's'}.", "",
           table(res["rows"], {"pattern": "pattern", "mask": "mask", "method": "method",
                               "cos_mean": "mean cosine to FP32", "cos_min": "min cosine", "seconds": "seconds"},
                 digits={"cos_mean": 4, "cos_min": 4, "seconds": 0})]
     if res.get("load") is not None:
-        md += ["", f"Seconds: wall time on a shared machine (load {res['load']:.1f} at the end of the run)."]
+        md += ["", f"Seconds: wall time on a shared machine (load {res['load']:.1f} at the end of the run; the rows "
+               "run one after another, so their seconds can see different loads)."]
     return "\n".join(md)
 
 

@@ -236,3 +236,58 @@ def test_adaprune_blockwise_transposable_masks_survive_the_block_fit():
     assert len(layers) == 13  # 6 per encoder layer and the pooler (after the last block)
     for name, layer, _ in layers:
         assert is_transposable(layer.effective_weight(), 4, 8), name
+
+
+@pytest.mark.parametrize("blocks", [None, "auto"])
+def test_adaprune_shares_one_capture_among_layers_reading_the_same_tensor(monkeypatch, blocks):
+    # query, key and value read the same hidden states: one input capture serves the three, the fits unchanged
+    import sys
+
+    import thrifty.quant.calib as calib
+    from thrifty.quant.calib import shared_inputs
+
+    mod = sys.modules["thrifty.sparse.adaprune"]
+    bert = _bert()
+    b = as_batches(_tokens(4))[0]
+    layers = {n: m for n, m in bert.named_modules() if isinstance(m, nn.Linear)}
+    got = shared_inputs(bert, layers, b)
+    for i in range(2):
+        p = f"encoder.layer.{i}.attention.self."
+        assert got[p + "key"] == got[p + "value"] == p + "query"
+    assert len(got) == 4  # nothing else reads the same tensor as an earlier layer
+
+    calls = []
+    real = calib.capture
+
+    def counting(*a, **k):
+        calls.append(k.get("inputs", True))
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "capture", counting)
+    runs = {}
+    for share in (False, True):
+        monkeypatch.setattr(mod, "SHARE_INPUTS", share)
+        calls.clear()
+        model = _bert()
+        runs[share] = (adaprune(model, NM(2, 4), _tokens(16), steps=10, progress=False, blocks=blocks),
+                       _weights(model), sum(calls))
+    assert runs[False][2] == 13 and runs[True][2] == 9  # input captures: 6 layers x 2 blocks + pooler; minus k, v
+    assert list(runs[False][0]) == list(runs[True][0])
+    for n, r in runs[False][0].items():
+        assert runs[True][0][n] == r, n  # the same rows in the same order: bit-identical fits
+    for k, w in runs[False][1].items():
+        assert torch.equal(runs[True][1][k], w), k
+
+
+def test_capture_of_inputs_stops_before_the_layer():
+    from thrifty.quant.calib import capture
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    ran = []
+    net[1].register_forward_hook(lambda *_: ran.append(1))
+    x = torch.randn(3, 4)
+    xs, ys = capture(net, net[1], as_batches(x))
+    with torch.no_grad():
+        assert not ran and ys == [] and torch.equal(xs[0], net[0](x))
+    _, ys = capture(net, net[1], as_batches(torch.randn(3, 4)), inputs=False, outputs=True)
+    assert ran == [1] and ys[0].shape == (3, 4)

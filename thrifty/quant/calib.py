@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from thrifty.utils import removing_hooks
 
-__all__ = ["Batch", "Output", "as_batches", "run", "model_output", "capture", "execution_order", "relu_fed",
+__all__ = ["Batch", "Output", "as_batches", "run", "model_output", "capture", "execution_order", "shared_inputs",
+           "relu_fed",
            "output_loss", "take", "pool", "token_rows"]
 
 Output = Union[None, str, Callable[[Any], Tensor]]  # which part of a model's output is compared
@@ -268,7 +269,8 @@ def capture(model: nn.Module, layer: nn.Module, batches: list[Batch], *, inputs:
             keep: Optional[Callable[[Tensor, Batch], Tensor]] = None) -> tuple[list[Tensor], list[Tensor]]:
     """The raw inputs (before any input slot) and/or outputs of ``layer`` for every batch, on CPU-less device.
 
-    With ``stop`` the forward pass is abandoned right after ``layer`` (only the prefix is computed).
+    With ``stop`` the forward pass is abandoned right after ``layer`` (only the prefix is computed), or right
+    before it when only its inputs are wanted (the layer itself is not run).
     ``keep(tensor, batch)``: what is kept of each captured tensor (e.g. :func:`token_rows`), applied in the
     hook, so the raw activation is not held beside it.
     """
@@ -280,6 +282,8 @@ def capture(model: nn.Module, layer: nn.Module, batches: list[Batch], *, inputs:
     def pre(_m, args):
         if inputs:
             xs.append(held(args[0].detach()))
+            if stop and not outputs:
+                raise _Stop
 
     def post(_m, _args, out):
         if outputs:
@@ -298,6 +302,32 @@ def capture(model: nn.Module, layer: nn.Module, batches: list[Batch], *, inputs:
             if len(xs) + len(ys) == n:
                 raise RuntimeError("capture: the layer was not executed on a calibration batch")
     return xs, ys
+
+
+@torch.no_grad()
+def shared_inputs(model: nn.Module, layers: dict[str, nn.Module], batch: Batch) -> dict[str, str]:
+    """``{layer: an earlier layer of ``layers`` whose first call got the very same input tensor}`` on ``batch``
+    (e.g. a transformer's query, key and value projections, which all read the same hidden states).
+
+    Such a layer's input was made before the earlier layer ran, so it does not depend on that layer's weights:
+    a capture of one serves both, whatever is fitted to the earlier one."""
+    first: dict[str, Tensor] = {}
+    with removing_hooks() as hooks:
+        for name, m in layers.items():
+            def pre(_m, args, name=name):
+                if name not in first and args and isinstance(args[0], Tensor):
+                    first[name] = args[0]  # held (not only its id) so that no other tensor can reuse the id
+            hooks.append(m.register_forward_pre_hook(pre))
+        run(model, batch)
+    out: dict[str, str] = {}
+    seen: list[str] = []
+    for name in layers:
+        if name in first:
+            src = next((s for s in seen if first[s] is first[name]), None)
+            if src is not None:
+                out[name] = src
+            seen.append(name)
+    return out
 
 
 @torch.no_grad()

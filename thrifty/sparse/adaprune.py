@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 from thrifty.core import Filter, config_first, wrap_layers
 from thrifty.core.revert import holdout_rows, keep_if_better
 from thrifty.nn import gemm_op
-from thrifty.quant.blocks import Blocks, check_chain, find_blocks, split_layers, walk_blocks
-from thrifty.quant.calib import Batch, Output, as_batches, capture, take, token_rows
+from thrifty.quant.blocks import PROBE, Blocks, check_chain, find_blocks, split_layers, walk_blocks
+from thrifty.quant.calib import Batch, Output, as_batches, capture, shared_inputs, take, token_rows
 from thrifty.sparse.weights import NM, nm_masks, sparsify
 from thrifty.utils import show_progress
 
@@ -50,6 +50,7 @@ __all__ = ["adaprune", "nm_for_density", "plan_from_unstructured", "reestimate_b
 
 Plan = Union[NM, Mapping[str, NM]]
 BLOCK_CHUNK = 32  # block-wise mode streams a block's inputs in micro-batches of at most this many samples
+SHARE_INPUTS = True  # one input capture for consecutive layers reading the same tensor (False: one per layer)
 
 
 def nm_for_density(dens: float, ms: Iterable[int] = (4, 8)) -> tuple[int, int] | None:
@@ -281,35 +282,45 @@ def adaprune(model: nn.Module, config: Plan | None = None, data: Any = None, *,
     fit = functools.partial(prune_layer, steps=steps, lr=lr, batch_size=batch_size, remask_every=remask_every,
                             gen=gen)
 
-    def one(name: str, mdl: nn.Module, ref: nn.Module, q_in: list[Batch], fp_in: list[Batch], full: str) -> None:
-        layer, mk = model.get_submodule(full), mks[full]
-        keep = _keep(layer)
-        target = _rows(layer, capture(ref, ref.get_submodule(name), fp_in, inputs=False, outputs=True,
-                                      keep=keep)[1], full)
-        inp = _rows(layer, capture(mdl, layer, q_in, keep=keep)[0], full)
-        report[full] = fit(layer, mk, inp, target)
-        del inp, target
-        bar.set_postfix(layer=full, mse=f"{report[full]['mse_after']:.3g}")
-        bar.update()
+    # layers whose first call reads the same tensor as an earlier one's (query, key, value): when one is fitted
+    # right after the other, the captured input rows serve both (that tensor predates both layers' outputs)
+    root = shared_inputs(model, {n: layer for n, layer, _ in masked}, take(batches[:1], PROBE)[0]) \
+        if SHARE_INPUTS else {}
+
+    def fit_all(fulls: list[str], mdl: nn.Module, ref: nn.Module, q_in: list[Batch], fp_in: list[Batch],
+                cut: int = 0) -> None:
+        """Fit ``fulls`` in order, ``mdl``/``ref`` being the (pruned, dense) module they are captured in."""
+        held = None  # the last layer's input rows, kept only while the next layer reads the same tensor
+        for i, full in enumerate(fulls):
+            layer, mk = model.get_submodule(full), mks[full]
+            keep = _keep(layer)
+            target = _rows(layer, capture(ref, ref.get_submodule(full[cut:]), fp_in, inputs=False, outputs=True,
+                                          keep=keep)[1], full)
+            inp = held if held is not None else _rows(layer, capture(mdl, layer, q_in, keep=keep)[0], full)
+            held = None
+            report[full] = fit(layer, mk, inp, target)
+            nxt = fulls[i + 1] if i + 1 < len(fulls) else None
+            if nxt is not None and root.get(nxt, nxt) == root.get(full, full) \
+                    and _keep(model.get_submodule(nxt)) is keep:
+                held = inp
+            del inp, target
+            bar.set_postfix(layer=full, mse=f"{report[full]['mse_after']:.3g}")
+            bar.update()
 
     mks = {n: mk for n, _, mk in masked}
     bar = tqdm(total=len(masked), desc="adaprune", disable=not show_progress(progress), leave=False)
     if names is None:
-        for name, _, _ in masked:
-            one(name, model, dense, batches, batches, name)
+        fit_all([n for n, _, _ in masked], model, dense, batches, batches)
     else:
         before, per, after = split_layers(model, [n for n, _, _ in masked], names, batches[0])
-        for name in before:
-            one(name, model, dense, batches, batches, name)
+        fit_all(before, model, dense, batches, batches)
         for blk, q_in, fp_in in walk_blocks(model, dense, names, batches, chunk=BLOCK_CHUNK):
             qb, fb = model.get_submodule(blk), dense.get_submodule(blk)
-            for name in per[blk]:
-                one(name[len(blk) + 1:], qb, fb, q_in, fp_in, name)
+            fit_all(per[blk], qb, fb, q_in, fp_in, cut=len(blk) + 1)
             if block_steps:
                 report[f"block {blk}"] = tune_block(qb, fb, q_in, fp_in, steps=block_steps, lr=block_lr,
                                                     batch_size=batch_size, gen=gen)
-        for name in after:
-            one(name, model, dense, batches, batches, name)
+        fit_all(after, model, dense, batches, batches)
     bar.close()
     if bn:
         reestimate_bn(model, batches)
