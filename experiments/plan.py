@@ -11,8 +11,9 @@ Workloads and their metric: ``mlp-digits`` (quick) and ``resnet20-digits32``, to
 ``minilm-text`` (the real all-MiniLM-L6-v2 on the bundled sentences, ``input_ids`` + ``attention_mask`` of
 ``--seq-len`` tokens), the mean cosine of its sentence embeddings to the FP32 graph's; ``tinyllama-lm`` (the causal
 LM of experiments/causal_lm.py, ``thrifty.train.lm.pretrained_lm``), next-token perplexity on held-out
-``--seq-len``-byte windows (lower is better; the planner's predicted loss is the PTQ calibration loss, the KL
-divergence of the next-token distributions from FP32's), calibrated on random training windows.
+``--seq-len``-byte windows (``input_ids`` and an all-ones ``attention_mask``; lower is better; the planner's
+predicted loss is the PTQ calibration loss, the KL divergence of the next-token distributions from FP32's),
+calibrated on random training windows.
 
 Latencies measured on a loaded machine are noisy; rerun the full experiment on a quiet one (the report gives
 the machine's load average and each timing's noise). ``--clock cpu`` times by the process's CPU time, which at
@@ -38,6 +39,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from thrifty.bench.api import calibration_data, load_workload
@@ -58,8 +60,10 @@ METRIC = {"mlp-digits": "top1", "resnet20-digits32": "top1", "minilm-text": "cos
 
 
 def _lm_workload(max_samples: int, seq_len: int, calib_windows: int):
-    """tinyllama on held-out byte windows of ``seq_len`` tokens (``input_ids`` only), and ``calib_windows``
-    random training windows as ``{"input_ids": ...}`` batches of 32 (as experiments/causal_lm.py calibrates)."""
+    """tinyllama on held-out byte windows of ``seq_len`` tokens, and ``calib_windows`` random training windows
+    in batches of 32 (as experiments/causal_lm.py calibrates). Inputs: ``input_ids`` and an all-ones
+    ``attention_mask`` (without a mask, transformers looks for packed sequences in the position ids with
+    ``aten::diff``, which the ONNX exporter does not have; with one, the logits are the same)."""
     from thrifty.bench.api import Workload
     from thrifty.bench.harness import Samples
     from thrifty.data.lm import lm_tokens, lm_windows
@@ -72,8 +76,9 @@ def _lm_workload(max_samples: int, seq_len: int, calib_windows: int):
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, t.numel() - seq_len + 1, (calib_windows,), generator=g)
     ids = t[starts[:, None] + torch.arange(seq_len)].long()
-    calib = [{"input_ids": b} for b in ids.split(32)]
-    return Workload("tinyllama", model, Samples((test,), None, f"lm@{seq_len}"), ["input_ids"]), calib
+    calib = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(32)]
+    samples = Samples((test, np.ones_like(test)), None, f"lm@{seq_len}")
+    return Workload("tinyllama", model, samples, ["input_ids", "attention_mask"]), calib
 
 
 def _workload(model_name: str, dataset: str, max_samples: int, args):
@@ -150,8 +155,14 @@ def _machine(r: dict) -> str:
             "uniform points and their comparison (the cost table's time is above).\n")
 
 
+def _scope(r: dict) -> str:
+    n = r.get("planned_layers", "all")
+    return "" if n == "all" else (f"Planned layers: the {n} GEMMs only (the rest stay FP32 in every point, the "
+                                  "uniform ones included): a small run of the workload's path, not its result.\n")
+
+
 def _markdown(result: dict, quick: bool) -> str:
-    md = "\n".join(markdown(r, f"thrifty plan: {k}") + _machine(r) for k, r in _reports(result).items())
+    md = "\n".join(markdown(r, f"thrifty plan: {k}") + _scope(r) + _machine(r) for k, r in _reports(result).items())
     cmd = result.get("command") or f"python experiments/plan.py{' --quick' if quick else ''}"
     return f"<!-- {cmd} -->\n" + md
 
@@ -171,7 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="time by the wall clock (default) or by the process's CPU time (one thread on a shared machine)")
     p.add_argument("--only", default=None,
-                   help="run only this workload (e.g. resnet20-digits32); the stem becomes plan_<workload>")
+                   help=f"run only this workload ({', '.join(WORKLOADS)}); the stem becomes plan_<workload>")
     p.add_argument("--pipeline", default=None, help="override the workloads' PTQ pipeline (rtn, adaquant, ...)")
     p.add_argument("--layers", type=int, default=None,
                    help="plan only the first N GEMMs of the model (the rest stay FP32): a small run of the full path")
