@@ -113,7 +113,8 @@ def test_cost_graphs_calibrate_residuals_once(monkeypatch):
     model = th.models.create("resnet20", width=4).eval()
     x = torch.rand(32, 1, 8, 8)
     layers = ["layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1"]
-    picks = [{}] + [{n: "int8"} for n in layers] + [{n: "int8" for n in layers}]
+    # all FP32; a conv that feeds no Add (no residual quantizer); one that does; all three
+    picks = [{}, {layers[0]: "int8"}, {layers[1]: "int8"}, {n: "int8" for n in layers}]
     calls = []
     inner = ig._calibrate
     monkeypatch.setattr(ig, "_calibrate", lambda *a, **k: calls.append(a[1]) or inner(*a, **k))
