@@ -27,7 +27,8 @@ one thread leaves out the time the process waited for a core on a shared machine
 
 The committed results/plan_resnet20-digits32.* ran ``--only resnet20-digits32 --clock cpu --pipeline rtn --sweep 2
 --rounds 9 --loadgen-s 1``: 27.5 min wall, 8.4 min CPU on a shared 2-core machine (load ~20), of which the cost
-table (82 graphs, each exported with its residual calibration) was 12 min wall; AdaQuant and 15 rounds cost more.
+table (82 graphs, each exported with its own residual calibration: since then a table calibrates once, see
+benchmarks/plan_graphs.py) was 12 min wall; AdaQuant and 15 rounds cost more.
 
 ``--threads`` is ONNX Runtime's intra-op thread count (what is timed); PTQ and the sensitivities run on one
 torch thread whatever it is.
