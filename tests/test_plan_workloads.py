@@ -112,9 +112,10 @@ def test_cost_graphs_calibrate_residuals_once(monkeypatch):
     torch.manual_seed(0)
     model = th.models.create("resnet20", width=4).eval()
     x = torch.rand(32, 1, 8, 8)
-    layers = ["layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1"]
-    # all FP32; a conv that feeds no Add (no residual quantizer); one that does; all three
-    picks = [{}, {layers[0]: "int8"}, {layers[1]: "int8"}, {n: "int8" for n in layers}]
+    layers = ["layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv2"]
+    # all FP32; a conv that feeds no Add (no residual quantizer); one that does; another block's, whose Add the
+    # first calibration pass finds too (not residual in that graph); all three
+    picks = [{}, {layers[0]: "int8"}, {layers[1]: "int8"}, {layers[2]: "int8"}, {n: "int8" for n in layers}]
     calls = []
     inner = ig._calibrate
     monkeypatch.setattr(ig, "_calibrate", lambda *a, **k: calls.append(a[1]) or inner(*a, **k))
@@ -129,6 +130,6 @@ def test_cost_graphs_calibrate_residuals_once(monkeypatch):
         if reuse:
             assert len(calls) == 1, calls  # the first graph with residual Adds calibrates all its Add tensors
         else:
-            # every graph with a quantized conv in front of a residual Add calibrates its own: conv2 alone, all
-            assert len(calls) == 2, calls
+            # every graph with a quantized conv in front of a residual Add calibrates its own: each conv2, all
+            assert len(calls) == 3, calls
     assert sig[True] == sig[False]

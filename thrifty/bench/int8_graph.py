@@ -164,8 +164,8 @@ def quantize_residuals(proto, feeds: Union[list[dict], Callable[[], list[dict]]]
 
     ``ranges``: a dict shared between calls on graphs of one model that differ only in which layers are
     quantized (a cost table's graphs): a new quantizer whose tensor (by name, with the same ``spec``) it holds
-    reuses that scale/zero point instead of calibrating; on a miss every Add input and output of the graph is
-    calibrated in the same pass and stored. The reused ranges were observed with other layers quantized, so
+    reuses that scale/zero point instead of calibrating; on a miss the inputs and outputs of every Add of two
+    computed tensors in the graph are calibrated in the same pass and stored. The reused ranges were observed with other layers quantized, so
     they suit graphs that are timed and sized (neither depends on a scale's value), not a deployed model."""
     from onnx import helper, numpy_helper
 
@@ -179,8 +179,12 @@ def quantize_residuals(proto, feeds: Union[list[dict], Callable[[], list[dict]]]
         qp = _calibrate(proto, points, feeds() if callable(feeds) else feeds, spec) if points else {}
     else:
         if any(_range_key(spec, p) not in ranges for p in points):
+            # every Add of two computed tensors, not only this graph's residual ones: a graph with other layers
+            # quantized makes other Adds residual, and finds their tensors here
             G = _G(g)
-            every = list(dict.fromkeys([*points, *(t for a in adds for t in (*a.input, _post_relu(G, a)))]))
+            every_add = [n for n in g.node if n.op_type == "Add" and len(n.input) == 2
+                         and not any(G.is_const(i) for i in n.input)]
+            every = list(dict.fromkeys([*points, *(t for a in every_add for t in (*a.input, _post_relu(G, a)))]))
             got = _calibrate(proto, every, feeds() if callable(feeds) else feeds, spec)
             ranges.update({_range_key(spec, t): v for t, v in got.items()})
         qp = {p: ranges[_range_key(spec, p)] for p in points}
