@@ -7,18 +7,28 @@ the fastest graph the table timed and FP32 (and a sweep of other budgets), and
 compares every plan with all FP32, all int8, all W4A8 and ONNX Runtime's quantize_static, all timed in the same
 interleaved rounds and scored on the same samples. The chosen plan is also run by the LoadGen harness.
 
+Workloads and their metric: ``mlp-digits`` (quick) and ``resnet20-digits32``, top-1 on the digits test split;
+``minilm-text`` (the real all-MiniLM-L6-v2 on the bundled sentences, ``input_ids`` + ``attention_mask`` of
+``--seq-len`` tokens), the mean cosine of its sentence embeddings to the FP32 graph's; ``tinyllama-lm`` (the causal
+LM of experiments/causal_lm.py, ``thrifty.train.lm.pretrained_lm``), next-token perplexity on held-out
+``--seq-len``-byte windows (``input_ids`` and an all-ones ``attention_mask``; lower is better; the planner's
+predicted loss is the PTQ calibration loss, the KL divergence of the next-token distributions from FP32's),
+calibrated on random training windows.
+
 Latencies measured on a loaded machine are noisy; rerun the full experiment on a quiet one (the report gives
 the machine's load average and each timing's noise). ``--clock cpu`` times by the process's CPU time, which at
 one thread leaves out the time the process waited for a core on a shared machine.
 
     python experiments/plan.py --quick     # CI-sized (MLP on digits, RTN): results/plan_quick.{json,md,png}
-    python experiments/plan.py             # full (ResNet-20 digits32, MiniLM; AdaQuant): results/plan.{json,md,png}
+    python experiments/plan.py             # full (ResNet-20, MiniLM, tinyllama; AdaQuant): results/plan.{json,md,png}
     python experiments/plan.py --only resnet20-digits32   # one workload: results/plan_resnet20-digits32.*
+    python experiments/plan.py --quick --only minilm-text --layers 2 ...  # a small run of one workload's full path
     python experiments/plan.py --quick --render           # rewrite the .md and .png from the saved .json only
 
 The committed results/plan_resnet20-digits32.* ran ``--only resnet20-digits32 --clock cpu --pipeline rtn --sweep 2
 --rounds 9 --loadgen-s 1``: 27.5 min wall, 8.4 min CPU on a shared 2-core machine (load ~20), of which the cost
-table (82 graphs, each exported with its residual calibration) was 12 min wall; AdaQuant and 15 rounds cost more.
+table (82 graphs, each exported with its own residual calibration: since then a table calibrates once, see
+benchmarks/plan_graphs.py) was 12 min wall; AdaQuant and 15 rounds cost more.
 
 ``--threads`` is ONNX Runtime's intra-op thread count (what is timed); PTQ and the sensitivities run on one
 torch thread whatever it is.
@@ -30,6 +40,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from thrifty.bench.api import calibration_data, load_workload
@@ -40,21 +51,60 @@ from thrifty.plan.report import markdown, plan_report, plot_pareto
 
 # (name, model, dataset, pipeline, max samples)
 QUICK = [("mlp-digits", "mlp", "digits", "rtn", 256)]
-FULL = [("resnet20-digits32", "resnet20", "digits32", "adaquant", 1024), ("minilm-text", "minilm", "text", "adaquant", 512)]
+FULL = [("resnet20-digits32", "resnet20", "digits32", "adaquant", 1024),
+        ("minilm-text", "minilm", "text", "adaquant", 512),
+        ("tinyllama-lm", "tinyllama", "lm", "adaquant", 256)]
+WORKLOADS = {w[0]: w for w in QUICK + FULL}
+# how each workload is scored: top-1 (digits), mean cosine to the FP32 sentence embeddings (MiniLM, as the
+# bench workload scores it), next-token perplexity on held-out windows (the causal LM)
+METRIC = {"mlp-digits": "top1", "resnet20-digits32": "top1", "minilm-text": "cosine", "tinyllama-lm": "perplexity"}
+
+
+def _lm_workload(max_samples: int, seq_len: int, calib_windows: int):
+    """tinyllama on held-out byte windows of ``seq_len`` tokens, and ``calib_windows`` random training windows
+    in batches of 32 (as experiments/causal_lm.py calibrates). Inputs: ``input_ids`` and an all-ones
+    ``attention_mask`` (without a mask, transformers looks for packed sequences in the position ids with
+    ``aten::diff``, which the ONNX exporter does not have; with one, the logits are the same)."""
+    from thrifty.bench.api import Workload
+    from thrifty.bench.harness import Samples
+    from thrifty.data.lm import lm_tokens, lm_windows
+    from thrifty.train.lm import pretrained_lm
+
+    model = pretrained_lm("tinyllama").eval()
+    test = lm_windows("test", seq_len)
+    test = test[:max_samples].numpy().astype("int64")
+    t = lm_tokens("train")
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, t.numel() - seq_len + 1, (calib_windows,), generator=g)
+    ids = t[starts[:, None] + torch.arange(seq_len)].long()
+    calib = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(32)]
+    samples = Samples((test, np.ones_like(test)), None, f"lm@{seq_len}")
+    return Workload("tinyllama", model, samples, ["input_ids", "attention_mask"]), calib
+
+
+def _workload(model_name: str, dataset: str, max_samples: int, args):
+    """(Workload, calibration data) of one row of QUICK/FULL."""
+    from thrifty.train import pretrained
+
+    if model_name == "tinyllama":
+        return _lm_workload(max_samples, args.seq_len or 128, 10 * args.calib_per_class)
+    model = pretrained(model_name, dataset, seed=0) if model_name in ("mlp", "resnet20", "cnn1d") else model_name
+    wl = load_workload(model, dataset, max_samples=max_samples, **({"seq_len": args.seq_len} if args.seq_len else {}))
+    return wl, calibration_data(wl, per_class=args.calib_per_class)
 
 
 def run_workload(name: str, model_name: str, dataset: str, pipeline: str, max_samples: int, args) -> dict:
-    from thrifty.train import pretrained
-
     load = [os.getloadavg()[0]]  # a shared machine's timings are noisy: the report says how busy it was
-    model = pretrained(model_name, dataset, seed=0) if model_name in ("mlp", "resnet20", "cnn1d") else model_name
-    wl = load_workload(model, dataset, max_samples=max_samples)
-    calib = calibration_data(wl, per_class=args.calib_per_class)
+    wl, calib = _workload(model_name, dataset, args.max_samples or max_samples, args)
+    if args.batch > len(wl.samples):
+        raise ValueError(f"--batch {args.batch} is larger than the workload's {len(wl.samples)} samples")
     example = tuple(torch.from_numpy(a) for a in wl.samples.batch([0, 1]))
     feed = wl.samples.batch(range(args.batch))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layers = plan_layers(wl.model, calib)
+        if args.layers:  # plan the first N GEMMs only (the others stay FP32): a small run of the full path
+            layers = layers[:args.layers]
         table = measure_costs(wl.model, calib, example, feed, layers, tuple(args.candidates), threads=args.threads,
                               rounds=args.rounds, input_names=wl.input_names, clock=args.clock)
     # between the fastest graph the table timed (a budget some plan is known to meet) and FP32
@@ -65,9 +115,10 @@ def run_workload(name: str, model_name: str, dataset: str, pipeline: str, max_sa
                             threads=args.threads, rounds=args.rounds, sweep=args.sweep, pipeline=pipeline,
                             adaquant_iters=args.adaquant_iters, candidates=tuple(args.candidates),
                             input_names=wl.input_names, loadgen_dir=args.work / name, loadgen_s=args.loadgen_s,
-                            clock=args.clock, max_rounds=args.max_rounds)
+                            clock=args.clock, max_rounds=args.max_rounds, layers=layers, metric=METRIC[name])
     load.append(os.getloadavg()[0])
     report.update(workload=name, model=model_name, dataset=dataset, seconds=time.perf_counter() - t,
+                  planned_layers=f"first {len(layers)}" if args.layers else "all",
                   machine={"cores": os.cpu_count(), "load_start": load[0], "load_end": load[1]})
     return report
 
@@ -80,9 +131,10 @@ def science(args) -> dict:
     args.calib_per_class = args.calib_per_class or (4 if args.quick else 10)
     args.loadgen_s = args.loadgen_s if args.loadgen_s is not None else (0.5 if args.quick else 5.0)
     reports = {}
-    for wl in QUICK if args.quick else FULL:
-        if args.only and wl[0] != args.only:
-            continue
+    if args.only and args.only not in WORKLOADS:
+        raise SystemExit(f"--only {args.only!r}: no such workload; known: {', '.join(WORKLOADS)}")
+    # --only picks from every workload (--quick then only sets the quick defaults: rounds, calibration...)
+    for wl in [WORKLOADS[args.only]] if args.only else (QUICK if args.quick else FULL):
         wl = (*wl[:3], args.pipeline or wl[3], wl[4])
         reports[wl[0]] = run_workload(*wl, args)
         print(markdown(reports[wl[0]], wl[0]), flush=True)
@@ -90,7 +142,7 @@ def science(args) -> dict:
 
 
 def _reports(result: dict) -> dict:
-    return {k: r for k, r in result.items() if k != "environment"}
+    return {k: r for k, r in result.items() if k not in ("environment", "command")}
 
 
 def _machine(r: dict) -> str:
@@ -104,9 +156,16 @@ def _machine(r: dict) -> str:
             "uniform points and their comparison (the cost table's time is above).\n")
 
 
+def _scope(r: dict) -> str:
+    n = r.get("planned_layers", "all")
+    return "" if n == "all" else (f"Planned layers: the {n} GEMMs only (the rest stay FP32 in every point, the "
+                                  "uniform ones included): a small run of the workload's path, not its result.\n")
+
+
 def _markdown(result: dict, quick: bool) -> str:
-    md = "\n".join(markdown(r, f"thrifty plan: {k}") + _machine(r) for k, r in _reports(result).items())
-    return f"<!-- python experiments/plan.py{' --quick' if quick else ''} -->\n" + md
+    md = "\n".join(markdown(r, f"thrifty plan: {k}") + _scope(r) + _machine(r) for k, r in _reports(result).items())
+    cmd = result.get("command") or f"python experiments/plan.py{' --quick' if quick else ''}"
+    return f"<!-- {cmd} -->\n" + md
 
 
 def main(argv=None) -> int:
@@ -124,14 +183,24 @@ def main(argv=None) -> int:
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="time by the wall clock (default) or by the process's CPU time (one thread on a shared machine)")
     p.add_argument("--only", default=None,
-                   help="run only this workload (e.g. resnet20-digits32); the stem becomes plan_<workload>")
+                   help=f"run only this workload ({', '.join(WORKLOADS)}); the stem becomes plan_<workload>")
     p.add_argument("--pipeline", default=None, help="override the workloads' PTQ pipeline (rtn, adaquant, ...)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="plan only the first N GEMMs of the model (the rest stay FP32): a small run of the full path")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluation samples (default: the workload's)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="token window of MiniLM / the causal LM (default 128 for both)")
     p.add_argument("--work", type=Path, default=Path("runs") / "plan", help="LoadGen logs")
     args = exp.start(argv)
+    for k in ("layers", "max_samples", "seq_len"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
     if args.only and args.name == exp.name:  # one workload never overwrites the results of all of them
         args.name = f"plan_{args.only}"
     if not args.render:
-        exp.write_json(science(args))
+        result = science(args)
+        result["command"] = exp.command
+        exp.write_json(result)
     result = exp.read_json()  # a fresh run renders from its JSON too, as --render does
     print(exp.write_markdown(_markdown(result, args.quick)).read_text(), end="")
     plot_pareto({f"thrifty plan: {k}": r for k, r in _reports(result).items()}, exp.path(".png"))

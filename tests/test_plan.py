@@ -395,7 +395,7 @@ def test_cli_plan_writes_plan_onnx_and_report(tmp_path, monkeypatch, capsys):
     assert main(base + ["--size-mb", "1", "--candidates", "int8"]) == 2
     assert "--candidates must include fp32" in capsys.readouterr().err
     assert main(base + ["--size-mb", "0.2", "--batch", "8", "--rounds", "1", "--sweep", "0", "--max-samples", "64",
-                        "--calib-per-class", "1", "--loadgen-s", "0"]) == 0
+                        "--calib-per-class", "1", "--loadgen-s", "0", "--clock", "cpu", "--max-rounds", "1"]) == 0
     plan = from_yaml((out / "plan.yaml").read_text())
     assert isinstance(plan, Plan) and set(plan.layers) == {"fc1", "fc2", "head"} and plan.quantized()
     assert (out / "model.onnx").stat().st_size <= 0.2e6
@@ -404,6 +404,24 @@ def test_cli_plan_writes_plan_onnx_and_report(tmp_path, monkeypatch, capsys):
     assert {"fp32", "int8", "w4a8", "ort quantize_static", "plan (budget)"} <= names and rep["plan"]["meets_size"]
     assert set(rep["pareto_size"]) <= names and (out / "report.png").stat().st_size > 0
     assert "| plan (budget) | planner |" in (out / "report.md").read_text()
+    # --clock and --max-rounds reach the planner: CPU-clock timings, one plan measured (no refit round)
+    assert rep["clock"] == "cpu" and "(cpu clock)" in (out / "report.md").read_text()
+    assert len([r for r in rep["plan"]["rounds"] if "measured" in r]) == 1
+
+
+def test_cli_plan_parses_clock_and_max_rounds(capsys):
+    from thrifty.cli import build_parser
+
+    base = ["plan", "--model", "mlp", "--size-mb", "1"]
+    args = build_parser().parse_args(base)
+    assert (args.clock, args.max_rounds) == ("wall", 3)  # the defaults of plan_report / make_plan
+    args = build_parser().parse_args(base + ["--clock", "cpu", "--max-rounds", "5"])
+    assert (args.clock, args.max_rounds) == ("cpu", 5)
+    for bad, msg in ((["--clock", "gpu"], "invalid choice: 'gpu'"), (["--max-rounds", "0"], "--max-rounds"),
+                     (["--max-rounds", "two"], "--max-rounds")):
+        with pytest.raises(SystemExit) as e:  # argparse's usage error
+            build_parser().parse_args(base + bad)
+        assert e.value.code == 2 and msg in capsys.readouterr().err, bad
 
 
 def test_sensitivities_are_measured_after_the_plans_pipeline():

@@ -193,7 +193,8 @@ def _torch_export_raw(model: nn.Module, example: tuple, input_names: Sequence[st
 def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike,
                 input_names: Optional[Sequence[str]] = None, opset: int = 17, calib: Any = None,
                 signed_weights: Optional[bool] = None, int_bias: bool = True,
-                act_dtype: Optional[str] = None, output: Any = None, w4_accuracy_level: int = 4) -> Path:
+                act_dtype: Optional[str] = None, output: Any = None, w4_accuracy_level: int = 4,
+                residual_ranges: Optional[dict] = None) -> Path:
     """Export ``model`` to ONNX at ``path`` (atomic); quantized Gemm layers become int8 QDQ (see module doc).
 
     ``example_inputs``: a tuple of tensors with a batch dimension (it is made dynamic). The model is not modified.
@@ -222,7 +223,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     :func:`thrifty.bench.layout.default_activation_dtype`); codes shift by 128, values do not. Quantizers behind
     Flatten/Reshape move in front of them (:func:`thrifty.bench.layout.hoist_quantize`);
     :func:`thrifty.bench.layout.fused_report` lists which GEMMs ONNX Runtime fused. What was added is recorded
-    in the ``thrifty.int8`` metadata of the model.
+    in the ``thrifty.int8`` metadata of the model. ``residual_ranges``: a dict shared by the exports of one
+    model's timing graphs (:func:`thrifty.bench.int8_graph.quantize_residuals`): the residual quantizers'
+    ranges are calibrated once, not once per graph.
 
     Weight-only Linear layers with a per-group quantizer of at most 4 bits (``QuantConfig(w_bits=4, a_bits=None,
     group_size=32)``, :func:`thrifty.bench.w4.nbits_layers`) become ONNX Runtime's ``MatMulNBits`` (their codes,
@@ -270,7 +273,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
             from thrifty.bench.int8_graph import onnx_feeds, quantize_residuals
             from thrifty.quant.calib import as_batches
 
-            meta.update(quantize_residuals(proto, lambda: onnx_feeds(as_batches(calib), names), spec))
+            meta.update(quantize_residuals(proto, lambda: onnx_feeds(as_batches(calib), names), spec,
+                                           ranges=residual_ranges))
         if int_bias:  # after the residual calibration, which runs the PTQ-exact (float bias) graph
             meta["int32_biases"], meta["float_biases"] = quantize_biases(proto)
         meta["hoisted_quantizers"] = hoist_quantize(proto)

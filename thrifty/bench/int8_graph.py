@@ -32,6 +32,7 @@ Example (an 8-bit resnet20, narrow and on 8x8 inputs to stay small):
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
@@ -151,10 +152,21 @@ def _calibrate(proto, points: list[str], feeds: list[dict], spec: dict) -> dict[
     return out
 
 
-def quantize_residuals(proto, feeds: Union[list[dict], Callable[[], list[dict]]], spec: dict) -> dict[str, Any]:
+def _range_key(spec: dict, tensor: str) -> str:
+    return json.dumps([spec, tensor], sort_keys=True, default=str)
+
+
+def quantize_residuals(proto, feeds: Union[list[dict], Callable[[], list[dict]]], spec: dict,
+                       ranges: Optional[dict] = None) -> dict[str, Any]:
     """Rewrite ``proto`` in place (see module doc); ``feeds``: calibration inputs for ONNX Runtime (or a function
     making them, called only when a quantizer needs calibrating), ``spec``: ``UniformQuantizer.spec()`` for the
-    new quantizers. Returns what was added."""
+    new quantizers. Returns what was added.
+
+    ``ranges``: a dict shared between calls on graphs of one model that differ only in which layers are
+    quantized (a cost table's graphs): a new quantizer whose tensor (by name, with the same ``spec``) it holds
+    reuses that scale/zero point instead of calibrating; on a miss the inputs and outputs of every Add of two
+    computed tensors in the graph are calibrated in the same pass and stored. The reused ranges were observed with other layers quantized, so
+    they suit graphs that are timed and sized (neither depends on a scale's value), not a deployed model."""
     from onnx import helper, numpy_helper
 
     g = proto.graph
@@ -163,7 +175,19 @@ def quantize_residuals(proto, feeds: Union[list[dict], Callable[[], list[dict]]]
         return {"residual_adds": 0, "new_quantizers": {}, "shared": 0}
     if spec.get("per_channel") or spec.get("bits", 8) > 8:
         raise ValueError("integer residuals need per-tensor activation quantizers of at most 8 bits")
-    qp = _calibrate(proto, points, feeds() if callable(feeds) else feeds, spec) if points else {}
+    if ranges is None:
+        qp = _calibrate(proto, points, feeds() if callable(feeds) else feeds, spec) if points else {}
+    else:
+        if any(_range_key(spec, p) not in ranges for p in points):
+            # every Add of two computed tensors, not only this graph's residual ones: a graph with other layers
+            # quantized makes other Adds residual, and finds their tensors here
+            G = _G(g)
+            every_add = [n for n in g.node if n.op_type == "Add" and len(n.input) == 2
+                         and not any(G.is_const(i) for i in n.input)]
+            every = list(dict.fromkeys([*points, *(t for a in every_add for t in (*a.input, _post_relu(G, a)))]))
+            got = _calibrate(proto, every, feeds() if callable(feeds) else feeds, spec)
+            ranges.update({_range_key(spec, t): v for t, v in got.items()})
+        qp = {p: ranges[_range_key(spec, p)] for p in points}
     signed = bool(spec.get("symmetric"))
     dt = np.int8 if signed else np.uint8
     inits, nodes = [], []

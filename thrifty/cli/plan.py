@@ -36,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="PTQ pipeline of the quantized layers (sensitivities are measured after it)")
     p.add_argument("--adaquant-iters", type=_common.nonneg_int, default=200)
     p.add_argument("--rounds", type=_common.positive_int, default=7, help="interleaved timing rounds per graph")
+    p.add_argument("--max-rounds", type=_common.positive_int, default=3,
+                   help="plans measured at most while the cost model is refitted to them and the ILP solved again "
+                        "(1: measure the first plan only)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time by the wall clock (what a latency budget means) or by the process's CPU time (at "
+                        "--threads 1 on a shared machine it leaves out the waits for a core)")
     p.add_argument("--sweep", type=_common.nonneg_int, default=3, help="extra latency budgets for the Pareto front")
     p.add_argument("--max-samples", type=_common.positive_int, default=1024, help="evaluation samples")
     p.add_argument("--calib-per-class", type=_common.positive_int, default=10)
@@ -82,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
                                   sweep=args.sweep, pipeline=args.pipeline, adaquant_iters=args.adaquant_iters,
                                   candidates=cands, input_names=wl.input_names,
                                   loadgen_dir=out / "loadgen" if args.loadgen_s > 0 else None,
-                                  loadgen_s=args.loadgen_s, cache=not args.no_cache)
+                                  loadgen_s=args.loadgen_s, cache=not args.no_cache, clock=args.clock,
+                                  max_rounds=args.max_rounds)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "plan.yaml", res.plan.to_yaml())
     from thrifty.utils import atomic_write_bytes

@@ -126,18 +126,23 @@ class CostTable:
 
 
 def deploy_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any, example: tuple,
-                  input_names: Optional[Sequence[str]] = None, residual_calib: bool = True) -> list[bytes]:
+                  input_names: Optional[Sequence[str]] = None, residual_calib: bool = True,
+                  reuse_ranges: bool = True) -> list[bytes]:
     """The ONNX graph of ``model`` for each assignment in ``picks`` (see :func:`iter_graphs`)."""
-    return list(iter_graphs(model, picks, calib, example, input_names, residual_calib))
+    return list(iter_graphs(model, picks, calib, example, input_names, residual_calib, reuse_ranges))
 
 
 def iter_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any, example: tuple,
-                input_names: Optional[Sequence[str]] = None, residual_calib: bool = True) -> Iterator[bytes]:
+                input_names: Optional[Sequence[str]] = None, residual_calib: bool = True,
+                reuse_ranges: bool = True) -> Iterator[bytes]:
     """The ONNX graph of ``model`` for each assignment in ``picks`` (layer -> candidate; absent = FP32).
 
     One round-to-nearest PTQ run per candidate quantizes every layer; an assignment's graph is that model with
     the slots of its FP32 layers emptied (latency and bytes do not depend on the weights' values), so a table
     of L layers costs one PTQ run, not L. An assignment mixing quantized candidates gets its own PTQ run.
+    ``reuse_ranges``: the residual Adds' output quantizers (``residual_calib``) are calibrated once for all the
+    graphs (:func:`thrifty.bench.int8_graph.quantize_residuals`' ``ranges``) instead of once per graph; their
+    scales then come from the first graph calibrated, which changes no graph's nodes, sizes or latency.
     """
     from thrifty.bench.export import export_onnx
     from thrifty.nn import gemm_layers
@@ -145,6 +150,7 @@ def iter_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any
     full: dict[str, nn.Module] = {}
     every_layer = list(dict.fromkeys(n for p in picks for n in p))
     family = next((c for p in picks for c in p.values() if c != "fp32"), None)
+    ranges: Optional[dict] = {} if reuse_ranges else None
     with tempfile.TemporaryDirectory() as d:
         for i, p in enumerate(picks):
             q = {n: c for n, c in p.items() if c != "fp32"}
@@ -167,7 +173,7 @@ def iter_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any
             else:
                 m = model
             path = export_onnx(m, example, Path(d) / f"{i}.onnx", input_names=input_names,
-                               calib=calib if residual_calib and q else None)
+                               calib=calib if residual_calib and q else None, residual_ranges=ranges)
             data = path.read_bytes()
             path.unlink()
             yield data

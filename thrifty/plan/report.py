@@ -75,18 +75,70 @@ def _outputs(graph: bytes, samples: Any, threads: int, batch: int = 64) -> np.nd
                            for i in range(0, n, batch)])
 
 
-def evaluate_graph(graph: bytes, samples: Any, threads: int = 1, reference: Optional[np.ndarray] = None) -> float:
-    """Top-1 accuracy of an ONNX graph on ``samples`` (``thrifty.bench.Samples``) when they carry class labels,
-    else the mean cosine similarity of its outputs to ``reference``."""
+# metric name -> whether higher is better (the Pareto fronts' direction)
+METRICS = {"top1": True, "cosine": True, "perplexity": False}
+
+
+def next_token_nll(logits: np.ndarray, ids: np.ndarray, chunk: int = 32) -> float:
+    """Mean next-token negative log-likelihood (nats) of a causal LM's ``logits`` (``[n, T, V]``, or flattened to
+    ``[n, T * V]``) on its own input ``ids`` (``[n, T]`` integer tokens): every ``T - 1`` prediction of every row,
+    as :func:`thrifty.train.lm.nll` computes it in PyTorch.
+
+    Example:
+        >>> round(float(np.exp(next_token_nll(np.zeros((2, 5, 256), np.float32), np.zeros((2, 5), np.int64)))), 3)
+        256.0
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[1] < 2:
+        raise ValueError(f"next_token_nll: ids must be [n, T >= 2] integer tokens, got {ids.dtype} {ids.shape}")
+    n, t = ids.shape
+    if logits.size % (n * t):
+        raise ValueError(f"next_token_nll: {logits.shape} logits do not split into {n} x {t} token positions")
+    logits = logits.reshape(n, t, -1)
+    if ids.max() >= logits.shape[2] or ids.min() < 0:
+        raise ValueError(f"next_token_nll: token ids outside the {logits.shape[2]}-word vocabulary")
+    total = 0.0
+    for i in range(0, n, chunk):
+        z = logits[i:i + chunk, :-1].astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        total -= float(np.take_along_axis(logp, ids[i:i + chunk, 1:, None], -1).sum())
+    return total / (n * (t - 1))
+
+
+def evaluate_graph(graph: bytes, samples: Any, threads: int = 1, reference: Optional[np.ndarray] = None,
+                   metric: str = "auto") -> float:
+    """The quality of an ONNX graph on ``samples`` (``thrifty.bench.Samples``). ``metric``: ``"top1"`` (class
+    labels), ``"cosine"`` (mean cosine similarity of the outputs to ``reference``), ``"perplexity"`` (a causal
+    LM: next-token perplexity of its logits on its own first input, the token ids) or ``"auto"``: top-1 when
+    the samples carry class labels the outputs score, else cosine."""
     from thrifty.bench.accuracy import score_outputs
 
+    if metric not in ("auto", *METRICS):
+        raise ValueError(f"evaluate_graph: metric must be 'auto' or one of {sorted(METRICS)}, got {metric!r}")
     out = _outputs(graph, samples, threads)
-    s = score_outputs({i: out[i] for i in range(len(out))}, samples.labels, reference)
+    if metric == "perplexity":
+        return float(np.exp(next_token_nll(out, samples.inputs[0])))
+    s = score_outputs({i: out[i] for i in range(len(out))}, samples.labels if metric != "cosine" else None,
+                      reference)
     if "top1" in s:
         return float(s["top1"])
+    if metric == "top1":
+        raise ValueError("evaluate_graph: metric 'top1' needs class labels the outputs score (one output per class)")
     if reference is None:
         raise ValueError("evaluate_graph: the samples have no class labels; pass reference outputs")
     return float(s["cosine_mean"])
+
+
+def _metric_of(samples: Any, out: np.ndarray, metric: str) -> str:
+    """The metric ``"auto"`` resolves to on these samples (``out``: the FP32 outputs)."""
+    if metric != "auto":
+        return metric
+    from thrifty.bench.accuracy import score_outputs
+
+    has_top1 = samples.labels is not None and "top1" in score_outputs({i: out[i] for i in range(min(len(out), 8))},
+                                                                       samples.labels[:8])
+    return "top1" if has_top1 else "cosine"
 
 
 def loadgen_latency(graph: bytes, samples: Any, threads: int, batch: int, outdir: Path,
@@ -115,13 +167,21 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                 pipeline: str = "rtn", adaquant_iters: int = 200, candidates: Sequence[str] = ("fp32", "int8"),
                 input_names: Optional[Sequence[str]] = None, loadgen_dir: Optional[Path] = None,
                 loadgen_s: float = 1.0, cache: bool = True, clock: str = "wall",
-                max_rounds: int = 3) -> tuple[PlanResult, dict[str, Any]]:
+                max_rounds: int = 3, layers: Optional[Sequence[str]] = None,
+                metric: str = "auto") -> tuple[PlanResult, dict[str, Any]]:
     """Plan under the budgets, sweep ``sweep`` more latency budgets, and compare with the uniform choices.
 
     Returns the plan for the user's budgets and the report (JSON-able): every point's measured latency, bytes
     and accuracy, the Pareto fronts, predicted vs measured latency and loss of each plan, the cost table's
     additivity check and, with ``loadgen_dir``, the chosen plan's LoadGen latency.
+
+    ``layers``: the GEMMs to plan (default every layer the PTQ pipeline quantizes; the uniform points quantize
+    the same ones). ``metric``: how every point is scored (:func:`evaluate_graph`; ``"perplexity"`` for a causal
+    LM, lower is better, which the Pareto fronts follow). Samples are fed to ONNX Runtime as they are: several
+    inputs (``input_ids``, ``attention_mask``) in ``input_names`` order, integer token ids included.
     """
+    if metric not in ("auto", *METRICS):
+        raise ValueError(f"plan_report: metric must be 'auto' or one of {sorted(METRICS)}, got {metric!r}")
     from thrifty.bench.export import export_onnx
     from thrifty.bench.int8_graph import onnx_feeds
     from thrifty.quant.calib import as_batches
@@ -129,7 +189,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     feed = samples.batch(range(min(batch, len(samples))))
     main = make_plan(model, calib, example, feed, latency_ms=latency_ms, size_mb=size_mb, candidates=candidates,
                      pipeline=pipeline, adaquant_iters=adaquant_iters, threads=threads, rounds=rounds,
-                     input_names=input_names, cache=cache, clock=clock, max_rounds=max_rounds)
+                     input_names=input_names, cache=cache, clock=clock, max_rounds=max_rounds, layers=layers)
     layers, table, sens = list(main.picks), main.table, main.sensitivity
     plans: dict[str, PlanResult] = {"plan (budget)": main}
     skipped: list[float] = []
@@ -163,18 +223,25 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
             graphs[name] = export_onnx(res.model, example, Path(d) / f"{name}.onnx", input_names=input_names,
                                        calib=calib).read_bytes()
     names = list(input_names or [f"input_{i}" for i in range(len(example))])
-    graphs["ort quantize_static"] = ort_quantize_static(graphs["fp32"], onnx_feeds(as_batches(calib), names))
+    skipped_points: dict[str, str] = {}
+    try:
+        graphs["ort quantize_static"] = ort_quantize_static(graphs["fp32"], onnx_feeds(as_batches(calib), names))
+    except Exception as e:  # ORT's quantizer on a graph it does not handle: the report says so, the rest stands
+        skipped_points["ort quantize_static"] = f"{type(e).__name__}: {e}"[:300]
     uniform = list(graphs)
     graphs.update({k: p.onnx for k, p in plans.items()})
     keys = list(graphs)
     t, se = time_graphs([graphs[k] for k in keys], feed, threads, rounds, spread=True, clock=clock)
     ms, noise = dict(zip(keys, t)), dict(zip(keys, se))
     ref = _outputs(graphs["fp32"], samples, threads)
+    metric = _metric_of(samples, ref, metric)
+    sign = 1.0 if METRICS[metric] else -1.0
     points = []
     for k in keys:
+        acc = evaluate_graph(graphs[k], samples, threads, ref, metric)
         pt: dict[str, Any] = {"name": k, "kind": "uniform" if k in uniform else "planner", "latency_ms": ms[k],
-                              "noise": noise[k],
-                              "bytes": weight_bytes(graphs[k]), "accuracy": evaluate_graph(graphs[k], samples, threads, ref)}
+                              "noise": noise[k], "bytes": weight_bytes(graphs[k]), "accuracy": acc,
+                              "quality": sign * acc}
         if k in plans:
             p = plans[k]
             pt.update(predicted_latency_ms=p.predicted["latency_ms"], predicted_loss=p.predicted["loss"],
@@ -187,10 +254,10 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     report: dict[str, Any] = {
         "budgets": {"latency_ms": latency_ms, "size_mb": size_mb}, "batch": len(feed[0]), "threads": threads,
         "rounds": rounds, "clock": clock, "pipeline": pipeline, "candidates": list(candidates), "layers": len(layers),
-        "samples": len(samples), "points": points,
-        "pareto_latency": pareto_front(points, "latency_ms", "accuracy"),
-        "pareto_size": pareto_front(points, "bytes", "accuracy"),
-        "sweep_infeasible_ms": skipped,
+        "samples": len(samples), "metric": metric, "higher_is_better": METRICS[metric], "points": points,
+        "pareto_latency": pareto_front(points, "latency_ms", "quality"),
+        "pareto_size": pareto_front(points, "bytes", "quality"),
+        "sweep_infeasible_ms": skipped, "points_skipped": skipped_points,
         "plan": {"picks": main.picks, "predicted": main.predicted, "measured": main.measured,
                  "rounds": main.rounds, "timings": main.timings,
                  "meets_latency": latency_ms is None or ms["plan (budget)"] * base.base_ms / ms["fp32"] <= latency_ms,
@@ -206,6 +273,9 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     return main, report
 
 
+_METRIC_LABEL = {"top1": "accuracy", "cosine": "cosine to FP32", "perplexity": "perplexity (lower is better)"}
+
+
 def _budget(v: Optional[float], unit: str) -> str:
     return "none" if v is None else f"{v:.4g} {unit}"
 
@@ -217,14 +287,15 @@ def _pct(v: Optional[float]) -> str:
 def markdown(report: dict[str, Any], title: str) -> str:
     """The report as a Markdown section: the points table, the chosen plan, LoadGen and the cost model's check."""
     b, p, ct = report["budgets"], report["plan"], report["cost_table"]
+    metric = _METRIC_LABEL.get(report.get("metric", "top1"), "accuracy")
     lines = [f"# {title}", "",
              f"Budgets: latency {_budget(b['latency_ms'], 'ms')} per batch of {report['batch']} at {report['threads']} "
              f"thread(s), size {_budget(b['size_mb'], 'MB')}; pipeline {report['pipeline']}; candidates {', '.join(report['candidates'])}; "
-             f"{report['layers']} layers; accuracy on {report['samples']} samples; medians of {report['rounds']} "
+             f"{report['layers']} layers; {metric} on {report['samples']} samples; medians of {report['rounds']} "
              f"interleaved rounds ({report.get('clock', 'wall')} clock). Predicted latencies are at the cost table's "
              "FP32 latency; the error compares them with the measured ones scaled by the FP32 graph timed in the same rounds (raw: unscaled); "
              "noise: the median's relative standard error.", "",
-             "| point | kind | layers quantized | measured ms | noise | predicted ms | error (raw) | MB | accuracy | "
+             f"| point | kind | layers quantized | measured ms | noise | predicted ms | error (raw) | MB | {metric} | "
              "predicted loss | measured loss | Pareto (latency / size) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, nd=4: "-" if v is None else (f"{v:.{nd}g}" if isinstance(v, float) else str(v))  # noqa: E731
     for pt in report["points"]:
@@ -237,6 +308,8 @@ def markdown(report: dict[str, Any], title: str) -> str:
                      f"{pt['bytes'] / 1e6:.3f} | {pt['accuracy']:.4f} | {f(pt.get('predicted_loss'))} | "
                      f"{f(pt.get('measured_loss'))} | {'yes' if pt['name'] in report['pareto_latency'] else 'no'} / "
                      f"{'yes' if pt['name'] in report['pareto_size'] else 'no'} |")
+    for k, why in report.get("points_skipped", {}).items():
+        lines.append(f"\n{k}: not measured ({why})")
     measured = [r for r in p["rounds"] if "measured" in r]
     lines += ["", f"Chosen plan: meets latency {p['meets_latency']} (raw {p.get('meets_latency_raw', '-')}), meets size "
               f"{p['meets_size']}; {len(measured)} plan(s) measured (after the first, the cost model is refitted to "
@@ -287,7 +360,7 @@ def plot_pareto(reports: dict[str, dict[str, Any]], path: str | Path) -> Path:
             fr = sorted((p for p in report["points"] if p["name"] in front), key=lambda p: p[key])
             ax.plot([p[key] * scale for p in fr], [p["accuracy"] for p in fr], "k--", lw=0.8, label="Pareto front")
             ax.set_xlabel(label)
-            ax.set_ylabel("accuracy")
+            ax.set_ylabel(_METRIC_LABEL.get(report.get("metric", "top1"), "accuracy"))
             ax.set_title(title, fontsize=9)
             ax.legend(fontsize=7)
     fig.tight_layout()
