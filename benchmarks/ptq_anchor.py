@@ -316,7 +316,9 @@ def _render_nlp(key: str, part: dict) -> list[str]:
                 f"thrifty.train.lm.pretrained_lm; {part['n_calib']} random training windows for calibration, "
                 f"{part['n_test']} held-out windows for perplexity per byte (experiments/causal_lm.py's). Every "
                 "Linear (LM head included) at 4 bit, asymmetric, per channel or per group of 64; activations FP. "
-                f"FP32 perplexity {part['fp32_ppl']:.4f}. thrifty: AdaQuant with causal_lm.py's settings. {when}", ""]
+                f"FP32 perplexity {part['fp32_ppl']:.4f}. thrifty: AdaQuant with causal_lm.py's settings. AIMET per group: "
+                "its block-wise weight quantizers (min/max grid; per channel its SQNR-searched grid), AdaRound given "
+                f"that grid per element (ptq_anchor_nlp.blockwise_adaround). {when}", ""]
         cols.update(ppl="perplexity")
         digits = {"ppl": 4}
         rows = sorted(part["rows"], key=lambda r: (r["precision"], r.get("ppl", float("inf"))))

@@ -14,7 +14,11 @@ mean cosine of the sentence embeddings (mean pooling, L2 norm) to FP32's on the 
 
 Causal LM: tinyllama of thrifty.train.lm.pretrained_lm and the windows of experiments/causal_lm.py (64 training
 windows for calibration, the held-out windows for perplexity), every Linear (LM head included) at W4, activations
-FP (W4A16), per channel or per group of 64; thrifty AdaQuant with causal_lm.py's settings.
+FP (W4A16), per channel or per group of 64; thrifty AdaQuant with causal_lm.py's settings. AIMET per group: its
+block-wise weight quantizers (set_blockwise_quantization_for_weights) on AdaRound's QuantSim and on the final one;
+aimet-torch 2.42.0's AdaRound wrapper cannot take a block-wise grid itself (blockwise_adaround gives it per element).
+Each AIMET row records AdaRound's per-layer CPU seconds (adaround_costs), from which a smaller run (``--quick``:
+50 iterations, 16 windows) extrapolates the full run's cost (aimet_estimate).
 """
 from __future__ import annotations
 
