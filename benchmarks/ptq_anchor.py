@@ -210,8 +210,9 @@ def _nlp_worker(bundle: dict, out_path: str) -> int:
                 prec = f"W{w_bits}A{a_bits or 16}" + (f" g{group}" if group else "")
                 row = dict(tool=f"AIMET {version('aimet-torch')}", method=f"AdaRound, {it} iterations", precision=prec)
                 w, c = time.perf_counter(), _cpu()
+                costs: dict = {}
                 try:
-                    model, shapes = nlp.aimet_linears(bundle, w_bits, a_bits, it, group)
+                    model, shapes = nlp.aimet_linears(bundle, w_bits, a_bits, it, group, costs)
                     row.update(nlp.score(bundle, model))
                     if group and not all(len(s) == 2 and s[1] > 1 for s in shapes.values()):
                         row["note"] = f"weight quantizers are not per group of {group}: {sorted(set(shapes.values()))}"
@@ -219,6 +220,8 @@ def _nlp_worker(bundle: dict, out_path: str) -> int:
                     traceback.print_exc()
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 row.update(cpu_s=_cpu() - c, wall_s=time.perf_counter() - w)
+                if costs.get("layers"):  # AdaRound's own per-layer work, for extrapolating to other budgets
+                    row["adaround"] = dict(costs, iters=it, n_calib=bundle["n_calib"])
                 rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)
     Path(out_path).write_text(json.dumps(rows))
@@ -289,6 +292,7 @@ def render(res: dict) -> str:
 
 
 def _render_nlp(key: str, part: dict) -> list[str]:
+    import ptq_anchor_nlp as nlp  # beside this file (the script's folder is on sys.path)
     from thrifty.bench.experiment import table
 
     for r in part["rows"]:  # a failed anchor run: its error is the row's outcome
@@ -312,14 +316,16 @@ def _render_nlp(key: str, part: dict) -> list[str]:
                 f"thrifty.train.lm.pretrained_lm; {part['n_calib']} random training windows for calibration, "
                 f"{part['n_test']} held-out windows for perplexity per byte (experiments/causal_lm.py's). Every "
                 "Linear (LM head included) at 4 bit, asymmetric, per channel or per group of 64; activations FP. "
-                f"FP32 perplexity {part['fp32_ppl']:.4f}. thrifty: AdaQuant with causal_lm.py's settings. {when}", ""]
+                f"FP32 perplexity {part['fp32_ppl']:.4f}. thrifty: AdaQuant with causal_lm.py's settings. AIMET per group: "
+                "its block-wise weight quantizers (min/max grid; per channel its SQNR-searched grid), AdaRound given "
+                f"that grid per element (ptq_anchor_nlp.blockwise_adaround). {when}", ""]
         cols.update(ppl="perplexity")
         digits = {"ppl": 4}
         rows = sorted(part["rows"], key=lambda r: (r["precision"], r.get("ppl", float("inf"))))
     cols.update(cpu_s="CPU s", wall_s="wall s")
     if any(r["outcome"] for r in rows):
         cols["outcome"] = "anchor outcome"
-    return head + [table(rows, cols, digits={**digits, "cpu_s": 1, "wall_s": 1})]
+    return head + [table(rows, cols, digits={**digits, "cpu_s": 1, "wall_s": 1})] + nlp.aimet_cost(part)
 
 
 def main(argv=None) -> int:
@@ -416,7 +422,7 @@ def nlp_science(args, command: str) -> dict | None:
         return out, time.perf_counter() - w, _cpu() - c
 
     rows = nlp.thrifty_rows(bundle, args.quick, timed) + anchor_rows
-    keep = ("n_calib", "n_test", "fp32_ppl", "first_last")
+    keep = ("n_calib", "n_calib_full", "n_test", "fp32_ppl", "first_last")
     return dict(rows=rows, anchor=anchor_rows[0]["tool"] if anchor_rows else "none", command=command,
                 load=os.getloadavg()[0], **{k: bundle[k] for k in keep if k in bundle})
 

@@ -14,10 +14,15 @@ mean cosine of the sentence embeddings (mean pooling, L2 norm) to FP32's on the 
 
 Causal LM: tinyllama of thrifty.train.lm.pretrained_lm and the windows of experiments/causal_lm.py (64 training
 windows for calibration, the held-out windows for perplexity), every Linear (LM head included) at W4, activations
-FP (W4A16), per channel or per group of 64; thrifty AdaQuant with causal_lm.py's settings.
+FP (W4A16), per channel or per group of 64; thrifty AdaQuant with causal_lm.py's settings. AIMET per group: its
+block-wise weight quantizers (set_blockwise_quantization_for_weights) on AdaRound's QuantSim and on the final one;
+aimet-torch 2.42.0's AdaRound wrapper cannot take a block-wise grid itself (blockwise_adaround gives it per element).
+Each AIMET row records AdaRound's per-layer CPU seconds (adaround_costs), from which a smaller run (``--quick``:
+50 iterations, 16 windows) extrapolates the full run's cost (aimet_estimate).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 GROUP = 64
+LM_CALIB, LM_CALIB_QUICK = 64, 16  # calibration windows, as experiments/causal_lm.py
 
 
 # ------------------------------------------------------------------------------------------------ anchor side
@@ -75,10 +81,88 @@ def drop_act_quantizers(qm: torch.nn.Module) -> None:
                 qs[i] = None
 
 
-def aimet_linears(bundle: dict, w_bits: int, a_bits: int | None, iters: int, group: int | None = None):
+def expand_blocks(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A quantizer's scale or offset as one value per weight element: a block-wise (per-group) one, shape
+    [out, in / group], has each block's value repeated over its group (blocks are contiguous along that axis)."""
+    if t.dim() != like.dim():
+        raise ValueError(f"quantizer parameter of shape {tuple(t.shape)} does not match weight {tuple(like.shape)}")
+    for d, (n, m) in enumerate(zip(t.shape, like.shape)):
+        if n not in (1, m):
+            if m % n:
+                raise ValueError(f"weight axis {d} of size {m} is not a multiple of {n} blocks")
+            t = t.repeat_interleave(m // n, dim=d)
+    return t.expand_as(like)
+
+
+@contextlib.contextmanager
+def blockwise_adaround():
+    """Let AIMET's AdaRound handle block-wise weight quantizers. aimet-torch 2.42.0's AdaroundWrapper takes the
+    weight grid as ``scale.expand_as(weight)``, which works per tensor and per channel but raises for a per-group
+    scale ([out, in / group]). AdaRound itself learns one rounding decision per element on a fixed grid, so the
+    grid is given per element here (expand_blocks); everything else is AIMET's own code."""
+    from aimet_torch.adaround.adaround_weight import AdaroundWrapper
+
+    original = AdaroundWrapper._get_weight_quantizer_delta_and_offset
+
+    def per_element(self):
+        q = self.module_to_wrap.param_quantizers[self.weight_name]
+        return expand_blocks(q.get_scale(), self.weight), expand_blocks(q.get_offset(), self.weight)
+
+    AdaroundWrapper._get_weight_quantizer_delta_and_offset = per_element
+    try:
+        yield
+    finally:
+        AdaroundWrapper._get_weight_quantizer_delta_and_offset = original
+
+
+@contextlib.contextmanager
+def adaround_costs(costs: dict):
+    """Record AIMET AdaRound's CPU seconds per layer into ``costs``: ``layers`` (layers optimised), ``layer_cpu_s``
+    (all the per-layer work), ``loop_cpu_s`` (the optimisation loop: scales with the iterations and the samples per
+    step) and ``sampling_cpu_s`` (caching the layer's input/output activations on every calibration batch, once per
+    layer: scales with the calibration set). Everything outside (QuantSim building, the graph trace) is not counted
+    here."""
+    import time
+
+    from aimet_torch._base.adaround.activation_sampler import ActivationSampler
+    from aimet_torch._base.adaround.adaround_optimizer import AdaroundOptimizer
+
+    costs.update(layers=0, layer_cpu_s=0.0, loop_cpu_s=0.0, sampling_cpu_s=0.0)
+    originals = {"adaround_module": AdaroundOptimizer.adaround_module,
+                 "_optimize_rounding": AdaroundOptimizer._optimize_rounding}
+    sample_all = ActivationSampler.sample_and_place_all_acts_on_cpu
+
+    def timed(key, fn, count=False):
+        def run(*args, **kwargs):
+            c = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                costs[key] += time.process_time() - c
+                costs["layers"] += int(count)
+        return run
+
+    AdaroundOptimizer.adaround_module = classmethod(
+        lambda cls, *a, **k: timed("layer_cpu_s", originals["adaround_module"], count=True)(*a, **k))
+    AdaroundOptimizer._optimize_rounding = classmethod(
+        lambda cls, *a, **k: timed("loop_cpu_s", originals["_optimize_rounding"])(*a, **k))
+    ActivationSampler.sample_and_place_all_acts_on_cpu = timed("sampling_cpu_s", sample_all)
+    try:
+        yield costs
+    finally:
+        for name, fn in originals.items():
+            setattr(AdaroundOptimizer, name, classmethod(fn.__func__))
+        ActivationSampler.sample_and_place_all_acts_on_cpu = sample_all
+        costs["loop_cpu_s"] -= costs["sampling_cpu_s"]  # the sampling runs inside _optimize_rounding
+
+
+def aimet_linears(bundle: dict, w_bits: int, a_bits: int | None, iters: int, group: int | None = None,
+                  costs: dict | None = None):
     """AIMET AdaRound (``iters`` per layer) on every nn.Linear of the bundle's model, then a QuantSim with one
     per-tensor asymmetric input quantizer on each Linear (none when ``a_bits`` is None) and no other quantizer:
-    thrifty's placement. Modules that are not Linear (embeddings, norms) are left out of quantization."""
+    thrifty's placement. Modules that are not Linear (embeddings, norms) are left out of quantization. With
+    ``group``, the weight quantizers are block-wise (per group of ``group`` input channels) both during AdaRound
+    and in the final QuantSim. ``costs`` (a dict) receives AdaRound's per-layer CPU seconds (adaround_costs)."""
     import copy
 
     from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
@@ -103,11 +187,13 @@ def aimet_linears(bundle: dict, w_bits: int, a_bits: int | None, iters: int, gro
                                     forward_fn=lambda m, b: m(*b))
         overrides = [(model.get_submodule(n), fl_bits) for n in sorted(first_last)] if fl_bits != w_bits else None
         scheme = QuantScheme.post_training_tf_enhanced
+        timed = adaround_costs({} if costs is None else costs)
         if group is None:
-            ada = Adaround.apply_adaround(model, dummy, params, path=tmp, filename_prefix="ada",
-                                          default_param_bw=w_bits, param_bw_override_list=overrides,
-                                          ignore_quant_ops_list=others, default_quant_scheme=scheme,
-                                          default_config_file=str(cfg))
+            with timed:
+                ada = Adaround.apply_adaround(model, dummy, params, path=tmp, filename_prefix="ada",
+                                              default_param_bw=w_bits, param_bw_override_list=overrides,
+                                              ignore_quant_ops_list=others, default_quant_scheme=scheme,
+                                              default_config_file=str(cfg))
         else:  # apply_adaround's own steps, with block-wise (per-group) weight quantizers set on its QuantSim
             if overrides:
                 raise ValueError("per-group AdaRound here assumes every Linear at the same bit-width")
@@ -116,7 +202,8 @@ def aimet_linears(bundle: dict, w_bits: int, a_bits: int | None, iters: int, gro
             set_blockwise_quantization_for_weights(ada_sim, [torch.nn.Linear], w_bits, False, group)
             Adaround._exclude_modules(model, ada_sim, others)
             Adaround._compute_param_encodings(ada_sim)
-            ada = Adaround._apply_adaround(ada_sim, model, dummy, params, tmp, "ada")
+            with blockwise_adaround(), timed:
+                ada = Adaround._apply_adaround(ada_sim, model, dummy, params, tmp, "ada")
         sim = QuantizationSimModel(ada, dummy, quant_scheme=scheme, default_output_bw=a_bits or 8,
                                    default_param_bw=w_bits, config_file=str(cfg))
         if group is not None:
@@ -137,6 +224,44 @@ def aimet_linears(bundle: dict, w_bits: int, a_bits: int | None, iters: int, gro
             sim.compute_encodings(lambda m: [m(*b) for b in batches])
     shape = {n: tuple(getattr(sim.model.get_submodule(n).param_quantizers["weight"], "shape", ())) for n in linears}
     return sim.model.eval(), shape
+
+
+# ------------------------------------------------------------------------------------ AdaRound cost (rendering)
+
+FULL_ITERS = 2000  # AdaRound's default budget (--aimet-iters)
+AIMET_STEP = 32  # samples (sentences / windows) per AdaRound step: aimet-torch's adaround_optimizer.BATCH_SIZE
+
+
+def aimet_estimate(a: dict, cpu_s: float, n_full: int, iters: int = FULL_ITERS) -> float:
+    """AIMET's CPU seconds for a run at ``iters`` iterations on ``n_full`` calibration samples, extrapolated from
+    a measured row (``a``: its per-layer costs, ``cpu_s``: the row's total): the optimisation loop scales with the
+    iterations and the samples per step (min(32, calibration set)), the activation caching with the calibration
+    set, the rest (graph tracing, QuantSim, per-layer set-up, scoring) is kept as measured."""
+    step = min(AIMET_STEP, n_full) / min(AIMET_STEP, a["n_calib"])
+    return (cpu_s - a["loop_cpu_s"] - a["sampling_cpu_s"] + a["sampling_cpu_s"] * n_full / a["n_calib"]
+            + a["loop_cpu_s"] * iters / a["iters"] * step)
+
+
+def aimet_cost(part: dict) -> list[str]:
+    """AIMET AdaRound's measured per-layer cost and, for a smaller run, the full run's estimate."""
+    out = []
+    for r in part["rows"]:
+        a = r.get("adaround")
+        if not a:
+            continue
+        n = a["layers"]
+        line = (f"- AIMET {r['precision']}: {n} layers, {a['layer_cpu_s'] / n:.2f} CPU s per layer at {a['iters']} "
+                f"iterations ({a['loop_cpu_s'] / n:.2f} optimisation loop, {a['sampling_cpu_s'] / n:.2f} caching the "
+                f"layer's activations on {a['n_calib']} calibration samples), {r['cpu_s'] - a['layer_cpu_s']:.0f} CPU "
+                "s outside the layers (graph tracing, QuantSim, scoring).")
+        full = part.get("n_calib_full", a["n_calib"])
+        if a["iters"] != FULL_ITERS or full != a["n_calib"]:
+            est = aimet_estimate(a, r["cpu_s"], full)
+            line += (f" Extrapolated to {FULL_ITERS} iterations on {full} calibration samples (loop x iterations x "
+                     f"samples per step, min({AIMET_STEP}, set); caching x set size): about {est:.0f} CPU s "
+                     f"({est / 60:.0f} CPU minutes).")
+        out.append(line)
+    return ["", "AdaRound cost (CPU s, 1 torch thread):", "", *out] if out else []
 
 
 # ------------------------------------------------------------------------------------------ metrics (both sides)
@@ -165,6 +290,7 @@ def minilm_bundle(quick: bool) -> dict:
     train_texts, test_texts = list(splits.train_texts), list(splits.test_texts)
     idx = calibration_subset(splits.train, per_class=10, seed=0).tensors[0].tolist()  # as experiments/ptq.py
     calib_texts = [train_texts[int(i)] for i in idx]
+    n_full = len(calib_texts)
     if quick:
         calib_texts, test_texts = calib_texts[:32], test_texts[:64]
 
@@ -177,7 +303,8 @@ def minilm_bundle(quick: bool) -> dict:
         ref = torch.cat([fp(*b) for b in test])
     gemms = [n for n, m in fp.bert.named_modules() if isinstance(m, torch.nn.Linear)]
     return dict(workload="minilm", model=fp.bert, calib=calib, test=test, ref=ref, first_last=[gemms[0], gemms[-1]],
-                first_last_bits=8, precisions=[(4, 8, None)], n_calib=len(calib_texts), n_test=len(test_texts))
+                first_last_bits=8, precisions=[(4, 8, None)], n_calib=len(calib_texts), n_calib_full=n_full,
+                n_test=len(test_texts))
 
 
 def lm_bundle(quick: bool) -> dict:
@@ -187,13 +314,13 @@ def lm_bundle(quick: bool) -> dict:
     fp = pretrained_lm().eval()
     t = lm_tokens("train")  # 64 random training windows, as experiments/causal_lm.py's _calib
     g = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, t.numel() - LM_SEQ_LEN + 1, (16 if quick else 64,), generator=g)
+    starts = torch.randint(0, t.numel() - LM_SEQ_LEN + 1, (LM_CALIB_QUICK if quick else LM_CALIB,), generator=g)
     calib = t[starts[:, None] + torch.arange(LM_SEQ_LEN)]
     test = lm_windows("test", LM_SEQ_LEN, n=32 if quick else None)
     gemms = [n for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)]
     b = dict(workload="lm", model=fp, calib=[(x,) for x in calib.split(32)], test=test,
              first_last=[gemms[0], gemms[-1]], first_last_bits=4, precisions=[(4, None, None), (4, None, GROUP)],
-             n_calib=int(calib.shape[0]), n_test=int(test.shape[0]))
+             n_calib=int(calib.shape[0]), n_calib_full=LM_CALIB, n_test=int(test.shape[0]))
     b["fp32_ppl"] = score(b, wrap(b))["ppl"]
     return b
 

@@ -46,3 +46,36 @@ def test_stub_torchvision_answers_any_attribute(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "placeholder: stub torchvision: MaskRCNN is a placeholder" in p.stdout
+
+
+def _nlp():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ptq_anchor_nlp
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return ptq_anchor_nlp
+
+
+def test_expand_blocks_repeats_each_group_scale_over_its_group():
+    """The per-element grid given to AIMET's AdaRound for a per-group quantizer: block j of row i covers input
+    columns [j * g, (j + 1) * g)."""
+    torch = pytest.importorskip("torch")
+    nlp = _nlp()
+    w = torch.zeros(2, 6)
+    scale = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # groups of 2
+    assert nlp.expand_blocks(scale, w).tolist() == [[1, 1, 2, 2, 3, 3], [4, 4, 5, 5, 6, 6]]
+    assert nlp.expand_blocks(torch.tensor([[7.0], [8.0]]), w).tolist() == [[7] * 6, [8] * 6]  # per channel
+    with pytest.raises(ValueError, match="not a multiple of 4 blocks"):
+        nlp.expand_blocks(torch.ones(2, 4), w)
+    with pytest.raises(ValueError, match="does not match weight"):
+        nlp.expand_blocks(torch.ones(6), w)
+
+
+def test_aimet_estimate_scales_loop_and_caching_separately():
+    """A 50-iteration run on 16 samples -> 2000 iterations on 64: the loop x 40 (iterations) x 2 (32 samples per
+    step instead of 16), the activation caching x 4 (set size), the rest as measured."""
+    nlp = _nlp()
+    a = dict(layers=29, loop_cpu_s=10.0, sampling_cpu_s=3.0, layer_cpu_s=15.0, iters=50, n_calib=16)
+    assert nlp.aimet_estimate(a, cpu_s=100.0, n_full=64) == pytest.approx(100 - 13 + 3 * 4 + 10 * 40 * 2)
+    assert nlp.aimet_estimate({**a, "iters": 2000, "n_calib": 64}, cpu_s=100.0, n_full=64) == pytest.approx(100)
