@@ -255,3 +255,13 @@ def test_tiny_transformer_mixed_plan_deploys_each_layer_as_planned(tmp_path):
     assert ops.get("MatMulNBits") == 2, ops
     out = OrtBackend(path, threads=1)((x.numpy(),))
     assert out.shape == (8, 10) and np.isfinite(out).all()
+
+
+def test_cli_plan_help_names_every_registered_candidate():
+    from thrifty.cli import build_parser
+    from thrifty.plan.config import CANDIDATES
+
+    sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "plan" in a.choices)
+    text = " ".join(sub.choices["plan"].format_help().split())
+    listed = text.split("comma list of per-layer candidates:")[1].split("(thrifty.plan.CANDIDATES")[0]
+    assert {c.strip() for c in listed.split(",")} == set(CANDIDATES)

@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size-mb", type=float, default=None, help="size budget of the ONNX file, MB (10^6 bytes)")
     p.add_argument("--batch", type=_common.positive_int, default=32, help="batch size the latency is measured at")
     p.add_argument("--threads", type=_common.positive_int, default=1, help="ONNX Runtime intra-op threads")
-    p.add_argument("--candidates", default="fp32,int8", help="per-layer candidates (thrifty.plan.CANDIDATES)")
+    p.add_argument("--candidates", default="fp32,int8", help="comma list of per-layer candidates: "
+                   "fp32, int8, int7, w4a8, w4 (thrifty.plan.CANDIDATES; when each pays off: docs/methods/plan.md)")
     p.add_argument("--pipeline", choices=["rtn", "adaquant", "light", "advanced"], default="rtn",
                    help="PTQ pipeline of the quantized layers (sensitivities are measured after it)")
     p.add_argument("--adaquant-iters", type=_common.nonneg_int, default=200)
