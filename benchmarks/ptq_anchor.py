@@ -45,6 +45,18 @@ from pathlib import Path
 import torch
 
 
+def _nlp_module():
+    """benchmarks/ptq_anchor_nlp.py, loaded from beside this file however this script was loaded (run as a
+    script, as the anchor's worker, or imported by a test)."""
+    mod = sys.modules.get("ptq_anchor_nlp")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("ptq_anchor_nlp", Path(__file__).with_name("ptq_anchor_nlp.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["ptq_anchor_nlp"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
 # prints the installed anchors (name+version, one per word); fails when none is importable with torch
 _PROBE = """
 import importlib.util, importlib.metadata, torch
@@ -125,7 +137,7 @@ def _aimet_run(bundle: dict, w_bits: int, a_bits: int, iters: int) -> torch.nn.M
     (SQNR-calibrated, AIMET's tf_enhanced analyser), none on op outputs."""
     import copy
 
-    import ptq_anchor_nlp as nlp  # beside this file (the script's folder is on sys.path)
+    nlp = _nlp_module()
     from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
     from aimet_torch.common.defs import QuantScheme
     from aimet_torch.quantization.affine import QuantizeDequantize
@@ -199,7 +211,7 @@ def _nlp_worker(bundle: dict, out_path: str) -> int:
     import traceback
     from importlib.metadata import version
 
-    import ptq_anchor_nlp as nlp  # beside this file (the script's folder is on sys.path)
+    nlp = _nlp_module()
 
     rows = []
     if importlib.util.find_spec("aimet_torch") is None:
@@ -292,7 +304,7 @@ def render(res: dict) -> str:
 
 
 def _render_nlp(key: str, part: dict) -> list[str]:
-    import ptq_anchor_nlp as nlp  # beside this file (the script's folder is on sys.path)
+    nlp = _nlp_module()
     from thrifty.bench.experiment import table
 
     for r in part["rows"]:  # a failed anchor run: its error is the row's outcome
@@ -404,7 +416,7 @@ def science(args) -> dict | None:
 
 def nlp_science(args, command: str) -> dict | None:
     """MiniLM (W4A8) or the causal LM (W4A16): thrifty's rows and AIMET AdaRound's on the same bundle."""
-    import ptq_anchor_nlp as nlp
+    nlp = _nlp_module()
 
     anchor_py = _anchor_python(args)
     if anchor_py is None:
