@@ -25,12 +25,12 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["Outcome", "keep_if_better", "holdout_rows", "HOLDOUT_RATIO", "HOLDOUT_EVERY"]
+__all__ = ["Outcome", "keep_if_better", "holdout_rows", "holdout_split", "HOLDOUT_RATIO", "HOLDOUT_EVERY"]
 
 HOLDOUT_RATIO = 2  # a layer with fewer output rows than this many times its fan-in is judged on held-out rows
 HOLDOUT_EVERY = 4  # ... every HOLDOUT_EVERY-th of its samples (the last one of 2 or 3)
@@ -58,6 +58,35 @@ def holdout_rows(n: int, observations: int, unknowns: int) -> Optional[tuple[tor
     keep = torch.ones(n, dtype=torch.bool)
     keep[check] = False
     return torch.arange(n)[keep], check
+
+
+def holdout_split(pairs: Sequence[tuple[Any, Any]], sizes: Sequence[int], observations: int, unknowns: int,
+                  select: Callable[[Any, torch.Tensor], Any]) -> Optional[tuple[list, list, list, list]]:
+    """``(fit a's, fit b's, check a's, check b's)`` of a fit's batches, or None when it has enough data.
+
+    ``pairs``: per batch its ``(inputs, targets)``, ``sizes`` its number of samples; each batch is split by
+    :func:`holdout_rows` and ``select(part, indices)`` takes the samples out of either half (a one-sample batch
+    is fitted whole). None also when no batch gives a held-out sample.
+
+    Example:
+        >>> x = torch.arange(8.0)
+        >>> fit_x, fit_y, chk_x, chk_y = holdout_split([(x, -x)], [8], 8, 32, lambda t, i: t[i])
+        >>> chk_x[0].tolist(), chk_y[0].tolist()
+        ([3.0, 7.0], [-3.0, -7.0])
+    """
+    if observations >= HOLDOUT_RATIO * unknowns:
+        return None
+    parts: tuple[list, list, list, list] = ([], [], [], [])
+    for (a, b), n in zip(pairs, sizes):
+        split = holdout_rows(n, observations, unknowns)
+        if split is None:  # a one-sample batch: fitted
+            parts[0].append(a)
+            parts[1].append(b)
+            continue
+        for k, idx in ((0, split[0]), (2, split[1])):
+            parts[k].append(select(a, idx))
+            parts[k + 1].append(select(b, idx))
+    return parts if parts[2] else None
 
 
 @dataclass

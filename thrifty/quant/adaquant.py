@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from thrifty.core.revert import HOLDOUT_RATIO, holdout_rows
+from thrifty.core.revert import holdout_split
 from thrifty.quant.calib import Batch, capture
 from thrifty.utils import show_progress
 
@@ -73,18 +73,8 @@ def _holdout(layer: nn.Module, xs: list[Tensor], ys: list[Tensor]
     except Exception:  # noqa: BLE001 - no GEMM weight layout (a lookup): judged on all its data as before
         return None
     positions, fan_in = sum(y.numel() for y in ys) // max(w.shape[0], 1), w[0].numel()
-    parts: list[list[Tensor]] = [[], [], [], []]
-    for x, y in zip(xs, ys):
-        split = holdout_rows(x.shape[0], positions, fan_in)
-        if split is None:
-            if positions < HOLDOUT_RATIO * fan_in:  # a one-sample batch: fitted
-                parts[0].append(x)
-                parts[1].append(y)
-                continue
-            return None
-        fit, chk = split
-        parts[0].append(x[fit]); parts[1].append(y[fit]); parts[2].append(x[chk]); parts[3].append(y[chk])  # noqa: E702
-    return None if not parts[2] else (parts[0], parts[1], parts[2], parts[3])
+    return holdout_split(list(zip(xs, ys)), [x.shape[0] for x in xs], positions, fan_in,
+                         lambda t, i: t[i.to(t.device)])
 
 
 def adaquant_layer(layer: nn.Module, xs: list[Tensor], ys: list[Tensor], *, iters: int = 300, batch: int = 32,

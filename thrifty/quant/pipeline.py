@@ -33,7 +33,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from thrifty.core import Filter, explicit_names, layer_status, make_filter, uncalled_layers, untied_views, wrap_layers
-from thrifty.core.revert import HOLDOUT_RATIO, holdout_rows, keep_if_better
+from thrifty.core.revert import holdout_split, keep_if_better
 from thrifty.nn import Chain, gemm_layers, gemm_op, is_gemm
 from thrifty.quant.adaquant import adaquant
 from thrifty.quant.bitalloc import allocate_bits, min_cost
@@ -378,21 +378,9 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
 def _bias_holdout(batches: list[Batch], targets: list[torch.Tensor], values: int, n_bias: int):
     """``(fit batches, fit targets, check batches, check targets)`` for bias tuning: the same lists twice unless
     ``values`` calibration outputs are too few for ``n_bias`` biases (:func:`thrifty.core.revert.holdout_rows`)."""
-    parts: list[list] = [[], [], [], []]
-    for b, t in zip(batches, targets):
-        split = holdout_rows(b.size, values, n_bias)
-        if split is None:
-            if values >= HOLDOUT_RATIO * n_bias:
-                return batches, targets, batches, targets
-            parts[0].append(b)  # a one-sample batch: tuned on
-            parts[1].append(t)
-            continue
-        fit, chk = split
-        parts[0].append(b.select(fit)); parts[1].append(t[fit.to(t.device)])  # noqa: E702
-        parts[2].append(b.select(chk)); parts[3].append(t[chk.to(t.device)])  # noqa: E702
-    if not parts[2]:
-        return batches, targets, batches, targets
-    return parts[0], parts[1], parts[2], parts[3]
+    split = holdout_split(list(zip(batches, targets)), [b.size for b in batches], values, n_bias,
+                          lambda v, i: v.select(i) if isinstance(v, Batch) else v[i.to(v.device)])
+    return (batches, targets, batches, targets) if split is None else split
 
 
 @contextlib.contextmanager

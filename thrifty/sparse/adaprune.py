@@ -147,7 +147,8 @@ def prune_layer(layer: nn.Module, mk: Any, inp: Tensor, target: Tensor, *, steps
     dev = inp.device
     params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
     split = holdout_rows(inp.shape[0], *_fan_in(layer, target))
-    all_in, all_t, start = inp, target, [t.detach().clone() for t in params + [mk.mask]]
+    all_in, all_t = inp, target
+    start = None if split is None else [t.detach().clone() for t in params + [mk.mask]]  # for the refit
     chk_in, chk_t = inp, target
     if split is not None:  # copies, of a small set only (fewer output rows than twice the fan-in)
         fit_rows, chk_rows = (i.to(dev) for i in split)
@@ -174,7 +175,7 @@ def prune_layer(layer: nn.Module, mk: Any, inp: Tensor, target: Tensor, *, steps
     # never make a layer worse than plain magnitude pruning
     with keep_if_better(params + [mk.mask], mse) as out:
         fit(inp, target)
-    if split is not None and out.kept:  # the held-out check passed: the same fit on all the (scarce) rows
+    if start is not None and out.kept:  # the held-out check passed: the same fit on all the (scarce) rows
         with torch.no_grad():
             for t, s0 in zip(params + [mk.mask], start):
                 t.copy_(s0)
