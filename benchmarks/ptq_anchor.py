@@ -32,6 +32,7 @@ the others:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -219,7 +220,7 @@ def _nlp_worker(bundle: dict, out_path: str) -> int:
     else:
         for w_bits, a_bits, group in bundle["precisions"]:
             for it in bundle["aimet_iters"]:
-                prec = f"W{w_bits}A{a_bits or 16}" + (f" g{group}" if group else "")
+                prec = nlp.precision_name(w_bits, a_bits, group)
                 row = dict(tool=f"AIMET {version('aimet-torch')}", method=f"AdaRound, {it} iterations", precision=prec)
                 w, c = time.perf_counter(), _cpu()
                 costs: dict = {}
@@ -309,8 +310,10 @@ def _render_nlp(key: str, part: dict) -> list[str]:
 
     for r in part["rows"]:  # a failed anchor run: its error is the row's outcome
         r.setdefault("outcome", r.get("error") or r.get("note") or "")
-    when = (f"Produced by `{part['command']}` (machine shared with other jobs, load {part['load']:.0f}: wall s "
-            "include waiting, CPU s are the comparable cost; 1 torch thread).")
+    runs = part.get("runs") or [dict(command=part["command"], load=part["load"])]
+    by = "; ".join(f"`{r['command']}` (load {r['load']:.0f})" for r in runs)
+    when = (f"Produced by {by}; wall s include waiting when the machine was shared, CPU s are the comparable cost; "
+            "1 torch thread.")
     cols = {"precision": "precision", "tool": "tool", "method": "method"}
     if key == "minilm":
         head = ["## all-MiniLM-L6-v2, W4A8", "",
@@ -361,24 +364,33 @@ def main(argv=None) -> int:
                     help="AdaRound iterations per layer for AIMET (several values: one row each)")
     ap.add_argument("--workload", choices=["resnet20", "minilm", "lm"], default="resnet20",
                     help="which comparison to run; its rows replace that workload's in the JSON, the others are kept")
+    ap.add_argument("--precision", action="append", default=None,
+                    help="minilm / lm: only this precision, as the table names it (W4A8, W4A16, 'W4A16 g64'); "
+                         "repeatable. The workload's rows of other precisions already in the JSON are kept, so "
+                         "two runs with different precisions can share one JSON (even at the same time)")
     args = exp.start(argv)
     if args.render:
         res = exp.read_json()
     else:
-        part = science(args) if args.workload == "resnet20" else nlp_science(args, exp.command)
+        if args.precision and args.workload == "resnet20":
+            ap.error("--precision applies to --workload minilm / lm")
+        # the anchor's python is a path on this machine; the command a reader reruns names it VENV/bin/python
+        command = exp.command.replace(args.anchor_python, "VENV/bin/python") if args.anchor_python else exp.command
+        part = science(args) if args.workload == "resnet20" else nlp_science(args, command)
         if part is None:
             return 0
-        try:
-            old = exp.read_json()
-        except (FileNotFoundError, SystemExit):
-            old = {}
-        if args.workload == "resnet20":
-            res = {**{k: old[k] for k in ("minilm", "lm") if k in old}, **part}
-        else:  # the resnet20 rows (and the command that produced them) stay as they were
-            res = {**old, "resnet20_environment": old.get("resnet20_environment", old.get("environment")),
-                   args.workload: part}
-            res.pop("environment", None)
-        exp.write_json(res)
+        with _locked(exp.path(".json.lock")):  # read-merge-write, safe beside a run of another precision
+            try:
+                old = exp.read_json()
+            except (FileNotFoundError, SystemExit):
+                old = {}
+            if args.workload == "resnet20":
+                res = {**{k: old[k] for k in ("minilm", "lm") if k in old}, **part}
+            else:  # the resnet20 rows (and the command that produced them) stay as they were
+                res = {**old, "resnet20_environment": old.get("resnet20_environment", old.get("environment")),
+                       args.workload: merge_precisions(old.get(args.workload), part)}
+                res.pop("environment", None)
+            exp.write_json(res)
         res = exp.read_json()  # rendered from the JSON, as --render does
     print(exp.write_markdown(render(res)).read_text(), end="")
     return 0
@@ -422,6 +434,13 @@ def nlp_science(args, command: str) -> dict | None:
     if anchor_py is None:
         return None
     bundle = (nlp.minilm_bundle if args.workload == "minilm" else nlp.lm_bundle)(args.quick)
+    if args.precision:
+        known = {nlp.precision_name(*p): p for p in bundle["precisions"]}
+        unknown = [p for p in args.precision if p not in known]
+        if unknown:
+            raise SystemExit(f"ptq_anchor: --precision {unknown[0]!r} is not one of the {args.workload} workload's: "
+                             f"{', '.join(known)}")
+        bundle["precisions"] = [known[p] for p in args.precision]
     bundle["aimet_iters"] = [50] if args.quick else args.aimet_iters
     if args.anchor_from:
         anchor_rows = [r for f in args.anchor_from for r in json.loads(Path(f).read_text())]
@@ -435,8 +454,44 @@ def nlp_science(args, command: str) -> dict | None:
 
     rows = nlp.thrifty_rows(bundle, args.quick, timed) + anchor_rows
     keep = ("n_calib", "n_calib_full", "n_test", "fp32_ppl", "first_last")
-    return dict(rows=rows, anchor=anchor_rows[0]["tool"] if anchor_rows else "none", command=command,
-                load=os.getloadavg()[0], **{k: bundle[k] for k in keep if k in bundle})
+    return dict(rows=rows, anchor=anchor_rows[0]["tool"] if anchor_rows else "none",
+                runs=[dict(command=command, load=os.getloadavg()[0],
+                           precisions=[nlp.precision_name(*p) for p in bundle["precisions"]])],
+                **{k: bundle[k] for k in keep if k in bundle})
+
+
+def merge_precisions(old: dict | None, new: dict) -> dict:
+    """``new`` (one nlp workload's part) plus the rows of ``old`` for precisions ``new`` did not run, with the runs
+    that produced them. A part from before runs were recorded (``command`` / ``load``) counts as one run.
+
+        >>> a = dict(rows=[dict(precision="W4A16", ppl=9.2)], runs=[dict(command="a", load=1, precisions=["W4A16"])])
+        >>> b = dict(rows=[dict(precision="W4A16 g64", ppl=9.1)],
+        ...          runs=[dict(command="b", load=1, precisions=["W4A16 g64"])])
+        >>> [r["precision"] for r in merge_precisions(a, b)["rows"]], len(merge_precisions(a, b)["runs"])
+        (['W4A16', 'W4A16 g64'], 2)
+    """
+    if not old:
+        return new
+    done = {p for r in new["runs"] for p in r["precisions"]}
+    old_runs = old.get("runs") or [dict(command=old.get("command", ""), load=old.get("load", 0.0),
+                                        precisions=sorted({r["precision"] for r in old["rows"]}))]
+    kept_runs = [dict(r, precisions=[p for p in r["precisions"] if p not in done]) for r in old_runs]
+    return {**old, **new, "rows": [r for r in old["rows"] if r["precision"] not in done] + new["rows"],
+            "runs": [r for r in kept_runs if r["precisions"]] + new["runs"]}
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (created) for the block: two runs merging into one JSON take turns."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _anchor_python(args) -> str | None:

@@ -307,6 +307,11 @@ def minilm_bundle(quick: bool) -> dict:
                 n_test=len(test_texts))
 
 
+def precision_name(w_bits: int, a_bits: int | None, group: int | None) -> str:
+    """The table's name of a precision: ``precision_name(4, None, 64) == "W4A16 g64"``."""
+    return f"W{w_bits}A{a_bits or 16}" + (f" g{group}" if group else "")
+
+
 def lm_bundle(quick: bool) -> dict:
     from thrifty.data.lm import lm_tokens, lm_windows
     from thrifty.train.lm import LM_SEQ_LEN, pretrained_lm
@@ -347,12 +352,12 @@ def thrifty_rows(bundle: dict, quick: bool, timed) -> list[dict]:
         cfgs = [(f"{p} ({iters} iterations)" if p == "adaquant" else p,
                  PTQ(w_bits=4, a_bits=None, first_last_bits=4, pipeline=p, group_size=g, loss="kl",
                      adaquant_iters=iters, batch_size=32, adaquant_batch=8))
-                for g in (None, GROUP) for p in ("rtn", "adaquant")]
+                for _, _, g in bundle["precisions"] for p in ("rtn", "adaquant")]
     for method, cfg in cfgs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # embeddings / norms stay FP32 (listed in the warning)
             res, wall, cpu = timed(lambda: quantize(fp, cfg, calib, progress=False))
-        prec = f"W{cfg.w_bits}A{cfg.a_bits or 16}" + (f" g{cfg.group_size}" if cfg.group_size else "")
+        prec = precision_name(cfg.w_bits, cfg.a_bits, cfg.group_size)
         rows.append(dict(tool="thrifty", method=method, precision=prec, **score(bundle, res.model),
                          cpu_s=cpu, wall_s=wall))
         print(json.dumps(rows[-1]), flush=True)

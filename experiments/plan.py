@@ -60,34 +60,13 @@ WORKLOADS = {w[0]: w for w in QUICK + FULL}
 METRIC = {"mlp-digits": "top1", "resnet20-digits32": "top1", "minilm-text": "cosine", "tinyllama-lm": "perplexity"}
 
 
-def _lm_workload(max_samples: int, seq_len: int, calib_windows: int):
-    """tinyllama on held-out byte windows of ``seq_len`` tokens, and ``calib_windows`` random training windows
-    in batches of 32 (as experiments/causal_lm.py calibrates). Inputs: ``input_ids`` and an all-ones
-    ``attention_mask`` (without a mask, transformers looks for packed sequences in the position ids with
-    ``aten::diff``, which the ONNX exporter does not have; with one, the logits are the same)."""
-    from thrifty.bench.api import Workload
-    from thrifty.bench.harness import Samples
-    from thrifty.data.lm import lm_tokens, lm_windows
-    from thrifty.train.lm import pretrained_lm
-
-    model = pretrained_lm("tinyllama").eval()
-    test = lm_windows("test", seq_len)
-    test = test[:max_samples].numpy().astype("int64")
-    t = lm_tokens("train")
-    g = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, t.numel() - seq_len + 1, (calib_windows,), generator=g)
-    ids = t[starts[:, None] + torch.arange(seq_len)].long()
-    calib = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(32)]
-    samples = Samples((test, np.ones_like(test)), None, f"lm@{seq_len}")
-    return Workload("tinyllama", model, samples, ["input_ids", "attention_mask"]), calib
-
-
 def _workload(model_name: str, dataset: str, max_samples: int, args):
     """(Workload, calibration data) of one row of QUICK/FULL."""
     from thrifty.train import pretrained
 
-    if model_name == "tinyllama":
-        return _lm_workload(max_samples, args.seq_len or 128, 10 * args.calib_per_class)
+    if model_name == "tinyllama":  # 10 x calib_per_class random training windows, as causal_lm.py calibrates
+        wl = load_workload("tinyllama", "lm", seq_len=args.seq_len or 128, max_samples=max_samples)
+        return wl, calibration_data(wl, per_class=args.calib_per_class)
     model = pretrained(model_name, dataset, seed=0) if model_name in ("mlp", "resnet20", "cnn1d") else model_name
     wl = load_workload(model, dataset, max_samples=max_samples, **({"seq_len": args.seq_len} if args.seq_len else {}))
     return wl, calibration_data(wl, per_class=args.calib_per_class)

@@ -285,6 +285,46 @@ def test_cost_table_is_two_sided_on_an_interaction_model(monkeypatch):
     assert pw.fastest() == (pytest.approx(ms(every)), every)
 
 
+def test_mixed_pairs_share_the_boundary_of_candidates_that_quantize_inputs_alike(monkeypatch):
+    # A runtime where int8 saves 2 ms, int7 2.5 ms, W4 weight-only 1 ms per layer, and each boundary between a
+    # float-input layer (fp32, w4) and a u8-input one (int8, int7) costs 1.5 ms. Only same-candidate pairs are
+    # timed; an int8 -> int7 pair crosses no boundary, which the derived mixed term (the mean of the two
+    # measured ones) knows: the model is exact on all 4^3 assignments, and the ILP's fastest plan is the
+    # exhaustive one.
+    import itertools
+
+    import thrifty.plan.graph as graph_mod
+    from thrifty.plan.cost import pair_weights
+
+    layers, cands = ["0", "2", "4"], ("fp32", "int8", "int7", "w4")
+    save, quant_in = {"fp32": 0.0, "int8": 2.0, "int7": 2.5, "w4": 1.0}, {"int8", "int7"}
+
+    def ms(picks: dict) -> float:
+        seq = ["fp32"] + [picks.get(n, "fp32") for n in layers] + ["fp32"]
+        return 10.0 - sum(save[c] for c in seq) + 1.5 * sum((a in quant_in) != (b in quant_in)
+                                                             for a, b in zip(seq, seq[1:]))
+
+    fake = lambda m, picks, *a, **k: [json.dumps(dict(p)).encode() for p in picks]  # noqa: E731
+    monkeypatch.setattr(cost_mod, "deploy_graphs", fake)
+    monkeypatch.setattr(cost_mod, "iter_graphs", fake)
+    monkeypatch.setattr(graph_mod, "layer_edges", lambda *a, **k: [("0", "2"), ("2", "4")])
+    monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: ms(json.loads(g))))
+    monkeypatch.setattr(cost_mod, "weight_bytes", len)
+    t = measure_costs(_mlp(), torch.randn(8, 32), (torch.randn(2, 32),), (np.zeros((4, 32), np.float32),), layers,
+                      candidates=cands, cache=False)
+    assert t.pairs["0|2"] == {"int8": pytest.approx(-3.0), "int7": pytest.approx(-3.0), "w4": pytest.approx(0.0)}
+    assert pair_weights(t.pairs["0|2"], "int8", "int7") == {"int8": 0.5, "int7": 0.5}
+    assert pair_weights(t.pairs["0|2"], "int8", "w4") == {} == pair_weights(t.pairs["0|2"], "fp32", "int8")
+    every = [dict(zip(layers, combo)) for combo in itertools.product(cands, repeat=3)]
+    for picks in every:
+        assert t.predict(picks)[0] == pytest.approx(ms(picks)), picks
+    best = min(every, key=ms)
+    assert t.fastest() == (pytest.approx(ms(best)), best)
+    # the solver's form of the terms and predict() agree (the ILP optimises what predict() reports)
+    terms = t.pair_terms()
+    assert terms[("0", "2")][("int8", "int7")] == pytest.approx(-3.0) and ("int8", "w4") not in terms[("0", "2")]
+
+
 # ------------------------------------------------------------------------------------------------ the planner
 def test_planner_meets_size_budget_and_is_the_ilp_optimum(tmp_path, monkeypatch):
     monkeypatch.setenv("THRIFTY_CACHE", str(tmp_path / "cache"))

@@ -133,3 +133,52 @@ def test_cost_graphs_calibrate_residuals_once(monkeypatch):
             # every graph with a quantized conv in front of a residual Add calibrates its own: each conv2, all
             assert len(calls) == 3, calls
     assert sig[True] == sig[False]
+
+
+# ------------------------------------------------------------------------------ the causal LM's data path
+def _tiny_llama():
+    from thrifty.models import create
+
+    torch.manual_seed(0)
+    return create("tinyllama", hidden=32, layers=1, heads=2, intermediate=64).eval()
+
+
+def test_lm_workload_and_its_calibration_windows():
+    """load_workload(model, "lm"): held-out byte windows of --seq-len tokens with an all-ones mask; calibration:
+    10 x per_class random training windows of that length, in batches of 32, the same for the same seed."""
+    from thrifty.bench.api import calibration_data, load_workload
+    from thrifty.data.lm import lm_windows
+
+    wl = load_workload(_tiny_llama(), "lm", seq_len=16, max_samples=5)
+    assert wl.samples.name == "lm@16" and wl.input_names == ["input_ids", "attention_mask"]
+    ids, mask = wl.samples.inputs
+    assert ids.shape == mask.shape == (5, 16) and (mask == 1).all() and ids.dtype == np.int64
+    assert (ids == lm_windows("test", 16, n=5).numpy()).all()
+    calib = calibration_data(wl, per_class=4)
+    assert [b["input_ids"].shape for b in calib] == [(32, 16), (8, 16)]
+    assert all((b["attention_mask"] == 1).all() for b in calib)
+    again = calibration_data(wl, per_class=4)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(calib, again))
+    with pytest.raises(ValueError, match="byte-level text .* model '_tinyencoder' has vocab_size None"):
+        load_workload(_TinyEncoder(), "lm")
+
+
+def test_cli_plan_on_the_causal_lm_scores_perplexity(tmp_path, monkeypatch):
+    """``thrifty plan --model tinyllama``: the LM's held-out windows, its calibration windows and perplexity (the
+    pretrained model replaced by a small random one, which is all the data path needs)."""
+    import json
+
+    import thrifty.train.lm as lm
+    from thrifty.cli import main
+
+    monkeypatch.setenv("THRIFTY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(lm, "pretrained_lm", lambda *a, **k: _tiny_llama())
+    out = tmp_path / "p"
+    assert main(["plan", "--model", "tinyllama", "--seq-len", "8", "--max-samples", "8", "--batch", "4",
+                 "--size-mb", "1", "--rounds", "1", "--sweep", "0", "--calib-per-class", "1", "--loadgen-s", "0",
+                 "--clock", "cpu", "--max-rounds", "1", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["metric"] == "perplexity" and rep["higher_is_better"] is False
+    pts = {p["name"]: p for p in rep["points"]}
+    assert 1.0 < pts["fp32"]["accuracy"] < 256 * 1.5  # a random byte model: perplexity near the vocabulary
+    assert "lm_head" in rep["plan"]["picks"] or "lm_head" in (out / "plan.yaml").read_text()

@@ -79,3 +79,30 @@ def test_aimet_estimate_scales_loop_and_caching_separately():
     a = dict(layers=29, loop_cpu_s=10.0, sampling_cpu_s=3.0, layer_cpu_s=15.0, iters=50, n_calib=16)
     assert nlp.aimet_estimate(a, cpu_s=100.0, n_full=64) == pytest.approx(100 - 13 + 3 * 4 + 10 * 40 * 2)
     assert nlp.aimet_estimate({**a, "iters": 2000, "n_calib": 64}, cpu_s=100.0, n_full=64) == pytest.approx(100)
+
+
+def test_nlp_runs_of_different_precisions_merge_into_one_part():
+    """``--precision`` runs share one JSON: a run replaces only its own precisions' rows, keeps the others and the
+    commands that produced them (a part written before runs were recorded counts as one run)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ptq_anchor
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    old = dict(rows=[dict(precision="W4A16", ppl=9.3), dict(precision="W4A16 g64", ppl=9.2)], command="old", load=2.0,
+               n_calib=16)
+    new = dict(rows=[dict(precision="W4A16 g64", ppl=9.1)], n_calib=64,
+               runs=[dict(command="new", load=1.0, precisions=["W4A16 g64"])])
+    m = ptq_anchor.merge_precisions(old, new)
+    assert m["rows"] == [dict(precision="W4A16", ppl=9.3), dict(precision="W4A16 g64", ppl=9.1)]
+    assert m["runs"] == [dict(command="old", load=2.0, precisions=["W4A16"]), *new["runs"]] and m["n_calib"] == 64
+    assert ptq_anchor.merge_precisions(None, new) is new
+    again = ptq_anchor.merge_precisions(m, dict(new, runs=[dict(new["runs"][0], command="newer")]))
+    assert [r["command"] for r in again["runs"]] == ["old", "newer"]  # a rerun replaces its precision's run
+
+
+def test_precision_filter_is_for_the_transformer_workloads(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ptq_anchor.py"), "--out", str(tmp_path),
+                        "--precision", "W4A4"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2 and "--precision applies to --workload minilm / lm" in p.stderr

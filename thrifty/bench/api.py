@@ -132,6 +132,11 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
 
             mod, name = pretrained("resnet20", "digits32", seed=seed), "resnet20"
             data = data if data is not None else "digits32"
+        elif s == "tinyllama":  # the causal LM trained on the bundled stdlib text (cached after the first time)
+            from thrifty.train.lm import pretrained_lm
+
+            mod, name = pretrained_lm("tinyllama", seed=seed), "tinyllama"
+            data = data if data is not None else "lm"
         else:
             from thrifty.models import create, list_models
 
@@ -146,7 +151,9 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
         data = "text"
     if data is None:
         raise ValueError(f"no data for model {name!r}: pass data= (a dataset name, Samples or TensorDataset)")
-    if isinstance(data, str):
+    if isinstance(data, str) and data == "lm":
+        samples = _lm_samples(mod, name, seq_len)
+    elif isinstance(data, str):
         splits = load_dataset(data, seed=0)
         if data == "text":
             if mod is None or not hasattr(mod, "tokenizer"):
@@ -170,11 +177,25 @@ def load_workload(model: Union[str, os.PathLike, nn.Module], data: Any = None, *
         samples = Samples(tuple(a[:max_samples] for a in samples.inputs),
                           None if samples.labels is None else samples.labels[:max_samples], samples.name,
                           samples.trim_mask)
-    names = ["input_ids", "attention_mask"] if len(samples.inputs) == 2 and samples.name.startswith("text") \
+    names = ["input_ids", "attention_mask"] if len(samples.inputs) == 2 and samples.name.startswith(("text", "lm@")) \
         else keyword_names or [f"input_{i}" for i in range(len(samples.inputs))]
     if mod is not None and not isinstance(model, nn.Module):
         mod = mod.eval()  # ours; a user's module is never modified (backends work on copies)
     return Workload(name, mod, samples, names, onnx_path)
+
+
+def _lm_samples(mod: Optional[nn.Module], name: str, seq_len: int) -> Samples:
+    """The held-out windows of the bundled byte-level text (thrifty.data.lm) for a causal LM: ``input_ids`` and
+    an all-ones ``attention_mask`` (without a mask, transformers looks for packed sequences with ``aten::diff``,
+    which the ONNX exporter lacks; the logits are the same)."""
+    from thrifty.data.lm import VOCAB_SIZE, lm_windows
+
+    vocab = getattr(getattr(mod, "config", None), "vocab_size", None)
+    if vocab != VOCAB_SIZE:
+        raise ValueError(f"the 'lm' dataset is byte-level text ({VOCAB_SIZE} tokens) for a causal LM such as "
+                         f"tinyllama; model {name!r} has vocab_size {vocab}")
+    ids = lm_windows("test", seq_len).numpy().astype("int64")
+    return Samples((ids, np.ones_like(ids)), None, f"lm@{seq_len}")
 
 
 _BUNDLED_IMAGES = ("digits", "digits32", "mnist1d")
@@ -188,9 +209,20 @@ def _bundled(name: str) -> bool:
 def calibration_data(wl: Workload, per_class: int = 10, seed: int = 0) -> Any:
     """PTQ calibration inputs for a workload, chosen like experiments/ptq.py: ``calibration_subset(train,
     per_class)`` of the bundled dataset (digits32 images; text sentences tokenized in batches of 32, padded to
-    the longest, at most the samples' length), else the first ``10 * per_class`` samples."""
+    the longest, at most the samples' length; for a causal LM on the bundled text, ``10 * per_class`` random
+    training windows of the samples' length in batches of 32, as experiments/causal_lm.py), else the first
+    ``10 * per_class`` samples."""
     from thrifty.data import calibration_subset, load_dataset
 
+    if wl.samples.name.startswith("lm@"):
+        from thrifty.data.lm import lm_tokens
+
+        seq = wl.samples.inputs[0].shape[1]
+        t = lm_tokens("train")
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, t.numel() - seq + 1, (10 * per_class,), generator=g)
+        ids = t[starts[:, None] + torch.arange(seq)].long()
+        return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(32)]
     if wl.samples.name.startswith("text") and wl.model is not None:
         splits = load_dataset("text", seed=0)
         idx = calibration_subset(splits.train, per_class=per_class, seed=seed).tensors[0].tolist()

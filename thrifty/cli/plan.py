@@ -9,8 +9,9 @@ predicted and measured latency and loss, the LoadGen latency, and the Pareto fro
 latency, accuracy vs size) of plans over a sweep of latency budgets against all FP32, all int8, W4A8 and ONNX
 Runtime's quantize_static.
 
-``--model``: a registry name (``resnet20``: the pretrained digits32 baseline; ``minilm``), a saved thrifty model,
-with ``--dataset`` where it has none recorded.
+``--model``: a registry name (``resnet20``: the pretrained digits32 baseline; ``minilm``; ``tinyllama``: the causal
+LM trained on the bundled text, planned on held-out ``--seq-len``-byte windows and scored by perplexity), a saved
+thrifty model, with ``--dataset`` where it has none recorded.
 
 Example:
     thrifty plan --model resnet20 --latency-ms 6 --size-mb 0.5 --out runs/plan-resnet20
@@ -25,8 +26,12 @@ from thrifty.cli import _common
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="per-layer precision plan under a measured latency and size budget",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="registry name (resnet20, minilm) or saved model stem/path")
+    p.add_argument("--model", required=True,
+                   help="registry name (resnet20, minilm, tinyllama: the causal LM on the bundled text) or saved "
+                        "model stem/path")
     p.add_argument("--dataset", default=None, help="dataset (default: the model's own)")
+    p.add_argument("--seq-len", type=_common.positive_int, default=128,
+                   help="token window of a text model or causal LM (minilm, tinyllama)")
     p.add_argument("--latency-ms", type=float, default=None, help="latency budget, ms per batch of --batch samples")
     p.add_argument("--size-mb", type=float, default=None, help="size budget of the ONNX file, MB (10^6 bytes)")
     p.add_argument("--batch", type=_common.positive_int, default=32, help="batch size the latency is measured at")
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--candidates must include fp32 (the reference every layer can keep)")
     out = _common.check_out_dir(args.out or f"runs/plan-{args.model}", args.overwrite)
     seed_everything(args.seed)
-    wl = load_workload(args.model, args.dataset, max_samples=args.max_samples, seed=args.seed)
+    wl = load_workload(args.model, args.dataset, max_samples=args.max_samples, seed=args.seed, seq_len=args.seq_len)
     if wl.model is None:
         raise ValueError(f"--model {args.model}: thrifty plan needs a PyTorch model, not an ONNX file")
     if args.batch > len(wl.samples):
@@ -90,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
                                   candidates=cands, input_names=wl.input_names,
                                   loadgen_dir=out / "loadgen" if args.loadgen_s > 0 else None,
                                   loadgen_s=args.loadgen_s, cache=not args.no_cache, clock=args.clock,
-                                  max_rounds=args.max_rounds)
+                                  max_rounds=args.max_rounds,
+                                  # a causal LM on the bundled text is scored by perplexity, the rest by top-1
+                                  # (labelled samples) or by cosine to FP32
+                                  metric="perplexity" if wl.samples.name.startswith("lm@") else "auto")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "plan.yaml", res.plan.to_yaml())
     from thrifty.utils import atomic_write_bytes

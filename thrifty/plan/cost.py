@@ -23,8 +23,11 @@ and predicts ``T(x) = T_ref + sum_l d_l[x_l] + sum_(a,b) I_ab[x_a == x_b == c]``
 is per layer plus per precision boundary. Every term is measured from both sides, in the FP32 graph and in the
 all-``c`` graph (switching layers back); the two estimates are averaged, and the model is then fitted by least
 squares to every graph timed (:func:`refit`, the averages as a prior), so what the pairwise model leaves out
-(a layer three steps away changing the fusion) is spread over the terms instead of landing on one end. Mixed
-pairs (two different quantized candidates) get no term. The graph
+(a layer three steps away changing the fusion) is spread over the terms instead of landing on one end. A mixed
+pair (two different candidates) is not timed: when both quantize their inputs alike (int8, int7 and w4a8 all take
+u8 activations) the tensor between them crosses the same QuantizeLinear/DequantizeLinear boundary as a same-
+candidate pair, so its term is the mean of the two candidates' terms (:func:`pair_weights`; refitting sees that
+sharing too); any other mix (W4 weight-only beside int8) gets none. The graph
 with every layer switched is predicted and compared with its measurement (``CostTable.additivity``);
 ``pairwise=False`` keeps the additive model (two-sided per-layer differences only).
 
@@ -65,7 +68,7 @@ import torch.nn as nn
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
 from thrifty.utils import atomic_write_text, get_logger
 
-__all__ = ["CostTable", "measure_costs", "refit", "deploy_graphs", "iter_graphs", "time_graphs", "weight_bytes",
+__all__ = ["CostTable", "measure_costs", "refit", "pair_weights", "deploy_graphs", "iter_graphs", "time_graphs", "weight_bytes",
            "cache_path", "machine_key", "load_cached"]
 
 log = get_logger("thrifty.plan")
@@ -98,15 +101,27 @@ class CostTable:
     noise: float = 0.0
 
     def pair_terms(self, scale: float = 1.0) -> dict[tuple[str, str], dict[tuple[str, str], float]]:
-        """The latency pair terms in :func:`thrifty.plan.solve.solve`'s form, times ``scale``."""
-        return {tuple(k.split("|", 1)): {(c, c): scale * v for c, v in d.items()} for k, d in self.pairs.items()}
+        """The latency pair terms in :func:`thrifty.plan.solve.solve`'s form, times ``scale``: a measured term
+        for each candidate both layers picked, and the derived one of each mixed pair that shares its boundary."""
+        out: dict[tuple[str, str], dict[tuple[str, str], float]] = {}
+        for k, d in self.pairs.items():
+            terms = {}
+            a, b = k.split("|", 1)
+            for ca, cb in itertools.product(self.latency_ms[a], self.latency_ms[b]):
+                w = pair_weights(d, ca, cb)
+                if w:
+                    terms[(ca, cb)] = scale * sum(v * d[c] for c, v in w.items())
+            out[(a, b)] = terms
+        return out
 
     def predict(self, picks: Mapping[str, str]) -> tuple[float, float]:
         """Predicted (latency ms, bytes) of a per-layer choice: reference plus the summed differences plus the
-        pair terms of neighbours that picked the same candidate."""
+        pair terms of neighbours that picked the same candidate (or two that share their boundary)."""
         ms = self.base_ms + sum(self.latency_ms[n][c] for n, c in picks.items())
-        ms += sum(d.get(picks[a], 0.0) for k, d in self.pairs.items() for a, b in [k.split("|", 1)]
-                  if a in picks and picks[a] == picks.get(b))
+        for k, d in self.pairs.items():
+            a, b = k.split("|", 1)
+            if a in picks and b in picks:
+                ms += sum(v * d[c] for c, v in pair_weights(d, picks[a], picks[b]).items())
         by = self.base_bytes + sum(self.bytes[n][c] for n, c in picks.items())
         return float(ms), float(by)
 
@@ -123,6 +138,32 @@ class CostTable:
     @classmethod
     def from_json(cls, text: str) -> "CostTable":
         return cls(**json.loads(text))
+
+
+def _input_quant(name: str) -> Optional[tuple]:
+    """How a candidate quantizes its layer's input (bits, symmetric), or None when the input stays float."""
+    cfg = candidate(name).config
+    a_bits = getattr(cfg, "a_bits", None)
+    return None if a_bits is None else (a_bits, getattr(cfg, "a_symmetric", False))
+
+
+def pair_weights(terms: Mapping[str, float], ca: str, cb: str) -> dict[str, float]:
+    """How a producer -> consumer pair picking ``ca`` and ``cb`` draws on its measured terms (candidate ->
+    term): both the same candidate, that candidate's term; two candidates that quantize their inputs alike
+    (int8 beside int7: one shared boundary), the mean of those of the two that were measured; else nothing.
+
+        >>> pair_weights({"int8": -1.0, "int7": -0.6}, "int8", "int7")
+        {'int8': 0.5, 'int7': 0.5}
+        >>> pair_weights({"int8": -1.0, "w4": 0.1}, "int8", "w4"), pair_weights({"int8": -1.0}, "fp32", "fp32")
+        ({}, {})
+    """
+    if ca == cb:
+        return {ca: 1.0} if ca in terms else {}
+    qa = _input_quant(ca)
+    if qa is None or qa != _input_quant(cb):
+        return {}
+    have = [c for c in (ca, cb) if c in terms]
+    return {c: 1.0 / len(have) for c in have}
 
 
 def deploy_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any, example: tuple,
@@ -290,7 +331,8 @@ def refit(table: CostTable, extra: Sequence[tuple[Mapping[str, str], float]] = (
 
     def row(picks: Mapping[str, str]) -> np.ndarray:
         p = {n: picks.get(n, "fp32") for n in table.layers}
-        return np.array([float(p[e[0]] == c and p[e[1]] == c) if e else float(p[n] == c) for n, c, e in terms])
+        return np.array([pair_weights(table.pairs[n], p[e[0]], p[e[1]]).get(c, 0.0) if e else float(p[n] == c)
+                         for n, c, e in terms])
 
     data = [(row(p), ms - table.base_ms, 1.0) for p, ms, _ in table.measured]
     data += [(row(p), ms - table.base_ms, float(weight)) for p, ms in extra]
