@@ -24,6 +24,7 @@ one thread leaves out the time the process waited for a core on a shared machine
     python experiments/plan.py --only resnet20-digits32   # one workload: results/plan_resnet20-digits32.*
     python experiments/plan.py --quick --only minilm-text --layers 2 ...  # a small run of one workload's full path
     python experiments/plan.py --quick --render           # rewrite the .md and .png from the saved .json only
+    python experiments/plan.py --combine   # results/plan.* from the saved plan_<workload>.json of --only runs
 
 The committed results/plan_resnet20-digits32.* ran ``--only resnet20-digits32 --clock cpu --pipeline rtn --sweep 2
 --rounds 9 --loadgen-s 1``: 27.5 min wall, 8.4 min CPU on a shared 2-core machine (load ~20), of which the cost
@@ -120,6 +121,23 @@ def science(args) -> dict:
     return reports
 
 
+def combine(out: Path) -> dict:
+    """``{workload: report}`` of every full workload with a saved ``plan_<workload>.json`` in ``out``, each
+    report carrying the command that produced it."""
+    import json
+
+    result = {}
+    for name, *_ in FULL:
+        f = out / f"plan_{name}.json"
+        if f.is_file():
+            saved = json.loads(f.read_text())
+            result[name] = {**saved[name], "command": saved.get("command")}
+    if not result:
+        raise SystemExit(f"--combine: no plan_<workload>.json in {out} for {', '.join(w[0] for w in FULL)}; run "
+                         "them with --only first")
+    return result
+
+
 def _reports(result: dict) -> dict:
     return {k: r for k, r in result.items() if k not in ("environment", "command")}
 
@@ -142,7 +160,9 @@ def _scope(r: dict) -> str:
 
 
 def _markdown(result: dict, quick: bool) -> str:
-    md = "\n".join(markdown(r, f"thrifty plan: {k}") + _scope(r) + _machine(r) for k, r in _reports(result).items())
+    md = "\n".join(markdown(r, f"thrifty plan: {k}") + _scope(r) + _machine(r)
+                   + (f"Produced by `{r['command']}`.\n" if r.get("command") else "")
+                   for k, r in _reports(result).items())
     cmd = result.get("command") or f"python experiments/plan.py{' --quick' if quick else ''}"
     return f"<!-- {cmd} -->\n" + md
 
@@ -170,13 +190,19 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=None,
                    help="token window of MiniLM / the causal LM (default 128 for both)")
     p.add_argument("--work", type=Path, default=Path("runs") / "plan", help="LoadGen logs")
+    p.add_argument("--combine", action="store_true",
+                   help="write results/plan.{json,md,png} from the saved one-workload results (plan_<workload>.json, "
+                        "each run with --only and its own command), without running anything")
     args = exp.start(argv)
     for k in ("layers", "max_samples", "seq_len"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
     if args.only and args.name == exp.name:  # one workload never overwrites the results of all of them
         args.name = f"plan_{args.only}"
-    if not args.render:
+    if args.combine:
+        result = {**combine(exp.out), "command": exp.command}
+        exp.write_json(result)
+    elif not args.render:
         result = science(args)
         result["command"] = exp.command
         exp.write_json(result)

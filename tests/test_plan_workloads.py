@@ -182,3 +182,30 @@ def test_cli_plan_on_the_causal_lm_scores_perplexity(tmp_path, monkeypatch):
     pts = {p["name"]: p for p in rep["points"]}
     assert 1.0 < pts["fp32"]["accuracy"] < 256 * 1.5  # a random byte model: perplexity near the vocabulary
     assert "lm_head" in rep["plan"]["picks"] or "lm_head" in (out / "plan.yaml").read_text()
+
+
+def test_plan_experiment_combines_one_workload_runs(tmp_path):
+    """``experiments/plan.py --combine``: results/plan.* from the saved --only runs, each with its own command."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    saved = json.loads((root / "results" / "plan_resnet20-digits32.json").read_text())
+    saved["command"] = "python experiments/plan.py --only resnet20-digits32"
+    (tmp_path / "plan_resnet20-digits32.json").write_text(json.dumps(saved))
+    env = {**os.environ, "PYTHONPATH": str(root), "MPLBACKEND": "Agg"}
+    p = subprocess.run([sys.executable, str(root / "experiments" / "plan.py"), "--combine", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "plan.json").read_text())
+    assert set(res) == {"resnet20-digits32", "command", "environment"}
+    assert res["resnet20-digits32"]["command"] == saved["command"]
+    md = (tmp_path / "plan.md").read_text()
+    assert f"Produced by `{saved['command']}`." in md and "Targets (" in md and (tmp_path / "plan.png").is_file()
+    (tmp_path / "plan_resnet20-digits32.json").unlink()
+    p = subprocess.run([sys.executable, str(root / "experiments" / "plan.py"), "--combine", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode != 0 and "--combine: no plan_<workload>.json" in p.stderr

@@ -284,6 +284,57 @@ def _pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{100 * v:+.1f}%"
 
 
+def targets(report: dict[str, Any]) -> list[str]:
+    """The planner's targets checked on a report's points, as Markdown bullets: the chosen plan ("plan (budget)")
+    within its latency budget and within 10 % of its predicted latency when measured, at least as good as every
+    uniform point that runs at the same or lower measured latency, and some planner point dominating some
+    uniform one (no slower and no worse, and faster beyond twice the timing noise or strictly better).
+
+        >>> pts = [dict(name="fp32", kind="uniform", latency_ms=10.0, noise=0.01, quality=0.99),
+        ...        dict(name="int8", kind="uniform", latency_ms=6.0, noise=0.01, quality=0.95),
+        ...        dict(name="w4a8", kind="uniform", latency_ms=6.5, noise=0.01, quality=0.985),
+        ...        dict(name="plan (budget)", kind="planner", latency_ms=7.0, noise=0.01, quality=0.98,
+        ...             predicted_latency_ms=7.2, latency_rel_error=0.03, latency_budget_ms=7.5),
+        ...        dict(name="plan 1", kind="planner", latency_ms=5.5, noise=0.01, quality=0.96)]
+        >>> print("\\n".join(targets(dict(points=pts))))
+        - chosen plan within its latency budget when measured: yes (7 ms; budget 7.5 ms at the table's FP32 latency, 7.51 ms at this run's)
+        - measured within 10 % of predicted: yes (+3.0%)
+        - at least as good as every uniform point at the same or lower measured latency: no (w4a8: 6.5 ms, 0.985 vs the plan's 0.98)
+        - a planner point dominates a uniform one: yes (plan 1 over int8: 5.5 vs 6 ms, 0.96 vs 0.95)
+    """
+    sign = 1.0 if report.get("higher_is_better", True) else -1.0  # reports from before "quality" was stored
+    pts = [{**p, "quality": p.get("quality", sign * p.get("accuracy", 0.0))} for p in report["points"]]
+    plan = next((p for p in pts if p["name"] == "plan (budget)"), None)
+    uniform = [p for p in pts if p["kind"] == "uniform"]
+    out = []
+    if plan is not None and plan.get("latency_rel_error") is not None:
+        budget = plan.get("latency_budget_ms")
+        if budget:  # the budget is at the cost table's FP32 latency; this run's FP32 graph sets the scale
+            scale = (1 + plan["latency_rel_error"]) * plan["latency_ms"] / plan["predicted_latency_ms"]
+            ok = plan["latency_ms"] <= budget * scale
+            out.append(f"- chosen plan within its latency budget when measured: {'yes' if ok else 'no'} "
+                       f"({plan['latency_ms']:.4g} ms; budget {budget:.4g} ms at the table's FP32 latency, "
+                       f"{budget * scale:.4g} ms at this run's)")
+        err = plan["latency_rel_error"]
+        out.append(f"- measured within 10 % of predicted: {'yes' if abs(err) <= 0.10 else 'no'} ({_pct(err)})")
+        beat = [u for u in uniform if u["latency_ms"] <= plan["latency_ms"] and u["quality"] > plan["quality"]]
+        why = "; ".join(f"{u['name']}: {u['latency_ms']:.4g} ms, {u['quality']:.4g} vs the plan's {plan['quality']:.4g}"
+                        for u in beat)
+        out.append("- at least as good as every uniform point at the same or lower measured latency: "
+                   + ("yes" if not beat else f"no ({why})"))
+    dom = [(p, u) for p in pts if p["kind"] == "planner" for u in uniform
+           if p["latency_ms"] <= u["latency_ms"] and p["quality"] >= u["quality"]
+           and (p["quality"] > u["quality"]
+                or p["latency_ms"] < u["latency_ms"] * (1 - 2 * max(p.get("noise", 0.0), u.get("noise", 0.0))))]
+    if dom:
+        p, u = max(dom, key=lambda d: (d[1]["latency_ms"] - d[0]["latency_ms"]) / d[1]["latency_ms"])
+        out.append(f"- a planner point dominates a uniform one: yes ({p['name']} over {u['name']}: "
+                   f"{p['latency_ms']:.4g} vs {u['latency_ms']:.4g} ms, {p['quality']:.4g} vs {u['quality']:.4g})")
+    else:
+        out.append("- a planner point dominates a uniform one: no")
+    return out
+
+
 def markdown(report: dict[str, Any], title: str) -> str:
     """The report as a Markdown section: the points table, the chosen plan, LoadGen and the cost model's check."""
     b, p, ct = report["budgets"], report["plan"], report["cost_table"]
@@ -337,6 +388,7 @@ def markdown(report: dict[str, Any], title: str) -> str:
         lines.append(f"Model check, {k}: predicted {a['predicted_ms']:.3f} ms, measured {a['measured_ms']:.3f} ms "
                      f"({_pct(a['latency_rel_error'])}; additive from the FP32 side {_pct(a['one_sided_rel_error'])}); "
                      f"bytes predicted {a['predicted_bytes']:.0f}, measured {a['measured_bytes']:.0f}.")
+    lines += ["", "Targets (quality: the metric, negated when lower is better):", *targets(report)]
     return "\n".join(lines) + "\n"
 
 
