@@ -364,7 +364,8 @@ def markdown(report: dict[str, Any], title: str) -> str:
     measured = [r for r in p["rounds"] if "measured" in r]
     lines += ["", f"Chosen plan: meets latency {p['meets_latency']} (raw {p.get('meets_latency_raw', '-')}), meets size "
               f"{p['meets_size']}; {len(measured)} plan(s) measured (after the first, the cost model is refitted to "
-              "the plans measured before):"]
+              "the plans measured before; \"uniform\": a uniform choice predicted to fit, measured beside them; "
+              "kept: the lowest measured loss within the budgets):"]
     for i, r in enumerate(p["rounds"]):
         if "infeasible" in r:
             lines.append(f"- round {i + 1} ({r['reference']}): no plan within the budgets ({r['infeasible']})")
@@ -372,7 +373,8 @@ def markdown(report: dict[str, Any], title: str) -> str:
         m = r["measured"]
         raw = (f", raw {m['raw_ms']:.4g} ms beside FP32 {m['fp32_ms']:.4g} ms, noise ±{100 * m['noise']:.1f}%"
                if "raw_ms" in m else "")
-        lines.append(f"- round {i + 1} ({r['reference']}): {sum(c != 'fp32' for c in r['picks'].values())} layers "
+        kept = " (kept)" if r["picks"] == p["picks"] else ""
+        lines.append(f"- round {i + 1} ({r['reference']}{kept}): {sum(c != 'fp32' for c in r['picks'].values())} layers "
                      f"quantized, latency predicted {r['predicted']['latency_ms']:.4g} ms, measured "
                      f"{m['latency_ms']:.4g} ms ({_pct(r['latency_rel_error'])}{raw}); loss predicted "
                      f"{r['predicted']['loss']:.4g}, measured {m['loss']:.4g}")
