@@ -240,8 +240,13 @@ RENDERED = [("benchmarks/accumulators.py", "bench_accumulators", []), ("benchmar
             ("experiments/minilm_nm.py", "minilm_nm", []),
             ("experiments/nm_masks.py", "nm_masks", []), ("experiments/plan.py", "plan_quick", ["--quick"]),
             ("experiments/plan.py", "plan_resnet20-digits32", ["--only", "resnet20-digits32"]),
+            ("experiments/plan.py", "plan_minilm-text", ["--only", "minilm-text"]),
+            ("experiments/plan.py", "plan_tinyllama-lm", ["--only", "tinyllama-lm"]),
             ("experiments/ptq.py", "ptq", []),
-            ("experiments/ptq_ablation.py", "ptq_ablation", []), ("experiments/regimes.py", "regimes", []),
+            ("experiments/ptq_ablation.py", "ptq_ablation", []),
+            ("experiments/ptq_ablation.py", "ptq_ablation_steps", ["--name", "ptq_ablation_steps"]),
+            ("experiments/ptq_lm_ablation.py", "ptq_lm_ablation", []),
+            ("experiments/ptq_lm_ablation.py", "ptq_lm_ablation_quick", ["--quick"]), ("experiments/regimes.py", "regimes", []),
             ("experiments/regimes.py", "regimes_quick", ["--quick"]), ("experiments/train8.py", "train8", [])]
 
 

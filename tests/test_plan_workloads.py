@@ -99,6 +99,19 @@ def test_plan_report_on_token_inputs(kind, tmp_path, monkeypatch):
         assert pts["fp32"]["accuracy"] == pytest.approx(1.0, abs=1e-5)  # cosine of the FP32 graph to itself
         assert 0.9 < pts["int8"]["accuracy"] <= 1.0 + 1e-6
     assert set(res.picks) == {"fc1", "fc2"} and rep["plan"]["meets_size"]
+    # every planner point has a paired standard error against every uniform point; one that quantizes what a
+    # uniform point does is that point (one graph, one timing, one score)
+    uniform = [p["name"] for p in rep["points"] if p["kind"] == "uniform"]
+    assert set(rep["quality_se"]) == {"plan (budget)"} and set(rep["quality_se"]["plan (budget)"]) == set(uniform)
+    assert all(se >= 0 for se in rep["quality_se"]["plan (budget)"].values())
+    plan = pts["plan (budget)"]
+    mine = {n for n, c in res.picks.items() if c != "fp32"}
+    if not mine:
+        assert plan["same_as"] == "fp32"
+    if "same_as" in plan:
+        src = pts[plan["same_as"]]
+        assert (plan["latency_ms"], plan["accuracy"]) == (src["latency_ms"], src["accuracy"])
+        assert rep["quality_se"]["plan (budget)"][src["name"]] == 0.0
 
 
 def test_cost_graphs_calibrate_residuals_once(monkeypatch):

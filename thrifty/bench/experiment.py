@@ -146,7 +146,8 @@ class Experiment:
     ``name`` is the default results stem (``results/<name>.json``; ``<name>_quick`` under ``--quick``, so a quick
     run never overwrites a full one); ``description`` the script's docstring (the ``--help`` text); ``hypotheses``
     the claims the run tests, fixed in the script before it runs, shown by ``--help`` and copied under the
-    markdown's title; ``threads`` and ``seed`` the flag defaults. ``parser`` takes the script's own flags before
+    markdown's title under ``header`` (say there when they were written after exploratory runs); ``threads`` and
+    ``seed`` the flag defaults. ``parser`` takes the script's own flags before
     :meth:`start`.
 
     Example:
@@ -158,12 +159,13 @@ class Experiment:
     """
 
     def __init__(self, name: str, description: str | None = None, *, hypotheses: Iterable[str] = (),
-                 threads: int = 1, seed: int = 0, out: str | os.PathLike | None = None):
+                 threads: int = 1, seed: int = 0, out: str | os.PathLike | None = None, header: str = HEADER):
         if not name or any(c in name for c in "/\\ ") or name.startswith("."):
             raise ValueError(f"Experiment name must be a plain file stem, got {name!r}")
         self.name = name
         self.hypotheses = [h.strip() for h in hypotheses]
-        epilog = "\n".join([HEADER, *(f"- {h}" for h in self.hypotheses)]) if self.hypotheses else None
+        self.header = header  # how the hypotheses were written: before the runs unless the script says otherwise
+        epilog = "\n".join([header, *(f"- {h}" for h in self.hypotheses)]) if self.hypotheses else None
         self.parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                               formatter_class=argparse.RawDescriptionHelpFormatter)
         g = self.parser.add_argument_group("harness")
@@ -233,7 +235,7 @@ class Experiment:
         if not self.hypotheses:
             return text if text.endswith("\n") else text + "\n"
         title, _, rest = text.partition("\n")
-        block = "\n".join([HEADER, "", *(f"- {h}" for h in self.hypotheses)])
+        block = "\n".join([self.header, "", *(f"- {h}" for h in self.hypotheses)])
         return f"{title}\n\n{block}\n\n{rest.lstrip(chr(10))}".rstrip("\n") + "\n"
 
     def write_markdown(self, text: str, suffix: str = ".md") -> Path:

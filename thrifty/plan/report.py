@@ -25,10 +25,11 @@ import torch.nn as nn
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
 from thrifty.plan.cost import measure_costs, time_graphs, weight_bytes
 from thrifty.plan.planner import PlanResult, make_plan
+from thrifty.plan.quality import METRICS, next_token_nll, paired_se, sample_scores, targets
 from thrifty.utils import atomic_savefig, atomic_write_text
 
 __all__ = ["pareto_front", "ort_quantize_static", "evaluate_graph", "loadgen_latency", "plan_report",
-           "markdown", "plot_pareto", "write_report"]
+           "markdown", "plot_pareto", "write_report", "next_token_nll", "targets"]
 
 
 def pareto_front(points: Sequence[dict[str, Any]], cost: str, quality: str) -> list[str]:
@@ -75,37 +76,6 @@ def _outputs(graph: bytes, samples: Any, threads: int, batch: int = 64) -> np.nd
                            for i in range(0, n, batch)])
 
 
-# metric name -> whether higher is better (the Pareto fronts' direction)
-METRICS = {"top1": True, "cosine": True, "perplexity": False}
-
-
-def next_token_nll(logits: np.ndarray, ids: np.ndarray, chunk: int = 32) -> float:
-    """Mean next-token negative log-likelihood (nats) of a causal LM's ``logits`` (``[n, T, V]``, or flattened to
-    ``[n, T * V]``) on its own input ``ids`` (``[n, T]`` integer tokens): every ``T - 1`` prediction of every row,
-    as :func:`thrifty.train.lm.nll` computes it in PyTorch.
-
-    Example:
-        >>> round(float(np.exp(next_token_nll(np.zeros((2, 5, 256), np.float32), np.zeros((2, 5), np.int64)))), 3)
-        256.0
-    """
-    ids = np.asarray(ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[1] < 2:
-        raise ValueError(f"next_token_nll: ids must be [n, T >= 2] integer tokens, got {ids.dtype} {ids.shape}")
-    n, t = ids.shape
-    if logits.size % (n * t):
-        raise ValueError(f"next_token_nll: {logits.shape} logits do not split into {n} x {t} token positions")
-    logits = logits.reshape(n, t, -1)
-    if ids.max() >= logits.shape[2] or ids.min() < 0:
-        raise ValueError(f"next_token_nll: token ids outside the {logits.shape[2]}-word vocabulary")
-    total = 0.0
-    for i in range(0, n, chunk):
-        z = logits[i:i + chunk, :-1].astype(np.float64)
-        z -= z.max(-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        total -= float(np.take_along_axis(logp, ids[i:i + chunk, 1:, None], -1).sum())
-    return total / (n * (t - 1))
-
-
 def evaluate_graph(graph: bytes, samples: Any, threads: int = 1, reference: Optional[np.ndarray] = None,
                    metric: str = "auto") -> float:
     """The quality of an ONNX graph on ``samples`` (``thrifty.bench.Samples``). ``metric``: ``"top1"`` (class
@@ -128,6 +98,13 @@ def evaluate_graph(graph: bytes, samples: Any, threads: int = 1, reference: Opti
     if reference is None:
         raise ValueError("evaluate_graph: the samples have no class labels; pass reference outputs")
     return float(s["cosine_mean"])
+
+
+def _scores(graph: bytes, samples: Any, threads: int, reference: np.ndarray, metric: str
+            ) -> tuple[float, np.ndarray]:
+    """A graph's metric value and per-sample scores (:func:`thrifty.plan.quality.sample_scores`)."""
+    ids = samples.inputs[0] if metric == "perplexity" else None
+    return sample_scores(_outputs(graph, samples, threads), metric, samples.labels, reference, ids)
 
 
 def _metric_of(samples: Any, out: np.ndarray, metric: str) -> str:
@@ -204,7 +181,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                                                    candidates=candidates, pipeline=pipeline,
                                                    adaquant_iters=adaquant_iters, threads=threads, rounds=rounds,
                                                    input_names=input_names, layers=layers, table=base, sens=sens,
-                                                   refine_tol=float("inf"), cache=cache, clock=clock)
+                                                   max_rounds=min(max_rounds, 2), cache=cache, clock=clock)
             except ValueError:  # the size budget rules this latency out: recorded, not plotted
                 skipped.append(float(lat))
     graphs: dict[str, bytes] = {}
@@ -216,10 +193,12 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
         uni = {"int8": {n: "int8" for n in layers},
                "w4a8": {n: "int8" if n in (layers[0], layers[-1]) else "w4a8" for n in layers}}
         uni |= {c: {n: c for n in layers if candidate(c).accepts(mods[n])} for c in candidates if c in ("int7", "w4")}
+        chosen: dict[str, frozenset] = {"fp32": frozenset()}  # what each point quantizes, to find copies
         for name, picks in uni.items():
             res = quantize_plan(model, plan_from_picks(picks, pipeline, adaquant_iters), calib)
             if res is None:  # no layer takes the candidate
                 continue
+            chosen[name] = frozenset((n, c) for n, c in picks.items() if c != "fp32")
             graphs[name] = export_onnx(res.model, example, Path(d) / f"{name}.onnx", input_names=input_names,
                                        calib=calib).read_bytes()
     names = list(input_names or [f"input_{i}" for i in range(len(example))])
@@ -230,18 +209,35 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
         skipped_points["ort quantize_static"] = f"{type(e).__name__}: {e}"[:300]
     uniform = list(graphs)
     graphs.update({k: p.onnx for k, p in plans.items()})
-    keys = list(graphs)
+    # a plan that quantizes exactly what an earlier point does is that point: one graph, timed and scored once
+    # (separate sessions of one graph differ by more than one session's timing noise)
+    same_as: dict[str, str] = {}
+    for k, p in plans.items():
+        mine = frozenset((n, c) for n, c in p.picks.items() if c != "fp32")
+        match = next((o for o, c in chosen.items() if c == mine and o in graphs), None)
+        if match is None:
+            chosen[k] = mine
+        else:
+            same_as[k] = match
+    keys = [k for k in graphs if k not in same_as]
     t, se = time_graphs([graphs[k] for k in keys], feed, threads, rounds, spread=True, clock=clock)
     ms, noise = dict(zip(keys, t)), dict(zip(keys, se))
     ref = _outputs(graphs["fp32"], samples, threads)
     metric = _metric_of(samples, ref, metric)
     sign = 1.0 if METRICS[metric] else -1.0
+    scores: dict[str, tuple[float, np.ndarray]] = {}
     points = []
-    for k in keys:
-        acc = evaluate_graph(graphs[k], samples, threads, ref, metric)
+    for k in graphs:
+        src = same_as.get(k, k)
+        ms[k], noise[k] = ms[src], noise[src]
+        if src not in scores:
+            scores[src] = _scores(graphs[src], samples, threads, ref, metric)
+        acc = scores[src][0]
         pt: dict[str, Any] = {"name": k, "kind": "uniform" if k in uniform else "planner", "latency_ms": ms[k],
                               "noise": noise[k], "bytes": weight_bytes(graphs[k]), "accuracy": acc,
                               "quality": sign * acc}
+        if k in same_as:
+            pt["same_as"] = src
         if k in plans:
             p = plans[k]
             pt.update(predicted_latency_ms=p.predicted["latency_ms"], predicted_loss=p.predicted["loss"],
@@ -255,6 +251,9 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
         "budgets": {"latency_ms": latency_ms, "size_mb": size_mb}, "batch": len(feed[0]), "threads": threads,
         "rounds": rounds, "clock": clock, "pipeline": pipeline, "candidates": list(candidates), "layers": len(layers),
         "samples": len(samples), "metric": metric, "higher_is_better": METRICS[metric], "points": points,
+        # paired standard errors of the quality differences, planner point -> uniform point
+        "quality_se": {k: {u: paired_se(scores[same_as.get(k, k)][1], scores[u][1], metric) for u in uniform}
+                       for k in plans},
         "pareto_latency": pareto_front(points, "latency_ms", "quality"),
         "pareto_size": pareto_front(points, "bytes", "quality"),
         "sweep_infeasible_ms": skipped, "points_skipped": skipped_points,
@@ -284,57 +283,6 @@ def _pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{100 * v:+.1f}%"
 
 
-def targets(report: dict[str, Any]) -> list[str]:
-    """The planner's targets checked on a report's points, as Markdown bullets: the chosen plan ("plan (budget)")
-    within its latency budget and within 10 % of its predicted latency when measured, at least as good as every
-    uniform point that runs at the same or lower measured latency, and some planner point dominating some
-    uniform one (no slower and no worse, and faster beyond twice the timing noise or strictly better).
-
-        >>> pts = [dict(name="fp32", kind="uniform", latency_ms=10.0, noise=0.01, quality=0.99),
-        ...        dict(name="int8", kind="uniform", latency_ms=6.0, noise=0.01, quality=0.95),
-        ...        dict(name="w4a8", kind="uniform", latency_ms=6.5, noise=0.01, quality=0.985),
-        ...        dict(name="plan (budget)", kind="planner", latency_ms=7.0, noise=0.01, quality=0.98,
-        ...             predicted_latency_ms=7.2, latency_rel_error=0.03, latency_budget_ms=7.5),
-        ...        dict(name="plan 1", kind="planner", latency_ms=5.5, noise=0.01, quality=0.96)]
-        >>> print("\\n".join(targets(dict(points=pts))))
-        - chosen plan within its latency budget when measured: yes (7 ms; budget 7.5 ms at the table's FP32 latency, 7.51 ms at this run's)
-        - measured within 10 % of predicted: yes (+3.0%)
-        - at least as good as every uniform point at the same or lower measured latency: no (w4a8: 6.5 ms, 0.985 vs the plan's 0.98)
-        - a planner point dominates a uniform one: yes (plan 1 over int8: 5.5 vs 6 ms, 0.96 vs 0.95)
-    """
-    sign = 1.0 if report.get("higher_is_better", True) else -1.0  # reports from before "quality" was stored
-    pts = [{**p, "quality": p.get("quality", sign * p.get("accuracy", 0.0))} for p in report["points"]]
-    plan = next((p for p in pts if p["name"] == "plan (budget)"), None)
-    uniform = [p for p in pts if p["kind"] == "uniform"]
-    out = []
-    if plan is not None and plan.get("latency_rel_error") is not None:
-        budget = plan.get("latency_budget_ms")
-        if budget:  # the budget is at the cost table's FP32 latency; this run's FP32 graph sets the scale
-            scale = (1 + plan["latency_rel_error"]) * plan["latency_ms"] / plan["predicted_latency_ms"]
-            ok = plan["latency_ms"] <= budget * scale
-            out.append(f"- chosen plan within its latency budget when measured: {'yes' if ok else 'no'} "
-                       f"({plan['latency_ms']:.4g} ms; budget {budget:.4g} ms at the table's FP32 latency, "
-                       f"{budget * scale:.4g} ms at this run's)")
-        err = plan["latency_rel_error"]
-        out.append(f"- measured within 10 % of predicted: {'yes' if abs(err) <= 0.10 else 'no'} ({_pct(err)})")
-        beat = [u for u in uniform if u["latency_ms"] <= plan["latency_ms"] and u["quality"] > plan["quality"]]
-        why = "; ".join(f"{u['name']}: {u['latency_ms']:.4g} ms, {u['quality']:.4g} vs the plan's {plan['quality']:.4g}"
-                        for u in beat)
-        out.append("- at least as good as every uniform point at the same or lower measured latency: "
-                   + ("yes" if not beat else f"no ({why})"))
-    dom = [(p, u) for p in pts if p["kind"] == "planner" for u in uniform
-           if p["latency_ms"] <= u["latency_ms"] and p["quality"] >= u["quality"]
-           and (p["quality"] > u["quality"]
-                or p["latency_ms"] < u["latency_ms"] * (1 - 2 * max(p.get("noise", 0.0), u.get("noise", 0.0))))]
-    if dom:
-        p, u = max(dom, key=lambda d: (d[1]["latency_ms"] - d[0]["latency_ms"]) / d[1]["latency_ms"])
-        out.append(f"- a planner point dominates a uniform one: yes ({p['name']} over {u['name']}: "
-                   f"{p['latency_ms']:.4g} vs {u['latency_ms']:.4g} ms, {p['quality']:.4g} vs {u['quality']:.4g})")
-    else:
-        out.append("- a planner point dominates a uniform one: no")
-    return out
-
-
 def markdown(report: dict[str, Any], title: str) -> str:
     """The report as a Markdown section: the points table, the chosen plan, LoadGen and the cost model's check."""
     b, p, ct = report["budgets"], report["plan"], report["cost_table"]
@@ -353,7 +301,8 @@ def markdown(report: dict[str, Any], title: str) -> str:
         err = pt.get("latency_rel_error")
         e = "-" if err is None else f"{_pct(err)} ({_pct(pt.get('latency_rel_error_raw'))})"
         noise = "-" if pt.get("noise") is None else f"±{100 * pt['noise']:.1f}%"
-        lines.append(f"| {pt['name']} | {pt['kind']} | {f(pt.get('quantized'))} | {pt['latency_ms']:.3f} | "
+        kind = pt["kind"] + (f" (= {pt['same_as']})" if pt.get("same_as") else "")
+        lines.append(f"| {pt['name']} | {kind} | {f(pt.get('quantized'))} | {pt['latency_ms']:.3f} | "
                      f"{noise} | "
                      f"{f(pt.get('predicted_latency_ms'))} | {e} | "
                      f"{pt['bytes'] / 1e6:.3f} | {pt['accuracy']:.4f} | {f(pt.get('predicted_loss'))} | "
@@ -390,7 +339,9 @@ def markdown(report: dict[str, Any], title: str) -> str:
         lines.append(f"Model check, {k}: predicted {a['predicted_ms']:.3f} ms, measured {a['measured_ms']:.3f} ms "
                      f"({_pct(a['latency_rel_error'])}; additive from the FP32 side {_pct(a['one_sided_rel_error'])}); "
                      f"bytes predicted {a['predicted_bytes']:.0f}, measured {a['measured_bytes']:.0f}.")
-    lines += ["", "Targets (quality: the metric, negated when lower is better):", *targets(report)]
+    lines += ["", "Targets (quality: the metric, negated when lower is better; \"beyond the noise\": a latency "
+              "difference over twice the timing noise, a quality difference over twice the standard error of the "
+              "paired per-sample differences; \"(= x)\": the same choices as point x, one graph):", *targets(report)]
     return "\n".join(lines) + "\n"
 
 
