@@ -242,6 +242,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
             p = plans[k]
             pt.update(predicted_latency_ms=p.predicted["latency_ms"], predicted_loss=p.predicted["loss"],
                       measured_loss=p.measured["loss"], quantized=sum(c != "fp32" for c in p.picks.values()),
+                      picks=p.picks,
                       latency_budget_ms=p.budgets["latency_ms"],
                       # the prediction is at the table's FP32 latency; this run's FP32 graph sets the scale
                       latency_rel_error=(p.predicted["latency_ms"] * ms["fp32"] / base.base_ms - ms[k]) / ms[k],
