@@ -376,6 +376,7 @@ def main(argv=None) -> int:
             ap.error("--precision applies to --workload minilm / lm")
         # the anchor's python is a path on this machine; the command a reader reruns names it VENV/bin/python
         command = exp.command.replace(args.anchor_python, "VENV/bin/python") if args.anchor_python else exp.command
+        exp.command = command  # the JSON's environment records it too
         part = science(args) if args.workload == "resnet20" else nlp_science(args, command)
         if part is None:
             return 0
