@@ -112,6 +112,25 @@ def test_plan_report_on_token_inputs(kind, tmp_path, monkeypatch):
         src = pts[plan["same_as"]]
         assert (plan["latency_ms"], plan["accuracy"]) == (src["latency_ms"], src["accuracy"])
         assert rep["quality_se"]["plan (budget)"][src["name"]] == 0.0
+    # evaluate_graph scores a graph as the report does, and names what it cannot score
+    from thrifty.bench.export import export_onnx
+    from thrifty.plan.report import evaluate_graph
+
+    g = export_onnx(model, example, tmp_path / "fp32.onnx", input_names=names).read_bytes()
+    assert evaluate_graph(g, samples, metric=metric, reference=ref_out(g, samples)) == pytest.approx(
+        pts["fp32"]["accuracy"], rel=1e-6)
+    with pytest.raises(ValueError, match="metric must be"):
+        evaluate_graph(g, samples, metric="bleu")
+    with pytest.raises(ValueError, match="needs class labels"):
+        evaluate_graph(g, samples, metric="top1")
+    with pytest.raises(ValueError, match="pass reference outputs"):
+        evaluate_graph(g, samples, metric="cosine")
+
+
+def ref_out(graph: bytes, samples) -> np.ndarray:
+    from thrifty.plan.report import _outputs
+
+    return _outputs(graph, samples, 1)
 
 
 def test_cost_graphs_calibrate_residuals_once(monkeypatch):

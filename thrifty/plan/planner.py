@@ -195,8 +195,9 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
         tighten = 1.0  # the latency budget the ILP is given, relative to the user's (below)
         for _ in range(max_rounds):
             try:
-                budget = latency_ms if latency_ms is None or tighten == 1.0 else \
-                    max(latency_ms * tighten, min(latency_ms, model_k.fastest()[0]))  # a cut never makes it infeasible
+                # a cut never goes below the fastest predicted plan (nor turns the user's budget feasible)
+                budget = None if latency_ms is None else \
+                    max(latency_ms * tighten, min(latency_ms, model_k.fastest()[0]))
                 picks, pred = _solve(sens, model_k, budget, size_mb)
             except ValueError as e:  # the prediction says no plan fits; a measured graph may still (below)
                 if latency_ms is None or not (log or _within([table], sens, latency_ms, size_mb)):

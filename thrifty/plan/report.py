@@ -25,7 +25,7 @@ import torch.nn as nn
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
 from thrifty.plan.cost import measure_costs, time_graphs, weight_bytes
 from thrifty.plan.planner import PlanResult, make_plan
-from thrifty.plan.quality import METRICS, next_token_nll, paired_se, sample_scores, targets
+from thrifty.plan.quality import METRICS, _pct, next_token_nll, paired_se, sample_scores, targets
 from thrifty.utils import atomic_savefig, atomic_write_text
 
 __all__ = ["pareto_front", "ort_quantize_static", "evaluate_graph", "loadgen_latency", "plan_report",
@@ -82,29 +82,22 @@ def evaluate_graph(graph: bytes, samples: Any, threads: int = 1, reference: Opti
     labels), ``"cosine"`` (mean cosine similarity of the outputs to ``reference``), ``"perplexity"`` (a causal
     LM: next-token perplexity of its logits on its own first input, the token ids) or ``"auto"``: top-1 when
     the samples carry class labels the outputs score, else cosine."""
-    from thrifty.bench.accuracy import score_outputs
-
     if metric not in ("auto", *METRICS):
         raise ValueError(f"evaluate_graph: metric must be 'auto' or one of {sorted(METRICS)}, got {metric!r}")
     out = _outputs(graph, samples, threads)
-    if metric == "perplexity":
-        return float(np.exp(next_token_nll(out, samples.inputs[0])))
-    s = score_outputs({i: out[i] for i in range(len(out))}, samples.labels if metric != "cosine" else None,
-                      reference)
-    if "top1" in s:
-        return float(s["top1"])
-    if metric == "top1":
+    if metric == "top1" and _metric_of(samples, out, "auto") != "top1":
         raise ValueError("evaluate_graph: metric 'top1' needs class labels the outputs score (one output per class)")
-    if reference is None:
+    metric = _metric_of(samples, out, metric)
+    if metric == "cosine" and reference is None:
         raise ValueError("evaluate_graph: the samples have no class labels; pass reference outputs")
-    return float(s["cosine_mean"])
+    return _scores_of(out, samples, reference, metric)[0]
 
 
-def _scores(graph: bytes, samples: Any, threads: int, reference: np.ndarray, metric: str
-            ) -> tuple[float, np.ndarray]:
-    """A graph's metric value and per-sample scores (:func:`thrifty.plan.quality.sample_scores`)."""
+def _scores_of(out: np.ndarray, samples: Any, reference: Optional[np.ndarray], metric: str
+               ) -> tuple[float, np.ndarray]:
+    """Outputs' metric value and per-sample scores (:func:`thrifty.plan.quality.sample_scores`)."""
     ids = samples.inputs[0] if metric == "perplexity" else None
-    return sample_scores(_outputs(graph, samples, threads), metric, samples.labels, reference, ids)
+    return sample_scores(out, metric, samples.labels, reference, ids)
 
 
 def _metric_of(samples: Any, out: np.ndarray, metric: str) -> str:
@@ -214,7 +207,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
     same_as: dict[str, str] = {}
     for k, p in plans.items():
         mine = frozenset((n, c) for n, c in p.picks.items() if c != "fp32")
-        match = next((o for o, c in chosen.items() if c == mine and o in graphs), None)
+        match = next((o for o, c in chosen.items() if c == mine), None)
         if match is None:
             chosen[k] = mine
         else:
@@ -231,7 +224,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
         src = same_as.get(k, k)
         ms[k], noise[k] = ms[src], noise[src]
         if src not in scores:
-            scores[src] = _scores(graphs[src], samples, threads, ref, metric)
+            scores[src] = _scores_of(_outputs(graphs[src], samples, threads), samples, ref, metric)
         acc = scores[src][0]
         pt: dict[str, Any] = {"name": k, "kind": "uniform" if k in uniform else "planner", "latency_ms": ms[k],
                               "noise": noise[k], "bytes": weight_bytes(graphs[k]), "accuracy": acc,
@@ -278,10 +271,6 @@ _METRIC_LABEL = {"top1": "accuracy", "cosine": "cosine to FP32", "perplexity": "
 
 def _budget(v: Optional[float], unit: str) -> str:
     return "none" if v is None else f"{v:.4g} {unit}"
-
-
-def _pct(v: Optional[float]) -> str:
-    return "-" if v is None else f"{100 * v:+.1f}%"
 
 
 def markdown(report: dict[str, Any], title: str) -> str:
