@@ -206,13 +206,18 @@ def test_cost_table_measures_bytes_and_caches(tmp_path, monkeypatch):
     p = cache_path(t.key)
     assert p.is_file() and json.loads(p.read_text())["key"] == t.key
     # the key names what the numbers depend on: the layer pairs measured and the method among them
-    assert t.key["edges"] == [["0", "2"], ["2", "4"]] == t.edges and t.key["method"] == "pairwise, two-sided"
+    assert t.key["edges"] == [["0", "2"], ["2", "4"]] == t.edges
+    assert t.key["method"] == "pairwise, two-sided, 3 mixes (seed 0), 3 anchors"
+    # 3 random mixes drawn; a draw that repeats a graph already timed is no held-out check, and of 3 layers in a
+    # chain only {0, 4} is not timed anyway
+    assert t.mix_check == {} or (t.mix_check["graphs"] == 1 and t.mix_check["max_abs_rel_error"] >= 0)
     assert set(t.pairs) == {"0|2", "2|4"} and t.noise >= 0.0
     monkeypatch.setattr(cost_mod, "time_graphs", lambda *a, **k: pytest.fail("a cached table was measured again"))
     again = measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, threads=1, rounds=2)
     assert again == CostTable.from_json(p.read_text()) and again.latency_ms == t.latency_ms
     assert again.predict({"0": "int8", "2": "int8"}) == t.predict({"0": "int8", "2": "int8"})
-    for other in ({"threads": 2}, {"pairwise": False}, {"check_additivity": False}, {"candidates": ("fp32", "w4a8")}):
+    for other in ({"threads": 2}, {"pairwise": False}, {"check_additivity": False}, {"candidates": ("fp32", "w4a8")},
+                  {"mixes": 0}, {"anchors": 1}, {"seed": 1}):
         with pytest.raises(pytest.fail.Exception):  # another thread count / method / candidates: another entry
             measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, **({"threads": 1, "rounds": 2} | other))
     p.write_text("{not json")  # a corrupt entry is measured again, with a warning, and rewritten
@@ -243,6 +248,48 @@ def test_time_graphs_ratios_groups_and_clocks():
         time_graphs([g], (x.numpy(),), 1, rounds=0)
 
 
+def test_time_graphs_cancels_slow_rounds_and_averages_anchor_sessions(monkeypatch):
+    # Synthetic runtime: graph g takes true[g] ms times its round's slowdown (a shared machine's slow spell hits
+    # every graph of a round) times its session's own speed (where its memory landed). With unbiased sessions
+    # the slowdowns cancel exactly; with biased anchors a group's graphs move by the geometric mean of its
+    # anchors' biases, not by one session's.
+    import thrifty.bench.backends as backends_mod
+    import thrifty.plan.timing as timing_mod
+    from thrifty.plan.timing import time_graphs
+
+    true = {b"a": 10.0, b"b": 8.0, b"c": 7.5, b"d": 12.0, b"e": 9.0}
+
+    class Session:  # sessions of the anchor graph alternate 2 % fast and 2 % slow
+        def __init__(self, g, threads=None):
+            n = sum(c.g == g for c in created)
+            self.g, self.bias = g, (1.02 if n % 2 else 1 / 1.02) if g == b"a" else 1.0
+            created.append(self)
+
+    def rounds(backends, feed, n, *a, seed=0, **k):
+        slow = 1.0 + 0.5 * np.arange(n) / n + 0.3 * seed  # every round and group slower than the last
+        return np.array([[true[b.g] * b.bias * s for s in slow] for b in backends])
+
+    monkeypatch.setattr(backends_mod, "OrtBackend", Session)
+    monkeypatch.setattr(timing_mod, "_round_times", rounds)
+    created: list = []
+    graphs = [b"a", b"a", b"b", b"c", b"d", b"e"]
+    ms, se = time_graphs(graphs, (), 1, rounds=5, max_sessions=4, anchors=2, spread=True)
+    assert len(created) == 2 * (2 + 2) and len(ms) == len(se) == 6  # 2 groups of 2 graphs beside the 2 anchors
+    # each group's own slow-down cancels, and its two anchors' biases do (their geometric mean is 1): every graph
+    # keeps its true ratio to the anchor graph
+    ref = true[b"a"] * np.median([1 + 0.5 * r / 5 + 0.3 * k for r in range(5) for k in range(2)])
+    assert ref / 1.02 <= min(ms[:2]) <= max(ms[:2]) <= ref * 1.02
+    for g, m in zip(graphs[2:], ms[2:]):
+        assert m == pytest.approx(true[g] / true[b"a"] * np.sqrt(ms[0] * ms[1]))
+    # one anchor (group 0's session 2 % fast, group 1's 2 % slow): each session's luck lands on its whole group
+    created.clear()
+    one = time_graphs(graphs[1:], (), 1, rounds=5, max_sessions=3, anchors=1)
+    r = [m / (true[g] / true[b"a"] * one[0]) for g, m in zip(graphs[2:], one[1:])]
+    assert r[0] == pytest.approx(r[1]) and r[2] == pytest.approx(r[3]) and r[0] / r[2] == pytest.approx(1.02 ** 2)
+    with pytest.raises(ValueError, match="anchors must be >= 1"):
+        time_graphs(graphs, (), 1, anchors=0)
+
+
 def test_cost_table_is_two_sided_on_an_interaction_model(monkeypatch):
     # A synthetic runtime where int8 layers save 2 ms each and every fp32<->int8 boundary costs 1.5 ms: the
     # additive model (pairwise=False) takes each layer's two-sided difference, by hand; the pairwise model is
@@ -264,17 +311,17 @@ def test_cost_table_is_two_sided_on_an_interaction_model(monkeypatch):
     monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: ms(json.loads(g))))
     monkeypatch.setattr(cost_mod, "weight_bytes", len)  # the fake graphs are not ONNX
     args = (_mlp(), torch.randn(8, 32), (torch.randn(2, 32),), (np.zeros((4, 32), np.float32),), layers)
-    t = measure_costs(*args, cache=False, pairwise=False)
+    t = measure_costs(*args, cache=False, pairwise=False, mixes=0)  # no mixes: nothing refits the averages
     every = {n: "int8" for n in layers}
     for n in layers:
         lo = ms({n: "int8"}) - ms({})
         hi = ms(every) - ms(every | {n: "fp32"})
         assert t.latency_ms[n]["int8"] == pytest.approx(0.5 * (lo + hi))
     add = t.additivity["all int8"]
-    assert add["measured_ms"] == ms(every) and add["one_sided_predicted_ms"] == ms({}) + sum(
-        ms({n: "int8"}) - ms({}) for n in layers)
+    assert add["measured_ms"] == ms(every) and add["one_sided_predicted_ms"] == pytest.approx(ms({}) + sum(
+        ms({n: "int8"}) - ms({}) for n in layers))
     assert abs(add["latency_rel_error"]) < abs(add["one_sided_rel_error"])
-    assert t.pairs == {} and t.key["method"] == "two-sided"
+    assert t.pairs == {} and t.key["method"] == "two-sided, 3 anchors"
     pw = measure_costs(*args, cache=False)
     # the pair term of two int8 neighbours: both boundaries to FP32 (3 ms) replaced by none between them
     assert pw.pairs == {"0|2": {"int8": pytest.approx(-3.0)}, "2|4": {"int8": pytest.approx(-3.0)}}
@@ -283,6 +330,46 @@ def test_cost_table_is_two_sided_on_an_interaction_model(monkeypatch):
         assert pw.predict(picks)[0] == pytest.approx(ms(picks)), picks
     assert pw.additivity["all int8"]["latency_rel_error"] == pytest.approx(0.0, abs=1e-12)
     assert pw.fastest() == (pytest.approx(ms(every)), every)
+
+
+def test_random_mixes_check_the_model_and_join_its_fit(monkeypatch):
+    # Six layers in a chain on a runtime that is per layer plus per boundary (which the pairwise model is exact
+    # on) plus a term no pair sees: 0.8 ms more once four or more layers are int8 (say, a cache that int8
+    # weights stop overflowing). The mixes measure the error on graphs the model was not fitted to; fitted to
+    # them too, it predicts the mixes better than before.
+    import thrifty.plan.graph as graph_mod
+
+    layers = [str(i) for i in range(6)]
+
+    def exact(picks: dict) -> float:
+        seq = ["fp32"] + [picks.get(n, "fp32") for n in layers] + ["fp32"]
+        return 20.0 - 2.0 * seq.count("int8") + 1.5 * sum(a != b for a, b in zip(seq, seq[1:]))
+
+    def ms(picks: dict) -> float:
+        return exact(picks) + 0.8 * (sum(c == "int8" for c in picks.values()) >= 4)
+
+    fake = lambda m, picks, *a, **k: [json.dumps(dict(p)).encode() for p in picks]  # noqa: E731
+    monkeypatch.setattr(cost_mod, "deploy_graphs", fake)
+    monkeypatch.setattr(cost_mod, "iter_graphs", fake)
+    monkeypatch.setattr(graph_mod, "layer_edges", lambda *a, **k: list(zip(layers, layers[1:])))
+    monkeypatch.setattr(cost_mod, "weight_bytes", len)
+    monkeypatch.setattr(cost_mod, "plan_from_picks", lambda q: q)
+    args = (torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in layers]), torch.randn(8, 4), (torch.randn(2, 4),),
+            (np.zeros((4, 4), np.float32),), layers)
+    monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: exact(json.loads(g))))
+    t = measure_costs(*args, cache=False, mixes=12)
+    assert t.mix_check["graphs"] >= 5 and t.mix_check["max_abs_rel_error"] == pytest.approx(0.0, abs=1e-9)
+    monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: ms(json.loads(g))))
+    none = measure_costs(*args, cache=False, mixes=0)
+    t = measure_costs(*args, cache=False, mixes=12)
+    assert none.mix_check == {} and "mixes" not in none.key["method"]
+    mixes = [p for p, _, _ in t.measured if p not in [q for q, _, _ in none.measured]]
+    assert len(mixes) == t.mix_check["graphs"] >= 5
+    before = np.median([abs(none.predict(p)[0] - ms(p)) / ms(p) for p in mixes])
+    after = np.median([abs(t.predict(p)[0] - ms(p)) / ms(p) for p in mixes])
+    assert t.mix_check["median_abs_rel_error"] == pytest.approx(before) and before > 0.005 and after < before
+    with pytest.raises(ValueError, match="mixes must be >= 0"):
+        measure_costs(*args, cache=False, mixes=-1)
 
 
 def test_mixed_pairs_share_the_boundary_of_candidates_that_quantize_inputs_alike(monkeypatch):

@@ -31,16 +31,25 @@ sharing too); any other mix (W4 weight-only beside int8) gets none. The graph
 with every layer switched is predicted and compared with its measurement (``CostTable.additivity``);
 ``pairwise=False`` keeps the additive model (two-sided per-layer differences only).
 
+Random mixes: besides those designed graphs, ``mixes`` random assignments per candidate (each with a random
+share of its layers switched) are timed. The model, fitted without them, predicts them first: that error
+(``CostTable.mix_check``) is how well it predicts the partly-quantized graphs a planner picks, which neither end
+of the additivity check is. Then they join the fit.
+
 Timing: sessions are timed in interleaved rounds, in a shuffled order each round; a graph that runs faster than
-``min_ms`` is run several times per round. A graph's latency is the median over rounds of its ratio to the
-reference graph timed in the same round, times the reference's median, so a slow spell of a shared machine
-cancels; graphs are timed in groups of at most ``max_sessions`` sessions (memory), each group with the
-reference. ``CostTable.noise`` is the median relative standard error of those medians (from their rounds'
-interquartile range): the resolution the predicted differences are judged against.
+``min_ms`` is run several times per round. Graphs are timed in groups of at most ``max_sessions`` sessions
+(memory), each group with ``anchors`` sessions of the reference graph; a graph's latency is the median over
+rounds of its time over the anchors' (geometric mean) in the same round, so a slow spell of a shared machine
+cancels. Several anchors because a session's speed depends on where its memory landed (two sessions of one
+MiniLM graph differ by up to 2 % however long they are timed): with one anchor, its session's luck moved every
+graph of its group alike, and the differences of single-layer graphs summed to three times the measured all-int8
+saving. ``CostTable.noise`` is the median relative standard error of those medians (from their rounds'
+interquartile range): the resolution the predicted differences are judged against; it does not see the
+session-to-session spread, which the mixes' check does.
 
 Tables are cached as JSON under ``$THRIFTY_CACHE/plan`` keyed by the FP32 graph's hash, the ONNX Runtime
-version, the CPU, threads, batch, candidates, the method and the layer pairs (atomic writes; an unreadable entry
-is measured again).
+version, the CPU, threads, batch, candidates, the method (mixes, anchors) and the layer pairs (atomic writes; an
+unreadable entry is measured again).
 
 Example:
     >>> t = CostTable(key={"k": 1}, layers=["a"], candidates=["fp32", "int8"], base_ms=2.0, base_bytes=100,
@@ -60,12 +69,13 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch.nn as nn
 
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
+from thrifty.plan.timing import time_graphs
 from thrifty.utils import atomic_write_text, get_logger
 
 __all__ = ["CostTable", "measure_costs", "refit", "pair_weights", "deploy_graphs", "iter_graphs", "time_graphs", "weight_bytes",
@@ -99,6 +109,8 @@ class CostTable:
     pairs: dict[str, dict[str, float]] = field(default_factory=dict)
     edges: list[list[str]] = field(default_factory=list)
     noise: float = 0.0
+    # the model's relative error on random mixes before they joined its fit (measure_costs' `mixes`)
+    mix_check: dict[str, float] = field(default_factory=dict)
 
     def pair_terms(self, scale: float = 1.0) -> dict[tuple[str, str], dict[tuple[str, str], float]]:
         """The latency pair terms in :func:`thrifty.plan.solve.solve`'s form, times ``scale``: a measured term
@@ -239,83 +251,6 @@ def weight_bytes(graph: bytes) -> int:
     return int(sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer))
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def _round_times(backends: Sequence[Any], feed: Sequence[np.ndarray], rounds: int, warmup: int, min_ms: float,
-                 seed: int, clock: str = "wall") -> np.ndarray:
-    """ms per run, [graph, round], interleaved rounds in a shuffled order, each run repeated to last ``min_ms``."""
-    now = CLOCKS[clock]
-    reps = []
-    for be in backends:
-        t = float("inf")
-        for _ in range(max(1, warmup)):
-            t0 = now()
-            be(feed)
-            t = min(t, now() - t0)
-        reps.append(max(1, int(np.ceil(min_ms / max(1e3 * t, 1e-6)))))
-    rng = np.random.default_rng(seed)
-    ts = np.zeros((len(backends), rounds))
-    for r in range(rounds):
-        for i in rng.permutation(len(backends)):
-            t0 = now()
-            for _ in range(reps[i]):
-                backends[i](feed)
-            ts[i, r] = 1e3 * (now() - t0) / reps[i]
-    return ts
-
-
-def time_graphs(graphs: Iterable[bytes], feed: Sequence[np.ndarray], threads: int, rounds: int = 7,
-                warmup: int = 2, *, min_ms: float = 1.0, max_sessions: int = 24, spread: bool = False,
-                each: Optional[Callable[[bytes], None]] = None, clock: str = "wall"):
-    """Milliseconds per run of each ONNX graph on ``feed``: the median over interleaved rounds of its ratio to
-    graph 0 in the same round, times graph 0's median (module doc). With ``spread=True`` also each median's
-    relative standard error (``0.93 IQR / sqrt(rounds)`` over the median, of the ratio; graph 0: of its times).
-    ``graphs`` is consumed lazily, ``max_sessions`` at a time (``each(graph)`` is called on every one), so a
-    long list of large graphs never sits in memory at once. ``clock``: ``"wall"`` (what a latency budget
-    means), or ``"cpu"``, the process's CPU time: at one thread it is the run's time on a core of its own, so on a
-    shared machine it leaves out the time the process waited for a core (not the cache and memory contention)."""
-    from thrifty.bench.backends import OrtBackend
-
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
-    it = iter(graphs)
-    first = next(it, None)
-    if first is None:
-        return ([], []) if spread else []
-    if each is not None:
-        each(first)
-    step = max(1, max_sessions - 1)
-    ratios: list[np.ndarray] = []
-    ref_times = []
-    for k in itertools.count():
-        chunk = list(itertools.islice(it, step))
-        if k and not chunk:
-            break
-        for g in chunk:
-            if each is not None:
-                each(g)
-        backends = [OrtBackend(g, threads=threads) for g in [first] + chunk]
-        del chunk
-        ts = _round_times(backends, feed, rounds, warmup, min_ms, seed=k, clock=clock)
-        del backends
-        ref_times.append(ts[0])
-        ratios += [t / ts[0] for t in ts[1:]]
-    ref = np.concatenate(ref_times)
-    base = float(np.median(ref))
-    ms = [base] + [base * float(np.median(r)) for r in ratios]
-    if not spread:
-        return ms
-
-    def rse(v: np.ndarray) -> float:
-        q1, q3 = np.percentile(v, [25, 75])
-        return float(0.93 * (q3 - q1) / np.sqrt(len(v)) / max(abs(float(np.median(v))), 1e-30))
-
-    return ms, [rse(ref)] + [rse(r) for r in ratios]
-
-
 def refit(table: CostTable, extra: Sequence[tuple[Mapping[str, str], float]] = (), weight: float = 1.0,
           prior: float = 1.0) -> CostTable:
     """The table with its latency terms (per layer and per pair) refitted by least squares to every graph it
@@ -389,12 +324,17 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
                   candidates: Sequence[str] = ("fp32", "int8"), *, threads: int = 1, rounds: int = 7,
                   input_names: Optional[Sequence[str]] = None, ref: Optional[Mapping[str, str]] = None,
                   cache: bool = True, check_additivity: bool = True, pairwise: bool = True, min_ms: float = 1.0,
-                  max_sessions: int = 24, clock: str = "wall") -> CostTable:
+                  max_sessions: int = 24, clock: str = "wall", mixes: Optional[int] = None, anchors: int = 3,
+                  seed: int = 0) -> CostTable:
     """Measure the per-layer cost table of ``model`` (see the module doc); ``feed`` is one batch of inputs.
 
     ``ref``: the reference assignment to take differences to (default every layer FP32; a table around another
     reference is one-sided and additive). ``check_additivity``: also measure from the all-candidate side
     (two-sided terms) and check the prediction there. ``pairwise``: the boundary-aware pair terms (module doc).
+    ``mixes``: random assignments of each candidate timed besides (default: as many as the layers that take it;
+    with ``check_additivity`` only): the model is checked on them before they join its fit
+    (``CostTable.mix_check``), which is how well it predicts the partly-quantized graphs a planner picks.
+    ``anchors``: sessions of the reference graph timed in every group (:func:`time_graphs`).
     ``min_ms``, ``max_sessions``, ``clock``: see :func:`time_graphs`. ``cache=False`` always measures (and does
     not store).
     """
@@ -415,9 +355,15 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
     t0 = time.perf_counter()
     fp32 = deploy_graphs(model, [{}], calib, example, input_names)[0]
     two = check_additivity and not ref
+    if mixes is not None and mixes < 0:
+        raise ValueError(f"measure_costs: mixes must be >= 0 or None, got {mixes}")
     edges = layer_edges(fp32, model, layers) if pairwise and not ref and len(layers) > 1 else []
+    ok = {c: [n for n in layers if candidate(c).accepts(mods[n])] for c in cands if c != "fp32"}
+    n_mix = {c: (len(a) if mixes is None else mixes) if two and len(a) > 2 else 0 for c, a in ok.items()}
     key = {"model": hashlib.sha256(fp32).hexdigest()[:20], **machine_key(threads, batch), "candidates": cands,
-           "method": ("pairwise, " if edges else "") + ("two-sided" if two else "one-sided"),
+           "method": ("pairwise, " if edges else "") + ("two-sided" if two else "one-sided")
+           + (f", {sum(n_mix.values())} mixes (seed {seed})" if any(n_mix.values()) else "")
+           + f", {anchors} anchors",
            "edges": [list(e) for e in edges], "layers": layers, **({"clock": clock} if clock != "wall" else {}),
            "ref": {n: c for n, c in reference.items() if c != "fp32"}}
     if cache and (hit := load_cached(key)) is not None:
@@ -433,7 +379,6 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
         return index[k]
 
     want(reference)
-    ok = {c: [n for n in layers if candidate(c).accepts(mods[n])] for c in cands if c != "fp32"}
     # a candidate a layer does not accept (W4 weight-only on a Conv, say) is left out of that layer's entries
     single = {(n, c): want(reference | {n: c}) for n in layers for c in cands
               if c != reference[n] and (c == "fp32" or n in ok[c])}
@@ -445,10 +390,23 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
     pair_lo = {(a, b, c): want(reference | {a: c, b: c}) for c, es in cedges.items() for a, b in es}
     pair_hi = {(a, b, c): want(top[c] | {a: "fp32", b: "fp32"}) for c, es in cedges.items() for a, b in es
                if c in groups}
+    n_fit = len(picks)
+    rng = np.random.default_rng(seed)
+    mix: list[int] = []  # random assignments of one candidate, each layer in with a probability drawn per graph
+    for c, k in n_mix.items():
+        for _ in range(k):
+            f = rng.uniform(0.1, 0.9)
+            i = want(reference | {n: c for n in ok[c] if rng.random() < f})
+            if i >= n_fit and i not in mix:
+                mix.append(i)
     nbytes: list[int] = []
-    ms, rse = time_graphs(iter_graphs(model, picks, calib, example, input_names), feed, threads, rounds,
-                          min_ms=min_ms, max_sessions=max_sessions, spread=True, clock=clock,
+    graphs = iter_graphs(model, [reference] * (anchors - 1) + picks, calib, example, input_names)
+    ms, rse = time_graphs(graphs, feed, threads, rounds, min_ms=min_ms, max_sessions=max_sessions, spread=True,
+                          clock=clock, anchors=anchors,
                           each=lambda g: nbytes.append(weight_bytes(g)))  # each graph parsed once
+    # the anchors are sessions of one graph: the reference's latency is their geometric mean
+    ms = [float(np.exp(np.mean(np.log(ms[:anchors]))))] + ms[anchors:]
+    rse, nbytes = [float(np.median(rse[:anchors]))] + rse[anchors:], nbytes[anchors - 1:]
     lat: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}
     size: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}
     for (n, c), i in single.items():
@@ -462,14 +420,21 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
             lo = 0.5 * (lo + hi)
         pairs.setdefault(f"{a}|{b}", {})[c] = lo
     table = CostTable(key, layers, cands, ms[0], nbytes[0], lat, size, None if not ref else dict(reference))
-    table.measured = [({n: c for n, c in p.items() if c != "fp32"}, t, b) for p, t, b in zip(picks, ms, nbytes)]
+    everything = [({n: c for n, c in p.items() if c != "fp32"}, t, b) for p, t, b in zip(picks, ms, nbytes)]
+    table.measured = everything[:n_fit]
     alone = {c: table.predict(top[c])[0] for c in groups}  # from the FP32 side only, no pair terms
     table.pairs, table.edges, table.noise = pairs, [list(e) for e in edges], float(np.median(rse))
     for c in groups:  # the all-`c` side: what switching each layer back saves, less its pair terms
         for n in ok[c]:
             d = ms[itop[c]] - ms[back[(n, c)]] - sum(pairs[f"{a}|{b}"][c] for a, b in cedges[c] if n in (a, b))
             lat[n][c] = 0.5 * (lat[n][c] + d)
-    if pairs:  # the pairwise model fitted to every graph timed (the two-sided estimates as its prior)
+    if mix:  # how well the model predicts graphs it was not fitted to, before they join the fit
+        fitted = refit(table) if pairs else table
+        err = np.array([(fitted.predict(picks[i])[0] - ms[i]) / ms[i] for i in mix])
+        table.mix_check = {"graphs": len(mix), "median_abs_rel_error": float(np.median(np.abs(err))),
+                           "max_abs_rel_error": float(np.max(np.abs(err))), "mean_rel_error": float(np.mean(err))}
+    table.measured = everything
+    if pairs or mix:  # the model fitted to every graph timed (the two-sided estimates as its prior)
         table = refit(table)
     for c in groups:
         i = itop[c]

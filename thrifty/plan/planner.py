@@ -119,7 +119,8 @@ def _measure(model, plan, calib, example, feed, threads, rounds, input_names, fp
     with tempfile.TemporaryDirectory() as d:
         res, p = deploy(model, plan, calib, example, Path(d) / "plan.onnx", input_names)
         graph = p.read_bytes()
-    (ref, ms), (_, noise) = time_graphs([fp32, graph], feed, threads, rounds, spread=True, clock=clock)
+    t, se = time_graphs([fp32] * 3 + [graph], feed, threads, rounds, spread=True, clock=clock, anchors=3)
+    ref, ms, noise = float(np.exp(np.mean(np.log(t[:3])))), t[3], se[3]
     return {"latency_ms": ms * base_ms / ref, "raw_ms": ms, "fp32_ms": ref, "noise": noise,
             "bytes": float(weight_bytes(graph)), "loss": 0.0 if res is None else float(res.final_loss)}, graph, res
 
@@ -163,7 +164,7 @@ def make_plan(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.nd
     ``calib``: calibration data (what ``thrifty.quant.quantize`` takes); ``example``: example inputs for the
     export. ``table``/``sens``: reuse a measured cost table / sensitivities (a budget sweep measures once).
     ``refine_tol``, ``max_rounds``: the correction loop (module doc; ``max_rounds=1`` measures the first plan
-    only). ``clock``: see :func:`thrifty.plan.cost.time_graphs`. ``compare_uniform``: also measure each uniform
+    only). ``clock``: see :func:`thrifty.plan.timing.time_graphs`. ``compare_uniform``: also measure each uniform
     choice (every layer at one candidate) predicted to fit, so the plan is never less accurate on the calibration
     loss than a uniform choice within the budgets. The user's model is not modified. ValueError
     when a budget is below what any plan reaches.

@@ -4,7 +4,7 @@ Uniform choices: all FP32, all int8 and W4A8 (first and last layers int8, PTQ's 
 W4 weight-only (every Linear) when they are candidates (thrifty's PTQ with the plan's pipeline, exported by
 ``export_onnx``), and ONNX Runtime's own ``quantize_static`` (QDQ, uint8 activations, int8 per-channel weights:
 its fastest layout on VNNI CPUs) on the FP32 graph with the same calibration data. Every graph is timed in the
-same interleaved rounds (:func:`thrifty.plan.cost.time_graphs`) and scored on the same samples by ONNX Runtime
+same interleaved rounds (:func:`thrifty.plan.timing.time_graphs`) and scored on the same samples by ONNX Runtime
 (top-1 with labels, else cosine to the FP32 outputs). The chosen plan is also run end to end by the LoadGen
 harness. :func:`pareto_front` marks the points no other point beats on both axes.
 
@@ -23,7 +23,8 @@ import numpy as np
 import torch.nn as nn
 
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
-from thrifty.plan.cost import measure_costs, time_graphs, weight_bytes
+from thrifty.plan.cost import measure_costs, weight_bytes
+from thrifty.plan.timing import time_graphs
 from thrifty.plan.planner import PlanResult, make_plan
 from thrifty.plan.quality import METRICS, _pct, next_token_nll, paired_se, sample_scores, targets
 from thrifty.utils import atomic_savefig, atomic_write_text
@@ -213,7 +214,10 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
         else:
             same_as[k] = match
     keys = [k for k in graphs if k not in same_as]
-    t, se = time_graphs([graphs[k] for k in keys], feed, threads, rounds, spread=True, clock=clock)
+    # three sessions of the FP32 graph anchor the rounds (thrifty.plan.timing); FP32's latency is their geometric mean
+    t, se = time_graphs([graphs["fp32"]] * 2 + [graphs[k] for k in keys], feed, threads, rounds, spread=True,
+                        clock=clock, anchors=3)
+    t, se = [float(np.exp(np.mean(np.log(t[:3]))))] + t[3:], [float(np.median(se[:3]))] + se[3:]
     ms, noise = dict(zip(keys, t)), dict(zip(keys, se))
     ref = _outputs(graphs["fp32"], samples, threads)
     metric = _metric_of(samples, ref, metric)
@@ -258,7 +262,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                  "meets_size": size_mb is None or len(main.onnx) <= size_mb * 1e6},
         "cost_table": {"base_ms": base.base_ms, "base_bytes": base.base_bytes, "additivity": base.additivity,
                        "seconds": base.seconds, "key": base.key, "noise": base.noise, "pairs": len(base.pairs),
-                       "graphs": len(base.measured)},
+                       "graphs": len(base.measured), "mix_check": base.mix_check},
     }
     if loadgen_dir is not None:
         report["plan"]["loadgen"] = loadgen_latency(main.onnx, samples, threads, len(feed[0]), Path(loadgen_dir),
@@ -329,6 +333,11 @@ def markdown(report: dict[str, Any], title: str) -> str:
         lines.append(f"Model check, {k}: predicted {a['predicted_ms']:.3f} ms, measured {a['measured_ms']:.3f} ms "
                      f"({_pct(a['latency_rel_error'])}; additive from the FP32 side {_pct(a['one_sided_rel_error'])}); "
                      f"bytes predicted {a['predicted_bytes']:.0f}, measured {a['measured_bytes']:.0f}.")
+    if ct.get("mix_check"):
+        mc = ct["mix_check"]
+        lines.append(f"Model check on {mc['graphs']} random mixes before they joined the fit: median error "
+                     f"{100 * mc['median_abs_rel_error']:.1f} %, largest {100 * mc['max_abs_rel_error']:.1f} %, mean "
+                     f"{_pct(mc['mean_rel_error'])}.")
     lines += ["", "Targets (quality: the metric, negated when lower is better; \"beyond the noise\": a latency "
               "difference over twice the timing noise, a quality difference over twice the standard error of the "
               "paired per-sample differences; \"(= x)\": the same choices as point x, one graph):", *targets(report)]
