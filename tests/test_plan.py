@@ -212,6 +212,7 @@ def test_cost_table_measures_bytes_and_caches(tmp_path, monkeypatch):
     # chain only {0, 4} is not timed anyway
     assert t.mix_check == {} or (t.mix_check["graphs"] == 1 and t.mix_check["max_abs_rel_error"] >= 0)
     assert set(t.pairs) == {"0|2", "2|4"} and t.noise >= 0.0
+    assert len(t.load) == 2 and all(v >= 0 for v in t.load)  # the load it was measured under travels with it
     monkeypatch.setattr(cost_mod, "time_graphs", lambda *a, **k: pytest.fail("a cached table was measured again"))
     again = measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, threads=1, rounds=2)
     assert again == CostTable.from_json(p.read_text()) and again.latency_ms == t.latency_ms

@@ -41,11 +41,11 @@ Timing: sessions are timed in interleaved rounds, in a shuffled order each round
 (memory), each group with ``anchors`` sessions of the reference graph; a graph's latency is the median over
 rounds of its time over the anchors' (geometric mean) in the same round, so a slow spell of a shared machine
 cancels. Several anchors because a session's speed depends on where its memory landed (two sessions of one
-MiniLM graph differ by up to 2 % however long they are timed): with one anchor, its session's luck moved every
-graph of its group alike, and the differences of single-layer graphs summed to three times the measured all-int8
-saving. ``CostTable.noise`` is the median relative standard error of those medians (from their rounds'
-interquartile range): the resolution the predicted differences are judged against; it does not see the
-session-to-session spread, which the mixes' check does.
+MiniLM graph differ by up to 2 % however long they are timed): with one anchor, created first, its session's
+luck moved every graph of its group alike, and MiniLM's single-layer differences summed to three times the
+measured all-int8 saving. ``CostTable.noise`` is the median relative standard error of those medians (from
+their rounds' interquartile range): the resolution the predicted differences are judged against; it does not
+see the session-to-session spread, which the mixes' check does.
 
 Tables are cached as JSON under ``$THRIFTY_CACHE/plan`` keyed by the FP32 graph's hash, the ONNX Runtime
 version, the CPU, threads, batch, candidates, the method (mixes, anchors) and the layer pairs (atomic writes; an
@@ -63,6 +63,7 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 import platform
 import tempfile
 import time
@@ -111,6 +112,8 @@ class CostTable:
     noise: float = 0.0
     # the model's relative error on random mixes before they joined its fit (measure_costs' `mixes`)
     mix_check: dict[str, float] = field(default_factory=dict)
+    # the machine's 1-minute load average when the measurement started and ended (a cache entry outlives it)
+    load: list[float] = field(default_factory=list)
 
     def pair_terms(self, scale: float = 1.0) -> dict[tuple[str, str], dict[tuple[str, str], float]]:
         """The latency pair terms in :func:`thrifty.plan.solve.solve`'s form, times ``scale``: a measured term
@@ -320,6 +323,10 @@ def load_cached(key: Mapping[str, Any]) -> Optional[CostTable]:
     return t if t.key == dict(key) else None
 
 
+def _load() -> float:
+    return float(os.getloadavg()[0]) if hasattr(os, "getloadavg") else float("nan")
+
+
 def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[np.ndarray], layers: Sequence[str],
                   candidates: Sequence[str] = ("fp32", "int8"), *, threads: int = 1, rounds: int = 7,
                   input_names: Optional[Sequence[str]] = None, ref: Optional[Mapping[str, str]] = None,
@@ -352,7 +359,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
         raise ValueError(f"measure_costs: no layers given, or layers the model does not have: {unknown}")
     reference = {n: "fp32" for n in layers} | dict(ref or {})
     batch = int(feed[0].shape[0])
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), [_load()]
     fp32 = deploy_graphs(model, [{}], calib, example, input_names)[0]
     two = check_additivity and not ref
     if mixes is not None and mixes < 0:
@@ -444,7 +451,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
                                         "latency_rel_error": (pred_ms - ms[i]) / ms[i],
                                         "one_sided_predicted_ms": alone[c],
                                         "one_sided_rel_error": (alone[c] - ms[i]) / ms[i]}
-    table.seconds = time.perf_counter() - t0
+    table.seconds, table.load = time.perf_counter() - t0, load + [_load()]
     if cache:
         p = cache_path(key)
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -262,7 +262,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                  "meets_size": size_mb is None or len(main.onnx) <= size_mb * 1e6},
         "cost_table": {"base_ms": base.base_ms, "base_bytes": base.base_bytes, "additivity": base.additivity,
                        "seconds": base.seconds, "key": base.key, "noise": base.noise, "pairs": len(base.pairs),
-                       "graphs": len(base.measured), "mix_check": base.mix_check},
+                       "graphs": len(base.measured), "mix_check": base.mix_check, "load": base.load},
     }
     if loadgen_dir is not None:
         report["plan"]["loadgen"] = loadgen_latency(main.onnx, samples, threads, len(feed[0]), Path(loadgen_dir),
@@ -328,7 +328,8 @@ def markdown(report: dict[str, Any], title: str) -> str:
     if "graphs" in ct:
         lines.append(f"Cost table: {ct['graphs']} graphs timed, {ct['pairs']} layer pairs with interaction terms, "
                      f"timing noise ±{100 * ct['noise']:.1f}% (median standard error of one graph's median), "
-                     f"{ct['seconds']:.0f} s.")
+                     f"{ct['seconds']:.0f} s" + (f", machine load {ct['load'][0]:.1f} -> {ct['load'][1]:.1f}"
+                                                 if len(ct.get("load") or []) == 2 else "") + ".")
     for k, a in ct["additivity"].items():
         lines.append(f"Model check, {k}: predicted {a['predicted_ms']:.3f} ms, measured {a['measured_ms']:.3f} ms "
                      f"({_pct(a['latency_rel_error'])}; additive from the FP32 side {_pct(a['one_sided_rel_error'])}); "
