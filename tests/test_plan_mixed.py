@@ -176,6 +176,15 @@ def test_cost_table_measures_int7_and_w4(tmp_path, monkeypatch):
     g7, g4 = deploy_graphs(model, [{"fc1": "int7"}, {"fc1": "w4", "fc2": "w4"}], x, (x[:2],))
     assert _meta(g7)["weight_containers"]["fc1"]["container"] == "int8"
     assert set(_meta(g4)["w4_layers"]) == {"fc1", "fc2"}
+    # int7 and int8 share latency terms exactly when their every-layer graphs have one structure (the int8
+    # layout this machine's export picks decides); W4 (MatMulNBits) is never anyone's twin
+    from thrifty.plan.cost import _facts
+
+    every = [{n: c for n in ("conv", "fc1", "fc2")} for c in ("int8", "int7")]
+    same = len({_facts(g)[1] for g in deploy_graphs(model, every, x, (x[:2],))}) == 1
+    assert t.twins == ({"int7": "int8"} if same else {})
+    if same:
+        assert all(t.latency_ms[n]["int7"] == t.latency_ms[n]["int8"] for n in t.layers)
 
 
 def test_planner_mixes_candidates_under_a_size_budget(tmp_path, monkeypatch):

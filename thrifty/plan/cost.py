@@ -114,6 +114,9 @@ class CostTable:
     mix_check: dict[str, float] = field(default_factory=dict)
     # the machine's 1-minute load average when the measurement started and ended (a cache entry outlives it)
     load: list[float] = field(default_factory=list)
+    # candidate -> the candidate whose latency terms it shares: both deploy to graphs of identical structure (the
+    # same nodes, dtypes and shapes; only values differ), so the runtime runs the same kernels for them
+    twins: dict[str, str] = field(default_factory=dict)
 
     def pair_terms(self, scale: float = 1.0) -> dict[tuple[str, str], dict[tuple[str, str], float]]:
         """The latency pair terms in :func:`thrifty.plan.solve.solve`'s form, times ``scale``: a measured term
@@ -235,6 +238,27 @@ def iter_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any
             yield data
 
 
+def _facts(graph: bytes) -> tuple[int, str]:
+    """(:func:`weight_bytes`, a hash of the graph's structure: nodes with their inputs, outputs and attributes,
+    initializers' names, dtypes and shapes; not their values) from one parse."""
+    import onnx
+
+    m = onnx.load_from_string(graph)
+    h = hashlib.sha256()
+    for n in m.graph.node:
+        h.update(repr((n.op_type, n.domain, list(n.input), list(n.output),
+                       [a.SerializeToString() for a in n.attribute])).encode())
+    for t in m.graph.initializer:
+        h.update(repr((t.name, t.data_type, list(t.dims))).encode())
+    return _initializer_bytes(m), h.hexdigest()[:20]
+
+
+def _initializer_bytes(m: Any) -> int:
+    from onnx import numpy_helper
+
+    return int(sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer))
+
+
 def weight_bytes(graph: bytes) -> int:
     """Bytes a deployed graph stores in its initializers (weights, biases, scales, zero points): the size that
     a size budget limits. Protobuf framing and node names are left out: they are not a layer's cost and they
@@ -248,10 +272,8 @@ def weight_bytes(graph: bytes) -> int:
         24
     """
     import onnx
-    from onnx import numpy_helper
 
-    m = onnx.load_from_string(graph)
-    return int(sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer))
+    return _initializer_bytes(onnx.load_from_string(graph))
 
 
 def refit(table: CostTable, extra: Sequence[tuple[Mapping[str, str], float]] = (), weight: float = 1.0,
@@ -263,14 +285,21 @@ def refit(table: CostTable, extra: Sequence[tuple[Mapping[str, str], float]] = (
     import dataclasses
 
     ref = {n: "fp32" for n in table.layers} | dict(table.ref or {})
-    terms = [(n, c, None) for n in table.layers for c in table.latency_ms[n] if c != ref[n]]
-    terms += [(k, c, tuple(k.split("|", 1))) for k, d in table.pairs.items() for c in d]
+    tw = table.twins  # a twin's terms are its first twin's (one parameter for both)
+    terms = [(n, c, None) for n in table.layers for c in table.latency_ms[n] if c != ref[n] and c not in tw]
+    terms += [(k, c, tuple(k.split("|", 1))) for k, d in table.pairs.items() for c in d if c not in tw]
     theta0 = np.array([table.latency_ms[n][c] if e is None else table.pairs[n][c] for n, c, e in terms])
 
     def row(picks: Mapping[str, str]) -> np.ndarray:
         p = {n: picks.get(n, "fp32") for n in table.layers}
-        return np.array([pair_weights(table.pairs[n], p[e[0]], p[e[1]]).get(c, 0.0) if e else float(p[n] == c)
-                         for n, c, e in terms])
+        out = []
+        for n, c, e in terms:
+            if e is None:
+                out.append(float(tw.get(p[n], p[n]) == c))
+            else:
+                w = pair_weights(table.pairs[n], p[e[0]], p[e[1]])
+                out.append(sum(v for o, v in w.items() if tw.get(o, o) == c))
+        return np.array(out)
 
     data = [(row(p), ms - table.base_ms, 1.0) for p, ms, _ in table.measured]
     data += [(row(p), ms - table.base_ms, float(weight)) for p, ms in extra]
@@ -282,8 +311,22 @@ def refit(table: CostTable, extra: Sequence[tuple[Mapping[str, str], float]] = (
     lat = {n: dict(d) for n, d in table.latency_ms.items()}
     pairs = {k: dict(d) for k, d in table.pairs.items()}
     for (n, c, e), v in zip(terms, theta):
-        (pairs if e else lat)[n][c] = float(v)
+        d = (pairs if e else lat)[n]
+        d.update({o: float(v) for o in d if tw.get(o, o) == c})
     return dataclasses.replace(table, latency_ms=lat, pairs=pairs)
+
+
+def _tie(table: CostTable) -> None:
+    """Give each group of twin candidates (``table.twins``) the mean of their latency terms, in place."""
+    classes: dict[str, list[str]] = {}
+    for c in table.candidates:
+        classes.setdefault(table.twins.get(c, c), []).append(c)
+    for members in (m for m in classes.values() if len(m) > 1):
+        for d in [*table.latency_ms.values(), *table.pairs.values()]:
+            have = [c for c in members if c in d]
+            if have:
+                v = float(np.mean([d[c] for c in have]))
+                d.update({c: v for c in have})
 
 
 def machine_key(threads: int, batch: int) -> dict[str, Any]:
@@ -370,7 +413,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
     key = {"model": hashlib.sha256(fp32).hexdigest()[:20], **machine_key(threads, batch), "candidates": cands,
            "method": ("pairwise, " if edges else "") + ("two-sided" if two else "one-sided")
            + (f", {sum(n_mix.values())} mixes (seed {seed})" if any(n_mix.values()) else "")
-           + f", {anchors} anchors",
+           + f", {anchors} anchors, twins tied",
            "edges": [list(e) for e in edges], "layers": layers, **({"clock": clock} if clock != "wall" else {}),
            "ref": {n: c for n, c in reference.items() if c != "fp32"}}
     if cache and (hit := load_cached(key)) is not None:
@@ -406,14 +449,21 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
             i = want(reference | {n: c for n in ok[c] if rng.random() < f})
             if i >= n_fit and i not in mix:
                 mix.append(i)
-    nbytes: list[int] = []
+    facts: list[tuple[int, str]] = []
     graphs = iter_graphs(model, [reference] * (anchors - 1) + picks, calib, example, input_names)
     ms, rse = time_graphs(graphs, feed, threads, rounds, min_ms=min_ms, max_sessions=max_sessions, spread=True,
-                          clock=clock, anchors=anchors,
-                          each=lambda g: nbytes.append(weight_bytes(g)))  # each graph parsed once
+                          clock=clock, anchors=anchors, each=lambda g: facts.append(_facts(g)))  # one parse each
     # the anchors are sessions of one graph: the reference's latency is their geometric mean
     ms = [float(np.exp(np.mean(np.log(ms[:anchors]))))] + ms[anchors:]
-    rse, nbytes = [float(np.median(rse[:anchors]))] + rse[anchors:], nbytes[anchors - 1:]
+    rse, facts = [float(np.median(rse[:anchors]))] + rse[anchors:], facts[anchors - 1:]
+    nbytes = [b for b, _ in facts]
+    # candidates whose every-layer graphs have one structure run the same kernels: one set of latency terms
+    # (else the planner would pick, layer by layer, whichever twin's estimate came out luckier)
+    twins: dict[str, str] = {}
+    for c in groups:
+        first = next((o for o in groups if facts[itop[o]][1] == facts[itop[c]][1]), c)
+        if first != c and ok[first] == ok[c]:
+            twins[c] = first
     lat: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}
     size: dict[str, dict[str, float]] = {n: {reference[n]: 0.0} for n in layers}
     for (n, c), i in single.items():
@@ -427,6 +477,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
             lo = 0.5 * (lo + hi)
         pairs.setdefault(f"{a}|{b}", {})[c] = lo
     table = CostTable(key, layers, cands, ms[0], nbytes[0], lat, size, None if not ref else dict(reference))
+    table.twins = twins
     everything = [({n: c for n, c in p.items() if c != "fp32"}, t, b) for p, t, b in zip(picks, ms, nbytes)]
     table.measured = everything[:n_fit]
     alone = {c: table.predict(top[c])[0] for c in groups}  # from the FP32 side only, no pair terms
@@ -435,6 +486,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
         for n in ok[c]:
             d = ms[itop[c]] - ms[back[(n, c)]] - sum(pairs[f"{a}|{b}"][c] for a, b in cedges[c] if n in (a, b))
             lat[n][c] = 0.5 * (lat[n][c] + d)
+    _tie(table)
     if mix:  # how well the model predicts graphs it was not fitted to, before they join the fit
         fitted = refit(table) if pairs else table
         err = np.array([(fitted.predict(picks[i])[0] - ms[i]) / ms[i] for i in mix])
