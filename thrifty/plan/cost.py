@@ -115,8 +115,10 @@ class CostTable:
     # the machine's 1-minute load average when the measurement started and ended (a cache entry outlives it)
     load: list[float] = field(default_factory=list)
     # candidate -> the candidate whose latency terms it shares: both deploy to graphs of identical structure (the
-    # same nodes, dtypes and shapes; only values differ), so the runtime runs the same kernels for them
+    # same nodes, dtypes and shapes; only values differ), so the runtime runs the same kernels for them, up to
+    # what the values change (all-zero weight zero points skip a correction): `twin_offset[c]` per layer
     twins: dict[str, str] = field(default_factory=dict)
+    twin_offset: dict[str, float] = field(default_factory=dict)
 
     def pair_terms(self, scale: float = 1.0) -> dict[tuple[str, str], dict[tuple[str, str], float]]:
         """The latency pair terms in :func:`thrifty.plan.solve.solve`'s form, times ``scale``: a measured term
@@ -285,16 +287,20 @@ def refit(table: CostTable, extra: Sequence[tuple[Mapping[str, str], float]] = (
     import dataclasses
 
     ref = {n: "fp32" for n in table.layers} | dict(table.ref or {})
-    tw = table.twins  # a twin's terms are its first twin's (one parameter for both)
+    tw = table.twins  # a twin's terms are its first twin's plus one offset per layer (one parameter for both)
     terms = [(n, c, None) for n in table.layers for c in table.latency_ms[n] if c != ref[n] and c not in tw]
     terms += [(k, c, tuple(k.split("|", 1))) for k, d in table.pairs.items() for c in d if c not in tw]
-    theta0 = np.array([table.latency_ms[n][c] if e is None else table.pairs[n][c] for n, c, e in terms])
+    terms += [("*", c, None) for c in tw]
+    theta0 = np.array([table.twin_offset.get(c, 0.0) if n == "*" else table.latency_ms[n][c] if e is None
+                       else table.pairs[n][c] for n, c, e in terms])
 
     def row(picks: Mapping[str, str]) -> np.ndarray:
         p = {n: picks.get(n, "fp32") for n in table.layers}
         out = []
         for n, c, e in terms:
-            if e is None:
+            if n == "*":
+                out.append(float(sum(v == c for v in p.values())))
+            elif e is None:
                 out.append(float(tw.get(p[n], p[n]) == c))
             else:
                 w = pair_weights(table.pairs[n], p[e[0]], p[e[1]])
@@ -310,23 +316,28 @@ def refit(table: CostTable, extra: Sequence[tuple[Mapping[str, str], float]] = (
     theta = np.linalg.lstsq(a, y, rcond=None)[0]
     lat = {n: dict(d) for n, d in table.latency_ms.items()}
     pairs = {k: dict(d) for k, d in table.pairs.items()}
+    off = {c: float(v) for (n, c, _), v in zip(terms, theta) if n == "*"}
     for (n, c, e), v in zip(terms, theta):
-        d = (pairs if e else lat)[n]
-        d.update({o: float(v) for o in d if tw.get(o, o) == c})
-    return dataclasses.replace(table, latency_ms=lat, pairs=pairs)
+        if n != "*":
+            d = (pairs if e else lat)[n]
+            d.update({o: float(v) + (0.0 if e else off.get(o, 0.0)) for o in d if tw.get(o, o) == c})
+    return dataclasses.replace(table, latency_ms=lat, pairs=pairs, twin_offset=off)
 
 
 def _tie(table: CostTable) -> None:
-    """Give each group of twin candidates (``table.twins``) the mean of their latency terms, in place."""
-    classes: dict[str, list[str]] = {}
-    for c in table.candidates:
-        classes.setdefault(table.twins.get(c, c), []).append(c)
-    for members in (m for m in classes.values() if len(m) > 1):
-        for d in [*table.latency_ms.values(), *table.pairs.values()]:
-            have = [c for c in members if c in d]
-            if have:
-                v = float(np.mean([d[c] for c in have]))
-                d.update({c: v for c in have})
+    """Tie each twin candidate (``table.twins``) to its first twin, in place: one per-layer and pair term for
+    both (the mean of the two estimates, less the twin's offset) and one offset per twin, the mean difference
+    of its per-layer terms from its first twin's."""
+    for c, o in table.twins.items():
+        both = [d for d in table.latency_ms.values() if c in d and o in d]
+        off = float(np.mean([d[c] - d[o] for d in both])) if both else 0.0
+        table.twin_offset[c] = off
+        for d in both:
+            d[o] = 0.5 * (d[o] + d[c] - off)
+            d[c] = d[o] + off
+        for d in table.pairs.values():
+            if c in d and o in d:
+                d[o] = d[c] = 0.5 * (d[o] + d[c])
 
 
 def machine_key(threads: int, batch: int) -> dict[str, Any]:
@@ -413,7 +424,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
     key = {"model": hashlib.sha256(fp32).hexdigest()[:20], **machine_key(threads, batch), "candidates": cands,
            "method": ("pairwise, " if edges else "") + ("two-sided" if two else "one-sided")
            + (f", {sum(n_mix.values())} mixes (seed {seed})" if any(n_mix.values()) else "")
-           + f", {anchors} anchors, twins tied",
+           + f", {anchors} anchors, twins tied with an offset",
            "edges": [list(e) for e in edges], "layers": layers, **({"clock": clock} if clock != "wall" else {}),
            "ref": {n: c for n, c in reference.items() if c != "fp32"}}
     if cache and (hit := load_cached(key)) is not None:

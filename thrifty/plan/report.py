@@ -263,7 +263,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
         "cost_table": {"base_ms": base.base_ms, "base_bytes": base.base_bytes, "additivity": base.additivity,
                        "seconds": base.seconds, "key": base.key, "noise": base.noise, "pairs": len(base.pairs),
                        "graphs": len(base.measured), "mix_check": base.mix_check, "load": base.load,
-                       "twins": base.twins},
+                       "twins": base.twins, "twin_offset": base.twin_offset},
     }
     if loadgen_dir is not None:
         report["plan"]["loadgen"] = loadgen_latency(main.onnx, samples, threads, len(feed[0]), Path(loadgen_dir),
@@ -336,8 +336,9 @@ def markdown(report: dict[str, Any], title: str) -> str:
                      f"({_pct(a['latency_rel_error'])}; additive from the FP32 side {_pct(a['one_sided_rel_error'])}); "
                      f"bytes predicted {a['predicted_bytes']:.0f}, measured {a['measured_bytes']:.0f}.")
     for c, o in (ct.get("twins") or {}).items():
+        off = (ct.get("twin_offset") or {}).get(c, 0.0)
         lines.append(f"Candidates {o} and {c} deploy to graphs of one structure (the same kernels): one latency "
-                     "term each for both.")
+                     f"term per layer and pair for both, {c} {off:+.3f} ms per layer.")
     if ct.get("mix_check"):
         mc = ct["mix_check"]
         lines.append(f"Model check on {mc['graphs']} random mixes before they joined the fit: median error "
