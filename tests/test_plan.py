@@ -190,6 +190,12 @@ def _fake_timer(ms_of):
     return timer
 
 
+def _fake_beside(ms_of):
+    """A stand-in for time_beside: ``ms_of(graph)`` for ``ref`` and each graph."""
+    timer = _fake_timer(ms_of)
+    return lambda ref, graphs, *a, each=None, **k: timer([ref, *graphs], spread=True, each=each)
+
+
 def test_cost_table_measures_bytes_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("THRIFTY_CACHE", str(tmp_path / "cache"))
     model, x = _mlp(), torch.randn(64, 32)
@@ -213,7 +219,7 @@ def test_cost_table_measures_bytes_and_caches(tmp_path, monkeypatch):
     assert t.mix_check == {} or (t.mix_check["graphs"] == 1 and t.mix_check["max_abs_rel_error"] >= 0)
     assert set(t.pairs) == {"0|2", "2|4"} and t.noise >= 0.0
     assert len(t.load) == 2 and all(v >= 0 for v in t.load)  # the load it was measured under travels with it
-    monkeypatch.setattr(cost_mod, "time_graphs", lambda *a, **k: pytest.fail("a cached table was measured again"))
+    monkeypatch.setattr(cost_mod, "time_beside", lambda *a, **k: pytest.fail("a cached table was measured again"))
     again = measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, threads=1, rounds=2)
     assert again == CostTable.from_json(p.read_text()) and again.latency_ms == t.latency_ms
     assert again.predict({"0": "int8", "2": "int8"}) == t.predict({"0": "int8", "2": "int8"})
@@ -222,7 +228,7 @@ def test_cost_table_measures_bytes_and_caches(tmp_path, monkeypatch):
         with pytest.raises(pytest.fail.Exception):  # another thread count / method / candidates: another entry
             measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, **({"threads": 1, "rounds": 2} | other))
     p.write_text("{not json")  # a corrupt entry is measured again, with a warning, and rewritten
-    monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: 1.0))
+    monkeypatch.setattr(cost_mod, "time_beside", _fake_beside(lambda g: 1.0))
     with pytest.warns(UserWarning, match="unreadable cost cache"):
         fresh = measure_costs(model, x, (x[:2],), (x[:16].numpy(),), layers, threads=1, rounds=2)
     assert fresh.base_ms == 1.0 and CostTable.from_json(p.read_text()).base_ms == 1.0
@@ -243,6 +249,16 @@ def test_time_graphs_ratios_groups_and_clocks():
     ms, se = time_graphs([g] * 5, (x.numpy(),), 1, rounds=3, max_sessions=2, spread=True, clock="cpu",
                          each=seen.append, min_ms=0.1)
     assert len(ms) == len(se) == len(seen) == 5 and all(m > 0 for m in ms) and all(s >= 0 for s in se)
+    # time_beside: the reference in 3 anchor sessions, reported once; each() sees every graph once, ref first
+    from thrifty.plan.timing import time_beside
+
+    other = deploy_graphs(_mlp(), [{"0": "int8"}], x, (x[:2],))[0]
+    seen.clear()
+    ms, se = time_beside(g, [other, other], (x.numpy(),), 1, rounds=3, max_sessions=4, clock="cpu", min_ms=0.1,
+                         each=seen.append)
+    assert len(ms) == len(se) == 3 and seen == [g, other, other] and all(m > 0 for m in ms)
+    with pytest.raises(ValueError, match="anchors must be >= 1"):
+        time_beside(g, [other], (x.numpy(),), 1, anchors=0)
     with pytest.raises(ValueError, match="clock must be one of \\['cpu', 'wall'\\], got 'gpu'"):
         time_graphs([g], (x.numpy(),), 1, clock="gpu")
     with pytest.raises(ValueError, match="rounds must be >= 1"):
@@ -309,7 +325,7 @@ def test_cost_table_is_two_sided_on_an_interaction_model(monkeypatch):
     monkeypatch.setattr(cost_mod, "deploy_graphs", fake)
     monkeypatch.setattr(cost_mod, "iter_graphs", fake)
     monkeypatch.setattr(graph_mod, "layer_edges", lambda *a, **k: [("0", "2"), ("2", "4")])
-    monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: ms(json.loads(g))))
+    monkeypatch.setattr(cost_mod, "time_beside", _fake_beside(lambda g: ms(json.loads(g))))
     monkeypatch.setattr(cost_mod, "_facts", lambda g: (len(g), g.decode()))  # the fake graphs are not ONNX
     args = (_mlp(), torch.randn(8, 32), (torch.randn(2, 32),), (np.zeros((4, 32), np.float32),), layers)
     t = measure_costs(*args, cache=False, pairwise=False, mixes=0)  # no mixes: nothing refits the averages
@@ -357,10 +373,10 @@ def test_random_mixes_check_the_model_and_join_its_fit(monkeypatch):
     monkeypatch.setattr(cost_mod, "plan_from_picks", lambda q: q)
     args = (torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in layers]), torch.randn(8, 4), (torch.randn(2, 4),),
             (np.zeros((4, 4), np.float32),), layers)
-    monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: exact(json.loads(g))))
+    monkeypatch.setattr(cost_mod, "time_beside", _fake_beside(lambda g: exact(json.loads(g))))
     t = measure_costs(*args, cache=False, mixes=12)
     assert t.mix_check["graphs"] >= 5 and t.mix_check["max_abs_rel_error"] == pytest.approx(0.0, abs=1e-9)
-    monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: ms(json.loads(g))))
+    monkeypatch.setattr(cost_mod, "time_beside", _fake_beside(lambda g: ms(json.loads(g))))
     none = measure_costs(*args, cache=False, mixes=0)
     t = measure_costs(*args, cache=False, mixes=12)
     assert none.mix_check == {} and "mixes" not in none.key["method"]
@@ -397,7 +413,7 @@ def test_twin_candidates_share_their_latency_terms(monkeypatch):
     monkeypatch.setattr(cost_mod, "deploy_graphs", fake)
     monkeypatch.setattr(cost_mod, "iter_graphs", fake)
     monkeypatch.setattr(graph_mod, "layer_edges", lambda *a, **k: list(zip(layers, layers[1:])))
-    monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: ms(json.loads(g))))
+    monkeypatch.setattr(cost_mod, "time_beside", _fake_beside(lambda g: ms(json.loads(g))))
     monkeypatch.setattr(cost_mod, "plan_from_picks", lambda q: q)
     args = (torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in layers]), torch.randn(8, 4), (torch.randn(2, 4),),
             (np.zeros((4, 4), np.float32),), layers, ("fp32", "int8", "int7"))
@@ -444,7 +460,7 @@ def test_mixed_pairs_share_the_boundary_of_candidates_that_quantize_inputs_alike
     monkeypatch.setattr(cost_mod, "deploy_graphs", fake)
     monkeypatch.setattr(cost_mod, "iter_graphs", fake)
     monkeypatch.setattr(graph_mod, "layer_edges", lambda *a, **k: [("0", "2"), ("2", "4")])
-    monkeypatch.setattr(cost_mod, "time_graphs", _fake_timer(lambda g: ms(json.loads(g))))
+    monkeypatch.setattr(cost_mod, "time_beside", _fake_beside(lambda g: ms(json.loads(g))))
     monkeypatch.setattr(cost_mod, "_facts", lambda g: (len(g), g.decode()))
     t = measure_costs(_mlp(), torch.randn(8, 32), (torch.randn(2, 32),), (np.zeros((4, 32), np.float32),), layers,
                       candidates=cands, cache=False)
@@ -495,7 +511,7 @@ def test_planner_meets_size_budget_and_is_the_ilp_optimum(tmp_path, monkeypatch)
         meta = {p.key: p.value for p in onnx.load_from_string(g).metadata_props}
         return json.loads(meta["thrifty.int8"])["quantized_layers"] if "thrifty.int8" in meta else 0
 
-    monkeypatch.setattr(planner_mod, "time_graphs", _fake_timer(lambda g: 1.0 - 0.1 * int8_layers(g)))
+    monkeypatch.setattr(planner_mod, "time_beside", _fake_beside(lambda g: 1.0 - 0.1 * int8_layers(g)))
     flat = dataclasses.replace(r.table, base_ms=1.0, measured=[], pairs={},
                                latency_ms={n: {c: -0.2 * (c != "fp32") for c in d} for n, d in r.table.latency_ms.items()})
     r2 = make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=0.75, rounds=2, table=flat,
@@ -518,7 +534,7 @@ def test_planner_meets_size_budget_and_is_the_ilp_optimum(tmp_path, monkeypatch)
         make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=1.0, table=flat, sens=r.sensitivity,
                   layers=r.table.layers, max_rounds=0)
     # ... and when no measured plan meets the budget, the most accurate graph of the table within it is taken
-    monkeypatch.setattr(planner_mod, "time_graphs", _fake_timer(lambda g: 1.0))
+    monkeypatch.setattr(planner_mod, "time_beside", _fake_beside(lambda g: 1.0))
     timed = dataclasses.replace(flat, measured=[({}, 1.0, 1), ({"2": "int8"}, 0.9, 1)])
     r3 = make_plan(model, x, (x[:2],), (x[:16].numpy(),), latency_ms=0.95, rounds=2, table=timed,
                    sens=r.sensitivity, layers=r.table.layers, cache=False)

@@ -76,7 +76,7 @@ import numpy as np
 import torch.nn as nn
 
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
-from thrifty.plan.timing import time_graphs
+from thrifty.plan.timing import time_beside, time_graphs
 from thrifty.utils import atomic_write_text, get_logger
 
 __all__ = ["CostTable", "measure_costs", "refit", "pair_weights", "deploy_graphs", "iter_graphs", "time_graphs", "weight_bytes",
@@ -395,7 +395,7 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
     ``mixes``: random assignments of each candidate timed besides (default: as many as the layers that take it;
     with ``check_additivity`` only): the model is checked on them before they join its fit
     (``CostTable.mix_check``), which is how well it predicts the partly-quantized graphs a planner picks.
-    ``anchors``: sessions of the reference graph timed in every group (:func:`time_graphs`).
+    ``anchors``: sessions of the reference graph timed in every group (:func:`thrifty.plan.timing.time_beside`).
     ``min_ms``, ``max_sessions``, ``clock``: see :func:`time_graphs`. ``cache=False`` always measures (and does
     not store).
     """
@@ -461,12 +461,9 @@ def measure_costs(model: nn.Module, calib: Any, example: tuple, feed: Sequence[n
             if i >= n_fit and i not in mix:
                 mix.append(i)
     facts: list[tuple[int, str]] = []
-    graphs = iter_graphs(model, [reference] * (anchors - 1) + picks, calib, example, input_names)
-    ms, rse = time_graphs(graphs, feed, threads, rounds, min_ms=min_ms, max_sessions=max_sessions, spread=True,
-                          clock=clock, anchors=anchors, each=lambda g: facts.append(_facts(g)))  # one parse each
-    # the anchors are sessions of one graph: the reference's latency is their geometric mean
-    ms = [float(np.exp(np.mean(np.log(ms[:anchors]))))] + ms[anchors:]
-    rse, facts = [float(np.median(rse[:anchors]))] + rse[anchors:], facts[anchors - 1:]
+    graphs = iter(iter_graphs(model, picks, calib, example, input_names))
+    ms, rse = time_beside(next(graphs), graphs, feed, threads, rounds, anchors=anchors, min_ms=min_ms,
+                          max_sessions=max_sessions, clock=clock, each=lambda g: facts.append(_facts(g)))
     nbytes = [b for b, _ in facts]
     # candidates whose every-layer graphs have one structure run the same kernels: one set of latency terms
     # (else the planner would pick, layer by layer, whichever twin's estimate came out luckier)

@@ -42,7 +42,8 @@ import numpy as np
 import torch.nn as nn
 
 from thrifty.plan.config import Plan, candidate, plan_from_picks, quantize_plan
-from thrifty.plan.cost import CostTable, deploy_graphs, measure_costs, refit, time_graphs, weight_bytes
+from thrifty.plan.cost import CostTable, deploy_graphs, measure_costs, refit, weight_bytes
+from thrifty.plan.timing import time_beside
 from thrifty.plan.solve import min_total, solve
 
 __all__ = ["PlanResult", "make_plan", "sensitivities", "plan_layers", "deploy"]
@@ -119,8 +120,7 @@ def _measure(model, plan, calib, example, feed, threads, rounds, input_names, fp
     with tempfile.TemporaryDirectory() as d:
         res, p = deploy(model, plan, calib, example, Path(d) / "plan.onnx", input_names)
         graph = p.read_bytes()
-    t, se = time_graphs([fp32] * 3 + [graph], feed, threads, rounds, spread=True, clock=clock, anchors=3)
-    ref, ms, noise = float(np.exp(np.mean(np.log(t[:3])))), t[3], se[3]
+    (ref, ms), (_, noise) = time_beside(fp32, [graph], feed, threads, rounds, clock=clock)
     return {"latency_ms": ms * base_ms / ref, "raw_ms": ms, "fp32_ms": ref, "noise": noise,
             "bytes": float(weight_bytes(graph)), "loss": 0.0 if res is None else float(res.final_loss)}, graph, res
 

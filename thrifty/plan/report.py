@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
 from thrifty.plan.cost import measure_costs, weight_bytes
-from thrifty.plan.timing import time_graphs
+from thrifty.plan.timing import time_beside
 from thrifty.plan.planner import PlanResult, make_plan
 from thrifty.plan.quality import METRICS, _pct, next_token_nll, paired_se, sample_scores, targets
 from thrifty.utils import atomic_savefig, atomic_write_text
@@ -214,10 +214,8 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
         else:
             same_as[k] = match
     keys = [k for k in graphs if k not in same_as]
-    # three sessions of the FP32 graph anchor the rounds (thrifty.plan.timing); FP32's latency is their geometric mean
-    t, se = time_graphs([graphs["fp32"]] * 2 + [graphs[k] for k in keys], feed, threads, rounds, spread=True,
-                        clock=clock, anchors=3)
-    t, se = [float(np.exp(np.mean(np.log(t[:3]))))] + t[3:], [float(np.median(se[:3]))] + se[3:]
+    # sessions of the FP32 graph anchor the rounds (keys[0] is "fp32")
+    t, se = time_beside(graphs["fp32"], [graphs[k] for k in keys[1:]], feed, threads, rounds, clock=clock)
     ms, noise = dict(zip(keys, t)), dict(zip(keys, se))
     ref = _outputs(graphs["fp32"], samples, threads)
     metric = _metric_of(samples, ref, metric)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["CLOCKS", "time_graphs"]
+__all__ = ["CLOCKS", "time_graphs", "time_beside"]
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -112,3 +112,24 @@ def time_graphs(graphs: Iterable[bytes], feed: Sequence[np.ndarray], threads: in
         return float(0.93 * (q3 - q1) / np.sqrt(len(v)) / max(abs(float(np.median(v))), 1e-30))
 
     return ms, [rse(a) for a in anchor] + [rse(r) for r in normed]
+
+
+def time_beside(ref: bytes, graphs: Iterable[bytes], feed: Sequence[np.ndarray], threads: int, rounds: int = 7, *,
+                anchors: int = 3, each: Optional[Callable[[bytes], None]] = None, **kw: Any):
+    """(ms, relative standard errors) of ``[ref, *graphs]``: :func:`time_graphs` with ``ref`` as the anchor
+    graph in ``anchors`` sessions per group, its latency their geometric mean. ``each`` is called once per
+    graph, ``ref`` first; ``graphs`` is consumed lazily; other keywords go to :func:`time_graphs`."""
+    if anchors < 1:
+        raise ValueError(f"anchors must be >= 1, got {anchors}")
+
+    def seen(gs: Iterable[bytes]) -> Iterable[bytes]:
+        for g in gs:
+            if each is not None:
+                each(g)
+            yield g
+
+    if each is not None:
+        each(ref)
+    ms, se = time_graphs(itertools.chain([ref] * anchors, seen(graphs)), feed, threads, rounds, spread=True,
+                         anchors=anchors, **kw)
+    return [float(np.exp(np.mean(np.log(ms[:anchors]))))] + ms[anchors:], [float(np.median(se[:anchors]))] + se[anchors:]
