@@ -25,6 +25,8 @@ one thread leaves out the time the process waited for a core on a shared machine
     python experiments/plan.py --quick --only minilm-text --layers 2 ...  # a small run of one workload's full path
     python experiments/plan.py --quick --render           # rewrite the .md and .png from the saved .json only
     python experiments/plan.py --combine   # results/plan.* from the saved plan_<workload>.json of --only runs
+    python experiments/plan.py --only resnet20-digits32 --candidates fp32,int8,int7,int8-2:4 --size-frac 0.5
+                                           # also a size budget that only N:M storage meets: plan_<workload>-size.*
 
 The committed results/plan_resnet20-digits32.* ran ``--only resnet20-digits32 --clock cpu --pipeline rtn --sweep 2
 --rounds 9 --loadgen-s 1``: 27.5 min wall, 8.4 min CPU on a shared 2-core machine (load ~20), of which the cost
@@ -48,6 +50,7 @@ from thrifty.bench.api import calibration_data, load_workload
 from thrifty.bench.experiment import Experiment
 from thrifty.plan.cost import measure_costs
 from thrifty.plan.planner import plan_layers
+from thrifty.plan.solve import min_total
 from thrifty.plan.report import markdown, plan_report, plot_pareto
 
 # (name, model, dataset, pipeline, max samples)
@@ -87,11 +90,18 @@ def run_workload(name: str, model_name: str, dataset: str, pipeline: str, max_sa
             layers = layers[:args.layers]
         table = measure_costs(wl.model, calib, example, feed, layers, tuple(args.candidates), threads=args.threads,
                               rounds=args.rounds, input_names=wl.input_names, clock=args.clock)
-    # between the fastest graph the table timed (a budget some plan is known to meet) and FP32
-    fastest = min(ms for _, ms, _ in table.measured)
-    budget = fastest + args.budget_frac * (table.base_ms - fastest)
+    size_mb = None
+    if args.size_frac is not None:  # between the smallest plan and all int8 (stored bytes: exact per layer)
+        smallest = table.base_bytes + min_total(table.bytes)
+        int8 = table.predict({n: "int8" if "int8" in table.bytes[n] else "fp32" for n in table.layers})[1]
+        size_mb = (smallest + args.size_frac * (int8 - smallest)) / 1e6
+    # between the fastest graph the table timed within the size budget (a budget some plan is known to meet) and
+    # FP32
+    timed = [ms for _, ms, b in table.measured if size_mb is None or b <= size_mb * 1e6]
+    fastest = min(timed or [ms for _, ms, _ in table.measured])
+    budget = fastest + args.budget_frac * max(table.base_ms - fastest, 0.0)
     t = time.perf_counter()
-    _, report = plan_report(wl.model, calib, example, wl.samples, latency_ms=budget, size_mb=None, batch=args.batch,
+    _, report = plan_report(wl.model, calib, example, wl.samples, latency_ms=budget, size_mb=size_mb, batch=args.batch,
                             threads=args.threads, rounds=args.rounds, sweep=args.sweep, pipeline=pipeline,
                             adaquant_iters=args.adaquant_iters, candidates=tuple(args.candidates),
                             input_names=wl.input_names, loadgen_dir=args.work / name, loadgen_s=args.loadgen_s,
@@ -128,10 +138,11 @@ def combine(out: Path) -> dict:
 
     result = {}
     for name, *_ in FULL:
-        f = out / f"plan_{name}.json"
-        if f.is_file():
-            saved = json.loads(f.read_text())
-            result[name] = {**saved[name], "command": saved.get("command")}
+        for stem, key in ((name, name), (f"{name}-size", f"{name} (size budget)")):
+            f = out / f"plan_{stem}.json"
+            if f.is_file():
+                saved = json.loads(f.read_text())
+                result[key] = {**saved[name], "command": saved.get("command")}
     if not result:
         raise SystemExit(f"--combine: no plan_<workload>.json in {out} for {', '.join(w[0] for w in FULL)}; run "
                          "them with --only first")
@@ -174,6 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 41 quick, 15 full)")
     p.add_argument("--sweep", type=int, default=3)
     p.add_argument("--budget-frac", type=float, default=0.5)
+    p.add_argument("--size-frac", type=float, default=None,
+                   help="also a size budget, this fraction of the way from the smallest plan to all int8 (with "
+                        "--only, the stem becomes plan_<workload>-size)")
     p.add_argument("--adaquant-iters", type=int, default=100)
     p.add_argument("--calib-per-class", type=int, default=None)
     p.add_argument("--loadgen-s", type=float, default=None)
@@ -198,7 +212,7 @@ def main(argv=None) -> int:
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(args, k)}")
     if args.only and args.name == exp.name:  # one workload never overwrites the results of all of them
-        args.name = f"plan_{args.only}"
+        args.name = f"plan_{args.only}" + ("-size" if args.size_frac is not None else "")
     if args.combine:
         result = {**combine(exp.out), "command": exp.command}
         exp.write_json(result)

@@ -54,6 +54,8 @@ NOT_ON_CLI = {
     "OptimConfig": "nested in TrainConfig, FSMerge, DistillMerge and Synth (their --optim.* flags), not a run on its own",
     "Plan": "per-layer configs that `thrifty plan` writes (plan.yaml) for thrifty.apply / quantize_plan; no "
             "command builds one from flags",
+    "SparseQuant": "one layer's pruned-and-quantized choice inside a Plan (the int8-2:4 / int8-t4:8 candidates of "
+                   "`thrifty plan --candidates`)",
 }
 
 

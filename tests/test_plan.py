@@ -171,7 +171,7 @@ def test_plan_yaml_round_trip_and_apply(tmp_path):
         Plan({"0": 8})
     with pytest.raises(ValueError, match="pipeline"):
         Plan({}, pipeline="magic")
-    with pytest.raises(ValueError, match="PTQ takes QuantConfig layers; \\{'2': 'NM'\\} are not"):
+    with pytest.raises(ValueError, match="PTQ takes QuantConfig and SparseQuant layers; \\{'2': 'NM'\\} are not"):
         quantize_plan(_mlp(), plan, torch.randn(16, 32))
     with pytest.raises(ValueError, match="does not have"):
         quantize_plan(_mlp(), Plan({"fc9": QuantConfig()}), torch.randn(16, 32))

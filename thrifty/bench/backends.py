@@ -100,15 +100,20 @@ def ort_options(threads: Optional[int] = None, optimize: bool = True):
 def ort_session(model: str | os.PathLike | bytes, threads: Optional[int] = None,
                 optimized_path: Optional[str] = None, optimize: bool = True):
     """A CPU InferenceSession with :func:`ort_options` (all graph optimizations, QDQ fusion included, unless
-    ``optimize=False``); ``optimized_path`` saves the graph ONNX Runtime executes."""
+    ``optimize=False``); ``optimized_path`` saves the graph ONNX Runtime executes. A file (or bytes) written by
+    :func:`thrifty.bench.nm_onnx.save_nm_onnx` is decompressed first."""
     import onnxruntime as ort
 
     so = ort_options(threads, optimize)
     if optimized_path:
         so.optimized_model_filepath = str(optimized_path)
+    from thrifty.bench.nm_onnx import is_nm_onnx, load_nm_onnx
+
     src = model if isinstance(model, bytes) else str(model)
     if not isinstance(model, bytes) and not Path(src).is_file():
         raise FileNotFoundError(f"ONNX model not found: {src}")
+    if is_nm_onnx(model):  # N:M weights stored compressed: the runtime gets the dense graph (no N:M kernel)
+        src = load_nm_onnx(model)
     return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
 
 

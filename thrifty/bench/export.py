@@ -37,8 +37,8 @@ from thrifty.bench.adapter import keyword_call
 from thrifty.bench.layout import default_activation_dtype, hoist_quantize, quantize_biases, set_activation_dtype
 from thrifty.utils import atomic_write_bytes
 
-__all__ = ["export_onnx", "LayerQuant", "quant_layers", "cpu_has_vnni", "weight_container", "exact_fast_w_bits",
-           "U8S8_EXACT_MAX_CODE"]
+__all__ = ["export_onnx", "weight_codes_name", "LayerQuant", "quant_layers", "cpu_has_vnni", "weight_container",
+           "exact_fast_w_bits", "U8S8_EXACT_MAX_CODE"]
 
 # Without VNNI, ONNX Runtime's x86 u8s8 kernels multiply with VPMADDUBSW: two u8 x s8 products summed into a
 # saturating int16. The sum is exact for every u8 activation when each stored weight code has |code| <= 64
@@ -388,7 +388,7 @@ def _insert_qdq(proto, layers: list[LayerQuant], signed_weights: Optional[bool] 
         if found is None:  # not on the forward path (e.g. an unused pooler): nothing to deploy
             continue
         node, layout = found
-        tag = lq.name.replace(".", "_") or "root"
+        tag = _tag(lq.name)
         codes, scale, zp = lq.codes, lq.w_scale.copy(), lq.w_zp.copy()
         bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
         bias = const(bias_name) if bias_name else None
@@ -422,7 +422,7 @@ def _insert_qdq(proto, layers: list[LayerQuant], signed_weights: Optional[bool] 
             codes, zp, qdtype = codes + shift, zp + shift, np.uint8
         gcodes = codes.T if layout == "matmul" else codes
         axis = 1 if layout == "matmul" else 0
-        wq_name, ws_name, wz_name, wdq = f"{tag}.wq", f"{tag}.w_scale", f"{tag}.w_zp", f"{tag}.w_dq"
+        wq_name, ws_name, wz_name, wdq = weight_codes_name(lq.name), f"{tag}.w_scale", f"{tag}.w_zp", f"{tag}.w_dq"
         new_inits += [numpy_helper.from_array(np.ascontiguousarray(gcodes).astype(qdtype), wq_name),
                       numpy_helper.from_array(scale.astype(np.float32), ws_name),
                       numpy_helper.from_array(zp.astype(qdtype), wz_name)]
@@ -475,6 +475,20 @@ def _insert_qdq(proto, layers: list[LayerQuant], signed_weights: Optional[bool] 
     del g.initializer[:]
     g.initializer.extend(keep)
     return chosen
+
+
+def _tag(layer: str) -> str:
+    return layer.replace(".", "_") or "root"
+
+
+def weight_codes_name(layer: str) -> str:
+    """The initializer holding the integer weight codes of quantized ``layer`` in an :func:`export_onnx` graph.
+
+    Example:
+        >>> weight_codes_name("encoder.layer.0.output.dense")
+        'encoder_layer_0_output_dense.wq'
+    """
+    return f"{_tag(layer)}.wq"
 
 
 def _find_node(nodes, arrays: dict[str, np.ndarray], lq: LayerQuant):

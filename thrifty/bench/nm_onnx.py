@@ -4,8 +4,12 @@
 a weight DequantizeLinear whose zero code is a zero weight: int8 codes with zero points 0, or the uint8 container of
 symmetric codes, zero points 128) whose GEMM view is N:M sparse along the reduction and stores it as
 :func:`thrifty.sparse.storage.compress` does (kept values + bit-packed in-block indices, ``values`` in the
-tensor's own dtype, uint8 codes shifted back to int8 so that their zero is 0), inside the same ONNX file; everything else is untouched. ONNX Runtime
-has no N:M kernel, so :func:`load_nm_onnx` rebuilds the dense model in memory (bit-identical) for a session.
+tensor's own dtype, uint8 codes shifted back to int8 so that their zero is 0), inside the same ONNX file;
+everything else is untouched. ``layers`` names the weights to store compressed and each one's pattern (a plan
+mixing 2:4 and 4:8 layers; a listed weight that is not sparse so is an error), instead of every weight that
+happens to be N:M sparse. ONNX Runtime has no N:M kernel, so :func:`load_nm_onnx` rebuilds the dense model in
+memory (bit-identical) for a session; :func:`thrifty.bench.backends.ort_session` (and so ``OrtBackend``) does
+that by itself for a compressed file or its bytes.
 
 Example:
     >>> import tempfile, torch, torch.nn as nn
@@ -24,13 +28,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from thrifty.utils import atomic_write_bytes
 
-__all__ = ["save_nm_onnx", "load_nm_onnx", "gemm_weights"]
+__all__ = ["save_nm_onnx", "load_nm_onnx", "is_nm_onnx", "gemm_weights"]
 
 _KEY = "thrifty.nm"
 
@@ -68,10 +72,13 @@ def _gemm_weights(g) -> dict[str, tuple[bool, int]]:
     return out
 
 
-def save_nm_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike, n: int = 2, m: int = 4) -> dict[str, Any]:
-    """Write ``model_path`` to ``out_path`` (atomic) with its N:M-sparse GEMM weights compressed; returns
-    ``{"layers": {initializer: "n:m"}, "dense_bytes", "stored_bytes"`` (of those weights), ``"onnx_bytes"``
-    (the input file), ``"file_bytes"`` (the written one)``}``. Raises ValueError when no weight is N:M sparse."""
+def save_nm_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike, n: int = 2, m: int = 4, *,
+                 layers: Optional[Mapping[str, tuple[int, int]]] = None) -> dict[str, Any]:
+    """Write ``model_path`` to ``out_path`` (atomic; it may be ``model_path``) with its N:M-sparse GEMM weights
+    compressed; returns ``{"layers": {initializer: "n:m"}, "dense_bytes", "stored_bytes"`` (of those weights),
+    ``"onnx_bytes"`` (the input file), ``"file_bytes"`` (the written one)``}``. ``layers``: compress exactly these
+    weight initializers, each with its ``(n, m)`` (``n``/``m`` are then unused). Raises ValueError when no weight
+    is N:M sparse, or naming a listed weight that is not a GEMM weight or not sparse in its pattern."""
     import onnx
     import torch
     from onnx import numpy_helper
@@ -85,8 +92,17 @@ def save_nm_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike, n: 
     g = proto.graph
     meta: dict[str, Any] = {}
     dense = stored = 0
-    new, drop = [], set()
-    for name, (transposed, zero) in _gemm_weights(g).items():
+    new: dict[str, list] = {}
+    found = _gemm_weights(g)
+    if layers is not None:
+        bad = sorted(set(layers) - set(found))
+        if bad:
+            raise ValueError(f"{src}: {bad} are not GEMM weights that a zero weight stores as one code (float "
+                             f"weights, or symmetric integer codes); GEMM weights: {sorted(found)}")
+        found = {k: found[k] for k in layers}
+    for name, (transposed, zero) in found.items():
+        if layers is not None:
+            n, m = layers[name]
         init = next(i for i in g.initializer if i.name == name)
         a = numpy_helper.to_array(init)
         if zero:  # uint8 codes around 128: int8 around 0 (exact), so a masked weight is a zero value
@@ -94,21 +110,23 @@ def save_nm_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike, n: 
         mat = a.T if transposed and a.ndim == 2 else a
         try:
             c = compress(torch.from_numpy(np.array(mat, order="C")), n, m)  # a writable copy
-        except ValueError:  # not N:M sparse: stays dense
+        except ValueError as e:  # not N:M sparse: stays dense
+            if layers is not None:
+                raise ValueError(f"{src}: weight {name!r} is not stored {n}:{m} sparse: {e}") from None
             continue
         values, indices = c["values"].numpy(), c["indices"].numpy()
-        new += [numpy_helper.from_array(values, f"{name}::nm_values"),
-                numpy_helper.from_array(indices, f"{name}::nm_idx")]
+        new[name] = [numpy_helper.from_array(values, f"{name}::nm_values"),
+                     numpy_helper.from_array(indices, f"{name}::nm_idx")]
         meta[name] = {"shape": c["shape"], "n": n, "m": m, "transposed": bool(transposed and a.ndim == 2)}
         if zero:
             meta[name]["zero"] = zero
         dense += a.nbytes
         stored += values.nbytes + indices.nbytes
-        drop.add(name)
     if not meta:
         raise ValueError(f"{src}: no GEMM weight is {n}:{m} sparse (sparsify the model first; int8 weights need "
                          f"symmetric quantization so that a zero weight is a zero code)")
-    keep = [i for i in g.initializer if i.name not in drop] + new
+    # each compressed tensor takes its dense tensor's place: loading restores the graph exactly, order included
+    keep = [t for i in g.initializer for t in new.get(i.name, [i])]
     del g.initializer[:]
     g.initializer.extend(keep)
     proto.metadata_props.add(key=_KEY, value=json.dumps(meta))
@@ -118,25 +136,39 @@ def save_nm_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike, n: 
             "stored_bytes": stored, "onnx_bytes": src.stat().st_size, "file_bytes": len(data)}
 
 
-def load_nm_onnx(path: str | os.PathLike) -> bytes:
-    """The dense model of a :func:`save_nm_onnx` file, serialized (give it to ``OrtBackend`` / ``ort_session``)."""
+def is_nm_onnx(model: str | os.PathLike | bytes) -> bool:
+    """Whether ``model`` (a path or serialized bytes) is a :func:`save_nm_onnx` file."""
+    import onnx
+
+    data = model if isinstance(model, bytes) else Path(model).read_bytes()
+    if _KEY.encode() not in data:  # cheap: the metadata key is stored verbatim
+        return False
+    return any(m.key == _KEY for m in onnx.load_from_string(data).metadata_props)
+
+
+def load_nm_onnx(path: str | os.PathLike | bytes) -> bytes:
+    """The dense model of a :func:`save_nm_onnx` file (a path or its bytes), serialized (give it to
+    ``OrtBackend`` / ``ort_session``)."""
     import onnx
     import torch
     from onnx import numpy_helper
 
     from thrifty.sparse.storage import decompress
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {p}")
-    proto = onnx.load(str(p))
+    if isinstance(path, bytes):
+        p, proto = Path("<bytes>"), onnx.load_from_string(path)
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {p}")
+        proto = onnx.load(str(p))
     info = {m.key: m.value for m in proto.metadata_props}
     if _KEY not in info:
         raise ValueError(f"{p}: not an N:M-compressed ONNX file (no {_KEY!r} metadata); load it directly")
     meta = json.loads(info[_KEY])
     g = proto.graph
     arrays = {i.name: i for i in g.initializer}
-    rebuilt = []
+    rebuilt = {}
     for name, c in meta.items():
         try:
             values = torch.from_numpy(numpy_helper.to_array(arrays[f"{name}::nm_values"]).copy())
@@ -146,9 +178,10 @@ def load_nm_onnx(path: str | os.PathLike) -> bytes:
         w = decompress(values, indices, c["shape"], c["n"], c["m"]).numpy()
         if c.get("zero"):
             w = (w.astype(np.int16) + c["zero"]).astype(np.uint8)
-        rebuilt.append(numpy_helper.from_array(np.ascontiguousarray(w.T if c["transposed"] else w), name))
-    packed = {k for name in meta for k in (f"{name}::nm_values", f"{name}::nm_idx")}
-    keep = [i for i in g.initializer if i.name not in packed] + rebuilt
+        rebuilt[f"{name}::nm_values"] = numpy_helper.from_array(np.ascontiguousarray(w.T if c["transposed"] else w),
+                                                                name)
+    packed = {f"{name}::nm_idx" for name in meta}
+    keep = [rebuilt.get(i.name, i) for i in g.initializer if i.name not in packed]
     del g.initializer[:]
     g.initializer.extend(keep)
     props = [m for m in proto.metadata_props if m.key != _KEY]

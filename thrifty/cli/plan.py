@@ -33,11 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=_common.positive_int, default=128,
                    help="token window of a text model or causal LM (minilm, tinyllama)")
     p.add_argument("--latency-ms", type=float, default=None, help="latency budget, ms per batch of --batch samples")
-    p.add_argument("--size-mb", type=float, default=None, help="size budget of the ONNX file, MB (10^6 bytes)")
+    p.add_argument("--size-mb", type=float, default=None, help="size budget, MB (10^6 bytes) of the deployed ONNX file's weights (its initializers: "
+                        "codes, scales, biases; N:M layers as stored)")
     p.add_argument("--batch", type=_common.positive_int, default=32, help="batch size the latency is measured at")
     p.add_argument("--threads", type=_common.positive_int, default=1, help="ONNX Runtime intra-op threads")
     p.add_argument("--candidates", default="fp32,int8", help="comma list of per-layer candidates: "
-                   "fp32, int8, int7, w4a8, w4 (thrifty.plan.CANDIDATES; when each pays off: docs/methods/plan.md)")
+                   "fp32, int8, int7, w4a8, w4, int8-2:4, int8-t4:8 (thrifty.plan.CANDIDATES; when each pays off: "
+                   "docs/methods/plan.md)")
     p.add_argument("--pipeline", choices=["rtn", "adaquant", "light", "advanced"], default="rtn",
                    help="PTQ pipeline of the quantized layers (sensitivities are measured after it)")
     p.add_argument("--adaquant-iters", type=_common.nonneg_int, default=200)
@@ -109,4 +111,9 @@ def run(args: argparse.Namespace) -> int:
     _common.write_resolved_config(out, args)
     print(res.summary())
     print(f"wrote {out}/plan.yaml, model.onnx, report.md/json/png")
+    from thrifty.bench.nm_onnx import is_nm_onnx
+
+    if is_nm_onnx(res.onnx):
+        print("model.onnx stores its N:M layers compressed: thrifty.bench.OrtBackend runs it as it is; for a plain "
+              "onnxruntime session, thrifty.bench.load_nm_onnx('model.onnx') gives the dense graph's bytes")
     return 0

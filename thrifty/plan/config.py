@@ -6,7 +6,10 @@ fills each listed layer's slots with its own config (round to nearest; any mix o
 layers, each with its own config (any mix of ``QuantConfig``).
 A *candidate* is a named per-layer choice the cost model can measure and the planner can pick: ``fp32``,
 ``int8``, ``int7`` (u8s8-exact without VNNI), ``w4a8`` and ``w4`` (weight-only, per group, Linear layers only,
-deployed as MatMulNBits); new deployment paths (N:M storage) add theirs with :func:`register_candidate`.
+deployed as MatMulNBits), ``int8-2:4`` and ``int8-t4:8`` (:class:`SparseQuant`: symmetric int8 weights pruned
+2:4, or transposable 4:8, stored compressed in the ONNX file; the runtime runs them dense); new deployment paths
+add theirs with :func:`register_candidate`. :func:`export_plan` writes a quantized plan's ONNX file, its pruned
+layers compressed.
 
 Example:
     >>> import torch.nn as nn, thrifty
@@ -21,16 +24,61 @@ Example:
 """
 from __future__ import annotations
 
+import copy
+import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch.nn as nn
 
 from thrifty.core import Config, from_dict, handler_for, register_config, register_handler
 from thrifty.quant.config import PIPELINES, PTQ, QuantConfig
+from thrifty.sparse.weights import NM, can_take, sparsify
 
-__all__ = ["Plan", "Candidate", "CANDIDATES", "register_candidate", "quantize_plan", "plan_from_picks"]
+__all__ = ["Plan", "SparseQuant", "Candidate", "CANDIDATES", "register_candidate", "quantize_plan", "plan_from_picks",
+           "export_plan"]
+
+
+@register_config
+@dataclass(frozen=True)
+class SparseQuant(Config):
+    """A layer pruned N:M (magnitude mask) and quantized, its weights stored compressed when deployed.
+
+    The weights must be quantized symmetrically, so that a pruned weight is the integer code 0 and
+    :func:`thrifty.bench.nm_onnx.save_nm_onnx` can store the kept codes and their in-block indices only
+    (2:4 int8: 0.625 of the int8 bytes). In a :class:`Plan`, :func:`quantize_plan` prunes the layer (AdaPrune
+    when the plan's pipeline learns) and then runs the PTQ pipeline against the *dense* model, so AdaQuant also
+    compensates the pruning and the calibration loss counts it.
+
+    Args:
+        nm: the N:M pattern (``NM(2, 4)``; ``NM(4, 8, transposable=True)`` for a transposable mask).
+        quant: the layer's quantizers; ``w_symmetric=True``, no weight groups.
+
+    Example:
+        >>> SparseQuant().nm.label, SparseQuant().quant.w_symmetric
+        ('2:4', True)
+    """
+
+    nm: NM = NM(2, 4)
+    quant: QuantConfig = QuantConfig(w_bits=8, a_bits=8, w_symmetric=True)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nm, NM) or not isinstance(self.quant, QuantConfig):
+            raise TypeError(f"SparseQuant takes nm=NM(...) and quant=QuantConfig(...), got "
+                            f"{type(self.nm).__name__} and {type(self.quant).__name__}")
+        if not self.quant.w_symmetric or self.quant.group_size is not None:
+            raise ValueError("SparseQuant.quant must quantize weights symmetrically per channel (w_symmetric=True, "
+                             "group_size=None): a pruned weight is then the code 0 and is stored compressed")
+        if self.nm.recompute_every:
+            raise ValueError("SparseQuant.nm: a post-training mask is fixed (recompute_every=0)")
+
+
+@register_handler(SparseQuant)
+def _sparse_quant_handler(layer: nn.Module, name: str, cfg: SparseQuant) -> None:
+    handler_for(cfg.nm)(layer, name, cfg.nm)
+    handler_for(cfg.quant)(layer, name, cfg.quant)
 
 
 @register_config
@@ -116,6 +164,16 @@ register_candidate(Candidate("w4", QuantConfig(w_bits=4, a_bits=None, group_size
                                   "activations; nn.Linear only, deployed as ONNX Runtime's MatMulNBits"))
 
 
+def _takes(nm: NM) -> Callable[[nn.Module], bool]:
+    return lambda layer: isinstance(layer, (nn.Linear, nn.Conv2d)) and can_take(layer, nm) is None
+
+
+for _name, _nm in (("int8-2:4", NM(2, 4)), ("int8-t4:8", NM(4, 8, transposable=True))):
+    register_candidate(Candidate(_name, SparseQuant(_nm), accepts=_takes(_nm),
+                                 note=f"W8A8 symmetric with {_nm.label} weights stored compressed (kept codes plus "
+                                      "in-block indices); ONNX Runtime has no N:M kernel, so it runs them dense"))
+
+
 def candidate(name: str) -> Candidate:
     """The registered candidate ``name`` (ValueError listing the known ones)."""
     try:
@@ -132,13 +190,15 @@ def plan_from_picks(picks: dict[str, Any], pipeline: str = "rtn", adaquant_iters
 def quantize_plan(model: nn.Module, plan: Plan, calib: Any, *, ptq: Optional[PTQ] = None):
     """A quantized copy of ``model`` following ``plan``, through :func:`thrifty.quant.quantize`.
 
-    One run of the plan's PTQ pipeline (``rtn``, ``adaquant``...; ``ptq`` overrides it) over exactly the plan's
+    One run of the plan's PTQ pipeline (``rtn`` or ``adaquant``...; ``ptq`` overrides it) over exactly the plan's
     quantized layers, each with its own ``QuantConfig`` (``layer_configs``): a plan mixing candidates (int8,
     int7, W4 weight-only...) is calibrated and optimised in one pass, AdaQuant fitting each layer on the outputs
     of the already quantized layers before it, whatever their configs, and the loss is measured against the FP
-    model. Every layer gets exactly its config: PTQ's first/last-layer policy does not apply (a plan that wants
-    8-bit first and last layers says so per layer). Returns the QuantResult, or None when the plan quantizes
-    nothing (the copy is then ``model`` itself, untouched).
+    model. :class:`SparseQuant` layers are pruned first, on a copy: AdaPrune (:func:`thrifty.sparse.adaprune`,
+    ``adaquant_iters`` steps per layer) when the pipeline learns, magnitude masks for ``rtn``; the PTQ pipeline
+    then fits and scores the pruned copy against ``model`` itself, so the losses count the pruning. Every layer gets exactly its config: PTQ's first/last-layer policy does not apply (a plan
+    that wants 8-bit first and last layers says so per layer). Returns the QuantResult, or None when the plan
+    quantizes nothing (the copy is then ``model`` itself, untouched).
     """
     from thrifty.quant import quantize
 
@@ -147,19 +207,54 @@ def quantize_plan(model: nn.Module, plan: Plan, calib: Any, *, ptq: Optional[PTQ
     q = plan.quantized()
     if not q:
         return None
-    other = {n: type(c).__name__ for n, c in q.items() if not isinstance(c, QuantConfig)}
+    other = {n: type(c).__name__ for n, c in q.items() if not isinstance(c, (QuantConfig, SparseQuant))}
     if other:
-        raise ValueError(f"quantize_plan: PTQ takes QuantConfig layers; {other} are not (apply them with "
-                         f"thrifty.apply(model, plan), round to nearest)")
+        raise ValueError(f"quantize_plan: PTQ takes QuantConfig and SparseQuant layers; {other} are not (apply them "
+                         f"with thrifty.apply(model, plan), round to nearest)")
     missing = [n for n in q if n not in dict(model.named_modules())]
     if missing:
         raise ValueError(f"quantize_plan: the plan names layers the model does not have: {missing}")
+    pruned = {n: c.nm for n, c in q.items() if isinstance(c, SparseQuant)}
     base = ptq or PTQ(pipeline=plan.pipeline, adaquant_iters=plan.adaquant_iters)
-    if len(set(q.values())) == 1:  # one shared config: QuantResult.config records it (the layers still get theirs)
-        qc: QuantConfig = next(iter(q.values()))  # type: ignore[assignment]
+    src = model
+    if pruned:
+        src = copy.deepcopy(model)
+        if base.uses_adaquant and base.adaquant_iters:  # AdaPrune: the kept weights fitted to the dense outputs
+            from thrifty.sparse.adaprune import adaprune
+
+            adaprune(src, pruned, calib, steps=base.adaquant_iters, progress=False, seed=base.seed)
+        else:  # round to nearest: magnitude masks
+            for nm in dict.fromkeys(pruned.values()):
+                sparsify(src, nm, filter=[n for n, p in pruned.items() if p == nm])
+    qcfg: dict[str, QuantConfig] = {n: c.quant if isinstance(c, SparseQuant) else c for n, c in q.items()}  # type: ignore
+    if len(set(qcfg.values())) == 1:  # one shared config: QuantResult.config records it (the layers still get theirs)
+        qc = next(iter(qcfg.values()))
         base = base.replace(w_bits=qc.w_bits, a_bits=qc.a_bits, first_last_bits=qc.w_bits, per_channel=qc.per_channel,
                             group_size=qc.group_size, w_symmetric=qc.w_symmetric, a_symmetric=qc.a_symmetric,
                             w_estimator=qc.w_estimator, a_estimator=qc.a_estimator)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "these layers stay in floating point": the plan says so on purpose
-        return quantize(model, base, calib, layer_configs=q, progress=False)  # type: ignore[arg-type]
+        return quantize(src, base, calib, layer_configs=qcfg, progress=False, reference=model if pruned else None)
+
+
+def export_plan(qmodel: nn.Module, plan: Plan, example: tuple, path: str | os.PathLike, *,
+                input_names: Optional[Sequence[str]] = None, calib: Any = None,
+                residual_ranges: Optional[dict] = None) -> Path:
+    """Export ``qmodel`` (:func:`quantize_plan`'s model of ``plan``) to ONNX at ``path``
+    (:func:`thrifty.bench.export.export_onnx`; ``calib`` makes the residual Adds integer), with the weights of
+    its :class:`SparseQuant` layers stored compressed (:func:`thrifty.bench.nm_onnx.save_nm_onnx`; ONNX Runtime
+    sessions made by thrifty load such a file as it is). Returns ``path``."""
+    from thrifty.bench.export import export_onnx, weight_codes_name
+    from thrifty.bench.nm_onnx import save_nm_onnx
+
+    out = export_onnx(qmodel, example, path, input_names=input_names, calib=calib, residual_ranges=residual_ranges)
+    pruned = {weight_codes_name(n): (c.nm.n, c.nm.m) for n, c in plan.quantized().items() if isinstance(c, SparseQuant)}
+    if pruned:
+        import onnx
+
+        # a layer off the exported forward path (an unused pooler) has no weights in the graph
+        there = {i.name for i in onnx.load(str(out), load_external_data=False).graph.initializer}
+        pruned = {k: v for k, v in pruned.items() if k in there}
+    if pruned:
+        save_nm_onnx(out, out, layers=pruned)
+    return Path(out)

@@ -75,7 +75,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import torch.nn as nn
 
-from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
+from thrifty.plan.config import candidate, export_plan, plan_from_picks, quantize_plan
 from thrifty.plan.timing import time_beside, time_graphs
 from thrifty.utils import atomic_write_text, get_logger
 
@@ -163,6 +163,7 @@ class CostTable:
 def _input_quant(name: str) -> Optional[tuple]:
     """How a candidate quantizes its layer's input (bits, symmetric), or None when the input stays float."""
     cfg = candidate(name).config
+    cfg = getattr(cfg, "quant", cfg)  # a pruned layer (SparseQuant) quantizes its input as its quant says
     a_bits = getattr(cfg, "a_bits", None)
     return None if a_bits is None else (a_bits, getattr(cfg, "a_symmetric", False))
 
@@ -176,6 +177,8 @@ def pair_weights(terms: Mapping[str, float], ca: str, cb: str) -> dict[str, floa
         {'int8': 0.5, 'int7': 0.5}
         >>> pair_weights({"int8": -1.0, "w4": 0.1}, "int8", "w4"), pair_weights({"int8": -1.0}, "fp32", "fp32")
         ({}, {})
+        >>> pair_weights({"int8": -1.0, "int8-2:4": -0.8}, "int8-2:4", "int8")
+        {'int8-2:4': 0.5, 'int8': 0.5}
     """
     if ca == cb:
         return {ca: 1.0} if ca in terms else {}
@@ -205,7 +208,6 @@ def iter_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any
     graphs (:func:`thrifty.bench.int8_graph.quantize_residuals`' ``ranges``) instead of once per graph; their
     scales then come from the first graph calibrated, which changes no graph's nodes, sizes or latency.
     """
-    from thrifty.bench.export import export_onnx
     from thrifty.nn import gemm_layers
 
     full: dict[str, nn.Module] = {}
@@ -233,7 +235,7 @@ def iter_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any
                         layer.slots.input = None
             else:
                 m = model
-            path = export_onnx(m, example, Path(d) / f"{i}.onnx", input_names=input_names,
+            path = export_plan(m, plan_from_picks(q), example, Path(d) / f"{i}.onnx", input_names=input_names,
                                calib=calib if residual_calib and q else None, residual_ranges=ranges)
             data = path.read_bytes()
             path.unlink()
@@ -241,18 +243,24 @@ def iter_graphs(model: nn.Module, picks: Sequence[Mapping[str, str]], calib: Any
 
 
 def _facts(graph: bytes) -> tuple[int, str]:
-    """(:func:`weight_bytes`, a hash of the graph's structure: nodes with their inputs, outputs and attributes,
-    initializers' names, dtypes and shapes; not their values) from one parse."""
+    """(:func:`weight_bytes`, a hash of the structure of the graph the runtime runs: nodes with their inputs,
+    outputs and attributes, initializers' names, dtypes and shapes; not their values). N:M-compressed weights
+    count as stored, and the structure is the decompressed graph's (what the runtime runs)."""
     import onnx
 
+    from thrifty.bench.nm_onnx import is_nm_onnx, load_nm_onnx
+
     m = onnx.load_from_string(graph)
+    stored = _initializer_bytes(m)
+    if is_nm_onnx(graph):
+        m = onnx.load_from_string(load_nm_onnx(graph))
     h = hashlib.sha256()
     for n in m.graph.node:
         h.update(repr((n.op_type, n.domain, list(n.input), list(n.output),
                        [a.SerializeToString() for a in n.attribute])).encode())
     for t in m.graph.initializer:
         h.update(repr((t.name, t.data_type, list(t.dims))).encode())
-    return _initializer_bytes(m), h.hexdigest()[:20]
+    return stored, h.hexdigest()[:20]
 
 
 def _initializer_bytes(m: Any) -> int:

@@ -41,7 +41,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch.nn as nn
 
-from thrifty.plan.config import Plan, candidate, plan_from_picks, quantize_plan
+from thrifty.plan.config import Plan, candidate, export_plan, plan_from_picks, quantize_plan
 from thrifty.plan.cost import CostTable, deploy_graphs, measure_costs, refit, weight_bytes
 from thrifty.plan.timing import time_beside
 from thrifty.plan.solve import min_total, solve
@@ -105,12 +105,11 @@ def sensitivities(model: nn.Module, calib: Any, layers: Sequence[str], candidate
 
 def deploy(model: nn.Module, plan: Plan, calib: Any, example: tuple, path: str | Path,
            input_names: Optional[Sequence[str]] = None, residual_calib: bool = True):
-    """Quantize ``model`` by ``plan`` and export it to ONNX at ``path``; returns (QuantResult or None, path)."""
-    from thrifty.bench.export import export_onnx
-
+    """Quantize ``model`` by ``plan`` and export it to ONNX at ``path`` (:func:`thrifty.plan.config.export_plan`:
+    N:M layers stored compressed); returns (QuantResult or None, path)."""
     res = quantize_plan(model, plan, calib)
     m = model if res is None else res.model
-    out = export_onnx(m, example, path, input_names=input_names,
+    out = export_plan(m, plan, example, path, input_names=input_names,
                       calib=calib if residual_calib and res is not None else None)
     return res, out
 

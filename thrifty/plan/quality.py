@@ -124,7 +124,8 @@ def _se(report: dict[str, Any], a: str, b: str) -> float:
 
 def targets(report: dict[str, Any]) -> list[str]:
     """The planner's targets checked on a report's points, as Markdown bullets: the chosen plan ("plan (budget)")
-    within its latency budget and within 10 % of its predicted latency when measured, no uniform point that is
+    within its latency budget (and its size budget, when the report has one: stored bytes, ``bytes``) and within
+    10 % of its predicted latency when measured, no uniform point that is
     not slower beyond twice the timing noise being better beyond twice the paired standard error of the quality
     difference (the report's ``quality_se``; none stored: any quality difference counts), and some planner point
     that is not a copy of a uniform one (``same_as``) dominating some uniform point (no slower and no worse, and
@@ -155,6 +156,10 @@ def targets(report: dict[str, Any]) -> list[str]:
             out.append(f"- chosen plan within its latency budget when measured: {'yes' if ok else 'no'} "
                        f"({plan['latency_ms']:.4g} ms; budget {budget:.4g} ms at the table's FP32 latency, "
                        f"{budget * scale:.4g} ms at this run's)")
+        size_mb = (report.get("budgets") or {}).get("size_mb")
+        if size_mb and plan.get("bytes") is not None:  # stored bytes: the same measure the planner budgets
+            out.append(f"- chosen plan within its size budget: {'yes' if plan['bytes'] <= size_mb * 1e6 else 'no'} "
+                       f"({plan['bytes'] / 1e6:.4g} MB of weights; budget {size_mb:.4g} MB)")
         err = plan["latency_rel_error"]
         out.append(f"- measured within 10 % of predicted: {'yes' if abs(err) <= 0.10 else 'no'} ({_pct(err)})")
         # the target is about quality: a uniform point that is not slower beyond the timing noise must not be

@@ -1,8 +1,8 @@
 """The planner's report: its plans over a sweep of latency budgets against the uniform choices, side by side.
 
-Uniform choices: all FP32, all int8 and W4A8 (first and last layers int8, PTQ's usual policy), all int7 and all
-W4 weight-only (every Linear) when they are candidates (thrifty's PTQ with the plan's pipeline, exported by
-``export_onnx``), and ONNX Runtime's own ``quantize_static`` (QDQ, uint8 activations, int8 per-channel weights:
+Uniform choices: all FP32, all int8 and W4A8 (first and last layers int8, PTQ's usual policy), and every other
+candidate on every layer that takes it (int7, W4 weight-only on the Linears, int8 2:4...) when it is a candidate
+(thrifty's PTQ with the plan's pipeline, exported by :func:`thrifty.plan.config.export_plan`), and ONNX Runtime's own ``quantize_static`` (QDQ, uint8 activations, int8 per-channel weights:
 its fastest layout on VNNI CPUs) on the FP32 graph with the same calibration data. Every graph is timed in the
 same interleaved rounds (:func:`thrifty.plan.timing.time_graphs`) and scored on the same samples by ONNX Runtime
 (top-1 with labels, else cosine to the FP32 outputs). The chosen plan is also run end to end by the LoadGen
@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch.nn as nn
 
-from thrifty.plan.config import candidate, plan_from_picks, quantize_plan
+from thrifty.plan.config import candidate, export_plan, plan_from_picks, quantize_plan
 from thrifty.plan.cost import measure_costs, weight_bytes
 from thrifty.plan.timing import time_beside
 from thrifty.plan.planner import PlanResult, make_plan
@@ -186,14 +186,16 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
         # exactly its config, so the policy is spelled out); every layer that takes it for the other candidates
         uni = {"int8": {n: "int8" for n in layers},
                "w4a8": {n: "int8" if n in (layers[0], layers[-1]) else "w4a8" for n in layers}}
-        uni |= {c: {n: c for n in layers if candidate(c).accepts(mods[n])} for c in candidates if c in ("int7", "w4")}
+        uni |= {c: {n: c for n in layers if candidate(c).accepts(mods[n])} for c in candidates
+                if c not in ("fp32", "int8", "w4a8")}
         chosen: dict[str, frozenset] = {"fp32": frozenset()}  # what each point quantizes, to find copies
         for name, picks in uni.items():
-            res = quantize_plan(model, plan_from_picks(picks, pipeline, adaquant_iters), calib)
+            plan = plan_from_picks(picks, pipeline, adaquant_iters)
+            res = quantize_plan(model, plan, calib)
             if res is None:  # no layer takes the candidate
                 continue
             chosen[name] = frozenset((n, c) for n, c in picks.items() if c != "fp32")
-            graphs[name] = export_onnx(res.model, example, Path(d) / f"{name}.onnx", input_names=input_names,
+            graphs[name] = export_plan(res.model, plan, example, Path(d) / "uniform.onnx", input_names=input_names,
                                        calib=calib).read_bytes()
     names = list(input_names or [f"input_{i}" for i in range(len(example))])
     skipped_points: dict[str, str] = {}
@@ -257,7 +259,7 @@ def plan_report(model: nn.Module, calib: Any, example: tuple, samples: Any, *, l
                  "rounds": main.rounds, "timings": main.timings,
                  "meets_latency": latency_ms is None or ms["plan (budget)"] * base.base_ms / ms["fp32"] <= latency_ms,
                  "meets_latency_raw": latency_ms is None or ms["plan (budget)"] <= latency_ms,
-                 "meets_size": size_mb is None or len(main.onnx) <= size_mb * 1e6},
+                 "meets_size": size_mb is None or weight_bytes(main.onnx) <= size_mb * 1e6},
         "cost_table": {"base_ms": base.base_ms, "base_bytes": base.base_bytes, "additivity": base.additivity,
                        "seconds": base.seconds, "key": base.key, "noise": base.noise, "pairs": len(base.pairs),
                        "graphs": len(base.measured), "mix_check": base.mix_check, "load": base.load,

@@ -146,19 +146,25 @@ def layer_costs(model: nn.Module, names: list[str], batch: Batch) -> tuple[dict[
     return w, b, macs
 
 
-def _bake_weight_transforms(q: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+def _bake_weight_transforms(q: nn.Module, drop_masks: bool = False) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """Fold transforms already in weight slots (e.g. N:M masks) into the copy's weights.
 
     Returns (weight, keep-mask) pairs for transforms that carry a ``mask`` buffer, so the pruned
     positions can be forced back to zero after stages that move latent weights (AdaQuant). Zero is on
     every quantization grid (integer zero point), so the quantized model keeps the sparsity pattern.
+    ``drop_masks``: remove the masking transforms instead of folding them (the dense reference).
     """
     kept = []
     for _, layer in gemm_layers(q):
         t = layer.slots.weight
         if t is None:
             continue
-        masks = [m.mask for m in (t if isinstance(t, Chain) else [t]) if isinstance(getattr(m, "mask", None), torch.Tensor)]
+        members = list(t) if isinstance(t, Chain) else [t]
+        masks = [m.mask for m in members if isinstance(getattr(m, "mask", None), torch.Tensor)]
+        if drop_masks and masks:
+            rest = [m for m in members if not isinstance(getattr(m, "mask", None), torch.Tensor)]
+            layer.slots.weight = None if not rest else rest[0] if len(rest) == 1 else Chain(*rest)
+            masks = []
         with torch.no_grad():
             layer.weight.copy_(layer.effective_weight())
         layer.slots.weight = None
@@ -166,6 +172,14 @@ def _bake_weight_transforms(q: nn.Module) -> list[tuple[nn.Parameter, torch.Tens
             keep = torch.stack([mk.to(torch.bool) for mk in masks]).all(0)
             kept.append((layer.weight, keep))
     return kept
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def _reapply_masks(kept: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
@@ -194,13 +208,20 @@ def _check_layer_configs(layer_configs: Mapping[str, Quantizers], config: PTQ, f
 
 def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter = None,
              progress: Optional[bool] = None, output: Output = None, blocks: Blocks = None,
-             layer_configs: Optional[Mapping[str, Quantizers]] = None) -> QuantResult:
+             layer_configs: Optional[Mapping[str, Quantizers]] = None,
+             reference: Optional[nn.Module] = None) -> QuantResult:
     """Post-training quantization of a copy of ``model`` on ``calib_data``; see the module docstring.
 
     ``layer_configs``: per-layer quantizers (layer name -> ``QuantConfig``: bits and grid of its weight and
     input) instead of ``config``'s; exactly these layers are quantized, each with its own config (no first/last
     policy), in one run of ``config``'s pipeline (AdaQuant, BN and bias tuning over all of them together).
     Replaces ``filter``; no budget.
+
+    ``reference``: the model whose outputs the pipeline fits (AdaQuant, BN and bias tuning) and its losses are
+    measured against; default ``model`` itself, the transforms in its weight slots (an N:M mask) applied. Give
+    the dense model when ``model`` is a pruned copy of it (the same layer names): AdaQuant then also compensates
+    the pruning (the kept weights fitted to the dense layers' outputs) and the losses count it. The masks are
+    kept either way; N:M masks in ``reference`` are removed (its latent dense weights are used).
 
     ``calib_data``: tensors, ``(x, y)`` tuples or dicts such as a tokenizer's output (see
     :mod:`thrifty.quant.calib`); ``output``: the compared field of a dict / ``ModelOutput`` result (a name or a
@@ -221,6 +242,8 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
                      w_estimator=config.w_estimator, a_estimator=config.a_estimator)
     if not isinstance(config, PTQ):
         raise TypeError(f"quantize expects a PTQ config, got {type(config).__name__}")
+    if reference is not None and not isinstance(reference, nn.Module):
+        raise TypeError(f"quantize: reference must be an nn.Module (the model to match), got {type(reference).__name__}")
     cfg = config
     per_layer = None if layer_configs is None else _check_layer_configs(layer_configs, cfg, filter)
     if per_layer is not None:
@@ -247,7 +270,21 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
         check_chain(q, block_names, batches[0])
     folded = fold_bn(q, batches[0])
     q.__dict__["_thrifty_folded"] = [*q.__dict__.get("_thrifty_folded", []), *folded]  # for thrifty.save
-    fp = copy.deepcopy(q)
+    if reference is not None:
+        fp = copy.deepcopy(reference).eval()
+        _bake_weight_transforms(fp, drop_masks=True)
+        gone = [n for n, _ in gemm_layers(q) if not _has(fp, n)]
+        if gone:
+            raise ValueError(f"quantize: the reference model lacks the layers {gone[:5]}; it must be the model "
+                             "that `model` was derived from (the same layer names)")
+        try:
+            run(fp, batches[0])
+            fold_bn(fp, batches[0], pairs=list(folded))  # the same layers as the copy's, so names line up
+        except Exception as e:
+            raise ValueError(f"quantize: the reference model does not run like `model` on the calibration data: "
+                             f"{type(e).__name__}: {e}") from e
+    else:
+        fp = copy.deepcopy(q)
     names, skipped = _candidates(q, filter)
     if not names:
         raise ValueError(f"quantize: the model has no quantizable nn.Linear/nn.Conv2d layer (filter={filter!r})")
