@@ -15,11 +15,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["Plan", "Candidate", "CANDIDATES", "register_candidate", "quantize_plan", "CostTable", "measure_costs",
-           "make_plan", "PlanResult", "sensitivities"]
+__all__ = ["Plan", "SparseQuant", "Candidate", "CANDIDATES", "register_candidate", "quantize_plan", "export_plan",
+           "CostTable", "measure_costs", "make_plan", "PlanResult", "sensitivities"]
 
-_WHERE = {"Plan": "config", "Candidate": "config", "CANDIDATES": "config", "register_candidate": "config",
-          "quantize_plan": "config", "CostTable": "cost", "measure_costs": "cost", "make_plan": "planner",
+_WHERE = {"Plan": "config", "SparseQuant": "config", "Candidate": "config", "CANDIDATES": "config",
+          "register_candidate": "config", "quantize_plan": "config", "export_plan": "config", "CostTable": "cost", "measure_costs": "cost", "make_plan": "planner",
           "PlanResult": "planner", "sensitivities": "planner"}
 
 
