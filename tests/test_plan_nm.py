@@ -215,3 +215,22 @@ def test_a_model_already_transposable_sparse_loses_nothing_to_the_mask():
         sym = quantize_plan(model, Plan({"2": QuantConfig(w_symmetric=True)}), x)
     assert torch.equal(t48.model[2].effective_weight(), sym.model[2].effective_weight())
     assert t48.final_loss == pytest.approx(sym.final_loss, rel=1e-6, abs=1e-12)
+
+
+def test_cli_plan_with_nm_storage_writes_a_compressed_model(tmp_path, monkeypatch, capsys):
+    from thrifty.cli import main
+
+    monkeypatch.setenv("THRIFTY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "p"
+    # the digits MLP has 84,480 GEMM weights: all int8 needs ~0.089 MB, so 0.075 MB needs some layers stored 2:4
+    assert main(["plan", "--model", "mlp", "--dataset", "digits", "--out", str(out), "--size-mb", "0.075",
+                 "--candidates", "fp32,int8,int8-2:4", "--batch", "8", "--rounds", "1", "--sweep", "0",
+                 "--max-samples", "64", "--calib-per-class", "1", "--loadgen-s", "0", "--max-rounds", "1"]) == 0
+    printed = capsys.readouterr().out
+    plan = from_yaml((out / "plan.yaml").read_text())
+    assert any(isinstance(c, SparseQuant) for c in plan.layers.values())
+    assert is_nm_onnx(out / "model.onnx") and "stores its N:M layers compressed" in printed
+    assert weight_bytes((out / "model.onnx").read_bytes()) <= 0.075e6
+    rep = __import__("json").loads((out / "report.json").read_text())
+    assert rep["plan"]["meets_size"] and "int8-2:4" in {p["name"] for p in rep["points"]}
+    assert "- chosen plan within its size budget: yes" in (out / "report.md").read_text()
