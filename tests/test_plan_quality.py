@@ -106,3 +106,28 @@ def test_targets_weigh_quality_differences_against_their_paired_noise():
     # a plan that is a copy of a uniform point does not dominate it
     dom = next(t for t in targets(_report("int7", se=1e-3)) if "dominates" in t)
     assert dom.endswith(": no")
+
+
+def test_targets_judge_the_budgets_with_the_timing_noise_and_the_size_budget():
+    def rep(ms, size_mb=None, int8_bytes=2e6):
+        r = _report()
+        plan = r["points"][-1]
+        # predicted 3.67 at the table's scale, error +3 % at this run's: the budget 4.5 ms is 4.5 * ms / 3.563 here
+        plan.update(latency_ms=ms, predicted_latency_ms=ms * 1.03, latency_budget_ms=4.5, bytes=1.5e6)
+        r["points"][0]["bytes"] = int8_bytes
+        r["budgets"] = {"latency_ms": 4.5, "size_mb": size_mb}
+        return r
+
+    line = lambda r, k: next(t for t in targets(r) if k in t)  # noqa: E731
+    assert ": yes (" in line(rep(4.5), "latency budget")
+    # the budget at this run's scale is 4.5 ms; 1 % over with ±1.1 % noise is no evidence of a miss, 3 % over is
+    assert "over by 1.0%, within twice the timing noise (±1.1%)" in line(rep(4.545), "latency budget")
+    assert ": no (" in line(rep(4.65), "latency budget")
+    # without a size budget the faster int8 point beats the plan on quality (no paired noise stored); with one
+    # that int8 exceeds, int8 is not a choice the user has
+    assert "no (int8" in line(rep(4.4), "at least as good")
+    assert line(rep(4.4, size_mb=1.6), "at least as good").endswith("within the size budget at the same or lower "
+                                                                     "measured latency (beyond the noise): yes")
+    assert "no (int8" in line(rep(4.4, size_mb=2.5), "at least as good")
+    assert ": yes (1.5 MB of weights; budget 1.6 MB)" in line(rep(4.4, size_mb=1.6), "size budget")
+    assert ": no (1.5 MB" in line(rep(4.4, size_mb=1.4), "size budget")
