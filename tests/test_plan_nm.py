@@ -143,35 +143,30 @@ def test_save_nm_onnx_layers_argument_names_what_it_cannot_store(tmp_path):
     assert info["layers"] == {"0.wq": "2:4"} and info["stored_bytes"] == _nm_bytes(64, 32, 2, 4)
 
 
-class _ConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 8)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.conv(x))).mean((2, 3))
-        return self.fc2(torch.relu(self.fc1(x)))
+def _conv_net() -> nn.Module:
+    # conv (4 x 3 x 3 reduction) + BatchNorm (folded by PTQ) -> pooled -> two Linears
+    return nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
 
 
 def test_cost_table_bytes_of_nm_layers_are_exact_and_twins_follow_the_runtime_graph(tmp_path, monkeypatch):
     monkeypatch.setenv("THRIFTY_CACHE", str(tmp_path))
     torch.manual_seed(0)
-    model, x = _ConvNet().eval(), torch.randn(32, 4, 6, 6)
+    model, x = _conv_net().eval(), torch.randn(32, 4, 6, 6)
     cands = ("fp32", "int8", "int7", "int8-2:4")
-    layers = ["conv", "fc1", "fc2"]
+    layers = ["0", "5", "7"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = measure_costs(model, x, (x[:2],), (x[:4].numpy(),), layers, cands, rounds=1, min_ms=0.0, cache=False)
-        mix = deploy_graphs(model, [{"conv": "int8-2:4", "fc1": "int8", "fc2": "int8-2:4"}], x, (x[:2],))[0]
+        mix = deploy_graphs(model, [{"0": "int8-2:4", "5": "int8", "7": "int8-2:4"}], x, (x[:2],))[0]
         every = deploy_graphs(model, [{n: c for n in layers} for c in cands[1:]], x, (x[:2],))
     # a pruned layer stores n/m of its int8 codes plus 2 bits per kept code: exactly what the table holds
-    for n, (rows, k) in {"conv": (16, 36), "fc1": (64, 16), "fc2": (8, 64)}.items():
+    for n, (rows, k) in {"0": (16, 36), "5": (64, 16), "7": (8, 64)}.items():
         assert t.bytes[n]["int8"] - t.bytes[n]["int8-2:4"] == rows * k - _nm_bytes(rows, k, 2, 4)
     # stored bytes add up exactly, for the all-N:M graph and for a mix with int8
     add = t.additivity["all int8-2:4"]
     assert add["predicted_bytes"] == add["measured_bytes"]
-    assert t.predict({"conv": "int8-2:4", "fc1": "int8", "fc2": "int8-2:4"})[1] == weight_bytes(mix)
+    assert t.predict({"0": "int8-2:4", "5": "int8", "7": "int8-2:4"})[1] == weight_bytes(mix)
     # the runtime runs the dense symmetric int8 graph: the same kernels as int7 where the two share a structure
     # (structure of the decompressed graph), so their latency terms are tied exactly when the structures match
     shape = {c: _facts(g)[1] for c, g in zip(cands[1:], every)}
