@@ -19,8 +19,8 @@ __all__ = ["Plan", "SparseQuant", "Candidate", "CANDIDATES", "register_candidate
            "CostTable", "measure_costs", "make_plan", "PlanResult", "sensitivities"]
 
 _WHERE = {"Plan": "config", "SparseQuant": "config", "Candidate": "config", "CANDIDATES": "config",
-          "register_candidate": "config", "quantize_plan": "config", "export_plan": "config", "CostTable": "cost", "measure_costs": "cost", "make_plan": "planner",
-          "PlanResult": "planner", "sensitivities": "planner"}
+          "register_candidate": "config", "quantize_plan": "config", "export_plan": "config", "CostTable": "cost",
+          "measure_costs": "cost", "make_plan": "planner", "PlanResult": "planner", "sensitivities": "planner"}
 
 
 def __getattr__(name: str) -> Any:

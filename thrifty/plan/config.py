@@ -44,7 +44,7 @@ __all__ = ["Plan", "SparseQuant", "Candidate", "CANDIDATES", "register_candidate
 @register_config
 @dataclass(frozen=True)
 class SparseQuant(Config):
-    """A layer pruned N:M (magnitude mask) and quantized, its weights stored compressed when deployed.
+    """A layer pruned N:M and quantized, its weights stored compressed when deployed.
 
     The weights must be quantized symmetrically, so that a pruned weight is the integer code 0 and
     :func:`thrifty.bench.nm_onnx.save_nm_onnx` can store the kept codes and their in-block indices only
@@ -196,9 +196,10 @@ def quantize_plan(model: nn.Module, plan: Plan, calib: Any, *, ptq: Optional[PTQ
     of the already quantized layers before it, whatever their configs, and the loss is measured against the FP
     model. :class:`SparseQuant` layers are pruned first, on a copy: AdaPrune (:func:`thrifty.sparse.adaprune`,
     ``adaquant_iters`` steps per layer) when the pipeline learns, magnitude masks for ``rtn``; the PTQ pipeline
-    then fits and scores the pruned copy against ``model`` itself, so the losses count the pruning. Every layer gets exactly its config: PTQ's first/last-layer policy does not apply (a plan
-    that wants 8-bit first and last layers says so per layer). Returns the QuantResult, or None when the plan
-    quantizes nothing (the copy is then ``model`` itself, untouched).
+    then fits and scores the pruned copy against ``model`` itself, so the losses count the pruning. Every layer
+    gets exactly its config: PTQ's first/last-layer policy does not apply (a plan that wants 8-bit first and
+    last layers says so per layer). Returns the QuantResult, or None when the plan quantizes nothing (the copy
+    is then ``model`` itself, untouched).
     """
     from thrifty.quant import quantize
 
@@ -226,7 +227,8 @@ def quantize_plan(model: nn.Module, plan: Plan, calib: Any, *, ptq: Optional[PTQ
         else:  # round to nearest: magnitude masks
             for nm in dict.fromkeys(pruned.values()):
                 sparsify(src, nm, filter=[n for n, p in pruned.items() if p == nm])
-    qcfg: dict[str, QuantConfig] = {n: c.quant if isinstance(c, SparseQuant) else c for n, c in q.items()}  # type: ignore
+    qcfg: dict[str, QuantConfig] = {n: c.quant if isinstance(c, SparseQuant) else c  # type: ignore[misc]
+                                    for n, c in q.items()}
     if len(set(qcfg.values())) == 1:  # one shared config: QuantResult.config records it (the layers still get theirs)
         qc = next(iter(qcfg.values()))
         base = base.replace(w_bits=qc.w_bits, a_bits=qc.a_bits, first_last_bits=qc.w_bits, per_channel=qc.per_channel,

@@ -2,8 +2,9 @@
 
 Uniform choices: all FP32, all int8 and W4A8 (first and last layers int8, PTQ's usual policy), and every other
 candidate on every layer that takes it (int7, W4 weight-only on the Linears, int8 2:4...) when it is a candidate
-(thrifty's PTQ with the plan's pipeline, exported by :func:`thrifty.plan.config.export_plan`), and ONNX Runtime's own ``quantize_static`` (QDQ, uint8 activations, int8 per-channel weights:
-its fastest layout on VNNI CPUs) on the FP32 graph with the same calibration data. Every graph is timed in the
+(thrifty's PTQ with the plan's pipeline, exported by :func:`thrifty.plan.config.export_plan`), and ONNX Runtime's
+own ``quantize_static`` (QDQ, uint8 activations, int8 per-channel weights: its fastest layout on VNNI CPUs) on
+the FP32 graph with the same calibration data. Every graph is timed in the
 same interleaved rounds (:func:`thrifty.plan.timing.time_graphs`) and scored on the same samples by ONNX Runtime
 (top-1 with labels, else cosine to the FP32 outputs). The chosen plan is also run end to end by the LoadGen
 harness. :func:`pareto_front` marks the points no other point beats on both axes.
