@@ -323,6 +323,32 @@ def w4_ffn(args: SimpleNamespace, work: Path) -> dict:
     return {**_latency_rounds(args, paths, (xn[:1],), "w4 ffn"), "relative_error_to_fp32": err}
 
 
+def _paired(r: dict, keys: list) -> list:
+    """Markdown lines: each thrifty variant against the fastest ort_static layout (by median) that is at least as
+    accurate (the first accuracy metric), paired round by round (the rounds interleave the variants, so a slow
+    spell hits both alike)."""
+    per, acc = r.get("samples_per_s", {}), r.get("accuracy", {})
+    ort = [k for k in keys if k.startswith("ort_static")]
+    lines = []
+    for t in (k for k in keys if k.startswith("thrifty")):
+        if not ort or not per or t not in acc:
+            continue
+        metric = next(iter(acc[t]))
+        fair = [k for k in ort if acc.get(k, {}).get(metric, float("-inf")) >= acc[t][metric] - 1e-9]
+        if not fair:
+            lines += [f"{t}: no ort_static layout is as accurate ({metric} {acc[t][metric]:.4f}; best "
+                      f"{max(acc[k][metric] for k in ort if k in acc):.4f}).", ""]
+            continue
+        cells = []
+        for c, row in r["median"].items():
+            best = max(fair, key=lambda k: row[k])
+            ratios = [a / b for a, b in zip(per[c][t], per[c][best]) if b > 0]
+            cells.append(f"{c} {statistics.median(ratios):.3f} vs {best} ({sum(x >= 1 for x in ratios)}/{len(ratios)})")
+        lines += [f"{t} / the fastest ort_static layout at least as accurate ({metric}), per round (median ratio; "
+                  f"rounds where {t} was at least as fast): " + "; ".join(cells) + ".", ""]
+    return lines
+
+
 def render(out: dict) -> str:
     md = [f"# int8 / W4 deployment on ONNX Runtime {out['onnxruntime']}, {out['rounds']} interleaved rounds", ""]
     if "cpu" in out:
@@ -351,6 +377,7 @@ def render(out: dict) -> str:
             f"{r['fused'][k]['fused']}/{r['fused'][k]['gemms']}" if r["fused"][k]["gemms"] else "- (QOperator)"
             for k in keys[1:]) + " |")
         md.append("")
+        md += _paired(r, keys)
         for k in (k for k in keys if k.startswith("thrifty")):
             reasons: dict[str, list[str]] = {}
             for u in r["fused"][k]["unfused"]:
