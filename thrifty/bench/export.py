@@ -247,6 +247,11 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     m = copy.deepcopy(model).eval()
     nbits = nbits_layers(m)
     layers = quant_layers(m, skip=nbits)
+    # quantized embedding tables: a Gather on their codes (thrifty.bench.gather_int8), not a QDQ GEMM
+    from thrifty.nn import gemm_layers
+
+    tables = {n for n, layer in gemm_layers(m) if isinstance(layer, nn.Embedding)}
+    gathers, layers = [q for q in layers if q.name in tables], [q for q in layers if q.name not in tables]
     spec = _activation_spec(m)
     w4, w4_weights = nbits_params(m, nbits)  # before strip() bakes the weights
     # untie: an embedding tied to a quantized LM head (GPT-2) reads the float table in the simulated model, and
@@ -255,8 +260,10 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     if input_names is not None:  # named inputs: called by keyword where the forward needs it (adapter.py)
         m = keyword_call(m, names, output)
     data = _torch_export(m, example_inputs, names, opset)
-    if layers or nbits:
+    if layers or nbits or gathers:
         import onnx
+
+        from thrifty.bench.gather_int8 import insert_int8_gather
 
         proto = onnx.load_from_string(data)
         w4_done = insert_nbits(proto, w4, w4_weights, w4_accuracy_level) if nbits else {}
@@ -266,6 +273,8 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
         meta: dict[str, Any] = {"quantized_layers": len(layers), "cpu_vnni": vnni,
                                 "signed_weights": "mixed" if len(kinds) > 1 else kinds == {"int8"},
                                 "weight_containers": containers}
+        if gathers:
+            meta["int8_embeddings"] = insert_int8_gather(proto, gathers)
         if nbits:
             meta["w4_layers"] = {n: {"block_size": nbits[n], "accuracy_level": w4_accuracy_level, "source": src}
                                  for n, src in w4_done.items()}
