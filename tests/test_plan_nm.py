@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from thrifty.bench.backends import OrtBackend, ort_session
 from thrifty.bench.export import export_onnx, weight_codes_name
-from thrifty.bench.nm_onnx import is_nm_onnx, load_nm_onnx, save_nm_onnx
+from thrifty.bench.nm_onnx import densify, is_nm_onnx, load_nm_onnx, runnable, save_nm_onnx
 from thrifty.core import from_yaml, to_yaml
 from thrifty.plan.config import CANDIDATES, Plan, SparseQuant, export_plan, plan_from_picks, quantize_plan
 from thrifty.plan.cost import _facts, deploy_graphs, measure_costs, weight_bytes
@@ -117,6 +117,11 @@ def test_export_plan_stores_exactly_the_pruned_layers_compressed(tmp_path):
     xs = (x[:16].numpy(),)
     np.testing.assert_array_equal(OrtBackend(tmp_path / "plan.onnx", threads=1)(xs), OrtBackend(dense, threads=1)(xs))
     assert ort_session(packed, threads=1).get_inputs()[0].shape[1] == 32
+    # what a session is given: the dense bytes of a compressed file, anything else as it is (a path stays a path)
+    assert runnable(packed) == load_nm_onnx(packed) == load_nm_onnx(tmp_path / "plan.onnx")
+    assert runnable(dense) is dense and runnable(tmp_path / "dense.onnx") == str(tmp_path / "dense.onnx")
+    with pytest.raises(ValueError, match="dense.onnx: not an N:M-compressed ONNX file"):
+        densify(onnx.load(str(tmp_path / "dense.onnx")), str(tmp_path / "dense.onnx"))
     # only the SparseQuant layers are compressed (the int8 layer's codes stay dense), each in its own pattern
     inits = _inits(packed)
     assert weight_codes_name("2") in inits and weight_codes_name("0") not in inits

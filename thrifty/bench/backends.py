@@ -107,14 +107,12 @@ def ort_session(model: str | os.PathLike | bytes, threads: Optional[int] = None,
     so = ort_options(threads, optimize)
     if optimized_path:
         so.optimized_model_filepath = str(optimized_path)
-    from thrifty.bench.nm_onnx import is_nm_onnx, load_nm_onnx
+    from thrifty.bench.nm_onnx import runnable
 
-    src = model if isinstance(model, bytes) else str(model)
-    if not isinstance(model, bytes) and not Path(src).is_file():
-        raise FileNotFoundError(f"ONNX model not found: {src}")
-    if is_nm_onnx(model):  # N:M weights stored compressed: the runtime gets the dense graph (no N:M kernel)
-        src = load_nm_onnx(model)
-    return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+    if not isinstance(model, bytes) and not Path(model).is_file():
+        raise FileNotFoundError(f"ONNX model not found: {model}")
+    # N:M weights stored compressed: the runtime gets the dense graph (it has no N:M kernel)
+    return ort.InferenceSession(runnable(model), sess_options=so, providers=["CPUExecutionProvider"])
 
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,

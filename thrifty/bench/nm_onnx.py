@@ -34,9 +34,9 @@ import numpy as np
 
 from thrifty.utils import atomic_write_bytes
 
-__all__ = ["save_nm_onnx", "load_nm_onnx", "is_nm_onnx", "gemm_weights"]
+__all__ = ["save_nm_onnx", "load_nm_onnx", "is_nm_onnx", "runnable", "densify", "gemm_weights", "METADATA_KEY"]
 
-_KEY = "thrifty.nm"
+METADATA_KEY = "thrifty.nm"  # the model metadata entry that marks (and describes) a compressed file
 
 
 def gemm_weights(g) -> dict[str, bool]:
@@ -129,7 +129,7 @@ def save_nm_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike, n: 
     keep = [t for i in g.initializer for t in new.get(i.name, [i])]
     del g.initializer[:]
     g.initializer.extend(keep)
-    proto.metadata_props.add(key=_KEY, value=json.dumps(meta))
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
     data = proto.SerializeToString()
     atomic_write_bytes(out_path, data)
     return {"path": str(out_path), "layers": {k: f"{n}:{m}" for k in meta}, "dense_bytes": dense,
@@ -141,31 +141,50 @@ def is_nm_onnx(model: str | os.PathLike | bytes) -> bool:
     import onnx
 
     data = model if isinstance(model, bytes) else Path(model).read_bytes()
-    if _KEY.encode() not in data:  # cheap: the metadata key is stored verbatim
+    if METADATA_KEY.encode() not in data:  # cheap: the metadata key is stored verbatim
         return False
-    return any(m.key == _KEY for m in onnx.load_from_string(data).metadata_props)
+    return any(m.key == METADATA_KEY for m in onnx.load_from_string(data).metadata_props)
+
+
+def runnable(model: str | os.PathLike | bytes) -> str | bytes:
+    """``model`` as ONNX Runtime takes it: a :func:`save_nm_onnx` file (path or bytes) as its dense graph's bytes,
+    parsed once; anything else unchanged (a path stays a path)."""
+    import onnx
+
+    data = model if isinstance(model, bytes) else Path(model).read_bytes()
+    if METADATA_KEY.encode() not in data:
+        return model if isinstance(model, bytes) else str(model)
+    proto = onnx.load_from_string(data)
+    if not any(m.key == METADATA_KEY for m in proto.metadata_props):
+        return model if isinstance(model, bytes) else str(model)
+    return densify(proto, str(model) if not isinstance(model, bytes) else "<bytes>").SerializeToString()
 
 
 def load_nm_onnx(path: str | os.PathLike | bytes) -> bytes:
     """The dense model of a :func:`save_nm_onnx` file (a path or its bytes), serialized (give it to
     ``OrtBackend`` / ``ort_session``)."""
     import onnx
+
+    if isinstance(path, bytes):
+        return densify(onnx.load_from_string(path), "<bytes>").SerializeToString()
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {p}")
+    return densify(onnx.load(str(p)), str(p)).SerializeToString()
+
+
+def densify(proto: Any, where: str = "model") -> Any:
+    """Decompress the N:M weights of a parsed :func:`save_nm_onnx` model in place and return it; ``where``
+    names it in errors."""
     import torch
     from onnx import numpy_helper
 
     from thrifty.sparse.storage import decompress
 
-    if isinstance(path, bytes):
-        p, proto = Path("<bytes>"), onnx.load_from_string(path)
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {p}")
-        proto = onnx.load(str(p))
     info = {m.key: m.value for m in proto.metadata_props}
-    if _KEY not in info:
-        raise ValueError(f"{p}: not an N:M-compressed ONNX file (no {_KEY!r} metadata); load it directly")
-    meta = json.loads(info[_KEY])
+    if METADATA_KEY not in info:
+        raise ValueError(f"{where}: not an N:M-compressed ONNX file (no {METADATA_KEY!r} metadata); load it directly")
+    meta = json.loads(info[METADATA_KEY])
     g = proto.graph
     arrays = {i.name: i for i in g.initializer}
     rebuilt = {}
@@ -174,7 +193,7 @@ def load_nm_onnx(path: str | os.PathLike | bytes) -> bytes:
             values = torch.from_numpy(numpy_helper.to_array(arrays[f"{name}::nm_values"]).copy())
             indices = torch.from_numpy(numpy_helper.to_array(arrays[f"{name}::nm_idx"]).copy())
         except KeyError:
-            raise ValueError(f"{p}: compressed tensors of {name!r} are missing") from None
+            raise ValueError(f"{where}: compressed tensors of {name!r} are missing") from None
         w = decompress(values, indices, c["shape"], c["n"], c["m"]).numpy()
         if c.get("zero"):
             w = (w.astype(np.int16) + c["zero"]).astype(np.uint8)
@@ -184,7 +203,7 @@ def load_nm_onnx(path: str | os.PathLike | bytes) -> bytes:
     keep = [rebuilt.get(i.name, i) for i in g.initializer if i.name not in packed]
     del g.initializer[:]
     g.initializer.extend(keep)
-    props = [m for m in proto.metadata_props if m.key != _KEY]
+    props = [m for m in proto.metadata_props if m.key != METADATA_KEY]
     del proto.metadata_props[:]
     proto.metadata_props.extend(props)
-    return proto.SerializeToString()
+    return proto

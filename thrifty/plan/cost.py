@@ -248,12 +248,12 @@ def _facts(graph: bytes) -> tuple[int, str]:
     count as stored, and the structure is the decompressed graph's (what the runtime runs)."""
     import onnx
 
-    from thrifty.bench.nm_onnx import is_nm_onnx, load_nm_onnx
+    from thrifty.bench.nm_onnx import METADATA_KEY, densify
 
     m = onnx.load_from_string(graph)
     stored = _initializer_bytes(m)
-    if is_nm_onnx(graph):
-        m = onnx.load_from_string(load_nm_onnx(graph))
+    if any(p.key == METADATA_KEY for p in m.metadata_props):
+        m = densify(m)  # in place: the graph is parsed once
     h = hashlib.sha256()
     for n in m.graph.node:
         h.update(repr((n.op_type, n.domain, list(n.input), list(n.output),

@@ -174,14 +174,6 @@ def _bake_weight_transforms(q: nn.Module, drop_masks: bool = False) -> list[tupl
     return kept
 
 
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
 def _reapply_masks(kept: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
     with torch.no_grad():
         for w, keep in kept:
@@ -273,7 +265,8 @@ def quantize(model: nn.Module, config: PTQ, calib_data: Any, *, filter: Filter =
     if reference is not None:
         fp = copy.deepcopy(reference).eval()
         _bake_weight_transforms(fp, drop_masks=True)
-        gone = [n for n, _ in gemm_layers(q) if not _has(fp, n)]
+        there = dict(fp.named_modules())
+        gone = [n for n, _ in gemm_layers(q) if n not in there]
         if gone:
             raise ValueError(f"quantize: the reference model lacks the layers {gone[:5]}; it must be the model "
                              "that `model` was derived from (the same layer names)")
